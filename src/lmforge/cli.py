@@ -1,0 +1,188 @@
+"""The ``lmforge`` command. Thin: parse arguments, call a stage function, print errors.
+
+A :class:`lmforge.errors.UserError` is printed as one line (``error: ...``) with exit code 2;
+``--debug`` shows the traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lmforge import __version__
+from lmforge.errors import UserError
+
+
+def _add_quickstart(sub):
+    p = sub.add_parser("quickstart", help="train a small code model on this Python's standard library")
+    p.add_argument("--out", default="quickstart_out", help="results folder (default: ./quickstart_out)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: sized to the machine)")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes (default: sized to the machine)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--size", choices=["auto", "tiny", "small", "gpu"], default="auto",
+                   help="model size; auto picks 'small' on a CPU and 'gpu' when a GPU is present")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(a):
+    from lmforge.quickstart import run
+
+    summary = run(out=a.out, max_steps=a.max_steps, max_bytes=a.max_bytes, device=a.device, size=a.size)
+    return 0 if summary else 1
+
+
+def _add_pretrain(sub):
+    for name in ("pretrain", "train"):
+        p = sub.add_parser(name, help="pretrain a GPT/Llama model from a recipe or YAML file" if name == "pretrain"
+                           else "alias of pretrain")
+        p.add_argument("config", help="a recipe name (see `lmforge recipes`) or a YAML file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.devices=4 model.micro_batch_size=2")
+        p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(a):
+    from lmforge.config import load_config
+    from lmforge.train.pretrain import run
+
+    cfg = load_config(a.config, a.overrides)
+    summary = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_config(sub):
+    p = sub.add_parser("config", help="print the resolved config of a recipe or YAML file, with overrides applied")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_config)
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=_cmd_recipes)
+
+
+def _cmd_config(a):
+    from lmforge.config import load_config, to_yaml
+
+    print(to_yaml(load_config(a.config, a.overrides)), end="")
+    return 0
+
+
+def _cmd_recipes(a):
+    from lmforge.config import list_recipes
+
+    for name in list_recipes():
+        print(name)
+    return 0
+
+
+def _add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_cmd", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer with the `tokenizers` library")
+    t.add_argument("--input", nargs="+", required=True, help="JSONL or text files")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
+    t.add_argument("--json-keys", nargs="+", default=["text"])
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+
+def _cmd_tokenizer_train(a):
+    from lmforge.data.tokenizers import train_bpe
+
+    tok = train_bpe(a.input, a.vocab_size, a.out, json_keys=tuple(a.json_keys), min_frequency=a.min_frequency)
+    print(f"wrote {a.out} (vocabulary {tok.vocab_size}, end-of-document id {tok.eod_id})")
+    return 0
+
+
+def _add_preprocess(sub):
+    p = sub.add_parser("preprocess", help="JSONL -> Megatron indexed dataset (.bin/.idx)")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
+    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p.add_argument("--append-eod", action="store_true")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed lines (counted and reported) instead of stopping at the first")
+    p.add_argument("--dtype", default=None, help="token dtype (default: uint16 below 65,500 tokens, else int32)")
+    p.set_defaults(func=_cmd_preprocess)
+
+
+def _cmd_preprocess(a):
+    from lmforge.data.preprocess import preprocess
+
+    summary = preprocess(a.input, a.output_prefix, a.tokenizer, json_keys=tuple(a.json_keys), append_eod=a.append_eod,
+                         workers=a.workers, on_bad_line="skip" if a.skip_bad_lines else "stop", dtype=a.dtype)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="complete a prompt with a trained model")
+    p.add_argument("model", help="a checkpoint folder, or a results/checkpoints folder (its latest checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(a):
+    from lmforge.models.generate import generate
+    from lmforge.models.load import load_for_inference
+
+    model, tokenizer = load_for_inference(a.model, device=a.device, dtype=a.dtype)
+    ids = tokenizer.encode(a.prompt)
+    new = generate(model, ids, a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
+                   top_p=a.top_p, seed=a.seed, eod_id=tokenizer.eod_id)
+    print(a.prompt + tokenizer.decode(new))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain, fine-tune, evaluate and serve language models.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quickstart(sub)
+    _add_pretrain(sub)
+    _add_config(sub)
+    _add_tokenizer(sub)
+    _add_preprocess(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LMFORGE_DEBUG") == "1"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except FileNotFoundError as e:
+        if debug:
+            raise
+        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Load a trained model for inference from whatever folder the user points at.
+
+Accepted: a checkpoint folder (``config.json`` + weights), a checkpoints root (its newest complete
+checkpoint), or a run's results folder (``results/<name>/checkpoints``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import CheckpointError
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder meant by ``path`` (see the module doc)."""
+    from lmforge.parallel.runtime import Runtime
+    from lmforge.train.checkpoint import CheckpointManager
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a checkpoint folder or a run's results folder")
+    if (path / "config.json").exists():
+        return path
+    for root in (path, path / "checkpoints"):
+        if root.is_dir() and ((root / "latest").exists() or any(root.glob("step_*"))):
+            latest = CheckpointManager(root, Runtime(), cleanup=False).latest()
+            if latest is not None:
+                return latest
+    raise CheckpointError(f"{path} holds no complete checkpoint (no config.json, no checkpoints/ with a finished step_* "
+                          f"folder)")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``."""
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.parallel.runtime import pick_device
+    from lmforge.train.checkpoint import load_model
+
+    folder = resolve_checkpoint(path)
+    device = device if isinstance(device, torch.device) else pick_device(str(device))
+    weights, config = load_model(folder, device="cpu")
+    cfg = ModelConfig.from_dict(config["model"], source=str(folder / "config.json"))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.share_embeddings_and_output_weights)]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]})")
+    model = model.to(pick_dtype(dtype, device)).eval()
+    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+        raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json)")
+    return model, load_tokenizer(folder)

@@ -1,0 +1,440 @@
+"""The decoder-only transformer behind every lmforge model family.
+
+One file, read top to bottom: norms -> rotary embedding -> attention -> MLPs -> Block -> KV cache ->
+Transformer. GPT-2/GPT-3 style (learned absolute positions, LayerNorm with bias, GELU MLP, biases)
+and Llama style (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases) differ only by
+:class:`~lmforge.models.config.ModelConfig` fields. Each mechanism is a small module picked once
+when the model is built (:func:`build_norm`, :data:`MLP_CLASSES`); no block branches per family.
+
+Module names follow Hugging Face's Llama names (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
+``mlp.gate_proj``, ``norm``, ``lm_head``) so that converting a checkpoint is a table of names.
+
+The model is plain PyTorch: data parallelism, compile, activation checkpointing and LoRA are applied
+from outside. Build it on the meta device, then ``to_empty(device=...)`` and ``init_weights()``.
+
+Shape letters in comments: B batch, T new tokens, S keys attended (cache + new), C hidden size,
+nh query heads, nkv key/value heads (query groups), hd head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import ModelConfig
+
+__all__ = ["Transformer", "Block", "Attention", "KVCache", "RMSNorm", "GeluMLP", "SwiGLUMLP", "build_norm",
+           "MLP_CLASSES", "apply_rotary", "rotate_half", "rope_cos_sin"]
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+# scaled_dot_product_attention(enable_gqa=...) arrived in torch 2.5; before it we repeat k/v heads.
+_SDPA_HAS_GQA = _torch_at_least(2, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    The statistics are computed in fp32 and the result is cast back to the input dtype before the
+    weight multiplies it (the Llama reference order), so bf16 training stays stable.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm layer named by ``cfg.normalization``: LayerNorm (with bias per ``cfg.bias``) or RMSNorm."""
+    if cfg.normalization == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.bias)
+    if cfg.normalization == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    raise ValueError(f"unknown normalization {cfg.normalization!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding (Hugging Face Llama's "rotate half" convention)
+
+
+def rope_cos_sin(head_dim: int, max_positions: int, base: float,
+                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precompute the rotary tables in fp32.
+
+    Frequencies ``base ** (-2i / head_dim)`` for ``i < head_dim / 2``; the angle table is repeated
+    along the last dimension (not interleaved), matching :func:`rotate_half`.
+
+    Returns:
+        ``(cos, sin)``, each ``(max_positions, head_dim)`` fp32.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_positions, device=device, dtype=torch.int64).float()
+    angles = torch.outer(positions, inv_freq)  # (P, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (P, hd)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, n, hd) by the angles of its positions; ``cos``/``sin`` are (T, hd)."""
+    cos = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, hd)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention through ``F.scaled_dot_product_attention``.
+
+    ``num_query_groups`` key/value heads serve ``num_attention_heads`` query heads; query head ``h``
+    reads key/value head ``h // (nh // nkv)``.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_query_groups
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.attention_dropout
+        self.use_rope = cfg.position_embedding_type == "rope"
+        C, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(C, self.n_heads * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, C, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                kv_cache: Optional["KVCache"] = None, start_pos: int = 0) -> torch.Tensor:
+        """Attend causally.
+
+        Args:
+            x: (B, T, C) hidden states of the new tokens, at positions ``start_pos .. start_pos+T-1``.
+            rope: ``(cos, sin)`` rows for those positions, each (T, hd); None without RoPE.
+            kv_cache: when given, the new keys/values are written at ``[start_pos, start_pos+T)`` and
+                the tokens attend over the cached ``[0, start_pos+T)``.
+            start_pos: position of the first new token.
+
+        Returns:
+            (B, T, C).
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        if self.use_rope:
+            cos, sin = rope
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
+
+        attn_mask, is_causal = None, T > 1
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, nkv, S, hd), S = start_pos + T
+            if start_pos > 0 and T > 1:
+                # A chunk after earlier tokens: new token i sees every cached key and new keys <= i.
+                # (is_causal would align the triangle to the top-left corner, which is wrong here.)
+                S = start_pos + T
+                key_pos = torch.arange(S, device=x.device)
+                query_pos = torch.arange(start_pos, S, device=x.device)
+                attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S) bool, True = attend
+                is_causal = False
+            # T == 1: one new token attends to every key, no mask. start_pos == 0: S == T, plain causal.
+
+        extra = {}
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_HAS_GQA:
+                extra["enable_gqa"] = True
+            else:
+                repeat = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(repeat, dim=1)  # (B, nh, S, hd)
+                v = v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0, **extra)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLPs: one class per activation
+
+
+class GeluMLP(nn.Module):
+    """``down_proj(gelu(up_proj(x)))`` with exact (erf) GELU, as GPT-3/Megatron/NeMo use."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))  # (B, T, C) -> (B, T, ffn) -> (B, T, C)
+
+
+class SwiGLUMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Llama's gated MLP)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+MLP_CLASSES: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
+
+
+# ----------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = build_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = build_norm(cfg)
+        self.mlp = MLP_CLASSES[cfg.activation](cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                kv_cache: Optional["KVCache"] = None, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, kv_cache, start_pos))  # (B, T, C)
+        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding.
+
+    ``k[i]`` and ``v[i]`` are (B, nkv, max_seq_len, hd) buffers of layer ``i``. A forward call with
+    ``start_pos`` writes its T new keys/values at ``[start_pos, start_pos+T)`` and attends over
+    ``[0, start_pos+T)``. The caller tracks how far the cache is filled (it passes ``start_pos``).
+
+    Args:
+        cfg: the model's config (layers, query groups, head size).
+        batch_size: sequences decoded together.
+        max_seq_len: positions to hold; at most ``cfg.max_position_embeddings`` is useful.
+        device, dtype: of the buffers; use the model's compute dtype.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"KVCache needs batch_size >= 1 and max_seq_len >= 1, got {batch_size}, {max_seq_len}")
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        shape = (batch_size, cfg.num_query_groups, max_seq_len, cfg.head_dim)  # (B, nkv, L, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+
+    def update(self, layer_idx: int, start_pos: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (B, nkv, T, hd) at ``[start_pos, start_pos+T)`` of layer ``layer_idx``.
+
+        Returns:
+            The layer's keys and values over ``[0, start_pos+T)``, each (B, nkv, start_pos+T, hd).
+        """
+        B, _, T, _ = k.shape
+        end = start_pos + T
+        if B != self.batch_size:
+            raise ValueError(f"KVCache was made for batch size {self.batch_size}, got a batch of {B}")
+        if start_pos < 0 or end > self.max_seq_len:
+            raise ValueError(f"KVCache holds {self.max_seq_len} positions; cannot write [{start_pos}, {end})")
+        self.k[layer_idx][:, :, start_pos:end] = k
+        self.v[layer_idx][:, :, start_pos:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: embedding -> ``layers`` (Blocks) -> final ``norm`` -> ``lm_head``.
+
+    Args:
+        cfg: the architecture. ``position_embedding_type="learned_absolute"`` adds an
+            ``embed_positions`` table; ``"rope"`` rotates queries and keys instead. With
+            ``share_embeddings_and_output_weights`` there is no ``lm_head`` module: the head is
+            ``embed_tokens.weight``.
+
+    Parameters are created by the usual ``nn`` constructors; call :meth:`init_weights` for the
+    Megatron-style initialization (always, after building on the meta device).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.position_embedding_type == "learned_absolute":
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        else:
+            self.embed_positions = None
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = build_norm(cfg)
+        if cfg.share_embeddings_and_output_weights:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.position_embedding_type == "rope":
+            # Non-persistent: rebuilt from the config, never saved. Recomputed by init_weights after to_empty.
+            cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base,
+                                    device=self.embed_tokens.weight.device)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (P, hd)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids: (B, T) token ids at positions ``start_pos .. start_pos+T-1``.
+            kv_cache: optional :class:`KVCache`; the new keys/values are written into it and the tokens
+                attend over everything cached before ``start_pos`` as well.
+            start_pos: position of the first token (0 for training and for a first prefill).
+
+        Returns:
+            (B, T, V) logits in the compute dtype (the loss is computed by the caller).
+
+        Raises:
+            ValueError: ``start_pos + T`` exceeds ``max_position_embeddings``.
+        """
+        B, T = input_ids.shape
+        end = start_pos + T
+        if start_pos < 0 or end > self.cfg.max_position_embeddings:
+            raise ValueError(f"positions [{start_pos}, {end}) do not fit the model's max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}; shorten the input (or start_pos)")
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if self.embed_positions is not None:
+            positions = torch.arange(start_pos, end, device=input_ids.device)  # (T,)
+            x = x + self.embed_positions(positions)  # (B, T, C) + (T, C)
+        x = self.dropout(x)
+        rope = None
+        if self.rope_cos is not None:
+            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd) each
+        for layer in self.layers:
+            x = layer(x, rope, kv_cache, start_pos)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
+        return F.linear(x, head)  # (B, T, V)
+
+    # -- initialization ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Initialize every parameter and buffer in place.
+
+        Linear and embedding weights ~ N(0, init_method_std); the output projections of each block
+        (``o_proj``, ``down_proj``) ~ N(0, init_method_std / sqrt(2 * num_layers)) (Megatron's scaled
+        init); biases 0; norm weights 1. The RoPE tables are recomputed, so this also completes a model
+        built on the meta device and moved with ``to_empty``.
+
+        Args:
+            seed: when given, draws come from a private generator seeded with it (the global RNG is
+                left alone), so the same seed gives the same weights.
+        """
+        std = self.cfg.init_method_std
+        out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
+        generators: dict[torch.device, torch.Generator] = {}
+
+        def normal_(t: torch.Tensor, s: float) -> None:
+            gen = None
+            if seed is not None:
+                if t.device not in generators:
+                    generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+                gen = generators[t.device]
+            nn.init.normal_(t, mean=0.0, std=s, generator=gen)
+
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith("o_proj") or name.endswith("down_proj")
+                normal_(module.weight, out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                normal_(module.weight, std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.rope_cos is not None:
+            cos, sin = rope_cos_sin(self.cfg.head_dim, self.cfg.max_position_embeddings, self.cfg.rotary_base,
+                                    device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    # -- accounting --------------------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (a tied head counted once).
+
+        Args:
+            exclude_embeddings: leave out the input tables ``embed_tokens`` and ``embed_positions``
+                (an untied ``lm_head`` stays counted).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if self.embed_positions is not None:
+                n -= self.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM's convention.
+
+        ``6 * N + 12 * num_layers * (nh * hd) * seq_len`` where N counts the weights of every matrix
+        multiply (the block projections and the output head, tied or not; no embeddings lookups,
+        biases or norms) and ``nh * hd`` is the attention width (= hidden_size unless kv_channels
+        is set otherwise).
+        """
+        cfg = self.cfg
+        matmul = sum(m.weight.numel() for m in self.layers.modules() if isinstance(m, nn.Linear))
+        matmul += cfg.vocab_size * cfg.hidden_size  # output head
+        attn_width = cfg.num_attention_heads * cfg.head_dim
+        return 6 * matmul + 12 * cfg.num_layers * attn_width * seq_len

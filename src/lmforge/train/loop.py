@@ -1,0 +1,280 @@
+"""The one training loop.
+
+Pretraining uses it now; fine-tuning and alignment will use it through another objective. A step
+consumes one global batch: every data-parallel rank runs ``accumulate`` micro-batches of its own
+slice, gradients are averaged across ranks, clipped, and the optimizer steps once.
+
+Which samples a rank reads is a pure function of the step (Megatron's pretraining sampler): global
+batch ``s`` is samples ``[s*G, (s+1)*G)``; micro-batch ``k`` of rank ``r`` is the ``mbs`` samples
+starting at ``s*G + (k*dp + r)*mbs``. So one process with accumulation 2 and two processes with
+accumulation 1 see the same global batch, and a resumed run continues on exactly the next sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.parallel.runtime import Runtime
+from lmforge.train.optim import set_lr
+
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    micro_batch_size: int
+    global_batch_size: int
+    accumulate: int
+    val_check_interval: int = 0  # 0: no validation during training
+    limit_val_batches: int = 0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 1.0
+    precision: str = "32"
+    every_n_train_steps: int = 0  # extra checkpoints between validations; 0: only at validation and the end
+    num_workers: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer a resumed run needs."""
+
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0
+    tokens_trained: int = 0
+    best_val_loss: Optional[float] = None
+    history: list = field(default_factory=list)  # (step, loss) of logged steps, for the summary
+    stopped_early: bool = False  # a signal asked the run to stop after saving
+
+    def to_dict(self) -> dict:
+        return dict(step=self.step, consumed_samples=self.consumed_samples, tokens_trained=self.tokens_trained,
+                    best_val_loss=self.best_val_loss)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(step=int(d.get("step", 0)), consumed_samples=int(d.get("consumed_samples", 0)),
+                   tokens_trained=int(d.get("tokens_trained", 0)), best_val_loss=d.get("best_val_loss"))
+
+
+def next_token_loss(model: nn.Module, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+    """Summed cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``, and the token count.
+
+    Returns (loss_sum, n_tokens) with the loss in fp32 whatever the compute dtype.
+    """
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
+    if loss_mask is None:
+        return losses.sum(), labels.numel()
+    mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
+    return (losses * mask).sum(), int(mask.sum().item())
+
+
+class MicroBatches:
+    """Yields this rank's micro-batches of one global batch, from the step alone (see the module doc)."""
+
+    def __init__(self, dataset, settings: LoopSettings, runtime: Runtime):
+        self.dataset, self.s, self.rt = dataset, settings, runtime
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        s = self.s
+        start = step * s.global_batch_size + (micro * self.rt.world_size + self.rt.rank) * s.micro_batch_size
+        return [i % len(self.dataset) for i in range(start, start + s.micro_batch_size)]
+
+    def batch(self, indices: Iterable[int]) -> torch.Tensor:
+        rows = np.stack([np.asarray(self.dataset[i], dtype=np.int64) for i in indices])
+        t = torch.from_numpy(rows)
+        if self.rt.device.type == "cuda":
+            return t.pin_memory().to(self.rt.device, non_blocking=True)
+        return t
+
+    def for_step(self, step: int):
+        for micro in range(self.s.accumulate):
+            yield self.batch(self.indices(step, micro))
+
+
+class StopRequested:
+    """Set by SIGUSR1/SIGTERM (Slurm's walltime warning, preemption): save at the next step boundary, then stop."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Runs steps, validation, logging and checkpointing.
+
+    Args:
+        model: the module to call (possibly DDP-wrapped or compiled).
+        raw_model: the plain module whose ``state_dict`` is saved.
+        save_fn: ``save_fn(state, metrics)`` writes a checkpoint (all ranks call it).
+        log: a MetricsLogger-like object with ``log(step, dict)`` and ``update(step, **kw)``.
+    """
+
+    def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+                 runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
+                 scaler: Optional[torch.amp.GradScaler] = None):
+        self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
+        self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
+        if settings.precision not in PRECISIONS:
+            raise ValueError(f"precision {settings.precision!r}")
+        self.amp_dtype = PRECISIONS[settings.precision]
+        self.scaler = scaler
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.rt.device.type, dtype=self.amp_dtype)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if not self.rt.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def train_step(self, batches: MicroBatches, step: int) -> tuple[float, Optional[float]]:
+        """One optimizer step over one global batch. Returns (mean loss, grad norm)."""
+        self.model.train()
+        lr = self.schedule.lr_at(step)
+        set_lr(self.opt, lr)
+        micro = list(batches.for_step(step))
+        # Every token of the global batch weighs the same, on any number of ranks.
+        local_tokens = sum(b[:, 1:].numel() for b in micro)
+        (global_tokens,) = self._all_reduce([float(local_tokens)])
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        for k, tokens in enumerate(micro):
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss_sum, _ = next_token_loss(self.model, tokens)
+                # DDP averages gradients over ranks: scale so the result is the global token mean.
+                loss = loss_sum * (self.rt.world_size / global_tokens)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_total += loss_sum.detach().double()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        grad_norm = None
+        if self.s.gradient_clip_val and self.s.gradient_clip_val > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.s.gradient_clip_val))
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        (loss_sum_all,) = self._all_reduce([float(loss_total)])
+        return loss_sum_all / global_tokens, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, dataset, limit_batches: int) -> float:
+        """Mean next-token loss over the first ``limit_batches`` global batches of ``dataset``."""
+        if dataset is None or limit_batches <= 0:
+            return float("nan")
+        self.model.eval()
+        n_batches = min(limit_batches, max(1, len(dataset) // self.s.global_batch_size))
+        settings = LoopSettings(**{**self.s.__dict__, "max_steps": n_batches})
+        batches = MicroBatches(dataset, settings, self.rt)
+        loss_sum, count = 0.0, 0
+        for step in range(n_batches):
+            for tokens in batches.for_step(step):
+                with self.autocast():
+                    l, n = next_token_loss(self.raw_model, tokens)
+                loss_sum += float(l)
+                count += n
+        loss_sum, count = self._all_reduce([loss_sum, float(count)])
+        self.model.train()
+        return loss_sum / max(count, 1)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, train_dataset, val_dataset, state: TrainState) -> TrainState:
+        s = self.s
+        batches = MicroBatches(train_dataset, s, self.rt)
+        tokens_per_step = s.global_batch_size * (len(train_dataset[0]) - 1)
+        stop = StopRequested().install()
+        kill_at = int(os.environ.get("LMFORGE_TEST_KILL_AT_STEP", "0"))  # fault injection for resume tests
+        window_t, window_steps = time.perf_counter(), 0
+        try:
+            while state.step < s.max_steps:
+                loss, grad_norm = self.train_step(batches, state.step)
+                state.step += 1
+                state.consumed_samples += s.global_batch_size
+                state.tokens_trained += tokens_per_step
+                window_steps += 1
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {state.step}; lower model.optim.lr or use "
+                                             f"trainer.precision=bf16-mixed / gradient clipping")
+                if state.step % max(1, s.log_every_n_steps) == 0 or state.step == s.max_steps or state.step == 1:
+                    if self.rt.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+                    window_t, window_steps = now, 0
+                    lr = self.schedule.lr_at(state.step - 1)
+                    state.history.append((state.step, loss))
+                    if self.log is not None:
+                        self.log.log(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                                  "tokens_per_s": tps, "consumed_samples": state.consumed_samples})
+                        self.log.update(state.step, loss=loss, lr=lr, tokens_per_s=tps)
+                metrics = None
+                if s.val_check_interval and state.step % s.val_check_interval == 0 or state.step == s.max_steps:
+                    if val_dataset is not None and s.limit_val_batches > 0:
+                        val_loss = self.evaluate(val_dataset, s.limit_val_batches)
+                        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                        if state.best_val_loss is None or val_loss < state.best_val_loss:
+                            state.best_val_loss = val_loss
+                        if self.log is not None:
+                            self.log.log(state.step, metrics)
+                    window_t = time.perf_counter()  # validation time is not training throughput
+                periodic = s.every_n_train_steps and state.step % s.every_n_train_steps == 0
+                stopping = self._any_rank(stop.flag)
+                if self.save_fn is not None and (metrics is not None or periodic or stopping or state.step == s.max_steps):
+                    self.save_fn(state, metrics or {})
+                    window_t = time.perf_counter()
+                if kill_at and state.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stopping:
+                    state.stopped_early = True
+                    break
+        finally:
+            stop.restore()
+        return state
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.rt.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)

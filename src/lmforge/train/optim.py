@@ -1,0 +1,117 @@
+"""Optimizers and learning-rate schedules.
+
+The optimizer follows NeMo's defaults: AdamW with decoupled weight decay on matrices and
+embeddings, none on biases and norm weights. ``fused_adam`` uses PyTorch's fused AdamW kernel
+(CUDA, and CPU on recent torch); ``adamw`` the multi-tensor (foreach) one.
+
+The schedule is a pure function of the step, so a resumed run needs nothing but the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+OPTIMIZERS = ("fused_adam", "adamw", "adam")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters: 2-D and larger decay, 1-D (biases, norm weights) do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas, eps: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s trainable parameters.
+
+    Args:
+        name: ``fused_adam`` (fused kernel), ``adamw`` or ``adam`` (multi-tensor AdamW; NeMo's
+            ``adam`` with weight decay is decoupled as well).
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"model.optim.name={name!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"model.optim.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    kwargs = dict(lr=lr, betas=betas, eps=eps)
+    if name == "fused_adam" and _fused_supported(device):
+        kwargs["fused"] = True
+    elif device.type == "cuda":
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(param_groups(model, weight_decay), **kwargs)
+
+
+def _fused_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # Fused AdamW on the CPU exists from torch 2.4 on; try it on a scrap parameter.
+    try:
+        p = nn.Parameter(torch.zeros(1))
+        p.grad = torch.zeros(1)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+@dataclass(frozen=True)
+class CosineAnnealing:
+    """NeMo's CosineAnnealing: linear warmup, cosine decay to ``min_lr``, then ``min_lr`` held for
+    the last ``constant_steps`` steps.
+
+    ``lr_at(step)`` gives the learning rate for optimizer step ``step`` (0-based).
+    """
+
+    lr: float
+    max_steps: int
+    warmup_steps: int = 0
+    constant_steps: int = 0
+    min_lr: float = 0.0
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        decay_steps = self.max_steps - self.warmup_steps - self.constant_steps
+        if decay_steps <= 0 or step >= self.warmup_steps + decay_steps:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / decay_steps
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Constant:
+    lr: float
+
+    def lr_at(self, step: int) -> float:
+        return self.lr
+
+
+SCHEDULES = ("CosineAnnealing", "constant", "none")
+
+
+def build_schedule(name: str | None, lr: float, max_steps: int, warmup_steps: int = 0, constant_steps: int = 0,
+                   min_lr: float = 0.0):
+    if name in (None, "none", "constant", "Constant"):
+        return Constant(lr)
+    if name == "CosineAnnealing":
+        return CosineAnnealing(lr=lr, max_steps=max_steps, warmup_steps=int(warmup_steps or 0),
+                               constant_steps=int(constant_steps or 0), min_lr=float(min_lr or 0.0))
+    raise ConfigError(f"model.optim.sched.name={name!r} is not supported; use one of {', '.join(SCHEDULES)}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,245 @@
+"""The pretraining stage: ``run(cfg) -> summary``.
+
+Configured exactly as NeMo's ``megatron_gpt_pretraining.py`` (trainer.*, model.*, exp_manager.*).
+The CLI, the quickstart and the launcher all call :func:`run`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import model_config_from
+from lmforge.config.batch import check_world_size
+from lmforge.config.schema import tokenizer_path
+from lmforge.data.gpt_dataset import build_datasets
+from lmforge.data.tokenizers import load_tokenizer
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import write_json_atomic, write_text_atomic
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.parallel.ddp import apply_data_parallel
+from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
+from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
+from lmforge.train.checkpoint import CheckpointManager, load_model, load_training_state
+from lmforge.train.loop import LoopSettings, Trainer, TrainState
+from lmforge.train.metrics import MetricsLogger
+from lmforge.train.optim import build_optimizer, build_schedule
+
+
+def results_dir(cfg) -> Path:
+    em = cfg.exp_manager
+    if em.explicit_log_dir:
+        return Path(em.explicit_log_dir)
+    return Path(em.exp_dir) / em.name
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def build_model(model_cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
+    """Build on the meta device, then allocate on ``device`` and initialise (no throwaway CPU copy)."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model = model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return model
+
+
+def saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: a tied head is stored once (as the embedding)."""
+    state = model.state_dict()
+    if getattr(model.cfg, "share_embeddings_and_output_weights", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _sample_counts(cfg, max_steps: int, gbs: int):
+    t = cfg.trainer
+    train = max_steps * gbs
+    val = max(0, int(t.limit_val_batches or 0)) * gbs
+    test = max(0, int(t.limit_test_batches or 0)) * gbs
+    return train, val, test
+
+
+def _val_interval(cfg, max_steps: int) -> int:
+    v = cfg.trainer.val_check_interval
+    if v is None:
+        return 0
+    if isinstance(v, float) and v <= 1.0:
+        return max(1, int(round(v * max_steps)))
+    return int(v)
+
+
+def run(cfg, runtime: Runtime | None = None, console_log=print) -> dict:
+    """Pretrain as ``cfg`` says. Returns a summary dict (losses, tokens, seconds, checkpoint path)."""
+    t0 = time.perf_counter()
+    own_runtime = runtime is None
+    rt = runtime or init_runtime(cfg.trainer.accelerator)
+    try:
+        return _run(cfg, rt, console_log, t0)
+    finally:
+        if own_runtime:
+            shutdown(rt)
+
+
+def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
+    t, m, em = cfg.trainer, cfg.model, cfg.exp_manager
+    check_world_size(t.devices, t.num_nodes, rt.world_size)
+    if not m.data.data_prefix:
+        raise ConfigError("model.data.data_prefix is not set: give the prefix of a preprocessed dataset, e.g. "
+                          "model.data.data_prefix=[1.0,data/corpus_text_document] (make one with `lmforge preprocess`)")
+    tok_path = tokenizer_path(cfg)
+    if not tok_path:
+        raise ConfigError("model.tokenizer.model is not set: give the tokenizer folder or tokenizer.json the data "
+                          "was preprocessed with (make one with `lmforge tokenizer train`)")
+    tokenizer = load_tokenizer(tok_path)
+    out = results_dir(cfg)
+    gbs, mbs, accum = int(m.global_batch_size), int(m.micro_batch_size), int(t.accumulate_grad_batches)
+    seq = int(m.data.seq_length or m.encoder_seq_length)
+    seed = int(m.seed)
+
+    # Samples per split; with max_epochs the step count follows from one epoch's size.
+    max_steps = int(t.max_steps) if t.max_steps is not None and int(t.max_steps) > 0 else None
+    cache_dir = m.data.index_mapping_dir
+    build = lambda counts: build_datasets(m.data.data_prefix, m.data.splits_string, seq, counts, seed,  # noqa: E731
+                                          cache_dir=cache_dir, barrier=rt.barrier, is_main=rt.is_main)
+    if max_steps is None:
+        epochs = int(t.max_epochs or 1)
+        probe = build((None, None, None))[0]
+        if probe is None:
+            raise ConfigError(f"model.data.splits_string={m.data.splits_string!r} leaves no training data")
+        max_steps = max(1, epochs * probe.samples_per_epoch // gbs)
+    train_ds, val_ds, test_ds = build(_sample_counts(cfg, max_steps, gbs))
+    if train_ds is None:
+        raise ConfigError(f"model.data.splits_string={m.data.splits_string!r} leaves no training data")
+
+    model_cfg = model_config_from(cfg, tokenizer.vocab_size)
+    seed_everything(seed, rt.rank)
+    model = build_model(model_cfg, rt.device, seed)
+
+    sched_cfg = m.optim.sched
+    schedule = build_schedule(sched_cfg.name, float(m.optim.lr), max_steps, sched_cfg.warmup_steps,
+                              sched_cfg.constant_steps, sched_cfg.min_lr)
+    optimizer = build_optimizer(model, m.optim.name, float(m.optim.lr), float(m.optim.weight_decay),
+                                list(m.optim.betas), float(m.optim.eps), rt.device)
+    scaler = None
+    if t.precision == "16-mixed":
+        scaler = torch.amp.GradScaler(rt.device.type)
+
+    cp = em.checkpoint_callback_params
+    manager = CheckpointManager(out / "checkpoints", rt, monitor=cp.monitor, mode=cp.mode,
+                                save_top_k=int(cp.save_top_k), save_last=bool(cp.save_last))
+    state = TrainState()
+    resumed_from = None
+    if em.resume_if_exists:
+        latest = manager.latest()
+        if latest is not None:
+            weights, saved_cfg = load_model(latest, device=rt.device)
+            if ModelConfig.from_dict(saved_cfg["model"]).to_dict() != model_cfg.to_dict():
+                raise CheckpointError(f"{latest} holds a model of another shape than this config; use a new "
+                                      f"exp_manager.name or exp_manager.resume_if_exists=false")
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = [k for k in missing if not (k == "lm_head.weight" and model_cfg.share_embeddings_and_output_weights)]
+            if missing or unexpected:
+                raise CheckpointError(f"{latest}: weights do not match the model (missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]})")
+            state = TrainState.from_dict(load_training_state(latest, optimizer, rt, scaler=scaler))
+            resumed_from = str(latest)
+            if rt.is_main:
+                console_log(f"resuming from {latest} at step {state.step}")
+        elif not em.resume_ignore_no_checkpoint:
+            raise CheckpointError(f"exp_manager.resume_if_exists=true but {out / 'checkpoints'} holds no checkpoint; "
+                                  f"set exp_manager.resume_ignore_no_checkpoint=true to start fresh")
+
+    forward_model = model
+    if m.activations_checkpoint_granularity:
+        apply_activation_checkpointing(model)
+    if m.compile:
+        apply_compile(model)
+    forward_model = apply_data_parallel(forward_model, rt)
+
+    settings = LoopSettings(
+        max_steps=max_steps, micro_batch_size=mbs, global_batch_size=gbs, accumulate=accum,
+        val_check_interval=_val_interval(cfg, max_steps), limit_val_batches=int(t.limit_val_batches or 0),
+        log_every_n_steps=int(t.log_every_n_steps or 1), gradient_clip_val=float(t.gradient_clip_val or 0.0),
+        precision=t.precision, every_n_train_steps=int(cp.every_n_train_steps or 0),
+        num_workers=int(m.data.num_workers or 0))
+
+    from lmforge.config import to_dict as config_to_dict
+
+    run_config = config_to_dict(cfg)
+
+    def save(st: TrainState, metrics: dict):
+        manager.save(st.step, saved_state_dict(model), model_cfg.to_dict(), optimizer,
+                     {**st.to_dict(), "config": run_config}, metrics=metrics, tokenizer=tokenizer, scaler=scaler)
+
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", _to_yaml(cfg))
+        n_params = sum(p.numel() for p in model.parameters())
+        console_log(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.num_layers} layers, hidden "
+                    f"{model_cfg.hidden_size}; {max_steps} steps of {gbs} x {seq} tokens on {rt.world_size} "
+                    f"process(es), {rt.device.type}, precision {t.precision}; results in {out}")
+    logger = MetricsLogger(out, rt, total_steps=max_steps, tensorboard=bool(em.create_tensorboard_logger),
+                           wandb=_wandb_kwargs(cfg), every_n_steps=int(t.log_every_n_steps or 1))
+    trainer = Trainer(forward_model, model, optimizer, schedule, rt, settings, save_fn=save, log=logger, scaler=scaler)
+    try:
+        with logger:
+            val_before = None
+            if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:
+                val_before = trainer.evaluate(val_ds, settings.limit_val_batches)
+                logger.log(0, {"val_loss": val_before, "val_ppl": math.exp(min(val_before, 50.0))})
+            state = trainer.fit(train_ds, val_ds, state)
+            val_after = trainer.evaluate(val_ds, settings.limit_val_batches) if val_ds is not None else float("nan")
+            test_loss = None
+            if test_ds is not None and int(t.limit_test_batches or 0) > 0 and not state.stopped_early:
+                test_loss = trainer.evaluate(test_ds, int(t.limit_test_batches))
+                logger.log(state.step, {"test_loss": test_loss})
+    finally:
+        pass
+    summary = {
+        "results_dir": str(out),
+        "steps": state.step,
+        "max_steps": max_steps,
+        "tokens_trained": state.tokens_trained,
+        "val_loss_before": val_before,
+        "val_loss_after": _finite(val_after),
+        "test_loss": test_loss,
+        "final_train_loss": state.history[-1][1] if state.history else None,
+        "checkpoint": str(manager.latest()) if manager.latest() else None,
+        "resumed_from": resumed_from,
+        "stopped_early": state.stopped_early,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "world_size": rt.world_size,
+    }
+    if rt.is_main:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _finite(x):
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _wandb_kwargs(cfg):
+    em = cfg.exp_manager
+    if not em.create_wandb_logger:
+        return None
+    kw = dict(em.wandb_logger_kwargs or {})
+    kw.setdefault("name", em.name)
+    return kw
+
+
+def _to_yaml(cfg) -> str:
+    from lmforge.config import to_yaml
+
+    return to_yaml(cfg)
