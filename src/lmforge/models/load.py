@@ -32,6 +32,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           f"folder)")
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy ``weights`` into ``model``; a tied head may be absent. Any other mismatch is a CheckpointError."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(getattr(model, "cfg", None), "share_embeddings_and_output_weights", False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name in (None, "auto"):
         if device.type == "cuda":
@@ -56,11 +66,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.share_embeddings_and_output_weights)]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]})")
+    load_weights(model, weights, folder)
     model = model.to(pick_dtype(dtype, device)).eval()
     if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
         raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json)")
