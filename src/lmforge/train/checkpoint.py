@@ -1,0 +1,702 @@
+"""Checkpoints anyone can open: safetensors weights, JSON config, tokenizer files, training state.
+
+A checkpoint is one folder::
+
+    step_0000100/
+      model.safetensors              (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+      config.json                    {"lmforge_version", "format": "lmforge", "model": {...}}
+      tokenizer.json, ...            when a tokenizer was given
+      training_state/
+        state.json                   the loop's state, optimizer layout and scalars, grad scaler, metrics
+        optimizer.safetensors        every optimizer tensor, named ``state.{param_index}.{key}``
+        rng_rank{r}.safetensors      torch CPU / CUDA and numpy RNG tensors of rank r
+        rng_rank{r}.json             python ``random`` state and numpy's scalar RNG fields of rank r
+
+Nothing is ever unpickled: tensors live in safetensors files and everything else in JSON.
+
+:class:`CheckpointManager` writes ``root/step_{step:07d}`` atomically across ranks (a hidden
+temporary sibling renamed into place), keeps ``root/latest`` and ``root/checkpoints.json`` up to
+date, and deletes checkpoints beyond the ``save_top_k`` best only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import lmforge
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_path, write_json_atomic, write_text_atomic
+from lmforge.parallel.runtime import Runtime
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+TRAINING_STATE_DIR = "training_state"
+STATE_NAME = "state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+LATEST_NAME = "latest"
+RECORDS_NAME = "checkpoints.json"
+STATE_FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------
+def _read_json(path: Path, what: str) -> Any:
+    """Read a JSON file; a missing or unreadable file raises CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing ({what}); was the save interrupted?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} ({what}) is not readable JSON: {e}; "
+                              f"the file is damaged, use an earlier checkpoint") from e
+
+
+def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
+                         metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a safetensors file whole or not at all."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; damage becomes a CheckpointError naming the file."""
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read as safetensors ({e}); "
+                              f"the file is damaged or truncated, use an earlier checkpoint") from e
+
+
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone any tensor whose storage another tensor of ``tensors`` already uses.
+
+    safetensors refuses tensors that share memory; after deduplication only partial views of one
+    storage can remain, and those are written as independent copies.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            out[name] = t
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # shares a storage, or is a view into a larger one: write just its values
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tensors that are the very same memory as an earlier one (tied weights); keep the first name."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(t).__name__}, not a tensor")
+        if t.numel() > 0:
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+        out[name] = t
+    return out
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Group tensor names into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------
+# model weights + config
+# ----------------------------------------------------------------------------------------------
+def save_model(folder: str | os.PathLike, model_state: dict[str, torch.Tensor], config: dict,
+               tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write weights, ``config.json`` and (optionally) tokenizer files into ``folder``.
+
+    Args:
+        folder: the checkpoint folder (created when missing).
+        model_state: parameter name -> tensor. Tensors sharing memory (tied embeddings) are written
+            once under the first name. Tensors are moved to CPU and made contiguous.
+        config: the model config as a dict (``ModelConfig.to_dict()``); stored under ``"model"``.
+        tokenizer: an object with ``save(folder)``, or None.
+        max_shard_bytes: above this total size the weights are split into
+            ``model-0000k-of-0000n.safetensors`` files with ``model.safetensors.index.json``.
+
+    Returns:
+        The folder. ``config.json`` is written last, so a folder that has it holds whole weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    state = _unshare({name: _cpu_contiguous(t) for name, t in _dedupe(model_state).items()})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    metadata = {"format": "pt"}
+
+    # A config.json from an earlier save would vouch for weights being rewritten: remove it first.
+    (folder / CONFIG_NAME).unlink(missing_ok=True)
+    if total <= max_shard_bytes:
+        written = {WEIGHTS_NAME}
+        _save_tensors_atomic(state, folder / WEIGHTS_NAME, metadata)
+    else:
+        shards = _plan_shards(state, max_shard_bytes)
+        n = len(shards)
+        weight_map = {}
+        written = {INDEX_NAME}
+        for k, names in enumerate(shards, start=1):
+            fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+            _save_tensors_atomic({name: state[name] for name in names}, folder / fname, metadata)
+            weight_map.update({name: fname for name in names})
+            written.add(fname)
+        write_json_atomic(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    # Weight files of an earlier save into the same folder would make the layout ambiguous.
+    for path in folder.iterdir():
+        if path.name not in written and (path.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_NAME.match(path.name)):
+            path.unlink()
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    write_json_atomic(folder / CONFIG_NAME, {"lmforge_version": lmforge.__version__, "format": "lmforge",
+                                             "model": config})
+    return folder
+
+
+def _weight_files(folder: Path) -> tuple[Optional[dict[str, str]], list[Path]]:
+    """Validate the weight layout of ``folder``; return (weight_map or None, files to read)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        data = _read_json(index, "the shard index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"checkpoint file {index} has no 'weight_map'; the index is damaged")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint folder {folder} is incomplete: {index.name} names "
+                                  f"{', '.join(missing)} but the file(s) are missing; was the save interrupted?")
+        return weight_map, [folder / f for f in files]
+    if (folder / WEIGHTS_NAME).is_file():
+        return None, [folder / WEIGHTS_NAME]
+    raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {WEIGHTS_NAME} or {INDEX_NAME}; "
+                          f"was the save interrupted?")
+
+
+def _check_folder(folder: Path) -> dict:
+    """Raise CheckpointError unless ``folder`` exists with a readable config.json; return that config."""
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint path {folder} is not a folder; pass the checkpoint folder "
+                              f"(the one holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {CONFIG_NAME}; "
+                              f"was the save interrupted?")
+    config = _read_json(folder / CONFIG_NAME, "the model config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"checkpoint file {folder / CONFIG_NAME} has no 'model' section; "
+                              f"it was not written by lmforge")
+    return config
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read the weights and model config of a checkpoint folder.
+
+    Args:
+        folder: a folder written by :func:`save_model` (or a CheckpointManager).
+        device: where the tensors are placed.
+
+    Returns:
+        (state_dict, config): ``config`` is the whole ``config.json`` (``config["model"]`` is the dict
+        given to :func:`save_model`, beside ``lmforge_version`` and ``format``). A tied output head is
+        not in the state dict (it was never saved).
+
+    Raises:
+        CheckpointError: the folder, its config, its weights or a shard named by the index is
+            missing or unreadable; the message names the path.
+    """
+    folder = Path(folder)
+    config = _check_folder(folder)
+    weight_map, files = _weight_files(folder)
+    device = str(device)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_load_tensors(path, device))
+    if weight_map is not None:
+        missing = [name for name in weight_map if name not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint folder {folder}: tensors {missing[:5]} listed in {INDEX_NAME} "
+                                  f"are not in their shard files; the checkpoint is damaged")
+    return state, config
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` has a readable config.json and every weight file it needs (no tensor reads)."""
+    try:
+        folder = Path(folder)
+        _check_folder(folder)
+        _weight_files(folder)
+        return True
+    except (CheckpointError, OSError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# training state: optimizer, grad scaler, RNG
+# ----------------------------------------------------------------------------------------------
+def _encode(value: Any, tensors: dict[str, torch.Tensor], name: str) -> Any:
+    """Turn an optimizer value into JSON; tensors go to ``tensors[name]`` and leave a marker."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = _cpu_contiguous(value)
+        return {"__tensor__": name}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{name}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, tensors, f"{name}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _encode(v, tensors, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            name = value["__tensor__"]
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint file {source} lacks tensor {name!r} named in {STATE_NAME}; "
+                                      f"the training state is damaged")
+            return tensors[name]
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v, tensors, source) for v in value["__tuple__"])
+        return {k: _decode(v, tensors, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors, source) for v in value]
+    return value
+
+
+def _rng_paths(folder: Path, rank: int) -> tuple[Path, Path]:
+    ts = folder / TRAINING_STATE_DIR
+    return ts / f"rng_rank{rank}.safetensors", ts / f"rng_rank{rank}.json"
+
+
+def _save_rng(folder: Path, rank: int) -> None:
+    """Write this rank's python, numpy, torch CPU and (when initialised) CUDA RNG states."""
+    tensors_path, json_path = _rng_paths(folder, rank)
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
+    cuda_states = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = torch.cuda.get_rng_state_all()
+        for i, s in enumerate(cuda_states):
+            tensors[f"cuda_{i}"] = s.cpu()
+    _save_tensors_atomic(tensors, tensors_path)
+    write_json_atomic(json_path, {
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        "numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "cuda_devices": len(cuda_states),
+    })
+
+
+def _load_rng(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG states; False (and a warning) when this rank has no saved states."""
+    tensors_path, json_path = _rng_paths(folder, rank)
+    if not tensors_path.is_file() or not json_path.is_file():
+        warnings.warn(f"checkpoint {folder} has no RNG state for rank {rank} ({tensors_path.name}); "
+                      f"the run was saved with another number of ranks. Random numbers continue from the "
+                      f"current state, so dropout and sampling will not match an uninterrupted run.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    tensors = _load_tensors(tensors_path)
+    meta = _read_json(json_path, f"RNG state of rank {rank}")
+    try:
+        py = meta["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+        npm = meta["numpy"]
+        np.random.set_state((npm["name"], tensors["numpy_keys"].numpy().astype(np.uint32), npm["pos"],
+                             npm["has_gauss"], npm["cached_gaussian"]))
+        torch.set_rng_state(tensors["torch_cpu"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint RNG state {json_path} / {tensors_path.name} is damaged ({e!r})") from e
+    n_cuda = int(meta.get("cuda_devices", 0))
+    if n_cuda:
+        if torch.cuda.is_available() and torch.cuda.device_count() == n_cuda:
+            torch.cuda.set_rng_state_all([tensors[f"cuda_{i}"] for i in range(n_cuda)])
+        else:
+            warnings.warn(f"checkpoint {folder} holds CUDA RNG states of {n_cuda} device(s) but this process "
+                          f"sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA RNG not restored",
+                          RuntimeWarning, stacklevel=3)
+    return True
+
+
+def save_training_state(folder: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer], state: dict,
+                        runtime: Runtime, scaler=None, metrics: Optional[dict] = None) -> Path:
+    """Write ``folder/training_state``: everything a resumed run needs besides the weights.
+
+    The main rank writes ``optimizer.safetensors`` and then ``state.json``; every rank writes its
+    own ``rng_rank{r}`` files. Call it on every rank (it does not synchronise ranks itself).
+
+    Args:
+        folder: the checkpoint folder.
+        optimizer: its ``state_dict()`` is saved: tensors as ``state.{param_index}.{key}`` (0-dim ones
+            such as Adam's ``step`` too), param groups and non-tensor entries in ``state.json``.
+        state: the loop's state (step, consumed_samples, scheduler, run config, ...); must be
+            JSON-serialisable.
+        runtime: rank and world size.
+        scaler: a ``torch.amp.GradScaler`` (or None); its state dict goes into ``state.json``.
+        metrics: the metrics this checkpoint was saved with (kept beside ``state``).
+
+    Returns:
+        The ``training_state`` folder.
+    """
+    ts = Path(folder) / TRAINING_STATE_DIR
+    ts.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        try:
+            state_json = json.loads(json.dumps(state))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"the training state must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
+        tensors: dict[str, torch.Tensor] = {}
+        optim_layout = None
+        if optimizer is not None:
+            sd = optimizer.state_dict()
+            optim_layout = {
+                "state": {str(idx): {str(k): _encode(v, tensors, f"state.{idx}.{k}") for k, v in entry.items()}
+                          for idx, entry in sd["state"].items()},
+                "param_groups": [_encode(g, tensors, f"param_groups.{i}") for i, g in enumerate(sd["param_groups"])],
+            }
+        _save_tensors_atomic(_unshare(tensors), ts / OPTIMIZER_NAME, {"format": "pt"})
+        scaler_state = scaler.state_dict() if scaler is not None else None
+        doc = {
+            "format_version": STATE_FORMAT_VERSION,
+            "lmforge_version": lmforge.__version__,
+            "world_size": runtime.world_size,
+            "state": state_json,
+            "metrics": _jsonable_metrics(metrics),
+            "optimizer": optim_layout,
+            "grad_scaler": _encode(scaler_state, {}, "grad_scaler") if scaler_state is not None else None,
+        }
+        write_text_atomic(ts / STATE_NAME, json.dumps(doc, indent=1) + "\n")
+    _save_rng(Path(folder), runtime.rank)
+    return ts
+
+
+def load_training_state(folder: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer], runtime: Runtime,
+                        scaler=None) -> dict:
+    """Restore optimizer, grad scaler and this rank's RNG from ``folder/training_state``.
+
+    Args:
+        folder: a checkpoint folder written with :func:`save_training_state`.
+        optimizer: built over the same parameters, in the same order, as the saved one; its state
+            is replaced exactly (same tensors, same dtypes, moved to the parameters' device).
+        runtime: selects ``rng_rank{rank}``; a missing file (another world size) warns and leaves
+            the current RNG as it is.
+        scaler: a GradScaler to restore, or None.
+
+    Returns:
+        The ``state`` dict given to :func:`save_training_state`.
+    """
+    folder = Path(folder)
+    ts = folder / TRAINING_STATE_DIR
+    if not ts.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} has no {TRAINING_STATE_DIR}/ folder, so training cannot "
+                              f"resume from it (it holds weights only); start a new run from these weights instead")
+    doc = _read_json(ts / STATE_NAME, "the training state")
+    if not isinstance(doc, dict) or "state" not in doc:
+        raise CheckpointError(f"checkpoint file {ts / STATE_NAME} has no 'state' entry; the training state is damaged")
+    layout = doc.get("optimizer")
+    if optimizer is not None:
+        if layout is None:
+            raise CheckpointError(f"checkpoint {folder} was saved without optimizer state; cannot restore the optimizer")
+        if not (ts / OPTIMIZER_NAME).is_file():
+            raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {TRAINING_STATE_DIR}/{OPTIMIZER_NAME}; "
+                                  f"was the save interrupted?")
+        tensors = _load_tensors(ts / OPTIMIZER_NAME)
+        source = ts / OPTIMIZER_NAME
+        sd = {
+            "state": {int(idx): {k: _decode(v, tensors, source) for k, v in entry.items()}
+                      for idx, entry in layout["state"].items()},
+            "param_groups": [_decode(g, tensors, source) for g in layout["param_groups"]],
+        }
+        try:
+            optimizer.load_state_dict(sd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the optimizer state in {folder} does not fit this model's optimizer ({e}); "
+                                  f"was the checkpoint saved with another model shape or optimizer?") from e
+    if scaler is not None and doc.get("grad_scaler"):
+        scaler.load_state_dict(_decode(doc["grad_scaler"], {}, ts / STATE_NAME))
+    _load_rng(folder, runtime.rank)
+    return doc["state"]
+
+
+def _jsonable_metrics(metrics: Optional[dict]) -> dict:
+    """Metrics as plain JSON numbers (tensors and numpy scalars become floats)."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[str(k)] = v
+    return out
+
+
+def _metric_value(metrics: Optional[dict], monitor: str) -> Optional[float]:
+    """The monitored value as a finite float, or None when absent or not a finite number."""
+    if not metrics or monitor not in metrics:
+        return None
+    try:
+        value = float(metrics[monitor])
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the manager
+# ----------------------------------------------------------------------------------------------
+class CheckpointManager:
+    """Atomic, rank-aware checkpoint folders under ``root`` with top-k retention.
+
+    Args:
+        root: the folder holding ``step_{step:07d}`` checkpoints, ``latest`` and ``checkpoints.json``.
+        runtime: rank / world size; rank 0 writes shared files, every rank its RNG state.
+        monitor: the metric ranking checkpoints (a key of ``metrics`` given to :meth:`save`).
+        mode: ``min`` (lower is better) or ``max``.
+        save_top_k: how many best checkpoints to keep; -1 keeps all; 0 keeps only the newest.
+        save_last: keep the newest checkpoint whatever its metric. The newest is never deleted by
+            retention anyway (a run must be able to resume from it); with ``save_top_k=0`` and
+            ``save_last=False`` checkpointing is off and :meth:`save` writes nothing.
+        cleanup: on construction rank 0 removes stale ``.step_*.tmp`` folders left by a killed run
+            (and puts back a folder caught mid-replacement), then all ranks meet at a barrier so they
+            see the same checkpoints: construct the manager on every rank. Pass False to only read
+            (finding a checkpoint for inference while a run may be saving); no barrier then.
+    """
+
+    def __init__(self, root: str | os.PathLike, runtime: Runtime, monitor: str = "val_loss", mode: str = "min",
+                 save_top_k: int = 3, save_last: bool = True, cleanup: bool = True):
+        if mode not in ("min", "max"):
+            raise ConfigError(f"checkpoint mode={mode!r} is not known; use min (lower {monitor} is better) or max")
+        if not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ConfigError(f"save_top_k={save_top_k!r} must be -1 (keep all), 0 or a positive integer")
+        self.root = Path(root)
+        self.runtime = runtime
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
+        self.save_last = save_last
+        if cleanup:
+            if runtime.is_main:
+                self._clean_stale()
+            runtime.barrier()
+
+    # -- names ----------------------------------------------------------------------------------
+    @staticmethod
+    def folder_name(step: int) -> str:
+        return f"step_{int(step):07d}"
+
+    def _tmp_path(self, name: str) -> Path:
+        return self.root / f".{name}.tmp"
+
+    def _old_path(self, name: str) -> Path:
+        return self.root / f".{name}.old"
+
+    def _clean_stale(self) -> None:
+        """Remove temporaries of an interrupted save; put back a folder caught mid-replacement."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            m = re.match(r"^\.(step_\d+)\.(tmp|old)$", path.name)
+            if not m or not path.is_dir():
+                continue
+            final = self.root / m.group(1)
+            if m.group(2) == "old" and not final.exists():
+                os.replace(path, final)  # the replacing rename never happened: the old one is the good one
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- collective helpers ---------------------------------------------------------------------
+    def _all_ok(self, ok: bool) -> bool:
+        """True when every rank reports ``ok``; doubles as a barrier."""
+        if not self.runtime.distributed:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, step: int, model_state: dict[str, torch.Tensor], model_config_dict: dict,
+             optimizer: Optional[torch.optim.Optimizer], state: dict, metrics: Optional[dict] = None,
+             tokenizer=None, scaler=None) -> Optional[Path]:
+        """Write ``root/step_{step:07d}`` atomically; call it on every rank.
+
+        Rank 0 writes weights, config, tokenizer, optimizer and state; every rank writes its RNG
+        state; all into ``root/.step_XXXXXXX.tmp``, renamed into place once every rank succeeded
+        (an existing folder of that name is replaced). Then ``latest`` and ``checkpoints.json``
+        are rewritten atomically and checkpoints beyond the top k are deleted.
+
+        Returns:
+            The checkpoint folder (None when checkpointing is off: save_top_k=0 and save_last=False).
+        """
+        if self.save_top_k == 0 and not self.save_last:
+            return None
+        rt = self.runtime
+        name = self.folder_name(step)
+        final, tmp = self.root / name, self._tmp_path(name)
+        if rt.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        rt.barrier()
+        error: Optional[Exception] = None
+        try:
+            if rt.is_main:
+                save_model(tmp, model_state, model_config_dict, tokenizer=tokenizer)
+            save_training_state(tmp, optimizer, state, rt, scaler=scaler, metrics=metrics)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of a failure before raising
+            error = e
+        if not self._all_ok(error is None):
+            if rt.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another rank failed while writing checkpoint {final}; see its error above")
+        if rt.is_main:
+            self._publish(tmp, final)
+            self._retain(name, int(step), metrics)
+        rt.barrier()
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished temporary into place, replacing an existing folder of that name."""
+        if final.exists():
+            old = self._old_path(final.name)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        write_text_atomic(self.root / LATEST_NAME, final.name + "\n")
+
+    def _retain(self, newest: str, step: int, metrics: Optional[dict]) -> None:
+        """Record the new checkpoint, rewrite checkpoints.json, then delete those beyond the top k."""
+        records = [r for r in self._records() if r["name"] != newest and (self.root / r["name"]).is_dir()]
+        records.append({"name": newest, "step": step, "metrics": _jsonable_metrics(metrics)})
+        keep = self._select(records, newest)
+        kept = sorted((r for r in records if r["name"] in keep), key=lambda r: r["step"])
+        for r in kept:
+            r["metric"] = _metric_value(r["metrics"], self.monitor)
+            r["last"] = r["name"] == newest
+        write_json_atomic(self.root / RECORDS_NAME, {"monitor": self.monitor, "mode": self.mode,
+                                                     "latest": newest, "checkpoints": kept})
+        for r in records:
+            if r["name"] not in keep:
+                shutil.rmtree(self.root / r["name"], ignore_errors=True)
+
+    def _ranked(self, records: list[dict]) -> list[dict]:
+        """Records with the monitored metric, best first (ties: the later step first)."""
+        scored = [(v, r) for r in records if (v := _metric_value(r.get("metrics"), self.monitor)) is not None]
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored.sort(key=lambda vr: (sign * vr[0], -vr[1]["step"]))
+        return [r for _, r in scored]
+
+    def _select(self, records: list[dict], newest: str) -> set[str]:
+        if self.save_top_k == -1:
+            return {r["name"] for r in records}
+        keep = {r["name"] for r in self._ranked(records)[: self.save_top_k]}
+        keep.add(newest)  # never delete the checkpoint just written
+        return keep
+
+    def _records(self) -> list[dict]:
+        """Checkpoints known to ``checkpoints.json``, or rebuilt from the step folders when it is unusable."""
+        path = self.root / RECORDS_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            records = [{"name": str(r["name"]), "step": int(r["step"]), "metrics": dict(r.get("metrics") or {})}
+                       for r in data["checkpoints"]]
+            return records
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        records = []
+        for folder in self._step_folders():
+            metrics = {}
+            try:
+                doc = json.loads((folder / TRAINING_STATE_DIR / STATE_NAME).read_text(encoding="utf-8"))
+                metrics = dict(doc.get("metrics") or {})
+            except (OSError, ValueError, AttributeError, TypeError):
+                pass
+            records.append({"name": folder.name, "step": int(_STEP_DIR.match(folder.name).group(1)), "metrics": metrics})
+        return records
+
+    def _step_folders(self) -> list[Path]:
+        """Visible ``step_*`` folders, oldest first (temporaries are hidden and never listed)."""
+        if not self.root.is_dir():
+            return []
+        folders = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(folders, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def _usable(self, folder: Path) -> bool:
+        return is_complete(folder) and (folder / TRAINING_STATE_DIR / STATE_NAME).is_file()
+
+    # -- finding ----------------------------------------------------------------------------------
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint: the one ``latest`` names, else the highest complete step folder."""
+        try:
+            name = (self.root / LATEST_NAME).read_text(encoding="utf-8").strip()
+        except OSError:
+            name = ""
+        if _STEP_DIR.match(name) and self._usable(self.root / name):
+            return self.root / name
+        for folder in reversed(self._step_folders()):
+            if self._usable(folder):
+                return folder
+        return None
+
+    def best(self) -> Optional[Path]:
+        """The complete checkpoint with the best monitored metric, or None when none has it."""
+        for r in self._ranked(self._records()):
+            folder = self.root / r["name"]
+            if self._usable(folder):
+                return folder
+        return None
+
+    def checkpoints(self) -> list[dict]:
+        """The kept checkpoints as recorded: name, step, metrics; oldest first."""
+        return sorted(self._records(), key=lambda r: r["step"])
