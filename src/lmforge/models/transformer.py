@@ -38,6 +38,7 @@ def _torch_at_least(major: int, minor: int) -> bool:
 
 # scaled_dot_product_attention(enable_gqa=...) arrived in torch 2.5; before it we repeat k/v heads.
 _SDPA_HAS_GQA = _torch_at_least(2, 5)
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +58,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _HAS_RMS_NORM:  # one fused kernel (torch >= 2.4)
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -331,7 +334,7 @@ class Transformer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
-        """Logits for every position.
+        """Logits for every position: ``hidden_states`` through the output head.
 
         Args:
             input_ids: (B, T) token ids at positions ``start_pos .. start_pos+T-1``.
@@ -345,6 +348,11 @@ class Transformer(nn.Module):
         Raises:
             ValueError: ``start_pos + T`` exceeds ``max_position_embeddings``.
         """
+        return F.linear(self.hidden_states(input_ids, kv_cache, start_pos), self.output_weight())  # (B, T, V)
+
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                      start_pos: int = 0) -> torch.Tensor:
+        """The final normed hidden states (B, T, C), before the output head (a loss may fuse the head)."""
         B, T = input_ids.shape
         end = start_pos + T
         if start_pos < 0 or end > self.cfg.max_position_embeddings:
@@ -360,9 +368,11 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd) each
         for layer in self.layers:
             x = layer(x, rope, kv_cache, start_pos)
-        x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
-        return F.linear(x, head)  # (B, T, V)
+        return self.norm(x)
+
+    def output_weight(self) -> torch.Tensor:
+        """The (V, C) output head: ``embed_tokens.weight`` when tied, else ``lm_head.weight``."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     # -- initialization ------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.parallel.runtime import Runtime
@@ -56,6 +55,7 @@ class TrainState:
     tokens_trained: int = 0
     best_val_loss: Optional[float] = None
     history: list = field(default_factory=list)  # (step, loss) of logged steps, for the summary
+    last_val: Optional[tuple] = None  # (step, val_loss) of the latest validation
     stopped_early: bool = False  # a signal asked the run to stop after saving
 
     def to_dict(self) -> dict:
@@ -66,20 +66,6 @@ class TrainState:
     def from_dict(cls, d: dict) -> "TrainState":
         return cls(step=int(d.get("step", 0)), consumed_samples=int(d.get("consumed_samples", 0)),
                    tokens_trained=int(d.get("tokens_trained", 0)), best_val_loss=d.get("best_val_loss"))
-
-
-def next_token_loss(model: nn.Module, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
-    """Summed cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``, and the token count.
-
-    Returns (loss_sum, n_tokens) with the loss in fp32 whatever the compute dtype.
-    """
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs)
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
-    if loss_mask is None:
-        return losses.sum(), labels.numel()
-    mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
-    return (losses * mask).sum(), int(mask.sum().item())
 
 
 class MicroBatches:
@@ -132,8 +118,9 @@ class Trainer:
     """Runs steps, validation, logging and checkpointing.
 
     Args:
-        model: the module to call (possibly DDP-wrapped or compiled).
-        raw_model: the plain module whose ``state_dict`` is saved.
+        model: the objective to call, ``model(tokens) -> (loss_sum, n_tokens)``: a
+            :class:`~lmforge.train.objectives.CausalLMLoss`, possibly DDP-wrapped.
+        raw_model: the plain model (gradient clipping; what is saved).
         save_fn: ``save_fn(state, metrics)`` writes a checkpoint (all ranks call it).
         log: a MetricsLogger-like object with ``log(step, dict)`` and ``update(step, **kw)``.
     """
@@ -142,6 +129,7 @@ class Trainer:
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
                  scaler: Optional[torch.amp.GradScaler] = None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
+        self.objective = getattr(model, "module", model)  # without DDP, for evaluation
         self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
         if settings.precision not in PRECISIONS:
             raise ValueError(f"precision {settings.precision!r}")
@@ -176,7 +164,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.autocast():
-                    loss_sum, _ = next_token_loss(self.model, tokens)
+                    loss_sum, _ = self.model(tokens)
                 # DDP averages gradients over ranks: scale so the result is the global token mean.
                 loss = loss_sum * (self.rt.world_size / global_tokens)
                 if self.scaler is not None:
@@ -211,7 +199,7 @@ class Trainer:
         for step in range(n_batches):
             for tokens in batches.for_step(step):
                 with self.autocast():
-                    l, n = next_token_loss(self.raw_model, tokens)
+                    l, n = self.objective(tokens)
                 loss_sum += float(l)
                 count += n
         loss_sum, count = self._all_reduce([loss_sum, float(count)])
@@ -253,6 +241,7 @@ class Trainer:
                     if val_dataset is not None and s.limit_val_batches > 0:
                         val_loss = self.evaluate(val_dataset, s.limit_val_batches)
                         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                        state.last_val = (state.step, val_loss)
                         if state.best_val_loss is None or val_loss < state.best_val_loss:
                             state.best_val_loss = val_loss
                         if self.log is not None:

@@ -22,6 +22,7 @@ from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.models.config import ModelConfig
+from lmforge.models.load import load_weights
 from lmforge.models.transformer import Transformer
 from lmforge.parallel.ddp import apply_data_parallel
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
@@ -29,6 +30,7 @@ from lmforge.parallel.transforms import apply_activation_checkpointing, apply_co
 from lmforge.train.checkpoint import CheckpointManager, load_model, load_training_state
 from lmforge.train.loop import LoopSettings, Trainer, TrainState
 from lmforge.train.metrics import MetricsLogger
+from lmforge.train.objectives import CausalLMLoss
 from lmforge.train.optim import build_optimizer, build_schedule
 
 
@@ -147,11 +149,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
             if ModelConfig.from_dict(saved_cfg["model"]).to_dict() != model_cfg.to_dict():
                 raise CheckpointError(f"{latest} holds a model of another shape than this config; use a new "
                                       f"exp_manager.name or exp_manager.resume_if_exists=false")
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            missing = [k for k in missing if not (k == "lm_head.weight" and model_cfg.share_embeddings_and_output_weights)]
-            if missing or unexpected:
-                raise CheckpointError(f"{latest}: weights do not match the model (missing {missing[:5]}, "
-                                      f"unexpected {unexpected[:5]})")
+            load_weights(model, weights, latest)
             state = TrainState.from_dict(load_training_state(latest, optimizer, rt, scaler=scaler))
             resumed_from = str(latest)
             if rt.is_main:
@@ -160,12 +158,13 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
             raise CheckpointError(f"exp_manager.resume_if_exists=true but {out / 'checkpoints'} holds no checkpoint; "
                                   f"set exp_manager.resume_ignore_no_checkpoint=true to start fresh")
 
-    forward_model = model
+    objective = CausalLMLoss(model)
     if m.activations_checkpoint_granularity:
         apply_activation_checkpointing(model)
     if m.compile:
         apply_compile(model)
-    forward_model = apply_data_parallel(forward_model, rt)
+        objective.compile_loss()
+    forward_model = apply_data_parallel(objective, rt)
 
     settings = LoopSettings(
         max_steps=max_steps, micro_batch_size=mbs, global_batch_size=gbs, accumulate=accum,
@@ -192,20 +191,20 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     logger = MetricsLogger(out, rt, total_steps=max_steps, tensorboard=bool(em.create_tensorboard_logger),
                            wandb=_wandb_kwargs(cfg), every_n_steps=int(t.log_every_n_steps or 1))
     trainer = Trainer(forward_model, model, optimizer, schedule, rt, settings, save_fn=save, log=logger, scaler=scaler)
-    try:
-        with logger:
-            val_before = None
-            if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:
-                val_before = trainer.evaluate(val_ds, settings.limit_val_batches)
-                logger.log(0, {"val_loss": val_before, "val_ppl": math.exp(min(val_before, 50.0))})
-            state = trainer.fit(train_ds, val_ds, state)
+    with logger:
+        val_before = None
+        if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:
+            val_before = trainer.evaluate(val_ds, settings.limit_val_batches)
+            logger.log(0, {"val_loss": val_before, "val_ppl": math.exp(min(val_before, 50.0))})
+        state = trainer.fit(train_ds, val_ds, state)
+        if state.last_val is not None and state.last_val[0] == state.step:
+            val_after = state.last_val[1]
+        else:
             val_after = trainer.evaluate(val_ds, settings.limit_val_batches) if val_ds is not None else float("nan")
-            test_loss = None
-            if test_ds is not None and int(t.limit_test_batches or 0) > 0 and not state.stopped_early:
-                test_loss = trainer.evaluate(test_ds, int(t.limit_test_batches))
-                logger.log(state.step, {"test_loss": test_loss})
-    finally:
-        pass
+        test_loss = None
+        if test_ds is not None and int(t.limit_test_batches or 0) > 0 and not state.stopped_early:
+            test_loss = trainer.evaluate(test_ds, int(t.limit_test_batches))
+            logger.log(state.step, {"test_loss": test_loss})
     summary = {
         "results_dir": str(out),
         "steps": state.step,

@@ -1,0 +1,115 @@
+"""Training throughput of lmforge's own loop on one GPU (run by hand; never by the test suite).
+
+Measures tokens/s, model TFLOP/s (PaLM convention, as ../shared/bench/hf_peer.py counts them) and
+peak memory for a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads, 8 KV groups, ffn 8192,
+vocab 128256, seq 2048), fp32 master weights + bf16 autocast, fused AdamW, eager and compiled.
+The step is lmforge's real one (``Trainer.train_step``), on random tokens.
+
+    python benchmarks/train_throughput.py [--cases eager,compiled] [--mbs 4] [--steps 20]
+
+Prints one JSON line per case and writes them to $OUT/lmforge_train.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.parallel.runtime import Runtime
+from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
+from lmforge.train.loop import LoopSettings, MicroBatches, Trainer
+from lmforge.train.objectives import CausalLMLoss
+from lmforge.train.optim import build_optimizer, build_schedule
+
+LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_attention_heads=32, num_query_groups=8,
+                  ffn_hidden_size=8192, max_position_embeddings=4096, normalization="rmsnorm", activation="swiglu",
+                  bias=False, position_embedding_type="rope", rotary_base=500000.0,
+                  share_embeddings_and_output_weights=True, layernorm_epsilon=1e-5)
+
+
+class RandomTokens:
+    """A dataset of random token windows (what the GPT dataset returns: seq+1 int64 tokens)."""
+
+    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, vocab, size=(n, seq + 1), dtype=np.int64)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def bench(case: str, mbs: int, seq: int, steps: int, warm: int) -> dict:
+    device = torch.device("cuda")
+    cfg = ModelConfig(**LLAMA32_1B)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model.init_weights(seed=0)
+    if "ckpt" in case:
+        apply_activation_checkpointing(model)
+    objective = CausalLMLoss(model)
+    if "compiled" in case:
+        apply_compile(model)
+        objective.compile_loss()
+    opt = build_optimizer(model, "fused_adam", 1e-4, 0.01, [0.9, 0.95], 1e-8, device)
+    settings = LoopSettings(max_steps=warm + steps, micro_batch_size=mbs, global_batch_size=mbs, accumulate=1,
+                            gradient_clip_val=1.0, precision="bf16-mixed")
+    rt = Runtime(device=device)
+    trainer = Trainer(objective, model, opt, build_schedule("constant", 1e-4, warm + steps), rt, settings)
+    batches = MicroBatches(RandomTokens(mbs * (warm + steps), seq, cfg.vocab_size), settings, rt)
+    torch.cuda.reset_peak_memory_stats()
+    for s in range(warm):
+        loss, _ = trainer.train_step(batches, s)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for s in range(warm, warm + steps):
+        loss, _ = trainer.train_step(batches, s)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    tps = mbs * seq * steps / dt
+    rec = dict(case=f"lmforge_train_1B_{case}", mbs=mbs, seq=seq, tokens_per_s=round(tps),
+               model_tflops=round(tps * model.flops_per_token(seq) / 1e12, 1),
+               peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
+               gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
+    del model, opt, trainer
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="eager,compiled")
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warm", type=int, default=5)
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for case in a.cases.split(","):
+        for mbs in ([a.mbs] if ":" not in case else [int(case.split(":")[1])]):
+            name = case.split(":")[0]
+            try:
+                rec = bench(name, mbs, a.seq, a.steps, a.warm)
+            except Exception as e:  # one OOM must not lose the other figures
+                rec = dict(case=f"lmforge_train_1B_{name}", mbs=mbs, error=repr(e)[:300])
+                torch.cuda.empty_cache()
+            print(json.dumps(rec), flush=True)
+            results.append(rec)
+            if os.environ.get("OUT"):
+                with open(os.path.join(os.environ["OUT"], "lmforge_train.json"), "w") as f:
+                    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

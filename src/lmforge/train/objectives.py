@@ -1,0 +1,47 @@
+"""Training objectives: what a batch holds and how its loss is computed.
+
+An objective wraps the plain model in a small module whose ``forward`` returns
+``(loss_sum, n_tokens)``. Data parallelism wraps the objective (so DDP sees the whole forward), and
+the loss, head included, can be compiled as one fused graph without touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of the output head ``weight`` (V, C) over ``hidden`` (N, C)."""
+    logits = F.linear(hidden, weight)  # (N, V) in the compute dtype
+    return F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
+
+
+class CausalLMLoss(nn.Module):
+    """Next-token prediction: predict ``tokens[:, 1:]`` from ``tokens[:, :-1]``.
+
+    ``forward(tokens, loss_mask=None)`` returns the summed loss over the counted tokens (fp32) and
+    their number; ``loss_mask`` (B, T+1), aligned with ``tokens``, selects the tokens that count
+    (fine-tuning masks the prompt), None counts all.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss_fn = token_cross_entropy
+
+    def forward(self, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        hidden = self.model.hidden_states(inputs)  # (B, T, C)
+        losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1))
+        if loss_mask is None:
+            return losses.sum(), labels.numel()
+        mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
+        return (losses * mask).sum(), int(mask.sum().item())
+
+    def compile_loss(self) -> None:
+        """Fuse the head matmul, the fp32 upcast and the softmax cross-entropy with torch.compile."""
+        self.loss_fn = torch.compile(token_cross_entropy)
