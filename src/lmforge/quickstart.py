@@ -40,8 +40,8 @@ class Size:
 
 SIZES = {
     # for tests: seconds
-    "tiny": Size(hidden=64, layers=2, heads=4, groups=2, ffn=176, seq=64, batch=8, vocab=512, steps=30, lr=3e-3,
-                 max_bytes=400_000),
+    "tiny": Size(hidden=64, layers=2, heads=4, groups=2, ffn=176, seq=64, batch=16, vocab=512, steps=150, lr=5e-3,
+                 max_bytes=1_000_000),
     # a 2-core CPU: about 3 minutes
     "small": Size(hidden=192, layers=4, heads=6, groups=2, ffn=512, seq=128, batch=16, vocab=4096, steps=300,
                   lr=2e-3, max_bytes=6_000_000),
@@ -106,7 +106,7 @@ def run(out: str | Path = "quickstart_out", max_steps: int | None = None, max_by
         "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.make_vocab_size_divisible_by=64",
         f"model.optim.lr={s.lr}", f"model.optim.sched.min_lr={s.lr / 10}",
         f"model.optim.sched.warmup_steps={max(1, steps // 10)}", "model.optim.sched.constant_steps=0",
-        f"model.data.data_prefix=[1.0,{prefix}]", "model.data.splits_string=96,4,0",
+        f"model.data.data_prefix=[1.0,{prefix}]", "model.data.splits_string=95,5,0",
         f"model.tokenizer.model={out / 'tokenizer'}",
         f"exp_manager.explicit_log_dir={out / 'run'}", "exp_manager.resume_if_exists=false",
         "exp_manager.checkpoint_callback_params.save_top_k=1",

@@ -1,0 +1,774 @@
+"""Load, override, validate and resolve a pretraining config.
+
+    cfg = load_config("gpt3/126m", ["trainer.devices=4", "model.global_batch_size=256"])
+
+Layers, later winning: schema defaults (:mod:`lmforge.config.schema`) <- a recipe, YAML file or
+dict <- ``a.b.c=value`` overrides as a shell passes them. Every mistake becomes one
+:class:`~lmforge.errors.ConfigError` that names the key, where it came from (file and line, or
+the command line) and what would work; all range problems are collected and raised together.
+Derived values (gradient accumulation, scheduler length, sequence lengths) are filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import Container, Node, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from lmforge.config.batch import BatchPlan, resolve_batch
+from lmforge.config.schema import (
+    ACCELERATORS,
+    ANY,
+    CHECKPOINT_GRANULARITIES,
+    CHECKPOINT_METHODS,
+    CHECKPOINT_MODES,
+    DATA_IMPLS,
+    DATALOADER_TYPES,
+    NEMO_FIXED,
+    NEMO_IGNORED,
+    OPTIMIZER_ALIASES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    ModelSection,
+    PretrainConfig,
+    normalize_activation,
+    normalize_precision,
+    tokenizer_path,
+)
+from lmforge.errors import ConfigError
+from lmforge.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema as a tree of dotted keys
+# ---------------------------------------------------------------------------------------------
+
+def _schema_tree(cls: type) -> dict[str, Any]:
+    """``{field: subtree}`` for nested dataclasses, ``{field: type}`` for leaves."""
+    hints = get_type_hints(cls)
+    tree: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        tree[f.name] = _schema_tree(tp) if dataclasses.is_dataclass(tp) else tp
+    return tree
+
+
+def _flatten_tree(tree: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    leaves: dict[str, Any] = {}
+    groups: list[str] = []
+    for name, sub in tree.items():
+        key = prefix + name
+        if isinstance(sub, dict):
+            groups.append(key)
+            sub_leaves, sub_groups = _flatten_tree(sub, key + ".")
+            leaves.update(sub_leaves)
+            groups.extend(sub_groups)
+        else:
+            leaves[key] = sub
+    return leaves, groups
+
+
+_TREE = _schema_tree(PretrainConfig)
+_LEAVES, _GROUPS = _flatten_tree(_TREE)
+_TOP_IGNORED = {"run", "hydra", "defaults"}
+_SCHEMA_KEYS = sorted(set(_LEAVES) | set(_GROUPS))
+_NEMO_KEYS = sorted((set(NEMO_IGNORED) - _TOP_IGNORED) | set(NEMO_FIXED))
+# Names people reach for that difflib would not find.
+_HINTS = {
+    "trainer.gpus": "trainer.devices",
+    "trainer.num_gpus": "trainer.devices",
+    "trainer.nodes": "trainer.num_nodes",
+    "model.tokenizer.path": "model.tokenizer.model",
+    "model.tokenizer.tokenizer_model": "model.tokenizer.model",
+    "model.data.data_path": "model.data.data_prefix",
+    "model.seq_length": "model.encoder_seq_length",
+}
+
+
+def _describe(tp: Any) -> str:
+    """A type annotation in words, for error messages."""
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or null"
+    if get_origin(tp) is list:
+        args = get_args(tp)
+        return "a list of numbers, e.g. [0.9,0.95]" if args == (float,) else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a value")
+
+
+def _suggest(key: str) -> Optional[str]:
+    """The valid dotted key the user most likely meant (lmforge's own keys before NeMo-only ones)."""
+    if key in _HINTS:
+        return _HINTS[key]
+    leaf = key.rsplit(".", 1)[-1]
+    for keys in (_SCHEMA_KEYS, _NEMO_KEYS):
+        same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key]
+        if same_leaf:  # the right name in the wrong group: pick the group that looks most alike
+            return max(same_leaf, key=lambda k: difflib.SequenceMatcher(None, key, k).ratio())
+    for keys in (_SCHEMA_KEYS, _NEMO_KEYS):
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = {k.rsplit(".", 1)[-1]: k for k in _SCHEMA_KEYS if (k.rsplit(".", 1)[0] if "." in k else "") == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
+    return siblings[close[0]] if close else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a value came from
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    name: str  # file path, "recipe gpt3/126m (path)", "config dict" or "command line"
+    lines: dict[str, int] = field(default_factory=dict)  # dotted key -> line (YAML files)
+    override: Optional[str] = None  # the override as written, for command-line values
+
+    def where(self, key: str = "") -> str:
+        if self.override is not None:
+            return f"command line: {self.override!r}"
+        line = self.lines.get(re.sub(r"\[\d+\]", "", key))
+        return f"{self.name}, line {line}" if line else self.name
+
+
+@dataclass
+class _Report:
+    """NeMo-only keys seen while loading: ignored ones (for the warning) and fixed ones (checked)."""
+
+    ignored: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add_ignored(self, key: str, value: Any) -> None:
+        for leaf, leaf_value in _flatten_value(key, value):
+            default = _ignored_default(leaf)
+            if default is ANY or _is_interpolation(leaf_value) or leaf_value == default:
+                self.ignored.pop(leaf, None)
+            else:
+                self.ignored[leaf] = leaf_value
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, (value, where) in self.fixed.items():
+            if _is_interpolation(value) or value == NEMO_FIXED[key]:
+                continue
+            out.append(f"{key}={_show(value)} ({where}): lmforge supports only NeMo's default "
+                       f"{_show(NEMO_FIXED[key])} for this key")
+        return out
+
+    def warnings(self) -> list[str]:
+        lines = []
+        if self.ignored:
+            settings = ", ".join(f"{k}={_show(v)}" for k, v in self.ignored.items())
+            lines.append(f"lmforge ignores these NeMo settings (no effect here): {settings}")
+        return lines + self.notes
+
+
+_MISSING = object()
+
+
+def _ignored_default(key: str) -> Any:
+    """NeMo's default for an ignored key; ANY under an ANY group; _MISSING if not ignored."""
+    if key in NEMO_IGNORED:
+        return NEMO_IGNORED[key]
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if NEMO_IGNORED.get(".".join(parts[:i]), _MISSING) is ANY:
+            return ANY
+    return _MISSING
+
+
+def _flatten_value(key: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        out = []
+        for k, v in value.items():
+            out.extend(_flatten_value(f"{key}.{k}", v))
+        return out
+    return [(key, value)]
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML and overrides
+# ---------------------------------------------------------------------------------------------
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as NeMo configs write it."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _node_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            _node_lines(value_node, key + ".", lines)
+
+
+def _read_yaml(path: Path, label: Optional[str] = None) -> tuple[dict, _Source]:
+    label = label or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        node = yaml.compose(text, Loader=_YamlLoader)
+        data = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{label}{where}: not valid YAML ({problem})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping of keys (name, trainer, exp_manager, model), "
+                          f"found {type(data).__name__}")
+    lines: dict[str, int] = {}
+    if node is not None:
+        _node_lines(node, "", lines)
+    return data, _Source(label, lines)
+
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+_OVERRIDE_FORM = ("expected KEY=VALUE with a dotted key, e.g. trainer.devices=4, model.optim.betas=[0.9,0.95] "
+                  "or model.tokenizer.model=null")
+
+
+def _unquote(text: str) -> str:
+    """Strip one level of matching single or double quotes."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b.c=value`` into the dotted key and the value parsed as YAML.
+
+    One level of matching quotes around the whole argument or around the value is stripped (the
+    shell may or may not have removed them); ``null`` is None; ``[0.9,0.95]`` is a list. Hydra's
+    ``+key=value`` form is accepted as ``key=value``.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"malformed override {text!r}: {_OVERRIDE_FORM}")
+    raw = _unquote(text.strip())
+    if raw.startswith("~"):
+        raise ConfigError(f"override {text!r}: removing keys is not supported; set the key to a value instead "
+                          "(e.g. KEY=null)")
+    raw = raw.lstrip("+")
+    if "=" not in raw:
+        raise ConfigError(f"malformed override {text!r}: {_OVERRIDE_FORM}")
+    key, value = raw.split("=", 1)
+    key = key.strip()
+    if not _KEY_RE.match(key):
+        raise ConfigError(f"malformed override {text!r}: {key!r} is not a dotted key; {_OVERRIDE_FORM}")
+    value = _unquote(value.strip())
+    try:
+        parsed = yaml.load(value, Loader=_YamlLoader) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking keys and merging layers
+# ---------------------------------------------------------------------------------------------
+
+def _check_keys(data: Mapping, source: _Source, report: _Report) -> dict:
+    """Return ``data`` without NeMo-only keys; raise ConfigError naming every unknown key."""
+    unknown: list[str] = []
+    cleaned = _walk(data, _TREE, "", source, report, unknown)
+    if unknown:
+        lines = []
+        for key in unknown:
+            hint = _suggest(key)
+            lines.append(f"unknown config key {key!r} ({source.where(key)})"
+                         + (f": did you mean {hint!r}?" if hint else ""))
+        raise ConfigError("\n".join(lines))
+    return cleaned
+
+
+def _walk(data: Mapping, tree: dict[str, Any], prefix: str, source: _Source, report: _Report,
+          unknown: list[str]) -> dict:
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        dotted = prefix + key
+        if key in tree:
+            sub = tree[key]
+            if isinstance(sub, dict):
+                if value is None:
+                    continue  # an empty group in YAML ("optim:" with nothing under it)
+                if not isinstance(value, Mapping):
+                    example = next(iter(sub))
+                    raise ConfigError(f"{dotted}={_show(value)} ({source.where(dotted)}): {dotted} is a group of "
+                                      f"settings, not a value; set the keys inside it, e.g. {dotted}.{example}=...")
+                out[key] = _walk(value, sub, dotted + ".", source, report, unknown)
+            else:
+                if isinstance(value, Mapping):
+                    raise ConfigError(f"{dotted} ({source.where(dotted)}): expected {_describe(sub)}, "
+                                      f"not a mapping of keys")
+                out[key] = value
+        elif dotted in NEMO_FIXED:
+            report.fixed[dotted] = (value, source.where(dotted))
+        elif _ignored_default(dotted) is not _MISSING:
+            report.add_ignored(dotted, value)
+        else:
+            unknown.append(dotted)
+    return out
+
+
+def _omegaconf_error(e: OmegaConfBaseException, source: Optional[_Source]) -> ConfigError:
+    key = e.full_key or ""
+    base_key = re.sub(r"\[\d+\]$", "", key)
+    where = f" ({source.where(base_key)})" if source is not None else ""
+    msg = (e.msg or str(e)).splitlines()[0] if (e.msg or str(e)) else type(e).__name__
+    if isinstance(e, ValidationError) and base_key in _LEAVES:
+        value = e.value
+        if isinstance(value, Node):
+            value = value._value()
+        if isinstance(value, Container):
+            value = OmegaConf.to_container(value)
+        return ConfigError(f"{key}={_show(value)}{where}: expected {_describe(_LEAVES[base_key])}")
+    if "interpolation" in type(e).__name__.lower() or "interpolation" in msg.lower():
+        return ConfigError(f"{key or 'config'}{where}: cannot resolve the interpolation: {msg}")
+    return ConfigError(f"{key or 'config'}{where}: {msg}")
+
+
+def _merge(base: Any, data: dict, source: _Source) -> Any:
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, source) from None
+
+
+def _register_resolvers() -> None:
+    # NeMo's configs write ``${multiply:4, ${.hidden_size}}``; NeMo registers the same resolver.
+    if not OmegaConf.has_resolver("multiply"):
+        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+        register("multiply", _multiply)
+
+
+def _multiply(x, y):
+    return x * y
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------
+
+def _size_key(size: str) -> tuple[float, str]:
+    match = re.fullmatch(r"([0-9.]+)([mb])", size.lower())
+    if not match:
+        return (float("inf"), size)
+    return (float(match.group(1)) * (1e6 if match.group(2) == "m" else 1e9), size)
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes (``family/size``), e.g. ``gpt3/126m``, ``llama3.2/1b``, ``tiny/llama``."""
+    paths = RECIPES_DIR.glob("*/*.yaml")
+    return sorted((f"{p.parent.name}/{p.stem}" for p in paths),
+                  key=lambda n: (n.split("/")[0], _size_key(n.split("/")[1])))
+
+
+def recipe_path(name: str) -> Path:
+    """Path of the recipe ``name``; an unknown name raises ConfigError listing the known ones."""
+    known = list_recipes()
+    clean = name[:-5] if name.endswith(".yaml") else name
+    if clean in known:
+        return RECIPES_DIR / f"{clean}.yaml"
+    close = difflib.get_close_matches(clean, known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown recipe {name!r} (and no such YAML file): {hint}known recipes: {', '.join(known)}")
+
+
+def _load_source(source: Any, source_name: Optional[str]) -> tuple[dict, _Source]:
+    if isinstance(source, Mapping):
+        return dict(source), _Source(source_name or "config dict")
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        return to_dict(source), _Source(source_name or "config object")
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        path = Path(text)
+        if path.is_file():
+            return _read_yaml(path, source_name)
+        if path.suffix in (".yaml", ".yml") and text[:-len(path.suffix)] not in list_recipes():
+            raise ConfigError(f"config file {text} not found")
+        recipe = recipe_path(text)
+        return _read_yaml(recipe, source_name or f"recipe {text} ({recipe})")
+    raise ConfigError(f"config source {source!r}: expected a recipe name, a YAML path or a dict")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_config(source: Union[str, os.PathLike, Mapping], overrides: Sequence[str] = (),
+                source_name: Optional[str] = None) -> PretrainConfig:
+    """Load a pretraining config: schema defaults <- recipe / YAML / dict <- dotted overrides.
+
+    Args:
+        source: a recipe name (``gpt3/126m``, ``llama3.2/1b``, ``tiny/llama``; see :func:`list_recipes`),
+            a YAML file path, or a dict with the same nesting.
+        overrides: ``a.b.c=value`` strings as a shell passes them, e.g. ``trainer.devices=4``,
+            ``model.optim.betas=[0.9,0.95]``, ``model.tokenizer.model=null``.
+        source_name: how to name a dict source in error messages (e.g. the checkpoint it came from).
+
+    Returns:
+        A validated :class:`PretrainConfig` with derived values filled in:
+        ``trainer.accumulate_grad_batches`` (or whichever batch number was left null),
+        ``model.max_position_embeddings`` and ``model.data.seq_length`` (default: encoder_seq_length),
+        ``model.optim.sched.max_steps`` (default: trainer.max_steps). Warnings (ignored NeMo keys)
+        are logged and available from :func:`cfg_warnings`.
+
+    Raises:
+        ConfigError: unknown key (with "did you mean"), wrong type, malformed override, any value
+            out of range (all such problems in one message), or impossible batch arithmetic.
+    """
+    _register_resolvers()
+    report = _Report()
+    data, source_info = _load_source(source, source_name)
+    merged = OmegaConf.structured(PretrainConfig)
+    merged = _merge(merged, _check_keys(data, source_info, report), source_info)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for text in overrides:
+        key, value = parse_override(text)
+        override_info = _Source("command line", override=text)
+        merged = _merge(merged, _check_keys(_nest(key, value), override_info, report), override_info)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, source_info if not overrides else None) from None
+
+    report.notes.extend(_normalize(cfg))
+    _fill_derived(cfg)
+    problems = report.problems() + _problems(cfg)
+    if problems:
+        raise ConfigError(_join_problems(problems))
+    plan = batch_plan(cfg)
+    cfg.model.global_batch_size = plan.global_batch_size
+    cfg.model.micro_batch_size = plan.micro_batch_size
+    cfg.trainer.accumulate_grad_batches = plan.accumulate_grad_batches
+    cfg._warnings = report.warnings()
+    for line in cfg._warnings:
+        log.warning(line)
+    return cfg
+
+
+def cfg_warnings(cfg: PretrainConfig) -> list[str]:
+    """Warnings from :func:`load_config` (e.g. the NeMo keys it ignored), one line each."""
+    return list(getattr(cfg, "_warnings", []))
+
+
+def _normalize(cfg: PretrainConfig) -> list[str]:
+    """Canonical spellings (precision, accelerator, activation, optimizer); returns notes for the user."""
+    notes = []
+    try:
+        cfg.trainer.precision = normalize_precision(cfg.trainer.precision)
+    except ConfigError:
+        pass  # reported by _problems
+    accelerator = str(cfg.trainer.accelerator).lower()
+    cfg.trainer.accelerator = "gpu" if accelerator == "cuda" else accelerator
+    cfg.model.activation = normalize_activation(cfg.model.activation)
+    if cfg.model.optim.name in OPTIMIZER_ALIASES:
+        new = OPTIMIZER_ALIASES[cfg.model.optim.name]
+        notes.append(f"model.optim.name={cfg.model.optim.name} runs as {new} in lmforge (AdamW under data "
+                     "parallelism; optimizer state is not sharded)")
+        cfg.model.optim.name = new
+    return notes
+
+
+def _fill_derived(cfg: PretrainConfig) -> None:
+    m = cfg.model
+    if not cfg.exp_manager.exp_dir:
+        cfg.exp_manager.exp_dir = "results"  # NeMo configs write exp_dir: null
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.encoder_seq_length
+    if m.data.seq_length is None:
+        m.data.seq_length = m.encoder_seq_length
+    if m.optim.sched.max_steps is None and isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps > 0:
+        m.optim.sched.max_steps = cfg.trainer.max_steps
+
+
+def batch_plan(cfg: PretrainConfig) -> BatchPlan:
+    """The :class:`BatchPlan` of ``cfg`` (see :func:`lmforge.config.batch.resolve_batch`)."""
+    return resolve_batch(cfg.model.global_batch_size, cfg.model.micro_batch_size,
+                         cfg.trainer.accumulate_grad_batches, cfg.trainer.devices, cfg.trainer.num_nodes,
+                         cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size)
+
+
+def _join_problems(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _choice(problems: list[str], key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        problems.append(f"{key}={_show(value)} is not one of: {shown}")
+
+
+def _at_least(problems: list[str], key: str, value: Any, minimum: int, optional: bool = False) -> bool:
+    if value is None and optional:
+        return True
+    if not _is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        problems.append(f"{key}={_show(value)} must be {what}" + (" or null" if optional else ""))
+        return False
+    return True
+
+
+def _check_splits(problems: list[str], value: Any) -> None:
+    parts = [p.strip() for p in str(value).replace("/", ",").split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        problems.append(f"model.data.splits_string={_show(value)} must be up to three non-negative "
+                        "train,validation,test weights, e.g. '980,10,10'")
+
+
+def _check_data_prefix(problems: list[str], value: Any) -> None:
+    form = "a path prefix or a list [weight1, prefix1, weight2, prefix2, ...]"
+    if value is None or (isinstance(value, str) and value):
+        return
+    if not isinstance(value, list) or not value:
+        problems.append(f"model.data.data_prefix={_show(value)} must be {form}")
+        return
+    if len(value) == 1 and isinstance(value[0], str):
+        return
+    pairs_ok = len(value) % 2 == 0 and all(
+        _is_number(w) and w > 0 and isinstance(p, str) and p for w, p in zip(value[0::2], value[1::2]))
+    if not pairs_ok:
+        problems.append(f"model.data.data_prefix={value} must be {form} with positive weights")
+
+
+def _problems(cfg: PretrainConfig) -> list[str]:
+    """Every range or choice problem in ``cfg`` (empty when it is valid)."""
+    p: list[str] = []
+    t, e, m = cfg.trainer, cfg.exp_manager, cfg.model
+    d, o = m.data, m.optim
+
+    # trainer
+    parallel_ok = _at_least(p, "trainer.devices", t.devices, 1)
+    parallel_ok &= _at_least(p, "trainer.num_nodes", t.num_nodes, 1)
+    _choice(p, "trainer.accelerator", t.accelerator, ACCELERATORS)
+    try:
+        normalize_precision(t.precision)
+    except ConfigError as err:
+        p.append(str(err))
+    if not _is_int(t.max_steps) or (t.max_steps < 1 and t.max_steps != -1):
+        p.append(f"trainer.max_steps={_show(t.max_steps)} must be a positive number of steps "
+                 "(or -1 with trainer.max_epochs set)")
+    _at_least(p, "trainer.max_epochs", t.max_epochs, 1, optional=True)
+    if (not _is_int(t.max_steps) or t.max_steps <= 0) and not t.max_epochs:
+        p.append("neither trainer.max_steps nor trainer.max_epochs is set: set one, e.g. trainer.max_steps=1000")
+    vci = t.val_check_interval
+    if _is_int(vci):
+        if vci < 1:
+            p.append(f"trainer.val_check_interval={vci} must be a positive number of steps")
+    elif isinstance(vci, float):
+        if not 0.0 < vci <= 1.0:
+            p.append(f"trainer.val_check_interval={vci} is a float, so a fraction of max_steps, and must be in "
+                     f"(0, 1]; for a number of steps give an integer, e.g. {int(vci)}")
+    else:
+        p.append(f"trainer.val_check_interval={_show(vci)} must be an integer number of steps or a fraction in (0, 1]")
+    for key in ("limit_val_batches", "limit_test_batches"):
+        value = getattr(t, key)
+        if not ((_is_int(value) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)):
+            p.append(f"trainer.{key}={_show(value)} must be a number of batches (integer >= 0) "
+                     "or a fraction in [0, 1]")
+    _at_least(p, "trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    if not t.gradient_clip_val >= 0:
+        p.append(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0 (0 turns clipping off)")
+
+    # exp_manager
+    ckpt = e.checkpoint_callback_params
+    _choice(p, "exp_manager.checkpoint_callback_params.mode", ckpt.mode, CHECKPOINT_MODES)
+    _at_least(p, "exp_manager.checkpoint_callback_params.save_top_k", ckpt.save_top_k, -1)
+    _at_least(p, "exp_manager.checkpoint_callback_params.every_n_train_steps", ckpt.every_n_train_steps, 1,
+              optional=True)
+
+    # model: parallelism, lengths
+    parallel_ok &= _at_least(p, "model.tensor_model_parallel_size", m.tensor_model_parallel_size, 1)
+    parallel_ok &= _at_least(p, "model.pipeline_model_parallel_size", m.pipeline_model_parallel_size, 1)
+    batch_ok = _at_least(p, "model.micro_batch_size", m.micro_batch_size, 1, optional=True)
+    batch_ok &= _at_least(p, "model.global_batch_size", m.global_batch_size, 1, optional=True)
+    batch_ok &= _at_least(p, "trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1, optional=True)
+    if parallel_ok and batch_ok:
+        try:
+            batch_plan(cfg)
+        except ConfigError as err:
+            p.append(str(err))
+    lengths_ok = _at_least(p, "model.encoder_seq_length", m.encoder_seq_length, 1)
+    lengths_ok &= _at_least(p, "model.max_position_embeddings", m.max_position_embeddings, 1, optional=True)
+    lengths_ok &= _at_least(p, "model.data.seq_length", d.seq_length, 1, optional=True)
+    max_pos = m.max_position_embeddings or m.encoder_seq_length
+    seq = d.seq_length or m.encoder_seq_length
+    if lengths_ok and m.position_embedding_type == "learned_absolute" and seq > max_pos:
+        p.append(f"model.data.seq_length={seq} exceeds model.max_position_embeddings={max_pos}, the number of "
+                 "learned positions; raise model.max_position_embeddings or lower model.encoder_seq_length")
+    _at_least(p, "model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
+    _choice(p, "model.activations_checkpoint_granularity", m.activations_checkpoint_granularity,
+            (None,) + CHECKPOINT_GRANULARITIES)
+    _choice(p, "model.activations_checkpoint_method", m.activations_checkpoint_method,
+            (None,) + CHECKPOINT_METHODS)
+
+    # model: architecture, checked by ModelConfig itself (sizes, heads/groups, norms, dropouts, ...)
+    if lengths_ok and _is_int(m.make_vocab_size_divisible_by) and m.make_vocab_size_divisible_by >= 1:
+        try:
+            model_config_from(m, m.make_vocab_size_divisible_by)
+        except ConfigError as err:
+            text = str(err)
+            prefix = "invalid model config:\n"
+            if text.startswith(prefix):
+                p.extend(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
+            else:
+                p.append(text)
+
+    # model.data
+    _check_data_prefix(p, d.data_prefix)
+    _choice(p, "model.data.data_impl", d.data_impl, DATA_IMPLS)
+    _check_splits(p, d.splits_string)
+    _at_least(p, "model.data.num_workers", d.num_workers, 0)
+    _choice(p, "model.data.dataloader_type", d.dataloader_type, DATALOADER_TYPES)
+
+    # model.optim
+    _choice(p, "model.optim.name", o.name, OPTIMIZERS)
+    if not o.lr > 0:
+        p.append(f"model.optim.lr={o.lr} must be > 0")
+    if not o.weight_decay >= 0:
+        p.append(f"model.optim.weight_decay={o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        p.append(f"model.optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    if not o.eps > 0:
+        p.append(f"model.optim.eps={o.eps} must be > 0")
+    s = o.sched
+    _choice(p, "model.optim.sched.name", s.name, (None,) + SCHEDULERS)
+    steps_ok = _at_least(p, "model.optim.sched.warmup_steps", s.warmup_steps, 0)
+    steps_ok &= _at_least(p, "model.optim.sched.constant_steps", s.constant_steps, 0)
+    steps_ok &= _at_least(p, "model.optim.sched.max_steps", s.max_steps, 1, optional=True)
+    if not s.min_lr >= 0:
+        p.append(f"model.optim.sched.min_lr={s.min_lr} must be >= 0")
+    elif o.lr > 0 and s.min_lr > o.lr:
+        p.append(f"model.optim.sched.min_lr={s.min_lr} exceeds model.optim.lr={o.lr}")
+    if steps_ok and s.max_steps is not None and s.warmup_steps + s.constant_steps > s.max_steps:
+        p.append(f"model.optim.sched.warmup_steps + constant_steps = {s.warmup_steps} + {s.constant_steps} = "
+                 f"{s.warmup_steps + s.constant_steps} exceeds the schedule's max_steps={s.max_steps} "
+                 "(model.optim.sched.max_steps, default trainer.max_steps)")
+    return p
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Check every range and choice in ``cfg`` and the batch arithmetic; raise one ConfigError listing all problems."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError(_join_problems(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# From the config to other parts
+# ---------------------------------------------------------------------------------------------
+
+_ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                     if f.name != "vocab_size" and f.name in {g.name for g in dataclasses.fields(ModelSection)})
+
+
+def pad_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (NeMo's make_vocab_size_divisible_by)."""
+    if not multiple or multiple <= 1:
+        return vocab_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def model_config_from(cfg: Union[PretrainConfig, ModelSection], vocab_size: int) -> ModelConfig:
+    """The :class:`~lmforge.models.config.ModelConfig` of a run.
+
+    Args:
+        cfg: a :class:`PretrainConfig` or its ``model`` section.
+        vocab_size: the tokenizer's vocabulary size; padded up to a multiple of
+            ``model.make_vocab_size_divisible_by``.
+
+    Architecture fields map across by name; ``max_position_embeddings`` defaults to
+    ``encoder_seq_length`` and NeMo's ``fast-swiglu`` becomes ``swiglu``.
+    """
+    m = cfg.model if isinstance(cfg, PretrainConfig) else cfg
+    if not _is_int(vocab_size) or vocab_size < 1:
+        raise ConfigError(f"vocab_size={vocab_size!r} must be a positive integer (the tokenizer's vocabulary size)")
+    values = {name: getattr(m, name) for name in _ARCH_FIELDS}
+    values["activation"] = normalize_activation(m.activation)
+    values["max_position_embeddings"] = m.max_position_embeddings or m.encoder_seq_length
+    return ModelConfig(vocab_size=pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by), **values)
+
+
+def to_dict(cfg: PretrainConfig) -> dict:
+    """The config as plain nested dicts and lists (YAML/JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Block style for mappings, flow style for lists (``betas: [0.9, 0.95]``)."""
+
+
+_YamlDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def to_yaml(cfg: PretrainConfig) -> str:
+    """The config as YAML text; :func:`load_config` reads it back (derived values included)."""
+    return yaml.dump(to_dict(cfg), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,64 @@
+"""Shared fixtures: a small corpus from the standard library, a tokenizer and an indexed dataset.
+
+Nothing is downloaded: the text is the running Python's own standard library.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def stdlib_texts(n_modules: int = 40) -> list[str]:
+    import argparse, collections, difflib, email.message, json as json_mod, pathlib, random, shutil, string, textwrap  # noqa
+    mods = [argparse, collections, difflib, email.message, json_mod, pathlib, random, shutil, string, textwrap]
+    texts = []
+    for m in mods:
+        src = inspect.getsource(m)
+        # split long modules into function-sized documents so there are many documents
+        parts = src.split("\n\n\n")
+        texts.extend(p for p in parts if p.strip())
+    return texts[: n_modules * 10]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> dict:
+    """{'jsonl', 'tokenizer', 'prefix'}: a tokenizer (vocab 512) and an indexed dataset over ~400 documents."""
+    from lmforge.data.preprocess import preprocess
+    from lmforge.data.tokenizers import train_bpe
+
+    root = tmp_path_factory.mktemp("corpus")
+    jsonl = root / "corpus.jsonl"
+    with open(jsonl, "w") as f:
+        for t in stdlib_texts():
+            f.write(json.dumps({"text": t}) + "\n")
+    tok = train_bpe([jsonl], 512, root / "tokenizer")
+    preprocess([jsonl], root / "data" / "corpus", root / "tokenizer", append_eod=True, log=lambda *a: None)
+    return {"jsonl": jsonl, "tokenizer": root / "tokenizer", "prefix": str(root / "data" / "corpus_text_document"),
+            "vocab_size": tok.vocab_size}
+
+
+def tiny_overrides(corpus: dict, out: Path, **extra) -> list[str]:
+    """Overrides that turn the tiny/llama recipe into a seconds-long CPU run on ``corpus``."""
+    base = {
+        "trainer.accelerator": "cpu", "trainer.precision": "32", "trainer.max_steps": 8,
+        "trainer.val_check_interval": 4, "trainer.limit_val_batches": 2, "trainer.limit_test_batches": 1,
+        "trainer.log_every_n_steps": 1,
+        "model.micro_batch_size": 4, "model.global_batch_size": 8, "model.encoder_seq_length": 32,
+        "model.max_position_embeddings": 64, "model.data.seq_length": 32,
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4, "model.num_query_groups": 2,
+        "model.ffn_hidden_size": 64, "model.make_vocab_size_divisible_by": 8,
+        "model.optim.lr": 3e-3, "model.optim.sched.warmup_steps": 2, "model.optim.sched.constant_steps": 0,
+        "model.optim.sched.min_lr": 3e-4,
+        "model.data.data_prefix": f"[1.0,{corpus['prefix']}]", "model.data.splits_string": "90,5,5",
+        "model.tokenizer.model": str(corpus["tokenizer"]),
+        "exp_manager.explicit_log_dir": str(out), "exp_manager.create_tensorboard_logger": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,69 @@
+"""The command line: user mistakes give one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.cli import main
+from tests.conftest import tiny_overrides
+
+
+def _run(args):
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=120)
+
+
+def _one_error_line(p):
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in p.stderr
+    return p.stderr
+
+
+def test_config_typo_suggests_the_key():
+    err = _one_error_line(_run(["config", "tiny/llama", "trainer.max_step=5"]))
+    assert "trainer.max_step" in err and "did you mean" in err and "trainer.max_steps" in err
+
+
+def test_impossible_batch_shows_formula():
+    err = _one_error_line(_run(["config", "gpt3/126m", "trainer.devices=8", "model.micro_batch_size=6",
+                                "model.global_batch_size=100"]))
+    assert "100" in err and "48" in err and "96" in err
+
+
+def test_missing_data_prefix(tmp_path):
+    err = _one_error_line(_run(["pretrain", "tiny/llama", f"exp_manager.explicit_log_dir={tmp_path}"]))
+    assert "model.data.data_prefix" in err
+
+
+def test_generate_on_incomplete_checkpoint(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"format": "lmforge", "model": {}}')
+    err = _one_error_line(_run(["generate", str(tmp_path / "ckpt"), "--prompt", "x"]))
+    assert str(tmp_path / "ckpt") in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    p = _run(["--debug", "config", "tiny/llama", "trainer.max_step=5"])
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_pretrain_then_generate(tiny_corpus, tmp_path, capsys):
+    assert main(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, tmp_path, **{"trainer.max_steps": 4})]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "5", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ")
+    assert main(["generate", str(tmp_path), "--prompt", "import", "--max-new-tokens", "5", "--seed", "1",
+                 "--top-k", "20", "--top-p", "0.9", "--temperature", "0.8"]) == 0
+
+
+def test_recipes_listed(capsys):
+    assert main(["recipes"]) == 0
+    names = capsys.readouterr().out.split()
+    for name in ("gpt3/126m", "gpt3/350m", "gpt3/1.3b", "gpt3/5b", "gpt3/20b", "llama2/7b", "llama2/13b",
+                 "llama3/8b", "llama3.2/1b", "tiny/gpt", "tiny/llama"):
+        assert name in names
