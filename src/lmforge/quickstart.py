@@ -43,7 +43,7 @@ SIZES = {
     "tiny": Size(hidden=64, layers=2, heads=4, groups=2, ffn=176, seq=64, batch=16, vocab=512, steps=150, lr=5e-3,
                  max_bytes=1_000_000),
     # a 2-core CPU: about 3 minutes
-    "small": Size(hidden=192, layers=4, heads=6, groups=2, ffn=512, seq=128, batch=16, vocab=4096, steps=300,
+    "small": Size(hidden=192, layers=4, heads=6, groups=2, ffn=512, seq=128, batch=16, vocab=4096, steps=500,
                   lr=2e-3, max_bytes=6_000_000),
     # one GPU
     "gpu": Size(hidden=512, layers=8, heads=8, groups=4, ffn=1408, seq=512, batch=32, vocab=8192, steps=1000,
@@ -116,7 +116,7 @@ def run(out: str | Path = "quickstart_out", max_steps: int | None = None, max_by
     result = pretrain(cfg, console_log=console.print)
 
     model, tok = load_for_inference(result["checkpoint"], device=device if device != "gpu" else "cuda")
-    new = generate(model, tok.encode(PROMPT), 48, greedy=True, eod_id=tok.eod_id)
+    new = generate(model, tok.encode(PROMPT), 64, temperature=0.7, top_p=0.95, seed=0, eod_id=tok.eod_id)
     sample = PROMPT + tok.decode(new)
     plot_loss_curve(out / "run" / "metrics.jsonl", out / "loss_curve.png", title="lmforge quickstart: loss")
 
@@ -145,7 +145,7 @@ def run(out: str | Path = "quickstart_out", max_steps: int | None = None, max_by
     table.add_row("validation perplexity", f"{summary['val_ppl_before']:.1f}", f"{summary['val_ppl_after']:.1f}")
     console.print(table)
     console.print(f"tokens trained: {summary['tokens_trained']:,}   time: {summary['seconds']} s")
-    console.print("completion of a code prompt (greedy):")
+    console.print("completion of a code prompt (temperature 0.7, top-p 0.95, seed 0):")
     console.print(sample, markup=False, highlight=False)
     console.print(f"loss curve: {summary['loss_curve']}   summary: {out / 'summary.json'}   checkpoint: {result['checkpoint']}")
     console.print(f"next: lmforge generate {result['checkpoint']} --prompt 'def main():' --max-new-tokens 64")

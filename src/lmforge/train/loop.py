@@ -246,12 +246,12 @@ class Trainer:
                             state.best_val_loss = val_loss
                         if self.log is not None:
                             self.log.log(state.step, metrics)
-                    window_t = time.perf_counter()  # validation time is not training throughput
+                    window_t, window_steps = time.perf_counter(), 0  # validation time is not training throughput
                 periodic = s.every_n_train_steps and state.step % s.every_n_train_steps == 0
                 stopping = self._any_rank(stop.flag)
                 if self.save_fn is not None and (metrics is not None or periodic or stopping or state.step == s.max_steps):
                     self.save_fn(state, metrics or {})
-                    window_t = time.perf_counter()
+                    window_t, window_steps = time.perf_counter(), 0
                 if kill_at and state.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:
