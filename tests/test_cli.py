@@ -67,3 +67,31 @@ def test_recipes_listed(capsys):
     for name in ("gpt3/126m", "gpt3/350m", "gpt3/1.3b", "gpt3/5b", "gpt3/20b", "llama2/7b", "llama2/13b",
                  "llama3/8b", "llama3.2/1b", "tiny/gpt", "tiny/llama"):
         assert name in names
+
+
+def test_tokenizer_train_and_preprocess_from_the_command_line(tiny_corpus, tmp_path):
+    p = _run(["tokenizer", "train", "--input", str(tiny_corpus["jsonl"]), "--vocab-size", "300",
+              "--out", str(tmp_path / "tok")])
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "def f(): pass"}\n{"text": oops}\n{"text": "x = 1"}\n')
+    args = ["preprocess", "--input", str(bad), "--output-prefix", str(tmp_path / "out"), "--tokenizer",
+            str(tmp_path / "tok"), "--append-eod"]
+    err = _one_error_line(_run(args))
+    assert f"{bad}:2" in err
+    assert not list(tmp_path.glob("out*"))  # nothing half-written
+    p = _run(args + ["--skip-bad-lines", "--workers", "2"])
+    assert p.returncode == 0, p.stderr
+    assert '"skipped_lines": 1' in p.stdout and '"documents": 2' in p.stdout
+    assert (tmp_path / "out_text_document.bin").exists() and (tmp_path / "out_text_document.idx").exists()
+
+
+def test_config_accepts_the_nemo_override_line(capsys):
+    assert main(["config", "gpt3/126m", "trainer.devices=4", "trainer.num_nodes=2", "model.micro_batch_size=6",
+                 "model.global_batch_size=192", "model.optim.betas=[0.9,0.95]",
+                 "model.data.splits_string='980,10,10'"]) == 0
+    out = capsys.readouterr().out
+    assert "accumulate_grad_batches: 4" in out  # 192 / (6 x 8)
+    assert "splits_string: 980,10,10" in out
+    assert "betas: [0.9, 0.95]" in out

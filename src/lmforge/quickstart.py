@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,9 @@ def run(out: str | Path = "quickstart_out", max_steps: int | None = None, max_by
                   f"from {info['root']}")
     tokenizer = train_bpe([corpus], s.vocab, out / "tokenizer")
     console.print(f"[2/5] tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens")
-    prep = preprocess([corpus], out / "data" / "stdlib", out / "tokenizer", append_eod=True, log=lambda *a: None)
+    workers = 1 if info["bytes"] < 20_000_000 else max(1, min(8, (os.cpu_count() or 2) // 2))
+    prep = preprocess([corpus], out / "data" / "stdlib", out / "tokenizer", append_eod=True, workers=workers,
+                      log=lambda *a: None)
     prefix = str(out / "data" / "stdlib_text_document")
     console.print(f"[3/5] indexed dataset: {prep.get('documents')} documents, {prep.get('tokens')} tokens -> {prefix}")
 
