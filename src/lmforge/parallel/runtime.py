@@ -58,8 +58,10 @@ def init_runtime(accelerator: str = "auto", timeout_minutes: float = 30) -> Runt
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        kwargs = dict(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+        if device.type == "cuda":
+            kwargs.update(backend="nccl", device_id=device)  # binds the rank to its GPU (no guessing)
+        dist.init_process_group(**kwargs)
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
