@@ -148,6 +148,30 @@ def _cmd_generate(a):
     return 0
 
 
+# Stages that live in their own package register their commands here: each module has
+# ``add_commands(subparsers)``. A package not written yet is simply absent.
+COMMAND_MODULES = (
+    "lmforge.convert.cli",
+    "lmforge.finetune.cli",
+    "lmforge.eval.cli",
+    "lmforge.serve.cli",
+    "lmforge.launch.cli",
+)
+
+
+def _add_stage_commands(sub) -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that stage's package does not exist yet
+            raise
+        module.add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain, fine-tune, evaluate and serve language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -159,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer(sub)
     _add_preprocess(sub)
     _add_generate(sub)
+    _add_stage_commands(sub)
     return parser
 
 

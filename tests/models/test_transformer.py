@@ -295,3 +295,39 @@ def test_kv_cache_shapes_and_errors():
         model(tokens(cfg, B=2, T=9), kv_cache=cache)
     with pytest.raises(ValueError, match="batch size 2"):
         model(tokens(cfg, B=3, T=2), kv_cache=cache)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_explicit_positions_match_implicit_ones(style):
+    """Per-sequence positions (what a serving engine passes) give the same logits as start_pos offsets."""
+    cfg = make_cfg(style)
+    model = make_model(cfg).eval()
+    x = tokens(cfg, B=2, T=6)
+    with torch.no_grad():
+        ref = model(x)
+        pos = torch.arange(6).expand(2, 6)
+        assert torch.allclose(model(x, positions=pos), ref, atol=1e-6)
+        # positions with a gap change the logits (they are used; RoPE only sees differences, so a gap)
+        gapped = torch.tensor([0, 1, 2, 9, 10, 11]).expand(2, 6)
+        assert not torch.allclose(model(x, positions=gapped), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        model(x, positions=torch.arange(5).expand(2, 5))
+    with pytest.raises(ValueError, match="per-sequence positions"):
+        model(x, kv_cache=KVCache(cfg, 2, 16), positions=pos)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_packed_documents_do_not_see_each_other(style):
+    """Two documents packed in one row (segment ids, positions restarting) give each document's own logits."""
+    cfg = make_cfg(style)
+    model = make_model(cfg).eval()
+    a, b = tokens(cfg, B=1, T=5, seed=3), tokens(cfg, B=1, T=7, seed=4)
+    packed = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[0] * 5 + [1] * 7])
+    pos = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        out = model(packed, positions=pos, segment_ids=seg)
+        assert torch.allclose(out[:, :5], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
+        # without segment ids the second document attends to the first
+        assert not torch.allclose(model(packed, positions=pos)[:, 5:], model(b), atol=1e-4)

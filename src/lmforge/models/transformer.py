@@ -108,9 +108,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, n, hd) by the angles of its positions; ``cos``/``sin`` are (T, hd)."""
-    cos = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, hd)
-    sin = sin[None, :, None, :].to(x.dtype)
+    """Rotate ``x`` (B, T, n, hd) by the angles of its positions; ``cos``/``sin`` are (T, hd), or
+    (B, T, hd) when each sequence has its own positions."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]  # (1, T, hd)
+    cos = cos[:, :, None, :].to(x.dtype)  # (B|1, T, 1, hd)
+    sin = sin[:, :, None, :].to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -140,7 +143,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, C, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                kv_cache: Optional["KVCache"] = None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache: Optional["KVCache"] = None, start_pos: int = 0,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attend causally.
 
         Args:
@@ -149,6 +153,10 @@ class Attention(nn.Module):
             kv_cache: when given, the new keys/values are written at ``[start_pos, start_pos+T)`` and
                 the tokens attend over the cached ``[0, start_pos+T)``.
             start_pos: position of the first new token.
+            positions: optional (B, T) positions of each new token when sequences of one batch are at
+                different positions (a serving engine's cache); the cache then decides what is visible.
+            attn_mask: optional bool (B, 1, T, T) mask replacing the causal one without a cache (packed
+                sequences: causal within each document, nothing across documents).
 
         Returns:
             (B, T, C).
@@ -163,18 +171,13 @@ class Attention(nn.Module):
             k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
-        attn_mask, is_causal = None, T > 1
+        is_causal = T > 1 and attn_mask is None
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, nkv, S, hd), S = start_pos + T
-            if start_pos > 0 and T > 1:
-                # A chunk after earlier tokens: new token i sees every cached key and new keys <= i.
-                # (is_causal would align the triangle to the top-left corner, which is wrong here.)
-                S = start_pos + T
-                key_pos = torch.arange(S, device=x.device)
-                query_pos = torch.arange(start_pos, S, device=x.device)
-                attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S) bool, True = attend
+            # The cache stores the new keys/values and says which keys each new token may see:
+            # None means plain causal (or everything, for a single new token).
+            k, v, attn_mask = kv_cache.update(self.layer_idx, start_pos, k, v, positions)  # (B, nkv, S, hd)
+            if attn_mask is not None or T == 1:
                 is_causal = False
-            # T == 1: one new token attends to every key, no mask. start_pos == 0: S == T, plain causal.
 
         extra = {}
         if self.n_kv_heads != self.n_heads:
@@ -238,8 +241,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                kv_cache: Optional["KVCache"] = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, kv_cache, start_pos))  # (B, T, C)
+                kv_cache: Optional["KVCache"] = None, start_pos: int = 0,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, kv_cache, start_pos, positions, attn_mask)
+        x = x + self.dropout(h)  # (B, T, C)
         x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
         return x
 
@@ -272,13 +277,21 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
 
-    def update(self, layer_idx: int, start_pos: int, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor,
+               positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Store ``k``, ``v`` (B, nkv, T, hd) at ``[start_pos, start_pos+T)`` of layer ``layer_idx``.
 
+        This is the cache protocol the attention layer relies on; a serving engine's cache (one slot per
+        sequence, each at its own position) implements the same method.
+
         Returns:
-            The layer's keys and values over ``[0, start_pos+T)``, each (B, nkv, start_pos+T, hd).
+            The layer's keys and values over ``[0, start_pos+T)``, each (B, nkv, start_pos+T, hd), and the
+            visibility mask: None for plain causal attention (or a single new token, which sees every
+            key), else a bool (T, S) mask, True where a new token may attend.
         """
+        if positions is not None:
+            raise ValueError("KVCache keeps every sequence at the same position; per-sequence positions need a "
+                             "cache with one slot per sequence")
         B, _, T, _ = k.shape
         end = start_pos + T
         if B != self.batch_size:
@@ -287,7 +300,14 @@ class KVCache:
             raise ValueError(f"KVCache holds {self.max_seq_len} positions; cannot write [{start_pos}, {end})")
         self.k[layer_idx][:, :, start_pos:end] = k
         self.v[layer_idx][:, :, start_pos:end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        mask = None
+        if start_pos > 0 and T > 1:
+            # A chunk after earlier tokens: new token i sees every cached key and new keys <= i.
+            # (is_causal would align the triangle to the top-left corner, which is wrong here.)
+            key_pos = torch.arange(end, device=k.device)
+            query_pos = torch.arange(start_pos, end, device=k.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end], mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +353,8 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
+                positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for every position: ``hidden_states`` through the output head.
 
         Args:
@@ -341,6 +362,11 @@ class Transformer(nn.Module):
             kv_cache: optional :class:`KVCache`; the new keys/values are written into it and the tokens
                 attend over everything cached before ``start_pos`` as well.
             start_pos: position of the first token (0 for training and for a first prefill).
+            positions: optional (B, T) position of every token, for batches whose sequences stand at
+                different positions (continuous batching); requires a cache that accepts them.
+            segment_ids: optional (B, T) document index of every token for packed training sequences:
+                a token attends only to earlier tokens of its own document (pass positions restarting at
+                each document too).
 
         Returns:
             (B, T, V) logits in the compute dtype (the loss is computed by the caller).
@@ -348,26 +374,42 @@ class Transformer(nn.Module):
         Raises:
             ValueError: ``start_pos + T`` exceeds ``max_position_embeddings``.
         """
-        return F.linear(self.hidden_states(input_ids, kv_cache, start_pos), self.output_weight())  # (B, T, V)
+        hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids)
+        return F.linear(hidden, self.output_weight())  # (B, T, V)
 
-    def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                      start_pos: int = 0) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
+                      positions: Optional[torch.Tensor] = None,
+                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The final normed hidden states (B, T, C), before the output head (a loss may fuse the head)."""
         B, T = input_ids.shape
         end = start_pos + T
+        if positions is not None:
+            if positions.shape != input_ids.shape:
+                raise ValueError(f"positions {tuple(positions.shape)} must have the shape of input_ids {(B, T)}")
+            end = int(positions.max()) + 1
         if start_pos < 0 or end > self.cfg.max_position_embeddings:
             raise ValueError(f"positions [{start_pos}, {end}) do not fit the model's max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; shorten the input (or start_pos)")
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if self.embed_positions is not None:
-            positions = torch.arange(start_pos, end, device=input_ids.device)  # (T,)
-            x = x + self.embed_positions(positions)  # (B, T, C) + (T, C)
+            pos = positions if positions is not None else torch.arange(start_pos, end, device=input_ids.device)
+            x = x + self.embed_positions(pos)  # (B, T, C) + (T, C) or (B, T, C)
         x = self.dropout(x)
         rope = None
         if self.rope_cos is not None:
-            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd) each
+            if positions is not None:
+                rope = (self.rope_cos[positions], self.rope_sin[positions])  # (B, T, hd) each
+            else:
+                rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd) each
+        attn_mask = None
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed training sequences) cannot be combined with a KV cache")
+            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            attn_mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
         for layer in self.layers:
-            x = layer(x, rope, kv_cache, start_pos)
+            x = layer(x, rope, kv_cache, start_pos, positions, attn_mask)
         return self.norm(x)
 
     def output_weight(self) -> torch.Tensor:

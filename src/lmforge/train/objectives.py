@@ -25,7 +25,8 @@ class CausalLMLoss(nn.Module):
 
     ``forward(tokens, loss_mask=None)`` returns the summed loss over the counted tokens (fp32) and
     their number; ``loss_mask`` (B, T+1), aligned with ``tokens``, selects the tokens that count
-    (fine-tuning masks the prompt), None counts all.
+    (fine-tuning masks the prompt), None counts all. ``positions`` and ``segment_ids`` (B, T+1), also
+    aligned with ``tokens``, describe packed sequences (see ``Transformer.forward``).
     """
 
     def __init__(self, model: nn.Module):
@@ -33,9 +34,14 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.loss_fn = token_cross_entropy
 
-    def forward(self, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+    def forward(self, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        hidden = self.model.hidden_states(inputs)  # (B, T, C)
+        if positions is not None:
+            positions = positions[:, :-1]
+        if segment_ids is not None:
+            segment_ids = segment_ids[:, :-1]
+        hidden = self.model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)  # (B, T, C)
         losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1))
         if loss_mask is None:
             return losses.sum(), labels.numel()
