@@ -15,6 +15,8 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.errors import UserError
 
+EXIT_STOPPED_TO_RESUME = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; run it again to resume
+
 
 def _add_quickstart(sub):
     p = sub.add_parser("quickstart", help="train a small code model on this Python's standard library")
@@ -51,7 +53,8 @@ def _cmd_pretrain(a):
     summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
-    return 0
+    # Stopped by SIGUSR1/SIGTERM after saving (walltime, preemption): a launcher requeues on this code.
+    return EXIT_STOPPED_TO_RESUME if summary.get("stopped_early") else 0
 
 
 def _add_config(sub):
