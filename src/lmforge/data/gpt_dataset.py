@@ -273,6 +273,16 @@ def _save(paths: dict[str, Path], arrays: dict[str, np.ndarray], description: di
 
 # -- datasets ----------------------------------------------------------------------------------------
 
+def _sample_index(i: int, n: int) -> int:
+    """``i`` as a non-negative index into ``n`` samples (negative counts from the end)."""
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"sample {i} out of range ({n} samples)")
+    return i
+
+
 class GPTDataset:
     """Samples of ``seq_length + 1`` tokens from the documents ``doc_range`` of one indexed dataset.
 
@@ -328,12 +338,7 @@ class GPTDataset:
         return self.sample_index.shape[0] - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample {i} out of range ({n} samples)")
+        i = _sample_index(i, len(self))
         j = int(self.shuffle_index[i])
         d0, o0 = (int(x) for x in self.sample_index[j])
         d1, o1 = (int(x) for x in self.sample_index[j + 1])
@@ -406,12 +411,7 @@ class BlendedDataset:
         return len(self.dataset_index)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample {i} out of range ({n} samples)")
+        i = _sample_index(i, len(self))
         return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
 
     def __repr__(self) -> str:
