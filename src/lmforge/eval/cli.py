@@ -1,0 +1,84 @@
+"""``lmforge evaluate`` (and ``evaluate compare``) and ``lmforge prefetch``."""
+
+from __future__ import annotations
+
+import json
+
+from lmforge.errors import UserError
+
+
+def add_commands(sub) -> None:
+    """Register ``evaluate`` and ``prefetch`` on the CLI's subparsers."""
+    p = sub.add_parser("evaluate", help="score a model on benchmark tasks as lm-evaluation-harness does; "
+                                        "`evaluate compare a.json b.json` shows runs side by side")
+    p.add_argument("model", nargs="+", metavar="MODEL",
+                   help="a checkpoint or results folder; or `compare RESULTS.json ...`")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: lambada,boolq,race,piqa,hellaswag,winogrande,wikitext2,wikitext103 "
+                        "or user task .yaml files")
+    p.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
+                   help="local records for a task (JSONL, Parquet or a datasets save_to_disk folder) with the "
+                        "Hugging Face dataset's field names; repeatable")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    p.add_argument("--batch-size", default="16", help="an integer or 'auto' (default 16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--output", default=None, help="write results.json here")
+    p.add_argument("--cache", default=None, help="the folder `lmforge prefetch` filled (default: $LMFORGE_CACHE)")
+    p.add_argument("--bootstrap-iters", type=int, default=100000,
+                   help="bootstrap resamples for perplexity's stderr (as lm_eval; 0: none)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    q = sub.add_parser("prefetch", help="download task datasets and models into a cache for offline compute nodes")
+    q.add_argument("--tasks", default="", help="comma-separated task names")
+    q.add_argument("--models", default="", help="comma-separated Hugging Face repositories (models, tokenizers)")
+    q.add_argument("--cache", default=None, help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
+    q.set_defaults(func=_cmd_prefetch)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _cmd_evaluate(a) -> int:
+    from rich.console import Console
+
+    from lmforge.eval.data import default_cache_dir
+    from lmforge.eval.evaluate import compare, parse_task_data, results_table, run
+
+    console = Console()
+    if a.model[0] == "compare":
+        console.print(compare(a.model[1:]))
+        return 0
+    if len(a.model) != 1:
+        raise UserError(f"evaluate takes one MODEL (or `compare FILE...`), got {a.model}")
+    if not a.tasks:
+        raise UserError("pass --tasks, e.g. --tasks hellaswag,piqa")
+    batch_size = a.batch_size if a.batch_size == "auto" else _positive_int(a.batch_size)
+    doc = run(a.model[0], _split(a.tasks), parse_task_data(a.task_data), a.limit, batch_size, a.device, a.dtype,
+              a.output, a.bootstrap_iters, a.cache or str(default_cache_dir()))
+    console.print(results_table(doc))
+    if not a.output:
+        print(json.dumps(doc["results"], indent=2))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"--batch-size takes a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _cmd_prefetch(a) -> int:
+    from lmforge.eval.data import prefetch
+
+    if not _split(a.tasks) and not _split(a.models):
+        raise UserError("prefetch needs --tasks and/or --models")
+    written = prefetch(_split(a.tasks), _split(a.models), a.cache)
+    for name, folder in written.items():
+        print(f"{name}: {folder}")
+    return 0

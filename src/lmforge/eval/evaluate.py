@@ -1,0 +1,157 @@
+"""The evaluate stage: a model and task names in, results.json out.
+
+``run(...)`` is what ``lmforge evaluate`` calls; :func:`evaluate_model` is the same on a model already
+in memory (any causal LM returning logits, with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+from lmforge import __version__
+from lmforge.errors import DataError, UserError
+from lmforge.eval.data import load_task_records
+from lmforge.eval.scorer import Scorer
+from lmforge.eval.tasks import get_task, score_task
+
+__all__ = ["run", "evaluate_model", "parse_task_data", "compare", "results_table"]
+
+
+def parse_task_data(items: Sequence[str]) -> dict[str, str]:
+    """``["hellaswag=path.jsonl", ...]`` -> ``{"hellaswag": "path.jsonl"}`` (task names resolved through aliases)."""
+    out = {}
+    for item in items or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--task-data takes TASK=PATH (e.g. hellaswag=val.jsonl), got {item!r}")
+        out[get_task(name).name] = path
+    return out
+
+
+def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
+                   task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
+                   batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
+                   cache_dir: Optional[str] = None, progress: bool = False) -> dict:
+    """Score ``tasks`` on an in-memory model; returns ``{"results": ..., "n_samples": ..., "truncated": ...}``."""
+    if not tasks:
+        raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
+    resolved = [get_task(t) for t in tasks]  # unknown names fail before any data is read
+    task_data = {get_task(k).name: v for k, v in (task_data or {}).items()}
+    extra = set(task_data) - {t.name for t in resolved}
+    if extra:
+        raise UserError(f"--task-data names {sorted(extra)}, which are not among --tasks")
+    results, n_samples, truncated, versions = {}, {}, {}, {}
+    for task in resolved:
+        records = load_task_records(task, task_data.get(task.name), limit, cache_dir)
+        docs = []
+        for n, r in enumerate(records, 1):
+            try:
+                docs.append(task.build(r))
+            except (KeyError, IndexError, ValueError, TypeError, SyntaxError) as e:
+                raise DataError(f"task {task.name}: record {n} does not fit the expected layout {task.layout} "
+                                f"({type(e).__name__}: {e})") from None
+        scorer = Scorer(model, tokenizer, max_length, batch_size=batch_size, progress=progress)
+        results[task.name] = score_task(task, docs, scorer, bootstrap_iters)
+        n_samples[task.name] = len(docs)
+        truncated[task.name] = scorer.truncated
+        versions[task.name] = task.version
+    return {"results": results, "n_samples": n_samples, "truncated": truncated, "versions": versions}
+
+
+def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
+        batch_size: Union[int, str] = 16, device: str = "auto", dtype: str = "auto",
+        output: Optional[str] = None, bootstrap_iters: int = 100000, cache_dir: Optional[str] = None,
+        progress: bool = True) -> dict:
+    """Evaluate the model at ``model`` (a checkpoint folder or a run's results folder) on ``tasks``.
+
+    Returns the results document ``{"results": {task: {metric: value, metric_stderr: value}}, "config",
+    "versions", "model"}``, also written to ``output`` (atomically) when given.
+    """
+    from lmforge.models.load import load_for_inference
+
+    for t in tasks:
+        get_task(t)  # an unknown task fails before the model loads
+    lm, tokenizer = load_for_inference(model, device=device, dtype=dtype)
+    max_length = int(lm.cfg.max_position_embeddings)
+    out = evaluate_model(lm, tokenizer, tasks, max_length, task_data, limit, batch_size, bootstrap_iters,
+                         cache_dir, progress)
+    doc = {
+        "results": out["results"],
+        "config": {"model": str(model), "tasks": list(tasks), "task_data": dict(task_data or {}), "limit": limit,
+                   "batch_size": batch_size, "device": str(next(lm.parameters()).device),
+                   "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "max_length": max_length,
+                   "bootstrap_iters": bootstrap_iters, "n_samples": out["n_samples"],
+                   "truncated_requests": out["truncated"],
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "versions": {**out["versions"], "lmforge": __version__},
+        "model": str(model),
+    }
+    if output:
+        from lmforge.io import write_json_atomic
+
+        write_json_atomic(output, doc)
+    return doc
+
+
+def _fmt(value) -> str:
+    return "N/A" if value is None else f"{value:.4f}"
+
+
+def results_table(doc: dict, title: Optional[str] = None):
+    """A rich Table of one results document: task, metric, value, stderr."""
+    from rich.table import Table
+
+    table = Table(title=title or doc.get("model"))
+    for col in ("task", "metric", "value", "± stderr"):
+        table.add_column(col, justify="right" if col in ("value", "± stderr") else "left")
+    for task, metrics in doc["results"].items():
+        for name, value in metrics.items():
+            if not name.endswith("_stderr"):
+                table.add_row(task, name, _fmt(value), _fmt(metrics.get(f"{name}_stderr")))
+    return table
+
+
+def compare(paths: Sequence[str]):
+    """A rich Table of several results.json files side by side (one column per file)."""
+    from rich.table import Table
+
+    if len(paths) < 1:
+        raise UserError("evaluate compare needs at least one results.json")
+    docs = []
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{p} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} is not JSON ({e.msg})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
+            raise DataError(f"{p} has no \"results\" mapping; give results.json files written by lmforge evaluate "
+                            f"or lm_eval")
+        docs.append(doc)
+    table = Table(title="comparison")
+    table.add_column("task")
+    table.add_column("metric")
+    for p in paths:
+        table.add_column(os.path.basename(os.path.dirname(os.path.abspath(p))) + "/" + os.path.basename(p),
+                         justify="right")
+    rows: dict[tuple[str, str], None] = {}
+    for doc in docs:
+        for task, metrics in doc["results"].items():
+            for name in metrics:
+                if not name.endswith("_stderr") and "stderr" not in name and isinstance(metrics[name], (int, float)):
+                    rows[(task, name.split(",")[0])] = None
+    for task, name in rows:
+        cells = []
+        for doc in docs:
+            m = doc["results"].get(task, {})
+            value = m.get(name, m.get(f"{name},none"))
+            err = m.get(f"{name}_stderr", m.get(f"{name}_stderr,none"))
+            cells.append("" if value is None else
+                         _fmt(value) + ("" if not isinstance(err, (int, float)) else f" ± {err:.4f}"))
+        table.add_row(task, name, *cells)
+    return table

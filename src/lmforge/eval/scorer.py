@@ -1,0 +1,300 @@
+"""Loglikelihood scoring of any causal language model, with lm-evaluation-harness's semantics.
+
+Three requests cover every task:
+
+* :meth:`Scorer.loglikelihood` -- ``(context, continuation)`` strings -> ``(log P(continuation | context),
+  is_greedy)``. Trailing spaces of the context move to the continuation; the pair is encoded as a
+  whole and the context's tokens are cut off the front, so a word keeps the tokens it has in running
+  text. An empty context is replaced by the prefix token (BOS, else EOS).
+* :meth:`Scorer.loglikelihood_rolling` -- a document -> its total loglikelihood, scored in disjoint
+  windows of at most ``max_length`` predicted tokens; the first window is conditioned on the prefix
+  token, every later one on as many preceding tokens as fit.
+* :meth:`Scorer.generate_until` -- greedy generation that stops at any of the given strings.
+
+Speed: requests are reduced to distinct model inputs (``(context + continuation)[:-1]``; choices that
+differ only in their last token, such as one-token answers, share one forward pass), sorted longest
+first and batched with right padding. Only the positions that are scored go through the output head
+when the model is an lmforge :class:`~lmforge.models.transformer.Transformer`.
+
+A request longer than ``max_length + 1`` tokens is truncated from the left, as the harness does, and
+counted in :attr:`Scorer.truncated`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Scorer", "rolling_windows"]
+
+TokenRequest = tuple[list[int], list[int]]
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[TokenRequest]:
+    """Split a document's tokens into disjoint ``(context, continuation)`` windows for perplexity.
+
+    The first window predicts the first ``max_length`` tokens from ``[prefix_token]``; each later
+    window predicts the next (at most ``max_length``) tokens, conditioned on the tokens just before
+    them so that the model input is ``max_length`` long. Every token is predicted exactly once.
+
+    Args:
+        tokens: the document's token ids.
+        prefix_token: the token the first prediction is conditioned on (BOS or EOS).
+        max_length: the model's context length.
+
+    Returns:
+        A list of ``(context_tokens, continuation_tokens)``; empty for an empty document.
+    """
+    tokens = list(tokens)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    windows: list[TokenRequest] = []
+    if not tokens:
+        return windows
+    first = min(max_length, len(tokens))
+    windows.append(([prefix_token], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(max_length, len(tokens) - done)
+        end = done + n
+        # input covers tokens[end - max_length - 1 : end - 1]; the last n of them are predicted
+        start = max(0, end - max_length - 1)
+        windows.append((tokens[start:done], tokens[done:end]))
+        done = end
+    return windows
+
+
+class Scorer:
+    """Scores requests on a causal LM.
+
+    Args:
+        model: a module whose call on (B, T) token ids returns (B, T, V) logits, or an object with
+            ``.logits`` (a transformers model). An lmforge ``Transformer`` is detected and only the
+            scored positions are projected through its head.
+        tokenizer: has ``encode(text) -> list[int]`` and ``decode(ids) -> str``; ``bos_id`` / ``eod_id``
+            (lmforge) or ``bos_token_id`` / ``eos_token_id`` (transformers) give the prefix token.
+        max_length: the model's context length (tokens).
+        batch_size: an int, or ``"auto"``: the largest power of two up to 512 that fits on the GPU
+            for the longest input (16 on a CPU).
+        device: where the inputs go; default: the model's parameters' device.
+        prefix_token_id: override of the token used for an empty context.
+        progress: show a progress bar (rich).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int, batch_size: Union[int, str] = 16,
+                 device: Optional[Union[str, torch.device]] = None, prefix_token_id: Optional[int] = None,
+                 progress: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        self.batch_size = batch_size
+        if device is None:
+            param = next(iter(model.parameters()), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.prefix_token_id = prefix_token_id if prefix_token_id is not None else self._default_prefix()
+        self.progress = progress
+        self.truncated = 0  # requests cut from the left because they exceeded max_length + 1 tokens
+        self._auto_batch: Optional[int] = None
+
+    # -- tokens --------------------------------------------------------------------------------------
+
+    def _default_prefix(self) -> int:
+        tok = self.tokenizer
+        for name in ("bos_id", "bos_token_id", "eod_id", "eos_token_id"):
+            value = getattr(tok, name, None)
+            if value is not None:
+                return int(value)
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token; pass prefix_token_id")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (with whatever special tokens the tokenizer adds by default)."""
+        return list(self.tokenizer.encode(text))
+
+    def encode_pair(self, context: str, continuation: str) -> TokenRequest:
+        """Tokens of ``context`` and of ``continuation`` as they appear in ``context + continuation``."""
+        if context == "":
+            cont = self._encode_plain(continuation)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        stripped = context.rstrip()
+        if len(stripped) < len(context):
+            continuation = context[len(stripped):] + continuation
+            context = stripped
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Tokens without added special tokens (used for a continuation with an empty context)."""
+        backend = getattr(self.tokenizer, "backend", None)
+        if backend is not None and hasattr(backend, "encode"):
+            return list(backend.encode(text, add_special_tokens=False).ids)
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:
+            return self.encode(text)
+
+    # -- the model -------------------------------------------------------------------------------------
+
+    def _is_lmforge(self) -> bool:
+        return hasattr(self.model, "hidden_states") and hasattr(self.model, "output_weight")
+
+    @torch.no_grad()
+    def _scored_logprobs(self, batch: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Log-probabilities (float32) at positions ``[start, end)`` of every row of ``batch``."""
+        if self._is_lmforge():
+            hidden = self.model.hidden_states(batch)  # (B, T, C)
+            weight = self.model.output_weight()
+            return [F.log_softmax(F.linear(hidden[i, s:e], weight).float(), dim=-1) for i, (s, e) in enumerate(spans)]
+        out = self.model(batch)
+        logits = getattr(out, "logits", out)  # (B, T, V)
+        return [F.log_softmax(logits[i, s:e].float(), dim=-1) for i, (s, e) in enumerate(spans)]
+
+    def _resolve_batch_size(self, longest: int) -> int:
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        if self._auto_batch is None:
+            self._auto_batch = self.detect_batch_size(longest)
+        return self._auto_batch
+
+    def detect_batch_size(self, length: int, start: int = 512) -> int:
+        """The largest power of two <= ``start`` whose batch of ``length`` tokens runs without running out of
+        GPU memory; 16 on a CPU (which has no out-of-memory signal to search with)."""
+        if self.device.type != "cuda":
+            return 16
+        size = start
+        while size > 1:
+            try:
+                ids = torch.zeros((size, max(1, length)), dtype=torch.long, device=self.device)
+                self._scored_logprobs(ids, [(0, length)] * size)
+                return size
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                size //= 2
+        return 1
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """``(log P(continuation | context), continuation is the greedy decode)`` for every pair."""
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def loglikelihood_tokens(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
+        """As :meth:`loglikelihood`, on ``(context_tokens, continuation_tokens)`` pairs (both non-empty)."""
+        # 1. the model input of every request; requests with the same input share one forward pass
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: context and continuation must both have tokens")
+            if len(cont) > self.max_length:
+                raise ValueError(f"request {i}: a continuation of {len(cont)} tokens exceeds the context length "
+                                 f"{self.max_length}")
+            full = ctx + cont
+            if len(full) > self.max_length + 1:
+                self.truncated += 1
+            groups.setdefault(tuple(full[-(self.max_length + 1):][:-1]), []).append(i)
+        # 2. longest first (ties broken by the tokens, for a deterministic order)
+        inputs = sorted(groups, key=lambda t: (-len(t), t))
+        results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
+        if not inputs:
+            return []
+        batch_size = self._resolve_batch_size(len(inputs[0]))
+        bar = _progress(self.progress, len(inputs), "loglikelihood")
+        for b in range(0, len(inputs), batch_size):
+            chunk = inputs[b:b + batch_size]
+            width = len(chunk[0])
+            batch = torch.zeros((len(chunk), width), dtype=torch.long)
+            spans = []
+            for row, inp in enumerate(chunk):
+                batch[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+                longest = max(len(requests[i][1]) for i in groups[inp])
+                spans.append((len(inp) - longest, len(inp)))
+            logprobs = self._scored_logprobs(batch.to(self.device), spans)
+            for inp, lp in zip(chunk, logprobs):
+                for i in groups[inp]:
+                    cont = torch.tensor(requests[i][1], dtype=torch.long, device=lp.device)
+                    rows = lp[lp.shape[0] - len(cont):]  # (len(cont), V)
+                    ll = rows.gather(1, cont[:, None]).sum().item()
+                    greedy = bool((rows.argmax(dim=-1) == cont).all().item())
+                    results[i] = (float(ll), greedy)
+            bar.advance(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Total loglikelihood of every text, scored in rolling windows (see :func:`rolling_windows`)."""
+        windows, owners = [], []
+        for i, text in enumerate(texts):
+            for w in rolling_windows(self.encode(text), self.prefix_token_id, self.max_length):
+                windows.append(w)
+                owners.append(i)
+        totals = [0.0] * len(texts)
+        for owner, (ll, _) in zip(owners, self.loglikelihood_tokens(windows)):
+            totals[owner] += ll
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, prompts: Sequence[str], until: Sequence[str] = (), max_new_tokens: int = 256) -> list[str]:
+        """Greedy continuation of every prompt, cut at the first of ``until`` (and at EOS)."""
+        eos = getattr(self.tokenizer, "eod_id", None)
+        if eos is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+        outputs = []
+        for prompt in prompts:
+            ids = self.encode(prompt)
+            new: list[int] = []
+            text = ""
+            for _ in range(max_new_tokens):
+                window = (ids + new)[-self.max_length:]
+                x = torch.tensor([window], dtype=torch.long, device=self.device)
+                nxt = int(self._scored_logprobs(x, [(len(window) - 1, len(window))])[0][-1].argmax())
+                if eos is not None and nxt == eos:
+                    break
+                new.append(nxt)
+                text = self.tokenizer.decode(new)
+                if any(s and s in text for s in until):
+                    break
+            for s in until:
+                if s and s in text:
+                    text = text[:text.index(s)]
+            outputs.append(text)
+        return outputs
+
+
+class _NoBar:
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _RichBar:
+    """A rich progress bar over ``total`` items."""
+
+    def __init__(self, total: int, label: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                  transient=True)
+        self._task = self._progress.add_task(label, total=total)
+        self._progress.start()
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._task, n)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _progress(enabled: bool, total: int, label: str):
+    return _RichBar(total, label) if enabled else _NoBar()
+
+
+ModelFn = Callable[[torch.Tensor], torch.Tensor]
