@@ -8,6 +8,11 @@ Which samples a rank reads is a pure function of the step (Megatron's pretrainin
 batch ``s`` is samples ``[s*G, (s+1)*G)``; micro-batch ``k`` of rank ``r`` is the ``mbs`` samples
 starting at ``s*G + (k*dp + r)*mbs``. So one process with accumulation 2 and two processes with
 accumulation 1 see the same global batch, and a resumed run continues on exactly the next sample.
+
+A dataset item is either a token array (pretraining: every next token counts) or a dict of equal-length
+arrays with ``tokens`` and optionally ``loss_mask``, ``positions`` and ``segment_ids`` (fine-tuning,
+packed rows): the objective is called with the dict's entries as keyword arguments. The loss is
+always the sum over the counted tokens of the global batch divided by their global count.
 """
 
 from __future__ import annotations
@@ -79,12 +84,27 @@ class MicroBatches:
         start = step * s.global_batch_size + (micro * self.rt.world_size + self.rt.rank) * s.micro_batch_size
         return [i % len(self.dataset) for i in range(start, start + s.micro_batch_size)]
 
-    def batch(self, indices: Iterable[int]) -> torch.Tensor:
-        rows = np.stack([np.asarray(self.dataset[i], dtype=np.int64) for i in indices])
-        t = torch.from_numpy(rows)
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.rt.device.type == "cuda":
             return t.pin_memory().to(self.rt.device, non_blocking=True)
         return t
+
+    def batch(self, indices: Iterable[int]):
+        """A (B, T+1) tensor of token rows, or for dict items a dict of such tensors.
+
+        Dict rows are cut after the last column any row trains on (``loss_mask``): later columns are
+        padding that neither counts nor, under causal attention, influences a counted token.
+        """
+        items = [self.dataset[i] for i in indices]
+        if not isinstance(items[0], dict):
+            rows = np.stack([np.asarray(x, dtype=np.int64) for x in items])
+            return self._to_device(torch.from_numpy(rows))
+        out = {k: np.stack([np.asarray(x[k], dtype=np.int64) for x in items]) for k in items[0]}
+        if "loss_mask" in out:
+            used = np.flatnonzero(out["loss_mask"].any(axis=0))
+            end = int(used[-1]) + 1 if used.size else 2
+            out = {k: v[:, :max(end, 2)] for k, v in out.items()}
+        return {k: self._to_device(torch.from_numpy(np.ascontiguousarray(v))) for k, v in out.items()}
 
     def for_step(self, step: int):
         for micro in range(self.s.accumulate):
@@ -118,17 +138,22 @@ class Trainer:
     """Runs steps, validation, logging and checkpointing.
 
     Args:
-        model: the objective to call, ``model(tokens) -> (loss_sum, n_tokens)``: a
-            :class:`~lmforge.train.objectives.CausalLMLoss`, possibly DDP-wrapped.
+        model: the objective to call, ``model(tokens) -> (loss_sum, n_tokens)`` (or ``model(**batch)``
+            for dict batches): a :class:`~lmforge.train.objectives.CausalLMLoss`, possibly DDP-wrapped.
         raw_model: the plain model (gradient clipping; what is saved).
         save_fn: ``save_fn(state, metrics)`` writes a checkpoint (all ranks call it).
         log: a MetricsLogger-like object with ``log(step, dict)`` and ``update(step, **kw)``.
+        extra_val_fn: ``extra_val_fn(step) -> dict`` of more validation metrics, merged into the
+            metrics a checkpoint is saved and ranked with.
     """
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
-                 scaler: Optional[torch.amp.GradScaler] = None):
+                 scaler: Optional[torch.amp.GradScaler] = None,
+                 extra_val_fn: Optional[Callable[[int], dict]] = None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
+        self.extra_val_fn = extra_val_fn  # step -> more validation metrics (generation scores); all ranks call it
+        self.last_step_tokens = 0  # counted tokens of the latest global batch
         self.objective = getattr(model, "module", model)  # without DDP, for evaluation
         self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
         if settings.precision not in PRECISIONS:
@@ -149,6 +174,18 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
+    @staticmethod
+    def counted_tokens(batch) -> int:
+        """Tokens whose loss counts in a micro-batch (every next token of a tensor batch)."""
+        if isinstance(batch, dict):
+            if batch.get("loss_mask") is not None:
+                return int(batch["loss_mask"][:, 1:].sum().item())
+            return batch["tokens"][:, 1:].numel()
+        return batch[:, 1:].numel()
+
+    def _call(self, objective, batch):
+        return objective(**batch) if isinstance(batch, dict) else objective(batch)
+
     def train_step(self, batches: MicroBatches, step: int) -> tuple[float, Optional[float]]:
         """One optimizer step over one global batch. Returns (mean loss, grad norm)."""
         self.model.train()
@@ -156,15 +193,17 @@ class Trainer:
         set_lr(self.opt, lr)
         micro = list(batches.for_step(step))
         # Every token of the global batch weighs the same, on any number of ranks.
-        local_tokens = sum(b[:, 1:].numel() for b in micro)
+        local_tokens = sum(self.counted_tokens(b) for b in micro)
         (global_tokens,) = self._all_reduce([float(local_tokens)])
+        self.last_step_tokens = int(global_tokens)
+        global_tokens = max(global_tokens, 1.0)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         for k, tokens in enumerate(micro):
             last = k == len(micro) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.autocast():
-                    loss_sum, _ = self.model(tokens)
+                    loss_sum, _ = self._call(self.model, tokens)
                 # DDP averages gradients over ranks: scale so the result is the global token mean.
                 loss = loss_sum * (self.rt.world_size / global_tokens)
                 if self.scaler is not None:
@@ -199,7 +238,7 @@ class Trainer:
         for step in range(n_batches):
             for tokens in batches.for_step(step):
                 with self.autocast():
-                    l, n = self.objective(tokens)
+                    l, n = self._call(self.objective, tokens)
                 loss_sum += float(l)
                 count += n
         loss_sum, count = self._all_reduce([loss_sum, float(count)])
@@ -210,17 +249,20 @@ class Trainer:
     def fit(self, train_dataset, val_dataset, state: TrainState) -> TrainState:
         s = self.s
         batches = MicroBatches(train_dataset, s, self.rt)
-        tokens_per_step = s.global_batch_size * (len(train_dataset[0]) - 1)
+        first = train_dataset[0]
+        fixed_tokens = None if isinstance(first, dict) else s.global_batch_size * (len(first) - 1)
         stop = StopRequested().install()
         kill_at = int(os.environ.get("LMFORGE_TEST_KILL_AT_STEP", "0"))  # fault injection for resume tests
-        window_t, window_steps = time.perf_counter(), 0
+        window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
         try:
             while state.step < s.max_steps:
                 loss, grad_norm = self.train_step(batches, state.step)
+                tokens_per_step = fixed_tokens if fixed_tokens is not None else self.last_step_tokens
                 state.step += 1
                 state.consumed_samples += s.global_batch_size
                 state.tokens_trained += tokens_per_step
                 window_steps += 1
+                window_tokens += tokens_per_step
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {state.step}; lower model.optim.lr or use "
                                              f"trainer.precision=bf16-mixed / gradient clipping")
@@ -228,8 +270,8 @@ class Trainer:
                     if self.rt.device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()
-                    tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
-                    window_t, window_steps = now, 0
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_steps, window_tokens = now, 0, 0
                     lr = self.schedule.lr_at(state.step - 1)
                     state.history.append((state.step, loss))
                     if self.log is not None:
@@ -241,17 +283,19 @@ class Trainer:
                     if val_dataset is not None and s.limit_val_batches > 0:
                         val_loss = self.evaluate(val_dataset, s.limit_val_batches)
                         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                        if self.extra_val_fn is not None:
+                            metrics.update(self.extra_val_fn(state.step))
                         state.last_val = (state.step, val_loss)
                         if state.best_val_loss is None or val_loss < state.best_val_loss:
                             state.best_val_loss = val_loss
                         if self.log is not None:
                             self.log.log(state.step, metrics)
-                    window_t, window_steps = time.perf_counter(), 0  # validation time is not training throughput
+                    window_t, window_steps, window_tokens = time.perf_counter(), 0, 0  # validation is not throughput
                 periodic = s.every_n_train_steps and state.step % s.every_n_train_steps == 0
                 stopping = self._any_rank(stop.flag)
                 if self.save_fn is not None and (metrics is not None or periodic or stopping or state.step == s.max_steps):
                     self.save_fn(state, metrics or {})
-                    window_t, window_steps = time.perf_counter(), 0
+                    window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if kill_at and state.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:

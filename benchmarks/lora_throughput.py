@@ -1,0 +1,103 @@
+"""LoRA fine-tuning throughput on one GPU: a Llama-2-7B-shaped lmforge model, bf16 weights, r=16 on all
+linear layers, seq 2048, micro-batch 2, with and without gradient checkpointing (not a test).
+
+The setup mirrors ``../shared/bench/hf_peer.py``'s ``bench_lora`` (the Hugging Face transformers + peft
+peer): random weights, bf16 base, LoRA r=16 / alpha 32 / no dropout on q,k,v,o,gate,up,down, fused AdamW
+over the LoRA weights, loss over every next token, 3 warm-up steps then 10 timed ones, no autocast
+(LoRA weights fp32 as peft keeps them for a bf16 base). Prints one JSON line per case and writes all
+of them to ``$OUT/lmforge_lora.json``.
+
+    python benchmarks/lora_throughput.py                  # both cases
+    python benchmarks/lora_throughput.py --cases gc       # gradient checkpointing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from lmforge.models import ModelConfig, Transformer
+from lmforge.parallel.transforms import apply_activation_checkpointing
+from lmforge.peft import LoRAConfig, apply_peft
+from lmforge.train.objectives import CausalLMLoss
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=32,
+                 ffn_hidden_size=11008, max_position_embeddings=4096, normalization="rmsnorm", activation="swiglu",
+                 bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=False,
+                 hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool) -> dict:
+    cfg = ModelConfig(**LLAMA2_7B)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cuda")
+    model.init_weights(seed=0)
+    model = model.to(torch.bfloat16)
+    apply_peft(model, "lora", LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["all-linear"]))
+    if grad_ckpt:
+        apply_activation_checkpointing(model)
+    model.train()
+    objective = CausalLMLoss(model)
+    if compile_loss:
+        objective.compile_loss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        loss_sum, n = objective(x)
+        loss = loss_sum / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warm):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    rec = dict(case="lmforge_lora_7B", grad_ckpt=grad_ckpt, seq=seq, mbs=mbs, tokens_per_s=round(mbs * seq * steps / dt),
+               peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
+               trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss,
+               card=torch.cuda.get_device_name(), torch=torch.__version__)
+    del model, opt, objective
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=["nogc", "gc"], choices=["nogc", "gc"])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--compile-loss", action="store_true", help="fuse head + cross-entropy with torch.compile")
+    a = ap.parse_args()
+    out = os.environ.get("OUT", ".")
+    results = []
+    for case in a.cases:
+        try:
+            rec = bench(case == "gc", a.seq, a.mbs, a.steps, a.warm, a.compile_loss)
+        except torch.cuda.OutOfMemoryError as e:
+            rec = dict(case="lmforge_lora_7B", grad_ckpt=case == "gc", seq=a.seq, mbs=a.mbs, error=f"OOM: {e}"[:300])
+            torch.cuda.empty_cache()
+        print(json.dumps(rec), flush=True)
+        results.append(rec)
+        with open(os.path.join(out, "lmforge_lora.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

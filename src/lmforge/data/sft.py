@@ -1,0 +1,371 @@
+"""Supervised fine-tuning data: records -> token ids + loss masks -> fixed-length (optionally packed) rows.
+
+Record kinds (one JSON object per line):
+
+* prompt/response: ``{"input": ..., "output": ...}`` (NeMo's SQuAD-style format; field names are
+  configurable). With a ``prompt_template`` such as ``"Context: {context}\\nQuestion: {input}\\nAnswer: "``
+  the prompt is the template filled from the record's fields.
+* chat: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}``
+  rendered with the tokenizer's chat template (Jinja, in a sandbox, as transformers renders it).
+
+Loss counts only response tokens (every assistant turn for chat) unless ``train_on_prompt``.
+A sample longer than ``max_length`` is truncated at the end or dropped (``truncation``); both are
+counted in :class:`SFTStats`. Packing concatenates samples into rows of ``max_length`` with
+``segment_ids`` (attention stays within a sample) and ``positions`` restarting at 0 per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from lmforge.errors import ConfigError, DataError
+
+
+@dataclass
+class SFTDataConfig:
+    """How records become training samples.
+
+    Attributes:
+        input_key, output_key: fields of prompt/response records.
+        messages_key: field of chat records.
+        prompt_template: optional ``str.format`` template over the record's fields for the prompt.
+        chat_template: optional Jinja template overriding the tokenizer's own.
+        add_bos, add_eos: put the tokenizer's BOS before the prompt / EOS after the response
+            (prompt/response records; a chat template places its own special tokens).
+        train_on_prompt: count the prompt tokens in the loss too.
+        truncation: ``truncate`` (cut the end of a long sample) or ``drop`` (skip it).
+        pack: pack several samples per row (per-sample attention, restarting positions).
+    """
+
+    input_key: str = "input"
+    output_key: str = "output"
+    messages_key: str = "messages"
+    prompt_template: Optional[str] = None
+    chat_template: Optional[str] = None
+    add_bos: bool = True
+    add_eos: bool = True
+    train_on_prompt: bool = False
+    truncation: str = "truncate"
+    pack: bool = False
+
+    def validate(self) -> None:
+        if self.truncation not in ("truncate", "drop"):
+            raise ConfigError(f"data.truncation={self.truncation!r} is not known; use truncate or drop")
+        if self.prompt_template is not None:
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
+            except ValueError as e:
+                raise ConfigError(f"data.prompt_template={self.prompt_template!r} is not a valid template: {e}") from e
+            if any(not f or not f.isidentifier() for f in fields):
+                raise ConfigError(f"data.prompt_template={self.prompt_template!r}: placeholders must be field names "
+                                  f"such as {{input}} (write {{{{ and }}}} for literal braces)")
+
+
+@dataclass
+class SFTSample:
+    """One tokenized record: ``ids`` and a 0/1 ``mask`` (1: the token is trained), plus where it came from."""
+
+    ids: list
+    mask: list
+    source: str
+    prompt_text: str = ""
+    response_text: str = ""
+    prompt_len: int = 0
+
+
+@dataclass
+class SFTStats:
+    records: int = 0
+    samples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    no_trained_tokens: int = 0
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def summary(self, name: str) -> str:
+        return (f"{name}: {self.records} records -> {self.samples} samples in {self.rows} rows "
+                f"({self.trained_tokens}/{self.tokens} tokens trained); {self.truncated} truncated, "
+                f"{self.dropped} dropped as too long, {self.no_trained_tokens} dropped with no response left")
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """``[(\"file:line\", record), ...]`` of a JSONL file; a bad line is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; give a JSONL file with one record per line")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: a record must be a JSON object, not {type(rec).__name__}")
+            out.append((f"{path}:{n}", rec))
+    if not out:
+        raise DataError(f"data file {path} holds no records")
+    return out
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+
+def _encode_plain(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text`` without the post-processor's special tokens."""
+    if hasattr(tokenizer, "backend"):
+        enc = tokenizer.backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+    enc = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _chat_template(tokenizer, cfg: SFTDataConfig) -> Optional[str]:
+    if cfg.chat_template:
+        return cfg.chat_template
+    config = getattr(tokenizer, "config", None)
+    if isinstance(config, dict) and config.get("chat_template"):
+        t = config["chat_template"]
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+            t = next((x["template"] for x in t if x.get("name") == "default"), t[0]["template"])
+        return t
+    hf = getattr(tokenizer, "hf", None)
+    return getattr(hf, "chat_template", None)
+
+
+def _special(tokenizer, tid: Optional[int]) -> str:
+    return "" if tid is None else (tokenizer.id_to_token(tid) or "")
+
+
+def render_chat(template: str, messages: list, tokenizer, add_generation_prompt: bool = False) -> str:
+    """Render ``messages`` with a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **kw: json.dumps(x, indent=indent,
+                                                                                      ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=_special(tokenizer, tokenizer.bos_id),
+                                            eos_token=_special(tokenizer, tokenizer.eod_id))
+
+
+def _field(rec: dict, key: str, where: str, kind: str) -> str:
+    if key not in rec:
+        raise DataError(f"{where}: the record has no {key!r} field (fields: {sorted(rec)}); set "
+                        f"data.{kind}_key to the field that holds it")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSample:
+    """Tokenize one record into ids and a loss mask (see the module doc). Bad records raise DataError."""
+    if cfg.messages_key in rec:
+        return _encode_chat(rec, where, tokenizer, cfg)
+    response = _field(rec, cfg.output_key, where, "output")
+    if not response.strip():
+        raise DataError(f"{where}: field {cfg.output_key!r} is empty; every record needs a response to learn")
+    if cfg.prompt_template is not None:
+        try:
+            prompt = cfg.prompt_template.format(**rec)
+        except KeyError as e:
+            raise DataError(f"{where}: data.prompt_template needs field {e.args[0]!r}, which the record lacks "
+                            f"(fields: {sorted(rec)})") from None
+    else:
+        prompt = _field(rec, cfg.input_key, where, "input")
+    p_ids = ([tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []) + _encode_plain(tokenizer, prompt)[0]
+    r_ids = _encode_plain(tokenizer, response)[0]
+    if cfg.add_eos and tokenizer.eod_id is not None:
+        r_ids = r_ids + [tokenizer.eod_id]
+    mask = [1 if cfg.train_on_prompt else 0] * len(p_ids) + [1] * len(r_ids)
+    return SFTSample(p_ids + r_ids, mask, where, prompt, response, len(p_ids))
+
+
+def _encode_chat(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSample:
+    from jinja2 import TemplateError
+
+    messages = rec[cfg.messages_key]
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"{where}: {cfg.messages_key!r} must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                        f"objects with string values")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: the conversation has no non-empty assistant message to learn")
+    template = _chat_template(tokenizer, cfg)
+    if not template:
+        raise DataError(f"{where}: chat records need a chat template, but the tokenizer "
+                        f"{getattr(tokenizer, 'source', '')} has none (no chat_template in tokenizer_config.json); "
+                        f"set data.chat_template to a Jinja template or use input/output records")
+    try:
+        text = render_chat(template, messages, tokenizer)
+        # Each assistant turn is the text it adds after the prompt that asks for it.
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = render_chat(template, messages[:i], tokenizer, add_generation_prompt=True)
+            upto = render_chat(template, messages[:i + 1], tokenizer)
+            if not text.startswith(upto) or not upto.startswith(before):
+                raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
+                                f"assistant tokens cannot be located; set data.chat_template to one that does")
+            spans.append((len(before), len(upto)))
+    except TemplateError as e:
+        raise DataError(f"{where}: the chat template failed: {e}") from None
+    ids, offsets = _encode_plain(tokenizer, text)
+    mask = []
+    for start, end in offsets:
+        inside = any(s <= start < e for s, e in spans) and end > start
+        mask.append(1 if inside or cfg.train_on_prompt else 0)
+    first = mask.index(1) if 1 in mask else len(ids)
+    return SFTSample(ids, mask, where, text[:spans[0][0]], text[spans[0][0]:spans[0][1]], first)
+
+
+def encode_records(records: Sequence[tuple[str, dict]], tokenizer, cfg: SFTDataConfig, max_length: int,
+                   stats: Optional[SFTStats] = None) -> list[SFTSample]:
+    """Tokenize, then apply the truncation policy to samples longer than ``max_length`` (counted in ``stats``)."""
+    cfg.validate()
+    stats = stats if stats is not None else SFTStats()
+    out = []
+    for where, rec in records:
+        stats.records += 1
+        s = encode_record(rec, where, tokenizer, cfg)
+        if len(s.ids) > max_length:
+            if cfg.truncation == "drop":
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            s.ids, s.mask = s.ids[:max_length], s.mask[:max_length]
+        if not any(s.mask[1:]):  # the first token is never predicted
+            stats.no_trained_tokens += 1
+            continue
+        out.append(s)
+    stats.samples = len(out)
+    return out
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+@dataclass
+class SFTDataset:
+    """Rows of ``length`` tokens as dicts of int64 arrays: ``tokens``, ``loss_mask`` and (packed)
+    ``positions`` and ``segment_ids``. Unpacked rows hold one sample padded with ``pad_id`` (masked out;
+    padding sits after the sample, so causal attention never sees it)."""
+
+    rows: list
+    length: int
+    packed: bool
+    stats: SFTStats = field(default_factory=SFTStats)
+    samples: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _row(samples: Sequence[SFTSample], length: int, pad_id: int, packed: bool) -> dict:
+    tokens = np.full(length, pad_id, dtype=np.int64)
+    mask = np.zeros(length, dtype=np.int64)
+    positions = np.zeros(length, dtype=np.int64)
+    segments = np.full(length, len(samples), dtype=np.int64)  # padding: a segment of its own
+    at = 0
+    for k, s in enumerate(samples):
+        n = len(s.ids)
+        tokens[at:at + n] = s.ids
+        mask[at:at + n] = s.mask
+        mask[at] = 0  # a sample's first token is never predicted (in a packed row, not from the one before)
+        positions[at:at + n] = np.arange(n)
+        segments[at:at + n] = k
+        at += n
+    positions[at:] = np.arange(length - at)
+    row = {"tokens": tokens, "loss_mask": mask}
+    if packed:
+        row["positions"] = positions
+        row["segment_ids"] = segments
+    return row
+
+
+def build_sft_dataset(samples: Sequence[SFTSample], length: int, pad_id: int, pack: bool = False, seed: int = 0,
+                      shuffle: bool = True, stats: Optional[SFTStats] = None) -> SFTDataset:
+    """Arrange samples (each at most ``length`` tokens) into rows; packing is greedy first-fit in shuffled order."""
+    order = list(range(len(samples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    stats = stats if stats is not None else SFTStats(samples=len(samples))
+    groups: list[list[SFTSample]] = []
+    if pack:
+        free: list[int] = []
+        for i in order:
+            n = len(samples[i].ids)
+            for g, room in enumerate(free):
+                if n <= room:
+                    groups[g].append(samples[i])
+                    free[g] -= n
+                    break
+            else:
+                groups.append([samples[i]])
+                free.append(length - n)
+    else:
+        groups = [[samples[i]] for i in order]
+    rows = [_row(g, length, pad_id, pack) for g in groups]
+    stats.rows = len(rows)
+    stats.tokens = sum(len(s.ids) for s in samples)
+    stats.trained_tokens = int(sum(int(r["loss_mask"].sum()) for r in rows))
+    return SFTDataset(rows, length, pack, stats, list(samples))
+
+
+def load_sft_dataset(path: str | Path, tokenizer, cfg: SFTDataConfig, length: int, seed: int = 0,
+                     shuffle: bool = True) -> SFTDataset:
+    """Read a JSONL file and build its rows of ``length`` tokens (see :func:`build_sft_dataset`)."""
+    stats = SFTStats()
+    samples = encode_records(read_jsonl(path), tokenizer, cfg, length, stats)
+    if not samples:
+        raise DataError(f"{path}: no usable sample ({stats.summary(str(path))}); raise the sequence length or "
+                        f"use data.truncation=truncate")
+    pad = tokenizer.eod_id if tokenizer.eod_id is not None else 0
+    return build_sft_dataset(samples, length, pad, cfg.pack, seed, shuffle, stats)
+
+
+def preview(path: str | Path, tokenizer, cfg: SFTDataConfig, length: int, count: int = 2, console=None) -> SFTStats:
+    """Print the first ``count`` samples with trained tokens highlighted (rich), then the statistics."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = console or Console()
+    stats = SFTStats()
+    samples = encode_records(read_jsonl(path), tokenizer, cfg, length, stats)
+    for s in samples[:count]:
+        text = Text()
+        for tid, m in zip(s.ids, s.mask):
+            piece = tokenizer.decode([tid])
+            text.append(piece, style="bold black on green" if m else "dim")
+        console.rule(f"{s.source}  ({len(s.ids)} tokens, {sum(s.mask)} trained)")
+        console.print(text)
+    console.rule()
+    console.print("[bold black on green]highlighted[/] tokens are trained; [dim]dim[/] ones are context only")
+    pad = tokenizer.eod_id if tokenizer.eod_id is not None else 0
+    build_sft_dataset(samples, length, pad, cfg.pack, stats=stats)
+    console.print(stats.summary(str(path)))
+    return stats

@@ -1,0 +1,231 @@
+"""The fine-tuning stage's config: a dataclass schema, YAML values and ``a.b.c=value`` overrides.
+
+    cfg = load_finetune_config("sft.yaml", ["method=lora", "peft.lora.r=16", "trainer.max_steps=500"])
+
+Unknown keys and wrong types raise one :class:`~lmforge.errors.ConfigError` naming the key, where
+it came from and, for a typo, the nearest known key. Gradient accumulation is derived:
+``global_batch_size = micro_batch_size x data-parallel processes x accumulation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmforge.data.sft import SFTDataConfig
+from lmforge.errors import ConfigError
+
+METHODS = ("full", "lora", "ptuning", "adapter", "ia3")
+PRECISIONS = {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "16": "16-mixed",
+              "16-mixed": "16-mixed"}
+
+
+@dataclass
+class LoRASection:
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_dora: bool = False
+
+
+@dataclass
+class IA3Section:
+    target_modules: List[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward_modules: List[str] = field(default_factory=lambda: ["down_proj"])
+
+
+@dataclass
+class AdapterSection:
+    dim: int = 32
+    activation: str = "gelu"
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["self_attn", "mlp"])
+
+
+@dataclass
+class PTuningSection:
+    num_virtual_tokens: int = 10
+    encoder_type: str = "mlp"
+    encoder_hidden_size: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class PeftSection:
+    lora: LoRASection = field(default_factory=LoRASection)
+    ia3: IA3Section = field(default_factory=IA3Section)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    ptuning: PTuningSection = field(default_factory=PTuningSection)
+
+
+@dataclass
+class TrainerSection:
+    devices: int = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed
+    max_steps: int = 100
+    val_check_interval: int = 50
+    limit_val_batches: int = 20
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 1.0
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class GenerationSection:
+    """Generation metrics on the validation set (exact match and token F1, as NeMo's SQuAD SFT reports)."""
+
+    num_samples: int = 32  # validation records scored; 0 turns generation metrics off
+    max_new_tokens: int = 32
+
+
+@dataclass
+class FinetuneConfig:
+    model: Optional[str] = None  # base model: a checkpoint folder (or what load_for_inference accepts)
+    data: Optional[str] = None  # training JSONL
+    val_data: Optional[str] = None  # validation JSONL
+    out: str = "finetune_out"
+    method: str = "lora"  # full | lora | ptuning | adapter | ia3
+    seq_length: Optional[int] = None  # None: the model's max_position_embeddings (less p-tuning's virtual tokens)
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    base_dtype: str = "float32"  # dtype of the frozen base weights for PEFT (bfloat16 saves memory)
+    gradient_checkpointing: bool = False
+    resume: bool = True
+    monitor: str = "val_loss"  # val_loss | exact_match | f1 (best checkpoint)
+    save_top_k: int = 1
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+
+    @property
+    def monitor_mode(self) -> str:
+        return "min" if self.monitor in ("val_loss", "val_ppl") else "max"
+
+
+def _known_keys(cls, prefix="") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        out.append(key)
+        if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else None):
+            out.extend(_known_keys(f.type, key + "."))
+    return out
+
+
+def _all_keys(obj, prefix="") -> list[str]:
+    out = []
+    for f in dataclasses.fields(obj):
+        key = prefix + f.name
+        out.append(key)
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_all_keys(value, key + "."))
+    return out
+
+
+def _merge(base, data: Mapping, where: str):
+    try:
+        return OmegaConf.merge(base, OmegaConf.create(dict(data)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        known = _all_keys(FinetuneConfig())
+        hint = difflib.get_close_matches(str(key), known, n=1)
+        more = f"; did you mean {hint[0]}?" if hint and hint[0] != key and "id you mean" not in str(e) else ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{where}: {key or 'config'}: {msg}{more}") from None
+
+
+def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    """Schema defaults <- a YAML file or dict <- dotted overrides; validated. Returns a :class:`FinetuneConfig`."""
+    from lmforge.config.loader import parse_override
+
+    cfg = OmegaConf.structured(FinetuneConfig)
+    if source is not None:
+        if isinstance(source, Mapping):
+            data, where = dict(source), "config"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigError(f"fine-tuning config {path} does not exist; give a YAML file or use flags/overrides")
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+            where = str(path)
+        cfg = _merge(cfg, data, where)
+    for text in overrides:
+        key, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        cfg = _merge(cfg, nested, f"override {text!r}")
+    obj: FinetuneConfig = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Collect every problem, then raise one ConfigError."""
+    problems = []
+    if not cfg.model:
+        problems.append("model is not set: give the base model folder (--model PATH or model=PATH)")
+    if not cfg.data:
+        problems.append("data is not set: give a training JSONL file (--data train.jsonl or data=PATH)")
+    if cfg.method not in METHODS:
+        problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
+    if cfg.trainer.precision not in PRECISIONS:
+        problems.append(f"trainer.precision={cfg.trainer.precision!r}; use 32, bf16-mixed or 16-mixed")
+    else:
+        cfg.trainer.precision = PRECISIONS[str(cfg.trainer.precision)]
+    for key in ("seq_length", "micro_batch_size", "global_batch_size"):
+        if getattr(cfg, key) is not None and int(getattr(cfg, key)) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+    if cfg.monitor not in ("val_loss", "val_ppl", "exact_match", "f1"):
+        problems.append(f"monitor={cfg.monitor!r}; use val_loss, exact_match or f1")
+    elif cfg.monitor in ("exact_match", "f1") and (not cfg.val_data or cfg.generation.num_samples < 1):
+        problems.append(f"monitor={cfg.monitor} needs val_data and generation.num_samples >= 1")
+    if cfg.base_dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"base_dtype={cfg.base_dtype!r}; use float32, bfloat16 or float16")
+    if cfg.method == "ptuning" and cfg.sft.pack:
+        problems.append("method=ptuning cannot use sft.pack=true: virtual tokens belong to one sample per row")
+    if cfg.method == "full" and cfg.base_dtype != "float32":
+        problems.append("method=full trains every weight: keep base_dtype=float32 (mixed precision comes from "
+                        "trainer.precision)")
+    try:
+        cfg.sft.validate()
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else
+                          "the fine-tuning config has problems:\n  - " + "\n  - ".join(problems))
+
+
+def to_dict(cfg: FinetuneConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,95 @@
+"""The fine-tuning stage: every method learns the synthetic task, resume reproduces the losses,
+the CLI trains, exports a PEFT adapter, merges it and previews data."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.finetune import load_finetune_config, run
+
+
+def config(base, train, val, out, method, steps=20, **extra):
+    overrides = [f"model={base}", f"data={train}", f"val_data={val}", f"out={out}", f"method={method}",
+                 "seq_length=32", "micro_batch_size=4", "global_batch_size=8", f"trainer.max_steps={steps}",
+                 "trainer.accelerator=cpu", "trainer.val_check_interval=0", "trainer.limit_val_batches=2",
+                 "trainer.log_every_n_steps=1", "generation.num_samples=2", "generation.max_new_tokens=3"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_finetune_config(None, overrides)
+
+
+LR = {"full": 3e-3, "lora": 2e-2, "ia3": 1e-1, "adapter": 2e-2, "ptuning": 1e-2}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "ia3", "adapter", "ptuning"])
+def test_each_method_learns_the_task(tmp_path, base_model_dir, task_files, method):
+    extra = {"optim.lr": LR[method]}
+    if method == "lora":
+        extra["peft.lora.target_modules"] = "[all-linear]"
+    if method == "ptuning":
+        extra["peft.ptuning.num_virtual_tokens"] = 4
+    steps = 30 if method == "ptuning" else 20
+    summary = run(config(base_model_dir, *task_files, tmp_path / method, method, steps=steps, **extra),
+                  console_log=lambda *a: None)
+    losses = [l for _, l in summary["losses"]]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 1.5, (method, losses)  # nats: the answers become clearly more likely
+    assert summary["steps"] == steps and summary["best_checkpoint"]
+    assert {"val_loss", "exact_match", "f1"} <= set(summary["best_metrics"])
+    if method == "full":
+        assert summary["adapter"] is None
+    else:
+        assert summary["adapter"] and (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
+        from safetensors.torch import load_file
+
+        saved = load_file(str(tmp_path / method / "adapter" / "adapter_model.safetensors"))
+        assert 0 < sum(t.numel() for t in saved.values()) == summary["trainable_parameters"]
+
+
+def test_resume_reproduces_losses(tmp_path, base_model_dir, task_files):
+    common = {"optim.lr": 1e-2, "optim.min_lr": 1e-2, "peft.lora.lora_dropout": 0.1, "sft.pack": "true"}
+    full = run(config(base_model_dir, *task_files, tmp_path / "a", "lora", steps=8, **common), console_log=lambda *a: None)
+    run(config(base_model_dir, *task_files, tmp_path / "b", "lora", steps=4, **common), console_log=lambda *a: None)
+    resumed = run(config(base_model_dir, *task_files, tmp_path / "b", "lora", steps=8, **common),
+                  console_log=lambda *a: None)
+    assert resumed["resumed_from"] and resumed["resumed_from"].endswith("step_0000004")
+    expected = dict((s, l) for s, l in full["losses"])
+    for step, loss in resumed["losses"]:
+        assert step > 4 and loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    assert len(resumed["losses"]) == 4
+
+
+def test_cli_finetune_merge_and_preview(tmp_path, base_model_dir, task_files, capsys):
+    from lmforge.models.load import load_for_inference
+    from lmforge.peft import apply_adapter
+
+    train, val = task_files
+    out = tmp_path / "run"
+    rc = main(["finetune", "--model", base_model_dir, "--data", train, "--val-data", val, "--method", "lora",
+               "--out", str(out), "seq_length=32", "micro_batch_size=4", "global_batch_size=4", "trainer.max_steps=3",
+               "trainer.accelerator=cpu", "peft.lora.use_dora=true", "optim.lr=0.05", "trainer.limit_val_batches=1",
+               "generation.num_samples=2"])
+    assert rc == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    assert main(["peft", "merge", "--model", base_model_dir, "--adapter", str(out / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load_for_inference(tmp_path / "merged", device="cpu", dtype="float32")
+    base, _ = load_for_inference(base_model_dir, device="cpu", dtype="float32")
+    adapted = apply_adapter(base, out / "adapter")
+    x = torch.randint(0, merged.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, _ = load_for_inference(base_model_dir, device="cpu", dtype="float32")
+        assert (plain(x) - adapted(x)).abs().max() > 1e-4
+        assert (merged(x) - adapted(x)).abs().max().item() < 1e-4
+
+    capsys.readouterr()
+    assert main(["data", "preview", train, "--tokenizer", base_model_dir, "--count", "1", "--seq-length", "32"]) == 0
+    shown = capsys.readouterr().out
+    assert "Which food is" in shown and "trained" in shown
+
+    assert main(["finetune", "--model", base_model_dir, "--data", train, "--method", "lora", "--out",
+                 str(tmp_path / "x"), "peft.lora.target_modules=[qkv]", "trainer.accelerator=cpu"]) == 2
+    assert "'qkv' matches no Linear" in capsys.readouterr().err
+    assert main(["finetune", "--model", base_model_dir, "--data", train, "peft.lora.rank=4"]) == 2
+    assert "peft.lora.r" in capsys.readouterr().err
