@@ -1,11 +1,13 @@
 """Load a trained model for inference from whatever folder the user points at.
 
 Accepted: a checkpoint folder (``config.json`` + weights), a checkpoints root (its newest complete
-checkpoint), or a run's results folder (``results/<name>/checkpoints``).
+checkpoint), a run's results folder (``results/<name>/checkpoints``), or a Hugging Face model folder
+of a supported family (:mod:`lmforge.models.families`), read tensor by tensor without converting it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -50,24 +52,51 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """True when ``path`` is a folder whose config.json is a Hugging Face one (has ``model_type``)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and not isinstance(data.get("model"), dict)
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
-    """Return ``(model, tokenizer)`` in eval mode on ``device``."""
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
+
+    Args:
+        path: an lmforge checkpoint (or checkpoints root / results folder), or an HF model folder.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ... or a torch.device.
+        dtype: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+
+    Raises:
+        CheckpointError / ConfigError: missing, incomplete or unsupported model folders (one line each).
+    """
     from lmforge.data.tokenizers import load_tokenizer
     from lmforge.models.config import ModelConfig
     from lmforge.models.transformer import Transformer
     from lmforge.parallel.runtime import pick_device
     from lmforge.train.checkpoint import load_model
 
-    folder = resolve_checkpoint(path)
     device = device if isinstance(device, torch.device) else pick_device(str(device))
-    weights, config = load_model(folder, device="cpu")
-    cfg = ModelConfig.from_dict(config["model"], source=str(folder / "config.json"))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device)
-    model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below
-    load_weights(model, weights, folder)
-    model = model.to(pick_dtype(dtype, device)).eval()
+    if is_hf_folder(path):
+        from lmforge.convert.hf import load_hf_model
+
+        folder = Path(path)
+        model, _ = load_hf_model(folder, device, pick_dtype(dtype, device))
+    else:
+        folder = resolve_checkpoint(path)
+        weights, config = load_model(folder, device="cpu")
+        cfg = ModelConfig.from_dict(config["model"], source=str(folder / "config.json"))
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model = model.to(pick_dtype(dtype, device)).to_empty(device=device)
+        model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below
+        load_weights(model, weights, folder)
+        model = model.eval()
     if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
         raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json)")
     return model, load_tokenizer(folder)

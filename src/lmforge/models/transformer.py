@@ -27,8 +27,9 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 
-__all__ = ["Transformer", "Block", "Attention", "KVCache", "RMSNorm", "GeluMLP", "SwiGLUMLP", "build_norm",
-           "MLP_CLASSES", "apply_rotary", "rotate_half", "rope_cos_sin"]
+__all__ = ["Transformer", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm", "MLP", "GatedMLP",
+           "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
+           "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap"]
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
@@ -52,31 +53,54 @@ class RMSNorm(nn.Module):
     weight multiplies it (the Llama reference order), so bf16 training stays stable.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset  # scale by (offset + weight): Gemma stores weight - 1 (offset 1)
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + self.offset if self.offset else self.weight
         if _HAS_RMS_NORM:  # one fused kernel (torch >= 2.4)
-            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+            return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return weight * x32.to(x.dtype)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose scale is ``offset + weight`` (Nemotron's LayerNorm1P stores weight - 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, offset: float = 0.0):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.offset = offset
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "offset", 0.0):
+            nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + self.offset, self.bias, self.eps)
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
-    """The norm layer named by ``cfg.normalization``: LayerNorm (with bias per ``cfg.bias``) or RMSNorm."""
+    """The norm layer named by ``cfg.normalization``: LayerNorm (bias per ``cfg.layernorm_bias``, else
+    ``cfg.bias``) or RMSNorm; both scale by ``cfg.norm_offset + weight``."""
     if cfg.normalization == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=cfg.bias)
+        bias = cfg.bias if cfg.layernorm_bias is None else cfg.layernorm_bias
+        if cfg.norm_offset:
+            return LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=bias, offset=cfg.norm_offset)
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, bias=bias)
     if cfg.normalization == "rmsnorm":
-        return RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        return RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, offset=cfg.norm_offset)
     raise ValueError(f"unknown normalization {cfg.normalization!r}")
 
 
@@ -84,17 +108,47 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
 # Rotary position embedding (Hugging Face Llama's "rotate half" convention)
 
 
+def rope_inv_freq(dim: int, base: float, scaling: Optional[dict] = None,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """Rotary frequencies ``base ** (-2i / dim)`` for ``i < dim / 2`` (fp32), optionally rescaled.
+
+    Args:
+        dim: rotated channels per head.
+        base: ``rotary_base`` (``rope_theta``).
+        scaling: None, ``{"rope_type": "linear", "factor": f}`` (positions divided by f) or
+            ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`` (Llama 3.1: long wavelengths divided by factor,
+            short ones kept, a smooth blend between).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, blended, scaled)
+
+
 def rope_cos_sin(head_dim: int, max_positions: int, base: float,
-                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: Optional[torch.device] = None, scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Precompute the rotary tables in fp32.
 
-    Frequencies ``base ** (-2i / head_dim)`` for ``i < head_dim / 2``; the angle table is repeated
-    along the last dimension (not interleaved), matching :func:`rotate_half`.
+    Frequencies from :func:`rope_inv_freq`; the angle table is repeated along the last dimension
+    (not interleaved), matching :func:`rotate_half`. ``head_dim`` is the number of rotated channels
+    (``cfg.rotary_dim``, less than the head size with partial rotary).
 
     Returns:
         ``(cos, sin)``, each ``(max_positions, head_dim)`` fp32.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, base, scaling, device)
     positions = torch.arange(max_positions, device=device, dtype=torch.int64).float()
     angles = torch.outer(positions, inv_freq)  # (P, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (P, hd)
@@ -108,13 +162,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, n, hd) by the angles of its positions; ``cos``/``sin`` are (T, hd), or
-    (B, T, hd) when each sequence has its own positions."""
+    """Rotate ``x`` (B, T, n, hd) by the angles of its positions; ``cos``/``sin`` are (T, rd), or
+    (B, T, rd) when each sequence has its own positions. With ``rd < hd`` (partial rotary) only the
+    first ``rd`` channels of each head turn; the rest pass through."""
     if cos.dim() == 2:
-        cos, sin = cos[None], sin[None]  # (1, T, hd)
-    cos = cos[:, :, None, :].to(x.dtype)  # (B|1, T, 1, hd)
+        cos, sin = cos[None], sin[None]  # (1, T, rd)
+    cos = cos[:, :, None, :].to(x.dtype)  # (B|1, T, 1, rd)
     sin = sin[:, :, None, :].to(x.dtype)
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        x_rot, x_pass = x[..., :rd], x[..., rd:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
     return x * cos + rotate_half(x) * sin
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)``: squash logits smoothly into (-cap, cap) (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +189,9 @@ class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through ``F.scaled_dot_product_attention``.
 
     ``num_query_groups`` key/value heads serve ``num_attention_heads`` query heads; query head ``h``
-    reads key/value head ``h // (nh // nkv)``.
+    reads key/value head ``h // (nh // nkv)``. Options read from the config once, here:
+    ``qkv_bias``, this layer's sliding window (``cfg.window_for_layer``), ``attention_scale`` and
+    ``attn_logit_softcapping`` (which needs the scores, so it runs the attention as plain matmuls).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -136,10 +202,14 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
         self.use_rope = cfg.position_embedding_type == "rope"
+        self.window = cfg.window_for_layer(layer_idx)  # None: full causal attention
+        self.scale = cfg.attention_scale  # None: SDPA's default 1/sqrt(hd)
+        self.logit_cap = cfg.attn_logit_softcapping
         C, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(C, self.n_heads * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * hd, bias=cfg.bias)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.q_proj = nn.Linear(C, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, C, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -149,7 +219,7 @@ class Attention(nn.Module):
 
         Args:
             x: (B, T, C) hidden states of the new tokens, at positions ``start_pos .. start_pos+T-1``.
-            rope: ``(cos, sin)`` rows for those positions, each (T, hd); None without RoPE.
+            rope: ``(cos, sin)`` rows for those positions, each (T, rd); None without RoPE.
             kv_cache: when given, the new keys/values are written at ``[start_pos, start_pos+T)`` and
                 the tokens attend over the cached ``[0, start_pos+T)``.
             start_pos: position of the first new token.
@@ -157,6 +227,10 @@ class Attention(nn.Module):
                 different positions (a serving engine's cache); the cache then decides what is visible.
             attn_mask: optional bool (B, 1, T, T) mask replacing the causal one without a cache (packed
                 sequences: causal within each document, nothing across documents).
+
+        With a sliding window, the window is ANDed into whichever mask applies. In the cache path the
+        cache's keys are taken to be indexed by position (key ``s`` of the returned keys is position
+        ``s``), which holds for :class:`KVCache` and for slot-per-sequence caches.
 
         Returns:
             (B, T, C).
@@ -171,82 +245,203 @@ class Attention(nn.Module):
             k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
-        is_causal = T > 1 and attn_mask is None
+        mask = attn_mask
         if kv_cache is not None:
             # The cache stores the new keys/values and says which keys each new token may see:
             # None means plain causal (or everything, for a single new token).
-            k, v, attn_mask = kv_cache.update(self.layer_idx, start_pos, k, v, positions)  # (B, nkv, S, hd)
-            if attn_mask is not None or T == 1:
-                is_causal = False
-
-        extra = {}
-        if self.n_kv_heads != self.n_heads:
-            if _SDPA_HAS_GQA:
-                extra["enable_gqa"] = True
-            else:
-                repeat = self.n_heads // self.n_kv_heads
-                k = k.repeat_interleave(repeat, dim=1)  # (B, nh, S, hd)
-                v = v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0, **extra)  # (B, nh, T, hd)
+            k, v, mask = kv_cache.update(self.layer_idx, start_pos, k, v, positions)  # (B, nkv, S, hd)
+        if self.window is not None:
+            mask = self._and_window(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
+                                    cached=kv_cache is not None, device=x.device)
+        is_causal = mask is None and T > 1
+        dropout = self.dropout if self.training else 0.0
+        if self.logit_cap is not None:
+            y = self._eager(q, k, v, mask, is_causal, dropout)
+        else:
+            extra = {}
+            if self.n_kv_heads != self.n_heads:
+                if _SDPA_HAS_GQA:
+                    extra["enable_gqa"] = True
+                else:
+                    k, v = self._repeat_kv(k), self._repeat_kv(v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                               scale=self.scale, **extra)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.o_proj(y)
 
+    def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nkv, S, hd) -> (B, nh, S, hd)
+
+    def _and_window(self, mask: Optional[torch.Tensor], T: int, S: int, start_pos: int,
+                    positions: Optional[torch.Tensor], cached: bool, device: torch.device) -> torch.Tensor:
+        """``mask`` (None: causal) restricted to keys less than ``self.window`` positions back."""
+        if cached:
+            query_pos = positions if positions is not None else torch.arange(start_pos, start_pos + T, device=device)
+        else:  # no cache: token indices (packed documents restart positions, index distances stay right)
+            query_pos = torch.arange(T, device=device)
+        query_pos = query_pos.reshape(-1, 1, T, 1) if query_pos.dim() == 2 else query_pos[:, None]  # (B|T.., T, 1)
+        key_pos = torch.arange(S, device=device)
+        window = key_pos > query_pos - self.window  # (T, S) or (B, 1, T, S)
+        if mask is None:
+            return window & (key_pos <= query_pos)
+        return mask & window
+
+    def _eager(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
+        """Attention as matmuls, with soft-capped scores (SDPA cannot cap them)."""
+        if self.n_kv_heads != self.n_heads:
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+        scores = softcap((q @ k.transpose(-2, -1)) * scale, self.logit_cap)  # (B, nh, T, S)
+        if is_causal:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), p=dropout)
+        return probs @ v  # (B, nh, T, hd)
+
 
 # ----------------------------------------------------------------------------------------------
-# MLPs: one class per activation
+# MLPs: plain, gated, mixture of experts
 
 
-class GeluMLP(nn.Module):
-    """``down_proj(gelu(up_proj(x)))`` with exact (erf) GELU, as GPT-3/Megatron/NeMo use."""
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+# activation name -> the function applied to up_proj (plain MLP) or gate_proj (gated MLP)
+ACTIVATION_FNS = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "squared_relu": _squared_relu,
+                  "swiglu": F.silu, "geglu": _gelu_tanh}
+
+
+class MLP(nn.Module):
+    """``down_proj(act(up_proj(x)))``: exact GELU (GPT-3/Megatron), tanh GELU (GPT-2, StarCoder2) or
+    squared ReLU (Nemotron)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act = ACTIVATION_FNS[cfg.activation]
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))  # (B, T, C) -> (B, T, ffn) -> (B, T, C)
+        return self.down_proj(self.act(self.up_proj(x)))  # (B, T, C) -> (B, T, ffn) -> (B, T, C)
 
 
-class SwiGLUMLP(nn.Module):
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Llama's gated MLP)."""
+class GatedMLP(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: SwiGLU (Llama, act = silu) or GeGLU (Gemma, tanh GELU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act = ACTIVATION_FNS[cfg.activation]
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-MLP_CLASSES: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
+GeluMLP = MLP  # the names of the first model version
+SwiGLUMLP = GatedMLP
+
+
+class MoE(nn.Module):
+    """Mixture of experts (Mixtral): a linear ``router`` scores ``num_moe_experts`` gated MLPs, each
+    token goes to its ``moe_router_topk`` best, weighted by their softmax probabilities renormalized
+    over the chosen ones.
+
+    The router's load-balancing loss is not computed yet (fine-tuning works without it; pretraining an
+    MoE from scratch wants it).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.moe_router_topk
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_moe_experts, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(cfg) for _ in range(cfg.num_moe_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C) tokens
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # tokens routed to expert e
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
+def build_mlp(cfg: ModelConfig) -> nn.Module:
+    """The feed-forward layer: :class:`MoE` when ``num_moe_experts`` is set, else a gated or plain MLP."""
+    if cfg.num_moe_experts is not None:
+        return MoE(cfg)
+    return GatedMLP(cfg) if cfg.gated else MLP(cfg)
+
+
+MLP_CLASSES: dict[str, type[nn.Module]] = {a: (GatedMLP if a in ("swiglu", "geglu") else MLP) for a in ACTIVATION_FNS}
 
 
 # ----------------------------------------------------------------------------------------------
-# Block
+# Blocks
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    With ``cfg.sandwich_norm`` (Gemma 2) the attention and MLP outputs are normed again before they are
+    added (``attn_output_norm``, ``mlp_output_norm``); otherwise those are identities.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = build_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
+        self.attn_output_norm = build_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.post_attention_layernorm = build_norm(cfg)
-        self.mlp = MLP_CLASSES[cfg.activation](cfg)
+        self.mlp = build_mlp(cfg)
+        self.mlp_output_norm = build_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 kv_cache: Optional["KVCache"] = None, start_pos: int = 0,
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), rope, kv_cache, start_pos, positions, attn_mask)
-        x = x + self.dropout(h)  # (B, T, C)
-        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.dropout(self.attn_output_norm(h))  # (B, T, C)
+        x = x + self.dropout(self.mlp_output_norm(self.mlp(self.post_attention_layernorm(x))))
         return x
+
+
+class ParallelBlock(nn.Module):
+    """Attention and MLP side by side (Falcon): ``x + attn(norm1(x)) + mlp(norm2(x))``.
+
+    With ``cfg.shared_input_norm`` one norm (``input_layernorm``) feeds both and
+    ``post_attention_layernorm`` is absent (Falcon-7B); else the MLP reads ``post_attention_layernorm(x)``
+    (Falcon-40B/180B's ``ln_mlp``).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = build_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = None if cfg.shared_input_norm else build_norm(cfg)
+        self.mlp = build_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                kv_cache: Optional["KVCache"] = None, start_pos: int = 0,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        a = self.input_layernorm(x)
+        m = a if self.post_attention_layernorm is None else self.post_attention_layernorm(x)
+        h = self.self_attn(a, rope, kv_cache, start_pos, positions, attn_mask) + self.mlp(m)
+        return x + self.dropout(h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +531,8 @@ class Transformer(nn.Module):
         else:
             self.embed_positions = None
         self.dropout = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        block = ParallelBlock if cfg.parallel_attn_mlp else Block
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
         self.norm = build_norm(cfg)
         if cfg.share_embeddings_and_output_weights:
             self.lm_head = None
@@ -344,9 +540,9 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.position_embedding_type == "rope":
             # Non-persistent: rebuilt from the config, never saved. Recomputed by init_weights after to_empty.
-            cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base,
-                                    device=self.embed_tokens.weight.device)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (P, hd)
+            cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rotary_base,
+                                    device=self.embed_tokens.weight.device, scaling=cfg.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (P, rd)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
@@ -375,7 +571,10 @@ class Transformer(nn.Module):
             ValueError: ``start_pos + T`` exceeds ``max_position_embeddings``.
         """
         hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids)
-        return F.linear(hidden, self.output_weight())  # (B, T, V)
+        logits = F.linear(hidden, self.output_weight())  # (B, T, V)
+        if self.cfg.final_logit_softcapping is not None:
+            logits = softcap(logits, self.cfg.final_logit_softcapping)
+        return logits
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
                       positions: Optional[torch.Tensor] = None,
@@ -391,6 +590,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions [{start_pos}, {end}) do not fit the model's max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; shorten the input (or start_pos)")
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        if self.cfg.embedding_multiplier is not None:  # Gemma: sqrt(C), rounded to the compute dtype as HF does
+            x = x * torch.tensor(self.cfg.embedding_multiplier, dtype=x.dtype, device=x.device)
         if self.embed_positions is not None:
             pos = positions if positions is not None else torch.arange(start_pos, end, device=input_ids.device)
             x = x + self.embed_positions(pos)  # (B, T, C) + (T, C) or (B, T, C)
@@ -452,12 +653,12 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 normal_(module.weight, std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
+                nn.init.constant_(module.weight, 1.0 - getattr(module, "offset", 0.0))
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         if self.rope_cos is not None:
-            cos, sin = rope_cos_sin(self.cfg.head_dim, self.cfg.max_position_embeddings, self.cfg.rotary_base,
-                                    device=self.rope_cos.device)
+            cos, sin = rope_cos_sin(self.cfg.rotary_dim, self.cfg.max_position_embeddings, self.cfg.rotary_base,
+                                    device=self.rope_cos.device, scaling=self.cfg.rope_scaling)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
