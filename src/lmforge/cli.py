@@ -124,33 +124,6 @@ def _cmd_preprocess(a):
     return 0
 
 
-def _add_generate(sub):
-    p = sub.add_parser("generate", help="complete a prompt with a trained model")
-    p.add_argument("model", help="a checkpoint folder, or a results/checkpoints folder (its latest checkpoint)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.set_defaults(func=_cmd_generate)
-
-
-def _cmd_generate(a):
-    from lmforge.models.generate import generate
-    from lmforge.models.load import load_for_inference
-
-    model, tokenizer = load_for_inference(a.model, device=a.device, dtype=a.dtype)
-    ids = tokenizer.encode(a.prompt)
-    new = generate(model, ids, a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_k=a.top_k,
-                   top_p=a.top_p, seed=a.seed, eod_id=tokenizer.eod_id)
-    print(a.prompt + tokenizer.decode(new))
-    return 0
-
-
 # Stages that live in their own package register their commands here: each module has
 # ``add_commands(subparsers)``. A package not written yet is simply absent.
 COMMAND_MODULES = (
@@ -185,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     _add_tokenizer(sub)
     _add_preprocess(sub)
-    _add_generate(sub)
     _add_stage_commands(sub)
     return parser
 

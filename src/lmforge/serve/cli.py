@@ -1,0 +1,232 @@
+"""The ``serve`` and ``generate`` commands.
+
+``lmforge serve MODEL`` starts the OpenAI-compatible server; ``lmforge generate MODEL --prompt TEXT``
+completes one prompt, and ``lmforge generate MODEL --input prompts.jsonl --output out.jsonl`` runs a
+file of prompts through the continuous-batching engine (resumable: prompts already answered in the
+output are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from lmforge.errors import DataError, UserError
+
+__all__ = ["add_commands", "generate_file", "read_prompts", "answered_ids"]
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_commands(sub) -> None:
+    """Register ``serve`` and ``generate`` on the ``lmforge`` subparsers."""
+    _add_serve(sub)
+    _add_generate(sub)
+
+
+# ----------------------------------------------------------------------------------------------
+# serve
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", help="a checkpoint folder, or a results/checkpoints folder (its latest checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY; none when unset)")
+    p.add_argument("--model-name", default=None, help="the name clients send as 'model' (default: the folder name)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="positions per sequence, prompt + output (default: the model's context, at most 8192)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (413 above)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens accepted (400 above)")
+    p.add_argument("--max-pending", type=int, default=256, help="requests queued or running before 503")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with CUDA graphs (GPU)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(a) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("serving needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from None
+    from lmforge.serve.server import run_server
+
+    run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
+               max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
+               max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
+               compile_decode=a.compile)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt, or a JSONL file of prompts, with a trained model")
+    p.add_argument("model", help="a checkpoint folder, or a results/checkpoints folder (its latest checkpoint)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; the completion is printed after it")
+    src.add_argument("--input", help="JSONL file: one object per line with 'prompt' (or chat 'messages'), "
+                                     "optionally 'id' and per-line max_tokens/temperature/top_p/top_k/seed/stop")
+    p.add_argument("--output", help="JSONL file of completions (with --input); prompts already answered are skipped")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed (with --input, line i uses seed + i)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _params(a, seed: Optional[int], overrides: Optional[dict] = None):
+    from lmforge.serve.engine import SamplingParams
+
+    o = overrides or {}
+    stop = o.get("stop") or []
+    return SamplingParams(max_tokens=int(o.get("max_tokens", a.max_new_tokens)),
+                          temperature=0.0 if a.greedy else float(o.get("temperature", a.temperature)),
+                          top_k=o.get("top_k", a.top_k), top_p=float(o.get("top_p", a.top_p or 1.0)),
+                          seed=o.get("seed", seed), stop=[stop] if isinstance(stop, str) else list(stop))
+
+
+def _cmd_generate(a) -> int:
+    from lmforge.serve.engine import engine_from_checkpoint
+
+    if a.input is not None and a.output is None:
+        raise UserError("--input needs --output (a JSONL file for the completions)")
+    if a.prompt is not None and a.output is not None:
+        raise UserError("--output goes with --input; with --prompt the completion is printed")
+    if a.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype,
+                                    max_batch_size=1 if a.prompt is not None else a.max_batch_size)
+    if a.prompt is not None:
+        ids = engine.tokenizer.encode(a.prompt)
+        if a.max_new_tokens == 0:
+            print(a.prompt)
+            return 0
+        new = engine.generate([ids], _params(a, a.seed))[0]
+        print(a.prompt + engine.tokenizer.decode(new, skip_special_tokens=True))
+        return 0
+    summary = generate_file(engine, a.input, a.output, lambda i, o: _params(a, None if a.seed is None else a.seed + i, o))
+    print(json.dumps(summary))
+    return 0
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Lines of a prompts JSONL file as ``{"id", "index", "prompt" | "messages", ...}``; DataError on a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: give a JSONL file with one {{\"prompt\": ...}} object per line")
+    records, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
+                raise DataError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
+            rec["id"] = str(rec.get("id", n))
+            if rec["id"] in seen:
+                raise DataError(f"{path}:{n}: id {rec['id']!r} appears twice; ids must be unique")
+            seen.add(rec["id"])
+            rec["index"] = len(records)
+            records.append(rec)
+    return records
+
+
+def answered_ids(path: str | os.PathLike) -> set[str]:
+    """Ids already in an output JSONL file. A last line cut short by a crash is removed from the file."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    ids = set()
+    good_end = 0
+    pos = 0
+    for raw in data.splitlines(keepends=True):
+        pos += len(raw)
+        try:
+            rec = json.loads(raw) if raw.endswith(b"\n") else None
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or "id" not in rec:
+            if pos == len(data):
+                break  # a torn last line: dropped below
+            raise DataError(f"{path} has a malformed line at byte {pos - len(raw)}; fix or remove it to resume")
+        ids.add(str(rec["id"]))
+        good_end = pos
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return ids
+
+
+def generate_file(engine, input_path, output_path, params_for) -> dict:
+    """Complete every prompt of ``input_path`` not yet answered in ``output_path``, appending one line each.
+
+    Args:
+        engine: an :class:`~lmforge.serve.engine.Engine` with a tokenizer.
+        params_for: ``(line_index, record) -> SamplingParams``.
+
+    Returns:
+        ``{"total", "skipped", "written", "output"}``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    records = read_prompts(input_path)
+    done = answered_ids(output_path)
+    todo = [r for r in records if r["id"] not in done]
+    chat = None
+    by_id: dict[str, dict] = {}
+    for rec in todo:
+        if "messages" in rec and not isinstance(rec.get("prompt"), str):
+            if chat is None:
+                from lmforge.serve.chat import NoChatTemplateError, load_chat_template
+
+                chat = load_chat_template(engine.tokenizer)
+                if chat is None:
+                    raise NoChatTemplateError(f"{input_path}: line id {rec['id']!r} has 'messages' but the model's "
+                                              f"tokenizer has no chat template; give 'prompt' strings instead")
+            ids = chat.encode(rec["messages"])
+        else:
+            ids = engine.tokenizer.encode(rec["prompt"])
+        engine.add_request(rec["id"], ids, params_for(rec["index"], rec))
+        by_id[rec["id"]] = {"ids": [], "text": "", "rec": rec}
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(output_path, "a", encoding="utf-8") as out, Progress(
+            TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            disable=not todo) as progress:
+        task = progress.add_task("generate", total=len(todo))
+        while engine.has_work():
+            for o in engine.step():
+                acc = by_id[o.request_id]
+                acc["ids"].extend(o.token_ids)
+                acc["text"] += o.text
+                if not o.finished:
+                    continue
+                rec = acc["rec"]
+                line = {"id": rec["id"], **({"prompt": rec["prompt"]} if "prompt" in rec else {}),
+                        "completion": acc["text"], "finish_reason": o.finish_reason,
+                        "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")  # one whole line per write
+                out.flush()
+                written += 1
+                progress.advance(task)
+                del by_id[o.request_id]
+    return {"total": len(records), "skipped": len(records) - len(todo), "written": written, "output": str(output_path)}

@@ -1,0 +1,633 @@
+"""The inference engine: a slot-per-sequence KV cache, a continuous-batching scheduler and sampling.
+
+Nothing here knows about HTTP. The server (:mod:`lmforge.serve.server`) talks to an
+:class:`~lmforge.serve.client.AsyncEngineClient`, which runs an :class:`Engine` in a thread.
+
+How a step works (:meth:`Engine.step`):
+
+1. *Admit*: waiting requests take free cache slots while the batch has room (``max_batch_size``) and
+   the prompts of this step fit ``max_prefill_tokens``; they are prefilled together in one forward
+   (right-padded), and each samples its first token.
+2. *Decode*: every running sequence feeds its newest token at its own position in one batched
+   forward (``positions`` (B, 1)); each samples its next token.
+3. Finished sequences leave the batch; the last running sequence moves into the freed slot, so the
+   running batch always occupies slots ``0..n-1`` and the decode step reads a plain slice of the cache.
+
+Greedy decoding through the engine gives the tokens of :func:`lmforge.models.generate.generate` for
+every request, whatever else is in the batch (up to floating-point ties).
+
+On a GPU, ``compile_decode=True`` compiles the decode step with ``torch.compile(mode="reduce-overhead")``
+(CUDA graphs); the batch size and the attended length are rounded up to buckets so only a few graphs
+are recorded. The CPU path is plain eager PyTorch.
+
+Not supported yet: LoRA adapters per request, prompt logprobs (``echo``), beam search, chunked prefill.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import UserError
+
+__all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
+           "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a client can cause (the server maps them to HTTP statuses)
+
+
+class InvalidRequestError(UserError):
+    """A request the engine cannot run as given (a bad sampling value, an empty prompt): HTTP 400."""
+
+    status = 400
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit the context or the server's prompt limit: HTTP 413."""
+
+    status = 413
+
+
+class EngineBusyError(UserError):
+    """The queue is full or the engine is shutting down: HTTP 503 (try again later)."""
+
+    status = 503
+
+
+# ----------------------------------------------------------------------------------------------
+# Values passed in and out
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded (OpenAI's parameters plus vLLM's usual extras).
+
+    Args:
+        max_tokens: most new tokens (the stop token, when one ends the sequence, counts as one).
+        temperature: 0 means greedy (argmax).
+        top_k: keep the k most likely tokens (0 or None: all).
+        top_p: nucleus sampling mass (1.0: all).
+        min_p: drop tokens whose probability is below ``min_p`` x the top probability (0: off).
+        repetition_penalty: > 1 discourages tokens already in the prompt or output (CTRL/HF rule:
+            positive logits divided, negative multiplied).
+        frequency_penalty, presence_penalty: OpenAI's: ``logit -= frequency * count + presence * (count > 0)``
+            over the tokens generated so far.
+        stop: strings that end the output; the stop string is not returned.
+        stop_token_ids: token ids that end the output (as the end-of-sequence token does).
+        ignore_eos: keep going past the tokenizer's end-of-sequence token.
+        seed: seeds this request's own generator (same seed, same tokens); None draws a random seed.
+        logprobs: None for none; k >= 0 returns the chosen token's log-probability and the k most likely.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    logprobs: Optional[int] = None
+
+    MAX_LOGPROBS = 20
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidRequestError` naming the first bad field."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 0, "top_k", f"top_k must be >= 0 (0: off), got {self.top_k}"),
+            (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, "repetition_penalty",
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty",
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS, "logprobs",
+             f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidRequestError(message, param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token and the ``top`` most likely alternatives ``[(id, logprob)]``.
+
+    Log-probabilities are those of the model's raw distribution (before temperature and filters).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text since the last output.
+
+    ``text`` is the new text only (a stop string and anything after it are never sent; text that
+    could still become a stop string, or an incomplete UTF-8 character, is held back a step).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: Optional[list[TokenLogprob]]
+    finished: bool
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV cache
+
+
+def bucket(n: int, step: int, limit: Optional[int] = None) -> int:
+    """``n`` rounded up to a multiple of ``step`` (a power of two when ``step`` is 0), capped at ``limit``."""
+    m = 1 << max(0, (n - 1).bit_length()) if step == 0 else step * math.ceil(n / step)
+    return min(m, limit) if limit is not None else m
+
+
+class SlotKVCache:
+    """A preallocated key/value cache with one slot per sequence, each sequence at its own position.
+
+    ``k[layer]`` and ``v[layer]`` are ``(num_slots + 1, max_seq_len, nkv, hd)`` buffers (grouped-query
+    aware: ``nkv = num_query_groups`` heads are stored). Slot ``s`` holds one sequence, its token at
+    position ``p`` at index ``p``; the extra last slot is scratch that padding tokens write into.
+
+    Before each forward the engine calls :meth:`bind` with the slots of the batch rows and the positions
+    of the new tokens; the model then calls :meth:`update` once per layer (the model's cache protocol).
+
+    Sliding-window hook: the returned mask says which keys a query may see by filling and causality
+    only, and key index ``j`` is position ``j`` of its row, so a model with an attention window ANDs
+    ``positions[:, None, :, None] - j < window`` into it.
+    """
+
+    def __init__(self, cfg, num_slots: int, max_seq_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if num_slots < 1 or max_seq_len < 1:
+            raise ValueError(f"SlotKVCache needs num_slots >= 1 and max_seq_len >= 1, got {num_slots}, {max_seq_len}")
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.scratch = num_slots  # index of the padding slot
+        shape = (num_slots + 1, max_seq_len, cfg.num_query_groups, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self._bound: Optional[tuple] = None
+
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers never move, so CUDA graphs may write into them in place."""
+        for t in self.k + self.v:
+            torch._dynamo.mark_static_address(t)
+
+    def bind(self, first_slot: int, lengths: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+             span: int) -> None:
+        """Describe the next forward.
+
+        Args:
+            first_slot: batch row ``b`` is slot ``first_slot + b``.
+            lengths: (B,) int64 filled length of each row after the new tokens are written.
+            positions: (B, T) int64 position of each new token.
+            valid: (B, T) bool, False for padding tokens (written into the scratch slot, seen by nobody).
+            span: keys attended, ``S >= max(lengths)``; the rows' views are ``[0, S)``.
+        """
+        B, T = positions.shape
+        device = positions.device  # computed where the inputs are (the CPU, in the engine), then moved once
+        slots = torch.arange(first_slot, first_slot + B, device=device)[:, None].expand(B, T)
+        write_slots = torch.where(valid, slots, torch.full_like(slots, self.scratch))
+        write_pos = torch.where(valid, positions, torch.zeros_like(positions))
+        keys = torch.arange(span, device=device)
+        mask = (keys[None, None, :] < lengths[:, None, None]) & (keys[None, None, :] <= positions[:, :, None])
+        # A padding query sees key 0 only (never an empty row, which would give NaN).
+        mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
+        dev = self.k[0].device
+        self._bound = (first_slot, first_slot + B, span, write_slots.to(dev, non_blocking=True),
+                       write_pos.to(dev, non_blocking=True), mask[:, None].to(dev, non_blocking=True))  # (B, 1, T, S)
+
+    def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor,
+               positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` (B, nkv, T, hd) of layer ``layer_idx`` at the bound slots and positions.
+
+        Returns:
+            keys and values (B, nkv, S, hd) of the bound rows over ``[0, S)``, and the bool visibility
+            mask (B, 1, T, S): key j is visible to new token i iff j is filled for that row and
+            ``j <= position(i)``. ``start_pos`` is ignored: every row has its own positions.
+        """
+        if self._bound is None:
+            raise RuntimeError("SlotKVCache.update called before bind()")
+        lo, hi, span, write_slots, write_pos, mask = self._bound
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        kb.index_put_((write_slots, write_pos), k.transpose(1, 2).to(kb.dtype))  # (B, T, nkv, hd) rows
+        vb.index_put_((write_slots, write_pos), v.transpose(1, 2).to(vb.dtype))
+        return kb[lo:hi, :span].transpose(1, 2), vb[lo:hi, :span].transpose(1, 2), mask
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (every layer)."""
+        for buf in self.k + self.v:
+            buf[dst, :length] = buf[src, :length]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[tuple[list, list]]
+                   ) -> torch.Tensor:
+    """Apply penalties, temperature, top-k, top-p and min-p to next-token logits.
+
+    Args:
+        logits: (B, V) fp32 logits, one row per request.
+        params: each row's sampling parameters.
+        histories: each row's ``(prompt_ids, output_ids)`` (penalties read them).
+
+    Returns:
+        (B, V) logits with filtered tokens at -inf and temperature applied (greedy rows: penalties only).
+    """
+    logits = logits.clone()
+    B, V = logits.shape
+    for b, p in enumerate(params):
+        if not p.needs_penalties:
+            continue
+        prompt, output = histories[b]
+        row = logits[b]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if output and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=V)[:V].float()
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    sampled = [b for b, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return logits
+    idx = torch.tensor(sampled, device=logits.device)
+    rows = logits[idx]  # (b, V)
+    sp = [params[b] for b in sampled]
+    temp = torch.tensor([p.temperature for p in sp], device=logits.device)[:, None]
+    rows = rows / temp
+    top_k = [p.top_k if p.top_k and p.top_k < V else V for p in sp]
+    if min(top_k) < V:
+        sorted_desc = rows.sort(dim=-1, descending=True).values
+        kth = sorted_desc.gather(-1, torch.tensor(top_k, device=logits.device)[:, None] - 1)  # (b, 1)
+        rows = rows.masked_fill(rows < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in sp], device=logits.device)[:, None]
+    if (top_p < 1).any():
+        sorted_rows, order = rows.sort(dim=-1, descending=True)
+        probs = sorted_rows.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens; the first token is always kept
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        rows = rows.masked_fill(drop, float("-inf"))
+    min_p = torch.tensor([p.min_p for p in sp], device=logits.device)[:, None]
+    if (min_p > 0).any():
+        probs = rows.softmax(-1)
+        rows = rows.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    logits[idx] = rows
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+
+
+class _Sequence:
+    """One request inside the engine."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, device: torch.device,
+                 max_new: int):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_new = max_new  # max_tokens clipped to the cache length
+        self.output_ids: list[int] = []
+        self.num_generated = 0  # output tokens plus a final stop token
+        self.slot = -1
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
+        self.text = ""
+        self.sent_chars = 0
+        self.sent_tokens = 0
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.finish_reason: Optional[str] = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache once the newest output token is fed."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Engine:
+    """Continuous-batching generation over a :class:`~lmforge.models.transformer.Transformer`.
+
+    Args:
+        model: the model (eval mode; its parameters' device and dtype are used).
+        tokenizer: an lmforge tokenizer (``decode``, ``eod_id``); None gives token ids only (no text,
+            no stop strings).
+        max_batch_size: most sequences decoded together (cache slots).
+        max_seq_len: positions per slot (prompt + output); default ``min(max_position_embeddings, 8192)``.
+        max_prefill_tokens: most (padded) prompt tokens prefilled in one step; a longer single prompt
+            is still admitted alone.
+        compile_decode: compile the decode step with CUDA graphs (GPU only; ignored on CPU).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
+                 max_prefill_tokens: int = 8192, compile_decode: bool = False):
+        if max_batch_size < 1:
+            raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_seq_len = min(max_seq_len or min(self.cfg.max_position_embeddings, 8192),
+                               self.cfg.max_position_embeddings)
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.compiled = bool(compile_decode) and self.device.type == "cuda"
+        # With CUDA graphs every decode shape is a recorded graph: round batch and span up to buckets.
+        self.batch_step = 0 if self.compiled else 1
+        self.span_step = 256 if self.compiled else (64 if self.device.type == "cuda" else 1)
+        num_slots = bucket(max_batch_size, self.batch_step)
+        self.cache = SlotKVCache(self.cfg, num_slots, self.max_seq_len, self.device, self.dtype)
+        self.eos_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []  # running[i] sits in slot i
+        self._ids: set[str] = set()
+        self._decode = self._decode_forward
+        if self.compiled:
+            self.cache.mark_static()
+            limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+            # dynamic=None: the model reads int(positions.max()) for its length check, a graph break whose
+            # value must not be specialized (one recompile per position otherwise).
+            self._decode = torch.compile(self._decode_forward, mode="reduce-overhead")
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a request. Raises :class:`InvalidRequestError` / :class:`PromptTooLongError` at once."""
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
+        if request_id in self._ids:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if len(prompt) >= self.max_seq_len:
+            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but this engine holds {self.max_seq_len} "
+                                     f"positions per sequence; shorten it to at most {self.max_seq_len - 1} tokens",
+                                     "prompt")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})", "prompt")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        max_new = min(params.max_tokens, self.max_seq_len - len(prompt))
+        self.waiting.append(_Sequence(request_id, prompt, params, self.device, max_new))
+        self._ids.add(request_id)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Drop a request; returns its final output (finish_reason "abort") or None if unknown."""
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.finish_reason = "abort"
+                self._ids.discard(request_id)
+                return self._output(seq)
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = "abort"
+                out = self._output(seq)
+                self._release([seq])
+                return out
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration: admit and prefill waiting requests, then decode the running batch.
+
+        Returns one :class:`RequestOutput` per request that produced tokens or finished.
+        """
+        outputs: dict[str, RequestOutput] = {}
+        new = self._admit()
+        if new:
+            first = len(self.running)
+            self.running.extend(new)
+            for i, seq in enumerate(new):
+                seq.slot = first + i
+            logits = self._prefill(new, first)
+            self._advance(new, logits, outputs)
+        ready = [s for s in self.running if s.finish_reason is None and s.output_ids and s not in new]
+        if ready:
+            logits = self._decode_running(ready)
+            self._advance(ready, logits, outputs)
+        self._release([s for s in self.running if s.finish_reason is not None])
+        return list(outputs.values())
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 ) -> list[list[int]]:
+        """Run ``prompts`` to completion (offline use and tests); returns each one's new token ids."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [f"gen-{i}-{secrets.token_hex(4)}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        result: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for out in self.step():
+                result[out.request_id].extend(out.token_ids)
+        return [result[rid] for rid in ids]
+
+    # -- scheduling ----------------------------------------------------------------------------------
+
+    def _admit(self) -> list[_Sequence]:
+        new: list[_Sequence] = []
+        longest = 0
+        while self.waiting and len(self.running) + len(new) < self.max_batch_size:
+            seq = self.waiting[0]
+            longest2 = max(longest, len(seq.prompt_ids))
+            if new and longest2 * (len(new) + 1) > self.max_prefill_tokens:
+                break
+            new.append(self.waiting.popleft())
+            longest = longest2
+        return new
+
+    def _release(self, done: list[_Sequence]) -> None:
+        """Remove finished sequences; the last running sequence moves into each freed slot."""
+        for seq in done:
+            slot = self.running.index(seq)
+            last = self.running[-1]
+            if last is not seq:
+                self.cache.move(last.slot, slot, last.length - 1)
+                self.running[slot] = last
+                last.slot = slot
+            self.running.pop()
+            self._ids.discard(seq.request_id)
+
+    # -- forwards ------------------------------------------------------------------------------------
+
+    def _logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.model.output_weight()).float()  # (B, V)
+
+    def _prefill(self, seqs: list[_Sequence], first_slot: int) -> torch.Tensor:
+        lens = [len(s.prompt_ids) for s in seqs]
+        T = max(lens)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : lens[b]] = torch.tensor(s.prompt_ids)
+        lengths = torch.tensor(lens)
+        positions = torch.arange(T)[None, :].expand(len(seqs), T)
+        valid = positions < lengths[:, None]
+        positions = torch.where(valid, positions, torch.zeros_like(positions))
+        dev = self.device
+        span = bucket(T, self.span_step, self.max_seq_len)
+        self.cache.bind(first_slot, lengths, positions, valid, span)
+        hidden = self.model.hidden_states(ids.to(dev), kv_cache=self.cache, positions=positions.to(dev))  # (B, T, C)
+        last = hidden[torch.arange(len(seqs), device=dev), (lengths - 1).to(dev)]  # (B, C)
+        return self._logits_at(last)
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden_states(ids, kv_cache=self.cache, positions=positions)  # (B, 1, C)
+        return self._logits_at(hidden[:, -1])
+
+    def _decode_running(self, ready: list[_Sequence]) -> torch.Tensor:
+        n = len(self.running)
+        B = bucket(n, self.batch_step, self.cache.num_slots)
+        ids = torch.zeros(B, 1, dtype=torch.long)
+        pos = torch.zeros(B, 1, dtype=torch.long)
+        valid = torch.zeros(B, 1, dtype=torch.bool)
+        for s in ready:
+            ids[s.slot, 0] = s.output_ids[-1]
+            pos[s.slot, 0] = s.length - 1
+            valid[s.slot, 0] = True
+        lengths = torch.where(valid[:, 0], pos[:, 0] + 1, torch.zeros(B, dtype=torch.long))
+        span = bucket(int(lengths.max()), self.span_step, self.max_seq_len)
+        dev = self.device
+        self.cache.bind(0, lengths, pos, valid, span)
+        logits = self._decode(ids.to(dev), pos.to(dev))  # (B, V)
+        slots = torch.tensor([s.slot for s in ready], device=dev)
+        return logits[slots]  # a copy: a CUDA graph's output buffer is reused by the next replay
+
+    # -- sampling and stopping -------------------------------------------------------------------------
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, outputs: dict[str, RequestOutput]) -> None:
+        params = [s.params for s in seqs]
+        processed = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in seqs])
+        greedy_ids = processed.argmax(-1)
+        chosen: list[int] = greedy_ids.tolist()
+        sampled = [b for b, p in enumerate(params) if not p.greedy]
+        if sampled:
+            probs = processed[sampled].softmax(-1)
+            for j, b in enumerate(sampled):
+                chosen[b] = int(torch.multinomial(probs[j], 1, generator=seqs[b].generator))
+        want_lp = [b for b, p in enumerate(params) if p.logprobs is not None]
+        if want_lp:
+            logp = logits[want_lp].float().log_softmax(-1)
+            k = max(params[b].logprobs for b in want_lp)
+            top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+            chosen_lp = logp.gather(-1, torch.tensor([chosen[b] for b in want_lp], device=logp.device)[:, None])
+            chosen_lp = chosen_lp[:, 0].tolist()
+            top_v = top_v.tolist() if k else None
+            top_i = top_i.tolist() if k else None
+            for j, b in enumerate(want_lp):
+                kb = params[b].logprobs
+                top = list(zip(top_i[j][:kb], top_v[j][:kb])) if kb else []
+                seqs[b].pending_logprobs.append(TokenLogprob(chosen[b], chosen_lp[j], top))
+        for b, seq in enumerate(seqs):
+            self._append(seq, chosen[b])
+            if seq.finish_reason is not None or len(seq.output_ids) > seq.sent_tokens:
+                outputs[seq.request_id] = self._output(seq)
+
+    def _append(self, seq: _Sequence, token: int) -> None:
+        p = seq.params
+        seq.num_generated += 1
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+            if seq.pending_logprobs:
+                seq.pending_logprobs.pop()  # the stop token is not part of the output
+            return
+        seq.output_ids.append(token)
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if p.stop:
+                search_from = max(0, seq.sent_chars - max(len(s) for s in p.stop))
+                hits = [i for i in (seq.text.find(s, search_from) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[: min(hits)]
+                    seq.finish_reason = "stop"
+                    return
+        if seq.num_generated >= seq.max_new or seq.length >= self.max_seq_len:
+            seq.finish_reason = "length"
+
+    def _output(self, seq: _Sequence) -> RequestOutput:
+        done = seq.finish_reason is not None
+        text = ""
+        if self.tokenizer is not None:
+            upto = len(seq.text)
+            if not done:
+                if seq.params.stop:
+                    upto -= max(len(s) for s in seq.params.stop) - 1  # could still become a stop string
+                while upto > seq.sent_chars and seq.text[upto - 1] == "\ufffd":
+                    upto -= 1  # an incomplete UTF-8 character
+            upto = max(upto, seq.sent_chars)
+            text = seq.text[seq.sent_chars: upto]
+            seq.sent_chars = upto
+        new_ids = seq.output_ids[seq.sent_tokens:]
+        seq.sent_tokens = len(seq.output_ids)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        return RequestOutput(seq.request_id, new_ids, text, logprobs, done, seq.finish_reason, len(seq.prompt_ids),
+                             seq.num_generated)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the KV cache."""
+        return sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
+
+    def __repr__(self) -> str:
+        return (f"Engine(max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, device={self.device}, "
+                f"dtype={self.dtype}, compiled={self.compiled})")
+
+
+def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", **kwargs: Any) -> Engine:
+    """Load a model folder (:func:`lmforge.models.load.load_for_inference`) and build an :class:`Engine`."""
+    from lmforge.models.load import load_for_inference
+
+    model, tokenizer = load_for_inference(path, device=device, dtype=dtype)
+    return Engine(model, tokenizer, **kwargs)

@@ -1,0 +1,497 @@
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) over an :class:`~lmforge.serve.client.EngineClient`.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (the tokenizer's chat template), streaming as server-sent events
+(``data: {...}`` lines, then ``data: [DONE]``), usage counts, and errors as OpenAI's body
+``{"error": {"message", "type", "param", "code"}}``:
+
+=====  ================================================================================
+400    a value the engine cannot use (temperature < 0, max_tokens beyond the context, no chat template)
+401    a missing or wrong API key (when the server has one)
+404    an unknown model name or route
+413    a prompt longer than the server's prompt limit
+422    a request body that does not match the schema (a wrong type, a missing field)
+503    the queue is full or the server is shutting down
+=====  ================================================================================
+
+The server only talks to the engine through the client interface (``generate``, ``abort``,
+``start``, ``shutdown``); it never touches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.errors import UserError
+from lmforge.serve.chat import NoChatTemplateError, load_chat_template
+from lmforge.serve.client import EngineClient
+from lmforge.serve.engine import InvalidRequestError, PromptTooLongError, RequestOutput, SamplingParams, TokenLogprob
+
+__all__ = ["build_app", "run_server", "APIError", "CompletionRequest", "ChatCompletionRequest"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _as_api_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    status = getattr(e, "status", None)
+    if isinstance(e, UserError) and not isinstance(status, int):
+        status = 400
+    if isinstance(status, int):
+        kind = "service_unavailable" if status == 503 else "invalid_request_error"
+        return APIError(status, str(e), kind, getattr(e, "param", None))
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+# ----------------------------------------------------------------------------------------------
+# Request bodies (OpenAI's fields, plus vLLM's usual sampling extras)
+
+
+class _SamplingFields(BaseModel):
+    model: str
+    temperature: Optional[float] = 1.0
+    top_p: Optional[float] = 1.0
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    stop: Optional[Union[str, list[str]]] = None
+    presence_penalty: Optional[float] = 0.0
+    frequency_penalty: Optional[float] = 0.0
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = 0.0
+    repetition_penalty: Optional[float] = 1.0
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+
+
+class _Server:
+    """Request handling shared by the routes (holds the client and the limits; no global state)."""
+
+    def __init__(self, client: EngineClient, api_key: Optional[str], max_prompt_tokens: int, max_tokens_limit: int):
+        self.client = client
+        self.api_key = api_key
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_tokens_limit = max_tokens_limit
+        self.tokenizer = client.tokenizer
+        self._chat = None
+        self._chat_loaded = False
+
+    # -- checks --------------------------------------------------------------------------------------
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        if name != self.client.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.client.model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def chat_template(self):
+        if not self._chat_loaded:
+            self._chat = load_chat_template(self.tokenizer)
+            self._chat_loaded = True
+        if self._chat is None:
+            raise NoChatTemplateError("this model's tokenizer has no chat template (no 'chat_template' in "
+                                      "tokenizer_config.json, no chat_template.jinja); use /v1/completions or add "
+                                      "a template to the tokenizer folder", "messages")
+        return self._chat
+
+    def params(self, req: _SamplingFields, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int]
+               ) -> SamplingParams:
+        if prompt_len > self.max_prompt_tokens:
+            raise PromptTooLongError(f"the prompt has {prompt_len} tokens; this server accepts at most "
+                                     f"{self.max_prompt_tokens}", "prompt")
+        room = self.client.max_seq_len - prompt_len
+        if max_tokens is None:
+            max_tokens = min(room, self.max_tokens_limit)
+        if max_tokens > self.max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens={max_tokens} is above this server's limit of "
+                                      f"{self.max_tokens_limit}", "max_tokens")
+        if max_tokens > room:
+            raise InvalidRequestError(f"this model's context is {self.client.max_seq_len} tokens; the prompt has "
+                                      f"{prompt_len}, so max_tokens can be at most {room} (asked {max_tokens})",
+                                      "max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        p = SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                           top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0,
+                           repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                           frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                           stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+                           seed=req.seed, logprobs=logprobs)
+        p.validate()
+        return p
+
+    # -- running requests -----------------------------------------------------------------------------
+
+    def requests(self, prompts: list[list[int]], params: SamplingParams, n: int) -> list[AsyncIterator[RequestOutput]]:
+        """One engine stream per (prompt, sample); sample i of a seeded request uses seed + i."""
+        streams = []
+        for prompt in prompts:
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else _with_seed(params, params.seed + i)
+                streams.append(self.client.generate(prompt, p))
+        return streams
+
+    def token_text(self, tid: int) -> str:
+        return self.tokenizer.decode([tid]) if self.tokenizer is not None else str(tid)
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams in arrival order, tagged with the stream's index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, end))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _primed(agen: AsyncIterator) -> AsyncIterator:
+    """Start ``agen`` now (so a request error is raised before the response begins); yield everything."""
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = None
+        empty = True
+    else:
+        empty = False
+
+    async def rest():
+        if not empty:
+            yield first
+        async for item in agen:
+            yield item
+
+    return rest()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _completion_logprobs(server: _Server, lps: list[TokenLogprob], offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        text = server.token_text(lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({server.token_text(t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(server: _Server, lps: list[TokenLogprob]) -> dict:
+    def entry(tid: int, value: float) -> dict:
+        text = server.token_text(tid)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps]}
+
+
+def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
+              max_tokens_limit: Optional[int] = None) -> FastAPI:
+    """The FastAPI app serving ``client``'s model.
+
+    Args:
+        client: the engine client; started when the app starts, shut down (running requests finished)
+            when it stops.
+        api_key: when set, every /v1 route needs ``Authorization: Bearer <api_key>``.
+        max_prompt_tokens: longest prompt accepted (413 above); default the engine's context - 1.
+        max_tokens_limit: largest ``max_tokens`` accepted (400 above); default the engine's context.
+    """
+    server = _Server(client, api_key, max_prompt_tokens or client.max_seq_len - 1,
+                     max_tokens_limit or client.max_seq_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await client.start()
+        try:
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, e: UserError):
+        return _as_api_error(e).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        first = e.errors()[0].get("loc", ()) if e.errors() else ()
+        param = ".".join(str(x) for x in first if x != "body") or None
+        return APIError(422, "invalid request: " + "; ".join(parts), "invalid_request_error", param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return APIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}", kind).response()
+
+    @app.get("/health")
+    async def health():
+        if not client.is_healthy():
+            return APIError(503, "the engine is not running", "service_unavailable").response()
+        return {"status": "ok"}
+
+    def model_card() -> dict:
+        return {"id": client.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
+                "max_model_len": client.max_seq_len}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        server.check_key(request)
+        server.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        server.check_key(request)
+        server.check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        prompts = _completion_prompts(server, body.prompt)
+        params = [server.params(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = [s for i, p in enumerate(prompts) for s in server.requests([p], params[i], body.n)]
+        base = {"id": rid, "object": "text_completion", "created": created, "model": client.model_name}
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.stream:
+            return await _stream(server, streams, body, base, prompt_tokens, chat=False)
+        results = await _collect(streams)
+        choices = []
+        for i, r in enumerate(results):
+            lp = _completion_logprobs(server, r["logprobs"], 0) if body.logprobs is not None else None
+            choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish_reason"]})
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        server.check_key(request)
+        server.check_model(body.model)
+        prompt = server.chat_template().encode(body.messages)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = server.params(body, len(prompt), max_tokens, logprobs)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = server.requests([prompt], params, body.n)
+        base = {"id": rid, "object": "chat.completion", "created": created, "model": client.model_name}
+        if body.stream:
+            return await _stream(server, streams, body, {**base, "object": "chat.completion.chunk"}, len(prompt),
+                                 chat=True)
+        results = await _collect(streams)
+        choices = []
+        for i, r in enumerate(results):
+            lp = _chat_logprobs(server, r["logprobs"]) if body.logprobs else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": lp,
+                            "finish_reason": r["finish_reason"]})
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {**base, "choices": choices, "usage": _usage(len(prompt), completion_tokens)}
+
+    return app
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _completion_prompts(server: _Server, prompt) -> list[list[int]]:
+    """Token ids of each prompt: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt is empty", "prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            if server.tokenizer is None:
+                raise InvalidRequestError("this server has no tokenizer: send token ids as the prompt", "prompt")
+            ids = server.tokenizer.encode(p)
+        else:
+            ids = list(p)
+        if not ids:
+            raise InvalidRequestError("a prompt encodes to no tokens; give some text", "prompt")
+        out.append(ids)
+    return out
+
+
+async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[dict]:
+    results = [{"text": "", "logprobs": [], "finish_reason": None, "completion_tokens": 0} for _ in streams]
+    try:
+        async for i, out in _merged(streams):
+            r = results[i]
+            r["text"] += out.text
+            r["logprobs"].extend(out.logprobs or [])
+            r["completion_tokens"] = out.completion_tokens
+            if out.finished:
+                r["finish_reason"] = out.finish_reason
+    except Exception as e:
+        raise _as_api_error(e) from e
+    return results
+
+
+async def _stream(server: _Server, streams, body: _SamplingFields, base: dict, prompt_tokens: int, chat: bool):
+    try:
+        events = await _primed(_merged(streams))
+    except Exception as e:
+        raise _as_api_error(e) from e
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    want_lp = bool(getattr(body, "logprobs", None)) if chat else body.logprobs is not None
+
+    async def sse() -> AsyncIterator[str]:
+        completion_tokens = [0] * len(streams)
+        offsets = [0] * len(streams)
+        if chat:
+            for i in range(len(streams)):
+                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        try:
+            async for i, out in events:
+                completion_tokens[i] = out.completion_tokens
+                if not out.text and not out.finished and not (want_lp and out.logprobs):
+                    continue
+                if chat:
+                    lp = _chat_logprobs(server, out.logprobs or []) if want_lp else None
+                    choice = {"index": i, "delta": {"content": out.text} if out.text else {}, "logprobs": lp,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                else:
+                    lp = _completion_logprobs(server, out.logprobs or [], offsets[i]) if want_lp else None
+                    choice = {"index": i, "text": out.text, "logprobs": lp,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                offsets[i] += len(out.text)
+                chunk = {**base, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+        except Exception as e:  # after the response began, the error travels as an event
+            yield _sse(_as_api_error(e).body())
+            yield "data: [DONE]\n\n"
+            return
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens))})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+               model_name: Optional[str] = None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
+               max_prompt_tokens: Optional[int] = None, max_tokens_limit: Optional[int] = None,
+               max_pending: int = 256, device: str = "auto", dtype: str = "auto", compile_decode: bool = False,
+               graceful_timeout: int = 600, log_level: str = "info") -> None:
+    """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first)."""
+    import uvicorn
+    from pathlib import Path
+
+    from lmforge.serve.client import AsyncEngineClient
+    from lmforge.serve.engine import engine_from_checkpoint
+
+    engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                    max_seq_len=max_seq_len, compile_decode=compile_decode)
+    name = model_name or Path(model_path).resolve().name
+    client = AsyncEngineClient(engine, name, max_pending=max_pending)
+    app = build_app(client, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, log_level=log_level)

@@ -1,0 +1,172 @@
+"""The engine: slot cache == full forward, batched/continuous greedy == one-at-a-time generate(), sampling."""
+
+import pytest
+import torch
+
+from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams, SlotKVCache,
+                                  process_logits)
+
+STYLES = ("gpt", "llama")
+
+
+def make_model(style: str, max_positions: int = 64, std: float = 0.5) -> Transformer:
+    if style == "gpt":
+        cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                          max_position_embeddings=max_positions, init_method_std=std)
+    else:
+        cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=64, max_position_embeddings=max_positions, normalization="rmsnorm",
+                          activation="swiglu", bias=False, position_embedding_type="rope",
+                          share_embeddings_and_output_weights=False, init_method_std=std)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    return model.eval()
+
+
+PROMPTS = [[3, 17, 42, 5, 9], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [1, 2], [60, 0, 33, 8],
+           [5, 5, 5, 5, 5, 5, 5], [40, 41, 42]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_slot_cache_matches_full_forward(style):
+    model = make_model(style)
+    prompts = PROMPTS[:3]
+    cache = SlotKVCache(model.cfg, num_slots=4, max_seq_len=32)
+    lens = torch.tensor([len(p) for p in prompts])
+    T = int(lens.max())
+    ids = torch.zeros(3, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    pos = torch.arange(T)[None].expand(3, T)
+    valid = pos < lens[:, None]
+    pos = torch.where(valid, pos, 0)
+    # rows 0..2 go into slots 1..3: the batch need not start at slot 0
+    cache.bind(1, lens, pos, valid, span=T)
+    with torch.no_grad():
+        logits = model(ids, kv_cache=cache, positions=pos)
+        for b, p in enumerate(prompts):
+            full = model(torch.tensor([p]))[0]
+            torch.testing.assert_close(logits[b, : len(p)], full, atol=1e-5, rtol=1e-5)
+        # one decode step, every row at its own position; row 1 is padding this time
+        nxt = torch.tensor([[4], [0], [6]])
+        dpos = (lens - 1 + 1)[:, None].clone()
+        dvalid = torch.tensor([[True], [False], [True]])
+        dpos[1, 0] = 0
+        new_lens = torch.where(dvalid[:, 0], lens + 1, lens)
+        cache.bind(1, new_lens, dpos, dvalid, span=20)  # a span beyond every length: the mask hides the rest
+        step = model(nxt, kv_cache=cache, positions=dpos)
+        for b in (0, 2):
+            full = model(torch.tensor([prompts[b] + [int(nxt[b, 0])]]))[0, -1]
+            torch.testing.assert_close(step[b, 0], full, atol=1e-5, rtol=1e-5)
+        # the padding write went to the scratch slot: row 1's cache is its prompt only
+        torch.testing.assert_close(cache.k[0][2, 1:], torch.zeros_like(cache.k[0][2, 1:]))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_batched_greedy_equals_single_requests(style):
+    model = make_model(style)
+    engine = Engine(model, max_batch_size=8)
+    out = engine.generate(PROMPTS, GREEDY)
+    for prompt, got in zip(PROMPTS, out):
+        assert got == generate(model, prompt, 12, greedy=True)
+    assert not engine.has_work() and engine.running == [] and not engine._ids
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_continuous_batching_equals_single_requests(style):
+    """Small batch, small prefill budget, different lengths: requests join and leave a running batch."""
+    model = make_model(style)
+    engine = Engine(model, max_batch_size=3, max_prefill_tokens=12)
+    lengths = [3, 9, 1, 14, 6, 2, 11]
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths]
+    for i, (p, sp) in enumerate(zip(PROMPTS, params)):
+        engine.add_request(f"r{i}", p, sp)
+    got = {f"r{i}": [] for i in range(len(PROMPTS))}
+    late_added = False
+    max_running = 0
+    steps = 0
+    while engine.has_work():
+        for o in engine.step():
+            got[o.request_id].extend(o.token_ids)
+        steps += 1
+        max_running = max(max_running, len(engine.running))
+        if steps == 4 and not late_added:  # a request arriving while others run
+            engine.add_request("late", [9, 8, 7], SamplingParams(max_tokens=10, temperature=0.0))
+            got["late"] = []
+            late_added = True
+    assert max_running == 3
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths)):
+        assert got[f"r{i}"] == generate(model, p, n, greedy=True), i
+    assert got["late"] == generate(model, [9, 8, 7], 10, greedy=True)
+
+
+def test_context_limit_and_validation():
+    model = make_model("llama", max_positions=16)
+    engine = Engine(model, max_batch_size=2)
+    out = engine.generate([list(range(13))], SamplingParams(max_tokens=10, temperature=0.0))
+    assert out[0] == generate(model, list(range(13)), 10, greedy=True) and len(out[0]) == 3
+    with pytest.raises(PromptTooLongError, match="at most 15 tokens"):
+        engine.add_request("x", list(range(16)), GREEDY)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("x", [], GREEDY)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        engine.add_request("x", [1000], GREEDY)
+    for bad, name in ((dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
+                      (dict(logprobs=99), "logprobs"), (dict(min_p=2), "min_p")):
+        with pytest.raises(InvalidRequestError, match=name) as err:
+            engine.add_request("x", [1], SamplingParams(**bad))
+        assert err.value.param == name
+
+
+def test_stop_tokens_seeds_and_logprobs():
+    model = make_model("llama")
+    engine = Engine(model, max_batch_size=4)
+    free = generate(model, PROMPTS[0], 10, greedy=True)
+    stop_at = free[4]
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at]))
+    assert out[0] == free[: free.index(stop_at)]
+    # per-request seeds: the same seed gives the same tokens whatever runs beside it
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.95, min_p=0.01, seed=5)
+    alone = engine.generate([PROMPTS[1]], sp)[0]
+    crowd = engine.generate([PROMPTS[1], PROMPTS[2], PROMPTS[1]],
+                            [sp, SamplingParams(max_tokens=10, seed=6), SamplingParams(max_tokens=10, seed=7)])
+    assert crowd[0] == alone and len(alone) == 10
+    # logprobs are the model's log-softmax at each step
+    engine.add_request("lp", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0, logprobs=2))
+    lps = []
+    while engine.has_work():
+        for o in engine.step():
+            lps.extend(o.logprobs)
+    assert [lp.token_id for lp in lps] == free[:3]
+    with torch.no_grad():
+        full = model(torch.tensor([PROMPTS[0] + free[:2]]))[0].float().log_softmax(-1)
+    for i, lp in enumerate(lps):
+        row = full[len(PROMPTS[0]) - 1 + i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        assert [t for t, _ in lp.top] == row.topk(2).indices.tolist()
+        assert lp.top[0][0] == lp.token_id  # greedy picks the most likely
+
+
+def test_process_logits_filters_and_penalties():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    greedy = SamplingParams(temperature=0)
+    assert torch.equal(process_logits(logits, [greedy], [([], [])]), logits)
+    kept = lambda p: torch.isfinite(process_logits(logits, [p], [([], [])])[0]).nonzero()[:, 0].tolist()  # noqa: E731
+    assert kept(SamplingParams(top_k=2)) == [1, 3]
+    assert kept(SamplingParams(top_p=0.8)) == [1, 3]
+    assert kept(SamplingParams(top_p=0.9)) == [1, 2, 3]
+    assert kept(SamplingParams(min_p=0.3)) == [1, 3]  # p(3)/p(1) = e^-1 = 0.37; p(2)/p(1) = 0.14
+    out = process_logits(logits, [SamplingParams(temperature=2.0)], [([], [])])
+    torch.testing.assert_close(out, logits / 2)
+    # repetition penalty over prompt and output: positive logits divided, negative multiplied
+    out = process_logits(logits, [SamplingParams(temperature=0, repetition_penalty=2.0)], [([1], [4])])
+    assert out[0].tolist() == [0.0, 1.5, 1.0, 2.0, -2.0]
+    # frequency and presence penalties over the output only
+    out = process_logits(logits, [SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=1.0)],
+                         [([2], [3, 3, 1])])
+    assert out[0].tolist() == [0.0, 3.0 - 1.5, 1.0, 2.0 - 2.0, -1.0]
+    # rows keep their own parameters
+    both = process_logits(logits.repeat(2, 1), [SamplingParams(top_k=1), greedy], [([], []), ([], [])])
+    assert torch.isfinite(both[0]).sum() == 1 and torch.isfinite(both[1]).all()
