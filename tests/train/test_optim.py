@@ -43,3 +43,24 @@ def test_optimizer_names_and_betas():
         build_optimizer(m, "lamb", 1e-3, 0.01, [0.9, 0.95], 1e-8, torch.device("cpu"))
     with pytest.raises(ConfigError, match="betas"):
         build_optimizer(m, "adamw", 1e-3, 0.01, [0.9], 1e-8, torch.device("cpu"))
+
+
+def test_loss_objective_equals_cross_entropy_of_the_model_logits_with_softcapping():
+    """CausalLMLoss fuses the head into the loss; it must still equal the model's own logits' loss,
+    including Gemma 2's final logit soft-capping."""
+    import torch.nn.functional as F
+
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.train.objectives import CausalLMLoss
+
+    for cap in (None, 5.0):
+        cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                          max_position_embeddings=32, final_logit_softcapping=cap, init_method_std=0.5)
+        model = Transformer(cfg)
+        model.init_weights(seed=0)
+        tokens = torch.randint(0, 50, (2, 9))
+        loss_sum, n = CausalLMLoss(model)(tokens)
+        logits = model(tokens[:, :-1])
+        ref = F.cross_entropy(logits.reshape(-1, 50).float(), tokens[:, 1:].reshape(-1), reduction="sum")
+        assert n == 16
+        assert torch.allclose(loss_sum, ref, rtol=1e-5)

@@ -13,11 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.transformer import softcap
 
-def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy (fp32) of the output head ``weight`` (V, C) over ``hidden`` (N, C)."""
-    logits = F.linear(hidden, weight)  # (N, V) in the compute dtype
-    return F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
+
+def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        logit_softcap: Optional[float] = None) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of the output head ``weight`` (V, C) over ``hidden`` (N, C).
+
+    ``logit_softcap`` squashes the logits first, as the model's own forward does (Gemma 2).
+    """
+    logits = F.linear(hidden, weight).float()  # (N, V)
+    if logit_softcap is not None:
+        logits = softcap(logits, logit_softcap)
+    return F.cross_entropy(logits, labels, reduction="none")  # (N,)
 
 
 class CausalLMLoss(nn.Module):
@@ -42,7 +50,8 @@ class CausalLMLoss(nn.Module):
         if segment_ids is not None:
             segment_ids = segment_ids[:, :-1]
         hidden = self.model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)  # (B, T, C)
-        losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1))
+        cap = getattr(getattr(self.model, "cfg", None), "final_logit_softcapping", None)
+        losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1), cap)
         if loss_mask is None:
             return losses.sum(), labels.numel()
         mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
