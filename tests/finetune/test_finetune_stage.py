@@ -83,6 +83,15 @@ def test_cli_finetune_merge_and_preview(tmp_path, base_model_dir, task_files, ca
         assert (plain(x) - adapted(x)).abs().max() > 1e-4
         assert (merged(x) - adapted(x)).abs().max().item() < 1e-4
 
+    # generate with the adapter unmerged on the base equals generate with the merged model
+    capsys.readouterr()
+    prompt = ["--prompt", "Which food is red? Answer:", "--max-new-tokens", "4", "--greedy", "--device", "cpu",
+              "--dtype", "float32"]
+    assert main(["generate", base_model_dir, "--adapter", str(out / "adapter"), *prompt]) == 0
+    with_adapter = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "merged"), *prompt]) == 0
+    assert with_adapter == capsys.readouterr().out and with_adapter.startswith("Which food is red? Answer:")
+
     capsys.readouterr()
     assert main(["data", "preview", train, "--tokenizer", base_model_dir, "--count", "1", "--seq-length", "32"]) == 0
     shown = capsys.readouterr().out

@@ -32,7 +32,7 @@ def add_commands(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", help="a checkpoint folder, or a results/checkpoints folder (its latest checkpoint)")
+    p.add_argument("model", help="an lmforge checkpoint (or a results/checkpoints folder: its latest) or a Hugging Face model folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
@@ -47,6 +47,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--compile", action="store_true", help="compile the decode step with CUDA graphs (GPU)")
+    p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -61,7 +62,7 @@ def _cmd_serve(a) -> int:
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
-               compile_decode=a.compile)
+               compile_decode=a.compile, adapter=a.adapter)
     return 0
 
 
@@ -71,7 +72,7 @@ def _cmd_serve(a) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt, or a JSONL file of prompts, with a trained model")
-    p.add_argument("model", help="a checkpoint folder, or a results/checkpoints folder (its latest checkpoint)")
+    p.add_argument("model", help="an lmforge checkpoint (or a results/checkpoints folder: its latest) or a Hugging Face model folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; the completion is printed after it")
     src.add_argument("--input", help="JSONL file: one object per line with 'prompt' (or chat 'messages'), "
@@ -86,6 +87,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -109,7 +111,7 @@ def _cmd_generate(a) -> int:
         raise UserError("--output goes with --input; with --prompt the completion is printed")
     if a.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
-    engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype,
+    engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter,
                                     max_batch_size=1 if a.prompt is not None else a.max_batch_size)
     if a.prompt is not None:
         ids = engine.tokenizer.encode(a.prompt)

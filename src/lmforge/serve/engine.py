@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import UserError
+from lmforge.errors import ConfigError, UserError
 
 __all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
            "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
@@ -625,9 +625,24 @@ class Engine:
                 f"dtype={self.dtype}, compiled={self.compiled})")
 
 
-def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", **kwargs: Any) -> Engine:
-    """Load a model folder (:func:`lmforge.models.load.load_for_inference`) and build an :class:`Engine`."""
+def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adapter=None, **kwargs: Any) -> Engine:
+    """Load a model folder (:func:`lmforge.models.load.load_for_inference`) and build an :class:`Engine`.
+
+    ``adapter`` is a fine-tuned adapter folder (lmforge's or Hugging Face PEFT's): LoRA/DoRA and IA3 are
+    folded into the weights (no cost per token), bottleneck adapters run as extra modules.
+    """
     from lmforge.models.load import load_for_inference
 
     model, tokenizer = load_for_inference(path, device=device, dtype=dtype)
+    if adapter is not None:
+        from lmforge.peft import apply_adapter, merge_adapter, read_adapter
+
+        method = read_adapter(adapter)[0]
+        if method == "ptuning":
+            raise ConfigError(f"{adapter} is a p-tuning adapter; the serving engine does not prepend virtual tokens "
+                              f"yet. Use a LoRA, IA3 or bottleneck adapter here")
+        model = apply_adapter(model, adapter)
+        if method in ("lora", "ia3"):
+            merge_adapter(model)
+        model.eval()
     return Engine(model, tokenizer, **kwargs)

@@ -481,6 +481,7 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
                model_name: Optional[str] = None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
                max_prompt_tokens: Optional[int] = None, max_tokens_limit: Optional[int] = None,
                max_pending: int = 256, device: str = "auto", dtype: str = "auto", compile_decode: bool = False,
+               adapter: Optional[str] = None,
                graceful_timeout: int = 600, log_level: str = "info") -> None:
     """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first)."""
     import uvicorn
@@ -489,7 +490,7 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
     from lmforge.serve.client import AsyncEngineClient
     from lmforge.serve.engine import engine_from_checkpoint
 
-    engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, max_batch_size=max_batch_size,
+    engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, adapter=adapter, max_batch_size=max_batch_size,
                                     max_seq_len=max_seq_len, compile_decode=compile_decode)
     name = model_name or Path(model_path).resolve().name
     client = AsyncEngineClient(engine, name, max_pending=max_pending)

@@ -1,0 +1,58 @@
+"""Fine-tuning on several processes and in every precision: two torchrun ranks give the losses of one
+process with the same global batch; bf16-mixed, 16-mixed and gradient checkpointing train."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.finetune import run
+from tests.finetune.test_finetune_stage import config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finetune_cli(args, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "lmforge", "finetune", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+               "--master-addr=127.0.0.1", "-m", "lmforge", "finetune", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_two_ranks_match_one_process(tmp_path, base_model_dir, task_files):
+    train, val = task_files
+    common = ["--model", base_model_dir, "--data", train, "--val-data", val, "--method", "lora",
+              "seq_length=32", "micro_batch_size=2", "global_batch_size=8", "trainer.max_steps=5",
+              "trainer.accelerator=cpu", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+              "generation.num_samples=2", "generation.max_new_tokens=2", "optim.lr=0.02", "sft.pack=true"]
+    _finetune_cli(["--out", str(tmp_path / "one")] + common + ["trainer.devices=1"], 1)
+    _finetune_cli(["--out", str(tmp_path / "two")] + common + ["trainer.devices=2"], 2)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [s for s, _ in one["losses"]] == [s for s, _ in two["losses"]] == [1, 2, 3, 4, 5]
+    for (_, a), (_, b) in zip(one["losses"], two["losses"]):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("precision,checkpointing", [("bf16-mixed", False), ("16-mixed", True), ("32", True)])
+def test_precisions_and_gradient_checkpointing_train(tmp_path, base_model_dir, task_files, precision, checkpointing):
+    cfg = config(base_model_dir, *task_files, tmp_path / "run", "lora", steps=12, **{
+        "optim.lr": 2e-2, "peft.lora.target_modules": "[all-linear]", "trainer.precision": precision,
+        "gradient_checkpointing": str(checkpointing).lower()})
+    summary = run(cfg, console_log=lambda *a: None)
+    losses = [l for _, l in summary["losses"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
