@@ -1,0 +1,263 @@
+"""The launcher's config: NeMo-Megatron-Launcher-shaped ``conf/config.yaml`` composed with omegaconf.
+
+A launch config folder looks like NeMo's::
+
+    conf/
+      config.yaml                 defaults list, stages list, cluster_type, folders, container, cluster block
+      data_preparation/stdlib.yaml
+      training/tiny_llama.yaml    a ``run:`` block plus the stage's own config (pretrain keys)
+      cluster/slurm.yaml          optional: the cluster block as its own group
+
+``defaults`` is a list whose entries are ``_self_`` (the body of config.yaml) or ``GROUP: NAME``
+(``conf/GROUP/NAME.yaml`` placed under the key ``GROUP``), merged in list order. Command-line
+overrides are ``a.b.c=value`` (any key, e.g. ``training.trainer.num_nodes=2``) or ``GROUP=NAME``
+(choose another file of a group). Interpolations such as ``${base_results_dir}`` resolve against
+the composed whole.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmforge.config.loader import parse_override
+from lmforge.errors import ConfigError
+
+#: Values of ``cluster_type``: ``bcm`` (NeMo's name for a Slurm cluster) means slurm.
+CLUSTER_TYPES = {"local": "local", "slurm": "slurm", "bcm": "slurm"}
+CONTAINER_RUNTIMES = ("none", "apptainer", "singularity", "pyxis")
+
+#: Defaults for the top level of config.yaml (anything the user leaves out).
+TOP_DEFAULTS: dict[str, Any] = {
+    "stages": [],
+    "cluster_type": "local",
+    "base_results_dir": "results",
+    "data_dir": "data",
+    "python": None,  # the interpreter a stage runs (default: this one; in a container: python3)
+    "container_runtime": "none",  # none | apptainer | singularity | pyxis
+    "container": None,  # image: a .sif file (apptainer/singularity) or an image name/.sqsh (pyxis)
+    "container_mounts": [],  # host[:container] paths
+    "env_vars": {},
+    "cluster": {
+        "partition": None,
+        "account": None,
+        "job_name_prefix": "lmforge:",
+        "gpus_per_node": None,  # --gpus-per-node=N; null: --gres=gpu:N when gres is "gpu" (see below)
+        "gres": None,  # null | "gpu" (write --gres=gpu:N instead of --gpus-per-node) | a literal gres string
+        "cpus_per_task": None,
+        "mem": None,  # e.g. 0 (all of the node), "64G"
+        "exclusive": False,
+        "qos": None,
+        "signal_seconds": 120,  # --signal=B:USR1@<seconds>: save and requeue this long before the time limit
+        "requeue": True,
+        "srun_args": [],  # extra srun arguments for the stage's step, e.g. ["--mpi=pmix"]
+        "sbatch_args": [],  # extra #SBATCH lines, e.g. ["--constraint=h100"]
+        "rdzv_port": None,  # torchrun's c10d port on the head node (null: from the job id; the preflight uses +1)
+    },
+}
+
+#: Defaults of every stage's ``run:`` block.
+RUN_DEFAULTS: dict[str, Any] = {
+    "name": None,  # default: the stage name
+    "results_dir": None,  # default: ${base_results_dir}/<run.name>
+    "time_limit": "01:00:00",
+    "nodes": None,  # default 1 (training: trainer.num_nodes)
+    "ntasks_per_node": None,  # processes per node (default: gpus_per_node, or 1)
+    "gpus_per_node": None,  # default 0 (training: trainer.devices when the accelerator is not cpu)
+    "dependency": None,  # null: afterok on the stage before | "singleton" | any sbatch dependency string
+    "array": None,  # data preparation: true (one task per input shard) or "0-7%2"
+}
+
+_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_time_limit(value: Any, where: str = "time_limit") -> int:
+    """Seconds in a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    Raises:
+        ConfigError: the value is not one of those forms (or is zero).
+    """
+    text = str(value).strip()
+    m = _TIME_RE.match(text)
+    if isinstance(value, bool) or value is None or not m:
+        raise ConfigError(f"{where}={value!r} is not a Slurm time limit; use HH:MM:SS, D-HH:MM:SS or minutes "
+                          f"(e.g. 04:00:00 or 1-12:00:00)")
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        seconds = int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    elif len(parts) == 1:  # minutes
+        seconds = parts[0] * 60
+    elif len(parts) == 2:  # MM:SS
+        seconds = parts[0] * 60 + parts[1]
+    else:  # HH:MM:SS
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if seconds <= 0 or (len(parts) == 3 and days is None and (parts[1] >= 60 or parts[2] >= 60)):
+        raise ConfigError(f"{where}={value!r} is not a usable time limit; use HH:MM:SS (e.g. 04:00:00)")
+    return seconds
+
+
+def format_time_limit(seconds: int) -> str:
+    """``D-HH:MM:SS`` (or ``HH:MM:SS`` under a day), the form sbatch and people read best."""
+    days, rest = divmod(int(seconds), 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{days}-{h:02d}:{m:02d}:{s:02d}" if days else f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def _read(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OmegaConfBaseException, Exception) as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not readable YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return cfg
+
+
+def _group_options(conf_dir: Path, group: str) -> list[str]:
+    folder = conf_dir / group
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")) if folder.is_dir() else []
+
+
+def _defaults_entries(body: DictConfig, path: Path) -> list[tuple[str, Optional[str]]]:
+    """``[("_self_", None), ("training", "tiny_llama"), ...]`` from config.yaml's ``defaults`` list."""
+    raw = OmegaConf.to_container(body.get("defaults", ListConfig(["_self_"])), resolve=False)
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: `defaults` must be a list such as [_self_, {{training: tiny_llama}}]")
+    entries: list[tuple[str, Optional[str]]] = []
+    for item in raw:
+        if item == "_self_":
+            entries.append(("_self_", None))
+        elif isinstance(item, dict) and len(item) == 1:
+            (group, name), = item.items()
+            entries.append((str(group).lstrip("+"), None if name is None else str(name)))
+        else:
+            raise ConfigError(f"{path}: defaults entry {item!r} is neither _self_ nor `GROUP: NAME`")
+    if ("_self_", None) not in entries:
+        entries.insert(0, ("_self_", None))
+    return entries
+
+
+def load_launch_config(config_path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``config.yaml``, its chosen stage files and ``overrides`` into one resolved config.
+
+    Args:
+        config_path: the launcher's ``config.yaml`` (stage files live in folders beside it).
+        overrides: ``a.b.c=value`` or ``GROUP=NAME`` strings.
+
+    Returns:
+        The composed, resolved config; ``cluster_type`` is normalised to ``local`` or ``slurm``.
+
+    Raises:
+        ConfigError: a missing file, a malformed override, a group file that does not exist (the
+            existing ones are listed), an unresolvable interpolation, or a bad top-level value.
+    """
+    path = Path(config_path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    conf_dir = path.parent
+    body = _read(path)
+    entries = _defaults_entries(body, path)
+    groups = [g for g, _ in entries if g != "_self_"]
+
+    choices: dict[str, Optional[str]] = {g: n for g, n in entries if g != "_self_"}
+    dotted: list[tuple[str, Any]] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        if "." not in key and (key in groups or (conf_dir / key).is_dir()) and (value is None or isinstance(value, str)):
+            if key not in groups:  # a group not in the defaults list: append it
+                entries.append((key, None))
+                groups.append(key)
+            choices[key] = value
+        else:
+            dotted.append((key, value))
+
+    body_plain = OmegaConf.masked_copy(body, [k for k in body.keys() if k != "defaults"])
+    merged = OmegaConf.create(TOP_DEFAULTS)
+    for group, _ in entries:
+        if group == "_self_":
+            merged = OmegaConf.merge(merged, body_plain)
+            continue
+        name = choices.get(group)
+        if name is None:
+            continue
+        file = conf_dir / group / f"{name}.yaml"
+        if not file.is_file():
+            options = _group_options(conf_dir, group)
+            raise ConfigError(f"{group}={name}: no file {file}; "
+                              + (f"choose one of {', '.join(options)}" if options else f"{conf_dir / group} has no .yaml files"))
+        merged = OmegaConf.merge(merged, OmegaConf.create({group: _read(file)}))
+    for key, value in dotted:
+        try:
+            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {key}={value!r}: {str(e).splitlines()[0]}") from None
+    merged["_conf_dir"] = str(conf_dir.resolve())
+    merged["_choices"] = {g: n for g, n in choices.items()}
+    try:
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    _check_top(merged, path)
+    return merged
+
+
+def _check_top(cfg: DictConfig, path: Path) -> None:
+    ctype = str(cfg.cluster_type).lower()
+    if ctype not in CLUSTER_TYPES:
+        raise ConfigError(f"cluster_type={cfg.cluster_type!r} is not supported; use local or slurm (bcm means slurm)")
+    cfg.cluster_type = CLUSTER_TYPES[ctype]
+    runtime = str(cfg.container_runtime).lower()
+    if runtime not in CONTAINER_RUNTIMES:
+        raise ConfigError(f"container_runtime={cfg.container_runtime!r} is not supported; use one of "
+                          f"{', '.join(CONTAINER_RUNTIMES)}")
+    cfg.container_runtime = runtime
+    stages = cfg.stages
+    if isinstance(stages, str):
+        cfg.stages = [stages]
+    elif not isinstance(stages, (ListConfig, list)) or not stages:
+        raise ConfigError(f"{path}: `stages` must be a non-empty list, e.g. [data_preparation, training]")
+    mounts = cfg.container_mounts
+    if mounts is None:
+        cfg.container_mounts = []
+    elif isinstance(mounts, str):
+        cfg.container_mounts = [mounts]
+    cfg.container_mounts = [m for m in cfg.container_mounts if m]  # NeMo's configs hold [null]
+
+
+def run_block(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """The stage's ``run:`` block with the launcher's defaults filled in (not yet the stage-specific ones)."""
+    section = cfg.get(stage)
+    run_node = section.get("run") if isinstance(section, DictConfig) else None
+    raw = OmegaConf.to_container(run_node, resolve=True) if OmegaConf.is_config(run_node) else (run_node or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{stage}.run must be a mapping (name, results_dir, time_limit, nodes, ...)")
+    unknown = sorted(set(raw) - set(RUN_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{stage}.run.{unknown[0]} is not a run setting; known: {', '.join(RUN_DEFAULTS)}")
+    run = {**RUN_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
+    run["name"] = str(run["name"] or stage)
+    run["results_dir"] = str(Path(run["results_dir"] or Path(str(cfg.base_results_dir)) / run["name"]))
+    run["time_seconds"] = parse_time_limit(run["time_limit"], f"{stage}.run.time_limit")
+    for key in ("nodes", "ntasks_per_node", "gpus_per_node"):
+        value = run[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if key != "gpus_per_node" else 0)):
+            raise ConfigError(f"{stage}.run.{key}={value!r} must be a whole number"
+                              f"{' >= 1' if key != 'gpus_per_node' else ' >= 0'}")
+    return run
+
+
+def stage_body(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """The stage's own config (everything but ``run:``) as plain, resolved Python values."""
+    section = cfg.get(stage)
+    body = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    body.pop("run", None)
+    return body

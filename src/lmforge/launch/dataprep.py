@@ -1,0 +1,138 @@
+"""The data preparation stage: corpus -> tokenizer -> indexed datasets, one run or one array task per shard.
+
+Run as ``python -m lmforge.launch.dataprep CONFIG.yaml [--task N]`` (the launcher writes CONFIG.yaml
+from the stage's section; ``--task`` defaults to ``$SLURM_ARRAY_TASK_ID``). Config keys::
+
+    data_dir: data                 # where the corpus, tokenizer and datasets go
+    corpus: stdlib                 # stdlib: this Python's standard library as data_dir/stdlib.jsonl; null: use inputs
+    stdlib_max_bytes: 2000000      # cap on the standard-library corpus (null: all of it)
+    inputs: []                     # JSONL shards (when corpus is null); one array task each
+    tokenizer: {path: data/tokenizer, train: true, vocab_size: 1024, min_frequency: 2}
+    preprocess: {json_keys: [text], append_eod: true, workers: 1}
+
+Each shard ``NAME.jsonl`` becomes ``data_dir/NAME_<key>_document.bin/.idx`` (the prefix a training
+stage's ``model.data.data_prefix`` names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from lmforge.errors import ConfigError
+
+KEYS = ("data_dir", "corpus", "stdlib_max_bytes", "inputs", "tokenizer", "preprocess")
+TOKENIZER_KEYS = ("path", "train", "vocab_size", "min_frequency")
+PREPROCESS_KEYS = ("json_keys", "append_eod", "workers")
+
+
+def check_config(body: dict[str, Any], where: str = "data_preparation") -> int:
+    """Check the keys of a data preparation config; returns the number of shards.
+
+    Raises:
+        ConfigError: an unknown key, no corpus and no inputs, a tokenizer that is neither trained nor given.
+    """
+    for key in body:
+        if key not in KEYS:
+            raise ConfigError(f"{where}.{key} is not a data preparation setting; known: {', '.join(KEYS)}")
+    tok = body.get("tokenizer") or {}
+    pre = body.get("preprocess") or {}
+    for key in tok:
+        if key not in TOKENIZER_KEYS:
+            raise ConfigError(f"{where}.tokenizer.{key} is unknown; known: {', '.join(TOKENIZER_KEYS)}")
+    for key in pre:
+        if key not in PREPROCESS_KEYS:
+            raise ConfigError(f"{where}.preprocess.{key} is unknown; known: {', '.join(PREPROCESS_KEYS)}")
+    corpus = body.get("corpus")
+    inputs = body.get("inputs") or []
+    if corpus not in (None, "stdlib"):
+        raise ConfigError(f"{where}.corpus={corpus!r}: use stdlib, or null and list JSONL files in {where}.inputs")
+    if corpus is None and not inputs:
+        raise ConfigError(f"{where} has nothing to prepare: set {where}.corpus=stdlib or list JSONL files in {where}.inputs")
+    if not tok.get("path"):
+        raise ConfigError(f"{where}.tokenizer.path is required (where the tokenizer is written or read)")
+    if tok.get("train") and not tok.get("vocab_size"):
+        raise ConfigError(f"{where}.tokenizer.train=true needs {where}.tokenizer.vocab_size")
+    return 1 if corpus == "stdlib" else len(inputs)
+
+
+def shard_prefix(data_dir: Path, shard: Path) -> Path:
+    """The output prefix of one shard: ``data_dir/<shard file name without .jsonl>``."""
+    name = shard.name[:-len(".jsonl")] if shard.name.endswith(".jsonl") else shard.stem
+    return data_dir / name
+
+
+def run(body: dict[str, Any], task: Optional[int] = None, log=print) -> dict:
+    """Prepare the data described by ``body``; with ``task`` only that shard is preprocessed.
+
+    Returns:
+        ``{"shards": [...], "tokenizer": path, "datasets": [prefix, ...]}``.
+    """
+    from lmforge.data.corpus import stdlib_corpus
+    from lmforge.data.preprocess import preprocess
+    from lmforge.data.tokenizers import train_bpe
+
+    check_config(body)
+    data_dir = Path(body.get("data_dir") or "data")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tok = body.get("tokenizer") or {}
+    pre = body.get("preprocess") or {}
+    if body.get("corpus") == "stdlib":
+        shards = [data_dir / "stdlib.jsonl"]
+        if task in (None, 0):
+            info = stdlib_corpus(shards[0], max_bytes=body.get("stdlib_max_bytes"))
+            log(f"corpus: {info['documents']} modules, {info['bytes']:,} bytes -> {shards[0]}")
+    else:
+        shards = [Path(p) for p in body["inputs"]]
+    for shard in shards:
+        if not shard.is_file():
+            raise ConfigError(f"data preparation input {shard} does not exist")
+    if task is not None and not 0 <= task < len(shards):
+        raise ConfigError(f"array task {task} has no shard: there are {len(shards)} inputs")
+    tok_path = Path(tok["path"])
+    if tok.get("train") and task is None:
+        t = train_bpe([str(s) for s in shards], int(tok["vocab_size"]), tok_path,
+                      json_keys=tuple(pre.get("json_keys") or ["text"]), min_frequency=int(tok.get("min_frequency", 2)))
+        log(f"tokenizer: vocabulary {t.vocab_size} -> {tok_path}")
+    mine = shards if task is None else [shards[task]]
+    datasets = []
+    for shard in mine:
+        prefix = shard_prefix(data_dir, shard)
+        preprocess([str(shard)], str(prefix), str(tok_path), json_keys=tuple(pre.get("json_keys") or ["text"]),
+                   append_eod=bool(pre.get("append_eod", True)), workers=int(pre.get("workers", 1)),
+                   log=lambda *a: None)
+        datasets.append(str(prefix))
+        log(f"preprocessed {shard} -> {prefix}_*_document.bin/.idx")
+    return {"shards": [str(s) for s in shards], "tokenizer": str(tok_path), "datasets": datasets}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m lmforge.launch.dataprep``."""
+    from omegaconf import OmegaConf
+
+    from lmforge.errors import UserError
+
+    p = argparse.ArgumentParser(prog="python -m lmforge.launch.dataprep", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="the stage's YAML config (written by lmforge launch)")
+    p.add_argument("--task", type=int, default=None, help="array task: preprocess this shard only "
+                   "(default: $SLURM_ARRAY_TASK_ID when set)")
+    a = p.parse_args(argv)
+    task = a.task
+    if task is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        task = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    try:
+        body = OmegaConf.to_container(OmegaConf.load(a.config), resolve=True)
+        summary = run(body, task)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The local executor end to end: data preparation from the stdlib corpus -> tiny training, status, skip, failure."""
+
+from __future__ import annotations
+
+import json
+
+from lmforge.cli import main
+
+
+def _pipeline(tmp_path, h, tiny, **prep):
+    data = tmp_path / "r" / "data"
+    train = h.training_body(tiny)
+    train["model"]["tokenizer"]["model"] = "${data_dir}/tokenizer"
+    train["model"]["data"]["data_prefix"] = [1.0, "${data_dir}/stdlib_text_document"]
+    train["model"]["make_vocab_size_divisible_by"] = 64
+    body = {"run": {"time_limit": "00:10:00"}, "corpus": "stdlib", "stdlib_max_bytes": 150_000,
+            "tokenizer": {"path": "${data_dir}/tokenizer", "train": True, "vocab_size": 300},
+            "preprocess": {"json_keys": ["text"], "append_eod": True, "workers": 1}, **prep}
+    return h.write_conf(tmp_path, {"stages": ["data_preparation", "training"], "cluster_type": "local",
+                                   "base_results_dir": str(tmp_path / "r"), "data_dir": str(data)},
+                        {"data_preparation": body, "training": train})
+
+
+def test_local_pipeline_end_to_end(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _pipeline(tmp_path, launch_helpers, tiny_corpus)
+    assert main(["launch", str(path), "cluster_type=local", "training.trainer.max_steps=6"]) == 0
+    r = tmp_path / "r"
+    assert (r / "data" / "stdlib_text_document.bin").stat().st_size > 0
+    assert (r / "data" / "tokenizer" / "tokenizer.json").is_file()
+    summary = json.loads((r / "tiny" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["checkpoint"]
+    assert (r / "data_preparation" / "COMPLETED").is_file() and (r / "tiny" / "COMPLETED").is_file()
+    assert "step 6/6" in (r / "tiny" / "launch.log").read_text()
+    capsys.readouterr()
+
+    assert main(["launch", "status", str(r)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("COMPLETED") == 2
+    record = json.loads((r / "launch.json").read_text())
+    assert [s["state"] for s in record["stages"]] == ["completed", "completed"]
+
+    # a second launch skips both stages; --force reruns them (training resumes at its last checkpoint)
+    assert main(["launch", str(path), "training.trainer.max_steps=6"]) == 0
+    assert capsys.readouterr().out.count("already completed; skipped") == 2
+    mtime = (r / "data" / "stdlib_text_document.bin").stat().st_mtime_ns
+    assert main(["launch", str(path), "stages=[training]", "training.trainer.max_steps=8", "--force"]) == 0
+    assert json.loads((r / "tiny" / "summary.json").read_text())["resumed_from"].endswith("step_0000006")
+    assert (r / "data" / "stdlib_text_document.bin").stat().st_mtime_ns == mtime
+
+
+def test_local_stops_at_first_failure(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _pipeline(tmp_path, launch_helpers, tiny_corpus, corpus=None, inputs=[str(tmp_path / "missing.jsonl")])
+    assert main(["launch", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: stage data_preparation failed with exit code 2" in err and "not run: training" in err
+    assert not (tmp_path / "r" / "tiny").exists()
+    record = json.loads((tmp_path / "r" / "launch.json").read_text())
+    assert [s["state"] for s in record["stages"]] == ["failed", "pending"]
+    assert "missing.jsonl does not exist" in (tmp_path / "r" / "data_preparation" / "launch.log").read_text()

@@ -1,0 +1,105 @@
+"""sbatch scripts written by --dry-run: a 2-node x 4-GPU apptainer training job, gres, pyxis, arrays."""
+
+from __future__ import annotations
+
+import re
+
+from lmforge.cli import main
+from lmforge.launch import load_launch_config
+from lmforge.launch.slurm import script
+from lmforge.launch.stages import build_stages
+
+
+def _training_conf(tmp_path, h, corpus, **top):
+    body = h.training_body(corpus, devices=4, num_nodes=2, accelerator="gpu")
+    body["run"]["time_limit"] = "1-02:00:00"
+    body["model"]["global_batch_size"] = 96  # 4 per rank x 8 ranks x 3 accumulation
+    return h.write_conf(tmp_path, {"stages": ["training"], "base_results_dir": str(tmp_path / "r"),
+                                   "cluster_type": "slurm", **top}, {"training": body})
+
+
+def test_two_node_four_gpu_apptainer_dry_run(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    image = tmp_path / "lmforge.sif"
+    image.write_bytes(b"not really an image")
+    path = _training_conf(tmp_path, launch_helpers, tiny_corpus, container_runtime="apptainer", container=str(image),
+                          container_mounts=["/scratch:/scratch", "/data"],
+                          cluster={"partition": "gpu", "account": "genetics", "exclusive": True, "mem": 0,
+                                   "cpus_per_task": 8, "srun_args": ["--mpi=none"]})
+    monkeypatch.setenv("PATH", str(tmp_path / "no-sbatch-here"))  # a dry run needs no Slurm
+    assert main(["launch", str(path), "--dry-run"]) == 0
+    text = (tmp_path / "r" / "tiny" / "training.sbatch").read_text()
+    assert text in capsys.readouterr().out
+    sbatch = re.findall(r"^#SBATCH (.*)$", text, re.M)
+    for line in ["--job-name=lmforge:tiny", "--partition=gpu", "--account=genetics", "--time=1-02:00:00",
+                 "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=0",
+                 "--exclusive", f"--output={tmp_path}/r/tiny/slurm-%j.out", f"--error={tmp_path}/r/tiny/slurm-%j.err",
+                 "--signal=B:USR1@120", "--requeue"]:
+        assert line in sbatch, (line, sbatch)
+    assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
+    # preflight: one srun task per GPU, inside the container, before the stage
+    pre = next(l for l in text.splitlines() if "lmforge.launch.preflight" in l)
+    assert "srun --nodes=2 --ntasks=8 --ntasks-per-node=4 --cpus-per-task=8 --mpi=none" in pre
+    assert f"apptainer exec --nv --bind /scratch:/scratch,/data {image}" in pre
+    assert "--store-host=${HEAD_NODE} --store-port=${PREFLIGHT_PORT} --node-names=${HOSTS}" in pre and "exit 1" in pre
+    assert "RDZV_PORT=$((20000 + (SLURM_JOB_ID % 20000) * 2))" in text and "PREFLIGHT_PORT=$((RDZV_PORT + 1))" in text
+    main_line = next(l for l in text.splitlines() if "torch.distributed.run" in l)
+    assert text.index(pre) < text.index(main_line)
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=32 --mpi=none bash -c" in main_line
+    assert f"apptainer exec --nv --bind /scratch:/scratch,/data {image} python3 -m torch.distributed.run" in main_line
+    for arg in ["--nnodes=${SLURM_JOB_NUM_NODES}", "--nproc-per-node=4", "--rdzv-backend=c10d",
+                "--rdzv-endpoint=${HEAD_NODE}:${RDZV_PORT}", "--rdzv-id=${SLURM_JOB_ID}",
+                f"-m lmforge pretrain {tmp_path}/r/tiny/training_config.yaml"]:
+        assert arg in main_line, arg
+    assert 'trap "" USR1; exec ' in main_line
+    assert 'if [ "$rc" -eq 75 ] || [ "$signals" -gt 0 ]; then' in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert f'mv "{tmp_path}/r/tiny/COMPLETED.tmp" "{tmp_path}/r/tiny/COMPLETED"' in text
+    # the config the job reads is written beside the script, with the results folder filled in
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "r" / "tiny" / "training_config.yaml").read_text())
+    assert written["trainer"]["num_nodes"] == 2 and written["exp_manager"]["explicit_log_dir"] == f"{tmp_path}/r/tiny"
+    assert not (tmp_path / "r" / "launch.json").exists()  # nothing recorded: nothing was submitted
+
+
+def test_gres_pyxis_and_overrides(tmp_path, launch_helpers, tiny_corpus):
+    path = _training_conf(tmp_path, launch_helpers, tiny_corpus, container_runtime="pyxis",
+                          container="nvcr.io#nvidia/pytorch:24.05-py3", container_mounts=["/scratch"],
+                          cluster={"gres": "gpu:v100", "job_name_prefix": "gen-"})
+    cfg = load_launch_config(path, ["training.trainer.num_nodes=3", "cluster.signal_seconds=300",
+                                    "cluster.rdzv_port=31000"])
+    stage = build_stages(cfg, check_commands=False)[0]
+    text = script(stage, cfg)
+    assert "#SBATCH --gres=gpu:v100:4" in text and "--gpus-per-node" not in text
+    assert "#SBATCH --nodes=3" in text and "#SBATCH --job-name=gen-tiny" in text
+    assert "#SBATCH --signal=B:USR1@300" in text and "RDZV_PORT=31000" in text
+    assert "'--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts=/scratch" in text
+    assert "apptainer" not in text
+
+
+def test_data_preparation_array(tmp_path, launch_helpers, tiny_corpus):
+    shards = [str(tmp_path / f"shard{i}.jsonl") for i in range(3)]
+    path = launch_helpers.write_conf(
+        tmp_path, {"stages": ["data_preparation"], "base_results_dir": str(tmp_path / "r"), "cluster_type": "slurm"},
+        {"data_preparation": {"run": {"array": True, "dependency": "singleton"}, "corpus": None, "inputs": shards,
+                              "tokenizer": {"path": str(tiny_corpus["tokenizer"]), "train": False}}})
+    cfg = load_launch_config(path)
+    stage = build_stages(cfg)[0]
+    text = script(stage, cfg)
+    assert "#SBATCH --array=0-2" in text and "slurm-%A_%a.out" in text
+    assert "COMPLETED.task${SLURM_ARRAY_TASK_ID}" in text
+    assert "--requeue" not in text  # only resumable stages requeue
+    assert [m.name for m in stage.completion_markers()] == ["COMPLETED.task0", "COMPLETED.task1", "COMPLETED.task2"]
+
+
+def test_array_with_tokenizer_training_is_refused(tmp_path, launch_helpers):
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    path = launch_helpers.write_conf(
+        tmp_path, {"stages": ["data_preparation"], "base_results_dir": str(tmp_path / "r")},
+        {"data_preparation": {"run": {"array": True}, "corpus": None, "inputs": ["a.jsonl", "b.jsonl"],
+                              "tokenizer": {"path": "tok", "train": True, "vocab_size": 256}}})
+    with pytest.raises(ConfigError, match="needs an existing tokenizer"):
+        build_stages(load_launch_config(path))
