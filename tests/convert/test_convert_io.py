@@ -161,3 +161,24 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "exists"), "--to", "lmforge"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_training_runs_results_folder_converts_its_newest_checkpoint(tiny_corpus, tmp_path):
+    """`lmforge convert RESULTS_DIR out --to hf` takes the run's newest complete checkpoint (what a pipeline's
+    conversion stage needs: it cannot know the step folder's name before training has run)."""
+    from lmforge.config import load_config
+    from lmforge.models.load import load_for_inference
+    from lmforge.train.pretrain import run
+    from tests.conftest import tiny_overrides
+
+    run(load_config("tiny/llama", tiny_overrides(tiny_corpus, tmp_path / "run", **{"trainer.max_steps": 4})))
+    summary = convert(tmp_path / "run", tmp_path / "hf", to="hf", progress=False)
+    assert summary["family"] == "llama"
+    trained, _ = load_for_inference(tmp_path / "run" / "checkpoints" / "step_0000004", device="cpu", dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, trained.cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert (hf(ids).logits - trained(ids)).abs().max().item() < 1e-4
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+        convert(tmp_path / "empty", tmp_path / "hf2", to="hf", progress=False)

@@ -40,7 +40,7 @@ def test_example_composes_with_overrides(monkeypatch, tmp_path):
     assert cfg.training.run.results_dir == "/scratch/r/tiny_llama"
     assert cfg.training.model.data.data_prefix[1] == "/scratch/r/data/stdlib_text_document"
     stages = build_stages(cfg)
-    assert [s.kind for s in stages] == ["data_preparation", "training"]
+    assert [s.kind for s in stages] == ["data_preparation", "training", "conversion"]
     assert stages[1].module_args[:3] == ["-m", "lmforge", "pretrain"]
     assert stages[1].resumable and not stages[0].resumable
 

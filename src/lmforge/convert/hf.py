@@ -59,6 +59,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _checkpoint_of_run(path: str | os.PathLike) -> Path:
+    """A training run's results folder (or its checkpoints/ folder) stands for its newest complete checkpoint,
+    so a pipeline can convert "whatever training produced"; any other path is returned as it is."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "model_config.yaml").is_file():
+        if (path / "checkpoints").is_dir() or (path / "latest").is_file() or any(path.glob("step_*")):
+            from lmforge.models.load import resolve_checkpoint
+
+            return resolve_checkpoint(path)
+    return path
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """``"hf"``, ``"lmforge"`` or ``"nemo"`` for a model at ``path``; CheckpointError if it is none of them."""
     path = Path(path)
@@ -442,6 +454,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, family: Opt
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} already exists; choose a new folder or pass --overwrite")
+    src = _checkpoint_of_run(src)
     fmt = detect_format(src)
     source = open_source(src, family)
     cfg, fam = source.cfg, source.family
