@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from lmforge.errors import UserError
 
@@ -23,7 +24,10 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", default="16", help="an integer or 'auto' (default 16)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--output", default=None, help="write results.json here")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a fine-tuned adapter folder (LoRA/IA3 merged, bottleneck adapters unmerged) to evaluate "
+                        "on top of MODEL")
+    p.add_argument("--output", default=None, help="write results.json here (rank 0 under torchrun)")
     p.add_argument("--cache", default=None, help="the folder `lmforge prefetch` filled (default: $LMFORGE_CACHE)")
     p.add_argument("--bootstrap-iters", type=int, default=100000,
                    help="bootstrap resamples for perplexity's stderr (as lm_eval; 0: none)")
@@ -56,7 +60,9 @@ def _cmd_evaluate(a) -> int:
         raise UserError("pass --tasks, e.g. --tasks hellaswag,piqa")
     batch_size = a.batch_size if a.batch_size == "auto" else _positive_int(a.batch_size)
     doc = run(a.model[0], _split(a.tasks), parse_task_data(a.task_data), a.limit, batch_size, a.device, a.dtype,
-              a.output, a.bootstrap_iters, a.cache or str(default_cache_dir()))
+              a.output, a.bootstrap_iters, a.cache or str(default_cache_dir()), adapter=a.adapter)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     console.print(results_table(doc))
     if not a.output:
         print(json.dumps(doc["results"], indent=2))

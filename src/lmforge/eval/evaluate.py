@@ -2,6 +2,10 @@
 
 ``run(...)`` is what ``lmforge evaluate`` calls; :func:`evaluate_model` is the same on a model already
 in memory (any causal LM returning logits, with its tokenizer).
+
+Under torchrun (``WORLD_SIZE > 1``) :func:`run` evaluates data parallel: every rank loads the model,
+scores its share of the batches (:class:`~lmforge.eval.scorer.Scorer`), the results are gathered and
+rank 0 writes results.json; the numbers equal those of one process.
 """
 
 from __future__ import annotations
@@ -18,7 +22,18 @@ from lmforge.eval.data import load_task_records
 from lmforge.eval.scorer import Scorer
 from lmforge.eval.tasks import get_task, score_task
 
-__all__ = ["run", "evaluate_model", "parse_task_data", "compare", "results_table"]
+__all__ = ["run", "evaluate_model", "parse_task_data", "compare", "results_table", "with_adapter"]
+
+
+class AdapterError(UserError):
+    """An adapter folder that evaluation cannot use."""
+
+
+def with_adapter(model, adapter_dir):
+    """``model`` with the fine-tuned adapter in ``adapter_dir`` applied (:func:`lmforge.peft.adapter_for_inference`)."""
+    from lmforge.peft import adapter_for_inference
+
+    return adapter_for_inference(model, adapter_dir, use="evaluation")
 
 
 def parse_task_data(items: Sequence[str]) -> dict[str, str]:
@@ -35,8 +50,12 @@ def parse_task_data(items: Sequence[str]) -> dict[str, str]:
 def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
                    task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
                    batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
-                   cache_dir: Optional[str] = None, progress: bool = False) -> dict:
-    """Score ``tasks`` on an in-memory model; returns ``{"results": ..., "n_samples": ..., "truncated": ...}``."""
+                   cache_dir: Optional[str] = None, progress: bool = False, rank: int = 0,
+                   world_size: int = 1) -> dict:
+    """Score ``tasks`` on an in-memory model; returns ``{"results": ..., "n_samples": ..., "truncated": ...}``.
+
+    ``rank``/``world_size``: data parallel (torch.distributed initialized); every rank returns the results.
+    """
     if not tasks:
         raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
     resolved = [get_task(t) for t in tasks]  # unknown names fail before any data is read
@@ -54,7 +73,8 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
             except (KeyError, IndexError, ValueError, TypeError, SyntaxError) as e:
                 raise DataError(f"task {task.name}: record {n} does not fit the expected layout {task.layout} "
                                 f"({type(e).__name__}: {e})") from None
-        scorer = Scorer(model, tokenizer, max_length, batch_size=batch_size, progress=progress)
+        scorer = Scorer(model, tokenizer, max_length, batch_size=batch_size, progress=progress and rank == 0,
+                        rank=rank, world_size=world_size)
         results[task.name] = score_task(task, docs, scorer, bootstrap_iters)
         n_samples[task.name] = len(docs)
         truncated[task.name] = scorer.truncated
@@ -65,32 +85,53 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
 def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
         batch_size: Union[int, str] = 16, device: str = "auto", dtype: str = "auto",
         output: Optional[str] = None, bootstrap_iters: int = 100000, cache_dir: Optional[str] = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, adapter: Optional[str] = None) -> dict:
     """Evaluate the model at ``model`` (a checkpoint folder or a run's results folder) on ``tasks``.
+
+    ``adapter``: a fine-tuned adapter folder applied on top (see :func:`with_adapter`). Under torchrun
+    the evaluation is data parallel and only rank 0 writes ``output``.
 
     Returns the results document ``{"results": {task: {metric: value, metric_stderr: value}}, "config",
     "versions", "model"}``, also written to ``output`` (atomically) when given.
     """
     from lmforge.models.load import load_for_inference
+    from lmforge.parallel.runtime import init_runtime, shutdown
 
     for t in tasks:
         get_task(t)  # an unknown task fails before the model loads
-    lm, tokenizer = load_for_inference(model, device=device, dtype=dtype)
-    max_length = int(lm.cfg.max_position_embeddings)
-    out = evaluate_model(lm, tokenizer, tasks, max_length, task_data, limit, batch_size, bootstrap_iters,
-                         cache_dir, progress)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise AdapterError(f"--adapter {adapter} is not a folder; give the folder holding adapter_config.json")
+    runtime = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if str(device) not in ("auto", "cpu", "cuda", "gpu"):
+            raise UserError(f"--device {device} cannot be used under torchrun; use auto, cuda or cpu "
+                            f"(each rank takes the GPU of its LOCAL_RANK)")
+        runtime = init_runtime(str(device))
+        device = runtime.device
+    try:
+        lm, tokenizer = load_for_inference(model, device=device, dtype=dtype)
+        if adapter is not None:
+            lm = with_adapter(lm, adapter)
+        max_length = int(lm.cfg.max_position_embeddings)
+        rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
+        out = evaluate_model(lm, tokenizer, tasks, max_length, task_data, limit, batch_size, bootstrap_iters,
+                             cache_dir, progress, rank=rank, world_size=world)
+    finally:
+        if runtime is not None:
+            shutdown(runtime)
     doc = {
         "results": out["results"],
-        "config": {"model": str(model), "tasks": list(tasks), "task_data": dict(task_data or {}), "limit": limit,
+        "config": {"model": str(model), "adapter": None if adapter is None else str(adapter), "tasks": list(tasks),
+                   "task_data": dict(task_data or {}), "limit": limit,
                    "batch_size": batch_size, "device": str(next(lm.parameters()).device),
                    "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "max_length": max_length,
-                   "bootstrap_iters": bootstrap_iters, "n_samples": out["n_samples"],
+                   "bootstrap_iters": bootstrap_iters, "world_size": world, "n_samples": out["n_samples"],
                    "truncated_requests": out["truncated"],
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "versions": {**out["versions"], "lmforge": __version__},
         "model": str(model),
     }
-    if output:
+    if output and rank == 0:
         from lmforge.io import write_json_atomic
 
         write_json_atomic(output, doc)

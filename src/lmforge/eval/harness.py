@@ -10,13 +10,15 @@ or, from Python, ``import lmforge.eval.harness`` before ``lm_eval.simple_evaluat
 
 model_args: ``pretrained`` (an lmforge checkpoint or results folder), ``device`` (default auto),
 ``dtype`` (auto/float32/bfloat16/float16), ``batch_size`` (int or auto), ``max_length`` (default: the
-model's ``max_position_embeddings``). Token-level scoring is :class:`lmforge.eval.scorer.Scorer`.
+model's ``max_position_embeddings``), ``adapter`` (a fine-tuned adapter folder: LoRA/IA3 merged,
+bottleneck adapters unmerged, as ``lmforge evaluate --adapter``). Token-level scoring is :class:`lmforge.eval.scorer.Scorer`.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Union
 
+import lm_eval.models  # noqa: F401  (lm_eval's own models first: registering ours earlier would hide them)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -30,11 +32,16 @@ class LmforgeLM(TemplateLM):
     """lm_eval's ``LM`` interface over an lmforge model (loglikelihood, rolling loglikelihood, generation)."""
 
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto",
-                 batch_size: Union[int, str] = 16, max_length: Optional[int] = None, **kwargs):
+                 batch_size: Union[int, str] = 16, max_length: Optional[int] = None,
+                 adapter: Optional[str] = None, **kwargs):
         super().__init__()
         from lmforge.models.load import load_for_inference
 
         model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype)
+        if adapter:
+            from lmforge.eval.evaluate import with_adapter
+
+            model = with_adapter(model, adapter)
         self.model = model
         self.tokenizer = tokenizer
         batch_size = batch_size if str(batch_size) == "auto" else int(batch_size)

@@ -13,11 +13,17 @@ Three requests cover every task:
 
 Speed: requests are reduced to distinct model inputs (``(context + continuation)[:-1]``; choices that
 differ only in their last token, such as one-token answers, share one forward pass), sorted longest
-first and batched with right padding. Only the positions that are scored go through the output head
+first and batched with right padding. On an lmforge Transformer, a context shared by several multi-token
+choices (hellaswag, piqa) is computed once into a KV cache and each choice is scored from it (contexts of
+equal length are batched together); the numbers agree with full passes to float rounding. Only the positions that are scored go through the output head
 when the model is an lmforge :class:`~lmforge.models.transformer.Transformer`.
 
 A request longer than ``max_length + 1`` tokens is truncated from the left, as the harness does, and
 counted in :attr:`Scorer.truncated`.
+
+Data parallel: with ``world_size > 1`` (torch.distributed initialized) every rank forms the same sorted
+batches, scores batches ``rank, rank + world_size, ...`` and the results are gathered, so every rank
+returns all results, bit for bit those of one process (each batch is the one a single process runs).
 """
 
 from __future__ import annotations
@@ -81,12 +87,18 @@ class Scorer:
         device: where the inputs go; default: the model's parameters' device.
         prefix_token_id: override of the token used for an empty context.
         progress: show a progress bar (rich).
+        rank, world_size: this process's share under data parallelism (see the module's docstring).
+        reuse_context: compute a context shared by several multi-token choices once (KV cache).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int, batch_size: Union[int, str] = 16,
                  device: Optional[Union[str, torch.device]] = None, prefix_token_id: Optional[int] = None,
-                 progress: bool = False):
+                 progress: bool = False, rank: int = 0, world_size: int = 1, reuse_context: bool = True):
         self.model = model
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.reuse_context = bool(reuse_context)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
@@ -160,8 +172,19 @@ class Scorer:
         if self.batch_size != "auto":
             return int(self.batch_size)
         if self._auto_batch is None:
-            self._auto_batch = self.detect_batch_size(longest)
+            # every rank must form the same batches: take the smallest size any rank found
+            self._auto_batch = min(self._gather(self.detect_batch_size(longest)))
         return self._auto_batch
+
+    def _gather(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def detect_batch_size(self, length: int, start: int = 512) -> int:
         """The largest power of two <= ``start`` whose batch of ``length`` tokens runs without running out of
@@ -199,33 +222,104 @@ class Scorer:
             if len(full) > self.max_length + 1:
                 self.truncated += 1
             groups.setdefault(tuple(full[-(self.max_length + 1):][:-1]), []).append(i)
-        # 2. longest first (ties broken by the tokens, for a deterministic order)
-        inputs = sorted(groups, key=lambda t: (-len(t), t))
+        # 2. inputs that continue one shared context (multi-token choices) form families: the context is
+        #    computed once into a KV cache and every choice is scored from it (lmforge Transformers only)
+        inputs = sorted(groups, key=lambda t: (-len(t), t))  # longest first, ties broken by the tokens
         results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
         if not inputs:
             return []
-        batch_size = self._resolve_batch_size(len(inputs[0]))
-        bar = _progress(self.progress, len(inputs), "loglikelihood")
-        for b in range(0, len(inputs), batch_size):
-            chunk = inputs[b:b + batch_size]
-            width = len(chunk[0])
-            batch = torch.zeros((len(chunk), width), dtype=torch.long)
-            spans = []
-            for row, inp in enumerate(chunk):
-                batch[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-                longest = max(len(requests[i][1]) for i in groups[inp])
-                spans.append((len(inp) - longest, len(inp)))
-            logprobs = self._scored_logprobs(batch.to(self.device), spans)
-            for inp, lp in zip(chunk, logprobs):
+        families = self._families(requests, groups, inputs)
+        in_family = {inp for _, members in families for inp in members}
+        plain = [t for t in inputs if t not in in_family]
+        batch_size = self._resolve_batch_size(len(plain[0]) if plain else len(inputs[0]))
+        # 3. units of work: batches of plain inputs, then families batched by equal context length; under
+        #    data parallelism rank r takes units r, r + world_size, ... (the same units as one process)
+        units: list[tuple[str, list]] = [("plain", plain[b:b + batch_size]) for b in range(0, len(plain), batch_size)]
+        units += [("family", chunk) for chunk in _family_batches(families, batch_size)]
+        bar = _progress(self.progress and self.rank == 0, len(inputs), "loglikelihood")
+        mine: list[tuple[int, float, bool]] = []  # (request index, loglikelihood, greedy) scored here
+        for u in range(self.rank, len(units), self.world_size):
+            kind, chunk = units[u]
+            if kind == "plain":
+                scored = zip(chunk, self._score_inputs(chunk, requests, groups))
+            else:
+                scored = self._score_family_batch(chunk, requests, groups)
+            n = 0
+            for inp, lp in scored:
+                n += 1
                 for i in groups[inp]:
                     cont = torch.tensor(requests[i][1], dtype=torch.long, device=lp.device)
                     rows = lp[lp.shape[0] - len(cont):]  # (len(cont), V)
                     ll = rows.gather(1, cont[:, None]).sum().item()
                     greedy = bool((rows.argmax(dim=-1) == cont).all().item())
-                    results[i] = (float(ll), greedy)
-            bar.advance(len(chunk))
+                    mine.append((i, float(ll), greedy))
+            bar.advance(n * self.world_size)
         bar.close()
+        for share in self._gather(mine):
+            for i, ll, greedy in share:
+                results[i] = (ll, greedy)
         return results  # type: ignore[return-value]
+
+    def _score_inputs(self, chunk: list[tuple[int, ...]], requests, groups) -> list[torch.Tensor]:
+        """One right-padded forward pass over ``chunk``; the log-probabilities of each input's scored positions."""
+        batch = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
+        spans = []
+        for row, inp in enumerate(chunk):
+            batch[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+            longest = max(len(requests[i][1]) for i in groups[inp])
+            spans.append((len(inp) - longest, len(inp)))
+        return self._scored_logprobs(batch.to(self.device), spans)
+
+    def _families(self, requests, groups, inputs) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
+        """``[(shared context prefix, [inputs continuing it]), ...]``: two or more untruncated inputs whose
+        requests share their context (all but its last token, whose output is the first scored position)."""
+        if not self.reuse_context or not self._cacheable():
+            return []
+        by_prefix: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for inp in inputs:
+            reqs = [requests[i] for i in groups[inp]]
+            if any(len(c) + len(x) > self.max_length + 1 for c, x in reqs):
+                continue  # truncated: its context is not the request's context
+            n_prefix = min(len(c) for c, _ in reqs) - 1
+            if n_prefix >= 1:
+                by_prefix.setdefault(inp[:n_prefix], []).append(inp)
+        return sorted(((p, m) for p, m in by_prefix.items() if len(m) > 1), key=lambda f: (-len(f[0]), f[0]))
+
+    def _cacheable(self) -> bool:
+        from lmforge.models.transformer import Transformer
+
+        return isinstance(self.model, Transformer)
+
+    @torch.no_grad()
+    def _score_family_batch(self, families, requests, groups) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """Families with equal-length contexts: the contexts in one pass into a KV cache, then every member's
+        remaining tokens from its family's cached rows. Returns ``[(input, scored log-probabilities)]``."""
+        from lmforge.models.transformer import KVCache
+
+        model = self.model
+        n_prefix = len(families[0][0])
+        members = [(f, inp) for f, (_, ms) in enumerate(families) for inp in ms]
+        width = max(len(inp) for _, inp in members) - n_prefix
+        dtype = next(model.parameters()).dtype
+        prefill = KVCache(model.cfg, len(families), n_prefix, self.device, dtype)
+        prefix = torch.tensor([p for p, _ in families], dtype=torch.long, device=self.device)
+        model.hidden_states(prefix, kv_cache=prefill, start_pos=0)
+        rows = torch.tensor([f for f, _ in members], dtype=torch.long, device=self.device)
+        cache = KVCache(model.cfg, len(members), n_prefix + width, self.device, dtype)
+        for layer in range(len(cache.k)):
+            cache.k[layer][:, :, :n_prefix] = prefill.k[layer].index_select(0, rows)
+            cache.v[layer][:, :, :n_prefix] = prefill.v[layer].index_select(0, rows)
+        batch = torch.zeros((len(members), width), dtype=torch.long)
+        spans = []
+        for row, (_, inp) in enumerate(members):
+            rest = inp[n_prefix:]
+            batch[row, :len(rest)] = torch.tensor(rest, dtype=torch.long)
+            longest = max(len(requests[i][1]) for i in groups[inp])
+            spans.append((len(rest) - longest, len(rest)))
+        hidden = model.hidden_states(batch.to(self.device), kv_cache=cache, start_pos=n_prefix)
+        weight = model.output_weight()
+        return [(inp, F.log_softmax(F.linear(hidden[r, s:e], weight).float(), dim=-1))
+                for r, ((_, inp), (s, e)) in enumerate(zip(members, spans))]
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """Total loglikelihood of every text, scored in rolling windows (see :func:`rolling_windows`)."""
@@ -245,9 +339,9 @@ class Scorer:
         eos = getattr(self.tokenizer, "eod_id", None)
         if eos is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
-        outputs = []
-        for prompt in prompts:
-            ids = self.encode(prompt)
+        outputs: list[Optional[str]] = [None] * len(prompts)
+        for p in range(self.rank, len(prompts), self.world_size):
+            ids = self.encode(prompts[p])
             new: list[int] = []
             text = ""
             for _ in range(max_new_tokens):
@@ -263,8 +357,29 @@ class Scorer:
             for s in until:
                 if s and s in text:
                     text = text[:text.index(s)]
-            outputs.append(text)
-        return outputs
+            outputs[p] = text
+        if self.world_size > 1:
+            for r, share in enumerate(self._gather(outputs[self.rank::self.world_size])):
+                outputs[r::self.world_size] = share
+        return outputs  # type: ignore[return-value]
+
+
+def _family_batches(families, batch_size: int) -> list[list]:
+    """Families grouped by context length, each group cut into batches of about ``batch_size`` member rows."""
+    by_len: dict[int, list] = {}
+    for fam in families:
+        by_len.setdefault(len(fam[0]), []).append(fam)
+    out = []
+    for _, fams in sorted(by_len.items(), reverse=True):
+        chunk, rows = [], 0
+        for fam in fams:
+            if chunk and rows + len(fam[1]) > batch_size:
+                out.append(chunk)
+                chunk, rows = [], 0
+            chunk.append(fam)
+            rows += len(fam[1])
+        out.append(chunk)
+    return out
 
 
 class _NoBar:

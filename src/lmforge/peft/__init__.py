@@ -209,6 +209,23 @@ def apply_adapter(model: nn.Module, adapter_dir: Union[str, Path], freeze: bool 
     return model
 
 
+def adapter_for_inference(model: nn.Module, adapter_dir: Union[str, Path], use: str = "inference") -> nn.Module:
+    """``model`` with the adapter in ``adapter_dir`` (lmforge's or Hugging Face PEFT's) ready for inference:
+    LoRA/DoRA and IA3 folded into the weights (no cost per token), bottleneck adapters as extra modules.
+
+    Raises:
+        ConfigError: a p-tuning adapter (``use`` names what cannot prepend its virtual tokens yet).
+    """
+    method = read_adapter(adapter_dir)[0]
+    if method == "ptuning":
+        raise ConfigError(f"{adapter_dir} is a p-tuning adapter; {use} does not prepend virtual tokens yet. "
+                          f"Use a LoRA, IA3 or bottleneck adapter here")
+    model = apply_adapter(model, adapter_dir)
+    if method in ("lora", "ia3"):
+        merge_adapter(model)
+    return model.eval()
+
+
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold LoRA/DoRA and IA3 wrappers into plain linear weights in place (names unchanged). Returns ``model``.
 

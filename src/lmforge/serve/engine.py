@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import ConfigError, UserError
+from lmforge.errors import UserError
 
 __all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
            "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
@@ -635,14 +635,7 @@ def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adap
 
     model, tokenizer = load_for_inference(path, device=device, dtype=dtype)
     if adapter is not None:
-        from lmforge.peft import apply_adapter, merge_adapter, read_adapter
+        from lmforge.peft import adapter_for_inference
 
-        method = read_adapter(adapter)[0]
-        if method == "ptuning":
-            raise ConfigError(f"{adapter} is a p-tuning adapter; the serving engine does not prepend virtual tokens "
-                              f"yet. Use a LoRA, IA3 or bottleneck adapter here")
-        model = apply_adapter(model, adapter)
-        if method in ("lora", "ia3"):
-            merge_adapter(model)
-        model.eval()
+        model = adapter_for_inference(model, adapter, use="the serving engine")
     return Engine(model, tokenizer, **kwargs)
