@@ -40,8 +40,12 @@ def test_example_composes_with_overrides(monkeypatch, tmp_path):
     assert cfg.training.run.results_dir == "/scratch/r/tiny_llama"
     assert cfg.training.model.data.data_prefix[1] == "/scratch/r/data/stdlib_text_document"
     stages = build_stages(cfg)
-    assert [s.kind for s in stages] == ["data_preparation", "training", "conversion"]
+    assert [s.kind for s in stages] == ["data_preparation", "training", "conversion", "evaluation"]
     assert stages[1].module_args[:3] == ["-m", "lmforge", "pretrain"]
+    # evaluation scores the converted folder on the held-out perplexity task data preparation writes
+    assert stages[3].module_args == ["-m", "lmforge", "evaluate", "/scratch/r/convert_hf/hf",
+                                     "--tasks", "/scratch/r/data/heldout_task.yaml",
+                                     "--output", "/scratch/r/eval_perplexity/results.json"]
     assert stages[1].resumable and not stages[0].resumable
 
 

@@ -63,15 +63,75 @@ def test_local_stops_at_first_failure(tmp_path, launch_helpers, tiny_corpus, cap
 
 def test_the_shipped_example_pipeline_runs_locally(tmp_path, monkeypatch):
     """examples/pipeline/conf/config.yaml end to end on this CPU: corpus -> tokenizer -> indexed data ->
-    tiny training -> Hugging Face folder that transformers loads; status reports every stage completed."""
+    tiny training -> Hugging Face folder that transformers loads -> perplexity on held-out modules."""
+    import math
+
     import transformers
     from pathlib import Path
 
     example = Path(__file__).resolve().parents[2] / "examples" / "pipeline" / "conf" / "config.yaml"
     monkeypatch.chdir(tmp_path)
     assert main(["launch", str(example), "cluster_type=local", f"base_results_dir={tmp_path / 'r'}",
-                 "training.trainer.max_steps=10", "data_preparation.stdlib_max_bytes=400000"]) == 0
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "convert_hf" / "hf")
+                 "training.trainer.max_steps=10", "data_preparation.stdlib_max_bytes=400000",
+                 "data_preparation.stdlib_heldout_bytes=12000"]) == 0
+    r = tmp_path / "r"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(r / "convert_hf" / "hf")
     assert hf.config.model_type == "llama"
-    for stage in ("data_preparation", "tiny_llama", "convert_hf"):
-        assert (tmp_path / "r" / stage / "COMPLETED").is_file(), stage
+    for stage in ("data_preparation", "tiny_llama", "convert_hf", "eval_perplexity"):
+        assert (r / stage / "COMPLETED").is_file(), stage
+    # the held-out modules are real text and none of them was trained on
+    trained = {json.loads(line)["path"] for line in (r / "data" / "stdlib.jsonl").open()}
+    held = [json.loads(line) for line in (r / "data" / "heldout.jsonl").open()]
+    assert held and all(d["text"].strip() for d in held)
+    assert not trained & {d["path"] for d in held}
+    assert sum(len(d["text"].encode()) for d in held) <= 12000
+    results = json.loads((r / "eval_perplexity" / "results.json").read_text())
+    scores = results["results"]["stdlib_heldout"]
+    for metric in ("word_perplexity", "byte_perplexity"):
+        assert math.isfinite(scores[metric]) and scores[metric] > 1.0, (metric, scores)
+    assert results["model"] == str(r / "convert_hf" / "hf")
+
+
+def test_local_pipeline_with_a_lora_fine_tuning_stage(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    """data preparation -> training -> fine_tuning: `lmforge finetune FILE` LoRA-tunes the model the pipeline
+    just trained (its results folder) on a JSONL of input/output records and writes the adapter."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    records = [{"input": f"def f{i}(x):", "output": f" return x + {i}"} for i in range(12)]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = _pipeline(tmp_path, launch_helpers, tiny_corpus)
+    conf = OmegaConf.load(path)
+    conf.stages = ["data_preparation", "training", "fine_tuning"]
+    conf.fine_tuning = {"run": {"name": "lora", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
+                        "model": "${training.run.results_dir}", "data": str(sft), "val_data": str(sft),
+                        "method": "lora", "seq_length": 24, "micro_batch_size": 4, "global_batch_size": 4,
+                        "peft": {"lora": {"r": 4}},
+                        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 3,
+                                    "limit_val_batches": 1, "log_every_n_steps": 1},
+                        "generation": {"num_samples": 0}}
+    OmegaConf.save(conf, path)
+    assert main(["launch", str(path), "training.trainer.max_steps=4"]) == 0
+    r = tmp_path / "r"
+    lora = r / "lora"
+    assert (lora / "COMPLETED").is_file()
+    written = OmegaConf.load(lora / "fine_tuning_config.yaml")
+    assert written.out == str(lora) and written.model == str(r / "tiny") and "run" not in written
+    summary = json.loads((lora / "summary.json").read_text())
+    assert summary["adapter"] == str(lora / "adapter") and not summary["stopped_early"]
+    assert json.loads((lora / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert (lora / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    record = json.loads((r / "launch.json").read_text())
+    assert [s["state"] for s in record["stages"]] == ["completed"] * 3
+
+
+def test_fine_tuning_settings_are_checked_at_launch(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    """A key `lmforge finetune` does not know fails the launch before anything runs, naming the key."""
+    monkeypatch.chdir(tmp_path)
+    path = launch_helpers.write_conf(tmp_path, {"stages": ["fine_tuning"], "base_results_dir": str(tmp_path / "r")},
+                                     {"fine_tuning": {"model": "m", "data": "d.jsonl", "methd": "lora"}})
+    assert main(["launch", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fine_tuning: ") and "methd" in err and "method" in err
+    assert not (tmp_path / "r").exists()

@@ -6,6 +6,9 @@ from the stage's section; ``--task`` defaults to ``$SLURM_ARRAY_TASK_ID``). Conf
     data_dir: data                 # where the corpus, tokenizer and datasets go
     corpus: stdlib                 # stdlib: this Python's standard library as data_dir/stdlib.jsonl; null: use inputs
     stdlib_max_bytes: 2000000      # cap on the standard-library corpus (null: all of it)
+    stdlib_heldout_bytes: 40000    # also write data_dir/heldout.jsonl: modules after the cap, not trained on
+                                   # (about this many bytes), and data_dir/heldout_task.yaml, a perplexity
+                                   # task over it for `lmforge evaluate MODEL --tasks data_dir/heldout_task.yaml`
     inputs: []                     # JSONL shards (when corpus is null); one array task each
     tokenizer: {path: data/tokenizer, train: true, vocab_size: 1024, min_frequency: 2}
     preprocess: {json_keys: [text], append_eod: true, workers: 1}
@@ -25,7 +28,10 @@ from typing import Any, Optional
 
 from lmforge.errors import ConfigError
 
-KEYS = ("data_dir", "corpus", "stdlib_max_bytes", "inputs", "tokenizer", "preprocess")
+KEYS = ("data_dir", "corpus", "stdlib_max_bytes", "stdlib_heldout_bytes", "inputs", "tokenizer", "preprocess")
+HELDOUT_FILE = "heldout.jsonl"
+HELDOUT_TASK_FILE = "heldout_task.yaml"
+HELDOUT_TASK_NAME = "stdlib_heldout"
 TOKENIZER_KEYS = ("path", "train", "vocab_size", "min_frequency")
 PREPROCESS_KEYS = ("json_keys", "append_eod", "workers")
 
@@ -53,6 +59,17 @@ def check_config(body: dict[str, Any], where: str = "data_preparation") -> int:
         raise ConfigError(f"{where}.corpus={corpus!r}: use stdlib, or null and list JSONL files in {where}.inputs")
     if corpus is None and not inputs:
         raise ConfigError(f"{where} has nothing to prepare: set {where}.corpus=stdlib or list JSONL files in {where}.inputs")
+    heldout = body.get("stdlib_heldout_bytes")
+    if heldout is not None:
+        if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
+            raise ConfigError(f"{where}.stdlib_heldout_bytes={heldout!r}: give a byte count (e.g. 40000), or null for "
+                              f"no held-out file")
+        if heldout and corpus != "stdlib":
+            raise ConfigError(f"{where}.stdlib_heldout_bytes holds out standard-library modules: it needs "
+                              f"{where}.corpus=stdlib (set it to null with your own inputs)")
+        if heldout and body.get("stdlib_max_bytes") is None:
+            raise ConfigError(f"{where}.stdlib_heldout_bytes needs {where}.stdlib_max_bytes: with no cap the whole "
+                              f"standard library is trained on and nothing is left to hold out")
     if not tok.get("path"):
         raise ConfigError(f"{where}.tokenizer.path is required (where the tokenizer is written or read)")
     if tok.get("train") and not tok.get("vocab_size"):
@@ -64,6 +81,55 @@ def shard_prefix(data_dir: Path, shard: Path) -> Path:
     """The output prefix of one shard: ``data_dir/<shard file name without .jsonl>``."""
     name = shard.name[:-len(".jsonl")] if shard.name.endswith(".jsonl") else shard.stem
     return data_dir / name
+
+
+def write_stdlib_heldout(corpus: Path, data_dir: Path, max_bytes: int) -> dict:
+    """Standard-library modules that ``corpus`` (the training JSONL) does not hold, as ``data_dir/heldout.jsonl``.
+
+    The modules come after the training cap in the corpus's (sorted) order; one that would take the file past
+    ``max_bytes`` is passed over, so a single large module cannot make evaluation slow. Also writes
+    ``data_dir/heldout_task.yaml``, a ``kind: perplexity`` user task over that file (its ``data`` is
+    relative to the YAML, so the folder can move).
+
+    Returns:
+        ``{"data", "task", "documents", "bytes"}``.
+
+    Raises:
+        ConfigError: no module is left over (the training cap took the whole standard library).
+    """
+    from lmforge.data.corpus import iter_stdlib_files, stdlib_root
+    from lmforge.io import write_text_atomic
+
+    trained = set()
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            trained.add(json.loads(line)["path"])
+    root = stdlib_root()
+    lines, written = [], 0
+    for path in iter_stdlib_files(root):
+        rel = path.relative_to(root).as_posix()
+        if rel in trained:
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        size = len(text.encode("utf-8"))
+        if not text.strip() or written + size > max_bytes:
+            continue
+        lines.append(json.dumps({"text": text, "path": rel}, ensure_ascii=False) + "\n")
+        written += size
+        if max_bytes - written < 500:
+            break
+    if not lines:
+        raise ConfigError(f"no standard-library module of at most {max_bytes:,} bytes is left out of the training "
+                          f"corpus {corpus}: lower stdlib_max_bytes or raise stdlib_heldout_bytes")
+    data, task = data_dir / HELDOUT_FILE, data_dir / HELDOUT_TASK_FILE
+    write_text_atomic(data, "".join(lines))
+    write_text_atomic(task, f"# Validation perplexity on standard-library modules the model was not trained on.\n"
+                            f"name: {HELDOUT_TASK_NAME}\nkind: perplexity\ndata: {HELDOUT_FILE}\n"
+                            f"text: \"{{text}}\"\n")
+    return {"data": str(data), "task": str(task), "documents": len(lines), "bytes": written}
 
 
 def run(body: dict[str, Any], task: Optional[int] = None, log=print) -> dict:
@@ -86,6 +152,10 @@ def run(body: dict[str, Any], task: Optional[int] = None, log=print) -> dict:
         if task in (None, 0):
             info = stdlib_corpus(shards[0], max_bytes=body.get("stdlib_max_bytes"))
             log(f"corpus: {info['documents']} modules, {info['bytes']:,} bytes -> {shards[0]}")
+            if body.get("stdlib_heldout_bytes"):
+                held = write_stdlib_heldout(shards[0], data_dir, int(body["stdlib_heldout_bytes"]))
+                log(f"held out: {held['documents']} modules, {held['bytes']:,} bytes -> {held['data']} "
+                    f"(perplexity task {held['task']})")
     else:
         shards = [Path(p) for p in body["inputs"]]
     for shard in shards:

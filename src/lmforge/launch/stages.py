@@ -10,7 +10,8 @@ Stage kinds:
 * ``data_preparation`` - ``python -m lmforge.launch.dataprep``: the standard-library corpus or given
   JSONL shards, tokenizer training, preprocessing to indexed datasets (a job array over shards).
 * ``training`` - ``lmforge pretrain <config>`` with the stage's pretrain keys (``trainer``, ``model``, ...).
-* ``fine_tuning`` - ``lmforge finetune <config>`` with the stage's own keys.
+* ``fine_tuning`` - ``lmforge finetune <config>`` with the keys of that command's config (``model``,
+  ``data``, ``val_data``, ``method``, ``out`` (default: the stage's results folder), ``trainer``, ``peft``, ...).
 * ``conversion``, ``evaluation``, ``export`` - ``lmforge convert|evaluate|export ARGS... --OPTION VALUE``
   from the stage's ``args:`` list and ``options:`` mapping.
 
@@ -268,15 +269,49 @@ def _build_args_stage(cfg: DictConfig, stage: str, commands) -> Stage:
                  dependency=run["dependency"])
 
 
-def _build_config_stage(cfg: DictConfig, stage: str, commands) -> Stage:
-    """A stage whose command reads a config file (fine-tuning): like training, validated by its own command."""
-    return _build_training(cfg, stage, commands)
+def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
+    """``lmforge finetune <results>/fine_tuning_config.yaml``: the stage's keys are the command's own
+    (``model``, ``data``, ``val_data``, ``method``, ``out``, ``trainer``, ``peft``, ...), checked at launch.
+
+    ``out`` defaults to the stage's results folder (the adapter lands in ``<out>/adapter``); nodes and
+    processes come from ``trainer.num_nodes`` and ``trainer.devices`` as for training.
+    """
+    from lmforge.finetune.config import load_finetune_config
+
+    run = run_block(cfg, stage)
+    body = stage_body(cfg, stage)
+    command = str(body.pop("command", STAGE_KINDS[stage][0]))
+    _check_command(stage, command, commands)
+    results = Path(run["results_dir"])
+    body.setdefault("out", str(results))
+    trainer = body.get("trainer") or {}
+    if not isinstance(trainer, dict):
+        raise ConfigError(f"{stage}.trainer must be a mapping (devices, num_nodes, accelerator, max_steps, ...)")
+    devices = int(trainer.get("devices", 1) or 1)
+    num_nodes = int(trainer.get("num_nodes", 1) or 1)
+    on_cpu = str(trainer.get("accelerator", "auto")).lower() == "cpu"
+    nodes, tasks, gpus = _resources(stage, run, num_nodes, 0 if on_cpu else devices, devices)
+    config_file = results / f"{stage}_config.yaml"
+    if command == "finetune":
+        if "=" in config_file.name or "=" in str(config_file):
+            # `lmforge finetune A=B` reads a first word holding "=" as an override, not as a file
+            raise ConfigError(f"{stage}.run.results_dir={results}: `lmforge finetune` would read the config path "
+                              f"{config_file} as an override because it contains '='; choose a folder without '='")
+        try:
+            load_finetune_config(body)  # every key checked now, not on the cluster
+        except ConfigError as e:
+            raise ConfigError(f"{stage}: {e}") from None
+    return Stage(kind=stage, name=run["name"], results_dir=results,
+                 module_args=["-m", "lmforge", command, str(config_file)], config_file=config_file,
+                 config_text=_yaml(body), nodes=nodes, ntasks_per_node=tasks, gpus_per_node=gpus,
+                 time_seconds=run["time_seconds"], dependency=run["dependency"], resumable=True,
+                 preflight=nodes * tasks > 1)
 
 
 _BUILDERS = {
     "data_preparation": _build_data_preparation,
     "training": _build_training,
-    "fine_tuning": _build_config_stage,
+    "fine_tuning": _build_fine_tuning,
     "conversion": _build_args_stage,
     "evaluation": _build_args_stage,
     "export": _build_args_stage,
