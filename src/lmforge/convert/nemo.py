@@ -17,8 +17,9 @@ Megatron-core names (``model.`` prefix), tensor-parallel split dimension in brac
     decoder.layers.{i}.mlp.linear_fc1.weight / bias [0]   gated: each rank holds [gate_r; up_r]
     decoder.layers.{i}.mlp.linear_fc2.weight [1] / bias
     decoder.final_layernorm.weight / bias           output_layer.weight [0] (untied heads)
-Not yet: the distributed ``model_weights/`` (torch_dist/zarr) layout, pipeline-parallel archives and
-the pre-mcore ``language_model.encoder`` names.
+Refused with a message saying how to convert: the distributed ``model_weights/`` layout (torch_dist:
+its ``model_weights/.metadata`` index is a pickle, never loaded here; zarr). Not yet: pipeline-parallel
+archives and the pre-mcore ``language_model.encoder`` names.
 """
 
 from __future__ import annotations
@@ -126,9 +127,17 @@ def _rank_files(archive: _Archive) -> list[str]:
     ranked = sorted(n for n in archive.names if re.fullmatch(r"(mp_rank_\d+|tp_rank_\d+_pp_rank_000)/model_weights\.ckpt", n))
     if ranked:
         return ranked
-    if any(n.startswith("model_weights/") for n in archive.names):
-        raise CheckpointError(f"{archive.path}: the distributed model_weights/ layout (torch_dist/zarr) is not supported "
-                              f"yet; save the .nemo with dist_ckpt_format disabled or convert it with NeMo to HF")
+    sharded = [n for n in archive.names if n.startswith("model_weights/")]
+    if sharded:
+        how = ("Convert it with NeMo first: restore the model in NeMo and save it as a .nemo with a single "
+               "model_weights.ckpt (non-distributed checkpoint), or export it to HF format with NeMo's "
+               "scripts/checkpoint_converters/convert_*_nemo_to_hf.py; then run lmforge convert on the result")
+        if "model_weights/.metadata" in sharded:
+            raise CheckpointError(f"{archive.path}: the weights are a sharded torch.distributed.checkpoint (torch_dist) "
+                                  f"folder; its index model_weights/.metadata is a Python pickle, which lmforge does not "
+                                  f"load (unpickling can run arbitrary code). {how}")
+        raise CheckpointError(f"{archive.path}: the weights are a sharded distributed-checkpoint folder (model_weights/, "
+                              f"e.g. zarr), which lmforge does not read. {how}")
     raise CheckpointError(f"{archive.path}: no model_weights.ckpt or mp_rank_XX/model_weights.ckpt inside; "
                           f"members: {', '.join(archive.names[:5])}")
 

@@ -67,6 +67,7 @@ class ModelConfig:
     shared_input_norm: bool = False  # parallel blocks only: one norm feeds attention and MLP (Falcon-7B)
     num_moe_experts: Optional[int] = None  # mixture of experts MLP with this many experts (Mixtral)
     moe_router_topk: int = 2  # experts per token
+    moe_aux_loss_coeff: float = 0.0  # router load-balancing loss weight in training (0: off; Mixtral: 0.02)
     rotary_percent: float = 1.0  # fraction of each head rotated by RoPE (Nemotron: 0.5)
     rope_scaling: Optional[dict] = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...} (Llama 3.1)
 
@@ -134,6 +135,8 @@ class ModelConfig:
             elif not self.gated:
                 problems.append(f"model.num_moe_experts needs a gated activation (swiglu or geglu), "
                                 f"not {self.activation!r}")
+        if not float(self.moe_aux_loss_coeff) >= 0.0:
+            problems.append(f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff!r} must be >= 0")
         if not 0.0 < float(self.rotary_percent) <= 1.0:
             problems.append(f"model.rotary_percent={self.rotary_percent!r} must be in (0, 1]")
         if self.rope_scaling is not None:

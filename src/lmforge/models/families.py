@@ -204,12 +204,14 @@ def _mistral_to(cfg):
 
 def _mixtral_from(hf):
     out = _mistral_from(hf)
-    out.update(num_moe_experts=int(_need(hf, "num_local_experts")), moe_router_topk=int(hf.get("num_experts_per_tok", 2)))
+    out.update(num_moe_experts=int(_need(hf, "num_local_experts")), moe_router_topk=int(hf.get("num_experts_per_tok", 2)),
+               moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)))  # 0.001: MixtralConfig's default
     return out
 
 
 def _mixtral_to(cfg):
-    return {**_mistral_to(cfg), "num_local_experts": cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk}
+    return {**_mistral_to(cfg), "num_local_experts": cfg.num_moe_experts, "num_experts_per_tok": cfg.moe_router_topk,
+            "router_aux_loss_coef": cfg.moe_aux_loss_coeff}
 
 
 def _mixtral_rules(cfg):
@@ -516,7 +518,8 @@ def model_config_to_hf(cfg: ModelConfig, fam: Family) -> dict:
     """
     hf = {"architectures": [fam.architecture], "model_type": fam.model_type, **fam.to_hf(cfg)}
     back = ModelConfig(**fam.from_hf(hf))
-    ignored = {"init_method_std", "hidden_dropout", "attention_dropout"}  # training settings, not architecture
+    ignored = {"init_method_std", "hidden_dropout", "attention_dropout",  # training settings, not architecture
+               "moe_aux_loss_coeff"}
     for f in dataclasses.fields(ModelConfig):
         if f.name in ignored:
             continue

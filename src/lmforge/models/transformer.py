@@ -355,21 +355,37 @@ class MoE(nn.Module):
     token goes to its ``moe_router_topk`` best, weighted by their softmax probabilities renormalized
     over the chosen ones.
 
-    The router's load-balancing loss is not computed yet (fine-tuning works without it; pretraining an
-    MoE from scratch wants it).
+    Load balancing (HF Mixtral's ``load_balancing_loss_func``): with ``moe_aux_loss_coeff > 0`` and the
+    module in training mode, each forward keeps ``aux_stats = (counts, prob_sums, n_tokens)``: per expert,
+    how many top-k slots chose it (no gradient) and the sum of its router probabilities (gradient reaches
+    the router), and ``aux_loss``, this layer's own loss ``E * sum_e f_e * P_e`` (f: slots per token,
+    P: mean probability). :meth:`Transformer.moe_aux_loss` pools the statistics over layers as HF does.
+    Otherwise nothing is computed and both are None.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.moe_router_topk
+        self.num_experts = cfg.num_moe_experts
+        self.aux_coeff = float(cfg.moe_aux_loss_coeff)
         self.router = nn.Linear(cfg.hidden_size, cfg.num_moe_experts, bias=False)
         self.experts = nn.ModuleList(GatedMLP(cfg) for _ in range(cfg.num_moe_experts))
+        self.aux_stats: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
+        self.aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C) tokens
         probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.training and self.aux_coeff > 0:
+            counts = F.one_hot(chosen.reshape(-1), self.num_experts).sum(dim=0).float()  # (E,) top-k slots
+            prob_sums = probs.sum(dim=0)  # (E,)
+            n = probs.shape[0]
+            self.aux_stats = (counts, prob_sums, n)
+            self.aux_loss = self.num_experts * torch.sum((counts / n) * (prob_sums / n))
+        else:
+            self.aux_stats = self.aux_loss = None
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
@@ -548,6 +564,23 @@ class Transformer(nn.Module):
             self.rope_cos = self.rope_sin = None
 
     # -- forward ---------------------------------------------------------------------------------
+
+    def moe_aux_loss(self) -> Optional[torch.Tensor]:
+        """The router load-balancing loss of the last training forward (unscaled), or None.
+
+        As HF Mixtral's ``load_balancing_loss_func`` without an attention mask: the router statistics
+        of every MoE layer are pooled (tokens of all layers together), then ``E * sum_e f_e * P_e`` with
+        ``f_e`` the top-k slots choosing expert e per token and ``P_e`` its mean router probability.
+        None when the model has no MoE layer, ``moe_aux_loss_coeff`` is 0 or the last forward was in
+        eval mode. Multiply by ``cfg.moe_aux_loss_coeff`` for the training term.
+        """
+        stats = [m.aux_stats for m in self.modules() if isinstance(m, MoE) and m.aux_stats is not None]
+        if not stats:
+            return None
+        counts = sum(s[0] for s in stats)
+        prob_sums = sum(s[1] for s in stats)
+        n = sum(s[2] for s in stats)
+        return self.cfg.num_moe_experts * torch.sum((counts / n) * (prob_sums / n))
 
     def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
                 positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

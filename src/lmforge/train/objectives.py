@@ -53,9 +53,17 @@ class CausalLMLoss(nn.Module):
         cap = getattr(getattr(self.model, "cfg", None), "final_logit_softcapping", None)
         losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1), cap)
         if loss_mask is None:
-            return losses.sum(), labels.numel()
-        mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
-        return (losses * mask).sum(), int(mask.sum().item())
+            loss_sum, n_tokens = losses.sum(), labels.numel()
+        else:
+            mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
+            loss_sum, n_tokens = (losses * mask).sum(), int(mask.sum().item())
+        coeff = float(getattr(getattr(self.model, "cfg", None), "moe_aux_loss_coeff", 0.0) or 0.0)
+        if coeff > 0 and self.model.training:
+            aux = self.model.moe_aux_loss()  # MoE router load balancing, pooled over layers (HF Mixtral's)
+            if aux is not None:
+                # times n_tokens: the trainer divides by the token count, so this stays a per-token-mean term
+                loss_sum = loss_sum + coeff * aux * n_tokens
+        return loss_sum, n_tokens
 
     def compile_loss(self) -> None:
         """Fuse the head matmul, the fp32 upcast and the softmax cross-entropy with torch.compile."""
