@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lmforge.data.jsonl import iter_jsonl
 from lmforge.errors import ConfigError, DataError
 
 
@@ -107,18 +108,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; give a JSONL file with one record per line")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: a record must be a JSON object, not {type(rec).__name__}")
-            out.append((f"{path}:{n}", rec))
+    out = [(f"{path}:{n}", rec) for n, rec in iter_jsonl(path)]
     if not out:
         raise DataError(f"data file {path} holds no records")
     return out

@@ -10,11 +10,11 @@ Where a task's records come from, first match wins:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from lmforge.data.jsonl import iter_jsonl
 from lmforge.errors import DataError, UserError
 from lmforge.eval.tasks import Task, get_task
 
@@ -42,18 +42,7 @@ def read_records(path: str | os.PathLike, split: Optional[str] = None) -> list[d
 
         records = pq.read_table(path).to_pylist()
     else:
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); task data is one JSON object a line") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object a line, got {type(record).__name__}")
-                records.append(record)
+        records = [record for _, record in iter_jsonl(path)]
     if not records:
         raise DataError(f"task data {path} is empty")
     return records

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from lmforge.data.jsonl import iter_jsonl
 from lmforge.errors import DataError, UserError
 
 __all__ = ["add_commands", "generate_file", "read_prompts", "answered_ids"]
@@ -132,22 +133,15 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path} not found: give a JSONL file with one {{\"prompt\": ...}} object per line")
     records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
-                raise DataError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
-            rec["id"] = str(rec.get("id", n))
-            if rec["id"] in seen:
-                raise DataError(f"{path}:{n}: id {rec['id']!r} appears twice; ids must be unique")
-            seen.add(rec["id"])
-            rec["index"] = len(records)
-            records.append(rec)
+    for n, rec in iter_jsonl(path):
+        if not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
+            raise DataError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
+        rec["id"] = str(rec.get("id", n))
+        if rec["id"] in seen:
+            raise DataError(f"{path}:{n}: id {rec['id']!r} appears twice; ids must be unique")
+        seen.add(rec["id"])
+        rec["index"] = len(records)
+        records.append(rec)
     return records
 
 
