@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from lmforge.cli import main
@@ -146,6 +147,9 @@ def test_usr1_saves_requeues_and_resumes_two_processes(tmp_path, slurm_env, laun
     # the job saves, requeues itself; Slurm holds a requeued job a while (BeginTime): release it now
     h.wait_for(lambda: h.job_info(job).get("Restarts") == "1" and h.job_info(job).get("JobState") == "PENDING",
                TIMEOUT, "the job to requeue")
+    # slurmd revokes the old run's credential with one-second resolution: a restart within the same
+    # second is refused ("Job credential revoked"). Slurm's own BeginTime hold avoids that; we shorten it.
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     h.wait_for(lambda: h.job_done(job), TIMEOUT, "the requeued job to finish")
     assert h.job_info(job)["JobState"] == "COMPLETED"
