@@ -20,27 +20,12 @@ from lmforge.models import ModelConfig, Transformer
 from lmforge.peft import (AdapterConfig, LoRAConfig, PTuningConfig, apply_peft, merge_adapter, peft_state_dict,
                           save_adapter)
 from lmforge.train.checkpoint import save_model
-
-WORDS = "alpha beta gamma delta river stone light water green small quick brown over lazy".split()
-
-
-def sentence(rng, n):
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
+from tests.eval.conftest import sentence, tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter")
-    rng = random.Random(0)
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": sentence(rng, 20)}) + "\n" for _ in range(100)))
-    tok = train_bpe([corpus], vocab_size=280, out_dir=root / "tok")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm",
-                      activation="swiglu", bias=False, position_embedding_type="rope")
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    save_model(root / "base", model.state_dict(), cfg.to_dict(), tokenizer=tok)
+    _, model, tok, cfg = tiny_checkpoint(root, "base")
     # task data: lambada (loglikelihood + greedy), piqa (two multi-token choices)
     rng = random.Random(1)
     (root / "lambada.jsonl").write_text("".join(json.dumps({"text": sentence(rng, rng.randint(3, 30))}) + "\n"
@@ -48,7 +33,7 @@ def setup(tmp_path_factory):
     (root / "piqa.jsonl").write_text("".join(json.dumps({"goal": sentence(rng, 6), "sol1": sentence(rng, 3),
                                                          "sol2": sentence(rng, 4), "label": i % 2}) + "\n"
                                               for i in range(11)))
-    return root, model.eval(), tok, cfg
+    return root, model, tok, cfg
 
 
 def _randomize_peft_(model, seed):

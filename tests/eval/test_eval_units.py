@@ -15,28 +15,12 @@ from lmforge.eval import Scorer, evaluate_model, rolling_windows, run
 from lmforge.eval.data import read_records
 from lmforge.models import ModelConfig, Transformer
 from lmforge.train.checkpoint import save_model
-
-WORDS = "alpha beta gamma delta river stone light water green small quick brown over lazy".split()
-
-
-def sentence(rng, n):
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
+from tests.eval.conftest import WORDS, sentence, tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("units")
-    rng = random.Random(0)
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": sentence(rng, 20)}) + "\n" for _ in range(100)))
-    tok = train_bpe([corpus], vocab_size=280, out_dir=root / "tok")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm",
-                      activation="swiglu", bias=False, position_embedding_type="rope")
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    save_model(root / "ckpt", model.state_dict(), cfg.to_dict(), tokenizer=tok)
-    return root / "ckpt", model.eval(), tok
+    folder, model, tok, _ = tiny_checkpoint(tmp_path_factory.mktemp("units"), "ckpt")
+    return folder, model, tok
 
 
 def reference_loglikelihood(model, ids_ctx, ids_cont, max_length):

@@ -1,0 +1,34 @@
+"""Shared pieces of the evaluation tests: word-salad sentences and a tiny random lmforge checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from lmforge.data.tokenizers import train_bpe
+from lmforge.models import ModelConfig, Transformer
+from lmforge.train.checkpoint import save_model
+
+WORDS = "alpha beta gamma delta river stone light water green small quick brown over lazy".split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def tiny_checkpoint(root, name: str):
+    """A tokenizer trained on word salad and a random 2-layer Llama-style model saved at ``root/name``.
+
+    Returns (folder, model in eval mode, tokenizer, config).
+    """
+    rng = random.Random(0)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": sentence(rng, 20)}) + "\n" for _ in range(100)))
+    tok = train_bpe([corpus], vocab_size=280, out_dir=root / "tok")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm",
+                      activation="swiglu", bias=False, position_embedding_type="rope")
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    save_model(root / name, model.state_dict(), cfg.to_dict(), tokenizer=tok)
+    return root / name, model.eval(), tok, cfg
