@@ -44,7 +44,7 @@ SIZES = {
     "tiny": Size(hidden=64, layers=2, heads=4, groups=2, ffn=176, seq=64, batch=16, vocab=512, steps=150, lr=5e-3,
                  max_bytes=1_000_000),
     # a 2-core CPU: about 3 minutes
-    "small": Size(hidden=192, layers=4, heads=6, groups=2, ffn=512, seq=128, batch=16, vocab=4096, steps=500,
+    "small": Size(hidden=192, layers=4, heads=6, groups=2, ffn=512, seq=128, batch=16, vocab=4096, steps=400,
                   lr=2e-3, max_bytes=6_000_000),
     # one GPU
     "gpu": Size(hidden=512, layers=8, heads=8, groups=4, ffn=1408, seq=512, batch=32, vocab=8192, steps=1000,
