@@ -7,21 +7,14 @@ from lmforge.models import ModelConfig, Transformer, generate
 from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams, SlotKVCache,
                                   process_logits)
 
+from tests.models.test_generate import make_model as tiny_model
+
 STYLES = ("gpt", "llama")
 
 
 def make_model(style: str, max_positions: int = 64, std: float = 0.5) -> Transformer:
-    if style == "gpt":
-        cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
-                          max_position_embeddings=max_positions, init_method_std=std)
-    else:
-        cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
-                          ffn_hidden_size=64, max_position_embeddings=max_positions, normalization="rmsnorm",
-                          activation="swiglu", bias=False, position_embedding_type="rope",
-                          share_embeddings_and_output_weights=False, init_method_std=std)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    return model.eval()
+    """The generate tests' tiny model, with room for 64 positions."""
+    return tiny_model(style, max_positions, std)
 
 
 PROMPTS = [[3, 17, 42, 5, 9], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [1, 2], [60, 0, 33, 8],
