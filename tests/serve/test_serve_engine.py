@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import Transformer, generate
 from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams, SlotKVCache,
                                   process_logits)
 
