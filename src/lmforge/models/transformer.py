@@ -592,7 +592,8 @@ class Transformer(nn.Module):
                 attend over everything cached before ``start_pos`` as well.
             start_pos: position of the first token (0 for training and for a first prefill).
             positions: optional (B, T) position of every token, for batches whose sequences stand at
-                different positions (continuous batching); requires a cache that accepts them.
+                different positions (continuous batching, packed sequences); each must be below
+                ``max_position_embeddings``, which the caller guarantees (it is not read back here).
             segment_ids: optional (B, T) document index of every token for packed training sequences:
                 a token attends only to earlier tokens of its own document (pass positions restarting at
                 each document too).
@@ -601,7 +602,7 @@ class Transformer(nn.Module):
             (B, T, V) logits in the compute dtype (the loss is computed by the caller).
 
         Raises:
-            ValueError: ``start_pos + T`` exceeds ``max_position_embeddings``.
+            ValueError: ``start_pos + T`` exceeds ``max_position_embeddings`` (without ``positions``).
         """
         hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids)
         logits = F.linear(hidden, self.output_weight())  # (B, T, V)
@@ -616,10 +617,11 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         end = start_pos + T
         if positions is not None:
+            # The caller (a serving engine) keeps positions below max_position_embeddings; reading them
+            # back here would cost a device sync and break a captured decode step into pieces.
             if positions.shape != input_ids.shape:
                 raise ValueError(f"positions {tuple(positions.shape)} must have the shape of input_ids {(B, T)}")
-            end = int(positions.max()) + 1
-        if start_pos < 0 or end > self.cfg.max_position_embeddings:
+        elif start_pos < 0 or end > self.cfg.max_position_embeddings:
             raise ValueError(f"positions [{start_pos}, {end}) do not fit the model's max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; shorten the input (or start_pos)")
         x = self.embed_tokens(input_ids)  # (B, T, C)
