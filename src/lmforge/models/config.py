@@ -9,7 +9,13 @@ place of :mod:`lmforge.models.transformer`); their defaults leave a GPT/Llama mo
 QKV-only biases (Qwen2), sliding windows per layer (Mistral, StarCoder2, Gemma 2), norm weights
 stored as ``w - 1`` (Gemma, Nemotron), embedding scaling (Gemma), logit soft-capping (Gemma 2),
 parallel attention + MLP (Falcon), mixture of experts (Mixtral), partial rotary (Nemotron), RoPE
-scaling (Llama 3.1). :mod:`lmforge.models.families` says which family sets which.
+scaling (Llama 3.1), a row-normalised output head (Baichuan2's NormHead).
+:mod:`lmforge.models.families` says which family sets which.
+
+Positions: ``learned_absolute`` (a table added to the embeddings), ``rope`` (queries and keys rotated) or
+``alibi`` (no position parameters: each head adds ``slope_h * (j - i)`` to the score of query i and key j,
+slopes from :func:`lmforge.models.transformer.alibi_slopes`, times ``alibi_slope_scale``; Falcon-RW,
+BLOOM-style models, Baichuan2-13B).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ NORMALIZATIONS = ("layernorm", "rmsnorm")
 # swiglu / geglu: gated MLPs, silu(gate) * up / gelu_tanh(gate) * up.
 ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
-POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope", "alibi")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
@@ -70,6 +76,11 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0  # router load-balancing loss weight in training (0: off; Mixtral: 0.02)
     rotary_percent: float = 1.0  # fraction of each head rotated by RoPE (Nemotron: 0.5)
     rope_scaling: Optional[dict] = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...} (Llama 3.1)
+    alibi_slope_scale: float = 1.0  # alibi only: the slopes times this. The bias is added to the scaled scores
+    #                                 (Baichuan2-13B, BLOOM); Falcon-RW adds it before the 1/sqrt(kv_channels)
+    #                                 softmax scale, which is the same as slopes times 1/sqrt(kv_channels)
+    normalize_output_head: bool = False  # the output head's rows are L2-normalised at every use, in training
+    #                                      too (Baichuan2's NormHead); read by Transformer.output_weight
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -139,6 +150,17 @@ class ModelConfig:
             problems.append(f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff!r} must be >= 0")
         if not 0.0 < float(self.rotary_percent) <= 1.0:
             problems.append(f"model.rotary_percent={self.rotary_percent!r} must be in (0, 1]")
+        if self.position_embedding_type == "alibi":
+            # Fields of rotary positions mean nothing here; a set one is a mistake (say which).
+            for name, default in (("rope_scaling", None), ("rotary_percent", 1.0), ("rotary_base", 10000.0)):
+                if getattr(self, name) != default:
+                    problems.append(f"model.{name}={getattr(self, name)!r} is a rotary setting but "
+                                    f"position_embedding_type=alibi; remove it (or use position_embedding_type=rope)")
+        elif self.alibi_slope_scale != 1.0:
+            problems.append(f"model.alibi_slope_scale={self.alibi_slope_scale!r} needs position_embedding_type=alibi "
+                            f"(it is {self.position_embedding_type!r}); remove it")
+        if not float(self.alibi_slope_scale) > 0:
+            problems.append(f"model.alibi_slope_scale={self.alibi_slope_scale!r} must be > 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
             if kind not in ROPE_SCALING_TYPES:

@@ -16,9 +16,10 @@ How a step works (:meth:`Engine.step`):
 Greedy decoding through the engine gives the tokens of :func:`lmforge.models.generate.generate` for
 every request, whatever else is in the batch (up to floating-point ties).
 
-On a GPU, ``compile_decode=True`` compiles the decode step with ``torch.compile(mode="reduce-overhead")``
-(CUDA graphs); the batch size and the attended length are rounded up to buckets so only a few graphs
-are recorded. The CPU path is plain eager PyTorch.
+On a GPU, ``compile_decode=True`` compiles the decode step (:meth:`Engine._decode_step`: every layer, the
+head and the argmax) with ``torch.compile`` and captures it as CUDA graphs (:class:`_DecodeGraphs`), one
+per batch bucket (powers of two) and span bucket (multiples of 256 keys); a step is then one small copy
+and one graph replay. The CPU path is plain eager PyTorch.
 
 Not supported yet: LoRA adapters per request, prompt logprobs (``echo``), beam search, chunked prefill.
 """
@@ -185,8 +186,10 @@ class SlotKVCache:
     aware: ``nkv = num_query_groups`` heads are stored). Slot ``s`` holds one sequence, its token at
     position ``p`` at index ``p``; the extra last slot is scratch that padding tokens write into.
 
-    Before each forward the engine calls :meth:`bind` with the slots of the batch rows and the positions
-    of the new tokens; the model then calls :meth:`update` once per layer (the model's cache protocol).
+    Before each forward the engine describes it: :meth:`bind` (a prefill: any slots, padding tokens) or
+    :meth:`bind_decode` (a decode step: row ``b`` is slot ``b``, one token per row, everything derived
+    from the positions on the device, so the step can be captured as a CUDA graph); the model then
+    calls :meth:`update` once per layer (the model's cache protocol).
 
     Sliding-window hook: the returned mask says which keys a query may see by filling and causality
     only, and key index ``j`` is position ``j`` of its row, so a model with an attention window ANDs
@@ -204,11 +207,6 @@ class SlotKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self._bound: Optional[tuple] = None
-
-    def mark_static(self) -> None:
-        """Tell torch.compile the buffers never move, so CUDA graphs may write into them in place."""
-        for t in self.k + self.v:
-            torch._dynamo.mark_static_address(t)
 
     def bind(self, first_slot: int, lengths: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
              span: int) -> None:
@@ -231,7 +229,7 @@ class SlotKVCache:
         # A padding query sees key 0 only (never an empty row, which would give NaN).
         mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
         dev = self.k[0].device
-        self._bound = (first_slot, first_slot + B, span, write_slots.to(dev, non_blocking=True),
+        self._bound = ("prefill", first_slot, first_slot + B, span, write_slots.to(dev, non_blocking=True),
                        write_pos.to(dev, non_blocking=True), mask[:, None].to(dev, non_blocking=True))  # (B, 1, T, S)
 
     def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor,
@@ -245,11 +243,33 @@ class SlotKVCache:
         """
         if self._bound is None:
             raise RuntimeError("SlotKVCache.update called before bind()")
-        lo, hi, span, write_slots, write_pos, mask = self._bound
+        if self._bound[0] == "decode":
+            return self._update_decode(layer_idx, k, v, positions, self._bound[1])
+        _, lo, hi, span, write_slots, write_pos, mask = self._bound
         kb, vb = self.k[layer_idx], self.v[layer_idx]
         kb.index_put_((write_slots, write_pos), k.transpose(1, 2).to(kb.dtype))  # (B, T, nkv, hd) rows
         vb.index_put_((write_slots, write_pos), v.transpose(1, 2).to(vb.dtype))
         return kb[lo:hi, :span].transpose(1, 2), vb[lo:hi, :span].transpose(1, 2), mask
+
+    def bind_decode(self, keys: torch.Tensor) -> None:
+        """Describe a decode step: batch row ``b`` is slot ``b`` and feeds one token at ``positions[b]``
+        (given to :meth:`update`); the rows attend over keys ``[0, S)`` with ``keys = arange(S)`` on the
+        cache's device (its length is the span; a tensor, so a compiled step need not specialise on it).
+
+        Rows past the running sequences are padding: they write into their own free slot at position 0
+        and see that key only, which no running sequence reads.
+        """
+        self._bound = ("decode", keys)
+
+    def _update_decode(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S = k.shape[0], keys.shape[0]
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        rows = torch.arange(B, device=kb.device)[:, None]  # (B, 1): row b is slot b
+        kb.index_put_((rows, positions), k.transpose(1, 2).to(kb.dtype))  # (B, 1, nkv, hd)
+        vb.index_put_((rows, positions), v.transpose(1, 2).to(vb.dtype))
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, 1, S)
+        return kb[:B, :S].transpose(1, 2), vb[:B, :S].transpose(1, 2), mask
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (every layer)."""
@@ -319,6 +339,54 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], histo
 # The engine
 
 
+class _DecodeGraphs:
+    """The compiled decode step captured as CUDA graphs, one per (batch bucket, span bucket).
+
+    Inputs live in one static device buffer (token ids and positions of every row), filled by a single
+    host-to-device copy per step; a replay then runs the whole step (embedding, every layer, the head and
+    the argmax) with no launch overhead and no host work. The first use of a shape compiles (the span is
+    a dynamic dimension, so spans share one compilation) and records it after two warm-up runs, which
+    compute exactly what the step will (so they write the same keys and values into the cache).
+    """
+
+    def __init__(self, step, num_slots: int, keys: torch.Tensor):
+        self.step = step
+        self.keys = keys
+        self.host = torch.zeros(2, num_slots, dtype=torch.long).pin_memory()  # (ids, positions) x rows
+        self.inputs = torch.zeros(2, num_slots, dtype=torch.long, device=keys.device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, ids: list[int], positions: list[int], span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B = len(ids)
+        self.host[0, :B] = torch.tensor(ids)
+        self.host[1, :B] = torch.tensor(positions)
+        self.inputs[:, :B].copy_(self.host[:, :B], non_blocking=True)
+        if (B, span) not in self.graphs:
+            self.graphs[(B, span)] = self._capture(B, span)
+        graph, out = self.graphs[(B, span)]
+        graph.replay()
+        return out
+
+    def _capture(self, B: int, span: int):
+        ids, positions = self.inputs[0, :B, None], self.inputs[1, :B, None]  # (B, 1) views of the static buffer
+        keys = self.keys[:span]
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        if B > 1:
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(ids, positions, keys)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.step(ids, positions, keys)
+        return graph, out
+
+
 class _Sequence:
     """One request inside the engine."""
 
@@ -382,14 +450,13 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] sits in slot i
         self._ids: set[str] = set()
-        self._decode = self._decode_forward
+        self._keys = torch.arange(self.max_seq_len, device=self.device)  # a decode step attends keys[:span]
+        self._head = model.output_weight().detach()  # read once: a normalised head (Baichuan) is not redone per step
+        self._graphs: Optional[_DecodeGraphs] = None
         if self.compiled:
-            self.cache.mark_static()
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
-            # dynamic=None: the model reads int(positions.max()) for its length check, a graph break whose
-            # value must not be specialized (one recompile per position otherwise).
-            self._decode = torch.compile(self._decode_forward, mode="reduce-overhead")
+            self._graphs = _DecodeGraphs(torch.compile(self._decode_step), self.cache.num_slots, self._keys)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -456,8 +523,8 @@ class Engine:
             self._advance(new, logits, outputs)
         ready = [s for s in self.running if s.finish_reason is None and s.output_ids and s not in new]
         if ready:
-            logits = self._decode_running(ready)
-            self._advance(ready, logits, outputs)
+            logits, greedy, rows = self._decode_running(ready)
+            self._advance(ready, logits, outputs, rows, greedy)
         self._release([s for s in self.running if s.finish_reason is not None])
         return list(outputs.values())
 
@@ -503,7 +570,7 @@ class Engine:
     # -- forwards ------------------------------------------------------------------------------------
 
     def _logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.output_weight()).float()  # (B, V)
+        return F.linear(hidden, self._head).float()  # (B, V)
 
     def _prefill(self, seqs: list[_Sequence], first_slot: int) -> torch.Tensor:
         lens = [len(s.prompt_ids) for s in seqs]
@@ -522,32 +589,55 @@ class Engine:
         last = hidden[torch.arange(len(seqs), device=dev), (lengths - 1).to(dev)]  # (B, C)
         return self._logits_at(last)
 
-    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.hidden_states(ids, kv_cache=self.cache, positions=positions)  # (B, 1, C)
-        return self._logits_at(hidden[:, -1])
+    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode forward: ``ids``, ``positions`` (B, 1), row b in slot b, attending ``keys`` (S,).
 
-    def _decode_running(self, ready: list[_Sequence]) -> torch.Tensor:
+        Returns the next-token logits (B, V) fp32 and their argmax (B,). Everything it reads is a device
+        tensor (no host values), so it compiles to one graph and is captured as one CUDA graph.
+        """
+        self.cache.bind_decode(keys)
+        hidden = self.model.hidden_states(ids, kv_cache=self.cache, positions=positions)  # (B, 1, C)
+        logits = self._logits_at(hidden[:, -1])
+        return logits, logits.argmax(-1)
+
+    def _decode_running(self, ready: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Decode every sequence in ``ready``; returns the batch's logits (B, V), argmax (B,) and the rows
+        of ``ready`` in them. With CUDA graphs both are the graph's buffers: read them before the next step."""
         n = len(self.running)
         B = bucket(n, self.batch_step, self.cache.num_slots)
-        ids = torch.zeros(B, 1, dtype=torch.long)
-        pos = torch.zeros(B, 1, dtype=torch.long)
-        valid = torch.zeros(B, 1, dtype=torch.bool)
+        # Rows without a token this step (padding, or a sequence prefilled in this very step) write into the
+        # last position of their own slot, which no sequence reads before writing it itself.
+        ids, pos = [0] * B, [self.max_seq_len - 1] * B
         for s in ready:
-            ids[s.slot, 0] = s.output_ids[-1]
-            pos[s.slot, 0] = s.length - 1
-            valid[s.slot, 0] = True
-        lengths = torch.where(valid[:, 0], pos[:, 0] + 1, torch.zeros(B, dtype=torch.long))
-        span = bucket(int(lengths.max()), self.span_step, self.max_seq_len)
-        dev = self.device
-        self.cache.bind(0, lengths, pos, valid, span)
-        logits = self._decode(ids.to(dev), pos.to(dev))  # (B, V)
-        slots = torch.tensor([s.slot for s in ready], device=dev)
-        return logits[slots]  # a copy: a CUDA graph's output buffer is reused by the next replay
+            ids[s.slot], pos[s.slot] = s.output_ids[-1], s.length - 1
+        rows = [s.slot for s in ready]
+        span = bucket(max(pos[r] for r in rows) + 1, self.span_step, self.max_seq_len)
+        if self._graphs is not None:
+            logits, greedy = self._graphs.run(ids, pos, span)
+        else:
+            dev = self.device
+            logits, greedy = self._decode_step(torch.tensor(ids, device=dev)[:, None],
+                                               torch.tensor(pos, device=dev)[:, None], self._keys[:span])
+        return logits, greedy, rows
 
     # -- sampling and stopping -------------------------------------------------------------------------
 
-    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, outputs: dict[str, RequestOutput]) -> None:
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, outputs: dict[str, RequestOutput],
+                 rows: Optional[list[int]] = None, greedy: Optional[torch.Tensor] = None) -> None:
+        """Sample each sequence's next token from ``logits`` (row ``rows[i]`` for ``seqs[i]``; all rows in
+        order when None) and append it. ``greedy`` (the argmax of every row) serves plain greedy batches."""
         params = [s.params for s in seqs]
+        plain = all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params)
+        if plain and greedy is not None:
+            chosen_all = greedy.tolist()
+            for b, seq in enumerate(seqs):
+                self._append(seq, chosen_all[rows[b]] if rows is not None else chosen_all[b])
+                if seq.finish_reason is not None or len(seq.output_ids) > seq.sent_tokens:
+                    outputs[seq.request_id] = self._output(seq)
+            return
+        if rows is not None:
+            logits = logits[torch.tensor(rows, device=logits.device)]  # (n, V), a copy
         processed = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in seqs])
         greedy_ids = processed.argmax(-1)
         chosen: list[int] = greedy_ids.tolist()
