@@ -331,3 +331,39 @@ def test_packed_documents_do_not_see_each_other(style):
         assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
         # without segment ids the second document attends to the first
         assert not torch.allclose(model(packed, positions=pos)[:, 5:], model(b), atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [dict(style="llama"), dict(style="gpt"), dict(style="llama", qkv_bias=True),
+                                       dict(style="llama", num_moe_experts=3, moe_router_topk=2)])
+def test_fuse_projections_keeps_the_function(overrides):
+    style = overrides.pop("style")
+    cfg = make_cfg(style, **overrides)
+    model = make_model(cfg)
+    with torch.no_grad():  # non-zero biases, so a bias dropped or misplaced by the fusion shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    x = tokens(cfg, B=2, T=9)
+    ref = model(x)
+    n_gated = sum(isinstance(m, transformer_mod.GatedMLP) for m in model.modules())
+    assert transformer_mod.fuse_projections(model) == cfg.num_layers + n_gated
+    names = set(dict(model.named_parameters()))
+    assert "layers.0.self_attn.qkv_proj.weight" in names and "layers.0.self_attn.q_proj.weight" not in names
+    assert ("layers.0.mlp.gate_up_proj.weight" in names) == (style == "llama" and not cfg.num_moe_experts)
+    assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
+    cache = KVCache(cfg, batch_size=2, max_seq_len=16)
+    steps = [model(x[:, :5], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache, start_pos=t) for t in range(5, 9)]
+    assert torch.allclose(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=1e-5)
+    assert transformer_mod.fuse_projections(model) == 0  # already fused
+
+
+def test_fuse_projections_leaves_wrapped_projections_apart():
+    from lmforge.peft import LoRAConfig, apply_peft
+
+    cfg = make_cfg("llama")
+    model = make_model(cfg)
+    apply_peft(model, "lora", LoRAConfig(r=2, target_modules=["q_proj"]))
+    assert transformer_mod.fuse_projections(model) == cfg.num_layers  # the gated MLPs only
+    names = set(dict(model.named_modules()))
+    assert "layers.0.self_attn.q_proj" in names and "layers.0.self_attn.qkv_proj" not in names
+    assert "layers.0.mlp.gate_up_proj" in names

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import UserError
+from lmforge.models.transformer import fuse_projections
 
 __all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
            "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
@@ -424,7 +425,9 @@ class Engine:
         max_seq_len: positions per slot (prompt + output); default ``min(max_position_embeddings, 8192)``.
         max_prefill_tokens: most (padded) prompt tokens prefilled in one step; a longer single prompt
             is still admitted alone.
-        compile_decode: compile the decode step with CUDA graphs (GPU only; ignored on CPU).
+        compile_decode: compile the decode step and capture it in CUDA graphs (GPU only; ignored on CPU).
+            This fuses the model's q/k/v and gate/up projections in place
+            (:func:`~lmforge.models.transformer.fuse_projections`): do not train or save it afterwards.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
@@ -454,6 +457,7 @@ class Engine:
         self._head = model.output_weight().detach()  # read once: a normalised head (Baichuan) is not redone per step
         self._graphs: Optional[_DecodeGraphs] = None
         if self.compiled:
+            fuse_projections(self.model)  # one matrix read for q/k/v and for gate/up: nearer the bandwidth at batch 1
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
             self._graphs = _DecodeGraphs(torch.compile(self._decode_step), self.cache.num_slots, self._keys)
