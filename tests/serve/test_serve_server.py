@@ -57,8 +57,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(folder, api_key=None, max_batch_size=8, **limits):
-    engine = engine_from_checkpoint(folder, device="cpu", dtype="float32", max_batch_size=max_batch_size)
+def running_server(folder, api_key=None, max_batch_size=8, loras=None, **limits):
+    engine = engine_from_checkpoint(folder, device="cpu", dtype="float32", max_batch_size=max_batch_size, loras=loras)
     client = AsyncEngineClient(engine, MODEL)
     app = build_app(client, api_key=api_key, **limits)
     port = free_port()

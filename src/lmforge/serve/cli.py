@@ -48,8 +48,26 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--compile", action="store_true", help="compile the decode step with CUDA graphs (GPU)")
-    p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters)")
+    p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters), "
+                   "merged into the served model")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter that requests select by sending NAME as 'model' (repeat for more); "
+                        "requests mix adapters in one batch")
     p.set_defaults(func=_cmd_serve)
+
+
+def parse_loras(items: list[str]) -> dict[str, str]:
+    """``["sql=adapters/sql", ...]`` -> ``{"sql": "adapters/sql"}``; a malformed or repeated name is a UserError."""
+    loras: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        name, folder = name.strip(), folder.strip()
+        if not sep or not name or not folder:
+            raise UserError(f"--lora {item!r}: write NAME=DIR, e.g. --lora sql=results/sql_lora/adapter")
+        if name in loras:
+            raise UserError(f"--lora {name!r} is given twice; each adapter needs its own name")
+        loras[name] = folder
+    return loras
 
 
 def _cmd_serve(a) -> int:
@@ -63,7 +81,7 @@ def _cmd_serve(a) -> int:
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
-               compile_decode=a.compile, adapter=a.adapter)
+               compile_decode=a.compile, adapter=a.adapter, loras=parse_loras(a.lora))
     return 0
 
 

@@ -16,6 +16,7 @@ import threading
 import uuid
 from typing import AsyncIterator, Optional, Protocol, Sequence
 
+from lmforge.errors import ConfigError
 from lmforge.serve.engine import Engine, EngineBusyError, RequestOutput, SamplingParams
 
 __all__ = ["EngineClient", "AsyncEngineClient"]
@@ -25,11 +26,12 @@ class EngineClient(Protocol):
     """What the server needs from an engine."""
 
     model_name: str
+    adapter_names: list[str]  # LoRA adapters a request may name as its model
     tokenizer: object
     max_seq_len: int
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: Optional[str] = None,
+                 adapter: Optional[str] = None) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -63,6 +65,10 @@ class AsyncEngineClient:
     def __init__(self, engine: Engine, model_name: str, max_pending: int = 256):
         self.engine = engine
         self.model_name = model_name
+        self.adapter_names = list(engine.lora.names) if getattr(engine, "lora", None) is not None else []
+        if model_name in self.adapter_names:
+            raise ConfigError(f"--lora name {model_name!r} is also the served model's name; rename the adapter or "
+                              f"set --model-name")
         self.tokenizer = engine.tokenizer
         self.max_seq_len = engine.max_seq_len
         self.max_pending = max_pending
@@ -100,8 +106,9 @@ class AsyncEngineClient:
     # -- requests -----------------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs until the finished one.
+                       request_id: Optional[str] = None, adapter: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request (decoded with LoRA adapter ``adapter``, None: the base model) and yield its
+        outputs until the finished one.
 
         Raises :class:`~lmforge.serve.engine.InvalidRequestError` for a bad request and
         :class:`EngineBusyError` when the queue is full or the engine is stopping. Closing the iterator
@@ -116,7 +123,7 @@ class AsyncEngineClient:
                 raise EngineBusyError(f"the server is busy ({self.max_pending} requests queued or running); "
                                       f"try again later")
             self._pending[request_id] = pending
-        self._inbox.put(("add", request_id, list(prompt_ids), params))
+        self._inbox.put(("add", request_id, list(prompt_ids), params, adapter))
         self._wake.set()
         finished = False
         try:
@@ -155,9 +162,9 @@ class AsyncEngineClient:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, prompt, params = msg
+                _, rid, prompt, params, adapter = msg
                 try:
-                    self.engine.add_request(rid, prompt, params)
+                    self.engine.add_request(rid, prompt, params, adapter=adapter)
                 except Exception as e:  # a bad request goes back to its caller
                     self._deliver(rid, e, last=True)
             else:

@@ -407,6 +407,7 @@ class _Sequence:
         self.sent_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
         self.finish_reason: Optional[str] = None
+        self.adapter = 0  # slot of its LoRA adapter in the engine's MultiLoRA (0: the base model)
 
     @property
     def length(self) -> int:
@@ -425,13 +426,16 @@ class Engine:
         max_seq_len: positions per slot (prompt + output); default ``min(max_position_embeddings, 8192)``.
         max_prefill_tokens: most (padded) prompt tokens prefilled in one step; a longer single prompt
             is still admitted alone.
+        lora: a :class:`~lmforge.peft.multi_lora.MultiLoRA` already applied to ``model`` (its ``max_rows`` at
+            least the batch, rounded up to a power of two when compiled): each request may then name one of
+            its adapters (:meth:`add_request`), and a batch mixes adapters freely.
         compile_decode: compile the decode step and capture it in CUDA graphs (GPU only; ignored on CPU).
             This fuses the model's q/k/v and gate/up projections in place
             (:func:`~lmforge.models.transformer.fuse_projections`): do not train or save it afterwards.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
-                 max_prefill_tokens: int = 8192, compile_decode: bool = False):
+                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
@@ -449,6 +453,10 @@ class Engine:
         self.span_step = 256 if self.compiled else (64 if self.device.type == "cuda" else 1)
         num_slots = bucket(max_batch_size, self.batch_step)
         self.cache = SlotKVCache(self.cfg, num_slots, self.max_seq_len, self.device, self.dtype)
+        self.lora = lora
+        if lora is not None and lora.max_rows < num_slots:
+            raise InvalidRequestError(f"the MultiLoRA holds {lora.max_rows} rows but this engine decodes up to "
+                                      f"{num_slots}; build it with max_rows={num_slots}")
         self.eos_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] sits in slot i
@@ -464,9 +472,18 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a request. Raises :class:`InvalidRequestError` / :class:`PromptTooLongError` at once."""
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                    adapter: Optional[str] = None) -> None:
+        """Queue a request, decoded with LoRA adapter ``adapter`` (a name of the engine's ``lora``; None: the
+        base model). Raises :class:`InvalidRequestError` / :class:`PromptTooLongError` at once."""
         params.validate()
+        adapter_slot = 0
+        if adapter is not None:
+            names = self.lora.names if self.lora is not None else []
+            if adapter not in names:
+                raise InvalidRequestError(f"adapter {adapter!r} is not loaded; loaded adapters: "
+                                          f"{', '.join(names) or '(none)'}", "model")
+            adapter_slot = self.lora.index(adapter)
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
@@ -482,7 +499,9 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", "stop")
         max_new = min(params.max_tokens, self.max_seq_len - len(prompt))
-        self.waiting.append(_Sequence(request_id, prompt, params, self.device, max_new))
+        seq = _Sequence(request_id, prompt, params, self.device, max_new)
+        seq.adapter = adapter_slot
+        self.waiting.append(seq)
         self._ids.add(request_id)
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
@@ -589,6 +608,8 @@ class Engine:
         dev = self.device
         span = bucket(T, self.span_step, self.max_seq_len)
         self.cache.bind(first_slot, lengths, positions, valid, span)
+        if self.lora is not None:
+            self.lora.set_rows([s.adapter for s in seqs])
         hidden = self.model.hidden_states(ids.to(dev), kv_cache=self.cache, positions=positions.to(dev))  # (B, T, C)
         last = hidden[torch.arange(len(seqs), device=dev), (lengths - 1).to(dev)]  # (B, C)
         return self._logits_at(last)
@@ -617,6 +638,11 @@ class Engine:
             ids[s.slot], pos[s.slot] = s.output_ids[-1], s.length - 1
         rows = [s.slot for s in ready]
         span = bucket(max(pos[r] for r in rows) + 1, self.span_step, self.max_seq_len)
+        if self.lora is not None:
+            adapters = [0] * B
+            for s in ready:
+                adapters[s.slot] = s.adapter
+            self.lora.set_rows(adapters)
         if self._graphs is not None:
             logits, greedy = self._graphs.run(ids, pos, span)
         else:
@@ -719,11 +745,14 @@ class Engine:
                 f"dtype={self.dtype}, compiled={self.compiled})")
 
 
-def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adapter=None, **kwargs: Any) -> Engine:
+def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adapter=None, loras=None,
+                           **kwargs: Any) -> Engine:
     """Load a model folder (:func:`lmforge.models.load.load_for_inference`) and build an :class:`Engine`.
 
     ``adapter`` is a fine-tuned adapter folder (lmforge's or Hugging Face PEFT's): LoRA/DoRA and IA3 are
     folded into the weights (no cost per token), bottleneck adapters run as extra modules.
+    ``loras`` maps names to LoRA adapter folders that requests pick by name (``add_request(adapter=...)``);
+    they are kept apart from the weights (:class:`~lmforge.peft.multi_lora.MultiLoRA`), on top of ``adapter``.
     """
     from lmforge.models.load import load_for_inference
 
@@ -732,4 +761,8 @@ def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adap
         from lmforge.peft import adapter_for_inference
 
         model = adapter_for_inference(model, adapter, use="the serving engine")
+    if loras:
+        from lmforge.peft.multi_lora import MultiLoRA
+
+        kwargs["lora"] = MultiLoRA(model, dict(loras), max_rows=bucket(int(kwargs.get("max_batch_size", 32)), 0))
     return Engine(model, tokenizer, **kwargs)

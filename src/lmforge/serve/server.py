@@ -140,10 +140,15 @@ class _Server:
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key")
 
-    def check_model(self, name: str) -> None:
-        if name != self.client.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.client.model_name}'",
-                           "invalid_request_error", "model", "model_not_found")
+    def check_model(self, name: str) -> Optional[str]:
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for an unknown name."""
+        if name == self.client.model_name:
+            return None
+        if name in self.client.adapter_names:
+            return name
+        served = ", ".join(repr(n) for n in [self.client.model_name, *self.client.adapter_names])
+        raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
+                       "invalid_request_error", "model", "model_not_found")
 
     def chat_template(self):
         if not self._chat_loaded:
@@ -182,13 +187,14 @@ class _Server:
 
     # -- running requests -----------------------------------------------------------------------------
 
-    def requests(self, prompts: list[list[int]], params: SamplingParams, n: int) -> list[AsyncIterator[RequestOutput]]:
+    def requests(self, prompts: list[list[int]], params: SamplingParams, n: int, adapter: Optional[str] = None
+                 ) -> list[AsyncIterator[RequestOutput]]:
         """One engine stream per (prompt, sample); sample i of a seeded request uses seed + i."""
         streams = []
         for prompt in prompts:
             for i in range(n):
                 p = params if i == 0 or params.seed is None else _with_seed(params, params.seed + i)
-                streams.append(self.client.generate(prompt, p))
+                streams.append(self.client.generate(prompt, p, adapter=adapter))
         return streams
 
     def token_text(self, tid: int) -> str:
@@ -328,32 +334,35 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
             return APIError(503, "the engine is not running", "service_unavailable").response()
         return {"status": "ok"}
 
-    def model_card() -> dict:
-        return {"id": client.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
                 "max_model_len": client.max_seq_len}
+        if name != client.model_name:  # a LoRA adapter over the base model
+            card["parent"] = client.model_name
+        return card
 
     @app.get("/v1/models")
     async def models(request: Request):
         server.check_key(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in [client.model_name, *client.adapter_names]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         server.check_key(request)
         server.check_model(model_id)
-        return model_card()
+        return model_card(model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         server.check_key(request)
-        server.check_model(body.model)
+        adapter = server.check_model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         prompts = _completion_prompts(server, body.prompt)
         params = [server.params(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = [s for i, p in enumerate(prompts) for s in server.requests([p], params[i], body.n)]
-        base = {"id": rid, "object": "text_completion", "created": created, "model": client.model_name}
+        streams = [s for i, p in enumerate(prompts) for s in server.requests([p], params[i], body.n, adapter)]
+        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             return await _stream(server, streams, body, base, prompt_tokens, chat=False)
@@ -368,14 +377,14 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_key(request)
-        server.check_model(body.model)
+        adapter = server.check_model(body.model)
         prompt = server.chat_template().encode(body.messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = server.params(body, len(prompt), max_tokens, logprobs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = server.requests([prompt], params, body.n)
-        base = {"id": rid, "object": "chat.completion", "created": created, "model": client.model_name}
+        streams = server.requests([prompt], params, body.n, adapter)
+        base = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
         if body.stream:
             return await _stream(server, streams, body, {**base, "object": "chat.completion.chunk"}, len(prompt),
                                  chat=True)
@@ -481,7 +490,7 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
                model_name: Optional[str] = None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
                max_prompt_tokens: Optional[int] = None, max_tokens_limit: Optional[int] = None,
                max_pending: int = 256, device: str = "auto", dtype: str = "auto", compile_decode: bool = False,
-               adapter: Optional[str] = None,
+               adapter: Optional[str] = None, loras: Optional[dict[str, str]] = None,
                graceful_timeout: int = 600, log_level: str = "info") -> None:
     """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first)."""
     import uvicorn
@@ -490,7 +499,8 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
     from lmforge.serve.client import AsyncEngineClient
     from lmforge.serve.engine import engine_from_checkpoint
 
-    engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, adapter=adapter, max_batch_size=max_batch_size,
+    engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, adapter=adapter, loras=loras,
+                                    max_batch_size=max_batch_size,
                                     max_seq_len=max_seq_len, compile_decode=compile_decode)
     name = model_name or Path(model_path).resolve().name
     client = AsyncEngineClient(engine, name, max_pending=max_pending)
