@@ -4,6 +4,10 @@ Models come from transformers' config classes with random weights (no downloads)
 purpose (head size 12, FFN 88, vocabulary 97), attention is grouped where the family allows it, and
 sliding windows (5) are shorter than the test sequence (23) so the window matters in both the full
 forward and the cached generation.
+
+Falcon-RW (ALiBi): 4 heads (a power of two) and 6 heads (not one), multi-query and not. Head counts whose
+slopes are powers of two, because HF rounds ``slope * position`` through bf16 (``build_alibi_tensor``),
+which is exact only then; lmforge keeps fp32 slopes. HF's rope validation still wants an even head size.
 """
 
 import pytest
@@ -49,6 +53,13 @@ def _cases():
                                                    num_kv_heads=KV, new_decoder_architecture=True, bias=True,
                                                    ffn_hidden_size=FFN, max_position_embeddings=64,
                                                    tie_word_embeddings=False, **NO_TOKENS),
+        "falcon_rw_alibi": lambda: T.FalconConfig(vocab_size=V, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                                  alibi=True, multi_query=False, parallel_attn=False, bias=True,
+                                                  ffn_hidden_size=FFN, max_position_embeddings=64, **NO_TOKENS),
+        "falcon_rw_alibi_mqa_6_heads": lambda: T.FalconConfig(vocab_size=V, hidden_size=60, num_hidden_layers=2,
+                                                              num_attention_heads=6, alibi=True, multi_query=True,
+                                                              parallel_attn=True, bias=False, tie_word_embeddings=False,
+                                                              max_position_embeddings=64, **NO_TOKENS),
         "mixtral": lambda: T.MixtralConfig(**LLAMA_LIKE, num_local_experts=3, num_experts_per_tok=2,
                                            sliding_window=WINDOW),
     }
@@ -123,3 +134,25 @@ def test_round_trip_and_parity(case, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         assert (reloaded(ids).logits - expected).abs().max().item() < 1e-5
+
+
+def test_falcon_rw_alibi_config_both_ways(tmp_path):
+    """alibi=true reads as ALiBi with Falcon's slope scale (bias before 1/sqrt(head_dim)) and is written back."""
+    import json
+
+    hf_model = transformers.AutoModelForCausalLM.from_config(CASES["falcon_rw_alibi"]())
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "ours", to="lmforge", progress=False)
+    convert(tmp_path / "ours", tmp_path / "back", to="hf", progress=False)
+    cfg = lmforge_model(tmp_path / "ours").cfg
+    assert cfg.position_embedding_type == "alibi" and cfg.alibi_slope_scale == pytest.approx(1 / 10 ** 0.5)
+    assert (cfg.num_query_groups, cfg.parallel_attn_mlp) == (4, False)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["alibi"] is True and back["multi_query"] is False and back["parallel_attn"] is False
+    assert "rope_theta" not in back and "rope_scaling" not in back
+    # a rotary Falcon still writes alibi=false
+    hf_model = transformers.AutoModelForCausalLM.from_config(CASES["falcon7b_layout"]())
+    hf_model.save_pretrained(tmp_path / "hf7b")
+    convert(tmp_path / "hf7b", tmp_path / "ours7b", to="lmforge", progress=False)
+    convert(tmp_path / "ours7b", tmp_path / "back7b", to="hf", progress=False)
+    assert json.loads((tmp_path / "back7b" / "config.json").read_text())["alibi"] is False

@@ -199,7 +199,7 @@ class ModelSection:
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # gelu | swiglu (NeMo's fast-swiglu is swiglu)
     bias: bool = True
-    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | alibi
     rotary_base: float = 10000.0
     share_embeddings_and_output_weights: bool = True
     make_vocab_size_divisible_by: int = 128

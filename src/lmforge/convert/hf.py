@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_path, write_json_atomic
@@ -267,7 +266,7 @@ def plan(cfg: ModelConfig, fam: Family) -> list[Step]:
 def to_hf_tensors(step: Step, tensors: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
     """HF tensors of ``step`` from its lmforge tensors."""
     kind = step.kind
-    if kind in ("copy", "normhead"):
+    if kind == "copy":
         return [tensors[0]]
     if kind == "transpose":
         return [tensors[0].t()]
@@ -291,8 +290,6 @@ def to_our_tensors(step: Step, tensors: list[torch.Tensor], cfg: ModelConfig,
     (t,) = tensors
     if kind == "copy":
         return [t]
-    if kind == "normhead":
-        return [F.normalize(t.float(), dim=-1).to(t.dtype)]
     if kind == "transpose":
         return [t.t()]
     sizes = [shapes[name][0] for name in step.ours]
@@ -389,7 +386,12 @@ def open_source(path: str | os.PathLike, family: Optional[str] = None) -> Source
                       {k: hf[k] for k in _HF_EXTRA_KEYS if k in hf}, path)
     if fmt == "lmforge":
         config = _read_json(path / "config.json")
-        cfg = ModelConfig.from_dict(config["model"], source=str(path / "config.json"))
+        model = dict(config["model"])
+        if config.get("family") == "baichuan" and "normalize_output_head" not in model:
+            # Converted before ModelConfig.normalize_output_head: the head was stored normalised, and
+            # normalising it again at use changes nothing, so it exports as the NormHead it is.
+            model["normalize_output_head"] = True
+        cfg = ModelConfig.from_dict(model, source=str(path / "config.json"))
         name = family or config.get("family")
         fam = family_by_name(name) if name else guess_family(cfg)
         reader = SafetensorsFolder(path)

@@ -13,11 +13,18 @@ Rule kinds (what the converter does; see :mod:`lmforge.convert.hf`):
     cat_t        like cat, then transposed (GPT-2's c_attn weight).
     grouped_qkv  HF interleaves q, k, v per key/value group: ``[q heads of group g, k_g, v_g]`` for each
                  g (Falcon, and Megatron/NeMo's fused ``linear_qkv``).
-    normhead     HF's head is normalized at use (Baichuan2's NormHead): lmforge stores it normalized.
+
+Baichuan2's NormHead (the head's rows L2-normalised at every use) is the config field
+``normalize_output_head``, not a conversion step: the head is copied unchanged both ways.
+
+ALiBi families: Falcon-RW (``alibi: true``; HF adds the bias before the 1/sqrt(head_dim) softmax scale, so
+lmforge's slopes are scaled by it: ``alibi_slope_scale``) and Baichuan2-13B (a config without
+``max_position_embeddings``; its context is ``model_max_length``; the bias is added after the scale).
 
 Source config.json addresses: the HF Hub pages of meta-llama/Llama-2-7b-hf, meta-llama/Llama-3.1-8B,
 mistralai/Mistral-7B-v0.1, mistralai/Mixtral-8x7B-v0.1, google/gemma-7b, google/gemma-2-9b,
-tiiuae/falcon-7b, tiiuae/falcon-40b, bigcode/starcoder2-7b, baichuan-inc/Baichuan2-7B-Base,
+tiiuae/falcon-7b, tiiuae/falcon-40b, tiiuae/falcon-rw-1b, bigcode/starcoder2-7b, baichuan-inc/Baichuan2-7B-Base,
+baichuan-inc/Baichuan2-13B-Base,
 Qwen/Qwen2-7B, nvidia/Minitron-8B-Base (Nemotron), openai-community/gpt2.
 """
 
@@ -332,8 +339,6 @@ def _nemotron_rules(cfg):
 
 
 def _falcon_from(hf):
-    if hf.get("alibi"):
-        raise ConfigError("config.json: alibi=true (Falcon-RW) is not supported; lmforge's Falcon uses rotary positions")
     heads = int(_need(hf, "num_attention_heads"))
     hidden = int(_need(hf, "hidden_size"))
     new_arch = bool(hf.get("new_decoder_architecture", False))
@@ -353,11 +358,16 @@ def _falcon_from(hf):
                ffn_hidden_size=int(hf.get("ffn_hidden_size") or 4 * hidden),
                max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
                layernorm_epsilon=float(hf.get("layer_norm_epsilon") or 1e-5), normalization="layernorm",
-               layernorm_bias=True, activation="gelu", bias=bool(hf.get("bias", False)), position_embedding_type="rope",
+               layernorm_bias=True, activation="gelu", bias=bool(hf.get("bias", False)),
                parallel_attn_mlp=parallel, shared_input_norm=shared,
                share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", True)),
                init_method_std=float(hf.get("initializer_range") or 0.02))
-    out.update(_rope_from_hf(hf))
+    if hf.get("alibi"):
+        # Falcon-RW: (q k^T + alibi) / sqrt(head_dim), i.e. slopes times 1/sqrt(head_dim); HF ignores rope keys then.
+        out.update(position_embedding_type="alibi", alibi_slope_scale=1.0 / math.sqrt(hidden // heads))
+    else:
+        out["position_embedding_type"] = "rope"
+        out.update(_rope_from_hf(hf))
     return out
 
 
@@ -365,9 +375,11 @@ def _falcon_to(cfg):
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
     out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                num_attention_heads=heads, ffn_hidden_size=cfg.ffn_hidden_size, max_position_embeddings=cfg.max_position_embeddings,
-               layer_norm_epsilon=cfg.layernorm_epsilon, bias=cfg.bias, activation="gelu", alibi=False,
+               layer_norm_epsilon=cfg.layernorm_epsilon, bias=cfg.bias, activation="gelu",
+               alibi=cfg.position_embedding_type == "alibi",
                tie_word_embeddings=cfg.share_embeddings_and_output_weights, initializer_range=cfg.init_method_std)
-    out.update(_rope_to_hf(cfg))
+    if not out["alibi"]:
+        out.update(_rope_to_hf(cfg))
     old_layout = (not cfg.parallel_attn_mlp or cfg.shared_input_norm) and groups in (1, heads)
     if old_layout:
         out.update(new_decoder_architecture=False, multi_query=groups == 1, parallel_attn=cfg.parallel_attn_mlp,
@@ -436,29 +448,39 @@ def _gpt2_rules(cfg):
     return rules
 
 
+_BAICHUAN_AUTO_MAP = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                      "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}
+
+
 def _baichuan_from(hf):
-    if "max_position_embeddings" not in hf and hf.get("hidden_size") == 5120:
-        raise ConfigError("config.json: Baichuan2-13B uses ALiBi positions, which lmforge does not support yet; "
-                          "Baichuan2-7B (rotary) converts")
+    # Baichuan2-7B: rotary, max_position_embeddings. Baichuan2-13B: ALiBi (bias after the softmax scale), no
+    # max_position_embeddings, context model_max_length. Both: NormHead.
+    alibi = hf.get("max_position_embeddings") is None
     out = _decoder_from_hf({**hf, "max_position_embeddings": hf.get("max_position_embeddings")
                             or hf.get("model_max_length") or 4096})
-    out.update(normalization="rmsnorm", activation="swiglu", bias=False)
+    if alibi:
+        out.update(position_embedding_type="alibi", rotary_base=10000.0, rope_scaling=None, rotary_percent=1.0)
+    out.update(normalization="rmsnorm", activation="swiglu", bias=False, normalize_output_head=True)
     return out
 
 
 def _baichuan_to(cfg):
+    if cfg.position_embedding_type == "alibi":
+        # The keys of Baichuan2-13B-Base's config.json (its BaichuanConfig has no rotary or GQA keys)
+        return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads, hidden_act="silu",
+                    model_max_length=cfg.max_position_embeddings, rms_norm_eps=cfg.layernorm_epsilon,
+                    tie_word_embeddings=cfg.share_embeddings_and_output_weights, initializer_range=cfg.init_method_std,
+                    auto_map=dict(_BAICHUAN_AUTO_MAP))
     out = _decoder_to_hf(cfg)
-    out.update(hidden_act="silu", model_max_length=cfg.max_position_embeddings,
-               auto_map={"AutoConfig": "configuration_baichuan.BaichuanConfig",
-                         "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"})
+    out.update(hidden_act="silu", model_max_length=cfg.max_position_embeddings, auto_map=dict(_BAICHUAN_AUTO_MAP))
     return out
 
 
 def _baichuan_rules(cfg):
-    rules = [r for r in _llama_rules(cfg) if not any(p in r.ours[0] for p in ("q_proj", "k_proj", "v_proj", "lm_head"))]
+    rules = [r for r in _llama_rules(cfg) if not any(p in r.ours[0] for p in ("q_proj", "k_proj", "v_proj"))]
     rules.append(Rule(tuple(f"layers.{{i}}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")),
                       ("model.layers.{i}.self_attn.W_pack.weight",), "cat"))
-    rules.append(Rule(("lm_head.weight",), ("lm_head.weight",), "normhead"))
     return rules
 
 
@@ -534,6 +556,10 @@ def guess_family(cfg: ModelConfig) -> Family:
     """The HF family a plain lmforge config most naturally exports to (checkpoints made by pretraining)."""
     if cfg.position_embedding_type == "learned_absolute":
         return FAMILIES["gpt2"]
+    if cfg.position_embedding_type == "alibi":
+        return FAMILIES["falcon"] if cfg.normalization == "layernorm" else FAMILIES["baichuan"]
+    if cfg.normalize_output_head:
+        return FAMILIES["baichuan"]
     if cfg.num_moe_experts is not None:
         return FAMILIES["mixtral"]
     if cfg.parallel_attn_mlp:

@@ -1,7 +1,7 @@
 """The decoder-only transformer behind every lmforge model family.
 
-One file, read top to bottom: norms -> rotary embedding -> attention -> MLPs -> Block -> KV cache ->
-Transformer. GPT-2/GPT-3 style (learned absolute positions, LayerNorm with bias, GELU MLP, biases)
+One file, read top to bottom: norms -> rotary embedding -> ALiBi slopes -> attention -> MLPs -> Block ->
+KV cache -> Transformer. GPT-2/GPT-3 style (learned absolute positions, LayerNorm with bias, GELU MLP, biases)
 and Llama style (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases) differ only by
 :class:`~lmforge.models.config.ModelConfig` fields. Each mechanism is a small module picked once
 when the model is built (:func:`build_norm`, :data:`MLP_CLASSES`); no block branches per family.
@@ -29,7 +29,7 @@ from lmforge.models.config import ModelConfig
 
 __all__ = ["Transformer", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm", "MLP", "GatedMLP",
            "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
-           "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap"]
+           "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap", "alibi_slopes", "fuse_projections"]
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
@@ -176,6 +176,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+# ----------------------------------------------------------------------------------------------
+# ALiBi (attention with linear biases): no position parameters, a per-head linear penalty on distance
+
+
+def alibi_slopes(num_heads: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The standard ALiBi slopes of ``num_heads`` heads, (nh,) fp32.
+
+    For n heads, n a power of two: the geometric sequence ``r, r^2, ..., r^n`` with ``r = 2^(-8/n)``.
+    Otherwise, with ``m`` the largest power of two below n: the m slopes of m heads, then every other
+    slope of 2m heads (``r'^1, r'^3, ...`` with ``r' = 2^(-8/(2m))``), n - m of them. This is the rule of
+    HF's ``build_alibi_tensor`` (BLOOM, Falcon) and of Baichuan's ``_get_interleave`` (they agree).
+    """
+
+    def geometric(n: int) -> list[float]:
+        ratio = 2.0 ** (-8.0 / n)
+        return [ratio ** (i + 1) for i in range(n)]
+
+    closest = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = geometric(closest) + geometric(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """``cap * tanh(x / cap)``: squash logits smoothly into (-cap, cap) (Gemma 2)."""
     return torch.tanh(x / cap) * cap
@@ -190,8 +212,15 @@ class Attention(nn.Module):
 
     ``num_query_groups`` key/value heads serve ``num_attention_heads`` query heads; query head ``h``
     reads key/value head ``h // (nh // nkv)``. Options read from the config once, here:
-    ``qkv_bias``, this layer's sliding window (``cfg.window_for_layer``), ``attention_scale`` and
-    ``attn_logit_softcapping`` (which needs the scores, so it runs the attention as plain matmuls).
+    ``qkv_bias``, this layer's sliding window (``cfg.window_for_layer``), ``attention_scale``,
+    ``attn_logit_softcapping`` (which needs the scores, so it runs the attention as plain matmuls) and
+    ALiBi (``position_embedding_type="alibi"``).
+
+    ALiBi: query i and key j of head h get ``slope_h * (j - i)`` added to their scaled score
+    (``slope_h``: :func:`alibi_slopes` times ``cfg.alibi_slope_scale``, kept in the non-persistent buffer
+    ``alibi_slopes``). The bias and the visibility mask become one float ``attn_mask`` (-inf where not
+    visible). i and j are positions: token indices without a cache (packed documents restart their
+    positions, index distances within a document stay right), cache positions with one.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -211,6 +240,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_heads * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(C, self.n_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, C, bias=cfg.bias)
+        self.qkv_proj: Optional[nn.Linear] = None  # q, k, v as one matmul (inference: fuse_projections)
+        if cfg.position_embedding_type == "alibi":
+            # Non-persistent: rebuilt from the config, never saved. Recomputed by Transformer.init_weights.
+            slopes = alibi_slopes(self.n_heads, device=self.q_proj.weight.device) * cfg.alibi_slope_scale
+            self.register_buffer("alibi_slopes", slopes, persistent=False)  # (nh,)
+        else:
+            self.alibi_slopes = None
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 kv_cache: Optional["KVCache"] = None, start_pos: int = 0,
@@ -236,9 +272,13 @@ class Attention(nn.Module):
             (B, T, C).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        v = v.view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
         if self.use_rope:
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
@@ -253,6 +293,9 @@ class Attention(nn.Module):
         if self.window is not None:
             mask = self._and_window(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
                                     cached=kv_cache is not None, device=x.device)
+        if self.alibi_slopes is not None:  # bool (or None: causal) mask -> float mask with the ALiBi bias
+            mask = self._alibi_mask(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
+                                    cached=kv_cache is not None, device=x.device).to(q.dtype)
         is_causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
         if self.logit_cap is not None:
@@ -269,25 +312,57 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.o_proj(y)
 
+    def fuse_qkv(self) -> bool:
+        """Replace ``q_proj``, ``k_proj``, ``v_proj`` by one ``qkv_proj`` (inference only: one matrix read per
+        token instead of three, and the weights keep their values). Wrapped projections (LoRA) stay apart.
+        Returns True if fused."""
+        parts = [getattr(self, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        if self.qkv_proj is not None or any(type(p) is not nn.Linear for p in parts):
+            return False
+        self.qkv_sizes = [p.out_features for p in parts]
+        self.qkv_proj = _concat_linears(parts)
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
     def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nkv, S, hd) -> (B, nh, S, hd)
 
-    def _and_window(self, mask: Optional[torch.Tensor], T: int, S: int, start_pos: int,
-                    positions: Optional[torch.Tensor], cached: bool, device: torch.device) -> torch.Tensor:
-        """``mask`` (None: causal) restricted to keys less than ``self.window`` positions back."""
+    @staticmethod
+    def _query_key_pos(T: int, S: int, start_pos: int, positions: Optional[torch.Tensor], cached: bool,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the new tokens, (T, 1) or (B, 1, T, 1), and of the keys, (S,): key s is position s."""
         if cached:
             query_pos = positions if positions is not None else torch.arange(start_pos, start_pos + T, device=device)
         else:  # no cache: token indices (packed documents restart positions, index distances stay right)
             query_pos = torch.arange(T, device=device)
         query_pos = query_pos.reshape(-1, 1, T, 1) if query_pos.dim() == 2 else query_pos[:, None]  # (B|T.., T, 1)
-        key_pos = torch.arange(S, device=device)
+        return query_pos, torch.arange(S, device=device)
+
+    def _and_window(self, mask: Optional[torch.Tensor], T: int, S: int, start_pos: int,
+                    positions: Optional[torch.Tensor], cached: bool, device: torch.device) -> torch.Tensor:
+        """``mask`` (None: causal) restricted to keys less than ``self.window`` positions back."""
+        query_pos, key_pos = self._query_key_pos(T, S, start_pos, positions, cached, device)
         window = key_pos > query_pos - self.window  # (T, S) or (B, 1, T, S)
         if mask is None:
             return window & (key_pos <= query_pos)
         return mask & window
 
+    def _alibi_mask(self, mask: Optional[torch.Tensor], T: int, S: int, start_pos: int,
+                    positions: Optional[torch.Tensor], cached: bool, device: torch.device) -> torch.Tensor:
+        """The float attention mask: ``slope_h * (key_pos - query_pos)`` where ``mask`` (None: causal) lets a
+        query see a key, -inf elsewhere. Returns (1, nh, T, S) or (B, nh, T, S), fp32."""
+        query_pos, key_pos = self._query_key_pos(T, S, start_pos, positions, cached, device)
+        if mask is None:  # plain causal; with a cache and one new token, every key is visible
+            mask = key_pos <= query_pos  # (T, S) or (B, 1, T, S)
+        distance = (key_pos - query_pos).float()  # (T, S) or (B, 1, T, S), <= 0 where visible
+        if distance.dim() == 2:
+            distance = distance[None, None]  # (1, 1, T, S)
+        bias = self.alibi_slopes.float().view(1, -1, 1, 1) * distance  # (1|B, nh, T, S)
+        return bias.masked_fill(~mask, float("-inf"))
+
     def _eager(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
-        """Attention as matmuls, with soft-capped scores (SDPA cannot cap them)."""
+        """Attention as matmuls, with soft-capped scores (SDPA cannot cap them). ``mask``: bool (True:
+        visible) or float (added to the capped scores: the ALiBi bias, -inf where not visible)."""
         if self.n_kv_heads != self.n_heads:
             k, v = self._repeat_kv(k), self._repeat_kv(v)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
@@ -295,8 +370,10 @@ class Attention(nn.Module):
         if is_causal:
             T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
         probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), p=dropout)
         return probs @ v  # (B, nh, T, hd)
 
@@ -341,9 +418,53 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.gate_up_proj: Optional[nn.Linear] = None  # gate and up as one matmul (inference: fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_gate_up(self) -> bool:
+        """Replace ``gate_proj`` and ``up_proj`` by one ``gate_up_proj`` (inference only; see
+        :meth:`Attention.fuse_qkv`). Returns True if fused."""
+        parts = [getattr(self, n, None) for n in ("gate_proj", "up_proj")]
+        if self.gate_up_proj is not None or any(type(p) is not nn.Linear for p in parts):
+            return False
+        self.gate_up_proj = _concat_linears(parts)
+        del self.gate_proj, self.up_proj
+        return True
+
+
+@torch.no_grad()
+def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One frozen ``nn.Linear`` whose output is the outputs of ``parts`` side by side."""
+    weight = torch.cat([p.weight for p in parts])  # (sum out, in)
+    bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every attention's q/k/v and every gated MLP's gate/up projections into one matmul each, in place.
+
+    For inference (the serving engine's compiled decode step): at batch 1 a decode step reads every weight
+    once, and one larger matrix-vector product runs nearer the memory bandwidth than two or three small
+    ones. The fused model computes the same function, but its state-dict names change (``qkv_proj``,
+    ``gate_up_proj``), so fuse only a model that will not be saved or trained. Projections wrapped by
+    an adapter (per-request LoRA) are left apart. Returns the number of fusions.
+    """
+    fused = 0
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            fused += module.fuse_qkv()
+        elif isinstance(module, GatedMLP):
+            fused += module.fuse_gate_up()
+    return fused
 
 
 GeluMLP = MLP  # the names of the first model version
@@ -530,7 +651,8 @@ class Transformer(nn.Module):
 
     Args:
         cfg: the architecture. ``position_embedding_type="learned_absolute"`` adds an
-            ``embed_positions`` table; ``"rope"`` rotates queries and keys instead. With
+            ``embed_positions`` table; ``"rope"`` rotates queries and keys instead; ``"alibi"`` has no
+            position parameters (each attention layer biases its scores by distance). With
             ``share_embeddings_and_output_weights`` there is no ``lm_head`` module: the head is
             ``embed_tokens.weight``.
 
@@ -649,8 +771,16 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def output_weight(self) -> torch.Tensor:
-        """The (V, C) output head: ``embed_tokens.weight`` when tied, else ``lm_head.weight``."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """The (V, C) output head: ``embed_tokens.weight`` when tied, else ``lm_head.weight``.
+
+        With ``cfg.normalize_output_head`` (Baichuan2's NormHead) its rows are L2-normalised here, at every
+        use, so training, a fused loss, generation and evaluation all see the normalised head while the
+        stored weight stays free (as Baichuan trains it; a head stored normalised gives the same logits).
+        """
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.cfg.normalize_output_head:
+            return F.normalize(weight, dim=-1)  # (V, C), unit rows
+        return weight
 
     # -- initialization ------------------------------------------------------------------------------
 
@@ -660,8 +790,8 @@ class Transformer(nn.Module):
 
         Linear and embedding weights ~ N(0, init_method_std); the output projections of each block
         (``o_proj``, ``down_proj``) ~ N(0, init_method_std / sqrt(2 * num_layers)) (Megatron's scaled
-        init); biases 0; norm weights 1. The RoPE tables are recomputed, so this also completes a model
-        built on the meta device and moved with ``to_empty``.
+        init); biases 0; norm weights 1. The RoPE tables and ALiBi slopes are recomputed, so this also
+        completes a model built on the meta device and moved with ``to_empty``.
 
         Args:
             seed: when given, draws come from a private generator seeded with it (the global RNG is
@@ -691,6 +821,9 @@ class Transformer(nn.Module):
                 nn.init.constant_(module.weight, 1.0 - getattr(module, "offset", 0.0))
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Attention) and module.alibi_slopes is not None:
+                slopes = alibi_slopes(module.n_heads, device=module.alibi_slopes.device)
+                module.alibi_slopes.copy_(slopes * self.cfg.alibi_slope_scale)
         if self.rope_cos is not None:
             cos, sin = rope_cos_sin(self.cfg.rotary_dim, self.cfg.max_position_embeddings, self.cfg.rotary_base,
                                     device=self.rope_cos.device, scaling=self.cfg.rope_scaling)
