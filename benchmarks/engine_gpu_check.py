@@ -2,7 +2,8 @@
 
 The compiled, CUDA-graph decode path must give the greedy tokens of the eager path for a batch of
 prompts of different lengths joining and leaving (continuous batching), in fp32, for a dense model, a
-grouped-query model with a sliding window and a tied head. Exits non-zero on a mismatch.
+grouped-query model with a sliding window, a tied head, an ALiBi model, and a model serving two LoRA
+adapters per request (MultiLoRA's row buffer read by the captured graphs). Exits non-zero on a mismatch.
 
     python benchmarks/engine_gpu_check.py
 """
@@ -27,7 +28,36 @@ SHAPES = {
                            activation="swiglu", bias=False, position_embedding_type="rope", sliding_window=37),
     "gpt": dict(vocab_size=503, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
                 max_position_embeddings=1024),
+    "alibi": dict(vocab_size=503, hidden_size=72, num_layers=5, num_attention_heads=6, ffn_hidden_size=128,
+                  max_position_embeddings=1024, position_embedding_type="alibi"),
 }
+
+
+def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
+    from lmforge.peft.multi_lora import MultiLoRA
+
+    model = Transformer(ModelConfig(**shape)).cuda()
+    model.init_weights(seed=1)
+    lora = MultiLoRA(model.eval(), folders, max_rows=4)
+    return Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=compiled, lora=lora)
+
+
+def write_adapters(shape: dict, root) -> dict:
+    from lmforge.peft import LoRAConfig, apply_peft, save_adapter
+
+    folders = {}
+    for i, (name, targets) in enumerate((("qv", ["q_proj", "v_proj"]), ("all", ["all-linear"]))):
+        model = Transformer(ModelConfig(**shape))
+        model.init_weights(seed=1)
+        cfg = LoRAConfig(r=4 + 4 * i, lora_alpha=8, target_modules=targets)
+        apply_peft(model, "lora", cfg)
+        g = torch.Generator().manual_seed(5 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        folders[name] = save_adapter(model, "lora", cfg, f"{root}/{name}")
+    return folders
 
 
 def main() -> int:
@@ -51,6 +81,29 @@ def main() -> int:
             print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng._graphs.graphs)}",
                   flush=True)
             failures += len(same) - sum(same)
+    import tempfile
+
+    shape = SHAPES["llama-gqa"]
+    with tempfile.TemporaryDirectory() as root:
+        folders = write_adapters(shape, root)
+        prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90, 260, 33)]
+        adapters = [None, "qv", "all", "all", "qv", None, "all"]
+
+        def run(engine):
+            for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+                engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                                   adapter=adapter)
+            out = {f"r{i}": [] for i in range(len(prompts))}
+            while engine.has_work():
+                for o in engine.step():
+                    out[o.request_id].extend(o.token_ids)
+            return [out[f"r{i}"] for i in range(len(prompts))]
+
+        ref = run(lora_engine(shape, folders, compiled=False))
+        got = run(lora_engine(shape, folders, compiled=True))
+        same = [a == b for a, b in zip(ref, got)]
+        print(f"multi-lora: {sum(same)}/{len(same)} prompts equal", flush=True)
+        failures += len(same) - sum(same)
     print("OK" if not failures else f"FAILED: {failures} mismatches")
     return 1 if failures else 0
 

@@ -732,6 +732,26 @@ class Transformer(nn.Module):
             logits = softcap(logits, self.cfg.final_logit_softcapping)
         return logits
 
+    def embed(self, input_ids: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """The blocks' inputs: token (and learned position) embeddings (B, T, C), and the rotary tables of the
+        tokens' positions (``(cos, sin)``, (T, rd) or (B, T, rd) with ``positions``; None without RoPE)."""
+        end = start_pos + input_ids.shape[1]
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if self.cfg.embedding_multiplier is not None:  # Gemma: sqrt(C), rounded to the compute dtype as HF does
+            x = x * torch.tensor(self.cfg.embedding_multiplier, dtype=x.dtype, device=x.device)
+        if self.embed_positions is not None:
+            pos = positions if positions is not None else torch.arange(start_pos, end, device=input_ids.device)
+            x = x + self.embed_positions(pos)  # (B, T, C) + (T, C) or (B, T, C)
+        x = self.dropout(x)
+        rope = None
+        if self.rope_cos is not None:
+            if positions is not None:
+                rope = (self.rope_cos[positions], self.rope_sin[positions])  # (B, T, hd) each
+            else:
+                rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd) each
+        return x, rope
+
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
                       positions: Optional[torch.Tensor] = None,
                       segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -746,19 +766,7 @@ class Transformer(nn.Module):
         elif start_pos < 0 or end > self.cfg.max_position_embeddings:
             raise ValueError(f"positions [{start_pos}, {end}) do not fit the model's max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; shorten the input (or start_pos)")
-        x = self.embed_tokens(input_ids)  # (B, T, C)
-        if self.cfg.embedding_multiplier is not None:  # Gemma: sqrt(C), rounded to the compute dtype as HF does
-            x = x * torch.tensor(self.cfg.embedding_multiplier, dtype=x.dtype, device=x.device)
-        if self.embed_positions is not None:
-            pos = positions if positions is not None else torch.arange(start_pos, end, device=input_ids.device)
-            x = x + self.embed_positions(pos)  # (B, T, C) + (T, C) or (B, T, C)
-        x = self.dropout(x)
-        rope = None
-        if self.rope_cos is not None:
-            if positions is not None:
-                rope = (self.rope_cos[positions], self.rope_sin[positions])  # (B, T, hd) each
-            else:
-                rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd) each
+        x, rope = self.embed(input_ids, start_pos, positions)
         attn_mask = None
         if segment_ids is not None:
             if kv_cache is not None:

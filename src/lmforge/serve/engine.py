@@ -341,21 +341,29 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], histo
 
 
 class _DecodeGraphs:
-    """The compiled decode step captured as CUDA graphs, one per (batch bucket, span bucket).
+    """The compiled decode step captured as CUDA graphs, per (batch bucket, span bucket).
 
     Inputs live in one static device buffer (token ids and positions of every row), filled by a single
-    host-to-device copy per step; a replay then runs the whole step (embedding, every layer, the head and
-    the argmax) with no launch overhead and no host work. The first use of a shape compiles (the span is
-    a dynamic dimension, so spans share one compilation) and records it after two warm-up runs, which
-    compute exactly what the step will (so they write the same keys and values into the cache).
+    host-to-device copy per step; replaying the graphs then runs the whole step (embedding, every block,
+    the head and the argmax) with no host work between kernels. The step is cut into ``chunks`` + 2 graphs
+    (:meth:`Engine._decode_embed`, ``_decode_blocks`` over an even share of the blocks, ``_decode_head``):
+    the host's launch of one overlaps the GPU's run of the previous, so only the first launch shows.
+    Each piece compiles once for all spans (a dynamic dimension); a shape is recorded at first use after
+    two warm-up runs, which compute exactly what the step will (the same keys and values in the cache).
     """
 
-    def __init__(self, step, num_slots: int, keys: torch.Tensor):
-        self.step = step
-        self.keys = keys
+    def __init__(self, engine: "Engine", chunks: int):
+        self.embed = torch.compile(engine._decode_embed)
+        self.blocks = torch.compile(engine._decode_blocks)
+        self.head = torch.compile(engine._decode_head)
+        L = len(engine.model.layers)
+        bounds = sorted({round(i * L / max(1, min(chunks, L))) for i in range(max(1, min(chunks, L)) + 1)})
+        self.spans = list(zip(bounds[:-1], bounds[1:]))  # blocks [lo, hi) of each graph
+        self.keys = engine._keys
+        num_slots = engine.cache.num_slots
         self.host = torch.zeros(2, num_slots, dtype=torch.long).pin_memory()  # (ids, positions) x rows
-        self.inputs = torch.zeros(2, num_slots, dtype=torch.long, device=keys.device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.inputs = torch.zeros(2, num_slots, dtype=torch.long, device=engine.device)
+        self.graphs: dict[tuple[int, int], tuple[list[torch.cuda.CUDAGraph], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, ids: list[int], positions: list[int], span: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,9 +373,27 @@ class _DecodeGraphs:
         self.inputs[:, :B].copy_(self.host[:, :B], non_blocking=True)
         if (B, span) not in self.graphs:
             self.graphs[(B, span)] = self._capture(B, span)
-        graph, out = self.graphs[(B, span)]
-        graph.replay()
+        graphs, out = self.graphs[(B, span)]
+        for graph in graphs:
+            graph.replay()
         return out
+
+    def _step(self, ids, positions, keys, graphs: Optional[list] = None):
+        """Run the pieces in order; with ``graphs``, capture each into a new graph appended to it."""
+
+        def piece(fn, *args):
+            if graphs is None:
+                return fn(*args)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*args)
+            graphs.append(graph)
+            return out
+
+        x, rope = piece(self.embed, ids, positions, keys)
+        for lo, hi in self.spans:
+            x = piece(self.blocks, x, rope, positions, keys, lo, hi)
+        return piece(self.head, x)
 
     def _capture(self, B: int, span: int):
         ids, positions = self.inputs[0, :B, None], self.inputs[1, :B, None]  # (B, 1) views of the static buffer
@@ -380,12 +406,11 @@ class _DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step(ids, positions, keys)
+                self._step(ids, positions, keys)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.step(ids, positions, keys)
-        return graph, out
+        graphs: list[torch.cuda.CUDAGraph] = []
+        out = self._step(ids, positions, keys, graphs)
+        return graphs, out
 
 
 class _Sequence:
@@ -432,10 +457,12 @@ class Engine:
         compile_decode: compile the decode step and capture it in CUDA graphs (GPU only; ignored on CPU).
             This fuses the model's q/k/v and gate/up projections in place
             (:func:`~lmforge.models.transformer.fuse_projections`): do not train or save it afterwards.
+        graph_chunks: CUDA graphs per decode step (the blocks split evenly): launching a graph costs host time
+            in proportion to its kernels, and with several the next launch overlaps the GPU running this one.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
-                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None):
+                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 4):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
@@ -468,7 +495,7 @@ class Engine:
             fuse_projections(self.model)  # one matrix read for q/k/v and for gate/up: nearer the bandwidth at batch 1
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
-            self._graphs = _DecodeGraphs(torch.compile(self._decode_step), self.cache.num_slots, self._keys)
+            self._graphs = _DecodeGraphs(self, graph_chunks)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -614,17 +641,34 @@ class Engine:
         last = hidden[torch.arange(len(seqs), device=dev), (lengths - 1).to(dev)]  # (B, C)
         return self._logits_at(last)
 
+    # The decode step in pieces: embedding, blocks lo..hi, then norm + head + argmax. Eager they run back to
+    # back; compiled, each piece is its own CUDA graph, so launching the next one overlaps running this one.
+    # Everything they read is a device tensor (no host values).
+
+    def _decode_embed(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
+        self.cache.bind_decode(keys)
+        return self.model.embed(ids, positions=positions)  # (B, 1, C), rotary rows (or None)
+
+    def _decode_blocks(self, x: torch.Tensor, rope, positions: torch.Tensor, keys: torch.Tensor, lo: int,
+                       hi: int) -> torch.Tensor:
+        self.cache.bind_decode(keys)
+        for layer in self.model.layers[lo:hi]:
+            x = layer(x, rope, self.cache, 0, positions, None)
+        return x
+
+    def _decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._logits_at(self.model.norm(x)[:, -1])  # (B, V) fp32
+        return logits, logits.argmax(-1)
+
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode forward: ``ids``, ``positions`` (B, 1), row b in slot b, attending ``keys`` (S,).
 
-        Returns the next-token logits (B, V) fp32 and their argmax (B,). Everything it reads is a device
-        tensor (no host values), so it compiles to one graph and is captured as one CUDA graph.
+        Returns the next-token logits (B, V) fp32 and their argmax (B,).
         """
-        self.cache.bind_decode(keys)
-        hidden = self.model.hidden_states(ids, kv_cache=self.cache, positions=positions)  # (B, 1, C)
-        logits = self._logits_at(hidden[:, -1])
-        return logits, logits.argmax(-1)
+        x, rope = self._decode_embed(ids, positions, keys)
+        x = self._decode_blocks(x, rope, positions, keys, 0, len(self.model.layers))
+        return self._decode_head(x)
 
     def _decode_running(self, ready: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Decode every sequence in ``ready``; returns the batch's logits (B, V), argmax (B,) and the rows
