@@ -296,6 +296,10 @@ def test_configs_baichuan_or_falcon_cannot_hold_are_one_clear_error():
                   shared_input_norm=True, layernorm_bias=True, num_query_groups=1)
     with pytest.raises(ConfigError, match=r"model.alibi_slope_scale=1.0 cannot be represented as an HF FalconForCausalLM"):
         model_config_to_hf(ModelConfig(**falcon, position_embedding_type="alibi"), FAMILIES["falcon"])
-    ok = model_config_to_hf(ModelConfig(**falcon, position_embedding_type="alibi", alibi_slope_scale=1 / math.sqrt(12)),
-                            FAMILIES["falcon"])
+    # ... and HF builds the bias in bf16: an exact-slope model would read back with other logits
+    with pytest.raises(ConfigError, match=r"model.alibi_bf16_bias=False cannot be represented as an HF FalconForCausalLM"):
+        model_config_to_hf(ModelConfig(**falcon, position_embedding_type="alibi", alibi_slope_scale=1 / math.sqrt(12)),
+                           FAMILIES["falcon"])
+    ok = model_config_to_hf(ModelConfig(**falcon, position_embedding_type="alibi", alibi_slope_scale=1 / math.sqrt(12),
+                                        alibi_bf16_bias=True), FAMILIES["falcon"])
     assert ok["alibi"] is True

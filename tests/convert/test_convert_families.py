@@ -5,9 +5,9 @@ purpose (head size 12, FFN 88, vocabulary 97), attention is grouped where the fa
 sliding windows (5) are shorter than the test sequence (23) so the window matters in both the full
 forward and the cached generation.
 
-Falcon-RW (ALiBi): 4 heads (a power of two) and 6 heads (not one), multi-query and not. Head counts whose
-slopes are powers of two, because HF rounds ``slope * position`` through bf16 (``build_alibi_tensor``),
-which is exact only then; lmforge keeps fp32 slopes. HF's rope validation still wants an even head size.
+Falcon-RW (ALiBi): 4 heads (a power of two), 6 heads (not one) and 12 heads (slopes that are not powers of
+two, so HF's bf16 bias, ``build_alibi_tensor``, differs from exact slopes: lmforge's Falcon family builds the
+same bf16 bias, ``alibi_bf16_bias``), multi-query and not. HF's rope validation still wants an even head size.
 """
 
 import pytest
@@ -60,6 +60,10 @@ def _cases():
                                                               num_attention_heads=6, alibi=True, multi_query=True,
                                                               parallel_attn=True, bias=False, tie_word_embeddings=False,
                                                               max_position_embeddings=64, **NO_TOKENS),
+        "falcon_rw_alibi_12_heads": lambda: T.FalconConfig(vocab_size=V, hidden_size=96, num_hidden_layers=2,
+                                                           num_attention_heads=12, alibi=True, multi_query=False,
+                                                           parallel_attn=False, bias=True, max_position_embeddings=64,
+                                                           **NO_TOKENS),
         "mixtral": lambda: T.MixtralConfig(**LLAMA_LIKE, num_local_experts=3, num_experts_per_tok=2,
                                            sliding_window=WINDOW),
     }

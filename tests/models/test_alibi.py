@@ -24,7 +24,13 @@ VARIANTS = {
                               alibi_slope_scale=1 / math.sqrt(10), normalization="rmsnorm", activation="swiglu",
                               bias=False, share_embeddings_and_output_weights=False),
     "softcap_8_heads": dict(num_attention_heads=8, hidden_size=48, attn_logit_softcapping=4.0),
+    # HF BLOOM/Falcon's bf16 bias over absolute key positions (12 heads: slopes that bf16 rounds)
+    "bf16_bias_12_heads": dict(num_attention_heads=12, hidden_size=48, alibi_bf16_bias=True,
+                               alibi_slope_scale=1 / math.sqrt(4)),
 }
+# Packing restarts positions per document; the bf16 bias is built from absolute key positions (as HF's is),
+# so its rounding differs by a document's offset in the pack: only the exact bias packs exactly.
+EXACT = sorted(v for v in VARIANTS if not VARIANTS[v].get("alibi_bf16_bias"))
 
 
 def make_model(variant: str, max_positions: int = 64, std: float = 0.5) -> Transformer:
@@ -76,7 +82,7 @@ def test_meta_build_then_init_weights_fills_slopes():
     model.to_empty(device="cpu")
     model.init_weights(seed=0)
     for layer in model.layers:
-        assert torch.equal(layer.self_attn.alibi_slopes, alibi_slopes(6) * 0.25)
+        assert torch.equal(layer.self_attn.alibi_slopes, alibi_slopes(6)) and layer.self_attn.alibi_scale == 0.25
     assert not any("alibi" in k for k in model.state_dict())  # rebuilt from the config, never saved
     assert model.rope_cos is None and model.embed_positions is None
     # other position types build no slopes
@@ -104,8 +110,11 @@ def test_attention_matches_written_out_reference(variant):
     if cfg.attn_logit_softcapping:
         scores = cfg.attn_logit_softcapping * torch.tanh(scores / cfg.attn_logit_softcapping)
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    slopes = alibi_slopes(nh).double() * cfg.alibi_slope_scale
-    scores = scores + slopes[:, None, None] * (j - i)
+    if cfg.alibi_bf16_bias:  # HF's build_alibi_tensor: bf16(bf16(slope) * j), the same for every query
+        bias = (alibi_slopes(nh).bfloat16()[:, None, None] * j).bfloat16().double() * cfg.alibi_slope_scale
+    else:
+        bias = alibi_slopes(nh).double()[:, None, None] * cfg.alibi_slope_scale * (j - i)
+    scores = scores + bias
     visible = (j <= i) & ((i - j < cfg.sliding_window) if cfg.sliding_window else True)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     want = attn.o_proj((probs @ v).transpose(1, 2).reshape(B, T, nh * hd).float())
@@ -161,7 +170,7 @@ def test_generate_and_serving_engine_equal_full_forwards(variant):
 # ------------------------------------------------------------------------------------------ packed training
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", EXACT)
 def test_packed_documents_equal_each_document_alone(variant):
     model = make_model(variant)
     lengths = (5, 7, 4)

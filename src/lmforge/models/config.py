@@ -79,6 +79,8 @@ class ModelConfig:
     alibi_slope_scale: float = 1.0  # alibi only: the slopes times this. The bias is added to the scaled scores
     #                                 (Baichuan2-13B, BLOOM); Falcon-RW adds it before the 1/sqrt(kv_channels)
     #                                 softmax scale, which is the same as slopes times 1/sqrt(kv_channels)
+    alibi_bf16_bias: bool = False  # alibi only: the bias as HF's BLOOM/Falcon build it (bf16 slopes times the
+    #                                absolute key position, rounded to bf16): Falcon-RW's own convention
     normalize_output_head: bool = False  # the output head's rows are L2-normalised at every use, in training
     #                                      too (Baichuan2's NormHead); read by Transformer.output_weight
 
@@ -156,9 +158,11 @@ class ModelConfig:
                 if getattr(self, name) != default:
                     problems.append(f"model.{name}={getattr(self, name)!r} is a rotary setting but "
                                     f"position_embedding_type=alibi; remove it (or use position_embedding_type=rope)")
-        elif self.alibi_slope_scale != 1.0:
-            problems.append(f"model.alibi_slope_scale={self.alibi_slope_scale!r} needs position_embedding_type=alibi "
-                            f"(it is {self.position_embedding_type!r}); remove it")
+        else:
+            for name, default in (("alibi_slope_scale", 1.0), ("alibi_bf16_bias", False)):
+                if getattr(self, name) != default:
+                    problems.append(f"model.{name}={getattr(self, name)!r} needs position_embedding_type=alibi "
+                                    f"(it is {self.position_embedding_type!r}); remove it")
         if not float(self.alibi_slope_scale) > 0:
             problems.append(f"model.alibi_slope_scale={self.alibi_slope_scale!r} must be > 0")
         if self.rope_scaling is not None:

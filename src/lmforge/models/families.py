@@ -18,7 +18,8 @@ Baichuan2's NormHead (the head's rows L2-normalised at every use) is the config 
 ``normalize_output_head``, not a conversion step: the head is copied unchanged both ways.
 
 ALiBi families: Falcon-RW (``alibi: true``; HF adds the bias before the 1/sqrt(head_dim) softmax scale, so
-lmforge's slopes are scaled by it: ``alibi_slope_scale``) and Baichuan2-13B (a config without
+lmforge's slopes are scaled by it: ``alibi_slope_scale``; its bias is built in bf16 as HF does: ``alibi_bf16_bias``)
+and Baichuan2-13B (a config without
 ``max_position_embeddings``; its context is ``model_max_length``; the bias is added after the scale).
 
 Source config.json addresses: the HF Hub pages of meta-llama/Llama-2-7b-hf, meta-llama/Llama-3.1-8B,
@@ -364,7 +365,9 @@ def _falcon_from(hf):
                init_method_std=float(hf.get("initializer_range") or 0.02))
     if hf.get("alibi"):
         # Falcon-RW: (q k^T + alibi) / sqrt(head_dim), i.e. slopes times 1/sqrt(head_dim); HF ignores rope keys then.
-        out.update(position_embedding_type="alibi", alibi_slope_scale=1.0 / math.sqrt(hidden // heads))
+        # HF builds the bias in bf16 (build_alibi_tensor): alibi_bf16_bias reproduces it exactly.
+        out.update(position_embedding_type="alibi", alibi_slope_scale=1.0 / math.sqrt(hidden // heads),
+                   alibi_bf16_bias=True)
     else:
         out["position_embedding_type"] = "rope"
         out.update(_rope_from_hf(hf))

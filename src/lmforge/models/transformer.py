@@ -217,8 +217,9 @@ class Attention(nn.Module):
     ALiBi (``position_embedding_type="alibi"``).
 
     ALiBi: query i and key j of head h get ``slope_h * (j - i)`` added to their scaled score
-    (``slope_h``: :func:`alibi_slopes` times ``cfg.alibi_slope_scale``, kept in the non-persistent buffer
-    ``alibi_slopes``). The bias and the visibility mask become one float ``attn_mask`` (-inf where not
+    (``slope_h``: :func:`alibi_slopes` (the non-persistent buffer ``alibi_slopes``) times
+    ``cfg.alibi_slope_scale``; with ``cfg.alibi_bf16_bias`` the bias is HF BLOOM/Falcon's,
+    ``bf16(bf16(slope_h) * j)`` times the scale, which differs from the exact one by bf16 rounding). The bias and the visibility mask become one float ``attn_mask`` (-inf where not
     visible). i and j are positions: token indices without a cache (packed documents restart their
     positions, index distances within a document stay right), cache positions with one.
     """
@@ -243,10 +244,12 @@ class Attention(nn.Module):
         self.qkv_proj: Optional[nn.Linear] = None  # q, k, v as one matmul (inference: fuse_projections)
         if cfg.position_embedding_type == "alibi":
             # Non-persistent: rebuilt from the config, never saved. Recomputed by Transformer.init_weights.
-            slopes = alibi_slopes(self.n_heads, device=self.q_proj.weight.device) * cfg.alibi_slope_scale
-            self.register_buffer("alibi_slopes", slopes, persistent=False)  # (nh,)
+            slopes = alibi_slopes(self.n_heads, device=self.q_proj.weight.device)
+            self.register_buffer("alibi_slopes", slopes, persistent=False)  # (nh,), before alibi_scale
         else:
             self.alibi_slopes = None
+        self.alibi_scale = cfg.alibi_slope_scale
+        self.alibi_bf16 = cfg.alibi_bf16_bias
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 kv_cache: Optional["KVCache"] = None, start_pos: int = 0,
@@ -354,11 +357,15 @@ class Attention(nn.Module):
         query_pos, key_pos = self._query_key_pos(T, S, start_pos, positions, cached, device)
         if mask is None:  # plain causal; with a cache and one new token, every key is visible
             mask = key_pos <= query_pos  # (T, S) or (B, 1, T, S)
-        distance = (key_pos - query_pos).float()  # (T, S) or (B, 1, T, S), <= 0 where visible
-        if distance.dim() == 2:
-            distance = distance[None, None]  # (1, 1, T, S)
-        bias = self.alibi_slopes.float().view(1, -1, 1, 1) * distance  # (1|B, nh, T, S)
-        return bias.masked_fill(~mask, float("-inf"))
+        if mask.dim() == 2:
+            mask = mask[None, None]  # (1, 1, T, S)
+        if self.alibi_bf16:  # HF BLOOM/Falcon: bf16(bf16(slope) * key position), the same for every query
+            bias = (self.alibi_slopes.bfloat16().view(1, -1, 1, 1) * key_pos.view(1, 1, 1, -1)).bfloat16().float()
+        else:
+            distance = (key_pos - query_pos).float()  # (T, S) or (B, 1, T, S), <= 0 where visible
+            bias = self.alibi_slopes.float().view(1, -1, 1, 1) * (distance[None, None] if distance.dim() == 2 else distance)
+        bias = bias * self.alibi_scale  # (1|B, nh, T|1, S)
+        return bias.masked_fill(~mask, float("-inf"))  # (1|B, nh, T, S)
 
     def _eager(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
         """Attention as matmuls, with soft-capped scores (SDPA cannot cap them). ``mask``: bool (True:
@@ -831,7 +838,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, Attention) and module.alibi_slopes is not None:
                 slopes = alibi_slopes(module.n_heads, device=module.alibi_slopes.device)
-                module.alibi_slopes.copy_(slopes * self.cfg.alibi_slope_scale)
+                module.alibi_slopes.copy_(slopes)
         if self.rope_cos is not None:
             cos, sin = rope_cos_sin(self.cfg.rotary_dim, self.cfg.max_position_embeddings, self.cfg.rotary_base,
                                     device=self.rope_cos.device, scaling=self.cfg.rope_scaling)
