@@ -120,3 +120,31 @@ def test_serve_lora_argument_errors_are_one_line(setup, capsys, arg, message):
     assert main(["serve", str(ckpt), "--lora", arg, "--port", "1"]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_generate_file_lines_pick_their_adapter(setup, tmp_path, capsys):
+    import json
+
+    ckpt, folders = setup
+    lines = [{"id": "a", "prompt": "import re"}, {"id": "b", "prompt": "import re", "adapter": "sql"},
+             {"id": "c", "prompt": "class Sequence", "adapter": "chat"}]
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(ckpt), "--input", str(inp), "--output", str(out), "--greedy", "--max-new-tokens", "6",
+            "--device", "cpu", "--dtype", "float32", "--lora", f"sql={folders['sql']}", "--lora", f"chat={folders['chat']}"]
+    assert main(args) == 0
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for line in lines:
+        model, tok = reference_model(ckpt, folders.get(line.get("adapter")))
+        ids = generate(model, tok.encode(line["prompt"]), 6, greedy=True, eod_id=tok.eod_id)
+        assert got[line["id"]]["completion"] == tok.decode(ids, skip_special_tokens=True), line
+        assert got[line["id"]].get("adapter") == line.get("adapter")
+    # an unknown adapter name is one line naming the file and the line id
+    inp.write_text(json.dumps({"id": "z", "prompt": "x", "adapter": "nope"}) + "\n")
+    assert main(args[:5] + [str(tmp_path / "out2.jsonl")] + args[6:]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.jsonl: line id 'z'" in err and "'nope' is not loaded" in err and "Traceback" not in err
+    # --lora with a single --prompt is refused (lines name adapters)
+    assert main(["generate", str(ckpt), "--prompt", "x", "--lora", f"sql={folders['sql']}"]) == 2
+    assert "--lora goes with --input" in capsys.readouterr().err

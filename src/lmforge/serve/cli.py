@@ -95,7 +95,8 @@ def _add_generate(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; the completion is printed after it")
     src.add_argument("--input", help="JSONL file: one object per line with 'prompt' (or chat 'messages'), "
-                                     "optionally 'id' and per-line max_tokens/temperature/top_p/top_k/seed/stop")
+                                     "optionally 'id', 'adapter' (a --lora name) and per-line "
+                                     "max_tokens/temperature/top_p/top_k/seed/stop")
     p.add_argument("--output", help="JSONL file of completions (with --input); prompts already answered are skipped")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true")
@@ -107,6 +108,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter that --input lines select with \"adapter\": NAME (repeat for more)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with CUDA graphs (GPU)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -130,7 +134,11 @@ def _cmd_generate(a) -> int:
         raise UserError("--output goes with --input; with --prompt the completion is printed")
     if a.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
-    engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter,
+    loras = parse_loras(a.lora)
+    if loras and a.prompt is not None:
+        raise UserError("--lora goes with --input (each line names its adapter); for one prompt use --adapter DIR")
+    engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, loras=loras,
+                                    compile_decode=a.compile,
                                     max_batch_size=1 if a.prompt is not None else a.max_batch_size)
     if a.prompt is not None:
         ids = engine.tokenizer.encode(a.prompt)
@@ -202,6 +210,8 @@ def generate_file(engine, input_path, output_path, params_for) -> dict:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from lmforge.serve.engine import InvalidRequestError
+
     records = read_prompts(input_path)
     done = answered_ids(output_path)
     todo = [r for r in records if r["id"] not in done]
@@ -219,7 +229,10 @@ def generate_file(engine, input_path, output_path, params_for) -> dict:
             ids = chat.encode(rec["messages"])
         else:
             ids = engine.tokenizer.encode(rec["prompt"])
-        engine.add_request(rec["id"], ids, params_for(rec["index"], rec))
+        try:
+            engine.add_request(rec["id"], ids, params_for(rec["index"], rec), adapter=rec.get("adapter"))
+        except InvalidRequestError as e:
+            raise DataError(f"{input_path}: line id {rec['id']!r}: {e}") from None
         by_id[rec["id"]] = {"ids": [], "text": "", "rec": rec}
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -236,6 +249,7 @@ def generate_file(engine, input_path, output_path, params_for) -> dict:
                     continue
                 rec = acc["rec"]
                 line = {"id": rec["id"], **({"prompt": rec["prompt"]} if "prompt" in rec else {}),
+                        **({"adapter": rec["adapter"]} if rec.get("adapter") is not None else {}),
                         "completion": acc["text"], "finish_reason": o.finish_reason,
                         "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")  # one whole line per write
