@@ -2,13 +2,14 @@
 
 Llama-3.2-1B and Llama-2-7B shapes with random weights in bf16, prompts of 128 random tokens, 256 new
 tokens (greedy, end-of-sequence ignored), batch 1 and 32, the decode step eager and compiled (CUDA graphs;
-"compiled-1graph": the whole step as one graph instead of the engine's default pieces).
+"compiled-1graph": the whole step as one graph instead of the engine's default pieces; "compiled-autotune":
+inductor's max-autotune kernels for the matrix products, not measured yet).
 Reports generated tokens/s, the prefill time, the mean decode step, and for every case the decode step
 as a fraction of the memory-bandwidth limit: (weight bytes read per step / measured device copy
 bandwidth) / measured step time. The copy bandwidth is measured here (a 1 GiB device-to-device copy,
 bytes read + written).
 
-    python benchmarks/generate_throughput.py [--models 1b,7b] [--batches 1,32] [--cases eager,compiled,compiled-1graph]
+    python benchmarks/generate_throughput.py [--models 1b,7b] [--batches 1,32] [--cases eager,compiled,compiled-1graph,compiled-autotune]
 
 Prints one JSON line per case and writes them all to $OUT/lmforge_generate.json when OUT is set.
 """
@@ -100,7 +101,8 @@ def run_once(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
 def bench(shape: str, batch: int, case: str, prompt_len: int, new_tokens: int, bandwidth: float) -> dict:
     device = torch.device("cuda")
     model = build_model(shape, device)
-    chunks = {"compiled": {}, "compiled-1graph": {"graph_chunks": 1}}
+    chunks = {"compiled": {}, "compiled-1graph": {"graph_chunks": 1},
+              "compiled-autotune": {"compile_mode": "max-autotune-no-cudagraphs"}}
     engine = Engine(model, None, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
                     max_prefill_tokens=batch * prompt_len, compile_decode=case in chunks, **chunks.get(case, {}))
     g = torch.Generator().manual_seed(0)

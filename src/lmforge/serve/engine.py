@@ -352,10 +352,10 @@ class _DecodeGraphs:
     two warm-up runs, which compute exactly what the step will (the same keys and values in the cache).
     """
 
-    def __init__(self, engine: "Engine", chunks: int):
-        self.embed = torch.compile(engine._decode_embed)
-        self.blocks = torch.compile(engine._decode_blocks)
-        self.head = torch.compile(engine._decode_head)
+    def __init__(self, engine: "Engine", chunks: int, mode: Optional[str] = None):
+        self.embed = torch.compile(engine._decode_embed, mode=mode)
+        self.blocks = torch.compile(engine._decode_blocks, mode=mode)
+        self.head = torch.compile(engine._decode_head, mode=mode)
         L = len(engine.model.layers)
         bounds = sorted({round(i * L / max(1, min(chunks, L))) for i in range(max(1, min(chunks, L)) + 1)})
         self.spans = list(zip(bounds[:-1], bounds[1:]))  # blocks [lo, hi) of each graph
@@ -459,10 +459,13 @@ class Engine:
             (:func:`~lmforge.models.transformer.fuse_projections`): do not train or save it afterwards.
         graph_chunks: CUDA graphs per decode step (the blocks split evenly): launching a graph costs host time
             in proportion to its kernels, and with several the next launch overlaps the GPU running this one.
+        compile_mode: ``torch.compile`` mode of the decode pieces: None (default kernels) or one without
+            CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"`` (tunes matrix kernels; slower start).
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
-                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 4):
+                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 4,
+                 compile_mode: Optional[str] = None):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
@@ -495,7 +498,10 @@ class Engine:
             fuse_projections(self.model)  # one matrix read for q/k/v and for gate/up: nearer the bandwidth at batch 1
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
-            self._graphs = _DecodeGraphs(self, graph_chunks)
+            if compile_mode in ("reduce-overhead", "max-autotune"):
+                raise InvalidRequestError(f"compile_mode={compile_mode!r} records CUDA graphs itself; the engine "
+                                          f"captures its own: use None or 'max-autotune-no-cudagraphs'")
+            self._graphs = _DecodeGraphs(self, graph_chunks, compile_mode)
 
     # -- requests ----------------------------------------------------------------------------------
 
