@@ -163,3 +163,37 @@ def test_process_logits_filters_and_penalties():
     # rows keep their own parameters
     both = process_logits(logits.repeat(2, 1), [SamplingParams(top_k=1), greedy], [([], []), ([], [])])
     assert torch.isfinite(both[0]).sum() == 1 and torch.isfinite(both[1]).all()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_prompt_logprobs_in_a_padded_prefill(style):
+    """Prompt logprobs (echo) of prompts of different lengths prefilled together equal a full forward's, and
+    max_tokens=0 requests end after the prefill while the others of the batch go on."""
+    model = make_model(style)
+    engine = Engine(model, None, max_batch_size=4)
+    k = 3
+    wants = {"a": (PROMPTS[2], 0), "b": (PROMPTS[0], 5), "c": (PROMPTS[1], 0), "d": (PROMPTS[5], 4)}
+    for rid, (prompt, n) in wants.items():
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, prompt_logprobs=k))
+    first = {o.request_id: o for o in engine.step()}  # one prefill of all four
+    assert first["a"].finished and first["a"].token_ids == [] and first["a"].finish_reason == "length"
+    assert first["c"].finished and first["c"].prompt_logprobs == [None]  # a one-token prompt has nothing to score
+    assert not first["b"].finished and len(first["b"].token_ids) == 1
+    for rid, (prompt, n) in wants.items():
+        lps = first[rid].prompt_logprobs
+        with torch.no_grad():
+            full = model(torch.tensor([prompt]))[0].log_softmax(-1)  # (T, V)
+        assert len(lps) == len(prompt) and lps[0] is None
+        for i in range(1, len(prompt)):
+            assert lps[i].token_id == prompt[i]
+            assert lps[i].logprob == pytest.approx(float(full[i - 1, prompt[i]]), abs=1e-5)
+            top_v, top_i = full[i - 1].topk(k)
+            assert [t for t, _ in lps[i].top] == top_i.tolist()
+    rest = {rid: [] for rid in wants}
+    while engine.has_work():
+        for o in engine.step():
+            assert o.prompt_logprobs is None  # sent once, with the first output
+            rest[o.request_id].extend(o.token_ids)
+    assert first["b"].token_ids + rest["b"] == generate(model, PROMPTS[0], 5, greedy=True)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("e", PROMPTS[0], SamplingParams(max_tokens=0))  # 0 needs prompt logprobs

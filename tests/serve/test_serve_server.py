@@ -196,6 +196,40 @@ def test_logprobs(served, client):
     assert all(c.logprob <= 0 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5) for c in content)
 
 
+def test_echo_scores_the_prompt(served, client):
+    """echo + logprobs + max_tokens=0 (how lm-evaluation-harness scores a served model): the prompt's tokens
+    with their log-probabilities under a full forward; with max_tokens > 0 the completion follows."""
+    engine = served[1]
+    prompt = PROMPTS[0]
+    ids = engine.tokenizer.encode(prompt)
+    with torch.no_grad():
+        full = engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)  # (T, V)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp.tokens == [engine.tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(full[i - 1, ids[i]]), abs=1e-4)
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(full[i - 1].max()), abs=1e-4)
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    # echo with a completion: prompt + the greedy continuation, logprobs of both parts in order
+    r = client.completions.create(model=MODEL, prompt=[ids], max_tokens=3, echo=True, logprobs=0, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    text, new = reference(engine, ids, 3)
+    assert r.choices[0].text == engine.tokenizer.decode(ids) + text
+    assert len(r.choices[0].logprobs.tokens) == len(ids) + 3
+    assert r.choices[0].logprobs.token_logprobs[1] == pytest.approx(float(full[0, ids[1]]), abs=1e-4)
+    # streamed echo gives the same text; without logprobs echo just prepends the prompt
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == prompt + text
+    # max_tokens=0 needs echo
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
 def test_invalid_requests_get_openai_error_bodies(served, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=-1)

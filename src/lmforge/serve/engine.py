@@ -21,7 +21,7 @@ head and the argmax) with ``torch.compile`` and captures it as CUDA graphs (:cla
 per batch bucket (powers of two) and span bucket (multiples of 256 keys); a step is then one small copy
 and one graph replay. The CPU path is plain eager PyTorch.
 
-Not supported yet: LoRA adapters per request, prompt logprobs (``echo``), beam search, chunked prefill.
+Not supported yet: beam search, chunked prefill, prefix caching.
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class SamplingParams:
         ignore_eos: keep going past the tokenizer's end-of-sequence token.
         seed: seeds this request's own generator (same seed, same tokens); None draws a random seed.
         logprobs: None for none; k >= 0 returns the chosen token's log-probability and the k most likely.
+        prompt_logprobs: None for none; k >= 0 returns, for every prompt token after the first, its
+            log-probability given the tokens before it and the k most likely there (OpenAI's ``echo`` with
+            ``logprobs``; lm-evaluation-harness scores a served model this way). With ``max_tokens=0`` only
+            the prompt is processed.
     """
 
     max_tokens: int = 16
@@ -106,13 +110,15 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: Optional[int] = None
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     MAX_LOGPROBS = 20
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequestError` naming the first bad field."""
         checks = [
-            (self.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None), "max_tokens",
+             f"max_tokens must be >= 1 (0 only with prompt logprobs: echo), got {self.max_tokens}"),
             (self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k is None or self.top_k >= 0, "top_k", f"top_k must be >= 0 (0: off), got {self.top_k}"),
             (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
@@ -125,6 +131,8 @@ class SamplingParams:
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS, "logprobs",
              f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS, "logprobs",
+             f"prompt logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
         ]
         for ok, param, message in checks:
@@ -168,6 +176,7 @@ class RequestOutput:
     finish_reason: Optional[str]  # "stop" | "length" | "abort" | None
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # first output only; None for token 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,6 +440,7 @@ class _Sequence:
         self.sent_chars = 0
         self.sent_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # set at prefill, sent once
         self.finish_reason: Optional[str] = None
         self.adapter = 0  # slot of its LoRA adapter in the engine's MultiLoRA (0: the base model)
 
@@ -576,7 +586,13 @@ class Engine:
             for i, seq in enumerate(new):
                 seq.slot = first + i
             logits = self._prefill(new, first)
-            self._advance(new, logits, outputs)
+            sample = [b for b, s in enumerate(new) if s.max_new > 0]
+            for s in new:
+                if s.max_new == 0:  # the prompt only (echo with prompt logprobs)
+                    s.finish_reason = "length"
+                    outputs[s.request_id] = self._output(s)
+            if sample:
+                self._advance([new[b] for b in sample], logits, outputs, rows=sample)
         ready = [s for s in self.running if s.finish_reason is None and s.output_ids and s not in new]
         if ready:
             logits, greedy, rows = self._decode_running(ready)
@@ -645,7 +661,25 @@ class Engine:
             self.lora.set_rows([s.adapter for s in seqs])
         hidden = self.model.hidden_states(ids.to(dev), kv_cache=self.cache, positions=positions.to(dev))  # (B, T, C)
         last = hidden[torch.arange(len(seqs), device=dev), (lengths - 1).to(dev)]  # (B, C)
+        for b, s in enumerate(seqs):
+            if s.params.prompt_logprobs is not None:
+                s.prompt_logprobs = self._prompt_logprobs(hidden[b, : lens[b]], s.prompt_ids, s.params.prompt_logprobs)
         return self._logits_at(last)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], k: int, chunk: int = 512
+                         ) -> list[Optional[TokenLogprob]]:
+        """Each prompt token's log-probability given the ones before it (None for the first), with the k most
+        likely there. ``hidden`` (T, C); the head runs over ``chunk`` positions at a time (bounded memory)."""
+        out: list[Optional[TokenLogprob]] = [None]
+        targets = torch.tensor(ids[1:], device=hidden.device)
+        for lo in range(0, len(ids) - 1, chunk):
+            logp = self._logits_at(hidden[lo: lo + chunk][: len(ids) - 1 - lo]).log_softmax(-1)  # (n, V)
+            chosen = logp.gather(-1, targets[lo: lo + logp.shape[0], None])[:, 0].tolist()
+            top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+            for j, value in enumerate(chosen):
+                top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if k else []
+                out.append(TokenLogprob(ids[lo + j + 1], value, top))
+        return out
 
     # The decode step in pieces: embedding, blocks lo..hi, then norm + head + argmax. Eager they run back to
     # back; compiled, each piece is its own CUDA graph, so launching the next one overlaps running this one.
@@ -783,8 +817,9 @@ class Engine:
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent with the first output
         return RequestOutput(seq.request_id, new_ids, text, logprobs, done, seq.finish_reason, len(seq.prompt_ids),
-                             seq.num_generated)
+                             seq.num_generated, prompt_logprobs)
 
     def memory_bytes(self) -> int:
         """Bytes held by the KV cache."""

@@ -160,8 +160,8 @@ class _Server:
                                       "a template to the tokenizer folder", "messages")
         return self._chat
 
-    def params(self, req: _SamplingFields, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int]
-               ) -> SamplingParams:
+    def params(self, req: _SamplingFields, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int],
+               prompt_logprobs: Optional[int] = None) -> SamplingParams:
         if prompt_len > self.max_prompt_tokens:
             raise PromptTooLongError(f"the prompt has {prompt_len} tokens; this server accepts at most "
                                      f"{self.max_prompt_tokens}", "prompt")
@@ -181,7 +181,7 @@ class _Server:
                            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                            frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                            stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                           seed=req.seed, logprobs=logprobs)
+                           seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         p.validate()
         return p
 
@@ -265,10 +265,31 @@ def _completion_logprobs(server: _Server, lps: list[TokenLogprob], offset: int) 
         text = server.token_text(lp.token_id)
         tokens.append(text)
         token_lps.append(lp.logprob)
-        tops.append({server.token_text(t): v for t, v in lp.top})
+        tops.append(_top_dict(server, lp.top))
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _top_dict(server: _Server, top: list[tuple[int, float]]) -> dict[str, float]:
+    """OpenAI's ``{token text: logprob}``; tokens that decode to the same text keep the most likely value."""
+    out: dict[str, float] = {}
+    for t, v in top:  # most likely first
+        out.setdefault(server.token_text(t), v)
+    return out
+
+
+def _prompt_logprobs(server: _Server, ids: list[int], lps: Optional[list[Optional[TokenLogprob]]]) -> dict:
+    """The prompt part of an echoed completion's logprobs: the first token has none (null)."""
+    lps = lps or [None] * len(ids)
+    tokens = [server.token_text(t) for t in ids]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in lps],
+            "top_logprobs": [None if lp is None else _top_dict(server, lp.top) for lp in lps],
+            "text_offset": offsets}
 
 
 def _chat_logprobs(server: _Server, lps: list[TokenLogprob]) -> dict:
@@ -356,21 +377,32 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
     async def completions(body: CompletionRequest, request: Request):
         server.check_key(request)
         adapter = server.check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         prompts = _completion_prompts(server, body.prompt)
-        params = [server.params(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
+        # echo: the prompt comes back before the completion, with its tokens' logprobs when logprobs is set
+        # (max_tokens=0 then scores the prompt alone: how lm-evaluation-harness scores a served model)
+        echo = _echo_texts(server, body.prompt, prompts) if body.echo else None
+        prompt_lp = None
+        if body.echo:
+            prompt_lp = body.logprobs if body.logprobs is not None else (0 if body.max_tokens == 0 else None)
+        params = [server.params(body, len(p), body.max_tokens, body.logprobs, prompt_lp) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         streams = [s for i, p in enumerate(prompts) for s in server.requests([p], params[i], body.n, adapter)]
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         prompt_tokens = sum(len(p) for p in prompts)
+        echoes = [(echo[j // body.n], prompts[j // body.n]) for j in range(len(streams))] if echo else None
         if body.stream:
-            return await _stream(server, streams, body, base, prompt_tokens, chat=False)
+            return await _stream(server, streams, body, base, prompt_tokens, chat=False, echoes=echoes)
         results = await _collect(streams)
         choices = []
         for i, r in enumerate(results):
-            lp = _completion_logprobs(server, r["logprobs"], 0) if body.logprobs is not None else None
-            choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish_reason"]})
+            head_text, lp = (echoes[i][0] if echoes else ""), None
+            if body.logprobs is not None:
+                lp = _completion_logprobs(server, r["logprobs"], len(head_text))
+                if echoes:
+                    head = _prompt_logprobs(server, echoes[i][1], r["prompt_logprobs"])
+                    lp = {k: head[k] + lp[k] for k in lp}
+            choices.append({"index": i, "text": head_text + r["text"], "logprobs": lp,
+                            "finish_reason": r["finish_reason"]})
         completion_tokens = sum(r["completion_tokens"] for r in results)
         return {**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
@@ -427,11 +459,25 @@ def _completion_prompts(server: _Server, prompt) -> list[list[int]]:
     return out
 
 
+def _echo_texts(server: _Server, prompt, prompts: list[list[int]]) -> list[str]:
+    """The text echoed for each prompt: as sent when it was text, else its tokens decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if server.tokenizer is None:
+        return ["" for _ in prompts]
+    return [server.tokenizer.decode(ids) for ids in prompts]
+
+
 async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[dict]:
-    results = [{"text": "", "logprobs": [], "finish_reason": None, "completion_tokens": 0} for _ in streams]
+    results = [{"text": "", "logprobs": [], "finish_reason": None, "completion_tokens": 0, "prompt_logprobs": None}
+               for _ in streams]
     try:
         async for i, out in _merged(streams):
             r = results[i]
+            if out.prompt_logprobs is not None:
+                r["prompt_logprobs"] = out.prompt_logprobs
             r["text"] += out.text
             r["logprobs"].extend(out.logprobs or [])
             r["completion_tokens"] = out.completion_tokens
@@ -442,7 +488,8 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[dict]:
     return results
 
 
-async def _stream(server: _Server, streams, body: _SamplingFields, base: dict, prompt_tokens: int, chat: bool):
+async def _stream(server: _Server, streams, body: _SamplingFields, base: dict, prompt_tokens: int, chat: bool,
+                  echoes: Optional[list[tuple[str, list[int]]]] = None):
     try:
         events = await _primed(_merged(streams))
     except Exception as e:
@@ -457,9 +504,17 @@ async def _stream(server: _Server, streams, body: _SamplingFields, base: dict, p
             for i in range(len(streams)):
                 yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
+        echoed = [False] * len(streams)
         try:
             async for i, out in events:
                 completion_tokens[i] = out.completion_tokens
+                if echoes and not echoed[i]:  # the prompt first (its first output carries the prompt logprobs)
+                    echoed[i] = True
+                    text, ids = echoes[i]
+                    lp = _prompt_logprobs(server, ids, out.prompt_logprobs) if want_lp else None
+                    yield _sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}],
+                                **({"usage": None} if include_usage else {})})
+                    offsets[i] = len(text)
                 if not out.text and not out.finished and not (want_lp and out.logprobs):
                     continue
                 if chat:
