@@ -90,7 +90,8 @@ class SamplingParams:
         stop_token_ids: token ids that end the output (as the end-of-sequence token does).
         ignore_eos: keep going past the tokenizer's end-of-sequence token.
         seed: seeds this request's own generator (same seed, same tokens); None draws a random seed.
-        logprobs: None for none; k >= 0 returns the chosen token's log-probability and the k most likely.
+        logprobs: None for none; k >= 0 returns the chosen token's log-probability and the k most likely,
+            one entry per generated token (a stop token that ends the output included, though its text is not).
         prompt_logprobs: None for none; k >= 0 returns, for every prompt token after the first, its
             log-probability given the tokens before it and the k most likely there (OpenAI's ``echo`` with
             ``logprobs``; lm-evaluation-harness scores a served model this way). With ``max_tokens=0`` only
@@ -782,9 +783,9 @@ class Engine:
         p = seq.params
         seq.num_generated += 1
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            # The stop token is not part of the text or token ids, but its logprob stays (as vLLM's and
+            # OpenAI's do): clients such as lm-evaluation-harness expect one entry per generated token.
             seq.finish_reason = "stop"
-            if seq.pending_logprobs:
-                seq.pending_logprobs.pop()  # the stop token is not part of the output
             return
         seq.output_ids.append(token)
         if self.tokenizer is not None:
