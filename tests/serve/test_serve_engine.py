@@ -197,3 +197,59 @@ def test_prompt_logprobs_in_a_padded_prefill(style):
     assert first["b"].token_ids + rest["b"] == generate(model, PROMPTS[0], 5, greedy=True)
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         engine.add_request("e", PROMPTS[0], SamplingParams(max_tokens=0))  # 0 needs prompt logprobs
+
+
+def _metaspace_tokenizer(folder, text: str):
+    """A SentencePiece-style tokenizer (Metaspace: a word-start space is a piece of its token, byte fallback)."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from lmforge.data.tokenizers import load_tokenizer
+
+    backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"] + byte_tokens))
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    return load_tokenizer(folder / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["byte_level_bpe", "metaspace"])
+def test_streamed_text_equals_a_whole_decode(kind, tmp_path):
+    """The engine decodes only the newest few tokens per step; the streamed pieces still add up to the text of
+    decoding every generated token at once, for multi-byte characters split across tokens too."""
+    import inspect
+    import textwrap
+
+    from lmforge.data.tokenizers import train_bpe
+
+    text = inspect.getsource(textwrap) + " héllo wörld, naïve café — 日本語のテキスト 😀🚀 ∑∫ " * 40
+    if kind == "byte_level_bpe":
+        (tmp_path / "corpus.txt").write_text(text)
+        tok = train_bpe([tmp_path / "corpus.txt"], 400, tmp_path / "tok")
+    else:
+        tok = _metaspace_tokenizer(tmp_path / "tok", text)
+    from lmforge.models import ModelConfig
+
+    cfg = ModelConfig(**{**make_model("llama").cfg.to_dict(), "vocab_size": tok.vocab_size,
+                         "max_position_embeddings": 256})
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    engine = Engine(model.eval(), tok, max_batch_size=4)
+    prompts = [tok.encode(t) for t in ("日本", "def f", "😀", " naïve")]
+    for i, prompt in enumerate(prompts):  # random weights + temperature 1: arbitrary token sequences
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=120, temperature=1.0, seed=i, ignore_eos=True))
+    pieces = {f"r{i}": [] for i in range(len(prompts))}
+    ids = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        for out in engine.step():
+            pieces[out.request_id].append(out.text)
+            ids[out.request_id].extend(out.token_ids)
+    multibyte = 0
+    for rid in pieces:
+        whole = tok.decode(ids[rid], skip_special_tokens=True)
+        assert "".join(pieces[rid]) == whole, rid
+        multibyte += sum(ord(c) > 127 for c in whole)
+    assert multibyte > 20  # the check covered characters of several bytes

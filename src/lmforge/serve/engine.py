@@ -437,7 +437,10 @@ class _Sequence:
         self.slot = -1
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
-        self.text = ""
+        self.text = ""  # the decoded output: confirmed text + the undecided tail (maybe a partial character)
+        self.confirmed = ""  # text of output_ids[:read_offset]
+        self.prefix_offset = 0  # output_ids[prefix_offset:read_offset] is decoded again as the new text's left context
+        self.read_offset = 0
         self.sent_chars = 0
         self.sent_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
@@ -789,7 +792,7 @@ class Engine:
             return
         seq.output_ids.append(token)
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            self._detokenize(seq)
             if p.stop:
                 search_from = max(0, seq.sent_chars - max(len(s) for s in p.stop))
                 hits = [i for i in (seq.text.find(s, search_from) for s in p.stop) if i >= 0]
@@ -799,6 +802,24 @@ class Engine:
                     return
         if seq.num_generated >= seq.max_new or seq.length >= self.max_seq_len:
             seq.finish_reason = "length"
+
+    def _detokenize(self, seq: _Sequence) -> None:
+        """Update ``seq.text`` for its newest token, decoding only a few tokens (not the whole output).
+
+        The new tokens are decoded together with the previous few (``output_ids[prefix_offset:]``) and the text
+        of those previous ones is cut off, so tokenizers whose decoding depends on the left neighbour (a
+        SentencePiece word-start space, byte-level pieces of one character) give the text a whole decode would.
+        Text is confirmed once it does not end in an incomplete UTF-8 character.
+        """
+        ids = seq.output_ids
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        new = full[len(prefix):]
+        if new and not new.endswith("\ufffd"):
+            seq.confirmed += new
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            new = ""
+        seq.text = seq.confirmed + new
 
     def _output(self, seq: _Sequence) -> RequestOutput:
         done = seq.finish_reason is not None
