@@ -8,7 +8,7 @@ from lmforge.data.sft import (SFTDataConfig, build_sft_dataset, encode_record, e
                               read_jsonl)
 from lmforge.errors import ConfigError, DataError
 
-from conftest import write_jsonl  # noqa: E402  (tests/finetune/conftest.py)
+from tests.finetune.conftest import write_jsonl  # noqa: E402
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
         "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -1,14 +1,17 @@
 """Load a trained model for inference from whatever folder the user points at.
 
 Accepted: a checkpoint folder (``config.json`` + weights), a checkpoints root (its newest complete
-checkpoint), a run's results folder (``results/<name>/checkpoints``), or a Hugging Face model folder
-of a supported family (:mod:`lmforge.models.families`), read tensor by tensor without converting it.
+checkpoint), a run's results folder (``results/<name>/checkpoints``), a Hugging Face model folder
+of a supported family (:mod:`lmforge.models.families`), read tensor by tensor without converting it,
+or a fine-tuned adapter: an adapter folder (``adapter_config.json``, lmforge's or HF PEFT's) or a PEFT
+fine-tuning run's results folder (its ``adapter/``), loaded onto the base model the adapter names.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -64,11 +67,68 @@ def is_hf_folder(path: str | Path) -> bool:
     return isinstance(data, dict) and "model_type" in data and not isinstance(data.get("model"), dict)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def find_adapter(path: str | Path) -> Optional[Path]:
+    """The adapter folder meant by ``path``: an adapter folder itself, or a PEFT run's ``adapter/``; else None.
+
+    Raises:
+        CheckpointError: ``path`` is a PEFT run's checkpoint (adapter weights only, no base model), or a PEFT
+            run without a final adapter; the message says what to pass instead.
+    """
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    if (path / "adapter" / ADAPTER_CONFIG).is_file() and (path / "checkpoints").is_dir():
+        return path / "adapter"
+    run = path if (path / "checkpoints").is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
+    if run is not None and _is_peft_run(run):
+        if (run / "adapter" / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"{path} is a checkpoint of a PEFT fine-tuning run: it holds adapter weights only; "
+                                  f"give the run ({run}) or its final adapter ({run / 'adapter'})")
+        raise CheckpointError(f"{path} is part of a PEFT fine-tuning run, whose checkpoints hold adapter weights only, "
+                              f"and {run} has no final adapter/ yet (it stopped before the end?); run the same "
+                              f"`lmforge finetune` command again to resume, finish and write it")
+    return None
+
+
+def _is_peft_run(run: Path) -> bool:
+    """True when ``run`` is a fine-tuning results folder of a PEFT method (its config.yaml says so)."""
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        return False
+    try:
+        text = cfg.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(line.strip() in (f"method: {m}" for m in ("lora", "ia3", "adapter", "ptuning")) for line in text.splitlines())
+
+
+def adapter_base(adapter: Path) -> Path:
+    """The base model folder an adapter was trained on (its ``base_model_name_or_path``), looked up as given
+    (absolute, or relative to the working directory) and then next to the adapter's run folder."""
+    try:
+        data = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{adapter / ADAPTER_CONFIG} is not readable JSON: {e}") from e
+    name = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not name:
+        raise CheckpointError(f"{adapter / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path); "
+                              f"give the base model and the adapter: MODEL --adapter {adapter}")
+    for candidate in (Path(name), adapter.parent.parent / name, adapter.parent / name):
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(f"{adapter} is an adapter for base model {name!r}, which is not found here (as given or "
+                          f"next to the run); give the base model and the adapter: BASE_MODEL --adapter {adapter}")
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
     """Return ``(model, tokenizer)`` in eval mode on ``device``.
 
     Args:
-        path: an lmforge checkpoint (or checkpoints root / results folder), or an HF model folder.
+        path: an lmforge checkpoint (or checkpoints root / results folder), an HF model folder, or an adapter
+            folder / PEFT run (the base model it names, with the adapter applied as ``--adapter`` would).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ... or a torch.device.
         dtype: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
 
@@ -82,6 +142,12 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
     from lmforge.train.checkpoint import load_model
 
     device = device if isinstance(device, torch.device) else pick_device(str(device))
+    adapter = find_adapter(path)
+    if adapter is not None:
+        from lmforge.peft import adapter_for_inference
+
+        model, tokenizer = load_for_inference(adapter_base(adapter), device, dtype)
+        return adapter_for_inference(model, adapter), tokenizer
     if is_hf_folder(path):
         from lmforge.convert.hf import load_hf_model
 
