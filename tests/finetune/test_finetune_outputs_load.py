@@ -76,3 +76,11 @@ def test_peft_checkpoints_and_unfinished_runs_are_one_clear_message(run, tmp_pat
     assert main(["generate", str(lost), "--prompt", "x", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "which is not found here" in err and f"BASE_MODEL --adapter {lost}" in err and "Traceback" not in err
+
+
+def test_convert_of_a_peft_run_says_to_merge_first(run, tmp_path, capsys):
+    for src in (run, run / "adapter", next((run / "checkpoints").glob("step_*"))):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf"]) == 2
+        err = capsys.readouterr().err
+        assert "lmforge peft merge --model BASE --adapter" in err and "Traceback" not in err, src
+        assert not (tmp_path / "out").exists()

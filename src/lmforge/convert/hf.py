@@ -61,7 +61,18 @@ def _read_json(path: Path) -> dict:
 def _checkpoint_of_run(path: str | os.PathLike) -> Path:
     """A training run's results folder (or its checkpoints/ folder) stands for its newest complete checkpoint,
     so a pipeline can convert "whatever training produced"; any other path is returned as it is."""
+    from lmforge.models.load import find_adapter
+
     path = Path(path)
+    try:
+        adapter = find_adapter(path)
+    except CheckpointError as e:  # a PEFT run's checkpoint, or a run without its final adapter
+        raise CheckpointError(f"{e}; to convert, merge the adapter into its base first "
+                              f"(`lmforge peft merge --model BASE --adapter RUN/adapter --out MERGED`)") from None
+    if adapter is not None:
+        raise CheckpointError(f"{path} is a fine-tuned adapter ({adapter}), not a whole model: merge it into its base "
+                              f"first (`lmforge peft merge --model BASE --adapter {adapter} --out MERGED`), then convert "
+                              f"MERGED (a LoRA or IA3 adapter is in HF PEFT format: PEFT and vLLM load {adapter} as it is)")
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "model_config.yaml").is_file():
         if (path / "checkpoints").is_dir() or (path / "latest").is_file() or any(path.glob("step_*")):
             from lmforge.models.load import resolve_checkpoint
