@@ -296,7 +296,8 @@ class Attention(nn.Module):
         if self.window is not None:
             mask = self._and_window(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
                                     cached=kv_cache is not None, device=x.device)
-        if self.alibi_slopes is not None:  # bool (or None: causal) mask -> float mask with the ALiBi bias
+        if self.alibi_slopes is not None and (mask is None or mask.dtype == torch.bool):
+            # bool (or None: causal) mask -> float mask with the ALiBi bias (unless the model passed it built)
             mask = self._alibi_mask(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
                                     cached=kv_cache is not None, device=x.device).to(q.dtype)
         is_causal = mask is None and T > 1
@@ -781,6 +782,12 @@ class Transformer(nn.Module):
             same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             attn_mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+        if self.cfg.position_embedding_type == "alibi" and kv_cache is None and self.cfg.sliding_window is None:
+            # Every layer has the same ALiBi mask here: build it once (one tensor kept for backward, not one
+            # (B|1, nh, T, T) tensor per layer), in the dtype the attention runs in.
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            attn = self.layers[0].self_attn
+            attn_mask = attn._alibi_mask(attn_mask, T, T, 0, None, cached=False, device=x.device).to(dtype)
         for layer in self.layers:
             x = layer(x, rope, kv_cache, start_pos, positions, attn_mask)
         return self.norm(x)
