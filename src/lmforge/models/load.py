@@ -123,12 +123,15 @@ def adapter_base(adapter: Path) -> Path:
                           f"next to the run); give the base model and the adapter: BASE_MODEL --adapter {adapter}")
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
+def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto",
+                       allow_ptuning: bool = False):
     """Return ``(model, tokenizer)`` in eval mode on ``device``.
 
     Args:
         path: an lmforge checkpoint (or checkpoints root / results folder), an HF model folder, or an adapter
             folder / PEFT run (the base model it names, with the adapter applied as ``--adapter`` would).
+        allow_ptuning: a p-tuning adapter gives a :class:`~lmforge.peft.PromptTunedModel` (the serving
+            engine prepends its virtual tokens); without it such an adapter is a ConfigError.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ... or a torch.device.
         dtype: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
 
@@ -147,7 +150,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
         from lmforge.peft import adapter_for_inference
 
         model, tokenizer = load_for_inference(adapter_base(adapter), device, dtype)
-        return adapter_for_inference(model, adapter), tokenizer
+        return adapter_for_inference(model, adapter, allow_ptuning=allow_ptuning), tokenizer
     if is_hf_folder(path):
         from lmforge.convert.hf import load_hf_model
 

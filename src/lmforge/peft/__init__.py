@@ -210,15 +210,18 @@ def apply_adapter(model: nn.Module, adapter_dir: Union[str, Path], freeze: bool 
     return model
 
 
-def adapter_for_inference(model: nn.Module, adapter_dir: Union[str, Path], use: str = "inference") -> nn.Module:
+def adapter_for_inference(model: nn.Module, adapter_dir: Union[str, Path], use: str = "inference",
+                          allow_ptuning: bool = False) -> nn.Module:
     """``model`` with the adapter in ``adapter_dir`` (lmforge's or Hugging Face PEFT's) ready for inference:
-    LoRA/DoRA and IA3 folded into the weights (no cost per token), bottleneck adapters as extra modules.
+    LoRA/DoRA and IA3 folded into the weights (no cost per token), bottleneck adapters as extra modules, and
+    with ``allow_ptuning`` a p-tuning adapter as a :class:`PromptTunedModel` (for callers that prepend its
+    virtual tokens: the serving engine).
 
     Raises:
-        ConfigError: a p-tuning adapter (``use`` names what cannot prepend its virtual tokens yet).
+        ConfigError: a p-tuning adapter without ``allow_ptuning`` (``use`` names what cannot prepend them).
     """
     method = read_adapter(adapter_dir)[0]
-    if method == "ptuning":
+    if method == "ptuning" and not allow_ptuning:
         raise ConfigError(f"{adapter_dir} is a p-tuning adapter; {use} does not prepend virtual tokens yet. "
                           f"Use a LoRA, IA3 or bottleneck adapter here")
     model = apply_adapter(model, adapter_dir)

@@ -24,7 +24,7 @@ Cost: two gathers and two small batched matmuls per wrapped linear, whatever the
 gather-matmul kernel (punica's BGMV/SGMV) is the way to make it cheaper.
 
 Build it after the model is on its device and in its dtype (the buffers take the base weights' own).
-DoRA, IA3 and bottleneck adapters are refused (serve those one per server with ``--adapter``), as is p-tuning.
+DoRA, IA3, bottleneck and p-tuning adapters are refused (serve those one per server with ``--adapter``).
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ def _read_lora(name: str, folder: Path) -> tuple[float, dict[str, tuple[torch.Te
         kind, hint = {
             "ia3": ("an IA3 adapter", merged_hint),
             "adapter": ("a bottleneck adapter", f"serve it alone, one adapter per server (`--adapter {folder}`)"),
-        }.get(method, ("a p-tuning adapter", "the serving engine cannot prepend virtual tokens yet (`--adapter` "
-                                             "refuses it too); retrain it as LoRA"))
+        }.get(method, ("a p-tuning adapter", f"serve it alone, one adapter per server (`--adapter {folder}`)"))
         raise ConfigError(f"{where} is {kind}; per-request adapters must be LoRA, so {hint}")
     if cfg.use_dora:
         raise ConfigError(f"{where} is DoRA (use_dora), which per-request serving cannot run; {merged_hint}")

@@ -76,14 +76,24 @@ class VirtualTokenEmbedding(nn.Module):
         self.weight = embed.weight
         self.num_embeddings, self.embedding_dim = embed.num_embeddings, embed.embedding_dim
         self.prompt_encoder = encoder
+        self.frozen: Optional[torch.Tensor] = None  # the virtual tokens computed once (inference: freeze())
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Compute the virtual tokens once and use them from now on (inference: no encoder run and no
+        host-side check per forward, so a decode step can be captured as a CUDA graph)."""
+        self.frozen = self.prompt_encoder().detach().to(self.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         V = self.num_embeddings
         virtual = ids >= V
         x = F.embedding(ids.clamp(max=V - 1), self.weight)  # (B, T, C)
-        if not bool(virtual.any()):
+        if self.frozen is not None:
+            prompts = self.frozen
+        elif not bool(virtual.any()):
             return x
-        prompts = self.prompt_encoder().to(x.dtype)  # (n, C)
+        else:
+            prompts = self.prompt_encoder().to(x.dtype)  # (n, C)
         picked = prompts[(ids - V).clamp(min=0, max=prompts.shape[0] - 1)]  # (B, T, C)
         return torch.where(virtual[..., None], picked, x)
 

@@ -70,7 +70,7 @@ class AsyncEngineClient:
             raise ConfigError(f"--lora name {model_name!r} is also the served model's name; rename the adapter or "
                               f"set --model-name")
         self.tokenizer = engine.tokenizer
-        self.max_seq_len = engine.max_seq_len
+        self.max_seq_len = engine.context_len  # prompt + output tokens (p-tuning's virtual tokens not counted)
         self.max_pending = max_pending
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()

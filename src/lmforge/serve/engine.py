@@ -447,11 +447,12 @@ class _Sequence:
         self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # set at prefill, sent once
         self.finish_reason: Optional[str] = None
         self.adapter = 0  # slot of its LoRA adapter in the engine's MultiLoRA (0: the base model)
+        self.prefix_len = 0  # p-tuning's virtual tokens in front of the prompt (in the cache, not in prompt_ids)
 
     @property
     def length(self) -> int:
-        """Tokens in the cache once the newest output token is fed."""
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens in the cache once the newest output token is fed (virtual tokens of p-tuning included)."""
+        return self.prefix_len + len(self.prompt_ids) + len(self.output_ids)
 
 
 class Engine:
@@ -482,6 +483,14 @@ class Engine:
                  compile_mode: Optional[str] = None):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        # A p-tuned model (lmforge.peft.PromptTunedModel): every sequence starts with its virtual tokens, ids
+        # vocab_size.. that the model's embedding maps to the prompt encoder's output (computed once here).
+        self.prefix_ids: list[int] = []
+        if hasattr(model, "num_virtual_tokens") and hasattr(model, "model"):
+            vocab = model.model.embed_tokens.num_embeddings
+            self.prefix_ids = list(range(vocab, vocab + model.num_virtual_tokens))
+            model = model.model
+            model.embed_tokens.freeze()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -489,6 +498,10 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = min(max_seq_len or min(self.cfg.max_position_embeddings, 8192),
                                self.cfg.max_position_embeddings)
+        if self.max_seq_len - len(self.prefix_ids) < 2:
+            raise InvalidRequestError(f"max_seq_len={self.max_seq_len} leaves no room after the "
+                                      f"{len(self.prefix_ids)} virtual tokens of p-tuning")
+        self.context_len = self.max_seq_len - len(self.prefix_ids)  # prompt + output tokens a request may use
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.compiled = bool(compile_decode) and self.device.type == "cuda"
@@ -536,18 +549,19 @@ class Engine:
             raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
         if request_id in self._ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if len(prompt) >= self.max_seq_len:
-            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but this engine holds {self.max_seq_len} "
-                                     f"positions per sequence; shorten it to at most {self.max_seq_len - 1} tokens",
+        if len(prompt) >= self.context_len:
+            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens but this engine holds {self.context_len} "
+                                     f"positions per sequence; shorten it to at most {self.context_len - 1} tokens",
                                      "prompt")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})", "prompt")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", "stop")
-        max_new = min(params.max_tokens, self.max_seq_len - len(prompt))
+        max_new = min(params.max_tokens, self.context_len - len(prompt))
         seq = _Sequence(request_id, prompt, params, self.device, max_new)
         seq.adapter = adapter_slot
+        seq.prefix_len = len(self.prefix_ids)
         self.waiting.append(seq)
         self._ids.add(request_id)
 
@@ -649,11 +663,12 @@ class Engine:
         return F.linear(hidden, self._head).float()  # (B, V)
 
     def _prefill(self, seqs: list[_Sequence], first_slot: int) -> torch.Tensor:
-        lens = [len(s.prompt_ids) for s in seqs]
+        n = len(self.prefix_ids)
+        lens = [n + len(s.prompt_ids) for s in seqs]
         T = max(lens)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids[b, : lens[b]] = torch.tensor(s.prompt_ids)
+            ids[b, : lens[b]] = torch.tensor(self.prefix_ids + s.prompt_ids)
         lengths = torch.tensor(lens)
         positions = torch.arange(T)[None, :].expand(len(seqs), T)
         valid = positions < lengths[:, None]
@@ -667,7 +682,7 @@ class Engine:
         last = hidden[torch.arange(len(seqs), device=dev), (lengths - 1).to(dev)]  # (B, C)
         for b, s in enumerate(seqs):
             if s.params.prompt_logprobs is not None:
-                s.prompt_logprobs = self._prompt_logprobs(hidden[b, : lens[b]], s.prompt_ids, s.params.prompt_logprobs)
+                s.prompt_logprobs = self._prompt_logprobs(hidden[b, n: lens[b]], s.prompt_ids, s.params.prompt_logprobs)
         return self._logits_at(last)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], k: int, chunk: int = 512
@@ -857,19 +872,21 @@ def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adap
     """Load a model folder (:func:`lmforge.models.load.load_for_inference`) and build an :class:`Engine`.
 
     ``adapter`` is a fine-tuned adapter folder (lmforge's or Hugging Face PEFT's): LoRA/DoRA and IA3 are
-    folded into the weights (no cost per token), bottleneck adapters run as extra modules.
+    folded into the weights (no cost per token), bottleneck adapters run as extra modules, p-tuning's
+    virtual tokens are prepended to every prompt (computed once).
     ``loras`` maps names to LoRA adapter folders that requests pick by name (``add_request(adapter=...)``);
     they are kept apart from the weights (:class:`~lmforge.peft.multi_lora.MultiLoRA`), on top of ``adapter``.
     """
     from lmforge.models.load import load_for_inference
 
-    model, tokenizer = load_for_inference(path, device=device, dtype=dtype)
+    model, tokenizer = load_for_inference(path, device=device, dtype=dtype, allow_ptuning=True)
     if adapter is not None:
         from lmforge.peft import adapter_for_inference
 
-        model = adapter_for_inference(model, adapter, use="the serving engine")
+        model = adapter_for_inference(model, adapter, use="the serving engine", allow_ptuning=True)
     if loras:
         from lmforge.peft.multi_lora import MultiLoRA
 
-        kwargs["lora"] = MultiLoRA(model, dict(loras), max_rows=bucket(int(kwargs.get("max_batch_size", 32)), 0))
+        inner = getattr(model, "model", model) if hasattr(model, "num_virtual_tokens") else model  # p-tuned: its base
+        kwargs["lora"] = MultiLoRA(inner, dict(loras), max_rows=bucket(int(kwargs.get("max_batch_size", 32)), 0))
     return Engine(model, tokenizer, **kwargs)
