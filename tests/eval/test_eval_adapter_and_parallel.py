@@ -1,4 +1,5 @@
-"""`evaluate --adapter` (LoRA merged, bottleneck unmerged, p-tuning refused) and data parallel evaluation."""
+"""`evaluate --adapter` (LoRA merged, bottleneck unmerged, p-tuning's virtual tokens prepended) and data
+parallel evaluation."""
 
 import copy
 import json
@@ -14,7 +15,6 @@ import torch
 from lmforge.cli import main
 from lmforge.data.tokenizers import train_bpe
 from lmforge.eval import Scorer, evaluate_model, run
-from lmforge.errors import ConfigError
 from lmforge.eval.evaluate import AdapterError
 from lmforge.models import ModelConfig, Transformer
 from lmforge.peft import (AdapterConfig, LoRAConfig, PTuningConfig, apply_peft, merge_adapter, peft_state_dict,
@@ -81,7 +81,7 @@ def test_eval_lora_adapter_scores_as_the_merged_model(setup, tmp_path):
         torch.testing.assert_close(lm.model.state_dict()[k], v, rtol=0, atol=1e-6)
 
 
-def test_eval_bottleneck_adapter_runs_unmerged_and_ptuning_is_refused(setup, tmp_path):
+def test_eval_bottleneck_adapter_runs_unmerged(setup, tmp_path):
     root, base, tok, _ = setup
     acfg = AdapterConfig(dim=8)
     tuned = apply_peft(copy.deepcopy(base), "adapter", acfg)
@@ -95,13 +95,36 @@ def test_eval_bottleneck_adapter_runs_unmerged_and_ptuning_is_refused(setup, tmp
     plain = evaluate_model(base, tok, ["lambada", "piqa"], 32, task_data, bootstrap_iters=100)
     assert plain["results"]["lambada_openai"]["perplexity"] != direct["results"]["lambada_openai"]["perplexity"]
 
-    pcfg = PTuningConfig(num_virtual_tokens=2, encoder_hidden_size=8)
-    save_adapter(apply_peft(copy.deepcopy(base), "ptuning", pcfg), "ptuning", pcfg, tmp_path / "pt")
-    with pytest.raises(ConfigError, match="p-tuning adapter.*LoRA, IA3 or bottleneck"):
-        run(str(root / "base"), ["lambada"], task_data={"lambada": task_data["lambada"]}, device="cpu",
-            adapter=str(tmp_path / "pt"))
     with pytest.raises(AdapterError, match="not a folder"):
         run(str(root / "base"), ["lambada"], device="cpu", adapter=str(tmp_path / "missing"))
+
+
+def test_eval_ptuning_adapter_prepends_its_virtual_tokens(setup, tmp_path):
+    root, base, tok, _ = setup
+    pcfg = PTuningConfig(num_virtual_tokens=2, encoder_hidden_size=8)
+    tuned = apply_peft(copy.deepcopy(base), "ptuning", pcfg)
+    _randomize_peft_(tuned, 2)
+    save_adapter(tuned, "ptuning", pcfg, tmp_path / "pt")
+    tuned.eval()
+    task_data = {"lambada": str(root / "lambada.jsonl"), "piqa": str(root / "piqa.jsonl")}
+    doc = run(str(root / "base"), ["lambada", "piqa"], task_data, device="cpu", bootstrap_iters=100,
+              progress=False, adapter=str(tmp_path / "pt"))
+    context = base.cfg.max_position_embeddings - 2  # the virtual tokens take two positions
+    assert doc["config"]["max_length"] == context
+    direct = evaluate_model(tuned, tok, ["lambada", "piqa"], context, task_data, bootstrap_iters=100)
+    assert doc["results"] == direct["results"]
+    plain = evaluate_model(base, tok, ["lambada", "piqa"], 32, task_data, bootstrap_iters=100)
+    assert plain["results"]["lambada_openai"]["perplexity"] != direct["results"]["lambada_openai"]["perplexity"]
+    # the scorer's loglikelihood of the p-tuned model is the full forward's (virtual tokens first)
+    scorer = Scorer(tuned, tok, context, batch_size=4)
+    ctx, cont = "the cat sat", " on the mat"
+    ll, _ = scorer.loglikelihood([(ctx, cont)])[0]
+    ids = scorer.encode(ctx) + scorer._encode_plain(cont)
+    n_ctx = len(scorer.encode(ctx))
+    with torch.no_grad():
+        logp = tuned(torch.tensor([ids]))[0].log_softmax(-1)
+    want = sum(float(logp[i - 1, ids[i]]) for i in range(n_ctx, len(ids)))
+    assert ll == pytest.approx(want, abs=1e-4)
 
 
 def _free_port() -> int:

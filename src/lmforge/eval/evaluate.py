@@ -30,10 +30,16 @@ class AdapterError(UserError):
 
 
 def with_adapter(model, adapter_dir):
-    """``model`` with the fine-tuned adapter in ``adapter_dir`` applied (:func:`lmforge.peft.adapter_for_inference`)."""
+    """``model`` with the fine-tuned adapter in ``adapter_dir`` applied (:func:`lmforge.peft.adapter_for_inference`;
+    a p-tuning adapter gives a :class:`~lmforge.peft.PromptTunedModel`, scored with full forwards)."""
     from lmforge.peft import adapter_for_inference
 
-    return adapter_for_inference(model, adapter_dir, use="evaluation")
+    return adapter_for_inference(model, adapter_dir, use="evaluation", allow_ptuning=True)
+
+
+def context_length(model) -> int:
+    """Tokens a request may use: the model's positions, less a p-tuned model's virtual tokens."""
+    return int(model.cfg.max_position_embeddings) - int(getattr(model, "num_virtual_tokens", 0))
 
 
 def parse_task_data(items: Sequence[str]) -> dict[str, str]:
@@ -109,10 +115,10 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
         runtime = init_runtime(str(device))
         device = runtime.device
     try:
-        lm, tokenizer = load_for_inference(model, device=device, dtype=dtype)
+        lm, tokenizer = load_for_inference(model, device=device, dtype=dtype, allow_ptuning=True)
         if adapter is not None:
             lm = with_adapter(lm, adapter)
-        max_length = int(lm.cfg.max_position_embeddings)
+        max_length = context_length(lm)
         rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
         out = evaluate_model(lm, tokenizer, tasks, max_length, task_data, limit, batch_size, bootstrap_iters,
                              cache_dir, progress, rank=rank, world_size=world)

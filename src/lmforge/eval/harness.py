@@ -37,7 +37,7 @@ class LmforgeLM(TemplateLM):
         super().__init__()
         from lmforge.models.load import load_for_inference
 
-        model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype)
+        model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype, allow_ptuning=True)
         if adapter:
             from lmforge.eval.evaluate import with_adapter
 
@@ -45,7 +45,9 @@ class LmforgeLM(TemplateLM):
         self.model = model
         self.tokenizer = tokenizer
         batch_size = batch_size if str(batch_size) == "auto" else int(batch_size)
-        self._max_length = int(max_length or model.cfg.max_position_embeddings)
+        from lmforge.eval.evaluate import context_length
+
+        self._max_length = int(max_length or context_length(model))
         self.scorer = Scorer(model, tokenizer, self._max_length, batch_size=batch_size)
 
     @property
