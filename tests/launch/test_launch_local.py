@@ -93,8 +93,9 @@ def test_the_shipped_example_pipeline_runs_locally(tmp_path, monkeypatch):
 
 
 def test_local_pipeline_with_a_lora_fine_tuning_stage(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
-    """data preparation -> training -> fine_tuning: `lmforge finetune FILE` LoRA-tunes the model the pipeline
-    just trained (its results folder) on a JSONL of input/output records and writes the adapter."""
+    """data preparation -> training -> fine_tuning -> generation: `lmforge finetune FILE` LoRA-tunes the model
+    the pipeline just trained (its results folder) on a JSONL of input/output records and writes the adapter;
+    `lmforge generate` then completes a prompts file with the fine-tuning run (base + adapter)."""
     from omegaconf import OmegaConf
 
     monkeypatch.chdir(tmp_path)
@@ -103,7 +104,13 @@ def test_local_pipeline_with_a_lora_fine_tuning_stage(tmp_path, launch_helpers, 
     sft.write_text("".join(json.dumps(r) + "\n" for r in records))
     path = _pipeline(tmp_path, launch_helpers, tiny_corpus)
     conf = OmegaConf.load(path)
-    conf.stages = ["data_preparation", "training", "fine_tuning"]
+    conf.stages = ["data_preparation", "training", "fine_tuning", "generation"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(3)))
+    conf.generation = {"run": {"name": "gen", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
+                       "args": ["${fine_tuning.run.results_dir}"],
+                       "options": {"input": str(prompts), "output": "${generation.run.results_dir}/completions.jsonl",
+                                   "greedy": True, "max_new_tokens": 4, "device": "cpu", "dtype": "float32"}}
     conf.fine_tuning = {"run": {"name": "lora", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
                         "model": "${training.run.results_dir}", "data": str(sft), "val_data": str(sft),
                         "method": "lora", "seq_length": 24, "micro_batch_size": 4, "global_batch_size": 4,
@@ -122,8 +129,17 @@ def test_local_pipeline_with_a_lora_fine_tuning_stage(tmp_path, launch_helpers, 
     assert summary["adapter"] == str(lora / "adapter") and not summary["stopped_early"]
     assert json.loads((lora / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert (lora / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    lines = [json.loads(x) for x in (r / "gen" / "completions.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["p0", "p1", "p2"] and all(x["completion_tokens"] >= 1 for x in lines)
+    # the same completions as the base model with the adapter
+    from lmforge.serve.engine import SamplingParams, engine_from_checkpoint
+
+    engine = engine_from_checkpoint(r / "tiny", device="cpu", dtype="float32", adapter=lora / "adapter")
+    for x in lines:
+        ids = engine.generate([engine.tokenizer.encode(x["prompt"])], SamplingParams(max_tokens=4, temperature=0.0))[0]
+        assert x["completion"] == engine.tokenizer.decode(ids, skip_special_tokens=True)
     record = json.loads((r / "launch.json").read_text())
-    assert [s["state"] for s in record["stages"]] == ["completed"] * 3
+    assert [s["state"] for s in record["stages"]] == ["completed"] * 4
 
 
 def test_fine_tuning_settings_are_checked_at_launch(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):

@@ -36,6 +36,7 @@ STAGE_KINDS: dict[str, tuple[str, str]] = {
     "fine_tuning": ("finetune", "config"),
     "conversion": ("convert", "args"),
     "evaluation": ("evaluate", "args"),
+    "generation": ("generate", "args"),
     "export": ("export", "args"),
 }
 
@@ -314,5 +315,6 @@ _BUILDERS = {
     "fine_tuning": _build_fine_tuning,
     "conversion": _build_args_stage,
     "evaluation": _build_args_stage,
+    "generation": _build_args_stage,
     "export": _build_args_stage,
 }
