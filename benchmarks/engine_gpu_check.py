@@ -2,8 +2,9 @@
 
 The compiled, CUDA-graph decode path must give the greedy tokens of the eager path for a batch of
 prompts of different lengths joining and leaving (continuous batching), in fp32, for a dense model, a
-grouped-query model with a sliding window, a tied head, an ALiBi model, and a model serving two LoRA
-adapters per request (MultiLoRA's row buffer read by the captured graphs). Exits non-zero on a mismatch.
+grouped-query model with a sliding window, a tied head, an ALiBi model, a model serving two LoRA adapters
+per request (MultiLoRA's row buffer read by the captured graphs) and a p-tuned model (virtual tokens in
+front of every prompt). Exits non-zero on a mismatch.
 
     python benchmarks/engine_gpu_check.py
 """
@@ -104,6 +105,27 @@ def main() -> int:
         same = [a == b for a, b in zip(ref, got)]
         print(f"multi-lora: {sum(same)}/{len(same)} prompts equal", flush=True)
         failures += len(same) - sum(same)
+    # p-tuning: the virtual tokens (a frozen table in the embedding) in front of every prompt
+    from lmforge.peft import PTuningConfig, apply_peft
+
+    def ptuned():
+        model = Transformer(ModelConfig(**shape)).cuda()
+        model.init_weights(seed=1)
+        tuned = apply_peft(model, "ptuning", PTuningConfig(num_virtual_tokens=7, encoder_hidden_size=32))
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen, device="cuda"))
+        return tuned.eval()
+
+    prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
+    got = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700, compile_decode=True).generate(prompts, params)
+    same = [a == b for a, b in zip(ref, got)]
+    print(f"p-tuning: {sum(same)}/{len(same)} prompts equal", flush=True)
+    failures += len(same) - sum(same)
     print("OK" if not failures else f"FAILED: {failures} mismatches")
     return 1 if failures else 0
 
