@@ -761,19 +761,22 @@ class Engine:
         """Sample each sequence's next token from ``logits`` (row ``rows[i]`` for ``seqs[i]``; all rows in
         order when None) and append it. ``greedy`` (the argmax of every row) serves plain greedy batches."""
         params = [s.params for s in seqs]
-        plain = all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params)
-        if plain and greedy is not None:
-            chosen_all = greedy.tolist()
-            for b, seq in enumerate(seqs):
-                self._append(seq, chosen_all[rows[b]] if rows is not None else chosen_all[b])
-                if seq.finish_reason is not None or len(seq.output_ids) > seq.sent_tokens:
-                    outputs[seq.request_id] = self._output(seq)
-            return
-        if rows is not None:
-            logits = logits[torch.tensor(rows, device=logits.device)]  # (n, V), a copy
+        rows = rows if rows is not None else list(range(len(seqs)))
+        if greedy is not None and all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params):
+            argmax = greedy.tolist()
+            chosen = [argmax[r] for r in rows]
+        else:
+            chosen = self._sample(seqs, logits[torch.tensor(rows, device=logits.device)])
+        for seq, token in zip(seqs, chosen):
+            self._append(seq, token)
+            if seq.finish_reason is not None or len(seq.output_ids) > seq.sent_tokens:
+                outputs[seq.request_id] = self._output(seq)
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each sequence's next token from its row of ``logits`` (n, V), its logprobs queued when asked for."""
+        params = [s.params for s in seqs]
         processed = process_logits(logits, params, [(s.prompt_ids, s.output_ids) for s in seqs])
-        greedy_ids = processed.argmax(-1)
-        chosen: list[int] = greedy_ids.tolist()
+        chosen: list[int] = processed.argmax(-1).tolist()
         sampled = [b for b, p in enumerate(params) if not p.greedy]
         if sampled:
             probs = processed[sampled].softmax(-1)
@@ -792,10 +795,7 @@ class Engine:
                 kb = params[b].logprobs
                 top = list(zip(top_i[j][:kb], top_v[j][:kb])) if kb else []
                 seqs[b].pending_logprobs.append(TokenLogprob(chosen[b], chosen_lp[j], top))
-        for b, seq in enumerate(seqs):
-            self._append(seq, chosen[b])
-            if seq.finish_reason is not None or len(seq.output_ids) > seq.sent_tokens:
-                outputs[seq.request_id] = self._output(seq)
+        return chosen
 
     def _append(self, seq: _Sequence, token: int) -> None:
         p = seq.params
