@@ -95,14 +95,13 @@ def find_adapter(path: str | Path) -> Optional[Path]:
 
 def _is_peft_run(run: Path) -> bool:
     """True when ``run`` is a fine-tuning results folder of a PEFT method (its config.yaml says so)."""
-    cfg = run / "config.yaml"
-    if not cfg.is_file():
-        return False
+    import yaml
+
     try:
-        text = cfg.read_text(encoding="utf-8")
-    except OSError:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
         return False
-    return any(line.strip() in (f"method: {m}" for m in ("lora", "ia3", "adapter", "ptuning")) for line in text.splitlines())
+    return isinstance(cfg, dict) and cfg.get("method") in ("lora", "ia3", "adapter", "ptuning")
 
 
 def adapter_base(adapter: Path) -> Path:
