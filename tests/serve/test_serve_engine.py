@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmforge.models import Transformer, generate
-from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams, SlotKVCache,
+from lmforge.serve.cache import SlotKVCache
+from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams,
                                   process_logits)
 
 from tests.models.test_generate import make_model as tiny_model
