@@ -17,6 +17,7 @@ from lmforge.errors import ConfigError
 from lmforge.models import ModelConfig, Transformer, generate
 from lmforge.models.transformer import Attention, KVCache, alibi_slopes
 from lmforge.serve.engine import Engine, SamplingParams
+from tests.convert.test_convert_baichuan import get_interleave  # Baichuan's _get_interleave
 
 VARIANTS = {
     "gqa_6_heads": dict(num_attention_heads=6, num_query_groups=3, hidden_size=48),
@@ -49,18 +50,6 @@ def ids_of(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ slopes
 
 
-def baichuan_interleave(n: int) -> list[float]:
-    """Baichuan's ``_get_interleave`` (its published modeling_baichuan.py), written out from its definition."""
-    def power_of_2(m):
-        start = 2 ** (-(2 ** -(math.log2(m) - 3)))
-        return [start * start ** i for i in range(m)]
-
-    if math.log2(n).is_integer():
-        return power_of_2(n)
-    closest = 2 ** math.floor(math.log2(n))
-    return power_of_2(closest) + baichuan_interleave(2 * closest)[0::2][: n - closest]
-
-
 def test_slopes_match_hf_and_baichuan():
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
@@ -71,7 +60,7 @@ def test_slopes_match_hf_and_baichuan():
         # HF (Falcon, BLOOM): slope * position for positions [0, 1], rounded through bf16 as HF does
         hf = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), n, torch.float32)[:, 0, 1]
         assert torch.equal(ours.bfloat16().float(), hf), n
-        torch.testing.assert_close(ours, torch.tensor(baichuan_interleave(n)), rtol=1e-6, atol=0), n
+        torch.testing.assert_close(ours, torch.tensor(get_interleave(n)), rtol=1e-6, atol=0), n
 
 
 def test_meta_build_then_init_weights_fills_slopes():

@@ -4,7 +4,6 @@ bad targets and bad names are refused with one clear message; the row buffer nev
 
 import pytest
 import torch
-import transformers
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import ModelConfig, Transformer
@@ -210,27 +209,10 @@ def test_hugging_face_peft_adapter(tmp_path):
     """A folder written by peft's save_pretrained serves per row like PeftModel with and without the adapter."""
     import peft
 
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    from tests.peft.test_peft_hf_format import tiny_llama
+
+    hf, ours = tiny_llama()  # an HF Llama with random weights and the lmforge model holding the same weights
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else 0.2 * torch.randn(p.shape, generator=g))
-    ours = Transformer(ModelConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_attention_heads=HEADS,
-        num_query_groups=KV_HEADS, ffn_hidden_size=FFN, max_position_embeddings=MAX_POS, normalization="rmsnorm",
-        activation="swiglu", bias=False, position_embedding_type="rope", rotary_base=10000.0,
-        share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0))
-    hf_state = hf.state_dict()
-    ours.load_state_dict({k: hf_state[k if k == "lm_head.weight" else "model." + k].clone()
-                          for k in ours.state_dict()})
-    ours.eval()
 
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=12, target_modules=["k_proj", "o_proj", "up_proj"],
                                                  layers_to_transform=[1]))
