@@ -207,18 +207,18 @@ def test_alibi_slope_scale_needs_alibi():
     assert ModelConfig(position_embedding_type="alibi", hidden_size=42, num_attention_heads=6).head_dim == 7
 
 
-def test_full_forward_builds_the_alibi_mask_once(monkeypatch):
+def test_full_forward_builds_thealibi_mask_once(monkeypatch):
     """Without a cache every layer shares one ALiBi mask (one tensor kept for backward, not one per layer);
     under autocast it is built in the attention's dtype."""
     model = make_model("gqa_6_heads")
     calls = []
-    original = Attention._alibi_mask
+    original = Attention.alibi_mask
 
     def counting(self, *args, **kwargs):
         calls.append(self.layer_idx)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Attention, "_alibi_mask", counting)
+    monkeypatch.setattr(Attention, "alibi_mask", counting)
     ids = ids_of(12, batch=2)
     model(ids).sum().backward()
     assert calls == [0] and model.cfg.num_layers > 1

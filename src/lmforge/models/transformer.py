@@ -298,7 +298,7 @@ class Attention(nn.Module):
                                     cached=kv_cache is not None, device=x.device)
         if self.alibi_slopes is not None and (mask is None or mask.dtype == torch.bool):
             # bool (or None: causal) mask -> float mask with the ALiBi bias (unless the model passed it built)
-            mask = self._alibi_mask(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
+            mask = self.alibi_mask(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
                                     cached=kv_cache is not None, device=x.device).to(q.dtype)
         is_causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
@@ -351,8 +351,8 @@ class Attention(nn.Module):
             return window & (key_pos <= query_pos)
         return mask & window
 
-    def _alibi_mask(self, mask: Optional[torch.Tensor], T: int, S: int, start_pos: int,
-                    positions: Optional[torch.Tensor], cached: bool, device: torch.device) -> torch.Tensor:
+    def alibi_mask(self, mask: Optional[torch.Tensor], T: int, S: int, start_pos: int,
+                   positions: Optional[torch.Tensor], cached: bool, device: torch.device) -> torch.Tensor:
         """The float attention mask: ``slope_h * (key_pos - query_pos)`` where ``mask`` (None: causal) lets a
         query see a key, -inf elsewhere. Returns (1, nh, T, S) or (B, nh, T, S), fp32."""
         query_pos, key_pos = self._query_key_pos(T, S, start_pos, positions, cached, device)
@@ -787,7 +787,7 @@ class Transformer(nn.Module):
             # (B|1, nh, T, T) tensor per layer), in the dtype the attention runs in.
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             attn = self.layers[0].self_attn
-            attn_mask = attn._alibi_mask(attn_mask, T, T, 0, None, cached=False, device=x.device).to(dtype)
+            attn_mask = attn.alibi_mask(attn_mask, T, T, 0, None, cached=False, device=x.device).to(dtype)
         for layer in self.layers:
             x = layer(x, rope, kv_cache, start_pos, positions, attn_mask)
         return self.norm(x)

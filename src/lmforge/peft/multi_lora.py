@@ -209,10 +209,6 @@ class MultiLoRA:
     def max_rows(self) -> int:
         return self.rows.ids.shape[0]
 
-    def mark_static(self) -> None:
-        """Tell torch.compile the row buffer never moves, so CUDA graphs read it in place (no copy per replay)."""
-        torch._dynamo.mark_static_address(self.rows.ids)
-
     def index(self, name: Optional[str]) -> int:
         """The slot of adapter ``name`` (0 for None: the base model).
 
