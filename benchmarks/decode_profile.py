@@ -1,13 +1,13 @@
 """Where a batch-1 decode step's time goes (run by hand on a GPU; never by the test suite).
 
 For each shape: the engine's compiled decode step at batch 1 (prompt 128, 256 new tokens), then
-- host time around the step (building inputs + launching the graphs, and reading the argmax back),
-- GPU time of the step in the engine loop (CUDA events around the replay) and back to back (100 replays,
-  no host work between: what the step costs when the host is hidden),
+- the step's wall time in the engine loop (greedy steps are pipelined: the next is launched before the last
+  is read, so this approaches the GPU time when the host keeps up),
+- the GPU time of the step back to back (100 replays of its graphs, no host work between),
 - the bandwidth limit (weight bytes / measured copy bandwidth) and both fractions of it,
 - the top CUDA kernels of 10 replays (torch.profiler), to see which matrix products and small kernels cost.
 
-    python benchmarks/decode_profile.py --models 1b,7b [--compile-mode max-autotune-no-cudagraphs] [--graph-chunks 4]
+    python benchmarks/decode_profile.py --models 1b,7b [--matvec] [--tune] [--compile-mode M] [--graph-chunks 4]
 """
 
 from __future__ import annotations
@@ -22,46 +22,21 @@ from generate_throughput import build_model, copy_bandwidth, weight_bytes
 from lmforge.serve.engine import Engine, SamplingParams
 
 
-def profile(shape: str, bandwidth: float, compile_mode, graph_chunks: int) -> None:
+def profile(shape: str, bandwidth: float, a) -> None:
     model = build_model(shape, torch.device("cuda"))
     limit_ms = 1000 * weight_bytes(model) / bandwidth
+    options = {"coordinate_descent_tuning": True} if a.tune else None
     engine = Engine(model, None, max_batch_size=1, max_seq_len=384, max_prefill_tokens=128, compile_decode=True,
-                    compile_mode=compile_mode, graph_chunks=graph_chunks)
+                    compile_mode=a.compile_mode, compile_options=options, graph_chunks=a.graph_chunks,
+                    matvec=a.matvec)
     prompt = torch.randint(0, model.cfg.vocab_size, (128,)).tolist()
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
     t = time.perf_counter()
     engine.generate([prompt], params)  # compiles and records every graph used below
     warmup = time.perf_counter() - t
 
-    host = {"decode_running": 0.0, "advance": 0.0}
-    events = []
-    graphs = engine._graphs
-    run_decode, advance, replay = engine._decode_running, engine._advance, graphs.run
-
-    def timed_decode(ready):
-        t0 = time.perf_counter()
-        out = run_decode(ready)
-        host["decode_running"] += time.perf_counter() - t0
-        return out
-
-    def timed_advance(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = advance(*args, **kwargs)
-        host["advance"] += time.perf_counter() - t0
-        return out
-
-    def timed_replay(ids, positions, span):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = replay(ids, positions, span)
-        end.record()
-        events.append((start, end))
-        return out
-
-    engine._decode_running, graphs.run = timed_decode, timed_replay
     engine.add_request("x", prompt, params)
     engine.step()  # the prefill (untimed)
-    engine._advance = timed_advance
     torch.cuda.synchronize()
     t = time.perf_counter()
     steps = 0
@@ -69,10 +44,9 @@ def profile(shape: str, bandwidth: float, compile_mode, graph_chunks: int) -> No
         engine.step()
         steps += 1
     torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / steps * 1000
-    gpu = sum(s.elapsed_time(e) for s, e in events) / len(events)
+    wall = (time.perf_counter() - t) / (steps - 1) * 1000  # 255 decode steps over 256 calls
 
-    pieces, _ = graphs.graphs[(1, 256)]
+    pieces, _ = engine._graphs.graphs[(1, 256)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(5):
         for g in pieces:
@@ -85,9 +59,8 @@ def profile(shape: str, bandwidth: float, compile_mode, graph_chunks: int) -> No
     torch.cuda.synchronize()
     back_to_back = start.elapsed_time(end) / 100
     print(json.dumps({
-        "shape": shape, "compile_mode": compile_mode, "graph_chunks": graph_chunks, "warmup_s": round(warmup, 1),
-        "step_wall_ms": round(wall, 3), "host_decode_running_ms": round(1000 * host["decode_running"] / steps, 3),
-        "host_advance_incl_sync_ms": round(1000 * host["advance"] / steps, 3), "gpu_step_in_loop_ms": round(gpu, 3),
+        "shape": shape, "matvec": a.matvec, "tune": a.tune, "compile_mode": a.compile_mode,
+        "graph_chunks": a.graph_chunks, "warmup_s": round(warmup, 1), "step_wall_ms": round(wall, 3),
         "gpu_step_back_to_back_ms": round(back_to_back, 3), "limit_ms": round(limit_ms, 3),
         "fraction_wall": round(limit_ms / wall, 3), "fraction_back_to_back": round(limit_ms / back_to_back, 3),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
@@ -99,8 +72,8 @@ def profile(shape: str, bandwidth: float, compile_mode, graph_chunks: int) -> No
             for g in pieces:
                 g.replay()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
-    del engine, model, graphs, pieces
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60), flush=True)
+    del engine, model, pieces
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
@@ -109,13 +82,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="1b,7b")
     ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--matvec", action="store_true", help="single-row products as compiled reductions")
+    ap.add_argument("--tune", action="store_true", help="inductor's coordinate-descent tuning")
     ap.add_argument("--graph-chunks", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this profile needs a CUDA GPU")
     bandwidth = copy_bandwidth(torch.device("cuda"))
     for shape in a.models.split(","):
-        profile(shape, bandwidth, a.compile_mode, a.graph_chunks)
+        profile(shape, bandwidth, a)
 
 
 if __name__ == "__main__":

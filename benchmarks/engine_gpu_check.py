@@ -4,9 +4,11 @@ The compiled, CUDA-graph decode path must give the greedy tokens of the eager pa
 prompts of different lengths joining and leaving (continuous batching), in fp32, for a dense model, a
 grouped-query model with a sliding window, a tied head, an ALiBi model, a model serving two LoRA adapters
 per request (MultiLoRA's row buffer read by the captured graphs) and a p-tuned model (virtual tokens in
-front of every prompt). Exits non-zero on a mismatch.
+front of every prompt). Each dense model also decodes prompts alone (batch 1, the graphs of one row).
+With ``--matvec`` the compiled engines compute single-row products as compiled reductions
+(:mod:`lmforge.serve.matvec`). Exits non-zero on a mismatch.
 
-    python benchmarks/engine_gpu_check.py
+    python benchmarks/engine_gpu_check.py [--matvec]
 """
 
 from __future__ import annotations
@@ -34,13 +36,17 @@ SHAPES = {
 }
 
 
+MATVEC = "--matvec" in sys.argv[1:]
+
+
 def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
     from lmforge.peft.multi_lora import MultiLoRA
 
     model = Transformer(ModelConfig(**shape)).cuda()
     model.init_weights(seed=1)
     lora = MultiLoRA(model.eval(), folders, max_rows=4)
-    return Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=compiled, lora=lora)
+    return Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=compiled, lora=lora,
+                  matvec=MATVEC and compiled)
 
 
 def write_adapters(shape: dict, root) -> dict:
@@ -76,12 +82,17 @@ def main() -> int:
         params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (40, 7, 300, 12, 64, 3, 20)]
         ref = Engine(model, None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
         for rounds in range(2):  # the second round replays the graphs recorded by the first
-            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True)
+            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, matvec=MATVEC)
             got = eng.generate(prompts, params)
             same = [a == b for a, b in zip(ref, got)]
             print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng._graphs.graphs)}",
                   flush=True)
             failures += len(same) - sum(same)
+        eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, matvec=MATVEC)
+        got = [eng.generate([p], q)[0] for p, q in zip(prompts[:4], params[:4])]
+        same = [a == b for a, b in zip(ref[:4], got)]
+        print(f"{name} batch 1: {sum(same)}/{len(same)} prompts equal", flush=True)
+        failures += len(same) - sum(same)
     import tempfile
 
     shape = SHAPES["llama-gqa"]
@@ -122,7 +133,8 @@ def main() -> int:
     prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90)]
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     ref = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
-    got = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700, compile_decode=True).generate(prompts, params)
+    got = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700, compile_decode=True,
+                 matvec=MATVEC).generate(prompts, params)
     same = [a == b for a, b in zip(ref, got)]
     print(f"p-tuning: {sum(same)}/{len(same)} prompts equal", flush=True)
     failures += len(same) - sum(same)

@@ -102,7 +102,9 @@ def bench(shape: str, batch: int, case: str, prompt_len: int, new_tokens: int, b
     device = torch.device("cuda")
     model = build_model(shape, device)
     chunks = {"compiled": {}, "compiled-1graph": {"graph_chunks": 1},
-              "compiled-autotune": {"compile_mode": "max-autotune-no-cudagraphs"}}
+              "compiled-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
+              "compiled-matvec": {"matvec": True},
+              "compiled-matvec-tuned": {"matvec": True, "compile_options": {"coordinate_descent_tuning": True}}}
     engine = Engine(model, None, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
                     max_prefill_tokens=batch * prompt_len, compile_decode=case in chunks, **chunks.get(case, {}))
     g = torch.Generator().manual_seed(0)

@@ -96,6 +96,96 @@ def test_continuous_batching_equals_single_requests(style):
     assert got["late"] == generate(model, [9, 8, 7], 10, greedy=True)
 
 
+def _count_chained(engine: Engine) -> list:
+    """Count the decode steps launched before the step before them was read (see Engine.step)."""
+    calls = []
+    launch = engine._launch_chained
+
+    def spy(d):
+        calls.append(d)
+        return launch(d)
+
+    engine._launch_chained = spy
+    return calls
+
+
+def test_pipelined_greedy_steps_overlap_and_equal_single_requests():
+    """A greedy batch runs one step ahead: each call launches the next step before reading the last."""
+    model = make_model("llama")
+    engine = Engine(model, max_batch_size=4)
+    chained = _count_chained(engine)
+    prompts = PROMPTS[:4]
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, GREEDY)
+    got = {f"r{i}": [] for i in range(4)}
+    first = engine.step()  # prefill: every request's first token
+    assert sorted(o.request_id for o in first) == ["r0", "r1", "r2", "r3"]
+    for o in first:
+        got[o.request_id].extend(o.token_ids)
+    assert engine.step() == [] and engine._inflight is not None  # the first decode step is left running
+    while engine.has_work():
+        for o in engine.step():
+            got[o.request_id].extend(o.token_ids)
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"] == generate(model, p, 12, greedy=True)
+    # 12 tokens: 1 from the prefill and 11 decode steps; all but the first start from the device's argmax
+    # of the step before them, and none is launched past max_tokens (no wasted step)
+    assert len(chained) == 10
+    assert engine._inflight is None and engine.running == [] and not engine._ids
+
+
+def test_pipelined_steps_with_stops_aborts_and_late_requests():
+    """A sequence that stops on a token while the next step runs, an abort between steps, a sampled request
+    joining a pipelined greedy batch: the others' tokens are those of single greedy requests."""
+    model = make_model("gpt")
+    engine = Engine(model, max_batch_size=4)
+    chained = _count_chained(engine)
+    refs = [generate(model, p, 14, greedy=True) for p in PROMPTS[:4]]
+    stop_at = refs[1][4]
+    assert stop_at not in refs[1][:4]  # r1 stops after 4 tokens, while a pipelined step runs
+    drained = []
+    finish_decode = engine._finish_decode
+
+    def spy(d, touched):
+        drained.append([s.finish_reason for s in d.seqs])
+        return finish_decode(d, touched)
+
+    engine._finish_decode = spy
+    params = [SamplingParams(max_tokens=14, temperature=0.0),
+              SamplingParams(max_tokens=14, temperature=0.0, stop_token_ids=[stop_at]),
+              SamplingParams(max_tokens=14, temperature=0.0),
+              SamplingParams(max_tokens=14, temperature=0.0)]
+    for i, (p, sp) in enumerate(zip(PROMPTS[:4], params)):
+        engine.add_request(f"r{i}", p, sp)
+    got = {f"r{i}": [] for i in range(4)}
+    finish = {}
+    steps = 0
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, top_k=5, seed=3)
+    while engine.has_work():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finished:
+                finish[o.request_id] = o.finish_reason
+        steps += 1
+        if steps == 8:
+            assert engine._inflight is not None
+            out = engine.abort("r3")  # while a step of it is in flight
+            assert out.finished and out.finish_reason == "abort"
+            got["r3"].extend(out.token_ids)
+            finish["r3"] = out.finish_reason
+            assert engine.abort("r3") is None  # once only
+        if steps == 9:
+            engine.add_request("late", PROMPTS[4], sampled)
+    assert got["r0"] == refs[0] and got["r2"] == refs[2]
+    assert got["r1"] == refs[1][: refs[1].index(stop_at)] and finish["r1"] == "stop"
+    assert got["r3"] == refs[3][: len(got["r3"])] and len(got["r3"]) < 14 and finish["r3"] == "abort"
+    assert len(chained) > 0
+    assert [None, "stop", None, None] in drained  # the step after r1's stop was read at once (slots move)
+    alone = Engine(model, max_batch_size=4).generate([PROMPTS[4]], sampled)[0]
+    assert got["late"] == alone and len(alone) == 6
+    assert engine.running == [] and not engine._ids
+
+
 def test_context_limit_and_validation():
     model = make_model("llama", max_positions=16)
     engine = Engine(model, max_batch_size=2)

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.errors import UserError
 from lmforge.models.transformer import fuse_projections
 from lmforge.serve.cache import SlotKVCache, bucket
+from lmforge.serve.matvec import linear, use_matvec
 
 __all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
            "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
@@ -255,25 +255,40 @@ class _DecodeGraphs:
     two warm-up runs, which compute exactly what the step will (the same keys and values in the cache).
     """
 
-    def __init__(self, engine: "Engine", chunks: int, mode: Optional[str] = None):
-        self.embed = torch.compile(engine._decode_embed, mode=mode)
-        self.blocks = torch.compile(engine._decode_blocks, mode=mode)
-        self.head = torch.compile(engine._decode_head, mode=mode)
+    def __init__(self, engine: "Engine", chunks: int, mode: Optional[str] = None, options: Optional[dict] = None):
+        kw = {"options": options} if options else {"mode": mode}
+        self.embed = torch.compile(engine._decode_embed, **kw)
+        self.blocks = torch.compile(engine._decode_blocks, **kw)
+        self.head = torch.compile(engine._decode_head, **kw)
         L = len(engine.model.layers)
         bounds = sorted({round(i * L / max(1, min(chunks, L))) for i in range(max(1, min(chunks, L)) + 1)})
         self.spans = list(zip(bounds[:-1], bounds[1:]))  # blocks [lo, hi) of each graph
         self.keys = engine._keys
         num_slots = engine.cache.num_slots
-        self.host = torch.zeros(2, num_slots, dtype=torch.long).pin_memory()  # (ids, positions) x rows
-        self.inputs = torch.zeros(2, num_slots, dtype=torch.long, device=engine.device)
+        # (ids, positions, advance) x rows; advance is 1 for a row that decodes a sequence, 0 for padding
+        self.host = torch.zeros(3, num_slots, dtype=torch.long).pin_memory()
+        self.inputs = torch.zeros(3, num_slots, dtype=torch.long, device=engine.device)
         self.graphs: dict[tuple[int, int], tuple[list[torch.cuda.CUDAGraph], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def run(self, ids: list[int], positions: list[int], span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ids: list[int], positions: list[int], advance: list[int], span: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         B = len(ids)
         self.host[0, :B] = torch.tensor(ids)
         self.host[1, :B] = torch.tensor(positions)
+        self.host[2, :B] = torch.tensor(advance)
         self.inputs[:, :B].copy_(self.host[:, :B], non_blocking=True)
+        return self.replay(B, span)
+
+    def run_chained(self, greedy: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step after the last one, fed on the device: each row's argmax ``greedy`` (B,) is its next
+        token, one position further (padding rows stay). No host value is read."""
+        B = greedy.shape[0]
+        self.inputs[0, :B].copy_(greedy)
+        self.inputs[1, :B].add_(self.inputs[2, :B])
+        return self.replay(B, span)
+
+    def replay(self, B: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (B, span) not in self.graphs:
             self.graphs[(B, span)] = self._capture(B, span)
         graphs, out = self.graphs[(B, span)]
@@ -314,6 +329,31 @@ class _DecodeGraphs:
         graphs: list[torch.cuda.CUDAGraph] = []
         out = self._step(ids, positions, keys, graphs)
         return graphs, out
+
+
+@dataclass
+class _Decode:
+    """A decode step launched on the device: ``seqs[i]`` is row ``rows[i]`` of its outputs.
+
+    ``logits`` (B, V) and ``greedy`` (B,) may be the CUDA graphs' buffers, valid until the next step runs.
+    When ``tokens`` is set the step is greedy-only and its argmax is on its way to that host buffer (``ready``
+    records its arrival): it can be read after the next step was launched.
+    """
+    seqs: list
+    rows: list[int]
+    logits: torch.Tensor
+    greedy: torch.Tensor
+    positions: list[int]  # every row's input position (B,)
+    advance: list[int]  # 1 for a row decoding a sequence, 0 for padding
+    ids: Optional[torch.Tensor] = None  # eager path: the (B, 1) inputs on the device
+    pos: Optional[torch.Tensor] = None
+    tokens: Optional[torch.Tensor] = None
+    ready: Any = None
+
+    def read_tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
 
 
 class _Sequence:
@@ -369,11 +409,15 @@ class Engine:
             in proportion to its kernels, and with several the next launch overlaps the GPU running this one.
         compile_mode: ``torch.compile`` mode of the decode pieces: None (default kernels) or one without
             CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"`` (tunes matrix kernels; slower start).
+        compile_options: inductor options instead of a mode (``torch.compile(options=...)``), e.g.
+            ``{"coordinate_descent_tuning": True}``.
+        matvec: in the compiled step, compute single-row products as reductions the compiler fuses
+            (:mod:`lmforge.serve.matvec`): the batch-1 decode runs nearer the memory bandwidth.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
                  max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 4,
-                 compile_mode: Optional[str] = None):
+                 compile_mode: Optional[str] = None, compile_options: Optional[dict] = None, matvec: bool = False):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         # A p-tuned model (lmforge.peft.PromptTunedModel): every sequence starts with its virtual tokens, ids
@@ -414,6 +458,10 @@ class Engine:
         self._keys = torch.arange(self.max_seq_len, device=self.device)  # a decode step attends keys[:span]
         self._head = model.output_weight().detach()  # read once: a normalised head (Baichuan) is not redone per step
         self._graphs: Optional[_DecodeGraphs] = None
+        self._inflight: Optional[_Decode] = None  # a greedy-only decode step launched but not read yet
+        self._flip = 0
+        self._token_host = ([torch.zeros(num_slots, dtype=torch.long).pin_memory() for _ in range(2)]
+                            if self.device.type == "cuda" else [])
         if self.compiled:
             fuse_projections(self.model)  # one matrix read for q/k/v and for gate/up: nearer the bandwidth at batch 1
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -421,7 +469,11 @@ class Engine:
             if compile_mode in ("reduce-overhead", "max-autotune"):
                 raise InvalidRequestError(f"compile_mode={compile_mode!r} records CUDA graphs itself; the engine "
                                           f"captures its own: use None or 'max-autotune-no-cudagraphs'")
-            self._graphs = _DecodeGraphs(self, graph_chunks, compile_mode)
+            if compile_mode is not None and compile_options:
+                raise InvalidRequestError("give compile_mode or compile_options, not both")
+            if matvec:
+                use_matvec(self.model)
+            self._graphs = _DecodeGraphs(self, graph_chunks, compile_mode, compile_options)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -467,10 +519,11 @@ class Engine:
                 self._ids.discard(request_id)
                 return self._output(seq)
         for seq in self.running:
-            if seq.request_id == request_id:
+            if seq.request_id == request_id and seq.finish_reason != "abort":
                 seq.finish_reason = "abort"
                 out = self._output(seq)
-                self._release([seq])
+                if self._inflight is None:
+                    self._release([seq])  # else the next step releases it, once the step in flight is read
                 return out
         return None
 
@@ -488,28 +541,48 @@ class Engine:
         """One scheduler iteration: admit and prefill waiting requests, then decode the running batch.
 
         Returns one :class:`RequestOutput` per request that produced tokens or finished.
+
+        A greedy-only decode step is left running on the device: the next call launches the step after it
+        (fed on the device with its argmax, see :meth:`_can_chain`) before reading its tokens, so the host's
+        work of one step (reading tokens, stop checks, detokenizing, launching) overlaps the device's next.
         """
-        outputs: dict[str, RequestOutput] = {}
-        new = self._admit()
-        if new:
-            first = len(self.running)
-            self.running.extend(new)
-            for i, seq in enumerate(new):
-                seq.slot = first + i
-            logits = self._prefill(new, first)
-            sample = [b for b, s in enumerate(new) if s.max_new > 0]
-            for s in new:
-                if s.max_new == 0:  # the prompt only (echo with prompt logprobs)
-                    s.finish_reason = "length"
-                    outputs[s.request_id] = self._output(s)
-            if sample:
-                self._advance([new[b] for b in sample], logits, outputs, rows=sample)
-        ready = [s for s in self.running if s.finish_reason is None and s.output_ids and s not in new]
-        if ready:
-            logits, greedy, rows = self._decode_running(ready)
-            self._advance(ready, logits, outputs, rows, greedy)
-        self._release([s for s in self.running if s.finish_reason is not None])
-        return list(outputs.values())
+        touched: dict[str, _Sequence] = {}
+        if self._inflight is not None:
+            d, self._inflight = self._inflight, None
+            nxt = self._launch_chained(d) if self._can_chain(d) else None
+            self._finish_decode(d, touched)
+            if nxt is not None:
+                if any(s.finish_reason is not None for s in d.seqs):
+                    self._finish_decode(nxt, touched)  # slots are about to move: read it now
+                else:
+                    self._inflight = nxt
+        else:
+            new = self._admit()
+            if new:
+                first = len(self.running)
+                self.running.extend(new)
+                for i, seq in enumerate(new):
+                    seq.slot = first + i
+                logits = self._prefill(new, first)
+                sample = [b for b, s in enumerate(new) if s.max_new > 0]
+                for s in new:
+                    if s.max_new == 0:  # the prompt only (echo with prompt logprobs)
+                        s.finish_reason = "length"
+                        touched[s.request_id] = s
+                if sample:
+                    self._advance([new[b] for b in sample], logits, touched, rows=sample)
+            ready = [s for s in self.running if s.finish_reason is None and s.output_ids and s not in new]
+            if ready:
+                d = self._launch_decode(ready)
+                if d.tokens is not None and not new:
+                    self._inflight = d  # read by the next call, after it launched the following step
+                else:
+                    self._finish_decode(d, touched)
+        outputs = [self._output(s) for s in touched.values()
+                   if s.finish_reason != "abort" and (s.finish_reason is not None or len(s.output_ids) > s.sent_tokens)]
+        if self._inflight is None:
+            self._release([s for s in self.running if s.finish_reason is not None])
+        return outputs
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  ) -> list[list[int]]:
@@ -553,7 +626,7 @@ class Engine:
     # -- forwards ------------------------------------------------------------------------------------
 
     def _logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self._head).float()  # (B, V)
+        return linear(hidden, self._head).float()  # (B, V); a single-row product as a reduction when compiled
 
     def _prefill(self, seqs: list[_Sequence], first_slot: int) -> torch.Tensor:
         n = len(self.prefix_ids)
@@ -622,37 +695,101 @@ class Engine:
         x = self._decode_blocks(x, rope, positions, keys, 0, len(self.model.layers))
         return self._decode_head(x)
 
-    def _decode_running(self, ready: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Decode every sequence in ``ready``; returns the batch's logits (B, V), argmax (B,) and the rows
-        of ``ready`` in them. With CUDA graphs both are the graph's buffers: read them before the next step."""
+    def _launch_decode(self, ready: list[_Sequence]) -> _Decode:
+        """Start a decode step of every sequence in ``ready`` (row = slot); greedy-only steps copy their
+        argmax to the host asynchronously (:attr:`_Decode.tokens`)."""
         n = len(self.running)
         B = bucket(n, self.batch_step, self.cache.num_slots)
         # Rows without a token this step (padding, or a sequence prefilled in this very step) write into the
         # last position of their own slot, which no sequence reads before writing it itself.
-        ids, pos = [0] * B, [self.max_seq_len - 1] * B
+        ids, pos, advance = [0] * B, [self.max_seq_len - 1] * B, [0] * B
         for s in ready:
-            ids[s.slot], pos[s.slot] = s.output_ids[-1], s.length - 1
+            ids[s.slot], pos[s.slot], advance[s.slot] = s.output_ids[-1], s.length - 1, 1
         rows = [s.slot for s in ready]
-        span = bucket(max(pos[r] for r in rows) + 1, self.span_step, self.max_seq_len)
+        span = self._span(max(pos[r] for r in rows))
         if self.lora is not None:
             adapters = [0] * B
             for s in ready:
                 adapters[s.slot] = s.adapter
             self.lora.set_rows(adapters)
         if self._graphs is not None:
-            logits, greedy = self._graphs.run(ids, pos, span)
+            logits, greedy = self._graphs.run(ids, pos, advance, span)
+            d = _Decode(ready, rows, logits, greedy, pos, advance)
         else:
             dev = self.device
-            logits, greedy = self._decode_step(torch.tensor(ids, device=dev)[:, None],
-                                               torch.tensor(pos, device=dev)[:, None], self._keys[:span])
-        return logits, greedy, rows
+            ids_t, pos_t = torch.tensor(ids, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None]
+            logits, greedy = self._decode_step(ids_t, pos_t, self._keys[:span])
+            d = _Decode(ready, rows, logits, greedy, pos, advance, ids_t, pos_t)
+        if all(self._pipelinable(s) for s in ready):
+            self._tokens_to_host(d)
+        return d
+
+    def _launch_chained(self, d: _Decode) -> _Decode:
+        """Start the step after ``d`` without reading it: each row feeds ``d``'s argmax one position on."""
+        pos = [p + a for p, a in zip(d.positions, d.advance)]
+        span = self._span(max(pos[r] for r in d.rows))
+        if self._graphs is not None:
+            logits, greedy = self._graphs.run_chained(d.greedy, span)
+            nxt = _Decode(d.seqs, d.rows, logits, greedy, pos, d.advance)
+        else:
+            ids_t = d.greedy[:, None]
+            pos_t = d.pos + torch.tensor(d.advance, device=self.device)[:, None]
+            logits, greedy = self._decode_step(ids_t, pos_t, self._keys[:span])
+            nxt = _Decode(d.seqs, d.rows, logits, greedy, pos, d.advance, ids_t, pos_t)
+        self._tokens_to_host(nxt)
+        return nxt
+
+    def _span(self, last_position: int) -> int:
+        return bucket(last_position + 1, self.span_step, self.max_seq_len)
+
+    def _tokens_to_host(self, d: _Decode) -> None:
+        if self.device.type != "cuda":
+            d.tokens = d.greedy
+            return
+        self._flip ^= 1  # two buffers: the next step's copy must not overwrite tokens not read yet
+        d.tokens = self._token_host[self._flip][: d.greedy.shape[0]]
+        d.tokens.copy_(d.greedy, non_blocking=True)
+        d.ready = torch.cuda.Event()
+        d.ready.record()
+
+    @staticmethod
+    def _pipelinable(seq: _Sequence) -> bool:
+        """Whether the next token needs only the step's argmax (no sampling, penalties or logprobs)."""
+        p = seq.params
+        return p.greedy and not p.needs_penalties and p.logprobs is None
+
+    def _can_chain(self, d: _Decode) -> bool:
+        """Whether the step after ``d`` may start before ``d`` is read: ``d`` is greedy-only and decodes every
+        running sequence, none of which was aborted or ends by length with ``d``'s token, and no waiting request
+        could join the batch now. (A sequence that then stops on a token or a stop string only wastes its row.)"""
+        if d.tokens is None or len(d.seqs) != len(self.running):
+            return False
+        if self.waiting and len(self.running) < self.max_batch_size:
+            return False
+        return all(s.finish_reason is None and s.num_generated + 1 < s.max_new and s.length + 1 < self.max_seq_len
+                   for s in d.seqs)
+
+    def _finish_decode(self, d: _Decode, touched: dict[str, "_Sequence"]) -> None:
+        """Read ``d`` and append each sequence's token (sequences that finished meanwhile are skipped)."""
+        live = [(s, r) for s, r in zip(d.seqs, d.rows) if s.finish_reason is None]
+        if not live:
+            return
+        seqs, rows = [s for s, _ in live], [r for _, r in live]
+        if d.tokens is not None:
+            tokens = d.read_tokens()
+            for seq, r in zip(seqs, rows):
+                self._append(seq, tokens[r])
+                touched[seq.request_id] = seq
+        else:
+            self._advance(seqs, d.logits, touched, rows, d.greedy)
 
     # -- sampling and stopping -------------------------------------------------------------------------
 
-    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, outputs: dict[str, RequestOutput],
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, touched: dict[str, "_Sequence"],
                  rows: Optional[list[int]] = None, greedy: Optional[torch.Tensor] = None) -> None:
         """Sample each sequence's next token from ``logits`` (row ``rows[i]`` for ``seqs[i]``; all rows in
-        order when None) and append it. ``greedy`` (the argmax of every row) serves plain greedy batches."""
+        order when None), append it and note the sequence in ``touched``. ``greedy`` (the argmax of every row)
+        serves plain greedy batches."""
         params = [s.params for s in seqs]
         rows = rows if rows is not None else list(range(len(seqs)))
         if greedy is not None and all(p.greedy and not p.needs_penalties and p.logprobs is None for p in params):
@@ -662,8 +799,7 @@ class Engine:
             chosen = self._sample(seqs, logits[torch.tensor(rows, device=logits.device)])
         for seq, token in zip(seqs, chosen):
             self._append(seq, token)
-            if seq.finish_reason is not None or len(seq.output_ids) > seq.sent_tokens:
-                outputs[seq.request_id] = self._output(seq)
+            touched[seq.request_id] = seq
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """Each sequence's next token from its row of ``logits`` (n, V), its logprobs queued when asked for."""
