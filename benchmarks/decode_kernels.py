@@ -3,7 +3,7 @@ never by the test suite).
 
 For the Llama-3.2-1B and Llama-2-7B shapes (bf16), times each single-row product (q/k/v fused, o, gate/up
 fused, down, the head) through ``F.linear`` (the library's kernel) and through
-:func:`lmforge.serve.matvec.matvec` (the Triton kernel, with its chosen blocks and with a sweep of others),
+:func:`lmforge.serve.kernels.matvec` (the Triton kernel, with its chosen blocks and with a sweep of others),
 and the argmax over the vocabulary (one pass, and two passes: per block of the vocabulary, then over
 the blocks). Each product is captured in a CUDA graph of 48 calls that cycle through copies of the matrix
 larger together than the L2 cache (a decode step never finds its weights there), so the time is the
@@ -23,7 +23,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from lmforge.serve import matvec as mv
+from lmforge.serve import kernels as mv
 
 SHAPES = {  # name -> (N, K) of each decode matrix
     "1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),

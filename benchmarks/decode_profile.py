@@ -7,7 +7,7 @@ For each shape: the engine's compiled decode step at batch 1 (prompt 128, 256 ne
 - the bandwidth limit (weight bytes / measured copy bandwidth) and both fractions of it,
 - the top CUDA kernels of 10 replays (torch.profiler), to see which matrix products and small kernels cost.
 
-    python benchmarks/decode_profile.py --models 1b,7b [--matvec] [--tune] [--compile-mode M] [--graph-chunks 4]
+    python benchmarks/decode_profile.py --models 1b,7b [--no-kernels] [--tune] [--compile-mode M] [--graph-chunks 4]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def profile(shape: str, bandwidth: float, a) -> None:
     options = {"coordinate_descent_tuning": True} if a.tune else None
     engine = Engine(model, None, max_batch_size=1, max_seq_len=384, max_prefill_tokens=128, compile_decode=True,
                     compile_mode=a.compile_mode, compile_options=options, graph_chunks=a.graph_chunks,
-                    matvec=a.matvec)
+                    decode_kernels=not a.no_kernels)
     prompt = torch.randint(0, model.cfg.vocab_size, (128,)).tolist()
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
     t = time.perf_counter()
@@ -59,7 +59,7 @@ def profile(shape: str, bandwidth: float, a) -> None:
     torch.cuda.synchronize()
     back_to_back = start.elapsed_time(end) / 100
     print(json.dumps({
-        "shape": shape, "matvec": a.matvec, "tune": a.tune, "compile_mode": a.compile_mode,
+        "shape": shape, "decode_kernels": not a.no_kernels, "tune": a.tune, "compile_mode": a.compile_mode,
         "graph_chunks": a.graph_chunks, "warmup_s": round(warmup, 1), "step_wall_ms": round(wall, 3),
         "gpu_step_back_to_back_ms": round(back_to_back, 3), "limit_ms": round(limit_ms, 3),
         "fraction_wall": round(limit_ms / wall, 3), "fraction_back_to_back": round(limit_ms / back_to_back, 3),
@@ -82,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="1b,7b")
     ap.add_argument("--compile-mode", default=None)
-    ap.add_argument("--matvec", action="store_true", help="single-row products as compiled reductions")
+    ap.add_argument("--no-kernels", action="store_true", help="without lmforge's Triton decode kernels")
     ap.add_argument("--tune", action="store_true", help="inductor's coordinate-descent tuning")
     ap.add_argument("--graph-chunks", type=int, default=4)
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")

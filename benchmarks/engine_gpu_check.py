@@ -5,10 +5,10 @@ prompts of different lengths joining and leaving (continuous batching), in fp32,
 grouped-query model with a sliding window, a tied head, an ALiBi model, a model serving two LoRA adapters
 per request (MultiLoRA's row buffer read by the captured graphs) and a p-tuned model (virtual tokens in
 front of every prompt). Each dense model also decodes prompts alone (batch 1, the graphs of one row).
-With ``--matvec`` the compiled engines compute single-row products as compiled reductions
-(:mod:`lmforge.serve.matvec`). Exits non-zero on a mismatch.
+The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.kernels`, at batch 1) unless
+``--no-kernels``. Exits non-zero on a mismatch.
 
-    python benchmarks/engine_gpu_check.py [--matvec]
+    python benchmarks/engine_gpu_check.py [--no-kernels]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ SHAPES = {
 }
 
 
-MATVEC = "--matvec" in sys.argv[1:]
+KERNELS = "--no-kernels" not in sys.argv[1:]
 
 
 def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
@@ -46,7 +46,7 @@ def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
     model.init_weights(seed=1)
     lora = MultiLoRA(model.eval(), folders, max_rows=4)
     return Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=compiled, lora=lora,
-                  matvec=MATVEC and compiled)
+                  decode_kernels=KERNELS)
 
 
 def write_adapters(shape: dict, root) -> dict:
@@ -82,13 +82,13 @@ def main() -> int:
         params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (40, 7, 300, 12, 64, 3, 20)]
         ref = Engine(model, None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
         for rounds in range(2):  # the second round replays the graphs recorded by the first
-            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, matvec=MATVEC)
+            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS)
             got = eng.generate(prompts, params)
             same = [a == b for a, b in zip(ref, got)]
             print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng._graphs.graphs)}",
                   flush=True)
             failures += len(same) - sum(same)
-        eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, matvec=MATVEC)
+        eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS)
         got = [eng.generate([p], q)[0] for p, q in zip(prompts[:4], params[:4])]
         same = [a == b for a, b in zip(ref[:4], got)]
         print(f"{name} batch 1: {sum(same)}/{len(same)} prompts equal", flush=True)
@@ -134,7 +134,7 @@ def main() -> int:
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     ref = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
     got = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700, compile_decode=True,
-                 matvec=MATVEC).generate(prompts, params)
+                 decode_kernels=KERNELS).generate(prompts, params)
     same = [a == b for a, b in zip(ref, got)]
     print(f"p-tuning: {sum(same)}/{len(same)} prompts equal", flush=True)
     failures += len(same) - sum(same)

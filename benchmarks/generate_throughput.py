@@ -1,9 +1,10 @@
 """Generation throughput of lmforge's serving engine on one GPU (run by hand; never by the test suite).
 
 Llama-3.2-1B and Llama-2-7B shapes with random weights in bf16, prompts of 128 random tokens, 256 new
-tokens (greedy, end-of-sequence ignored), batch 1 and 32, the decode step eager and compiled (CUDA graphs;
-"compiled-1graph": the whole step as one graph instead of the engine's default pieces; "compiled-autotune":
-inductor's max-autotune kernels for the matrix products, not measured yet).
+tokens (greedy, end-of-sequence ignored), batch 1 and 32, the decode step eager and compiled (CUDA graphs
+and lmforge's Triton decode kernels; "compiled-no-kernels": without those kernels; "compiled-1graph": the
+whole step as one graph instead of the engine's default pieces; "compiled-autotune": inductor's
+max-autotune kernels for the matrix products).
 Reports generated tokens/s, the prefill time, the mean decode step, and for every case the decode step
 as a fraction of the memory-bandwidth limit: (weight bytes read per step / measured device copy
 bandwidth) / measured step time. The copy bandwidth is measured here (a 1 GiB device-to-device copy,
@@ -103,8 +104,7 @@ def bench(shape: str, batch: int, case: str, prompt_len: int, new_tokens: int, b
     model = build_model(shape, device)
     chunks = {"compiled": {}, "compiled-1graph": {"graph_chunks": 1},
               "compiled-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
-              "compiled-matvec": {"matvec": True},
-              "compiled-matvec-tuned": {"matvec": True, "compile_options": {"coordinate_descent_tuning": True}}}
+              "compiled-no-kernels": {"decode_kernels": False}}
     engine = Engine(model, None, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
                     max_prefill_tokens=batch * prompt_len, compile_decode=case in chunks, **chunks.get(case, {}))
     g = torch.Generator().manual_seed(0)

@@ -305,16 +305,21 @@ class Attention(nn.Module):
         if self.logit_cap is not None:
             y = self._eager(q, k, v, mask, is_causal, dropout)
         else:
-            extra = {}
-            if self.n_kv_heads != self.n_heads:
-                if _SDPA_HAS_GQA:
-                    extra["enable_gqa"] = True
-                else:
-                    k, v = self._repeat_kv(k), self._repeat_kv(v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
-                                               scale=self.scale, **extra)  # (B, nh, T, hd)
+            y = self._sdpa(q, k, v, mask, is_causal, dropout)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.o_proj(y)
+
+    def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
+        """``F.scaled_dot_product_attention`` with grouped-query heads (the serving engine's decode step
+        replaces it: :class:`lmforge.serve.kernels.DecodeAttention`)."""
+        extra = {}
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_HAS_GQA:
+                extra["enable_gqa"] = True
+            else:
+                k, v = self._repeat_kv(k), self._repeat_kv(v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                              scale=self.scale, **extra)
 
     def fuse_qkv(self) -> bool:
         """Replace ``q_proj``, ``k_proj``, ``v_proj`` by one ``qkv_proj`` (inference only: one matrix read per

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from lmforge.errors import UserError
 from lmforge.models.transformer import fuse_projections
 from lmforge.serve.cache import SlotKVCache, bucket
-from lmforge.serve.matvec import available as matvec_available, linear, use_matvec
+from lmforge.serve.kernels import available as kernels_available, linear, use_decode_kernels
 
 __all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
            "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
@@ -425,13 +425,14 @@ class Engine:
             CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"`` (tunes matrix kernels; slower start).
         compile_options: inductor options instead of a mode (``torch.compile(options=...)``), e.g.
             ``{"coordinate_descent_tuning": True}``.
-        matvec: in the compiled step, compute single-row products as reductions the compiler fuses
-            (:mod:`lmforge.serve.matvec`): the batch-1 decode runs nearer the memory bandwidth.
+        decode_kernels: in the compiled step, run single-row matrix products and single-token attention with
+            lmforge's Triton kernels (:mod:`lmforge.serve.kernels`): the batch-1 decode runs nearer the
+            memory bandwidth. Needs Triton (ignored without it).
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
                  max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 4,
-                 compile_mode: Optional[str] = None, compile_options: Optional[dict] = None, matvec: bool = False):
+                 compile_mode: Optional[str] = None, compile_options: Optional[dict] = None, decode_kernels: bool = True):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         # A p-tuned model (lmforge.peft.PromptTunedModel): every sequence starts with its virtual tokens, ids
@@ -472,7 +473,7 @@ class Engine:
         self._keys = torch.arange(self.max_seq_len, device=self.device)  # a decode step attends keys[:span]
         self._head = model.output_weight().detach()  # read once: a normalised head (Baichuan) is not redone per step
         self._graphs: Optional[_DecodeGraphs] = None
-        self._linear = F.linear  # the head's product (the Triton single-row kernel with matvec=True)
+        self._linear = F.linear  # the head's product (the Triton single-row kernel with decode_kernels)
         self._inflight: Optional[_Decode] = None  # a greedy-only decode step launched but not read yet
         self._flip = 0
         self._token_host = ([torch.zeros(num_slots, dtype=torch.long).pin_memory() for _ in range(2)]
@@ -486,8 +487,8 @@ class Engine:
                                           f"captures its own: use None or 'max-autotune-no-cudagraphs'")
             if compile_mode is not None and compile_options:
                 raise InvalidRequestError("give compile_mode or compile_options, not both")
-            if matvec and matvec_available(self.device):
-                use_matvec(self.model)
+            if decode_kernels and kernels_available(self.device):
+                use_decode_kernels(self.model)
                 self._linear = linear
             self._graphs = _DecodeGraphs(self, graph_chunks, compile_mode, compile_options)
 
