@@ -31,6 +31,14 @@ CHECKS = textwrap.dedent("""
         tol = 1e-4 if dt == torch.float32 else 1e-2 * ref.abs().max().item()
         err = (y.float() - ref).abs().max().item()
         assert err <= tol, (N, Kd, dt, err)
+    for N, Kd, dt in [(40, 96, torch.float32), (2048, 1100, torch.bfloat16)]:
+        gu = torch.randn(1, 1, 2 * Kd, dtype=dt)
+        w = torch.randn(N, Kd, dtype=dt)
+        ref = F.linear(F.silu(gu[..., :Kd].float()) * gu[..., Kd:].float(), w.float())
+        y = K.swiglu_matvec(gu, w)
+        assert y.shape == (1, 1, N) and y.dtype == dt
+        err = (y.float() - ref).abs().max().item()
+        assert err <= (1e-4 if dt == torch.float32 else 1e-2 * ref.abs().max().item()), (N, Kd, dt, err)
     cfg = K.matvec_config(2048, 2048)
     assert cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 32768
     # decode attention vs SDPA: grouped heads, keys as strided views of a slot cache, per-row positions and
@@ -73,7 +81,7 @@ def test_kernels_are_installed_only_where_they_apply():
     import torch
 
     from lmforge.models.transformer import fuse_projections
-    from lmforge.serve.kernels import DecodeAttention, MatVecLinear, use_decode_kernels
+    from lmforge.serve.kernels import DecodeAttention, DecodeGatedMLP, MatVecLinear, use_decode_kernels
     from tests.models.test_generate import make_model
 
     model = make_model("llama", 64, 0.5)
@@ -84,7 +92,7 @@ def test_kernels_are_installed_only_where_they_apply():
     fuse_projections(model)
     n = use_decode_kernels(model)
     kinds = {type(m) for m in model.modules()}
-    assert MatVecLinear in kinds and DecodeAttention in kinds and n > 0
+    assert MatVecLinear in kinds and DecodeAttention in kinds and DecodeGatedMLP in kinds and n > 0
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)

@@ -263,8 +263,7 @@ class _DecodeGraphs:
     Inputs live in one static device buffer (token ids and positions of every row), filled by a single
     host-to-device copy per step; replaying the graphs then runs the whole step (embedding, every block,
     the head and the argmax) with no host work between kernels. The step is cut into ``chunks`` + 2 graphs
-    (:meth:`Engine._decode_embed`, ``_decode_blocks`` over an even share of the blocks, ``_decode_head``):
-    the host's launch of one overlaps the GPU's run of the previous, so only the first launch shows.
+    (:meth:`Engine._decode_embed`, ``_decode_blocks`` over an even share of the blocks, ``_decode_head``).
     Each piece compiles once for all spans (a dynamic dimension); a shape is recorded at first use after
     two warm-up runs, which compute exactly what the step will (the same keys and values in the cache).
     """
@@ -419,8 +418,9 @@ class Engine:
         compile_decode: compile the decode step and capture it in CUDA graphs (GPU only; ignored on CPU).
             This fuses the model's q/k/v and gate/up projections in place
             (:func:`~lmforge.models.transformer.fuse_projections`): do not train or save it afterwards.
-        graph_chunks: CUDA graphs per decode step (the blocks split evenly): launching a graph costs host time
-            in proportion to its kernels, and with several the next launch overlaps the GPU running this one.
+        graph_chunks: CUDA graphs the blocks of a decode step are split into (evenly). Greedy steps are
+            pipelined, so their launch is hidden and one graph is fastest (fewer gaps); with several, the launch
+            of the next overlaps the GPU running this one, which helps steps that sample on the host.
         compile_mode: ``torch.compile`` mode of the decode pieces: None (default kernels) or one without
             CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"`` (tunes matrix kernels; slower start).
         compile_options: inductor options instead of a mode (``torch.compile(options=...)``), e.g.
@@ -431,7 +431,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
-                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 4,
+                 max_prefill_tokens: int = 8192, compile_decode: bool = False, lora=None, graph_chunks: int = 1,
                  compile_mode: Optional[str] = None, compile_options: Optional[dict] = None, decode_kernels: bool = True):
         if max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")

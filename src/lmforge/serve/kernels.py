@@ -6,7 +6,8 @@ model (a 2048 x 2048 projection, 8 MB, took 6.5 us in a decode step on an H100: 
 :func:`matvec` is a Triton kernel for exactly this product: each program streams a few whole rows of the
 matrix (all their loads issued together), multiplies by the row vector in fp32 and sums once.
 
-:func:`decode_attention` attends one new token per row over the cache with a boolean mask (grouped-query
+:func:`swiglu_matvec` is the same product for a gated MLP's down projection, computing ``silu(gate) * up``
+as it reads the row (one kernel less per layer). :func:`decode_attention` attends one new token per row over the cache with a boolean mask (grouped-query
 heads read their shared keys once): the keys are split into blocks, one program per (row, key/value head,
 block) computes a partial softmax, and a second kernel combines the blocks (flash-decoding). The library's
 attention took 6.9 us per layer for a 1B model's single token; see docs/benchmarks.md for this one.
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.models.transformer import Attention
+from lmforge.models.transformer import Attention, GatedMLP
 
 try:
     import triton
@@ -32,8 +33,8 @@ try:
 except ImportError:  # the CPU wheels of torch come without Triton
     triton = None
 
-__all__ = ["MatVecLinear", "DecodeAttention", "use_decode_kernels", "matvec", "linear", "matvec_config",
-           "decode_attention", "available"]
+__all__ = ["MatVecLinear", "DecodeAttention", "DecodeGatedMLP", "use_decode_kernels", "matvec", "swiglu_matvec",
+           "linear", "matvec_config", "decode_attention", "available"]
 
 
 def available(device: torch.device) -> bool:
@@ -43,7 +44,9 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _matvec_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _matvec_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SWIGLU: tl.constexpr = False):
+        # SWIGLU: x_ptr holds (gate, up), 2K values, and the row multiplied is silu(gate) * up
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -51,6 +54,9 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if SWIGLU:
+                up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+                x = x / (1.0 + tl.exp(-x)) * up
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                         other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * x[None, :]
@@ -130,6 +136,26 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("lmforge::swiglu_matvec", mutates_args=())
+def swiglu_matvec(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` (..., 2K) = (gate, up) and ``weight`` (N, K): a
+    gated MLP's down projection with its activation read on the fly (no separate kernel, nothing written)."""
+    N, K = weight.shape
+    if gate_up.numel() != 2 * K or weight.stride(1) != 1:
+        raise ValueError(f"swiglu_matvec takes one row of 2 x {K} values and a row-major matrix; got "
+                         f"{tuple(gate_up.shape)}, strides {weight.stride()}")
+    y = torch.empty(N, device=gate_up.device, dtype=gate_up.dtype)
+    cfg = matvec_config(N, K)
+    _matvec_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](gate_up.contiguous(), weight, y, N, K, weight.stride(0),
+                                                        SWIGLU=True, **cfg)
+    return y.view(*gate_up.shape[:-1], N)
+
+
+@swiglu_matvec.register_fake
+def _(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return gate_up.new_empty(*gate_up.shape[:-1], weight.shape[0])
+
+
 @torch.library.custom_op("lmforge::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                      block_s: int = 64) -> torch.Tensor:
@@ -187,10 +213,21 @@ class DecodeAttention(Attention):
         return super()._sdpa(q, k, v, mask, is_causal, dropout)
 
 
+class DecodeGatedMLP(GatedMLP):
+    """A :class:`~lmforge.models.transformer.GatedMLP` (SwiGLU, gate and up fused) whose single-row steps
+    apply the activation inside the down projection's kernel (:func:`swiglu_matvec`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.gate_up_proj is not None and self.act is F.silu and self.down_proj.bias is None and x.is_cuda
+                and x.numel() == x.shape[-1] and self.down_proj.weight.stride(-1) == 1):
+            return swiglu_matvec(self.gate_up_proj(x), self.down_proj.weight)
+        return super().forward(x)
+
+
 def use_decode_kernels(model: nn.Module) -> int:
-    """Install the kernels in ``model``, in place: every plain ``nn.Linear`` becomes a :class:`MatVecLinear`
-    and every :class:`Attention` a :class:`DecodeAttention` (same parameters, same state dict). Returns how
-    many modules changed. Without Triton nothing changes."""
+    """Install the kernels in ``model``, in place: every plain ``nn.Linear`` becomes a :class:`MatVecLinear`,
+    every :class:`Attention` a :class:`DecodeAttention` and every gated MLP a :class:`DecodeGatedMLP` (same
+    parameters, same state dict). Returns how many modules changed. Without Triton nothing changes."""
     n = 0
     if triton is None:
         return n
@@ -200,5 +237,8 @@ def use_decode_kernels(model: nn.Module) -> int:
             n += 1
         elif type(module) is Attention:
             module.__class__ = DecodeAttention
+            n += 1
+        elif type(module) is GatedMLP:
+            module.__class__ = DecodeGatedMLP
             n += 1
     return n
