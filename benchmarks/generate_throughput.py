@@ -126,6 +126,7 @@ def bench(shape: str, batch: int, case: str, prompt_len: int, new_tokens: int, b
         "bandwidth_limit_step_ms": round(limit_ms, 3),
         "fraction_of_bandwidth_limit": round(limit_ms / r["decode_step_ms"], 3),
         "warmup_s": round(warmup_s, 1), "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+        "matvec_rows": __import__("lmforge.serve.kernels").serve.kernels.MATVEC_ROWS,
     }
     del engine, model
     torch.cuda.empty_cache()
@@ -139,7 +140,12 @@ def main() -> None:
     ap.add_argument("--cases", default="eager,compiled")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--matvec-rows", type=int, default=None, help="rows per program of the single-row kernel")
     a = ap.parse_args()
+    if a.matvec_rows:
+        from lmforge.serve import kernels
+
+        kernels.MATVEC_ROWS = a.matvec_rows
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     bandwidth = copy_bandwidth(torch.device("cuda"))

@@ -105,6 +105,9 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
 
 
+MATVEC_ROWS = 2  # rows of the matrix per program (benchmarks/generate_throughput.py --matvec-rows tries others)
+
+
 def matvec_config(N: int, K: int) -> dict:
     """Block sizes, warps and pipeline stages for an (N, K) matrix.
 
@@ -113,7 +116,7 @@ def matvec_config(N: int, K: int) -> dict:
     loads over 4 warps, large ones 2048 over 8 warps with loads pipelined over 3 stages.
     """
     small = N <= 4096 and K <= 2048
-    return {"BLOCK_N": 2, "BLOCK_K": min(1024 if small else 2048, max(16, 1 << (K - 1).bit_length())),
+    return {"BLOCK_N": MATVEC_ROWS, "BLOCK_K": min(1024 if small else 2048, max(16, 1 << (K - 1).bit_length())),
             "num_warps": 4 if small else 8, "num_stages": 3 if N * K >= (32 << 20) else 1}
 
 
