@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.serve import kernels as mv
+from lmforge.serve.engine import argmax_rows as argmax_two_pass
 
 SHAPES = {  # name -> (N, K) of each decode matrix
     "1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
@@ -54,16 +55,6 @@ def graph_time_us(fn, xs: list, reps: int = 48) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / (10 * reps)
-
-
-def argmax_two_pass(logits: torch.Tensor, groups: int = 128) -> torch.Tensor:
-    B, V = logits.shape
-    pad = (-V) % groups
-    if pad:
-        logits = F.pad(logits, (0, pad), value=float("-inf"))
-    vals, idx = logits.view(B, groups, -1).max(-1)
-    best = vals.argmax(-1, keepdim=True)
-    return (best * ((V + pad) // groups) + idx.gather(-1, best))[:, 0]
 
 
 def main() -> None:
