@@ -358,8 +358,7 @@ class _Decode:
     greedy: torch.Tensor
     positions: list[int]  # every row's input position (B,)
     advance: list[int]  # 1 for a row decoding a sequence, 0 for padding
-    ids: Optional[torch.Tensor] = None  # eager path: the (B, 1) inputs on the device
-    pos: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None  # eager path: the (B, 1) input positions on the device
     tokens: Optional[torch.Tensor] = None
     ready: Any = None
 
@@ -736,7 +735,7 @@ class Engine:
             dev = self.device
             ids_t, pos_t = torch.tensor(ids, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None]
             logits, greedy = self._decode_step(ids_t, pos_t, self._keys[:span])
-            d = _Decode(ready, rows, logits, greedy, pos, advance, ids_t, pos_t)
+            d = _Decode(ready, rows, logits, greedy, pos, advance, pos=pos_t)
         if all(self._pipelinable(s) for s in ready):
             self._tokens_to_host(d)
         return d
@@ -749,10 +748,9 @@ class Engine:
             logits, greedy = self._graphs.run_chained(d.greedy, span)
             nxt = _Decode(d.seqs, d.rows, logits, greedy, pos, d.advance)
         else:
-            ids_t = d.greedy[:, None]
             pos_t = d.pos + torch.tensor(d.advance, device=self.device)[:, None]
-            logits, greedy = self._decode_step(ids_t, pos_t, self._keys[:span])
-            nxt = _Decode(d.seqs, d.rows, logits, greedy, pos, d.advance, ids_t, pos_t)
+            logits, greedy = self._decode_step(d.greedy[:, None], pos_t, self._keys[:span])
+            nxt = _Decode(d.seqs, d.rows, logits, greedy, pos, d.advance, pos=pos_t)
         self._tokens_to_host(nxt)
         return nxt
 
