@@ -39,6 +39,40 @@ CHECKS = textwrap.dedent("""
         assert y.shape == (1, 1, N) and y.dtype == dt
         err = (y.float() - ref).abs().max().item()
         assert err <= (1e-4 if dt == torch.float32 else 1e-2 * ref.abs().max().item()), (N, Kd, dt, err)
+    # the prologue and epilogues: the row RMS-normalised (its norm weight folded into the matrix), a bias, a residual
+    for N, Kd, dt in [(96, 64, torch.float32), (130, 2048, torch.bfloat16)]:
+        x, w = 3 * torch.randn(1, 1, Kd, dtype=dt), torch.randn(N, Kd, dtype=dt)
+        b, r = torch.randn(N, dtype=dt), torch.randn(1, 1, N, dtype=dt)
+        ref = r.float() + F.linear(F.rms_norm(x.float(), (Kd,), eps=1e-5), w.float(), b.float())
+        y = K.matvec(x, w, b, residual=r, rms_eps=1e-5)
+        assert y.shape == (1, 1, N) and y.dtype == dt
+        err = (y.float() - ref).abs().max().item()
+        assert err <= (1e-4 if dt == torch.float32 else 1e-2 * ref.abs().max().item()), (N, Kd, dt, err)
+        gu = torch.randn(1, 1, 2 * Kd, dtype=dt)
+        w2 = torch.randn(N, Kd, dtype=dt)
+        ref = r.float() + F.linear(F.silu(gu[..., :Kd].float()) * gu[..., Kd:].float(), w2.float())
+        err = (K.swiglu_matvec(gu, w2, residual=r).float() - ref).abs().max().item()
+        assert err <= (1e-4 if dt == torch.float32 else 1e-2 * ref.abs().max().item()), (N, Kd, dt, err)
+    # rotary + cache write of one token: queries returned rotated, keys rotated and values stored at the position
+    from lmforge.models.transformer import apply_rotary, rope_cos_sin
+    nh, nkv, hd, p = 4, 2, 32, 17
+    cos, sin = rope_cos_sin(hd, 50, 10000.0)
+    for dt in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(1, 1, (nh + 2 * nkv) * hd, dtype=dt)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        kc, vc = torch.zeros(3, 50, nkv, hd, dtype=dt), torch.zeros(3, 50, nkv, hd, dtype=dt)
+        qo = K.rope_cache_write(q, k, v, cos[p][None, None], sin[p][None, None], torch.tensor([[p]]), kc, vc)
+        q_ref = apply_rotary(q.view(1, 1, nh, hd), cos[p:p + 1], sin[p:p + 1])
+        k_ref = apply_rotary(k.view(1, 1, nkv, hd), cos[p:p + 1], sin[p:p + 1])
+        # bf16: the model rounds each product of the rotation, the kernel only the result (1-2 units apart)
+        tol = 1e-5 if dt == torch.float32 else 2e-2 * q_ref.float().abs().max().item()
+        assert qo.shape == (1, 1, nh, hd) and qo.dtype == dt
+        assert (qo.float() - q_ref.float()).abs().max().item() < tol
+        assert (kc[0, p].float() - k_ref[0, 0].float()).abs().max().item() < tol
+        assert torch.equal(vc[0, p], v.view(nkv, hd))
+        kc[0, p] = 0
+        vc[0, p] = 0
+        assert not kc.any() and not vc.any()  # nothing else written
     cfg = K.matvec_config(2048, 2048)
     assert cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 32768
     # decode attention vs SDPA: grouped heads, keys as strided views of a slot cache, per-row positions and
@@ -70,21 +104,91 @@ CHECKS = textwrap.dedent("""
 """)
 
 
-def test_kernels_match_reference_ops_in_the_triton_interpreter():
+# The engine's batch-1 decode through the kernels (folded norms, the five-kernel block, rotary + cache write,
+# a sliding window) gives the greedy tokens of the same model without them. Each token's kernel calls are
+# counted, so a fallback to the model's own code cannot pass unnoticed.
+ENGINE_CHECK = textwrap.dedent("""
+    import copy
+    from collections import Counter
+    import torch
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer, fuse_projections
+    from lmforge.serve import kernels as K
+    from lmforge.serve.engine import Engine, SamplingParams
+
+    calls = Counter()
+    for name in ("_matvec_op", "rope_cache_write", "decode_attention"):
+        def counted(*args, _fn=getattr(K, name), _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*args, **kw)
+        setattr(K, name, counted)
+
+    for window in (None, 5):
+        cfg = ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=96, max_position_embeddings=64, normalization="rmsnorm",
+                          activation="swiglu", bias=False, position_embedding_type="rope",
+                          share_embeddings_and_output_weights=False, init_method_std=0.3, sliding_window=window)
+        ref = Transformer(cfg)
+        ref.init_weights(seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # norm weights far from 1, so folding them matters
+            for layer in ref.layers:
+                for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                    norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        ref.eval()
+        fast = copy.deepcopy(ref)
+        fuse_projections(fast)
+        K.use_decode_kernels(fast)
+        assert all(type(b) is K.DecodeBlock and b.folded for b in fast.layers)
+        outputs = []
+        for model in (ref, fast):
+            engine = Engine(model, None, max_batch_size=1, max_seq_len=40)
+            tokens = []
+            for i, prompt in enumerate(([3, 17, 42, 5, 9, 11, 2], [60])):
+                engine.add_request(str(i), prompt, SamplingParams(max_tokens=7, temperature=0.0))
+                tokens.append([])
+                while engine.has_work():
+                    for out in engine.step():
+                        tokens[-1] += out.token_ids
+            outputs.append(tokens)
+        assert outputs[0] == outputs[1] and len(outputs[0][0]) == 7, (window, outputs)
+    # per model: 2 prompts x 6 decode steps x 2 layers; the one-token prompt's prefill is a single row too (its
+    # 2 layers run the block's products and decode_attention, but the cache is not in a decode step)
+    assert calls == {"_matvec_op": 2 * (2 * 6 * 2 + 2) * 4, "rope_cache_write": 2 * 2 * 6 * 2,
+                     "decode_attention": 2 * (2 * 6 * 2 + 2)}, calls
+    print("engine ok")
+""")
+
+
+def _interpret(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_kernels_match_reference_ops_in_the_triton_interpreter():
+    r = _interpret(CHECKS)
     assert r.returncode == 0 and "kernels ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_batch_one_decode_through_the_kernels_matches_the_model():
+    r = _interpret(ENGINE_CHECK)
+    assert r.returncode == 0 and "engine ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_kernels_are_installed_only_where_they_apply():
-    """use_decode_kernels swaps module classes in place (same state dict); on the CPU the model's own code runs."""
+    """use_decode_kernels swaps module classes in place (same state dict names) and folds a Llama block's norm
+    weights into its fused projections (same function); on the CPU the model's own code runs."""
     import torch
 
     from lmforge.models.transformer import fuse_projections
-    from lmforge.serve.kernels import DecodeAttention, DecodeGatedMLP, MatVecLinear, use_decode_kernels
+    from lmforge.serve.kernels import DecodeAttention, DecodeBlock, DecodeGatedMLP, MatVecLinear, use_decode_kernels
     from tests.models.test_generate import make_model
 
     model = make_model("llama", 64, 0.5)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 2.0)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
     ids = torch.tensor([[3, 17, 42, 5, 9]])
     with torch.no_grad():
         ref = model(ids)
@@ -92,8 +196,18 @@ def test_kernels_are_installed_only_where_they_apply():
     fuse_projections(model)
     n = use_decode_kernels(model)
     kinds = {type(m) for m in model.modules()}
-    assert MatVecLinear in kinds and DecodeAttention in kinds and DecodeGatedMLP in kinds and n > 0
+    assert {MatVecLinear, DecodeAttention, DecodeGatedMLP, DecodeBlock} <= kinds and n > 0
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert all(layer.folded and torch.equal(layer.input_layernorm.weight, torch.ones(32)) for layer in model.layers)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
     assert len(model.state_dict()) < len(keys)  # fused projections: fewer, larger matrices
+
+    gpt = make_model("gpt", 64, 0.5)  # LayerNorm blocks: swapped, nothing folded
+    with torch.no_grad():
+        ref = gpt(ids)
+    fuse_projections(gpt)
+    use_decode_kernels(gpt)
+    assert all(type(layer) is DecodeBlock and not layer.folded for layer in gpt.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(gpt(ids), ref, atol=1e-5, rtol=1e-5)

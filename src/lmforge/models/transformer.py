@@ -274,11 +274,19 @@ class Attention(nn.Module):
         Returns:
             (B, T, C).
         """
-        B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, rope, kv_cache, start_pos, positions, attn_mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, kv_cache: Optional["KVCache"] = None,
+               start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+               attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention between the projections: queries (B, T, nh*hd) and keys/values (B, T, nkv*hd) in,
+        the heads' outputs (B, T, nh*hd) out, before ``o_proj``. Arguments as :meth:`forward`."""
+        B, T, _ = q.shape
         q = q.view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
@@ -295,19 +303,18 @@ class Attention(nn.Module):
             k, v, mask = kv_cache.update(self.layer_idx, start_pos, k, v, positions)  # (B, nkv, S, hd)
         if self.window is not None:
             mask = self._and_window(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
-                                    cached=kv_cache is not None, device=x.device)
+                                    cached=kv_cache is not None, device=q.device)
         if self.alibi_slopes is not None and (mask is None or mask.dtype == torch.bool):
             # bool (or None: causal) mask -> float mask with the ALiBi bias (unless the model passed it built)
             mask = self.alibi_mask(mask, T, k.shape[2], start_pos, positions if kv_cache is not None else None,
-                                    cached=kv_cache is not None, device=x.device).to(q.dtype)
+                                    cached=kv_cache is not None, device=q.device).to(q.dtype)
         is_causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
         if self.logit_cap is not None:
             y = self._eager(q, k, v, mask, is_causal, dropout)
         else:
             y = self._sdpa(q, k, v, mask, is_causal, dropout)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
-        return self.o_proj(y)
+        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
 
     def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
         """``F.scaled_dot_product_attention`` with grouped-query heads (the serving engine's decode step

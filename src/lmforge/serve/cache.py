@@ -106,13 +106,28 @@ class SlotKVCache:
 
     def _update_decode(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, S = k.shape[0], keys.shape[0]
+        B = k.shape[0]
         kb, vb = self.k[layer_idx], self.v[layer_idx]
         rows = torch.arange(B, device=kb.device)[:, None]  # (B, 1): row b is slot b
         kb.index_put_((rows, positions), k.transpose(1, 2).to(kb.dtype))  # (B, 1, nkv, hd)
         vb.index_put_((rows, positions), v.transpose(1, 2).to(vb.dtype))
+        return self.decode_view(layer_idx, positions)
+
+    def decode_buffers(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """During a decode step, the whole key and value buffers of ``layer_idx`` (``(num_slots + 1,
+        max_seq_len, nkv, hd)``; row ``b`` of the step writes slot ``b`` at its position), for a kernel that
+        writes them itself and then reads :meth:`decode_view`; None outside a decode step."""
+        if self._bound is None or self._bound[0] != "decode":
+            return None
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def decode_view(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step's keys and values (B, nkv, S, hd) of ``layer_idx`` for the rows of ``positions`` (B, 1),
+        and their visibility mask (B, 1, 1, S): key j is visible iff ``j <= position``."""
+        B, keys = positions.shape[0], self._bound[1]
+        S = keys.shape[0]
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, 1, S)
-        return kb[:B, :S].transpose(1, 2), vb[:B, :S].transpose(1, 2), mask
+        return self.k[layer_idx][:B, :S].transpose(1, 2), self.v[layer_idx][:B, :S].transpose(1, 2), mask
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (every layer)."""

@@ -19,13 +19,14 @@ where they apply (one row on a CUDA device with Triton); anything else runs the 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.models.transformer import Attention, GatedMLP
+from lmforge.models.transformer import Attention, Block, GatedMLP, RMSNorm
 
 try:
     import triton
@@ -33,8 +34,8 @@ try:
 except ImportError:  # the CPU wheels of torch come without Triton
     triton = None
 
-__all__ = ["MatVecLinear", "DecodeAttention", "DecodeGatedMLP", "use_decode_kernels", "matvec", "swiglu_matvec",
-           "linear", "matvec_config", "decode_attention", "available"]
+__all__ = ["MatVecLinear", "DecodeAttention", "DecodeGatedMLP", "DecodeBlock", "use_decode_kernels", "matvec",
+           "swiglu_matvec", "rope_cache_write", "linear", "matvec_config", "decode_attention", "available"]
 
 
 def available(device: torch.device) -> bool:
@@ -42,14 +43,29 @@ def available(device: torch.device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
+# Triton's interpreter (TRITON_INTERPRET=1, read when Triton is imported) runs the kernels on CPU tensors: the
+# tests use it to check the kernels and the decode paths that call them without a GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """Whether the kernels run on ``t``: a CUDA tensor with Triton (or any tensor under the interpreter)."""
+    return triton is not None and (t.is_cuda or _INTERPRET)
+
+
 if triton is not None:
     @triton.jit
-    def _matvec_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SWIGLU: tl.constexpr = False):
-        # SWIGLU: x_ptr holds (gate, up), 2K values, and the row multiplied is silu(gate) * up
+    def _matvec_kernel(x_ptr, w_ptr, y_ptr, b_ptr, r_ptr, N, K, stride_w, eps, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr = False, NORM: tl.constexpr = False,
+                       BIAS: tl.constexpr = False, RESIDUAL: tl.constexpr = False):
+        # SWIGLU: x_ptr holds (gate, up), 2K values, and the row multiplied is silu(gate) * up.
+        # NORM: the row is RMS-normalised first (its norm weight is already folded into w), so the product is
+        # scaled by 1 / rms(x) at the end. BIAS: b_ptr is added. RESIDUAL: r_ptr is added after the result is
+        # rounded to the output dtype (the order of ``x + linear(h)`` in the model).
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
@@ -57,10 +73,43 @@ if triton is not None:
             if SWIGLU:
                 up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
                 x = x / (1.0 + tl.exp(-x)) * up
+            if NORM:
+                squares += x * x
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                         other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * x[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        if BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _rope_cache_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, qo_ptr,
+                                 skc_s, skc_h, svc_s, svc_h, n_heads, HD: tl.constexpr):
+        # One program per head: programs [0, n_heads) rotate a query head into qo; the others rotate a key
+        # head and store it, and its value head, at the token's position of the cache (slot 0).
+        h = tl.program_id(0)
+        d = tl.arange(0, HD)
+        partner = (d + HD // 2) % HD  # rotate_half: [x1, x2] -> [-x2, x1]
+        sign = tl.where(d < HD // 2, -1.0, 1.0)
+        dt = qo_ptr.dtype.element_ty
+        c = tl.load(cos_ptr + d).to(dt).to(tl.float32)  # the tables in the model's dtype, as apply_rotary
+        s = tl.load(sin_ptr + d).to(dt).to(tl.float32)
+        if h < n_heads:
+            x = tl.load(q_ptr + h * HD + d).to(tl.float32)
+            xp = tl.load(q_ptr + h * HD + partner).to(tl.float32)
+            tl.store(qo_ptr + h * HD + d, (x * c + sign * xp * s).to(dt))
+        else:
+            kh = h - n_heads
+            pos = tl.load(pos_ptr)
+            x = tl.load(k_ptr + kh * HD + d).to(tl.float32)
+            xp = tl.load(k_ptr + kh * HD + partner).to(tl.float32)
+            tl.store(kc_ptr + pos * skc_s + kh * skc_h + d, (x * c + sign * xp * s).to(kc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + pos * svc_s + kh * svc_h + d, tl.load(v_ptr + kh * HD + d).to(vc_ptr.dtype.element_ty))
 
     @triton.jit
     def _attn_blocks_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, S, scale,
@@ -121,42 +170,69 @@ def matvec_config(N: int, K: int) -> dict:
 
 
 @torch.library.custom_op("lmforge::matvec", mutates_args=())
-def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for ``x`` (..., K) holding one row and ``weight`` (N, K) (CUDA, Triton)."""
+def _matvec_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+               rms_eps: Optional[float], swiglu: bool) -> torch.Tensor:
     N, K = weight.shape
-    if x.numel() != K or weight.stride(1) != 1:
-        raise ValueError(f"matvec takes one row of {K} values and a row-major matrix; got {tuple(x.shape)}, "
-                         f"strides {weight.stride()}")
+    if x.numel() != (2 * K if swiglu else K) or weight.stride(1) != 1:
+        raise ValueError(f"matvec takes one row of {'2 x ' if swiglu else ''}{K} values and a row-major matrix; "
+                         f"got {tuple(x.shape)}, strides {weight.stride()}")
     y = torch.empty(N, device=x.device, dtype=x.dtype)
     cfg = matvec_config(N, K)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    _matvec_kernel[grid](x.contiguous(), weight, y, N, K, weight.stride(0), **cfg)
+    _matvec_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x.contiguous(), weight, y, bias if bias is not None else y, residual.contiguous() if residual is not None else y,
+        N, K, weight.stride(0), rms_eps or 0.0, SWIGLU=swiglu, NORM=rms_eps is not None, BIAS=bias is not None,
+        RESIDUAL=residual is not None, **cfg)
     return y.view(*x.shape[:-1], N)
 
 
-@matvec.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+@_matvec_op.register_fake
+def _(x, weight, bias, residual, rms_eps, swiglu):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("lmforge::swiglu_matvec", mutates_args=())
-def swiglu_matvec(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` (..., 2K) = (gate, up) and ``weight`` (N, K): a
-    gated MLP's down projection with its activation read on the fly (no separate kernel, nothing written)."""
-    N, K = weight.shape
-    if gate_up.numel() != 2 * K or weight.stride(1) != 1:
-        raise ValueError(f"swiglu_matvec takes one row of 2 x {K} values and a row-major matrix; got "
-                         f"{tuple(gate_up.shape)}, strides {weight.stride()}")
-    y = torch.empty(N, device=gate_up.device, dtype=gate_up.dtype)
-    cfg = matvec_config(N, K)
-    _matvec_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](gate_up.contiguous(), weight, y, N, K, weight.stride(0),
-                                                        SWIGLU=True, **cfg)
-    return y.view(*gate_up.shape[:-1], N)
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias) (+ residual)`` for ``x`` (..., K) holding one row and ``weight`` (N, K) (Triton).
+
+    With ``rms_eps`` the row is RMS-normalised first (``x / sqrt(mean(x^2) + rms_eps)``), the norm's weight
+    being already folded into ``weight`` (:func:`use_decode_kernels` folds it); ``residual`` (N values) is
+    added after the product is rounded to ``x``'s dtype, as ``residual + linear(x)`` rounds.
+    """
+    return _matvec_op(x, weight, bias, residual, rms_eps, False)
 
 
-@swiglu_matvec.register_fake
-def _(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return gate_up.new_empty(*gate_up.shape[:-1], weight.shape[0])
+def swiglu_matvec(gate_up: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight.T (+ bias) (+ residual)`` for one row ``gate_up`` (..., 2K) = (gate, up) and
+    ``weight`` (N, K): a gated MLP's down projection with its activation read on the fly (no separate kernel,
+    nothing written)."""
+    return _matvec_op(gate_up, weight, bias, residual, None, True)
+
+
+@torch.library.custom_op("lmforge::rope_cache_write", mutates_args=("k_cache", "v_cache"))
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One token's rotary embedding and cache write in one kernel: ``q`` (1, 1, nh*hd) and ``k`` (1, 1, nkv*hd)
+    are rotated by ``cos``/``sin`` (hd values each, fp32 tables), the rotated key and ``v`` are stored in slot 0
+    of ``k_cache``/``v_cache`` (``(slots, max_seq_len, nkv, hd)``) at ``position`` (one int64 on the device).
+    Returns the rotated queries (1, 1, nh, hd)."""
+    nkv, hd = k_cache.shape[-2:]
+    nh = q.shape[-1] // hd
+    if (q.numel() != nh * hd or k.numel() != nkv * hd or v.numel() != nkv * hd or cos.numel() != hd
+            or sin.numel() != hd or position.numel() != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
+        raise ValueError(f"rope_cache_write takes one token: q {tuple(q.shape)}, k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)}, cos {tuple(cos.shape)} for a cache of {nkv} heads of {hd}")
+    out = torch.empty(1, 1, nh, hd, device=q.device, dtype=q.dtype)
+    _rope_cache_write_kernel[(nh + nkv,)](q, k, v, cos.contiguous(), sin.contiguous(), position, k_cache, v_cache, out,
+                                          k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+                                          nh, HD=hd, num_warps=1)
+    return out
+
+
+@rope_cache_write.register_fake
+def _(q, k, v, cos, sin, position, k_cache, v_cache):
+    hd = k_cache.shape[-1]
+    return q.new_empty(1, 1, q.shape[-1] // hd, hd)
 
 
 @torch.library.custom_op("lmforge::decode_attention", mutates_args=())
@@ -190,9 +266,8 @@ def _(q, k, v, mask, scale, block_s=64):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, or :func:`matvec` (plus the bias) for a single row on a CUDA device with Triton."""
-    if x.numel() == x.shape[-1] and x.is_cuda and triton is not None and weight.stride(-1) == 1:
-        y = matvec(x, weight)
-        return y + bias if bias is not None else y
+    if x.numel() == x.shape[-1] and _on_device(x) and weight.stride(-1) == 1:
+        return matvec(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -203,14 +278,34 @@ class MatVecLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
 class DecodeAttention(Attention):
-    """An :class:`~lmforge.models.transformer.Attention` whose single-token steps over a boolean mask (the
-    serving cache's decode) use :func:`decode_attention`; everything else is the model's own attention."""
+    """An :class:`~lmforge.models.transformer.Attention` whose single-token steps use the kernels: in a serving
+    cache's decode step (one row, rotary positions) :func:`rope_cache_write` rotates and stores the token and
+    :func:`decode_attention` attends; other single-token steps over a boolean mask use :func:`decode_attention`
+    after the model's own rotary and cache code; everything else is the model's own attention."""
+
+    def attend(self, q, k, v, rope=None, kv_cache=None, start_pos=0, positions=None, attn_mask=None):
+        buffers = kv_cache.decode_buffers(self.layer_idx) if hasattr(kv_cache, "decode_buffers") else None
+        if (buffers is None or q.shape[0] * q.shape[1] != 1 or not self.use_rope or rope[0].numel() != self.head_dim
+                or self.alibi_slopes is not None or self.logit_cap is not None or self.training
+                or not _pow2(self.head_dim) or buffers[0].dtype != q.dtype or not _on_device(q)):
+            return super().attend(q, k, v, rope, kv_cache, start_pos, positions, attn_mask)
+        k_cache, v_cache = buffers
+        q = rope_cache_write(q, k, v, rope[0], rope[1], positions, k_cache, v_cache)  # (1, 1, nh, hd)
+        k, v, mask = kv_cache.decode_view(self.layer_idx, positions)  # (1, nkv, S, hd), (1, 1, 1, S)
+        if self.window is not None:
+            mask = self._and_window(mask, 1, k.shape[2], start_pos, positions, cached=True, device=q.device)
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        return decode_attention(q.transpose(1, 2), k, v, mask, scale).view(1, 1, -1)  # (1, 1, nh*hd)
 
     def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
         hd = q.shape[-1]
-        if (q.shape[2] == 1 and q.is_cuda and mask is not None and mask.dtype == torch.bool and not dropout
-                and hd >= 16 and hd == triton.next_power_of_2(hd) and q.shape[0] == 1):
+        if (q.shape[2] == 1 and _on_device(q) and mask is not None and mask.dtype == torch.bool and not dropout
+                and _pow2(hd) and q.shape[0] == 1):
             scale = self.scale if self.scale is not None else hd ** -0.5
             return decode_attention(q, k, v, mask, scale)
         return super()._sdpa(q, k, v, mask, is_causal, dropout)
@@ -221,21 +316,74 @@ class DecodeGatedMLP(GatedMLP):
     apply the activation inside the down projection's kernel (:func:`swiglu_matvec`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.gate_up_proj is not None and self.act is F.silu and self.down_proj.bias is None and x.is_cuda
-                and x.numel() == x.shape[-1] and self.down_proj.weight.stride(-1) == 1):
-            return swiglu_matvec(self.gate_up_proj(x), self.down_proj.weight)
+        if (self.gate_up_proj is not None and self.act is F.silu and x.numel() == x.shape[-1] and _on_device(x)
+                and self.down_proj.weight.stride(-1) == 1):
+            return swiglu_matvec(self.gate_up_proj(x), self.down_proj.weight, self.down_proj.bias)
         return super().forward(x)
+
+
+class DecodeBlock(Block):
+    """A pre-norm :class:`~lmforge.models.transformer.Block` whose single-row steps run in five kernels: RMSNorm
+    + q/k/v product, rotary + cache write, attention, output product + residual, RMSNorm + gate/up product,
+    SwiGLU + down product + residual. The norms' weights are folded into the products that follow them
+    (:func:`use_decode_kernels` does it and sets ``folded``), so a norm is only its ``1 / rms`` scale, applied
+    inside the product's kernel; every other step is the block's own code, which computes the same function."""
+
+    folded = False
+
+    def forward(self, x, rope=None, kv_cache=None, start_pos=0, positions=None, attn_mask=None):
+        if not self.folded or x.shape[0] * x.shape[1] != 1 or self.training or not _on_device(x):
+            return super().forward(x, rope, kv_cache, start_pos, positions, attn_mask)
+        attn, mlp = self.self_attn, self.mlp
+        qkv = matvec(x, attn.qkv_proj.weight, attn.qkv_proj.bias, rms_eps=self.input_layernorm.eps)
+        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
+        h = attn.attend(q, k, v, rope, kv_cache, start_pos, positions, attn_mask)  # (1, 1, nh*hd)
+        x = matvec(h, attn.o_proj.weight, attn.o_proj.bias, residual=x)
+        gate_up = matvec(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, rms_eps=self.post_attention_layernorm.eps)
+        return swiglu_matvec(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
+
+
+def _foldable(block: nn.Module) -> bool:
+    """A Llama-style block whose norms can move into fused, plain, row-major projections."""
+    attn, mlp = block.self_attn, block.mlp
+    linears = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None),
+               getattr(mlp, "down_proj", None)]
+    return (type(block.input_layernorm) is RMSNorm and type(block.post_attention_layernorm) is RMSNorm
+            and type(block.attn_output_norm) is nn.Identity and type(block.mlp_output_norm) is nn.Identity
+            and isinstance(mlp, GatedMLP) and mlp.act is F.silu
+            and all(type(m) in (nn.Linear, MatVecLinear) and m.weight.stride(-1) == 1 for m in linears))
+
+
+@torch.no_grad()
+def _fold_norm(norm: RMSNorm, linear: nn.Linear) -> None:
+    """Move ``norm``'s scale into the columns of ``linear``: ``linear(norm(x))`` is unchanged (up to rounding) and
+    ``norm`` keeps only ``x / rms(x)``."""
+    scale = norm.weight.float() + norm.offset  # (C,)
+    linear.weight.copy_((linear.weight.float() * scale).to(linear.weight.dtype))
+    norm.weight.fill_(1.0 - norm.offset)
 
 
 def use_decode_kernels(model: nn.Module) -> int:
     """Install the kernels in ``model``, in place: every plain ``nn.Linear`` becomes a :class:`MatVecLinear`,
-    every :class:`Attention` a :class:`DecodeAttention` and every gated MLP a :class:`DecodeGatedMLP` (same
-    parameters, same state dict). Returns how many modules changed. Without Triton nothing changes."""
+    every :class:`Attention` a :class:`DecodeAttention`, every gated MLP a :class:`DecodeGatedMLP` and every
+    :class:`Block` a :class:`DecodeBlock` (same parameters, same state dict). A Llama-style block whose q/k/v
+    and gate/up projections were fused (:func:`~lmforge.models.transformer.fuse_projections`) also has its
+    RMSNorm weights folded into them (the function is the same, the stored values change: like fusing, for a
+    model that serves, not one that is saved). Returns how many modules changed. Without Triton nothing changes.
+    """
     n = 0
     if triton is None:
         return n
-    for module in model.modules():
-        if type(module) is nn.Linear:
+    for module in list(model.modules()):
+        if type(module) is Block:
+            foldable = _foldable(module)
+            module.__class__ = DecodeBlock
+            if foldable:
+                _fold_norm(module.input_layernorm, module.self_attn.qkv_proj)
+                _fold_norm(module.post_attention_layernorm, module.mlp.gate_up_proj)
+                module.folded = True
+            n += 1
+        elif type(module) is nn.Linear:
             module.__class__ = MatVecLinear
             n += 1
         elif type(module) is Attention:
