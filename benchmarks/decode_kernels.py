@@ -4,7 +4,9 @@ never by the test suite).
 For the Llama-3.2-1B and Llama-2-7B shapes (bf16), times each single-row product (q/k/v fused, o, gate/up
 fused, down, the head) through ``F.linear`` (the library's kernel) and through
 :func:`lmforge.serve.kernels.matvec` (the Triton kernel, with its chosen blocks and with a sweep of others),
-and the argmax over the vocabulary (one pass, and two passes: per block of the vocabulary, then over
+through the same kernel with the prologue/epilogue that :class:`lmforge.serve.kernels.DecodeBlock` uses
+("fused": 1/rms for q/k/v and gate/up, the residual for o, SwiGLU and the residual for down; the sweep times
+these), and the argmax over the vocabulary (one pass, and two passes: per block of the vocabulary, then over
 the blocks). Each product is captured in a CUDA graph of 48 calls that cycle through copies of the matrix
 larger together than the L2 cache (a decode step never finds its weights there), so the time is the
 kernels' alone from device memory; GB/s counts the matrix bytes.
@@ -25,6 +27,10 @@ import torch.nn.functional as F
 
 from lmforge.serve import kernels as mv
 from lmforge.serve.engine import argmax_rows as argmax_two_pass
+
+# each matrix's prologue/epilogue in DecodeBlock: (rms norm, residual, swiglu)
+FUSED = {"qkv": (True, False, False), "o": (False, True, False), "gate_up": (True, False, False),
+         "down": (False, True, True), "head": (False, False, False)}
 
 SHAPES = {  # name -> (N, K) of each decode matrix
     "1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
@@ -77,21 +83,32 @@ def main() -> None:
                 err = (fn(x, ws[0]).float() - ref).abs().max().item()
                 us = graph_time_us(fn, xs)
                 row[case] = {"us": round(us, 2), "gbs": round(mbytes * 1e3 / us), "max_err": err}
+            norm, residual, swiglu = FUSED[name]
+            xf = torch.randn(1, 1, 2 * K if swiglu else K, device=dev, dtype=torch.bfloat16)
+            r = torch.randn(N, device=dev, dtype=torch.bfloat16) if residual else None
+            xfs = [(xf, w) for w in ws]
+
+            def fused(x, w, r=r, norm=norm, swiglu=swiglu):
+                return torch.ops.lmforge.matvec(x, w, None, r, 1e-5 if norm else None, swiglu)
+            us = graph_time_us(fused, xfs)
+            row["fused"] = {"us": round(us, 2), "gbs": round(mbytes * 1e3 / us), "norm": norm, "residual": residual,
+                            "swiglu": swiglu}
             row["matvec_config"] = mv.matvec_config(N, K)
             if a.sweep:
                 best = None
-                for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (1, 3)):
-                    if bn * bk > 32768:
+                for bn, bk, warps, stages in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8), (1, 3)):
+                    if bn * bk > 16384 or bk > max(512, 1 << (K - 1).bit_length()):
                         continue
                     y = torch.empty(N, device=dev, dtype=torch.bfloat16)
 
                     def fn(x, w, bn=bn, bk=bk, warps=warps, stages=stages, y=y):
-                        mv._matvec_kernel[(triton_cdiv(N, bn),)](x, w, y, N, K, K, BLOCK_N=bn, BLOCK_K=bk,
-                                                                  num_warps=warps, num_stages=stages)
-                    us = graph_time_us(fn, xs)
+                        mv._matvec_kernel[(triton_cdiv(N, bn),)](
+                            x, w, y, y, r if residual else y, N, K, K, 1e-5, BLOCK_N=bn, BLOCK_K=bk, SWIGLU=swiglu,
+                            NORM=norm, RESIDUAL=residual, num_warps=warps, num_stages=stages)
+                    us = graph_time_us(fn, xfs)
                     if best is None or us < best[0]:
                         best = (us, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
-                row["sweep_best"] = {"us": round(best[0], 2), "gbs": round(mbytes * 1e3 / best[0]), **best[1]}
+                row["sweep_best_fused"] = {"us": round(best[0], 2), "gbs": round(mbytes * 1e3 / best[0]), **best[1]}
             print(json.dumps(row), flush=True)
             del ws, xs
         V = SHAPES[shape]["head"][0]

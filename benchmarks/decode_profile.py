@@ -7,7 +7,7 @@ For each shape: the engine's compiled decode step at batch 1 (prompt 128, 256 ne
 - the bandwidth limit (weight bytes / measured copy bandwidth) and both fractions of it,
 - the top CUDA kernels of 10 replays (torch.profiler), to see which matrix products and small kernels cost.
 
-    python benchmarks/decode_profile.py --models 1b,7b [--no-kernels] [--tune] [--compile-mode M] [--graph-chunks 4]
+    python benchmarks/decode_profile.py --models 1b,7b [--no-kernels] [--tune] [--compile-mode M] [--graph-chunks 1]
 """
 
 from __future__ import annotations
@@ -73,6 +73,17 @@ def profile(shape: str, bandwidth: float, a) -> None:
                 g.replay()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60), flush=True)
+    # the single-row products one by one: per step, 4 per block (q/k/v, o, gate/up, down) and the head
+    products = sorted((e for e in prof.events() if e.name == "_matvec_kernel"), key=lambda e: e.time_range.start)
+    L = len(model.layers)
+    if products and len(products) == 10 * (4 * L + 1):
+        roles = ["qkv", "o", "gate_up", "down"] * L + ["head"]
+        per_role: dict[str, list[float]] = {}
+        for i, e in enumerate(products):
+            per_role.setdefault(roles[i % len(roles)], []).append(e.time_range.elapsed_us())
+        print(json.dumps({"shape": shape, "matvec_us_per_call": {k: round(sum(v) / len(v), 2) for k, v in per_role.items()},
+                          "matvec_us_per_step": round(sum(e.time_range.elapsed_us() for e in products) / 10, 1)}),
+              flush=True)
     del engine, model, pieces
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -84,7 +95,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None)
     ap.add_argument("--no-kernels", action="store_true", help="without lmforge's Triton decode kernels")
     ap.add_argument("--tune", action="store_true", help="inductor's coordinate-descent tuning")
-    ap.add_argument("--graph-chunks", type=int, default=4)
+    ap.add_argument("--graph-chunks", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     a = ap.parse_args()
     if not torch.cuda.is_available():
