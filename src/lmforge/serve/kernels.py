@@ -157,16 +157,22 @@ if triton is not None:
 MATVEC_ROWS = 2  # rows of the matrix per program (benchmarks/generate_throughput.py --matvec-rows tries others)
 
 
-def matvec_config(N: int, K: int) -> dict:
-    """Block sizes, warps and pipeline stages for an (N, K) matrix.
+def matvec_config(N: int, K: int, norm: bool = False, swiglu: bool = False) -> dict:
+    """Block sizes, warps and pipeline stages for an (N, K) matrix (``norm``/``swiglu``: the kernel's prologue).
 
-    From a sweep on an H100 (benchmarks/decode_kernels.py --sweep, weights cycled beyond the L2 cache): two
-    rows per program was fastest for every matrix of the 1B and 7B shapes; small matrices prefer 1024-wide
-    loads over 4 warps, large ones 2048 over 8 warps with loads pipelined over 3 stages.
+    From sweeps on an H100 (benchmarks/decode_kernels.py --sweep, weights cycled beyond the L2 cache): two
+    rows per program was fastest for every plain product of the 1B and 7B shapes; small matrices prefer
+    1024-wide loads over 4 warps, large ones 2048 over 8 warps with loads pipelined over 3 stages. With the
+    RMS prologue the 1B's q/k/v and gate/up products prefer the small matrices' blocks (gate/up 23.5 us against
+    25.6 us with the large blocks); the SwiGLU prologue reads two vectors as long as the rows, so eight rows per
+    program share them (1B down: 13.8 us against 16.7 us with two rows).
     """
-    small = N <= 4096 and K <= 2048
-    return {"BLOCK_N": MATVEC_ROWS, "BLOCK_K": min(1024 if small else 2048, max(16, 1 << (K - 1).bit_length())),
-            "num_warps": 4 if small else 8, "num_stages": 3 if N * K >= (32 << 20) else 1}
+    bk = max(16, 1 << (K - 1).bit_length())
+    if swiglu:
+        return {"BLOCK_N": 8, "BLOCK_K": min(2048, bk), "num_warps": 8, "num_stages": 3}
+    small = (N <= 4096 or norm) and K <= 2048
+    return {"BLOCK_N": MATVEC_ROWS, "BLOCK_K": min(1024 if small else 2048, bk),
+            "num_warps": 4 if small else 8, "num_stages": 3 if N * K >= (32 << 20) and not small else 1}
 
 
 @torch.library.custom_op("lmforge::matvec", mutates_args=())
@@ -177,7 +183,7 @@ def _matvec_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"matvec takes one row of {'2 x ' if swiglu else ''}{K} values and a row-major matrix; "
                          f"got {tuple(x.shape)}, strides {weight.stride()}")
     y = torch.empty(N, device=x.device, dtype=x.dtype)
-    cfg = matvec_config(N, K)
+    cfg = matvec_config(N, K, norm=rms_eps is not None, swiglu=swiglu)
     _matvec_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x.contiguous(), weight, y, bias if bias is not None else y, residual.contiguous() if residual is not None else y,
         N, K, weight.stride(0), rms_eps or 0.0, SWIGLU=swiglu, NORM=rms_eps is not None, BIAS=bias is not None,
