@@ -7,12 +7,15 @@ model (a 2048 x 2048 projection, 8 MB, took 6.5 us in a decode step on an H100: 
 matrix (all their loads issued together), multiplies by the row vector in fp32 and sums once.
 
 :func:`swiglu_matvec` is the same product for a gated MLP's down projection, computing ``silu(gate) * up``
-as it reads the row (one kernel less per layer). :func:`decode_attention` attends one new token per row over the cache with a boolean mask (grouped-query
-heads read their shared keys once): the keys are split into blocks, one program per (row, key/value head,
-block) computes a partial softmax, and a second kernel combines the blocks (flash-decoding). The library's
-attention took 6.9 us per layer for a 1B model's single token; see docs/benchmarks.md for this one.
+as it reads the row (one kernel less per layer); either can add a bias and a residual as it stores, and
+:func:`matvec` can RMS-normalise the row first. :func:`rope_cache_write` rotates one token's query and key and
+stores its key and value in the cache, in one kernel. :func:`decode_attention` attends one new token per row
+over the cache with a boolean mask (grouped-query heads read their shared keys once): the keys are split into
+blocks, one program per (row, key/value head, block) computes a partial softmax, and a second kernel combines
+the blocks (flash-decoding). The library's attention took 6.9 us per layer for a 1B model's single token; see
+docs/benchmarks.md for this one. With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
 
-Both are custom ops (``torch.ops.lmforge.*``): ``torch.compile`` keeps each as one call inside the compiled
+All are custom ops (``torch.ops.lmforge.*``): ``torch.compile`` keeps each as one call inside the compiled
 step and CUDA graphs capture them. :func:`use_decode_kernels` installs them in a model; they take over only
 where they apply (one row on a CUDA device with Triton); anything else runs the model's own code.
 """
