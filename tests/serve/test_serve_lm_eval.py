@@ -2,7 +2,6 @@
 logprobs over the OpenAI completions API) gives the numbers it gives on the same model loaded with
 transformers, for the loglikelihood tasks (multiple choice, LAMBADA's greedy check, rolling perplexity)."""
 
-
 from tests.eval.test_eval_harness_parity import HARNESS, MAX_POS, assert_same, setup  # noqa: F401
 from tests.serve.test_serve_server import running_server
 
