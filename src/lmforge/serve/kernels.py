@@ -157,7 +157,7 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
 
 
-MATVEC_ROWS = 2  # rows of the matrix per program (benchmarks/generate_throughput.py --matvec-rows tries others)
+MATVEC_ROWS = 2  # rows per program of the plain and RMS-prologue products (generate_throughput.py --matvec-rows)
 
 
 def matvec_config(N: int, K: int, norm: bool = False, swiglu: bool = False) -> dict:
@@ -353,14 +353,15 @@ class DecodeBlock(Block):
 
 
 def _foldable(block: nn.Module) -> bool:
-    """A Llama-style block whose norms can move into fused, plain, row-major projections."""
+    """A Llama-style block whose norms can move into fused, plain, row-major projections (read before
+    :func:`use_decode_kernels` swaps the block's children, which it visits after the block)."""
     attn, mlp = block.self_attn, block.mlp
     linears = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None),
                getattr(mlp, "down_proj", None)]
     return (type(block.input_layernorm) is RMSNorm and type(block.post_attention_layernorm) is RMSNorm
             and type(block.attn_output_norm) is nn.Identity and type(block.mlp_output_norm) is nn.Identity
             and isinstance(mlp, GatedMLP) and mlp.act is F.silu
-            and all(type(m) in (nn.Linear, MatVecLinear) and m.weight.stride(-1) == 1 for m in linears))
+            and all(type(m) is nn.Linear and m.weight.stride(-1) == 1 for m in linears))
 
 
 @torch.no_grad()
