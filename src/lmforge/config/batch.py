@@ -74,8 +74,8 @@ def _check_positive(key: str, value) -> None:
 
 
 def resolve_batch(global_batch_size: Optional[int], micro_batch_size: Optional[int],
-                  accumulate_grad_batches: Optional[int], devices: int, num_nodes: int,
-                  tensor_parallel: int = 1, pipeline_parallel: int = 1) -> BatchPlan:
+                  accumulate_grad_batches: Optional[int], devices: int = 1, num_nodes: int = 1,
+                  tensor_parallel: int = 1, pipeline_parallel: int = 1, dims=None) -> BatchPlan:
     """Derive the missing one of global batch, micro batch and gradient accumulation.
 
     Args:
@@ -84,6 +84,8 @@ def resolve_batch(global_batch_size: Optional[int], micro_batch_size: Optional[i
         accumulate_grad_batches: ``trainer.accumulate_grad_batches``, or None.
         devices, num_nodes: ``trainer.devices`` and ``trainer.num_nodes``.
         tensor_parallel, pipeline_parallel: model-parallel sizes; the rest of the processes are data parallel.
+        dims: a :class:`~lmforge.parallel.dims.ParallelDims`; when given, its ``dp`` is the data-parallel
+            size and ``devices`` .. ``pipeline_parallel`` are not read.
 
     Returns:
         A :class:`BatchPlan` with all four numbers.
@@ -93,7 +95,12 @@ def resolve_batch(global_batch_size: Optional[int], micro_batch_size: Optional[i
             cannot work, or three given that disagree. The message shows the formula, the numbers
             and the nearest valid values.
     """
-    dp = data_parallel_size(devices, num_nodes, tensor_parallel, pipeline_parallel)
+    if dims is None:
+        from lmforge.parallel.dims import ParallelDims
+
+        data_parallel_size(devices, num_nodes, tensor_parallel, pipeline_parallel)  # the divisibility message
+        dims = ParallelDims(devices * num_nodes, tp=tensor_parallel, pp=pipeline_parallel)
+    dp = dims.dp
     dp_text = f"data_parallel_size = {dp}"
     g, m, a = global_batch_size, micro_batch_size, accumulate_grad_batches
     given = {"model.global_batch_size": g, "model.micro_batch_size": m, "trainer.accumulate_grad_batches": a}

@@ -1,6 +1,6 @@
 """The fine-tuning stage: ``run(cfg) -> summary`` (SFT of all weights, or LoRA/DoRA, IA3, adapters, p-tuning).
 
-The base model is loaded with :func:`lmforge.models.load.load_for_inference`, the method is applied from
+The base model is loaded with :func:`lmforge.open.load_for_inference`, the method is applied from
 outside (:mod:`lmforge.peft`), and the one training loop (:mod:`lmforge.train.loop`) trains it on
 rows of :mod:`lmforge.data.sft` with :class:`~lmforge.train.objectives.CausalLMLoss` (loss on response
 tokens only). Results in ``cfg.out``::
@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config.batch import check_world_size
+from lmforge.config.batch import resolve_batch
 from lmforge.data.sft import load_sft_dataset
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.finetune.config import FinetuneConfig, to_dict
 from lmforge.finetune.metrics import exact_match, greedy_continue, token_f1
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.parallel.ddp import apply_data_parallel
+from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
 from lmforge.parallel.transforms import apply_activation_checkpointing
 from lmforge.train.checkpoint import CheckpointManager, load_model, load_training_state
@@ -60,16 +61,15 @@ def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) 
 
 
 def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
-    from lmforge.models.load import load_for_inference
+    from lmforge.open import load_for_inference
     from lmforge.peft import apply_peft, base_model, load_peft_state_dict, peft_state_dict, save_adapter
 
     t = cfg.trainer
-    check_world_size(t.devices, t.num_nodes, rt.world_size)
+    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices)).check_world(
+        rt.world_size, rt.rank)
+    dims.check_supported()
     mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
-    if gbs % (mbs * rt.world_size):
-        raise ConfigError(f"global_batch_size={gbs} must be a multiple of micro_batch_size x processes = "
-                          f"{mbs} x {rt.world_size}; try global_batch_size={mbs * rt.world_size * max(1, gbs // (mbs * rt.world_size))}")
-    accum = gbs // (mbs * rt.world_size)
+    accum = resolve_batch(gbs, mbs, None, dims=dims).accumulate_grad_batches
     out = Path(cfg.out)
     seed_everything(int(cfg.seed), rt.rank)
 
@@ -112,7 +112,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     def load_saved(folder: Path) -> None:
         weights, _ = load_model(folder, device=rt.device)
         if peft_cfg is None:
-            from lmforge.models.load import load_weights
+            from lmforge.open import load_weights
 
             load_weights(base, weights, folder)
         else:
@@ -176,7 +176,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     logger = MetricsLogger(out, rt, total_steps=int(t.max_steps), tensorboard=False,
                            every_n_steps=int(t.log_every_n_steps or 1))
     trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, settings, save_fn=save, log=logger,
-                      scaler=scaler, extra_val_fn=generation_metrics if val_ds is not None else None)
+                      scaler=scaler, extra_val_fn=generation_metrics if val_ds is not None else None, dims=dims)
     with logger:
         val_before = None
         if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:

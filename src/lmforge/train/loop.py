@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime
 from lmforge.train.optim import set_lr
 
@@ -74,14 +75,22 @@ class TrainState:
 
 
 class MicroBatches:
-    """Yields this rank's micro-batches of one global batch, from the step alone (see the module doc)."""
+    """Yields this rank's micro-batches of one global batch, from the step alone (see the module doc).
 
-    def __init__(self, dataset, settings: LoopSettings, runtime: Runtime):
+    The data-parallel size and rank come from ``dims`` (:class:`~lmforge.parallel.dims.ParallelDims`), never
+    from the world size: ranks of one model replica read the same samples.
+    """
+
+    def __init__(self, dataset, settings: LoopSettings, runtime: Runtime, dims: Optional[ParallelDims] = None):
         self.dataset, self.s, self.rt = dataset, settings, runtime
+        self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
+        if settings.global_batch_size != settings.micro_batch_size * self.dims.dp * settings.accumulate:
+            raise ValueError(f"global batch {settings.global_batch_size} != micro batch {settings.micro_batch_size} x "
+                             f"data parallel {self.dims.dp} x accumulate {settings.accumulate}")
 
     def indices(self, step: int, micro: int) -> list[int]:
-        s = self.s
-        start = step * s.global_batch_size + (micro * self.rt.world_size + self.rt.rank) * s.micro_batch_size
+        s, dims = self.s, self.dims
+        start = step * s.global_batch_size + (micro * dims.dp + dims.dp_rank) * s.micro_batch_size
         return [i % len(self.dataset) for i in range(start, start + s.micro_batch_size)]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,6 +118,16 @@ class MicroBatches:
     def for_step(self, step: int):
         for micro in range(self.s.accumulate):
             yield self.batch(self.indices(step, micro))
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    """FSDP2: accumulate gradients locally (no reduce-scatter) inside the block."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class StopRequested:
@@ -140,20 +159,25 @@ class Trainer:
     Args:
         model: the objective to call, ``model(tokens) -> (loss_sum, n_tokens)`` (or ``model(**batch)``
             for dict batches): a :class:`~lmforge.train.objectives.CausalLMLoss`, possibly DDP-wrapped.
-        raw_model: the plain model (gradient clipping; what is saved).
+        raw_model: the plain model (gradient clipping; what is saved); under FSDP its parameters are DTensors.
         save_fn: ``save_fn(state, metrics)`` writes a checkpoint (all ranks call it).
         log: a MetricsLogger-like object with ``log(step, dict)`` and ``update(step, **kw)``.
         extra_val_fn: ``extra_val_fn(step) -> dict`` of more validation metrics, merged into the
             metrics a checkpoint is saved and ranked with.
+        dims: the run's layout (data-parallel size and rank); default: every process is a data-parallel rank.
     """
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
                  scaler: Optional[torch.amp.GradScaler] = None,
-                 extra_val_fn: Optional[Callable[[int], dict]] = None):
+                 extra_val_fn: Optional[Callable[[int], dict]] = None, dims: Optional[ParallelDims] = None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
+        self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
+        if self.dims.world_size != runtime.world_size or self.dims.tp * self.dims.pp != 1:
+            raise ValueError(f"the loop runs data parallel only; got {self.dims} on {runtime.world_size} processes")
         self.extra_val_fn = extra_val_fn  # step -> more validation metrics (generation scores); all ranks call it
         self.last_step_tokens = 0  # counted tokens of the latest global batch
+        self.last_step_samples = 0  # samples the latest step read, over all data-parallel ranks
         self.objective = getattr(model, "module", model)  # without DDP, for evaluation
         self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
         if settings.precision not in PRECISIONS:
@@ -168,6 +192,7 @@ class Trainer:
         return torch.autocast(device_type=self.rt.device.type, dtype=self.amp_dtype)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
+        """Sums over all processes, which are all data-parallel ranks (the loop refuses tensor/pipeline layouts)."""
         if not self.rt.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
@@ -194,18 +219,24 @@ class Trainer:
         micro = list(batches.for_step(step))
         # Every token of the global batch weighs the same, on any number of ranks.
         local_tokens = sum(self.counted_tokens(b) for b in micro)
-        (global_tokens,) = self._all_reduce([float(local_tokens)])
+        local_rows = sum(len(b["tokens"] if isinstance(b, dict) else b) for b in micro)
+        global_tokens, global_rows = self._all_reduce([float(local_tokens), float(local_rows)])
         self.last_step_tokens = int(global_tokens)
+        # Samples read by all data-parallel ranks together; one replica's ranks would read the same rows.
+        self.last_step_samples = int(global_rows) * self.dims.dp // self.dims.world_size
+        if self.last_step_samples != self.s.global_batch_size:
+            raise RuntimeError(f"step {step} read {self.last_step_samples} samples, not the global batch "
+                               f"{self.s.global_batch_size}: the batch plan and the data-parallel layout disagree")
         global_tokens = max(global_tokens, 1.0)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         for k, tokens in enumerate(micro):
             last = k == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            with self._gradient_sync(last):
                 with self.autocast():
                     loss_sum, _ = self._call(self.model, tokens)
-                # DDP averages gradients over ranks: scale so the result is the global token mean.
-                loss = loss_sum * (self.rt.world_size / global_tokens)
+                # DDP and FSDP average gradients over the data-parallel ranks: scale so the result is the
+                # global token mean.
+                loss = loss_sum * (self.dims.dp / global_tokens)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -215,7 +246,9 @@ class Trainer:
             self.scaler.unscale_(self.opt)
         grad_norm = None
         if self.s.gradient_clip_val and self.s.gradient_clip_val > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.s.gradient_clip_val))
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.raw_model.parameters() if p.requires_grad], self.s.gradient_clip_val)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -225,6 +258,16 @@ class Trainer:
         (loss_sum_all,) = self._all_reduce([float(loss_total)])
         return loss_sum_all / global_tokens, grad_norm
 
+    def _gradient_sync(self, last: bool):
+        """Reduce gradients only after the last micro-batch of a step (DDP ``no_sync``, FSDP's switch)."""
+        if last:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            return _fsdp_no_sync(self.model)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def evaluate(self, dataset, limit_batches: int) -> float:
         """Mean next-token loss over the first ``limit_batches`` global batches of ``dataset``."""
@@ -233,7 +276,7 @@ class Trainer:
         self.model.eval()
         n_batches = min(limit_batches, max(1, len(dataset) // self.s.global_batch_size))
         settings = LoopSettings(**{**self.s.__dict__, "max_steps": n_batches})
-        batches = MicroBatches(dataset, settings, self.rt)
+        batches = MicroBatches(dataset, settings, self.rt, self.dims)
         loss_sum, count = 0.0, 0
         for step in range(n_batches):
             for tokens in batches.for_step(step):
@@ -248,7 +291,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, train_dataset, val_dataset, state: TrainState) -> TrainState:
         s = self.s
-        batches = MicroBatches(train_dataset, s, self.rt)
+        batches = MicroBatches(train_dataset, s, self.rt, self.dims)
         first = train_dataset[0]
         fixed_tokens = None if isinstance(first, dict) else s.global_batch_size * (len(first) - 1)
         stop = StopRequested().install()
@@ -259,7 +302,7 @@ class Trainer:
                 loss, grad_norm = self.train_step(batches, state.step)
                 tokens_per_step = fixed_tokens if fixed_tokens is not None else self.last_step_tokens
                 state.step += 1
-                state.consumed_samples += s.global_batch_size
+                state.consumed_samples += self.last_step_samples
                 state.tokens_trained += tokens_per_step
                 window_steps += 1
                 window_tokens += tokens_per_step

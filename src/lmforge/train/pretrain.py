@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from lmforge.config import model_config_from
-from lmforge.config.batch import check_world_size
+from lmforge.config.loader import parallel_dims
 from lmforge.config.schema import tokenizer_path
 from lmforge.data.gpt_dataset import build_datasets
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.models.config import ModelConfig
-from lmforge.models.load import load_weights
+from lmforge.open import load_weights
 from lmforge.models.transformer import Transformer
 from lmforge.parallel.ddp import apply_data_parallel
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
@@ -95,7 +95,8 @@ def run(cfg, runtime: Runtime | None = None, console_log=print) -> dict:
 
 def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     t, m, em = cfg.trainer, cfg.model, cfg.exp_manager
-    check_world_size(t.devices, t.num_nodes, rt.world_size)
+    dims = parallel_dims(cfg).check_world(rt.world_size, rt.rank)
+    dims.check_supported()
     if not m.data.data_prefix:
         raise ConfigError("model.data.data_prefix is not set: give the prefix of a preprocessed dataset, e.g. "
                           "model.data.data_prefix=[1.0,data/corpus_text_document] (make one with `lmforge preprocess`)")
@@ -190,7 +191,8 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
                     f"process(es), {rt.device.type}, precision {t.precision}; results in {out}")
     logger = MetricsLogger(out, rt, total_steps=max_steps, tensorboard=bool(em.create_tensorboard_logger),
                            wandb=_wandb_kwargs(cfg), every_n_steps=int(t.log_every_n_steps or 1))
-    trainer = Trainer(forward_model, model, optimizer, schedule, rt, settings, save_fn=save, log=logger, scaler=scaler)
+    trainer = Trainer(forward_model, model, optimizer, schedule, rt, settings, save_fn=save, log=logger, scaler=scaler,
+                      dims=dims)
     with logger:
         val_before = None
         if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:

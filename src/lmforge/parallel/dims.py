@@ -1,0 +1,162 @@
+"""How the processes of a run are arranged: the one source of the data-parallel size and rank.
+
+    world_size = pipeline x data_parallel x tensor          (tensor fastest, as in Megatron and torchtitan)
+    data_parallel = dp_replicate x dp_shard                   (HSDP: replicate across nodes, shard inside one)
+
+:class:`ParallelDims` is built from the config (``trainer.devices``, ``trainer.num_nodes``,
+``model.tensor_model_parallel_size``, ``model.pipeline_model_parallel_size``, ``model.fsdp``,
+``model.fsdp_sharding_strategy``) and, at run time, checked against the world torchrun launched. The batch
+plan, the sampler, the loss scaling, the metrics and the checkpoint all read ``dp`` and ``dp_rank`` from it;
+nothing else divides by the world size.
+
+Tensor and pipeline parallelism are not implemented yet: :meth:`ParallelDims.check_supported` refuses any
+size above 1 before a stage does any work, so a NeMo command with ``tensor_model_parallel_size=4`` never
+trains silently on a wrong data split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from lmforge.errors import ConfigError
+
+# model.fsdp_sharding_strategy values (NeMo's names) and what each shards.
+FSDP_STRATEGIES = {
+    "full": "parameters, gradients and optimizer state sharded over all data-parallel ranks (ZeRO-3)",
+    "grad": "gradients and optimizer state sharded; parameters stay gathered from forward to backward (ZeRO-2)",
+    "hybrid": "fully sharded inside a node (trainer.devices ranks), replicated across nodes (HSDP)",
+}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The layout of one run.
+
+    Args:
+        world_size: processes in the run (``trainer.devices x trainer.num_nodes``).
+        rank: this process's global rank (0 when only planning).
+        tp, pp: tensor- and pipeline-parallel sizes.
+        fsdp: None (replicated data parallelism, DDP) or one of :data:`FSDP_STRATEGIES`.
+        devices_per_node: ``trainer.devices``; the shard group of ``fsdp="hybrid"``.
+    """
+
+    world_size: int
+    rank: int = 0
+    tp: int = 1
+    pp: int = 1
+    fsdp: Optional[str] = None
+    devices_per_node: int = 1
+
+    def __post_init__(self):
+        for key, value in (("world size", self.world_size), ("model.tensor_model_parallel_size", self.tp),
+                           ("model.pipeline_model_parallel_size", self.pp)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if self.world_size % (self.tp * self.pp):
+            raise ConfigError(
+                f"{self.world_size} processes cannot be split into tensor x pipeline parallel groups of "
+                f"{self.tp} x {self.pp} = {self.tp * self.pp}: the world size must be a multiple of "
+                f"model.tensor_model_parallel_size x model.pipeline_model_parallel_size")
+        if self.fsdp is not None and self.fsdp not in FSDP_STRATEGIES:
+            raise ConfigError(f"model.fsdp_sharding_strategy={self.fsdp!r} is not known; use one of "
+                              f"{', '.join(FSDP_STRATEGIES)}")
+        if self.fsdp == "hybrid" and self.dp % self.devices_per_node:
+            raise ConfigError(
+                f"model.fsdp_sharding_strategy=hybrid shards inside a node of trainer.devices="
+                f"{self.devices_per_node} ranks, but the data-parallel size {self.dp} is not a multiple of it")
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def dp(self) -> int:
+        """Data-parallel size: the number of model replicas (shards of one replica count once)."""
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def dp_shard(self) -> int:
+        """Ranks one replica's parameters are sharded over (1 without FSDP)."""
+        if self.fsdp is None:
+            return 1
+        return self.devices_per_node if self.fsdp == "hybrid" else self.dp
+
+    @property
+    def dp_replicate(self) -> int:
+        """Replicas whose gradients are averaged (all of dp under DDP, the nodes under HSDP)."""
+        return self.dp // self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's index among the data-parallel ranks (which samples it reads)."""
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.fsdp is not None
+
+    # -- checks and meshes ------------------------------------------------------------------------
+    def check_supported(self) -> None:
+        """Refuse what lmforge cannot run yet (tensor and pipeline parallelism), before any work."""
+        parts = []
+        if self.tp > 1:
+            parts.append(f"model.tensor_model_parallel_size={self.tp}")
+        if self.pp > 1:
+            parts.append(f"model.pipeline_model_parallel_size={self.pp}")
+        if parts:
+            raise ConfigError(
+                f"{' and '.join(parts)}: tensor and pipeline parallelism are not implemented in lmforge yet, and "
+                f"training with them would split the data wrongly. Set model.tensor_model_parallel_size=1 "
+                f"model.pipeline_model_parallel_size=1: all {self.world_size} process(es) then train data parallel "
+                f"(global batch unchanged); add model.fsdp=true to shard parameters, gradients and optimizer state "
+                f"when the model does not fit one GPU")
+
+    def check_world(self, launched_world_size: int, launched_rank: int) -> "ParallelDims":
+        """This layout for the process torchrun started; ConfigError when the world differs from the plan."""
+        if launched_world_size != self.world_size:
+            nodes = max(1, self.world_size // max(1, self.devices_per_node))
+            if launched_world_size % nodes == 0:
+                fix = f"trainer.devices={launched_world_size // nodes} trainer.num_nodes={nodes}"
+            else:
+                fix = f"trainer.devices={launched_world_size} trainer.num_nodes=1"
+            raise ConfigError(
+                f"{launched_world_size} process(es) were started, but trainer.devices x trainer.num_nodes = "
+                f"{self.devices_per_node} x {nodes} = {self.world_size}: set {fix}, or start {self.world_size} "
+                f"processes (torchrun --nproc-per-node {self.devices_per_node} --nnodes {nodes})")
+        return ParallelDims(self.world_size, launched_rank, self.tp, self.pp, self.fsdp, self.devices_per_node)
+
+    def build_mesh(self, device_type: str):
+        """The data-parallel DeviceMesh: 1-D ``("dp_shard",)`` or 2-D ``("dp_replicate", "dp_shard")`` (HSDP).
+
+        Only called for FSDP runs (DDP needs no mesh); torch.distributed must be initialised.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.fsdp == "hybrid" and self.dp_replicate > 1:
+            return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
+                                    mesh_dim_names=("dp_replicate", "dp_shard"))
+        return init_device_mesh(device_type, (self.dp,), mesh_dim_names=("dp_shard",))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("rank")
+        d.update(dp=self.dp, dp_shard=self.dp_shard, dp_replicate=self.dp_replicate)
+        return d
+
+    def describe(self) -> str:
+        """One line for the start-of-run log: ``4 processes: data parallel 4 (FSDP full: ...)``."""
+        text = f"{self.world_size} process(es): data parallel {self.dp}"
+        if self.tp > 1 or self.pp > 1:
+            text += f", tensor parallel {self.tp}, pipeline parallel {self.pp}"
+        if self.fsdp is not None:
+            text += f" (FSDP {self.fsdp}: {FSDP_STRATEGIES[self.fsdp]})"
+        return text
+
+
+def fsdp_strategy(enabled, strategy) -> Optional[str]:
+    """NeMo's ``model.fsdp`` + ``model.fsdp_sharding_strategy`` -> None or a key of :data:`FSDP_STRATEGIES`."""
+    if not enabled:
+        return None
+    strategy = "full" if strategy is None else str(strategy).lower()
+    if strategy not in FSDP_STRATEGIES:
+        raise ConfigError(f"model.fsdp_sharding_strategy={strategy!r} is not known; use one of "
+                          f"{', '.join(FSDP_STRATEGIES)}")
+    return strategy

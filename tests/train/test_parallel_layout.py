@@ -1,0 +1,79 @@
+"""One source of the data-parallel size: the batch plan, the sampler and the loop read ParallelDims.
+
+The users' 4-GPU example (NeMo's TP=4, global batch 192, micro batch 6) used to read 4x the global batch
+per step. Tensor/pipeline parallelism is refused until it exists; on 4 data-parallel processes every step
+reads exactly one global batch, the same samples as one process.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.config import load_config
+from lmforge.config.loader import batch_plan, parallel_dims
+from lmforge.errors import ConfigError
+from lmforge.parallel.dims import ParallelDims
+from lmforge.train.loop import LoopSettings, MicroBatches
+from lmforge.parallel.runtime import Runtime
+from tests.conftest import tiny_overrides
+from tests.train.test_pretrain import _cli, _env, _losses
+
+
+def test_users_tp4_example_is_refused_before_any_work(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{
+        "trainer.devices": 4, "model.tensor_model_parallel_size": 4, "model.global_batch_size": 192,
+        "model.micro_batch_size": 6})]
+    p = _cli(args, _env(), nproc=4, check=False)
+    assert p.returncode != 0
+    err = p.stdout + p.stderr
+    assert "model.tensor_model_parallel_size=4" in err and "not implemented" in err
+    assert not [line for line in err.splitlines() if line.strip().startswith("File") and "/lmforge/" in line]
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_pipeline_parallel_refused_too():
+    dims = ParallelDims(8, tp=2, pp=2)
+    assert dims.dp == 2
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2"):
+        dims.check_supported()
+
+
+def test_config_plan_and_dims_agree():
+    cfg = load_config("tiny/llama", ["trainer.devices=4", "model.tensor_model_parallel_size=4",
+                                     "model.global_batch_size=192", "model.micro_batch_size=6"])
+    dims = parallel_dims(cfg)
+    plan = batch_plan(cfg)
+    assert dims.dp == plan.data_parallel_size == 1
+    assert plan.micro_batch_size * plan.data_parallel_size * plan.accumulate_grad_batches == 192
+    cfg = load_config("tiny/llama", ["trainer.devices=4", "model.global_batch_size=192", "model.micro_batch_size=6"])
+    assert parallel_dims(cfg).dp == batch_plan(cfg).data_parallel_size == 4
+
+
+def test_sampler_ranks_cover_each_global_batch_exactly_once():
+    settings = LoopSettings(max_steps=3, micro_batch_size=6, global_batch_size=192, accumulate=8)
+    data = list(range(10_000))
+    for step in range(3):
+        seen = []
+        for rank in range(4):
+            rt = Runtime(rank=rank, world_size=4)
+            mb = MicroBatches(data, settings, rt, ParallelDims(4, rank))
+            for micro in range(settings.accumulate):
+                seen += mb.indices(step, micro)
+        assert sorted(seen) == list(range(step * 192, (step + 1) * 192))
+    with pytest.raises(ValueError, match="global batch"):  # a plan made for another layout is refused
+        MicroBatches(data, settings, Runtime(world_size=4), ParallelDims(4, 0, tp=4))
+
+
+def test_four_processes_read_one_global_batch_per_step(tiny_corpus, tmp_path):
+    one, four = tmp_path / "one", tmp_path / "four"
+    common = {"trainer.max_steps": 4, "trainer.val_check_interval": 4, "trainer.limit_test_batches": 0,
+              "model.global_batch_size": 24, "model.micro_batch_size": 3}
+    _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, one, **common), "trainer.devices=1"], _env())
+    _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, four, **common), "trainer.devices=4"], _env(), nproc=4)
+    consumed = _losses(four, "consumed_samples")
+    assert consumed == {step: 24 * step for step in range(1, 5)}
+    l1, l4 = _losses(one), _losses(four)
+    assert sorted(l1) == sorted(l4) == [1, 2, 3, 4]
+    for step in l1:
+        assert l4[step] == pytest.approx(l1[step], rel=1e-5, abs=1e-6), step
