@@ -24,7 +24,7 @@ import yaml
 from omegaconf import Container, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from lmforge.config.batch import BatchPlan, resolve_batch
+from lmforge.config.batch import BatchPlan, data_parallel_size, resolve_batch
 from lmforge.config.schema import (
     ACCELERATORS,
     ANY,
@@ -33,6 +33,8 @@ from lmforge.config.schema import (
     CHECKPOINT_MODES,
     DATA_IMPLS,
     DATALOADER_TYPES,
+    FSDP_REDUCE_DTYPES,
+    FSDP_SHARDING_STRATEGIES,
     NEMO_FIXED,
     NEMO_IGNORED,
     OPTIMIZER_ALIASES,
@@ -46,6 +48,7 @@ from lmforge.config.schema import (
 )
 from lmforge.errors import ConfigError
 from lmforge.models.config import ModelConfig
+from lmforge.parallel.dims import ParallelDims, fsdp_strategy
 
 log = logging.getLogger(__name__)
 
@@ -513,8 +516,11 @@ def _normalize(cfg: PretrainConfig) -> list[str]:
     cfg.model.activation = normalize_activation(cfg.model.activation)
     if cfg.model.optim.name in OPTIMIZER_ALIASES:
         new = OPTIMIZER_ALIASES[cfg.model.optim.name]
-        notes.append(f"model.optim.name={cfg.model.optim.name} runs as {new} in lmforge (AdamW under data "
-                     "parallelism; optimizer state is not sharded)")
+        if not cfg.model.fsdp:
+            cfg.model.fsdp, cfg.model.fsdp_sharding_strategy = True, "grad"
+            notes.append(f"model.optim.name={cfg.model.optim.name} shards the optimizer state: lmforge runs it as "
+                         f"{new} under FSDP with model.fsdp_sharding_strategy=grad (gradients and optimizer state "
+                         "sharded over the data-parallel ranks)")
         cfg.model.optim.name = new
     return notes
 
@@ -531,11 +537,19 @@ def _fill_derived(cfg: PretrainConfig) -> None:
         m.optim.sched.max_steps = cfg.trainer.max_steps
 
 
+def parallel_dims(cfg: PretrainConfig, rank: int = 0) -> ParallelDims:
+    """The run's :class:`~lmforge.parallel.dims.ParallelDims`: the one source of the data-parallel size."""
+    t, m = cfg.trainer, cfg.model
+    data_parallel_size(t.devices, t.num_nodes, m.tensor_model_parallel_size, m.pipeline_model_parallel_size)
+    return ParallelDims(world_size=t.devices * t.num_nodes, rank=rank, tp=m.tensor_model_parallel_size,
+                        pp=m.pipeline_model_parallel_size, fsdp=fsdp_strategy(m.fsdp, m.fsdp_sharding_strategy),
+                        devices_per_node=t.devices)
+
+
 def batch_plan(cfg: PretrainConfig) -> BatchPlan:
     """The :class:`BatchPlan` of ``cfg`` (see :func:`lmforge.config.batch.resolve_batch`)."""
     return resolve_batch(cfg.model.global_batch_size, cfg.model.micro_batch_size,
-                         cfg.trainer.accumulate_grad_batches, cfg.trainer.devices, cfg.trainer.num_nodes,
-                         cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size)
+                         cfg.trainer.accumulate_grad_batches, dims=parallel_dims(cfg))
 
 
 def _join_problems(problems: list[str]) -> str:
@@ -596,6 +610,30 @@ def _check_data_prefix(problems: list[str], value: Any) -> None:
         _is_number(w) and w > 0 and isinstance(p, str) and p for w, p in zip(value[0::2], value[1::2]))
     if not pairs_ok:
         problems.append(f"model.data.data_prefix={value} must be {form} with positive weights")
+
+
+def _check_activation_checkpointing(problems: list[str], m: ModelSection) -> None:
+    """NeMo's rules for ``model.activations_checkpoint_*`` (granularity and method choices are checked apart)."""
+    g, method, n = m.activations_checkpoint_granularity, m.activations_checkpoint_method, \
+        m.activations_checkpoint_num_layers
+    n_ok = n is None or (_is_int(n) and n >= 1)
+    if not n_ok:
+        problems.append(f"model.activations_checkpoint_num_layers={_show(n)} must be a positive integer "
+                        "(null: 1), e.g. 1")
+    if g is None:
+        for key, value in (("method", method), ("num_layers", n)):
+            if value is not None:
+                problems.append(f"model.activations_checkpoint_{key}={value} has no effect without "
+                                "model.activations_checkpoint_granularity; set it to full")
+    elif g == "selective":  # as NeMo: selective recomputes the core attention of every layer, no chunks
+        for key, value in (("method", method), ("num_layers", n)):
+            if value is not None:
+                problems.append(f"model.activations_checkpoint_{key}={value} must be null with "
+                                "model.activations_checkpoint_granularity=selective; set it to null, or use "
+                                "model.activations_checkpoint_granularity=full")
+    elif g == "full" and method == "block" and n_ok and n is not None and _is_int(m.num_layers) and n > m.num_layers:
+        problems.append(f"model.activations_checkpoint_num_layers={n} exceeds model.num_layers={m.num_layers} "
+                        f"with model.activations_checkpoint_method=block; use at most {m.num_layers}")
 
 
 def _problems(cfg: PretrainConfig) -> list[str]:
@@ -664,10 +702,25 @@ def _problems(cfg: PretrainConfig) -> list[str]:
         p.append(f"model.data.seq_length={seq} exceeds model.max_position_embeddings={max_pos}, the number of "
                  "learned positions; raise model.max_position_embeddings or lower model.encoder_seq_length")
     _at_least(p, "model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
+    if not isinstance(m.fsdp, bool):
+        p.append(f"model.fsdp={_show(m.fsdp)} must be true or false")
+    _choice(p, "model.fsdp_sharding_strategy", m.fsdp_sharding_strategy, FSDP_SHARDING_STRATEGIES)
+    if str(m.fsdp_grad_reduce_dtype).lower() not in FSDP_REDUCE_DTYPES:
+        p.append(f"model.fsdp_grad_reduce_dtype={_show(m.fsdp_grad_reduce_dtype)} is not one of: 32, bf16, 16")
+    if m.fsdp_cpu_offload and not m.fsdp:
+        p.append("model.fsdp_cpu_offload=true offloads FSDP shards: set model.fsdp=true too")
+    if m.fsdp_sharded_checkpoint is not None and not m.fsdp:
+        p.append(f"model.fsdp_sharded_checkpoint={_show(m.fsdp_sharded_checkpoint)} applies to FSDP runs only: set "
+                 "model.fsdp=true, or remove the key")
+    if (m.fsdp and m.fsdp_sharding_strategy == "hybrid" and _is_int(t.devices) and _is_int(t.num_nodes)
+            and t.num_nodes == 1):
+        p.append("model.fsdp_sharding_strategy=hybrid replicates across nodes but trainer.num_nodes=1: use "
+                 "model.fsdp_sharding_strategy=full on one node")
     _choice(p, "model.activations_checkpoint_granularity", m.activations_checkpoint_granularity,
             (None,) + CHECKPOINT_GRANULARITIES)
     _choice(p, "model.activations_checkpoint_method", m.activations_checkpoint_method,
             (None,) + CHECKPOINT_METHODS)
+    _check_activation_checkpointing(p, m)
 
     # model: architecture, checked by ModelConfig itself (sizes, heads/groups, norms, dropouts, ...)
     if lengths_ok and _is_int(m.make_vocab_size_divisible_by) and m.make_vocab_size_divisible_by >= 1:

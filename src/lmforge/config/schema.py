@@ -34,8 +34,12 @@ PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "gpu", "cpu")
 ACTIVATION_ALIASES = {"fast-swiglu": "swiglu", "swiglu": "swiglu", "gelu": "gelu"}
 OPTIMIZERS = ("fused_adam", "adamw", "adam")
-# NeMo's distributed optimizer; lmforge runs plain (fused) AdamW under data parallelism instead.
+# NeMo's distributed optimizer: AdamW with its state sharded over the data-parallel ranks. lmforge runs it as
+# fused AdamW under FSDP (model.fsdp_sharding_strategy=grad unless model.fsdp=true chooses another strategy).
 OPTIMIZER_ALIASES = {"distributed_fused_adam": "fused_adam"}
+FSDP_SHARDING_STRATEGIES = ("full", "grad", "hybrid")
+FSDP_REDUCE_DTYPES = {"32": "float32", "fp32": "float32", "float32": "float32", "bf16": "bfloat16",
+                      "bfloat16": "bfloat16", "16": "float16", "fp16": "float16", "float16": "float16"}
 SCHEDULERS = ("CosineAnnealing", "constant", "none")
 CHECKPOINT_GRANULARITIES = ("full", "selective")
 CHECKPOINT_METHODS = ("uniform", "block")
@@ -183,6 +187,12 @@ class ModelSection:
     global_batch_size: Optional[int] = 8
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Sharded data parallelism (FSDP2): parameters, gradients and optimizer state split over the ranks.
+    fsdp: bool = False
+    fsdp_sharding_strategy: str = "full"  # full (ZeRO-3) | grad (ZeRO-2) | hybrid (shard in a node, replicate across)
+    fsdp_grad_reduce_dtype: Any = 32  # dtype of the gradient reduce-scatter: 32 | bf16 | 16
+    fsdp_cpu_offload: bool = False  # lmforge: keep sharded parameters, gradients and optimizer state in CPU memory
+    fsdp_sharded_checkpoint: Optional[bool] = None  # None/true: each rank writes its shards (DCP); false: full weights
     # Architecture (mapped by name onto lmforge.models.config.ModelConfig).
     encoder_seq_length: int = 512
     max_position_embeddings: Optional[int] = None  # None: encoder_seq_length
@@ -205,7 +215,8 @@ class ModelSection:
     make_vocab_size_divisible_by: int = 128
     seed: int = 1234
     activations_checkpoint_granularity: Optional[str] = None  # None | full | selective
-    activations_checkpoint_method: Optional[str] = None  # None | uniform | block
+    activations_checkpoint_method: Optional[str] = None  # None | uniform | block (None with full: uniform)
+    activations_checkpoint_num_layers: Optional[int] = None  # layers per chunk (uniform) or checkpointed (block); None: 1
     compile: bool = False  # lmforge: torch.compile the blocks
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -302,10 +313,6 @@ NEMO_IGNORED: dict[str, Any] = {
     "model.overlap_p2p_comm": False,
     "model.batch_p2p_comm": True,
     "model.sync_batch_comm": False,
-    "model.fsdp": False,
-    "model.fsdp_sharding_strategy": ANY,
-    "model.fsdp_grad_reduce_dtype": ANY,
-    "model.fsdp_sharded_checkpoint": False,
     "model.sharp": False,
     "model.gradient_as_bucket_view": True,
     "model.pre_process": True,
@@ -340,7 +347,6 @@ NEMO_IGNORED: dict[str, Any] = {
     "model.use_scaled_init_method": True,
     "model.do_layer_norm_weight_decay": False,
     "model.ffn_dropout": 0.0,
-    "model.activations_checkpoint_num_layers": None,
     "model.num_micro_batches_with_partial_activation_checkpoints": None,
     "model.activations_checkpoint_layers_per_pipeline": None,
     # model: Transformer Engine and FP8
