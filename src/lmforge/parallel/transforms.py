@@ -1,22 +1,142 @@
 """Transformations applied to a plain model from outside (torchtitan's order: checkpointing, then compile).
 
-Both keep parameter names unchanged, so checkpoints of a transformed model load into a plain one.
+Both keep parameter names unchanged, so checkpoints of a transformed model load into a plain one: they
+replace methods of module instances (``block.forward``, ``attention._sdpa``), never modules.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
+from typing import Callable, Optional
 
-import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.errors import ConfigError
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block's activations in the backward pass instead of keeping them ("full" granularity)."""
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+GRANULARITIES = ("full", "selective")
+METHODS = ("uniform", "block")
+
+
+def _checkpointed(fn: Callable) -> Callable:
+    """``fn`` run under non-reentrant ``torch.utils.checkpoint``: nothing it would save for backward is kept,
+    it runs again (same RNG state, so the same dropout) when the backward pass needs its activations."""
+    return functools.partial(checkpoint, fn, use_reentrant=False)
+
+
+def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optional[int],
+          total: int) -> tuple[Optional[str], Optional[str], Optional[int]]:
+    """The checked setting, NeMo's ``model.activations_checkpoint_*`` rules; None/None/None means off."""
+    g, m, n = "model.activations_checkpoint_granularity", "model.activations_checkpoint_method", \
+        "model.activations_checkpoint_num_layers"
+    if granularity is None:
+        for key, value in ((m, method), (n, num_layers)):
+            if value is not None:
+                raise ConfigError(f"{key}={value} has no effect without {g}; set it to full")
+        return None, None, None
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"{g}={granularity!r} is not one of: {', '.join(GRANULARITIES)} (or null: off)")
+    if granularity == "selective":
+        for key, value in ((m, method), (n, num_layers)):
+            if value is not None:  # NeMo raises here too: selective has no chunks to choose
+                raise ConfigError(f"{key}={value} must be null with {g}=selective (the core attention of every "
+                                  f"layer is recomputed); set it to null, or use {g}=full")
+        return "selective", None, None
+    method = "uniform" if method is None else method
+    if method not in METHODS:
+        raise ConfigError(f"{m}={method!r} is not one of: {', '.join(METHODS)}, e.g. {m}=uniform")
+    num_layers = 1 if num_layers is None else num_layers
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ConfigError(f"{n}={num_layers!r} must be a positive integer, e.g. {n}=1")
+    if method == "block" and num_layers > total:
+        raise ConfigError(f"{n}={num_layers} exceeds the model's {total} layers with {m}=block; "
+                          f"use at most {n}={total}")
+    return "full", method, num_layers
+
+
+def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] = "full",
+                                   method: Optional[str] = None, num_layers: Optional[int] = None) -> nn.Module:
+    """Recompute activations in the backward pass instead of keeping them, as NeMo/Megatron's
+    ``activations_checkpoint_granularity`` / ``_method`` / ``_num_layers`` do. In place; returns ``model``.
+
+    Settings (``model.layers`` holds the L blocks; a block may be a dense or MoE block, LoRA-wrapped or not):
+
+    * ``full`` + ``uniform`` (``method`` None means uniform, ``num_layers`` None means 1): the blocks are cut
+      into consecutive chunks of ``num_layers`` (the last one may be shorter; ``num_layers >= L`` is one
+      chunk). Only each chunk's input is kept; backward runs the whole chunk again. ``full`` alone is one
+      block per chunk, what this function always did.
+    * ``full`` + ``block``: the first ``num_layers`` blocks are checkpointed one by one, the others keep
+      their activations (fewer recomputations when memory allows).
+    * ``selective``: in every layer only the core attention (``Attention._sdpa`` / ``_eager``: softmax(QK^T)V,
+      large and cheap to recompute) is recomputed; the projections, norms and MLPs keep their activations.
+      As in NeMo, ``method`` and ``num_layers`` must then be None.
+    * ``granularity`` None: nothing (``method``/``num_layers`` must be None too).
+
+    A chunk of n > 1 blocks without changing ``Transformer.forward`` (which calls each of ``model.layers`` in
+    turn): the chunk's first block gets a ``forward`` that runs all n blocks' own forwards as one checkpointed
+    function and remembers (a weak reference) the tensor it returned; each other block of the chunk gets a
+    ``forward`` that hands that very tensor back untouched (its work is already in it), and runs normally for
+    any other input. So the blocks must be called in order, each on the previous one's output, as
+    ``Transformer`` does.
+
+    Raises:
+        ConfigError: an unknown granularity or method, ``num_layers < 1``, ``num_layers > L`` with ``block``,
+            ``method``/``num_layers`` with ``selective`` or without a granularity (the message names the
+            ``model.activations_checkpoint_*`` key and a value that works).
+        ValueError: the model was already transformed by this function.
+    """
+    layers = model.layers
+    granularity, method, num_layers = _plan(granularity, method, num_layers, len(layers))
+    if granularity is None:
+        return model
+    if getattr(model, "_activation_checkpointing", None) is not None:
+        raise ValueError(f"activation checkpointing is already applied to this model "
+                         f"({model._activation_checkpointing}); apply it once")
+    if granularity == "selective":
+        for block in layers:
+            attn = block.self_attn
+            attn._sdpa = _checkpointed(attn._sdpa)
+            attn._eager = _checkpointed(attn._eager)  # the soft-capped path (Gemma 2): its (B, nh, T, S) scores
+    elif method == "block":
+        for block in list(layers)[:num_layers]:
+            block.forward = _checkpointed(block.forward)
+    else:
+        blocks = list(layers)
+        for start in range(0, len(blocks), num_layers):
+            _checkpoint_chunk(blocks[start:start + num_layers])
+    model._activation_checkpointing = (granularity, method, num_layers)
     return model
+
+
+def _checkpoint_chunk(blocks: list[nn.Module]) -> None:
+    """Make ``blocks`` (consecutive) one checkpointed unit; see :func:`apply_activation_checkpointing`."""
+    forwards = [block.forward for block in blocks]
+    if len(blocks) == 1:
+        blocks[0].forward = _checkpointed(forwards[0])
+        return
+    handed_off = [lambda: None]  # weak reference to the chunk's last output (the activation is not kept alive)
+
+    def run_chunk(x, *args, **kwargs):
+        for forward in forwards:
+            x = forward(x, *args, **kwargs)
+        return x
+
+    def first_forward(x, *args, **kwargs):
+        out = checkpoint(run_chunk, x, *args, use_reentrant=False, **kwargs)
+        handed_off[0] = weakref.ref(out)
+        return out
+
+    def other_forward(own_forward):
+        def forward(x, *args, **kwargs):
+            if handed_off[0]() is x:  # the chunk's output: this block already ran inside it
+                return x
+            return own_forward(x, *args, **kwargs)
+        return forward
+
+    blocks[0].forward = first_forward
+    for block, forward in zip(blocks[1:], forwards[1:]):
+        block.forward = other_forward(forward)
 
 
 def apply_compile(model: nn.Module) -> nn.Module:

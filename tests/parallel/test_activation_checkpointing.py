@@ -1,0 +1,298 @@
+"""Activation checkpointing as NeMo names it (granularity full/selective, method uniform/block, num_layers).
+
+Every setting gives the loss and gradients of the plain model, and each one acts: the bytes autograd keeps
+for backward (a pack hook over the saved tensors, parameters and buffers left out, each storage counted
+once) and the number of times blocks and core attentions run say which activations were kept and which
+were recomputed. Tiny Llama and Mixtral-shaped models, fp32, CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.errors import ConfigError
+from lmforge.models import ModelConfig, Transformer
+from lmforge.parallel.transforms import apply_activation_checkpointing
+from lmforge.train.objectives import CausalLMLoss
+
+B, T, L, C = 2, 32, 4, 32  # batch, tokens (the loss reads T + 1), layers, hidden size
+
+
+def make_cfg(kind: str = "llama", **kw) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=C, num_layers=L, num_attention_heads=4, num_query_groups=2,
+                ffn_hidden_size=64, max_position_embeddings=64, normalization="rmsnorm", activation="swiglu",
+                bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=False,
+                hidden_dropout=0.0, attention_dropout=0.0)
+    if kind == "mixtral":  # experts, top-2 routing, the router's load-balancing loss in the objective
+        base.update(num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_model(cfg: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (B, T + 1), generator=torch.Generator().manual_seed(1))
+
+
+# (granularity, method, num_layers) as apply_activation_checkpointing takes them; None: no checkpointing
+SETTINGS = {
+    "full": ("full", None, None),
+    "full/uniform/1": ("full", "uniform", 1),
+    "full/uniform/2": ("full", "uniform", 2),
+    "full/uniform/3": ("full", "uniform", 3),  # chunks of 3 and 1
+    "full/uniform/4": ("full", "uniform", 4),
+    "full/block/1": ("full", "block", 1),
+    "full/block/2": ("full", "block", 2),
+    "full/block/4": ("full", "block", 4),
+    "selective": ("selective", None, None),
+}
+
+
+def transformed(base: Transformer, setting) -> Transformer:
+    model = copy.deepcopy(base)
+    if setting is not None:
+        apply_activation_checkpointing(model, *setting)
+    return model
+
+
+def loss_and_grads(model: Transformer, seed: int = 2):
+    torch.manual_seed(seed)  # dropout draws
+    loss_sum, n = CausalLMLoss(model)(tokens())
+    loss = loss_sum / n
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def saved_bytes(model: Transformer) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during one forward (weights and buffers left
+    out). Tensors saved inside a checkpointed region go to the checkpoint's own hooks, not to this one; the
+    checkpoint's inputs are saved outside it and counted."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, _ = CausalLMLoss(model)(tokens())
+    loss_sum.backward()
+    return sum(kept.values())
+
+
+# -- the same numbers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_same_loss_and_gradients(kind, name):
+    base = make_model(make_cfg(kind))
+    ref_loss, ref_grads = loss_and_grads(transformed(base, None))
+    loss, grads = loss_and_grads(transformed(base, SETTINGS[name]))
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    if kind == "mixtral":
+        assert grads["layers.0.mlp.router.weight"].abs().sum() > 0  # the aux loss reaches the router
+    for key, ref in ref_grads.items():
+        assert torch.allclose(grads[key], ref, rtol=1e-5, atol=1e-7), key
+
+
+@pytest.mark.parametrize("name", ["full/uniform/2", "full/block/2", "selective"])
+def test_dropout_is_recomputed_with_the_same_masks(name):
+    base = make_model(make_cfg(hidden_dropout=0.1, attention_dropout=0.1))
+    ref_loss, ref_grads = loss_and_grads(transformed(base, None))
+    loss, grads = loss_and_grads(transformed(base, SETTINGS[name]))
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for key, ref in ref_grads.items():
+        assert torch.allclose(grads[key], ref, rtol=1e-5, atol=1e-7), key
+
+
+@pytest.mark.parametrize("name", ["full/uniform/2", "full/block/1", "selective"])
+def test_lora_wrapped_blocks(name):
+    from lmforge.peft import LoRAConfig, apply_peft
+
+    base = make_model(make_cfg("mixtral"))
+    apply_peft(base, "lora", LoRAConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():  # B starts at zero; make A's gradient non-zero too
+        for key, p in base.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0.0, 0.02)
+    ref_loss, ref_grads = loss_and_grads(transformed(base, None))
+    loss, grads = loss_and_grads(transformed(base, SETTINGS[name]))
+    assert ref_grads and all("lora_" in k for k in ref_grads)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for key, ref in ref_grads.items():
+        assert ref.abs().sum() > 0, key
+        assert torch.allclose(grads[key], ref, rtol=1e-5, atol=1e-7), key
+
+
+def test_names_unchanged_and_inference_with_a_cache():
+    base = make_model(make_cfg())
+    model = transformed(base, SETTINGS["full/uniform/3"])
+    assert list(model.state_dict()) == list(base.state_dict())
+    plain = Transformer(base.cfg)
+    plain.load_state_dict(model.state_dict())
+    x = tokens()[:, :9]
+    with torch.no_grad():
+        ref = base(x)
+        assert torch.allclose(model(x), ref, atol=1e-6)
+        from lmforge.models.transformer import KVCache
+
+        cache = KVCache(base.cfg, B, 16)
+        steps = [model(x[:, :5], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache, start_pos=t)
+                                                     for t in range(5, 9)]
+    assert torch.allclose(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=1e-5)
+    # a block of a chunk called on its own (not on the chunk's output) runs normally
+    h = torch.randn(B, 4, C)
+    rope = (base.rope_cos[:4], base.rope_sin[:4])
+    assert torch.allclose(model.layers[1](h, rope), base.layers[1](h, rope), atol=1e-6)
+
+
+# -- each setting acts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_saved_bytes(kind):
+    base = make_model(make_cfg(kind))
+    saved = {name: saved_bytes(transformed(base, s)) for name, s in [("none", None), *SETTINGS.items()]}
+    block_input = B * T * C * 4  # fp32 (B, T, C): what a chunk keeps
+    # full: each chunk keeps its input, and nothing of what runs inside it
+    assert saved["full"] == saved["full/uniform/1"] < saved["none"]
+    assert saved["full/uniform/1"] - saved["full/uniform/2"] == 2 * block_input  # 4 chunk inputs -> 2
+    assert saved["full/uniform/2"] - saved["full/uniform/4"] == 1 * block_input  # 2 -> 1
+    assert saved["full/uniform/3"] == saved["full/uniform/2"]  # chunks of 3 + 1: two inputs
+    # block: the first num_layers blocks checkpointed, the others keep everything
+    assert saved["full/block/1"] > saved["full/block/2"] > saved["full/block/4"] == saved["full/uniform/1"]
+    per_block = saved["none"] - saved["full/block/1"]  # one plain block's activations, less its kept input
+    assert saved["full/block/2"] == saved["full/block/1"] - per_block
+    # selective: only the core attention's own saved tensors go (here SDPA's log-sum-exp rows)
+    assert saved["full"] < saved["selective"] < saved["none"]
+
+
+@pytest.mark.parametrize("extra", [dict(attention_dropout=0.1), dict(attn_logit_softcapping=30.0)])
+def test_selective_drops_the_attention_matrices(extra):
+    """With attention dropout (SDPA's math path) or soft-capped scores (the eager path) the (B, nh, T, T)
+    probabilities are what attention keeps; selective keeps none of them."""
+    base = make_model(make_cfg(**extra))
+    none, selective = saved_bytes(transformed(base, None)), saved_bytes(transformed(base, SETTINGS["selective"]))
+    probs = B * base.cfg.num_attention_heads * T * T * 4
+    assert none - selective >= L * probs
+
+
+def count_calls(model: Transformer) -> dict[str, list[int]]:
+    """Wrap each block's forward and each attention's core (``_sdpa``) with a call counter; install before
+    checkpointing, so the counters sit inside what it wraps and count the forward runs and the recomputations."""
+    counts = {"block": [0] * L, "core": [0] * L}
+
+    def counting(fn, kind, i):
+        def wrapper(*args, **kwargs):
+            counts[kind][i] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for i, block in enumerate(model.layers):
+        block.forward = counting(block.forward, "block", i)
+        block.self_attn._sdpa = counting(block.self_attn._sdpa, "core", i)
+    return counts
+
+
+# block runs and core-attention runs per layer, in the forward and in the backward (recomputations)
+EXPECTED_RUNS = {
+    "none": ([0, 0, 0, 0], [0, 0, 0, 0]),
+    "full": ([1, 1, 1, 1], [1, 1, 1, 1]),
+    "full/uniform/2": ([1, 1, 1, 1], [1, 1, 1, 1]),
+    "full/uniform/3": ([1, 1, 1, 1], [1, 1, 1, 1]),
+    "full/uniform/4": ([1, 1, 1, 1], [1, 1, 1, 1]),
+    "full/block/1": ([1, 0, 0, 0], [1, 0, 0, 0]),
+    "full/block/2": ([1, 1, 0, 0], [1, 1, 0, 0]),
+    "selective": ([0, 0, 0, 0], [1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+@pytest.mark.parametrize("name", list(EXPECTED_RUNS))
+def test_recomputations(kind, name):
+    model = make_model(make_cfg(kind))
+    counts = count_calls(model)
+    if name != "none":
+        apply_activation_checkpointing(model, *SETTINGS[name])
+    loss_sum, _ = CausalLMLoss(model)(tokens())
+    assert counts == {"block": [1] * L, "core": [1] * L}  # the forward runs everything once
+    loss_sum.backward()
+    blocks, cores = EXPECTED_RUNS[name]
+    assert counts["block"] == [1 + r for r in blocks]
+    assert counts["core"] == [1 + r for r in cores]
+
+
+def test_no_arguments_is_full_uniform_one():
+    base = make_model(make_cfg())
+    model = copy.deepcopy(base)
+    apply_activation_checkpointing(model)
+    assert model._activation_checkpointing == ("full", "uniform", 1)
+    assert saved_bytes(model) == saved_bytes(transformed(base, SETTINGS["full/uniform/1"]))
+    with pytest.raises(ValueError, match="already applied"):
+        apply_activation_checkpointing(model)
+    unchanged = transformed(base, (None, None, None))
+    assert not hasattr(unchanged, "_activation_checkpointing")
+
+
+@pytest.mark.parametrize("kwargs, key, works", [
+    (dict(num_layers=0), "activations_checkpoint_num_layers=0", "num_layers=1"),
+    (dict(method="block", num_layers=5), "activations_checkpoint_num_layers=5", "num_layers=4"),
+    (dict(method="unifrom"), "activations_checkpoint_method='unifrom'", "method=uniform"),
+    (dict(granularity="partial"), "activations_checkpoint_granularity='partial'", "full"),
+    (dict(granularity="selective", method="uniform"), "activations_checkpoint_method=uniform", "null"),
+    (dict(granularity="selective", num_layers=2), "activations_checkpoint_num_layers=2", "null"),
+    (dict(granularity=None, method="block"), "activations_checkpoint_method=block", "full"),
+])
+def test_invalid_settings(kwargs, key, works):
+    model = make_model(make_cfg())
+    with pytest.raises(ConfigError) as err:
+        apply_activation_checkpointing(model, **kwargs)
+    assert key in str(err.value) and works in str(err.value)
+    assert not hasattr(model, "_activation_checkpointing")
+
+
+# -- config -------------------------------------------------------------------------------------------
+
+
+def test_config_keys():
+    cfg = load_config("tiny/llama", ["model.activations_checkpoint_granularity=full",
+                                     "model.activations_checkpoint_method=block",
+                                     "model.activations_checkpoint_num_layers=2"])
+    m = cfg.model
+    assert (m.activations_checkpoint_granularity, m.activations_checkpoint_method,
+            m.activations_checkpoint_num_layers) == ("full", "block", 2)
+    assert load_config("tiny/llama", []).model.activations_checkpoint_num_layers is None
+    assert load_config("tiny/llama", ["model.activations_checkpoint_granularity=selective"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.activations_checkpoint_method=uniform"], "model.activations_checkpoint_method=uniform"),
+    (["model.activations_checkpoint_num_layers=2"], "model.activations_checkpoint_num_layers=2"),
+    (["model.activations_checkpoint_granularity=selective", "model.activations_checkpoint_method=uniform"],
+     "model.activations_checkpoint_method=uniform"),
+    (["model.activations_checkpoint_granularity=selective", "model.activations_checkpoint_num_layers=1"],
+     "model.activations_checkpoint_num_layers=1"),
+    (["model.activations_checkpoint_granularity=full", "model.activations_checkpoint_num_layers=0"],
+     "model.activations_checkpoint_num_layers=0"),
+    (["model.activations_checkpoint_granularity=full", "model.activations_checkpoint_method=block",
+      "model.activations_checkpoint_num_layers=99"], "model.activations_checkpoint_num_layers=99"),
+])
+def test_config_invalid_combinations(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny/llama", overrides)
+    text = str(err.value)
+    assert text.startswith(key) and "problems" not in text  # one problem, naming the key
