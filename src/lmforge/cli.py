@@ -61,6 +61,11 @@ def _add_config(sub):
     p = sub.add_parser("config", help="print the resolved config of a recipe or YAML file, with overrides applied")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the per-GPU memory (weights, gradients, optimizer state, activations) instead, "
+                        "and the micro batch that fills 60-80%% of the card")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="memory of one GPU for --estimate, e.g. 80GB, 40GiB, 81559MB (default: 80GB; GB = 2^30 bytes)")
     p.set_defaults(func=_cmd_config)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
@@ -69,8 +74,31 @@ def _add_config(sub):
 def _cmd_config(a):
     from lmforge.config import load_config, to_yaml
 
-    print(to_yaml(load_config(a.config, a.overrides)), end="")
+    if a.gpu_memory is not None and not a.estimate:
+        raise UserError("--gpu-memory sizes the card for --estimate; add --estimate, or drop --gpu-memory")
+    if not a.estimate:
+        print(to_yaml(load_config(a.config, a.overrides)), end="")
+        return 0
+    from lmforge.config.estimate import estimate_memory, parse_memory_size
+
+    card = parse_memory_size(a.gpu_memory if a.gpu_memory is not None else "80GB", flag="--gpu-memory")
+    cfg = load_config(a.config, a.overrides)
+    print(estimate_memory(cfg, vocab_size=_local_vocab_size(cfg), gpu_memory_bytes=card, name=a.config).render(),
+          end="")
     return 0
+
+
+def _local_vocab_size(cfg):
+    """The vocabulary of the config's tokenizer when it is a local file or folder; None otherwise (nothing is
+    downloaded)."""
+    from lmforge.config import tokenizer_path
+
+    path = tokenizer_path(cfg)
+    if not path or not Path(path).exists():
+        return None
+    from lmforge.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(path).vocab_size
 
 
 def _cmd_recipes(a):

@@ -72,7 +72,7 @@ def run(out: str | Path = "quickstart_out", max_steps: int | None = None, max_by
     from lmforge.data.preprocess import preprocess
     from lmforge.data.tokenizers import train_bpe
     from lmforge.models.generate import generate
-    from lmforge.models.load import load_for_inference
+    from lmforge.open import load_for_inference
     from lmforge.train.metrics import plot_loss_curve
     from lmforge.train.pretrain import run as pretrain
 

@@ -11,7 +11,7 @@ from lmforge.cli import main
 from lmforge.convert.hf import convert
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import generate
-from lmforge.models.load import load_for_inference
+from lmforge.open import load_for_inference
 
 V = 97
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -167,7 +167,7 @@ def test_a_training_runs_results_folder_converts_its_newest_checkpoint(tiny_corp
     """`lmforge convert RESULTS_DIR out --to hf` takes the run's newest complete checkpoint (what a pipeline's
     conversion stage needs: it cannot know the step folder's name before training has run)."""
     from lmforge.config import load_config
-    from lmforge.models.load import load_for_inference
+    from lmforge.open import load_for_inference
     from lmforge.train.pretrain import run
     from tests.conftest import tiny_overrides
 

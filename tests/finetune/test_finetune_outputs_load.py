@@ -10,7 +10,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import CheckpointError
-from lmforge.models.load import load_for_inference
+from lmforge.open import load_for_inference
 from lmforge.peft import adapter_for_inference
 
 

@@ -61,7 +61,7 @@ def test_resume_reproduces_losses(tmp_path, base_model_dir, task_files):
 
 
 def test_cli_finetune_merge_and_preview(tmp_path, base_model_dir, task_files, capsys):
-    from lmforge.models.load import load_for_inference
+    from lmforge.open import load_for_inference
     from lmforge.peft import apply_adapter
 
     train, val = task_files

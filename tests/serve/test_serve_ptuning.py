@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.models.load import load_for_inference
+from lmforge.open import load_for_inference
 from lmforge.peft import PTuningConfig, apply_adapter, apply_peft, save_adapter
 from lmforge.serve.engine import PromptTooLongError, SamplingParams, engine_from_checkpoint
 from tests.serve.test_serve_server import make_checkpoint

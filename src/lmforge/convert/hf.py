@@ -9,7 +9,9 @@ Formats:
     HF folder       config.json (``model_type``), model.safetensors or model-*.safetensors +
                     model.safetensors.index.json, tokenizer files, generation_config.json, chat template.
     lmforge folder  config.json ``{"lmforge_version", "format": "lmforge", "model": {...}, "family",
-                    "hf_config"}``, the same safetensors layout with lmforge tensor names, tokenizer files.
+                    "hf_config"}``, the same safetensors layout with lmforge tensor names, tokenizer files;
+                    or (read only) a sharded FSDP checkpoint: ``model/`` with one safetensors file per rank
+                    (:mod:`lmforge.train.sharded`), each full tensor assembled from its slices when read.
     .nemo           NeMo 1.x archive (import only; see :mod:`lmforge.convert.nemo`).
 """
 
@@ -17,14 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
+from lmforge.convert.nemo import open_nemo
+from lmforge.convert.plan import (Source, Step, expected_shapes, hf_shapes, plan, to_hf_tensors,  # noqa: F401
+                                  to_our_tensors)
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_path, write_json_atomic
 from lmforge.models.config import ModelConfig
@@ -32,7 +35,8 @@ from lmforge.models.families import (FAMILIES, Family, Rule, family_by_name, gue
                                      model_config_to_hf)
 
 __all__ = ["detect_format", "SafetensorsFolder", "ShardWriter", "Step", "plan", "expected_shapes", "to_hf_tensors",
-           "to_our_tensors", "Source", "open_source", "convert", "load_hf_model", "read_hf_config", "CARRIED_FILES"]
+           "to_our_tensors", "Source", "open_source", "lmforge_weights", "convert", "load_hf_model", "read_hf_config",
+           "CARRIED_FILES"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -61,7 +65,7 @@ def _read_json(path: Path) -> dict:
 def _checkpoint_of_run(path: str | os.PathLike) -> Path:
     """A training run's results folder (or its checkpoints/ folder) stands for its newest complete checkpoint,
     so a pipeline can convert "whatever training produced"; any other path is returned as it is."""
-    from lmforge.models.load import find_adapter
+    from lmforge.locate import find_adapter
 
     path = Path(path)
     try:
@@ -75,7 +79,7 @@ def _checkpoint_of_run(path: str | os.PathLike) -> Path:
                               f"MERGED (a LoRA or IA3 adapter is in HF PEFT format: PEFT and vLLM load {adapter} as it is)")
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "model_config.yaml").is_file():
         if (path / "checkpoints").is_dir() or (path / "latest").is_file() or any(path.glob("step_*")):
-            from lmforge.models.load import resolve_checkpoint
+            from lmforge.locate import resolve_checkpoint
 
             return resolve_checkpoint(path)
     return path
@@ -222,119 +226,7 @@ class ShardWriter:
         return self.total_bytes
 
 
-# ---------------------------------------------------------------------------------------------- the plan
-
-
-@dataclass
-class Step:
-    """One rule applied to one layer (and expert): concrete names on both sides."""
-
-    kind: str
-    ours: list[str]
-    hf: list[str]
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """lmforge tensor name -> shape, from a model built on the meta device (no memory)."""
-    from lmforge.models.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def _template_regex(template: str) -> re.Pattern:
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
-    return re.compile(f"^{pattern}$")
-
-
-def plan(cfg: ModelConfig, fam: Family) -> list[Step]:
-    """Every rule of ``fam`` expanded over the tensors a ``cfg`` model has, in the model's order."""
-    shapes = expected_shapes(cfg)
-    rules = [(rule, _template_regex(rule.ours[0])) for rule in fam.rules(cfg)]
-    steps, covered = [], set()
-    for key in shapes:
-        if key in covered:
-            continue
-        for rule, regex in rules:
-            m = regex.match(key)
-            if m is None:
-                continue
-            names = {k: v for k, v in m.groupdict().items() if v is not None}
-            ours = [t.format(**names) for t in rule.ours]
-            if not all(o in shapes for o in ours):
-                continue
-            steps.append(Step(rule.kind, ours, [t.format(**names) for t in rule.hf]))
-            covered.update(ours)
-            break
-    left = [k for k in shapes if k not in covered]
-    if left:
-        raise ConfigError(f"the {fam.name} family cannot hold tensors {left[:3]} of this model config; "
-                          f"pick another family with --family")
-    return steps
-
-
-def to_hf_tensors(step: Step, tensors: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
-    """HF tensors of ``step`` from its lmforge tensors."""
-    kind = step.kind
-    if kind == "copy":
-        return [tensors[0]]
-    if kind == "transpose":
-        return [tensors[0].t()]
-    if kind == "cat":
-        return [torch.cat(tensors, dim=0)]
-    if kind == "cat_t":
-        return [torch.cat(tensors, dim=0).t()]
-    if kind == "grouped_qkv":
-        q, k, v = tensors
-        g = cfg.num_query_groups
-        rest = q.shape[1:]
-        parts = [q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)]
-        return [torch.cat(parts, dim=1).reshape(-1, *rest)]
-    raise ValueError(f"unknown rule kind {kind!r}")
-
-
-def to_our_tensors(step: Step, tensors: list[torch.Tensor], cfg: ModelConfig,
-                   shapes: dict[str, torch.Size]) -> list[torch.Tensor]:
-    """lmforge tensors of ``step`` from its HF tensors (``shapes``: the expected lmforge shapes)."""
-    kind = step.kind
-    (t,) = tensors
-    if kind == "copy":
-        return [t]
-    if kind == "transpose":
-        return [t.t()]
-    sizes = [shapes[name][0] for name in step.ours]
-    if kind == "cat":
-        return [p.clone() for p in torch.split(t, sizes, dim=0)]
-    if kind == "cat_t":
-        return [p.clone() for p in torch.split(t.t(), sizes, dim=0)]
-    if kind == "grouped_qkv":
-        g = cfg.num_query_groups
-        rest = t.shape[1:]
-        q, k, v = torch.split(t.reshape(g, -1, *rest), [s // g for s in sizes], dim=1)
-        return [p.reshape(-1, *rest).clone() for p in (q, k, v)]
-    raise ValueError(f"unknown rule kind {kind!r}")
-
-
-def _hf_shapes(step: Step, cfg: ModelConfig, shapes: dict[str, torch.Size]) -> list[torch.Size]:
-    meta = [torch.empty(shapes[name], device="meta") for name in step.ours]
-    return [t.shape for t in to_hf_tensors(step, meta, cfg)]
-
-
 # ---------------------------------------------------------------------------------------------- sources
-
-
-@dataclass
-class Source:
-    """A model to convert: its config, family, lmforge-named tensors (streamed) and what travels with it."""
-
-    cfg: ModelConfig
-    family: Family
-    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
-    total_bytes: int
-    hf_extra: dict = field(default_factory=dict)  # token ids / dtype to write back into an HF config
-    carry_from: Optional[Path] = None  # folder whose CARRIED_FILES are copied
-    tokenizer_files: dict = field(default_factory=dict)  # name -> bytes (from a .nemo archive)
 
 
 def read_hf_config(folder: str | os.PathLike) -> tuple[Family, ModelConfig, dict]:
@@ -351,7 +243,7 @@ def iter_hf_tensors(reader: SafetensorsFolder, cfg: ModelConfig, fam: Family) ->
     steps = plan(cfg, fam)
     used = set()
     for step in steps:
-        for name, want in zip(step.hf, _hf_shapes(step, cfg, shapes)):
+        for name, want in zip(step.hf, hf_shapes(step, cfg, shapes)):
             if name not in reader:
                 continue  # reader.get names it below
             got = reader.shape(name)
@@ -367,6 +259,19 @@ def iter_hf_tensors(reader: SafetensorsFolder, cfg: ModelConfig, fam: Family) ->
     if extra:
         raise CheckpointError(f"{reader.folder}: tensors {extra[:3]} are not used by the {fam.name} model that "
                               f"config.json describes (does num_hidden_layers or another size match the weights?)")
+
+
+def lmforge_weights(folder: str | os.PathLike):
+    """The weights of an lmforge checkpoint folder as a reader (``keys``, ``in``, ``shape``, ``get``):
+    a :class:`SafetensorsFolder`, or for a sharded (FSDP) checkpoint, whose ``model/`` holds one safetensors
+    file per rank, a :class:`lmforge.train.sharded.ShardedFolder`, which assembles one full tensor per ``get``."""
+    folder = Path(folder)
+    if not (folder / INDEX_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
+        from lmforge.train.sharded import MODEL_DIR, ShardedFolder, is_sharded
+
+        if is_sharded(folder / MODEL_DIR):
+            return ShardedFolder(folder / MODEL_DIR)
+    return SafetensorsFolder(folder)
 
 
 def _iter_lmforge_tensors(reader: SafetensorsFolder, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -405,11 +310,9 @@ def open_source(path: str | os.PathLike, family: Optional[str] = None) -> Source
         cfg = ModelConfig.from_dict(model, source=str(path / "config.json"))
         name = family or config.get("family")
         fam = family_by_name(name) if name else guess_family(cfg)
-        reader = SafetensorsFolder(path)
+        reader = lmforge_weights(path)
         return Source(cfg, fam, lambda: _iter_lmforge_tensors(reader, cfg), reader.total_bytes,
                       dict(config.get("hf_config") or {}), path)
-    from lmforge.convert.nemo import open_nemo
-
     return open_nemo(path, family)
 
 

@@ -51,6 +51,7 @@ from typing import BinaryIO, Iterator, Optional
 
 import torch
 
+from lmforge.convert.plan import Source, Step, expected_shapes, to_our_tensors
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models.config import ModelConfig
 from lmforge.models.families import family_by_name, guess_family
@@ -333,14 +334,12 @@ def _rank_grid(archive: _Archive, raw: dict) -> dict[tuple[int, int], str]:
 
 
 def open_nemo(path: str | os.PathLike, family: Optional[str] = None):
-    """A conversion :class:`~lmforge.convert.hf.Source` over a NeMo 1.x archive (see the module doc).
+    """A conversion :class:`~lmforge.convert.plan.Source` over a NeMo 1.x archive (see the module doc).
 
     ``model_weights.ckpt`` ranks are all loaded (one copy of the model, in their dtype) and each merged
     lmforge tensor drops its rank pieces as it goes; a torch_dist folder is read one tensor (one layer of a
     stacked tensor) at a time.
     """
-    from lmforge.convert.hf import Source, Step, expected_shapes, to_our_tensors
-
     path = Path(path)
     archive = _Archive(path)
     if "model_config.yaml" not in archive.names:

@@ -100,7 +100,7 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
     Returns the results document ``{"results": {task: {metric: value, metric_stderr: value}}, "config",
     "versions", "model"}``, also written to ``output`` (atomically) when given.
     """
-    from lmforge.models.load import load_for_inference
+    from lmforge.open import load_for_inference
     from lmforge.parallel.runtime import init_runtime, shutdown
 
     for t in tasks:

@@ -35,7 +35,7 @@ class LmforgeLM(TemplateLM):
                  batch_size: Union[int, str] = 16, max_length: Optional[int] = None,
                  adapter: Optional[str] = None, **kwargs):
         super().__init__()
-        from lmforge.models.load import load_for_inference
+        from lmforge.open import load_for_inference
 
         model, tokenizer = load_for_inference(pretrained, device=device, dtype=dtype, allow_ptuning=True)
         if adapter:

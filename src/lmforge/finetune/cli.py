@@ -53,7 +53,8 @@ def _cmd_finetune(a) -> int:
 
 def merge(model_path, adapter_dir, out) -> str:
     """Load ``model_path``, apply and fold in the adapter, save a plain lmforge checkpoint at ``out``."""
-    from lmforge.models.load import load_for_inference, resolve_checkpoint
+    from lmforge.locate import resolve_checkpoint
+    from lmforge.open import load_for_inference
     from lmforge.peft import apply_adapter, merge_adapter
     from lmforge.train.checkpoint import load_model, save_model
     from lmforge.train.pretrain import saved_state_dict

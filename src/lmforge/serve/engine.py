@@ -913,7 +913,7 @@ class Engine:
 
 def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adapter=None, loras=None,
                            **kwargs: Any) -> Engine:
-    """Load a model folder (:func:`lmforge.models.load.load_for_inference`) and build an :class:`Engine`.
+    """Load a model folder (:func:`lmforge.open.load_for_inference`) and build an :class:`Engine`.
 
     ``adapter`` is a fine-tuned adapter folder (lmforge's or Hugging Face PEFT's): LoRA/DoRA and IA3 are
     folded into the weights (no cost per token), bottleneck adapters run as extra modules, p-tuning's
@@ -921,7 +921,7 @@ def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adap
     ``loras`` maps names to LoRA adapter folders that requests pick by name (``add_request(adapter=...)``);
     they are kept apart from the weights (:class:`~lmforge.peft.multi_lora.MultiLoRA`), on top of ``adapter``.
     """
-    from lmforge.models.load import load_for_inference
+    from lmforge.open import load_for_inference
 
     model, tokenizer = load_for_inference(path, device=device, dtype=dtype, allow_ptuning=True)
     if adapter is not None:

@@ -210,8 +210,15 @@ def _weight_files(folder: Path) -> tuple[Optional[dict[str, str]], list[Path]]:
         return weight_map, [folder / f for f in files]
     if (folder / WEIGHTS_NAME).is_file():
         return None, [folder / WEIGHTS_NAME]
-    raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {WEIGHTS_NAME} or {INDEX_NAME}; "
-                          f"was the save interrupted?")
+    from lmforge.train.sharded import MODEL_DIR, ShardedFolder, is_sharded
+
+    if is_sharded(folder / MODEL_DIR):
+        # FSDP checkpoint: one safetensors file per rank in model/ (lmforge.train.sharded); opening it reads
+        # the headers only and checks that every shard file is there and the slices tile every tensor.
+        reader = ShardedFolder(folder / MODEL_DIR)
+        return None, [reader.folder / f for f in reader.files]
+    raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {WEIGHTS_NAME} or {INDEX_NAME} (nor a "
+                          f"sharded {MODEL_DIR}/ folder); was the save interrupted?")
 
 
 def _check_folder(folder: Path) -> dict:
@@ -235,7 +242,9 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     """Read the weights and model config of a checkpoint folder.
 
     Args:
-        folder: a folder written by :func:`save_model` (or a CheckpointManager).
+        folder: a folder written by :func:`save_model` (or a CheckpointManager), or a sharded (FSDP)
+            checkpoint folder whose ``model/`` holds one safetensors file per rank
+            (:mod:`lmforge.train.sharded`): its full tensors are assembled, whatever world size wrote them.
         device: where the tensors are placed.
 
     Returns:
@@ -252,6 +261,12 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     weight_map, files = _weight_files(folder)
     device = str(device)
     state: dict[str, torch.Tensor] = {}
+    if files and files[0].parent != folder:  # the sharded (FSDP) layout, model/shard-*.safetensors: full tensors
+        from lmforge.train.sharded import read_full
+
+        for name, tensor in read_full(files[0].parent):
+            state[name] = tensor.to(device)
+        return state, config
     for path in files:
         state.update(_load_tensors(path, device))
     if weight_map is not None:

@@ -1,0 +1,614 @@
+"""Per-GPU memory of a pretraining config, before any work: ``lmforge config RECIPE ... --estimate``.
+
+    est = estimate_memory(load_config("llama2/7b", ["trainer.devices=4", "model.fsdp=true"]),
+                          gpu_memory_bytes=parse_memory_size("80GB"))
+    print(est.render())
+
+Nothing is allocated: the parameters are counted exactly on a ``meta``-device :class:`Transformer`; the
+rest is arithmetic. What is counted, per GPU (bytes):
+
+* **weights**: float32 (the master copy under mixed precision), 4 B/param.
+* **gradients**: float32, 4 B/param (mixed precision accumulates into the float32 parameters' grads). They
+  are resident at the peak when gradients accumulate over micro batches; with one micro batch per step the
+  peak (the start of backward) comes before most of them exist, so the estimate is high by up to this row.
+* **optimizer state**: Adam's two float32 moments, 8 B/param. Weights + gradients + optimizer = 16 B/param.
+* **compute copy** (mixed precision): the parameters in the compute dtype. Without FSDP, autocast casts every
+  matrix-multiply weight once per forward and the copies live until backward has used them: 2 B per such
+  weight (all parameters but the input embedding tables). Under FSDP (``MixedPrecisionPolicy``) a block's
+  bf16 parameters are gathered just before it runs: counted as two gathered blocks (the running one and the
+  prefetched next one) plus the root (embedding, final norm, head), which stays gathered; with
+  ``fsdp_sharding_strategy=grad`` gathered parameters stay from forward to backward, so all of them.
+  In float32 training the FSDP working set is the same, at 4 B/param.
+* **activations**, per micro batch: Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
+  Transformer Models") count ``s*b*h*(34 + 5*a*s/h)`` bytes per layer in 16-bit without recomputation. lmforge
+  runs attention through SDPA (flash / memory-efficient kernels), which keep no ``a*s*s`` score matrix, so the
+  ``5*a*s/h`` term is dropped. The ``34`` is recounted for lmforge's block, tensor by tensor: the norms keep
+  their input in float32 for the statistics (RMSNorm also its normalized output, for the weight's gradient);
+  each projection keeps its input in the compute dtype (q/k/v and gate/up each cast it separately when the
+  residual stream is float32, as it is under autocast without FSDP); SDPA keeps q, k, v and its output
+  (grouped-query attention: smaller k and v); the MLP keeps ``2*f`` values per token (``4*f`` for gated
+  MLPs such as SwiGLU: gate, up, activation and product); dropout keeps a 1-byte mask when
+  ``hidden_dropout > 0``. Outside the layers: the final norm, the head's input and the logits, which the loss
+  keeps as float32 log-softmax (``4*V`` bytes per token) plus the float32 gradient pair made at the start of
+  backward (another ``8*V``). Checked on an H100 against ``torch.cuda.max_memory_allocated`` (a 4-layer
+  Llama-2-7B shape at sequence 4096 and a 4-layer GPT-3 1.3B shape at 2048, bf16-mixed): the activations
+  per micro batch without recomputation matched within 1%.
+* **checkpointing** (``model.activations_checkpoint_*``): ``full`` keeps only the input of each chunk of
+  ``activations_checkpoint_num_layers`` blocks (``uniform``; default 1) and recomputes one chunk at a time in
+  backward; the larger of one chunk's full activations and the head's (logits) is added, as the head's are
+  freed before the first recomputation (on the H100 check this overestimated by 0.1-0.7 GiB per sample);
+  ``block`` checkpoints the first N blocks and keeps the others whole; ``selective`` recomputes the core
+  attention only, which SDPA already keeps no scores for: the estimate equals no recomputation.
+* **parallel layouts**: world = ``trainer.devices x trainer.num_nodes``; tensor parallel (``tp``) divides
+  parameters, state and most activations as Megatron does (norm inputs and dropout masks stay whole without
+  ``model.sequence_parallel``); pipeline parallel (``pp``) divides the layers, the worst stage holding the
+  embedding or the head, and its first stage keeps ``pp`` micro batches in flight (1F1B), so all ``L`` layers'
+  activations. lmforge refuses tp or pp above 1 today; the estimate still shows them. FSDP (``model.fsdp``,
+  :mod:`lmforge.parallel.fsdp`) keeps float32 weights, gradients and optimizer state sharded over the
+  data-parallel ranks under every strategy; ``full`` frees a block's gathered parameters after its forward,
+  ``grad`` (ZeRO-2) keeps them gathered until backward (the compute copy above), ``hybrid`` shards inside a
+  node of ``trainer.devices`` ranks and replicates across nodes. ``model.optim.name=distributed_fused_adam``
+  shards the optimizer state (lmforge's loader turns it into FSDP ``grad``).
+* **CUDA context and workspace**: a fixed 1 GiB allowance (context, cuBLAS/NCCL workspaces). The allocator's
+  fragmentation and transient buffers are what the users' rule of 60-80% of the card leaves room for.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lmforge.errors import ConfigError
+
+GiB = 1 << 30
+DEFAULT_VOCAB = 32000
+CUDA_CONTEXT_BYTES = 1 * GiB
+BAND = (0.60, 0.80)  # the users' rule of thumb: a micro batch should fill 60-80% of the card
+MAX_TABLE_MBS = 1024  # the table stops here even when every row fits
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 1 << 10,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 1 << 20,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 1 << 30,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 1 << 40,
+}
+
+
+def parse_memory_size(value: Any, flag: str = "--gpu-memory") -> int:
+    """Bytes of a memory size: ``80GB``, ``80GiB``, ``80G``, ``40000MB``, ``1.5TB`` or a number of bytes.
+
+    Units are binary, as GPU memory is counted (an "80GB" card has 80 GiB; ``nvidia-smi`` shows MiB):
+    GB = GiB = G = 2^30 bytes, MB = MiB = 2^20.
+
+    Raises:
+        ConfigError: not a size, not positive, or a bare number too small to be a card (naming ``flag``).
+    """
+    example = "write e.g. 80GB, 80GiB, 80G or 40000MB"
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag} {value!r} is not a memory size; {example}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{flag} {value!r} is not a memory size; {example}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if not math.isfinite(number) or size <= 0:
+        raise ConfigError(f"{flag} {value!r} must be a positive memory size; {example}")
+    if unit in ("", "b") and size < (1 << 20):
+        raise ConfigError(f"{flag} {value!r} is {size} bytes, too small for a GPU; give a unit, {example}")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# The result
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """The parallel layout the estimate used."""
+
+    world_size: int
+    devices: int
+    num_nodes: int
+    tp: int
+    pp: int
+    dp: int
+    fsdp: Optional[str]  # None | full | grad | hybrid
+    shard_group: int  # data-parallel ranks the sharded parts are split over
+    params_sharded: bool
+    grads_sharded: bool
+    optimizer_sharded: bool
+    cpu_offload: bool
+    sequence_parallel: bool
+    precision: str
+    optimizer: str
+    seq_length: int
+    checkpointing: str  # "none", "full (uniform, 1 layer per chunk)", ...
+
+    def describe(self) -> str:
+        gpus = f"{self.world_size} GPU" + ("s" if self.world_size > 1 else "")
+        if self.num_nodes > 1:
+            gpus += f" ({self.num_nodes} nodes x {self.devices})"
+        parts = [gpus, f"data parallel {self.dp}"]
+        if self.tp > 1 or self.pp > 1:
+            parts.append(f"tensor parallel {self.tp}, pipeline parallel {self.pp}")
+        if self.fsdp:
+            parts.append(f"FSDP {self.fsdp} (sharded over {self.shard_group})")
+        elif self.optimizer_sharded:
+            parts.append(f"optimizer state sharded over {self.shard_group}")
+        else:
+            parts.append("no sharding (DDP)")
+        if self.cpu_offload:
+            parts.append("shards offloaded to CPU")
+        return ", ".join(parts)
+
+
+@dataclass
+class MicroBatchRow:
+    micro_batch_size: int
+    total_bytes: int
+    fraction: Optional[float]  # of the card; None without a card size
+
+
+@dataclass
+class Suggestion:
+    """One change to try when nothing fits: the overrides to type and the total it gives at micro batch 1."""
+
+    overrides: str
+    total_bytes: int
+    fraction: float
+    fits: bool
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU memory of a config, in bytes. ``total(mbs)`` adds the activations of ``mbs`` samples."""
+
+    num_params: int  # the whole model, exact
+    params_per_gpu: int  # held by one GPU's model-parallel part (tp/pp split), before FSDP sharding
+    vocab_size: int  # padded, as the model has it
+    vocab_assumed: bool  # no tokenizer: 32000 padded
+    layout: Layout
+    weights: int
+    gradients: int
+    optimizer: int
+    compute_copy: int
+    activations_per_sample: int  # all layers and the head, one sequence, checkpointing applied
+    logits_per_sample: int  # part of activations_per_sample: the loss's float32 logits and their gradient
+    cuda_context: int
+    micro_batch_size: Optional[int]  # the config's
+    gpu_memory_bytes: Optional[int]
+    table: list[MicroBatchRow] = field(default_factory=list)
+    pick: Optional[int] = None  # the largest power-of-two micro batch at <= 80% of the card
+    max_micro_batch: Optional[int] = None  # the largest micro batch (any integer) at <= 80%
+    suggestions: list[Suggestion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    name: Optional[str] = None
+
+    @property
+    def state(self) -> int:
+        """Weights + gradients + optimizer state."""
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def fixed(self) -> int:
+        """Everything that does not grow with the micro batch."""
+        return self.state + self.compute_copy + self.cuda_context
+
+    def activations(self, micro_batch_size: int) -> int:
+        return self.activations_per_sample * micro_batch_size
+
+    def total(self, micro_batch_size: int) -> int:
+        return self.fixed + self.activations(micro_batch_size)
+
+    def fraction(self, micro_batch_size: int) -> Optional[float]:
+        return self.total(micro_batch_size) / self.gpu_memory_bytes if self.gpu_memory_bytes else None
+
+    @property
+    def pick_in_band(self) -> bool:
+        """True when the picked micro batch fills at least 60% of the card."""
+        return self.pick is not None and self.gpu_memory_bytes is not None and \
+            self.total(self.pick) >= BAND[0] * self.gpu_memory_bytes
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["state"] = self.state
+        d["fixed"] = self.fixed
+        d["pick_in_band"] = self.pick_in_band
+        if self.micro_batch_size:
+            d["total_at_config_micro_batch"] = self.total(self.micro_batch_size)
+        return d
+
+    def render(self) -> str:
+        """The estimate as plain text lines (GiB = 2^30 bytes)."""
+        lay = self.layout
+        card = self.gpu_memory_bytes
+        out = [f"memory estimate{' of ' + self.name if self.name else ''}, per GPU (GiB = 2^30 bytes)"]
+        vocab = (f"vocabulary {self.vocab_size} (assumed: no tokenizer given, {DEFAULT_VOCAB} padded)"
+                 if self.vocab_assumed else f"vocabulary {self.vocab_size}")
+        out.append(f"  model        {_count(self.num_params)} parameters ({self.num_params:,}, exact), {vocab}")
+        out.append(f"  layout       {lay.describe()}")
+        out.append(f"  training     precision {lay.precision}, optimizer {lay.optimizer}, sequence {lay.seq_length}, "
+                   f"activation checkpointing {lay.checkpointing}")
+        out.append("")
+        width = 34
+        rows = [
+            ("weights (fp32)", self.weights, _sharded(lay.params_sharded, lay)),
+            ("gradients (fp32)", self.gradients, _sharded(lay.grads_sharded, lay)),
+            ("optimizer state (Adam, fp32)", self.optimizer, _sharded(lay.optimizer_sharded, lay)),
+            ("compute copy of the weights", self.compute_copy, _copy_note(lay)),
+            ("activations per micro batch", self.activations_per_sample,
+             f"of which logits {_gib(self.logits_per_sample)} GiB"),
+            ("CUDA context + workspace", self.cuda_context, "fixed allowance"),
+        ]
+        for label, value, note in rows:
+            out.append(f"  {label:<{width}}{_gib(value):>9} GiB   {note}")
+        out.append(f"  {'fixed (all but activations)':<{width}}{_gib(self.fixed):>9} GiB")
+        out.append("")
+        if card is None:
+            if self.micro_batch_size:
+                out.append(f"  total at model.micro_batch_size={self.micro_batch_size}: "
+                           f"{_gib(self.total(self.micro_batch_size))} GiB")
+            return _join(out, self.notes)
+        out.append(f"  micro batch   total GiB   % of a {_gib(card)} GiB card")
+        for row in self.table:
+            mark = ""
+            if row.micro_batch_size == self.pick:
+                mark = "  <- largest at <= 80%"
+            elif row.fraction is not None and row.fraction > 1.0:
+                mark = "  does not fit"
+            elif row.fraction is not None and row.fraction > BAND[1]:
+                mark = "  over 80%"
+            if row.micro_batch_size == self.micro_batch_size:
+                mark += "  (config)"
+            out.append(f"  {row.micro_batch_size:>11} {_gib(row.total_bytes):>11} {100 * row.fraction:>9.0f}%{mark}")
+        out.append("")
+        if self.pick is not None:
+            pct = 100 * self.fraction(self.pick)
+            band = ("inside the 60-80% band" if self.pick_in_band else
+                    "below 60%: the card has room for a longer sequence or a larger model")
+            more = ""
+            if self.max_micro_batch is not None and self.max_micro_batch > self.pick:
+                more = f"; any micro batch up to {self.max_micro_batch} stays at <= 80%"
+            out.append(f"  fits: model.micro_batch_size={self.pick} -> {_gib(self.total(self.pick))} GiB, "
+                       f"{pct:.0f}% of the card, {band}{more}")
+            if self.table and self.table[-1].fraction is not None and self.table[-1].fraction <= BAND[1]:
+                out.append(f"  (the table stops at micro batch {MAX_TABLE_MBS})")
+        else:
+            out.append(f"  nothing fits: micro batch 1 needs {_gib(self.total(1))} GiB, "
+                       f"{100 * self.fraction(1):.0f}% of the card (the rule: at most 80%)")
+            if self.suggestions:
+                out.append("  change, largest effect first (total at micro batch 1 after the change):")
+                for s in self.suggestions:
+                    out.append(f"    {s.overrides:<60} {_gib(s.total_bytes):>7} GiB {100 * s.fraction:>5.0f}%"
+                               f"{'  fits' if s.fits else ''}")
+        return _join(out, self.notes)
+
+
+def _join(lines: list[str], notes: list[str]) -> str:
+    if notes:
+        lines = lines + [""] + [f"  note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _sharded(sharded: bool, lay: Layout) -> str:
+    if lay.cpu_offload and lay.fsdp:
+        return "in CPU memory (fsdp_cpu_offload)"
+    return f"sharded over {lay.shard_group}" if sharded and lay.shard_group > 1 else "whole on every GPU" \
+        if not sharded else "sharded over 1 (one data-parallel rank)"
+
+
+def _copy_note(lay: Layout) -> str:
+    if lay.fsdp == "grad":
+        return "all gathered from forward to backward (grad strategy)"
+    if lay.fsdp:
+        return "two gathered blocks + the root (FSDP)"
+    if lay.precision == "32":
+        return "none in float32"
+    return "autocast's bf16/fp16 casts of the matmul weights"
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic
+# ---------------------------------------------------------------------------------------------
+
+def _get(obj: Any, name: str, default: Any) -> Any:
+    value = getattr(obj, name, default)
+    return default if value is None else value
+
+
+def _schema_has(section: Any, name: str) -> bool:
+    return dataclasses.is_dataclass(section) and name in {f.name for f in dataclasses.fields(section)}
+
+
+@dataclass
+class _Counts:
+    total: int
+    layer: list[int]  # parameters of each block
+    first_extra: int  # embedding tables (the first pipeline stage)
+    last_extra: int  # final norm + head (the last pipeline stage; a tied head is a copy there)
+    input_tables: int  # embedding tables not used by a matrix multiply (no autocast copy)
+
+
+def _count_params(model_cfg) -> _Counts:
+    import torch
+
+    from lmforge.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    total = sum(p.numel() for p in model.parameters())
+    layer = [sum(p.numel() for p in block.parameters()) for block in model.layers]
+    embed = model.embed_tokens.weight.numel()
+    positions = model.embed_positions.weight.numel() if model.embed_positions is not None else 0
+    norm = sum(p.numel() for p in model.norm.parameters())
+    head = model.lm_head.weight.numel() if model.lm_head is not None else embed
+    tied = model.lm_head is None
+    return _Counts(total=total, layer=layer, first_extra=embed + positions, last_extra=norm + head,
+                   input_tables=positions + (0 if tied else embed))
+
+
+def _norm_bytes(rmsnorm: bool, r: int) -> tuple[int, int]:
+    """(bytes kept per hidden value, bytes of the output per hidden value) of one norm."""
+    return (4 + (r if rmsnorm else 0)), (r if rmsnorm else 4)
+
+
+def _layer_activation_bytes(mc, e: int, r: int, tp: int, sp: bool) -> int:
+    """Bytes one block keeps for backward, per token (no recomputation)."""
+    h, f = mc.hidden_size, mc.ffn_hidden_size
+    q = mc.num_attention_heads * mc.head_dim
+    kv = mc.num_query_groups * mc.head_dim
+    rms = mc.normalization == "rmsnorm"
+    norm_keep, norm_out = _norm_bytes(rms, r)
+    gated = mc.activation in ("swiglu", "geglu")
+    moe = mc.num_moe_experts
+    cast = norm_out != e  # each projection casts the norm output separately
+    dropout = 1 if (mc.hidden_dropout or 0) > 0 else 0
+
+    # not split by tensor parallelism (unless sequence parallel): norms, dropout masks; split: the rest
+    whole = 2 * norm_keep * h + 2 * dropout * h
+    attn_in = (3 if cast else 1) * e * h
+    attn = e * (q + 2 * kv) + e * q + 4 * mc.num_attention_heads  # q, k, v, output, log-sum-exp
+    mlp_in = ((2 if gated else 1) if cast else 1) * e * h
+    mlp = (4 if gated else 2) * e * f
+    if moe:
+        mlp = mlp * mc.moe_router_topk + 4 * moe  # each token through top-k experts; router scores
+    split = attn_in + attn + mlp_in + mlp
+    if sp:
+        return (whole + split) // tp
+    return whole + split // tp
+
+
+def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Optional[int] = None,
+                    name: Optional[str] = None, _suggest: bool = True) -> MemoryEstimate:
+    """Per-GPU memory of training ``cfg`` (a loaded :class:`~lmforge.config.schema.PretrainConfig`).
+
+    Args:
+        cfg: the config; layout keys that the schema may not have are read with defaults.
+        vocab_size: the tokenizer's vocabulary; None: 32000 (padded to ``model.make_vocab_size_divisible_by``).
+        gpu_memory_bytes: the card; with it, the micro-batch table, the pick and (when nothing fits) what to change.
+        name: the recipe or file, for the heading.
+
+    See the module docstring for what is counted.
+    """
+    from lmforge.config.loader import model_config_from
+
+    t, m = cfg.trainer, cfg.model
+    vocab_assumed = vocab_size is None
+    mc = model_config_from(cfg, DEFAULT_VOCAB if vocab_assumed else int(vocab_size))
+    counts = _count_params(mc)
+    notes: list[str] = []
+
+    devices, nodes = int(_get(t, "devices", 1)), int(_get(t, "num_nodes", 1))
+    world = devices * nodes
+    tp = int(_get(m, "tensor_model_parallel_size", 1))
+    pp = int(_get(m, "pipeline_model_parallel_size", 1))
+    dp = max(1, world // (tp * pp))
+    precision = str(_get(t, "precision", "bf16-mixed"))
+    mixed = precision != "32"
+    optimizer = str(_get(m.optim, "name", "fused_adam"))
+    fsdp = bool(_get(m, "fsdp", False))
+    strategy = str(_get(m, "fsdp_sharding_strategy", "full")) if fsdp else None
+    cpu_offload = bool(_get(m, "fsdp_cpu_offload", False)) and fsdp
+    sp = bool(_get(m, "sequence_parallel", False)) and tp > 1
+    dist_opt = optimizer == "distributed_fused_adam"
+
+    if strategy == "hybrid":
+        shard = max(1, min(dp, devices // (tp * pp) or 1))
+    else:
+        shard = dp
+    params_sharded = fsdp  # lmforge's FSDP keeps float32 shards at rest under every strategy
+    grads_sharded = fsdp
+    opt_sharded = fsdp or dist_opt
+
+    # parameters one GPU's model-parallel part holds (the worst pipeline stage), then divided by tp
+    layers = counts.layer
+    L = len(layers)
+    if pp > 1:
+        per_stage = math.ceil(L / pp)
+        stage_layers = sum(sorted(layers, reverse=True)[:per_stage])
+        held = stage_layers + max(counts.first_extra, counts.last_extra)
+    else:
+        held = counts.total
+    held = math.ceil(held / tp)
+
+    def part(bytes_per_param: int, sharded: bool) -> int:
+        if cpu_offload:
+            return 0
+        return math.ceil(held * bytes_per_param / (shard if sharded else 1))
+
+    weights, grads, opt = part(4, params_sharded), part(4, grads_sharded), part(8, opt_sharded)
+
+    # the parameters in the compute dtype
+    e = 2 if mixed else 4
+    if fsdp and strategy != "grad":
+        block = max(layers) if layers else 0
+        root = counts.first_extra + counts.last_extra
+        compute_copy = math.ceil((2 * block + root) * e / tp)
+    elif fsdp or mixed:  # grad strategy: everything gathered; DDP + autocast: every matmul weight cast once
+        matmul = held if fsdp else max(0, held - math.ceil(counts.input_tables / tp))
+        compute_copy = matmul * e
+    else:
+        compute_copy = 0
+
+    # activations of one sequence
+    seq = int(_get(m.data, "seq_length", 0) or m.encoder_seq_length)
+    r = 4 if (not mixed or not fsdp) else 2  # residual stream: float32 under autocast (float32 embeddings)
+    per_layer = _layer_activation_bytes(mc, e, r, tp, sp) * seq
+    granularity = _get(m, "activations_checkpoint_granularity", None)
+    method = _get(m, "activations_checkpoint_method", None)
+    n = int(_get(m, "activations_checkpoint_num_layers", 1))
+    boundary = math.ceil(r * mc.hidden_size * seq / (tp if sp else 1))  # a chunk's input
+    rms_keep, _ = _norm_bytes(mc.normalization == "rmsnorm", r)
+    V = mc.vocab_size
+    logits = math.ceil(12 * V * seq / tp)  # fp32 log-softmax kept (4) + its gradient pair (8)
+    outside = (rms_keep * mc.hidden_size + e * mc.hidden_size) * seq + logits  # final norm, head input
+    if (mc.hidden_dropout or 0) > 0:
+        outside += mc.hidden_size * seq  # the embedding dropout's mask
+    recompute = 0  # activations a recomputed chunk holds in backward; the head's are freed by then
+    if granularity == "full":
+        method = method or "uniform"
+        n = max(1, min(n, L)) if L else 1
+        if method == "block":
+            layer_bytes = n * boundary + (L - n) * per_layer
+            recompute = per_layer if n else 0
+            checkpointing = f"full (block: the first {n} of {L} layers recomputed)"
+        else:
+            layer_bytes = math.ceil(L / n) * boundary
+            recompute = n * per_layer
+            checkpointing = f"full (uniform, {n} layer(s) per chunk)"
+    else:
+        layer_bytes = L * per_layer
+        checkpointing = "selective (core attention recomputed)" if granularity == "selective" else "none"
+        if granularity == "selective":
+            notes.append("selective checkpointing recomputes the core attention, whose score matrix SDPA does not "
+                         "keep anyway: it saves nothing in this estimate")
+    if pp > 1:
+        notes.append(f"pipeline parallel: the first stage keeps {pp} micro batches in flight (1F1B), so all "
+                     f"{L} layers' activations are counted")
+    activations = layer_bytes + max(outside, recompute)
+
+    layout = Layout(world_size=world, devices=devices, num_nodes=nodes, tp=tp, pp=pp, dp=dp, fsdp=strategy,
+                    shard_group=shard, params_sharded=params_sharded, grads_sharded=grads_sharded,
+                    optimizer_sharded=opt_sharded, cpu_offload=cpu_offload, sequence_parallel=sp,
+                    precision=precision, optimizer=optimizer, seq_length=seq, checkpointing=checkpointing)
+
+    notes.append("attention runs through SDPA (flash / memory-efficient kernels): the 5*a*s/h score term of "
+                 "Korthikanti et al. is not stored")
+    if tp > 1 or pp > 1:
+        notes.append(f"lmforge refuses tensor/pipeline parallel sizes above 1 today (tp={tp}, pp={pp}); the "
+                     "estimate splits the model as Megatron would")
+    for key in ("fsdp", "fsdp_sharding_strategy", "activations_checkpoint_num_layers"):
+        if dataclasses.is_dataclass(m) and not _schema_has(m, key) and hasattr(m, key):
+            notes.append(f"model.{key} is not an lmforge setting yet (training ignores it); the estimate uses it")
+    if dist_opt and not fsdp:
+        notes.append("model.optim.name=distributed_fused_adam: optimizer state sharded over the data-parallel ranks")
+    if cpu_offload:
+        notes.append("model.fsdp_cpu_offload=true: weights, gradients and optimizer state counted in CPU memory")
+    if fsdp and world == 1:
+        notes.append("FSDP on one GPU shards nothing")
+
+    est = MemoryEstimate(
+        num_params=counts.total, params_per_gpu=held, vocab_size=V, vocab_assumed=vocab_assumed, layout=layout,
+        weights=weights, gradients=grads, optimizer=opt, compute_copy=compute_copy,
+        activations_per_sample=activations, logits_per_sample=logits, cuda_context=CUDA_CONTEXT_BYTES,
+        micro_batch_size=getattr(m, "micro_batch_size", None), gpu_memory_bytes=gpu_memory_bytes,
+        notes=notes, name=name)
+    if gpu_memory_bytes:
+        _fill_table(est)
+        if est.pick is None and _suggest:
+            est.suggestions = _suggestions(cfg, vocab_size, gpu_memory_bytes)
+    return est
+
+
+def _fill_table(est: MemoryEstimate) -> None:
+    card = est.gpu_memory_bytes
+    mbs = 1
+    while True:
+        total = est.total(mbs)
+        est.table.append(MicroBatchRow(mbs, total, total / card))
+        if total <= BAND[1] * card:
+            est.pick = mbs
+        if total > card or mbs >= MAX_TABLE_MBS:
+            break
+        mbs *= 2
+    room = BAND[1] * card - est.fixed
+    if est.activations_per_sample > 0 and room >= est.activations_per_sample:
+        est.max_micro_batch = int(room // est.activations_per_sample)
+
+
+def _suggestions(cfg, vocab_size: Optional[int], card: int) -> list[Suggestion]:
+    """What to change when micro batch 1 does not fit 80% of ``card``, largest effect first."""
+    t, m = cfg.trainer, cfg.model
+    devices, nodes = int(_get(t, "devices", 1)), int(_get(t, "num_nodes", 1))
+    fsdp = bool(_get(m, "fsdp", False))
+    strategy = str(_get(m, "fsdp_sharding_strategy", "full"))
+    seq = int(_get(m.data, "seq_length", 0) or m.encoder_seq_length)
+    candidates: list[tuple[str, dict]] = []
+    if not fsdp:
+        if devices * nodes > 1:
+            candidates.append(("model.fsdp=true", {"model.fsdp": True}))
+        more = max(8, devices) if devices < 8 else devices
+        if devices < 8:
+            candidates.append((f"trainer.devices={more} model.fsdp=true",
+                               {"trainer.devices": more, "model.fsdp": True}))
+        else:
+            candidates.append((f"trainer.num_nodes={nodes * 2} model.fsdp=true",
+                               {"trainer.num_nodes": nodes * 2, "model.fsdp": True}))
+    elif strategy != "full":
+        candidates.append(("model.fsdp_sharding_strategy=full", {"model.fsdp_sharding_strategy": "full"}))
+    else:
+        if devices < 8:
+            candidates.append(("trainer.devices=8", {"trainer.devices": 8}))
+        candidates.append((f"trainer.num_nodes={nodes * 2}", {"trainer.num_nodes": nodes * 2}))
+    if _get(m, "activations_checkpoint_granularity", None) != "full" or \
+            _get(m, "activations_checkpoint_method", None) == "block":
+        changes = {"model.activations_checkpoint_granularity": "full"}
+        text = "model.activations_checkpoint_granularity=full"
+        if _get(m, "activations_checkpoint_method", None) == "block":
+            changes["model.activations_checkpoint_method"] = "uniform"
+            text += " model.activations_checkpoint_method=uniform"
+        candidates.append((text, changes))
+    if seq >= 256:
+        half = seq // 2
+        text = f"model.encoder_seq_length={half}"
+        if m.data.seq_length is not None and m.data.seq_length != m.encoder_seq_length:
+            text = f"model.data.seq_length={half}"
+        candidates.append((text, {"model.encoder_seq_length": half, "model.data.seq_length": half}))
+    if str(_get(t, "precision", "bf16-mixed")) == "32":
+        candidates.append(("trainer.precision=bf16-mixed", {"trainer.precision": "bf16-mixed"}))
+
+    out = []
+    for text, changes in candidates:
+        changed = copy.deepcopy(cfg)
+        for key, value in changes.items():
+            obj = changed
+            *path, leaf = key.split(".")
+            for p in path:
+                obj = getattr(obj, p)
+            setattr(obj, leaf, value)
+        if changes.get("model.encoder_seq_length") and changed.model.max_position_embeddings is not None:
+            changed.model.max_position_embeddings = max(changed.model.max_position_embeddings, seq // 2)
+        est = estimate_memory(changed, vocab_size, card, _suggest=False)
+        total = est.total(1)
+        out.append(Suggestion(text, total, total / card, total <= BAND[1] * card))
+    out.sort(key=lambda s: s.total_bytes)
+    return out

@@ -1,0 +1,87 @@
+"""Open a trained model for inference from whatever folder the user points at.
+
+Accepted (see :mod:`lmforge.locate`): a checkpoint folder (``config.json`` + weights: one file, shards with
+an index, or a sharded FSDP ``model/`` folder), a checkpoints root (its newest complete checkpoint), a run's
+results folder, a Hugging Face model folder of a supported family (:mod:`lmforge.models.families`), read
+tensor by tensor without converting it, or a fine-tuned adapter: an adapter folder or a PEFT fine-tuning
+run's results folder (its ``adapter/``), loaded onto the base model the adapter names.
+
+Layering: :mod:`lmforge.models` <- :mod:`lmforge.convert` <- this module; nothing below imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import CheckpointError
+from lmforge.locate import adapter_base, find_adapter, is_hf_folder, resolve_checkpoint
+
+__all__ = ["load_for_inference", "load_weights", "pick_dtype"]
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy ``weights`` into ``model``; a tied head may be absent. Any other mismatch is a CheckpointError."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(getattr(model, "cfg", None), "share_embeddings_and_output_weights", False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto",
+                       allow_ptuning: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
+
+    Args:
+        path: an lmforge checkpoint (or checkpoints root / results folder), an HF model folder, or an adapter
+            folder / PEFT run (the base model it names, with the adapter applied as ``--adapter`` would).
+        allow_ptuning: a p-tuning adapter gives a :class:`~lmforge.peft.PromptTunedModel` (the serving
+            engine prepends its virtual tokens); without it such an adapter is a ConfigError.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ... or a torch.device.
+        dtype: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+
+    Raises:
+        CheckpointError / ConfigError: missing, incomplete or unsupported model folders (one line each).
+    """
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.parallel.runtime import pick_device
+    from lmforge.train.checkpoint import load_model
+
+    device = device if isinstance(device, torch.device) else pick_device(str(device))
+    adapter = find_adapter(path)
+    if adapter is not None:
+        from lmforge.peft import adapter_for_inference
+
+        model, tokenizer = load_for_inference(adapter_base(adapter), device, dtype)
+        return adapter_for_inference(model, adapter, allow_ptuning=allow_ptuning), tokenizer
+    if is_hf_folder(path):
+        from lmforge.convert.hf import load_hf_model
+
+        folder = Path(path)
+        model, _ = load_hf_model(folder, device, pick_dtype(dtype, device))
+    else:
+        folder = resolve_checkpoint(path)
+        weights, config = load_model(folder, device="cpu")
+        cfg = ModelConfig.from_dict(config["model"], source=str(folder / "config.json"))
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model = model.to(pick_dtype(dtype, device)).to_empty(device=device)
+        model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below
+        load_weights(model, weights, folder)
+        model = model.eval()
+    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+        raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json)")
+    return model, load_tokenizer(folder)

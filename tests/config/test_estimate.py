@@ -1,0 +1,173 @@
+"""``lmforge config ... --estimate``: per-GPU memory of a config, computed on the meta device."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import load_config, model_config_from
+from lmforge.config.estimate import GiB, estimate_memory, parse_memory_size
+from lmforge.config.schema import ModelSection
+from lmforge.errors import ConfigError
+from lmforge.models.transformer import Transformer
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _meta_count(cfg, vocab):
+    with torch.device("meta"):
+        model = Transformer(model_config_from(cfg, vocab))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("recipe", ["tiny/llama", "gpt3/126m"])
+def test_parameter_count_is_the_meta_models(recipe):
+    cfg = load_config(recipe)
+    assert estimate_memory(cfg).num_params == _meta_count(cfg, 32000)
+    assert estimate_memory(cfg, vocab_size=50257).num_params == _meta_count(cfg, 50257)
+
+
+def test_llama2_7b_full_state_on_one_gpu():
+    est = estimate_memory(load_config("llama2/7b", ["trainer.devices=1"]))
+    assert abs(est.num_params - 6.74e9) / 6.74e9 < 0.01  # Llama-2-7B's published count, 32000 tokens
+    assert est.state == 16 * est.num_params  # fp32 weights + fp32 gradients + two fp32 Adam moments
+    assert abs(est.state - 16 * 6.74e9) / (16 * 6.74e9) < 0.03  # ~108 GB
+    assert est.vocab_assumed and est.vocab_size == 32000
+
+
+def test_fsdp_on_four_gpus_shards_the_state():
+    one = estimate_memory(load_config("llama2/7b", ["trainer.devices=1"]))
+    cfg = load_config("llama2/7b", ["trainer.devices=4"])
+    cfg.model.fsdp = True  # read with getattr: works whether or not the schema has the key
+    four = estimate_memory(cfg)
+    assert four.layout.fsdp == "full" and four.layout.shard_group == 4
+    assert abs(four.state - one.state / 4) <= 3
+    assert four.compute_copy < one.compute_copy  # two gathered blocks instead of every weight
+
+
+def test_zero2_and_distributed_optimizer_layouts():
+    cfg = load_config("llama2/7b", ["trainer.devices=4"])
+    cfg.model.fsdp, cfg.model.fsdp_sharding_strategy = True, "grad"
+    grad = estimate_memory(cfg)
+    cfg.model.fsdp_sharding_strategy = "full"
+    full = estimate_memory(cfg)
+    assert grad.compute_copy > full.compute_copy  # gathered parameters kept from forward to backward
+    cfg = load_config("llama2/7b", ["trainer.devices=4"])
+    cfg.model.optim.name = "distributed_fused_adam"
+    if hasattr(cfg.model, "fsdp"):
+        cfg.model.fsdp = False
+    dist = estimate_memory(cfg)
+    assert dist.optimizer * 4 == pytest.approx(full.optimizer * 4, abs=4) and dist.weights == 4 * dist.params_per_gpu
+
+
+def test_full_checkpointing_keeps_fewer_activations():
+    none = estimate_memory(load_config("llama2/7b", ["trainer.devices=1"]))
+    full = estimate_memory(load_config("llama2/7b", ["trainer.devices=1",
+                                                     "model.activations_checkpoint_granularity=full"]))
+    assert full.activations_per_sample < none.activations_per_sample / 4
+    assert full.state == none.state
+
+
+def test_tensor_parallel_divides_and_is_noted():
+    one = estimate_memory(load_config("llama2/7b", ["trainer.devices=8"]))
+    cfg = load_config("llama2/7b", ["trainer.devices=8"])
+    cfg.model.tensor_model_parallel_size = 2
+    tp = estimate_memory(cfg)
+    assert tp.state == pytest.approx(one.state / 2, rel=0.001)
+    assert tp.activations_per_sample < one.activations_per_sample
+    assert any("refuses tensor/pipeline" in n for n in tp.notes)
+
+
+def test_pick_is_the_largest_micro_batch_under_80_percent():
+    cfg = load_config("gpt3/126m", ["trainer.devices=1"])
+    base = estimate_memory(cfg)
+    card = int((base.total(4) + base.activations_per_sample // 2) / 0.79)  # mbs 4 at ~79%, 8 above 80%
+    est = estimate_memory(cfg, gpu_memory_bytes=card)
+    assert est.pick == 4
+    assert est.total(4) <= 0.8 * card < est.total(8)
+    assert est.pick_in_band
+    assert [r.micro_batch_size for r in est.table][:4] == [1, 2, 4, 8]
+    assert est.table[-1].total_bytes > card or est.table[-1].micro_batch_size == 1024
+    assert est.max_micro_batch >= 4
+
+
+def test_nothing_fits_names_the_overrides():
+    est = estimate_memory(load_config("llama2/7b", ["trainer.devices=1"]), gpu_memory_bytes=80 * GiB)
+    assert est.pick is None
+    text = est.render()
+    assert "nothing fits" in text
+    overrides = [s.overrides for s in est.suggestions]
+    assert "trainer.devices=8 model.fsdp=true" in overrides
+    assert "model.activations_checkpoint_granularity=full" in overrides
+    assert [s.total_bytes for s in est.suggestions] == sorted(s.total_bytes for s in est.suggestions)
+    fp32 = estimate_memory(load_config("llama2/7b", ["trainer.devices=1", "trainer.precision=32"]),
+                           gpu_memory_bytes=80 * GiB)
+    assert "trainer.precision=bf16-mixed" in [s.overrides for s in fp32.suggestions]
+
+
+def test_to_dict_and_render():
+    est = estimate_memory(load_config("tiny/llama"), gpu_memory_bytes=16 * GiB)
+    d = est.to_dict()
+    assert d["num_params"] == est.num_params and d["layout"]["world_size"] == 1 and d["table"]
+    assert "no tokenizer given" in est.render()
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * GiB), ("80GiB", 80 * GiB), ("80G", 80 * GiB),
+                                           ("40000MB", 40000 << 20), ("1.5TB", int(1.5 * (1 << 40))),
+                                           (85899345920, 80 * GiB), ("81559MiB", 81559 << 20)])
+def test_parse_memory_size(text, expected):
+    assert parse_memory_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["abc", "", "80XB", "-5GB", "0GB", "80", True])
+def test_parse_memory_size_refuses(bad):
+    with pytest.raises(ConfigError, match="--gpu-memory"):
+        parse_memory_size(bad)
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["config", "gpt3/126m", "trainer.devices=1", "--estimate", "--gpu-memory", "40GB"]) == 0
+    out = capsys.readouterr().out
+    assert "micro batch" in out and "% of a 40.00 GiB card" in out and "<- largest at <= 80%" in out
+    assert "weights (fp32)" in out and "activations per micro batch" in out
+
+
+def test_cli_bad_gpu_memory_is_one_line(capsys):
+    assert main(["config", "tiny/llama", "--estimate", "--gpu-memory", "abc"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "--gpu-memory" in err[0] and "abc" in err[0]
+
+
+def test_cli_gpu_memory_needs_estimate(capsys):
+    assert main(["config", "tiny/llama", "--gpu-memory", "80GB"]) == 2
+    assert "--estimate" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("fsdp" not in {f.name for f in dataclasses.fields(ModelSection)},
+                    reason="model.fsdp is not in the config schema yet")
+def test_cli_fsdp_override(capsys):
+    assert main(["config", "llama2/7b", "trainer.devices=4", "model.fsdp=true", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP full (sharded over 4)" in out and "fits: model.micro_batch_size=" in out
+
+
+def _doc_estimate_commands():
+    lines = README.read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines
+            if line.startswith("lmforge config") and "--estimate" in line]
+
+
+def test_readme_estimate_commands_run_verbatim(capsys):
+    commands = _doc_estimate_commands()
+    assert commands, "README.md shows no `lmforge config ... --estimate` command"
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "lmforge"
+        assert main(argv[1:]) == 0, command
+        assert re.search(r"micro batch +total GiB", capsys.readouterr().out)
