@@ -110,7 +110,15 @@ class FinetuneConfig:
     global_batch_size: int = 8
     seed: int = 1234
     base_dtype: str = "float32"  # dtype of the frozen base weights for PEFT (bfloat16 saves memory)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the same as activations_checkpoint_granularity=full
+    activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning)
+    activations_checkpoint_method: Optional[str] = None  # None (uniform) | uniform | block
+    activations_checkpoint_num_layers: Optional[int] = None  # None: 1
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
+    fsdp_sharding_strategy: str = "full"  # full | grad | hybrid (shard in a node, replicate across nodes)
+    fsdp_grad_reduce_dtype: Any = 32  # 32 | bf16 | 16
+    fsdp_cpu_offload: bool = False
+    fsdp_sharded_checkpoint: Optional[bool] = None  # None/true: per-rank shards; false: full weights on rank 0
     resume: bool = True
     monitor: str = "val_loss"  # val_loss | exact_match | f1 (best checkpoint)
     save_top_k: int = 1
@@ -218,6 +226,23 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.method == "full" and cfg.base_dtype != "float32":
         problems.append("method=full trains every weight: keep base_dtype=float32 (mixed precision comes from "
                         "trainer.precision)")
+    if cfg.activations_checkpoint_granularity not in (None, "full", "selective"):
+        problems.append(f"activations_checkpoint_granularity={cfg.activations_checkpoint_granularity!r}; use full, "
+                        "selective or null")
+    if cfg.gradient_checkpointing and cfg.activations_checkpoint_granularity == "selective":
+        problems.append("gradient_checkpointing=true means activations_checkpoint_granularity=full; set one of them")
+    if cfg.activations_checkpoint_method not in (None, "uniform", "block"):
+        problems.append(f"activations_checkpoint_method={cfg.activations_checkpoint_method!r}; use uniform, block or null")
+    if cfg.fsdp_sharding_strategy not in ("full", "grad", "hybrid"):
+        problems.append(f"fsdp_sharding_strategy={cfg.fsdp_sharding_strategy!r}; use full, grad or hybrid")
+    if str(cfg.fsdp_grad_reduce_dtype).lower() not in ("32", "fp32", "float32", "bf16", "bfloat16", "16", "fp16",
+                                                        "float16"):
+        problems.append(f"fsdp_grad_reduce_dtype={cfg.fsdp_grad_reduce_dtype!r}; use 32, bf16 or 16")
+    for key in ("fsdp_cpu_offload", "fsdp_sharded_checkpoint"):
+        if getattr(cfg, key) and not cfg.fsdp:
+            problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
+    if cfg.fsdp and cfg.fsdp_sharding_strategy == "hybrid" and cfg.trainer.num_nodes == 1:
+        problems.append("fsdp_sharding_strategy=hybrid replicates across nodes but trainer.num_nodes=1: use full")
     try:
         cfg.sft.validate()
     except ConfigError as e:

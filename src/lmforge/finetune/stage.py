@@ -14,7 +14,6 @@ tokens only). Results in ``cfg.out``::
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -22,20 +21,16 @@ import torch
 
 from lmforge.config.batch import resolve_batch
 from lmforge.data.sft import load_sft_dataset
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import ConfigError
 from lmforge.finetune.config import FinetuneConfig, to_dict
 from lmforge.finetune.metrics import exact_match, greedy_continue, token_f1
 from lmforge.io import write_json_atomic, write_text_atomic
-from lmforge.parallel.ddp import apply_data_parallel
-from lmforge.parallel.dims import ParallelDims
+from lmforge.parallel.dims import ParallelDims, fsdp_strategy
+from lmforge.parallel.fsdp import gathered
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
-from lmforge.parallel.transforms import apply_activation_checkpointing
-from lmforge.train.checkpoint import CheckpointManager, load_model, load_training_state
-from lmforge.train.loop import PRECISIONS, LoopSettings, Trainer, TrainState
-from lmforge.train.metrics import MetricsLogger
-from lmforge.train.objectives import CausalLMLoss
-from lmforge.train.optim import build_optimizer, build_schedule
-from lmforge.train.pretrain import saved_state_dict, seed_everything
+from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training
+from lmforge.train.loop import PRECISIONS, LoopSettings
+from lmforge.train.pretrain import seed_everything
 
 
 def method_config(cfg: FinetuneConfig):
@@ -47,6 +42,32 @@ def method_config(cfg: FinetuneConfig):
     if cfg.method == "full":
         return None
     return make(cfg.method, dataclasses.asdict(getattr(cfg.peft, cfg.method)))
+
+
+def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
+    """The :class:`~lmforge.train.assembly.TrainJob` of a fine-tuning config."""
+    t, o = cfg.trainer, cfg.optim
+    loop = LoopSettings(max_steps=int(t.max_steps), micro_batch_size=int(cfg.micro_batch_size),
+                        global_batch_size=int(cfg.global_batch_size), accumulate=accumulate,
+                        val_check_interval=int(t.val_check_interval or 0),
+                        limit_val_batches=int(t.limit_val_batches or 0) if cfg.val_data else 0,
+                        log_every_n_steps=int(t.log_every_n_steps or 1),
+                        gradient_clip_val=float(t.gradient_clip_val or 0.0), precision=t.precision)
+    granularity = cfg.activations_checkpoint_granularity or ("full" if cfg.gradient_checkpointing else None)
+    ac = None
+    if granularity:
+        ac = dict(granularity=granularity, method=cfg.activations_checkpoint_method,
+                  num_layers=cfg.activations_checkpoint_num_layers)
+    return TrainJob(
+        out=Path(cfg.out), dims=dims, loop=loop,
+        optim=OptimSpec(name=o.name, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
+                        eps=float(o.eps), sched="CosineAnnealing", warmup_steps=int(o.warmup_steps),
+                        constant_steps=0, min_lr=float(o.min_lr)),
+        checkpoint=CheckpointSpec(monitor=cfg.monitor, mode=cfg.monitor_mode, save_top_k=int(cfg.save_top_k),
+                                  save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint),
+        seed=int(cfg.seed), peft_method=None if peft_cfg is None else cfg.method, peft_config=peft_cfg,
+        activations_checkpoint=ac, fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
+        fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), run_config=to_dict(cfg))
 
 
 def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) -> dict:
@@ -62,11 +83,11 @@ def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) 
 
 def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     from lmforge.open import load_for_inference
-    from lmforge.peft import apply_peft, base_model, load_peft_state_dict, peft_state_dict, save_adapter
+    from lmforge.peft import save_adapter
 
     t = cfg.trainer
-    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices)).check_world(
-        rt.world_size, rt.rank)
+    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices),
+                        fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy)).check_world(rt.world_size, rt.rank)
     dims.check_supported()
     mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
     accum = resolve_batch(gbs, mbs, None, dims=dims).accumulate_grad_batches
@@ -93,51 +114,12 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         if val_ds is not None:
             console_log(val_ds.stats.summary(str(cfg.val_data)))
 
-    train_model = model
-    if peft_cfg is not None:
-        train_model = apply_peft(model, cfg.method, peft_cfg)
-    base = base_model(train_model)
-    n_trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in train_model.parameters())
-
-    schedule = build_schedule("CosineAnnealing", float(cfg.optim.lr), int(t.max_steps), int(cfg.optim.warmup_steps),
-                              0, float(cfg.optim.min_lr))
-    optimizer = build_optimizer(train_model, cfg.optim.name, float(cfg.optim.lr), float(cfg.optim.weight_decay),
-                                list(cfg.optim.betas), float(cfg.optim.eps), rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type) if t.precision == "16-mixed" else None
-
-    def weights_to_save() -> dict:
-        return saved_state_dict(base) if peft_cfg is None else peft_state_dict(base)
-
-    def load_saved(folder: Path) -> None:
-        weights, _ = load_model(folder, device=rt.device)
-        if peft_cfg is None:
-            from lmforge.open import load_weights
-
-            load_weights(base, weights, folder)
-        else:
-            load_peft_state_dict(base, weights, source=str(folder))
-
-    manager = CheckpointManager(out / "checkpoints", rt, monitor=cfg.monitor, mode=cfg.monitor_mode,
-                                save_top_k=int(cfg.save_top_k), save_last=True)
-    state, resumed_from = TrainState(), None
-    latest = manager.latest() if cfg.resume else None
-    if latest is not None:
-        load_saved(latest)
-        state = TrainState.from_dict(load_training_state(latest, optimizer, rt, scaler=scaler))
-        resumed_from = str(latest)
-        if rt.is_main:
-            console_log(f"resuming from {latest} at step {state.step}")
-
-    if cfg.gradient_checkpointing:
-        apply_activation_checkpointing(base)
-    objective = CausalLMLoss(train_model)
-    forward_model = apply_data_parallel(objective, rt)
-    settings = LoopSettings(max_steps=int(t.max_steps), micro_batch_size=mbs, global_batch_size=gbs, accumulate=accum,
-                            val_check_interval=int(t.val_check_interval or 0),
-                            limit_val_batches=int(t.limit_val_batches or 0) if val_ds is not None else 0,
-                            log_every_n_steps=int(t.log_every_n_steps or 1),
-                            gradient_clip_val=float(t.gradient_clip_val or 0.0), precision=t.precision)
+    job = job_from_config(cfg, dims, accum, peft_cfg)
+    training = build_training(job, model, rt, tokenizer=tokenizer, model_config=mcfg.to_dict(),
+                              console_log=console_log)
+    train_model, trainer, logger, manager = training.model, training.trainer, training.logger, training.manager
+    state, resumed_from, settings = training.state, training.resumed_from, job.loop
+    n_trainable, n_total = training.num_parameters()
     amp_dtype = PRECISIONS[t.precision]
 
     def generation_metrics(step: int) -> dict:
@@ -149,34 +131,32 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         train_model.eval()
         autocast = torch.autocast(rt.device.type, dtype=amp_dtype) if amp_dtype is not None else None
         em = f1 = 0.0
-        for s in val_ds.samples[rt.rank:n:rt.world_size]:
-            new = greedy_continue(train_model, s.ids[:s.prompt_len], int(cfg.generation.max_new_tokens),
-                                  tokenizer.eod_id, autocast, dtype=amp_dtype)
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            em += exact_match(text, s.response_text)
-            f1 += token_f1(text, s.response_text)
+        with gathered(training.objective if training.fsdp else None):
+            # Under FSDP every rank runs the same number of forwards (the blocks' all-gathers are collective).
+            samples = val_ds.samples[:n] if training.fsdp else val_ds.samples[dims.dp_rank:n:dims.dp]
+            for s in samples:
+                new = greedy_continue(train_model, s.ids[:s.prompt_len], int(cfg.generation.max_new_tokens),
+                                      tokenizer.eod_id, autocast, dtype=amp_dtype)
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                em += exact_match(text, s.response_text)
+                f1 += token_f1(text, s.response_text)
         train_model.train(was)
+        if training.fsdp:  # every rank scored all samples
+            return {"exact_match": em / n, "f1": f1 / n}
         em, f1 = trainer._all_reduce([em, f1])
         return {"exact_match": em / n, "f1": f1 / n}
 
-    run_config = to_dict(cfg)
-
-    def save(st: TrainState, metrics: dict) -> None:
-        manager.save(st.step, weights_to_save(), mcfg.to_dict(), optimizer, {**st.to_dict(), "config": run_config},
-                     metrics=metrics, tokenizer=tokenizer, scaler=scaler)
+    if val_ds is not None:
+        trainer.extra_val_fn = generation_metrics
 
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
 
-        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_config)))
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.run_config)))
         console_log(f"fine-tuning ({cfg.method}): {n_trainable:,} of {n_total:,} parameters trained; "
-                    f"{t.max_steps} steps of {gbs} rows x {seq} tokens on {rt.world_size} process(es), "
+                    f"{t.max_steps} steps of {gbs} rows x {seq} tokens on {dims.describe()}, "
                     f"{rt.device.type}, precision {t.precision}; results in {out}")
-    logger = MetricsLogger(out, rt, total_steps=int(t.max_steps), tensorboard=False,
-                           every_n_steps=int(t.log_every_n_steps or 1))
-    trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, settings, save_fn=save, log=logger,
-                      scaler=scaler, extra_val_fn=generation_metrics if val_ds is not None else None, dims=dims)
     with logger:
         val_before = None
         if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:
@@ -191,9 +171,16 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         final_metrics = dict((records.get(best.name) or {}).get("metrics") or {})
     adapter_dir = None
     if peft_cfg is not None and best is not None and not state.stopped_early:
-        load_saved(best)  # the best weights, on every rank alike
-        if rt.is_main:
-            adapter_dir = str(save_adapter(train_model, cfg.method, peft_cfg, out / "adapter", base_name=str(cfg.model)))
+        training.load_weights(best)  # the best weights, on every rank alike
+        with gathered(training.objective if training.fsdp else None):
+            if training.fsdp:
+                from lmforge.peft import peft_state_dict
+
+                full = {k: v.full_tensor() for k, v in peft_state_dict(training.base).items()}  # collective
+            if rt.is_main:
+                adapter_dir = str(save_adapter(train_model, cfg.method, peft_cfg, out / "adapter",
+                                               base_name=str(cfg.model),
+                                               state=full if training.fsdp else None))
         rt.barrier()
     history = state.history
     summary = {

@@ -531,7 +531,9 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)  # tokens routed to expert e
-            if token.numel():
+            # In training every expert joins the graph, even with no tokens (a zero gradient): sharded data
+            # parallelism reduces each expert's gradient on every rank, whichever tokens a rank routed.
+            if token.numel() or (self.training and torch.is_grad_enabled()):
                 out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         return out.reshape(shape)
 

@@ -127,18 +127,20 @@ def _hf_config(method: str, cfg: MethodConfig, model: nn.Module, base_name: Opti
 
 
 def save_adapter(model: nn.Module, method: str, cfg: MethodConfig, out_dir: Union[str, Path],
-                 base_name: Optional[str] = None) -> Path:
+                 base_name: Optional[str] = None, state: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (the method's weights only) atomically.
 
     Args:
         model: the model the method was applied to (or its PromptTunedModel).
         base_name: recorded as ``base_model_name_or_path`` (the base model's folder).
+        state: the method's weights when not read from ``model`` (an FSDP run passes them gathered).
     """
     from safetensors.torch import save_file
 
     from lmforge.io import atomic_path
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in peft_state_dict(base_model(model)).items()}
+    state = state if state is not None else peft_state_dict(base_model(model))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if method in _HF_FORMAT:
         config = _hf_config(method, cfg, model, base_name)
         state = {to_hf_key(k): v for k, v in state.items()}

@@ -189,9 +189,24 @@ def save_model(folder: str | os.PathLike, model_state: dict[str, torch.Tensor], 
             path.unlink()
     if tokenizer is not None:
         tokenizer.save(folder)
-    write_json_atomic(folder / CONFIG_NAME, {"lmforge_version": lmforge.__version__, "format": "lmforge",
-                                             "model": config})
+    write_model_config(folder, config)
     return folder
+
+
+def write_model_config(folder: str | os.PathLike, config: dict, sharded: Optional[dict] = None) -> Path:
+    """Write ``config.json`` (last, atomically: a folder that has it holds whole weights).
+
+    Args:
+        config: the model config as a dict, stored under ``"model"``.
+        sharded: for an FSDP checkpoint whose weights are per-rank shards in ``model/``, e.g.
+            ``{"world_size": 8}`` (stored under ``"sharded"``).
+    """
+    doc = {"lmforge_version": lmforge.__version__, "format": "lmforge", "model": config}
+    if sharded is not None:
+        doc["sharded"] = sharded
+    path = Path(folder) / CONFIG_NAME
+    write_json_atomic(path, doc)
+    return path
 
 
 def _weight_files(folder: Path) -> tuple[Optional[dict[str, str]], list[Path]]:
@@ -576,13 +591,17 @@ class CheckpointManager:
     # -- saving ---------------------------------------------------------------------------------
     def save(self, step: int, model_state: dict[str, torch.Tensor], model_config_dict: dict,
              optimizer: Optional[torch.optim.Optimizer], state: dict, metrics: Optional[dict] = None,
-             tokenizer=None, scaler=None) -> Optional[Path]:
+             tokenizer=None, scaler=None, write_fn=None) -> Optional[Path]:
         """Write ``root/step_{step:07d}`` atomically; call it on every rank.
 
         Rank 0 writes weights, config, tokenizer, optimizer and state; every rank writes its RNG
         state; all into ``root/.step_XXXXXXX.tmp``, renamed into place once every rank succeeded
         (an existing folder of that name is replaced). Then ``latest`` and ``checkpoints.json``
         are rewritten atomically and checkpoints beyond the top k are deleted.
+
+        ``write_fn(tmp_folder)``, when given, is called on every rank instead of rank 0 writing
+        ``model_state`` (sharded runs: each rank writes its shards of the weights and optimizer state,
+        rank 0 the config); ``optimizer`` is then None.
 
         Returns:
             The checkpoint folder (None when checkpointing is off: save_top_k=0 and save_last=False).
@@ -600,7 +619,9 @@ class CheckpointManager:
         rt.barrier()
         error: Optional[Exception] = None
         try:
-            if rt.is_main:
+            if write_fn is not None:
+                write_fn(tmp)
+            elif rt.is_main:
                 save_model(tmp, model_state, model_config_dict, tokenizer=tokenizer)
             save_training_state(tmp, optimizer, state, rt, scaler=scaler, metrics=metrics)
         except Exception as e:  # noqa: BLE001 - every rank must learn of a failure before raising

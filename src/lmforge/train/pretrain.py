@@ -19,19 +19,14 @@ from lmforge.config.loader import parallel_dims
 from lmforge.config.schema import tokenizer_path
 from lmforge.data.gpt_dataset import build_datasets
 from lmforge.data.tokenizers import load_tokenizer
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import ConfigError
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.models.config import ModelConfig
-from lmforge.open import load_weights
 from lmforge.models.transformer import Transformer
-from lmforge.parallel.ddp import apply_data_parallel
+from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
-from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
-from lmforge.train.checkpoint import CheckpointManager, load_model, load_training_state
-from lmforge.train.loop import LoopSettings, Trainer, TrainState
-from lmforge.train.metrics import MetricsLogger
-from lmforge.train.objectives import CausalLMLoss
-from lmforge.train.optim import build_optimizer, build_schedule
+from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training
+from lmforge.train.loop import LoopSettings
 
 
 def results_dir(cfg) -> Path:
@@ -81,6 +76,36 @@ def _val_interval(cfg, max_steps: int) -> int:
     return int(v)
 
 
+def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
+    """The :class:`~lmforge.train.assembly.TrainJob` of a pretraining config (NeMo's keys)."""
+    from lmforge.config import to_dict as config_to_dict
+
+    t, m, em = cfg.trainer, cfg.model, cfg.exp_manager
+    cp, o = em.checkpoint_callback_params, m.optim
+    loop = LoopSettings(
+        max_steps=max_steps, micro_batch_size=int(m.micro_batch_size), global_batch_size=int(m.global_batch_size),
+        accumulate=int(t.accumulate_grad_batches), val_check_interval=_val_interval(cfg, max_steps),
+        limit_val_batches=int(t.limit_val_batches or 0), log_every_n_steps=int(t.log_every_n_steps or 1),
+        gradient_clip_val=float(t.gradient_clip_val or 0.0), precision=t.precision,
+        every_n_train_steps=int(cp.every_n_train_steps or 0), num_workers=int(m.data.num_workers or 0))
+    ac = None
+    if m.activations_checkpoint_granularity:
+        ac = dict(granularity=m.activations_checkpoint_granularity, method=m.activations_checkpoint_method,
+                  num_layers=m.activations_checkpoint_num_layers)
+    return TrainJob(
+        out=results_dir(cfg), dims=dims, loop=loop,
+        optim=OptimSpec(name=o.name, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
+                        eps=float(o.eps), sched=o.sched.name, warmup_steps=int(o.sched.warmup_steps),
+                        constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr)),
+        checkpoint=CheckpointSpec(monitor=cp.monitor, mode=cp.mode, save_top_k=int(cp.save_top_k),
+                                  save_last=bool(cp.save_last), resume=bool(em.resume_if_exists),
+                                  resume_must_exist=not em.resume_ignore_no_checkpoint,
+                                  sharded=m.fsdp_sharded_checkpoint),
+        seed=int(m.seed), activations_checkpoint=ac, compile=bool(m.compile),
+        fsdp_grad_reduce_dtype=m.fsdp_grad_reduce_dtype, fsdp_cpu_offload=bool(m.fsdp_cpu_offload),
+        tensorboard=bool(em.create_tensorboard_logger), wandb=_wandb_kwargs(cfg), run_config=config_to_dict(cfg))
+
+
 def run(cfg, runtime: Runtime | None = None, console_log=print) -> dict:
     """Pretrain as ``cfg`` says. Returns a summary dict (losses, tokens, seconds, checkpoint path)."""
     t0 = time.perf_counter()
@@ -94,7 +119,7 @@ def run(cfg, runtime: Runtime | None = None, console_log=print) -> dict:
 
 
 def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
-    t, m, em = cfg.trainer, cfg.model, cfg.exp_manager
+    t, m = cfg.trainer, cfg.model
     dims = parallel_dims(cfg).check_world(rt.world_size, rt.rank)
     dims.check_supported()
     if not m.data.data_prefix:
@@ -106,7 +131,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
                           "was preprocessed with (make one with `lmforge tokenizer train`)")
     tokenizer = load_tokenizer(tok_path)
     out = results_dir(cfg)
-    gbs, mbs, accum = int(m.global_batch_size), int(m.micro_batch_size), int(t.accumulate_grad_batches)
+    gbs = int(m.global_batch_size)
     seq = int(m.data.seq_length or m.encoder_seq_length)
     seed = int(m.seed)
 
@@ -128,71 +153,18 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     model_cfg = model_config_from(cfg, tokenizer.vocab_size)
     seed_everything(seed, rt.rank)
     model = build_model(model_cfg, rt.device, seed)
-
-    sched_cfg = m.optim.sched
-    schedule = build_schedule(sched_cfg.name, float(m.optim.lr), max_steps, sched_cfg.warmup_steps,
-                              sched_cfg.constant_steps, sched_cfg.min_lr)
-    optimizer = build_optimizer(model, m.optim.name, float(m.optim.lr), float(m.optim.weight_decay),
-                                list(m.optim.betas), float(m.optim.eps), rt.device)
-    scaler = None
-    if t.precision == "16-mixed":
-        scaler = torch.amp.GradScaler(rt.device.type)
-
-    cp = em.checkpoint_callback_params
-    manager = CheckpointManager(out / "checkpoints", rt, monitor=cp.monitor, mode=cp.mode,
-                                save_top_k=int(cp.save_top_k), save_last=bool(cp.save_last))
-    state = TrainState()
-    resumed_from = None
-    if em.resume_if_exists:
-        latest = manager.latest()
-        if latest is not None:
-            weights, saved_cfg = load_model(latest, device=rt.device)
-            if ModelConfig.from_dict(saved_cfg["model"]).to_dict() != model_cfg.to_dict():
-                raise CheckpointError(f"{latest} holds a model of another shape than this config; use a new "
-                                      f"exp_manager.name or exp_manager.resume_if_exists=false")
-            load_weights(model, weights, latest)
-            state = TrainState.from_dict(load_training_state(latest, optimizer, rt, scaler=scaler))
-            resumed_from = str(latest)
-            if rt.is_main:
-                console_log(f"resuming from {latest} at step {state.step}")
-        elif not em.resume_ignore_no_checkpoint:
-            raise CheckpointError(f"exp_manager.resume_if_exists=true but {out / 'checkpoints'} holds no checkpoint; "
-                                  f"set exp_manager.resume_ignore_no_checkpoint=true to start fresh")
-
-    objective = CausalLMLoss(model)
-    if m.activations_checkpoint_granularity:
-        apply_activation_checkpointing(model)
-    if m.compile:
-        apply_compile(model)
-        objective.compile_loss()
-    forward_model = apply_data_parallel(objective, rt)
-
-    settings = LoopSettings(
-        max_steps=max_steps, micro_batch_size=mbs, global_batch_size=gbs, accumulate=accum,
-        val_check_interval=_val_interval(cfg, max_steps), limit_val_batches=int(t.limit_val_batches or 0),
-        log_every_n_steps=int(t.log_every_n_steps or 1), gradient_clip_val=float(t.gradient_clip_val or 0.0),
-        precision=t.precision, every_n_train_steps=int(cp.every_n_train_steps or 0),
-        num_workers=int(m.data.num_workers or 0))
-
-    from lmforge.config import to_dict as config_to_dict
-
-    run_config = config_to_dict(cfg)
-
-    def save(st: TrainState, metrics: dict):
-        manager.save(st.step, saved_state_dict(model), model_cfg.to_dict(), optimizer,
-                     {**st.to_dict(), "config": run_config}, metrics=metrics, tokenizer=tokenizer, scaler=scaler)
+    training = build_training(job_from_config(cfg, dims, max_steps), model, rt, tokenizer=tokenizer,
+                              console_log=console_log)
+    trainer, logger, manager, state = training.trainer, training.logger, training.manager, training.state
+    settings, resumed_from = training.job.loop, training.resumed_from
 
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", _to_yaml(cfg))
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = training.num_parameters()[1]
         console_log(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.num_layers} layers, hidden "
-                    f"{model_cfg.hidden_size}; {max_steps} steps of {gbs} x {seq} tokens on {rt.world_size} "
-                    f"process(es), {rt.device.type}, precision {t.precision}; results in {out}")
-    logger = MetricsLogger(out, rt, total_steps=max_steps, tensorboard=bool(em.create_tensorboard_logger),
-                           wandb=_wandb_kwargs(cfg), every_n_steps=int(t.log_every_n_steps or 1))
-    trainer = Trainer(forward_model, model, optimizer, schedule, rt, settings, save_fn=save, log=logger, scaler=scaler,
-                      dims=dims)
+                    f"{model_cfg.hidden_size}; {max_steps} steps of {gbs} x {seq} tokens on {dims.describe()}, "
+                    f"{rt.device.type}, precision {t.precision}; results in {out}")
     with logger:
         val_before = None
         if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:

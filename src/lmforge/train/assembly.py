@@ -1,0 +1,358 @@
+"""One training assembly: ``build_training(job, model, runtime)`` for every stage that trains.
+
+Pretraining (:mod:`lmforge.train.pretrain`) and fine-tuning (:mod:`lmforge.finetune.stage`) turn their
+configs into one typed :class:`TrainJob` and hand it, with the plain model, to :func:`build_training`.
+Everything after that is shared: PEFT, resume, activation checkpointing, compile, data parallelism
+(DDP or FSDP2), optimizer, schedule, precision, checkpointing and the loop. Alignment will use it too.
+
+Transformations are applied from outside the model, in this order (torchtitan's, with PEFT first
+because it swaps modules):
+
+1. PEFT (``job.peft_method``): wrap the chosen modules, freeze the rest.
+2. Resume weights from a full (unsharded) checkpoint into the plain model.
+3. Activation checkpointing (``job.activations_checkpoint``), per block.
+4. torch.compile (``job.compile``), per block, and the loss head.
+5. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective as root) or DDP.
+6. Optimizer over the (now possibly sharded) trainable parameters.
+7. Resume from a sharded checkpoint (weights) and the optimizer state (any layout).
+
+Checkpoints: unsharded runs write full weights on rank 0 (``model.safetensors``) and the optimizer by
+parameter index, as before; FSDP runs write each rank's shards with torch.distributed.checkpoint (safetensors,
+``model/`` and ``training_state/optimizer/``), keyed by parameter name, so a run resumes on another number
+of ranks, with or without FSDP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from lmforge.errors import CheckpointError
+from lmforge.parallel.dims import ParallelDims
+from lmforge.parallel.runtime import Runtime
+from lmforge.train.loop import LoopSettings, Trainer, TrainState
+
+OPTIMIZER_DIR = "optimizer"  # training_state/optimizer/: FQN-keyed optimizer tensors of sharded runs
+OPTIMIZER_GROUPS = "optimizer_groups.json"
+
+
+@dataclass
+class OptimSpec:
+    """AdamW and its learning-rate schedule."""
+
+    name: str = "fused_adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    sched: Optional[str] = "CosineAnnealing"
+    warmup_steps: int = 0
+    constant_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class CheckpointSpec:
+    """Where and how checkpoints are kept, and whether the run resumes from the newest."""
+
+    monitor: str = "val_loss"
+    mode: str = "min"
+    save_top_k: int = 3
+    save_last: bool = True
+    resume: bool = True
+    resume_must_exist: bool = False  # resume=true with no checkpoint: start fresh (False) or refuse (True)
+    sharded: Optional[bool] = None  # FSDP runs: None/True write shards, False gathers full weights on rank 0
+
+
+@dataclass
+class TrainJob:
+    """Everything :func:`build_training` needs, whichever stage trains.
+
+    The data-parallel size, batch sizes and dtype each have one source here: ``dims`` and ``loop``.
+    """
+
+    out: Path
+    dims: ParallelDims
+    loop: LoopSettings
+    optim: OptimSpec
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    seed: int = 1234
+    peft_method: Optional[str] = None  # None: every weight trains
+    peft_config: Any = None
+    activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
+    compile: bool = False
+    fsdp_grad_reduce_dtype: Any = 32
+    fsdp_cpu_offload: bool = False
+    tensorboard: bool = False
+    wandb: Optional[dict] = None
+    run_config: dict = field(default_factory=dict)  # saved with every checkpoint
+
+
+@dataclass
+class Training:
+    """What :func:`build_training` assembled. ``trainer.fit(train, val, state)`` runs it."""
+
+    job: TrainJob
+    runtime: Runtime
+    model: nn.Module  # what is trained (the PEFT wrapper when there is one)
+    base: nn.Module  # the Transformer inside
+    objective: nn.Module  # the loss module the loop calls (the FSDP root under FSDP)
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    scaler: Optional[torch.amp.GradScaler]
+    manager: Any
+    trainer: Trainer
+    logger: Any
+    state: TrainState
+    resumed_from: Optional[str] = None
+
+    @property
+    def fsdp(self) -> bool:
+        return self.job.dims.is_sharded
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts of the whole model (not of one shard)."""
+        trainable = total = 0
+        for p in self.model.parameters():
+            n = p.numel()  # a DTensor reports its global size
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: all of them (a tied head once), or the PEFT method's only."""
+        from lmforge.peft import peft_state_dict
+        from lmforge.train.pretrain import saved_state_dict
+
+        return saved_state_dict(self.base) if self.job.peft_method is None else peft_state_dict(self.base)
+
+    def load_weights(self, folder: Path) -> None:
+        """Load a checkpoint's weights (full or sharded) into the live model, whatever its layout."""
+        _load_weights(self, Path(folder))
+
+    def save(self, st: TrainState, metrics: dict) -> None:
+        _save(self, st, metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=None, model_config: dict = None,
+                   console_log: Callable = print, log_every_n_steps: Optional[int] = None,
+                   compile_loss: bool = True) -> Training:
+    """Assemble a run: see the module docstring for what happens, in which order.
+
+    Args:
+        job: the typed job (built by a stage from its config).
+        model: the plain :class:`~lmforge.models.transformer.Transformer` on ``runtime.device`` (freshly
+            initialised, or loaded from a base model).
+        runtime: rank, world size, device.
+        tokenizer: saved into every checkpoint.
+        model_config: ``ModelConfig.to_dict()`` saved as the checkpoint's config (default: ``model.cfg``).
+    """
+    from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
+    from lmforge.peft import apply_peft, base_model
+    from lmforge.train.checkpoint import CheckpointManager
+    from lmforge.train.metrics import MetricsLogger
+    from lmforge.train.objectives import CausalLMLoss
+    from lmforge.train.optim import build_optimizer, build_schedule
+
+    dims, rt = job.dims, runtime
+    train_model = model
+    if job.peft_method is not None:  # 1. PEFT
+        train_model = apply_peft(model, job.peft_method, job.peft_config)
+        if rt.distributed:  # rank 0's initial adapter weights everywhere (DDP broadcasts them; FSDP does not)
+            import torch.distributed as dist
+
+            for p in train_model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+    base = base_model(train_model)
+    model_config = model_config if model_config is not None else base.cfg.to_dict()
+
+    ck = job.checkpoint
+    manager = CheckpointManager(job.out / "checkpoints", rt, monitor=ck.monitor, mode=ck.mode,
+                                save_top_k=int(ck.save_top_k), save_last=bool(ck.save_last))
+    latest = manager.latest() if ck.resume else None
+    if ck.resume and latest is None and ck.resume_must_exist:
+        raise CheckpointError(f"exp_manager.resume_if_exists=true but {job.out / 'checkpoints'} holds no checkpoint; "
+                              f"set exp_manager.resume_ignore_no_checkpoint=true to start fresh")
+    if latest is not None:
+        _check_same_model(latest, model_config)
+    sharded_resume = latest is not None and _is_sharded_checkpoint(latest)
+    if latest is not None and not sharded_resume:  # 2. full weights into the plain model
+        _load_full_weights(base, job.peft_method, latest, rt.device)
+
+    if job.activations_checkpoint:  # 3.
+        apply_activation_checkpointing(base, **job.activations_checkpoint)
+    objective = CausalLMLoss(train_model)
+    if job.compile:  # 4.
+        apply_compile(base)
+        if compile_loss:
+            objective.compile_loss()
+    if dims.is_sharded:  # 5.
+        from lmforge.parallel.fsdp import apply_fsdp
+
+        apply_fsdp(objective, base.layers, dims, rt, precision=job.loop.precision,
+                   grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload)
+        forward_model = objective
+    else:
+        from lmforge.parallel.ddp import apply_data_parallel
+
+        forward_model = apply_data_parallel(objective, rt)
+
+    o = job.optim  # 6.
+    schedule = build_schedule(o.sched, float(o.lr), job.loop.max_steps, int(o.warmup_steps), int(o.constant_steps),
+                              float(o.min_lr))
+    optimizer = build_optimizer(train_model, o.name, float(o.lr), float(o.weight_decay), list(o.betas), float(o.eps),
+                                rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type) if job.loop.precision == "16-mixed" else None
+
+    logger = MetricsLogger(job.out, rt, total_steps=job.loop.max_steps, tensorboard=job.tensorboard, wandb=job.wandb,
+                           every_n_steps=int(log_every_n_steps or job.loop.log_every_n_steps or 1))
+    trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, job.loop, log=logger, scaler=scaler,
+                      dims=dims)
+    training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
+                        schedule=schedule, scaler=scaler, manager=manager, trainer=trainer, logger=logger,
+                        state=TrainState())
+    training._model_config = model_config
+    training._tokenizer = tokenizer
+    trainer.save_fn = training.save
+    if latest is not None:  # 7.
+        training.state = _resume(training, latest, sharded_resume)
+        training.resumed_from = str(latest)
+        if rt.is_main:
+            console_log(f"resuming from {latest} at step {training.state.step}")
+    return training
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+def _is_sharded_checkpoint(folder: Path) -> bool:
+    from lmforge.train.sharded import is_sharded
+
+    return is_sharded(folder)
+
+
+def _check_same_model(folder: Path, model_config: dict) -> None:
+    from lmforge.models.config import ModelConfig
+
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model") or {}
+    try:
+        same = ModelConfig.from_dict(saved).to_dict() == ModelConfig.from_dict(model_config).to_dict()
+    except Exception:  # noqa: BLE001 - any unreadable config is a different model
+        same = False
+    if not same:
+        raise CheckpointError(f"{folder} holds a model of another shape than this config; use a new run folder "
+                              f"(exp_manager.name / --out) or turn resuming off (exp_manager.resume_if_exists=false)")
+
+
+def _load_full_weights(base: nn.Module, peft_method: Optional[str], folder: Path, device) -> None:
+    """Full weights into an unsharded model (before any wrapping)."""
+    from lmforge.open import load_weights
+    from lmforge.peft import load_peft_state_dict
+    from lmforge.train.checkpoint import load_model
+
+    weights, _ = load_model(folder, device=device)
+    if peft_method is None:
+        load_weights(base, weights, folder)
+    else:
+        load_peft_state_dict(base, weights, source=str(folder))
+
+
+def _load_weights(training: Training, folder: Path) -> None:
+    """Weights of a checkpoint into the live (possibly sharded) model."""
+    from lmforge.train.sharded import load_sharded, sharded_folder
+
+    if not training.fsdp and not _is_sharded_checkpoint(folder):
+        _load_full_weights(training.base, training.job.peft_method, folder, training.runtime.device)
+        return
+    target = training.weights_state()
+    if _is_sharded_checkpoint(folder):
+        load_sharded(sharded_folder(folder), target)
+    else:  # full weights into a sharded model: every rank reads the file and keeps its own slice
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from lmforge.train.checkpoint import load_model
+
+        weights, _ = load_model(folder, device="cpu")
+        missing = [k for k in target if k not in weights and not k.endswith("lm_head.weight")]
+        if missing:
+            raise CheckpointError(f"{folder} lacks weights {missing[:5]} of this model")
+        set_model_state_dict(training.base, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _sharded_optimizer_state(training: Training) -> tuple[dict, dict]:
+    """(tensors, the rest) of the optimizer's state keyed by parameter name (flattened, layout-independent)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(training.model, training.optimizer,
+                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+    return tensors, rest
+
+
+def _save(training: Training, st: TrainState, metrics: dict) -> None:
+    job, rt = training.job, training.runtime
+    state = {**st.to_dict(), "config": job.run_config, "layout": job.dims.to_dict()}
+    if not training.fsdp:
+        training.manager.save(st.step, training.weights_state(), training._model_config, training.optimizer, state,
+                              metrics=metrics, tokenizer=training._tokenizer, scaler=training.scaler)
+        return
+    from lmforge.train.sharded import MODEL_DIR, save_sharded
+
+    gather = job.checkpoint.sharded is False or job.peft_method is not None  # adapters are small: one full file
+
+    def write(tmp: Path) -> None:
+        weights = training.weights_state()
+        if gather:
+            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in weights.items()}
+            if rt.is_main:
+                from lmforge.train.checkpoint import save_model
+
+                save_model(tmp, full, training._model_config, tokenizer=training._tokenizer)
+        else:
+            save_sharded(tmp / MODEL_DIR, weights)
+            if rt.is_main:
+                from lmforge.train.checkpoint import write_model_config
+
+                if training._tokenizer is not None:
+                    training._tokenizer.save(tmp)
+                write_model_config(tmp, training._model_config, sharded={"world_size": job.dims.world_size})
+        tensors, rest = _sharded_optimizer_state(training)
+        save_sharded(tmp / "training_state" / OPTIMIZER_DIR, tensors)
+        if rt.is_main:
+            (tmp / "training_state" / OPTIMIZER_GROUPS).write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
+
+    training.manager.save(st.step, None, training._model_config, None, state, metrics=metrics,
+                          tokenizer=None, scaler=training.scaler, write_fn=write)
+
+
+def _resume(training: Training, folder: Path, sharded_weights: bool) -> TrainState:
+    from lmforge.train.checkpoint import load_training_state
+
+    rt = training.runtime
+    if sharded_weights or training.fsdp:  # unsharded runs from full weights loaded them before wrapping
+        _load_weights(training, folder)
+    opt_dir = folder / "training_state" / OPTIMIZER_DIR
+    if opt_dir.is_dir():  # name-keyed, sharded: fits any layout
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from lmforge.train.sharded import load_sharded
+
+        tensors, _ = _sharded_optimizer_state(training)  # the shapes to fill (initialises the state)
+        load_sharded(opt_dir, tensors)
+        rest = json.loads((folder / "training_state" / OPTIMIZER_GROUPS).read_text(encoding="utf-8"))
+        set_optimizer_state_dict(training.model, training.optimizer, {**tensors, **rest},
+                                 options=StateDictOptions(flatten_optimizer_state_dict=True))
+        state = load_training_state(folder, None, rt, scaler=training.scaler)
+    elif training.fsdp:
+        raise CheckpointError(
+            f"{folder} was saved by an unsharded run (optimizer state by parameter index); an FSDP run resumes from "
+            f"checkpoints of FSDP runs only. Start from its weights with a new run folder, or resume without "
+            f"model.fsdp")
+    else:
+        state = load_training_state(folder, training.optimizer, rt, scaler=training.scaler)
+    return TrainState.from_dict(state)

@@ -1,0 +1,150 @@
+"""FSDP2 on CPU ranks (gloo): the loss curve of one unsharded process, for pretraining, full SFT (Llama and
+Mixtral) and LoRA; sharded checkpoints resume on other layouts (4 FSDP ranks -> 2 -> 1 unsharded process)
+and convert to the HF folder of the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_overrides
+from tests.finetune.conftest import base_model_dir, sft_tokenizer, task_files  # noqa: F401 (fixtures)
+from tests.finetune.test_finetune_parallel import _free_port
+from tests.train.test_pretrain import _cli, _env, _losses
+
+STEPS = 10
+
+
+def _pretrain(corpus, out, nproc, *extra, env=None, check=True, **overrides):
+    common = {"trainer.max_steps": STEPS, "trainer.val_check_interval": 5, "trainer.limit_test_batches": 0,
+              "exp_manager.checkpoint_callback_params.every_n_train_steps": 4,
+              "exp_manager.checkpoint_callback_params.save_top_k": -1}
+    common.update(overrides)
+    args = ["pretrain", "tiny/llama", *tiny_overrides(corpus, out, **common), *extra]
+    return _cli(args, env or _env(), nproc=nproc, check=check)
+
+
+def _same_curve(a: dict, b: dict, steps=range(1, STEPS + 1)):
+    assert sorted(a) == sorted(b) == list(steps)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "plain"
+    _pretrain(tiny_corpus, out, 1, "trainer.devices=1")
+    return out
+
+
+@pytest.mark.parametrize("layout", [
+    ("full", 2, ["trainer.devices=2"]),
+    ("grad", 2, ["trainer.devices=2"]),
+    ("hybrid", 4, ["trainer.devices=2", "trainer.num_nodes=2", "model.micro_batch_size=2"]),
+])
+def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, layout):
+    strategy, nproc, devices = layout
+    out = tmp_path / strategy
+    p = _pretrain(tiny_corpus, out, nproc, *devices, "model.fsdp=true", f"model.fsdp_sharding_strategy={strategy}")
+    assert f"FSDP {strategy}" in p.stdout + p.stderr
+    _same_curve(_losses(plain_run), _losses(out))
+    _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
+    # Sharded checkpoint: per-rank safetensors in model/, name-keyed optimizer shards, nothing pickled.
+    step = out / "checkpoints" / "step_0000010"
+    shards = sorted(p.name for p in (step / "model").iterdir() if p.suffix == ".safetensors")
+    assert len(shards) == nproc
+    assert (step / "training_state" / "optimizer").is_dir()
+    assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
+
+
+def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plain_run):
+    out = tmp_path / "moving"
+    fsdp = ["model.fsdp=true"]
+    p = _pretrain(tiny_corpus, out, 4, "trainer.devices=4", "model.micro_batch_size=2", *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"),
+                  check=False)
+    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="9"),
+                  check=False)
+    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+    assert "resuming from" in p.stdout + p.stderr
+    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1")  # no FSDP: reads the 2-rank shards
+    assert "resuming from" in p.stdout + p.stderr
+    _same_curve(_losses(plain_run), _losses(out))
+
+
+def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tiny_corpus, tmp_path, plain_run):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sharded"
+    _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true", env=_env(LMFORGE_TEST_KILL_AT_STEP="6"),
+              check=False)  # stopped after the step-5 checkpoint
+    hf_sharded, hf_plain = tmp_path / "hf_sharded", tmp_path / "hf_plain"
+    for src, dst in ((out / "checkpoints" / "step_0000005", hf_sharded),
+                     (plain_run / "checkpoints" / "step_0000005", hf_plain)):
+        subprocess.run([sys.executable, "-m", "lmforge", "convert", str(src), str(dst), "--to", "hf"], check=True,
+                       capture_output=True, env=_env())
+    a, b = load_file(str(hf_sharded / "model.safetensors")), load_file(str(hf_plain / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # the same training on other layouts: equal up to float summation order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((hf_sharded / "config.json").read_text()) == json.loads((hf_plain / "config.json").read_text())
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory, sft_tokenizer):
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.train.checkpoint import save_model
+    from lmforge.train.pretrain import saved_state_dict
+
+    cfg = ModelConfig(vocab_size=sft_tokenizer.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=48, max_position_embeddings=128, normalization="rmsnorm",
+                      activation="swiglu", bias=False, position_embedding_type="rope",
+                      share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0,
+                      num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    folder = tmp_path_factory.mktemp("mixtral") / "base"
+    save_model(folder, saved_state_dict(model), cfg.to_dict(), tokenizer=sft_tokenizer)
+    return str(folder)
+
+
+def _finetune(args, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lmforge", "finetune", *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={_free_port()}", "--master-addr=127.0.0.1", "-m", "lmforge", "finetune", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("model,method", [("llama", "full"), ("mixtral", "full"), ("llama", "lora")])
+def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, model, method):
+    train, val = task_files
+    base = base_model_dir if model == "llama" else mixtral_dir
+    common = ["--model", base, "--data", train, "--val-data", val, "--method", method, "seq_length=32",
+              "micro_batch_size=2", "global_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.accelerator=cpu",
+              "trainer.limit_val_batches=1", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
+              "generation.num_samples=2", "generation.max_new_tokens=2", "optim.lr=0.01", "sft.pack=true"]
+    _finetune(["--out", str(tmp_path / "one")] + common + ["trainer.devices=1"], 1)
+    _finetune(["--out", str(tmp_path / "two")] + common + ["trainer.devices=2", "fsdp=true"], 2)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    _same_curve(dict(one["losses"]), dict(two["losses"]))
+    assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
+    assert two["trainable_parameters"] == one["trainable_parameters"]
+    if method == "lora":  # the adapter written from the sharded run equals the one-process adapter
+        from safetensors.torch import load_file
+
+        a = load_file(str(Path(one["adapter"]) / "adapter_model.safetensors"))
+        b = load_file(str(Path(two["adapter"]) / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
