@@ -3,9 +3,11 @@
 Measures tokens/s, model TFLOP/s (PaLM convention, as ../shared/bench/hf_peer.py counts them) and
 peak memory for a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads, 8 KV groups, ffn 8192,
 vocab 128256, seq 2048), fp32 master weights + bf16 autocast, fused AdamW, eager and compiled.
-The step is lmforge's real one (``Trainer.train_step``), on random tokens.
+The step is lmforge's real one (``Trainer.train_step``), on random tokens. Cases ``fsdp`` and
+``fsdp_compiled`` shard the same model with FSDP2 on one rank (``lmforge.parallel.fsdp.apply_fsdp``:
+bf16 compute parameters, fp32 master weights and reductions), what ``model.fsdp=true`` does.
 
-    python benchmarks/train_throughput.py [--cases eager,compiled] [--mbs 4] [--steps 20]
+    python benchmarks/train_throughput.py [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4] [--steps 20]
 
 Prints one JSON line per case and writes them to $OUT/lmforge_train.json when OUT is set.
 """
@@ -58,14 +60,28 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int) -> dict:
     if "ckpt" in case:
         apply_activation_checkpointing(model)
     objective = CausalLMLoss(model)
-    if "compiled" in case:
+    if "compiled" in case and "fsdpfirst" not in case and "fsdpfwd" not in case:
         apply_compile(model)
         objective.compile_loss()
+    forward = objective
+    if "fsdp" in case:
+        from lmforge.parallel.dims import ParallelDims
+        from lmforge.parallel.fsdp import apply_fsdp
+
+        apply_fsdp(objective, model.layers, ParallelDims(1, fsdp="full"), Runtime(device=device),
+                   precision="bf16-mixed")
+        if "fsdpfirst" in case:  # compile after sharding (the other order, for comparison)
+            apply_compile(model)
+            objective.compile_loss()
+        if "fsdpfwd" in case:  # compile only each block's forward: FSDP's hooks stay outside the graphs
+            for block in model.layers:
+                block.forward = torch.compile(block.forward)
+            objective.compile_loss()
     opt = build_optimizer(model, "fused_adam", 1e-4, 0.01, [0.9, 0.95], 1e-8, device)
     settings = LoopSettings(max_steps=warm + steps, micro_batch_size=mbs, global_batch_size=mbs, accumulate=1,
                             gradient_clip_val=1.0, precision="bf16-mixed")
     rt = Runtime(device=device)
-    trainer = Trainer(objective, model, opt, build_schedule("constant", 1e-4, warm + steps), rt, settings)
+    trainer = Trainer(forward, model, opt, build_schedule("constant", 1e-4, warm + steps), rt, settings)
     batches = MicroBatches(RandomTokens(mbs * (warm + steps), seq, cfg.vocab_size), settings, rt)
     torch.cuda.reset_peak_memory_stats()
     for s in range(warm):

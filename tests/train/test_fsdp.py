@@ -148,3 +148,61 @@ def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_d
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(tiny_corpus, tmp_path, plain_run):
+    # 1 unsharded process -> 2 FSDP ranks: the optimizer state by parameter index is sliced onto the shards.
+    out = tmp_path / "grow"
+    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true")
+    assert "resuming from" in p.stdout + p.stderr
+    _same_curve(_losses(plain_run), _losses(out))
+    # The same FSDP layout killed and resumed: bit-exact against an uninterrupted FSDP run.
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    fsdp = ["trainer.devices=2", "model.fsdp=true", "model.hidden_dropout=0.1"]
+    _pretrain(tiny_corpus, whole, 2, *fsdp)
+    p = _pretrain(tiny_corpus, killed, 2, *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="7"), check=False)
+    assert p.returncode != 0
+    _pretrain(tiny_corpus, killed, 2, *fsdp)
+    assert _losses(whole) == _losses(killed)
+
+
+def test_one_process_fsdp_trains_unsharded_and_gathered_checkpoints(tiny_corpus, tmp_path, plain_run):
+    out = tmp_path / "one"
+    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.optim.name=distributed_fused_adam")
+    assert "nothing to shard" in p.stdout + p.stderr
+    _same_curve(_losses(plain_run), _losses(out))  # fused AdamW here (distributed_fused_adam's base)
+    # fsdp_sharded_checkpoint=false (NeMo's meaning): full weights on rank 0, the optimizer still sharded
+    out = tmp_path / "gathered"
+    _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true", "model.fsdp_sharded_checkpoint=false",
+              "trainer.max_steps=4", "trainer.val_check_interval=4")
+    step = out / "checkpoints" / "step_0000004"
+    assert (step / "model.safetensors").is_file() and not (step / "model").exists()
+    assert (step / "training_state" / "optimizer").is_dir()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.devices=2", "model.fsdp=true", "model.fsdp_sharding_strategy=zero3"],
+     "model.fsdp_sharding_strategy='zero3' is not one of: full, grad, hybrid"),
+    (["trainer.devices=2", "model.fsdp=true", "model.fsdp_sharding_strategy=hybrid"],
+     "hybrid replicates across nodes but trainer.num_nodes=1"),
+    (["trainer.devices=2", "model.fsdp_cpu_offload=true"], "model.fsdp_cpu_offload=true offloads FSDP shards"),
+    (["trainer.devices=2", "model.fsdp=true", "model.fsdp_grad_reduce_dtype=fp8"], "model.fsdp_grad_reduce_dtype"),
+    (["trainer.devices=3", "model.tensor_model_parallel_size=2"], "is not divisible by"),
+])
+def test_bad_layouts_are_refused_with_one_message(tiny_corpus, tmp_path, overrides, message):
+    p = _pretrain(tiny_corpus, tmp_path / "bad", 1, *overrides, check=False)
+    err = p.stdout + p.stderr
+    assert p.returncode != 0 and message in err, err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_corpus, tmp_path, plain_run):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(plain_run, out)
+    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.hidden_size=48", check=False)
+    err = p.stdout + p.stderr
+    assert p.returncode != 0 and "holds a model of another shape" in err and "Traceback" not in err

@@ -70,9 +70,15 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
 
     ensure_process_group(runtime)
     mesh = dims.build_mesh(runtime.device.type)
-    mp = MixedPrecisionPolicy(param_dtype=_PRECISION_DTYPES[precision], reduce_dtype=reduce_dtype(grad_reduce_dtype))
+    param_dtype, reduce = _PRECISION_DTYPES[precision], reduce_dtype(grad_reduce_dtype)
+    if dims.dp == 1 and param_dtype is not None:
+        # One replica, one shard: nothing is summed, so reducing in the compute dtype gives the same float32
+        # gradient with one pass less over it.
+        reduce = param_dtype
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    reshard = dims.fsdp != "grad"
+    # ZeRO-2 keeps gathered parameters until backward; so does a single shard (there is nothing to free).
+    reshard = dims.fsdp != "grad" and dims.dp_shard > 1
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them (torchtitan does too).
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,

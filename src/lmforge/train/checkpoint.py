@@ -445,6 +445,27 @@ def save_training_state(folder: str | os.PathLike, optimizer: Optional[torch.opt
     return ts
 
 
+def read_optimizer_state(folder: str | os.PathLike) -> dict:
+    """The optimizer state dict of an unsharded checkpoint (``{"state": {index: ...}, "param_groups": [...]}``,
+    CPU tensors), as ``torch.optim.Optimizer.state_dict()`` gave it."""
+    folder = Path(folder)
+    ts = folder / TRAINING_STATE_DIR
+    doc = _read_json(ts / STATE_NAME, "the training state")
+    layout = doc.get("optimizer") if isinstance(doc, dict) else None
+    if layout is None:
+        raise CheckpointError(f"checkpoint {folder} was saved without optimizer state; cannot restore the optimizer")
+    if not (ts / OPTIMIZER_NAME).is_file():
+        raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {TRAINING_STATE_DIR}/{OPTIMIZER_NAME}; "
+                              f"was the save interrupted?")
+    tensors = _load_tensors(ts / OPTIMIZER_NAME)
+    source = ts / OPTIMIZER_NAME
+    return {
+        "state": {int(idx): {k: _decode(v, tensors, source) for k, v in entry.items()}
+                  for idx, entry in layout["state"].items()},
+        "param_groups": [_decode(g, tensors, source) for g in layout["param_groups"]],
+    }
+
+
 def load_training_state(folder: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer], runtime: Runtime,
                         scaler=None) -> dict:
     """Restore optimizer, grad scaler and this rank's RNG from ``folder/training_state``.
@@ -468,20 +489,8 @@ def load_training_state(folder: str | os.PathLike, optimizer: Optional[torch.opt
     doc = _read_json(ts / STATE_NAME, "the training state")
     if not isinstance(doc, dict) or "state" not in doc:
         raise CheckpointError(f"checkpoint file {ts / STATE_NAME} has no 'state' entry; the training state is damaged")
-    layout = doc.get("optimizer")
     if optimizer is not None:
-        if layout is None:
-            raise CheckpointError(f"checkpoint {folder} was saved without optimizer state; cannot restore the optimizer")
-        if not (ts / OPTIMIZER_NAME).is_file():
-            raise CheckpointError(f"checkpoint folder {folder} is incomplete: no {TRAINING_STATE_DIR}/{OPTIMIZER_NAME}; "
-                                  f"was the save interrupted?")
-        tensors = _load_tensors(ts / OPTIMIZER_NAME)
-        source = ts / OPTIMIZER_NAME
-        sd = {
-            "state": {int(idx): {k: _decode(v, tensors, source) for k, v in entry.items()}
-                      for idx, entry in layout["state"].items()},
-            "param_groups": [_decode(g, tensors, source) for g in layout["param_groups"]],
-        }
+        sd = read_optimizer_state(folder)
         try:
             optimizer.load_state_dict(sd)
         except (ValueError, KeyError, RuntimeError) as e:
