@@ -63,6 +63,13 @@ def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, 
     assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
 
 
+def test_pretraining_mixtral_fsdp_matches_one_process(tiny_corpus, tmp_path):
+    moe = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.02"]
+    _pretrain(tiny_corpus, tmp_path / "one", 1, "trainer.devices=1", *moe)
+    _pretrain(tiny_corpus, tmp_path / "two", 2, "trainer.devices=2", "model.fsdp=true", *moe)
+    _same_curve(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+
+
 def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plain_run):
     out = tmp_path / "moving"
     fsdp = ["model.fsdp=true"]
@@ -125,9 +132,12 @@ def _finetune(args, nproc):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
 
-@pytest.mark.parametrize("model,method", [("llama", "full"), ("mixtral", "full"), ("llama", "lora"), ("llama", "ia3"),
-                                          ("llama", "adapter"), ("llama", "ptuning"), ("mixtral", "lora")])
-def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, model, method):
+@pytest.mark.parametrize("model,method,strategy", [
+    ("llama", "full", "full"), ("mixtral", "full", "full"), ("llama", "lora", "full"), ("llama", "ia3", "full"),
+    ("llama", "adapter", "full"), ("llama", "ptuning", "full"), ("mixtral", "lora", "full"), ("llama", "full", "hybrid"),
+    ("llama", "lora", "grad")])
+def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, model, method,
+                                             strategy):
     train, val = task_files
     base = base_model_dir if model == "llama" else mixtral_dir
     common = ["--model", base, "--data", train, "--val-data", val, "--method", method, "seq_length=32",
@@ -136,7 +146,11 @@ def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_d
               "generation.num_samples=2", "generation.max_new_tokens=2", "optim.lr=0.01",
               f"sft.pack={str(method != 'ptuning').lower()}"]
     _finetune(["--out", str(tmp_path / "one")] + common + ["trainer.devices=1"], 1)
-    _finetune(["--out", str(tmp_path / "two")] + common + ["trainer.devices=2", "fsdp=true"], 2)
+    layout = ["trainer.devices=2", "fsdp=true", f"fsdp_sharding_strategy={strategy}"]
+    nproc = 2
+    if strategy == "hybrid":  # 2 "nodes" of 2 ranks on this host
+        layout, nproc = layout + ["trainer.num_nodes=2", "micro_batch_size=1"], 4
+    _finetune(["--out", str(tmp_path / "two")] + common + layout, nproc)
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     _same_curve(dict(one["losses"]), dict(two["losses"]))
@@ -190,8 +204,11 @@ def test_one_process_fsdp_trains_unsharded_and_gathered_checkpoints(tiny_corpus,
     (["trainer.devices=2", "model.fsdp=true", "model.fsdp_sharding_strategy=hybrid"],
      "hybrid replicates across nodes but trainer.num_nodes=1"),
     (["trainer.devices=2", "model.fsdp_cpu_offload=true"], "model.fsdp_cpu_offload=true offloads FSDP shards"),
+    (["trainer.devices=1", "model.fsdp=true", "model.fsdp_cpu_offload=true"], "this run is on the CPU already"),
     (["trainer.devices=2", "model.fsdp=true", "model.fsdp_grad_reduce_dtype=fp8"], "model.fsdp_grad_reduce_dtype"),
     (["trainer.devices=3", "model.tensor_model_parallel_size=2"], "is not divisible by"),
+    (["trainer.devices=2", "model.fsdp=true", "model.activations_checkpoint_granularity=full",
+      "model.activations_checkpoint_num_layers=2"], "each block gathers its own parameters"),
 ])
 def test_bad_layouts_are_refused_with_one_message(tiny_corpus, tmp_path, overrides, message):
     p = _pretrain(tiny_corpus, tmp_path / "bad", 1, *overrides, check=False)
@@ -208,3 +225,23 @@ def test_checkpoint_of_another_model_is_refused(tiny_corpus, tmp_path, plain_run
     p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.hidden_size=48", check=False)
     err = p.stdout + p.stderr
     assert p.returncode != 0 and "holds a model of another shape" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["model.fsdp=true"])])
+def test_async_save_resumes_exactly(tiny_corpus, tmp_path, nproc, extra):
+    args = [f"trainer.devices={nproc}", "exp_manager.checkpoint_callback_params.async_save=true", *extra]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _pretrain(tiny_corpus, whole, nproc, *args)
+    assert (whole / "checkpoints" / "latest").read_text().strip() == "step_0000010"  # published at the end
+    assert not list((whole / "checkpoints").glob(".step_*"))
+    p = _pretrain(tiny_corpus, killed, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+    assert p.returncode != 0
+    # step 5 was still being written in the background when the run died: step 4 is the newest whole one
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    _pretrain(tiny_corpus, killed, nproc, *args)
+    assert _losses(whole) == _losses(killed)
+    from lmforge.train.checkpoint import load_model
+
+    a, _ = load_model(whole / "checkpoints" / "step_0000010")
+    b, _ = load_model(killed / "checkpoints" / "step_0000010")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

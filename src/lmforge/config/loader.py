@@ -721,6 +721,12 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     _choice(p, "model.activations_checkpoint_method", m.activations_checkpoint_method,
             (None,) + CHECKPOINT_METHODS)
     _check_activation_checkpointing(p, m)
+    if (m.fsdp and m.activations_checkpoint_granularity == "full" and m.activations_checkpoint_method != "block"
+            and _is_int(m.activations_checkpoint_num_layers) and m.activations_checkpoint_num_layers > 1):
+        p.append(f"model.activations_checkpoint_num_layers={m.activations_checkpoint_num_layers} with method uniform "
+                 "recomputes several blocks as one unit, but under model.fsdp=true each block gathers its own "
+                 "parameters: use model.activations_checkpoint_num_layers=1 (every block), or "
+                 "model.activations_checkpoint_method=block")
 
     # model: architecture, checked by ModelConfig itself (sizes, heads/groups, norms, dropouts, ...)
     if lengths_ok and _is_int(m.make_vocab_size_divisible_by) and m.make_vocab_size_divisible_by >= 1:

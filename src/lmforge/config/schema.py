@@ -105,6 +105,7 @@ class CheckpointCallbackParams:
     mode: str = "min"  # min | max
     save_last: bool = True
     every_n_train_steps: Optional[int] = None  # None: save after each validation
+    async_save: bool = False  # write checkpoints in the background (staged to CPU memory first)
 
 
 @dataclass
@@ -212,6 +213,9 @@ class ModelSection:
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | alibi
     rotary_base: float = 10000.0
     share_embeddings_and_output_weights: bool = True
+    num_moe_experts: Optional[int] = None  # mixture-of-experts MLP with this many experts (Mixtral: 8); None: dense
+    moe_router_topk: int = 2  # experts per token
+    moe_aux_loss_coeff: float = 0.0  # router load-balancing loss weight (Mixtral: 0.02)
     make_vocab_size_divisible_by: int = 128
     seed: int = 1234
     activations_checkpoint_granularity: Optional[str] = None  # None | full | selective

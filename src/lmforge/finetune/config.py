@@ -119,6 +119,7 @@ class FinetuneConfig:
     fsdp_grad_reduce_dtype: Any = 32  # 32 | bf16 | 16
     fsdp_cpu_offload: bool = False
     fsdp_sharded_checkpoint: Optional[bool] = None  # None/true: per-rank shards; false: full weights on rank 0
+    async_save: bool = False  # write checkpoints in the background (staged to CPU memory first)
     resume: bool = True
     monitor: str = "val_loss"  # val_loss | exact_match | f1 (best checkpoint)
     save_top_k: int = 1
@@ -233,6 +234,11 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append("gradient_checkpointing=true means activations_checkpoint_granularity=full; set one of them")
     if cfg.activations_checkpoint_method not in (None, "uniform", "block"):
         problems.append(f"activations_checkpoint_method={cfg.activations_checkpoint_method!r}; use uniform, block or null")
+    if (cfg.fsdp and cfg.activations_checkpoint_method != "block" and cfg.activations_checkpoint_num_layers
+            and int(cfg.activations_checkpoint_num_layers) > 1):
+        problems.append(f"activations_checkpoint_num_layers={cfg.activations_checkpoint_num_layers} with method "
+                        "uniform recomputes several blocks as one unit, but under fsdp=true each block gathers its "
+                        "own parameters: use activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
     if cfg.fsdp_sharding_strategy not in ("full", "grad", "hybrid"):
         problems.append(f"fsdp_sharding_strategy={cfg.fsdp_sharding_strategy!r}; use full, grad or hybrid")
     if str(cfg.fsdp_grad_reduce_dtype).lower() not in ("32", "fp32", "float32", "bf16", "bfloat16", "16", "fp16",

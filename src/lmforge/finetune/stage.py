@@ -64,7 +64,8 @@ def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, pe
                         eps=float(o.eps), sched="CosineAnnealing", warmup_steps=int(o.warmup_steps),
                         constant_steps=0, min_lr=float(o.min_lr)),
         checkpoint=CheckpointSpec(monitor=cfg.monitor, mode=cfg.monitor_mode, save_top_k=int(cfg.save_top_k),
-                                  save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint),
+                                  save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint,
+                                  async_save=bool(cfg.async_save)),
         seed=int(cfg.seed), peft_method=None if peft_cfg is None else cfg.method, peft_config=peft_cfg,
         activations_checkpoint=ac, fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
         fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), run_config=to_dict(cfg))
@@ -163,6 +164,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
             val_before = trainer.evaluate(val_ds, settings.limit_val_batches)
             logger.log(0, {"val_loss": val_before})
         state = trainer.fit(train_ds, val_ds, state)
+        training.finish_saving()
 
     best = manager.best() or manager.latest()
     final_metrics = {}

@@ -67,6 +67,7 @@ class CheckpointSpec:
     resume: bool = True
     resume_must_exist: bool = False  # resume=true with no checkpoint: start fresh (False) or refuse (True)
     sharded: Optional[bool] = None  # FSDP runs: None/True write shards, False gathers full weights on rank 0
+    async_save: bool = False  # stage to CPU memory, write in the background, publish at the next save / the end
 
 
 @dataclass
@@ -140,6 +141,20 @@ class Training:
     def save(self, st: TrainState, metrics: dict) -> None:
         _save(self, st, metrics)
 
+    def finish_saving(self) -> None:
+        """Publish an asynchronous checkpoint still being written (every rank; a no-op otherwise)."""
+        self.manager.wait()
+
+    def async_group(self, part: str):
+        """The gloo group the background writes of ``part`` (weights, optimizer) talk over: one group each, apart
+        from training's, since two writes in flight at once must not interleave their collectives."""
+        groups = self.__dict__.setdefault("_async_groups", {})
+        if part not in groups and self.runtime.distributed:
+            import torch.distributed as dist
+
+            groups[part] = dist.new_group(backend="gloo")
+        return groups.get(part)
+
 
 # ----------------------------------------------------------------------------------------------
 def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=None, model_config: dict = None,
@@ -163,6 +178,11 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     from lmforge.train.optim import build_optimizer, build_schedule
 
     dims, rt = job.dims, runtime
+    if job.fsdp_cpu_offload and rt.device.type != "cuda":
+        from lmforge.errors import ConfigError
+
+        raise ConfigError("model.fsdp_cpu_offload=true moves FSDP shards from GPU memory to CPU memory, but this run "
+                          "is on the CPU already: remove model.fsdp_cpu_offload (or train on GPUs)")
     train_model = model
     if job.peft_method is not None:  # 1. PEFT
         train_model = apply_peft(model, job.peft_method, job.peft_config)
@@ -312,15 +332,24 @@ def _sharded_optimizer_state(training: Training) -> tuple[dict, dict]:
 def _save(training: Training, st: TrainState, metrics: dict) -> None:
     job, rt = training.job, training.runtime
     state = {**st.to_dict(), "config": job.run_config, "layout": job.dims.to_dict()}
+    async_save = job.checkpoint.async_save
     if not training.fsdp:
         training.manager.save(st.step, training.weights_state(), training._model_config, training.optimizer, state,
-                              metrics=metrics, tokenizer=training._tokenizer, scaler=training.scaler)
+                              metrics=metrics, tokenizer=training._tokenizer, scaler=training.scaler,
+                              async_save=async_save)
         return
-    from lmforge.train.sharded import MODEL_DIR, save_sharded
+    from lmforge.train.sharded import MODEL_DIR, save_sharded, save_sharded_async
+
+    def shards(folder: Path, tensors: dict, waits: list) -> None:
+        if async_save:
+            waits.append(save_sharded_async(folder, tensors, training.async_group(folder.name)))
+        else:
+            save_sharded(folder, tensors)
 
     gather = job.checkpoint.sharded is False or job.peft_method is not None  # adapters are small: one full file
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> list:
+        waits: list = []
         weights = training.weights_state()
         if gather:
             full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in weights.items()}
@@ -329,7 +358,7 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
 
                 save_model(tmp, full, training._model_config, tokenizer=training._tokenizer)
         else:
-            save_sharded(tmp / MODEL_DIR, weights)
+            shards(tmp / MODEL_DIR, weights, waits)
             if rt.is_main:
                 from lmforge.train.checkpoint import write_model_config
 
@@ -337,12 +366,13 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
                     training._tokenizer.save(tmp)
                 write_model_config(tmp, training._model_config, sharded={"world_size": job.dims.world_size})
         tensors, rest = _sharded_optimizer_state(training)
-        save_sharded(tmp / "training_state" / OPTIMIZER_DIR, tensors)
+        shards(tmp / "training_state" / OPTIMIZER_DIR, tensors, waits)
         if rt.is_main:
             (tmp / "training_state" / OPTIMIZER_GROUPS).write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
+        return waits
 
     training.manager.save(st.step, None, training._model_config, None, state, metrics=metrics,
-                          tokenizer=None, scaler=training.scaler, write_fn=write)
+                          tokenizer=None, scaler=training.scaler, write_fn=write, async_save=async_save)
 
 
 def _resume(training: Training, folder: Path, sharded_weights: bool) -> TrainState:

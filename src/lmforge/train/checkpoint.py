@@ -394,7 +394,7 @@ def _load_rng(folder: Path, rank: int) -> bool:
 
 
 def save_training_state(folder: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer], state: dict,
-                        runtime: Runtime, scaler=None, metrics: Optional[dict] = None) -> Path:
+                        runtime: Runtime, scaler=None, metrics: Optional[dict] = None, rng: bool = True) -> Path:
     """Write ``folder/training_state``: everything a resumed run needs besides the weights.
 
     The main rank writes ``optimizer.safetensors`` and then ``state.json``; every rank writes its
@@ -409,6 +409,7 @@ def save_training_state(folder: str | os.PathLike, optimizer: Optional[torch.opt
         runtime: rank and world size.
         scaler: a ``torch.amp.GradScaler`` (or None); its state dict goes into ``state.json``.
         metrics: the metrics this checkpoint was saved with (kept beside ``state``).
+        rng: write this rank's RNG state (an asynchronous save writes it apart, at the moment of the save).
 
     Returns:
         The ``training_state`` folder.
@@ -441,7 +442,8 @@ def save_training_state(folder: str | os.PathLike, optimizer: Optional[torch.opt
             "grad_scaler": _encode(scaler_state, {}, "grad_scaler") if scaler_state is not None else None,
         }
         write_text_atomic(ts / STATE_NAME, json.dumps(doc, indent=1) + "\n")
-    _save_rng(Path(folder), runtime.rank)
+    if rng:
+        _save_rng(Path(folder), runtime.rank)
     return ts
 
 
@@ -526,6 +528,52 @@ def _metric_value(metrics: Optional[dict], monitor: str) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# asynchronous saves
+def _staged(value: Any) -> Any:
+    """A copy of ``value`` whose tensors live in CPU memory (what a background write may read later)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _staged(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_staged(v) for v in value)
+    return value
+
+
+class _Frozen:
+    """Stands in for an optimizer or grad scaler: ``state_dict()`` returns the state staged at the save."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def _in_thread(fn, *args, **kwargs):
+    """Run ``fn`` in a background thread; return ``wait()``, which joins it and raises what it raised."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to wait()
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="lmforge-checkpoint", daemon=True)
+    thread.start()
+
+    def wait():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+
+    return wait
+
+
+# ----------------------------------------------------------------------------------------------
 # the manager
 # ----------------------------------------------------------------------------------------------
 class CheckpointManager:
@@ -558,6 +606,7 @@ class CheckpointManager:
         self.mode = mode
         self.save_top_k = save_top_k
         self.save_last = save_last
+        self._pending: Optional[dict] = None  # an asynchronous save still being written
         if cleanup:
             if runtime.is_main:
                 self._clean_stale()
@@ -600,7 +649,7 @@ class CheckpointManager:
     # -- saving ---------------------------------------------------------------------------------
     def save(self, step: int, model_state: dict[str, torch.Tensor], model_config_dict: dict,
              optimizer: Optional[torch.optim.Optimizer], state: dict, metrics: Optional[dict] = None,
-             tokenizer=None, scaler=None, write_fn=None) -> Optional[Path]:
+             tokenizer=None, scaler=None, write_fn=None, async_save: bool = False) -> Optional[Path]:
         """Write ``root/step_{step:07d}`` atomically; call it on every rank.
 
         Rank 0 writes weights, config, tokenizer, optimizer and state; every rank writes its RNG
@@ -612,11 +661,17 @@ class CheckpointManager:
         ``model_state`` (sharded runs: each rank writes its shards of the weights and optimizer state,
         rank 0 the config); ``optimizer`` is then None.
 
+        ``async_save``: the tensors are staged (copied to CPU memory) now and written by a background thread
+        (``write_fn`` returns the ``wait`` functions of its asynchronous writes); the folder is renamed into
+        place, and ``latest`` updated, by :meth:`wait`, which the next save and the end of training call. A
+        run killed meanwhile resumes from the previous checkpoint.
+
         Returns:
             The checkpoint folder (None when checkpointing is off: save_top_k=0 and save_last=False).
         """
         if self.save_top_k == 0 and not self.save_last:
             return None
+        self.wait()
         rt = self.runtime
         name = self.folder_name(step)
         final, tmp = self.root / name, self._tmp_path(name)
@@ -627,14 +682,50 @@ class CheckpointManager:
             tmp.mkdir()
         rt.barrier()
         error: Optional[Exception] = None
+        waits: list = []
         try:
             if write_fn is not None:
-                write_fn(tmp)
+                waits = list(write_fn(tmp) or [])
+            elif rt.is_main and async_save:
+                waits.append(_in_thread(save_model, tmp, _staged(model_state), model_config_dict, tokenizer=tokenizer))
             elif rt.is_main:
                 save_model(tmp, model_state, model_config_dict, tokenizer=tokenizer)
-            save_training_state(tmp, optimizer, state, rt, scaler=scaler, metrics=metrics)
+            if async_save:  # the optimizer (the largest part) in the background; RNG as it is now
+                staged_opt = _Frozen(_staged(optimizer.state_dict())) if optimizer is not None else None
+                staged_scaler = _Frozen(_staged(scaler.state_dict())) if scaler is not None else None
+                if rt.is_main:
+                    waits.append(_in_thread(save_training_state, tmp, staged_opt, state, rt, scaler=staged_scaler,
+                                            metrics=metrics, rng=False))
+                _save_rng(Path(tmp), rt.rank)
+            else:
+                save_training_state(tmp, optimizer, state, rt, scaler=scaler, metrics=metrics)
         except Exception as e:  # noqa: BLE001 - every rank must learn of a failure before raising
             error = e
+        if async_save and error is None:
+            self._pending = dict(waits=waits, tmp=tmp, final=final, name=name, step=int(step), metrics=metrics)
+            return final
+        for wait in waits:
+            wait()
+        return self._finish(error, tmp, final, name, int(step), metrics)
+
+    def wait(self) -> Optional[Path]:
+        """Finish an asynchronous save: wait for its files on every rank, then publish it. Call on every rank."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        error: Optional[Exception] = None
+        for wait in pending["waits"]:
+            try:
+                wait()
+            except Exception as e:  # noqa: BLE001 - every rank must learn of a failure before raising
+                error = error or e
+        return self._finish(error, pending["tmp"], pending["final"], pending["name"], pending["step"],
+                            pending["metrics"])
+
+    def _finish(self, error: Optional[Exception], tmp: Path, final: Path, name: str, step: int,
+                metrics: Optional[dict]) -> Path:
+        """Publish ``tmp`` as ``final`` when every rank succeeded; otherwise remove it and raise."""
+        rt = self.runtime
         if not self._all_ok(error is None):
             if rt.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)

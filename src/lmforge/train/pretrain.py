@@ -100,7 +100,7 @@ def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
         checkpoint=CheckpointSpec(monitor=cp.monitor, mode=cp.mode, save_top_k=int(cp.save_top_k),
                                   save_last=bool(cp.save_last), resume=bool(em.resume_if_exists),
                                   resume_must_exist=not em.resume_ignore_no_checkpoint,
-                                  sharded=m.fsdp_sharded_checkpoint),
+                                  sharded=m.fsdp_sharded_checkpoint, async_save=bool(cp.async_save)),
         seed=int(m.seed), activations_checkpoint=ac, compile=bool(m.compile),
         fsdp_grad_reduce_dtype=m.fsdp_grad_reduce_dtype, fsdp_cpu_offload=bool(m.fsdp_cpu_offload),
         tensorboard=bool(em.create_tensorboard_logger), wandb=_wandb_kwargs(cfg), run_config=config_to_dict(cfg))
@@ -171,6 +171,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
             val_before = trainer.evaluate(val_ds, settings.limit_val_batches)
             logger.log(0, {"val_loss": val_before, "val_ppl": math.exp(min(val_before, 50.0))})
         state = trainer.fit(train_ds, val_ds, state)
+        training.finish_saving()
         if state.last_val is not None and state.last_val[0] == state.step:
             val_after = state.last_val[1]
         else:

@@ -135,14 +135,57 @@ def save_sharded(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor])
         dcp.save(state_dict, storage_writer=writer_cls(path=str(folder), save_distributed=True),
                  no_dist=not _distributed())
     # dcp.save returns on every rank after rank 0 gathered every rank's write results: all files exist.
-    if _rank() == 0:
-        files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors"))
-        tensors = {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in state_dict.items()}
-        write_json_atomic(folder / MANIFEST_NAME, {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-            "world_size": dist.get_world_size() if _distributed() else 1, "files": files, "tensors": tensors})
+    _write_manifest(folder, _shapes(state_dict))
     _barrier()
     return folder
+
+
+def save_sharded_async(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor], group=None):
+    """:func:`save_sharded` with the files written in the background (``dcp.async_save``).
+
+    Every rank calls it. The tensors are staged (copied to CPU memory) before it returns, so training may
+    change them at once; the writes and DCP's own collectives run in a thread over ``group`` (a gloo group
+    apart from the training one; None without a process group).
+
+    Returns:
+        ``wait()``: blocks until this rank's files are written, then rank 0 writes ``shards.json``. Call it on
+        every rank before the folder is published (no collective inside).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    _check_state(state_dict, f"save_sharded_async({folder})")
+    writer_cls, _ = _hf_storage()
+    shapes = _shapes(state_dict)
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    _barrier()
+    with _one_process_quiet():
+        result = dcp.async_save(state_dict, storage_writer=writer_cls(path=str(folder), save_distributed=True),
+                                process_group=group, no_dist=not _distributed())
+    future = getattr(result, "upload_completion", result)  # torch >= 2.9 may answer an AsyncSaveResponse
+
+    def wait() -> Path:
+        future.result()
+        _write_manifest(folder, shapes)  # rank 0's future ends after every rank's results were gathered
+        return folder
+
+    return wait
+
+
+def _shapes(state_dict: dict[str, torch.Tensor]) -> dict:
+    return {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in state_dict.items()}
+
+
+def _write_manifest(folder: Path, tensors: dict) -> None:
+    """Rank 0: ``shards.json`` naming the files and every tensor's full shape and dtype (the folder is whole)."""
+    if _rank() != 0:
+        return
+    files = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors"))
+    write_json_atomic(folder / MANIFEST_NAME, {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "world_size": dist.get_world_size() if _distributed() else 1, "files": files, "tensors": tensors})
 
 
 def load_sharded(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
