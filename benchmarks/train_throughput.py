@@ -69,7 +69,7 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int) -> dict:
         from lmforge.parallel.fsdp import apply_fsdp
 
         apply_fsdp(objective, model.layers, ParallelDims(1, fsdp="full"), Runtime(device=device),
-                   precision="bf16-mixed")
+                   precision="bf16-mixed", cpu_offload="offload" in case)
         if "fsdpfirst" in case:  # compile after sharding (the other order, for comparison)
             apply_compile(model)
             objective.compile_loss()
