@@ -77,3 +77,19 @@ def test_four_processes_read_one_global_batch_per_step(tiny_corpus, tmp_path):
     assert sorted(l1) == sorted(l4) == [1, 2, 3, 4]
     for step in l1:
         assert l4[step] == pytest.approx(l1[step], rel=1e-5, abs=1e-6), step
+
+
+def test_nemo_fsdp_defaults_load_and_act_as_unsharded():
+    # megatron_gpt_config.yaml spells out its FSDP defaults; they describe an unsharded run
+    cfg = load_config("tiny/llama", ["model.fsdp=false", "model.fsdp_sharding_strategy=full",
+                                     "model.fsdp_grad_reduce_dtype=32", "model.fsdp_sharded_checkpoint=false"])
+    assert parallel_dims(cfg).fsdp is None
+    with pytest.raises(ConfigError, match="model.fsdp_sharded_checkpoint=true applies to FSDP runs only"):
+        load_config("tiny/llama", ["model.fsdp_sharded_checkpoint=true"])
+    cfg = load_config("tiny/llama", ["trainer.devices=4", "model.fsdp=true", "model.fsdp_sharding_strategy=grad",
+                                     "model.global_batch_size=32"])
+    assert parallel_dims(cfg).fsdp == "grad" and parallel_dims(cfg).dp_shard == 4
+    cfg = load_config("tiny/llama", ["trainer.devices=4", "trainer.num_nodes=2", "model.fsdp=true",
+                                     "model.fsdp_sharding_strategy=hybrid", "model.global_batch_size=64"])
+    dims = parallel_dims(cfg)
+    assert (dims.dp, dims.dp_shard, dims.dp_replicate) == (8, 4, 2)

@@ -709,7 +709,7 @@ def _problems(cfg: PretrainConfig) -> list[str]:
         p.append(f"model.fsdp_grad_reduce_dtype={_show(m.fsdp_grad_reduce_dtype)} is not one of: 32, bf16, 16")
     if m.fsdp_cpu_offload and not m.fsdp:
         p.append("model.fsdp_cpu_offload=true offloads FSDP shards: set model.fsdp=true too")
-    if m.fsdp_sharded_checkpoint is not None and not m.fsdp:
+    if m.fsdp_sharded_checkpoint and not m.fsdp:  # false (NeMo's default) says what an unsharded run does anyway
         p.append(f"model.fsdp_sharded_checkpoint={_show(m.fsdp_sharded_checkpoint)} applies to FSDP runs only: set "
                  "model.fsdp=true, or remove the key")
     if (m.fsdp and m.fsdp_sharding_strategy == "hybrid" and _is_int(t.devices) and _is_int(t.num_nodes)

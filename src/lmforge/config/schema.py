@@ -317,6 +317,7 @@ NEMO_IGNORED: dict[str, Any] = {
     "model.overlap_p2p_comm": False,
     "model.batch_p2p_comm": True,
     "model.sync_batch_comm": False,
+    "model.fsdp_use_orig_params": ANY,  # FSDP1's flat-parameter layout switch; FSDP2 keeps original parameters either way
     "model.sharp": False,
     "model.gradient_as_bucket_view": True,
     "model.pre_process": True,
