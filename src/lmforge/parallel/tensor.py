@@ -1,0 +1,145 @@
+"""Tensor parallelism with DTensor plans (``torch.distributed.tensor.parallel``), applied from outside the model.
+
+Megatron's layout, written as torchtitan writes it: in every block q/k/v and gate/up are column-parallel (each
+rank computes its share of the heads and of the MLP's hidden units), o and down are row-parallel (partial
+outputs summed across the tensor-parallel group); the token embedding is vocabulary-parallel (each rank holds
+``V / tp`` rows) and the output head too, and the loss is computed on the vocabulary-sharded logits without
+gathering them (:func:`sharded_cross_entropy`, PyTorch's ``loss_parallel``). Norms, position embeddings and
+everything between the blocks stay replicated.
+
+The model itself does not change: the attention views its heads as ``(B, T, -1, head_dim)``, so a rank's
+projections give it ``heads / tp`` heads; names stay, and the state dict holds DTensors of the full shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+def tensor_parallel_problems(cfg, tp: int) -> list[str]:
+    """Why ``cfg`` (a :class:`~lmforge.models.config.ModelConfig`) cannot be split over ``tp`` ranks (empty: it can)."""
+    if tp == 1:
+        return []
+    key = "model.tensor_model_parallel_size"
+    problems = []
+    kv = cfg.num_query_groups or cfg.num_attention_heads
+    for name, value in (("num_attention_heads", cfg.num_attention_heads), ("num_query_groups", kv),
+                        ("ffn_hidden_size", cfg.ffn_hidden_size), ("vocab_size (padded)", cfg.vocab_size)):
+        if value % tp:
+            problems.append(f"{key}={tp} does not divide model.{name}={value}; use a tensor-parallel size that "
+                            f"divides it")
+    if cfg.position_embedding_type == "alibi":
+        problems.append(f"{key}={tp}: ALiBi models (Falcon-RW, Baichuan2-13B) are not supported under tensor "
+                        f"parallelism yet (their per-head slopes are not split); use FSDP (model.fsdp=true)")
+    if cfg.num_moe_experts is not None:
+        problems.append(f"{key}={tp}: mixture-of-experts models (Mixtral) are not supported under tensor "
+                        f"parallelism yet; use FSDP (model.fsdp=true)")
+    if getattr(cfg, "parallel_attention", False):
+        problems.append(f"{key}={tp}: parallel attention + MLP blocks (Falcon) are not supported under tensor "
+                        f"parallelism yet; use FSDP (model.fsdp=true)")
+    return problems
+
+
+def check_tensor_parallel(cfg, tp: int) -> None:
+    """Raise one ConfigError listing every reason ``cfg`` cannot be split over ``tp`` ranks."""
+    problems = tensor_parallel_problems(cfg, tp)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "tensor parallelism:\n  - " + "\n  - ".join(problems))
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+    """Shard ``model`` (a :class:`~lmforge.models.transformer.Transformer`) over the 1-D ``tp_mesh``, in place.
+
+    Returns the model; its loss must then be computed with :func:`sharded_cross_entropy` inside
+    :func:`loss_context` (the vocabulary-sharded head).
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    check_tensor_parallel(model.cfg, tp_mesh.size())
+    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    if model.lm_head is not None:  # untied head: its rows (the vocabulary) sharded like the embedding's
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(model, tp_mesh, plan)
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if getattr(attn, "qkv_proj", None) is not None or getattr(mlp, "gate_up_proj", None) is not None:
+            raise ConfigError("fused q/k/v or gate/up projections are for serving only; train the model unfused")
+        block_plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                      "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+                      "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+        if hasattr(mlp, "gate_proj"):
+            block_plan["mlp.gate_proj"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, block_plan)
+        attn.n_heads //= tp_mesh.size()  # the heads this rank computes (only counts and ratios read them)
+        attn.n_kv_heads //= tp_mesh.size()
+    model._tp_mesh = tp_mesh
+    return model
+
+
+def tp_mesh_of(model: nn.Module):
+    """The tensor-parallel mesh ``model`` was sharded over, or None."""
+    return getattr(model, "_tp_mesh", None)
+
+
+def sharded_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          logit_softcap: Optional[float] = None) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) with the output head ``weight`` sharded by vocabulary rows (a DTensor).
+
+    ``hidden`` (N, C) is the same on every rank of the group; the logits stay sharded (N, V / tp), and the
+    softmax's max and sum are reduced across the group (``loss_parallel``); call it, and the backward pass,
+    inside :func:`loss_context`. Returns the (N,) losses as a plain tensor, equal on every rank.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from lmforge.models.transformer import softcap
+
+    h = DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
+    logits = F.linear(h, weight).float()  # (N, V/tp) per rank: Shard(-1)
+    if logit_softcap is not None:
+        logits = softcap(logits, logit_softcap)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    return losses.full_tensor() if isinstance(losses, DTensor) else losses
+
+
+def loss_context(model: nn.Module):
+    """``loss_parallel()`` for a tensor-parallel model (around the forward and backward), else nothing."""
+    if tp_mesh_of(model) is None:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clip gradients by their global 2-norm, for any mix of plain tensors and DTensors on different meshes
+    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in parameters:
+        if p.grad is None:
+            continue
+        g = p.grad
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("plain", g.device)
+        groups.setdefault(key, []).append(p)
+    squares = []
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    if not squares:
+        return 0.0
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device)
+                                            if not isinstance(params[0].grad, DTensor) else total)
+    return float(total)
