@@ -19,23 +19,34 @@ from tests.conftest import tiny_overrides
 from tests.train.test_pretrain import _cli, _env, _losses
 
 
-def test_users_tp4_example_is_refused_before_any_work(tiny_corpus, tmp_path):
+def test_users_tp4_example_reads_one_global_batch_per_step(tiny_corpus, tmp_path):
+    # NeMo's 4-GPU command: TP 4, global batch 192, micro batch 6 -> data parallel 1, 32 micro batches a step
     out = tmp_path / "run"
     args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{
         "trainer.devices": 4, "model.tensor_model_parallel_size": 4, "model.global_batch_size": 192,
-        "model.micro_batch_size": 6})]
+        "model.micro_batch_size": 6, "model.num_query_groups": 4, "trainer.max_steps": 2,
+        "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1, "trainer.limit_test_batches": 0})]
+    p = _cli(args, _env(), nproc=4)
+    assert "tensor parallel 4" in p.stdout + p.stderr
+    assert _losses(out, "consumed_samples") == {1: 192, 2: 384}
+    assert "accumulate_grad_batches: 32" in (out / "config.yaml").read_text()
+
+
+def test_tensor_parallel_beside_replicated_data_parallel_is_refused(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{
+        "trainer.devices": 4, "model.tensor_model_parallel_size": 2, "model.micro_batch_size": 2})]
     p = _cli(args, _env(), nproc=4, check=False)
-    assert p.returncode != 0
     err = p.stdout + p.stderr
-    assert "model.tensor_model_parallel_size=4" in err and "not implemented" in err
+    assert p.returncode != 0 and "add model.fsdp=true" in err
     assert not [line for line in err.splitlines() if line.strip().startswith("File") and "/lmforge/" in line]
-    assert not out.exists() or not any(out.iterdir())  # nothing written
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_pipeline_parallel_refused_too():
     dims = ParallelDims(8, tp=2, pp=2)
     assert dims.dp == 2
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2"):
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: pipeline parallelism is not implemented"):
         dims.check_supported()
 
 
@@ -63,6 +74,11 @@ def test_sampler_ranks_cover_each_global_batch_exactly_once():
         assert sorted(seen) == list(range(step * 192, (step + 1) * 192))
     with pytest.raises(ValueError, match="global batch"):  # a plan made for another layout is refused
         MicroBatches(data, settings, Runtime(world_size=4), ParallelDims(4, 0, tp=4))
+    # tensor parallel 2 x data parallel 2: ranks 0, 1 (one group) read the same samples, ranks 2, 3 the others
+    settings = LoopSettings(max_steps=1, micro_batch_size=6, global_batch_size=192, accumulate=16)
+    reads = [MicroBatches(data, settings, Runtime(rank=r, world_size=4), ParallelDims(4, r, tp=2)).indices(0, 0)
+             for r in range(4)]
+    assert reads[0] == reads[1] != reads[2] == reads[3]
 
 
 def test_four_processes_read_one_global_batch_per_step(tiny_corpus, tmp_path):

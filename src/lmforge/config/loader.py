@@ -801,7 +801,7 @@ def model_config_from(cfg: Union[PretrainConfig, ModelSection], vocab_size: int)
     Args:
         cfg: a :class:`PretrainConfig` or its ``model`` section.
         vocab_size: the tokenizer's vocabulary size; padded up to a multiple of
-            ``model.make_vocab_size_divisible_by``.
+            ``model.make_vocab_size_divisible_by x model.tensor_model_parallel_size`` (as NeMo pads).
 
     Architecture fields map across by name; ``max_position_embeddings`` defaults to
     ``encoder_seq_length`` and NeMo's ``fast-swiglu`` becomes ``swiglu``.
@@ -812,7 +812,10 @@ def model_config_from(cfg: Union[PretrainConfig, ModelSection], vocab_size: int)
     values = {name: getattr(m, name) for name in _ARCH_FIELDS}
     values["activation"] = normalize_activation(m.activation)
     values["max_position_embeddings"] = m.max_position_embeddings or m.encoder_seq_length
-    return ModelConfig(vocab_size=pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by), **values)
+    # NeMo/Megatron pad to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size, so every
+    # tensor-parallel rank holds as many vocabulary rows
+    tp = m.tensor_model_parallel_size if _is_int(m.tensor_model_parallel_size) and m.tensor_model_parallel_size > 0 else 1
+    return ModelConfig(vocab_size=pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by * tp), **values)
 
 
 def to_dict(cfg: PretrainConfig) -> dict:

@@ -313,7 +313,6 @@ NEMO_IGNORED: dict[str, Any] = {
     "model.resume_from_checkpoint": None,
     "model.mcore_gpt": ANY,
     "model.use_cpu_initialization": False,
-    "model.sequence_parallel": False,
     "model.overlap_p2p_comm": False,
     "model.batch_p2p_comm": True,
     "model.sync_batch_comm": False,
@@ -393,6 +392,7 @@ NEMO_IGNORED: dict[str, Any] = {
 # Accepted only at NeMo's default: any other value changes the model or the schedule in a way
 # lmforge does not implement, so it is an error rather than a warning.
 NEMO_FIXED: dict[str, Any] = {
+    "model.sequence_parallel": False,  # sequence parallelism (beside tensor parallelism) is not built yet
     "model.rampup_batch_size": None,
     "model.virtual_pipeline_model_parallel_size": None,
     "model.context_parallel_size": 1,

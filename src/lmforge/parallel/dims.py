@@ -9,9 +9,9 @@
 plan, the sampler, the loss scaling, the metrics and the checkpoint all read ``dp`` and ``dp_rank`` from it;
 nothing else divides by the world size.
 
-Tensor and pipeline parallelism are not implemented yet: :meth:`ParallelDims.check_supported` refuses any
-size above 1 before a stage does any work, so a NeMo command with ``tensor_model_parallel_size=4`` never
-trains silently on a wrong data split.
+Pipeline parallelism is not implemented yet: :meth:`ParallelDims.check_supported` refuses any size above 1
+before a stage does any work, so a NeMo command with ``pipeline_model_parallel_size=2`` never trains silently on
+a wrong data split. Tensor parallelism (:mod:`lmforge.parallel.tensor`) runs alone or beside FSDP.
 """
 
 from __future__ import annotations
@@ -95,19 +95,19 @@ class ParallelDims:
 
     # -- checks and meshes ------------------------------------------------------------------------
     def check_supported(self) -> None:
-        """Refuse what lmforge cannot run yet (tensor and pipeline parallelism), before any work."""
-        parts = []
-        if self.tp > 1:
-            parts.append(f"model.tensor_model_parallel_size={self.tp}")
+        """Refuse what lmforge cannot run yet (pipeline parallelism; tensor parallelism beside replicated data
+        parallelism), before any work."""
         if self.pp > 1:
-            parts.append(f"model.pipeline_model_parallel_size={self.pp}")
-        if parts:
             raise ConfigError(
-                f"{' and '.join(parts)}: tensor and pipeline parallelism are not implemented in lmforge yet, and "
-                f"training with them would split the data wrongly. Set model.tensor_model_parallel_size=1 "
-                f"model.pipeline_model_parallel_size=1: all {self.world_size} process(es) then train data parallel "
-                f"(global batch unchanged); add model.fsdp=true to shard parameters, gradients and optimizer state "
-                f"when the model does not fit one GPU")
+                f"model.pipeline_model_parallel_size={self.pp}: pipeline parallelism is not implemented in lmforge "
+                f"yet, and training with it would split the data wrongly. Set model.pipeline_model_parallel_size=1: "
+                f"the processes then train tensor x data parallel (global batch unchanged); add model.fsdp=true to "
+                f"shard parameters, gradients and optimizer state when the model does not fit")
+        if self.tp > 1 and self.dp > 1 and self.fsdp is None:
+            raise ConfigError(
+                f"model.tensor_model_parallel_size={self.tp} on {self.world_size} processes leaves data parallel "
+                f"{self.dp}: tensor parallelism combines with sharded data parallelism only; add model.fsdp=true "
+                f"(model.fsdp_sharding_strategy=grad keeps parameters gathered like plain data parallelism)")
 
     def check_world(self, launched_world_size: int, launched_rank: int) -> "ParallelDims":
         """This layout for the process torchrun started; ConfigError when the world differs from the plan."""
@@ -124,16 +124,32 @@ class ParallelDims:
         return ParallelDims(self.world_size, launched_rank, self.tp, self.pp, self.fsdp, self.devices_per_node)
 
     def build_mesh(self, device_type: str):
-        """The data-parallel DeviceMesh: 1-D ``("dp_shard",)`` or 2-D ``("dp_replicate", "dp_shard")`` (HSDP).
+        """The run's DeviceMesh, ``(dp_replicate, dp_shard, tp)`` with the dimensions of size 1 left out (at least
+        ``dp_shard``): tensor parallel innermost, so a tensor-parallel group is consecutive ranks (one node).
 
-        Only called for FSDP runs (DDP needs no mesh); torch.distributed must be initialised.
+        Only called for FSDP or tensor-parallel runs (DDP needs no mesh); torch.distributed must be initialised.
+        Take the FSDP mesh with :meth:`fsdp_mesh` and the tensor-parallel one as ``mesh["tp"]``.
         """
         from torch.distributed.device_mesh import init_device_mesh
 
+        shape, names = [], []
         if self.fsdp == "hybrid" and self.dp_replicate > 1:
-            return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
-                                    mesh_dim_names=("dp_replicate", "dp_shard"))
-        return init_device_mesh(device_type, (self.dp,), mesh_dim_names=("dp_shard",))
+            shape.append(self.dp_replicate)
+            names.append("dp_replicate")
+        shape.append(self.dp_shard if self.fsdp is not None else self.dp)
+        names.append("dp_shard")
+        if self.tp > 1:
+            shape.append(self.tp)
+            names.append("tp")
+        return init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
+
+    @staticmethod
+    def fsdp_mesh(mesh):
+        """The data-parallel part of :meth:`build_mesh`'s mesh: what FSDP shards (and HSDP replicates) over."""
+        names = mesh.mesh_dim_names
+        if "dp_replicate" in names:
+            return mesh["dp_replicate", "dp_shard"]
+        return mesh["dp_shard"]
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -50,7 +50,7 @@ def ensure_process_group(runtime: Runtime) -> None:
 
 
 def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, runtime: Runtime,
-               precision: str = "32", grad_reduce_dtype=32, cpu_offload: bool = False):
+               precision: str = "32", grad_reduce_dtype=32, cpu_offload: bool = False, mesh=None):
     """Shard ``blocks`` (one FSDP unit each) and then ``objective`` (the root) over the data-parallel mesh.
 
     Args:
@@ -62,6 +62,7 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
         precision: ``32``, ``bf16-mixed`` or ``16-mixed``: the dtype blocks compute in.
         grad_reduce_dtype: ``model.fsdp_grad_reduce_dtype``.
         cpu_offload: keep shards (parameters, gradients, optimizer state) in CPU memory.
+        mesh: the run's mesh (:meth:`ParallelDims.build_mesh`) when it was built already (tensor parallelism).
 
     Returns:
         The mesh the model is sharded over.
@@ -69,7 +70,7 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     ensure_process_group(runtime)
-    mesh = dims.build_mesh(runtime.device.type)
+    mesh = ParallelDims.fsdp_mesh(mesh if mesh is not None else dims.build_mesh(runtime.device.type))
     param_dtype, reduce = _PRECISION_DTYPES[precision], reduce_dtype(grad_reduce_dtype)
     if dims.dp == 1 and param_dtype is not None:
         # One replica, one shard: nothing is summed, so reducing in the compute dtype gives the same float32

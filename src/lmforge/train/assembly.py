@@ -10,11 +10,12 @@ because it swaps modules):
 
 1. PEFT (``job.peft_method``): wrap the chosen modules, freeze the rest.
 2. Resume weights from a full (unsharded) checkpoint into the plain model.
-3. Activation checkpointing (``job.activations_checkpoint``), per block.
-4. torch.compile (``job.compile``), per block, and the loss head.
-5. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective as root) or DDP.
-6. Optimizer over the (now possibly sharded) trainable parameters.
-7. Resume from a sharded checkpoint (weights) and the optimizer state (any layout).
+3. Tensor parallelism (``job.dims.tp``, :mod:`lmforge.parallel.tensor`) on the mesh's ``tp`` dimension.
+4. Activation checkpointing (``job.activations_checkpoint``), per block.
+5. torch.compile (``job.compile``), per block, and the loss head (not under tensor parallelism).
+6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective as root) or DDP.
+7. Optimizer over the (now possibly sharded) trainable parameters.
+8. Resume from a sharded checkpoint (weights) and the optimizer state (any layout).
 
 Checkpoints: unsharded runs write full weights on rank 0 (``model.safetensors``) and the optimizer by
 parameter index, as before; FSDP runs write each rank's shards with torch.distributed.checkpoint (safetensors,
@@ -184,6 +185,11 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         raise ConfigError("model.fsdp_cpu_offload=true moves FSDP shards from GPU memory to CPU memory, but this run "
                           "is on the CPU already: remove model.fsdp_cpu_offload (or train on GPUs)")
     train_model = model
+    if job.peft_method is not None and dims.tp > 1:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"PEFT ({job.peft_method}) under tensor parallelism is not supported yet: fine-tune "
+                          f"adapters with FSDP (fsdp=true) instead")
     if job.peft_method is not None:  # 1. PEFT
         train_model = apply_peft(model, job.peft_method, job.peft_config)
         if rt.distributed:  # rank 0's initial adapter weights everywhere (DDP broadcasts them; FSDP does not)
@@ -208,25 +214,36 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     if latest is not None and not sharded_resume:  # 2. full weights into the plain model
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
-    if job.activations_checkpoint:  # 3.
-        apply_activation_checkpointing(base, **job.activations_checkpoint)
     objective = CausalLMLoss(train_model)
-    if job.compile:  # 4.
+    mesh = None
+    if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
+        from lmforge.parallel.fsdp import ensure_process_group
+        from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
+
+        ensure_process_group(rt)
+        mesh = dims.build_mesh(rt.device.type)
+        apply_tensor_parallel(base, mesh["tp"])
+        objective.loss_fn = sharded_cross_entropy
+    if job.activations_checkpoint:  # 4.
+        apply_activation_checkpointing(base, **job.activations_checkpoint)
+    if job.compile:  # 5.
         apply_compile(base)
-        if compile_loss:
+        if compile_loss and dims.tp == 1:
             objective.compile_loss()
-    if shards(job):  # 5.
+    if shards(job):  # 6.
         from lmforge.parallel.fsdp import apply_fsdp
 
         apply_fsdp(objective, base.layers, dims, rt, precision=job.loop.precision,
-                   grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload)
+                   grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh)
+        forward_model = objective
+    elif dims.tp > 1:  # tensor parallel over every process (check_supported: no replicated data parallelism)
         forward_model = objective
     else:
         from lmforge.parallel.ddp import apply_data_parallel
 
         forward_model = apply_data_parallel(objective, rt)
 
-    o = job.optim  # 6.
+    o = job.optim  # 7.
     schedule = build_schedule(o.sched, float(o.lr), job.loop.max_steps, int(o.warmup_steps), int(o.constant_steps),
                               float(o.min_lr))
     optimizer = build_optimizer(train_model, o.name, float(o.lr), float(o.weight_decay), list(o.betas), float(o.eps),
@@ -235,18 +252,23 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
     logger = MetricsLogger(job.out, rt, total_steps=job.loop.max_steps, tensorboard=job.tensorboard, wandb=job.wandb,
                            every_n_steps=int(log_every_n_steps or job.loop.log_every_n_steps or 1))
+    tp_extras = {}
+    if dims.tp > 1:
+        from lmforge.parallel.tensor import clip_grad_norm, loss_context
+
+        tp_extras = dict(loss_context=lambda: loss_context(base), clip_fn=clip_grad_norm)
     trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, job.loop, log=logger, scaler=scaler,
-                      dims=dims)
+                      dims=dims, **tp_extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
                         schedule=schedule, scaler=scaler, manager=manager, trainer=trainer, logger=logger,
-                        state=TrainState(), sharded=shards(job))
+                        state=TrainState(), sharded=shards(job) or dims.tp > 1)
     if dims.is_sharded and not training.sharded and rt.is_main:
         console_log("FSDP on one process has nothing to shard: training unsharded (the same numbers, no FSDP "
                     "copies); model.fsdp_cpu_offload=true would still offload to CPU memory")
     training._model_config = model_config
     training._tokenizer = tokenizer
     trainer.save_fn = training.save
-    if latest is not None:  # 7.
+    if latest is not None:  # 8.
         training.state = _resume(training, latest, sharded_resume)
         training.resumed_from = str(latest)
         if rt.is_main:

@@ -165,16 +165,23 @@ class Trainer:
         extra_val_fn: ``extra_val_fn(step) -> dict`` of more validation metrics, merged into the
             metrics a checkpoint is saved and ranked with.
         dims: the run's layout (data-parallel size and rank); default: every process is a data-parallel rank.
+        loss_context: a context-manager factory around each forward and backward (``loss_parallel`` for a
+            tensor-parallel model's sharded logits).
+        clip_fn: ``clip_fn(parameters, max_norm) -> norm`` (gradients on several meshes); default torch's.
     """
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
                  scaler: Optional[torch.amp.GradScaler] = None,
-                 extra_val_fn: Optional[Callable[[int], dict]] = None, dims: Optional[ParallelDims] = None):
+                 extra_val_fn: Optional[Callable[[int], dict]] = None, dims: Optional[ParallelDims] = None,
+                 loss_context: Optional[Callable] = None, clip_fn: Optional[Callable] = None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
         self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
-        if self.dims.world_size != runtime.world_size or self.dims.tp * self.dims.pp != 1:
-            raise ValueError(f"the loop runs data parallel only; got {self.dims} on {runtime.world_size} processes")
+        if self.dims.world_size != runtime.world_size or self.dims.pp != 1:
+            raise ValueError(f"the loop runs data and tensor parallel only; got {self.dims} on "
+                             f"{runtime.world_size} processes")
+        self.loss_context = loss_context or contextlib.nullcontext  # tensor parallel: loss on sharded logits
+        self.clip_fn = clip_fn  # (parameters, max_norm) -> norm; default torch's clip_grad_norm_
         self.extra_val_fn = extra_val_fn  # step -> more validation metrics (generation scores); all ranks call it
         self.last_step_tokens = 0  # counted tokens of the latest global batch
         self.last_step_samples = 0  # samples the latest step read, over all data-parallel ranks
@@ -192,12 +199,13 @@ class Trainer:
         return torch.autocast(device_type=self.rt.device.type, dtype=self.amp_dtype)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
-        """Sums over all processes, which are all data-parallel ranks (the loop refuses tensor/pipeline layouts)."""
+        """Sums over the data-parallel ranks: all processes summed, divided by the tensor-parallel size (the
+        ranks of one tensor-parallel group hold the same values)."""
         if not self.rt.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
         dist.all_reduce(t)
-        return t.tolist()
+        return (t / (self.dims.world_size // self.dims.dp)).tolist()
 
     @staticmethod
     def counted_tokens(batch) -> int:
@@ -222,8 +230,7 @@ class Trainer:
         local_rows = sum(len(b["tokens"] if isinstance(b, dict) else b) for b in micro)
         global_tokens, global_rows = self._all_reduce([float(local_tokens), float(local_rows)])
         self.last_step_tokens = int(global_tokens)
-        # Samples read by all data-parallel ranks together; one replica's ranks would read the same rows.
-        self.last_step_samples = int(global_rows) * self.dims.dp // self.dims.world_size
+        self.last_step_samples = int(global_rows)  # read by all data-parallel ranks together
         if self.last_step_samples != self.s.global_batch_size:
             raise RuntimeError(f"step {step} read {self.last_step_samples} samples, not the global batch "
                                f"{self.s.global_batch_size}: the batch plan and the data-parallel layout disagree")
@@ -231,7 +238,7 @@ class Trainer:
         loss_total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         for k, tokens in enumerate(micro):
             last = k == len(micro) - 1
-            with self._gradient_sync(last):
+            with self._gradient_sync(last), self.loss_context():
                 with self.autocast():
                     loss_sum, _ = self._call(self.model, tokens)
                 # DDP and FSDP average gradients over the data-parallel ranks: scale so the result is the
@@ -246,9 +253,12 @@ class Trainer:
             self.scaler.unscale_(self.opt)
         grad_norm = None
         if self.s.gradient_clip_val and self.s.gradient_clip_val > 0:
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.raw_model.parameters() if p.requires_grad], self.s.gradient_clip_val)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+            params = [p for p in self.raw_model.parameters() if p.requires_grad]
+            if self.clip_fn is not None:
+                grad_norm = float(self.clip_fn(params, self.s.gradient_clip_val))
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.s.gradient_clip_val)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -280,7 +290,7 @@ class Trainer:
         loss_sum, count = 0.0, 0
         for step in range(n_batches):
             for tokens in batches.for_step(step):
-                with self.autocast():
+                with self.loss_context(), self.autocast():
                     l, n = self._call(self.objective, tokens)
                 loss_sum += float(l)
                 count += n

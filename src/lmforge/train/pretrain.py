@@ -151,7 +151,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
         raise ConfigError(f"model.data.splits_string={m.data.splits_string!r} leaves no training data")
 
     model_cfg = model_config_from(cfg, tokenizer.vocab_size)
-    seed_everything(seed, rt.rank)
+    seed_everything(seed, dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
     model = build_model(model_cfg, rt.device, seed)
     training = build_training(job_from_config(cfg, dims, max_steps), model, rt, tokenizer=tokenizer,
                               console_log=console_log)
