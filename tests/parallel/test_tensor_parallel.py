@@ -1,6 +1,8 @@
 """Tensor parallelism (DTensor plans) on 2 CPU ranks (gloo): for Llama (GQA, untied head), GPT (biases, learned
-positions, tied head) and Qwen2 (q/k/v biases) the loss curve, the gradient norms and the trained weights equal
-the unsharded model's, with the loss computed on vocabulary-sharded logits."""
+positions, tied head), Qwen2 (q/k/v biases), Mistral (sliding window), Gemma 2 (soft-capping, sandwich norms,
+GeGLU, alternating windows), StarCoder2 and Baichuan2-7B (NormHead) the loss curve, the gradient norms and the
+trained weights equal the unsharded model's, with the loss computed on vocabulary-sharded logits. Falcon
+(parallel attention), ALiBi models and Mixtral are refused by name."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from lmforge.models.config import ModelConfig
 from lmforge.parallel.tensor import check_tensor_parallel
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-FAMILIES = ("llama", "gpt", "qwen2")
+FAMILIES = ("llama", "gpt", "qwen2", "mistral", "gemma2", "starcoder2", "baichuan2_7b")
 
 
 def _free_port() -> int:
@@ -58,6 +60,8 @@ def test_layouts_tensor_parallelism_cannot_split_are_refused():
         check_tensor_parallel(ModelConfig(**base), 4)
     with pytest.raises(ConfigError, match="ALiBi"):
         check_tensor_parallel(ModelConfig(**{**base, "position_embedding_type": "alibi"}), 2)
+    with pytest.raises(ConfigError, match="Falcon"):
+        check_tensor_parallel(ModelConfig(**{**base, "parallel_attn_mlp": True}), 2)
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         check_tensor_parallel(ModelConfig(**{**base, "num_moe_experts": 4, "normalization": "rmsnorm",
                                              "activation": "swiglu"}), 2)

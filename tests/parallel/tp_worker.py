@@ -20,6 +20,16 @@ FAMILIES = {
                 share_embeddings_and_output_weights=True),
     "qwen2": dict(normalization="rmsnorm", activation="swiglu", bias=False, qkv_bias=True,
                   position_embedding_type="rope", share_embeddings_and_output_weights=False, num_query_groups=2),
+    "mistral": dict(normalization="rmsnorm", activation="swiglu", bias=False, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False, num_query_groups=2, sliding_window=6),
+    "gemma2": dict(normalization="rmsnorm", activation="geglu", bias=False, position_embedding_type="rope",
+                   share_embeddings_and_output_weights=True, num_query_groups=2, norm_offset=1.0,
+                   embedding_multiplier=32 ** 0.5, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   sandwich_norm=True, sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
+    "starcoder2": dict(normalization="layernorm", activation="gelu", bias=True, position_embedding_type="rope",
+                       share_embeddings_and_output_weights=True, num_query_groups=2, sliding_window=8),
+    "baichuan2_7b": dict(normalization="rmsnorm", activation="swiglu", bias=False, position_embedding_type="rope",
+                         share_embeddings_and_output_weights=False, normalize_output_head=True),
 }
 
 

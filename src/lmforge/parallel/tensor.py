@@ -41,7 +41,7 @@ def tensor_parallel_problems(cfg, tp: int) -> list[str]:
     if cfg.num_moe_experts is not None:
         problems.append(f"{key}={tp}: mixture-of-experts models (Mixtral) are not supported under tensor "
                         f"parallelism yet; use FSDP (model.fsdp=true)")
-    if getattr(cfg, "parallel_attention", False):
+    if cfg.parallel_attn_mlp:
         problems.append(f"{key}={tp}: parallel attention + MLP blocks (Falcon) are not supported under tensor "
                         f"parallelism yet; use FSDP (model.fsdp=true)")
     return problems
