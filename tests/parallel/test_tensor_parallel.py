@@ -20,7 +20,8 @@ from lmforge.models.config import ModelConfig
 from lmforge.parallel.tensor import check_tensor_parallel
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-FAMILIES = ("llama", "gpt", "qwen2", "mistral", "gemma2", "starcoder2", "baichuan2_7b")
+FAMILIES = ("llama", "gpt", "qwen2", "mistral", "gemma2", "starcoder2", "baichuan2_7b",
+            "llama+sp", "gemma2+sp", "starcoder2+sp")  # +sp: sequence parallel too
 
 
 def _free_port() -> int:
@@ -51,9 +52,14 @@ def test_tensor_parallel_matches_one_process(results, family):
     assert r["ref"][-1] < r["ref"][0]  # it trained
     assert r["max_weight_diff"] < 1e-4
     assert r["local_q_rows"] == 16  # 4 heads x 8 dims split over 2 ranks
+    assert r["block_input_length"] == (8 if family.endswith("+sp") else 16)  # 16 positions, halved by SP
 
 
 def test_layouts_tensor_parallelism_cannot_split_are_refused():
+    gpt = ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                      max_position_embeddings=64)
+    with pytest.raises(ConfigError, match="learned position embeddings"):
+        check_tensor_parallel(gpt, 2, sequence_parallel=True)
     base = dict(vocab_size=96, hidden_size=48, num_layers=2, num_attention_heads=6, ffn_hidden_size=64,
                 max_position_embeddings=64)
     with pytest.raises(ConfigError, match="does not divide model.num_attention_heads=6"):

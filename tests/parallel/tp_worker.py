@@ -33,7 +33,7 @@ FAMILIES = {
 }
 
 
-def run(family: str, steps: int = 6) -> dict:
+def run(family: str, steps: int = 6, sequence_parallel: bool = False) -> dict:
     cfg = ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
                       max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, **FAMILIES[family])
     torch.manual_seed(0)
@@ -42,7 +42,9 @@ def run(family: str, steps: int = 6) -> dict:
     tp = Transformer(cfg)
     tp.load_state_dict(ref.state_dict())
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-    apply_tensor_parallel(tp, mesh["tp"])
+    apply_tensor_parallel(tp, mesh["tp"], sequence_parallel=sequence_parallel)
+    seen = []  # the residual stream's length as a block sees it: T, or T / tp with sequence parallelism
+    tp.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     ref_obj, tp_obj = CausalLMLoss(ref), CausalLMLoss(tp)
     tp_obj.loss_fn = sharded_cross_entropy
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (ref, tp)]
@@ -64,12 +66,16 @@ def run(family: str, steps: int = 6) -> dict:
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tp.state_dict().items()}
     out["max_weight_diff"] = max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items())
     out["local_q_rows"] = tp.layers[0].self_attn.q_proj.weight.to_local().shape[0]
+    out["block_input_length"] = seen[0]
     return out
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    results = {family: run(family) for family in sys.argv[2].split(",")}
+    results = {}
+    for name in sys.argv[2].split(","):
+        family, _, sp = name.partition("+")
+        results[name] = run(family, sequence_parallel=sp == "sp")
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)

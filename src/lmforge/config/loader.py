@@ -702,6 +702,9 @@ def _problems(cfg: PretrainConfig) -> list[str]:
         p.append(f"model.data.seq_length={seq} exceeds model.max_position_embeddings={max_pos}, the number of "
                  "learned positions; raise model.max_position_embeddings or lower model.encoder_seq_length")
     _at_least(p, "model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
+    if m.sequence_parallel and _is_int(m.tensor_model_parallel_size) and m.tensor_model_parallel_size == 1:
+        p.append("model.sequence_parallel=true splits the tensor-parallel group's sequence: set "
+                 "model.tensor_model_parallel_size above 1, or model.sequence_parallel=false")
     if not isinstance(m.fsdp, bool):
         p.append(f"model.fsdp={_show(m.fsdp)} must be true or false")
     _choice(p, "model.fsdp_sharding_strategy", m.fsdp_sharding_strategy, FSDP_SHARDING_STRATEGIES)

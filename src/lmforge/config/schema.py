@@ -188,6 +188,7 @@ class ModelSection:
     global_batch_size: Optional[int] = 8
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # Megatron SP: norms and dropouts split along the sequence (needs tensor parallel)
     # Sharded data parallelism (FSDP2): parameters, gradients and optimizer state split over the ranks.
     fsdp: bool = False
     fsdp_sharding_strategy: str = "full"  # full (ZeRO-3) | grad (ZeRO-2) | hybrid (shard in a node, replicate across)
@@ -392,7 +393,6 @@ NEMO_IGNORED: dict[str, Any] = {
 # Accepted only at NeMo's default: any other value changes the model or the schedule in a way
 # lmforge does not implement, so it is an error rather than a warning.
 NEMO_FIXED: dict[str, Any] = {
-    "model.sequence_parallel": False,  # sequence parallelism (beside tensor parallelism) is not built yet
     "model.rampup_batch_size": None,
     "model.virtual_pipeline_model_parallel_size": None,
     "model.context_parallel_size": 1,

@@ -47,36 +47,61 @@ def tensor_parallel_problems(cfg, tp: int) -> list[str]:
     return problems
 
 
-def check_tensor_parallel(cfg, tp: int) -> None:
+def check_tensor_parallel(cfg, tp: int, sequence_parallel: bool = False) -> None:
     """Raise one ConfigError listing every reason ``cfg`` cannot be split over ``tp`` ranks."""
     problems = tensor_parallel_problems(cfg, tp)
+    if sequence_parallel and tp == 1:
+        problems.append("model.sequence_parallel=true splits the tensor-parallel group's sequence: set "
+                        "model.tensor_model_parallel_size above 1, or model.sequence_parallel=false")
+    if sequence_parallel and cfg.position_embedding_type == "learned_absolute":
+        problems.append("model.sequence_parallel=true with learned position embeddings (GPT) is not supported yet: "
+                        "use model.sequence_parallel=false (tensor parallelism alone works)")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "tensor parallelism:\n  - " + "\n  - ".join(problems))
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
     """Shard ``model`` (a :class:`~lmforge.models.transformer.Transformer`) over the 1-D ``tp_mesh``, in place.
+
+    With ``sequence_parallel`` (``model.sequence_parallel``, Megatron's SP) the residual stream between the
+    projections, the norms and the dropouts is split along the sequence too: each rank keeps ``T / tp``
+    positions there, the attention and the MLP all-gather the sequence on the way in, and o / down
+    reduce-scatter it on the way out (instead of all-reducing), so those activations take ``1 / tp`` of the memory.
 
     Returns the model; its loss must then be computed with :func:`sharded_cross_entropy` inside
     :func:`loss_context` (the vocabulary-sharded head).
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
 
-    check_tensor_parallel(model.cfg, tp_mesh.size())
-    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    check_tensor_parallel(model.cfg, tp_mesh.size(), sequence_parallel)
+    between = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
+    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between)}
     if model.lm_head is not None:  # untied head: its rows (the vocabulary) sharded like the embedding's
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    if sequence_parallel:
+        plan["norm"] = SequenceParallel()  # a DTensor out: the loss gathers the sequence (CausalLMLoss)
     parallelize_module(model, tp_mesh, plan)
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
         if getattr(attn, "qkv_proj", None) is not None or getattr(mlp, "gate_up_proj", None) is not None:
             raise ConfigError("fused q/k/v or gate/up projections are for serving only; train the model unfused")
         block_plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-                      "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-                      "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+                      "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=between),
+                      "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(output_layouts=between)}
         if hasattr(mlp, "gate_proj"):
             block_plan["mlp.gate_proj"] = ColwiseParallel()
+        if sequence_parallel:
+            norms = ["input_layernorm", "post_attention_layernorm"]
+            norms += [n for n in ("attn_output_norm", "mlp_output_norm") if not isinstance(getattr(block, n), nn.Identity)]
+            block_plan.update({n: SequenceParallel(use_local_output=True) for n in norms})
+            # attention is called as (x, rope, kv_cache, start_pos, positions, attn_mask): gather x's sequence
+            block_plan["self_attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
+                                                         desired_input_layouts=(Replicate(), None, None, None, None, None),
+                                                         use_local_output=True)
+            block_plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                   use_local_output=True)
         parallelize_module(block, tp_mesh, block_plan)
         attn.n_heads //= tp_mesh.size()  # the heads this rank computes (only counts and ratios read them)
         attn.n_kv_heads //= tp_mesh.size()

@@ -88,6 +88,7 @@ class TrainJob:
     peft_config: Any = None
     activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
     compile: bool = False
+    sequence_parallel: bool = False  # with tensor parallelism: the residual stream split along the sequence
     fsdp_grad_reduce_dtype: Any = 32
     fsdp_cpu_offload: bool = False
     tensorboard: bool = False
@@ -222,7 +223,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
         ensure_process_group(rt)
         mesh = dims.build_mesh(rt.device.type)
-        apply_tensor_parallel(base, mesh["tp"])
+        apply_tensor_parallel(base, mesh["tp"], sequence_parallel=job.sequence_parallel)
         objective.loss_fn = sharded_cross_entropy
     if job.activations_checkpoint:  # 4.
         apply_activation_checkpointing(base, **job.activations_checkpoint)

@@ -50,6 +50,8 @@ class CausalLMLoss(nn.Module):
         if segment_ids is not None:
             segment_ids = segment_ids[:, :-1]
         hidden = self.model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)  # (B, T, C)
+        if hasattr(hidden, "full_tensor"):  # sequence parallel: the final norm's output is split by position
+            hidden = hidden.full_tensor()
         cap = getattr(getattr(self.model, "cfg", None), "final_logit_softcapping", None)
         losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1), cap)
         if loss_mask is None:
