@@ -109,3 +109,14 @@ def test_nemo_fsdp_defaults_load_and_act_as_unsharded():
                                      "model.fsdp_sharding_strategy=hybrid", "model.global_batch_size=64"])
     dims = parallel_dims(cfg)
     assert (dims.dp, dims.dp_shard, dims.dp_replicate) == (8, 4, 2)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.tensor_model_parallel_size=4", "trainer.devices=4"], "does not divide model.num_query_groups=2"),
+    (["model.tensor_model_parallel_size=2", "trainer.devices=2", "model.compile=true"], "model.compile=true with"),
+    (["model.sequence_parallel=true"], "set model.tensor_model_parallel_size above 1"),
+    (["model.tensor_model_parallel_size=2", "trainer.devices=2", "model.num_moe_experts=4"], "mixture-of-experts"),
+])
+def test_tensor_parallel_layouts_refused_at_config_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny/llama", overrides)

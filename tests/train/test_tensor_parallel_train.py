@@ -17,7 +17,8 @@ from tests.train.test_pretrain import _env, _losses
 @pytest.mark.parametrize("layout", [
     (2, ["trainer.devices=2", "model.tensor_model_parallel_size=2"]),
     (4, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.fsdp=true", "model.micro_batch_size=2"]),
-    (2, ["trainer.devices=2", "model.tensor_model_parallel_size=2", "model.sequence_parallel=true"]),
+    (2, ["trainer.devices=2", "model.tensor_model_parallel_size=2", "model.sequence_parallel=true",
+         "model.activations_checkpoint_granularity=full"]),
 ])
 def test_tensor_parallel_pretraining_matches_one_process(tiny_corpus, tmp_path, plain_run, layout):
     nproc, args = layout

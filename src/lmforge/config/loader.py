@@ -734,14 +734,25 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     # model: architecture, checked by ModelConfig itself (sizes, heads/groups, norms, dropouts, ...)
     if lengths_ok and _is_int(m.make_vocab_size_divisible_by) and m.make_vocab_size_divisible_by >= 1:
         try:
-            model_config_from(m, m.make_vocab_size_divisible_by)
+            arch = model_config_from(m, m.make_vocab_size_divisible_by)
         except ConfigError as err:
+            arch = None
             text = str(err)
             prefix = "invalid model config:\n"
             if text.startswith(prefix):
                 p.extend(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
             else:
                 p.append(text)
+        if arch is not None and parallel_ok and m.tensor_model_parallel_size > 1:
+            from lmforge.parallel.tensor import tensor_parallel_problems
+
+            p.extend(tensor_parallel_problems(arch, m.tensor_model_parallel_size))  # heads, groups, ffn, family
+            if m.compile:  # compiled tensor-parallel blocks fail in backward (DTensor redistribute, torch 2.13)
+                p.append(f"model.compile=true with model.tensor_model_parallel_size={m.tensor_model_parallel_size} is "
+                         "not supported yet: drop one of them (FSDP compiles: model.fsdp=true model.compile=true)")
+            if m.sequence_parallel and m.position_embedding_type == "learned_absolute":
+                p.append("model.sequence_parallel=true with learned position embeddings (GPT) is not supported yet: "
+                         "use model.sequence_parallel=false (tensor parallelism alone works)")
 
     # model.data
     _check_data_prefix(p, d.data_prefix)

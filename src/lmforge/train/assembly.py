@@ -217,6 +217,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
     objective = CausalLMLoss(train_model)
     mesh = None
+    if dims.tp > 1 and job.compile:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.fsdp import ensure_process_group
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
