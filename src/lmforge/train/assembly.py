@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime
 from lmforge.train.loop import LoopSettings, Trainer, TrainState
@@ -180,17 +180,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     from lmforge.train.optim import build_optimizer, build_schedule
 
     dims, rt = job.dims, runtime
-    if job.fsdp_cpu_offload and rt.device.type != "cuda":
-        from lmforge.errors import ConfigError
-
-        raise ConfigError("model.fsdp_cpu_offload=true moves FSDP shards from GPU memory to CPU memory, but this run "
-                          "is on the CPU already: remove model.fsdp_cpu_offload (or train on GPUs)")
+    _check_job(job, rt)
     train_model = model
-    if job.peft_method is not None and dims.tp > 1:
-        from lmforge.errors import ConfigError
-
-        raise ConfigError(f"PEFT ({job.peft_method}) under tensor parallelism is not supported yet: fine-tune "
-                          f"adapters with FSDP (fsdp=true) instead")
     if job.peft_method is not None:  # 1. PEFT
         train_model = apply_peft(model, job.peft_method, job.peft_config)
         if rt.distributed:  # rank 0's initial adapter weights everywhere (DDP broadcasts them; FSDP does not)
@@ -217,10 +208,6 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
     objective = CausalLMLoss(train_model)
     mesh = None
-    if dims.tp > 1 and job.compile:
-        from lmforge.errors import ConfigError
-
-        raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.fsdp import ensure_process_group
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
@@ -279,6 +266,18 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         if rt.is_main:
             console_log(f"resuming from {latest} at step {training.state.step}")
     return training
+
+
+def _check_job(job: TrainJob, rt: Runtime) -> None:
+    """Refuse, before any work, the combinations the assembly cannot build (config loaders catch most earlier)."""
+    if job.fsdp_cpu_offload and rt.device.type != "cuda":
+        raise ConfigError("model.fsdp_cpu_offload=true moves FSDP shards from GPU memory to CPU memory, but this run "
+                          "is on the CPU already: remove model.fsdp_cpu_offload (or train on GPUs)")
+    if job.dims.tp > 1 and job.peft_method is not None:
+        raise ConfigError(f"PEFT ({job.peft_method}) under tensor parallelism is not supported yet: fine-tune "
+                          f"adapters with FSDP (fsdp=true) instead")
+    if job.dims.tp > 1 and job.compile:
+        raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
 
 
 def shards(job: TrainJob) -> bool:
