@@ -52,7 +52,8 @@ def test_pipeline_parallel_refused_too():
 
 def test_config_plan_and_dims_agree():
     cfg = load_config("tiny/llama", ["trainer.devices=4", "model.tensor_model_parallel_size=4",
-                                     "model.global_batch_size=192", "model.micro_batch_size=6"])
+                                     "model.global_batch_size=192", "model.micro_batch_size=6",
+                                     "model.num_query_groups=4"])
     dims = parallel_dims(cfg)
     plan = batch_plan(cfg)
     assert dims.dp == plan.data_parallel_size == 1
