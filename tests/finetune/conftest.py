@@ -39,24 +39,30 @@ def sft_tokenizer(tmp_path_factory):
     return load_tokenizer(folder / "tok")
 
 
-@pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory, sft_tokenizer):
-    """A tiny Llama-style checkpoint (random weights) saved as lmforge saves checkpoints."""
+def save_tiny_model(folder, tokenizer, **fields) -> str:
+    """A tiny Llama-style checkpoint (random weights, seed 0) saved as lmforge saves checkpoints; ``fields``
+    change the ModelConfig (hidden size, experts, ...)."""
     from lmforge.models import ModelConfig, Transformer
     from lmforge.train.checkpoint import save_model
     from lmforge.train.pretrain import saved_state_dict
 
-    cfg = ModelConfig(vocab_size=sft_tokenizer.vocab_size, hidden_size=64, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=128, max_position_embeddings=128, normalization="rmsnorm",
-                      activation="swiglu", bias=False, position_embedding_type="rope",
-                      share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0,
-                      init_method_std=0.25)  # large enough that a frozen head can express the answers
+    shape = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2, num_attention_heads=4,
+                 num_query_groups=2, ffn_hidden_size=128, max_position_embeddings=128, normalization="rmsnorm",
+                 activation="swiglu", bias=False, position_embedding_type="rope",
+                 share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(**{**shape, **fields})
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights(seed=0)
-    folder = tmp_path_factory.mktemp("sft_base") / "base"
-    save_model(folder, saved_state_dict(model), cfg.to_dict(), tokenizer=sft_tokenizer)
+    save_model(folder, saved_state_dict(model), cfg.to_dict(), tokenizer=tokenizer)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory, sft_tokenizer):
+    """A tiny Llama-style checkpoint (random weights) saved as lmforge saves checkpoints."""
+    # init std large enough that a frozen head can express the answers
+    return save_tiny_model(tmp_path_factory.mktemp("sft_base") / "base", sft_tokenizer, init_method_std=0.25)
 
 
 @pytest.fixture(scope="session")

@@ -106,20 +106,10 @@ def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tiny_corpus
 # -- fine-tuning ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory, sft_tokenizer):
-    from lmforge.models import ModelConfig, Transformer
-    from lmforge.train.checkpoint import save_model
-    from lmforge.train.pretrain import saved_state_dict
+    from tests.finetune.conftest import save_tiny_model
 
-    cfg = ModelConfig(vocab_size=sft_tokenizer.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=48, max_position_embeddings=128, normalization="rmsnorm",
-                      activation="swiglu", bias=False, position_embedding_type="rope",
-                      share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0,
-                      num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    folder = tmp_path_factory.mktemp("mixtral") / "base"
-    save_model(folder, saved_state_dict(model), cfg.to_dict(), tokenizer=sft_tokenizer)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("mixtral") / "base", sft_tokenizer, hidden_size=32,
+                           ffn_hidden_size=48, num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)
 
 
 def _finetune(args, nproc):
