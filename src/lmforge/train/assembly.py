@@ -150,10 +150,11 @@ class Training:
     def async_group(self, part: str):
         """The gloo group the background writes of ``part`` (weights, optimizer) talk over: one group each, apart
         from training's, since two writes in flight at once must not interleave their collectives."""
-        groups = self.__dict__.setdefault("_async_groups", {})
-        if part not in groups and self.runtime.distributed:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        groups = self.__dict__.setdefault("_async_groups", {})
+        # also on one process when a process group exists (FSDP's, over NCCL): DCP's async save needs a CPU one
+        if part not in groups and dist.is_available() and dist.is_initialized():
             groups[part] = dist.new_group(backend="gloo")
         return groups.get(part)
 
