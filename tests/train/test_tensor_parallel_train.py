@@ -48,3 +48,15 @@ def test_tensor_parallel_checkpoint_resumes_unsharded_and_converts(tiny_corpus, 
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_tensor_parallel_and_fsdp_resume_on_each_other(tiny_corpus, tmp_path, plain_run):
+    tp = ["trainer.devices=2", "model.tensor_model_parallel_size=2"]
+    fsdp = ["trainer.devices=2", "model.fsdp=true"]
+    for first, then, name in ((tp, fsdp, "tp_then_fsdp"), (fsdp, tp, "fsdp_then_tp")):
+        out = tmp_path / name
+        p = _pretrain(tiny_corpus, out, 2, *first, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+        assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+        p = _pretrain(tiny_corpus, out, 2, *then)
+        assert "resuming from" in p.stdout + p.stderr
+        _same_curve(_losses(plain_run), _losses(out))
