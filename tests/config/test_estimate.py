@@ -81,7 +81,9 @@ def test_tensor_parallel_divides_and_is_noted():
     tp = estimate_memory(cfg)
     assert tp.state == pytest.approx(one.state / 2, rel=0.001)
     assert tp.activations_per_sample < one.activations_per_sample
-    assert any("refuses tensor/pipeline" in n for n in tp.notes)
+    assert not any("refuses" in n for n in tp.notes)  # tensor parallelism trains now
+    cfg.model.pipeline_model_parallel_size = 2
+    assert any("refuses pipeline" in n for n in estimate_memory(cfg).notes)
 
 
 def test_pick_is_the_largest_micro_batch_under_80_percent():

@@ -312,8 +312,10 @@ def _count(n: int) -> str:
 def _sharded(sharded: bool, lay: Layout) -> str:
     if lay.cpu_offload and lay.fsdp:
         return "in CPU memory (fsdp_cpu_offload)"
-    return f"sharded over {lay.shard_group}" if sharded and lay.shard_group > 1 else "whole on every GPU" \
-        if not sharded else "sharded over 1 (one data-parallel rank)"
+    split = f", split over tensor x pipeline parallel {lay.tp * lay.pp}" if lay.tp * lay.pp > 1 else ""
+    if sharded and lay.shard_group > 1:
+        return f"sharded over {lay.shard_group}{split}"
+    return ("whole on every data-parallel rank" + split) if not sharded else "sharded over 1 (one data-parallel rank)"
 
 
 def _copy_note(lay: Layout) -> str:
@@ -513,9 +515,9 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
 
     notes.append("attention runs through SDPA (flash / memory-efficient kernels): the 5*a*s/h score term of "
                  "Korthikanti et al. is not stored")
-    if tp > 1 or pp > 1:
-        notes.append(f"lmforge refuses tensor/pipeline parallel sizes above 1 today (tp={tp}, pp={pp}); the "
-                     "estimate splits the model as Megatron would")
+    if pp > 1:
+        notes.append(f"lmforge refuses pipeline parallel sizes above 1 today (pp={pp}); the estimate splits the "
+                     "model as Megatron would")
     for key in ("fsdp", "fsdp_sharding_strategy", "activations_checkpoint_num_layers"):
         if dataclasses.is_dataclass(m) and not _schema_has(m, key) and hasattr(m, key):
             notes.append(f"model.{key} is not an lmforge setting yet (training ignores it); the estimate uses it")
