@@ -1,0 +1,90 @@
+"""Pipeline parallelism, first part: a Transformer split by layers into stages for ``torch.distributed.pipelining``.
+
+Not wired into the training stages yet (``model.pipeline_model_parallel_size`` above 1 is still refused before any
+work); tested on its own (tests/parallel/test_pipeline_parallel.py: 1F1B and interleaved 1F1B equal one process).
+
+A stage keeps the modules it owns under the model's own names (``embed_tokens`` on the first stage,
+``layers.{i}`` for its layers, ``norm`` and ``lm_head`` on the last), so a stage's state dict is a slice of the
+model's and checkpoints stay name-keyed. What is left to build: stages made on the meta device (today each rank
+holds the whole model and the stage refers to its part), the loop's pipeline step (micro batches = the batch
+plan's accumulation steps, loss and clipping reduced across stages), checkpoints, and tied embeddings across the
+first and last stage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Consecutive layer ranges, one per stage, as even as possible (earlier stages take the remainder)."""
+    if num_stages < 1 or num_layers < num_stages:
+        raise ConfigError(f"model.num_layers={num_layers} cannot be split into {num_stages} pipeline stages "
+                          f"(pipeline x virtual stages); use at most {num_layers} stages")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for s in range(num_stages):
+        end = start + base + (1 if s < extra else 0)
+        ranges.append(range(start, end))
+        start = end
+    return ranges
+
+
+class PipelineStageModule(nn.Module):
+    """Stage ``index`` of ``num_stages`` of ``model``: its layers, plus the embeddings (first) or norm and head (last).
+
+    ``forward(x)``: token ids (B, T) on the first stage, hidden states (B, T, C) on the others; returns hidden
+    states, or (B, T, V) logits on the last stage.
+    """
+
+    def __init__(self, model: nn.Module, index: int, num_stages: int):
+        super().__init__()
+        cfg = model.cfg
+        first, last = index == 0, index == num_stages - 1
+        problems = []
+        if cfg.share_embeddings_and_output_weights and num_stages > 1:
+            problems.append("a tied output head (share_embeddings_and_output_weights) across the first and last "
+                            "pipeline stage")
+        if cfg.position_embedding_type == "alibi":
+            problems.append("ALiBi models")
+        if problems:
+            raise ConfigError(f"pipeline parallelism does not support {' or '.join(problems)} yet")
+        object.__setattr__(self, "_model", model)  # rope tables and embed(); not a submodule of the stage
+        self.cfg = cfg
+        self.first, self.last = first, last
+        self.embed_tokens = model.embed_tokens if first else None
+        self.embed_positions = model.embed_positions if first else None
+        layer_range = split_layers(cfg.num_layers, num_stages)[index]
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_range})
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._model
+        if self.first:
+            x, rope = model.embed(x)  # (B, T, C) and the rotary rows of positions 0..T-1
+        else:
+            T = x.shape[1]
+            rope = None if model.rope_cos is None else (model.rope_cos[:T], model.rope_sin[:T])
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        if not self.last:
+            return x
+        logits = F.linear(self.norm(x), model.output_weight())  # (B, T, V)
+        cap: Optional[float] = self.cfg.final_logit_softcapping
+        if cap is not None:
+            from lmforge.models.transformer import softcap
+
+            logits = softcap(logits, cap)
+        return logits
+
+
+def stage_indices(pp_rank: int, pp: int, virtual: int = 1) -> list[int]:
+    """The stages a pipeline rank runs: ``pp_rank, pp_rank + pp, ...`` (interleaved 1F1B's looping placement)."""
+    return [pp_rank + v * pp for v in range(virtual)]
