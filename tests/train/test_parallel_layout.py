@@ -43,11 +43,13 @@ def test_tensor_parallel_beside_replicated_data_parallel_is_refused(tiny_corpus,
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_pipeline_parallel_refused_too():
+def test_pipeline_parallel_beside_other_layouts_refused():
     dims = ParallelDims(8, tp=2, pp=2)
     assert dims.dp == 2
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: pipeline parallelism is not implemented"):
+    with pytest.raises(ConfigError, match="pipeline parallelism runs alone for now"):
         dims.check_supported()
+    ParallelDims(2, pp=2).check_supported()  # every process a stage: supported
+    assert [ParallelDims(4, r, pp=2, tp=2).pp_rank for r in range(4)] == [0, 0, 1, 1]
 
 
 def test_config_plan_and_dims_agree():

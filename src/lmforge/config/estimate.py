@@ -515,9 +515,9 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
 
     notes.append("attention runs through SDPA (flash / memory-efficient kernels): the 5*a*s/h score term of "
                  "Korthikanti et al. is not stored")
-    if pp > 1:
-        notes.append(f"lmforge refuses pipeline parallel sizes above 1 today (pp={pp}); the estimate splits the "
-                     "model as Megatron would")
+    if pp > 1 and (tp > 1 or dp > 1 or strategy is not None):
+        notes.append(f"lmforge refuses pipeline parallelism beside tensor or data parallelism today (pp={pp}, "
+                     f"tp={tp}, dp={dp}); the estimate splits the model as Megatron would")
     for key in ("fsdp", "fsdp_sharding_strategy", "activations_checkpoint_num_layers"):
         if dataclasses.is_dataclass(m) and not _schema_has(m, key) and hasattr(m, key):
             notes.append(f"model.{key} is not an lmforge setting yet (training ignores it); the estimate uses it")

@@ -743,6 +743,10 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                 p.extend(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
             else:
                 p.append(text)
+        pp, vp = m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size
+        if arch is not None and parallel_ok and (pp > 1 or vp is not None):
+            p.extend(_pipeline_problems(arch, pp, vp, t.accumulate_grad_batches if _is_int(t.accumulate_grad_batches)
+                                        else None))
         if arch is not None and parallel_ok and m.tensor_model_parallel_size > 1:
             from lmforge.parallel.tensor import tensor_parallel_problems
 
@@ -785,6 +789,32 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                  f"{s.warmup_steps + s.constant_steps} exceeds the schedule's max_steps={s.max_steps} "
                  "(model.optim.sched.max_steps, default trainer.max_steps)")
     return p
+
+
+def _pipeline_problems(arch: ModelConfig, pp: int, virtual: Optional[int], accumulate: Optional[int]) -> list[str]:
+    """Why ``arch`` cannot be split into ``pp x virtual`` pipeline stages (empty: it can)."""
+    out = []
+    if virtual is not None and (not _is_int(virtual) or virtual < 1):
+        return [f"model.virtual_pipeline_model_parallel_size={_show(virtual)} must be a positive integer or null"]
+    v = virtual or 1
+    if v > 1 and pp == 1:
+        out.append(f"model.virtual_pipeline_model_parallel_size={v} interleaves pipeline stages: set "
+                   "model.pipeline_model_parallel_size above 1, or the virtual size to null")
+    if arch.num_layers % (pp * v):
+        out.append(f"model.num_layers={arch.num_layers} is not divisible by model.pipeline_model_parallel_size x "
+                   f"virtual_pipeline_model_parallel_size = {pp} x {v} = {pp * v} stages")
+    if pp > 1:
+        if arch.share_embeddings_and_output_weights:
+            out.append("pipeline parallelism with a tied output head (model.share_embeddings_and_output_weights=true) "
+                       "is not supported yet: the embedding and the head live on different stages")
+        for what, on in (("ALiBi", arch.position_embedding_type == "alibi"),
+                         ("mixture-of-experts", arch.num_moe_experts is not None)):
+            if on:
+                out.append(f"pipeline parallelism for {what} models is not supported yet")
+        if v > 1 and accumulate is not None and accumulate % pp:
+            out.append(f"interleaved 1F1B needs the micro batches of a step (trainer.accumulate_grad_batches="
+                       f"{accumulate}) to be a multiple of model.pipeline_model_parallel_size={pp}")
+    return out
 
 
 def validate(cfg: PretrainConfig) -> None:

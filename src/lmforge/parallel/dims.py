@@ -9,9 +9,9 @@
 plan, the sampler, the loss scaling, the metrics and the checkpoint all read ``dp`` and ``dp_rank`` from it;
 nothing else divides by the world size.
 
-Pipeline parallelism is not implemented yet: :meth:`ParallelDims.check_supported` refuses any size above 1
-before a stage does any work, so a NeMo command with ``pipeline_model_parallel_size=2`` never trains silently on
-a wrong data split. Tensor parallelism (:mod:`lmforge.parallel.tensor`) runs alone or beside FSDP.
+Tensor parallelism (:mod:`lmforge.parallel.tensor`) runs alone or beside FSDP; pipeline parallelism
+(:mod:`lmforge.parallel.pipeline`) runs alone for now: :meth:`ParallelDims.check_supported` refuses the other
+combinations before a stage does any work.
 """
 
 from __future__ import annotations
@@ -90,6 +90,11 @@ class ParallelDims:
         return (self.rank // self.tp) % self.dp
 
     @property
+    def pp_rank(self) -> int:
+        """This process's pipeline stage group (ranks ordered pipeline, data, tensor: tensor fastest)."""
+        return self.rank // (self.dp * self.tp)
+
+    @property
     def is_sharded(self) -> bool:
         return self.fsdp is not None
 
@@ -97,12 +102,12 @@ class ParallelDims:
     def check_supported(self) -> None:
         """Refuse what lmforge cannot run yet (pipeline parallelism; tensor parallelism beside replicated data
         parallelism), before any work."""
-        if self.pp > 1:
+        if self.pp > 1 and (self.tp > 1 or self.dp > 1 or self.fsdp is not None):
             raise ConfigError(
-                f"model.pipeline_model_parallel_size={self.pp}: pipeline parallelism is not implemented in lmforge "
-                f"yet, and training with it would split the data wrongly. Set model.pipeline_model_parallel_size=1: "
-                f"the processes then train tensor x data parallel (global batch unchanged); add model.fsdp=true to "
-                f"shard parameters, gradients and optimizer state when the model does not fit")
+                f"model.pipeline_model_parallel_size={self.pp} on {self.world_size} processes: pipeline parallelism "
+                f"runs alone for now (every process a pipeline stage: trainer.devices x trainer.num_nodes = "
+                f"{self.pp}, tensor parallel 1, no FSDP); combining it with tensor or data parallelism is not built "
+                f"yet. Set model.pipeline_model_parallel_size=1 to train tensor x data parallel instead")
         if self.tp > 1 and self.dp > 1 and self.fsdp is None:
             raise ConfigError(
                 f"model.tensor_model_parallel_size={self.tp} on {self.world_size} processes leaves data parallel "
@@ -124,8 +129,8 @@ class ParallelDims:
         return ParallelDims(self.world_size, launched_rank, self.tp, self.pp, self.fsdp, self.devices_per_node)
 
     def build_mesh(self, device_type: str):
-        """The run's DeviceMesh, ``(dp_replicate, dp_shard, tp)`` with the dimensions of size 1 left out (at least
-        ``dp_shard``): tensor parallel innermost, so a tensor-parallel group is consecutive ranks (one node).
+        """The run's DeviceMesh, ``(pp, dp_replicate, dp_shard, tp)`` with the dimensions of size 1 left out (at
+        least ``dp_shard``): tensor parallel innermost, so a tensor-parallel group is consecutive ranks (one node).
 
         Only called for FSDP or tensor-parallel runs (DDP needs no mesh); torch.distributed must be initialised.
         Take the FSDP mesh with :meth:`fsdp_mesh` and the tensor-parallel one as ``mesh["tp"]``.
@@ -133,6 +138,9 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         shape, names = [], []
+        if self.pp > 1:
+            shape.append(self.pp)
+            names.append("pp")
         if self.fsdp == "hybrid" and self.dp_replicate > 1:
             shape.append(self.dp_replicate)
             names.append("dp_replicate")

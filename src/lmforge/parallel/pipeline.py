@@ -88,3 +88,66 @@ class PipelineStageModule(nn.Module):
 def stage_indices(pp_rank: int, pp: int, virtual: int = 1) -> list[int]:
     """The stages a pipeline rank runs: ``pp_rank, pp_rank + pp, ...`` (interleaved 1F1B's looping placement)."""
     return [pp_rank + v * pp for v in range(virtual)]
+
+
+class StagesView(nn.Module):
+    """The modules of a rank's stages under the model's names (``embed_tokens``, ``layers.{i}``, ``norm``,
+    ``lm_head``): what this rank trains, saves and restores. ``cfg`` is the model's."""
+
+    def __init__(self, modules: list[PipelineStageModule]):
+        super().__init__()
+        self.cfg = modules[0].cfg
+        for name in ("embed_tokens", "embed_positions", "norm", "lm_head"):
+            owned = [getattr(m, name) for m in modules if getattr(m, name) is not None]
+            setattr(self, name, owned[0] if owned else None)
+        self.layers = nn.ModuleDict({k: v for m in modules for k, v in m.layers.items()})
+
+
+class PipelineRunner:
+    """Drives this rank's stages through a pipeline schedule: 1F1B, or interleaved 1F1B with several stages a rank.
+
+    A step's micro batches are the batch plan's accumulation steps. The loss of a micro batch is its summed
+    token cross-entropy times ``scale`` (the loop's ``dp / global tokens``), so gradients are those of the global
+    token mean, as without pipelining.
+    """
+
+    def __init__(self, modules: list[PipelineStageModule], stage_ids: list[int], num_stages: int, device,
+                 group, n_microbatches: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+        self.modules = modules
+        self.first = any(m.first for m in modules)
+        self.last = any(m.last for m in modules)
+        self.scale = 1.0
+        stages = [PipelineStage(m, i, num_stages, device, group=group) for m, i in zip(modules, stage_ids)]
+
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum") * self.scale
+
+        if len(stages) == 1:
+            self.schedule = Schedule1F1B(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        else:
+            self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches=n_microbatches, loss_fn=loss_fn,
+                                                    scale_grads=False)
+
+    def _run(self, micro: list[torch.Tensor], scale: float, train: bool) -> float:
+        tokens = torch.cat(micro)  # (accumulate x micro batch, T + 1)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        self.scale = scale
+        losses: list = []
+        args = (inputs,) if self.first else ()
+        target = labels if self.last else None
+        if train:
+            self.schedule.step(*args, target=target, losses=losses)
+        else:
+            self.schedule.eval(*args, target=target, losses=losses)
+        return float(sum(float(l.detach()) for l in losses)) / scale if self.last else 0.0
+
+    def train(self, micro: list[torch.Tensor], scale: float) -> float:
+        """Forward and backward over one global batch's micro batches; the summed loss on the last stage, else 0."""
+        return self._run(micro, scale, train=True)
+
+    def evaluate(self, micro: list[torch.Tensor]) -> float:
+        """Forward only; the summed loss on the last stage, else 0."""
+        with torch.no_grad():
+            return self._run(micro, 1.0, train=False)

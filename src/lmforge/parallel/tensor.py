@@ -143,9 +143,12 @@ def loss_context(model: nn.Module):
     return loss_parallel()
 
 
-def clip_grad_norm(parameters, max_norm: float) -> float:
+def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
     """Clip gradients by their global 2-norm, for any mix of plain tensors and DTensors on different meshes
-    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping."""
+    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping.
+
+    ``sum_group``: a process group whose ranks hold different parameters (pipeline stages): their squared norms
+    are summed across it."""
     from torch.distributed.tensor import DTensor
 
     groups: dict = {}
@@ -161,6 +164,14 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
+    if sum_group is not None:
+        import torch.distributed as dist
+
+        device = next((p.grad.device for ps in groups.values() for p in ps if not isinstance(p.grad, DTensor)),
+                      torch.device("cpu"))
+        square = torch.stack([s.to(device) for s in squares]).sum() if squares else torch.zeros((), device=device)
+        dist.all_reduce(square, group=sum_group)
+        squares = [square]
     if not squares:
         return 0.0
     total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()

@@ -89,6 +89,7 @@ class TrainJob:
     activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
     compile: bool = False
     sequence_parallel: bool = False  # with tensor parallelism: the residual stream split along the sequence
+    virtual_pipeline: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B when above 1)
     fsdp_grad_reduce_dtype: Any = 32
     fsdp_cpu_offload: bool = False
     tensorboard: bool = False
@@ -208,7 +209,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
     objective = CausalLMLoss(train_model)
-    mesh = None
+    mesh, runner = None, None
+    if dims.pp > 1:  # 3. pipeline stages: this rank trains, saves and restores only its stages' modules
+        train_model, base, runner = _build_pipeline(job, base, rt)
+        objective = CausalLMLoss(base)  # not called: the runner's stages compute the loss
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.fsdp import ensure_process_group
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
@@ -229,7 +233,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         apply_fsdp(objective, base.layers, dims, rt, precision=job.loop.precision,
                    grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh)
         forward_model = objective
-    elif dims.tp > 1:  # tensor parallel over every process (check_supported: no replicated data parallelism)
+    elif dims.tp > 1 or runner is not None:  # every process a tensor or pipeline rank (no replicated DP)
         forward_model = objective
     else:
         from lmforge.parallel.ddp import apply_data_parallel
@@ -245,16 +249,22 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
     logger = MetricsLogger(job.out, rt, total_steps=job.loop.max_steps, tensorboard=job.tensorboard, wandb=job.wandb,
                            every_n_steps=int(log_every_n_steps or job.loop.log_every_n_steps or 1))
-    tp_extras = {}
+    extras = {}
     if dims.tp > 1:
         from lmforge.parallel.tensor import clip_grad_norm, loss_context
 
-        tp_extras = dict(loss_context=lambda: loss_context(base), clip_fn=clip_grad_norm)
+        extras = dict(loss_context=lambda: loss_context(base), clip_fn=clip_grad_norm)
+    if runner is not None:
+        import functools
+
+        from lmforge.parallel.tensor import clip_grad_norm
+
+        extras = dict(pipeline=runner, clip_fn=functools.partial(clip_grad_norm, sum_group=runner.group))
     trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, job.loop, log=logger, scaler=scaler,
-                      dims=dims, **tp_extras)
+                      dims=dims, **extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
                         schedule=schedule, scaler=scaler, manager=manager, trainer=trainer, logger=logger,
-                        state=TrainState(), sharded=shards(job) or dims.tp > 1)
+                        state=TrainState(), sharded=shards(job) or dims.tp > 1 or dims.pp > 1)
     if dims.is_sharded and not training.sharded and rt.is_main:
         console_log("FSDP on one process has nothing to shard: training unsharded (the same numbers, no FSDP "
                     "copies); model.fsdp_cpu_offload=true would still offload to CPU memory")
@@ -269,6 +279,25 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     return training
 
 
+def _build_pipeline(job: TrainJob, model: nn.Module, rt: Runtime):
+    """This rank's pipeline stages of ``model``: (the modules it trains, as one module under the model's names,
+    the same as the "base", the runner)."""
+    from lmforge.parallel.fsdp import ensure_process_group
+    from lmforge.parallel.pipeline import PipelineRunner, PipelineStageModule, StagesView, stage_indices
+
+    ensure_process_group(rt)
+    dims = job.dims
+    mesh = dims.build_mesh(rt.device.type)
+    group = mesh["pp"].get_group()
+    n_stages = dims.pp * job.virtual_pipeline
+    ids = stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline)
+    modules = [PipelineStageModule(model, i, n_stages) for i in ids]
+    runner = PipelineRunner(modules, ids, n_stages, rt.device, group, n_microbatches=job.loop.accumulate)
+    runner.group = group
+    view = StagesView(modules)
+    return view, view, runner
+
+
 def _check_job(job: TrainJob, rt: Runtime) -> None:
     """Refuse, before any work, the combinations the assembly cannot build (config loaders catch most earlier)."""
     if job.fsdp_cpu_offload and rt.device.type != "cuda":
@@ -279,6 +308,16 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
                           f"adapters with FSDP (fsdp=true) instead")
     if job.dims.tp > 1 and job.compile:
         raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
+    if job.dims.pp > 1:
+        what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile),
+                                ("activation checkpointing", bool(job.activations_checkpoint)),
+                                ("trainer.precision=16-mixed", job.loop.precision == "16-mixed")) if on]
+        if what:
+            raise ConfigError(f"pipeline parallelism with {', '.join(what)} is not supported yet")
+        if job.virtual_pipeline > 1 and job.loop.accumulate % job.dims.pp:
+            raise ConfigError(f"interleaved 1F1B needs the micro batches of a step (accumulate="
+                              f"{job.loop.accumulate}) to be a multiple of model.pipeline_model_parallel_size="
+                              f"{job.dims.pp}: change model.global_batch_size or model.micro_batch_size")
 
 
 def shards(job: TrainJob) -> bool:

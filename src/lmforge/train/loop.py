@@ -168,18 +168,21 @@ class Trainer:
         loss_context: a context-manager factory around each forward and backward (``loss_parallel`` for a
             tensor-parallel model's sharded logits).
         clip_fn: ``clip_fn(parameters, max_norm) -> norm`` (gradients on several meshes); default torch's.
+        pipeline: a :class:`~lmforge.parallel.pipeline.PipelineRunner` (pipeline parallelism): it runs each step's
+            micro batches through the pipeline schedule instead of the forward/backward loop.
     """
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
                  scaler: Optional[torch.amp.GradScaler] = None,
                  extra_val_fn: Optional[Callable[[int], dict]] = None, dims: Optional[ParallelDims] = None,
-                 loss_context: Optional[Callable] = None, clip_fn: Optional[Callable] = None):
+                 loss_context: Optional[Callable] = None, clip_fn: Optional[Callable] = None, pipeline=None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
         self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
-        if self.dims.world_size != runtime.world_size or self.dims.pp != 1:
-            raise ValueError(f"the loop runs data and tensor parallel only; got {self.dims} on "
-                             f"{runtime.world_size} processes")
+        if self.dims.world_size != runtime.world_size or (self.dims.pp != 1) != (pipeline is not None):
+            raise ValueError(f"layout {self.dims} on {runtime.world_size} processes, pipeline runner "
+                             f"{'given' if pipeline is not None else 'missing'}")
+        self.pipeline = pipeline  # lmforge.parallel.pipeline.PipelineRunner when the model is split into stages
         self.loss_context = loss_context or contextlib.nullcontext  # tensor parallel: loss on sharded logits
         self.clip_fn = clip_fn  # (parameters, max_norm) -> norm; default torch's clip_grad_norm_
         self.extra_val_fn = extra_val_fn  # step -> more validation metrics (generation scores); all ranks call it
@@ -236,6 +239,13 @@ class Trainer:
                                f"{self.s.global_batch_size}: the batch plan and the data-parallel layout disagree")
         global_tokens = max(global_tokens, 1.0)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        if self.pipeline is not None:
+            if isinstance(micro[0], dict):
+                raise ValueError("pipeline parallelism trains on token batches (pretraining) only")
+            with self.autocast():
+                loss_total += self.pipeline.train(micro, scale=self.dims.dp / global_tokens)
+            loss_total *= self.dims.pp  # only the last stage holds the loss; the sum below divides by tp x pp
+            micro = []  # the schedule ran forward and backward
         for k, tokens in enumerate(micro):
             last = k == len(micro) - 1
             with self._gradient_sync(last), self.loss_context():
@@ -289,6 +299,12 @@ class Trainer:
         batches = MicroBatches(dataset, settings, self.rt, self.dims)
         loss_sum, count = 0.0, 0
         for step in range(n_batches):
+            if self.pipeline is not None:
+                micro = list(batches.for_step(step))
+                with self.autocast():
+                    loss_sum += self.pipeline.evaluate(micro) * self.dims.pp  # the last stage's; see train_step
+                count += sum(self.counted_tokens(b) for b in micro)
+                continue
             for tokens in batches.for_step(step):
                 with self.loss_context(), self.autocast():
                     l, n = self._call(self.objective, tokens)
