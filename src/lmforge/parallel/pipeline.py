@@ -1,14 +1,14 @@
-"""Pipeline parallelism, first part: a Transformer split by layers into stages for ``torch.distributed.pipelining``.
+"""Pipeline parallelism: a Transformer split by layers into stages for ``torch.distributed.pipelining``.
 
-Not wired into the training stages yet (``model.pipeline_model_parallel_size`` above 1 is still refused before any
-work); tested on its own (tests/parallel/test_pipeline_parallel.py: 1F1B and interleaved 1F1B equal one process).
+``model.pipeline_model_parallel_size`` stages (times ``virtual_pipeline_model_parallel_size`` for interleaved
+1F1B), run by :class:`PipelineRunner` from the training assembly; for now every process is a stage (no tensor,
+data or FSDP parallelism beside it: :meth:`~lmforge.parallel.dims.ParallelDims.check_supported`).
 
 A stage keeps the modules it owns under the model's own names (``embed_tokens`` on the first stage,
 ``layers.{i}`` for its layers, ``norm`` and ``lm_head`` on the last), so a stage's state dict is a slice of the
-model's and checkpoints stay name-keyed. What is left to build: stages made on the meta device (today each rank
-holds the whole model and the stage refers to its part), the loop's pipeline step (micro batches = the batch
-plan's accumulation steps, loss and clipping reduced across stages), checkpoints, and tied embeddings across the
-first and last stage.
+model's and checkpoints stay name-keyed. Still to build: stages made on the meta device (today each rank
+builds the whole model and trains only its part), pipeline beside TP / DP / FSDP, tied embeddings across the
+first and last stage, packed (SFT) batches.
 """
 
 from __future__ import annotations
