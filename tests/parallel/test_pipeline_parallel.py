@@ -5,14 +5,11 @@ model's names. Not wired into the stages yet (pipeline_model_parallel_size > 1 i
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_torchrun
 from lmforge.errors import ConfigError
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
@@ -21,20 +18,10 @@ from lmforge.parallel.pipeline import PipelineStageModule, split_layers, stage_i
 WORKER = Path(__file__).with_name("pp_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list:
     out = tmp_path_factory.mktemp("pp") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           "--master-addr=127.0.0.1", str(WORKER), str(out), "1f1b,interleaved"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run_torchrun(WORKER, str(out), "1f1b,interleaved")
     return json.loads(out.read_text())
 
 

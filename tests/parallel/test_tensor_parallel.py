@@ -7,14 +7,11 @@ trained weights equal the unsharded model's, with the loss computed on vocabular
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_torchrun
 from lmforge.errors import ConfigError
 from lmforge.models.config import ModelConfig
 from lmforge.parallel.tensor import check_tensor_parallel
@@ -24,20 +21,10 @@ FAMILIES = ("llama", "gpt", "qwen2", "mistral", "gemma2", "starcoder2", "baichua
             "llama+sp", "gemma2+sp", "starcoder2+sp")  # +sp: sequence parallel too
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("tp") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           "--master-addr=127.0.0.1", str(WORKER), str(out), ",".join(FAMILIES)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run_torchrun(WORKER, str(out), ",".join(FAMILIES))
     return json.loads(out.read_text())
 
 

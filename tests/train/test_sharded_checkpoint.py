@@ -4,17 +4,14 @@ reads them back without a process group, loads them as models, converts them and
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import run_torchrun
 from lmforge.errors import CheckpointError
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
@@ -25,22 +22,11 @@ WORKER = Path(__file__).with_name("sharded_worker.py")
 NAMES = ("dense", "moe")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """The worker's output: ``<name>/plain`` (save_model), ``<name>/step_0000001`` (sharded), reference optimizer."""
     out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           "--master-addr=127.0.0.1", str(WORKER), str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
-    if p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    p = run_torchrun(WORKER, str(out))
     for name in NAMES:
         assert f"{name}:" in p.stdout and "round-tripped on 2 ranks" in p.stdout
     return out

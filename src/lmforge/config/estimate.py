@@ -337,10 +337,6 @@ def _get(obj: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _schema_has(section: Any, name: str) -> bool:
-    return dataclasses.is_dataclass(section) and name in {f.name for f in dataclasses.fields(section)}
-
-
 @dataclass
 class _Counts:
     total: int
@@ -518,9 +514,6 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     if pp > 1 and (tp > 1 or dp > 1 or strategy is not None):
         notes.append(f"lmforge refuses pipeline parallelism beside tensor or data parallelism today (pp={pp}, "
                      f"tp={tp}, dp={dp}); the estimate splits the model as Megatron would")
-    for key in ("fsdp", "fsdp_sharding_strategy", "activations_checkpoint_num_layers"):
-        if dataclasses.is_dataclass(m) and not _schema_has(m, key) and hasattr(m, key):
-            notes.append(f"model.{key} is not an lmforge setting yet (training ignores it); the estimate uses it")
     if dist_opt and not fsdp:
         notes.append("model.optim.name=distributed_fused_adam: optimizer state sharded over the data-parallel ranks")
     if cpu_offload:

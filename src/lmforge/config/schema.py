@@ -37,7 +37,7 @@ OPTIMIZERS = ("fused_adam", "adamw", "adam")
 # NeMo's distributed optimizer: AdamW with its state sharded over the data-parallel ranks. lmforge runs it as
 # fused AdamW under FSDP (model.fsdp_sharding_strategy=grad unless model.fsdp=true chooses another strategy).
 OPTIMIZER_ALIASES = {"distributed_fused_adam": "fused_adam"}
-FSDP_SHARDING_STRATEGIES = ("full", "grad", "hybrid")
+# NeMo's fsdp_grad_reduce_dtype spellings -> torch dtype names (lmforge.parallel.fsdp reads this table)
 FSDP_REDUCE_DTYPES = {"32": "float32", "fp32": "float32", "float32": "float32", "bf16": "bfloat16",
                       "bfloat16": "bfloat16", "16": "float16", "fp16": "float16", "float16": "float16"}
 SCHEDULERS = ("CosineAnnealing", "constant", "none")

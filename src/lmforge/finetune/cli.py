@@ -57,7 +57,7 @@ def merge(model_path, adapter_dir, out) -> str:
     from lmforge.open import load_for_inference
     from lmforge.peft import apply_adapter, merge_adapter
     from lmforge.train.checkpoint import load_model, save_model
-    from lmforge.train.pretrain import saved_state_dict
+    from lmforge.train.assembly import saved_state_dict
 
     weights, _ = load_model(resolve_checkpoint(model_path))
     stored = next(iter(weights.values())).dtype

@@ -30,7 +30,7 @@ from lmforge.parallel.fsdp import gathered
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
 from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training
 from lmforge.train.loop import PRECISIONS, LoopSettings
-from lmforge.train.pretrain import seed_everything
+from lmforge.train.assembly import seed_everything
 
 
 def method_config(cfg: FinetuneConfig):

@@ -30,15 +30,11 @@ from torch import nn
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime
 
-_PRECISION_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-_REDUCE_DTYPES = {"32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
-                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                  "16": torch.float16, "fp16": torch.float16, "float16": torch.float16}
-
-
 def reduce_dtype(value) -> torch.dtype:
     """``model.fsdp_grad_reduce_dtype`` (32 | bf16 | 16, NeMo's spellings) as a torch dtype."""
-    return _REDUCE_DTYPES[str(value).lower()]
+    from lmforge.config.schema import FSDP_REDUCE_DTYPES
+
+    return getattr(torch, FSDP_REDUCE_DTYPES[str(value).lower()])
 
 
 def ensure_process_group(runtime: Runtime) -> None:
@@ -71,7 +67,9 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
 
     ensure_process_group(runtime)
     mesh = ParallelDims.fsdp_mesh(mesh if mesh is not None else dims.build_mesh(runtime.device.type))
-    param_dtype, reduce = _PRECISION_DTYPES[precision], reduce_dtype(grad_reduce_dtype)
+    from lmforge.train.loop import PRECISIONS
+
+    param_dtype, reduce = PRECISIONS[precision], reduce_dtype(grad_reduce_dtype)
     if dims.dp == 1 and param_dtype is not None:
         # One replica, one shard: nothing is summed, so reducing in the compute dtype gives the same float32
         # gradient with one pass less over it.

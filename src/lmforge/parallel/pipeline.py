@@ -115,7 +115,8 @@ class PipelineRunner:
                  group, n_microbatches: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-        self.modules = modules
+        self.modules, self.group = modules, group
+        self.view = StagesView(modules)
         self.first = any(m.first for m in modules)
         self.last = any(m.last for m in modules)
         self.scale = 1.0

@@ -164,17 +164,13 @@ def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
-    if sum_group is not None:
+    device = squares[0].device if squares else torch.device("cpu")
+    square = torch.stack([s.to(device) for s in squares]).sum() if squares else torch.zeros((), device=device)
+    if sum_group is not None:  # a rank with no gradients still takes part in the sum
         import torch.distributed as dist
 
-        device = next((p.grad.device for ps in groups.values() for p in ps if not isinstance(p.grad, DTensor)),
-                      torch.device("cpu"))
-        square = torch.stack([s.to(device) for s in squares]).sum() if squares else torch.zeros((), device=device)
         dist.all_reduce(square, group=sum_group)
-        squares = [square]
-    if not squares:
-        return 0.0
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    total = square.sqrt()
     for params in groups.values():
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device)
                                             if not isinstance(params[0].grad, DTensor) else total)

@@ -26,10 +26,12 @@ of ranks, with or without FSDP.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,13 +115,20 @@ class Training:
     trainer: Trainer
     logger: Any
     state: TrainState
+    model_config: dict = field(default_factory=dict)  # saved as each checkpoint's config.json "model"
+    tokenizer: Any = None  # saved into each checkpoint
     resumed_from: Optional[str] = None
+    async_groups: dict = field(default_factory=dict)  # folder name -> gloo group of its background writes
 
-    sharded: bool = False  # the model is wrapped with FSDP (see :func:`shards`)
+    @property
+    def sharded(self) -> bool:
+        """The parameters are DTensors or a stage's slice (FSDP, tensor or pipeline parallel): DCP checkpoints."""
+        return shards(self.job) or self.job.dims.tp > 1 or self.job.dims.pp > 1
 
     @property
     def fsdp(self) -> bool:
-        return self.sharded
+        """The model is wrapped with FSDP (its root gathers parameters outside forward: see ``gathered``)."""
+        return shards(self.job)
 
     def num_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts of the whole model (not of one shard)."""
@@ -133,7 +142,6 @@ class Training:
     def weights_state(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint holds: all of them (a tied head once), or the PEFT method's only."""
         from lmforge.peft import peft_state_dict
-        from lmforge.train.pretrain import saved_state_dict
 
         return saved_state_dict(self.base) if self.job.peft_method is None else peft_state_dict(self.base)
 
@@ -153,11 +161,26 @@ class Training:
         from training's, since two writes in flight at once must not interleave their collectives."""
         import torch.distributed as dist
 
-        groups = self.__dict__.setdefault("_async_groups", {})
         # also on one process when a process group exists (FSDP's, over NCCL): DCP's async save needs a CPU one
-        if part not in groups and dist.is_available() and dist.is_initialized():
-            groups[part] = dist.new_group(backend="gloo")
-        return groups.get(part)
+        if part not in self.async_groups and dist.is_available() and dist.is_initialized():
+            self.async_groups[part] = dist.new_group(backend="gloo")
+        return self.async_groups.get(part)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Python, numpy and torch RNGs from ``seed + rank`` (pass the data-parallel rank: one tensor-parallel
+    group draws the same dropout masks)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: a tied head is stored once (as the embedding)."""
+    state = model.state_dict()
+    if getattr(model.cfg, "share_embeddings_and_output_weights", False):
+        state.pop("lm_head.weight", None)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,11 +231,11 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     if latest is not None and not sharded_resume:  # 2. full weights into the plain model
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
-    objective = CausalLMLoss(train_model)
     mesh, runner = None, None
     if dims.pp > 1:  # 3. pipeline stages: this rank trains, saves and restores only its stages' modules
-        train_model, base, runner = _build_pipeline(job, base, rt)
-        objective = CausalLMLoss(base)  # not called: the runner's stages compute the loss
+        runner = _build_pipeline(job, base, rt)
+        train_model = base = runner.view
+    objective = CausalLMLoss(train_model)  # under pipelining not called: the runner's stages compute the loss
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.fsdp import ensure_process_group
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
@@ -264,12 +287,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                       dims=dims, **extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
                         schedule=schedule, scaler=scaler, manager=manager, trainer=trainer, logger=logger,
-                        state=TrainState(), sharded=shards(job) or dims.tp > 1 or dims.pp > 1)
-    if dims.is_sharded and not training.sharded and rt.is_main:
+                        state=TrainState(), model_config=model_config, tokenizer=tokenizer)
+    if dims.is_sharded and not shards(job) and rt.is_main:
         console_log("FSDP on one process has nothing to shard: training unsharded (the same numbers, no FSDP "
                     "copies); model.fsdp_cpu_offload=true would still offload to CPU memory")
-    training._model_config = model_config
-    training._tokenizer = tokenizer
     trainer.save_fn = training.save
     if latest is not None:  # 8.
         training.state = _resume(training, latest, sharded_resume)
@@ -280,10 +301,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
 
 def _build_pipeline(job: TrainJob, model: nn.Module, rt: Runtime):
-    """This rank's pipeline stages of ``model``: (the modules it trains, as one module under the model's names,
-    the same as the "base", the runner)."""
+    """The runner of this rank's pipeline stages of ``model``; ``runner.view`` holds their modules under the
+    model's names (what the rank trains, saves and restores)."""
     from lmforge.parallel.fsdp import ensure_process_group
-    from lmforge.parallel.pipeline import PipelineRunner, PipelineStageModule, StagesView, stage_indices
+    from lmforge.parallel.pipeline import PipelineRunner, PipelineStageModule, stage_indices
 
     ensure_process_group(rt)
     dims = job.dims
@@ -292,10 +313,7 @@ def _build_pipeline(job: TrainJob, model: nn.Module, rt: Runtime):
     n_stages = dims.pp * job.virtual_pipeline
     ids = stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline)
     modules = [PipelineStageModule(model, i, n_stages) for i in ids]
-    runner = PipelineRunner(modules, ids, n_stages, rt.device, group, n_microbatches=job.loop.accumulate)
-    runner.group = group
-    view = StagesView(modules)
-    return view, view, runner
+    return PipelineRunner(modules, ids, n_stages, rt.device, group, n_microbatches=job.loop.accumulate)
 
 
 def _check_job(job: TrainJob, rt: Runtime) -> None:
@@ -367,7 +385,7 @@ def _load_weights(training: Training, folder: Path) -> None:
     """Weights of a checkpoint into the live (possibly sharded) model."""
     from lmforge.train.sharded import load_sharded, sharded_folder
 
-    if not training.fsdp and not _is_sharded_checkpoint(folder):
+    if not training.sharded and not _is_sharded_checkpoint(folder):
         _load_full_weights(training.base, training.job.peft_method, folder, training.runtime.device)
         return
     target = training.weights_state()
@@ -399,9 +417,9 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
     job, rt = training.job, training.runtime
     state = {**st.to_dict(), "config": job.run_config, "layout": job.dims.to_dict()}
     async_save = job.checkpoint.async_save
-    if not training.fsdp:
-        training.manager.save(st.step, training.weights_state(), training._model_config, training.optimizer, state,
-                              metrics=metrics, tokenizer=training._tokenizer, scaler=training.scaler,
+    if not training.sharded:
+        training.manager.save(st.step, training.weights_state(), training.model_config, training.optimizer, state,
+                              metrics=metrics, tokenizer=training.tokenizer, scaler=training.scaler,
                               async_save=async_save)
         return
     from lmforge.train.sharded import MODEL_DIR, save_sharded, save_sharded_async
@@ -422,22 +440,22 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
             if rt.is_main:
                 from lmforge.train.checkpoint import save_model
 
-                save_model(tmp, full, training._model_config, tokenizer=training._tokenizer)
+                save_model(tmp, full, training.model_config, tokenizer=training.tokenizer)
         else:
             shards(tmp / MODEL_DIR, weights, waits)
             if rt.is_main:
                 from lmforge.train.checkpoint import write_model_config
 
-                if training._tokenizer is not None:
-                    training._tokenizer.save(tmp)
-                write_model_config(tmp, training._model_config, sharded={"world_size": job.dims.world_size})
+                if training.tokenizer is not None:
+                    training.tokenizer.save(tmp)
+                write_model_config(tmp, training.model_config, sharded={"world_size": job.dims.world_size})
         tensors, rest = _sharded_optimizer_state(training)
         shards(tmp / "training_state" / OPTIMIZER_DIR, tensors, waits)
         if rt.is_main:
             (tmp / "training_state" / OPTIMIZER_GROUPS).write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
         return waits
 
-    training.manager.save(st.step, None, training._model_config, None, state, metrics=metrics,
+    training.manager.save(st.step, None, training.model_config, None, state, metrics=metrics,
                           tokenizer=None, scaler=training.scaler, write_fn=write, async_save=async_save)
 
 
@@ -445,7 +463,7 @@ def _resume(training: Training, folder: Path, sharded_weights: bool) -> TrainSta
     from lmforge.train.checkpoint import load_training_state
 
     rt = training.runtime
-    if sharded_weights or training.fsdp:  # unsharded runs from full weights loaded them before wrapping
+    if sharded_weights or training.sharded:  # unsharded runs from full weights loaded them before wrapping
         _load_weights(training, folder)
     opt_dir = folder / "training_state" / OPTIMIZER_DIR
     if opt_dir.is_dir():  # name-keyed, sharded: fits any layout
@@ -458,7 +476,7 @@ def _resume(training: Training, folder: Path, sharded_weights: bool) -> TrainSta
         set_optimizer_state_dict(training.model, training.optimizer, {**tensors, **rest},
                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
         state = load_training_state(folder, None, rt, scaler=training.scaler)
-    elif training.fsdp:  # an unsharded run's optimizer (by parameter index) into a sharded one
+    elif training.sharded:  # an unsharded run's optimizer (by parameter index) into a sharded one
         _load_indexed_optimizer(training, folder)
         state = load_training_state(folder, None, rt, scaler=training.scaler)
     else:

@@ -7,11 +7,9 @@ The CLI, the quickstart and the launcher all call :func:`run`.
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmforge.config import model_config_from
@@ -25,7 +23,8 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
-from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training
+from lmforge.train.assembly import (  # noqa: F401 (saved_state_dict, seed_everything: also imported from here)
+    CheckpointSpec, OptimSpec, TrainJob, build_training, saved_state_dict, seed_everything)
 from lmforge.train.loop import LoopSettings
 
 
@@ -36,12 +35,6 @@ def results_dir(cfg) -> Path:
     return Path(em.exp_dir) / em.name
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
-
-
 def build_model(model_cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
     """Build on the meta device, then allocate on ``device`` and initialise (no throwaway CPU copy)."""
     with torch.device("meta"):
@@ -49,14 +42,6 @@ def build_model(model_cfg: ModelConfig, device: torch.device, seed: int) -> Tran
     model = model.to_empty(device=device)
     model.init_weights(seed=seed)
     return model
-
-
-def saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to save: a tied head is stored once (as the embedding)."""
-    state = model.state_dict()
-    if getattr(model.cfg, "share_embeddings_and_output_weights", False):
-        state.pop("lm_head.weight", None)
-    return state
 
 
 def _sample_counts(cfg, max_steps: int, gbs: int):

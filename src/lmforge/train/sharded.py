@@ -121,16 +121,8 @@ def save_sharded(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor])
     """
     import torch.distributed.checkpoint as dcp
 
-    folder = Path(folder)
-    _check_state(state_dict, f"save_sharded({folder})")
+    folder = _prepare_save(folder, state_dict, "save_sharded")
     writer_cls, _ = _hf_storage()
-    if _rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MANIFEST_NAME).unlink(missing_ok=True)
-        for path in folder.iterdir():  # a shard of an earlier save (larger world size) would be read back
-            if path.name.endswith(".safetensors"):
-                path.unlink()
-    _barrier()
     with _one_process_quiet():
         dcp.save(state_dict, storage_writer=writer_cls(path=str(folder), save_distributed=True),
                  no_dist=not _distributed())
@@ -153,14 +145,9 @@ def save_sharded_async(folder: str | os.PathLike, state_dict: dict[str, torch.Te
     """
     import torch.distributed.checkpoint as dcp
 
-    folder = Path(folder)
-    _check_state(state_dict, f"save_sharded_async({folder})")
+    folder = _prepare_save(folder, state_dict, "save_sharded_async")
     writer_cls, _ = _hf_storage()
     shapes = _shapes(state_dict)
-    if _rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    _barrier()
     with _one_process_quiet():
         result = dcp.async_save(state_dict, storage_writer=writer_cls(path=str(folder), save_distributed=True),
                                 process_group=group, no_dist=not _distributed())
@@ -172,6 +159,21 @@ def save_sharded_async(folder: str | os.PathLike, state_dict: dict[str, torch.Te
         return folder
 
     return wait
+
+
+def _prepare_save(folder, state_dict: dict, what: str) -> Path:
+    """Check ``state_dict``; rank 0 makes ``folder`` and removes an earlier save's manifest and shards (a shard of
+    a larger world size would be read back); every rank waits for it."""
+    folder = Path(folder)
+    _check_state(state_dict, f"{what}({folder})")
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)
+        for path in folder.iterdir():
+            if path.name.endswith(".safetensors"):
+                path.unlink()
+    _barrier()
+    return folder
 
 
 def _shapes(state_dict: dict[str, torch.Tensor]) -> dict:
