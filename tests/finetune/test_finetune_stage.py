@@ -102,3 +102,16 @@ def test_cli_finetune_merge_and_preview(tmp_path, base_model_dir, task_files, ca
     assert "'qkv' matches no Linear" in capsys.readouterr().err
     assert main(["finetune", "--model", base_model_dir, "--data", train, "peft.lora.rank=4"]) == 2
     assert "peft.lora.r" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["activations_checkpoint_method=block"], "has no effect without activations_checkpoint_granularity"),
+    (["fsdp=true", "fsdp_sharded_checkpoint=true"], "saves only its adapter weights"),
+    (["fsdp_sharding_strategy=grad"], "applies to FSDP runs"),
+])
+def test_finetune_keys_that_would_not_act_are_refused(overrides, message):
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.config import load_finetune_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_finetune_config(None, ["model=m", "data=d.jsonl", *overrides])

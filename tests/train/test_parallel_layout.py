@@ -123,3 +123,9 @@ def test_nemo_fsdp_defaults_load_and_act_as_unsharded():
 def test_tensor_parallel_layouts_refused_at_config_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny/llama", overrides)
+
+
+@pytest.mark.parametrize("overrides", [["model.fsdp_sharding_strategy=hybrid"], ["model.fsdp_grad_reduce_dtype=bf16"]])
+def test_fsdp_settings_without_fsdp_are_refused_not_ignored(overrides):
+    with pytest.raises(ConfigError, match="applies to FSDP runs only"):
+        load_config("tiny/llama", overrides)

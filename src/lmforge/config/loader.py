@@ -34,7 +34,6 @@ from lmforge.config.schema import (
     DATA_IMPLS,
     DATALOADER_TYPES,
     FSDP_REDUCE_DTYPES,
-    FSDP_SHARDING_STRATEGIES,
     NEMO_FIXED,
     NEMO_IGNORED,
     OPTIMIZER_ALIASES,
@@ -48,7 +47,7 @@ from lmforge.config.schema import (
 )
 from lmforge.errors import ConfigError
 from lmforge.models.config import ModelConfig
-from lmforge.parallel.dims import ParallelDims, fsdp_strategy
+from lmforge.parallel.dims import FSDP_STRATEGIES, ParallelDims, fsdp_strategy
 
 log = logging.getLogger(__name__)
 
@@ -707,9 +706,14 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                  "model.tensor_model_parallel_size above 1, or model.sequence_parallel=false")
     if not isinstance(m.fsdp, bool):
         p.append(f"model.fsdp={_show(m.fsdp)} must be true or false")
-    _choice(p, "model.fsdp_sharding_strategy", m.fsdp_sharding_strategy, FSDP_SHARDING_STRATEGIES)
+    _choice(p, "model.fsdp_sharding_strategy", m.fsdp_sharding_strategy, tuple(FSDP_STRATEGIES))
     if str(m.fsdp_grad_reduce_dtype).lower() not in FSDP_REDUCE_DTYPES:
         p.append(f"model.fsdp_grad_reduce_dtype={_show(m.fsdp_grad_reduce_dtype)} is not one of: 32, bf16, 16")
+    if not m.fsdp:  # NeMo's YAML spells out the defaults with fsdp: false; anything else would be ignored
+        for key, default in (("fsdp_sharding_strategy", "full"), ("fsdp_grad_reduce_dtype", "32")):
+            if str(getattr(m, key)).lower() != default:
+                p.append(f"model.{key}={_show(getattr(m, key))} applies to FSDP runs only: set model.fsdp=true, or "
+                         "remove the key")
     if m.fsdp_cpu_offload and not m.fsdp:
         p.append("model.fsdp_cpu_offload=true offloads FSDP shards: set model.fsdp=true too")
     if m.fsdp_sharded_checkpoint and not m.fsdp:  # false (NeMo's default) says what an unsharded run does anyway

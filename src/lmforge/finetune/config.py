@@ -230,6 +230,14 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.activations_checkpoint_granularity not in (None, "full", "selective"):
         problems.append(f"activations_checkpoint_granularity={cfg.activations_checkpoint_granularity!r}; use full, "
                         "selective or null")
+    if not (cfg.activations_checkpoint_granularity or cfg.gradient_checkpointing):
+        for key in ("activations_checkpoint_method", "activations_checkpoint_num_layers"):
+            if getattr(cfg, key) is not None:
+                problems.append(f"{key}={getattr(cfg, key)} has no effect without activations_checkpoint_granularity;"
+                                " set it to full")
+    if cfg.fsdp_sharded_checkpoint and cfg.method != "full":
+        problems.append(f"fsdp_sharded_checkpoint=true: method={cfg.method} saves only its adapter weights, whole "
+                        "(they are small); remove the key")
     if cfg.gradient_checkpointing and cfg.activations_checkpoint_granularity == "selective":
         problems.append("gradient_checkpointing=true means activations_checkpoint_granularity=full; set one of them")
     if cfg.activations_checkpoint_method not in (None, "uniform", "block"):
@@ -239,11 +247,17 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"activations_checkpoint_num_layers={cfg.activations_checkpoint_num_layers} with method "
                         "uniform recomputes several blocks as one unit, but under fsdp=true each block gathers its "
                         "own parameters: use activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
-    if cfg.fsdp_sharding_strategy not in ("full", "grad", "hybrid"):
+    from lmforge.config.schema import FSDP_REDUCE_DTYPES
+    from lmforge.parallel.dims import FSDP_STRATEGIES
+
+    if cfg.fsdp_sharding_strategy not in FSDP_STRATEGIES:
         problems.append(f"fsdp_sharding_strategy={cfg.fsdp_sharding_strategy!r}; use full, grad or hybrid")
-    if str(cfg.fsdp_grad_reduce_dtype).lower() not in ("32", "fp32", "float32", "bf16", "bfloat16", "16", "fp16",
-                                                        "float16"):
+    if str(cfg.fsdp_grad_reduce_dtype).lower() not in FSDP_REDUCE_DTYPES:
         problems.append(f"fsdp_grad_reduce_dtype={cfg.fsdp_grad_reduce_dtype!r}; use 32, bf16 or 16")
+    if not cfg.fsdp:
+        for key, default in (("fsdp_sharding_strategy", "full"), ("fsdp_grad_reduce_dtype", "32")):
+            if str(getattr(cfg, key)).lower() != default:
+                problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
     for key in ("fsdp_cpu_offload", "fsdp_sharded_checkpoint"):
         if getattr(cfg, key) and not cfg.fsdp:
             problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
