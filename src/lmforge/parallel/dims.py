@@ -1,11 +1,12 @@
 """How the processes of a run are arranged: the one source of the data-parallel size and rank.
 
-    world_size = pipeline x data_parallel x tensor          (tensor fastest, as in Megatron and torchtitan)
-    data_parallel = dp_replicate x dp_shard                   (HSDP: replicate across nodes, shard inside one)
+    world_size = pipeline x data_parallel x context x tensor   (tensor fastest, as in Megatron and torchtitan)
+    data_parallel = dp_replicate x dp_shard                      (HSDP: replicate across nodes, shard inside one)
+    expert parallel: the experts of a MoE layer spread over ``ep`` data-parallel ranks (ep divides dp)
 
 :class:`ParallelDims` is built from the config (``trainer.devices``, ``trainer.num_nodes``,
-``model.tensor_model_parallel_size``, ``model.pipeline_model_parallel_size``, ``model.fsdp``,
-``model.fsdp_sharding_strategy``) and, at run time, checked against the world torchrun launched. The batch
+``model.tensor_model_parallel_size``, ``model.pipeline_model_parallel_size``, ``model.context_parallel_size``,
+``model.expert_model_parallel_size``, ``model.fsdp``, ``model.fsdp_sharding_strategy``) and, at run time, checked against the world torchrun launched. The batch
 plan, the sampler, the loss scaling, the metrics and the checkpoint all read ``dp`` and ``dp_rank`` from it;
 nothing else divides by the world size.
 
@@ -37,6 +38,8 @@ class ParallelDims:
         world_size: processes in the run (``trainer.devices x trainer.num_nodes``).
         rank: this process's global rank (0 when only planning).
         tp, pp: tensor- and pipeline-parallel sizes.
+        cp: context-parallel size (each rank of a group holds a part of every sequence).
+        ep: expert-parallel size (the experts of a MoE layer spread over ``ep`` data-parallel ranks).
         fsdp: None (replicated data parallelism, DDP) or one of :data:`FSDP_STRATEGIES`.
         devices_per_node: ``trainer.devices``; the shard group of ``fsdp="hybrid"``.
     """
@@ -47,17 +50,26 @@ class ParallelDims:
     pp: int = 1
     fsdp: Optional[str] = None
     devices_per_node: int = 1
+    cp: int = 1
+    ep: int = 1
 
     def __post_init__(self):
         for key, value in (("world size", self.world_size), ("model.tensor_model_parallel_size", self.tp),
-                           ("model.pipeline_model_parallel_size", self.pp)):
+                           ("model.pipeline_model_parallel_size", self.pp),
+                           ("model.context_parallel_size", self.cp), ("model.expert_model_parallel_size", self.ep)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
-        if self.world_size % (self.tp * self.pp):
+        if self.world_size % (self.tp * self.pp * self.cp):
             raise ConfigError(
-                f"{self.world_size} processes cannot be split into tensor x pipeline parallel groups of "
-                f"{self.tp} x {self.pp} = {self.tp * self.pp}: the world size must be a multiple of "
-                f"model.tensor_model_parallel_size x model.pipeline_model_parallel_size")
+                f"{self.world_size} processes cannot be split into tensor x pipeline x context parallel groups of "
+                f"{self.tp} x {self.pp} x {self.cp} = {self.tp * self.pp * self.cp}: the world size must be a "
+                f"multiple of model.tensor_model_parallel_size x model.pipeline_model_parallel_size x "
+                f"model.context_parallel_size")
+        if self.dp % self.ep:
+            raise ConfigError(
+                f"model.expert_model_parallel_size={self.ep} must divide the data-parallel size {self.dp} (experts "
+                f"are spread over data-parallel ranks: world {self.world_size} / (tensor {self.tp} x pipeline "
+                f"{self.pp} x context {self.cp}))")
         if self.fsdp is not None and self.fsdp not in FSDP_STRATEGIES:
             raise ConfigError(f"model.fsdp_sharding_strategy={self.fsdp!r} is not known; use one of "
                               f"{', '.join(FSDP_STRATEGIES)}")
@@ -70,7 +82,7 @@ class ParallelDims:
     @property
     def dp(self) -> int:
         """Data-parallel size: the number of model replicas (shards of one replica count once)."""
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.pp * self.cp)
 
     @property
     def dp_shard(self) -> int:
@@ -87,12 +99,22 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         """This process's index among the data-parallel ranks (which samples it reads)."""
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
+
+    @property
+    def cp_rank(self) -> int:
+        """This process's index in its context-parallel group (which part of each sequence it holds)."""
+        return (self.rank // self.tp) % self.cp
 
     @property
     def pp_rank(self) -> int:
-        """This process's pipeline stage group (ranks ordered pipeline, data, tensor: tensor fastest)."""
-        return self.rank // (self.dp * self.tp)
+        """This process's pipeline stage group (ranks ordered pipeline, data, context, tensor: tensor fastest)."""
+        return self.rank // (self.dp * self.cp * self.tp)
+
+    @property
+    def non_data_parallel(self) -> int:
+        """Processes that hold one data-parallel rank's samples together: tensor x pipeline x context."""
+        return self.tp * self.pp * self.cp
 
     @property
     def is_sharded(self) -> bool:
@@ -102,6 +124,10 @@ class ParallelDims:
     def check_supported(self) -> None:
         """Refuse what lmforge cannot run yet (pipeline parallelism; tensor parallelism beside replicated data
         parallelism), before any work."""
+        if self.cp > 1:
+            raise ConfigError(f"model.context_parallel_size={self.cp}: context parallelism is not built yet; use 1")
+        if self.ep > 1:
+            raise ConfigError(f"model.expert_model_parallel_size={self.ep}: expert parallelism is not built yet; use 1")
         if self.pp > 1 and (self.tp > 1 or self.dp > 1 or self.fsdp is not None):
             raise ConfigError(
                 f"model.pipeline_model_parallel_size={self.pp} on {self.world_size} processes: pipeline parallelism "
@@ -119,11 +145,12 @@ class ParallelDims:
         from lmforge.config.batch import check_world_size
 
         check_world_size(self.devices_per_node, max(1, self.world_size // self.devices_per_node), launched_world_size)
-        return ParallelDims(self.world_size, launched_rank, self.tp, self.pp, self.fsdp, self.devices_per_node)
+        return ParallelDims(self.world_size, launched_rank, self.tp, self.pp, self.fsdp, self.devices_per_node,
+                            self.cp, self.ep)
 
     def build_mesh(self, device_type: str):
-        """The run's DeviceMesh, ``(pp, dp_replicate, dp_shard, tp)`` with the dimensions of size 1 left out (at
-        least ``dp_shard``): tensor parallel innermost, so a tensor-parallel group is consecutive ranks (one node).
+        """The run's DeviceMesh, ``(pp, dp_replicate, dp_shard, cp, tp)`` with the dimensions of size 1 left out
+        (at least ``dp_shard``): tensor parallel innermost, so a tensor-parallel group is consecutive ranks (one node).
 
         Only called for FSDP or tensor-parallel runs (DDP needs no mesh); torch.distributed must be initialised.
         Take the FSDP mesh with :meth:`fsdp_mesh` and the tensor-parallel one as ``mesh["tp"]``.
@@ -139,6 +166,9 @@ class ParallelDims:
             names.append("dp_replicate")
         shape.append(self.dp_shard if self.fsdp is not None else self.dp)
         names.append("dp_shard")
+        if self.cp > 1:
+            shape.append(self.cp)
+            names.append("cp")
         if self.tp > 1:
             shape.append(self.tp)
             names.append("tp")
@@ -161,8 +191,10 @@ class ParallelDims:
     def describe(self) -> str:
         """One line for the start-of-run log: ``4 processes: data parallel 4 (FSDP full: ...)``."""
         text = f"{self.world_size} process(es): data parallel {self.dp}"
-        if self.tp > 1 or self.pp > 1:
+        if self.tp > 1 or self.pp > 1 or self.cp > 1 or self.ep > 1:
             text += f", tensor parallel {self.tp}, pipeline parallel {self.pp}"
+            text += f", context parallel {self.cp}" if self.cp > 1 else ""
+            text += f", expert parallel {self.ep}" if self.ep > 1 else ""
         if self.fsdp is not None:
             text += f" (FSDP {self.fsdp}: {FSDP_STRATEGIES[self.fsdp]})"
         return text
