@@ -151,10 +151,20 @@ def test_schedule_and_step_problems():
         load_config("tiny/gpt", ["trainer.val_check_interval=2000.0"])
 
 
-def test_learned_positions_must_cover_the_sequence():
-    with pytest.raises(ConfigError, match="seq_length=256 exceeds model.max_position_embeddings=128"):
+def test_positions_must_cover_the_sequence():
+    with pytest.raises(ConfigError, match="seq_length=256 exceeds model.max_position_embeddings=128, a hard limit "
+                                          r"\(the model's learned position table has 128 rows"):
         load_config("tiny/gpt", ["model.encoder_seq_length=256"])
-    cfg = load_config("tiny/llama", ["model.encoder_seq_length=512"])  # rope: no learned table to outgrow
+    # Issue 15.4: RoPE models hold max_position_embeddings rotary positions too (the forward refuses longer
+    # inputs), so this is refused here rather than as a ValueError at step 1.
+    with pytest.raises(ConfigError, match=r"model.data.seq_length=512 exceeds model.max_position_embeddings=256, a "
+                                          r"hard limit \(the model's rotary tables hold 256 positions; "
+                                          r"position_embedding_type=rope\); raise model.max_position_embeddings to "
+                                          r"at least 512, or lower model.data.seq_length"):
+        load_config("tiny/llama", ["model.encoder_seq_length=512"])
+    with pytest.raises(ConfigError, match="model.data.seq_length=300 exceeds .* position_embedding_type=alibi"):
+        load_config("tiny/llama", ["model.position_embedding_type=alibi", "model.data.seq_length=300"])
+    cfg = load_config("tiny/llama", ["model.encoder_seq_length=512", "model.max_position_embeddings=512"])
     assert cfg.model.data.seq_length == 512
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,91 @@ def test_string_forms_of_data_prefix(prefix, tmp_path):
     ds = build_datasets(f"[1.0,{prefix}]", "1,0,0", 8, None, 1, cache_dir=tmp_path)[0]
     assert isinstance(ds, GPTDataset) and ds.indexed.prefix == prefix
     assert isinstance(IndexedDataset(prefix), IndexedDataset)
+
+
+def fresh_samples(prefix, tmp_path, **kw) -> list:
+    ds = build_datasets(prefix, "1,0,0", 8, (60, 0, 0), seed=3, cache_dir=tmp_path / "fresh", **kw)[0]
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_new_content_under_the_same_prefix_rebuilds_the_cached_indices(tmp_path):
+    """Issue 15.1: a prefix preprocessed again (same name, same document count) must not reuse the old indices."""
+    prefix = make_dataset(tmp_path / "data" / "a", 30, seed=1)
+    cache = tmp_path / "cache"
+    old = build_datasets(prefix, "1,0,0", 8, (60, 0, 0), seed=3, cache_dir=cache)[0]
+    assert not old.from_cache
+    lengths = IndexedDataset(prefix).sequence_lengths[::-1].copy()
+    with IndexedDatasetBuilder(prefix, np.int32) as b:  # same name, documents and tokens; other lengths and ids
+        for d, n in enumerate(lengths):
+            b.add_document(500_000 + d * 1000 + np.arange(n))
+    new = build_datasets(prefix, "1,0,0", 8, (60, 0, 0), seed=3, cache_dir=cache)[0]
+    assert not new.from_cache
+    samples = [new[i] for i in range(len(new))]
+    assert all(s.min() >= 500_000 for s in samples)
+    assert all(np.array_equal(a, b) for a, b in zip(samples, fresh_samples(prefix, tmp_path)))
+    again = build_datasets(prefix, "1,0,0", 8, (60, 0, 0), seed=3, cache_dir=cache)[0]
+    assert again.from_cache  # unchanged data: the new entry is reused
+
+
+def test_same_size_and_mtime_but_other_index_rebuilds(tmp_path):
+    """A dataset copied over with its size and mtime kept (cp -p) is told apart by the hash of its .idx."""
+    a = make_dataset(tmp_path / "a", 30, seed=1)
+    b = make_dataset(tmp_path / "b", 30, seed=2)
+    # make b's files as large as a's: pad the last document of b so the token counts match
+    ia, ib = IndexedDataset(a), IndexedDataset(b)
+    diff = ia.num_tokens - ib.num_tokens
+    with IndexedDatasetBuilder(tmp_path / "b", np.int32) as w:
+        for d in range(len(ib)):
+            extra = max(diff, 0) if d == len(ib) - 1 else 0
+            w.add_document(d * 1000 + np.arange(int(ib.sequence_lengths[d]) + extra))
+    if diff < 0:  # b was longer: rebuild a instead, padded the same way
+        with IndexedDatasetBuilder(tmp_path / "a", np.int32) as w:
+            for d in range(len(ia)):
+                extra = -diff if d == len(ia) - 1 else 0
+                w.add_document(d * 1000 + np.arange(int(ia.sequence_lengths[d]) + extra))
+    del ia, ib
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"a{suffix}").stat().st_size == (tmp_path / f"b{suffix}").stat().st_size
+    cache = tmp_path / "cache"
+    build_datasets(a, "1,0,0", 8, (60, 0, 0), seed=3, cache_dir=cache)
+    stat = (tmp_path / "a.idx").stat(), (tmp_path / "a.bin").stat()
+    for suffix, st in zip((".idx", ".bin"), stat):
+        (tmp_path / f"b{suffix}").replace(tmp_path / f"a{suffix}")
+        os.utime(tmp_path / f"a{suffix}", ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = build_datasets(a, "1,0,0", 8, (60, 0, 0), seed=3, cache_dir=cache)[0]
+    assert not new.from_cache
+    assert all(np.array_equal(new[i], s) for i, s in enumerate(fresh_samples(a, tmp_path)))
+
+
+def test_blend_cache_follows_its_components_content(tmp_path):
+    a = make_dataset(tmp_path / "a", 20, seed=1)
+    b = make_dataset(tmp_path / "b", 20, base=1_000_000, seed=2)
+    cache = tmp_path / "cache"
+    first = build_datasets([1, a, 1, b], "1,0,0", 8, None, seed=1, cache_dir=cache)[0]
+    make_dataset(tmp_path / "b", 20, base=2_000_000, seed=3)  # other lengths: other per-epoch sample counts
+    second = build_datasets([1, a, 1, b], "1,0,0", 8, None, seed=1, cache_dir=cache)[0]
+    assert not second.from_cache
+    fresh = build_datasets([1, a, 1, b], "1,0,0", 8, None, seed=1, cache_dir=tmp_path / "fresh")[0]
+    assert len(second) == len(fresh) and all(np.array_equal(second[i], fresh[i]) for i in range(len(fresh)))
+    assert any(s.max() >= 2_000_000 for s in (second[i] for i in range(len(second))))
+    assert first.description != second.description
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_once_and_cached(tmp_path, monkeypatch):
+    """Issue 15.4: data made with a larger tokenizer is refused at build time, naming the dataset and the ids."""
+    prefix = make_dataset(tmp_path / "a", 10, seed=1)  # ids up to 9000 + 39
+    largest = IndexedDataset(prefix).max_token_id()
+    assert largest == int(np.concatenate(IndexedDataset(prefix)[:]).max())
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=rf"a holds token id {largest} but tok.json has a vocabulary of 512 "
+                                        r"\(ids 0..511\).*another tokenizer"):
+        build_datasets(prefix, "1,0,0", 8, None, seed=1, cache_dir=cache, vocab_size=512, tokenizer_name="tok.json")
+    assert not any(p.name.endswith("-GPTDataset-train-description.json") for p in cache.iterdir())  # nothing built
+    stats = [p for p in cache.iterdir() if p.name.endswith("-IndexedDataset-stats.json")]
+    assert len(stats) == 1
+    # the next build reads the cached value instead of scanning the .bin again
+    monkeypatch.setattr(IndexedDataset, "max_token_id", lambda self: pytest.fail("the .bin was scanned again"))
+    ds = build_datasets(prefix, "1,0,0", 8, None, seed=1, cache_dir=cache, vocab_size=largest + 1)[0]
+    assert len(ds) > 0
+    with pytest.raises(DataError, match=f"holds token id {largest}"):
+        build_datasets(prefix, "1,0,0", 8, None, seed=1, cache_dir=cache, vocab_size=largest)

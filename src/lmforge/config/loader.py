@@ -611,6 +611,23 @@ def _check_data_prefix(problems: list[str], value: Any) -> None:
         problems.append(f"model.data.data_prefix={value} must be {form} with positive weights")
 
 
+def _position_problems(m: ModelSection, d) -> list[str]:
+    """The training sequence must fit the model's positions: a hard limit for every position type here (the
+    learned table, the rotary tables and ALiBi's bound all hold ``max_position_embeddings`` positions)."""
+    max_pos = m.max_position_embeddings or m.encoder_seq_length
+    key, seq = ("model.data.seq_length", d.seq_length) if d.seq_length else ("model.encoder_seq_length",
+                                                                              m.encoder_seq_length)
+    if seq <= max_pos:
+        return []
+    limit = {"learned_absolute": f"the model's learned position table has {max_pos} rows",
+             "rope": f"the model's rotary tables hold {max_pos} positions"}.get(
+        m.position_embedding_type, f"the model accepts at most {max_pos} positions")
+    given = (f"model.max_position_embeddings={max_pos}" if m.max_position_embeddings
+             else f"model.max_position_embeddings (unset: model.encoder_seq_length={max_pos})")
+    return [f"{key}={seq} exceeds {given}, a hard limit ({limit}; position_embedding_type="
+            f"{m.position_embedding_type}); raise model.max_position_embeddings to at least {seq}, or lower {key}"]
+
+
 def _check_activation_checkpointing(problems: list[str], m: ModelSection) -> None:
     """NeMo's rules for ``model.activations_checkpoint_*`` (granularity and method choices are checked apart)."""
     g, method, n = m.activations_checkpoint_granularity, m.activations_checkpoint_method, \
@@ -695,11 +712,8 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     lengths_ok = _at_least(p, "model.encoder_seq_length", m.encoder_seq_length, 1)
     lengths_ok &= _at_least(p, "model.max_position_embeddings", m.max_position_embeddings, 1, optional=True)
     lengths_ok &= _at_least(p, "model.data.seq_length", d.seq_length, 1, optional=True)
-    max_pos = m.max_position_embeddings or m.encoder_seq_length
-    seq = d.seq_length or m.encoder_seq_length
-    if lengths_ok and m.position_embedding_type == "learned_absolute" and seq > max_pos:
-        p.append(f"model.data.seq_length={seq} exceeds model.max_position_embeddings={max_pos}, the number of "
-                 "learned positions; raise model.max_position_embeddings or lower model.encoder_seq_length")
+    if lengths_ok:
+        p.extend(_position_problems(m, d))
     _at_least(p, "model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
     if m.sequence_parallel and _is_int(m.tensor_model_parallel_size) and m.tensor_model_parallel_size == 1:
         p.append("model.sequence_parallel=true splits the tensor-parallel group's sequence: set "

@@ -16,8 +16,13 @@ Megatron-Core's ``GPTDataset`` / ``BlendedDataset`` semantics, in numpy:
   the partially used epoch does not get mixed into them. The same seed, data and settings give the
   same three arrays as Megatron-Core (``document_index``, ``sample_index``, ``shuffle_index``).
 * **Cache.** The three arrays are saved as ``.npy`` files in ``cache_dir`` (default
-  ``<data dir>/cache/GPTDataset_indices``) under an MD5 hash of every setting; only the main rank
-  writes (atomically), the others wait on ``barrier`` and load them; a second build reuses them.
+  ``<data dir>/cache/GPTDataset_indices``) under an MD5 hash of every setting and of the data itself
+  (:meth:`IndexedDataset.fingerprint`: sizes and mtimes of the .bin/.idx, a SHA-256 of the .idx), so
+  a prefix preprocessed again with new content gets new indices, never a stale entry; only the main
+  rank writes (atomically), the others wait on ``barrier`` and load them; a second build reuses them.
+* **Token ids.** Given the tokenizer's ``vocab_size``, :func:`build_datasets` refuses a dataset whose
+  largest token id does not fit it (data preprocessed with another tokenizer). The largest id is
+  read once per dataset content and cached beside the indices (``*-IndexedDataset-stats.json``).
 * **Blending.** ``data_prefix = [w1, p1, w2, p2, ...]``: for blended sample ``i`` the dataset whose
   count lags its weight most is chosen, ``argmax_k(w_k * max(i, 1) - count_k)`` (first on ties) as
   Megatron's ``build_blending_indices`` does; each component is built with
@@ -45,7 +50,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 BLEND_SURPLUS = 0.005
 #: Megatron's threshold: a final epoch giving fewer than this share of an epoch's samples is shuffled apart.
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
-_INDEX_FORMAT = 1  # bump when the cached arrays change meaning
+_INDEX_FORMAT = 2  # bump when the cached arrays change meaning (2: keyed on the data's fingerprint)
 
 
 # -- parsing -----------------------------------------------------------------------------------------
@@ -271,6 +276,41 @@ def _save(paths: dict[str, Path], arrays: dict[str, np.ndarray], description: di
                         f"(model.data.index_mapping_dir)") from e
 
 
+def max_token_id(indexed: IndexedDataset, cache_dir: Optional[str | os.PathLike] = None,
+                 is_main: bool = True) -> int:
+    """The largest token id of ``indexed``: from ``<cache_dir>/<hash>-IndexedDataset-stats.json`` when that
+    file describes the same content (:meth:`IndexedDataset.fingerprint`), else one pass over the .bin, saved
+    there by the main rank (a read-only cache folder is no error here: the value is simply not kept)."""
+    description = {"class": "IndexedDataset", "format": _INDEX_FORMAT, "prefix": str(Path(indexed.prefix).resolve()),
+                   "data": indexed.fingerprint()}
+    folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir(indexed.prefix)
+    path = folder / f"{_hash(description)}-IndexedDataset-stats.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("description") == description and isinstance(saved.get("max_token_id"), int):
+            return saved["max_token_id"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    largest = indexed.max_token_id()
+    if is_main:
+        try:
+            write_json_atomic(path, {"description": description, "max_token_id": largest})
+        except OSError:
+            pass  # the index cache reports an unwritable folder with its fix; this value is cheap to redo
+    return largest
+
+
+def check_token_ids(indexed: IndexedDataset, vocab_size: int, tokenizer_name: str = "the tokenizer",
+                    cache_dir: Optional[str | os.PathLike] = None, is_main: bool = True) -> None:
+    """Refuse a dataset holding a token id the tokenizer (and so the model's embedding) does not have."""
+    largest = max_token_id(indexed, cache_dir, is_main)
+    if largest >= int(vocab_size):
+        raise DataError(f"dataset {indexed.prefix} holds token id {largest} but {tokenizer_name} has a vocabulary "
+                        f"of {int(vocab_size)} (ids 0..{int(vocab_size) - 1}): the data was preprocessed with another "
+                        f"tokenizer; set model.tokenizer.model to that one, or run `lmforge preprocess` again with "
+                        f"this one")
+
+
 # -- datasets ----------------------------------------------------------------------------------------
 
 def _sample_index(i: int, n: int) -> int:
@@ -313,7 +353,7 @@ class GPTDataset:
             "class": "GPTDataset", "format": _INDEX_FORMAT, "prefix": str(Path(self.prefix).resolve()),
             "split": split, "documents": list(self.doc_range), "dataset_sequences": len(indexed),
             "dataset_tokens": indexed.num_tokens, "seq_length": self.seq_length, "num_samples": num_samples,
-            "seed": self.seed, "add_extra_token": 1,
+            "seed": self.seed, "add_extra_token": 1, "data": indexed.fingerprint(),
         }
         self.hash = _hash(self.description)
         folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir(self.prefix)
@@ -426,7 +466,8 @@ def _blend(components: list[tuple[float, IndexedDataset, tuple[int, int]]], spli
     description = {"class": "BlendedDataset", "format": _INDEX_FORMAT, "split": split, "weights": weights,
                    "num_samples": num_samples, "seq_length": seq_length, "seed": seed,
                    "components": [{"prefix": str(Path(ix.prefix).resolve()), "documents": list(r),
-                                   "dataset_sequences": len(ix)} for _, ix, r in components]}
+                                   "dataset_sequences": len(ix), "data": ix.fingerprint()}
+                                  for _, ix, r in components]}
     digest = _hash(description)
     folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir(components[0][1].prefix)
     base = f"{digest}-BlendedDataset-{split}"
@@ -461,7 +502,8 @@ def _blend(components: list[tuple[float, IndexedDataset, tuple[int, int]]], spli
 
 def build_datasets(data_prefix, splits_string, seq_length: int, num_samples=None, seed: int = 1234,
                    cache_dir: Optional[str | os.PathLike] = None, barrier: Optional[Callable[[], None]] = None,
-                   is_main: bool = True) -> list:
+                   is_main: bool = True, vocab_size: Optional[int] = None,
+                   tokenizer_name: str = "the tokenizer") -> list:
     """Build the train, validation and test datasets.
 
     Args:
@@ -477,6 +519,9 @@ def build_datasets(data_prefix, splits_string, seq_length: int, num_samples=None
             calls it; the other ranks call it, then load them (building in memory if the cache is
             not visible to them).
         is_main: whether this process writes the cache.
+        vocab_size: the tokenizer's vocabulary; when given, a dataset holding an id ``>= vocab_size`` is
+            refused (see :func:`check_token_ids`; the largest id is cached per dataset content).
+        tokenizer_name: how the error names the tokenizer, e.g. ``"model.tokenizer.model=tok"``.
 
     Returns:
         ``[train, valid, test]``: each a :class:`GPTDataset`, a :class:`BlendedDataset` for a blend, or
@@ -484,7 +529,8 @@ def build_datasets(data_prefix, splits_string, seq_length: int, num_samples=None
 
     Raises:
         ConfigError: a malformed ``data_prefix``, ``splits_string``, ``seq_length``, ``num_samples`` or seed.
-        DataError: a missing dataset, or a split too small for one sample of ``seq_length + 1`` tokens.
+        DataError: a missing dataset, a split too small for one sample of ``seq_length + 1`` tokens, or a
+            token id outside ``vocab_size``.
     """
     blend = parse_data_prefix(data_prefix)
     bookends = split_bookends(parse_splits(splits_string))
@@ -498,6 +544,9 @@ def build_datasets(data_prefix, splits_string, seq_length: int, num_samples=None
     for _, prefix in blend:
         _check_prefix(prefix)
     indexed = [IndexedDataset(prefix) for _, prefix in blend]
+    if vocab_size is not None:
+        for ix in indexed:
+            check_token_ids(ix, vocab_size, tokenizer_name, cache_dir, is_main)
 
     # Plan every split on every rank first (cheap), so user errors surface before any barrier.
     plans: list[Optional[list]] = []

@@ -20,6 +20,7 @@ sequence but still ends a document, so the value repeats.
 from __future__ import annotations
 
 import array
+import hashlib
 import os
 import shutil
 import struct
@@ -260,8 +261,11 @@ class IndexedDataset:
             raise DataError(f"indexed dataset {self.prefix!r} is incomplete: {' and '.join(missing)} not found "
                             f"(a dataset prefix names PREFIX.bin and PREFIX.idx, e.g. data/corpus_text_document)")
         self.index_path, self.data_path = idx_path, bin_path
+        self._stats = (idx_path.stat(), bin_path.stat())  # taken before mapping: the content mapped is at least this new
         self._read_index(idx_path)
         self._open_data(bin_path)
+        self._fingerprint: Optional[dict] = None
+        self._max_token_id: Optional[int] = None
 
     def _read_index(self, path: Path) -> None:
         size = path.stat().st_size
@@ -313,6 +317,35 @@ class IndexedDataset:
                             f"({int(self.sequence_lengths.sum(dtype=np.int64))} tokens of {self.dtype.name}); "
                             f"the files are truncated or do not belong together")
         self._data = np.memmap(path, mode="r", dtype=np.uint8) if size else np.zeros(0, dtype=np.uint8)
+
+    def fingerprint(self) -> dict:
+        """What identifies the files' content, cheaply: size and mtime (ns) of the .bin and the .idx, and a
+        SHA-256 of the .idx (sequence lengths and document boundaries; small beside the .bin).
+
+        Caches derived from a dataset (sample indices, its largest token id) are keyed on this, so a prefix
+        preprocessed again with new content is never served from a stale cache. Computed once per open.
+        """
+        if self._fingerprint is None:
+            idx, bin_ = self._stats
+            self._fingerprint = {
+                "idx_bytes": idx.st_size, "idx_mtime_ns": idx.st_mtime_ns,
+                "bin_bytes": bin_.st_size, "bin_mtime_ns": bin_.st_mtime_ns,
+                "idx_sha256": hashlib.sha256(memoryview(self._index_buffer) if idx.st_size > HEADER_SIZE
+                                             else self.index_path.read_bytes()).hexdigest(),
+            }
+        return dict(self._fingerprint)
+
+    def max_token_id(self) -> int:
+        """The largest token id in the .bin (-1 when it holds no tokens): one pass over the mapped file in
+        blocks, remembered for this open (see ``gpt_dataset`` for the copy cached beside the index cache)."""
+        if self._max_token_id is None:
+            tokens = np.frombuffer(self._data, dtype=self.dtype) if len(self._data) else np.zeros(0, self.dtype)
+            block = 1 << 26  # tokens per step: bounded memory for files larger than RAM
+            largest = -1
+            for start in range(0, len(tokens), block):
+                largest = max(largest, int(tokens[start:start + block].max()))
+            self._max_token_id = largest
+        return self._max_token_id
 
     def __len__(self) -> int:
         """Number of sequences (documents, without sentence splitting)."""
