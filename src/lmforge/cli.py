@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lmforge import __version__
+from lmforge.data.files import MAX_DOCUMENT_CHARS
 from lmforge.errors import UserError
 
 EXIT_STOPPED_TO_RESUME = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; run it again to resume
@@ -118,13 +119,17 @@ def _add_tokenizer(sub):
     t.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
     t.add_argument("--json-keys", nargs="+", default=["text"])
     t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing --out folder")
+    t.add_argument("--max-document-chars", type=int, default=MAX_DOCUMENT_CHARS,
+                   help=f"refuse a text longer than this (default {MAX_DOCUMENT_CHARS:,}); bounds memory")
     t.set_defaults(func=_cmd_tokenizer_train)
 
 
 def _cmd_tokenizer_train(a):
     from lmforge.data.tokenizers import train_bpe
 
-    tok = train_bpe(a.input, a.vocab_size, a.out, json_keys=tuple(a.json_keys), min_frequency=a.min_frequency)
+    tok = train_bpe(a.input, a.vocab_size, a.out, json_keys=tuple(a.json_keys), min_frequency=a.min_frequency,
+                    overwrite=a.overwrite, max_document_chars=a.max_document_chars)
     print(f"wrote {a.out} (vocabulary {tok.vocab_size}, end-of-document id {tok.eod_id})")
     return 0
 
@@ -140,6 +145,9 @@ def _add_preprocess(sub):
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (counted and reported) instead of stopping at the first")
     p.add_argument("--dtype", default=None, help="token dtype (default: uint16 below 65,500 tokens, else int32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing PREFIX_KEY_document.bin/.idx outputs")
+    p.add_argument("--max-document-chars", type=int, default=MAX_DOCUMENT_CHARS,
+                   help=f"a line whose text is longer is a bad line (default {MAX_DOCUMENT_CHARS:,}); bounds memory")
     p.set_defaults(func=_cmd_preprocess)
 
 
@@ -147,7 +155,8 @@ def _cmd_preprocess(a):
     from lmforge.data.preprocess import preprocess
 
     summary = preprocess(a.input, a.output_prefix, a.tokenizer, json_keys=tuple(a.json_keys), append_eod=a.append_eod,
-                         workers=a.workers, on_bad_line="skip" if a.skip_bad_lines else "stop", dtype=a.dtype)
+                         workers=a.workers, on_bad_line="skip" if a.skip_bad_lines else "stop", dtype=a.dtype,
+                         overwrite=a.overwrite, max_document_chars=a.max_document_chars)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -90,11 +90,11 @@ def run(out: str | Path = "quickstart_out", max_steps: int | None = None, max_by
     info = stdlib_corpus(corpus, max_bytes=cap)
     console.print(f"[1/5] corpus: {info['documents']} modules of the standard library ({info['bytes'] / 1e6:.1f} MB) "
                   f"from {info['root']}")
-    tokenizer = train_bpe([corpus], s.vocab, out / "tokenizer")
+    tokenizer = train_bpe([corpus], s.vocab, out / "tokenizer", overwrite=True)  # a rerun rebuilds its own files
     console.print(f"[2/5] tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens")
     workers = 1 if info["bytes"] < 20_000_000 else max(1, min(8, (os.cpu_count() or 2) // 2))
     prep = preprocess([corpus], out / "data" / "stdlib", out / "tokenizer", append_eod=True, workers=workers,
-                      log=lambda *a: None)
+                      log=lambda *a: None, overwrite=True)
     prefix = str(out / "data" / "stdlib_text_document")
     console.print(f"[3/5] indexed dataset: {prep.get('documents')} documents, {prep.get('tokens')} tokens -> {prefix}")
 

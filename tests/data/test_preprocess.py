@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import os
 import struct
 
 import numpy as np
@@ -183,3 +184,83 @@ def test_append_eod_needs_an_eod_token(env, tmp_path):
     tok._eod_id = None  # a tokenizer without any end-of-document token
     with pytest.raises(DataError, match="no end-of-document token"):
         preprocess([env["corpus"]], tmp_path / "x", tok, append_eod=True, **QUIET)
+
+
+def test_existing_outputs_need_overwrite(env, tmp_path):
+    """Issue 15.12: an existing output is refused (untouched) unless overwrite is asked for."""
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"text": "first corpus"}) + "\n")
+    preprocess([first], tmp_path / "x", env["tok_path"], **QUIET)
+    before = read(tmp_path / "x_text_document")
+    with pytest.raises(DataError, match=r"x_text_document\.bin exists; pass --overwrite"):
+        preprocess([env["corpus"]], tmp_path / "x", env["tok_path"], **QUIET)
+    assert read(tmp_path / "x_text_document") == before
+    preprocess([env["corpus"]], tmp_path / "x", env["tok_path"], overwrite=True, **QUIET)
+    assert read(tmp_path / "x_text_document") == megatron_reference(env["texts"], env["tok"], False)
+
+
+def test_outputs_get_the_umask_mode(env, tmp_path):
+    """Published files get 0666 & ~umask (0644 under the usual umask), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        preprocess([env["corpus"]], tmp_path / "m", env["tok_path"], **QUIET)
+    finally:
+        os.umask(old)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"m_text_document{suffix}").stat().st_mode & 0o777 == 0o644
+
+
+KILLED_BUILD = """
+import os, sys
+import numpy as np
+from lmforge.data.indexed import IndexedDatasetBuilder
+b = IndexedDatasetBuilder(sys.argv[1], np.uint16)
+b.add_document(np.arange(1000))
+b._file.flush()
+os._exit(9)  # killed mid-build: no abort, no finalize
+"""
+
+
+def test_a_killed_run_leaves_temporaries_the_next_run_removes(env, tmp_path):
+    """Issue 15.12: what a killed preprocess left beside its outputs is removed by the next run; nothing else is."""
+    import fcntl
+    import subprocess
+    import sys
+
+    prefix = tmp_path / "k_text_document"
+    subprocess.run([sys.executable, "-c", KILLED_BUILD, str(prefix)], check=False, timeout=120,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".k_text_document.bin.")]
+    assert len(left) == 1 and left[0].stat().st_size == 2000
+    # look-alikes that are not ours, and a temporary a live build holds (locked), must stay
+    keep = [tmp_path / ".k_text_document.bin.notes.tmp", tmp_path / "k_text_document.bin.abcdefgh.tmp",
+            tmp_path / ".other.bin.abcdefgh.tmp"]
+    for p in keep:
+        p.write_text("not preprocess's")
+    live = tmp_path / ".k_text_document.idx.live1234.tmp"
+    live.write_text("a running build's")
+    holder = open(live, "rb")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        messages = []
+        preprocess([env["corpus"]], tmp_path / "k", env["tok_path"], log=messages.append)
+    finally:
+        holder.close()
+    assert not left[0].exists()
+    assert any(f"removed {left[0]}" in m and "interrupted" in m for m in messages)
+    assert all(p.exists() for p in keep) and live.exists()
+    assert read(prefix) == megatron_reference(env["texts"], env["tok"], False)
+
+
+def test_long_documents_are_bad_lines(env, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "y" * 300}) + "\n"
+                    + json.dumps({"text": "tail"}) + "\n")
+    with pytest.raises(DataError, match=r"long\.jsonl:2: document of 300 characters is over "
+                                        r"--max-document-chars=100"):
+        preprocess([path], tmp_path / "x", env["tok_path"], max_document_chars=100, **QUIET)
+    s = preprocess([path], tmp_path / "x", env["tok_path"], max_document_chars=100, on_bad_line="skip",
+                   workers=2, **QUIET)
+    assert s["documents"] == 2 and s["skipped_lines"] == 1 and "300 characters" in s["skipped"][0]
+    ds = IndexedDataset(tmp_path / "x_text_document")
+    assert [env["tok"].decode(ds[i]) for i in range(len(ds))] == ["short", "tail"]

@@ -144,3 +144,15 @@ def test_errors(tmp_path, trained):
     (broken / "tokenizer.json").write_text(textwrap.dedent("{ nope"))
     with pytest.raises(DataError, match="cannot read tokenizer"):
         load_tokenizer(broken)
+
+
+def test_existing_tokenizer_needs_overwrite(trained, tmp_path):
+    """Issue 15.12: tokenizer files already in --out are replaced only with overwrite."""
+    out = tmp_path / "t"
+    train_bpe([trained["jsonl"]], 300, out)
+    before = (out / "tokenizer.json").read_bytes()
+    with pytest.raises(DataError, match=r"already holds a tokenizer \(tokenizer\.json, tokenizer_config\.json, "
+                                        r"special_tokens_map\.json\); pass --overwrite"):
+        train_bpe([trained["jsonl"]], 280, out)
+    assert (out / "tokenizer.json").read_bytes() == before
+    assert train_bpe([trained["jsonl"]], 280, out, overwrite=True).vocab_size == 280

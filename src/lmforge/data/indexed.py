@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import hashlib
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -31,7 +32,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from lmforge.errors import DataError
-from lmforge.io import atomic_path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale temporaries are then removed without the liveness check
+    fcntl = None
 
 MAGIC = b"MMIDIDX\x00\x00"
 LEGACY_MAGIC = b"TNTIDX\x00\x00"
@@ -107,13 +112,92 @@ def index_bytes(dtype, sequence_lengths: Sequence[int], document_indices: Sequen
     return header + lengths.tobytes(order="C") + pointers.tobytes(order="C") + docs.tobytes(order="C")
 
 
+def _temporary(target: Path):
+    """A new hidden temporary file beside ``target`` (``.NAME.XXXXXXXX.tmp``), open for writing and locked
+    (``flock``) for as long as this process holds it: a temporary nobody holds was left by a killed run."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the published file gets the usual mode (0644)
+    return os.fdopen(fd, "wb"), Path(tmp)
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(prefix: str | os.PathLike) -> list[Path]:
+    """Remove what killed builds of ``prefix`` left behind; returns the paths removed.
+
+    Only names this module gives its temporaries count: ``.PREFIX.bin.XXXXXXXX.tmp`` and
+    ``.PREFIX.idx.XXXXXXXX.tmp`` that no live process holds locked (a running build keeps its own),
+    and ``.PREFIX.idx.tmp-XXXXXXXX`` folders of earlier versions. Anything else is left alone.
+    """
+    removed = []
+    for target in (data_file_path(prefix), index_file_path(prefix)):
+        if not target.parent.is_dir():
+            continue
+        name = re.escape(target.name)
+        ours = re.compile(rf"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp")
+        old_folder = re.compile(rf"\.{name}\.tmp-[A-Za-z0-9_]{{8}}")
+        for entry in target.parent.iterdir():
+            if ours.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                if _unlink_unless_held(entry):
+                    removed.append(entry)
+            elif old_folder.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _unlink_unless_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a running build holds it
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class IndexedDatasetBuilder:
     """Write ``prefix.bin`` / ``prefix.idx`` one document at a time.
 
     Tokens stream into a temporary ``.bin`` beside the target while building (only the sequence
-    lengths stay in memory); :meth:`finalize` renames it into place and writes the ``.idx``
-    atomically, so neither file appears half-written. Use as a context manager to have the
-    temporary removed on an exception (and :meth:`finalize` called on a normal exit)::
+    lengths stay in memory); :meth:`finalize` writes the ``.idx`` to a temporary too, flushes both to
+    disk and renames them into place, so neither file appears half-written. Temporaries that a killed
+    build left behind are removed when the next builder of the same prefix starts
+    (:func:`remove_stale_temporaries`; see :attr:`removed_temporaries`). Use as a context manager to
+    have the temporary removed on an exception (and :meth:`finalize` called on a normal exit)::
 
         with IndexedDatasetBuilder("data/corpus_text_document", np.uint16) as b:
             for ids in documents:
@@ -134,9 +218,9 @@ class IndexedDatasetBuilder:
         self.document_indices = array.array("q", [0])
         target = data_file_path(self.prefix)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        self._tmp_bin = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
+        self.removed_temporaries = remove_stale_temporaries(self.prefix)
+        self._file, self._tmp_bin = _temporary(target)
+        self._tmp_idx: Optional[Path] = None
         self._done = False
 
     # -- building -------------------------------------------------------------------------------
@@ -191,11 +275,20 @@ class IndexedDatasetBuilder:
     def finalize(self) -> None:
         """Write ``prefix.idx`` and move ``prefix.bin`` into place; both appear whole or not at all."""
         self._check_open()
+        idx_path = index_file_path(self.prefix)
         try:
-            self._file.close()
-            with atomic_path(index_file_path(self.prefix)) as tmp_idx:
-                tmp_idx.write_bytes(index_bytes(self.dtype, self.sequence_lengths, self.document_indices))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            idx_file, self._tmp_idx = _temporary(idx_path)
+            with idx_file:  # closed (its lock released) only after the renames
+                idx_file.write(index_bytes(self.dtype, self.sequence_lengths, self.document_indices))
+                idx_file.flush()
+                os.fsync(idx_file.fileno())
                 os.replace(self._tmp_bin, data_file_path(self.prefix))
+                os.replace(self._tmp_idx, idx_path)
+                self._tmp_idx = None
+            self._file.close()
+            _fsync_folder(idx_path.parent)
         except BaseException:
             self.abort()
             raise
@@ -206,6 +299,8 @@ class IndexedDatasetBuilder:
         if not self._file.closed:
             self._file.close()
         self._tmp_bin.unlink(missing_ok=True)
+        if self._tmp_idx is not None:
+            self._tmp_idx.unlink(missing_ok=True)
         self._done = True
 
     def __enter__(self) -> "IndexedDatasetBuilder":

@@ -10,11 +10,14 @@ pre-split document: each non-empty string becomes one sequence, as Megatron does
 Input is streamed (``.jsonl``, ``.json`` lines files, ``.gz`` compressed), tokenized in chunks
 by a pool of processes when ``workers > 1`` (order preserved, a bounded number of chunks in
 flight), and the outputs appear only at the end, atomically: on any error nothing is left behind.
+Memory is bounded per document: a document over ``max_document_chars`` characters is a bad line
+(tokenizing costs ~200 bytes a character), and no more of a line is read than such a document
+can take. Existing outputs are replaced only with ``overwrite``; temporaries a killed run left
+beside the outputs are removed (see :func:`lmforge.data.indexed.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import time
@@ -24,6 +27,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from lmforge.data.files import (MAX_DOCUMENT_CHARS, check_inputs, check_max_document_chars, check_output_location,
+                                iter_lines, make_parents, max_line_bytes, remove_empty)
 from lmforge.data.indexed import IndexedDatasetBuilder, data_file_path, dtype_code, dtype_for_vocab, index_file_path
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import ConfigError, DataError
@@ -39,21 +44,28 @@ class _Encoder:
 
     ``__call__(lines)`` returns one entry per line: ``(None, {key: (tokens, lengths)})`` for a good
     line (``tokens`` an int32 array of the document's ids, ``lengths`` its sequence lengths), or
-    ``(reason, None)`` for a bad one.
+    ``(reason, None)`` for a bad one. A line given as a ``str`` is already known bad: that is its reason.
     """
 
-    def __init__(self, tokenizer, json_keys: Sequence[str], append_eod: bool):
+    def __init__(self, tokenizer, json_keys: Sequence[str], append_eod: bool,
+                 max_document_chars: int = MAX_DOCUMENT_CHARS):
         self.tokenizer = tokenizer
         self.json_keys = tuple(json_keys)
         self.append_eod = append_eod
         self.eod = tokenizer.eod_id
+        self.max_document_chars = int(max_document_chars)
 
-    def _texts(self, raw: bytes) -> tuple[Optional[str], Optional[dict]]:
+    def _texts(self, raw) -> tuple[Optional[str], Optional[dict]]:
         """The sentences of each key of one line, or the reason the line is bad."""
+        if isinstance(raw, str):  # a line too long to read (see lmforge.data.files.iter_lines)
+            return (f"{raw}: raise --max-document-chars (now {self.max_document_chars:,}), or split it into "
+                    f"several lines"), None
         try:
             row = json.loads(raw)
         except UnicodeDecodeError as e:
             return f"not UTF-8 text ({e})", None
+        except RecursionError:
+            return "JSON nested too deeply to read (more than ~1,000 levels of [ or {)", None
         except ValueError as e:
             hint = ""
             if raw.lstrip().startswith(b"["):
@@ -74,6 +86,11 @@ class _Encoder:
             else:
                 kind = "null" if value is None else type(value).__name__
                 return f"key {key!r} holds {kind}, expected a string (or a list of strings)", None
+        chars = sum(len(t) for parts in texts.values() for t in parts)
+        if chars > self.max_document_chars:
+            return (f"document of {chars:,} characters is over --max-document-chars={self.max_document_chars:,} "
+                    f"(tokenizing takes ~200 bytes a character): split it into several lines, or raise "
+                    f"--max-document-chars"), None
         return None, texts
 
     def __call__(self, lines: Sequence[bytes]) -> list[tuple]:
@@ -100,11 +117,11 @@ class _Encoder:
 _worker_encoder: Optional[_Encoder] = None  # set once per pool worker process by _init_worker
 
 
-def _init_worker(tokenizer_source, json_keys, append_eod) -> None:
+def _init_worker(tokenizer_source, json_keys, append_eod, max_document_chars) -> None:
     """Pool initializer: load the tokenizer once in this worker process."""
     global _worker_encoder
     tok = load_tokenizer(tokenizer_source) if isinstance(tokenizer_source, (str, os.PathLike)) else tokenizer_source
-    _worker_encoder = _Encoder(tok, json_keys, append_eod)
+    _worker_encoder = _Encoder(tok, json_keys, append_eod, max_document_chars)
 
 
 def _encode_in_worker(lines: Sequence[bytes]) -> list[tuple]:
@@ -113,22 +130,24 @@ def _encode_in_worker(lines: Sequence[bytes]) -> list[tuple]:
 
 # -- reading -------------------------------------------------------------------------------------
 
-def _read_chunks(files: Sequence[Path], chunk_lines: int, counters: dict) -> Iterator[tuple[list, list]]:
-    """Yield ``(positions, lines)``: up to ``chunk_lines`` raw non-blank lines and their ``(file, line)``."""
+def _read_chunks(files: Sequence[Path], chunk_lines: int, counters: dict, max_bytes: int,
+                 chunk_bytes: int = 4 << 20) -> Iterator[tuple[list, list]]:
+    """Yield ``(positions, lines)``: up to ``chunk_lines`` raw non-blank lines (fewer once they reach
+    ``chunk_bytes``) and their ``(file, line)``; a line over ``max_bytes`` comes as its reason (a str)."""
     positions: list[tuple[str, int]] = []
-    lines: list[bytes] = []
+    lines: list = []
+    size = 0
     for path in files:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    counters["blank_lines"] += 1
-                    continue
-                positions.append((str(path), lineno))
-                lines.append(raw)
-                if len(lines) >= chunk_lines:
-                    yield positions, lines
-                    positions, lines = [], []
+        for lineno, raw in iter_lines(path, max_bytes):
+            if isinstance(raw, bytes) and not raw.strip():
+                counters["blank_lines"] += 1
+                continue
+            positions.append((str(path), lineno))
+            lines.append(raw)
+            size += len(raw)
+            if len(lines) >= chunk_lines or size >= chunk_bytes:
+                yield positions, lines
+                positions, lines, size = [], [], 0
     if lines:
         yield positions, lines
 
@@ -155,7 +174,8 @@ def _resolve_dtype(dtype, vocab_size: int, tokenizer_name: str):
 def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_prefix: str | os.PathLike,
                tokenizer, json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
                on_bad_line: str = "stop", dtype=None, log: Callable[..., None] = print,
-               chunk_lines: int = 256) -> dict:
+               chunk_lines: int = 256, overwrite: bool = False,
+               max_document_chars: int = MAX_DOCUMENT_CHARS) -> dict:
     """Tokenize JSON-lines files into Megatron indexed datasets, one per JSON key.
 
     Args:
@@ -169,25 +189,26 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
             ``"skip"`` skips such lines, counts them and reports them in the summary and once at the end.
         dtype: token dtype of the .bin (default: uint16 below 65,500 ids, else int32).
         log: where progress and the final report go (``print`` by default).
-        chunk_lines: lines per unit of work.
+        chunk_lines: lines per unit of work (fewer when they hold over 4 MiB).
+        overwrite: replace existing outputs; without it an existing ``.bin`` or ``.idx`` is refused.
+        max_document_chars: a line whose texts hold more characters is a bad line (see ``on_bad_line``).
 
     Returns:
         a summary: documents, tokens, skipped_lines, skipped (first messages), blank_lines,
         outputs (per key: prefix, bin, idx), dtype, vocab_size, workers, seconds.
 
     Raises:
-        DataError: a missing input or tokenizer, a bad line (with ``on_bad_line="stop"``), an empty
-            corpus, a dtype too small for the vocabulary. Nothing is written in that case.
+        DataError: a missing or unreadable input or tokenizer, a truncated .gz, a bad line (with
+            ``on_bad_line="stop"``), an empty corpus, a dtype too small for the vocabulary, an output
+            that exists (without ``overwrite``) or cannot be written. Nothing is written in that case.
     """
     t0 = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    files = [Path(f) for f in inputs]
-    if not files:
+    if not list(inputs):
         raise DataError("preprocess needs at least one input file (--input)")
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"input file {f} not found")
+    files = check_inputs(inputs)
+    max_document_chars = check_max_document_chars(max_document_chars)
     if isinstance(json_keys, str):
         json_keys = (json_keys,)
     json_keys = tuple(json_keys)
@@ -202,6 +223,7 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
     if Path(output_prefix).is_dir():
         raise DataError(f"output prefix {output_prefix} is a folder; give a path prefix inside it, "
                         f"e.g. {os.path.join(output_prefix, 'corpus')}")
+    check_output_location(output_prefix, "--output-prefix")
 
     if isinstance(tokenizer, (str, os.PathLike)):
         tok = load_tokenizer(tokenizer)
@@ -218,8 +240,11 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
                         f"<eos>); drop --append-eod or use a tokenizer with one")
 
     prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
-    out_dir = Path(output_prefix).parent
-    created_dir = not out_dir.exists()
+    for prefix in prefixes.values():
+        for path in (data_file_path(prefix), index_file_path(prefix)):
+            if path.is_dir() or (path.exists() and not overwrite):
+                what = "is a folder" if path.is_dir() else "exists"
+                raise DataError(f"{path} {what}; pass --overwrite to replace it, or choose another --output-prefix")
     counters = {"blank_lines": 0}
     skipped: list[str] = []
     n_skipped = 0
@@ -246,13 +271,17 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
                 tokens[key] += int(ids.size)
             documents += 1
 
+    created: list[Path] = []
     try:
+        created = make_parents(output_prefix)
         for key, prefix in prefixes.items():
             builders[key] = IndexedDatasetBuilder(prefix, dt)
-        chunks = _read_chunks(files, int(chunk_lines), counters)
+            for stale in builders[key].removed_temporaries:
+                log(f"preprocess: removed {stale}, left by an interrupted run")
+        chunks = _read_chunks(files, int(chunk_lines), counters, max_line_bytes(max_document_chars))
         last_log = time.monotonic()
         if workers == 1:
-            encoder = _Encoder(tok, json_keys, append_eod)
+            encoder = _Encoder(tok, json_keys, append_eod, max_document_chars)
             for positions, lines in chunks:
                 handle(positions, encoder(lines))
                 if time.monotonic() - last_log > 30:
@@ -263,7 +292,7 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
 
             ctx = multiprocessing.get_context()
             with ctx.Pool(workers, initializer=_init_worker,
-                          initargs=(tokenizer_source, json_keys, append_eod)) as pool:
+                          initargs=(tokenizer_source, json_keys, append_eod, max_document_chars)) as pool:
                 pending: deque = deque()
                 for positions, lines in chunks:
                     pending.append((positions, pool.apply_async(_encode_in_worker, (lines,))))
@@ -283,11 +312,14 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
             raise DataError(f"empty corpus: {what} in {', '.join(map(str, files))}{extra}")
         for b in builders.values():
             b.finalize()
-    except BaseException:
+    except BaseException as e:
         for b in builders.values():
             b.abort()
-        if created_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        remove_empty(created)
+        if isinstance(e, OSError):  # a full disk, a folder made read-only meanwhile: name it, keep no traceback
+            where = e.filename or Path(output_prefix).parent
+            raise DataError(f"cannot write the outputs of --output-prefix {output_prefix} ({where}): "
+                            f"{e.strerror or e}; free space or choose another location") from e
         raise
 
     seconds = time.perf_counter() - t0

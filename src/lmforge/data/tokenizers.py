@@ -11,7 +11,6 @@ for Llama-style tokenizers), exactly as Megatron's ``tools/preprocess_data.py`` 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+from lmforge.data.files import (MAX_DOCUMENT_CHARS, check_inputs, check_max_document_chars, check_output_location,
+                                iter_lines, max_line_bytes)
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_path, write_json_atomic, write_text_atomic
 
@@ -244,60 +245,77 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFAutoTokenizer:
 
 # -- training ------------------------------------------------------------------------------------
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
 def _is_json_lines(path: Path) -> bool:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     return name.endswith((".jsonl", ".json"))
 
 
 def iter_training_texts(files: Sequence[str | os.PathLike], json_keys: Sequence[str] = ("text",),
-                        block_chars: int = 1 << 16) -> Iterator[str]:
+                        block_chars: int = 1 << 16, max_document_chars: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
     """Stream the texts of ``files``: the ``json_keys`` of each JSON line (.jsonl/.json[.gz]) or
-    blocks of whole lines of a plain text file. Raises DataError naming ``file:line`` on a bad line."""
+    blocks of whole lines of a plain text file. Raises DataError naming ``file:line`` on a bad line, a
+    text (or plain-text line) over ``max_document_chars`` characters, or a truncated .gz."""
+    too_long = (f"is over --max-document-chars={max_document_chars:,}: split it into several lines, or raise "
+                f"--max-document-chars")
     for f in files:
         path = Path(f)
-        with _open_binary(path) as fh:
-            if _is_json_lines(path):
-                for lineno, raw in enumerate(fh, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        row = json.loads(raw)
-                    except ValueError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                    for key in json_keys:
-                        if key not in row:
-                            raise DataError(f"{path}:{lineno}: missing key {key!r} (keys present: "
-                                            f"{', '.join(map(repr, row)) or 'none'})")
-                        value = row[key]
-                        if isinstance(value, str):
-                            yield value
-                        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                            yield from value
-                        else:
-                            raise DataError(f"{path}:{lineno}: key {key!r} holds {type(value).__name__}, "
-                                            f"expected a string")
-            else:
-                block: list[str] = []
-                size = 0
-                for raw in fh:
-                    line = raw.decode("utf-8", errors="replace")
-                    block.append(line)
-                    size += len(line)
-                    if size >= block_chars:
-                        yield "".join(block)
-                        block, size = [], 0
-                if block:
+        lines = iter_lines(path, max_line_bytes(max_document_chars))
+        if _is_json_lines(path):
+            for lineno, raw in lines:
+                if isinstance(raw, str):
+                    raise DataError(f"{path}:{lineno}: {raw}: raise --max-document-chars (now "
+                                    f"{max_document_chars:,}), or split it into several lines")
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: JSON nested too deeply to read (more than ~1,000 levels "
+                                    f"of [ or {{)") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                for key in json_keys:
+                    if key not in row:
+                        raise DataError(f"{path}:{lineno}: missing key {key!r} (keys present: "
+                                        f"{', '.join(map(repr, row)) or 'none'})")
+                    value = row[key]
+                    if isinstance(value, str):
+                        texts = [value]
+                    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                        texts = value
+                    else:
+                        raise DataError(f"{path}:{lineno}: key {key!r} holds {type(value).__name__}, "
+                                        f"expected a string")
+                    chars = sum(len(t) for t in texts)
+                    if chars > max_document_chars:
+                        raise DataError(f"{path}:{lineno}: a text of {chars:,} characters {too_long}")
+                    yield from texts
+        else:
+            block: list[str] = []
+            size = 0
+            for lineno, raw in lines:
+                line = raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+                if isinstance(raw, str) or len(line) > max_document_chars:
+                    raise DataError(f"{path}:{lineno}: a line of more than {max_document_chars:,} characters "
+                                    f"{too_long}")
+                block.append(line)
+                size += len(line)
+                if size >= block_chars:
                     yield "".join(block)
+                    block, size = [], 0
+            if block:
+                yield "".join(block)
+
+
+#: The files :meth:`Tokenizer.save` writes: a folder holding any of them already holds a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def train_bpe(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size: int, out_dir: str | os.PathLike,
-              json_keys: Sequence[str] = ("text",), min_frequency: int = 2) -> Tokenizer:
+              json_keys: Sequence[str] = ("text",), min_frequency: int = 2, overwrite: bool = False,
+              max_document_chars: int = MAX_DOCUMENT_CHARS) -> Tokenizer:
     """Train a byte-level BPE tokenizer with the ``tokenizers`` library and save it into ``out_dir``.
 
     Byte-level pre-tokenizer and decoder (any text encodes, nothing is unknown); ``<|endoftext|>``
@@ -310,9 +328,11 @@ def train_bpe(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size
         vocab_size: the vocabulary size, at least 257 (256 byte symbols + ``<|endoftext|>``).
         out_dir: folder to write (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
             A new folder appears whole or not at all; in an existing folder only those three files
-            are replaced, each atomically.
+            are written, each atomically, and only with ``overwrite`` when any of them exists.
         json_keys: keys of the JSON lines holding text.
         min_frequency: minimum pair count for a merge.
+        overwrite: replace the tokenizer files of an existing folder.
+        max_document_chars: refuse a text (a plain-text line) longer than this: bounds memory.
 
     Returns:
         the saved tokenizer, loaded from ``out_dir``.
@@ -322,12 +342,18 @@ def train_bpe(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size
 
     if isinstance(files, (str, os.PathLike)):
         files = [files]
-    files = [Path(f) for f in files]
-    if not files:
+    if not list(files):
         raise DataError("train_bpe needs at least one input file")
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"tokenizer training input {f} not found")
+    files = check_inputs(files, "tokenizer training input")
+    max_document_chars = check_max_document_chars(max_document_chars)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; give a folder for the tokenizer files")
+    held = [name for name in TOKENIZER_FILES if (out_dir / name).exists()]
+    if held and not overwrite:
+        raise DataError(f"--out {out_dir} already holds a tokenizer ({', '.join(held)}); pass --overwrite to replace "
+                        f"it, or choose another --out")
+    check_output_location(out_dir / TOKENIZER_FILES[0], "--out")
     if isinstance(json_keys, str):
         json_keys = (json_keys,)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -345,7 +371,7 @@ def train_bpe(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size
     seen = {"chars": 0}
 
     def texts() -> Iterator[str]:
-        for t in iter_training_texts(files, json_keys):
+        for t in iter_training_texts(files, json_keys, max_document_chars=max_document_chars):
             seen["chars"] += len(t)
             yield t
 
@@ -358,12 +384,15 @@ def train_bpe(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size
         "eos_token": EOD_TOKEN,
         "clean_up_tokenization_spaces": False,
     }
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        # An existing folder may hold other things: replace only the tokenizer files, each atomically.
-        Tokenizer(backend, config).save(out_dir)
-    else:
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir()
-            Tokenizer(backend, config).save(tmp)
+    try:
+        if out_dir.exists():
+            # An existing folder may hold other things: write only the tokenizer files, each atomically.
+            Tokenizer(backend, config).save(out_dir)
+        else:
+            with atomic_path(out_dir) as tmp:
+                tmp.mkdir()
+                Tokenizer(backend, config).save(tmp)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        raise DataError(f"cannot write the tokenizer to --out {out_dir} ({e.filename or out_dir}): "
+                        f"{e.strerror or e}; free space or choose another location") from e
     return load_tokenizer(out_dir)

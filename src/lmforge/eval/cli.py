@@ -58,6 +58,9 @@ def _cmd_evaluate(a) -> int:
         raise UserError(f"evaluate takes one MODEL (or `compare FILE...`), got {a.model}")
     if not a.tasks:
         raise UserError("pass --tasks, e.g. --tasks hellaswag,piqa")
+    if a.limit is not None and a.limit < 1:
+        raise UserError(f"--limit takes a positive number of examples per task, got {a.limit}; leave it out to "
+                        f"use every example")
     batch_size = a.batch_size if a.batch_size == "auto" else _positive_int(a.batch_size)
     doc = run(a.model[0], _split(a.tasks), parse_task_data(a.task_data), a.limit, batch_size, a.device, a.dtype,
               a.output, a.bootstrap_iters, a.cache or str(default_cache_dir()), adapter=a.adapter)

@@ -166,7 +166,8 @@ def run(body: dict[str, Any], task: Optional[int] = None, log=print) -> dict:
     tok_path = Path(tok["path"])
     if tok.get("train") and task is None:
         t = train_bpe([str(s) for s in shards], int(tok["vocab_size"]), tok_path,
-                      json_keys=tuple(pre.get("json_keys") or ["text"]), min_frequency=int(tok.get("min_frequency", 2)))
+                      json_keys=tuple(pre.get("json_keys") or ["text"]), min_frequency=int(tok.get("min_frequency", 2)),
+                      overwrite=True)  # the stage's own output: a requeued or repeated stage makes it again
         log(f"tokenizer: vocabulary {t.vocab_size} -> {tok_path}")
     mine = shards if task is None else [shards[task]]
     datasets = []
@@ -174,7 +175,7 @@ def run(body: dict[str, Any], task: Optional[int] = None, log=print) -> dict:
         prefix = shard_prefix(data_dir, shard)
         preprocess([str(shard)], str(prefix), str(tok_path), json_keys=tuple(pre.get("json_keys") or ["text"]),
                    append_eod=bool(pre.get("append_eod", True)), workers=int(pre.get("workers", 1)),
-                   log=lambda *a: None)
+                   log=lambda *a: None, overwrite=True)
         datasets.append(str(prefix))
         log(f"preprocessed {shard} -> {prefix}_*_document.bin/.idx")
     return {"shards": [str(s) for s in shards], "tokenizer": str(tok_path), "datasets": datasets}
