@@ -340,6 +340,10 @@ class IndexedDatasetBuilder:
         return arr.astype(self.dtype, copy=False)
 
 
+#: SHA-256 of each .idx version hashed in this process: (path, device, inode, size, mtime_ns, ctime_ns) -> hex.
+_IDX_SHA256: dict[tuple, str] = {}
+
+
 class IndexedDataset:
     """Read a Megatron mmap indexed dataset (``prefix.bin`` + ``prefix.idx``).
 
@@ -422,11 +426,14 @@ class IndexedDataset:
         """
         if self._fingerprint is None:
             idx, bin_ = self._stats
+            key = (str(self.index_path.resolve()), idx.st_dev, idx.st_ino, idx.st_size, idx.st_mtime_ns,
+                   idx.st_ctime_ns)
+            if key not in _IDX_SHA256:  # one hash per file version and process (builds open a dataset repeatedly)
+                _IDX_SHA256[key] = hashlib.sha256(memoryview(self._index_buffer) if idx.st_size > HEADER_SIZE
+                                                  else self.index_path.read_bytes()).hexdigest()
             self._fingerprint = {
                 "idx_bytes": idx.st_size, "idx_mtime_ns": idx.st_mtime_ns,
-                "bin_bytes": bin_.st_size, "bin_mtime_ns": bin_.st_mtime_ns,
-                "idx_sha256": hashlib.sha256(memoryview(self._index_buffer) if idx.st_size > HEADER_SIZE
-                                             else self.index_path.read_bytes()).hexdigest(),
+                "bin_bytes": bin_.st_size, "bin_mtime_ns": bin_.st_mtime_ns, "idx_sha256": _IDX_SHA256[key],
             }
         return dict(self._fingerprint)
 
