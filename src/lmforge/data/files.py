@@ -95,17 +95,18 @@ def iter_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, Union[bytes, s
         raise DataError(f"cannot read {path} (after line {lineno}): {e.strerror or e}") from None
 
 
-def check_output_location(target: Union[str, os.PathLike], flag: str) -> None:
+def check_output_location(target: Union[str, os.PathLike], flag: str, shown=None) -> None:
     """The folder that would hold ``target`` is (or can become) a writable folder: its nearest existing
-    ancestor is a folder, not a file, and is writable."""
+    ancestor is a folder, not a file, and is writable. Errors name ``flag`` and ``shown`` (default: ``target``)."""
     target = Path(target)
+    shown = target if shown is None else shown
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise DataError(f"{flag} {target}: {parent} is a file, not a folder; choose a path in a folder")
+        raise DataError(f"{flag} {shown}: {parent} is a file, not a folder; choose a path in a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"{flag} {target}: cannot write in {parent} (permission denied); choose a writable "
+        raise DataError(f"{flag} {shown}: cannot write in {parent} (permission denied); choose a writable "
                         f"location")
 
 

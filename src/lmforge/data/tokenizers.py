@@ -353,7 +353,7 @@ def train_bpe(files: Sequence[str | os.PathLike] | str | os.PathLike, vocab_size
     if held and not overwrite:
         raise DataError(f"--out {out_dir} already holds a tokenizer ({', '.join(held)}); pass --overwrite to replace "
                         f"it, or choose another --out")
-    check_output_location(out_dir / TOKENIZER_FILES[0], "--out")
+    check_output_location(out_dir / TOKENIZER_FILES[0], "--out", shown=out_dir)
     if isinstance(json_keys, str):
         json_keys = (json_keys,)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
