@@ -110,3 +110,19 @@ def test_sample_next_seeded_and_validated():
     for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             sample_next(logits, **bad)
+
+
+def test_sample_next_tiny_temperatures_cannot_overflow():
+    """Dividing by a temperature of 1e-38 overflows float32 (inf, then NaN in softmax): below MIN_TEMPERATURE
+    the pick is greedy, and a finite temperature never yields a non-finite distribution."""
+    logits = torch.randn(4, 50) * 30
+    for t in (1e-38, 1e-20, 0.0):
+        assert sample_next(logits, temperature=t, generator=torch.Generator().manual_seed(0)).tolist() == \
+            logits.argmax(-1).tolist()
+    big = torch.full((2, 50), -3e38)
+    big[:, 7] = 3e38
+    ids = sample_next(big, temperature=2e-5, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert ids.tolist() == [7, 7]  # +-inf after the division would make softmax NaN; clamped, it picks 7
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            sample_next(logits, temperature=bad)

@@ -9,13 +9,19 @@ used by tests, examples and evaluation.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from lmforge.models.transformer import KVCache, Transformer
 
-__all__ = ["sample_next", "generate"]
+__all__ = ["sample_next", "generate", "MIN_TEMPERATURE"]
+
+#: Temperatures below this are greedy: dividing logits by less would overflow float32.
+MIN_TEMPERATURE = 1e-5
+#: Tempered logits are clamped to +-LOGIT_LIMIT (finite, so softmax never sees inf - inf).
+LOGIT_LIMIT = 1e35
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -24,7 +30,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 
     Args:
         logits: (B, V) or (V,) next-token logits.
-        temperature: divides the logits; 0 means greedy (argmax).
+        temperature: divides the logits; 0 (or below ``MIN_TEMPERATURE``, where the division would overflow)
+            means greedy (argmax).
         top_k: keep only the k most likely tokens (None: all).
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (nucleus sampling; None or 1.0: all). The most likely token is always kept.
@@ -36,19 +43,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     Raises:
         ValueError: temperature < 0, top_k < 1, or top_p outside (0, 1].
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     squeeze = logits.dim() == 1
     logits = logits.float().reshape(-1, logits.shape[-1])  # (B, V)
-    if temperature == 0:
+    if temperature < MIN_TEMPERATURE:  # 0, or so small that dividing by it would overflow float32 (inf -> NaN)
         ids = logits.argmax(dim=-1)
         return ids[0] if squeeze else ids
 
-    logits = logits / temperature
+    logits = (logits / temperature).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) smallest kept value
         logits = logits.masked_fill(logits < kth, float("-inf"))

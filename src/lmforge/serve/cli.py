@@ -44,6 +44,9 @@ def _add_serve(sub) -> None:
                    help="positions per sequence, prompt + output (default: the model's context, at most 8192)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (413 above)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens accepted (400 above)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request body accepted, checked before parsing (413 above; default 64 bytes per "
+                        "prompt token of --max-prompt-tokens, at least 1 MiB)")
     p.add_argument("--max-pending", type=int, default=256, help="requests queued or running before 503")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
@@ -81,7 +84,8 @@ def _cmd_serve(a) -> int:
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
-               compile_decode=a.compile, adapter=a.adapter, loras=parse_loras(a.lora))
+               compile_decode=a.compile, adapter=a.adapter, loras=parse_loras(a.lora),
+               max_request_bytes=a.max_request_bytes)
     return 0
 
 

@@ -17,7 +17,7 @@ import uuid
 from typing import AsyncIterator, Optional, Protocol, Sequence
 
 from lmforge.errors import ConfigError
-from lmforge.serve.engine import Engine, EngineBusyError, RequestOutput, SamplingParams
+from lmforge.serve.engine import Engine, EngineBusyError, RequestFailedError, RequestOutput, SamplingParams
 
 __all__ = ["EngineClient", "AsyncEngineClient"]
 
@@ -170,19 +170,30 @@ class AsyncEngineClient:
             else:
                 self.engine.abort(msg[1])
 
+    def _send(self, out: RequestOutput) -> None:
+        """Hand an output to its request; a request that failed in the engine gets a RequestFailedError."""
+        if out.finish_reason == "error":
+            self._deliver(out.request_id, RequestFailedError(f"this request failed: {out.error}"), last=True)
+        else:
+            self._deliver(out.request_id, out, last=out.finished)
+
     def _loop(self) -> None:
         try:
             while True:
                 self._wake.clear()
                 self._drain_inbox()
                 if self.engine.has_work():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out, last=out.finished)
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # the running requests fail; the engine and the queue go on
+                        outputs = self.engine.fail_running(e)
+                    for out in outputs:
+                        self._send(out)
                     continue
                 if self._stopping and self._inbox.empty():
                     return
                 self._wake.wait(timeout=0.5)
-        except BaseException as e:  # a bug: fail every waiting request rather than hang them
+        except BaseException as e:  # a bug outside a step: fail every waiting request rather than hang them
             self._error = e
             with self._lock:
                 pending, self._pending = self._pending, {}

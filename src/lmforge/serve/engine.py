@@ -27,6 +27,7 @@ Not supported yet: beam search, chunked prefill, prefix caching.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,12 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import UserError
+from lmforge.models.generate import MIN_TEMPERATURE  # below it: greedy (dividing would overflow float32)
 from lmforge.models.transformer import fuse_projections
 from lmforge.serve.cache import SlotKVCache, bucket
 from lmforge.serve.kernels import available as kernels_available, linear, use_decode_kernels
 
 __all__ = ["SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "Engine", "InvalidRequestError",
-           "PromptTooLongError", "EngineBusyError", "process_logits", "bucket"]
+           "PromptTooLongError", "EngineBusyError", "RequestFailedError", "process_logits", "bucket"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +72,19 @@ class EngineBusyError(UserError):
     status = 503
 
 
+class RequestFailedError(UserError):
+    """One request failed inside the engine (non-finite logits, a failed forward): HTTP 500 for that request
+    alone; the engine goes on with the others."""
+
+    status = 500
+
+
+#: Logits are clamped to +-LOGIT_LIMIT after penalties and temperature, so no value becomes inf or NaN.
+LOGIT_LIMIT = 1e30
+#: Seeds accepted: a signed 64-bit integer (what torch.Generator.manual_seed takes).
+SEED_RANGE = (-2**63, 2**63 - 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Values passed in and out
 
@@ -80,7 +95,7 @@ class SamplingParams:
 
     Args:
         max_tokens: most new tokens (the stop token, when one ends the sequence, counts as one).
-        temperature: 0 means greedy (argmax).
+        temperature: 0 to 2; 0 (or anything below ``MIN_TEMPERATURE``) means greedy (argmax).
         top_k: keep the k most likely tokens (0 or None: all).
         top_p: nucleus sampling mass (1.0: all).
         min_p: drop tokens whose probability is below ``min_p`` x the top probability (0: off).
@@ -118,25 +133,39 @@ class SamplingParams:
     MAX_LOGPROBS = 20
 
     def validate(self) -> None:
-        """Raise :class:`InvalidRequestError` naming the first bad field."""
+        """Raise :class:`InvalidRequestError` naming the first bad field.
+
+        Ranges are OpenAI's (temperature 0..2, presence/frequency penalties -2..2, top_p in (0, 1]) plus vLLM's
+        extras (repetition_penalty > 0, min_p in [0, 1]); every float must be finite and the seed a signed 64-bit
+        integer (NaN and infinities are refused by name).
+        """
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not _finite(getattr(self, name)):
+                raise InvalidRequestError(f"{name} must be a finite number, got {getattr(self, name)!r}", name)
         checks = [
-            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None), "max_tokens",
-             f"max_tokens must be >= 1 (0 only with prompt logprobs: echo), got {self.max_tokens}"),
-            (self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k is None or self.top_k >= 0, "top_k", f"top_k must be >= 0 (0: off), got {self.top_k}"),
+            (_is_int(self.max_tokens) and (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None)),
+             "max_tokens", f"max_tokens must be >= 1 (0 only with prompt logprobs: echo), got {self.max_tokens}"),
+            (0 <= self.temperature <= 2, "temperature", f"temperature must be between 0 and 2 (0: greedy), got "
+                                                        f"{self.temperature}"),
+            (self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0), "top_k",
+             f"top_k must be an integer >= 0 (0: off), got {self.top_k}"),
             (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, "repetition_penalty",
-             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+             f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty",
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty",
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS, "logprobs",
+            (self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]), "seed",
+             f"seed must be an integer between -2**63 and 2**63 - 1, got {self.seed}"),
+            (self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS), "logprobs",
              f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs}"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS, "logprobs",
+            (self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                              and 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS), "logprobs",
              f"prompt logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+            (all(_is_int(t) for t in self.stop_token_ids), "stop_token_ids", "stop_token_ids must be integers"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -144,11 +173,20 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature 0, or one so small that dividing by it would overflow."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -176,10 +214,11 @@ class RequestOutput:
     text: str
     logprobs: Optional[list[TokenLogprob]]
     finished: bool
-    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | "error" | None
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # first output only; None for token 0
+    error: Optional[str] = None  # finish_reason "error": what failed (this request alone)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +236,12 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], histo
 
     Returns:
         (B, V) logits with filtered tokens at -inf and temperature applied (greedy rows: penalties only).
+
+    No value can overflow: penalised and tempered logits are clamped to +-``LOGIT_LIMIT`` (a repetition penalty
+    of 1e-40 would otherwise turn a logit into inf, and softmax into NaN), and temperatures below
+    ``MIN_TEMPERATURE`` are greedy rows.
     """
-    logits = logits.clone()
+    logits = logits.float().clone()
     B, V = logits.shape
     for b, p in enumerate(params):
         if not p.needs_penalties:
@@ -212,6 +255,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], histo
         if output and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=V)[:V].float()
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        row.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
     sampled = [b for b, p in enumerate(params) if not p.greedy]
     if not sampled:
         return logits
@@ -219,7 +263,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], histo
     rows = logits[idx]  # (b, V)
     sp = [params[b] for b in sampled]
     temp = torch.tensor([p.temperature for p in sp], device=logits.device)[:, None]
-    rows = rows / temp
+    rows = (rows / temp).clamp(-LOGIT_LIMIT / MIN_TEMPERATURE, LOGIT_LIMIT / MIN_TEMPERATURE)
     top_k = [p.top_k if p.top_k and p.top_k < V else V for p in sp]
     if min(top_k) < V:
         sorted_desc = rows.sort(dim=-1, descending=True).values
@@ -393,6 +437,12 @@ class _Sequence:
         self.finish_reason: Optional[str] = None
         self.adapter = 0  # slot of its LoRA adapter in the engine's MultiLoRA (0: the base model)
         self.prefix_len = 0  # p-tuning's virtual tokens in front of the prompt (in the cache, not in prompt_ids)
+        self.error: Optional[str] = None
+
+    def fail(self, message: str) -> None:
+        """End this sequence with an error (finish_reason "error"); the engine releases it like a finished one."""
+        self.finish_reason = "error"
+        self.error = message
 
     @property
     def length(self) -> int:
@@ -579,14 +629,7 @@ class Engine:
                 self.running.extend(new)
                 for i, seq in enumerate(new):
                     seq.slot = first + i
-                logits = self._prefill(new, first)
-                sample = [b for b, s in enumerate(new) if s.max_new > 0]
-                for s in new:
-                    if s.max_new == 0:  # the prompt only (echo with prompt logprobs)
-                        s.finish_reason = "length"
-                        touched[s.request_id] = s
-                if sample:
-                    self._advance([new[b] for b in sample], logits, touched, rows=sample)
+                new = self._start_isolated(new, first, touched)
             ready = [s for s in self.running if s.finish_reason is None and s.output_ids and s not in new]
             if ready:
                 d = self._launch_decode(ready)
@@ -598,6 +641,61 @@ class Engine:
                    if s.finish_reason != "abort" and (s.finish_reason is not None or len(s.output_ids) > s.sent_tokens)]
         if self._inflight is None:
             self._release([s for s in self.running if s.finish_reason is not None])
+        return outputs
+
+    def _start_isolated(self, new: list[_Sequence], first: int, touched: dict[str, "_Sequence"]) -> list[_Sequence]:
+        """:meth:`_start` the new sequences (already at the end of ``running``, from slot ``first``). When that
+        fails (a prompt too big for memory, say), each is started alone so that only the ones that fail by
+        themselves get an error; the running sequences are never touched. Returns the sequences started."""
+        try:
+            self._start(new, first, touched)
+            return new
+        except Exception as e:
+            error = e
+        del self.running[first:]  # the new ones sit at the end: no slot moves
+        fresh = all(not s.output_ids and s.num_generated == 0 for s in new)
+        started = []
+        for s in new:
+            s.finish_reason = None
+            if fresh and len(new) > 1:
+                s.slot = len(self.running)
+                self.running.append(s)
+                try:
+                    self._start([s], s.slot, touched)
+                    started.append(s)
+                    continue
+                except Exception as e:
+                    error = e
+                    self.running.pop()
+            s.fail(f"the prompt's forward pass failed: {type(error).__name__}: {error}")
+            self._ids.discard(s.request_id)
+            touched[s.request_id] = s
+        return started
+
+    def _start(self, new: list[_Sequence], first: int, touched: dict[str, "_Sequence"]) -> None:
+        """Prefill ``new`` (in slots ``first``...) and sample each one's first token."""
+        logits = self._prefill(new, first)
+        sample = [b for b, s in enumerate(new) if s.max_new > 0]
+        for s in new:
+            if s.max_new == 0:  # the prompt only (echo with prompt logprobs)
+                s.finish_reason = "length"
+                touched[s.request_id] = s
+        if sample:
+            self._advance([new[b] for b in sample], logits, touched, rows=sample)
+
+    def fail_running(self, error: BaseException) -> list[RequestOutput]:
+        """After a step failed outside one request's own work (a decode forward): end every running sequence
+        with an error, free every slot and return their outputs. Waiting requests stay queued; the engine
+        serves them next as if it had just started."""
+        message = f"the engine step failed: {type(error).__name__}: {error}"
+        outputs = []
+        for seq in self.running:
+            if seq.finish_reason != "abort":
+                seq.fail(message)
+                outputs.append(self._output(seq))
+            self._ids.discard(seq.request_id)
+        self.running = []
+        self._inflight = None
         return outputs
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -813,7 +911,8 @@ class Engine:
         else:
             chosen = self._sample(seqs, logits[torch.tensor(rows, device=logits.device)])
         for seq, token in zip(seqs, chosen):
-            self._append(seq, token)
+            if seq.finish_reason is None:  # a sequence that failed in sampling gets no token
+                self._append(seq, token)
             touched[seq.request_id] = seq
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
@@ -824,7 +923,11 @@ class Engine:
         sampled = [b for b, p in enumerate(params) if not p.greedy]
         if sampled:
             probs = processed[sampled].softmax(-1)
+            ok = torch.isfinite(probs).all(-1).tolist()
             for j, b in enumerate(sampled):
+                if not ok[j]:  # NaN logits (broken weights): this request fails, the batch goes on
+                    seqs[b].fail("the model's next-token distribution is not finite (NaN or inf logits)")
+                    continue
                 chosen[b] = int(torch.multinomial(probs[j], 1, generator=seqs[b].generator))
         want_lp = [b for b, p in enumerate(params) if p.logprobs is not None]
         if want_lp:
@@ -900,7 +1003,7 @@ class Engine:
             logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent with the first output
         return RequestOutput(seq.request_id, new_ids, text, logprobs, done, seq.finish_reason, len(seq.prompt_ids),
-                             seq.num_generated, prompt_logprobs)
+                             seq.num_generated, prompt_logprobs, seq.error)
 
     def memory_bytes(self) -> int:
         """Bytes held by the KV cache."""

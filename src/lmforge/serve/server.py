@@ -9,10 +9,14 @@ Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1
 400    a value the engine cannot use (temperature < 0, max_tokens beyond the context, no chat template)
 401    a missing or wrong API key (when the server has one)
 404    an unknown model name or route
-413    a prompt longer than the server's prompt limit
+413    a prompt longer than the server's prompt limit, or a body over ``max_request_bytes`` (checked first)
 422    a request body that does not match the schema (a wrong type, a missing field)
+499    the client of a non-streaming request disconnected (its request was aborted in the engine)
+500    this request failed inside the engine (non-finite logits...); the engine goes on with the others
 503    the queue is full or the server is shutting down
 =====  ================================================================================
+
+Prompts are tokenized in a worker thread, never on the event loop (a long prompt does not block /health).
 
 The server only talks to the engine through the client interface (``generate``, ``abort``,
 ``start``, ``shutdown``); it never touches the model.
@@ -31,13 +35,15 @@ from typing import Any, AsyncIterator, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import UserError
 from lmforge.serve.chat import NoChatTemplateError, load_chat_template
 from lmforge.serve.client import EngineClient
-from lmforge.serve.engine import InvalidRequestError, PromptTooLongError, RequestOutput, SamplingParams, TokenLogprob
+from lmforge.serve.engine import (SEED_RANGE, InvalidRequestError, PromptTooLongError, RequestOutput, SamplingParams,
+                                  TokenLogprob)
 
 __all__ = ["build_app", "run_server", "APIError", "CompletionRequest", "ChatCompletionRequest"]
 
@@ -69,9 +75,51 @@ def _as_api_error(e: Exception) -> APIError:
     if isinstance(e, UserError) and not isinstance(status, int):
         status = 400
     if isinstance(status, int):
-        kind = "service_unavailable" if status == 503 else "invalid_request_error"
+        kind = ("service_unavailable" if status == 503 else "server_error" if status >= 500
+                else "invalid_request_error")
         return APIError(status, str(e), kind, getattr(e, "param", None))
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before anything parses or
+    tokenizes it (at once from its Content-Length; a chunked body is counted as it arrives and never held
+    beyond the limit). Accepted bodies are replayed to the app unchanged."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, int(limit)
+
+    def _refuse(self, size: str) -> JSONResponse:
+        return APIError(413, f"the request body is {size} bytes; this server accepts at most {self.limit} "
+                             f"(--max-request-bytes); send a shorter prompt", "invalid_request_error").response()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(length.decode())(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(f"more than {size}")(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then http.disconnect when the client goes away
+
+        return await self.app(scope, replay, send)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,16 +237,22 @@ class _Server:
 
     def requests(self, prompts: list[list[int]], params: SamplingParams, n: int, adapter: Optional[str] = None
                  ) -> list[AsyncIterator[RequestOutput]]:
-        """One engine stream per (prompt, sample); sample i of a seeded request uses seed + i."""
+        """One engine stream per (prompt, sample); sample i of a seeded request uses seed + i (wrapping
+        within the signed 64-bit range)."""
         streams = []
         for prompt in prompts:
             for i in range(n):
-                p = params if i == 0 or params.seed is None else _with_seed(params, params.seed + i)
+                p = params if i == 0 or params.seed is None else _with_seed(params, _wrap_seed(params.seed + i))
                 streams.append(self.client.generate(prompt, p, adapter=adapter))
         return streams
 
     def token_text(self, tid: int) -> str:
         return self.tokenizer.decode([tid]) if self.tokenizer is not None else str(tid)
+
+
+def _wrap_seed(seed: int) -> int:
+    lo, hi = SEED_RANGE
+    return (seed - lo) % (hi - lo + 1) + lo
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
@@ -301,8 +355,15 @@ def _chat_logprobs(server: _Server, lps: list[TokenLogprob]) -> dict:
                         for lp in lps]}
 
 
+def default_max_request_bytes(max_prompt_tokens: int) -> int:
+    """The default body limit: 64 bytes per prompt token (JSON-escaped text, or a list of token ids, of the
+    longest prompt accepted, with room to spare), at least 1 MiB."""
+    return max(1 << 20, 64 * int(max_prompt_tokens))
+
+
 def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
-              max_tokens_limit: Optional[int] = None) -> FastAPI:
+              max_tokens_limit: Optional[int] = None, max_request_bytes: Optional[int] = None,
+              disconnect_poll_s: float = 0.25) -> FastAPI:
     """The FastAPI app serving ``client``'s model.
 
     Args:
@@ -311,9 +372,14 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
         api_key: when set, every /v1 route needs ``Authorization: Bearer <api_key>``.
         max_prompt_tokens: longest prompt accepted (413 above); default the engine's context - 1.
         max_tokens_limit: largest ``max_tokens`` accepted (400 above); default the engine's context.
+        max_request_bytes: largest request body accepted (413 above, before it is parsed or tokenized);
+            default :func:`default_max_request_bytes`.
+        disconnect_poll_s: how often a non-streaming request checks that its client is still there (a client
+            that left has its request aborted in the engine).
     """
     server = _Server(client, api_key, max_prompt_tokens or client.max_seq_len - 1,
                      max_tokens_limit or client.max_seq_len)
+    body_limit = max_request_bytes or default_max_request_bytes(server.max_prompt_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -325,10 +391,16 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return e.response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, e: ClientDisconnected):
+        return JSONResponse({"error": {"message": "the client disconnected", "type": "client_closed_request",
+                                       "param": None, "code": None}}, status_code=499)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, e: UserError):
@@ -377,7 +449,7 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
     async def completions(body: CompletionRequest, request: Request):
         server.check_key(request)
         adapter = server.check_model(body.model)
-        prompts = _completion_prompts(server, body.prompt)
+        prompts = await run_in_threadpool(_completion_prompts, server, body.prompt)  # off the event loop
         # echo: the prompt comes back before the completion, with its tokens' logprobs when logprobs is set
         # (max_tokens=0 then scores the prompt alone: how lm-evaluation-harness scores a served model)
         echo = _echo_texts(server, body.prompt, prompts) if body.echo else None
@@ -392,7 +464,7 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
         echoes = [(echo[j // body.n], prompts[j // body.n]) for j in range(len(streams))] if echo else None
         if body.stream:
             return await _stream(server, streams, body, base, prompt_tokens, chat=False, echoes=echoes)
-        results = await _collect(streams)
+        results = await _collect(streams, request, disconnect_poll_s)
         choices = []
         for i, r in enumerate(results):
             head_text, lp = (echoes[i][0] if echoes else ""), None
@@ -410,7 +482,7 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_key(request)
         adapter = server.check_model(body.model)
-        prompt = server.chat_template().encode(body.messages)
+        prompt = await run_in_threadpool(lambda: server.chat_template().encode(body.messages))  # off the event loop
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = server.params(body, len(prompt), max_tokens, logprobs)
@@ -420,7 +492,7 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
         if body.stream:
             return await _stream(server, streams, body, {**base, "object": "chat.completion.chunk"}, len(prompt),
                                  chat=True)
-        results = await _collect(streams)
+        results = await _collect(streams, request, disconnect_poll_s)
         choices = []
         for i, r in enumerate(results):
             lp = _chat_logprobs(server, r["logprobs"]) if body.logprobs else None
@@ -470,10 +542,19 @@ def _echo_texts(server: _Server, prompt, prompts: list[list[int]]) -> list[str]:
     return [server.tokenizer.decode(ids) for ids in prompts]
 
 
-async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[dict]:
+class ClientDisconnected(Exception):
+    """The client of a non-streaming request went away; its engine requests were aborted."""
+
+
+async def _collect(streams: list[AsyncIterator[RequestOutput]], request: Optional[Request] = None,
+                   poll_s: float = 0.25) -> list[dict]:
+    """Every stream's whole output. While waiting, the client is checked every ``poll_s`` seconds: when it
+    has disconnected, the streams are closed (which aborts their requests in the engine, freeing their queue
+    places and cache slots) and :class:`ClientDisconnected` is raised."""
     results = [{"text": "", "logprobs": [], "finish_reason": None, "completion_tokens": 0, "prompt_logprobs": None}
                for _ in streams]
-    try:
+
+    async def gather() -> None:
         async for i, out in _merged(streams):
             r = results[i]
             if out.prompt_logprobs is not None:
@@ -483,8 +564,24 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[dict]:
             r["completion_tokens"] = out.completion_tokens
             if out.finished:
                 r["finish_reason"] = out.finish_reason
+
+    task = asyncio.ensure_future(gather())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s if request is not None else None)
+            if done:
+                break
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+        task.result()
+    except ClientDisconnected:
+        raise
     except Exception as e:
         raise _as_api_error(e) from e
+    finally:
+        if not task.done():
+            task.cancel()  # closes the streams: each aborts its request in the engine
+            await asyncio.gather(task, return_exceptions=True)
     return results
 
 
@@ -546,7 +643,7 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
                max_prompt_tokens: Optional[int] = None, max_tokens_limit: Optional[int] = None,
                max_pending: int = 256, device: str = "auto", dtype: str = "auto", compile_decode: bool = False,
                adapter: Optional[str] = None, loras: Optional[dict[str, str]] = None,
-               graceful_timeout: int = 600, log_level: str = "info") -> None:
+               graceful_timeout: int = 600, log_level: str = "info", max_request_bytes: Optional[int] = None) -> None:
     """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first)."""
     import uvicorn
     from pathlib import Path
@@ -559,5 +656,6 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
                                     max_seq_len=max_seq_len, compile_decode=compile_decode)
     name = model_name or Path(model_path).resolve().name
     client = AsyncEngineClient(engine, name, max_pending=max_pending)
-    app = build_app(client, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+    app = build_app(client, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                    max_request_bytes=max_request_bytes)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, log_level=log_level)
