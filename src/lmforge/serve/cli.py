@@ -81,6 +81,8 @@ def _cmd_serve(a) -> int:
         raise UserError("serving needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from None
     from lmforge.serve.server import run_server
 
+    if a.max_request_bytes is not None and a.max_request_bytes < 1:
+        raise UserError(f"--max-request-bytes must be a positive number of bytes, got {a.max_request_bytes}")
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
