@@ -32,24 +32,16 @@ def test_users_tp4_example_reads_one_global_batch_per_step(tiny_corpus, tmp_path
     assert "accumulate_grad_batches: 32" in (out / "config.yaml").read_text()
 
 
-def test_tensor_parallel_beside_replicated_data_parallel_is_refused(tiny_corpus, tmp_path):
-    out = tmp_path / "run"
-    args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{
-        "trainer.devices": 4, "model.tensor_model_parallel_size": 2, "model.micro_batch_size": 2})]
-    p = _cli(args, _env(), nproc=4, check=False)
-    err = p.stdout + p.stderr
-    assert p.returncode != 0 and "add model.fsdp=true" in err
-    assert not [line for line in err.splitlines() if line.strip().startswith("File") and "/lmforge/" in line]
-    assert not out.exists() or not any(out.iterdir())
-
-
-def test_pipeline_parallel_beside_other_layouts_refused():
-    dims = ParallelDims(8, tp=2, pp=2)
-    assert dims.dp == 2
-    with pytest.raises(ConfigError, match="pipeline parallelism runs alone for now"):
-        dims.check_supported()
-    ParallelDims(2, pp=2).check_supported()  # every process a stage: supported
+def test_rank_coordinates_of_a_composed_layout():
+    # 16 ranks: pipeline 2 x data 2 x context 2 x tensor 2, tensor fastest (Megatron's and torchtitan's order)
+    dims = [ParallelDims(16, r, tp=2, pp=2, cp=2) for r in range(16)]
+    assert dims[0].dp == 2 and dims[0].non_data_parallel == 8
+    assert [d.pp_rank for d in dims] == [0] * 8 + [1] * 8
+    assert [d.dp_rank for d in dims] == [0, 0, 0, 0, 1, 1, 1, 1] * 2
+    assert [d.cp_rank for d in dims] == [0, 0, 1, 1] * 4
     assert [ParallelDims(4, r, pp=2, tp=2).pp_rank for r in range(4)] == [0, 0, 1, 1]
+    with pytest.raises(ConfigError, match="multiple of model.tensor_model_parallel_size"):
+        ParallelDims(6, tp=2, pp=2)
 
 
 def test_config_plan_and_dims_agree():

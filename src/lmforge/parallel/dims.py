@@ -10,9 +10,9 @@
 plan, the sampler, the loss scaling, the metrics and the checkpoint all read ``dp`` and ``dp_rank`` from it;
 nothing else divides by the world size.
 
-Tensor parallelism (:mod:`lmforge.parallel.tensor`) runs alone or beside FSDP; pipeline parallelism
-(:mod:`lmforge.parallel.pipeline`) runs alone for now: :meth:`ParallelDims.check_supported` refuses the other
-combinations before a stage does any work.
+Tensor (:mod:`lmforge.parallel.tensor`), pipeline (:mod:`lmforge.parallel.pipeline`) and data parallelism
+(replicated, or sharded with FSDP) compose in any product that divides the world;
+:meth:`ParallelDims.check_supported` refuses what is not built yet before a stage does any work.
 """
 
 from __future__ import annotations
@@ -122,23 +122,11 @@ class ParallelDims:
 
     # -- checks and meshes ------------------------------------------------------------------------
     def check_supported(self) -> None:
-        """Refuse what lmforge cannot run yet (pipeline parallelism; tensor parallelism beside replicated data
-        parallelism), before any work."""
+        """Refuse what lmforge cannot run yet, before any work."""
         if self.cp > 1:
             raise ConfigError(f"model.context_parallel_size={self.cp}: context parallelism is not built yet; use 1")
         if self.ep > 1:
             raise ConfigError(f"model.expert_model_parallel_size={self.ep}: expert parallelism is not built yet; use 1")
-        if self.pp > 1 and (self.tp > 1 or self.dp > 1 or self.fsdp is not None):
-            raise ConfigError(
-                f"model.pipeline_model_parallel_size={self.pp} on {self.world_size} processes: pipeline parallelism "
-                f"runs alone for now (every process a pipeline stage: trainer.devices x trainer.num_nodes = "
-                f"{self.pp}, tensor parallel 1, no FSDP); combining it with tensor or data parallelism is not built "
-                f"yet. Set model.pipeline_model_parallel_size=1 to train tensor x data parallel instead")
-        if self.tp > 1 and self.dp > 1 and self.fsdp is None:
-            raise ConfigError(
-                f"model.tensor_model_parallel_size={self.tp} on {self.world_size} processes leaves data parallel "
-                f"{self.dp}: tensor parallelism combines with sharded data parallelism only; add model.fsdp=true "
-                f"(model.fsdp_sharding_strategy=grad keeps parameters gathered like plain data parallelism)")
 
     def check_world(self, launched_world_size: int, launched_rank: int) -> "ParallelDims":
         """This layout for the process torchrun started; ConfigError when the world differs from the plan."""

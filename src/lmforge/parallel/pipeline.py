@@ -1,14 +1,18 @@
 """Pipeline parallelism: a Transformer split by layers into stages for ``torch.distributed.pipelining``.
 
 ``model.pipeline_model_parallel_size`` stages (times ``virtual_pipeline_model_parallel_size`` for interleaved
-1F1B), run by :class:`PipelineRunner` from the training assembly; for now every process is a stage (no tensor,
-data or FSDP parallelism beside it: :meth:`~lmforge.parallel.dims.ParallelDims.check_supported`).
+1F1B), run by :class:`PipelineRunner` from the training assembly. Pipeline parallelism composes with the other
+layouts on the run's mesh ``(pp, dp_replicate, dp_shard, tp)``: the ranks of one pipeline group hold the same
+data-parallel and tensor-parallel coordinates, each stage's modules are tensor-parallel over ``tp`` and
+sharded (FSDP) or replicated (gradients all-reduced) over the data-parallel ranks, as torchtitan composes them.
 
 A stage keeps the modules it owns under the model's own names (``embed_tokens`` on the first stage,
 ``layers.{i}`` for its layers, ``norm`` and ``lm_head`` on the last), so a stage's state dict is a slice of the
-model's and checkpoints stay name-keyed. Still to build: stages made on the meta device (today each rank
-builds the whole model and trains only its part), pipeline beside TP / DP / FSDP, tied embeddings across the
-first and last stage, packed (SFT) batches.
+model's and checkpoints stay name-keyed. The last stage returns the logits (vocabulary-sharded under tensor
+parallelism: the loss is computed on the shards, PyTorch's ``loss_parallel``).
+
+Still to build: stages made on the meta device (today each rank builds the whole model and keeps only its
+part's gradients and optimizer state), tied embeddings across the first and last stage, packed (SFT) batches.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ class PipelineStageModule(nn.Module):
     """Stage ``index`` of ``num_stages`` of ``model``: its layers, plus the embeddings (first) or norm and head (last).
 
     ``forward(x)``: token ids (B, T) on the first stage, hidden states (B, T, C) on the others; returns hidden
-    states, or (B, T, V) logits on the last stage.
+    states, or the last stage's (B, T, V) logits (``V / tp`` of them under tensor parallelism: ``tp_mesh``).
+    Under sequence parallelism the hidden states between stages are this rank's ``T / tp`` positions
+    (``seq_split = tp``).
     """
 
     def __init__(self, model: nn.Module, index: int, num_stages: int):
@@ -64,25 +70,46 @@ class PipelineStageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_range})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        self.tp_mesh = None  # tensor parallel: the head's logits are this rank's vocabulary slice
+        self.seq_split = 1  # tensor-parallel ranks a hidden state's positions are split over (sequence parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model
         if self.first:
             x, rope = model.embed(x)  # (B, T, C) and the rotary rows of positions 0..T-1
         else:
-            T = x.shape[1]
+            T = x.shape[1] * self.seq_split  # the attention sees (gathers) the whole sequence
             rope = None if model.rope_cos is None else (model.rope_cos[:T], model.rope_sin[:T])
         for layer in self.layers.values():
             x = layer(x, rope)
         if not self.last:
             return x
-        logits = F.linear(self.norm(x), model.output_weight())  # (B, T, V)
+        x = self.norm(x)
+        if hasattr(x, "full_tensor"):  # sequence parallel: the final norm's output is split by position
+            x = x.full_tensor()
+        weight = model.output_weight()
+        if self.tp_mesh is None:
+            return F.linear(x, weight)  # (B, T, V)
+        from torch.distributed.tensor import DTensor, Replicate
+
+        # tensor parallel: the head's rows are split by vocabulary; this rank's (B, T, V / tp) logits
+        return F.linear(DTensor.from_local(x, self.tp_mesh, [Replicate()], run_check=False), weight).to_local()
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Last stage: the summed next-token cross-entropy (fp32) of this stage's ``logits`` (under tensor
+        parallelism this rank's vocabulary slice: call inside ``loss_parallel``)."""
+        logits = logits.float()
+        if self.tp_mesh is not None:
+            from torch.distributed.tensor import DTensor, Shard
+
+            logits = DTensor.from_local(logits, self.tp_mesh, [Shard(-1)], run_check=False)
         cap: Optional[float] = self.cfg.final_logit_softcapping
         if cap is not None:
             from lmforge.models.transformer import softcap
 
             logits = softcap(logits, cap)
-        return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
 def stage_indices(pp_rank: int, pp: int, virtual: int = 1) -> list[int]:
@@ -109,6 +136,9 @@ class PipelineRunner:
     A step's micro batches are the batch plan's accumulation steps. The loss of a micro batch is its summed
     token cross-entropy times ``scale`` (the loop's ``dp / global tokens``), so gradients are those of the global
     token mean, as without pipelining.
+
+    Build it after the stage modules are transformed (tensor parallel, FSDP: ``fully_shard`` keeps the module
+    and its class's methods; the stages then hold back gradient reduction until a step's last micro batch).
     """
 
     def __init__(self, modules: list[PipelineStageModule], stage_ids: list[int], num_stages: int, device,
@@ -116,14 +146,14 @@ class PipelineRunner:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
         self.modules, self.group = modules, group
-        self.view = StagesView(modules)
         self.first = any(m.first for m in modules)
         self.last = any(m.last for m in modules)
+        last_module = modules[-1]
         self.scale = 1.0
         stages = [PipelineStage(m, i, num_stages, device, group=group) for m, i in zip(modules, stage_ids)]
 
-        def loss_fn(logits, target):
-            return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum") * self.scale
+        def loss_fn(hidden, target):
+            return last_module.token_losses(hidden, target) * self.scale
 
         if len(stages) == 1:
             self.schedule = Schedule1F1B(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -77,13 +77,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
 
     check_tensor_parallel(model.cfg, tp_mesh.size(), sequence_parallel)
     between = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
-    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between)}
+    plan = {}
+    if model.embed_tokens is not None:  # (a pipeline stage's view holds only its own modules)
+        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
     if model.lm_head is not None:  # untied head: its rows (the vocabulary) sharded like the embedding's
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-    if sequence_parallel:
+    if sequence_parallel and model.norm is not None:
         plan["norm"] = SequenceParallel()  # a DTensor out: the loss gathers the sequence (CausalLMLoss)
-    parallelize_module(model, tp_mesh, plan)
-    for block in model.layers:
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    for block in blocks_of(model):
         attn, mlp = block.self_attn, block.mlp
         if getattr(attn, "qkv_proj", None) is not None or getattr(mlp, "gate_up_proj", None) is not None:
             raise ConfigError("fused q/k/v or gate/up projections are for serving only; train the model unfused")
@@ -107,6 +110,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
         attn.n_kv_heads //= tp_mesh.size()
     model._tp_mesh = tp_mesh
     return model
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model``: a Transformer's ``layers`` list, or a pipeline stage's
+    ``layers`` dict (keyed by the layer's index in the whole model)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
 def tp_mesh_of(model: nn.Module):

@@ -86,7 +86,9 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
             ``model.activations_checkpoint_*`` key and a value that works).
         ValueError: the model was already transformed by this function.
     """
-    layers = model.layers
+    from lmforge.parallel.tensor import blocks_of
+
+    layers = blocks_of(model)
     granularity, method, num_layers = _plan(granularity, method, num_layers, len(layers))
     if granularity is None:
         return model
@@ -141,6 +143,8 @@ def _checkpoint_chunk(blocks: list[nn.Module]) -> None:
 
 def apply_compile(model: nn.Module) -> nn.Module:
     """Compile each block separately with torch.compile (blocks share one compiled graph; names unchanged)."""
-    for block in model.layers:
+    from lmforge.parallel.tensor import blocks_of
+
+    for block in blocks_of(model):
         block.compile()
     return model

@@ -231,37 +231,62 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     if latest is not None and not sharded_resume:  # 2. full weights into the plain model
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
-    mesh, runner = None, None
-    if dims.pp > 1:  # 3. pipeline stages: this rank trains, saves and restores only its stages' modules
-        runner = _build_pipeline(job, base, rt)
-        train_model = base = runner.view
-    objective = CausalLMLoss(train_model)  # under pipelining not called: the runner's stages compute the loss
-    if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
+    mesh, stages, grad_sync = None, None, None
+    if dims.pp > 1 or dims.tp > 1:  # the run's mesh (pp, dp_replicate, dp_shard, tp), built once
         from lmforge.parallel.fsdp import ensure_process_group
-        from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
 
         ensure_process_group(rt)
         mesh = dims.build_mesh(rt.device.type)
+    if dims.pp > 1:  # 3. pipeline stages: this rank trains, saves and restores only its stages' modules
+        from lmforge.parallel.pipeline import StagesView
+
+        stages = _pipeline_stages(job, base)
+        train_model = base = StagesView(stages)
+    objective = CausalLMLoss(train_model)  # under pipelining not called: the stages compute the loss
+    if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
+        from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
+
         apply_tensor_parallel(base, mesh["tp"], sequence_parallel=job.sequence_parallel)
         objective.loss_fn = sharded_cross_entropy
-    if job.activations_checkpoint:  # 4.
-        apply_activation_checkpointing(base, **job.activations_checkpoint)
+        for stage in stages or []:
+            stage.tp_mesh = mesh["tp"]
+            stage.seq_split = dims.tp if job.sequence_parallel else 1
+    if job.activations_checkpoint:  # 4. (per pipeline stage: a chunk of blocks never spans two stages)
+        for unit in stages or [base]:
+            apply_activation_checkpointing(unit, **job.activations_checkpoint)
     if job.compile:  # 5.
         apply_compile(base)
         if compile_loss and dims.tp == 1:
             objective.compile_loss()
-    if shards(job):  # 6.
+    if shards(job):  # 6. FSDP: blocks, then the root (the objective, or each pipeline stage)
         from lmforge.parallel.fsdp import apply_fsdp
+        from lmforge.parallel.tensor import blocks_of
 
-        apply_fsdp(objective, base.layers, dims, rt, precision=job.loop.precision,
-                   grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh)
+        for root in stages or [objective]:
+            apply_fsdp(root, blocks_of(root if stages else base), dims, rt, precision=job.loop.precision,
+                       grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh)
         forward_model = objective
-    elif dims.tp > 1 or runner is not None:  # every process a tensor or pipeline rank (no replicated DP)
+    elif mesh is not None:  # tensor or pipeline parallel: replicas average gradients explicitly (DDP cannot wrap)
+        import functools
+
+        from lmforge.parallel.ddp import average_gradients
+
         forward_model = objective
+        if dims.dp > 1:
+            dp_group = ParallelDims.fsdp_mesh(mesh).get_group()
+            grad_sync = functools.partial(average_gradients, [p for p in train_model.parameters() if p.requires_grad],
+                                          dp_group, dims.dp)
     else:
         from lmforge.parallel.ddp import apply_data_parallel
 
         forward_model = apply_data_parallel(objective, rt)
+    runner = None
+    if stages is not None:
+        from lmforge.parallel.pipeline import PipelineRunner, stage_indices
+
+        runner = PipelineRunner(stages, stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline),
+                                dims.pp * job.virtual_pipeline, rt.device, mesh["pp"].get_group(),
+                                n_microbatches=job.loop.accumulate)
 
     o = job.optim  # 7.
     schedule = build_schedule(o.sched, float(o.lr), job.loop.max_steps, int(o.warmup_steps), int(o.constant_steps),
@@ -272,17 +297,19 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
     logger = MetricsLogger(job.out, rt, total_steps=job.loop.max_steps, tensorboard=job.tensorboard, wandb=job.wandb,
                            every_n_steps=int(log_every_n_steps or job.loop.log_every_n_steps or 1))
-    extras = {}
+    extras = dict(grad_sync=grad_sync)
     if dims.tp > 1:
-        from lmforge.parallel.tensor import clip_grad_norm, loss_context
+        from lmforge.parallel.tensor import loss_context
 
-        extras = dict(loss_context=lambda: loss_context(base), clip_fn=clip_grad_norm)
-    if runner is not None:
+        extras.update(loss_context=lambda: loss_context(base))
+    if mesh is not None:  # gradients on several meshes; a pipeline's stages hold different parameters
         import functools
 
         from lmforge.parallel.tensor import clip_grad_norm
 
-        extras = dict(pipeline=runner, clip_fn=functools.partial(clip_grad_norm, sum_group=runner.group))
+        extras.update(clip_fn=functools.partial(clip_grad_norm, sum_group=runner.group if runner else None))
+    if runner is not None:
+        extras.update(pipeline=runner)
     trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, job.loop, log=logger, scaler=scaler,
                       dims=dims, **extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
@@ -300,20 +327,13 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     return training
 
 
-def _build_pipeline(job: TrainJob, model: nn.Module, rt: Runtime):
-    """The runner of this rank's pipeline stages of ``model``; ``runner.view`` holds their modules under the
-    model's names (what the rank trains, saves and restores)."""
-    from lmforge.parallel.fsdp import ensure_process_group
-    from lmforge.parallel.pipeline import PipelineRunner, PipelineStageModule, stage_indices
+def _pipeline_stages(job: TrainJob, model: nn.Module) -> list:
+    """This rank's pipeline stages of ``model`` (several with interleaved 1F1B), under the model's names."""
+    from lmforge.parallel.pipeline import PipelineStageModule, stage_indices
 
-    ensure_process_group(rt)
     dims = job.dims
-    mesh = dims.build_mesh(rt.device.type)
-    group = mesh["pp"].get_group()
     n_stages = dims.pp * job.virtual_pipeline
-    ids = stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline)
-    modules = [PipelineStageModule(model, i, n_stages) for i in ids]
-    return PipelineRunner(modules, ids, n_stages, rt.device, group, n_microbatches=job.loop.accumulate)
+    return [PipelineStageModule(model, i, n_stages) for i in stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline)]
 
 
 def _check_job(job: TrainJob, rt: Runtime) -> None:
@@ -328,7 +348,6 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
         raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
     if job.dims.pp > 1:
         what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile),
-                                ("activation checkpointing", bool(job.activations_checkpoint)),
                                 ("trainer.precision=16-mixed", job.loop.precision == "16-mixed")) if on]
         if what:
             raise ConfigError(f"pipeline parallelism with {', '.join(what)} is not supported yet")

@@ -170,13 +170,16 @@ class Trainer:
         clip_fn: ``clip_fn(parameters, max_norm) -> norm`` (gradients on several meshes); default torch's.
         pipeline: a :class:`~lmforge.parallel.pipeline.PipelineRunner` (pipeline parallelism): it runs each step's
             micro batches through the pipeline schedule instead of the forward/backward loop.
+        grad_sync: ``grad_sync()`` averages the gradients over the data-parallel ranks after a step's backward
+            (tensor- or pipeline-parallel replicas, which DDP does not wrap); default: nothing (DDP, FSDP do it).
     """
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
                  scaler: Optional[torch.amp.GradScaler] = None,
                  extra_val_fn: Optional[Callable[[int], dict]] = None, dims: Optional[ParallelDims] = None,
-                 loss_context: Optional[Callable] = None, clip_fn: Optional[Callable] = None, pipeline=None):
+                 loss_context: Optional[Callable] = None, clip_fn: Optional[Callable] = None, pipeline=None,
+                 grad_sync: Optional[Callable] = None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
         self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
         if self.dims.world_size != runtime.world_size or (self.dims.pp != 1) != (pipeline is not None):
@@ -185,6 +188,7 @@ class Trainer:
         self.pipeline = pipeline  # lmforge.parallel.pipeline.PipelineRunner when the model is split into stages
         self.loss_context = loss_context or contextlib.nullcontext  # tensor parallel: loss on sharded logits
         self.clip_fn = clip_fn  # (parameters, max_norm) -> norm; default torch's clip_grad_norm_
+        self.grad_sync = grad_sync  # () -> None: explicit gradient averaging over data-parallel replicas
         self.extra_val_fn = extra_val_fn  # step -> more validation metrics (generation scores); all ranks call it
         self.last_step_tokens = 0  # counted tokens of the latest global batch
         self.last_step_samples = 0  # samples the latest step read, over all data-parallel ranks
@@ -242,7 +246,7 @@ class Trainer:
         if self.pipeline is not None:
             if isinstance(micro[0], dict):
                 raise ValueError("pipeline parallelism trains on token batches (pretraining) only")
-            with self.autocast():
+            with self.loss_context(), self.autocast():
                 loss_total += self.pipeline.train(micro, scale=self.dims.dp / global_tokens)
             loss_total *= self.dims.pp  # only the last stage holds the loss; the sum below divides by tp x pp
             micro = []  # the schedule ran forward and backward
@@ -259,6 +263,8 @@ class Trainer:
                 else:
                     loss.backward()
             loss_total += loss_sum.detach().double()
+        if self.grad_sync is not None:
+            self.grad_sync()
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         grad_norm = None
@@ -301,7 +307,7 @@ class Trainer:
         for step in range(n_batches):
             if self.pipeline is not None:
                 micro = list(batches.for_step(step))
-                with self.autocast():
+                with self.loss_context(), self.autocast():
                     loss_sum += self.pipeline.evaluate(micro) * self.dims.pp  # the last stage's; see train_step
                 count += sum(self.counted_tokens(b) for b in micro)
                 continue

@@ -1,0 +1,57 @@
+"""Pipeline, tensor and data parallelism composed on one mesh (4 gloo ranks): TP 2 x PP 2, PP 2 x DP 2, PP 2 x FSDP 2
+and TP 2 x DP 2 (replicas averaging gradients explicitly) each give the loss curve of one process; a TP 2 x PP 2
+checkpoint resumes on FSDP 4 and the reverse, and converts to the one-process model's HF folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.train.test_fsdp import _pretrain, _same_curve, plain_run  # noqa: F401 (fixture)
+from tests.train.test_pretrain import _env, _losses
+
+FOUR = ["trainer.devices=4", "model.micro_batch_size=2"]
+TP2xPP2 = [*FOUR, "model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]
+
+
+@pytest.mark.parametrize("name,args,shown", [
+    ("tp2xpp2", TP2xPP2, "tensor parallel 2, pipeline parallel 2"),
+    ("tp2xpp2_sp", [*TP2xPP2, "model.sequence_parallel=true", "model.activations_checkpoint_granularity=full"],
+     "tensor parallel 2, pipeline parallel 2"),
+    ("pp2xdp2", [*FOUR, "model.pipeline_model_parallel_size=2"], "data parallel 2, tensor parallel 1, pipeline parallel 2"),
+    ("pp2xfsdp2", [*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true"], "pipeline parallel 2 (FSDP full"),
+    ("tp2xdp2", [*FOUR, "model.tensor_model_parallel_size=2"], "data parallel 2, tensor parallel 2"),
+])
+def test_composed_layouts_match_one_process(tiny_corpus, tmp_path, plain_run, name, args, shown):
+    out = tmp_path / name
+    p = _pretrain(tiny_corpus, out, 4, *args)
+    assert shown in p.stdout + p.stderr
+    _same_curve(_losses(plain_run), _losses(out))
+    _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
+    assert json.loads((out / "checkpoints" / "step_0000010" / "config.json").read_text())["sharded"]["world_size"] == 4
+
+
+def test_tp_pp_checkpoint_resumes_on_fsdp_and_back_and_converts(tiny_corpus, tmp_path, plain_run):
+    from safetensors.torch import load_file
+
+    fsdp4 = [*FOUR, "model.fsdp=true"]
+    for first, then, name in ((TP2xPP2, fsdp4, "tppp_then_fsdp"), (fsdp4, TP2xPP2, "fsdp_then_tppp")):
+        out = tmp_path / name
+        p = _pretrain(tiny_corpus, out, 4, *first, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+        assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+        p = _pretrain(tiny_corpus, out, 4, *then)
+        assert "resuming from" in p.stdout + p.stderr
+        _same_curve(_losses(plain_run), _losses(out))
+    hf_tppp, hf_plain = tmp_path / "hf_tppp", tmp_path / "hf_plain"
+    for src, dst in ((tmp_path / "tppp_then_fsdp" / "checkpoints" / "step_0000005", hf_tppp),
+                     (plain_run / "checkpoints" / "step_0000005", hf_plain)):
+        subprocess.run([sys.executable, "-m", "lmforge", "convert", str(src), str(dst), "--to", "hf"], check=True,
+                       capture_output=True, env=_env())
+    a, b = load_file(str(hf_tppp / "model.safetensors")), load_file(str(hf_plain / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
