@@ -119,3 +119,19 @@ def test_max_epochs_derives_steps_and_gpt_style_trains(tiny_corpus, tmp_path):
     summary = run(cfg)
     assert summary["max_steps"] > 8  # one epoch of the training split, in global batches of 8
     assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+def test_data_made_with_a_larger_tokenizer_is_refused_before_training(tiny_corpus, tmp_path):
+    """Issue 15.4: token ids the configured tokenizer does not have are one error line, not an IndexError at step 1."""
+    from lmforge.data.tokenizers import train_bpe
+
+    small = train_bpe([tiny_corpus["jsonl"]], 300, tmp_path / "small_tokenizer")
+    assert small.vocab_size < tiny_corpus["vocab_size"]
+    out = tmp_path / "run"
+    args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{"model.tokenizer.model": tmp_path / "small_tokenizer"})]
+    p = _cli(args, _env(), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "token id" in lines[0], p.stderr
+    assert f"vocabulary of {small.vocab_size}" in lines[0] and "small_tokenizer" in lines[0]
+    assert not (out / "checkpoints").exists()

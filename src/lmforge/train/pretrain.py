@@ -125,7 +125,9 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     max_steps = int(t.max_steps) if t.max_steps is not None and int(t.max_steps) > 0 else None
     cache_dir = m.data.index_mapping_dir
     build = lambda counts: build_datasets(m.data.data_prefix, m.data.splits_string, seq, counts, seed,  # noqa: E731
-                                          cache_dir=cache_dir, barrier=rt.barrier, is_main=rt.is_main)
+                                          cache_dir=cache_dir, barrier=rt.barrier, is_main=rt.is_main,
+                                          vocab_size=tokenizer.vocab_size,
+                                          tokenizer_name=f"model.tokenizer.model={tok_path}")
     if max_steps is None:
         epochs = int(t.max_epochs or 1)
         probe = build((None, None, None))[0]
