@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_torchrun
 from lmforge.errors import ConfigError
@@ -52,3 +53,26 @@ def test_split_and_placement():
                                    ffn_hidden_size=64, max_position_embeddings=64))
     with pytest.raises(ConfigError, match="tied output head"):
         PipelineStageModule(tied, 0, 2)
+
+
+def test_a_pipeline_rank_allocates_only_its_stages_with_the_whole_models_weights():
+    from lmforge.train.assembly import _materialize
+    from lmforge.train.pretrain import build_model
+    from lmforge.parallel.pipeline import StagesView
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, num_layers=4, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=64, max_position_embeddings=64, normalization="rmsnorm", activation="swiglu",
+                      bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    whole = build_model(cfg, torch.device("cpu"), seed=7)
+    meta = build_model(cfg, torch.device("cpu"), seed=7, materialize=False)
+    view = StagesView([PipelineStageModule(meta, 1, 2)])  # the last stage: layers 2 and 3, norm, head
+    _materialize(meta, view, torch.device("cpu"), seed=7)
+    owned = {n for n, _ in view.named_parameters()}
+    assert owned == {n for n, _ in whole.named_parameters() if n.startswith(("layers.2.", "layers.3.", "norm.", "lm_head."))}
+    reference = dict(whole.named_parameters())
+    for name, p in meta.named_parameters():
+        if name in owned:
+            torch.testing.assert_close(p, reference[name], rtol=0, atol=0)
+        else:
+            assert p.is_meta, name  # another stage's: never allocated
+    torch.testing.assert_close(meta.rope_cos, whole.rope_cos)

@@ -1,6 +1,7 @@
 """Pipeline, tensor and data parallelism composed on one mesh (4 gloo ranks): TP 2 x PP 2, PP 2 x DP 2, PP 2 x FSDP 2
 and TP 2 x DP 2 (replicas averaging gradients explicitly) each give the loss curve of one process; a TP 2 x PP 2
-checkpoint resumes on FSDP 4 and the reverse, and converts to the one-process model's HF folder."""
+checkpoint resumes on FSDP 4 and the reverse, a one-process checkpoint resumes on TP 2 x PP 2, and a TP 2 x PP 2
+checkpoint converts to the one-process model's HF folder."""
 
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ def test_composed_layouts_match_one_process(tiny_corpus, tmp_path, plain_run, na
 def test_tp_pp_checkpoint_resumes_on_fsdp_and_back_and_converts(tiny_corpus, tmp_path, plain_run):
     from safetensors.torch import load_file
 
-    fsdp4 = [*FOUR, "model.fsdp=true"]
-    for first, then, name in ((TP2xPP2, fsdp4, "tppp_then_fsdp"), (fsdp4, TP2xPP2, "fsdp_then_tppp")):
+    fsdp4, one = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
+    tppp = (4, TP2xPP2)
+    for first, then, name in ((tppp, fsdp4, "tppp_then_fsdp"), (fsdp4, tppp, "fsdp_then_tppp"),
+                              (one, tppp, "one_then_tppp")):  # the last: an optimizer saved by parameter index
         out = tmp_path / name
-        p = _pretrain(tiny_corpus, out, 4, *first, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+        p = _pretrain(tiny_corpus, out, first[0], *first[1], env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
         assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
-        p = _pretrain(tiny_corpus, out, 4, *then)
+        p = _pretrain(tiny_corpus, out, then[0], *then[1])
         assert "resuming from" in p.stdout + p.stderr
         _same_curve(_losses(plain_run), _losses(out))
     hf_tppp, hf_plain = tmp_path / "hf_tppp", tmp_path / "hf_plain"

@@ -19,6 +19,7 @@ nh query heads, nkv key/value heads (query groups), hd head size, V vocabulary.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional
 
 import torch
@@ -830,29 +831,31 @@ class Transformer(nn.Module):
         completes a model built on the meta device and moved with ``to_empty``.
 
         Args:
-            seed: when given, draws come from a private generator seeded with it (the global RNG is
-                left alone), so the same seed gives the same weights.
+            seed: when given, each weight draws from its own generator seeded with ``seed`` and the weight's
+                name (the global RNG is left alone), so the same seed gives the same weights, and a part of
+                the model (a pipeline stage) initialised alone gets the values it has in the whole model.
+                Tensors still on the meta device (other stages') are skipped.
         """
         std = self.cfg.init_method_std
         out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
-        generators: dict[torch.device, torch.Generator] = {}
 
-        def normal_(t: torch.Tensor, s: float) -> None:
+        def normal_(name: str, t: torch.Tensor, s: float) -> None:
+            if t.is_meta:
+                return
             gen = None
             if seed is not None:
-                if t.device not in generators:
-                    generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
-                gen = generators[t.device]
+                gen = torch.Generator(device=t.device).manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode()))
+                                                                   % 2**63)
             nn.init.normal_(t, mean=0.0, std=s, generator=gen)
 
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 is_output = name.endswith("o_proj") or name.endswith("down_proj")
-                normal_(module.weight, out_std if is_output else std)
+                normal_(f"{name}.weight", module.weight, out_std if is_output else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                normal_(module.weight, std)
+                normal_(f"{name}.weight", module.weight, std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.constant_(module.weight, 1.0 - getattr(module, "offset", 0.0))
                 if getattr(module, "bias", None) is not None:
@@ -860,7 +863,7 @@ class Transformer(nn.Module):
             elif isinstance(module, Attention) and module.alibi_slopes is not None:
                 slopes = alibi_slopes(module.n_heads, device=module.alibi_slopes.device)
                 module.alibi_slopes.copy_(slopes)
-        if self.rope_cos is not None:
+        if self.rope_cos is not None and not self.rope_cos.is_meta:
             cos, sin = rope_cos_sin(self.cfg.rotary_dim, self.cfg.max_position_embeddings, self.cfg.rotary_base,
                                     device=self.rope_cos.device, scaling=self.cfg.rope_scaling)
             self.rope_cos.copy_(cos)

@@ -119,6 +119,7 @@ class Training:
     tokenizer: Any = None  # saved into each checkpoint
     resumed_from: Optional[str] = None
     async_groups: dict = field(default_factory=dict)  # folder name -> gloo group of its background writes
+    whole: Optional[nn.Module] = None  # pipeline parallel: the whole Transformer this rank's stages are part of
 
     @property
     def sharded(self) -> bool:
@@ -228,7 +229,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     if latest is not None:
         _check_same_model(latest, model_config)
     sharded_resume = latest is not None and _is_sharded_checkpoint(latest)
-    if latest is not None and not sharded_resume:  # 2. full weights into the plain model
+    on_meta = any(p.is_meta for p in model.parameters())  # pipeline stages are allocated after the split
+    if latest is not None and not sharded_resume and not on_meta:  # 2. full weights into the plain model
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
     mesh, stages, grad_sync = None, None, None
@@ -242,6 +244,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
         stages = _pipeline_stages(job, base)
         train_model = base = StagesView(stages)
+        if on_meta:  # allocate and initialise this rank's stages only (the weights they have in the whole model)
+            _materialize(model, base, rt.device, job.seed)
     objective = CausalLMLoss(train_model)  # under pipelining not called: the stages compute the loss
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
@@ -314,7 +318,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                       dims=dims, **extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
                         schedule=schedule, scaler=scaler, manager=manager, trainer=trainer, logger=logger,
-                        state=TrainState(), model_config=model_config, tokenizer=tokenizer)
+                        state=TrainState(), model_config=model_config, tokenizer=tokenizer,
+                        whole=model if stages is not None else None)
     if dims.is_sharded and not shards(job) and rt.is_main:
         console_log("FSDP on one process has nothing to shard: training unsharded (the same numbers, no FSDP "
                     "copies); model.fsdp_cpu_offload=true would still offload to CPU memory")
@@ -334,6 +339,16 @@ def _pipeline_stages(job: TrainJob, model: nn.Module) -> list:
     dims = job.dims
     n_stages = dims.pp * job.virtual_pipeline
     return [PipelineStageModule(model, i, n_stages) for i in stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline)]
+
+
+def _materialize(model: nn.Module, part: nn.Module, device, seed: int) -> None:
+    """Allocate ``part`` of ``model`` (built on the meta device) and the model's own buffers (the rotary tables
+    every stage reads) on ``device``, and initialise them as the whole model would be; the rest stays on meta."""
+    part.to_empty(device=device)
+    for name, buf in list(model.named_buffers(recurse=False)):
+        if buf is not None and buf.is_meta:
+            model.register_buffer(name, torch.empty_like(buf, device=device), persistent=False)
+    model.init_weights(seed=seed)
 
 
 def _check_job(job: TrainJob, rt: Runtime) -> None:
@@ -513,14 +528,23 @@ def _load_indexed_optimizer(training: Training, folder: Path) -> None:
     from lmforge.train.checkpoint import read_optimizer_state
 
     saved = read_optimizer_state(folder)
-    names = {id(p): n for n, p in training.model.named_parameters()}
-    order = [names[id(p)] for g in training.optimizer.param_groups for p in g["params"]]
+    whole = training.whole  # a pipeline stage's rank: the index runs over the whole model's parameters
+    names = {id(p): n for n, p in (whole or training.model).named_parameters()}
+    if whole is None:
+        order = [names[id(p)] for g in training.optimizer.param_groups for p in g["params"]]
+    else:
+        from lmforge.train.optim import param_groups
+
+        order = [names[id(p)] for g in param_groups(whole, float(training.job.optim.weight_decay)) for p in g["params"]]
+    owned = {n for n, _ in training.model.named_parameters()}
     if len(saved["param_groups"]) != len(training.optimizer.param_groups) or (
             saved["state"] and max(saved["state"]) >= len(order)):
         raise CheckpointError(f"the optimizer state in {folder} does not fit this model's optimizer; was the "
                               f"checkpoint saved with another model or PEFT method?")
     tensors, rest = _sharded_optimizer_state(training)  # the keys and shard layout this run expects
     for index, entry in saved["state"].items():
+        if order[index] not in owned:  # another pipeline stage's parameter
+            continue
         for key, value in entry.items():
             name = f"state.{order[index]}.{key}"
             target = tensors.get(name)

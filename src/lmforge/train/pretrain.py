@@ -35,10 +35,15 @@ def results_dir(cfg) -> Path:
     return Path(em.exp_dir) / em.name
 
 
-def build_model(model_cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
-    """Build on the meta device, then allocate on ``device`` and initialise (no throwaway CPU copy)."""
+def build_model(model_cfg: ModelConfig, device: torch.device, seed: int, materialize: bool = True) -> Transformer:
+    """Build on the meta device, then allocate on ``device`` and initialise (no throwaway CPU copy).
+
+    ``materialize=False`` leaves the model on the meta device: a pipeline-parallel run allocates and
+    initialises only its own stages (``build_training``)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
+    if not materialize:
+        return model
     model = model.to_empty(device=device)
     model.init_weights(seed=seed)
     return model
@@ -140,7 +145,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
 
     model_cfg = model_config_from(cfg, tokenizer.vocab_size)
     seed_everything(seed, dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
-    model = build_model(model_cfg, rt.device, seed)
+    model = build_model(model_cfg, rt.device, seed, materialize=dims.pp == 1)
     training = build_training(job_from_config(cfg, dims, max_steps), model, rt, tokenizer=tokenizer,
                               console_log=console_log)
     trainer, logger, manager, state = training.trainer, training.logger, training.manager, training.state
