@@ -10,10 +10,13 @@ because it swaps modules):
 
 1. PEFT (``job.peft_method``): wrap the chosen modules, freeze the rest.
 2. Resume weights from a full (unsharded) checkpoint into the plain model.
-3. Tensor parallelism (``job.dims.tp``, :mod:`lmforge.parallel.tensor`) on the mesh's ``tp`` dimension.
-4. Activation checkpointing (``job.activations_checkpoint``), per block.
+3. Pipeline stages (``job.dims.pp``, :mod:`lmforge.parallel.pipeline`): this rank's stages, allocated alone when
+   the model was built on the meta device; from here on "the model" is their :class:`StagesView`.
+   Then tensor parallelism (``job.dims.tp``, :mod:`lmforge.parallel.tensor`) on the mesh's ``tp`` dimension.
+4. Activation checkpointing (``job.activations_checkpoint``), per block (per pipeline stage).
 5. torch.compile (``job.compile``), per block, and the loss head (not under tensor parallelism).
-6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective as root) or DDP.
+6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective or each stage as root), DDP, or, for
+   tensor- or pipeline-parallel replicas, an explicit gradient average after backward.
 7. Optimizer over the (now possibly sharded) trainable parameters.
 8. Resume from a sharded checkpoint (weights) and the optimizer state (any layout).
 
