@@ -90,7 +90,9 @@ def test_round_trip_values_dtypes_config_tokenizer(tmp_path):
     assert not (tmp_path / "ck" / "model.safetensors.index.json").exists()
     assert (tmp_path / "ck" / "tokenizer.json").is_file()
     doc = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert doc == {"lmforge_version": lmforge.__version__, "format": "lmforge", "model": CONFIG}
+    sha = ckpt.file_sha256(tmp_path / "ck" / "model.safetensors")
+    assert doc == {"lmforge_version": lmforge.__version__, "format": "lmforge", "model": CONFIG,
+                   "sha256": {"model.safetensors": sha}}
     loaded, config = load_model(tmp_path / "ck")
     assert config == doc and config["model"] == CONFIG
     assert_same_state(loaded, {k: v.contiguous() for k, v in state.items()})
@@ -176,7 +178,8 @@ def test_incomplete_folders_raise_helpful_errors(tmp_path, case, expect):
         elif case == "config_without_model":
             (folder / "config.json").write_text('{"lmforge_version": "0"}')
     with pytest.raises(CheckpointError) as info:
-        load_model(folder)
+        # truncated weights fail their checksum first (tested below); unverified, safetensors itself refuses them
+        load_model(folder, verify=case != "truncated_weights")
     message = str(info.value)
     assert expect in message
     assert str(folder) in message
@@ -427,8 +430,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, how)
         return real_save_file(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(ckpt, "save_file", failing_save_file)
-    with pytest.raises(OSError if how == "error" else Killed):
+    with pytest.raises(CheckpointError if how == "error" else Killed) as info:
         _save(m, 2, {"val_loss": 0.5}, value=8.0)
+    if how == "error":  # disk full: one line naming the folder, the cause and the checkpoint that survived
+        message = str(info.value)
+        assert "\n" not in message and "No space left on device" in message
+        assert str(tmp_path / "step_0000002") in message and f"{tmp_path / 'step_0000001'} is intact" in message
     monkeypatch.undo()
     assert m.latest() == tmp_path / "step_0000001"
     assert (tmp_path / "latest").read_text().strip() == "step_0000001"

@@ -30,7 +30,11 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the weights (default: keep their dtype)")
     p.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="shard size, e.g. 5GB (default)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it exists (only a folder convert wrote; never the source or a folder "
+                        "holding it)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="read an lmforge source without checking its weight files' sha256 and finite values")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
@@ -39,6 +43,6 @@ def _cmd_convert(a) -> int:
     from lmforge.convert.hf import convert
 
     summary = convert(a.src, a.dst, a.to, family=a.family, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
-                      overwrite=a.overwrite, progress=not a.no_progress)
+                      overwrite=a.overwrite, progress=not a.no_progress, verify=False if a.no_verify else None)
     print(json.dumps(summary, indent=2))
     return 0

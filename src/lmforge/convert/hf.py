@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -274,7 +275,10 @@ def lmforge_weights(folder: str | os.PathLike):
     return SafetensorsFolder(folder)
 
 
-def _iter_lmforge_tensors(reader: SafetensorsFolder, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_lmforge_tensors(reader: SafetensorsFolder, cfg: ModelConfig,
+                          verify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    from lmforge.train.checkpoint import check_finite
+
     for name, want in expected_shapes(cfg).items():
         if name not in reader:
             raise CheckpointError(f"{reader.folder}: tensor {name!r} is missing; the weights do not match config.json")
@@ -282,15 +286,21 @@ def _iter_lmforge_tensors(reader: SafetensorsFolder, cfg: ModelConfig) -> Iterat
         if tuple(got) != tuple(want):
             raise CheckpointError(f"{reader.folder}: tensor {name!r} has shape {tuple(got)} but the config implies "
                                   f"{tuple(want)}")
-        yield name, reader.get(name)
+        tensor = reader.get(name)
+        if verify:
+            check_finite(tensor, name, reader.folder)
+        yield name, tensor
 
 
-def open_source(path: str | os.PathLike, family: Optional[str] = None) -> Source:
+def open_source(path: str | os.PathLike, family: Optional[str] = None, verify: Optional[bool] = None) -> Source:
     """Open an HF folder, an lmforge checkpoint or a .nemo archive as a :class:`Source`.
 
     Args:
         family: the family to export as (lmforge and .nemo sources); default: the one recorded in the
             checkpoint, else guessed from its config (GPT style -> gpt2, Llama style -> llama, ...).
+        verify: an lmforge checkpoint's weight files must match the sha256 its config.json records and its
+            tensors must be finite, as for every load (:func:`lmforge.train.checkpoint.load_model`);
+            default: on unless ``LMFORGE_NO_VERIFY=1``.
     """
     path = Path(path)
     fmt = detect_format(path)
@@ -311,7 +321,12 @@ def open_source(path: str | os.PathLike, family: Optional[str] = None) -> Source
         name = family or config.get("family")
         fam = family_by_name(name) if name else guess_family(cfg)
         reader = lmforge_weights(path)
-        return Source(cfg, fam, lambda: _iter_lmforge_tensors(reader, cfg), reader.total_bytes,
+        from lmforge.train.checkpoint import verification_on, verify_checksums
+
+        verify = verification_on() if verify is None else verify
+        if verify:
+            verify_checksums(path, config)
+        return Source(cfg, fam, lambda: _iter_lmforge_tensors(reader, cfg, verify), reader.total_bytes,
                       dict(config.get("hf_config") or {}), path)
     return open_nemo(path, family)
 
@@ -340,21 +355,60 @@ def _copy_carried(src: Source, dst: Path) -> list[str]:
     return copied
 
 
+_WRITTEN = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
+                      r"model-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def _check_output(dst: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuse an output that would destroy what convert did not write.
+
+    ``dst`` may not be a source, hold one, or lie inside one (``--overwrite`` would delete the source, or
+    the new folder would land in it); with ``--overwrite`` an existing ``dst`` is replaced only when it
+    is a folder of files convert writes (weights, config.json, tokenizer and generation files).
+    """
+    out = dst.resolve()
+    for src in sources:
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if out == src or out in src.parents:
+            raise ConfigError(f"the output {dst} {'is' if out == src else 'contains'} the source {src}: "
+                              f"--overwrite would delete it; choose an output folder outside the source")
+        if src in out.parents:
+            raise ConfigError(f"the output {dst} is inside the source {src}: choose an output folder outside it")
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise CheckpointError(f"{dst} already exists; choose a new folder or pass --overwrite")
+    if dst.is_symlink() or not dst.is_dir():
+        raise CheckpointError(f"{dst} is {'a link' if dst.is_symlink() else 'a file'}, not a converted model folder; "
+                              f"--overwrite replaces only a folder convert wrote: choose a new output folder")
+    foreign = sorted(p.name for p in dst.iterdir()
+                     if p.is_symlink() or not p.is_file() or not (_WRITTEN.match(p.name) or p.name in CARRIED_FILES))
+    if foreign:
+        raise CheckpointError(f"{dst} holds {', '.join(foreign[:5])}, which convert did not write; --overwrite "
+                              f"replaces only a folder convert wrote: choose a new output folder (or empty {dst} "
+                              f"yourself)")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, family: Optional[str] = None,
             dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, verify: Optional[bool] = None) -> dict:
     """Convert the model at ``src`` into ``dst`` as an HF folder (``to="hf"``) or an lmforge checkpoint.
 
     ``dst`` appears whole or not at all. Tensors stream one rule at a time (see the module doc).
 
     Args:
         src: HF folder, lmforge checkpoint folder or .nemo archive (detected).
-        dst: output folder; must not exist unless ``overwrite``.
+        dst: output folder; must not exist unless ``overwrite``, which replaces only a folder holding nothing
+            but files convert writes; never the source, a folder holding it, or a folder inside it.
         to: ``"hf"`` or ``"lmforge"``.
         family: HF family to write (``to="hf"``); default: recorded or guessed (see :func:`open_source`).
         dtype: cast floating tensors to ``float32``/``bfloat16``/``float16``; default: keep.
         max_shard_bytes: shard size of the written weights.
         progress: show a rich progress bar (tensors and bytes).
+        verify: an lmforge source's weight files are checked against their recorded sha256 and every tensor
+            must be finite (default: on unless ``LMFORGE_NO_VERIFY=1``; ``--no-verify``).
 
     Returns:
         A summary: source format, family, tensors, bytes, files carried.
@@ -368,11 +422,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, family: Opt
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} already exists; choose a new folder or pass --overwrite")
+    given = Path(src)
     src = _checkpoint_of_run(src)
+    _check_output(dst, [given, src], overwrite)
     fmt = detect_format(src)
-    source = open_source(src, family)
+    source = open_source(src, family, verify=verify)
     cfg, fam = source.cfg, source.family
     hf_config = None
     if to == "hf":
@@ -417,9 +471,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, family: Opt
         else:
             import lmforge
 
+            from lmforge.train.checkpoint import weight_checksums
+
             write_json_atomic(tmp / "config.json", {"lmforge_version": lmforge.__version__, "format": "lmforge",
                                                     "model": cfg.to_dict(), "family": fam.name,
-                                                    "hf_config": source.hf_extra})
+                                                    "hf_config": source.hf_extra, "sha256": weight_checksums(tmp)})
     return {"source_format": fmt, "to": to, "family": fam.name, "tensors": n_tensors, "bytes": total,
             "carried": carried, "dst": str(dst)}
 

@@ -74,12 +74,31 @@ class _Archive:
         if path.is_file():
             try:
                 self._tar = tarfile.open(path, "r:*")
-                self._members = {m.name.lstrip("./"): m for m in self._tar.getmembers() if m.isfile()}
+                members = self._tar.getmembers()
             except (tarfile.TarError, OSError, EOFError) as e:
                 raise CheckpointError(f"{path} is not a readable .nemo (tar) archive ({e}); was the copy interrupted?")
+            links = [m.name for m in members if m.issym() or m.islnk()]
+            if links:
+                raise CheckpointError(f"{path} holds links ({', '.join(links[:3])}); a .nemo archive holds plain files "
+                                      f"only and links are never followed: re-create the archive without them")
+            self._members = {m.name.lstrip("./"): m for m in members if m.isfile()}
             self.names = sorted(self._members)
         else:
-            self.names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+            self.names = sorted(self._folder_files(path))
+
+    @staticmethod
+    def _folder_files(path: Path) -> list[str]:
+        """The files of an extracted archive, relative to it; a link inside is refused, never followed (its target
+        could be any file of the machine, copied into the output)."""
+        names = []
+        for parent, dirs, files in os.walk(path):  # os.walk does not descend into linked folders
+            for name in dirs + files:
+                full = Path(parent) / name
+                if full.is_symlink():
+                    raise CheckpointError(f"{full} is a link (to {os.readlink(full)}); an extracted .nemo folder holds "
+                                          f"plain files only and links are never followed: replace it with the file")
+            names.extend(str((Path(parent) / name).relative_to(path)) for name in files)
+        return names
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:

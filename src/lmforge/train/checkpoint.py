@@ -21,9 +21,12 @@ date, and deletes checkpoints beyond the ``save_top_k`` best only after the new 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import socket
+import sys
 import random
 import re
 import shutil
@@ -39,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 import lmforge
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.io import atomic_path, write_json_atomic, write_text_atomic
+from lmforge.io import apply_umask, atomic_path, fsync_dir, fsync_tree, write_json_atomic, write_text_atomic
 from lmforge.parallel.runtime import Runtime
 
 WEIGHTS_NAME = "model.safetensors"
@@ -50,10 +53,15 @@ STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 LATEST_NAME = "latest"
 RECORDS_NAME = "checkpoints.json"
+LOCK_NAME = "lmforge.lock"  # in the checkpoints folder: host and pid of the training that writes it
 STATE_FORMAT_VERSION = 1
+CHECKSUMS_KEY = "sha256"  # config.json: weight file (relative path) -> sha256 hex digest
+NO_VERIFY_ENV = "LMFORGE_NO_VERIFY"  # =1: load weights without checking their checksums and values
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# temporaries of the manager's own atomic writes (lmforge.io.atomic_path) and of its lock
+_OWN_TEMP = re.compile(r"^\.(latest|checkpoints\.json|lmforge\.lock)\.tmp-.+$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,21 +197,27 @@ def save_model(folder: str | os.PathLike, model_state: dict[str, torch.Tensor], 
             path.unlink()
     if tokenizer is not None:
         tokenizer.save(folder)
-    write_model_config(folder, config)
+    write_model_config(folder, config, checksums=weight_checksums(folder))
     return folder
 
 
-def write_model_config(folder: str | os.PathLike, config: dict, sharded: Optional[dict] = None) -> Path:
+def write_model_config(folder: str | os.PathLike, config: dict, sharded: Optional[dict] = None,
+                       checksums: Optional[dict[str, str]] = None) -> Path:
     """Write ``config.json`` (last, atomically: a folder that has it holds whole weights).
 
     Args:
         config: the model config as a dict, stored under ``"model"``.
         sharded: for an FSDP checkpoint whose weights are per-rank shards in ``model/``, e.g.
             ``{"world_size": 8}`` (stored under ``"sharded"``).
+        checksums: weight file (path relative to the folder) -> sha256 (:func:`weight_checksums`), stored
+            under ``"sha256"`` and verified at load. A checkpoint manager adds them when the weights
+            are written later (sharded and asynchronous saves).
     """
     doc = {"lmforge_version": lmforge.__version__, "format": "lmforge", "model": config}
     if sharded is not None:
         doc["sharded"] = sharded
+    if checksums is not None:
+        doc[CHECKSUMS_KEY] = checksums
     path = Path(folder) / CONFIG_NAME
     write_json_atomic(path, doc)
     return path
@@ -253,14 +267,21 @@ def _check_folder(folder: Path) -> dict:
     return config
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+               verify: Optional[bool] = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read the weights and model config of a checkpoint folder.
+
+    Every path that reads an lmforge checkpoint's weights (resume, generate, evaluate, serve, fine-tune
+    from it, peft merge) comes here, so they all refuse a damaged checkpoint the same way: each weight
+    file must match the sha256 its ``config.json`` records, and every floating tensor must be finite.
 
     Args:
         folder: a folder written by :func:`save_model` (or a CheckpointManager), or a sharded (FSDP)
             checkpoint folder whose ``model/`` holds one safetensors file per rank
             (:mod:`lmforge.train.sharded`): its full tensors are assembled, whatever world size wrote them.
         device: where the tensors are placed.
+        verify: check checksums and finite values (default: on, unless the environment sets
+            ``LMFORGE_NO_VERIFY=1``, the escape for huge files read often).
 
     Returns:
         (state_dict, config): ``config`` is the whole ``config.json`` (``config["model"]`` is the dict
@@ -269,21 +290,31 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
 
     Raises:
         CheckpointError: the folder, its config, its weights or a shard named by the index is
-            missing or unreadable; the message names the path.
+            missing or unreadable, a weight file fails its checksum, or a tensor holds NaN or inf;
+            the message names the path (and the tensor).
     """
     folder = Path(folder)
     config = _check_folder(folder)
     weight_map, files = _weight_files(folder)
+    verify = verify if verify is not None else verification_on()
+    if verify:
+        verify_checksums(folder, config)
     device = str(device)
     state: dict[str, torch.Tensor] = {}
     if files and files[0].parent != folder:  # the sharded (FSDP) layout, model/shard-*.safetensors: full tensors
         from lmforge.train.sharded import read_full
 
         for name, tensor in read_full(files[0].parent):
+            if verify:
+                check_finite(tensor, name, files[0].parent)
             state[name] = tensor.to(device)
         return state, config
     for path in files:
-        state.update(_load_tensors(path, device))
+        tensors = _load_tensors(path, device)
+        if verify:
+            for name, tensor in tensors.items():
+                check_finite(tensor, name, path)
+        state.update(tensors)
     if weight_map is not None:
         missing = [name for name in weight_map if name not in state]
         if missing:
@@ -301,6 +332,65 @@ def is_complete(folder: str | os.PathLike) -> bool:
         return True
     except (CheckpointError, OSError):
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# integrity: checksums and finite values
+# ----------------------------------------------------------------------------------------------
+def verification_on() -> bool:
+    """Whether loads check checksums and values: yes unless ``LMFORGE_NO_VERIFY=1``."""
+    return os.environ.get(NO_VERIFY_ENV, "").strip().lower() not in ("1", "true", "yes")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_checksums(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every weight file of a checkpoint folder (one file, shards, or the sharded ``model/`` files),
+    keyed by the path relative to the folder."""
+    folder = Path(folder)
+    _, files = _weight_files(folder)
+    return {path.relative_to(folder).as_posix(): file_sha256(path) for path in files}
+
+
+def verify_checksums(folder: str | os.PathLike, config: Optional[dict] = None) -> None:
+    """Raise CheckpointError unless every weight file matches the sha256 ``config.json`` records.
+
+    A checkpoint written before checksums were recorded (no ``"sha256"`` entry) passes unchecked.
+    """
+    folder = Path(folder)
+    config = config if config is not None else _check_folder(folder)
+    recorded = config.get(CHECKSUMS_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"checkpoint file {folder / CONFIG_NAME}: '{CHECKSUMS_KEY}' is not a mapping of file "
+                              f"names to checksums; the file is damaged")
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing ({CONFIG_NAME} records its checksum); "
+                                  f"use an earlier checkpoint")
+        got = file_sha256(path)
+        if got != want:
+            raise CheckpointError(f"checkpoint file {path} is damaged: its sha256 {got[:16]}... differs from the "
+                                  f"{str(want)[:16]}... recorded in {CONFIG_NAME}; use an earlier checkpoint "
+                                  f"(or set {NO_VERIFY_ENV}=1 to load it anyway)")
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: str | os.PathLike) -> None:
+    """Raise CheckpointError when a floating tensor holds NaN or inf (a damaged or diverged checkpoint)."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"checkpoint file {source}: tensor {name!r} holds {bad} NaN/inf value(s); the file is "
+                              f"damaged or the run diverged before this save: use an earlier checkpoint "
+                              f"(or set {NO_VERIFY_ENV}=1 to load it anyway)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,6 +618,85 @@ def _metric_value(metrics: Optional[dict], monitor: str) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# resuming: the same run, or a refusal
+# ----------------------------------------------------------------------------------------------
+# The keys of a run's config that decide which samples each step reads and what their tokens mean. The
+# sampler reads global batch s as samples [s*G, (s+1)*G) of an order fixed by the seed, the data blend and
+# the sequence length, so resuming with another value of any of them would skip or repeat data silently.
+# Pretraining configs (NeMo's: a "model" section) and fine-tuning configs (flat) each have their table,
+# with the way to start fresh instead.
+_PRETRAIN_DATA_KEYS = ("model.global_batch_size", "model.seed", "model.data.data_prefix", "model.data.splits_string",
+                       "model.data.seq_length", "model.encoder_seq_length", "model.tokenizer")
+_PRETRAIN_FRESH = "a new run folder (exp_manager.explicit_log_dir, or another exp_manager.name)"
+_FINETUNE_DATA_KEYS = ("global_batch_size", "seed", "data", "seq_length", "model", "method", "sft")
+_FINETUNE_FRESH = "a new run folder (out=NEW_FOLDER / --out NEW_FOLDER)"
+_ABSENT = object()
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """``{dotted key: value}`` of the scalars and lists under ``value`` (a dict is walked, not compared whole)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[list[str], str]:
+    """(``key: old -> new`` for every data-deciding key that differs, how to start fresh)."""
+    pretraining = isinstance(current.get("model"), dict)
+    keys, fresh = (_PRETRAIN_DATA_KEYS, _PRETRAIN_FRESH) if pretraining else (_FINETUNE_DATA_KEYS, _FINETUNE_FRESH)
+    changes = []
+    for key in keys:
+        old, new = _lookup(saved, key), _lookup(current, key)
+        if old is _ABSENT and new is _ABSENT:
+            continue
+        old_leaves = _leaves(old, key) if old is not _ABSENT else {}
+        new_leaves = _leaves(new, key) if new is not _ABSENT else {}
+        for leaf in sorted(set(old_leaves) | set(new_leaves)):
+            a, b = old_leaves.get(leaf, _ABSENT), new_leaves.get(leaf, _ABSENT)
+            if a != b:
+                show = lambda v: "(unset)" if v is _ABSENT else json.dumps(v)  # noqa: E731
+                changes.append(f"{leaf}: {show(a)} -> {show(b)}")
+    return changes, fresh
+
+
+def check_resumable(folder: str | os.PathLike, run_config: dict) -> None:
+    """Refuse to resume from ``folder`` unless this run reads the data exactly as the saved run did.
+
+    Compares the data-deciding keys (batch size, seed, data blend, sequence length, tokenizer; see the tables
+    above) of ``run_config`` with the config the checkpoint was saved with (its ``state.json``); a change
+    is one CheckpointError naming each key with its old and new value, and how to start fresh. The weight
+    files of a sharded checkpoint (read by DCP, not :func:`load_model`) are checked against their checksums
+    here. A checkpoint saved without its config (an older lmforge) is not compared.
+    """
+    folder = Path(folder)
+    if verification_on():
+        _, files = _weight_files(folder)
+        if files and files[0].parent != folder:  # sharded weights: load_model (which verifies) does not read them
+            verify_checksums(folder)
+    doc = _read_json(folder / TRAINING_STATE_DIR / STATE_NAME, "the training state")
+    saved = (doc.get("state") or {}).get("config") if isinstance(doc, dict) else None
+    if not isinstance(saved, dict) or not saved or not run_config:
+        return
+    changes, fresh = resume_changes(saved, run_config)
+    if changes:
+        raise CheckpointError(f"cannot resume from {folder}: this run's config changes what the saved run trained "
+                              f"on ({'; '.join(changes)}), so resuming would skip or repeat data. Run again with "
+                              f"the old value(s), or start fresh in {fresh}")
+
+
+# ----------------------------------------------------------------------------------------------
 # asynchronous saves
 def _staged(value: Any) -> Any:
     """A copy of ``value`` whose tensors live in CPU memory (what a background write may read later)."""
@@ -573,6 +742,141 @@ def _in_thread(fn, *args, **kwargs):
     return wait
 
 
+def _saved_metrics(folder: Path) -> dict:
+    """The metrics a checkpoint was saved with (its state.json), or {}."""
+    try:
+        doc = json.loads((folder / TRAINING_STATE_DIR / STATE_NAME).read_text(encoding="utf-8"))
+        return dict(doc.get("metrics") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _seal(folder: Path) -> None:
+    """Record the weight files' checksums in ``config.json`` when the writer could not (sharded and
+    asynchronous saves write config.json before or beside their weights)."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return
+    doc = _read_json(path, "the model config")
+    if isinstance(doc, dict) and CHECKSUMS_KEY not in doc:
+        doc[CHECKSUMS_KEY] = weight_checksums(folder)
+        write_json_atomic(path, doc)
+
+
+def _os_reason(error: BaseException) -> str:
+    """A short reason for a failed write: the OS's words (``No space left on device``) where there are some."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    if "os error 28" in text or "StorageFull" in text:
+        return "No space left on device"
+    if "os error 122" in text or "QuotaExceeded" in text:
+        return "Disk quota exceeded"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# one training per folder
+# ----------------------------------------------------------------------------------------------
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (clock ticks since boot, Linux), or None where unknown.
+
+    With the pid it names one process: a pid reused by a later process has another start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: Optional[str]) -> bool:
+    """Whether process ``pid`` of this host (the one started at ``started``, when known) still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that pid
+        pass
+    if started is not None:
+        now = _process_start(pid)
+        return now is None or now == started
+    return True
+
+
+class RunLock:
+    """A lock file naming the host and process that trains into a folder; two trainings never share one.
+
+    The file is created atomically (a hard link of a complete temporary, so it is never seen half written).
+    A lock left by a dead process of this host (a killed run) is taken over, with a message; a live one,
+    or one of another host (whose processes cannot be checked from here), is refused with a message
+    naming the host, pid and folder. The same process may take it again (a second run in one process).
+    Released by :meth:`release`, when its owner is collected, or at interpreter exit.
+    """
+
+    def __init__(self, path: str | os.PathLike, log=None):
+        import uuid
+        import weakref
+
+        self.path = Path(path)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.token = uuid.uuid4().hex
+        log = log or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+        doc = {"host": self.host, "pid": self.pid, "started": _process_start(self.pid), "token": self.token}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{self.pid}-{self.token[:8]}")
+        tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    holder = self._holder()
+                    if holder is None:  # vanished or unreadable (a writer died mid-way): take it
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    if holder.get("host") == self.host and holder.get("pid") == self.pid:
+                        os.replace(tmp, self.path)  # this process again
+                        break
+                    pid = int(holder.get("pid", -1))
+                    if holder.get("host") == self.host and not _alive(pid, holder.get("started")):
+                        log(f"taking over the lock of {self.path.parent}: its owner (pid {pid} on {self.host}) "
+                            f"is no longer running (a killed run)")
+                        os.replace(tmp, self.path)
+                        break
+                    raise CheckpointError(
+                        f"{self.path.parent} is in use by another training (pid {pid} on host "
+                        f"{holder.get('host')}, lock file {self.path}): two runs in one folder corrupt it. Wait for "
+                        f"it to finish, or train into another folder; if that process is gone (another host "
+                        f"cannot be checked from here), delete {self.path}")
+            else:
+                raise CheckpointError(f"cannot take the lock {self.path}; another process keeps replacing it")
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._finalizer = weakref.finalize(self, RunLock._release, self.path, self.token)
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            return doc if isinstance(doc, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _release(path: Path, token: str) -> None:
+        """Remove the lock file if it is still this holder's."""
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("token") == token:
+                path.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def release(self) -> None:
+        self._finalizer()
+
+
 # ----------------------------------------------------------------------------------------------
 # the manager
 # ----------------------------------------------------------------------------------------------
@@ -588,10 +892,13 @@ class CheckpointManager:
         save_last: keep the newest checkpoint whatever its metric. The newest is never deleted by
             retention anyway (a run must be able to resume from it); with ``save_top_k=0`` and
             ``save_last=False`` checkpointing is off and :meth:`save` writes nothing.
-        cleanup: on construction rank 0 removes stale ``.step_*.tmp`` folders left by a killed run
-            (and puts back a folder caught mid-replacement), then all ranks meet at a barrier so they
-            see the same checkpoints: construct the manager on every rank. Pass False to only read
-            (finding a checkpoint for inference while a run may be saving); no barrier then.
+        cleanup: on construction rank 0 checks that ``root`` is writable (before step 1, not at the first
+            save), takes the folder's lock (:class:`RunLock`: one training per folder), removes stale
+            ``.step_*.tmp`` folders left by a killed run (and puts back a folder caught mid-replacement),
+            and finishes an interrupted retention so ``checkpoints.json`` lists exactly the step folders
+            (:meth:`_reconcile`); then all ranks meet so they see the same checkpoints: construct the
+            manager on every rank. Pass False to only read (finding a checkpoint for inference while a run
+            may be saving); no lock and no barrier then.
     """
 
     def __init__(self, root: str | os.PathLike, runtime: Runtime, monitor: str = "val_loss", mode: str = "min",
@@ -607,10 +914,18 @@ class CheckpointManager:
         self.save_top_k = save_top_k
         self.save_last = save_last
         self._pending: Optional[dict] = None  # an asynchronous save still being written
-        if cleanup:
+        self._lock: Optional[RunLock] = None
+        if cleanup and (save_top_k != 0 or save_last):  # checkpointing off: the folder is never written
+            error: Optional[Exception] = None
             if runtime.is_main:
-                self._clean_stale()
-            runtime.barrier()
+                try:
+                    self._prepare()
+                except (CheckpointError, OSError) as e:  # every rank must learn of it before raising
+                    error = e
+            if not self._all_ok(error is None):
+                if error is not None:
+                    raise error
+                raise CheckpointError(f"rank 0 could not prepare the checkpoint folder {self.root}; see its error")
 
     # -- names ----------------------------------------------------------------------------------
     @staticmethod
@@ -623,11 +938,32 @@ class CheckpointManager:
     def _old_path(self, name: str) -> Path:
         return self.root / f".{name}.old"
 
+    def _prepare(self) -> None:
+        """Rank 0 at the start of a run: a writable folder, its lock, no leftovers of a killed run."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            self._lock = RunLock(self.root / LOCK_NAME)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint folder {self.root} is not writable ({e.strerror or e}): choose another "
+                                  f"results folder (exp_manager.explicit_log_dir / exp_manager.exp_dir; --out or "
+                                  f"out for fine-tuning) or fix its permissions") from e
+        self._clean_stale()
+        self._reconcile()
+
     def _clean_stale(self) -> None:
-        """Remove temporaries of an interrupted save; put back a folder caught mid-replacement."""
+        """Remove temporaries of an interrupted save; put back a folder caught mid-replacement.
+
+        Only names the manager itself writes are touched: ``.step_N.tmp`` / ``.step_N.old`` folders and the
+        ``.latest.tmp-*`` / ``.checkpoints.json.tmp-*`` temporaries of its atomic file writes.
+        """
         if not self.root.is_dir():
             return
         for path in self.root.iterdir():
+            if _OWN_TEMP.match(path.name):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                continue
             m = re.match(r"^\.(step_\d+)\.(tmp|old)$", path.name)
             if not m or not path.is_dir():
                 continue
@@ -636,6 +972,55 @@ class CheckpointManager:
                 os.replace(path, final)  # the replacing rename never happened: the old one is the good one
             else:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _reconcile(self) -> None:
+        """Make ``checkpoints.json`` and ``latest`` agree with the step folders after a killed save or retention.
+
+        A kill between publishing a checkpoint and recording it leaves a complete folder that
+        ``checkpoints.json`` does not list (invisible to :meth:`best`); a kill inside retention leaves
+        folders that were being deleted, possibly without their weights. Here every complete unlisted
+        folder is listed again and retention is re-run over them (dropping what it would have dropped);
+        an unlisted incomplete folder is the rest of a deletion and is removed. Listed folders are never
+        deleted here (the next save's retention handles them).
+        """
+        folders = {f.name: f for f in self._step_folders()}
+        records = self._listed()
+        if records is None:  # no usable checkpoints.json: every folder is unlisted
+            if not folders:
+                return
+            records = []
+        listed = {r["name"] for r in records}
+        kept_records = [r for r in records if r["name"] in folders]
+        unlisted = [f for name, f in folders.items() if name not in listed]
+        changed = len(kept_records) != len(records)
+        added = []
+        for folder in unlisted:
+            if self._usable(folder):
+                added.append({"name": folder.name, "step": int(_STEP_DIR.match(folder.name).group(1)),
+                              "metrics": _saved_metrics(folder)})
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                changed = True
+        usable = [r for r in kept_records + added if self._usable(self.root / r["name"])]
+        if not added and not changed:
+            return
+        newest = max(usable, key=lambda r: r["step"])["name"] if usable else None
+        all_records = kept_records + added
+        keep = self._select(all_records, newest) if newest is not None else {r["name"] for r in all_records}
+        keep |= listed  # listed folders stay until the next save's retention
+        for r in added:
+            if r["name"] not in keep:
+                shutil.rmtree(self.root / r["name"], ignore_errors=True)
+        self._write_records([r for r in all_records if r["name"] in keep], newest)
+        if newest is not None:
+            write_text_atomic(self.root / LATEST_NAME, newest + "\n")
+
+    def close(self) -> None:
+        """Finish an asynchronous save and release the folder's lock (also done when the manager is collected)."""
+        self.wait()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- collective helpers ---------------------------------------------------------------------
     def _all_ok(self, ok: bool) -> bool:
@@ -726,9 +1111,20 @@ class CheckpointManager:
                 metrics: Optional[dict]) -> Path:
         """Publish ``tmp`` as ``final`` when every rank succeeded; otherwise remove it and raise."""
         rt = self.runtime
+        if error is None and rt.is_main:
+            try:
+                _seal(tmp)
+            except (OSError, SafetensorError, CheckpointError) as e:
+                error = e
         if not self._all_ok(error is None):
             if rt.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, (OSError, SafetensorError)):  # disk full, quota, permissions: one line
+                previous = self.latest()
+                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+                raise CheckpointError(f"could not write checkpoint {final}: {_os_reason(error)}; nothing was "
+                                      f"published and {kept}. Free space in {self.root} (or lower save_top_k) "
+                                      f"and run again to resume") from error
             if error is not None:
                 raise error
             raise CheckpointError(f"another rank failed while writing checkpoint {final}; see its error above")
@@ -739,7 +1135,9 @@ class CheckpointManager:
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename the finished temporary into place, replacing an existing folder of that name."""
+        """Rename the finished temporary into place (its files on disk first), replacing a folder of that name."""
+        apply_umask(tmp)
+        fsync_tree(tmp)
         if final.exists():
             old = self._old_path(final.name)
             if old.exists():
@@ -749,6 +1147,7 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_dir(self.root)
         write_text_atomic(self.root / LATEST_NAME, final.name + "\n")
 
     def _retain(self, newest: str, step: int, metrics: Optional[dict]) -> None:
@@ -756,12 +1155,8 @@ class CheckpointManager:
         records = [r for r in self._records() if r["name"] != newest and (self.root / r["name"]).is_dir()]
         records.append({"name": newest, "step": step, "metrics": _jsonable_metrics(metrics)})
         keep = self._select(records, newest)
-        kept = sorted((r for r in records if r["name"] in keep), key=lambda r: r["step"])
-        for r in kept:
-            r["metric"] = _metric_value(r["metrics"], self.monitor)
-            r["last"] = r["name"] == newest
-        write_json_atomic(self.root / RECORDS_NAME, {"monitor": self.monitor, "mode": self.mode,
-                                                     "latest": newest, "checkpoints": kept})
+        kept = [r for r in records if r["name"] in keep]
+        self._write_records(kept, newest)
         for r in records:
             if r["name"] not in keep:
                 shutil.rmtree(self.root / r["name"], ignore_errors=True)
@@ -780,26 +1175,33 @@ class CheckpointManager:
         keep.add(newest)  # never delete the checkpoint just written
         return keep
 
-    def _records(self) -> list[dict]:
-        """Checkpoints known to ``checkpoints.json``, or rebuilt from the step folders when it is unusable."""
+    def _write_records(self, records: list[dict], newest: Optional[str]) -> None:
+        """Rewrite ``checkpoints.json`` with ``records`` (oldest first)."""
+        kept = sorted(({"name": r["name"], "step": r["step"], "metrics": r["metrics"]} for r in records),
+                      key=lambda r: r["step"])
+        for r in kept:
+            r["metric"] = _metric_value(r["metrics"], self.monitor)
+            r["last"] = r["name"] == newest
+        write_json_atomic(self.root / RECORDS_NAME, {"monitor": self.monitor, "mode": self.mode,
+                                                     "latest": newest, "checkpoints": kept})
+
+    def _listed(self) -> Optional[list[dict]]:
+        """The checkpoints ``checkpoints.json`` lists, or None when it is missing or unusable."""
         path = self.root / RECORDS_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            records = [{"name": str(r["name"]), "step": int(r["step"]), "metrics": dict(r.get("metrics") or {})}
-                       for r in data["checkpoints"]]
+            return [{"name": str(r["name"]), "step": int(r["step"]), "metrics": dict(r.get("metrics") or {})}
+                    for r in data["checkpoints"] if _STEP_DIR.match(str(r["name"]))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _records(self) -> list[dict]:
+        """Checkpoints known to ``checkpoints.json``, or rebuilt from the step folders when it is unusable."""
+        records = self._listed()
+        if records is not None:
             return records
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        records = []
-        for folder in self._step_folders():
-            metrics = {}
-            try:
-                doc = json.loads((folder / TRAINING_STATE_DIR / STATE_NAME).read_text(encoding="utf-8"))
-                metrics = dict(doc.get("metrics") or {})
-            except (OSError, ValueError, AttributeError, TypeError):
-                pass
-            records.append({"name": folder.name, "step": int(_STEP_DIR.match(folder.name).group(1)), "metrics": metrics})
-        return records
+        return [{"name": folder.name, "step": int(_STEP_DIR.match(folder.name).group(1)),
+                 "metrics": _saved_metrics(folder)} for folder in self._step_folders()]
 
     def _step_folders(self) -> list[Path]:
         """Visible ``step_*`` folders, oldest first (temporaries are hidden and never listed)."""
