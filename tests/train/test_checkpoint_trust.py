@@ -123,6 +123,35 @@ def test_generate_and_serve_path_refuses_a_damaged_checkpoint(tiny_corpus, tmp_p
 # ------------------------------------------------------------------------------------------------
 # item 2: resume refuses a changed run
 # ------------------------------------------------------------------------------------------------
+def _pretrain(corpus, out, **extra):
+    from lmforge.config import load_config
+    from lmforge.train.pretrain import run
+    from tests.conftest import tiny_overrides
+
+    base = {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.limit_test_batches": 0,
+            "trainer.limit_val_batches": 1}
+    base.update(extra)
+    return run(load_config("tiny/llama", tiny_overrides(corpus, out, **base)), console_log=lambda *a: None)
+
+
+@pytest.mark.parametrize("key,new,expect", [
+    ("model.global_batch_size", 16, "model.global_batch_size: 8 -> 16"),
+    ("model.seed", 7, "model.seed: 1234 -> 7"),
+    ("model.data.splits_string", "80,10,10", 'model.data.splits_string: "90,5,5" -> "80,10,10"'),
+])
+def test_resume_with_a_changed_data_order_is_refused(tiny_corpus, tmp_path, key, new, expect):
+    out = tmp_path / "run"
+    _pretrain(tiny_corpus, out)
+    with pytest.raises(CheckpointError) as info:
+        _pretrain(tiny_corpus, out, **{"trainer.max_steps": 4, key: new})
+    message = str(info.value)
+    assert expect in message and "step_0000002" in message and "new run folder" in message
+    assert _steps(out / "checkpoints") == [2]  # nothing trained, nothing written
+    # the same data order resumes (a longer run is no change)
+    summary = _pretrain(tiny_corpus, out, **{"trainer.max_steps": 4})
+    assert summary["resumed_from"].endswith("step_0000002") and summary["steps"] == 4
+
+
 def test_resume_changes_names_tokenizer_and_data_blend_and_finetune_keys():
     saved = {"model": {"global_batch_size": 8, "seed": 1, "tokenizer": {"library": "huggingface", "model": "tok_a"},
                        "data": {"data_prefix": [1.0, "a_text_document"], "seq_length": 32}}}

@@ -157,8 +157,8 @@ class Training:
         _save(self, st, metrics)
 
     def finish_saving(self) -> None:
-        """Publish an asynchronous checkpoint still being written (every rank; a no-op otherwise)."""
-        self.manager.wait()
+        """Publish an asynchronous checkpoint still being written (every rank), then release the folder's lock."""
+        self.manager.close()
 
     def async_group(self, part: str):
         """The gloo group the background writes of ``part`` (weights, optimizer) talk over: one group each, apart
@@ -203,7 +203,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     """
     from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
     from lmforge.peft import apply_peft, base_model
-    from lmforge.train.checkpoint import CheckpointManager
+    from lmforge.train.checkpoint import CheckpointManager, check_resumable
     from lmforge.train.metrics import MetricsLogger
     from lmforge.train.objectives import CausalLMLoss
     from lmforge.train.optim import build_optimizer, build_schedule
@@ -231,6 +231,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                               f"set exp_manager.resume_ignore_no_checkpoint=true to start fresh")
     if latest is not None:
         _check_same_model(latest, model_config)
+        check_resumable(latest, job.run_config)  # same data order (else refused), undamaged sharded weights
     sharded_resume = latest is not None and _is_sharded_checkpoint(latest)
     on_meta = any(p.is_meta for p in model.parameters())  # pipeline stages are allocated after the split
     if latest is not None and not sharded_resume and not on_meta:  # 2. full weights into the plain model
