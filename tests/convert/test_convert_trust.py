@@ -102,3 +102,14 @@ def test_links_inside_a_nemo_are_refused_never_followed(tmp_path):
         tar.addfile(link)
     with pytest.raises(CheckpointError, match="holds links"):
         convert(tmp_path / "m.nemo", tmp_path / "out", to="lmforge", progress=False)
+
+
+def test_resolvers_in_an_imported_config_are_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("H15_SECRET", "s3cr3t-value")
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    (folder / "model_config.yaml").write_text("num_layers: 1\nhidden_size: ${oc.env:H15_SECRET}\n")
+    with pytest.raises(ConfigError) as info:
+        convert(folder, tmp_path / "out", to="lmforge", progress=False)
+    assert "oc.env" in str(info.value) and "s3cr3t-value" not in str(info.value)
+    assert not (tmp_path / "out").exists()

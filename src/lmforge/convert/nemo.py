@@ -115,8 +115,15 @@ class _Archive:
 
 
 def _raw_config(yaml_text: str, source: str) -> dict:
+    """The model section of an imported model_config.yaml. Plain interpolations (``${.encoder_seq_length}``)
+    are resolved; resolver calls (``${oc.env:HOME}``, ``${oc.decode:...}``) are refused, never run: an
+    imported file must not read the environment or files of this machine (nor put them in an error)."""
     from omegaconf import OmegaConf
 
+    calls = sorted(set(re.findall(r"\$\{\s*([A-Za-z_][\w.]*)\s*:", yaml_text)))
+    if calls:
+        raise ConfigError(f"{source}: model_config.yaml calls the resolver(s) {', '.join(calls)} (${{NAME:...}}); "
+                          f"lmforge never runs resolvers of an imported config: replace them with plain values")
     try:
         raw = OmegaConf.to_container(OmegaConf.create(yaml_text), resolve=True)
     except Exception as e:
