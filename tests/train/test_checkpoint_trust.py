@@ -168,6 +168,25 @@ def test_resume_changes_names_tokenizer_and_data_blend_and_finetune_keys():
     assert changes == ['data: "a.jsonl" -> "b.jsonl"'] and "out=" in fresh
 
 
+def test_resume_with_another_tokenizer_at_the_same_path_is_refused(tmp_path):
+    """The config names the same tokenizer folder, but it was trained again on other text: ids mean other tokens."""
+    from lmforge.data.tokenizers import load_tokenizer, train_bpe
+
+    texts = {"a": ["the cat sat on the mat"] * 50, "b": ["zebras quietly jump over foxes"] * 50}
+    toks = {}
+    for name, lines in texts.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines))
+        toks[name] = train_bpe([tmp_path / f"{name}.txt"], 300, tmp_path / f"tok_{name}")
+    m = CheckpointManager(tmp_path / "run", RT)
+    folder = m.save(1, _weights(), CONFIG, None, {"step": 1, "config": {"model": {"seed": 1}}}, tokenizer=toks["a"])
+    run_config = {"model": {"seed": 1}}
+    ckpt.check_resumable(folder, run_config, load_tokenizer(tmp_path / "tok_a"))  # the same tokenizer: resumes
+    with pytest.raises(CheckpointError) as info:
+        ckpt.check_resumable(folder, run_config, toks["b"])
+    assert "tokenizer: the checkpoint's tokenizer differs from this run's" in str(info.value)
+    assert "new run folder" in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # item 9: interrupted save or retention
 # ------------------------------------------------------------------------------------------------

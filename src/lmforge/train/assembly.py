@@ -231,7 +231,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                               f"set exp_manager.resume_ignore_no_checkpoint=true to start fresh")
     if latest is not None:
         _check_same_model(latest, model_config)
-        check_resumable(latest, job.run_config)  # same data order (else refused), undamaged sharded weights
+        check_resumable(latest, job.run_config, tokenizer)  # same data and tokenizer (else refused); sound weights
     sharded_resume = latest is not None and _is_sharded_checkpoint(latest)
     on_meta = any(p.is_meta for p in model.parameters())  # pipeline stages are allocated after the split
     if latest is not None and not sharded_resume and not on_meta:  # 2. full weights into the plain model

@@ -671,14 +671,45 @@ def resume_changes(saved: dict, current: dict) -> tuple[list[str], str]:
     return changes, fresh
 
 
-def check_resumable(folder: str | os.PathLike, run_config: dict) -> None:
+def _tokenizer_fingerprint(tokenizer) -> tuple[int, str]:
+    """(vocabulary size, sha256 of every id's token and the special ids): equal for tokenizers that map
+    text to the same ids, whatever file format or library version saved them."""
+    digest = hashlib.sha256()
+    n = int(tokenizer.vocab_size)
+    for i in range(n):
+        digest.update(f"{i}\t{tokenizer.id_to_token(i)}\n".encode("utf-8", "surrogatepass"))
+    digest.update(f"eod={tokenizer.eod_id} bos={tokenizer.bos_id}".encode())
+    return n, digest.hexdigest()
+
+
+def _tokenizer_change(folder: Path, tokenizer) -> Optional[str]:
+    """``tokenizer: ...`` when the checkpoint's saved tokenizer maps ids otherwise than ``tokenizer``; None when
+    they agree or the checkpoint holds no tokenizer to compare with."""
+    if tokenizer is None or not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return None
+    from lmforge.data.tokenizers import load_tokenizer
+
+    try:
+        saved = load_tokenizer(folder)
+        old, new = _tokenizer_fingerprint(saved), _tokenizer_fingerprint(tokenizer)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot be read or enumerated is not compared
+        return None
+    if old == new:
+        return None
+    sizes = f"vocabulary {old[0]} -> {new[0]}" if old[0] != new[0] else f"same vocabulary size {old[0]}, other tokens"
+    return f"tokenizer: the checkpoint's tokenizer differs from this run's ({sizes})"
+
+
+def check_resumable(folder: str | os.PathLike, run_config: dict, tokenizer=None) -> None:
     """Refuse to resume from ``folder`` unless this run reads the data exactly as the saved run did.
 
     Compares the data-deciding keys (batch size, seed, data blend, sequence length, tokenizer; see the tables
-    above) of ``run_config`` with the config the checkpoint was saved with (its ``state.json``); a change
-    is one CheckpointError naming each key with its old and new value, and how to start fresh. The weight
-    files of a sharded checkpoint (read by DCP, not :func:`load_model`) are checked against their checksums
-    here. A checkpoint saved without its config (an older lmforge) is not compared.
+    above) of ``run_config`` with the config the checkpoint was saved with (its ``state.json``), and, when
+    ``tokenizer`` is given, its id mapping with the tokenizer saved in the checkpoint (the same path may hold
+    another tokenizer now); a change is one CheckpointError naming each key with its old and new value, and
+    how to start fresh. The weight files of a sharded checkpoint (read by DCP, not :func:`load_model`) are
+    checked against their checksums here. A checkpoint saved without its config (an older lmforge) is not
+    compared by config.
     """
     folder = Path(folder)
     if verification_on():
@@ -687,9 +718,12 @@ def check_resumable(folder: str | os.PathLike, run_config: dict) -> None:
             verify_checksums(folder)
     doc = _read_json(folder / TRAINING_STATE_DIR / STATE_NAME, "the training state")
     saved = (doc.get("state") or {}).get("config") if isinstance(doc, dict) else None
-    if not isinstance(saved, dict) or not saved or not run_config:
-        return
-    changes, fresh = resume_changes(saved, run_config)
+    changes, fresh = [], _PRETRAIN_FRESH if isinstance(run_config.get("model"), dict) else _FINETUNE_FRESH
+    if isinstance(saved, dict) and saved and run_config:
+        changes, fresh = resume_changes(saved, run_config)
+    tokenizer_change = _tokenizer_change(folder, tokenizer)
+    if tokenizer_change:
+        changes.append(tokenizer_change)
     if changes:
         raise CheckpointError(f"cannot resume from {folder}: this run's config changes what the saved run trained "
                               f"on ({'; '.join(changes)}), so resuming would skip or repeat data. Run again with "
