@@ -82,7 +82,7 @@ def test_stage_without_config(tmp_path, launch_helpers, tiny_corpus):
 def test_gpus_not_divisible_by_tp_pp(tmp_path, launch_helpers, tiny_corpus):
     path = _conf(tmp_path, launch_helpers, tiny_corpus)
     with pytest.raises(ConfigError, match=r"2 node\(s\) x 2 device\(s\) = 4 GPUs is not divisible by tensor x "
-                                          r"pipeline parallel size = 3 x 1 = 3"):
+                                          r"pipeline x context parallel size = 3 x 1 x 1 = 3"):
         launch(path, ["training.trainer.num_nodes=2", "training.trainer.devices=2",
                       "training.model.tensor_model_parallel_size=3"], dry_run=True)
 

@@ -103,3 +103,28 @@ def test_array_with_tokenizer_training_is_refused(tmp_path, launch_helpers):
                               "tokenizer": {"path": "tok", "train": True, "vocab_size": 256}}})
     with pytest.raises(ConfigError, match="needs an existing tokenizer"):
         build_stages(load_launch_config(path))
+
+
+def test_nemo_divide_ceil_sizes_the_job_from_the_parallel_layout(tmp_path, launch_helpers, tiny_corpus):
+    """A NeMo Launcher stage file computes its nodes from the model-parallel size (``divide_ceil``, ``multiply``):
+    TP 2 x PP 2 on 2-GPU nodes is 2 nodes of 2 tasks, started by one torchrun per node with a c10d rendezvous."""
+    body = launch_helpers.training_body(tiny_corpus, devices=2, accelerator="gpu")
+    body["model"].update(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, global_batch_size=96,
+                         share_embeddings_and_output_weights=False)
+    body["run"]["nodes"] = ("${divide_ceil:${multiply:${training.model.tensor_model_parallel_size}, "
+                            "${training.model.pipeline_model_parallel_size}}, ${training.trainer.devices}}")
+    body["trainer"]["num_nodes"] = "${training.run.nodes}"
+    path = launch_helpers.write_conf(tmp_path, {"stages": ["training"], "base_results_dir": str(tmp_path / "r"),
+                                                "cluster_type": "slurm"}, {"training": body})
+    cfg = load_launch_config(path)
+    stage = build_stages(cfg, check_commands=False)[0]
+    assert (stage.nodes, stage.ntasks_per_node, stage.gpus_per_node) == (2, 2, 2)
+    text = script(stage, cfg)
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=2" in text
+    main_line = next(line for line in text.splitlines() if "torch.distributed.run" in line)
+    for arg in ["--nnodes=${SLURM_JOB_NUM_NODES}", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                "--rdzv-endpoint=${HEAD_NODE}:${RDZV_PORT}"]:
+        assert arg in main_line, arg
+    from lmforge.config.loader import _divide_ceil, _divide_floor
+
+    assert (_divide_ceil(8, 4), _divide_ceil(9, 4), _divide_floor(9, 4), _divide_floor(1, 2)) == (2, 3, 2, 0)

@@ -385,14 +385,24 @@ def _merge(base: Any, data: dict, source: _Source) -> Any:
 
 
 def _register_resolvers() -> None:
-    # NeMo's configs write ``${multiply:4, ${.hidden_size}}``; NeMo registers the same resolver.
-    if not OmegaConf.has_resolver("multiply"):
-        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-        register("multiply", _multiply)
+    """NeMo's resolvers, which its configs and Launcher stage files use: ``${multiply:4, ${.hidden_size}}``,
+    ``nodes: ${divide_ceil:${evaluation.model.model_parallel_size}, 4}``, ``${divide_floor:...}``."""
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    for name, fn in (("multiply", _multiply), ("divide_ceil", _divide_ceil), ("divide_floor", _divide_floor)):
+        if not OmegaConf.has_resolver(name):
+            register(name, fn)
 
 
 def _multiply(x, y):
     return x * y
+
+
+def _divide_ceil(x, y):
+    return -(-int(x) // int(y))
+
+
+def _divide_floor(x, y):
+    return int(x) // int(y)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmforge.config.loader import parse_override
+from lmforge.config.loader import _register_resolvers, parse_override
 from lmforge.errors import ConfigError
 
 #: Values of ``cluster_type``: ``bcm`` (NeMo's name for a Slurm cluster) means slurm.
@@ -201,6 +201,7 @@ def load_launch_config(config_path: str | Path, overrides: Sequence[str] = ()) -
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {key}={value!r}: {str(e).splitlines()[0]}") from None
     merged["_conf_dir"] = str(conf_dir.resolve())
+    _register_resolvers()  # NeMo's multiply, divide_ceil, divide_floor (stage files compute nodes with them)
     merged["_choices"] = {g: n for g, n in choices.items()}
     try:
         OmegaConf.resolve(merged)

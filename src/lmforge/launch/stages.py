@@ -214,12 +214,17 @@ def _build_training(cfg: DictConfig, stage: str, commands) -> Stage:
     model = body.get("model") or {}
     devices = int(trainer.get("devices", 1) or 1)
     num_nodes = int(trainer.get("num_nodes", 1) or 1)
-    tp = int(model.get("tensor_model_parallel_size", 1) or 1)
-    pp = int(model.get("pipeline_model_parallel_size", 1) or 1)
-    if (devices * num_nodes) % (tp * pp):
+    sizes = {k: int(model.get(f"{k}_model_parallel_size" if k != "context" else "context_parallel_size", 1) or 1)
+             for k in ("tensor", "pipeline", "context", "expert")}
+    split = sizes["tensor"] * sizes["pipeline"] * sizes["context"]
+    if (devices * num_nodes) % split:
         raise ConfigError(f"{stage}: {num_nodes} node(s) x {devices} device(s) = {devices * num_nodes} GPUs is not "
-                          f"divisible by tensor x pipeline parallel size = {tp} x {pp} = {tp * pp}; change "
-                          f"{stage}.trainer.devices, {stage}.trainer.num_nodes or the parallel sizes")
+                          f"divisible by tensor x pipeline x context parallel size = {sizes['tensor']} x "
+                          f"{sizes['pipeline']} x {sizes['context']} = {split}; change {stage}.trainer.devices, "
+                          f"{stage}.trainer.num_nodes or the parallel sizes")
+    if (devices * num_nodes // split) % sizes["expert"]:
+        raise ConfigError(f"{stage}: model.expert_model_parallel_size={sizes['expert']} must divide the "
+                          f"data-parallel size {devices * num_nodes // split} (GPUs / (tensor x pipeline x context))")
     on_cpu = str(trainer.get("accelerator", "auto")).lower() == "cpu"
     nodes, tasks, gpus = _resources(stage, run, num_nodes, 0 if on_cpu else devices, devices)
     if command == "pretrain":
