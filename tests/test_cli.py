@@ -95,3 +95,13 @@ def test_config_accepts_the_nemo_override_line(capsys):
     assert "accumulate_grad_batches: 4" in out  # 192 / (6 x 8)
     assert "splits_string: 980,10,10" in out
     assert "betas: [0.9, 0.95]" in out
+
+
+def test_overrides_may_follow_a_flag_that_follows_other_overrides(capsys):
+    """argparse alone rejects `config R a=1 --estimate b=2`; the overrides after the flag act."""
+    assert main(["config", "tiny/llama", "trainer.devices=2", "--estimate", "model.micro_batch_size=2",
+                 "trainer.num_nodes=2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 GPUs (2 nodes x 2), data parallel 4" in out, out
+    p = _run(["config", "tiny/llama", "trainer.devices=2", "--estimate", "--bogus"])  # not an override: refused
+    assert p.returncode == 2 and "unrecognized arguments: --bogus" in p.stderr

@@ -199,11 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; dotted overrides may stand anywhere, also after a flag that follows other overrides
+    (``finetune --out o trainer.devices=2 --method full fsdp=true``), which argparse alone refuses."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]  # argv order: these came after the others
+        return args
+    return parser.parse_args(argv)  # argparse's own message for anything else
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LMFORGE_DEBUG") == "1"
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
