@@ -353,3 +353,34 @@ def test_disk_full_during_save_is_one_error_and_the_previous_checkpoint_survives
     monkeypatch.undo()
     assert _steps(tmp_path) == [1] and m.latest() == tmp_path / "step_0000001"
     assert torch.equal(load_model(m.latest())[0]["a.weight"], torch.full((4, 3), 7.0))
+
+
+def test_disk_full_while_listing_a_written_checkpoint_warns_and_the_next_start_lists_it(tmp_path, monkeypatch, capsys):
+    m = CheckpointManager(tmp_path, RT)
+    _save(m, 1, {"val_loss": 1.0})
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CheckpointManager, "_write_records", full)  # checkpoints.json cannot be rewritten
+    assert _save(m, 2, {"val_loss": 0.5}) == tmp_path / "step_0000002"  # training goes on
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "warning: checkpoint" in err and "No space left on device" in err
+    assert _recorded(tmp_path) == ["step_0000001"]
+    m2 = CheckpointManager(tmp_path, RT)
+    assert _recorded(tmp_path) == ["step_0000001", "step_0000002"] and m2.best() == tmp_path / "step_0000002"
+
+
+def test_a_save_that_cannot_start_is_one_error(tmp_path, monkeypatch):
+    m = CheckpointManager(tmp_path / "run", RT)
+    real_mkdir = Path.mkdir
+
+    def full(self, *a, **k):
+        if self.name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(CheckpointError, match="could not start writing checkpoint .*No space left on device"):
+        _save(m, 1, {"val_loss": 1.0})

@@ -839,6 +839,29 @@ def _alive(pid: int, started: Optional[str]) -> bool:
     return True
 
 
+def _warn(message: str) -> None:
+    """One ``warning:`` line on stderr (the manager has no console of its own)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _create_exclusive(complete: Path, path: Path) -> None:
+    """Make ``path`` a copy of the complete file ``complete``, or raise FileExistsError when it exists.
+
+    A hard link appears whole at once; where the file system has no hard links, an ``O_EXCL`` create
+    (written right after) stands in.
+    """
+    try:
+        os.link(complete, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(complete.read_bytes())
+
+
 class RunLock:
     """A lock file naming the host and process that trains into a folder; two trainings never share one.
 
@@ -857,14 +880,14 @@ class RunLock:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.token = uuid.uuid4().hex
-        log = log or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+        log = log or _warn
         doc = {"host": self.host, "pid": self.pid, "started": _process_start(self.pid), "token": self.token}
         tmp = self.path.with_name(f".{self.path.name}.tmp-{self.pid}-{self.token[:8]}")
         tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, self.path)
+                    _create_exclusive(tmp, self.path)
                     break
                 except FileExistsError:
                     holder = self._holder()
@@ -1033,6 +1056,7 @@ class CheckpointManager:
                 added.append({"name": folder.name, "step": int(_STEP_DIR.match(folder.name).group(1)),
                               "metrics": _saved_metrics(folder)})
             else:
+                _warn(f"removed {folder}: an incomplete checkpoint no record lists (an interrupted save or retention)")
                 shutil.rmtree(folder, ignore_errors=True)
                 changed = True
         usable = [r for r in kept_records + added if self._usable(self.root / r["name"])]
@@ -1044,7 +1068,10 @@ class CheckpointManager:
         keep |= listed  # listed folders stay until the next save's retention
         for r in added:
             if r["name"] not in keep:
+                _warn(f"removed {self.root / r['name']}: retention had dropped it when the run was interrupted")
                 shutil.rmtree(self.root / r["name"], ignore_errors=True)
+            else:
+                _warn(f"recorded {self.root / r['name']} in {RECORDS_NAME}: the run was interrupted before it was")
         self._write_records([r for r in all_records if r["name"] in keep], newest)
         if newest is not None:
             write_text_atomic(self.root / LATEST_NAME, newest + "\n")
@@ -1094,12 +1121,19 @@ class CheckpointManager:
         rt = self.runtime
         name = self.folder_name(step)
         final, tmp = self.root / name, self._tmp_path(name)
+        start_error: Optional[OSError] = None
         if rt.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        rt.barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as e:  # every rank must learn of it (a barrier would wait for rank 0 forever)
+                start_error = e
+        if not self._all_ok(start_error is None):
+            reason = _os_reason(start_error) if start_error is not None else "rank 0 failed; see its error"
+            raise CheckpointError(f"could not start writing checkpoint {final}: {reason}; free space in "
+                                  f"{self.root} or fix its permissions, then run again to resume") from start_error
         error: Optional[Exception] = None
         waits: list = []
         try:
@@ -1164,7 +1198,12 @@ class CheckpointManager:
             raise CheckpointError(f"another rank failed while writing checkpoint {final}; see its error above")
         if rt.is_main:
             self._publish(tmp, final)
-            self._retain(name, int(step), metrics)
+            try:
+                write_text_atomic(self.root / LATEST_NAME, final.name + "\n")
+                self._retain(name, int(step), metrics)
+            except OSError as e:  # the checkpoint is whole on disk; the next start records it (_reconcile)
+                _warn(f"checkpoint {final} was written, but {self.root} could not be updated to list it "
+                      f"({_os_reason(e)}); the next run records it. Free space in {self.root}")
         rt.barrier()
         return final
 
@@ -1182,7 +1221,6 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         fsync_dir(self.root)
-        write_text_atomic(self.root / LATEST_NAME, final.name + "\n")
 
     def _retain(self, newest: str, step: int, metrics: Optional[dict]) -> None:
         """Record the new checkpoint, rewrite checkpoints.json, then delete those beyond the top k."""
