@@ -51,16 +51,24 @@ def apply_umask(path: str | os.PathLike) -> None:
     if path.is_symlink():
         return
     if path.is_dir():
-        os.chmod(path, umask_mode(executable=True))
+        _chmod(path, umask_mode(executable=True))
         for parent, dirs, files in os.walk(path):
             for name in dirs:
                 if not os.path.islink(os.path.join(parent, name)):
-                    os.chmod(os.path.join(parent, name), umask_mode(executable=True))
+                    _chmod(os.path.join(parent, name), umask_mode(executable=True))
             for name in files:
                 apply_umask(os.path.join(parent, name))
         return
     executable = bool(os.stat(path).st_mode & 0o111)
-    os.chmod(path, umask_mode(executable=executable))
+    _chmod(path, umask_mode(executable=executable))
+
+
+def _chmod(path: str | os.PathLike, mode: int) -> None:
+    """chmod, best effort: a file another user wrote (another rank's shard on a shared folder) keeps its mode."""
+    try:
+        os.chmod(path, mode)
+    except PermissionError:
+        pass
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -78,7 +86,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def _fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # not ours to read (another user's file): its writer synced it or nobody can
+        return
     try:
         os.fsync(fd)
     finally:
