@@ -18,7 +18,7 @@ import torch
 from lmforge.errors import CheckpointError
 from lmforge.locate import adapter_base, find_adapter, is_hf_folder, resolve_checkpoint
 
-__all__ = ["load_for_inference", "load_weights", "pick_dtype"]
+__all__ = ["load_for_inference", "load_weights", "pick_dtype", "adapter_tokenizer"]
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
@@ -37,6 +37,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def adapter_tokenizer(adapter: str | Path, base_tokenizer):
+    """The tokenizer saved beside an adapter (fine-tuning writes it, chat template included), else
+    ``base_tokenizer``: the one the base model came with."""
+    from lmforge.data.tokenizers import load_tokenizer
+
+    adapter = Path(adapter)
+    if (adapter / "tokenizer.json").is_file():
+        return load_tokenizer(adapter)
+    return base_tokenizer
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto",
@@ -66,7 +77,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
         from lmforge.peft import adapter_for_inference
 
         model, tokenizer = load_for_inference(adapter_base(adapter), device, dtype)
-        return adapter_for_inference(model, adapter, allow_ptuning=allow_ptuning), tokenizer
+        return adapter_for_inference(model, adapter, allow_ptuning=allow_ptuning), adapter_tokenizer(adapter, tokenizer)
     if is_hf_folder(path):
         from lmforge.convert.hf import load_hf_model
 

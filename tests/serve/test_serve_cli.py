@@ -60,7 +60,7 @@ def test_generate_file_resumes(ckpt, tmp_path, capsys):
         f.write('{"id": "p9", "compl')
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"total": 5, "skipped": 3, "written": 2, "output": str(out)}
+    assert summary == {"total": 5, "skipped": 3, "written": 2, "failed": 0, "output": str(out)}
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     by_id = {x["id"]: x for x in lines}
     assert len(lines) == 5 and sorted(by_id) == [f"p{i}" for i in range(5)]
@@ -89,3 +89,55 @@ def test_generate_file_errors(ckpt, tmp_path, capsys):
 def test_serve_command_is_registered():
     a = build_parser().parse_args(["serve", "some/model", "--port", "9001", "--api-key", "k", "--max-batch-size", "4"])
     assert (a.model, a.port, a.api_key, a.max_batch_size, a.host) == ("some/model", 9001, "k", 4, "127.0.0.1")
+
+
+def test_generate_file_keeps_id_types_and_refuses_a_bad_line_up_front(ckpt, tmp_path, capsys):
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    rows = [{"id": 1, "prompt": "def f("}, {"id": "1", "prompt": "class A"}, {"prompt": "import"},
+            {"id": 7, "prompt": "x = ", "temperature": 1e-38}]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["generate", str(ckpt), "--input", str(inp), "--output", str(out), "--max-new-tokens", "3"]
+    assert main(args) == 0
+    got = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(got, key=json.dumps) == sorted([1, "1", 3, 7], key=json.dumps)  # 3: the line number, an int
+    assert main(args) == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0
+    for bad, names in [({"prompt": "x", "temperature": "hot"}, "'temperature' must be a number"),
+                       ({"prompt": "x", "seed": 2 ** 70}, "seed must be an integer between"),
+                       ({"prompt": "x", "top_p": 0}, "top_p must be in (0, 1]"),
+                       ({"prompt": "x", "max_tokens": 2.5}, "'max_tokens' must be an integer"),
+                       ({"id": [1], "prompt": "x"}, "'id' must be a string or an integer")]:
+        target = tmp_path / "new.jsonl"
+        inp.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(bad) + "\n")
+        assert main(["generate", str(ckpt), "--input", str(inp), "--output", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and f"{inp}:2" in err and names in err and len(err.splitlines()) == 1, err
+        assert not target.exists()  # refused before anything was generated or written
+
+
+def test_generate_file_writes_an_error_line_for_a_failing_line_and_goes_on(ckpt, tmp_path):
+    from lmforge.serve.cli import generate_file
+    from lmforge.serve.engine import SamplingParams, engine_from_checkpoint
+
+    engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=4)
+    poison = engine.tokenizer.encode("POISON")
+    prefill = engine._prefill
+
+    def bad_prefill(seqs, first):
+        if any(s.prompt_ids == poison for s in seqs):
+            raise RuntimeError("simulated failure")
+        return prefill(seqs, first)
+
+    engine._prefill = bad_prefill
+    inp, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["def", "POISON", "x ="])))
+    params = lambda i, rec: SamplingParams(max_tokens=4, temperature=0)  # noqa: E731
+    summary = generate_file(engine, inp, out, params)
+    assert (summary["written"], summary["failed"]) == (3, 1)
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows[1]["finish_reason"] == "error" and "simulated failure" in rows[1]["error"]
+    assert rows[0]["completion_tokens"] >= 1 and rows[2]["completion_tokens"] >= 1
+    engine._prefill = prefill  # fixed: a rerun answers the failed line only
+    summary = generate_file(engine, inp, out, params)
+    assert (summary["skipped"], summary["written"], summary["failed"]) == (2, 1, 0)
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert last["id"] == 1 and last["finish_reason"] in ("length", "stop")

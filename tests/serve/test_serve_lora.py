@@ -144,7 +144,7 @@ def test_generate_file_lines_pick_their_adapter(setup, tmp_path, capsys):
     inp.write_text(json.dumps({"id": "z", "prompt": "x", "adapter": "nope"}) + "\n")
     assert main(args[:5] + [str(tmp_path / "out2.jsonl")] + args[6:]) == 2
     err = capsys.readouterr().err
-    assert "prompts.jsonl: line id 'z'" in err and "'nope' is not loaded" in err and "Traceback" not in err
+    assert 'prompts.jsonl:1 (id "z")' in err and "'nope' is not loaded" in err and "Traceback" not in err
     # --lora with a single --prompt is refused (lines name adapters)
     assert main(["generate", str(ckpt), "--prompt", "x", "--lora", f"sql={folders['sql']}"]) == 2
     assert "--lora goes with --input" in capsys.readouterr().err

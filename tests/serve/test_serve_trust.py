@@ -185,21 +185,23 @@ def test_one_failing_request_leaves_the_others_running(folder):
     assert not engine.has_work() and not engine._ids
 
 
-def test_a_big_body_is_refused_before_it_is_parsed(folder):
+def test_a_big_body_is_refused_before_it_is_parsed(folder, monkeypatch):
+    import lmforge.serve.server as server_mod
+
     engine = new_engine(folder)
     calls = []
-    encode = engine.tokenizer.encode
+    encode = server_mod.encode_prompt
 
-    def recording_encode(text):
+    def recording_encode(tokenizer, text):
         try:
             asyncio.get_running_loop()
             on_loop = True
         except RuntimeError:
             on_loop = False
         calls.append((len(text), on_loop))
-        return encode(text)
+        return encode(tokenizer, text)
 
-    engine.tokenizer.encode = recording_encode
+    monkeypatch.setattr(server_mod, "encode_prompt", recording_encode)
     with serving(engine, max_prompt_tokens=100) as (base, _, _client):
         big = {"model": MODEL, "prompt": "def " * 500_000, "max_tokens": 2}  # 2 MB: over the default 1 MiB
         r = httpx.post(base + "/v1/completions", json=big, timeout=60)

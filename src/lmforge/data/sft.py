@@ -16,7 +16,6 @@ counted in :class:`SFTStats`. Packing concatenates samples into rows of ``max_le
 
 from __future__ import annotations
 
-import json
 import random
 import string
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lmforge.data.jsonl import iter_jsonl
+from lmforge.data.prompts import chat_template_of, encode_plain, encode_prompt, render_chat  # noqa: F401 (re-exported)
 from lmforge.errors import ConfigError, DataError
 
 
@@ -38,8 +38,11 @@ class SFTDataConfig:
         messages_key: field of chat records.
         prompt_template: optional ``str.format`` template over the record's fields for the prompt.
         chat_template: optional Jinja template overriding the tokenizer's own.
-        add_bos, add_eos: put the tokenizer's BOS before the prompt / EOS after the response
-            (prompt/response records; a chat template places its own special tokens).
+        add_bos: None (default): the prompt is encoded by :func:`lmforge.data.prompts.encode_prompt`, the rule
+            ``generate``, the server and evaluation use too (BOS as the tokenizer's convention says); True /
+            False force the BOS on or off for training alone (the served prompts then differ).
+        add_eos: put the tokenizer's EOS after the response (prompt/response records; a chat template places
+            its own special tokens).
         train_on_prompt: count the prompt tokens in the loss too.
         truncation: ``truncate`` (cut the end of a long sample) or ``drop`` (skip it).
         pack: pack several samples per row (per-sample attention, restarting positions).
@@ -50,7 +53,7 @@ class SFTDataConfig:
     messages_key: str = "messages"
     prompt_template: Optional[str] = None
     chat_template: Optional[str] = None
-    add_bos: bool = True
+    add_bos: Optional[bool] = None
     add_eos: bool = True
     train_on_prompt: bool = False
     truncation: str = "truncate"
@@ -118,45 +121,11 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
 
 def _encode_plain(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and character offsets of ``text`` without the post-processor's special tokens."""
-    if hasattr(tokenizer, "backend"):
-        enc = tokenizer.backend.encode(text, add_special_tokens=False)
-        return list(enc.ids), list(enc.offsets)
-    enc = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    return encode_plain(tokenizer, text)
 
 
 def _chat_template(tokenizer, cfg: SFTDataConfig) -> Optional[str]:
-    if cfg.chat_template:
-        return cfg.chat_template
-    config = getattr(tokenizer, "config", None)
-    if isinstance(config, dict) and config.get("chat_template"):
-        t = config["chat_template"]
-        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-            t = next((x["template"] for x in t if x.get("name") == "default"), t[0]["template"])
-        return t
-    hf = getattr(tokenizer, "hf", None)
-    return getattr(hf, "chat_template", None)
-
-
-def _special(tokenizer, tid: Optional[int]) -> str:
-    return "" if tid is None else (tokenizer.id_to_token(tid) or "")
-
-
-def render_chat(template: str, messages: list, tokenizer, add_generation_prompt: bool = False) -> str:
-    """Render ``messages`` with a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **kw: json.dumps(x, indent=indent,
-                                                                                      ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=_special(tokenizer, tokenizer.bos_id),
-                                            eos_token=_special(tokenizer, tokenizer.eod_id))
+    return chat_template_of(tokenizer, cfg.chat_template)
 
 
 def _field(rec: dict, key: str, where: str, kind: str) -> str:
@@ -184,7 +153,11 @@ def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSa
                             f"(fields: {sorted(rec)})") from None
     else:
         prompt = _field(rec, cfg.input_key, where, "input")
-    p_ids = ([tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []) + _encode_plain(tokenizer, prompt)[0]
+    if cfg.add_bos is None:
+        p_ids = encode_prompt(tokenizer, prompt)  # the one rule (generate, serve and evaluate use it too)
+    else:
+        p_ids = ([tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []) + \
+            _encode_plain(tokenizer, prompt)[0]
     r_ids = _encode_plain(tokenizer, response)[0]
     if cfg.add_eos and tokenizer.eod_id is not None:
         r_ids = r_ids + [tokenizer.eod_id]
@@ -205,7 +178,8 @@ def _encode_chat(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSam
     template = _chat_template(tokenizer, cfg)
     if not template:
         raise DataError(f"{where}: chat records need a chat template, but the tokenizer "
-                        f"{getattr(tokenizer, 'source', '')} has none (no chat_template in tokenizer_config.json); "
+                        f"{getattr(tokenizer, 'source', '')} has none (no chat_template in tokenizer_config.json, "
+                        f"no chat_template.jinja); "
                         f"set data.chat_template to a Jinja template or use input/output records")
     try:
         text = render_chat(template, messages, tokenizer)

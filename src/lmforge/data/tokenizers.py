@@ -196,11 +196,30 @@ class HFAutoTokenizer:
         return f"HFAutoTokenizer(source={self.source!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
 
 
+def read_chat_template_file(folder: str | os.PathLike) -> Optional[str]:
+    """The chat template stored beside tokenizer_config.json: ``chat_template.jinja`` (transformers 5 writes it
+    there) or ``chat_template.json`` (``{"chat_template": ...}``); None when neither holds one."""
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8") or None
+        js = folder / "chat_template.json"
+        if js.is_file():
+            data = json.loads(js.read_text(encoding="utf-8"))
+            template = data.get("chat_template") if isinstance(data, dict) else None
+            return template if isinstance(template, str) and template else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the chat template in {folder}: {e}") from e
+    return None
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFAutoTokenizer:
     """Open a tokenizer.
 
     Args:
-        path: a ``tokenizer.json`` file, or a folder holding one (with its ``tokenizer_config.json``).
+        path: a ``tokenizer.json`` file, or a folder holding one (with its ``tokenizer_config.json``; a chat
+            template in ``chat_template.jinja`` / ``chat_template.json`` there joins the config).
             A folder without ``tokenizer.json`` is opened with ``transformers.AutoTokenizer``
             (local files only) when ``transformers`` is installed.
 
@@ -229,6 +248,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFAutoTokenizer:
                 raise DataError(f"cannot read {cfg_path}: {e}") from e
             if not isinstance(config, dict):
                 raise DataError(f"{cfg_path} must hold a JSON object, not {type(config).__name__}")
+        if not config.get("chat_template"):
+            template = read_chat_template_file(folder)
+            if template:
+                config["chat_template"] = template  # saved with the tokenizer: checkpoints carry it
         return Tokenizer(backend, config, source=p)
     try:
         from transformers import AutoTokenizer

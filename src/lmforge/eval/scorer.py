@@ -124,7 +124,13 @@ class Scorer:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token; pass prefix_token_id")
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (with whatever special tokens the tokenizer adds by default)."""
+        """Token ids of ``text``: an lmforge tokenizer's by the one prompt rule
+        (:func:`lmforge.data.prompts.encode_prompt`: BOS as the tokenizer's convention says, as fine-tuning,
+        generate and the server encode), any other's default call."""
+        if hasattr(self.tokenizer, "bos_id") and (hasattr(self.tokenizer, "backend") or hasattr(self.tokenizer, "hf")):
+            from lmforge.data.prompts import encode_prompt
+
+            return encode_prompt(self.tokenizer, text)
         return list(self.tokenizer.encode(text))
 
     def encode_pair(self, context: str, continuation: str) -> TokenRequest:

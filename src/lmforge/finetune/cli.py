@@ -20,7 +20,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("peft", help="PEFT adapter tools")
     psub = p.add_subparsers(dest="peft_cmd", required=True)
     m = psub.add_parser("merge", help="fold a LoRA/DoRA or IA3 adapter into the base weights")
-    m.add_argument("--model", required=True, help="base model folder")
+    m.add_argument("--model", required=True, help="base model: an lmforge checkpoint (or run) or a Hugging Face "
+                                                  "model folder")
     m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="folder for the merged model")
     m.set_defaults(func=_cmd_merge)
@@ -51,24 +52,48 @@ def _cmd_finetune(a) -> int:
     return 75 if summary.get("stopped_early") else 0
 
 
-def merge(model_path, adapter_dir, out) -> str:
-    """Load ``model_path``, apply and fold in the adapter, save a plain lmforge checkpoint at ``out``."""
-    from lmforge.locate import resolve_checkpoint
-    from lmforge.open import load_for_inference
-    from lmforge.peft import apply_adapter, merge_adapter
-    from lmforge.train.checkpoint import load_model, save_model
-    from lmforge.train.assembly import saved_state_dict
+def _stored_dtype(model_path):
+    """The dtype the base model's weights are stored in (the merged model is saved in it) and the lmforge
+    ``config.json`` entries that let ``convert --to hf`` find the way back (``family``, ``hf_config``)."""
+    from pathlib import Path
 
-    weights, _ = load_model(resolve_checkpoint(model_path))
+    from lmforge.locate import is_hf_folder, resolve_checkpoint
+    from lmforge.train.checkpoint import load_model
+
+    if is_hf_folder(model_path):
+        from lmforge.convert.hf import SafetensorsFolder, open_source
+
+        source = open_source(Path(model_path))
+        reader = SafetensorsFolder(model_path)
+        first = next(k for k in reader.keys() if reader.get(k).is_floating_point())
+        return reader.get(first).dtype, {"family": source.family.name, "hf_config": source.hf_extra}
+    folder = resolve_checkpoint(model_path)
+    weights, _ = load_model(folder)
     stored = next(iter(weights.values())).dtype
-    del weights
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return stored, {k: config[k] for k in ("family", "hf_config") if k in config}
+
+
+def merge(model_path, adapter_dir, out) -> str:
+    """Load ``model_path`` (anything :func:`lmforge.open.load_for_inference` opens: an lmforge checkpoint or
+    run, or a Hugging Face model folder), apply and fold in the adapter, and save a plain lmforge checkpoint
+    at ``out`` in the base weights' dtype, with the adapter's tokenizer when it has one (else the base's)."""
+    from lmforge.io import atomic_path, write_json_atomic
+    from lmforge.open import adapter_tokenizer, load_for_inference
+    from lmforge.peft import apply_adapter, merge_adapter
+    from lmforge.train.assembly import saved_state_dict
+    from lmforge.train.checkpoint import save_model, write_model_config
+
+    stored, lineage = _stored_dtype(model_path)
     model, tokenizer = load_for_inference(model_path, device="cpu", dtype="float32")
     model = merge_adapter(apply_adapter(model, adapter_dir))
     model = model.to(stored)
-    from lmforge.io import atomic_path
-
+    tokenizer = adapter_tokenizer(adapter_dir, tokenizer)
     with atomic_path(out) as tmp:
         save_model(tmp, saved_state_dict(model), model.cfg.to_dict(), tokenizer=tokenizer)
+        if lineage:  # family / hf_config: `lmforge convert --to hf` exports it as the base's family
+            doc = json.loads(write_model_config(tmp, model.cfg.to_dict()).read_text(encoding="utf-8"))
+            write_json_atomic(tmp / "config.json", {**doc, **lineage})
     return str(out)
 
 

@@ -127,13 +127,16 @@ def _hf_config(method: str, cfg: MethodConfig, model: nn.Module, base_name: Opti
 
 
 def save_adapter(model: nn.Module, method: str, cfg: MethodConfig, out_dir: Union[str, Path],
-                 base_name: Optional[str] = None, state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                 base_name: Optional[str] = None, state: Optional[dict[str, torch.Tensor]] = None,
+                 tokenizer=None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (the method's weights only) atomically.
 
     Args:
         model: the model the method was applied to (or its PromptTunedModel).
         base_name: recorded as ``base_model_name_or_path`` (the base model's folder).
         state: the method's weights when not read from ``model`` (an FSDP run passes them gathered).
+        tokenizer: saved beside the adapter (as Hugging Face's Trainer does) when given, chat template
+            included; loading the adapter for inference then uses it rather than the base model's.
     """
     from safetensors.torch import save_file
 
@@ -151,6 +154,8 @@ def save_adapter(model: nn.Module, method: str, cfg: MethodConfig, out_dir: Unio
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
     return out_dir
 
 

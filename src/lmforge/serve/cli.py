@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from lmforge.data.jsonl import iter_jsonl
+from lmforge.data.prompts import encode_prompt
 from lmforge.errors import DataError, UserError
 
-__all__ = ["add_commands", "generate_file", "read_prompts", "answered_ids"]
+__all__ = ["add_commands", "generate_file", "read_prompts", "answered_ids", "PromptLine"]
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
@@ -120,15 +122,32 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+#: Per-line sampling keys of a prompts file: the JSON types each takes, and how to say so.
+LINE_KEYS = {"max_tokens": ((int,), "an integer"), "temperature": ((int, float), "a number"),
+             "top_p": ((int, float), "a number"), "top_k": ((int,), "an integer"), "seed": ((int,), "an integer"),
+             "stop": ((str, list), "a string or a list of strings")}
+
+
 def _params(a, seed: Optional[int], overrides: Optional[dict] = None):
-    from lmforge.serve.engine import SamplingParams
+    """The SamplingParams of the command line, with a prompts-file line's own values (``overrides``) on top.
+
+    Raises:
+        InvalidRequestError: a value of the wrong type or outside its range (naming the key).
+    """
+    from lmforge.serve.engine import InvalidRequestError, SamplingParams
 
     o = overrides or {}
+    for key, (types, kind) in LINE_KEYS.items():
+        value = o.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise InvalidRequestError(f"{key!r} must be {kind}, got {json.dumps(value)}", key)
     stop = o.get("stop") or []
-    return SamplingParams(max_tokens=int(o.get("max_tokens", a.max_new_tokens)),
-                          temperature=0.0 if a.greedy else float(o.get("temperature", a.temperature)),
-                          top_k=o.get("top_k", a.top_k), top_p=float(o.get("top_p", a.top_p or 1.0)),
-                          seed=o.get("seed", seed), stop=[stop] if isinstance(stop, str) else list(stop))
+    params = SamplingParams(max_tokens=o.get("max_tokens", a.max_new_tokens),
+                            temperature=0.0 if a.greedy else float(o.get("temperature", a.temperature)),
+                            top_k=o.get("top_k", a.top_k), top_p=float(o.get("top_p", a.top_p or 1.0)),
+                            seed=o.get("seed", seed), stop=[stop] if isinstance(stop, str) else list(stop))
+    params.validate()
+    return params
 
 
 def _cmd_generate(a) -> int:
@@ -143,11 +162,12 @@ def _cmd_generate(a) -> int:
     loras = parse_loras(a.lora)
     if loras and a.prompt is not None:
         raise UserError("--lora goes with --input (each line names its adapter); for one prompt use --adapter DIR")
+    _params(a, a.seed, {"max_tokens": max(1, a.max_new_tokens)})  # the flags' values, checked before loading
     engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, loras=loras,
                                     compile_decode=a.compile,
                                     max_batch_size=1 if a.prompt is not None else a.max_batch_size)
     if a.prompt is not None:
-        ids = engine.tokenizer.encode(a.prompt)
+        ids = encode_prompt(engine.tokenizer, a.prompt)  # the rule fine-tuning used (lmforge.data.prompts)
         if a.max_new_tokens == 0:
             print(a.prompt)
             return 0
@@ -159,26 +179,50 @@ def _cmd_generate(a) -> int:
     return 0
 
 
-def read_prompts(path: str | os.PathLike) -> list[dict]:
-    """Lines of a prompts JSONL file as ``{"id", "index", "prompt" | "messages", ...}``; DataError on a bad line."""
+@dataclass
+class PromptLine:
+    """One line of a prompts file: its line number, position among the prompts, ``id`` (the JSON value as
+    given, a string or an integer; default the line number) and the record itself."""
+
+    line: int
+    index: int
+    id: object
+    record: dict
+
+    @property
+    def key(self) -> str:
+        """The id as JSON: 3 and "3" are different ids, and keep their type in the output."""
+        return id_key(self.id)
+
+
+def id_key(value) -> str:
+    return json.dumps(value)
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
+    """The lines of a prompts JSONL file; DataError naming ``file:line`` for a bad line or a repeated id."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: give a JSONL file with one {{\"prompt\": ...}} object per line")
-    records, seen = [], set()
+    lines: list[PromptLine] = []
+    seen: set[str] = set()
     for n, rec in iter_jsonl(path):
         if not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
             raise DataError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
-        rec["id"] = str(rec.get("id", n))
-        if rec["id"] in seen:
-            raise DataError(f"{path}:{n}: id {rec['id']!r} appears twice; ids must be unique")
-        seen.add(rec["id"])
-        rec["index"] = len(records)
-        records.append(rec)
-    return records
+        ident = rec.get("id", n)
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+            raise DataError(f"{path}:{n}: 'id' must be a string or an integer, got {json.dumps(ident)}")
+        line = PromptLine(n, len(lines), ident, rec)
+        if line.key in seen:
+            raise DataError(f"{path}:{n}: id {json.dumps(ident)} appears twice; ids must be unique")
+        seen.add(line.key)
+        lines.append(line)
+    return lines
 
 
 def answered_ids(path: str | os.PathLike) -> set[str]:
-    """Ids already in an output JSONL file. A last line cut short by a crash is removed from the file."""
+    """Ids (as :func:`id_key` JSON) already answered in an output JSONL file; a line holding an ``error``
+    is not an answer (a rerun tries it again). A last line cut short by a crash is removed from the file."""
     path = Path(path)
     if not path.exists():
         return set()
@@ -196,7 +240,8 @@ def answered_ids(path: str | os.PathLike) -> set[str]:
             if pos == len(data):
                 break  # a torn last line: dropped below
             raise DataError(f"{path} has a malformed line at byte {pos - len(raw)}; fix or remove it to resume")
-        ids.add(str(rec["id"]))
+        if "error" not in rec:
+            ids.add(id_key(rec["id"]))
         good_end = pos
     if good_end < len(data):
         with open(path, "r+b") as f:
@@ -204,63 +249,89 @@ def answered_ids(path: str | os.PathLike) -> set[str]:
     return ids
 
 
+def _prompt_ids(engine, line: PromptLine, where: str, chat_cache: dict) -> list[int]:
+    """A line's prompt ids by the one prompt rule (:mod:`lmforge.data.prompts`); DataError naming ``where``."""
+    from lmforge.serve.chat import load_chat_template
+
+    rec = line.record
+    if isinstance(rec.get("prompt"), str):
+        return encode_prompt(engine.tokenizer, rec["prompt"])
+    if "chat" not in chat_cache:
+        chat_cache["chat"] = load_chat_template(engine.tokenizer)
+    if chat_cache["chat"] is None:
+        raise DataError(f"{where}: the line has 'messages' but the model's tokenizer has no chat template "
+                        f"(no chat_template in tokenizer_config.json, no chat_template.jinja); give 'prompt' strings")
+    try:
+        return chat_cache["chat"].encode(rec["messages"])
+    except UserError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def generate_file(engine, input_path, output_path, params_for) -> dict:
     """Complete every prompt of ``input_path`` not yet answered in ``output_path``, appending one line each.
 
+    Every line to do is checked first (its sampling values, prompt, chat template, adapter, length): a bad
+    line is refused with its ``file:line`` before anything is generated or written. A line that then fails
+    inside the engine (non-finite logits, say) is written as ``{"id", "error", "finish_reason": "error"}``
+    and the other lines go on; a rerun tries it again (its answer is appended after the error line).
+    Ids keep their JSON type (an integer id stays an integer).
+
     Args:
         engine: an :class:`~lmforge.serve.engine.Engine` with a tokenizer.
-        params_for: ``(line_index, record) -> SamplingParams``.
+        params_for: ``(line_index, record) -> SamplingParams``; raises InvalidRequestError for a bad value.
 
     Returns:
-        ``{"total", "skipped", "written", "output"}``.
+        ``{"total", "skipped", "written", "failed", "output"}`` (``failed``: error lines among ``written``).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lmforge.serve.engine import InvalidRequestError
-
-    records = read_prompts(input_path)
+    lines = read_prompts(input_path)
     done = answered_ids(output_path)
-    todo = [r for r in records if r["id"] not in done]
-    chat = None
-    by_id: dict[str, dict] = {}
-    for rec in todo:
-        if "messages" in rec and not isinstance(rec.get("prompt"), str):
-            if chat is None:
-                from lmforge.serve.chat import NoChatTemplateError, load_chat_template
-
-                chat = load_chat_template(engine.tokenizer)
-                if chat is None:
-                    raise NoChatTemplateError(f"{input_path}: line id {rec['id']!r} has 'messages' but the model's "
-                                              f"tokenizer has no chat template; give 'prompt' strings instead")
-            ids = chat.encode(rec["messages"])
-        else:
-            ids = engine.tokenizer.encode(rec["prompt"])
+    todo = [line for line in lines if line.key not in done]
+    chat_cache: dict = {}
+    by_rid: dict[str, dict] = {}
+    for line in todo:
+        where = f"{input_path}:{line.line} (id {json.dumps(line.id)})"
         try:
-            engine.add_request(rec["id"], ids, params_for(rec["index"], rec), adapter=rec.get("adapter"))
-        except InvalidRequestError as e:
-            raise DataError(f"{input_path}: line id {rec['id']!r}: {e}") from None
-        by_id[rec["id"]] = {"ids": [], "text": "", "rec": rec}
+            params = params_for(line.index, line.record)
+            ids = _prompt_ids(engine, line, where, chat_cache)
+            rid = f"line-{line.line}"
+            engine.add_request(rid, ids, params, adapter=line.record.get("adapter"))
+        except DataError:
+            raise
+        except UserError as e:
+            raise DataError(f"{where}: {e}") from None
+        by_rid[rid] = {"ids": [], "text": "", "line": line}
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    written = 0
+    written = failed = 0
     with open(output_path, "a", encoding="utf-8") as out, Progress(
             TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             disable=not todo) as progress:
         task = progress.add_task("generate", total=len(todo))
         while engine.has_work():
-            for o in engine.step():
-                acc = by_id[o.request_id]
+            try:
+                outputs = engine.step()
+            except Exception as e:  # the running lines fail; the queued ones go on
+                outputs = engine.fail_running(e)
+            for o in outputs:
+                acc = by_rid[o.request_id]
                 acc["ids"].extend(o.token_ids)
                 acc["text"] += o.text
                 if not o.finished:
                     continue
-                rec = acc["rec"]
-                line = {"id": rec["id"], **({"prompt": rec["prompt"]} if "prompt" in rec else {}),
-                        **({"adapter": rec["adapter"]} if rec.get("adapter") is not None else {}),
-                        "completion": acc["text"], "finish_reason": o.finish_reason,
-                        "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")  # one whole line per write
+                rec = acc["line"].record
+                head = {"id": acc["line"].id, **({"prompt": rec["prompt"]} if "prompt" in rec else {}),
+                        **({"adapter": rec["adapter"]} if rec.get("adapter") is not None else {})}
+                if o.finish_reason == "error":
+                    row = {**head, "error": o.error, "finish_reason": "error"}
+                    failed += 1
+                else:
+                    row = {**head, "completion": acc["text"], "finish_reason": o.finish_reason,
+                           "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")  # one whole line per write
                 out.flush()
                 written += 1
                 progress.advance(task)
-                del by_id[o.request_id]
-    return {"total": len(records), "skipped": len(records) - len(todo), "written": written, "output": str(output_path)}
+                del by_rid[o.request_id]
+    return {"total": len(lines), "skipped": len(lines) - len(todo), "written": written, "failed": failed,
+            "output": str(output_path)}

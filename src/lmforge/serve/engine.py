@@ -1028,9 +1028,11 @@ def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adap
 
     model, tokenizer = load_for_inference(path, device=device, dtype=dtype, allow_ptuning=True)
     if adapter is not None:
+        from lmforge.open import adapter_tokenizer
         from lmforge.peft import adapter_for_inference
 
         model = adapter_for_inference(model, adapter, use="the serving engine", allow_ptuning=True)
+        tokenizer = adapter_tokenizer(adapter, tokenizer)  # fine-tuning saved its tokenizer (chat template) there
     if loras:
         from lmforge.peft.multi_lora import MultiLoRA
 

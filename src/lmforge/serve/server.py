@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.data.prompts import encode_prompt
 from lmforge.errors import UserError
 from lmforge.serve.chat import NoChatTemplateError, load_chat_template
 from lmforge.serve.client import EngineClient
@@ -522,7 +523,7 @@ def _completion_prompts(server: _Server, prompt) -> list[list[int]]:
         if isinstance(p, str):
             if server.tokenizer is None:
                 raise InvalidRequestError("this server has no tokenizer: send token ids as the prompt", "prompt")
-            ids = server.tokenizer.encode(p)
+            ids = encode_prompt(server.tokenizer, p)  # the rule fine-tuning used (lmforge.data.prompts)
         else:
             ids = list(p)
         if not ids:
