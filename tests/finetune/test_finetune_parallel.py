@@ -56,3 +56,38 @@ def test_precisions_and_gradient_checkpointing_train(tmp_path, base_model_dir, t
     summary = run(cfg, console_log=lambda *a: None)
     losses = [l for _, l in summary["losses"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+
+
+def test_tensor_parallel_full_finetuning_matches_one_process(tmp_path, base_model_dir, task_files):
+    """tensor_model_parallel_size=2 (and with sequence_parallel=true), packed SFT batches with a loss mask: the
+    losses and the validation loss of one process."""
+    train, val = task_files
+    common = ["--model", base_model_dir, "--data", train, "--val-data", val, "--method", "full",
+              "seq_length=32", "micro_batch_size=2", "global_batch_size=4", "trainer.max_steps=4",
+              "trainer.accelerator=cpu", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+              "generation.num_samples=0", "optim.lr=0.001", "sft.pack=true"]
+    _finetune_cli(["--out", str(tmp_path / "one")] + common + ["trainer.devices=1"], 1)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for name, extra in (("tp", []), ("tp_sp", ["sequence_parallel=true"])):
+        _finetune_cli(["--out", str(tmp_path / name)] + common + ["trainer.devices=2", "tensor_model_parallel_size=2",
+                                                                  *extra], 2)
+        two = json.loads((tmp_path / name / "summary.json").read_text())
+        assert [s for s, _ in two["losses"]] == [1, 2, 3, 4]
+        for (_, a), (_, b) in zip(one["losses"], two["losses"]):
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+        assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "lora", "tensor_model_parallel_size=2"], "PEFT under tensor parallelism is not supported yet"),
+    (["--method", "full", "tensor_model_parallel_size=2", "generation.num_samples=2"],
+     "set generation.num_samples=0"),
+    (["--method", "full", "sequence_parallel=true"], "set tensor_model_parallel_size above 1"),
+])
+def test_tensor_parallel_finetuning_refusals(tmp_path, base_model_dir, task_files, extra, message):
+    train, val = task_files
+    cmd = [sys.executable, "-m", "lmforge", "finetune", "--model", base_model_dir, "--data", train, "--val-data", val,
+           "--out", str(tmp_path / "bad"), "trainer.devices=2", "trainer.accelerator=cpu", *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not (tmp_path / "bad").exists()

@@ -33,7 +33,9 @@ def _pretrain(corpus, out, nproc, *extra, env=None, check=True, **overrides):
 def _same_curve(a: dict, b: dict, steps=range(1, STEPS + 1)):
     assert sorted(a) == sorted(b) == list(steps)
     for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+        # rel 1e-5 in fp32; abs 5e-6 for fine-tuning losses near 0.2, where summation-order noise of another
+        # layout is a few 1e-6 absolute (e.g. step 7: 0.2586563 vs 0.2586531 with FSDP hybrid on 4 ranks)
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=5e-6), (step, a[step], b[step])
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,9 @@ def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_d
         b = load_file(str(Path(two["adapter"]) / "adapter_model.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+            # Adam divides by sqrt(v): where a gradient is near zero, float summation-order noise between the
+            # layouts becomes a visible step (seen: 2 of 2048 adapter values 1.6e-5 apart after 10 steps at lr 0.01)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5)
 
 
 def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(tiny_corpus, tmp_path, plain_run):

@@ -114,6 +114,8 @@ class FinetuneConfig:
     activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning)
     activations_checkpoint_method: Optional[str] = None  # None (uniform) | uniform | block
     activations_checkpoint_num_layers: Optional[int] = None  # None: 1
+    tensor_model_parallel_size: int = 1  # split every block over this many consecutive ranks (method=full)
+    sequence_parallel: bool = False  # with tensor parallelism: norms and dropouts split along the sequence too
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     fsdp_sharding_strategy: str = "full"  # full | grad | hybrid (shard in a node, replicate across nodes)
     fsdp_grad_reduce_dtype: Any = 32  # 32 | bf16 | 16
@@ -235,6 +237,20 @@ def validate(cfg: FinetuneConfig) -> None:
             if getattr(cfg, key) is not None:
                 problems.append(f"{key}={getattr(cfg, key)} has no effect without activations_checkpoint_granularity;"
                                 " set it to full")
+    tp = cfg.tensor_model_parallel_size
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        problems.append(f"tensor_model_parallel_size={tp!r} must be a positive integer")
+    elif tp > 1:
+        if cfg.method != "full":
+            problems.append(f"tensor_model_parallel_size={tp} with method={cfg.method}: PEFT under tensor parallelism "
+                            "is not supported yet; use method=full, or fsdp=true for adapters")
+        if cfg.val_data and cfg.generation.num_samples > 0:
+            problems.append(f"tensor_model_parallel_size={tp}: generation metrics during validation are not "
+                            "supported under tensor parallelism yet; set generation.num_samples=0 (val_loss is "
+                            "still computed)")
+    if cfg.sequence_parallel and not (isinstance(tp, int) and tp > 1):
+        problems.append("sequence_parallel=true splits the tensor-parallel group's sequence: set "
+                        "tensor_model_parallel_size above 1")
     if cfg.fsdp_sharded_checkpoint and cfg.method != "full":
         problems.append(f"fsdp_sharded_checkpoint=true: method={cfg.method} saves only its adapter weights, whole "
                         "(they are small); remove the key")

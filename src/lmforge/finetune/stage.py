@@ -67,7 +67,8 @@ def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, pe
                                   save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint,
                                   async_save=bool(cfg.async_save)),
         seed=int(cfg.seed), peft_method=None if peft_cfg is None else cfg.method, peft_config=peft_cfg,
-        activations_checkpoint=ac, fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
+        activations_checkpoint=ac, sequence_parallel=bool(cfg.sequence_parallel),
+        fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
         fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), run_config=to_dict(cfg))
 
 
@@ -88,12 +89,13 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
 
     t = cfg.trainer
     dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices),
+                        tp=int(cfg.tensor_model_parallel_size),
                         fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy)).check_world(rt.world_size, rt.rank)
     dims.check_supported()
     mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
     accum = resolve_batch(gbs, mbs, None, dims=dims).accumulate_grad_batches
     out = Path(cfg.out)
-    seed_everything(int(cfg.seed), rt.rank)
+    seed_everything(int(cfg.seed), dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
 
     # Base model, in the dtype its frozen weights are kept in.
     dtype = "float32" if cfg.method == "full" else cfg.base_dtype
@@ -106,6 +108,10 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     if seq + n_virtual > mcfg.max_position_embeddings:
         raise ConfigError(f"seq_length={seq} (+{n_virtual} virtual tokens) exceeds the model's "
                           f"max_position_embeddings={mcfg.max_position_embeddings}; lower seq_length")
+
+    if cfg.sequence_parallel and seq % dims.tp:
+        raise ConfigError(f"sequence_parallel=true splits each row's {seq} input tokens over "
+                          f"tensor_model_parallel_size={dims.tp} ranks: set seq_length to a multiple of {dims.tp}")
 
     # Data: rows of seq+1 tokens (inputs and shifted labels).
     train_ds = load_sft_dataset(cfg.data, tokenizer, cfg.sft, seq + 1, seed=int(cfg.seed))

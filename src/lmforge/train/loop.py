@@ -102,7 +102,8 @@ class MicroBatches:
         """A (B, T+1) tensor of token rows, or for dict items a dict of such tensors.
 
         Dict rows are cut after the last column any row trains on (``loss_mask``): later columns are
-        padding that neither counts nor, under causal attention, influences a counted token.
+        padding that neither counts nor, under causal attention, influences a counted token. The inputs keep a
+        multiple of the tensor-parallel size (sequence parallelism splits them evenly), where the rows allow.
         """
         items = [self.dataset[i] for i in indices]
         if not isinstance(items[0], dict):
@@ -111,8 +112,10 @@ class MicroBatches:
         out = {k: np.stack([np.asarray(x[k], dtype=np.int64) for x in items]) for k in items[0]}
         if "loss_mask" in out:
             used = np.flatnonzero(out["loss_mask"].any(axis=0))
-            end = int(used[-1]) + 1 if used.size else 2
-            out = {k: v[:, :max(end, 2)] for k, v in out.items()}
+            end = max(int(used[-1]) + 1 if used.size else 2, 2)
+            multiple = self.dims.tp
+            end = min(-(-(end - 1) // multiple) * multiple + 1, out["loss_mask"].shape[1])
+            out = {k: v[:, :end] for k, v in out.items()}
         return {k: self._to_device(torch.from_numpy(np.ascontiguousarray(v))) for k, v in out.items()}
 
     def for_step(self, step: int):
