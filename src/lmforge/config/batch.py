@@ -1,7 +1,7 @@
 """Batch arithmetic, checked before any work starts.
 
     global_batch_size = micro_batch_size x data_parallel_size x accumulate_grad_batches
-    data_parallel_size = devices x num_nodes / (tensor_parallel x pipeline_parallel)
+    data_parallel_size = devices x num_nodes / (tensor_parallel x pipeline_parallel x context_parallel)
 
 Give any two of global, micro and accumulate; the third is derived. A combination that cannot
 work raises :class:`~lmforge.errors.ConfigError` naming the formula, the numbers and the nearest
@@ -17,7 +17,7 @@ from lmforge.errors import ConfigError
 
 FORMULA = "global_batch_size = micro_batch_size x data_parallel_size x accumulate_grad_batches"
 DP_FORMULA = ("data_parallel_size = trainer.devices x trainer.num_nodes / "
-              "(model.tensor_model_parallel_size x model.pipeline_model_parallel_size)")
+              "(model.tensor_model_parallel_size x model.pipeline_model_parallel_size x model.context_parallel_size)")
 
 
 @dataclass(frozen=True)

@@ -552,7 +552,7 @@ def parallel_dims(cfg: PretrainConfig, rank: int = 0) -> ParallelDims:
     data_parallel_size(t.devices, t.num_nodes, m.tensor_model_parallel_size, m.pipeline_model_parallel_size)
     return ParallelDims(world_size=t.devices * t.num_nodes, rank=rank, tp=m.tensor_model_parallel_size,
                         pp=m.pipeline_model_parallel_size, fsdp=fsdp_strategy(m.fsdp, m.fsdp_sharding_strategy),
-                        devices_per_node=t.devices)
+                        devices_per_node=t.devices, cp=m.context_parallel_size)
 
 
 def batch_plan(cfg: PretrainConfig) -> BatchPlan:
@@ -711,6 +711,7 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     # model: parallelism, lengths
     parallel_ok &= _at_least(p, "model.tensor_model_parallel_size", m.tensor_model_parallel_size, 1)
     parallel_ok &= _at_least(p, "model.pipeline_model_parallel_size", m.pipeline_model_parallel_size, 1)
+    parallel_ok &= _at_least(p, "model.context_parallel_size", m.context_parallel_size, 1)
     batch_ok = _at_least(p, "model.micro_batch_size", m.micro_batch_size, 1, optional=True)
     batch_ok &= _at_least(p, "model.global_batch_size", m.global_batch_size, 1, optional=True)
     batch_ok &= _at_least(p, "trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1, optional=True)
@@ -792,6 +793,14 @@ def _problems(cfg: PretrainConfig) -> list[str]:
             if m.sequence_parallel and m.position_embedding_type == "learned_absolute":
                 p.append("model.sequence_parallel=true with learned position embeddings (GPT) is not supported yet: "
                          "use model.sequence_parallel=false (tensor parallelism alone works)")
+
+        if parallel_ok and m.context_parallel_size > 1:  # lmforge.parallel.context
+            from lmforge.parallel.context import context_parallel_problems
+
+            p.extend(context_parallel_problems(
+                arch, m.context_parallel_size, d.seq_length or m.encoder_seq_length, tp=m.tensor_model_parallel_size,
+                pp=m.pipeline_model_parallel_size, fsdp=m.fsdp_sharding_strategy if m.fsdp is True else None,
+                compile=bool(m.compile)))
 
     # model.data
     _check_data_prefix(p, d.data_prefix)

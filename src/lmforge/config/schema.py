@@ -190,6 +190,7 @@ class ModelSection:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False  # Megatron SP: norms and dropouts split along the sequence (needs tensor parallel)
     virtual_pipeline_model_parallel_size: Optional[int] = None  # stages per pipeline rank (interleaved 1F1B); None: 1
+    context_parallel_size: int = 1  # every sequence split over this many ranks (lmforge.parallel.context)
     # Sharded data parallelism (FSDP2): parameters, gradients and optimizer state split over the ranks.
     fsdp: bool = False
     fsdp_sharding_strategy: str = "full"  # full (ZeRO-3) | grad (ZeRO-2) | hybrid (shard in a node, replicate across)
@@ -395,7 +396,6 @@ NEMO_IGNORED: dict[str, Any] = {
 # lmforge does not implement, so it is an error rather than a warning.
 NEMO_FIXED: dict[str, Any] = {
     "model.rampup_batch_size": None,
-    "model.context_parallel_size": 1,
     "model.rotary_percentage": 1.0,
     "model.seq_len_interpolation_factor": None,
     "model.transformer_block_type": "pre_ln",

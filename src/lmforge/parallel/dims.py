@@ -11,7 +11,8 @@ plan, the sampler, the loss scaling, the metrics and the checkpoint all read ``d
 nothing else divides by the world size.
 
 Tensor (:mod:`lmforge.parallel.tensor`), pipeline (:mod:`lmforge.parallel.pipeline`) and data parallelism
-(replicated, or sharded with FSDP) compose in any product that divides the world;
+(replicated, or sharded with FSDP) compose in any product that divides the world; context parallelism
+(:mod:`lmforge.parallel.context`) runs alone or beside data parallelism (DDP, FSDP full/grad);
 :meth:`ParallelDims.check_supported` refuses what is not built yet before a stage does any work.
 """
 
@@ -123,8 +124,12 @@ class ParallelDims:
     # -- checks and meshes ------------------------------------------------------------------------
     def check_supported(self) -> None:
         """Refuse what lmforge cannot run yet, before any work."""
-        if self.cp > 1:
-            raise ConfigError(f"model.context_parallel_size={self.cp}: context parallelism is not built yet; use 1")
+        if self.cp > 1:  # context parallelism (lmforge.parallel.context): beside data parallelism only
+            from lmforge.parallel.context import context_parallel_problems
+
+            problems = context_parallel_problems(None, self.cp, tp=self.tp, pp=self.pp, ep=self.ep, fsdp=self.fsdp)
+            if problems:
+                raise ConfigError(problems[0])
         if self.ep > 1:
             raise ConfigError(f"model.expert_model_parallel_size={self.ep}: expert parallelism is not built yet; use 1")
 
@@ -140,8 +145,9 @@ class ParallelDims:
         """The run's DeviceMesh, ``(pp, dp_replicate, dp_shard, cp, tp)`` with the dimensions of size 1 left out
         (at least ``dp_shard``): tensor parallel innermost, so a tensor-parallel group is consecutive ranks (one node).
 
-        Only called for FSDP or tensor-parallel runs (DDP needs no mesh); torch.distributed must be initialised.
-        Take the FSDP mesh with :meth:`fsdp_mesh` and the tensor-parallel one as ``mesh["tp"]``.
+        Only called for FSDP, tensor-, pipeline- or context-parallel runs (DDP alone needs no mesh);
+        torch.distributed must be initialised. Take the FSDP mesh with :meth:`fsdp_mesh`, the tensor-parallel one
+        as ``mesh["tp"]``, the context-parallel one as ``mesh["cp"]``.
         """
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -164,8 +170,14 @@ class ParallelDims:
 
     @staticmethod
     def fsdp_mesh(mesh):
-        """The data-parallel part of :meth:`build_mesh`'s mesh: what FSDP shards (and HSDP replicates) over."""
+        """The data-parallel part of :meth:`build_mesh`'s mesh: what FSDP shards (and HSDP replicates) over.
+
+        With context parallelism, ``dp_shard x cp`` flattened into one dimension (torchtitan's ``dp_shard_cp``):
+        the ranks of a context-parallel group hold the same parameters, so FSDP shards them over both (and
+        averages the gradients over both: the training loop scales the loss by ``cp`` for that)."""
         names = mesh.mesh_dim_names
+        if "cp" in names:  # HSDP beside context parallelism is refused (check_supported)
+            return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         if "dp_replicate" in names:
             return mesh["dp_replicate", "dp_shard"]
         return mesh["dp_shard"]

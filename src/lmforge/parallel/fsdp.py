@@ -70,14 +70,14 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
     from lmforge.train.loop import PRECISIONS
 
     param_dtype, reduce = PRECISIONS[precision], reduce_dtype(grad_reduce_dtype)
-    if dims.dp == 1 and param_dtype is not None:
+    if mesh.size() == 1 and param_dtype is not None:
         # One replica, one shard: nothing is summed, so reducing in the compute dtype gives the same float32
         # gradient with one pass less over it.
         reduce = param_dtype
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     # ZeRO-2 keeps gathered parameters until backward; so does a single shard (there is nothing to free).
-    reshard = dims.fsdp != "grad" and dims.dp_shard > 1
+    reshard = dims.fsdp != "grad" and mesh.shape[-1] > 1  # the shard dimension (HSDP: the last)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them (torchtitan does too).
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,

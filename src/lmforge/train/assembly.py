@@ -13,6 +13,8 @@ because it swaps modules):
 3. Pipeline stages (``job.dims.pp``, :mod:`lmforge.parallel.pipeline`): this rank's stages, allocated alone when
    the model was built on the meta device; from here on "the model" is their :class:`StagesView`.
    Then tensor parallelism (``job.dims.tp``, :mod:`lmforge.parallel.tensor`) on the mesh's ``tp`` dimension.
+   Then context parallelism (``job.dims.cp``, :mod:`lmforge.parallel.context`) on its ``cp`` dimension: the
+   objective takes this rank's part of every sequence, attention gathers the group's keys and values.
 4. Activation checkpointing (``job.activations_checkpoint``), per block (per pipeline stage).
 5. torch.compile (``job.compile``), per block, and the loss head (not under tensor parallelism).
 6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective or each stage as root), DDP, or, for
@@ -238,7 +240,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
     mesh, stages, grad_sync = None, None, None
-    if dims.pp > 1 or dims.tp > 1:  # the run's mesh (pp, dp_replicate, dp_shard, tp), built once
+    if dims.pp > 1 or dims.tp > 1 or dims.cp > 1:  # the run's mesh (pp, dp_replicate, dp_shard, cp, tp), built once
         from lmforge.parallel.fsdp import ensure_process_group
 
         ensure_process_group(rt)
@@ -259,6 +261,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         for stage in stages or []:
             stage.tp_mesh = mesh["tp"]
             stage.seq_split = dims.tp if job.sequence_parallel else 1
+    if dims.cp > 1:  # 3. context parallelism: this rank's part of every sequence, attention over the group's keys
+        from lmforge.parallel.context import apply_context_parallel
+
+        objective.sequence_split = apply_context_parallel(base, mesh["cp"]).split
     if job.activations_checkpoint:  # 4. (per pipeline stage: a chunk of blocks never spans two stages)
         for unit in stages or [base]:
             apply_activation_checkpointing(unit, **job.activations_checkpoint)
@@ -274,7 +280,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
             apply_fsdp(root, blocks_of(root if stages else base), dims, rt, precision=job.loop.precision,
                        grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh)
         forward_model = objective
-    elif mesh is not None:  # tensor or pipeline parallel: replicas average gradients explicitly (DDP cannot wrap)
+    elif dims.pp > 1 or dims.tp > 1:  # tensor/pipeline parallel: replicas average gradients explicitly (DDP cannot wrap)
         import functools
 
         from lmforge.parallel.ddp import average_gradients
@@ -365,6 +371,12 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
                           f"adapters with FSDP (fsdp=true) instead")
     if job.dims.tp > 1 and job.compile:
         raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
+    if job.dims.cp > 1:  # context parallelism: the rest is refused by the config and ParallelDims.check_supported
+        from lmforge.parallel.context import KEY
+
+        what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile)) if on]
+        if what:
+            raise ConfigError(f"{KEY}={job.dims.cp} with {', '.join(what)} is not supported yet")
     if job.dims.pp > 1:
         what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile),
                                 ("trainer.precision=16-mixed", job.loop.precision == "16-mixed")) if on]
@@ -382,7 +394,7 @@ def shards(job: TrainJob) -> bool:
     On one process FSDP has nothing to shard, and its all-gather/reduce-scatter copies cost 6% of a compiled
     1B step on an H100 (docs/benchmarks.md), so that run trains unsharded (same numbers) unless it offloads.
     """
-    return job.dims.is_sharded and (job.dims.dp > 1 or job.fsdp_cpu_offload)
+    return job.dims.is_sharded and (job.dims.dp * job.dims.cp > 1 or job.fsdp_cpu_offload)  # cp: dp_shard_cp
 
 
 # ----------------------------------------------------------------------------------------------

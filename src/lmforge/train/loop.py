@@ -209,8 +209,8 @@ class Trainer:
         return torch.autocast(device_type=self.rt.device.type, dtype=self.amp_dtype)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
-        """Sums over the data-parallel ranks: all processes summed, divided by the tensor-parallel size (the
-        ranks of one tensor-parallel group hold the same values)."""
+        """Sums over the data-parallel ranks: all processes summed, divided by tensor x pipeline x context parallel
+        (the ranks of one data-parallel rank hold the same values; callers scale parts, see train_step)."""
         if not self.rt.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
@@ -259,8 +259,9 @@ class Trainer:
                 with self.autocast():
                     loss_sum, _ = self._call(self.model, tokens)
                 # DDP and FSDP average gradients over the data-parallel ranks: scale so the result is the
-                # global token mean.
-                loss = loss_sum * (self.dims.dp / global_tokens)
+                # global token mean. (Context parallelism: they average over dp x cp ranks, and the cp ranks'
+                # gradients, each of its part of the sequences, must add up: scale by cp more.)
+                loss = loss_sum * (self.dims.dp * self.dims.cp / global_tokens)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -284,6 +285,7 @@ class Trainer:
         else:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        loss_total *= self.dims.cp  # context parallel: each rank holds its part's loss; the sum below divides by cp
         (loss_sum_all,) = self._all_reduce([float(loss_total)])
         return loss_sum_all / global_tokens, grad_norm
 

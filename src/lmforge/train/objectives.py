@@ -35,17 +35,27 @@ class CausalLMLoss(nn.Module):
     their number; ``loss_mask`` (B, T+1), aligned with ``tokens``, selects the tokens that count
     (fine-tuning masks the prompt), None counts all. ``positions`` and ``segment_ids`` (B, T+1), also
     aligned with ``tokens``, describe packed sequences (see ``Transformer.forward``).
+
+    ``sequence_split`` (context parallelism, :meth:`lmforge.parallel.context.ContextParallel.split`) maps the
+    full inputs and labels to this rank's part and their global positions; the sums returned are then this
+    rank's part of the sequences' (the group's parts add up).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = token_cross_entropy
+        self.sequence_split = None  # context parallelism: (inputs, labels) -> this rank's (inputs, labels, positions)
 
     def forward(self, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        if positions is not None:
+        if self.sequence_split is not None:
+            if loss_mask is not None or positions is not None or segment_ids is not None:
+                raise ValueError("context parallelism trains on token batches (pretraining) only, not on masked "
+                                 "or packed rows")
+            inputs, labels, positions = self.sequence_split(inputs, labels)
+        elif positions is not None:
             positions = positions[:, :-1]
         if segment_ids is not None:
             segment_ids = segment_ids[:, :-1]
