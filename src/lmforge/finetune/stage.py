@@ -8,7 +8,8 @@ tokens only). Results in ``cfg.out``::
     checkpoints/step_XXXXXXX/   weights (all of them for method=full, the method's only otherwise),
                                 config.json, tokenizer, training_state/ (exact resume)
     adapter/                    PEFT methods: the best checkpoint as adapter_config.json +
-                                adapter_model.safetensors (Hugging Face PEFT format for lora/ia3)
+                                adapter_model.safetensors (Hugging Face PEFT format for lora/ia3) + the tokenizer
+                                (with the chat template trained on: data.chat_template, else the base's)
     metrics.jsonl, config.yaml, summary.json
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config.batch import resolve_batch
+from lmforge.data.prompts import set_chat_template
 from lmforge.data.sft import load_sft_dataset
 from lmforge.errors import ConfigError
 from lmforge.finetune.config import FinetuneConfig, to_dict
@@ -100,6 +102,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     # Base model, in the dtype its frozen weights are kept in.
     dtype = "float32" if cfg.method == "full" else cfg.base_dtype
     model, tokenizer = load_for_inference(cfg.model, device=rt.device, dtype=dtype)
+    set_chat_template(tokenizer, cfg.sft.chat_template)  # checkpoints and the adapter carry the trained template
     model.train()
     mcfg = model.cfg
     peft_cfg = method_config(cfg)
@@ -188,7 +191,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
             if rt.is_main:
                 adapter_dir = str(save_adapter(train_model, cfg.method, peft_cfg, out / "adapter",
                                                base_name=str(cfg.model),
-                                               state=full if training.fsdp else None))
+                                               state=full if training.fsdp else None, tokenizer=tokenizer))
         rt.barrier()
     history = state.history
     summary = {
