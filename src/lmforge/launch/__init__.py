@@ -20,13 +20,14 @@ def launch(config: str | Path, overrides: Sequence[str] = (), dry_run: bool = Fa
     """Compose the config, check every stage, then run them here or submit them to Slurm.
 
     Returns:
-        The exit code: 0 (all run / submitted), 75 (a local stage stopped early to be resumed).
+        The exit code: 0 (all run / submitted), 75 (a local stage stopped early to be resumed, also on
+        SIGTERM/SIGINT/SIGUSR1 to this process), 128 + signal (a signal stopped a stage that cannot resume).
 
     Raises:
         UserError: any problem found before anything runs, or a local stage that failed.
     """
     from lmforge.launch import containers, local, slurm
-    from lmforge.launch.record import write_record
+    from lmforge.launch.record import launcher_identity, write_record
 
     cfg = load_launch_config(config, overrides)
     stages = build_stages(cfg, check_commands=cfg.container_runtime == "none")
@@ -43,6 +44,7 @@ def launch(config: str | Path, overrides: Sequence[str] = (), dry_run: bool = Fa
         entries = slurm.submit(stages, cfg, dry_run=dry_run, force=force, log=log)
         save(entries)
         return 0
+    record["launcher"] = launcher_identity()  # so `launch status` can tell a launcher that died
     code, entries = local.run(stages, cfg, dry_run=dry_run, force=force, log=log, on_update=save)
     save(entries)
     return code

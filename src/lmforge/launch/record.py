@@ -8,12 +8,19 @@
 
 A stage's state is COMPLETED when its completion marker(s) exist (written by the job itself on
 success), else what Slurm says about its job (squeue, then scontrol), else the recorded state.
+
+A local launch also records its own process (``"launcher": {"host", "pid", "started"}``). A stage
+recorded as running whose launcher is gone (killed, machine rebooted; a pid reused by another process
+does not count: ``started`` is the kernel's start time of the process) shows as ``LAUNCHER DIED``,
+with the reason, instead of a RUNNING that will never end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -61,14 +68,68 @@ def slurm_state(job_id: str) -> Optional[str]:
     return None
 
 
+def process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started, as the kernel counts it (Linux: boot id and start tick from /proc),
+    so a pid reused later by another process is told apart; None where unknown (no /proc, no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, starttime field 22
+    return f"{boot}:{fields[19]}"
+
+
+def launcher_identity() -> dict:
+    """This process as a launch record's ``launcher`` entry: host, pid and start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid())}
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def launcher_gone(launcher: dict) -> Optional[str]:
+    """Why the recorded launcher process is no longer running, or None while it runs (or cannot be checked
+    from here: another host)."""
+    pid, host = int(launcher["pid"]), launcher.get("host")
+    if host and host != socket.gethostname():
+        return None
+    where = f"launcher pid {pid} on {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"{where} is gone (killed, or the machine restarted)"
+    except PermissionError:
+        pass  # exists, owned by someone else: the start time below tells whether it is ours
+    if _is_zombie(pid):
+        return f"{where} was killed"
+    started = launcher.get("started")
+    if started and process_start(pid) not in (None, started):
+        return f"{where} is gone (that pid now belongs to another process)"
+    return None
+
+
 def stage_states(base_results_dir: str | Path) -> list[dict]:
-    """Each recorded stage with its current ``state``."""
+    """Each recorded stage with its current ``state`` (and a ``reason`` when its launcher died)."""
     record = read_record(base_results_dir)
+    open_states = {e.get("state") for e in record["stages"]} & {"running", "pending"}
+    gone = launcher_gone(record["launcher"]) if record.get("launcher") and open_states else None
     rows = []
     for entry in record["stages"]:
         done = [m.is_file() for m in markers(entry)]
         if all(done):
             state = "COMPLETED"
+        elif gone and entry.get("state") == "running":
+            rows.append({**entry, "state": "LAUNCHER DIED",
+                         "reason": f"{gone} while {entry['stage']} ran; run the same launch command again "
+                                   f"(a training stage resumes from its last checkpoint)"})
+            continue
+        elif gone and entry.get("state") == "pending":
+            state = "NOT RUN"
         elif entry.get("job_id") and record.get("cluster_type") == "slurm":
             state = slurm_state(entry["job_id"]) or entry.get("state", "unknown").upper()
             if entry.get("array_count") and any(done):
@@ -91,4 +152,7 @@ def print_status(base_results_dir: str | Path) -> list[dict]:
     for r in rows:
         table.add_row(r["stage"], r["name"], str(r.get("job_id") or "-"), r["state"], r["results_dir"])
     Console(width=200).print(table)
+    for r in rows:
+        if r.get("reason"):
+            print(f"{r['stage']}: {r['reason']}")
     return rows
