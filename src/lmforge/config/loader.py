@@ -531,7 +531,23 @@ def _normalize(cfg: PretrainConfig) -> list[str]:
                          f"{new} under FSDP with model.fsdp_sharding_strategy=grad (gradients and optimizer state "
                          "sharded over the data-parallel ranks)")
         cfg.model.optim.name = new
+    t, m = cfg.trainer, cfg.model
+    if (t.accumulate_grad_batches == 1 and _is_int(m.global_batch_size) and _is_int(m.micro_batch_size)
+            and m.global_batch_size != m.micro_batch_size * _planned_dp(cfg)):
+        # NeMo's meaning: Megatron models derive accumulation from the batch sizes; its configs keep
+        # trainer.accumulate_grad_batches=1 ("do not modify") whatever the accumulation is.
+        t.accumulate_grad_batches = None
+        notes.append("trainer.accumulate_grad_batches=1 is NeMo's fixed value: as in NeMo, gradient accumulation is "
+                      "derived from model.global_batch_size / (model.micro_batch_size x data-parallel size)")
     return notes
+
+
+def _planned_dp(cfg: PretrainConfig) -> int:
+    """The data-parallel size the config plans, or 0 when its sizes are not valid yet (reported elsewhere)."""
+    try:
+        return parallel_dims(cfg).dp
+    except (ConfigError, TypeError, ValueError):
+        return 0
 
 
 def _fill_derived(cfg: PretrainConfig) -> None:
@@ -807,7 +823,18 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     _choice(p, "model.data.data_impl", d.data_impl, DATA_IMPLS)
     _check_splits(p, d.splits_string)
     _at_least(p, "model.data.num_workers", d.num_workers, 0)
-    _choice(p, "model.data.dataloader_type", d.dataloader_type, DATALOADER_TYPES)
+    if d.dataloader_type == "cyclic":
+        p.append("model.data.dataloader_type=cyclic (Megatron's random sampler, reshuffled every epoch) is not "
+                 "supported: use single (the GPT dataset's samples are already shuffled, every epoch differently)")
+    else:
+        _choice(p, "model.data.dataloader_type", d.dataloader_type, DATALOADER_TYPES)
+    document_flags = [f"model.data.{k}=true" for k in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask")
+                      if getattr(d, k) is True]
+    for size_key, size in (("model.pipeline_model_parallel_size", m.pipeline_model_parallel_size),
+                           ("model.context_parallel_size", m.context_parallel_size)):
+        if document_flags and _is_int(size) and size > 1:
+            p.append(f"{', '.join(document_flags)} with {size_key}={size} is not supported yet (document masks and "
+                     f"positions are not split across stages / context ranks): drop one of them")
 
     # model.optim
     _choice(p, "model.optim.name", o.name, OPTIMIZERS)

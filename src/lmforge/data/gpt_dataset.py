@@ -589,3 +589,44 @@ def build_datasets(data_prefix, splits_string, seq_length: int, num_samples=None
     if barrier is not None:
         barrier()
     return build_all()
+
+
+class DocumentMasks:
+    """Megatron's document-aware rows (``model.data.eod_mask_loss``, ``reset_position_ids``,
+    ``reset_attention_mask``) over a dataset of token rows: each item becomes a dict of (T+1,) int64 arrays
+    aligned with ``tokens``, which the training objective reads (see ``CausalLMLoss``).
+
+    * ``eod_mask_loss``: ``loss_mask`` is 0 where the input token is the end-of-document token (the first token
+      of the next document is not predicted from the previous one), so the loss is the mean over the others.
+    * ``reset_position_ids``: ``positions`` restart at 0 after every end-of-document token.
+    * ``reset_attention_mask``: ``segment_ids`` count the end-of-document tokens before each position, so a
+      token attends only to its own document (the end-of-document token belongs to the document it ends).
+    """
+
+    def __init__(self, dataset, eod_id: int, eod_mask_loss: bool = False, reset_position_ids: bool = False,
+                 reset_attention_mask: bool = False):
+        self.dataset, self.eod_id = dataset, int(eod_id)
+        self.eod_mask_loss, self.reset_position_ids = eod_mask_loss, reset_position_ids
+        self.reset_attention_mask = reset_attention_mask
+        self.samples_per_epoch = getattr(dataset, "samples_per_epoch", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        tokens = np.asarray(self.dataset[i], dtype=np.int64)  # (T+1,)
+        is_eod = tokens[:-1] == self.eod_id  # inputs
+        row = {"tokens": tokens}
+        if self.eod_mask_loss:
+            row["loss_mask"] = np.concatenate([[0], ~is_eod]).astype(np.int64)  # aligned with tokens: labels 1..T
+        if self.reset_attention_mask:
+            before = np.concatenate([[0], np.cumsum(is_eod)])  # end-of-document tokens before each position
+            row["segment_ids"] = before.astype(np.int64)
+        if self.reset_position_ids:
+            index = np.arange(len(tokens))
+            starts = np.maximum.accumulate(np.concatenate([[0], np.where(is_eod, index[:-1] + 1, 0)]))
+            row["positions"] = (index - starts).astype(np.int64)
+        return row
+
+    def __repr__(self) -> str:
+        return f"DocumentMasks({self.dataset!r})"

@@ -49,7 +49,7 @@ class LoopSettings:
     gradient_clip_val: float = 1.0
     precision: str = "32"
     every_n_train_steps: int = 0  # extra checkpoints between validations; 0: only at validation and the end
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes reading and collating micro batches ahead (0: inline)
 
 
 @dataclass
@@ -83,6 +83,7 @@ class MicroBatches:
 
     def __init__(self, dataset, settings: LoopSettings, runtime: Runtime, dims: Optional[ParallelDims] = None):
         self.dataset, self.s, self.rt = dataset, settings, runtime
+        self._loader, self._next_step = None, None  # DataLoader iterator (num_workers > 0) and the step it is at
         self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
         if settings.global_batch_size != settings.micro_batch_size * self.dims.dp * settings.accumulate:
             raise ValueError(f"global batch {settings.global_batch_size} != micro batch {settings.micro_batch_size} x "
@@ -93,22 +94,19 @@ class MicroBatches:
         start = step * s.global_batch_size + (micro * dims.dp + dims.dp_rank) * s.micro_batch_size
         return [i % len(self.dataset) for i in range(start, start + s.micro_batch_size)]
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.rt.device.type == "cuda":
-            return t.pin_memory().to(self.rt.device, non_blocking=True)
-        return t
-
     def batch(self, indices: Iterable[int]):
-        """A (B, T+1) tensor of token rows, or for dict items a dict of such tensors.
+        """A (B, T+1) tensor of token rows, or for dict items a dict of such tensors, on the device."""
+        return self._to_device(self.collate([self.dataset[i] for i in indices]))
+
+    def collate(self, items: list):
+        """Stack dataset items into CPU tensors (in a DataLoader worker when ``num_workers`` > 0).
 
         Dict rows are cut after the last column any row trains on (``loss_mask``): later columns are
         padding that neither counts nor, under causal attention, influences a counted token. The inputs keep a
         multiple of the tensor-parallel size (sequence parallelism splits them evenly), where the rows allow.
         """
-        items = [self.dataset[i] for i in indices]
         if not isinstance(items[0], dict):
-            rows = np.stack([np.asarray(x, dtype=np.int64) for x in items])
-            return self._to_device(torch.from_numpy(rows))
+            return torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in items]))
         out = {k: np.stack([np.asarray(x[k], dtype=np.int64) for x in items]) for k in items[0]}
         if "loss_mask" in out:
             used = np.flatnonzero(out["loss_mask"].any(axis=0))
@@ -116,11 +114,35 @@ class MicroBatches:
             multiple = self.dims.tp
             end = min(-(-(end - 1) // multiple) * multiple + 1, out["loss_mask"].shape[1])
             out = {k: v[:, :end] for k, v in out.items()}
-        return {k: self._to_device(torch.from_numpy(np.ascontiguousarray(v))) for k, v in out.items()}
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+    def _to_device(self, batch):
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if self.rt.device.type == "cuda":
+            return batch.pin_memory().to(self.rt.device, non_blocking=True)
+        return batch
 
     def for_step(self, step: int):
-        for micro in range(self.s.accumulate):
-            yield self.batch(self.indices(step, micro))
+        """This rank's micro batches of ``step``. With ``num_workers`` (``model.data.num_workers``) they are read
+        and collated by DataLoader worker processes, ``num_workers x 2`` micro batches ahead, in the same order."""
+        if self.s.num_workers <= 0:
+            for micro in range(self.s.accumulate):
+                yield self.batch(self.indices(step, micro))
+            return
+        if self._loader is None or self._next_step != step:  # the first step read, or a jump (resume, evaluation)
+            self._loader = iter(self._data_loader(step))
+        for _ in range(self.s.accumulate):
+            yield self._to_device(next(self._loader))
+        self._next_step = step + 1
+
+    def _data_loader(self, first_step: int):
+        from torch.utils.data import DataLoader
+
+        batches = [self.indices(step, micro) for step in range(first_step, max(self.s.max_steps, first_step + 1))
+                   for micro in range(self.s.accumulate)]
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.s.num_workers,
+                          collate_fn=self.collate, pin_memory=self.rt.device.type == "cuda", prefetch_factor=2)
 
 
 @contextlib.contextmanager

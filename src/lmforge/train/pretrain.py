@@ -142,6 +142,17 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     train_ds, val_ds, test_ds = build(_sample_counts(cfg, max_steps, gbs))
     if train_ds is None:
         raise ConfigError(f"model.data.splits_string={m.data.splits_string!r} leaves no training data")
+    flags = dict(eod_mask_loss=bool(m.data.eod_mask_loss), reset_position_ids=bool(m.data.reset_position_ids),
+                 reset_attention_mask=bool(m.data.reset_attention_mask))
+    if any(flags.values()):  # Megatron's document-aware loss mask, positions and attention
+        from lmforge.data.gpt_dataset import DocumentMasks
+
+        if tokenizer.eod_id is None:
+            on = ", ".join(f"model.data.{k}=true" for k, v in flags.items() if v)
+            raise ConfigError(f"{on} needs the end-of-document token, but the tokenizer {tok_path} has none (no "
+                              f"eos_token / <|endoftext|>): use a tokenizer with one, or drop {on}")
+        train_ds, val_ds, test_ds = (None if d is None else DocumentMasks(d, tokenizer.eod_id, **flags)
+                                     for d in (train_ds, val_ds, test_ds))
 
     model_cfg = model_config_from(cfg, tokenizer.vocab_size)
     seed_everything(seed, dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
