@@ -568,7 +568,8 @@ def parallel_dims(cfg: PretrainConfig, rank: int = 0) -> ParallelDims:
     data_parallel_size(t.devices, t.num_nodes, m.tensor_model_parallel_size, m.pipeline_model_parallel_size)
     return ParallelDims(world_size=t.devices * t.num_nodes, rank=rank, tp=m.tensor_model_parallel_size,
                         pp=m.pipeline_model_parallel_size, fsdp=fsdp_strategy(m.fsdp, m.fsdp_sharding_strategy),
-                        devices_per_node=t.devices, cp=m.context_parallel_size)
+                        devices_per_node=t.devices, cp=m.context_parallel_size,
+                        ep=m.expert_model_parallel_size)
 
 
 def batch_plan(cfg: PretrainConfig) -> BatchPlan:
@@ -728,6 +729,7 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     parallel_ok &= _at_least(p, "model.tensor_model_parallel_size", m.tensor_model_parallel_size, 1)
     parallel_ok &= _at_least(p, "model.pipeline_model_parallel_size", m.pipeline_model_parallel_size, 1)
     parallel_ok &= _at_least(p, "model.context_parallel_size", m.context_parallel_size, 1)
+    parallel_ok &= _at_least(p, "model.expert_model_parallel_size", m.expert_model_parallel_size, 1)
     batch_ok = _at_least(p, "model.micro_batch_size", m.micro_batch_size, 1, optional=True)
     batch_ok &= _at_least(p, "model.global_batch_size", m.global_batch_size, 1, optional=True)
     batch_ok &= _at_least(p, "trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1, optional=True)
@@ -817,6 +819,19 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                 arch, m.context_parallel_size, d.seq_length or m.encoder_seq_length, tp=m.tensor_model_parallel_size,
                 pp=m.pipeline_model_parallel_size, fsdp=m.fsdp_sharding_strategy if m.fsdp is True else None,
                 compile=bool(m.compile)))
+        ep = m.expert_model_parallel_size
+        if arch is not None and parallel_ok and ep > 1:  # expert parallelism: experts divisible, and no compile yet
+            from lmforge.parallel.expert import expert_parallel_problems
+
+            p.extend(expert_parallel_problems(arch, ep))
+            try:
+                layout = parallel_dims(cfg).expert_parallel_problem()  # FSDP, tensor, pipeline: not yet
+            except ConfigError:
+                layout = None  # a layout that does not divide is reported above (the batch plan)
+            p.extend([layout] if layout else [])
+            if m.compile:
+                p.append(f"model.compile=true with model.expert_model_parallel_size={ep} is not supported yet: drop one "
+                         "of them")
 
     # model.data
     _check_data_prefix(p, d.data_prefix)

@@ -191,6 +191,7 @@ class ModelSection:
     sequence_parallel: bool = False  # Megatron SP: norms and dropouts split along the sequence (needs tensor parallel)
     virtual_pipeline_model_parallel_size: Optional[int] = None  # stages per pipeline rank (interleaved 1F1B); None: 1
     context_parallel_size: int = 1  # every sequence split over this many ranks (lmforge.parallel.context)
+    expert_model_parallel_size: int = 1  # MoE experts spread over this many data-parallel ranks (all-to-all)
     # Sharded data parallelism (FSDP2): parameters, gradients and optimizer state split over the ranks.
     fsdp: bool = False
     fsdp_sharding_strategy: str = "full"  # full (ZeRO-3) | grad (ZeRO-2) | hybrid (shard in a node, replicate across)

@@ -518,6 +518,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C) tokens
+        weights, chosen = self.route(x)
+        return self.run_experts(x, weights, chosen).reshape(shape)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's choice for tokens ``x`` (N, C): ``(weights, chosen)``, both (N, k), the weights
+        renormalized over the chosen experts (in ``x``'s dtype). Keeps the load-balancing statistics."""
         probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.training and self.aux_coeff > 0:
@@ -528,7 +534,11 @@ class MoE(nn.Module):
             self.aux_loss = self.num_experts * torch.sum((counts / n) * (prob_sums / n))
         else:
             self.aux_stats = self.aux_loss = None
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), chosen
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Each token (N, C) through its chosen experts, their outputs summed with the router weights.
+        Expert parallelism (:mod:`lmforge.parallel.expert`) replaces this method of the instance."""
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)  # tokens routed to expert e
@@ -536,7 +546,7 @@ class MoE(nn.Module):
             # parallelism reduces each expert's gradient on every rank, whichever tokens a rank routed.
             if token.numel() or (self.training and torch.is_grad_enabled()):
                 out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out.reshape(shape)
+        return out
 
 
 def build_mlp(cfg: ModelConfig) -> nn.Module:

@@ -12,7 +12,8 @@ nothing else divides by the world size.
 
 Tensor (:mod:`lmforge.parallel.tensor`), pipeline (:mod:`lmforge.parallel.pipeline`) and data parallelism
 (replicated, or sharded with FSDP) compose in any product that divides the world; context parallelism
-(:mod:`lmforge.parallel.context`) runs alone or beside data parallelism (DDP, FSDP full/grad);
+(:mod:`lmforge.parallel.context`) runs alone or beside data parallelism (DDP, FSDP full/grad); expert
+parallelism (:mod:`lmforge.parallel.expert`) beside replicated data parallelism (DDP) only for now;
 :meth:`ParallelDims.check_supported` refuses what is not built yet before a stage does any work.
 """
 
@@ -130,8 +131,25 @@ class ParallelDims:
             problems = context_parallel_problems(None, self.cp, tp=self.tp, pp=self.pp, ep=self.ep, fsdp=self.fsdp)
             if problems:
                 raise ConfigError(problems[0])
-        if self.ep > 1:
-            raise ConfigError(f"model.expert_model_parallel_size={self.ep}: expert parallelism is not built yet; use 1")
+        problem = self.expert_parallel_problem()
+        if problem:
+            raise ConfigError(problem)
+
+    def expert_parallel_problem(self) -> Optional[str]:
+        """Why this layout cannot run expert parallelism (None: it can, or ``ep`` is 1). Expert parallelism
+        (:mod:`lmforge.parallel.expert`) is built beside replicated data parallelism (DDP) only."""
+        if self.ep == 1:
+            return None
+        key = f"model.expert_model_parallel_size={self.ep}"
+        if self.fsdp is not None:
+            return (f"{key} with model.fsdp=true is not supported yet: expert parallelism runs beside replicated data "
+                    f"parallelism (DDP); set model.fsdp=false, or model.expert_model_parallel_size=1")
+        for other, size in (("model.tensor_model_parallel_size", self.tp), ("model.pipeline_model_parallel_size", self.pp),
+                            ("model.context_parallel_size", self.cp)):
+            if size > 1:
+                return (f"{key} with {other}={size} is not supported yet: expert parallelism combines with data "
+                        f"parallelism only; set one of them to 1")
+        return None
 
     def check_world(self, launched_world_size: int, launched_rank: int) -> "ParallelDims":
         """This layout for the process torchrun started; ConfigError when the world differs from the plan."""

@@ -15,6 +15,8 @@ because it swaps modules):
    Then tensor parallelism (``job.dims.tp``, :mod:`lmforge.parallel.tensor`) on the mesh's ``tp`` dimension.
    Then context parallelism (``job.dims.cp``, :mod:`lmforge.parallel.context`) on its ``cp`` dimension: the
    objective takes this rank's part of every sequence, attention gathers the group's keys and values.
+   Expert parallelism (``job.dims.ep``, :mod:`lmforge.parallel.expert`): each rank keeps its share of every MoE
+   layer's experts; DDP then ignores them (their gradients are reduced over the expert-data-parallel group).
 4. Activation checkpointing (``job.activations_checkpoint``), per block (per pipeline stage).
 5. torch.compile (``job.compile``), per block, and the loss head (not under tensor parallelism).
 6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective or each stage as root), DDP, or, for
@@ -125,11 +127,13 @@ class Training:
     resumed_from: Optional[str] = None
     async_groups: dict = field(default_factory=dict)  # folder name -> gloo group of its background writes
     whole: Optional[nn.Module] = None  # pipeline parallel: the whole Transformer this rank's stages are part of
+    expert_parallel: Any = None  # lmforge.parallel.expert.ExpertParallel when the experts are spread over ranks
 
     @property
     def sharded(self) -> bool:
-        """The parameters are DTensors or a stage's slice (FSDP, tensor or pipeline parallel): DCP checkpoints."""
-        return shards(self.job) or self.job.dims.tp > 1 or self.job.dims.pp > 1
+        """The parameters are DTensors or a stage's slice (FSDP, tensor or pipeline parallel), or a rank's share of
+        the experts (expert parallel): DCP checkpoints."""
+        return shards(self.job) or self.job.dims.tp > 1 or self.job.dims.pp > 1 or self.job.dims.ep > 1
 
     @property
     def fsdp(self) -> bool:
@@ -143,6 +147,9 @@ class Training:
             n = p.numel()  # a DTensor reports its global size
             total += n
             trainable += n if p.requires_grad else 0
+        if self.expert_parallel is not None:  # the experts other ranks hold (no PEFT under expert parallelism)
+            total += self.expert_parallel.absent_parameters
+            trainable += self.expert_parallel.absent_parameters
         return trainable, total
 
     def weights_state(self) -> dict[str, torch.Tensor]:
@@ -265,6 +272,13 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         from lmforge.parallel.context import apply_context_parallel
 
         objective.sequence_split = apply_context_parallel(base, mesh["cp"]).split
+    expert = None
+    if dims.ep > 1:  # 3. expert parallelism: this rank's share of the experts, tokens exchanged by all-to-all
+        from lmforge.parallel.expert import apply_expert_parallel
+        from lmforge.parallel.fsdp import ensure_process_group
+
+        ensure_process_group(rt)
+        expert = apply_expert_parallel(base, dims)
     if job.activations_checkpoint:  # 4. (per pipeline stage: a chunk of blocks never spans two stages)
         for unit in stages or [base]:
             apply_activation_checkpointing(unit, **job.activations_checkpoint)
@@ -293,6 +307,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     else:
         from lmforge.parallel.ddp import apply_data_parallel
 
+        if expert is not None:  # expert gradients are reduced by the expert-parallel plan, not by DDP
+            expert.ignore_in_ddp(objective)
         forward_model = apply_data_parallel(objective, rt)
     runner = None
     if stages is not None:
@@ -324,12 +340,15 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         extras.update(clip_fn=functools.partial(clip_grad_norm, sum_group=runner.group if runner else None))
     if runner is not None:
         extras.update(pipeline=runner)
+    if expert is not None:  # expert parallelism: expert gradients summed over their group, the norm over all
+        extras.update(grad_sync=expert.reduce_gradients, clip_fn=expert.clip_grad_norm)
     trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, job.loop, log=logger, scaler=scaler,
                       dims=dims, **extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,
                         schedule=schedule, scaler=scaler, manager=manager, trainer=trainer, logger=logger,
                         state=TrainState(), model_config=model_config, tokenizer=tokenizer,
-                        whole=model if stages is not None else None)
+                        whole=model if stages is not None else None,
+                        expert_parallel=expert)
     if dims.is_sharded and not shards(job) and rt.is_main:
         console_log("FSDP on one process has nothing to shard: training unsharded (the same numbers, no FSDP "
                     "copies); model.fsdp_cpu_offload=true would still offload to CPU memory")
@@ -369,6 +388,12 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
     if job.dims.tp > 1 and job.peft_method is not None:
         raise ConfigError(f"PEFT ({job.peft_method}) under tensor parallelism is not supported yet: fine-tune "
                           f"adapters with FSDP (fsdp=true) instead")
+    if job.dims.ep > 1:  # expert parallelism: each rank's expert gradients differ (fp16's skipped steps would too)
+        what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile),
+                                ("trainer.precision=16-mixed", job.loop.precision == "16-mixed")) if on]
+        if what:
+            raise ConfigError(f"model.expert_model_parallel_size={job.dims.ep} with {', '.join(what)} is not "
+                              f"supported yet")
     if job.dims.tp > 1 and job.compile:
         raise ConfigError("model.compile=true with tensor parallelism is not supported yet: drop one of them")
     if job.dims.cp > 1:  # context parallelism: the rest is refused by the config and ParallelDims.check_supported
@@ -538,13 +563,16 @@ def _load_indexed_optimizer(training: Training, folder: Path) -> None:
     """Restore an unsharded checkpoint's optimizer state (keyed by parameter index) into a sharded optimizer.
 
     The index is the parameter's position in the optimizer's groups, which :func:`build_optimizer` fills in
-    the model's parameter order on any layout; each rank keeps its slice of the full tensors.
+    the model's parameter order on any layout; each rank keeps its slice of the full tensors. Under pipeline or
+    expert parallelism the indices are the whole model's and a rank skips the parameters it does not hold.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from lmforge.train.checkpoint import read_optimizer_state
 
     saved = read_optimizer_state(folder)
     whole = training.whole  # a pipeline stage's rank: the index runs over the whole model's parameters
+    if training.expert_parallel is not None:  # a rank's share of the experts: the whole model, on meta
+        whole = _whole_model_on_meta(training)
     names = {id(p): n for n, p in (whole or training.model).named_parameters()}
     if whole is None:
         order = [names[id(p)] for g in training.optimizer.param_groups for p in g["params"]]
@@ -575,3 +603,13 @@ def _load_indexed_optimizer(training: Training, folder: Path) -> None:
             tensors[name] = value.to(target.device) if not hasattr(value, "device_mesh") else value
     set_optimizer_state_dict(training.model, training.optimizer, {**tensors, **rest},
                              options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
+def _whole_model_on_meta(training: Training) -> nn.Module:
+    """The whole model of this run on the meta device (no memory): its parameter names in the order an unsharded
+    run's optimizer numbers them (expert parallelism holds only a rank's share of the experts)."""
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(ModelConfig.from_dict(training.model_config))

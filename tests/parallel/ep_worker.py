@@ -1,0 +1,83 @@
+"""Run by tests/parallel/test_expert_parallel.py under torchrun (gloo): a tiny Mixtral with its experts spread over
+expert-parallel groups of 2 ranks (2 or 4 data-parallel ranks), trained under DDP with gradient accumulation, against
+the plain model in the same process seeing the whole global batch micro batch by micro batch."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.parallel.dims import ParallelDims
+from lmforge.parallel.expert import apply_expert_parallel
+from lmforge.parallel.transforms import apply_activation_checkpointing
+from lmforge.train.objectives import CausalLMLoss
+
+CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
+           max_position_embeddings=32, normalization="rmsnorm", activation="swiglu", bias=False,
+           position_embedding_type="rope", share_embeddings_and_output_weights=False, num_moe_experts=4,
+           moe_router_topk=2, moe_aux_loss_coeff=0.02, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def run(variant: str, steps: int = 4, micro: int = 2, mbs: int = 2, seq: int = 12) -> dict:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = ModelConfig(**CFG)
+    ref, model = Transformer(cfg), Transformer(cfg)
+    ref.init_weights(seed=0)
+    model.load_state_dict(ref.state_dict())
+    plan = apply_expert_parallel(model, ParallelDims(world, rank, ep=2))
+    if variant == "checkpointing":
+        apply_activation_checkpointing(model, "full")
+    objective = CausalLMLoss(model)
+    plan.ignore_in_ddp(objective)
+    ddp = DistributedDataParallel(objective)
+    ref_objective = CausalLMLoss(ref)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    out = {"ref_loss": [], "loss": [], "ref_norm": [], "norm": [], "grad_diff": []}
+    for step in range(steps):
+        batch = torch.randint(0, cfg.vocab_size, (micro, world, mbs, seq + 1), generator=g)  # [micro, rank]
+        total = batch[..., 1:].numel()
+        ref_loss = 0.0
+        for k in range(micro):
+            for r in range(world):  # one process: every rank's micro batch in turn (each its own aux term)
+                loss_sum, _ = ref_objective(batch[k, r])
+                (loss_sum / total).backward()
+                ref_loss += float(loss_sum.detach()) / total
+        loss = torch.zeros(())
+        for k in range(micro):
+            sync = ddp.no_sync() if k < micro - 1 else torch.enable_grad()
+            with sync:
+                loss_sum, _ = ddp(batch[k, rank])
+                (loss_sum * world / total).backward()
+            loss += loss_sum.detach() / total
+        plan.reduce_gradients()
+        dist.all_reduce(loss)
+        refs = dict(ref.named_parameters())
+        out["grad_diff"].append(max(float((p.grad - refs[n].grad).abs().max()) for n, p in model.named_parameters()))
+        out["norm"].append(float(plan.clip_grad_norm(list(model.parameters()), 0.5)))
+        out["ref_norm"].append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)))
+        out["ref_loss"].append(ref_loss)
+        out["loss"].append(float(loss))
+        opt.step(), ref_opt.step()
+        opt.zero_grad(set_to_none=True), ref_opt.zero_grad(set_to_none=True)
+    refs = dict(ref.named_parameters())
+    out["weight_diff"] = max(float((p.detach() - refs[n].detach()).abs().max()) for n, p in model.named_parameters())
+    out["names"] = sorted(n for n, _ in model.named_parameters())
+    out["all_names"] = sorted(refs)
+    return out
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    results = {name: run(name) for name in sys.argv[2].split(",")}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(gathered, f)
+    dist.destroy_process_group()

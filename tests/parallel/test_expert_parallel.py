@@ -1,0 +1,143 @@
+"""Expert parallelism (model.expert_model_parallel_size) on gloo ranks: a tiny Mixtral's experts spread over 2
+ranks (and over 2 of 4 data-parallel ranks) train like the plain model; pretraining with EP 2 gives the loss curve
+and gradient norms of one process, its checkpoint resumes on one process and the reverse, converts to the same
+HF folder; layouts it cannot run are refused with one message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_torchrun
+from tests.train.test_fsdp import _pretrain, _same_curve
+from tests.train.test_pretrain import _env, _losses
+
+WORKER = Path(__file__).with_name("ep_worker.py")
+MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.02"]
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_expert_parallel_trains_like_the_plain_model(tmp_path, nproc):
+    out = tmp_path / "results.json"
+    variants = ["plain", "checkpointing"] if nproc == 2 else ["plain"]
+    run_torchrun(WORKER, str(out), ",".join(variants), nproc=nproc)
+    results = json.loads(out.read_text())
+    for variant in variants:
+        held = []
+        for rank_results in results:
+            r = rank_results[variant]
+            for a, b in zip(r["ref_loss"], r["loss"]):
+                assert b == pytest.approx(a, rel=1e-5)
+            for a, b in zip(r["ref_norm"], r["norm"]):
+                assert b == pytest.approx(a, rel=1e-5)
+            assert max(r["grad_diff"]) < 1e-6
+            assert r["weight_diff"] < 1e-4  # 4 AdamW steps of lr 1e-2 from the same gradients
+            held.append(set(r["names"]))
+        # an expert-parallel group (ranks 0, 1) holds each expert once, under the plain model's names
+        all_names = set(results[0][variant]["all_names"])
+        assert held[0] | held[1] == all_names
+        experts = {n for n in all_names if ".experts." in n}
+        assert held[0] & held[1] == all_names - experts
+        assert held[0] & experts == {n for n in experts if n.split(".experts.")[1][0] in "01"}
+        if nproc == 4:  # ranks 2, 3 hold what ranks 0, 1 hold
+            assert held[2] == held[0] and held[3] == held[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep") / "one"
+    _pretrain(tiny_corpus, out, 1, "trainer.devices=1", *MOE)
+    return out
+
+
+def _convert(checkpoint: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "lmforge", "convert", str(checkpoint), str(out), "--to", "hf", "--no-progress"]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_pretraining_ep2_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, one_process):
+    out = tmp_path / "ep2"
+    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.expert_model_parallel_size=2", *MOE)
+    assert "expert parallel 2" in p.stdout + p.stderr
+    _same_curve(_losses(one_process), _losses(out))
+    _same_curve(_losses(one_process, "grad_norm"), _losses(out, "grad_norm"))
+    _same_curve(_losses(one_process, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
+    step = out / "checkpoints" / "step_0000010"
+    assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == 2
+    # the HF folder of the EP checkpoint holds the one-process run's tensors (same names, same values)
+    ours, theirs = _convert(step, tmp_path / "hf_ep"), _convert(one_process / "checkpoints" / "step_0000010",
+                                                               tmp_path / "hf_one")
+    assert sorted(ours) == sorted(theirs) and any("experts.3" in k for k in ours)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, one_process, first, then):
+    layout = {1: ["trainer.devices=1"], 2: ["trainer.devices=2", "model.expert_model_parallel_size=2"]}
+    out = tmp_path / "moving"
+    p = _pretrain(tiny_corpus, out, first, *layout[first], *MOE, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    p = _pretrain(tiny_corpus, out, then, *layout[then], *MOE)
+    assert "resuming from" in p.stdout + p.stderr
+    _same_curve(_losses(one_process), _losses(out))
+    _same_curve(_losses(one_process, "grad_norm"), _losses(out, "grad_norm"))
+
+
+@pytest.mark.parametrize("nproc,overrides,message", [
+    (1, ["model.num_moe_experts=3"], "model.expert_model_parallel_size=2 does not divide model.num_moe_experts=3"),
+    (1, ["model.num_moe_experts=null"], "this model has none: set model.num_moe_experts"),
+    (1, ["model.expert_model_parallel_size=4"], "model.expert_model_parallel_size=4 must divide the data-parallel size 2"),
+    (1, ["model.compile=true"], "model.compile=true with model.expert_model_parallel_size=2 is not supported yet"),
+    (1, ["model.fsdp=true"], "model.expert_model_parallel_size=2 with model.fsdp=true is not supported yet"),
+    (1, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.micro_batch_size=2"],
+     "mixture-of-experts models (Mixtral) are not supported under tensor parallelism"),
+])
+def test_bad_expert_parallel_layouts_are_refused(tiny_corpus, tmp_path, nproc, overrides, message):
+    args = ["trainer.devices=2", "model.expert_model_parallel_size=2", *MOE, *overrides]
+    p = _pretrain(tiny_corpus, tmp_path / "bad", nproc, *args, check=False)
+    err = p.stdout + p.stderr
+    assert p.returncode == 2 and message in err, err[-1500:]
+    assert not [line for line in err.splitlines() if line.strip().startswith("File") and "/lmforge/" in line]
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_check_supported_names_each_combination():
+    from lmforge.errors import ConfigError
+    from lmforge.parallel.dims import ParallelDims
+
+    ParallelDims(4, ep=2).check_supported()
+    ParallelDims(2, ep=2).check_supported()
+    for dims, message in ((ParallelDims(4, ep=2, tp=2), "model.tensor_model_parallel_size=2"),
+                          (ParallelDims(4, ep=2, pp=2), "model.pipeline_model_parallel_size=2"),
+                          (ParallelDims(4, ep=2, fsdp="full"), "model.fsdp=true")):
+        with pytest.raises(ConfigError, match=f"expert_model_parallel_size=2 with {message}"):
+            dims.check_supported()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(precision="16-mixed"), "trainer.precision=16-mixed"),
+    (dict(compile=True), "model.compile=true"),
+    (dict(peft_method="lora"), "PEFT"),
+])
+def test_the_assembly_refuses_what_expert_parallelism_does_not_run(tmp_path, change, message):
+    from lmforge.errors import ConfigError
+    from lmforge.parallel.dims import ParallelDims
+    from lmforge.parallel.runtime import Runtime
+    from lmforge.train.assembly import OptimSpec, TrainJob, _check_job
+    from lmforge.train.loop import LoopSettings
+
+    loop = LoopSettings(max_steps=1, micro_batch_size=1, global_batch_size=2, accumulate=1,
+                        precision=change.pop("precision", "32"))
+    job = TrainJob(out=tmp_path, dims=ParallelDims(2, ep=2), loop=loop, optim=OptimSpec(), **change)
+    with pytest.raises(ConfigError, match=f"expert_model_parallel_size=2 with {message} is not supported yet"):
+        _check_job(job, Runtime())
