@@ -7,7 +7,8 @@ import pytest
 
 from lmforge.cli import build_parser, main
 from lmforge.data.tokenizers import train_bpe
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.generate import generate
 from lmforge.open import load_for_inference
 from lmforge.train.checkpoint import save_model
 

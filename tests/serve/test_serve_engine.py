@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lmforge.models import Transformer, generate
+from lmforge.models import Transformer
+from lmforge.models.generate import generate
 from lmforge.serve.cache import SlotKVCache
 from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams,
                                   process_logits)

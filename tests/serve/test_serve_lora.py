@@ -9,7 +9,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
-from lmforge.models import generate
+from lmforge.models.generate import generate
 from lmforge.open import load_for_inference
 from lmforge.peft import LoRAConfig, apply_adapter, apply_peft, save_adapter
 from lmforge.serve.client import AsyncEngineClient

@@ -14,7 +14,8 @@ import torch
 import uvicorn
 
 from lmforge.data.tokenizers import load_tokenizer, train_bpe
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.generate import generate
 from lmforge.serve.client import AsyncEngineClient
 from lmforge.serve.engine import EngineBusyError, SamplingParams, engine_from_checkpoint
 from lmforge.serve.server import build_app

@@ -16,7 +16,7 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.models import generate
+from lmforge.models.generate import generate
 from lmforge.serve.client import AsyncEngineClient
 from lmforge.serve.engine import (InvalidRequestError, RequestFailedError, SamplingParams, engine_from_checkpoint,
                                   process_logits)

@@ -6,10 +6,14 @@
 * :mod:`lmforge.eval.data`: task records from local files, a prefetch cache, or the Hub.
 * :mod:`lmforge.eval.evaluate`: the stage (``run``), results tables and ``compare``.
 * :mod:`lmforge.eval.harness`: the ``lmforge`` model for ``lm_eval --model lmforge``.
+
+The names below are imported on first use (:mod:`lmforge.lazy`): registering the commands imports no torch.
 """
 
-from lmforge.eval.evaluate import compare, evaluate_model, run
-from lmforge.eval.scorer import Scorer, rolling_windows
-from lmforge.eval.tasks import get_task, known_tasks
+from lmforge.lazy import lazy_exports
 
 __all__ = ["run", "evaluate_model", "compare", "Scorer", "rolling_windows", "get_task", "known_tasks"]
+__getattr__, __dir__ = lazy_exports(__name__, {"run": "lmforge.eval.evaluate", "evaluate_model": "lmforge.eval.evaluate",
+                                               "compare": "lmforge.eval.evaluate", "Scorer": "lmforge.eval.scorer",
+                                               "rolling_windows": "lmforge.eval.scorer",
+                                               "get_task": "lmforge.eval.tasks", "known_tasks": "lmforge.eval.tasks"})

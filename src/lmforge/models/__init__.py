@@ -1,7 +1,15 @@
-"""Model schema, the decoder-only Transformer, its KV cache and the generate loop."""
+"""Model schema, the decoder-only Transformer, its KV cache and the generate loop
+(:func:`lmforge.models.generate.generate`).
 
-from lmforge.models.config import ModelConfig
-from lmforge.models.generate import generate, sample_next
-from lmforge.models.transformer import KVCache, Transformer
+The names below are imported on first use (:mod:`lmforge.lazy`): :mod:`lmforge.models.config` and
+:mod:`lmforge.models.families` (read by the CLI's parsers) import no torch. ``generate`` is not among them:
+it is also the name of the submodule, which replaces a lazy attribute once imported.
+"""
 
-__all__ = ["ModelConfig", "Transformer", "KVCache", "generate", "sample_next"]
+from lmforge.lazy import lazy_exports
+
+__all__ = ["ModelConfig", "Transformer", "KVCache", "sample_next"]
+__getattr__, __dir__ = lazy_exports(__name__, {"ModelConfig": "lmforge.models.config",
+                                               "Transformer": "lmforge.models.transformer",
+                                               "KVCache": "lmforge.models.transformer",
+                                               "sample_next": "lmforge.models.generate"})

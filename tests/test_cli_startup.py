@@ -1,0 +1,63 @@
+"""``lmforge --help`` / ``--version`` and every command's ``--help`` stay fast: building the parser imports no
+torch, numpy, transformers or other heavy library (those load inside the command that needs them).
+
+A test on what is imported, not on time: a fresh interpreter builds the parser, asks every command for its help,
+and reports ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "numpy", "transformers", "safetensors", "tokenizers", "matplotlib", "tensorboard", "datasets",
+         "lm_eval", "fastapi", "uvicorn", "rich", "triton", "sentencepiece", "tiktoken", "peft", "scipy", "pandas")
+
+PROBE = r"""
+import contextlib, io, json, sys
+import lmforge.cli as cli
+
+parser = cli.build_parser()
+sub = next(a for a in parser._actions if a.dest == "command")
+helped = []
+for argv in [["--help"], ["--version"], *[[name, "--help"] for name in sub.choices]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+    assert out.getvalue().strip(), argv
+    helped.append(argv[0])
+print(json.dumps({"helped": helped, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_help_and_version_import_no_heavy_library():
+    p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"finetune", "pretrain", "serve", "evaluate", "convert", "launch", "data"} <= set(report["helped"])
+    loaded = {m.split(".")[0] for m in report["modules"]}
+    assert not loaded & set(HEAVY), f"building the parser imported {sorted(loaded & set(HEAVY))}"
+
+
+def test_lazy_package_names_still_resolve():
+    """The packages made lazy still give their API on first use, and an unknown name is an AttributeError."""
+    import pytest
+
+    import lmforge.convert
+    import lmforge.eval
+    import lmforge.finetune
+    import lmforge.models
+    import lmforge.serve
+    from lmforge.eval.evaluate import run as eval_run
+    from lmforge.finetune.stage import run as finetune_run
+
+    assert lmforge.finetune.run is finetune_run and lmforge.eval.run is eval_run
+    assert lmforge.models.Transformer.__module__ == "lmforge.models.transformer"
+    assert lmforge.serve.Engine.__module__ == "lmforge.serve.engine"
+    assert callable(lmforge.convert.convert) and "convert" in dir(lmforge.convert)
+    with pytest.raises(AttributeError):
+        lmforge.finetune.no_such_name  # noqa: B018
