@@ -1,4 +1,4 @@
-"""``lmforge convert SRC DST --to hf|lmforge``."""
+"""``lmforge convert SRC DST --to hf|lmforge`` and ``lmforge export MODEL OUT --format hf|gguf|nemo``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def add_commands(sub) -> None:
                    help="read an lmforge source without checking its weight files' sha256 and finite values")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+    add_export_command(sub)
 
 
 def _cmd_convert(a) -> int:
@@ -44,5 +45,32 @@ def _cmd_convert(a) -> int:
 
     summary = convert(a.src, a.dst, a.to, family=a.family, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
                       overwrite=a.overwrite, progress=not a.no_progress, verify=False if a.no_verify else None)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_export_command(sub) -> None:
+    """Register ``export`` on the lmforge CLI's subparsers."""
+    p = sub.add_parser("export", help="export a model as an HF folder, a llama.cpp GGUF file or a NeMo .nemo archive",
+                       description="lmforge export MODEL OUT --format hf|gguf|nemo. MODEL: an lmforge checkpoint or "
+                                   "run folder, an HF folder or a .nemo archive. hf: the folder `convert --to hf` "
+                                   "writes; gguf: one OUT.gguf file (Llama-family models; needs the gguf package); "
+                                   "nemo: one OUT.nemo archive (NeMo 1.x, Megatron-core names).")
+    p.add_argument("model", help="lmforge checkpoint or run folder, HF model folder or .nemo file")
+    p.add_argument("out", help="output: a folder (hf), OUT.gguf or OUT.nemo")
+    p.add_argument("--format", choices=["hf", "gguf", "nemo"], required=True, help="output format")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep; gguf: float16, or float32)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default=None, help="--format hf: the HF family to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an output export wrote before")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (hf)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(a) -> int:
+    from lmforge.convert.export import export
+
+    summary = export(a.model, a.out, a.format, dtype=a.dtype, family=a.family, overwrite=a.overwrite,
+                     progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
