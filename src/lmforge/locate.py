@@ -15,7 +15,7 @@ from typing import Optional
 
 from lmforge.errors import CheckpointError
 
-__all__ = ["resolve_checkpoint", "is_hf_folder", "find_adapter", "adapter_base", "ADAPTER_CONFIG"]
+__all__ = ["resolve_checkpoint", "is_hf_folder", "find_adapter", "adapter_base", "weights_file", "ADAPTER_CONFIG"]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -104,3 +104,17 @@ def adapter_base(adapter: Path) -> Path:
                           f"next to the run); give the base model and the adapter: BASE_MODEL --adapter {adapter}")
 
 
+def weights_file(folder: str | Path, name: str) -> Path:
+    """The file of ``folder`` that holds tensor ``name``: ``model.safetensors``, the shard the index names,
+    ``adapter_model.safetensors``, or the sharded ``model/`` folder (else ``folder`` itself)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return folder / json.loads(index.read_text())["weight_map"][name]
+        except (OSError, ValueError, KeyError, TypeError):
+            return index
+    for candidate in ("model.safetensors", "adapter_model.safetensors", "model"):
+        if (folder / candidate).exists():
+            return folder / candidate
+    return folder

@@ -16,19 +16,46 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import CheckpointError
-from lmforge.locate import adapter_base, find_adapter, is_hf_folder, resolve_checkpoint
+from lmforge.locate import adapter_base, find_adapter, is_hf_folder, resolve_checkpoint, weights_file
 
 __all__ = ["load_for_inference", "load_weights", "pick_dtype", "adapter_tokenizer"]
 
 
+def _first_shape_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[str, tuple, tuple] | None:
+    """``(name, shape in weights, shape in model)`` of the first tensor whose shapes differ, or None."""
+    for name, want in model.state_dict().items():  # in the model's order: embedding, layer 0, ...
+        if name in weights and tuple(weights[name].shape) != tuple(want.shape):
+            return name, tuple(weights[name].shape), tuple(want.shape)
+    return None
+
+
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Copy ``weights`` into ``model``; a tied head may be absent. Any other mismatch is a CheckpointError."""
+    """Copy ``weights`` into ``model``; a tied head may be absent.
+
+    Any other mismatch is one CheckpointError (never load_state_dict's list of every size mismatch): it
+    names the weights file, the first tensor that differs (its shape in the file and in the model that
+    ``config.json`` describes) and the likely cause.
+    """
+    folder = Path(source)
+    config = folder / "config.json"
+    bad = _first_shape_mismatch(model, weights)
+    if bad is not None:
+        name, got, want = bad
+        raise CheckpointError(f"{weights_file(folder, name)}: tensor {name!r} has shape {got} in the file but "
+                              f"{config} describes {want}; the config does not belong to these weights (edited, or "
+                              f"copied from another model): restore the config.json saved with them")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = getattr(getattr(model, "cfg", None), "share_embeddings_and_output_weights", False)
     missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the model config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
+    if missing:
+        raise CheckpointError(f"{weights_file(folder, '')}: tensor {missing[0]!r} ({len(missing)} in all) is not in the "
+                              f"file but {config} describes it; the config does not belong to these weights (does "
+                              f"num_layers or another setting differ?): restore the config.json saved with them")
+    if unexpected:
+        raise CheckpointError(f"{weights_file(folder, unexpected[0])}: tensor {unexpected[0]!r} ({len(unexpected)} in "
+                              f"all) is in the file but not in the model {config} describes; the config does not "
+                              f"belong to these weights (does num_layers or another setting differ?): restore the "
+                              f"config.json saved with them")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

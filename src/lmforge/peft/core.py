@@ -9,6 +9,7 @@ built from those modules. Wrappers keep the base weights under their original na
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -103,15 +104,42 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_peft_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-    """Copy PEFT weights into ``model``; every PEFT weight must be given, and nothing else."""
+    """Copy PEFT weights into ``model``; every PEFT weight must be given, and nothing else, in the shapes the
+    model has. A mismatch is one CheckpointError naming the file, the first tensor and the likely cause
+    (a rank other than ``adapter_config.json`` says, or an adapter trained on another base model)."""
     from lmforge.errors import CheckpointError
+    from lmforge.locate import weights_file
 
     own = {n for n in model.state_dict() if is_peft_name(n)}
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
-        raise CheckpointError(f"{source}: adapter weights do not fit this model (missing {missing[:4]}, "
+        raise CheckpointError(f"{weights_file(source, '')}: adapter weights do not fit this model (missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}); was it trained on another model or method?")
+    for name, want in model.state_dict().items():  # the first mismatch in the model's order
+        if name in state and tuple(state[name].shape) != tuple(want.shape):
+            got, want = tuple(state[name].shape), tuple(want.shape)
+            raise CheckpointError(f"{weights_file(source, name)}: tensor {name!r} has shape {got} in the file but "
+                                  f"{want} in this model; {_adapter_mismatch_cause(name, got, want, Path(source))}")
     model.load_state_dict(state, strict=False)
+
+
+def _adapter_mismatch_cause(name: str, got: tuple, want: tuple, folder: Path) -> str:
+    """The likely reason an adapter tensor has another shape than the model expects, and the fix."""
+    import json
+
+    config = folder / "adapter_config.json"
+    says = str(config) if config.is_file() else "the run's PEFT settings"
+    rank_dim = 0 if ".lora_A." in "." + name else 1 if ".lora_B." in "." + name else None
+    if rank_dim is not None and len(got) == len(want) == 2 and got[1 - rank_dim] == want[1 - rank_dim]:
+        return (f"r is {want[rank_dim]} in {says} but the adapter's tensors have rank {got[rank_dim]}: "
+                f"set r to {got[rank_dim]} there (or use the adapter_config.json saved with these weights)")
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    named = f" ({config} names {base})" if base else ""
+    return (f"the adapter was trained on a base model of other sizes{named}: load it on the base model it was "
+            f"trained on")
 
 
 def unique(items: Iterable[str]) -> list[str]:
