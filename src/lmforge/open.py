@@ -11,6 +11,7 @@ Layering: :mod:`lmforge.models` <- :mod:`lmforge.convert` <- this module; nothin
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -58,11 +59,18 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
                               f"config.json saved with them")
 
 
+_NOTES_SHOWN: set = set()  # one line per process, not one per model loaded
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+    if name in (None, "auto"):  # fp32 on the CPU, bf16 on a GPU with native bf16, else fp16 (said once)
+        from lmforge.parallel.runtime import inference_dtype
+
+        dtype, note = inference_dtype(device)
+        if note and note not in _NOTES_SHOWN:
+            _NOTES_SHOWN.add(note)
+            print(note, file=sys.stderr)
+        return dtype
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

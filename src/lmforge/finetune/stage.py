@@ -130,7 +130,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     train_model, trainer, logger, manager = training.model, training.trainer, training.logger, training.manager
     state, resumed_from, settings = training.state, training.resumed_from, job.loop
     n_trainable, n_total = training.num_parameters()
-    amp_dtype = PRECISIONS[t.precision]
+    amp_dtype = PRECISIONS[settings.precision]  # the one trained in (fp16 on a V100)
 
     def generation_metrics(step: int) -> dict:
         """Exact match and token F1 of greedy answers on the first validation samples (sharded over ranks)."""
@@ -166,7 +166,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.run_config)))
         console_log(f"fine-tuning ({cfg.method}): {n_trainable:,} of {n_total:,} parameters trained; "
                     f"{t.max_steps} steps of {gbs} rows x {seq} tokens on {dims.describe()}, "
-                    f"{rt.device.type}, precision {t.precision}; results in {out}")
+                    f"{rt.device.type}, precision {settings.precision}; results in {out}")
     with logger:
         val_before = None
         if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:

@@ -68,3 +68,47 @@ def init_runtime(accelerator: str = "auto", timeout_minutes: float = 30) -> Runt
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively. CUDA GPUs before Ampere (compute capability < 8.0: V100,
+    T4, ...) do not: torch emulates bf16 there (``torch.cuda.is_bf16_supported()`` says True), slowly and without
+    bf16 tensor cores. The CPU counts as native (its autocast runs bf16 kernels)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    if torch.version.hip:  # ROCm: capabilities are not CUDA's
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _gpu_name(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+
+def training_precision(precision: str, device: torch.device, fp16_supported: bool = True) -> tuple[str, str | None]:
+    """The precision a run trains in, and a one-line note when it is not the one asked for.
+
+    ``bf16-mixed`` (the recipes' default) on a GPU without native bf16 becomes ``16-mixed``: fp16 autocast with
+    dynamic loss scaling (the GradScaler), as NeMo users on V100 run. Where fp16 is not supported by the run's
+    layout (``fp16_supported=False``: pipeline or expert parallelism), bf16 stays, emulated, and the note says so.
+    """
+    if precision != "bf16-mixed" or has_native_bf16(device):
+        return precision, None
+    if not fp16_supported:
+        return precision, (f"note: {_gpu_name(device)} has no native bf16; training stays in bf16-mixed (emulated, "
+                           f"slow): fp16 is not supported with this parallel layout yet")
+    return "16-mixed", (f"note: {_gpu_name(device)} has no native bf16: training in fp16 with loss scaling "
+                        f"(trainer.precision=16-mixed) instead of bf16-mixed")
+
+
+def inference_dtype(device: torch.device) -> tuple[torch.dtype, str | None]:
+    """The ``auto`` dtype for inference on ``device``: float32 on the CPU, bfloat16 on a GPU with native bf16,
+    float16 (and a one-line note) on an older GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32, None
+    if has_native_bf16(device):
+        return torch.bfloat16, None
+    return torch.float16, f"note: {_gpu_name(device)} has no native bf16: running in float16"

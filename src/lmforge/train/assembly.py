@@ -44,7 +44,7 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.parallel.dims import ParallelDims
-from lmforge.parallel.runtime import Runtime
+from lmforge.parallel.runtime import Runtime, training_precision
 from lmforge.train.loop import LoopSettings, Trainer, TrainState
 
 OPTIMIZER_DIR = "optimizer"  # training_state/optimizer/: FQN-keyed optimizer tensors of sharded runs
@@ -218,6 +218,11 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     from lmforge.train.optim import build_optimizer, build_schedule
 
     dims, rt = job.dims, runtime
+    # bf16 on a GPU without native bf16 (V100, T4): fp16 with loss scaling instead, said in one line
+    precision, note = training_precision(job.loop.precision, rt.device, fp16_supported=dims.pp == 1 and dims.ep == 1)
+    job.loop.precision = precision
+    if note and rt.is_main:
+        console_log(note)
     _check_job(job, rt)
     train_model = model
     if job.peft_method is not None:  # 1. PEFT

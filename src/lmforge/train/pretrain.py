@@ -168,7 +168,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
         n_params = training.num_parameters()[1]
         console_log(f"model: {n_params / 1e6:.1f}M parameters, {model_cfg.num_layers} layers, hidden "
                     f"{model_cfg.hidden_size}; {max_steps} steps of {gbs} x {seq} tokens on {dims.describe()}, "
-                    f"{rt.device.type}, precision {t.precision}; results in {out}")
+                    f"{rt.device.type}, precision {settings.precision}; results in {out}")
     with logger:
         val_before = None
         if state.step == 0 and val_ds is not None and settings.limit_val_batches > 0:
