@@ -140,13 +140,24 @@ class StopForwarder:
         self.forward()
 
 
-def _die_with_launcher() -> None:
-    """In the stage's process before exec (Linux): the kernel sends it SIGTERM when the launcher dies,
-    even by ``kill -9``, so a training stage saves and stops instead of running on unattended."""
-    import ctypes
+def _die_with_launcher() -> Optional[Callable[[], object]]:
+    """Linux: a ``preexec_fn`` after which the kernel sends the stage SIGTERM when the launcher dies, even by
+    ``kill -9``, so a training stage saves and stops instead of running on unattended; None elsewhere.
 
+    The C function is looked up here, in the launcher: the child between fork and exec only calls it
+    (importing there could wait forever on a lock another thread of the launcher held at the fork).
+    """
+    if sys.platform != "linux":
+        return None
+    import ctypes
+    import functools
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    return functools.partial(prctl, PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _run_logged(argv: list[str], env: dict, log_path, stop: StopForwarder, torchrun: bool = False,
@@ -166,7 +177,7 @@ def _run_logged(argv: list[str], env: dict, log_path, stop: StopForwarder, torch
         start = log_file.tell()
         proc = subprocess.Popen(argv, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_launcher if sys.platform == "linux" else None)
+                                preexec_fn=_die_with_launcher())
     stop.proc, stop.torchrun = proc, torchrun
     try:
         stop.forward()  # a signal that came while the stage was starting
