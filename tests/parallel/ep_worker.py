@@ -72,9 +72,28 @@ def run(variant: str, steps: int = 4, micro: int = 2, mbs: int = 2, seq: int = 1
     return out
 
 
+def built_on_meta() -> dict:
+    """Built on the meta device, split, then allocated: the rank holds its experts only, with the whole model's
+    initial values (what pretraining does)."""
+    from lmforge.train.assembly import _materialize
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ref = Transformer(ModelConfig(**CFG))
+    ref.init_weights(seed=0)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**CFG))
+    apply_expert_parallel(model, ParallelDims(world, rank, ep=2))
+    _materialize(model, model, torch.device("cpu"), seed=0)
+    refs = dict(ref.named_parameters())
+    return {"names": sorted(n for n, _ in model.named_parameters()),
+            "on_meta": [n for n, p in model.named_parameters() if p.is_meta],
+            "max_diff": max(float((p.detach() - refs[n].detach()).abs().max()) for n, p in model.named_parameters()),
+            "rope_diff": float((model.rope_cos - ref.rope_cos).abs().max())}
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    results = {name: run(name) for name in sys.argv[2].split(",")}
+    results = {name: (built_on_meta() if name == "meta" else run(name)) for name in sys.argv[2].split(",")}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:

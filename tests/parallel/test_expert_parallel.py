@@ -25,8 +25,12 @@ MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss
 def test_expert_parallel_trains_like_the_plain_model(tmp_path, nproc):
     out = tmp_path / "results.json"
     variants = ["plain", "checkpointing"] if nproc == 2 else ["plain"]
-    run_torchrun(WORKER, str(out), ",".join(variants), nproc=nproc)
+    run_torchrun(WORKER, str(out), ",".join(variants + ["meta"]), nproc=nproc)
     results = json.loads(out.read_text())
+    for rank_results in results:  # built on meta, split, allocated: its share only, the whole model's values
+        r = rank_results["meta"]
+        assert r["names"] == rank_results["plain"]["names"] and not r["on_meta"]
+        assert r["max_diff"] == 0.0 and r["rope_diff"] == 0.0
     for variant in variants:
         held = []
         for rank_results in results:

@@ -32,8 +32,9 @@ are not pooled over ranks).
 
 What it does not combine with yet (refused by :meth:`~lmforge.parallel.dims.ParallelDims.check_supported` and the
 config checks): FSDP, tensor, pipeline and context parallelism, PEFT, ``model.compile`` and fp16 (``16-mixed``:
-the grad scaler would skip steps on some ranks only). The whole model is
-built and initialised on every rank first (same seed), then the experts a rank does not hold are dropped.
+the grad scaler would skip steps on some ranks only). Pretraining builds the model on the meta device and
+allocates only what a rank holds after this transformation (each weight initialised from the seed and its name, so
+the values are the whole model's); a model with real weights simply drops the experts it does not hold.
 """
 
 from __future__ import annotations
@@ -73,11 +74,14 @@ class ExpertParallel:
     dp: int
     ep_group: object  # the ranks that split the experts between them (and exchange tokens)
     edp_group: Optional[object]  # the ranks that hold the same experts (None when ep == dp: nothing to average)
-    expert_params: list = field(default_factory=list)  # this rank's expert parameters, in model order
+    layers: list = field(default_factory=list)  # the MoE modules, each holding this rank's experts
     absent_parameters: int = 0  # elements of the experts other ranks hold (for the parameter count)
 
-    def is_expert(self, p: torch.Tensor) -> bool:
-        return id(p) in {id(q) for q in self.expert_params}
+    @property
+    def expert_params(self) -> list:
+        """This rank's expert parameters, in model order (read when asked: allocating a model built on the meta
+        device replaces its parameter objects)."""
+        return [p for moe in self.layers for expert in moe.experts.values() for p in expert.parameters()]
 
     def ignore_in_ddp(self, module: nn.Module) -> None:
         """Tell DDP (before wrapping ``module``) not to average the expert parameters: each rank holds others."""
@@ -114,10 +118,11 @@ class ExpertParallel:
         """Clip by the global 2-norm: replicated gradients once, expert gradients summed over the expert-parallel
         group. Returns the norm before clipping."""
         parameters = [p for p in parameters if p.grad is not None]
-        ids = {id(q) for q in self.expert_params}
+        expert_params = self.expert_params
+        ids = {id(q) for q in expert_params}
         experts = [p for p in parameters if id(p) in ids]
         others = [p for p in parameters if id(p) not in ids]
-        device = self.expert_params[0].device if self.expert_params else torch.device("cpu")
+        device = expert_params[0].device if expert_params else torch.device("cpu")
 
         def square(params):
             if not params:
@@ -154,8 +159,8 @@ def expert_groups(dims) -> tuple[object, Optional[object], int]:
 def apply_expert_parallel(model: nn.Module, dims) -> ExpertParallel:
     """Keep this rank's share of every MoE layer's experts and route tokens to the others by all-to-all.
 
-    In place, on the plain :class:`~lmforge.models.transformer.Transformer` (after its weights are loaded, before
-    DDP wraps it). ``dims``: the run's :class:`~lmforge.parallel.dims.ParallelDims`; torch.distributed must be
+    In place, on the plain :class:`~lmforge.models.transformer.Transformer` (with its weights, or still on the
+    meta device, before DDP wraps it). ``dims``: the run's :class:`~lmforge.parallel.dims.ParallelDims`; torch.distributed must be
     initialised. Returns the :class:`ExpertParallel` the trainer calls after backward and for clipping.
 
     Raises:
@@ -178,7 +183,7 @@ def apply_expert_parallel(model: nn.Module, dims) -> ExpertParallel:
         moe.experts = nn.ModuleDict({str(e): experts[e] for e in local})  # the global index keeps the names
         moe.ep, moe.ep_rank, moe.ep_group = dims.ep, ep_rank, ep_group
         moe.run_experts = types.MethodType(_run_experts_parallel, moe)
-        plan.expert_params += [p for x in moe.experts.values() for p in x.parameters()]
+        plan.layers.append(moe)
     return plan
 
 

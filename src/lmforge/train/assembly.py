@@ -247,7 +247,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         _check_same_model(latest, model_config)
         check_resumable(latest, job.run_config, tokenizer)  # same data and tokenizer (else refused); sound weights
     sharded_resume = latest is not None and _is_sharded_checkpoint(latest)
-    on_meta = any(p.is_meta for p in model.parameters())  # pipeline stages are allocated after the split
+    on_meta = any(p.is_meta for p in model.parameters())  # pipeline stages, a rank's experts: allocated after the split
     if latest is not None and not sharded_resume and not on_meta:  # 2. full weights into the plain model
         _load_full_weights(base, job.peft_method, latest, rt.device)
 
@@ -284,6 +284,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
         ensure_process_group(rt)
         expert = apply_expert_parallel(base, dims)
+        if on_meta and stages is None:  # allocate and initialise what this rank holds (the weights of the whole model)
+            _materialize(model, base, rt.device, job.seed)
     if job.activations_checkpoint:  # 4. (per pipeline stage: a chunk of blocks never spans two stages)
         for unit in stages or [base]:
             apply_activation_checkpointing(unit, **job.activations_checkpoint)

@@ -39,7 +39,7 @@ def build_model(model_cfg: ModelConfig, device: torch.device, seed: int, materia
     """Build on the meta device, then allocate on ``device`` and initialise (no throwaway CPU copy).
 
     ``materialize=False`` leaves the model on the meta device: a pipeline-parallel run allocates and
-    initialises only its own stages (``build_training``)."""
+    initialises only its own stages, an expert-parallel run only its own experts (``build_training``)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     if not materialize:
@@ -156,7 +156,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
 
     model_cfg = model_config_from(cfg, tokenizer.vocab_size)
     seed_everything(seed, dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
-    model = build_model(model_cfg, rt.device, seed, materialize=dims.pp == 1)
+    model = build_model(model_cfg, rt.device, seed, materialize=dims.pp == 1 and dims.ep == 1)  # see build_training
     training = build_training(job_from_config(cfg, dims, max_steps), model, rt, tokenizer=tokenizer,
                               console_log=console_log)
     trainer, logger, manager, state = training.trainer, training.logger, training.manager, training.state
