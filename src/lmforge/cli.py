@@ -94,12 +94,14 @@ def _local_vocab_size(cfg):
     downloaded)."""
     from lmforge.config import tokenizer_path
 
-    path = tokenizer_path(cfg)
-    if not path or not Path(path).exists():
+    tc = cfg.model.tokenizer
+    files = [f for f in (tokenizer_path(cfg), getattr(tc, "vocab_file", None), getattr(tc, "merge_file", None)) if f]
+    if not files or not all(Path(f).exists() for f in files):
         return None
-    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.data.tokenizers import tokenizer_from_config
 
-    return load_tokenizer(path).vocab_size
+    tok = tokenizer_from_config(tc)
+    return None if tok is None else tok.vocab_size
 
 
 def _cmd_recipes(a):
@@ -113,12 +115,24 @@ def _cmd_recipes(a):
 def _add_tokenizer(sub):
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_cmd", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer with the `tokenizers` library")
-    t.add_argument("--input", nargs="+", required=True, help="JSONL or text files")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
+    t = tsub.add_parser("train", help="train a tokenizer: byte-level BPE, Unigram, SentencePiece, character or k-mer")
+    t.add_argument("--type", default="bpe", choices=["bpe", "unigram", "sentencepiece", "char", "kmer"],
+                   help="bpe: byte-level BPE (GPT-2 style, the default); unigram: the tokenizers library's Unigram; "
+                        "sentencepiece: a SentencePiece .model (NeMo / Llama 2 style); char / kmer: characters or "
+                        "k-mers of DNA / protein sequences")
+    t.add_argument("--input", nargs="+", default=None,
+                   help="JSONL (.gz/.zst), Parquet, FASTA or text files, folders or globs")
+    t.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (bpe, unigram, sentencepiece)")
+    t.add_argument("--out", required=True, help="output folder (tokenizer.json, or tokenizer.model + "
+                                                "lmforge_tokenizer.json)")
     t.add_argument("--json-keys", nargs="+", default=["text"])
-    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--min-frequency", type=int, default=None, help="minimum pair count of a merge (bpe; default 2)")
+    t.add_argument("--model-type", choices=["unigram", "bpe"], default=None,
+                   help="the SentencePiece model's algorithm (--type sentencepiece; default unigram)")
+    t.add_argument("--alphabet", default=None,
+                   help="char / kmer: dna, rna, protein or the characters themselves (default: those of --input)")
+    t.add_argument("--k", type=int, default=None, help="kmer: characters per token (default 3; char: 1)")
+    t.add_argument("--stride", type=int, default=None, help="kmer: characters between windows (default k)")
     t.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing --out folder")
     t.add_argument("--max-document-chars", type=int, default=MAX_DOCUMENT_CHARS,
                    help=f"refuse a text longer than this (default {MAX_DOCUMENT_CHARS:,}); bounds memory")
@@ -126,37 +140,146 @@ def _add_tokenizer(sub):
 
 
 def _cmd_tokenizer_train(a):
-    from lmforge.data.tokenizers import train_bpe
+    from lmforge.data import tokenizers as T
 
-    tok = train_bpe(a.input, a.vocab_size, a.out, json_keys=tuple(a.json_keys), min_frequency=a.min_frequency,
-                    overwrite=a.overwrite, max_document_chars=a.max_document_chars)
+    def refuse(flag, value, kinds):
+        if value is not None:
+            raise UserError(f"{flag} applies to --type {' / '.join(kinds)}, not --type {a.type}; drop it")
+
+    common = dict(json_keys=tuple(a.json_keys), overwrite=a.overwrite, max_document_chars=a.max_document_chars)
+    refuse("--min-frequency", a.min_frequency, ["bpe"])
+    refuse("--model-type", a.model_type, ["sentencepiece"])
+    if a.type in ("char", "kmer"):
+        refuse("--vocab-size", a.vocab_size, ["bpe", "unigram", "sentencepiece"])
+        if a.type == "char":
+            refuse("--k", a.k, ["kmer"])
+            refuse("--stride", a.stride, ["kmer"])
+        tok = T.train_kmer(a.input, a.out, k=1 if a.type == "char" else (a.k or 3), stride=a.stride,
+                           alphabet=a.alphabet, **common)
+    else:
+        for flag, value in (("--alphabet", a.alphabet), ("--k", a.k), ("--stride", a.stride)):
+            refuse(flag, value, ["char", "kmer"])
+        if not a.input:
+            raise UserError(f"--type {a.type} needs --input files to train on")
+        if a.vocab_size is None:
+            raise UserError(f"--type {a.type} needs --vocab-size, e.g. --vocab-size 32000")
+        if a.type == "bpe":
+            tok = T.train_bpe(a.input, a.vocab_size, a.out, min_frequency=2 if a.min_frequency is None
+                              else a.min_frequency, **common)
+        elif a.type == "unigram":
+            tok = T.train_unigram(a.input, a.vocab_size, a.out, **common)
+        else:
+            tok = T.train_sentencepiece(a.input, a.vocab_size, a.out, model_type=a.model_type or "unigram", **common)
     print(f"wrote {a.out} (vocabulary {tok.vocab_size}, end-of-document id {tok.eod_id})")
     return 0
 
 
+#: Flags of Megatron's and NeMo's preprocessing scripts that lmforge refuses, each with its reason.
+PREPROCESS_REFUSED = {
+    "--split-sentences": "lmforge does not split documents into sentences (Megatron does it with NLTK's punkt "
+                         "model, a download); drop it: each document is then one sequence, as Megatron writes "
+                         "GPT pretraining data without it",
+    "--keep-newlines": "it only applies with --split-sentences, which lmforge does not do; drop it",
+    "--lang": "it only applies with --split-sentences, which lmforge does not do; drop it",
+    "--partitions": "lmforge reads the inputs in one pass and writes one dataset; drop it (--workers sets the "
+                    "tokenizing processes)",
+    "--keep-sequential-samples": "it only applies with --partitions, which lmforge does not use; drop it",
+    "--apply-ftfy": "lmforge tokenizes the text as it is (no ftfy repair); drop it, or repair the text beforehand",
+    "--retrieval-db": "retrieval (RETRO) datasets are not written by lmforge; drop it",
+    "--need-pad-id": "it only serves retrieval (RETRO) datasets, which lmforge does not write; drop it",
+    "--vocab-size": "Megatron's NullTokenizer is not supported; give a real tokenizer",
+}
+#: Of those, the ones that take a value.
+_REFUSED_WITH_VALUE = ("--lang", "--partitions", "--vocab-size")
+
+
 def _add_preprocess(sub):
-    p = sub.add_parser("preprocess", help="JSONL -> Megatron indexed dataset (.bin/.idx)")
-    p.add_argument("--input", nargs="+", required=True)
+    p = sub.add_parser("preprocess", help="JSONL / Parquet / FASTA -> Megatron indexed dataset (.bin/.idx)",
+                       description="Tokenize documents into {output_prefix}_{key}_document.bin/.idx. Takes "
+                                   "Megatron's and NeMo's flags (--tokenizer-library, --tokenizer-type, "
+                                   "--vocab-file, --merge-file, --tokenizer-model, --dataset-impl mmap) or "
+                                   "lmforge's --tokenizer PATH.")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, folders or globs: JSON lines (.jsonl/.json or any name; .gz/.zst), .parquet, "
+                        "FASTA (.fasta/.fa/...: one document per record)")
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer folder, tokenizer.json, or .model file")
+    p.add_argument("--tokenizer-library", default=None, help="megatron, huggingface, sentencepiece or tiktoken")
+    p.add_argument("--tokenizer-type", default=None,
+                   help="GPT2BPETokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer, "
+                        "HuggingFaceTokenizer, TikTokenizer (with --tokenizer-library huggingface: a local folder)")
+    p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, tiktoken file or tokenizer folder")
+    p.add_argument("--vocab-file", "--vocab", dest="vocab_file", default=None, help="GPT-2 vocab.json")
+    p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
+    p.add_argument("--tiktoken-pattern", default=None,
+                   help="tiktoken pre-tokenizer: gpt2, cl100k (default), llama3, or a regex")
+    p.add_argument("--dataset-impl", default="mmap", help="mmap, Megatron's indexed format (the only one written)")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--append-eod", action="store_true")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--preproc-folder", action="store_true", help="NeMo's: --input is a folder (checked)")
+    p.add_argument("--files-filter", default=None,
+                   help="with a folder --input: only the files whose path in it matches this glob, e.g. '**/*.json*'")
+    p.add_argument("--log-interval", type=int, default=None, help="log progress every this many documents")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (counted and reported) instead of stopping at the first")
     p.add_argument("--dtype", default=None, help="token dtype (default: uint16 below 65,500 tokens, else int32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PREFIX_KEY_document.bin/.idx outputs")
     p.add_argument("--max-document-chars", type=int, default=MAX_DOCUMENT_CHARS,
                    help=f"a line whose text is longer is a bad line (default {MAX_DOCUMENT_CHARS:,}); bounds memory")
+    for flag in PREPROCESS_REFUSED:
+        if flag in _REFUSED_WITH_VALUE:
+            p.add_argument(flag, dest="refused_" + flag[2:].replace("-", "_"), default=None, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, dest="refused_" + flag[2:].replace("-", "_"), action="store_true",
+                           default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_preprocess)
+
+
+def _preprocess_tokenizer(a):
+    """The tokenizer preprocess's flags name: lmforge's --tokenizer, or Megatron's / NeMo's flags."""
+    from lmforge.data.tokenizers import load_tokenizer, open_tokenizer
+
+    megatron = {"--tokenizer-library": a.tokenizer_library, "--tokenizer-type": a.tokenizer_type,
+                "--tokenizer-model": a.tokenizer_model, "--vocab-file": a.vocab_file, "--merge-file": a.merge_file,
+                "--tiktoken-pattern": a.tiktoken_pattern}
+    given = [flag for flag, value in megatron.items() if value is not None]
+    if a.tokenizer is not None:
+        if given:
+            raise UserError(f"--tokenizer and {', '.join(given)} both name a tokenizer; give --tokenizer alone, "
+                            f"or Megatron's flags alone")
+        return load_tokenizer(a.tokenizer)
+    tok = open_tokenizer(library=a.tokenizer_library, type=a.tokenizer_type, model=a.tokenizer_model,
+                         vocab_file=a.vocab_file, merge_file=a.merge_file, tiktoken_pattern=a.tiktoken_pattern)
+    if tok is None:
+        raise UserError("preprocess needs a tokenizer: --tokenizer FOLDER, or --tokenizer-type GPT2BPETokenizer "
+                        "--vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt, or --tokenizer-library "
+                        "sentencepiece --tokenizer-model tokenizer.model")
+    return tok
 
 
 def _cmd_preprocess(a):
     from lmforge.data.preprocess import preprocess
 
-    summary = preprocess(a.input, a.output_prefix, a.tokenizer, json_keys=tuple(a.json_keys), append_eod=a.append_eod,
+    for flag in PREPROCESS_REFUSED:
+        if getattr(a, "refused_" + flag[2:].replace("-", "_")) is not None:
+            raise UserError(f"{flag} is not supported by lmforge preprocess: {PREPROCESS_REFUSED[flag]}")
+    if a.dataset_impl != "mmap":
+        raise UserError(f"--dataset-impl {a.dataset_impl}: lmforge writes Megatron's mmap format only (the one "
+                        f"Megatron-LM and NeMo read); use --dataset-impl mmap or drop the flag")
+    if a.preproc_folder:
+        not_folders = [i for i in a.input if not Path(i).is_dir()]
+        if not_folders:
+            raise UserError(f"--preproc-folder: --input {not_folders[0]} is not a folder; give the folder, or drop "
+                            f"--preproc-folder for files")
+    if a.files_filter is not None and not any(Path(i).is_dir() for i in a.input):
+        raise UserError(f"--files-filter {a.files_filter} selects files in a folder --input, and none is given; "
+                        f"drop it, or give a folder")
+    tokenizer = _preprocess_tokenizer(a)
+    summary = preprocess(a.input, a.output_prefix, tokenizer, json_keys=tuple(a.json_keys), append_eod=a.append_eod,
                          workers=a.workers, on_bad_line="skip" if a.skip_bad_lines else "stop", dtype=a.dtype,
-                         overwrite=a.overwrite, max_document_chars=a.max_document_chars)
+                         overwrite=a.overwrite, max_document_chars=a.max_document_chars,
+                         files_filter=a.files_filter, log_interval=a.log_interval)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

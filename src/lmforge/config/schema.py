@@ -134,12 +134,16 @@ class ExpManagerConfig:
 
 @dataclass
 class TokenizerConfig:
-    """``model.tokenizer.*``: ``model`` is a path to a ``tokenizer.json`` or a folder holding one;
-    ``type`` is accepted as the same (NeMo puts a Hugging Face name or folder there)."""
+    """``model.tokenizer.*``: ``model`` is a path to a ``tokenizer.json``, a folder holding one, or a
+    SentencePiece / tiktoken ``.model``; ``type`` is accepted as the same with the ``huggingface`` library
+    (NeMo puts a Hugging Face name or folder there); ``type=GPT2BPETokenizer`` (or no type) with ``vocab_file``
+    and ``merge_file`` is GPT-2's BPE. See :func:`lmforge.data.tokenizers.open_tokenizer`."""
 
     library: str = "huggingface"
     type: Optional[str] = None
     model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
 
 
 @dataclass
@@ -373,9 +377,7 @@ NEMO_IGNORED: dict[str, Any] = {
     "model.ub_tp_comm_overlap_cfg": ANY,
     "model.tp_comm_atomic_ag": ANY,
     "model.tp_comm_atomic_rs": ANY,
-    # model.tokenizer: lmforge reads Hugging Face tokenizer files (model.tokenizer.model)
-    "model.tokenizer.vocab_file": None,
-    "model.tokenizer.merge_file": None,
+    # model.tokenizer: lmforge reads model / vocab_file / merge_file (TokenizerConfig)
     "model.tokenizer.delimiter": None,
     "model.tokenizer.sentencepiece_legacy": False,
     "model.tokenizer.use_fast": ANY,

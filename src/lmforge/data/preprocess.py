@@ -1,4 +1,4 @@
-"""JSON lines -> token ids -> Megatron indexed datasets (``{prefix}_{key}_document.bin/.idx``).
+"""JSON lines, Parquet, FASTA -> token ids -> Megatron indexed datasets (``{prefix}_{key}_document.bin/.idx``).
 
 The output is byte-for-byte what Megatron-LM's ``tools/preprocess_data.py`` writes for the same
 input and tokenizer (without sentence splitting): each JSON line is one document; each text is
@@ -7,7 +7,9 @@ encoded with the tokenizer's default call (its post-processor's special tokens i
 no ids adds no sequence but still ends a document. A value that is a list of strings is a
 pre-split document: each non-empty string becomes one sequence, as Megatron does.
 
-Input is streamed (``.jsonl``, ``.json`` lines files, ``.gz`` compressed), tokenized in chunks
+Input is streamed (``.jsonl``, ``.json`` lines files, ``.gz`` / ``.zst`` compressed, and any file of another
+name read as JSON lines; Parquet rows; FASTA records, one document each, the sequence under ``text``; files,
+folders or globs, see :func:`lmforge.data.files.expand_inputs`), tokenized in chunks
 by a pool of processes when ``workers > 1`` (order preserved, a bounded number of chunks in
 flight), and the outputs appear only at the end, atomically: on any error nothing is left behind.
 Memory is bounded per document: a document over ``max_document_chars`` characters is a bad line
@@ -27,8 +29,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from lmforge.data.files import (MAX_DOCUMENT_CHARS, check_inputs, check_max_document_chars, check_output_location,
-                                iter_lines, make_parents, max_line_bytes, remove_empty)
+from lmforge.data.files import (MAX_DOCUMENT_CHARS, check_max_document_chars, check_output_location, expand_inputs,
+                                iter_records, make_parents, max_line_bytes, remove_empty)
 from lmforge.data.indexed import IndexedDatasetBuilder, data_file_path, dtype_code, dtype_for_vocab, index_file_path
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import ConfigError, DataError
@@ -131,14 +133,14 @@ def _encode_in_worker(lines: Sequence[bytes]) -> list[tuple]:
 # -- reading -------------------------------------------------------------------------------------
 
 def _read_chunks(files: Sequence[Path], chunk_lines: int, counters: dict, max_bytes: int,
-                 chunk_bytes: int = 4 << 20) -> Iterator[tuple[list, list]]:
+                 chunk_bytes: int = 4 << 20, columns: Optional[Sequence[str]] = None) -> Iterator[tuple[list, list]]:
     """Yield ``(positions, lines)``: up to ``chunk_lines`` raw non-blank lines (fewer once they reach
     ``chunk_bytes``) and their ``(file, line)``; a line over ``max_bytes`` comes as its reason (a str)."""
     positions: list[tuple[str, int]] = []
     lines: list = []
     size = 0
     for path in files:
-        for lineno, raw in iter_lines(path, max_bytes):
+        for lineno, raw in iter_records(path, max_bytes, columns=columns):
             if isinstance(raw, bytes) and not raw.strip():
                 counters["blank_lines"] += 1
                 continue
@@ -175,13 +177,18 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
                tokenizer, json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
                on_bad_line: str = "stop", dtype=None, log: Callable[..., None] = print,
                chunk_lines: int = 256, overwrite: bool = False,
-               max_document_chars: int = MAX_DOCUMENT_CHARS) -> dict:
+               max_document_chars: int = MAX_DOCUMENT_CHARS, files_filter: Optional[str] = None,
+               log_interval: Optional[int] = None) -> dict:
     """Tokenize JSON-lines files into Megatron indexed datasets, one per JSON key.
 
     Args:
-        inputs: one or more ``.jsonl`` / ``.json`` (JSON lines) files, optionally ``.gz``; read in order.
+        inputs: files, folders or globs (see :func:`lmforge.data.files.expand_inputs`): JSON lines
+            (``.jsonl``, ``.json`` or any other name; ``.gz`` / ``.zst`` compressed), Parquet (``.parquet``,
+            columns = ``json_keys``), FASTA (``.fasta``, ``.fa``, ...: one document per record, the sequence
+            under the key ``text``, the header under ``id`` / ``description``); read in order.
         output_prefix: outputs are ``{output_prefix}_{key}_document.bin`` and ``.idx``.
-        tokenizer: a tokenizer path (``tokenizer.json`` or a folder) or a loaded tokenizer.
+        tokenizer: a tokenizer path (anything :func:`lmforge.data.tokenizers.load_tokenizer` reads) or a
+            loaded tokenizer (e.g. from :func:`lmforge.data.tokenizers.open_tokenizer`).
         json_keys: the keys of each line to tokenize (each gives its own dataset).
         append_eod: append the tokenizer's end-of-document id to each non-empty document.
         workers: tokenizer processes; ``> 1`` uses a process pool (same bytes as 1).
@@ -192,6 +199,8 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
         chunk_lines: lines per unit of work (fewer when they hold over 4 MiB).
         overwrite: replace existing outputs; without it an existing ``.bin`` or ``.idx`` is refused.
         max_document_chars: a line whose texts hold more characters is a bad line (see ``on_bad_line``).
+        files_filter: with a folder among ``inputs``, only its files whose path inside it matches this glob.
+        log_interval: also log progress every this many documents (default: every 30 s only).
 
     Returns:
         a summary: documents, tokens, skipped_lines, skipped (first messages), blank_lines,
@@ -207,7 +216,7 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
         inputs = [inputs]
     if not list(inputs):
         raise DataError("preprocess needs at least one input file (--input)")
-    files = check_inputs(inputs)
+    files = expand_inputs(inputs, files_filter=files_filter)
     max_document_chars = check_max_document_chars(max_document_chars)
     if isinstance(json_keys, str):
         json_keys = (json_keys,)
@@ -219,6 +228,10 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
     if int(workers) < 1:
         raise ConfigError(f"workers={workers} must be at least 1")
     workers = int(workers)
+    if log_interval is not None and int(log_interval) < 1:
+        raise ConfigError(f"log_interval={log_interval} must be at least 1 document")
+    if int(chunk_lines) < 1:
+        raise ConfigError(f"chunk_lines={chunk_lines} must be at least 1")
     output_prefix = os.fspath(output_prefix)
     if Path(output_prefix).is_dir():
         raise DataError(f"output prefix {output_prefix} is a folder; give a path prefix inside it, "
@@ -230,7 +243,7 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
         tokenizer_source = os.fspath(tokenizer)
     else:
         tok = tokenizer
-        tokenizer_source = getattr(tok, "source", None) or tok
+        tokenizer_source = tok  # reaches the workers as it is (forked), or pickled
     tokenizer_name = str(getattr(tok, "source", None) or type(tok).__name__)
     vocab_size = int(tok.vocab_size)
     dt = _resolve_dtype(dtype, vocab_size, tokenizer_name)
@@ -278,15 +291,23 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
             builders[key] = IndexedDatasetBuilder(prefix, dt)
             for stale in builders[key].removed_temporaries:
                 log(f"preprocess: removed {stale}, left by an interrupted run")
-        chunks = _read_chunks(files, int(chunk_lines), counters, max_line_bytes(max_document_chars))
+        chunks = _read_chunks(files, int(chunk_lines), counters, max_line_bytes(max_document_chars),
+                              columns=json_keys)
         last_log = time.monotonic()
+        logged_docs = 0
+
+        def progress() -> None:
+            nonlocal last_log, logged_docs
+            due = log_interval is not None and documents - logged_docs >= int(log_interval)
+            if due or time.monotonic() - last_log > 30:
+                last_log, logged_docs = time.monotonic(), documents
+                log(f"  {documents} documents, {sum(tokens.values())} tokens")
+
         if workers == 1:
             encoder = _Encoder(tok, json_keys, append_eod, max_document_chars)
             for positions, lines in chunks:
                 handle(positions, encoder(lines))
-                if time.monotonic() - last_log > 30:
-                    last_log = time.monotonic()
-                    log(f"  {documents} documents, {sum(tokens.values())} tokens")
+                progress()
         else:
             import multiprocessing
 
@@ -299,12 +320,11 @@ def preprocess(inputs: Sequence[str | os.PathLike] | str | os.PathLike, output_p
                     if len(pending) >= 2 * workers + 2:  # bounded: the reader never runs far ahead
                         p, result = pending.popleft()
                         handle(p, result.get())
-                    if time.monotonic() - last_log > 30:
-                        last_log = time.monotonic()
-                        log(f"  {documents} documents, {sum(tokens.values())} tokens")
+                    progress()
                 while pending:
                     p, result = pending.popleft()
                     handle(p, result.get())
+                    progress()
         total = sum(tokens.values())
         if documents == 0 or total == 0:
             what = "no documents" if documents == 0 else f"{documents} documents but no tokens"

@@ -28,6 +28,8 @@ __all__ = ["adds_bos", "encode_plain", "encode_prompt", "chat_template_of", "set
 
 def encode_plain(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and character offsets of ``text`` without any special token."""
+    if hasattr(tokenizer, "encode_plain"):  # SentencePiece, tiktoken, k-mer (lmforge.data.tokenizers)
+        return tokenizer.encode_plain(text)
     if hasattr(tokenizer, "backend"):
         enc = tokenizer.backend.encode(text, add_special_tokens=False)
         return list(enc.ids), list(enc.offsets)

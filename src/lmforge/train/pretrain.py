@@ -16,7 +16,7 @@ from lmforge.config import model_config_from
 from lmforge.config.loader import parallel_dims
 from lmforge.config.schema import tokenizer_path
 from lmforge.data.gpt_dataset import build_datasets
-from lmforge.data.tokenizers import load_tokenizer
+from lmforge.data.tokenizers import tokenizer_from_config
 from lmforge.errors import ConfigError
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.models.config import ModelConfig
@@ -116,11 +116,13 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     if not m.data.data_prefix:
         raise ConfigError("model.data.data_prefix is not set: give the prefix of a preprocessed dataset, e.g. "
                           "model.data.data_prefix=[1.0,data/corpus_text_document] (make one with `lmforge preprocess`)")
-    tok_path = tokenizer_path(cfg)
-    if not tok_path:
+    tokenizer = tokenizer_from_config(m.tokenizer)
+    if tokenizer is None:
         raise ConfigError("model.tokenizer.model is not set: give the tokenizer folder or tokenizer.json the data "
-                          "was preprocessed with (make one with `lmforge tokenizer train`)")
-    tokenizer = load_tokenizer(tok_path)
+                          "was preprocessed with (make one with `lmforge tokenizer train`), or GPT-2's "
+                          "model.tokenizer.vocab_file and model.tokenizer.merge_file")
+    tok_name = (f"model.tokenizer.model={tokenizer_path(cfg)}" if tokenizer_path(cfg)
+                else f"model.tokenizer.vocab_file={m.tokenizer.vocab_file}")
     out = results_dir(cfg)
     gbs = int(m.global_batch_size)
     seq = int(m.data.seq_length or m.encoder_seq_length)
@@ -132,7 +134,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     build = lambda counts: build_datasets(m.data.data_prefix, m.data.splits_string, seq, counts, seed,  # noqa: E731
                                           cache_dir=cache_dir, barrier=rt.barrier, is_main=rt.is_main,
                                           vocab_size=tokenizer.vocab_size,
-                                          tokenizer_name=f"model.tokenizer.model={tok_path}")
+                                          tokenizer_name=tok_name)
     if max_steps is None:
         epochs = int(t.max_epochs or 1)
         probe = build((None, None, None))[0]
