@@ -143,22 +143,20 @@ def _cmd_tokenizer_train(a):
     from lmforge.data import tokenizers as T
 
     def refuse(flag, value, kinds):
-        if value is not None:
+        if value is not None and a.type not in kinds:
             raise UserError(f"{flag} applies to --type {' / '.join(kinds)}, not --type {a.type}; drop it")
 
     common = dict(json_keys=tuple(a.json_keys), overwrite=a.overwrite, max_document_chars=a.max_document_chars)
     refuse("--min-frequency", a.min_frequency, ["bpe"])
     refuse("--model-type", a.model_type, ["sentencepiece"])
+    refuse("--k", a.k, ["kmer"])
+    refuse("--stride", a.stride, ["kmer"])
+    refuse("--alphabet", a.alphabet, ["char", "kmer"])
+    refuse("--vocab-size", a.vocab_size, ["bpe", "unigram", "sentencepiece"])
     if a.type in ("char", "kmer"):
-        refuse("--vocab-size", a.vocab_size, ["bpe", "unigram", "sentencepiece"])
-        if a.type == "char":
-            refuse("--k", a.k, ["kmer"])
-            refuse("--stride", a.stride, ["kmer"])
         tok = T.train_kmer(a.input, a.out, k=1 if a.type == "char" else (a.k or 3), stride=a.stride,
                            alphabet=a.alphabet, **common)
     else:
-        for flag, value in (("--alphabet", a.alphabet), ("--k", a.k), ("--stride", a.stride)):
-            refuse(flag, value, ["char", "kmer"])
         if not a.input:
             raise UserError(f"--type {a.type} needs --input files to train on")
         if a.vocab_size is None:
