@@ -190,3 +190,28 @@ def test_every_flag_acts_and_unknown_ones_are_named(env, tmp_path, capsys):
         main(["preprocess", "--input", str(corpus), *gpt2, "--output-prefix", str(tmp_path / "c"), "--shuffle-docs"])
     assert e.value.code == 2 and "unrecognized arguments: --shuffle-docs" in capsys.readouterr().err
     assert not list(tmp_path.glob("c_*"))
+
+
+def test_pretraining_on_the_users_data_with_their_vocab_and_merge_files(env, tmp_path, monkeypatch, capsys):
+    """The users' data and model.tokenizer.vocab_file / merge_file (no model.tokenizer.model): GPT-2 BPE is
+    loaded from the two files, trains, and the checkpoint carries it as tokenizer.json with the same ids."""
+    from lmforge.config import load_config
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.train.pretrain import run
+    from tests.conftest import tiny_overrides
+
+    monkeypatch.chdir(env["root"])
+    if not (env["root"] / "hfbpe_gpt_training_data_text_document.bin").exists():
+        assert main(shlex.split(USERS_COMMAND)[1:]) == 0
+    corpus = {"prefix": str(env["root"] / "hfbpe_gpt_training_data_text_document"), "tokenizer": "unused"}
+    overrides = tiny_overrides(corpus, tmp_path / "run", **{
+        "trainer.max_steps": 2, "trainer.val_check_interval": 2, "model.tokenizer.model": "null",
+        "model.tokenizer.library": "megatron", "model.tokenizer.type": "GPT2BPETokenizer",
+        "model.tokenizer.vocab_file": "gpt2-vocab.json", "model.tokenizer.merge_file": "gpt2-merges.txt"})
+    summary = run(load_config("tiny/llama", overrides))
+    assert summary["steps"] == summary["max_steps"] == 2
+    saved = sorted((tmp_path / "run").rglob("tokenizer.json"))
+    assert saved, "the checkpoint holds no tokenizer"
+    again = load_tokenizer(saved[-1].parent)
+    assert again.encode(env["docs"][0]) == env["ref"](env["docs"][0])["input_ids"]
+    assert again.vocab_size == len(env["ref"])

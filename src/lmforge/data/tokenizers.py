@@ -501,7 +501,7 @@ class TiktokenTokenizer(_SpecTokenizer):
             import tiktoken
         except ImportError:
             raise DataError("tiktoken BPE files need the tiktoken package: pip install tiktoken "
-                            "(or pip install lmforge[tiktoken])") from None
+                            "(or pip install lmforge[data])") from None
         self.ranks = dict(ranks)
         self.pattern = pattern
         regex = TIKTOKEN_PATTERNS.get(pattern, pattern)
