@@ -215,3 +215,58 @@ def test_pretraining_on_the_users_data_with_their_vocab_and_merge_files(env, tmp
     again = load_tokenizer(saved[-1].parent)
     assert again.encode(env["docs"][0]) == env["ref"](env["docs"][0])["input_ids"]
     assert again.vocab_size == len(env["ref"])
+
+
+README = __import__("pathlib").Path(__file__).resolve().parents[2] / "README.md"
+README_SECTION = "## Data from NeMo and Megatron"
+
+
+def test_readme_data_commands_run_verbatim(env, tmp_path):
+    """Every command of the README's NeMo/Megatron data section, verbatim, through a shell, on files written
+    here: the users' GPT-2 files and JSONL, .zst JSON lines + Parquet, FASTA genomes."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index(README_SECTION):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) == 5 and commands[0] == USERS_COMMAND
+    for name in ("train_data.jsonl", "gpt2-vocab.json", "gpt2-merges.txt"):
+        (tmp_path / name).write_bytes((env["root"] / name).read_bytes())
+    docs = env["docs"]
+    (tmp_path / "data").mkdir()
+    for i, part in enumerate((docs[:30], docs[30:50])):
+        raw = "".join(json.dumps({"text": d}) + "\n" for d in part).encode()
+        (tmp_path / "data" / f"part-{i}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    pq.write_table(pa.table({"text": docs[50:]}), tmp_path / "data" / "more.parquet")
+    (tmp_path / "genomes").mkdir()
+    genomes = {"chr1": "ACGTTGCA" * 40, "chr2": "GGGCCCAATT" * 25 + "ACG", "plasmid": "ATGC" * 30}
+    (tmp_path / "genomes" / "a.fa").write_text("".join(f">{k}\n{v[:60]}\n{v[60:]}\n" for k, v in list(genomes.items())[:2]))
+    with gzip.open(tmp_path / "genomes" / "b.fasta.gz", "wt") as f:
+        f.write(f">plasmid\n{genomes['plasmid']}\n")
+    bindir = os.path.dirname(sys.executable)
+    src = str(README.parent / "src")  # this checkout's lmforge, whichever one the `lmforge` script was installed from
+    env_vars = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+                    PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
+    lmforge = os.path.join(bindir, "lmforge")
+    for command in commands:
+        assert command.startswith("lmforge ")
+        run = command if os.path.exists(lmforge) else f"{sys.executable} -m lmforge {command[len('lmforge '):]}"
+        p = subprocess.run(run, shell=True, cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"{command}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    ref = env["ref"]
+    assert read(tmp_path / "hfbpe_gpt_training_data_text_document") == megatron_bytes(
+        [ref(d)["input_ids"] for d in docs], ref.eos_token_id)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp_tok" / "tokenizer.model"))
+    assert sp.get_piece_size() == 2000
+    assert read(tmp_path / "data" / "sp_text_document") == megatron_bytes([sp.encode(d) for d in docs], sp.eos_id())
+    dna = KmerTokenizer("dna", k=6)
+    assert read(tmp_path / "data" / "dna_text_document") == megatron_bytes(
+        [dna.encode(s) for s in genomes.values()], dna.eod_id)  # 15,634 ids: uint16
