@@ -236,6 +236,9 @@ def test_kmer_and_char_tokenizers(tmp_path, capsys):
     assert main(["tokenizer", "train", "--type", "char", "--alphabet", "protein", "--vocab-size", "30", "--out",
                  str(tmp_path / "x")]) == 2
     assert "--vocab-size applies to --type bpe / unigram / sentencepiece" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--type", "kmer", "--alphabet", "dna", "--input", str(fasta), "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "--input is not read when --alphabet names the characters" in capsys.readouterr().err
 
 
 def test_open_tokenizer_refusals(env):
@@ -270,3 +273,10 @@ def test_pretraining_config_reads_vocab_and_merge_files(env, tmp_path):
     sp = load_config("tiny/gpt", ["model.tokenizer.library=sentencepiece", "model.tokenizer.model=nowhere.model"])
     with pytest.raises(DataError, match="model.tokenizer.model nowhere.model not found"):
         tokenizer_from_config(sp.model.tokenizer)
+
+
+def test_config_estimate_reads_the_vocabulary_of_vocab_and_merge_files(env, capsys):
+    """`lmforge config --estimate` sizes the embedding from the GPT-2 files (600 ids, padded to 640)."""
+    assert main(["config", "tiny/gpt", f"model.tokenizer.vocab_file={env['vocab']}",
+                 f"model.tokenizer.merge_file={env['merges']}", "--estimate"]) == 0
+    assert "vocabulary 640" in capsys.readouterr().out

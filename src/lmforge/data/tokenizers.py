@@ -1227,6 +1227,8 @@ def train_kmer(files, out_dir, k: int = 1, stride: Optional[int] = None, alphabe
             raise _no_text(files, json_keys)
         alphabet = "".join(sorted(chars))
     else:
+        if files:
+            raise ConfigError("--input is not read when --alphabet names the characters; drop one of them")
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise DataError(f"--out {out_dir} is a file; give a folder for the tokenizer files")
