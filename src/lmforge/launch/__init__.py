@@ -31,6 +31,8 @@ def launch(config: str | Path, overrides: Sequence[str] = (), dry_run: bool = Fa
 
     cfg = load_launch_config(config, overrides)
     stages = build_stages(cfg, check_commands=cfg.container_runtime == "none")
+    for note in cfg.get("_notes") or ():
+        log(f"[launch] note: {note}")
     containers.check_container(cfg)
     base = Path(str(cfg.base_results_dir))
     record = {"config": str(Path(config).resolve()), "overrides": list(overrides), "cluster_type": cfg.cluster_type,

@@ -13,6 +13,14 @@ A launch config folder looks like NeMo's::
 overrides are ``a.b.c=value`` (any key, e.g. ``training.trainer.num_nodes=2``) or ``GROUP=NAME``
 (choose another file of a group). Interpolations such as ``${base_results_dir}`` resolve against
 the composed whole.
+
+NeMo Launcher configs load as their users write them: ``- override hydra/job_logging: stdout`` entries
+of the defaults list and a ``hydra:`` section are Hydra's own (logging, output folders) and are ignored
+with a note; ``launcher_scripts_path`` (``~`` expanded) feeds ``data_dir`` and ``base_results_dir``
+through interpolations; ``cluster_type: bcm`` means Slurm; ``cluster.mem: 50`` means 50 GB (NeMo's
+unit), written ``--mem=50G`` with a note; ``wandb_api_key_file`` exports ``WANDB_API_KEY`` to every
+stage; ``numa_mapping.enable: true`` is refused (lmforge does not pin processes to NUMA nodes).
+The notes collected while loading are in ``cfg._notes``; ``lmforge launch`` prints them.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ TOP_DEFAULTS: dict[str, Any] = {
     "container": None,  # image: a .sif file (apptainer/singularity) or an image name/.sqsh (pyxis)
     "container_mounts": [],  # host[:container] paths
     "env_vars": {},
+    "launcher_scripts_path": None,  # NeMo's: a folder other settings interpolate (${launcher_scripts_path}/data)
+    "wandb_api_key_file": None,  # a file holding the W&B key: exported as WANDB_API_KEY to every stage
+    "numa_mapping": {"enable": False},  # NeMo's NUMA pinning: only enable: false is accepted
     "cluster": {
         "partition": None,
         "account": None,
@@ -49,7 +60,8 @@ TOP_DEFAULTS: dict[str, Any] = {
         "gpus_per_node": None,  # --gpus-per-node=N; null: --gres=gpu:N when gres is "gpu" (see below)
         "gres": None,  # null | "gpu" (write --gres=gpu:N instead of --gpus-per-node) | a literal gres string
         "cpus_per_task": None,
-        "mem": None,  # e.g. 0 (all of the node), "64G"
+        "mem": None,  # e.g. 0 (all of the node), "64G"; a bare number is GB (NeMo's unit): 50 -> --mem=50G
+        "gpus_per_task": None,  # --gpus-per-task=N (NeMo's bcm.yaml holds it, usually null)
         "exclusive": False,
         "qos": None,
         "signal_seconds": 120,  # --signal=B:USR1@<seconds>: save and requeue this long before the time limit
@@ -70,7 +82,14 @@ RUN_DEFAULTS: dict[str, Any] = {
     "gpus_per_node": None,  # default 0 (training: trainer.devices when the accelerator is not cpu)
     "dependency": None,  # null: afterok on the stage before | "singleton" | any sbatch dependency string
     "array": None,  # data preparation: true (one task per input shard) or "0-7%2"
+    "node_array_size": None,  # data preparation: at most this many array tasks at once (NeMo's; --array=SPEC%N)
 }
+
+#: NeMo stage files also hold naming variables in ``run:`` (``model_train_name``, ``train_dir``, ...) that
+#: other values interpolate; such a key is accepted when an interpolation uses it, and refused otherwise.
+#: ``evaluation.run.tasks`` is NeMo's task list: it becomes ``lmforge evaluate --tasks``.
+#: ``conversion.run.nemo_file_name`` names the .nemo file a NeMo-shaped conversion stage writes.
+RUN_STAGE_KEYS = {"evaluation": ("tasks",), "conversion": ("nemo_file_name",)}
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -127,8 +146,17 @@ def _group_options(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")) if folder.is_dir() else []
 
 
-def _defaults_entries(body: DictConfig, path: Path) -> list[tuple[str, Optional[str]]]:
-    """``[("_self_", None), ("training", "tiny_llama"), ...]`` from config.yaml's ``defaults`` list."""
+def _is_hydra(group: str) -> bool:
+    """A defaults entry of Hydra itself (``override hydra/job_logging``, ``hydra/launcher``)."""
+    words = group.split()
+    return bool(words) and (words[-1] == "hydra" or words[-1].startswith("hydra/"))
+
+
+def _defaults_entries(body: DictConfig, path: Path, notes: Optional[list] = None) -> list[tuple[str, Optional[str]]]:
+    """``[("_self_", None), ("training", "tiny_llama"), ...]`` from config.yaml's ``defaults`` list.
+
+    Hydra's own entries (``- override hydra/job_logging: stdout``) are skipped with a note in ``notes``.
+    """
     raw = OmegaConf.to_container(body.get("defaults", ListConfig(["_self_"])), resolve=False)
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: `defaults` must be a list such as [_self_, {{training: tiny_llama}}]")
@@ -138,7 +166,15 @@ def _defaults_entries(body: DictConfig, path: Path) -> list[tuple[str, Optional[
             entries.append(("_self_", None))
         elif isinstance(item, dict) and len(item) == 1:
             (group, name), = item.items()
-            entries.append((str(group).lstrip("+"), None if name is None else str(name)))
+            group = str(group).strip()
+            if _is_hydra(group):
+                if notes is not None:
+                    notes.append(f"defaults entry `{group}: {name}` is Hydra's own (its logging and output "
+                                 f"folders); lmforge launch does not use Hydra and ignores it")
+                continue
+            if group.startswith("override "):
+                group = group[len("override "):].strip()
+            entries.append((group.lstrip("+"), None if name is None else str(name)))
         else:
             raise ConfigError(f"{path}: defaults entry {item!r} is neither _self_ nor `GROUP: NAME`")
     if ("_self_", None) not in entries:
@@ -165,7 +201,11 @@ def load_launch_config(config_path: str | Path, overrides: Sequence[str] = ()) -
         path = path / "config.yaml"
     conf_dir = path.parent
     body = _read(path)
-    entries = _defaults_entries(body, path)
+    notes: list[str] = []
+    entries = _defaults_entries(body, path, notes)
+    if "hydra" in body:
+        notes.append(f"{path}: the `hydra:` section configures Hydra (run folders, logging); lmforge launch does "
+                     f"not use Hydra and ignores it")
     groups = [g for g, _ in entries if g != "_self_"]
 
     choices: dict[str, Optional[str]] = {g: n for g, n in entries if g != "_self_"}
@@ -180,7 +220,7 @@ def load_launch_config(config_path: str | Path, overrides: Sequence[str] = ()) -
         else:
             dotted.append((key, value))
 
-    body_plain = OmegaConf.masked_copy(body, [k for k in body.keys() if k != "defaults"])
+    body_plain = OmegaConf.masked_copy(body, [k for k in body.keys() if k not in ("defaults", "hydra")])
     merged = OmegaConf.create(TOP_DEFAULTS)
     for group, _ in entries:
         if group == "_self_":
@@ -200,6 +240,12 @@ def load_launch_config(config_path: str | Path, overrides: Sequence[str] = ()) -
             OmegaConf.update(merged, key, value, merge=True, force_add=True)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {key}={value!r}: {str(e).splitlines()[0]}") from None
+    for key in ("launcher_scripts_path", "base_results_dir", "data_dir"):  # NeMo's ~/NeMo/launcher_scripts
+        value = merged._get_node(key)._value() if key in merged else None
+        if isinstance(value, str) and value.startswith("~"):
+            merged[key] = str(Path(value).expanduser())
+    merged["_referenced"] = sorted(_interpolated_names(merged))
+    merged["_notes"] = notes
     merged["_conf_dir"] = str(conf_dir.resolve())
     _register_resolvers()  # NeMo's multiply, divide_ceil, divide_floor (stage files compute nodes with them)
     merged["_choices"] = {g: n for g, n in choices.items()}
@@ -207,11 +253,64 @@ def load_launch_config(config_path: str | Path, overrides: Sequence[str] = ()) -
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-    _check_top(merged, path)
+    _check_top(merged, path, groups)
     return merged
 
 
-def _check_top(cfg: DictConfig, path: Path) -> None:
+def _interpolated_names(cfg: DictConfig) -> set[str]:
+    """Every key name that appears inside a ``${...}`` of the unresolved config (``${.model_train_name}`` ->
+    ``model_train_name``), so a NeMo naming variable in a ``run:`` block counts as used."""
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    names = set()
+    for inner in re.findall(r"\$\{([^{}]*)", text):
+        names.update(re.findall(r"[A-Za-z_]\w*", inner.split(":", 1)[-1] if ":" in inner else inner))
+    return names
+
+
+#: Top-level keys that are neither settings nor stage sections: filled in by the loader.
+_INTERNAL = ("_conf_dir", "_choices", "_referenced", "_notes")
+
+
+def _check_top(cfg: DictConfig, path: Path, groups: Sequence[str] = ()) -> None:
+    from lmforge.launch.stages import NEMO_STAGES, STAGE_KINDS
+
+    known = set(TOP_DEFAULTS) | set(_INTERNAL) | set(STAGE_KINDS) | set(NEMO_STAGES) | set(groups)
+    unknown = sorted(k for k in cfg.keys() if k not in known)
+    if unknown:
+        raise ConfigError(f"{path}: `{unknown[0]}` is neither a launcher setting nor a stage; settings: "
+                          f"{', '.join(k for k in TOP_DEFAULTS if k != 'cluster')}, cluster; stages: "
+                          f"{', '.join(STAGE_KINDS)}")
+    cluster_unknown = sorted(set(cfg.cluster.keys()) - set(TOP_DEFAULTS["cluster"]))
+    if cluster_unknown:
+        raise ConfigError(f"cluster.{cluster_unknown[0]} is not a cluster setting; known: "
+                          f"{', '.join(TOP_DEFAULTS['cluster'])}")
+    mem = cfg.cluster.mem
+    if isinstance(mem, bool) or (mem is not None and not isinstance(mem, (int, str))):
+        raise ConfigError(f"cluster.mem={mem!r}: give GB as a number (50) or Slurm's form (64G, 500M, 0)")
+    if isinstance(mem, int) and mem > 0:
+        cfg.cluster.mem = f"{mem}G"
+        cfg["_notes"].append(f"cluster.mem={mem} is read as {mem} GB (NeMo's unit): #SBATCH --mem={mem}G; "
+                          f"write {mem}G or {mem * 1024}M to say it yourself")
+    elif isinstance(mem, str) and not re.fullmatch(r"\d+[KMGT]?", mem.strip()):
+        raise ConfigError(f"cluster.mem={mem!r} is not a Slurm memory size; use e.g. 50 (GB), 64G or 0 (the whole node)")
+    numa = cfg.numa_mapping
+    if numa is not None and not isinstance(numa, DictConfig):
+        raise ConfigError("numa_mapping must be a mapping such as {enable: false}")
+    if numa is not None and numa.get("enable", False):
+        raise ConfigError("numa_mapping.enable=True: lmforge launch does not pin stage processes to NUMA nodes "
+                          "(NeMo's numa_mapping); turn it off with numa_mapping.enable=False (on the command line or "
+                          "in config.yaml) and pin with numactl in the stage's python setting if you need it")
+    key_file = cfg.wandb_api_key_file
+    if key_file is not None:
+        key_path = Path(str(key_file)).expanduser()
+        try:
+            key = key_path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"wandb_api_key_file={key_file}: cannot read it ({e.strerror}); give the file holding "
+                              f"your W&B API key, or set wandb_api_key_file=null") from None
+        if not key or len(key.split()) != 1:
+            raise ConfigError(f"wandb_api_key_file={key_file}: the file should hold one W&B API key and nothing else")
+        cfg.wandb_api_key_file = str(key_path.resolve())
     ctype = str(cfg.cluster_type).lower()
     if ctype not in CLUSTER_TYPES:
         raise ConfigError(f"cluster_type={cfg.cluster_type!r} is not supported; use local or slurm (bcm means slurm)")
@@ -241,18 +340,28 @@ def run_block(cfg: DictConfig, stage: str) -> dict[str, Any]:
     raw = OmegaConf.to_container(run_node, resolve=True) if OmegaConf.is_config(run_node) else (run_node or {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{stage}.run must be a mapping (name, results_dir, time_limit, nodes, ...)")
-    unknown = sorted(set(raw) - set(RUN_DEFAULTS))
+    from lmforge.launch.stages import stage_kind
+
+    own = RUN_STAGE_KEYS.get(stage_kind(stage), ())
+    referenced = set(cfg.get("_referenced") or ())
+    unknown = sorted(k for k in set(raw) - set(RUN_DEFAULTS) - set(own) if k not in referenced)
     if unknown:
-        raise ConfigError(f"{stage}.run.{unknown[0]} is not a run setting; known: {', '.join(RUN_DEFAULTS)}")
+        raise ConfigError(f"{stage}.run.{unknown[0]} is not a run setting; known: {', '.join((*RUN_DEFAULTS, *own))} "
+                          f"(NeMo's naming variables such as model_train_name are accepted where an interpolation "
+                          f"uses them)")
+    raw = {k: v for k, v in raw.items() if k in RUN_DEFAULTS or k in own}
     run = {**RUN_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
     run["name"] = str(run["name"] or stage)
-    run["results_dir"] = str(Path(run["results_dir"] or Path(str(cfg.base_results_dir)) / run["name"]))
+    run["results_dir"] = str(Path(run["results_dir"] or Path(str(cfg.base_results_dir)) / run["name"]).expanduser())
     run["time_seconds"] = parse_time_limit(run["time_limit"], f"{stage}.run.time_limit")
-    for key in ("nodes", "ntasks_per_node", "gpus_per_node"):
+    for key in ("nodes", "ntasks_per_node", "gpus_per_node", "node_array_size"):
         value = run[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if key != "gpus_per_node" else 0)):
             raise ConfigError(f"{stage}.run.{key}={value!r} must be a whole number"
                               f"{' >= 1' if key != 'gpus_per_node' else ' >= 0'}")
+    if run["node_array_size"] is not None and run["array"] in (None, False):
+        raise ConfigError(f"{stage}.run.node_array_size={run['node_array_size']} limits the tasks of a job array "
+                          f"running at once, but {stage}.run.array is not set")
     return run
 
 

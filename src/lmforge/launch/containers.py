@@ -27,10 +27,15 @@ def check_container(cfg: DictConfig) -> None:
     """A container runtime needs an image, and an image that is a file must exist (checked before submitting).
 
     Raises:
-        ConfigError: no image given, a missing image file, or pyxis outside Slurm.
+        ConfigError: an image without a runtime (it would silently run on the host), no image given, a missing
+            image file, or pyxis outside Slurm.
     """
     runtime = cfg.container_runtime
     if runtime == "none":
+        if cfg.get("container"):
+            raise ConfigError(f"container={cfg.container} is set but container_runtime=none: the stages would run on "
+                              f"this machine's Python, not in that image; set container_runtime=apptainer (a .sif "
+                              f"file) or container_runtime=pyxis (Slurm), or remove container (container=null)")
         return
     image = cfg.container
     if not image:

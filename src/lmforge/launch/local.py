@@ -214,6 +214,8 @@ def run(stages: list[Stage], cfg: DictConfig, dry_run: bool = False, force: bool
         StageFailedError: a stage failed; the message names it, its exit code and its log.
     """
     env = {**os.environ, **{str(k): str(v) for k, v in (cfg.get("env_vars") or {}).items() if v is not None}}
+    if cfg.get("wandb_api_key_file"):  # checked readable when the config loaded
+        env["WANDB_API_KEY"] = Path(str(cfg.wandb_api_key_file)).read_text().strip()
     entries = [{"stage": s.kind, "name": s.name, "results_dir": str(s.results_dir.resolve()), "job_id": None,
                 "array_count": s.array_count, "state": "pending"} for s in stages]
     plans = [stage_commands(s, cfg) for s in stages]  # every stage checked before the first runs

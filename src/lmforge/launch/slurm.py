@@ -50,6 +50,8 @@ def _sbatch_lines(stage: Stage, cfg: DictConfig) -> list[str]:
               f"--ntasks-per-node={stage.ntasks_per_node}"]
     if stage.gpus_per_node:
         lines.append(f"--gres={c.gres}:{stage.gpus_per_node}" if c.get("gres") else f"--gpus-per-node={stage.gpus_per_node}")
+    if c.get("gpus_per_task"):
+        lines.append(f"--gpus-per-task={c.gpus_per_task}")
     if c.get("cpus_per_task"):
         lines.append(f"--cpus-per-task={c.cpus_per_task}")
     if c.get("mem") is not None:
@@ -102,6 +104,8 @@ def script(stage: Stage, cfg: DictConfig) -> str:
     for key, value in (cfg.get("env_vars") or {}).items():
         if value is not None:
             lines.append(f"export {key}={shlex.quote(str(value))}")
+    if cfg.get("wandb_api_key_file"):  # read on the node when the job starts: the key is not written here
+        lines.append(f'export WANDB_API_KEY="$(cat {shlex.quote(str(cfg.wandb_api_key_file))})"')
     lines += [
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         'HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)',

@@ -16,6 +16,13 @@ Stage kinds:
   from the stage's ``args:`` list and ``options:`` mapping.
 
 Any stage may set ``command:`` to run another lmforge subcommand.
+
+NeMo Launcher's stage names map onto these kinds (:data:`NEMO_STAGES`): ``peft`` is a ``fine_tuning``
+stage with a PEFT method (default lora; ``method: full`` is refused), ``prompt_learning`` one with
+``ptuning``, ``adapter_learning`` with ``adapter``, ``ia3_learning`` with ``ia3``; ``conversion_hf2nemo`` is
+a ``conversion`` stage running ``lmforge export ... --format nemo``. NeMo's stages that lmforge does not
+have (``rlhf_rm``, ``rlhf_ppo``, ...) are refused by name (:data:`NOT_BUILT`). ``evaluation.run.tasks``
+(NeMo's ``all_tasks`` or a comma list) becomes ``--tasks``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,34 @@ STAGE_KINDS: dict[str, tuple[str, str]] = {
     "generation": ("generate", "args"),
     "export": ("export", "args"),
 }
+
+#: NeMo Launcher stage name -> (lmforge stage kind, the fine-tuning method it means, or None).
+NEMO_STAGES: dict[str, tuple[str, Optional[str]]] = {
+    "peft": ("fine_tuning", None),  # any PEFT method, lora by default
+    "prompt_learning": ("fine_tuning", "ptuning"),
+    "adapter_learning": ("fine_tuning", "adapter"),
+    "ia3_learning": ("fine_tuning", "ia3"),
+    "conversion_hf2nemo": ("conversion", None),
+}
+PEFT_METHODS = ("lora", "ptuning", "adapter", "ia3")
+
+#: NeMo Launcher stages lmforge does not have: stage name -> why.
+NOT_BUILT: dict[str, str] = {
+    "rlhf_rm": "reward-model training (NeMo-Aligner) is alignment, which lmforge has not built yet",
+    "rlhf_ppo": "PPO (NeMo-Aligner) is alignment, which lmforge has not built yet",
+    "steerlm_reg": "SteerLM attribute regression is alignment, which lmforge has not built yet",
+    "data_curation": "NeMo Curator's data curation is not part of lmforge (prepare JSONL and use data_preparation)",
+    "fw_inference": "NeMo's framework inference stage is not part of lmforge (use a generation stage)",
+}
+
+#: NeMo's evaluation task names in ``run.tasks: all_tasks`` (lmforge evaluate's built-in tasks).
+NEMO_ALL_TASKS = "lambada,boolq,race,piqa,hellaswag,winogrande,wikitext2,wikitext103"
+
+
+def stage_kind(name: str) -> str:
+    """The lmforge kind of a stage name (``peft`` -> ``fine_tuning``; lmforge's own names map to themselves)."""
+    return NEMO_STAGES[name][0] if name in NEMO_STAGES else name
+
 
 #: Keys of an "args" stage's body that are the launcher's, not the command's.
 ARGS_KEYS = ("command", "args", "options")
@@ -138,12 +173,15 @@ def build_stages(cfg: DictConfig, check_commands: bool = True) -> list[Stage]:
         if name in seen:
             raise ConfigError(f"stage {name!r} is listed twice in `stages`")
         seen.add(name)
-        if name not in STAGE_KINDS:
-            raise ConfigError(f"unknown stage {name!r} in `stages`; known stages: {', '.join(STAGE_KINDS)}")
+        if name in NOT_BUILT:
+            raise ConfigError(f"stage {name!r} is not available: {NOT_BUILT[name]}; remove {name} from `stages`")
+        if name not in STAGE_KINDS and name not in NEMO_STAGES:
+            raise ConfigError(f"unknown stage {name!r} in `stages`; known stages: {', '.join(STAGE_KINDS)} "
+                              f"(NeMo's names: {', '.join(NEMO_STAGES)})")
         if cfg.get(name) is None:
             raise ConfigError(f"stage {name!r} has no config: add `- {name}: NAME` to the defaults list of "
                               f"config.yaml (a file conf/{name}/NAME.yaml) or a `{name}:` section")
-        stages.append(_BUILDERS[name](cfg, name, commands))
+        stages.append(_BUILDERS[stage_kind(name)](cfg, name, commands))
     return stages
 
 
@@ -188,6 +226,11 @@ def _build_data_preparation(cfg: DictConfig, stage: str, commands) -> Stage:
                               f"{stage}.tokenizer.train=false and {stage}.tokenizer.path")
         array_count = shards
         array_spec = f"0-{shards - 1}" if array is True else str(array)
+        if run["node_array_size"] is not None:  # NeMo's: at most this many array tasks at once
+            if "%" in array_spec:
+                raise ConfigError(f"{stage}.run.array={array_spec!r} already limits the tasks at once; remove "
+                                  f"{stage}.run.node_array_size or the %N")
+            array_spec = f"{array_spec}%{run['node_array_size']}"
     nodes, tasks, gpus = _resources(stage, run, None, None, None)
     results = Path(run["results_dir"])
     config_file = results / f"{stage}_config.yaml"
@@ -203,7 +246,7 @@ def _build_training(cfg: DictConfig, stage: str, commands) -> Stage:
 
     run = run_block(cfg, stage)
     body = stage_body(cfg, stage)
-    command = str(body.pop("command", STAGE_KINDS[stage][0]))
+    command = str(body.pop("command", STAGE_KINDS[stage_kind(stage)][0]))
     _check_command(stage, command, commands)
     results = Path(run["results_dir"])
     em = body.setdefault("exp_manager", {}) or {}
@@ -256,21 +299,124 @@ def _option_args(stage: str, options: Any) -> list[str]:
     return out
 
 
+#: NeMo's stage bodies that are translated: ``model.*`` key -> what it becomes. "arg": the model (positional);
+#: "option:NAME": ``--NAME``; "dtype": ``--dtype``; "note": accepted, with a note why lmforge needs nothing;
+#: "variable": sizes the job through interpolations (``run.nodes``).
+NEMO_BODIES: dict[str, dict[str, str]] = {
+    "evaluation": {"checkpoint_folder": "arg", "eval_batch_size": "option:batch_size", "precision": "dtype",
+                   "model_type": "note", "hparams_file": "note", "tensor_model_parallel_size": "variable",
+                   "pipeline_model_parallel_size": "variable", "model_parallel_size": "variable",
+                   "pipeline_model_parallel_split_rank": "variable"},
+    "conversion": {"checkpoint_folder": "arg", "checkpoint_name": "latest", "model_type": "note",
+                   "hparams_file": "note", "vocab_file": "note", "merge_file": "note", "tokenizer_model": "note",
+                   "tensor_model_parallel_size": "variable", "pipeline_model_parallel_size": "variable",
+                   "model_parallel_size": "variable"},
+}
+_NEMO_DTYPES = {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "16": "float16", "16-mixed": "float16",
+                "fp16": "float16", "32": "float32", "fp32": "float32", "32-true": "float32"}
+_NOTES = {"model_type": "lmforge reads the architecture from the checkpoint's own config",
+          "hparams_file": "an lmforge checkpoint carries its config (config.json)",
+          "vocab_file": "the checkpoint's own tokenizer files go into the archive",
+          "merge_file": "the checkpoint's own tokenizer files go into the archive",
+          "tokenizer_model": "the checkpoint's own tokenizer files go into the archive"}
+
+
+def _nemo_model_body(cfg: DictConfig, stage: str, run: dict, body: dict) -> None:
+    """Rewrite a NeMo Launcher evaluation/conversion body (``model.checkpoint_folder``, ...) into ``args`` and
+    ``options`` in place: evaluation -> ``lmforge evaluate CHECKPOINT_FOLDER --tasks ... --batch-size ...``;
+    conversion (NeMo's checkpoint -> .nemo) -> ``lmforge export CHECKPOINT_FOLDER RESULTS/NEMO_FILE_NAME --format
+    nemo``. Sizes (tensor/pipeline parallel) only size the job; a key with no translation is refused."""
+    kind = stage_kind(stage)
+    table = NEMO_BODIES[kind]
+    model = body.pop("model")
+    if body.get("args"):
+        raise ConfigError(f"{stage}.model.checkpoint_folder and {stage}.args both name the model; keep one")
+    options = dict(body.get("options") or {})
+    notes = cfg["_notes"]
+    for key, value in model.items():
+        how = table.get(key)
+        if how is None:
+            raise ConfigError(f"{stage}.model.{key}: lmforge translates NeMo's {kind} keys "
+                              f"{', '.join(table)}; remove {key} or write the stage as args/options (docs/launcher.md)")
+        if how == "option:batch_size" and value is not None:
+            options.setdefault("batch_size", value)
+        elif how == "dtype" and value is not None:
+            if str(value) not in _NEMO_DTYPES:
+                raise ConfigError(f"{stage}.model.precision={value!r}: use one of {', '.join(_NEMO_DTYPES)}")
+            options.setdefault("dtype", _NEMO_DTYPES[str(value)])
+        elif how == "latest" and value not in (None, "latest"):
+            raise ConfigError(f"{stage}.model.checkpoint_name={value!r}: lmforge converts the newest complete "
+                              f"checkpoint of checkpoint_folder (checkpoint_name: latest); point checkpoint_folder "
+                              f"at the step_* folder you want instead")
+        elif how == "note" and value is not None:
+            notes.append(f"{stage}.model.{key} is not needed: {_NOTES[key]}")
+    if kind == "evaluation":
+        sizes = int(model.get("tensor_model_parallel_size") or 1) * int(model.get("pipeline_model_parallel_size") or 1)
+        if sizes > 1:
+            notes.append(f"{stage}: lmforge evaluate does not split a model over GPUs; the {sizes} processes the "
+                         f"run block asks for score the tasks data-parallel, each holding the whole model")
+        body["args"] = [str(model["checkpoint_folder"])]
+        options.setdefault("output", str(Path(run["results_dir"]) / "results.json"))
+    else:
+        name = str(run.get("nemo_file_name") or "megatron_gpt.nemo")
+        body["command"] = body.get("command") or "export"
+        body["args"] = [str(model["checkpoint_folder"]), str(Path(run["results_dir"]) / name)]
+        options.setdefault("format", "nemo")
+    body["options"] = options
+
+
+def _drop_variables(cfg: DictConfig, stage: str, body: dict, section: str) -> None:
+    """Remove ``body[section]`` when it only holds variables other values interpolate (NeMo's stage files size
+    their jobs from ``model.tensor_model_parallel_size`` etc.: ``nodes: ${divide_ceil:${evaluation.model.
+    model_parallel_size}, 4}``); a key nothing uses is refused, naming it."""
+    if not isinstance(body.get(section), dict):
+        return
+    referenced = set(cfg.get("_referenced") or ())
+    unused = [k for k in body[section] if k not in referenced]
+    if unused:
+        raise ConfigError(f"{stage}.{section}.{unused[0]}: a {stage} stage runs `lmforge "
+                          f"{STAGE_KINDS[stage_kind(stage)][0]}` from its args and options; {section}.* keys are "
+                          f"accepted only as variables that an interpolation uses (such as run.nodes from "
+                          f"{section}.tensor_model_parallel_size); give the model and settings in args/options "
+                          f"(docs/launcher.md)")
+    del body[section]
+
+
 def _build_args_stage(cfg: DictConfig, stage: str, commands) -> Stage:
     run = run_block(cfg, stage)
     body = stage_body(cfg, stage)
+    nemo_body = isinstance(body.get("model"), dict) and "checkpoint_folder" in body["model"] \
+        and stage_kind(stage) in NEMO_BODIES
+    if nemo_body:
+        _nemo_model_body(cfg, stage, run, body)
+    _drop_variables(cfg, stage, body, "model")
     unknown = sorted(set(body) - set(ARGS_KEYS))
     if unknown:
         raise ConfigError(f"{stage}.{unknown[0]}: a {stage} stage takes {', '.join(ARGS_KEYS)} "
                           f"(args: positional arguments, options: --option values) besides run")
-    command = str(body.get("command") or STAGE_KINDS[stage][0])
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"{stage}.options must be a mapping of option -> value (e.g. {{to: hf}})")
+    options = dict(options or {})
+    default = STAGE_KINDS[stage_kind(stage)][0]
+    if stage == "conversion_hf2nemo":  # NeMo's HF -> .nemo conversion
+        default = "export"
+        options.setdefault("format", "nemo")
+    command = str(body.get("command") or default)
     _check_command(stage, command, commands)
+    if run.get("tasks") is not None:  # NeMo's evaluation.run.tasks
+        if "tasks" in options:
+            raise ConfigError(f"{stage}.run.tasks and {stage}.options.tasks both give the tasks; keep one")
+        tasks = str(run["tasks"])
+        options["tasks"] = NEMO_ALL_TASKS if tasks == "all_tasks" else tasks
     args = body.get("args") or []
     if not isinstance(args, list):
         args = [args]
     nodes, tasks, gpus = _resources(stage, run, None, None, None)
+    if nemo_body and stage_kind(stage) == "evaluation" and run["gpus_per_node"] is None:
+        gpus = tasks  # NeMo's evaluation runs one process per GPU
     return Stage(kind=stage, name=run["name"], results_dir=Path(run["results_dir"]),
-                 module_args=["-m", "lmforge", *command.split(), *map(str, args), *_option_args(stage, body.get("options"))],
+                 module_args=["-m", "lmforge", *command.split(), *map(str, args), *_option_args(stage, options)],
                  nodes=nodes, ntasks_per_node=tasks, gpus_per_node=gpus, time_seconds=run["time_seconds"],
                  dependency=run["dependency"])
 
@@ -286,10 +432,17 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
 
     run = run_block(cfg, stage)
     body = stage_body(cfg, stage)
-    command = str(body.pop("command", STAGE_KINDS[stage][0]))
+    command = str(body.pop("command", STAGE_KINDS[stage_kind(stage)][0]))
     _check_command(stage, command, commands)
     results = Path(run["results_dir"])
     body.setdefault("out", str(results))
+    if stage in NEMO_STAGES:  # NeMo's peft / prompt_learning / ...: a PEFT method
+        meant = NEMO_STAGES[stage][1]
+        method = body.setdefault("method", meant or "lora")
+        if (meant and method != meant) or (not meant and method not in PEFT_METHODS):
+            want = meant or " | ".join(PEFT_METHODS)
+            raise ConfigError(f"{stage}.method={method!r}: a {stage} stage trains {want}; use the fine_tuning "
+                              f"stage for method={method}")
     trainer = body.get("trainer") or {}
     if not isinstance(trainer, dict):
         raise ConfigError(f"{stage}.trainer must be a mapping (devices, num_nodes, accelerator, max_steps, ...)")
