@@ -11,7 +11,8 @@ checkpoint), an HF model folder, or a NeMo 1.x ``.nemo`` archive.
   converter keeps them), and the model's byte-level BPE tokenizer (``tokenizer.json``) as
   ``tokenizer.ggml.*``. Queries and keys are permuted from the "rotate half" RoPE layout (HF, lmforge)
   into llama.cpp's interleaved one, as llama.cpp's ``convert_hf_to_gguf.py`` does. Other families and
-  tokenizers are refused with a message (export ``hf`` and use llama.cpp's converter).
+  tokenizers are refused with a message (export ``hf`` and use llama.cpp's converter). The gguf package's
+  writer holds every tensor until the file is written: memory is about the model's size in the output dtype.
 * ``nemo``: a NeMo 1.x archive (an uncompressed tar) holding ``model_config.yaml`` (the ``model:``
   section: sizes, activation, normalization, positions, ``mcore_gpt: true``, the tokenizer) and
   ``model_weights.ckpt`` under Megatron-core names (``model.decoder.layers.{i}.self_attention.linear_qkv.
