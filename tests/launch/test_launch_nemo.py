@@ -438,3 +438,20 @@ def test_docs_nemo_command_runs_verbatim(tmp_path, tiny_corpus, monkeypatch, cap
                    "eval_all/evaluation.sbatch", "export/export.sbatch"]:
         assert (base / script).is_file(), script
     assert "num_layers: 12" in (base / "training_config.yaml").read_text()
+
+
+def test_wandb_key_file_reaches_a_local_stage(tmp_path, launch_helpers):
+    """wandb_api_key_file acts on this machine too: the stage's environment holds WANDB_API_KEY from the file."""
+    from lmforge.launch import local
+
+    key = tmp_path / "wandb.key"
+    key.write_text("secret42\n")
+    path = launch_helpers.write_conf(tmp_path, {"stages": ["export"], "base_results_dir": str(tmp_path / "r")},
+                                     {"export": {"args": ["unused"]}})
+    cfg = load_launch_config(path, [f"wandb_api_key_file={key}"])
+    (stage,) = build_stages(cfg)
+    seen = tmp_path / "seen.txt"
+    stage.module_args = ["-c", "import os, sys; open(sys.argv[1], 'w').write(os.environ.get('WANDB_API_KEY', 'unset'))",
+                         str(seen)]
+    code, _ = local.run([stage], cfg, log=lambda line: None)
+    assert code == 0 and seen.read_text() == "secret42"
