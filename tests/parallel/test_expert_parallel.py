@@ -59,6 +59,13 @@ def one_process(tiny_corpus, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_process_mbs2(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep") / "one_mbs2"
+    _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
+    return out
+
+
 def _convert(checkpoint: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "lmforge", "convert", str(checkpoint), str(out), "--to", "hf", "--no-progress"]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -102,7 +109,9 @@ def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, one_process, 
     (1, ["model.num_moe_experts=null"], "this model has none: set model.num_moe_experts"),
     (1, ["model.expert_model_parallel_size=4"], "model.expert_model_parallel_size=4 must divide the data-parallel size 2"),
     (1, ["model.compile=true"], "model.compile=true with model.expert_model_parallel_size=2 is not supported yet"),
-    (1, ["model.fsdp=true"], "model.expert_model_parallel_size=2 with model.fsdp=true is not supported yet"),
+    (1, ["trainer.devices=4", "model.micro_batch_size=2", "model.fsdp=true", "model.fsdp_sharding_strategy=hybrid",
+         "trainer.num_nodes=2", "trainer.devices=2"],
+     "model.expert_model_parallel_size=2 with model.fsdp_sharding_strategy=hybrid is not supported yet"),
     (1, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.micro_batch_size=2"],
      "mixture-of-experts models (Mixtral) are not supported under tensor parallelism"),
 ])
@@ -121,9 +130,12 @@ def test_check_supported_names_each_combination():
 
     ParallelDims(4, ep=2).check_supported()
     ParallelDims(2, ep=2).check_supported()
+    ParallelDims(4, ep=2, fsdp="full").check_supported()
+    ParallelDims(4, ep=2, fsdp="grad").check_supported()
     for dims, message in ((ParallelDims(4, ep=2, tp=2), "model.tensor_model_parallel_size=2"),
                           (ParallelDims(4, ep=2, pp=2), "model.pipeline_model_parallel_size=2"),
-                          (ParallelDims(4, ep=2, fsdp="full"), "model.fsdp=true")):
+                          (ParallelDims(4, ep=2, fsdp="hybrid", devices_per_node=2),
+                           "model.fsdp_sharding_strategy=hybrid")):
         with pytest.raises(ConfigError, match=f"expert_model_parallel_size=2 with {message}"):
             dims.check_supported()
 
@@ -145,3 +157,31 @@ def test_the_assembly_refuses_what_expert_parallelism_does_not_run(tmp_path, cha
     job = TrainJob(out=tmp_path, dims=ParallelDims(2, ep=2), loop=loop, optim=OptimSpec(), **change)
     with pytest.raises(ConfigError, match=f"expert_model_parallel_size=2 with {message} is not supported yet"):
         _check_job(job, Runtime())
+
+
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["trainer.devices=2", "model.fsdp=true"]),  # each expert on one rank: nothing to shard it over
+    (4, ["trainer.devices=4", "model.micro_batch_size=2", "model.fsdp=true"]),  # experts sharded over 2 ranks
+    (4, ["trainer.devices=4", "model.micro_batch_size=2", "model.fsdp=true", "model.fsdp_sharding_strategy=grad"]),
+])
+def test_expert_parallel_beside_fsdp_matches_one_process(tiny_corpus, tmp_path, one_process, one_process_mbs2,
+                                                         nproc, layout):
+    """EP 2 x FSDP: experts sharded over the ranks holding the same experts, the rest over all data-parallel ranks
+    (torchtitan's layout): the one-process curve, grad norms and val loss; the checkpoint resumes on one process.
+    (The router's load-balancing loss pools a micro batch: the reference reads the same micro batches.)"""
+    if "model.micro_batch_size=2" in layout:
+        one_process = one_process_mbs2
+    out = tmp_path / "ep_fsdp"
+    args = [*layout, "model.expert_model_parallel_size=2", *MOE]
+    p = _pretrain(tiny_corpus, out, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005", p.stderr[-2000:]
+    full = tmp_path / "ep_fsdp_full"
+    p = _pretrain(tiny_corpus, full, nproc, *args)
+    assert "expert parallel 2" in p.stdout + p.stderr and "FSDP" in p.stdout + p.stderr
+    _same_curve(_losses(one_process), _losses(full))
+    _same_curve(_losses(one_process, "grad_norm"), _losses(full, "grad_norm"))
+    _same_curve(_losses(one_process, "val_loss"), _losses(full, "val_loss"), steps=[0, 5, 10])
+    micro = [a for a in layout if a.startswith("model.micro_batch_size")]
+    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", *micro, *MOE)  # the killed run, on one process
+    assert "resuming from" in p.stdout + p.stderr
+    _same_curve(_losses(one_process), _losses(out))

@@ -13,7 +13,7 @@ nothing else divides by the world size.
 Tensor (:mod:`lmforge.parallel.tensor`), pipeline (:mod:`lmforge.parallel.pipeline`) and data parallelism
 (replicated, or sharded with FSDP) compose in any product that divides the world; context parallelism
 (:mod:`lmforge.parallel.context`) runs alone or beside data parallelism (DDP, FSDP full/grad); expert
-parallelism (:mod:`lmforge.parallel.expert`) beside replicated data parallelism (DDP) only for now;
+parallelism (:mod:`lmforge.parallel.expert`) beside data parallelism (DDP, FSDP full/grad) only for now;
 :meth:`ParallelDims.check_supported` refuses what is not built yet before a stage does any work.
 """
 
@@ -137,13 +137,13 @@ class ParallelDims:
 
     def expert_parallel_problem(self) -> Optional[str]:
         """Why this layout cannot run expert parallelism (None: it can, or ``ep`` is 1). Expert parallelism
-        (:mod:`lmforge.parallel.expert`) is built beside replicated data parallelism (DDP) only."""
+        (:mod:`lmforge.parallel.expert`) is built beside data parallelism: replicated (DDP) or FSDP full / grad."""
         if self.ep == 1:
             return None
         key = f"model.expert_model_parallel_size={self.ep}"
-        if self.fsdp is not None:
-            return (f"{key} with model.fsdp=true is not supported yet: expert parallelism runs beside replicated data "
-                    f"parallelism (DDP); set model.fsdp=false, or model.expert_model_parallel_size=1")
+        if self.fsdp == "hybrid":
+            return (f"{key} with model.fsdp_sharding_strategy=hybrid is not supported yet: use full or grad (experts "
+                    f"are sharded over the ranks holding the same experts, the rest over all data-parallel ranks)")
         for other, size in (("model.tensor_model_parallel_size", self.tp), ("model.pipeline_model_parallel_size", self.pp),
                             ("model.context_parallel_size", self.cp)):
             if size > 1:

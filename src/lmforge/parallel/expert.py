@@ -75,6 +75,7 @@ class ExpertParallel:
     ep_group: object  # the ranks that split the experts between them (and exchange tokens)
     edp_group: Optional[object]  # the ranks that hold the same experts (None when ep == dp: nothing to average)
     layers: list = field(default_factory=list)  # the MoE modules, each holding this rank's experts
+    sharded: bool = False  # FSDP: experts sharded over the expert-data-parallel ranks (which reduce their gradients)
     absent_parameters: int = 0  # elements of the experts other ranks hold (for the parameter count)
 
     @property
@@ -105,6 +106,9 @@ class ExpertParallel:
             grads.append(p.grad)
         if not grads:
             return
+        if self.sharded:  # FSDP averaged over the dp / ep ranks holding these experts (see shard)
+            torch._foreach_div_([g.to_local() if hasattr(g, "to_local") else g for g in grads], float(self.ep))
+            return
         if self.edp_group is not None:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.edp_group)
@@ -114,26 +118,36 @@ class ExpertParallel:
                 offset += g.numel()
         torch._foreach_div_(grads, float(self.dp))
 
+    def shard(self, mesh, **fsdp_kwargs) -> None:
+        """FSDP for the experts (before the blocks are sharded): each expert its own unit over ``mesh``, the ranks
+        holding the same experts (dp / ep of them). Their reduce-scatter averages over those ranks; then
+        :meth:`reduce_gradients` divides by ep, so an expert's gradient is the sum over its ranks divided by dp,
+        as for replicated experts. (FSDP's own divide factor would need PREMUL_SUM, which gloo lacks.)"""
+        from torch.distributed.fsdp import fully_shard
+
+        for moe in self.layers:
+            for expert in moe.experts.values():  # each is called every step on every rank (with or without tokens)
+                fully_shard(expert, mesh=mesh, **fsdp_kwargs)
+        self.sharded = True
+
     def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
         """Clip by the global 2-norm: replicated gradients once, expert gradients summed over the expert-parallel
-        group. Returns the norm before clipping."""
+        group (FSDP shards of either kind gathered per mesh). Returns the norm before clipping."""
+        from lmforge.parallel.tensor import squared_norm
+
         parameters = [p for p in parameters if p.grad is not None]
         expert_params = self.expert_params
         ids = {id(q) for q in expert_params}
         experts = [p for p in parameters if id(p) in ids]
         others = [p for p in parameters if id(p) not in ids]
         device = expert_params[0].device if expert_params else torch.device("cpu")
-
-        def square(params):
-            if not params:
-                return torch.zeros((), device=device)
-            return torch.nn.utils.get_total_norm([p.grad for p in params], 2.0).float() ** 2
-
-        expert_square = square(experts)
+        expert_square = squared_norm(experts, device)
         dist.all_reduce(expert_square, group=self.ep_group)
-        total = (square(others) + expert_square).sqrt()
+        total = (squared_norm(others, device) + expert_square).sqrt()
         if parameters:
-            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+            from lmforge.parallel.tensor import clip_with_norm
+
+            clip_with_norm(parameters, max_norm, total)
         return total
 
 

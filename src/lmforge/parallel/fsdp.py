@@ -21,7 +21,7 @@ parameters cast to the run's precision (``bf16-mixed``/``16-mixed``) and gradien
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,8 @@ def ensure_process_group(runtime: Runtime) -> None:
 
 
 def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, runtime: Runtime,
-               precision: str = "32", grad_reduce_dtype=32, cpu_offload: bool = False, mesh=None):
+               precision: str = "32", grad_reduce_dtype=32, cpu_offload: bool = False, mesh=None,
+               inner: Optional[Callable] = None):
     """Shard ``blocks`` (one FSDP unit each) and then ``objective`` (the root) over the data-parallel mesh.
 
     Args:
@@ -59,6 +60,8 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
         grad_reduce_dtype: ``model.fsdp_grad_reduce_dtype``.
         cpu_offload: keep shards (parameters, gradients, optimizer state) in CPU memory.
         mesh: the run's mesh (:meth:`ParallelDims.build_mesh`) when it was built already (tensor parallelism).
+        inner: ``inner(mp_policy=..., offload_policy=...)`` shards units inside the blocks first, over meshes of
+            their own (expert parallelism's experts), with the same precision and offload policies.
 
     Returns:
         The mesh the model is sharded over.
@@ -78,6 +81,8 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     # ZeRO-2 keeps gathered parameters until backward; so does a single shard (there is nothing to free).
     reshard = dims.fsdp != "grad" and mesh.shape[-1] > 1  # the shard dimension (HSDP: the last)
+    if inner is not None:
+        inner(mp_policy=mp, offload_policy=offload)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them (torchtitan does too).
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,

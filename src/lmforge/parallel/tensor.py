@@ -153,12 +153,8 @@ def loss_context(model: nn.Module):
     return loss_parallel()
 
 
-def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
-    """Clip gradients by their global 2-norm, for any mix of plain tensors and DTensors on different meshes
-    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping.
-
-    ``sum_group``: a process group whose ranks hold different parameters (pipeline stages): their squared norms
-    are summed across it."""
+def _by_mesh(parameters) -> dict:
+    """Parameters with gradients grouped by where their gradients live: (mesh, placements) or (plain, device)."""
     from torch.distributed.tensor import DTensor
 
     groups: dict = {}
@@ -168,20 +164,44 @@ def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
         g = p.grad
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("plain", g.device)
         groups.setdefault(key, []).append(p)
+    return groups
+
+
+def squared_norm(parameters, device=None) -> torch.Tensor:
+    """The summed squares of the gradients of ``parameters`` (float32 scalar), DTensor shards gathered per mesh."""
+    from torch.distributed.tensor import DTensor
+
     squares = []
-    for params in groups.values():
+    for params in _by_mesh(parameters).values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
-    device = squares[0].device if squares else torch.device("cpu")
-    square = torch.stack([s.to(device) for s in squares]).sum() if squares else torch.zeros((), device=device)
+    device = squares[0].device if squares else (device or torch.device("cpu"))
+    return torch.stack([s.to(device) for s in squares]).sum() if squares else torch.zeros((), device=device)
+
+
+def clip_with_norm(parameters, max_norm: float, total: torch.Tensor) -> None:
+    """Scale the gradients of ``parameters`` (any mix of meshes) by ``max_norm / total`` where that is below 1."""
+    from torch.distributed.tensor import DTensor
+
+    for params in _by_mesh(parameters).values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device)
+                                            if not isinstance(params[0].grad, DTensor) else total)
+
+
+def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
+    """Clip gradients by their global 2-norm, for any mix of plain tensors and DTensors on different meshes
+    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping.
+
+    ``sum_group``: a process group whose ranks hold different parameters (pipeline stages): their squared norms
+    are summed across it."""
+    parameters = list(parameters)
+    square = squared_norm(parameters)
     if sum_group is not None:  # a rank with no gradients still takes part in the sum
         import torch.distributed as dist
 
         dist.all_reduce(square, group=sum_group)
     total = square.sqrt()
-    for params in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device)
-                                            if not isinstance(params[0].grad, DTensor) else total)
+    clip_with_norm(parameters, max_norm, total)
     return float(total)

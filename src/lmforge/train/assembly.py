@@ -297,9 +297,18 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         from lmforge.parallel.fsdp import apply_fsdp
         from lmforge.parallel.tensor import blocks_of
 
+        inner = None
+        if expert is not None:  # experts: sharded over the ranks holding the same experts (torchtitan's layout)
+            import functools
+
+            from torch.distributed.device_mesh import init_device_mesh
+
+            edp_mesh = init_device_mesh(rt.device.type, (dims.dp // dims.ep, dims.ep), mesh_dim_names=("edp", "ep"))
+            inner = functools.partial(expert.shard, edp_mesh["edp"], reshard_after_forward=dims.fsdp != "grad")
         for root in stages or [objective]:
             apply_fsdp(root, blocks_of(root if stages else base), dims, rt, precision=job.loop.precision,
-                       grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh)
+                       grad_reduce_dtype=job.fsdp_grad_reduce_dtype, cpu_offload=job.fsdp_cpu_offload, mesh=mesh,
+                       inner=inner)
         forward_model = objective
     elif dims.pp > 1 or dims.tp > 1:  # tensor/pipeline parallel: replicas average gradients explicitly (DDP cannot wrap)
         import functools
