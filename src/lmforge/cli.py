@@ -15,6 +15,7 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.data.files import MAX_DOCUMENT_CHARS
 from lmforge.errors import UserError
+from lmforge.quickstart import DEFAULT_TIME_BUDGET
 
 EXIT_STOPPED_TO_RESUME = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; run it again to resume
 
@@ -22,7 +23,12 @@ EXIT_STOPPED_TO_RESUME = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopp
 def _add_quickstart(sub):
     p = sub.add_parser("quickstart", help="train a small code model on this Python's standard library")
     p.add_argument("--out", default="quickstart_out", help="results folder (default: ./quickstart_out)")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: sized to the machine)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="training steps (default: as many as fit the time budget on this machine)")
+    p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET, metavar="SECONDS",
+                   help=f"the whole quickstart ends within about this long (default {DEFAULT_TIME_BUDGET:.0f}): "
+                        "training steps are sized to it from the measured speed, and training stops there after "
+                        "saving; 0: no budget")
     p.add_argument("--max-bytes", type=int, default=None, help="cap on corpus bytes (default: sized to the machine)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--size", choices=["auto", "tiny", "small", "gpu"], default="auto",
@@ -33,7 +39,10 @@ def _add_quickstart(sub):
 def _cmd_quickstart(a):
     from lmforge.quickstart import run
 
-    summary = run(out=a.out, max_steps=a.max_steps, max_bytes=a.max_bytes, device=a.device, size=a.size)
+    if a.time_budget < 0:
+        raise UserError(f"--time-budget {a.time_budget:g} must be a number of seconds, or 0 for no budget")
+    summary = run(out=a.out, max_steps=a.max_steps, max_bytes=a.max_bytes, device=a.device, size=a.size,
+                  time_budget=a.time_budget)
     return 0 if summary else 1
 
 
@@ -54,8 +63,9 @@ def _cmd_pretrain(a):
     summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
-    # Stopped by SIGUSR1/SIGTERM after saving (walltime, preemption): a launcher requeues on this code.
-    return EXIT_STOPPED_TO_RESUME if summary.get("stopped_early") else 0
+    # Stopped after saving by SIGUSR1/SIGTERM (walltime, preemption) or trainer.max_time: a launcher requeues on
+    # this code.
+    return EXIT_STOPPED_TO_RESUME if summary.get("stopped_early") or summary.get("time_limit_reached") else 0
 
 
 def _add_config(sub):

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Container, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import Container, Node, OmegaConf
@@ -41,6 +41,7 @@ from lmforge.config.schema import (
     SCHEDULERS,
     ModelSection,
     PretrainConfig,
+    max_time_seconds,
     normalize_activation,
     normalize_precision,
     tokenizer_path,
@@ -222,7 +223,18 @@ def _show(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as NeMo configs write it."""
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as NeMo configs write it, and
+    reads YAML 1.1's base-60 numbers as text, as YAML 1.2 does (``1:30`` is not 90; ``00:03:50:00`` is a
+    trainer.max_time, not 13800)."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and ":" in value and tag in (_INT_TAG, _FLOAT_TAG):
+            return _STR_TAG
+        return tag
+
+
+_INT_TAG, _FLOAT_TAG, _STR_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:str"
 
 
 _YamlLoader.add_implicit_resolver(
@@ -270,23 +282,40 @@ _OVERRIDE_FORM = ("expected KEY=VALUE with a dotted key, e.g. trainer.devices=4,
                   "or model.tokenizer.model=null")
 
 
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+
+
 def _unquote(text: str) -> str:
     """Strip one level of matching single or double quotes."""
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
+    return text[1:-1] if _is_quoted(text) else text
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def decode_escapes(text: str) -> str:
+    r"""``\n``, ``\t``, ``\r``, ``\\`` and escaped quotes as the characters they stand for; any other backslash
+    stays as typed (``sft.prompt_template='Q: {input}\nA: '`` on a shell command line means a newline)."""
+    return re.sub(r"\\([ntr\\\"'])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def parse_override(text: str, string_keys: Container[str] = ()) -> tuple[str, Any]:
     """Split ``a.b.c=value`` into the dotted key and the value parsed as YAML.
 
     One level of matching quotes around the whole argument or around the value is stripped (the
     shell may or may not have removed them); ``null`` is None; ``[0.9,0.95]`` is a list. Hydra's
     ``+key=value`` form is accepted as ``key=value``.
+
+    A value that is text means what the user typed: its spaces are kept (also leading and trailing ones),
+    escapes (``\n``, ``\t``, ...) are decoded, and text that YAML would read as a block mapping
+    (``Q: {input}`` and a newline) or cannot read stays text. For keys in ``string_keys`` (fields typed str)
+    any value but ``null`` is the text as typed (``{input}`` stays ``"{input}"``, not a mapping).
     """
     if not isinstance(text, str):
         raise ConfigError(f"malformed override {text!r}: {_OVERRIDE_FORM}")
-    raw = _unquote(text.strip())
+    stripped = text.strip()
+    raw = _unquote(stripped) if _is_quoted(stripped) else text.lstrip()  # the value's trailing spaces count
     if raw.startswith("~"):
         raise ConfigError(f"override {text!r}: removing keys is not supported; set the key to a value instead "
                           "(e.g. KEY=null)")
@@ -297,12 +326,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not _KEY_RE.match(key):
         raise ConfigError(f"malformed override {text!r}: {key!r} is not a dotted key; {_OVERRIDE_FORM}")
-    value = _unquote(value.strip())
+    inner = _unquote(value.strip()) if _is_quoted(value.strip()) else value  # as typed, spaces included
+    body = inner.strip()
+    if not body:
+        return key, None
     try:
-        parsed = yaml.load(value, Loader=_YamlLoader) if value else None
+        parsed = yaml.load(body, Loader=_YamlLoader)
     except yaml.YAMLError:
-        parsed = value
-    return key, parsed
+        return key, decode_escapes(inner)
+    as_text = ((isinstance(parsed, str) and not _is_quoted(body))
+               or (isinstance(parsed, dict) and not body.startswith("{"))
+               or (key in string_keys and parsed is not None and not isinstance(parsed, str)))
+    return key, decode_escapes(inner) if as_text else parsed
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -689,10 +724,11 @@ def _problems(cfg: PretrainConfig) -> list[str]:
     parallel_ok = _at_least(p, "trainer.devices", t.devices, 1)
     parallel_ok &= _at_least(p, "trainer.num_nodes", t.num_nodes, 1)
     _choice(p, "trainer.accelerator", t.accelerator, ACCELERATORS)
-    try:
-        normalize_precision(t.precision)
-    except ConfigError as err:
-        p.append(str(err))
+    for check, value in ((normalize_precision, t.precision), (max_time_seconds, t.max_time)):
+        try:
+            check(value)
+        except ConfigError as err:
+            p.append(str(err))
     if not _is_int(t.max_steps) or (t.max_steps < 1 and t.max_steps != -1):
         p.append(f"trainer.max_steps={_show(t.max_steps)} must be a positive number of steps "
                  "(or -1 with trainer.max_epochs set)")

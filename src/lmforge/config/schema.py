@@ -19,6 +19,7 @@ Fields that are derived when left at ``None`` (see :func:`lmforge.config.loader.
 """
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -64,6 +65,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     accumulate_grad_batches: Optional[int] = None  # None: derived from the batch sizes
     gradient_clip_val: float = 1.0  # 0: no clipping
+    # Lightning's: stop (after saving) once training ran this long in this process; "DD:HH:MM:SS" or
+    # {days, hours, minutes, seconds}; None: no limit. A rerun with resume_if_exists continues.
+    max_time: Any = None
     # Accepted for NeMo compatibility, ignored by lmforge:
     #   num_sanity_val_steps - lmforge runs no sanity validation before training.
     #   enable_checkpointing - NeMo sets it False because exp_manager owns checkpointing; lmforge
@@ -271,6 +275,30 @@ def normalize_precision(value: Any) -> str:
                       f"{', '.join(PRECISION_ALIASES)} (meaning {', '.join(PRECISIONS)})")
 
 
+def max_time_seconds(value: Any) -> Optional[float]:
+    """``trainer.max_time`` in seconds: Lightning's ``"DD:HH:MM:SS"`` string or a mapping of ``days``, ``hours``,
+    ``minutes``, ``seconds``; ``None`` when unset. Anything else is a ConfigError naming the key."""
+    if value is None:
+        return None
+    units = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+    try:
+        if isinstance(value, str):
+            parts = [float(x) for x in value.split(":")]
+            if len(parts) != 4:
+                raise ValueError
+            total = sum(n * f for n, f in zip(parts, units.values()))
+        elif isinstance(value, Mapping) and value and set(value) <= set(units):
+            total = sum(float(value[k]) * units[k] for k in value)
+        else:
+            raise ValueError
+    except (TypeError, ValueError):
+        total = -1.0
+    if not total > 0:
+        raise ConfigError(f"trainer.max_time={value!r} is not a time limit; use \"DD:HH:MM:SS\" (e.g. "
+                          f"\"00:03:30:00\") or {{hours: 3, minutes: 30}}")
+    return total
+
+
 def normalize_activation(value: str) -> str:
     """NeMo's ``fast-swiglu`` is ``swiglu``; other names pass through for ModelConfig to check."""
     return ACTIVATION_ALIASES.get(str(value), value)
@@ -296,7 +324,6 @@ NEMO_IGNORED: dict[str, Any] = {
     "trainer.benchmark": False,
     "trainer.enable_model_summary": ANY,
     "trainer.enable_progress_bar": ANY,
-    "trainer.max_time": None,
     "trainer.strategy": ANY,
     "trainer.callbacks": ANY,
     "trainer.plugins": ANY,

@@ -8,7 +8,7 @@ then served and evaluated on the same ids.
   ``tokenizer.json``, or a transformers tokenizer's ``tokenizer(text)``) does. A prompt never ends in EOS.
 * A chat prompt (:func:`encode_chat`): the chat template renders the messages (the template writes its own BOS
   and turn markers, as transformers' templates do) and the text is encoded without special tokens.
-* The chat template (:func:`chat_template_of`): an explicit one (fine-tuning's ``data.chat_template``), else the
+* The chat template (:func:`chat_template_of`): an explicit one (fine-tuning's ``sft.chat_template``), else the
   tokenizer's: ``chat_template`` in ``tokenizer_config.json`` or ``chat_template.jinja`` beside it (read by
   :func:`lmforge.data.tokenizers.load_tokenizer`), or a transformers tokenizer's own.
 

@@ -61,14 +61,14 @@ class SFTDataConfig:
 
     def validate(self) -> None:
         if self.truncation not in ("truncate", "drop"):
-            raise ConfigError(f"data.truncation={self.truncation!r} is not known; use truncate or drop")
+            raise ConfigError(f"sft.truncation={self.truncation!r} is not known; use truncate or drop")
         if self.prompt_template is not None:
             try:
                 fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
             except ValueError as e:
-                raise ConfigError(f"data.prompt_template={self.prompt_template!r} is not a valid template: {e}") from e
+                raise ConfigError(f"sft.prompt_template={self.prompt_template!r} is not a valid template: {e}") from e
             if any(not f or not f.isidentifier() for f in fields):
-                raise ConfigError(f"data.prompt_template={self.prompt_template!r}: placeholders must be field names "
+                raise ConfigError(f"sft.prompt_template={self.prompt_template!r}: placeholders must be field names "
                                   f"such as {{input}} (write {{{{ and }}}} for literal braces)")
 
 
@@ -131,7 +131,7 @@ def _chat_template(tokenizer, cfg: SFTDataConfig) -> Optional[str]:
 def _field(rec: dict, key: str, where: str, kind: str) -> str:
     if key not in rec:
         raise DataError(f"{where}: the record has no {key!r} field (fields: {sorted(rec)}); set "
-                        f"data.{kind}_key to the field that holds it")
+                        f"sft.{kind}_key to the field that holds it")
     value = rec[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {key!r} must be a string, not {type(value).__name__}")
@@ -149,7 +149,7 @@ def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSa
         try:
             prompt = cfg.prompt_template.format(**rec)
         except KeyError as e:
-            raise DataError(f"{where}: data.prompt_template needs field {e.args[0]!r}, which the record lacks "
+            raise DataError(f"{where}: sft.prompt_template needs field {e.args[0]!r}, which the record lacks "
                             f"(fields: {sorted(rec)})") from None
     else:
         prompt = _field(rec, cfg.input_key, where, "input")
@@ -180,7 +180,7 @@ def _encode_chat(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSam
         raise DataError(f"{where}: chat records need a chat template, but the tokenizer "
                         f"{getattr(tokenizer, 'source', '')} has none (no chat_template in tokenizer_config.json, "
                         f"no chat_template.jinja); "
-                        f"set data.chat_template to a Jinja template or use input/output records")
+                        f"set sft.chat_template to a Jinja template or use input/output records")
     try:
         text = render_chat(template, messages, tokenizer)
         # Each assistant turn is the text it adds after the prompt that asks for it.
@@ -192,7 +192,7 @@ def _encode_chat(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSam
             upto = render_chat(template, messages[:i + 1], tokenizer)
             if not text.startswith(upto) or not upto.startswith(before):
                 raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
-                                f"assistant tokens cannot be located; set data.chat_template to one that does")
+                                f"assistant tokens cannot be located; set sft.chat_template to one that does")
             spans.append((len(before), len(upto)))
     except TemplateError as e:
         raise DataError(f"{where}: the chat template failed: {e}") from None
@@ -307,7 +307,7 @@ def load_sft_dataset(path: str | Path, tokenizer, cfg: SFTDataConfig, length: in
     samples = encode_records(read_jsonl(path), tokenizer, cfg, length, stats)
     if not samples:
         raise DataError(f"{path}: no usable sample ({stats.summary(str(path))}); raise the sequence length or "
-                        f"use data.truncation=truncate")
+                        f"use sft.truncation=truncate")
     pad = tokenizer.eod_id if tokenizer.eod_id is not None else 0
     return build_sft_dataset(samples, length, pad, cfg.pack, seed, shuffle, stats)
 

@@ -169,6 +169,20 @@ def _merge(base, data: Mapping, where: str):
         raise ConfigError(f"{where}: {key or 'config'}: {msg}{more}") from None
 
 
+def _text_keys(cls, prefix: str = "") -> frozenset:
+    """Dotted keys of the fields typed ``str`` / ``Optional[str]``: an override of one is the text as typed
+    (``sft.prompt_template={input}`` is a template, not a YAML mapping)."""
+    import typing
+
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _text_keys(hint, f"{prefix}{name}.")
+        elif hint in (str, Optional[str]):
+            keys.add(prefix + name)
+    return frozenset(keys)
+
+
 def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """Schema defaults <- a YAML file or dict <- dotted overrides; validated. Returns a :class:`FinetuneConfig`."""
     from lmforge.config.loader import parse_override
@@ -190,7 +204,7 @@ def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrid
             where = str(path)
         cfg = _merge(cfg, data, where)
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, string_keys=_text_keys(FinetuneConfig))
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}

@@ -9,7 +9,7 @@ tokens only). Results in ``cfg.out``::
                                 config.json, tokenizer, training_state/ (exact resume)
     adapter/                    PEFT methods: the best checkpoint as adapter_config.json +
                                 adapter_model.safetensors (Hugging Face PEFT format for lora/ia3) + the tokenizer
-                                (with the chat template trained on: data.chat_template, else the base's)
+                                (with the chat template trained on: sft.chat_template, else the base's)
     metrics.jsonl, config.yaml, summary.json
 """
 
@@ -30,7 +30,7 @@ from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.parallel.dims import ParallelDims, fsdp_strategy
 from lmforge.parallel.fsdp import gathered
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
-from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training
+from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training, stopped_note
 from lmforge.train.loop import PRECISIONS, LoopSettings
 from lmforge.train.assembly import seed_everything
 
@@ -174,6 +174,9 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
             logger.log(0, {"val_loss": val_before})
         state = trainer.fit(train_ds, val_ds, state)
         training.finish_saving()
+    note = stopped_note(state, int(t.max_steps), manager.latest(), None if cfg.resume else "resume=true")
+    if note and rt.is_main:
+        console_log(note)
 
     best = manager.best() or manager.latest()
     final_metrics = {}

@@ -197,6 +197,16 @@ def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
+def stopped_note(state: TrainState, max_steps: int, checkpoint, resume_override: Optional[str] = None) -> Optional[str]:
+    """The one line a run that stopped before ``max_steps`` prints: why, where it saved, and how to go on (the
+    same command again; with ``resume_override`` added when the config turned resuming off). None otherwise."""
+    if not (state.stopped_early or state.time_limit_reached):
+        return None
+    why = "a stop signal (SIGTERM/SIGUSR1)" if state.stopped_early else "trainer.max_time reached"
+    how = "run the same command again" + (f" with {resume_override}" if resume_override else "")
+    return (f"stopped at step {state.step} of {max_steps} ({why}), saved in {checkpoint}: to resume, {how}")
+
+
 def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=None, model_config: dict = None,
                    console_log: Callable = print, log_every_n_steps: Optional[int] = None,
                    compile_loss: bool = True) -> Training:

@@ -37,6 +37,11 @@ from lmforge.train.optim import set_lr
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def _now() -> float:
+    """The clock of trainer.max_time (a function, so tests can replace it)."""
+    return time.monotonic()
+
+
 @dataclass
 class LoopSettings:
     max_steps: int
@@ -50,6 +55,7 @@ class LoopSettings:
     precision: str = "32"
     every_n_train_steps: int = 0  # extra checkpoints between validations; 0: only at validation and the end
     num_workers: int = 0  # DataLoader worker processes reading and collating micro batches ahead (0: inline)
+    max_time_s: Optional[float] = None  # stop after saving once fit() ran this long (trainer.max_time)
 
 
 @dataclass
@@ -63,6 +69,7 @@ class TrainState:
     history: list = field(default_factory=list)  # (step, loss) of logged steps, for the summary
     last_val: Optional[tuple] = None  # (step, val_loss) of the latest validation
     stopped_early: bool = False  # a signal asked the run to stop after saving
+    time_limit_reached: bool = False  # this run stopped at its time limit (max_time_s) after saving
 
     def to_dict(self) -> dict:
         return dict(step=self.step, consumed_samples=self.consumed_samples, tokens_trained=self.tokens_trained,
@@ -356,6 +363,7 @@ class Trainer:
         stop = StopRequested().install()
         kill_at = int(os.environ.get("LMFORGE_TEST_KILL_AT_STEP", "0"))  # fault injection for resume tests
         window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+        deadline = _now() + s.max_time_s if s.max_time_s else None
         try:
             while state.step < s.max_steps:
                 loss, grad_norm = self.train_step(batches, state.step)
@@ -395,13 +403,18 @@ class Trainer:
                     window_t, window_steps, window_tokens = time.perf_counter(), 0, 0  # validation is not throughput
                 periodic = s.every_n_train_steps and state.step % s.every_n_train_steps == 0
                 stopping = self._any_rank(stop.flag)
-                if self.save_fn is not None and (metrics is not None or periodic or stopping or state.step == s.max_steps):
+                out_of_time = deadline is not None and self._any_rank(_now() >= deadline)
+                if self.save_fn is not None and (metrics is not None or periodic or stopping or out_of_time
+                                                 or state.step == s.max_steps):
                     self.save_fn(state, metrics or {})
                     window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if kill_at and state.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:
                     state.stopped_early = True
+                    break
+                if out_of_time and state.step < s.max_steps:
+                    state.time_limit_reached = True
                     break
         finally:
             stop.restore()

@@ -14,7 +14,7 @@ import torch
 
 from lmforge.config import model_config_from
 from lmforge.config.loader import parallel_dims
-from lmforge.config.schema import tokenizer_path
+from lmforge.config.schema import max_time_seconds, tokenizer_path
 from lmforge.data.gpt_dataset import build_datasets
 from lmforge.data.tokenizers import tokenizer_from_config
 from lmforge.errors import ConfigError
@@ -24,7 +24,7 @@ from lmforge.models.transformer import Transformer
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
 from lmforge.train.assembly import (  # noqa: F401 (saved_state_dict, seed_everything: also imported from here)
-    CheckpointSpec, OptimSpec, TrainJob, build_training, saved_state_dict, seed_everything)
+    CheckpointSpec, OptimSpec, TrainJob, build_training, saved_state_dict, seed_everything, stopped_note)
 from lmforge.train.loop import LoopSettings
 
 
@@ -77,7 +77,8 @@ def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
         accumulate=int(t.accumulate_grad_batches), val_check_interval=_val_interval(cfg, max_steps),
         limit_val_batches=int(t.limit_val_batches or 0), log_every_n_steps=int(t.log_every_n_steps or 1),
         gradient_clip_val=float(t.gradient_clip_val or 0.0), precision=t.precision,
-        every_n_train_steps=int(cp.every_n_train_steps or 0), num_workers=int(m.data.num_workers or 0))
+        every_n_train_steps=int(cp.every_n_train_steps or 0), num_workers=int(m.data.num_workers or 0),
+        max_time_s=max_time_seconds(t.max_time))
     ac = None
     if m.activations_checkpoint_granularity:
         ac = dict(granularity=m.activations_checkpoint_granularity, method=m.activations_checkpoint_method,
@@ -183,9 +184,14 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
         else:
             val_after = trainer.evaluate(val_ds, settings.limit_val_batches) if val_ds is not None else float("nan")
         test_loss = None
-        if test_ds is not None and int(t.limit_test_batches or 0) > 0 and not state.stopped_early:
+        if test_ds is not None and int(t.limit_test_batches or 0) > 0 and not state.stopped_early \
+                and not state.time_limit_reached:
             test_loss = trainer.evaluate(test_ds, int(t.limit_test_batches))
             logger.log(state.step, {"test_loss": test_loss})
+    note = stopped_note(state, max_steps, manager.latest(),
+                        None if cfg.exp_manager.resume_if_exists else "exp_manager.resume_if_exists=true")
+    if note and rt.is_main:
+        console_log(note)
     summary = {
         "results_dir": str(out),
         "steps": state.step,
@@ -198,6 +204,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
         "checkpoint": str(manager.latest()) if manager.latest() else None,
         "resumed_from": resumed_from,
         "stopped_early": state.stopped_early,
+        "time_limit_reached": state.time_limit_reached,
         "seconds": round(time.perf_counter() - t0, 2),
         "world_size": rt.world_size,
     }
