@@ -69,9 +69,16 @@ def _cmd_pretrain(a):
 
 
 def _add_config(sub):
-    p = sub.add_parser("config", help="print the resolved config of a recipe or YAML file, with overrides applied")
-    p.add_argument("config")
+    p = sub.add_parser("config", help="print the resolved config of a recipe or YAML file, with overrides applied "
+                                      "(--finetune: of fine-tuning)",
+                       description="lmforge config RECIPE|FILE.yaml [overrides] [--estimate]  |  "
+                                   "lmforge config --finetune [FILE.yaml] [overrides]")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a recipe name (see `lmforge recipes`) or a YAML file; with --finetune an optional YAML file")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--finetune", action="store_true",
+                   help="print the resolved fine-tuning config (every key of `lmforge finetune`, see "
+                        "docs/finetuning.md) instead of a pretraining one")
     p.add_argument("--estimate", action="store_true",
                    help="print the per-GPU memory (weights, gradients, optimizer state, activations) instead, "
                         "and the micro batch that fills 60-80%% of the card")
@@ -85,6 +92,11 @@ def _add_config(sub):
 def _cmd_config(a):
     from lmforge.config import load_config, to_yaml
 
+    if a.finetune:
+        return _print_finetune_config(a)
+    if a.config is None:
+        raise UserError("lmforge config needs a recipe name (see `lmforge recipes`) or a YAML file; "
+                        "for fine-tuning settings add --finetune")
     if a.gpu_memory is not None and not a.estimate:
         raise UserError("--gpu-memory sizes the card for --estimate; add --estimate, or drop --gpu-memory")
     if not a.estimate:
@@ -96,6 +108,22 @@ def _cmd_config(a):
     cfg = load_config(a.config, a.overrides)
     print(estimate_memory(cfg, vocab_size=_local_vocab_size(cfg), gpu_memory_bytes=card, name=a.config).render(),
           end="")
+    return 0
+
+
+def _print_finetune_config(a) -> int:
+    """``lmforge config --finetune [FILE.yaml] [overrides]``: the fine-tuning config as ``lmforge finetune`` would
+    resolve it (model and data may be left unset here)."""
+    from lmforge.config import to_yaml
+    from lmforge.finetune import load_finetune_config
+
+    if a.estimate or a.gpu_memory is not None:
+        raise UserError("--estimate sizes pretraining configs; drop it with --finetune")
+    source, overrides = a.config, list(a.overrides)
+    if source is not None and "=" in source:  # no YAML file given: the first word is an override (as in finetune)
+        source, overrides = None, [source] + overrides
+    cfg = load_finetune_config(source, overrides, need_paths=False)
+    print(to_yaml(cfg), end="")
     return 0
 
 

@@ -1,5 +1,5 @@
 """transformers 5 keeps the chat template in chat_template.jinja: chat fine-tuning reads it, and every
-checkpoint and adapter folder of the run carries it (data.chat_template, when given, is the one carried)."""
+checkpoint and adapter folder of the run carries it (sft.chat_template, when given, is the one carried)."""
 
 import json
 
@@ -15,7 +15,7 @@ from tests.finetune.test_prompt_ids import TEMPLATE, make_tokenizer
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_chat_fine_tuning_reads_chat_template_jinja_and_carries_it(tmp_path, method):
     """transformers 5 keeps the template in chat_template.jinja: chat fine-tuning reads it, and every checkpoint,
-    the adapter folder and the served run have it (data.chat_template, when given, is the one carried)."""
+    the adapter folder and the served run have it (sft.chat_template, when given, is the one carried)."""
     from lmforge.serve.chat import load_chat_template
     from lmforge.serve.engine import engine_from_checkpoint
 

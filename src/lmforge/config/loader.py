@@ -997,6 +997,12 @@ _YamlDumper.add_representer(
     list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
 
 
-def to_yaml(cfg: PretrainConfig) -> str:
-    """The config as YAML text; :func:`load_config` reads it back (derived values included)."""
+_YamlDumper.add_representer(  # a multi-line text (a prompt template) on one line, as "Q: {input}\nA: "
+    str, lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:str", data,
+                                                      style='"' if "\n" in data else None))
+
+
+def to_yaml(cfg) -> str:
+    """The config (PretrainConfig, or FinetuneConfig) as YAML text; :func:`load_config` (or
+    ``load_finetune_config``) reads it back (derived values included)."""
     return yaml.dump(to_dict(cfg), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False)

@@ -183,8 +183,11 @@ def _text_keys(cls, prefix: str = "") -> frozenset:
     return frozenset(keys)
 
 
-def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """Schema defaults <- a YAML file or dict <- dotted overrides; validated. Returns a :class:`FinetuneConfig`."""
+def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrides: Sequence[str] = (),
+                         need_paths: bool = True) -> FinetuneConfig:
+    """Schema defaults <- a YAML file or dict <- dotted overrides; validated. Returns a :class:`FinetuneConfig`.
+
+    ``need_paths=False`` (``lmforge config --finetune``) accepts a config without ``model`` / ``data`` yet."""
     from lmforge.config.loader import parse_override
 
     cfg = OmegaConf.structured(FinetuneConfig)
@@ -210,16 +213,16 @@ def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrid
             nested = {part: nested}
         cfg = _merge(cfg, nested, f"override {text!r}")
     obj: FinetuneConfig = OmegaConf.to_object(cfg)
-    validate(obj)
+    validate(obj, need_paths=need_paths)
     return obj
 
 
-def validate(cfg: FinetuneConfig) -> None:
+def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     """Collect every problem, then raise one ConfigError."""
     problems = []
-    if not cfg.model:
+    if not cfg.model and need_paths:
         problems.append("model is not set: give the base model folder (--model PATH or model=PATH)")
-    if not cfg.data:
+    if not cfg.data and need_paths:
         problems.append("data is not set: give a training JSONL file (--data train.jsonl or data=PATH)")
     if cfg.method not in METHODS:
         problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
