@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from lmforge.cli import main
 from lmforge.convert.hf import convert
 from lmforge.errors import ConfigError
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.generate import generate
 from lmforge.models.families import FAMILIES, model_config_to_hf
 from lmforge.train.checkpoint import load_model, save_model
 from lmforge.train.objectives import CausalLMLoss

@@ -16,7 +16,8 @@ import transformers
 from safetensors import safe_open
 
 from lmforge.convert.hf import convert
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.generate import generate
 from lmforge.train.checkpoint import load_model
 
 V, C, FFN, HEADS, KV, WINDOW = 97, 48, 88, 4, 2, 5

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lmforge.cli import main
 from lmforge.convert.hf import convert
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.models import generate
+from lmforge.models.generate import generate
 from lmforge.open import load_for_inference
 
 V = 97

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.generate import generate
 from lmforge.models.transformer import Attention, KVCache, alibi_slopes
 from lmforge.serve.engine import Engine, SamplingParams
 from tests.convert.test_convert_baichuan import get_interleave  # Baichuan's _get_interleave

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lmforge.models import ModelConfig, Transformer, generate, sample_next
+from lmforge.models import ModelConfig, Transformer, sample_next
+from lmforge.models.generate import generate
 
 STYLES = ("gpt", "llama")
 

@@ -11,7 +11,8 @@ use ``gelu_new`` (the tanh approximation), which lmforge does not model.
 import pytest
 import torch
 
-from lmforge.models import ModelConfig, Transformer, generate
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.generate import generate
 
 import transformers  # noqa: E402  (the [test] extra installs it)
 
