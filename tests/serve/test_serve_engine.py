@@ -141,7 +141,9 @@ def test_pipelined_steps_with_stops_aborts_and_late_requests():
     model = make_model("gpt")
     engine = Engine(model, max_batch_size=4)
     chained = _count_chained(engine)
-    refs = [generate(model, p, 14, greedy=True) for p in PROMPTS[:4]]
+    # r1's prompt: its 5th greedy token is one it has not produced before (the stop below needs that)
+    prompts = [PROMPTS[0], PROMPTS[6], PROMPTS[2], PROMPTS[3]]
+    refs = [generate(model, p, 14, greedy=True) for p in prompts]
     stop_at = refs[1][4]
     assert stop_at not in refs[1][:4]  # r1 stops after 4 tokens, while a pipelined step runs
     drained = []
@@ -156,7 +158,7 @@ def test_pipelined_steps_with_stops_aborts_and_late_requests():
               SamplingParams(max_tokens=14, temperature=0.0, stop_token_ids=[stop_at]),
               SamplingParams(max_tokens=14, temperature=0.0),
               SamplingParams(max_tokens=14, temperature=0.0)]
-    for i, (p, sp) in enumerate(zip(PROMPTS[:4], params)):
+    for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add_request(f"r{i}", p, sp)
     got = {f"r{i}": [] for i in range(4)}
     finish = {}
