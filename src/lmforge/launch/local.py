@@ -222,9 +222,7 @@ def run(stages: list[Stage], cfg: DictConfig, dry_run: bool = False, force: bool
     if dry_run:
         for i, (stage, commands, entry) in enumerate(zip(stages, plans, entries)):
             head = f"[launch] stage {i + 1}/{len(stages)} {stage.kind}"
-            if stage.is_completed() and not force:
-                log(f"{head}: already completed; skipped (--force reruns it)")
-                entry["state"] = "completed"
+            if _skip_completed(stage, entry, head, force, log):
                 continue
             for c in commands:
                 log(f"{head}: {containers.join(c)}")
@@ -235,6 +233,15 @@ def run(stages: list[Stage], cfg: DictConfig, dry_run: bool = False, force: bool
         return _run_stages(stages, plans, entries, env, force, log, on_update, stop)
     finally:
         stop.restore()
+
+
+def _skip_completed(stage, entry: dict, head: str, force: bool, log) -> bool:
+    """A stage that completed before is skipped (and recorded so) unless ``--force``."""
+    if not stage.is_completed() or force:
+        return False
+    log(f"{head}: already completed; skipped (--force reruns it)")
+    entry["state"] = "completed"
+    return True
 
 
 def _run_stages(stages, plans, entries, env, force, log, on_update, stop: StopForwarder) -> tuple[int, list[dict]]:
@@ -262,9 +269,7 @@ def _run_stages(stages, plans, entries, env, force, log, on_update, stop: StopFo
 
     for i, (stage, commands, entry) in enumerate(zip(stages, plans, entries)):
         head = f"[launch] stage {i + 1}/{len(stages)} {stage.kind}"
-        if stage.is_completed() and not force:
-            log(f"{head}: already completed; skipped (--force reruns it)")
-            entry["state"] = "completed"
+        if _skip_completed(stage, entry, head, force, log):
             continue
         if stop.received is not None:
             rest = ", ".join(s.kind for s in stages[i:])
