@@ -141,15 +141,15 @@ def test_dataloader_workers_and_document_masks_act(tiny_corpus, tmp_path):
     """model.data.num_workers=2 reads the same batches through DataLoader workers (the same curve, also across a
     resume); eod_mask_loss / reset_position_ids / reset_attention_mask change what is trained (another curve),
     and the loss is the mean over the tokens the mask keeps."""
-    common = {"trainer.max_steps": 6, "trainer.val_check_interval": 3, "trainer.limit_val_batches": 1}
+    common = {"trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1}
     runs = {}
     for name, extra in (("inline", {}), ("workers", {"model.data.num_workers": 2}),
                         ("documents", {"model.data.eod_mask_loss": True, "model.data.reset_position_ids": True,
                                        "model.data.reset_attention_mask": True, "model.data.num_workers": 1})):
         out = tmp_path / name
-        env = _env(LMFORGE_TEST_KILL_AT_STEP="4") if name == "workers" else _env()
+        env = _env(LMFORGE_TEST_KILL_AT_STEP="3") if name == "workers" else _env()
         p = _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **common, **extra)], env, check=False)
-        if name == "workers":  # killed after step 4's checkpoint-free step: resume from step 3's checkpoint
+        if name == "workers":  # killed after step 3 (no checkpoint there): resumes from step 2's checkpoint
             assert p.returncode != 0
             _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **common, **extra)], _env())
         else:
@@ -157,7 +157,7 @@ def test_dataloader_workers_and_document_masks_act(tiny_corpus, tmp_path):
         runs[name] = _losses(out)
     assert runs["workers"] == runs["inline"]
     assert sorted(runs["documents"]) == sorted(runs["inline"])
-    # (identical runs agree exactly: inline == workers; the flags move every step, by 1e-4 to 6e-4 here)
+    # (identical runs agree exactly: inline == workers; the flags move every step, by about 1e-4 to 6e-4 here)
     assert all(abs(runs["documents"][s] - runs["inline"][s]) > 1e-5 for s in runs["inline"])
 
 
