@@ -32,32 +32,34 @@ def apply_data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 @torch.no_grad()
-def average_gradients(parameters, group, size: int) -> None:
-    """Average the gradients of ``parameters`` over ``group`` (``size`` ranks holding the same parameters):
-    flattened into buckets of one dtype, summed with one all-reduce each, divided by ``size``. A DTensor's
-    gradient is averaged shard by shard (the ranks of ``group`` hold the same shard)."""
-    if size == 1:
-        return
-    grads = []
-    for p in parameters:
-        if p.grad is not None:
-            g = p.grad
-            grads.append(g.to_local() if hasattr(g, "to_local") else g)
+def all_reduce_(tensors: list[torch.Tensor], group) -> None:
+    """Sum ``tensors`` in place over ``group``: flattened into buckets of one dtype and device (about
+    ``BUCKET_ELEMENTS`` each), one all-reduce a bucket."""
     by_dtype: dict = {}
-    for g in grads:
-        by_dtype.setdefault((g.dtype, g.device), []).append(g)
+    for t in tensors:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
     for same in by_dtype.values():
         bucket, n = [], 0
-        for g in same + [None]:
-            if g is not None:
-                bucket.append(g)
-                n += g.numel()
-            if bucket and (g is None or n >= BUCKET_ELEMENTS):
+        for t in same + [None]:
+            if t is not None:
+                bucket.append(t)
+                n += t.numel()
+            if bucket and (t is None or n >= BUCKET_ELEMENTS):
                 flat = torch.cat([b.reshape(-1) for b in bucket])
                 dist.all_reduce(flat, group=group)
-                flat /= size
                 offset = 0
                 for b in bucket:
                     b.copy_(flat[offset:offset + b.numel()].view_as(b))
                     offset += b.numel()
                 bucket, n = [], 0
+
+
+@torch.no_grad()
+def average_gradients(parameters, group, size: int) -> None:
+    """Average the gradients of ``parameters`` over ``group`` (``size`` ranks holding the same parameters). A
+    DTensor's gradient is averaged shard by shard (the ranks of ``group`` hold the same shard)."""
+    if size == 1:
+        return
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in parameters if p.grad is not None]
+    all_reduce_(grads, group)
+    torch._foreach_div_(grads, float(size))

@@ -110,12 +110,9 @@ class ExpertParallel:
             torch._foreach_div_([g.to_local() if hasattr(g, "to_local") else g for g in grads], float(self.ep))
             return
         if self.edp_group is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.edp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            from lmforge.parallel.ddp import all_reduce_
+
+            all_reduce_(grads, self.edp_group)
         torch._foreach_div_(grads, float(self.dp))
 
     def shard(self, mesh, **fsdp_kwargs) -> None:

@@ -146,8 +146,9 @@ class MicroBatches:
     def _data_loader(self, first_step: int):
         from torch.utils.data import DataLoader
 
-        batches = [self.indices(step, micro) for step in range(first_step, max(self.s.max_steps, first_step + 1))
-                   for micro in range(self.s.accumulate)]
+        # read lazily by the loader, a few batches ahead: never a list of every remaining step's indices
+        batches = (self.indices(step, micro) for step in range(first_step, max(self.s.max_steps, first_step + 1))
+                   for micro in range(self.s.accumulate))
         return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.s.num_workers,
                           collate_fn=self.collate, pin_memory=self.rt.device.type == "cuda", prefetch_factor=2)
 
