@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from lmforge.finetune import run
+from tests.finetune.conftest import assert_run_plots
 from tests.finetune.test_finetune_stage import config
 
 
@@ -46,6 +47,7 @@ def test_two_ranks_match_one_process(tmp_path, base_model_dir, task_files):
     for (_, a), (_, b) in zip(one["losses"], two["losses"]):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
     assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
+    assert_run_plots(tmp_path / "two")  # rank 0 alone writes the TensorBoard events and the loss curve
 
 
 @pytest.mark.parametrize("precision,checkpointing", [("bf16-mixed", False), ("16-mixed", True), ("32", True)])

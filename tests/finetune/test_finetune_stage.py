@@ -8,6 +8,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.finetune import load_finetune_config, run
+from tests.finetune.conftest import assert_run_plots
 
 
 def config(base, train, val, out, method, steps=20, **extra):
@@ -45,6 +46,8 @@ def test_each_method_learns_the_task(tmp_path, base_model_dir, task_files, metho
 
         saved = load_file(str(tmp_path / method / "adapter" / "adapter_model.safetensors"))
         assert 0 < sum(t.numel() for t in saved.values()) == summary["trainable_parameters"]
+    assert summary["loss_curve"] == str(tmp_path / method / "loss_curve.png")
+    assert_run_plots(tmp_path / method, tags=("loss", "lr", "val_loss", "exact_match"))  # TensorBoard + PNG
 
 
 def test_resume_reproduces_losses(tmp_path, base_model_dir, task_files):

@@ -13,7 +13,8 @@ from rich.console import Console
 
 from lmforge.errors import DataError
 from lmforge.parallel.runtime import Runtime
-from lmforge.train.metrics import MetricsLogger, format_progress_line, plot_loss_curve, read_metrics
+from lmforge.train.metrics import (MetricsLogger, format_progress_line, plot_loss_curve, read_metrics,
+                                   save_loss_curve)
 
 RT = Runtime()
 
@@ -132,3 +133,13 @@ def test_plot_and_read_errors(tmp_path):
     with pytest.raises(DataError, match="no values of loss, val_loss"):
         plot_loss_curve(path, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_save_loss_curve_main_rank_only_and_nothing_to_draw(tmp_path):
+    assert save_loss_curve(tmp_path / "empty") is None  # no metrics.jsonl yet (a run stopped before step 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert save_loss_curve(tmp_path / "run", Runtime(rank=1, world_size=2)) is None
+    assert not (tmp_path / "run" / "loss_curve.png").exists()
+    out = save_loss_curve(tmp_path / "run", Runtime(rank=0, world_size=2), title="finetune")
+    assert out == tmp_path / "run" / "loss_curve.png" and out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -10,7 +10,7 @@ tokens only). Results in ``cfg.out``::
     adapter/                    PEFT methods: the best checkpoint as adapter_config.json +
                                 adapter_model.safetensors (Hugging Face PEFT format for lora/ia3) + the tokenizer
                                 (with the chat template trained on: sft.chat_template, else the base's)
-    metrics.jsonl, config.yaml, summary.json
+    metrics.jsonl, events.out.tfevents.* (TensorBoard), loss_curve.png, config.yaml, summary.json
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from lmforge.parallel.fsdp import gathered
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
 from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training, stopped_note
 from lmforge.train.loop import PRECISIONS, LoopSettings
+from lmforge.train.metrics import save_loss_curve
 from lmforge.train.assembly import seed_everything
 
 
@@ -71,7 +72,7 @@ def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, pe
         seed=int(cfg.seed), peft_method=None if peft_cfg is None else cfg.method, peft_config=peft_cfg,
         activations_checkpoint=ac, sequence_parallel=bool(cfg.sequence_parallel),
         fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
-        fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), run_config=to_dict(cfg))
+        fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), tensorboard=True, run_config=to_dict(cfg))
 
 
 def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) -> dict:
@@ -174,6 +175,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
             logger.log(0, {"val_loss": val_before})
         state = trainer.fit(train_ds, val_ds, state)
         training.finish_saving()
+    loss_curve = save_loss_curve(out, rt, title=f"lmforge finetune ({cfg.method}): loss")
     note = stopped_note(state, int(t.max_steps), manager.latest(), None if cfg.resume else "resume=true")
     if note and rt.is_main:
         console_log(note)
@@ -209,6 +211,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         "best_checkpoint": str(best) if best else None,
         "best_metrics": final_metrics,
         "adapter": adapter_dir,
+        "loss_curve": None if loss_curve is None else str(loss_curve),
         "data": train_ds.stats.to_dict(),
         "resumed_from": resumed_from,
         "stopped_early": state.stopped_early,

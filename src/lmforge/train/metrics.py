@@ -23,6 +23,7 @@ from lmforge.io import atomic_path
 from lmforge.parallel.runtime import Runtime
 
 METRICS_NAME = "metrics.jsonl"
+LOSS_CURVE_NAME = "loss_curve.png"
 
 
 def _number(value: Any) -> Any:
@@ -329,3 +330,29 @@ def plot_loss_curve(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return out_png
+
+
+def save_loss_curve(run_dir: str | os.PathLike, runtime: Optional[Runtime] = None, title: str = "Loss",
+                    keys: tuple[str, ...] = ("loss", "val_loss")) -> Optional[Path]:
+    """Draw a training run's loss curve: ``run_dir/loss_curve.png`` from ``run_dir/metrics.jsonl``.
+
+    Every training stage (pretraining through the quickstart, fine-tuning, alignment) calls this once its loop
+    has ended, stopped early included, so each run folder holds the curve next to its TensorBoard events.
+    A resumed run redraws the whole curve (a step logged twice keeps its last value).
+
+    Args:
+        run_dir: the folder :class:`MetricsLogger` wrote ``metrics.jsonl`` into.
+        runtime: only the main rank draws (None: this process is the main one).
+        title: the plot's title, e.g. ``"lmforge finetune (lora): loss"``.
+        keys: the training loss key (drawn as a line), then keys drawn as points.
+
+    Returns:
+        The PNG path; None on other ranks, or when the run logged no value of ``keys`` yet.
+    """
+    if runtime is not None and not runtime.is_main:
+        return None
+    run_dir = Path(run_dir)
+    try:
+        return plot_loss_curve(run_dir / METRICS_NAME, run_dir / LOSS_CURVE_NAME, keys=keys, title=title)
+    except DataError:  # no metrics file, or no loss logged before the run stopped: nothing to draw
+        return None
