@@ -47,11 +47,12 @@ def _split(text: str) -> list[str]:
 def _cmd_evaluate(a) -> int:
     from rich.console import Console
 
-    from lmforge.eval.data import default_cache_dir
-    from lmforge.eval.evaluate import compare, parse_task_data, results_table, run
+    from lmforge.eval.data import check_hub_access, default_cache_dir, parse_task_data, resolve_tasks
 
     console = Console()
     if a.model[0] == "compare":
+        from lmforge.eval.evaluate import compare
+
         console.print(compare(a.model[1:]))
         return 0
     if len(a.model) != 1:
@@ -62,8 +63,12 @@ def _cmd_evaluate(a) -> int:
         raise UserError(f"--limit takes a positive number of examples per task, got {a.limit}; leave it out to "
                         f"use every example")
     batch_size = a.batch_size if a.batch_size == "auto" else _positive_int(a.batch_size)
-    doc = run(a.model[0], _split(a.tasks), parse_task_data(a.task_data), a.limit, batch_size, a.device, a.dtype,
-              a.output, a.bootstrap_iters, a.cache or str(default_cache_dir()), adapter=a.adapter)
+    tasks, task_data, cache = _split(a.tasks), parse_task_data(a.task_data), a.cache or str(default_cache_dir())
+    check_hub_access(*resolve_tasks(tasks, task_data), cache)  # before torch is imported: fails in a second
+    from lmforge.eval.evaluate import results_table, run
+
+    doc = run(a.model[0], tasks, task_data, a.limit, batch_size, a.device, a.dtype, a.output, a.bootstrap_iters,
+              cache, adapter=a.adapter)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     console.print(results_table(doc))

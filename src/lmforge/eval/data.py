@@ -6,24 +6,172 @@ Where a task's records come from, first match wins:
    ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` folder: the task's split is taken).
 2. ``CACHE/tasks/<task>`` written by :func:`prefetch` (``lmforge prefetch``) on a machine with a network.
 3. The Hugging Face Hub through ``datasets.load_dataset`` (needs a network).
+
+Before a model loads (and before torch is imported), :func:`check_hub_access` finds the tasks that need
+the Hub and, when it cannot be reached (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``, or no connection to
+``HF_ENDPOINT`` within a second), stops with one line naming them and the ``lmforge prefetch`` command
+that fills a cache, instead of the datasets library's half a minute of retries.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from lmforge.data.jsonl import iter_jsonl
 from lmforge.errors import DataError, UserError
 from lmforge.eval.tasks import Task, get_task
 
-__all__ = ["read_records", "load_task_records", "check_fields", "prefetch", "default_cache_dir"]
+__all__ = ["read_records", "load_task_records", "check_fields", "prefetch", "default_cache_dir", "parse_task_data",
+           "resolve_tasks", "hub_unreachable", "check_hub_access", "HubUnreachableError"]
+
+HUB_TIMEOUT_S = 1.0  # a connection to the Hub's host (DNS included) that takes longer counts as no network
+_TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub and datasets read as "set"
+
+
+class HubUnreachableError(UserError):
+    """Task data or a model must come from the Hugging Face Hub, and the Hub cannot be reached."""
 
 
 def default_cache_dir() -> Path:
     """``$LMFORGE_CACHE`` or ``~/.cache/lmforge``."""
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+def parse_task_data(items: Sequence[str]) -> dict[str, str]:
+    """``["hellaswag=path.jsonl", ...]`` -> ``{"hellaswag": "path.jsonl"}`` (task names resolved through aliases)."""
+    out = {}
+    for item in items or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--task-data takes TASK=PATH (e.g. hellaswag=val.jsonl), got {item!r}")
+        out[get_task(name).name] = path
+    return out
+
+
+def resolve_tasks(tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None
+                  ) -> tuple[list[Task], dict[str, str]]:
+    """The :class:`Task` of each name and ``task_data`` keyed by task name; unknown names and ``task_data``
+    for a task not asked for fail here, before any data or model is read."""
+    if not tasks:
+        raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
+    resolved = [get_task(t) for t in tasks]
+    by_name = {get_task(k).name: v for k, v in (task_data or {}).items()}
+    extra = set(by_name) - {t.name for t in resolved}
+    if extra:
+        raise UserError(f"--task-data names {sorted(extra)}, which are not among --tasks")
+    return resolved, by_name
+
+
+def hub_endpoint() -> str:
+    """The Hub's address: ``$HF_ENDPOINT`` or https://huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+
+
+def _offline_variable() -> Optional[str]:
+    """The variable that puts the datasets library offline, as it reads them (HF_DATASETS_OFFLINE wins)."""
+    value = os.environ.get("HF_DATASETS_OFFLINE")
+    if value is not None:
+        return f"HF_DATASETS_OFFLINE={value}" if value.strip().upper() in _TRUE else None
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return f"HF_HUB_OFFLINE={value}" if value.strip().upper() in _TRUE else None
+
+
+def _connects(host: str, port: int, timeout: float) -> bool:
+    """True when a TCP connection to ``host:port`` opens within ``timeout`` seconds, name lookup included
+    (a thread bounds the lookup, which ``socket`` timeouts do not cover)."""
+    opened = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
+def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> Optional[str]:
+    """Why the Hugging Face Hub cannot be reached from this machine, or None when it can.
+
+    Offline when ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` say so, or when no TCP connection to the
+    endpoint's host (or to the HTTPS proxy in front of it) opens within ``timeout`` seconds.
+    """
+    variable = _offline_variable()
+    if variable:
+        return f"{variable} is set"
+    url = urllib.parse.urlsplit(hub_endpoint())
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        where, host, port = f"the proxy {proxy}", p.hostname or "", p.port or 80
+    else:
+        where = hub_endpoint()
+    if not host or not _connects(host, port, timeout):
+        return f"no connection to {where} within {timeout:g} s"
+    return None
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _hub_copy(repo: str, hub_cache: Path) -> bool:
+    """Whether the datasets library's cache in ``hub_cache`` holds a copy of ``repo`` (``owner___name`` folders)."""
+    owner, _, name = repo.rpartition("/")
+    if not hub_cache.is_dir():
+        return False
+    for d in hub_cache.iterdir():
+        d_owner, sep, d_name = d.name.rpartition("___")
+        if d.is_dir() and (d_owner if sep else "") == owner and _squash(d_name) == _squash(name):
+            return True
+    return False
+
+
+def _needs_hub(task: Task, path, cache_dir) -> bool:
+    """Whether :func:`load_task_records` would go to the Hub for ``task`` (no file, no prefetched or cached copy)."""
+    if path or task.data_file or task.hub is None:
+        return False
+    if cache_dir is not None and ((Path(cache_dir) / "tasks" / task.name).is_dir()
+                                  or _hub_copy(task.hub[0], Path(cache_dir) / "hub")):
+        return False
+    return True
+
+
+def check_hub_access(tasks: Sequence[Task], task_data: Optional[Mapping[str, str]] = None,
+                     cache_dir: Optional[str | os.PathLike] = None) -> None:
+    """Stop before any model loads when tasks need the Hub and it cannot be reached.
+
+    Raises:
+        HubUnreachableError: one line naming the tasks and the ``lmforge prefetch --tasks ... --cache ...``
+            command to run on a machine with a network.
+    """
+    task_data = task_data or {}
+    need = [t for t in tasks if _needs_hub(t, task_data.get(t.name), cache_dir)]
+    if not need:
+        return
+    reason = hub_unreachable()
+    if reason is None:
+        return
+    names = ",".join(t.name for t in need)
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    noun = "task" if len(need) == 1 else "tasks"
+    raise HubUnreachableError(
+        f"{noun} {names} need{'s' if len(need) == 1 else ''} {', '.join(t.hub[0] for t in need)} from the Hugging "
+        f"Face Hub, which cannot be reached here ({reason}): on a machine with a network run `lmforge prefetch "
+        f"--tasks {names} --cache {cache}`, then evaluate with --cache {cache} (or pass --task-data "
+        f"{need[0].name}=PATH)")
 
 
 def read_records(path: str | os.PathLike, split: Optional[str] = None) -> list[dict]:
@@ -117,26 +265,48 @@ def prefetch(tasks: Iterable[str] = (), models: Iterable[str] = (),
 
     Returns:
         what was written: name -> folder.
+
+    Raises:
+        HubUnreachableError: the Hub cannot be reached (checked first, in a second at most).
+        UserError: a download failed (one line naming the repository).
     """
+    tasks, models = list(tasks), list(models)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    written: dict[str, str] = {}
-    for name in tasks:
-        task = get_task(name)
+    resolved = [get_task(name) for name in tasks]  # unknown names fail before any download
+    for task in resolved:
         if task.hub is None:
-            raise UserError(f"task {name} has no Hub dataset to prefetch")
+            raise UserError(f"task {task.name} has no Hub dataset to prefetch")
+    reason = hub_unreachable() if resolved or models else None
+    if reason:
+        command = " ".join(["lmforge prefetch"] + ([f"--tasks {','.join(tasks)}"] if tasks else [])
+                           + ([f"--models {','.join(models)}"] if models else []) + [f"--cache {cache}"])
+        raise HubUnreachableError(f"prefetch downloads from the Hugging Face Hub, which cannot be reached here "
+                                  f"({reason}): run `{command}` on a machine with a network (a login node) and "
+                                  f"give the compute nodes that folder")
+    written: dict[str, str] = {}
+    for task in resolved:
         from lmforge.io import atomic_path
-        import datasets
 
         repo, config, split = task.hub
-        ds = datasets.load_dataset(repo, config, split=split, cache_dir=str(cache / "hub"))
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(repo, config, split=split, cache_dir=str(cache / "hub"))
+        except Exception as e:  # noqa: BLE001 - offline, gated, renamed: one line, not the library's traceback
+            raise UserError(f"prefetch: could not download {repo} ({config}, {split}) for task {task.name} "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
         target = cache / "tasks" / task.name
         with atomic_path(target) as tmp:
             ds.save_to_disk(str(tmp))
         written[task.name] = str(target)
     for repo in models:
-        from huggingface_hub import snapshot_download
-
         target = cache / "models" / repo.replace("/", "--")
-        snapshot_download(repo_id=repo, local_dir=str(target))
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(repo_id=repo, local_dir=str(target))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"prefetch: could not download the model {repo} ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
         written[repo] = str(target)
     return written

@@ -18,9 +18,9 @@ from typing import Mapping, Optional, Sequence, Union
 
 from lmforge import __version__
 from lmforge.errors import DataError, UserError
-from lmforge.eval.data import load_task_records
+from lmforge.eval.data import check_hub_access, load_task_records, parse_task_data, resolve_tasks
 from lmforge.eval.scorer import Scorer
-from lmforge.eval.tasks import get_task, score_task
+from lmforge.eval.tasks import score_task
 
 __all__ = ["run", "evaluate_model", "parse_task_data", "compare", "results_table", "with_adapter"]
 
@@ -42,17 +42,6 @@ def context_length(model) -> int:
     return int(model.cfg.max_position_embeddings) - int(getattr(model, "num_virtual_tokens", 0))
 
 
-def parse_task_data(items: Sequence[str]) -> dict[str, str]:
-    """``["hellaswag=path.jsonl", ...]`` -> ``{"hellaswag": "path.jsonl"}`` (task names resolved through aliases)."""
-    out = {}
-    for item in items or ():
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"--task-data takes TASK=PATH (e.g. hellaswag=val.jsonl), got {item!r}")
-        out[get_task(name).name] = path
-    return out
-
-
 def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
                    task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
                    batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
@@ -62,13 +51,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
 
     ``rank``/``world_size``: data parallel (torch.distributed initialized); every rank returns the results.
     """
-    if not tasks:
-        raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
-    resolved = [get_task(t) for t in tasks]  # unknown names fail before any data is read
-    task_data = {get_task(k).name: v for k, v in (task_data or {}).items()}
-    extra = set(task_data) - {t.name for t in resolved}
-    if extra:
-        raise UserError(f"--task-data names {sorted(extra)}, which are not among --tasks")
+    resolved, task_data = resolve_tasks(tasks, task_data)  # unknown names fail before any data is read
     results, n_samples, truncated, versions = {}, {}, {}, {}
     for task in resolved:
         records = load_task_records(task, task_data.get(task.name), limit, cache_dir)
@@ -103,8 +86,8 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
     from lmforge.open import load_for_inference
     from lmforge.parallel.runtime import init_runtime, shutdown
 
-    for t in tasks:
-        get_task(t)  # an unknown task fails before the model loads
+    # an unknown task, or one whose data is on an unreachable Hub, fails before the model loads
+    check_hub_access(*resolve_tasks(tasks, task_data), cache_dir)
     if adapter is not None and not Path(adapter).is_dir():
         raise AdapterError(f"--adapter {adapter} is not a folder; give the folder holding adapter_config.json")
     runtime = None
