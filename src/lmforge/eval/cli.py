@@ -16,7 +16,10 @@ def add_commands(sub) -> None:
                    help="a checkpoint or results folder; or `compare RESULTS.json ...`")
     p.add_argument("--tasks", default=None,
                    help="comma-separated: lambada,boolq,race,piqa,hellaswag,winogrande,wikitext2,wikitext103 "
-                        "or user task .yaml files")
+                        "(built in), user task .yaml files, or any lm-evaluation-harness task (mmlu, arc_easy, ...)")
+    p.add_argument("--include-path", "--include_path", dest="include_path", default=None, metavar="DIR",
+                   help="a folder of lm-evaluation-harness task YAML files whose tasks --tasks may name "
+                        "(lm_eval's --include_path)")
     p.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
                    help="local records for a task (JSONL, Parquet or a datasets save_to_disk folder) with the "
                         "Hugging Face dataset's field names; repeatable")
@@ -34,8 +37,10 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("prefetch", help="download task datasets and models into a cache for offline compute nodes")
-    q.add_argument("--tasks", default="", help="comma-separated task names")
+    q.add_argument("--tasks", default="", help="comma-separated task names (built in or lm-evaluation-harness)")
     q.add_argument("--models", default="", help="comma-separated Hugging Face repositories (models, tokenizers)")
+    q.add_argument("--include-path", "--include_path", dest="include_path", default=None, metavar="DIR",
+                   help="a folder of lm-evaluation-harness task YAML files whose tasks --tasks may name")
     q.add_argument("--cache", default=None, help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
     q.set_defaults(func=_cmd_prefetch)
 
@@ -64,11 +69,13 @@ def _cmd_evaluate(a) -> int:
                         f"use every example")
     batch_size = a.batch_size if a.batch_size == "auto" else _positive_int(a.batch_size)
     tasks, task_data, cache = _split(a.tasks), parse_task_data(a.task_data), a.cache or str(default_cache_dir())
-    check_hub_access(*resolve_tasks(tasks, task_data), cache)  # before torch is imported: fails in a second
+    builtin, by_name, _ = resolve_tasks(tasks, task_data, a.include_path)
+    if a.adapter is None or os.path.isdir(a.adapter):  # else run() names the missing adapter first
+        check_hub_access(builtin, by_name, cache)  # before torch is imported: fails in a second
     from lmforge.eval.evaluate import results_table, run
 
     doc = run(a.model[0], tasks, task_data, a.limit, batch_size, a.device, a.dtype, a.output, a.bootstrap_iters,
-              cache, adapter=a.adapter)
+              cache, adapter=a.adapter, include_path=a.include_path)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     console.print(results_table(doc))
@@ -92,7 +99,7 @@ def _cmd_prefetch(a) -> int:
 
     if not _split(a.tasks) and not _split(a.models):
         raise UserError("prefetch needs --tasks and/or --models")
-    written = prefetch(_split(a.tasks), _split(a.models), a.cache)
+    written = prefetch(_split(a.tasks), _split(a.models), a.cache, include_path=a.include_path)
     for name, folder in written.items():
         print(f"{name}: {folder}")
     return 0

@@ -45,28 +45,55 @@ def default_cache_dir() -> Path:
 
 
 def parse_task_data(items: Sequence[str]) -> dict[str, str]:
-    """``["hellaswag=path.jsonl", ...]`` -> ``{"hellaswag": "path.jsonl"}`` (task names resolved through aliases)."""
+    """``["hellaswag=path.jsonl", ...]`` -> ``{"hellaswag": "path.jsonl"}`` (names are checked by :func:`resolve_tasks`)."""
     out = {}
     for item in items or ():
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise UserError(f"--task-data takes TASK=PATH (e.g. hellaswag=val.jsonl), got {item!r}")
-        out[get_task(name).name] = path
+        out[name] = path
     return out
 
 
-def resolve_tasks(tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None
-                  ) -> tuple[list[Task], dict[str, str]]:
-    """The :class:`Task` of each name and ``task_data`` keyed by task name; unknown names and ``task_data``
-    for a task not asked for fail here, before any data or model is read."""
+def resolve_tasks(tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None,
+                  include_path: Optional[str] = None) -> tuple[list[Task], dict[str, str], list[str]]:
+    """Split task names into lmforge's own tasks (the eight built in, user .yaml files: the fast path) and
+    lm-evaluation-harness tasks (any other name lm_eval knows, ``include_path``'s YAML tasks too).
+
+    Returns:
+        (built-in :class:`Task` objects, ``task_data`` keyed by task name, harness task names). Unknown names
+        (with the closest known ones) and ``task_data`` for a task not asked for fail here, before any data or
+        model is read; lm_eval is imported only when a name is not lmforge's.
+    """
+    from lmforge.eval.tasks import UnknownTaskError, known_tasks
+
     if not tasks:
         raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
-    resolved = [get_task(t) for t in tasks]
-    by_name = {get_task(k).name: v for k, v in (task_data or {}).items()}
-    extra = set(by_name) - {t.name for t in resolved}
+    builtin, other = [], []
+    for name in tasks:
+        try:
+            builtin.append(get_task(name))
+        except UnknownTaskError:
+            other.append(name)
+    harness = []
+    if other:
+        try:
+            from lmforge.eval.harness import harness_task_names
+        except ImportError as e:
+            raise UnknownTaskError(f"unknown task {other[0]!r}; known tasks: {', '.join(known_tasks())} (or a user "
+                                   f"task's .yaml file); lm-evaluation-harness tasks need lm_eval ({e}; pip install "
+                                   f"'lmforge[eval]')") from None
+        harness = harness_task_names(other, include_path, builtin=known_tasks())
+    by_name = {}
+    for key, value in (task_data or {}).items():
+        if key in harness:
+            raise UserError(f"--task-data {key}=...: {key} is an lm-evaluation-harness task, which reads the dataset "
+                            f"its YAML names (dataset_path, dataset_kwargs); --task-data is for the built-in tasks")
+        by_name[get_task(key).name] = value
+    extra = set(by_name) - {t.name for t in builtin}
     if extra:
         raise UserError(f"--task-data names {sorted(extra)}, which are not among --tasks")
-    return resolved, by_name
+    return builtin, by_name, harness
 
 
 def hub_endpoint() -> str:
@@ -257,11 +284,13 @@ def _from_hub(task: Task, cache_dir: Optional[str | os.PathLike] = None):
 
 
 def prefetch(tasks: Iterable[str] = (), models: Iterable[str] = (),
-             cache_dir: Optional[str | os.PathLike] = None) -> dict[str, str]:
+             cache_dir: Optional[str | os.PathLike] = None, include_path: Optional[str] = None) -> dict[str, str]:
     """Download task datasets and models into ``cache_dir`` for machines without a network.
 
-    Tasks are saved as ``CACHE/tasks/<task>`` (read by ``lmforge evaluate --cache CACHE``); models and
+    Built-in tasks are saved as ``CACHE/tasks/<task>``, lm-evaluation-harness tasks' datasets go to the datasets
+    cache ``CACHE/hub`` (both read by ``lmforge evaluate --cache CACHE``); models and
     tokenizers (Hub repository names) as ``CACHE/models/<owner>--<name>``, a folder to pass as MODEL.
+    ``include_path``: a folder of lm_eval task YAML files whose tasks ``tasks`` may name.
 
     Returns:
         what was written: name -> folder.
@@ -272,13 +301,14 @@ def prefetch(tasks: Iterable[str] = (), models: Iterable[str] = (),
     """
     tasks, models = list(tasks), list(models)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    resolved = [get_task(name) for name in tasks]  # unknown names fail before any download
+    resolved, _, harness = resolve_tasks(tasks, include_path=include_path) if tasks else ([], {}, [])  # unknown names fail before any download
     for task in resolved:
         if task.hub is None:
             raise UserError(f"task {task.name} has no Hub dataset to prefetch")
-    reason = hub_unreachable() if resolved or models else None
+    reason = hub_unreachable() if tasks or models else None
     if reason:
         command = " ".join(["lmforge prefetch"] + ([f"--tasks {','.join(tasks)}"] if tasks else [])
+                           + ([f"--include-path {include_path}"] if include_path and harness else [])
                            + ([f"--models {','.join(models)}"] if models else []) + [f"--cache {cache}"])
         raise HubUnreachableError(f"prefetch downloads from the Hugging Face Hub, which cannot be reached here "
                                   f"({reason}): run `{command}` on a machine with a network (a login node) and "
@@ -299,6 +329,12 @@ def prefetch(tasks: Iterable[str] = (), models: Iterable[str] = (),
         with atomic_path(target) as tmp:
             ds.save_to_disk(str(tmp))
         written[task.name] = str(target)
+    if harness:  # lm_eval's tasks read their datasets when built: into CACHE/hub, where evaluate --cache looks
+        from lmforge.eval.harness import load_harness_tasks
+
+        load_harness_tasks(harness, include_path, cache_dir=str(cache))
+        for name in harness:
+            written[name] = str(cache / "hub")
     for repo in models:
         target = cache / "models" / repo.replace("/", "--")
         try:

@@ -46,12 +46,17 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
                    task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
                    batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
                    cache_dir: Optional[str] = None, progress: bool = False, rank: int = 0,
-                   world_size: int = 1) -> dict:
+                   world_size: int = 1, include_path: Optional[str] = None, harness_tasks: Optional[list] = None) -> dict:
     """Score ``tasks`` on an in-memory model; returns ``{"results": ..., "n_samples": ..., "truncated": ...}``.
+
+    Built-in and user .yaml tasks run on lmforge's scorer; any other name lm-evaluation-harness knows
+    (``include_path``: a folder of lm_eval task YAML files) runs through lm_eval with the ``lmforge`` model
+    (:mod:`lmforge.eval.harness`), its results merged into the same document. ``harness_tasks``: those tasks
+    already built by :func:`~lmforge.eval.harness.load_harness_tasks`.
 
     ``rank``/``world_size``: data parallel (torch.distributed initialized); every rank returns the results.
     """
-    resolved, task_data = resolve_tasks(tasks, task_data)  # unknown names fail before any data is read
+    resolved, task_data, harness = resolve_tasks(tasks, task_data, include_path)  # unknown names fail first
     results, n_samples, truncated, versions = {}, {}, {}, {}
     for task in resolved:
         records = load_task_records(task, task_data.get(task.name), limit, cache_dir)
@@ -68,17 +73,26 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
         n_samples[task.name] = len(docs)
         truncated[task.name] = scorer.truncated
         versions[task.name] = task.version
+    if harness:
+        from lmforge.eval.harness import evaluate_harness, load_harness_tasks
+
+        built = harness_tasks if harness_tasks is not None else load_harness_tasks(harness, include_path, cache_dir)
+        theirs = evaluate_harness(model, tokenizer, built, max_length, limit, batch_size, bootstrap_iters)
+        results.update(theirs["results"])
+        n_samples.update(theirs["n_samples"])
+        versions.update(theirs["versions"])
     return {"results": results, "n_samples": n_samples, "truncated": truncated, "versions": versions}
 
 
 def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
         batch_size: Union[int, str] = 16, device: str = "auto", dtype: str = "auto",
         output: Optional[str] = None, bootstrap_iters: int = 100000, cache_dir: Optional[str] = None,
-        progress: bool = True, adapter: Optional[str] = None) -> dict:
+        progress: bool = True, adapter: Optional[str] = None, include_path: Optional[str] = None) -> dict:
     """Evaluate the model at ``model`` (a checkpoint folder or a run's results folder) on ``tasks``.
 
-    ``adapter``: a fine-tuned adapter folder applied on top (see :func:`with_adapter`). Under torchrun
-    the evaluation is data parallel and only rank 0 writes ``output``.
+    ``adapter``: a fine-tuned adapter folder applied on top (see :func:`with_adapter`). ``include_path``: a
+    folder of lm_eval task YAML files (tasks named in ``tasks``). Under torchrun the built-in tasks are
+    evaluated data parallel and only rank 0 writes ``output``.
 
     Returns the results document ``{"results": {task: {metric: value, metric_stderr: value}}, "config",
     "versions", "model"}``, also written to ``output`` (atomically) when given.
@@ -86,10 +100,16 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
     from lmforge.open import load_for_inference
     from lmforge.parallel.runtime import init_runtime, shutdown
 
-    # an unknown task, or one whose data is on an unreachable Hub, fails before the model loads
-    check_hub_access(*resolve_tasks(tasks, task_data), cache_dir)
+    # an unknown task, a missing adapter, or data on an unreachable Hub fail before the model loads
+    builtin, by_name, harness = resolve_tasks(tasks, task_data, include_path)
     if adapter is not None and not Path(adapter).is_dir():
         raise AdapterError(f"--adapter {adapter} is not a folder; give the folder holding adapter_config.json")
+    check_hub_access(builtin, by_name, cache_dir)
+    built = None
+    if harness:  # lm_eval's tasks read their datasets when built: before the model loads, offline-safe
+        from lmforge.eval.harness import load_harness_tasks
+
+        built = load_harness_tasks(harness, include_path, cache_dir)
     runtime = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if str(device) not in ("auto", "cpu", "cuda", "gpu"):
@@ -104,14 +124,15 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
         max_length = context_length(lm)
         rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
         out = evaluate_model(lm, tokenizer, tasks, max_length, task_data, limit, batch_size, bootstrap_iters,
-                             cache_dir, progress, rank=rank, world_size=world)
+                             cache_dir, progress, rank=rank, world_size=world, include_path=include_path,
+                             harness_tasks=built)
     finally:
         if runtime is not None:
             shutdown(runtime)
     doc = {
         "results": out["results"],
         "config": {"model": str(model), "adapter": None if adapter is None else str(adapter), "tasks": list(tasks),
-                   "task_data": dict(task_data or {}), "limit": limit,
+                   "task_data": dict(task_data or {}), "include_path": include_path, "limit": limit,
                    "batch_size": batch_size, "device": str(next(lm.parameters()).device),
                    "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "max_length": max_length,
                    "bootstrap_iters": bootstrap_iters, "world_size": world, "n_samples": out["n_samples"],
