@@ -86,3 +86,23 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300):
     if p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def assert_run_plots(folder, tags=("loss", "lr", "val_loss"), tensorboard: bool = True) -> None:
+    """``folder`` holds a loss-curve PNG (its signature, a non-empty image) and, with ``tensorboard``, one
+    TensorBoard events file (written by rank 0 alone) with scalars of ``tags`` that TensorBoard's own reader
+    loads; without it, no events file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = Path(folder)
+    png = (folder / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    events = list(folder.glob("events.out.tfevents.*"))
+    if not tensorboard:
+        assert events == []
+        return
+    assert len(events) == 1, events
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert set(tags) <= set(acc.Tags()["scalars"]), acc.Tags()["scalars"]
+    assert acc.Scalars("loss") and all(e.step >= 1 for e in acc.Scalars("loss"))

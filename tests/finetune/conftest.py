@@ -71,20 +71,3 @@ def task_files(tmp_path_factory):
     return (write_jsonl(folder / "train.jsonl", task_records(96, seed=1)),
             write_jsonl(folder / "val.jsonl", task_records(16, seed=2)))
 
-
-def assert_run_plots(folder, tags=("loss", "lr", "val_loss")) -> None:
-    """``folder`` holds one TensorBoard events file (written by rank 0 alone) with scalars of ``tags`` that
-    TensorBoard's own reader loads, and a loss-curve PNG (its signature, a non-empty image)."""
-    from pathlib import Path
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    folder = Path(folder)
-    events = list(folder.glob("events.out.tfevents.*"))
-    assert len(events) == 1, events
-    acc = EventAccumulator(str(events[0]))
-    acc.Reload()
-    assert set(tags) <= set(acc.Tags()["scalars"]), acc.Tags()["scalars"]
-    assert acc.Scalars("loss") and all(e.step >= 1 for e in acc.Scalars("loss"))
-    png = (folder / "loss_curve.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lmforge.finetune import run
-from tests.finetune.conftest import assert_run_plots
+from tests.conftest import assert_run_plots
 from tests.finetune.test_finetune_stage import config
 
 

@@ -8,7 +8,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.finetune import load_finetune_config, run
-from tests.finetune.conftest import assert_run_plots
+from tests.conftest import assert_run_plots
 
 
 def config(base, train, val, out, method, steps=20, **extra):

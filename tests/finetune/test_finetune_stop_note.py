@@ -27,6 +27,7 @@ def test_sigterm_stop_says_run_the_same_command_again(tmp_path, base_model_dir, 
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("stopped at step")]
     assert lines == [f"stopped at step 2 of 6 (a stop signal (SIGTERM/SIGUSR1)), saved in "
                      f"{tmp_path / 'checkpoints' / 'step_0000002'}: to resume, run the same command again"]
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn up to the stop
 
     monkeypatch.setattr(loop.Trainer, "train_step", real)
     assert main(args) == 0  # the same command resumes and finishes

@@ -15,7 +15,7 @@ import pytest
 from lmforge.config import load_config
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import run
-from tests.conftest import tiny_overrides
+from tests.conftest import assert_run_plots, tiny_overrides
 
 
 def _env(**extra):
@@ -69,6 +69,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_corpus, tmp_path):
     cfg1 = (one / "config.yaml").read_text()
     assert "accumulate_grad_batches: 2" in cfg1
     assert "accumulate_grad_batches: 1" in (two / "config.yaml").read_text()
+    assert_run_plots(two, tensorboard=False)  # loss_curve.png by rank 0; create_tensorboard_logger=false acts
 
 
 def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):

@@ -26,6 +26,7 @@ from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
 from lmforge.train.assembly import (  # noqa: F401 (saved_state_dict, seed_everything: also imported from here)
     CheckpointSpec, OptimSpec, TrainJob, build_training, saved_state_dict, seed_everything, stopped_note)
 from lmforge.train.loop import LoopSettings
+from lmforge.train.metrics import save_loss_curve
 
 
 def results_dir(cfg) -> Path:
@@ -188,6 +189,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
                 and not state.time_limit_reached:
             test_loss = trainer.evaluate(test_ds, int(t.limit_test_batches))
             logger.log(state.step, {"test_loss": test_loss})
+    loss_curve = save_loss_curve(out, rt, title="lmforge pretrain: loss")
     note = stopped_note(state, max_steps, manager.latest(),
                         None if cfg.exp_manager.resume_if_exists else "exp_manager.resume_if_exists=true")
     if note and rt.is_main:
@@ -202,6 +204,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
         "test_loss": test_loss,
         "final_train_loss": state.history[-1][1] if state.history else None,
         "checkpoint": str(manager.latest()) if manager.latest() else None,
+        "loss_curve": None if loss_curve is None else str(loss_curve),
         "resumed_from": resumed_from,
         "stopped_early": state.stopped_early,
         "time_limit_reached": state.time_limit_reached,
