@@ -39,6 +39,12 @@ def test_evaluate_and_prefetch_without_network_end_in_one_line(tmp_path, how):
     assert len(lines) == 1 and lines[0].startswith("error: task hellaswag needs Rowan/hellaswag from the Hugging "
                                                    "Face Hub, which cannot be reached here (")
     assert f"on a machine with a network run `lmforge prefetch --tasks hellaswag --cache {cache}`" in lines[0]
+    # an lm-evaluation-harness name beside it: no wait for lm_eval's task index, and the prefetch command names both
+    p = lmforge(["evaluate", "no_such_model", "--tasks", "hellaswag,arc_easy", "--cache", str(cache)],
+                NO_NETWORK[how], tmp_path)
+    lines = p.stderr.splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: task hellaswag needs Rowan/hellaswag")
+    assert f"run `lmforge prefetch --tasks hellaswag,arc_easy --cache {cache}`" in lines[0]
 
     p = lmforge(["prefetch", "--tasks", "hellaswag,piqa", "--cache", str(cache)], NO_NETWORK[how], tmp_path)
     assert p.returncode == 2 and p.stdout == ""

@@ -52,7 +52,7 @@ def _split(text: str) -> list[str]:
 def _cmd_evaluate(a) -> int:
     from rich.console import Console
 
-    from lmforge.eval.data import check_hub_access, default_cache_dir, parse_task_data, resolve_tasks
+    from lmforge.eval.data import builtin_task_data, check_hub_access, default_cache_dir, parse_task_data, split_tasks
 
     console = Console()
     if a.model[0] == "compare":
@@ -69,9 +69,10 @@ def _cmd_evaluate(a) -> int:
                         f"use every example")
     batch_size = a.batch_size if a.batch_size == "auto" else _positive_int(a.batch_size)
     tasks, task_data, cache = _split(a.tasks), parse_task_data(a.task_data), a.cache or str(default_cache_dir())
-    builtin, by_name, _ = resolve_tasks(tasks, task_data, a.include_path)
+    builtin, other = split_tasks(tasks)  # lmforge's own tasks, and names for lm-evaluation-harness (looked up in run)
     if a.adapter is None or os.path.isdir(a.adapter):  # else run() names the missing adapter first
-        check_hub_access(builtin, by_name, cache)  # before torch is imported: fails in a second
+        # before torch and lm_eval are imported: fails in a second
+        check_hub_access(builtin, builtin_task_data(task_data), cache, also=other)
     from lmforge.eval.evaluate import results_table, run
 
     doc = run(a.model[0], tasks, task_data, a.limit, batch_size, a.device, a.dtype, a.output, a.bootstrap_iters,

@@ -29,7 +29,7 @@ from lmforge.errors import DataError, UserError
 from lmforge.eval.tasks import Task, get_task
 
 __all__ = ["read_records", "load_task_records", "check_fields", "prefetch", "default_cache_dir", "parse_task_data",
-           "resolve_tasks", "hub_unreachable", "check_hub_access", "HubUnreachableError"]
+           "split_tasks", "builtin_task_data", "resolve_tasks", "hub_unreachable", "check_hub_access", "HubUnreachableError"]
 
 HUB_TIMEOUT_S = 1.0  # a connection to the Hub's host (DNS included) that takes longer counts as no network
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub and datasets read as "set"
@@ -55,6 +55,31 @@ def parse_task_data(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def split_tasks(tasks: Sequence[str]) -> tuple[list[Task], list[str]]:
+    """(lmforge's own :class:`Task` objects, the other names) of ``tasks``, without lm_eval."""
+    from lmforge.eval.tasks import UnknownTaskError
+
+    if not tasks:
+        raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
+    builtin, other = [], []
+    for name in tasks:
+        try:
+            builtin.append(get_task(name))
+        except UnknownTaskError:
+            other.append(name)
+    return builtin, other
+
+
+def builtin_task_data(task_data: Optional[Mapping[str, str]]) -> dict[str, str]:
+    """The entries of ``task_data`` that name lmforge's own tasks, keyed by task name (aliases resolved)."""
+    names = {}
+    for key, value in (task_data or {}).items():
+        found, _ = split_tasks([key])
+        if found:
+            names[found[0].name] = value
+    return names
+
+
 def resolve_tasks(tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None,
                   include_path: Optional[str] = None) -> tuple[list[Task], dict[str, str], list[str]]:
     """Split task names into lmforge's own tasks (the eight built in, user .yaml files: the fast path) and
@@ -67,14 +92,7 @@ def resolve_tasks(tasks: Sequence[str], task_data: Optional[Mapping[str, str]] =
     """
     from lmforge.eval.tasks import UnknownTaskError, known_tasks
 
-    if not tasks:
-        raise UserError("no tasks given; pass --tasks (e.g. --tasks hellaswag,piqa)")
-    builtin, other = [], []
-    for name in tasks:
-        try:
-            builtin.append(get_task(name))
-        except UnknownTaskError:
-            other.append(name)
+    builtin, other = split_tasks(tasks)
     harness = []
     if other:
         try:
@@ -177,8 +195,10 @@ def _needs_hub(task: Task, path, cache_dir) -> bool:
 
 
 def check_hub_access(tasks: Sequence[Task], task_data: Optional[Mapping[str, str]] = None,
-                     cache_dir: Optional[str | os.PathLike] = None) -> None:
+                     cache_dir: Optional[str | os.PathLike] = None, also: Sequence[str] = ()) -> None:
     """Stop before any model loads when tasks need the Hub and it cannot be reached.
+
+    ``also``: other task names (lm-evaluation-harness tasks, not yet looked up) that join the prefetch command.
 
     Raises:
         HubUnreachableError: one line naming the tasks and the ``lmforge prefetch --tasks ... --cache ...``
@@ -197,8 +217,8 @@ def check_hub_access(tasks: Sequence[Task], task_data: Optional[Mapping[str, str
     raise HubUnreachableError(
         f"{noun} {names} need{'s' if len(need) == 1 else ''} {', '.join(t.hub[0] for t in need)} from the Hugging "
         f"Face Hub, which cannot be reached here ({reason}): on a machine with a network run `lmforge prefetch "
-        f"--tasks {names} --cache {cache}`, then evaluate with --cache {cache} (or pass --task-data "
-        f"{need[0].name}=PATH)")
+        f"--tasks {','.join([names, *also])} --cache {cache}`, then evaluate with --cache {cache} (or pass "
+        f"--task-data {need[0].name}=PATH)")
 
 
 def read_records(path: str | os.PathLike, split: Optional[str] = None) -> list[dict]:
@@ -277,9 +297,9 @@ def _from_hub(task: Task, cache_dir: Optional[str | os.PathLike] = None):
                                    cache_dir=str(Path(cache_dir) / "hub") if cache_dir else None)
     except Exception as e:  # offline, gated, renamed: the user's fix is the same
         raise UserError(f"task {task.name}: could not load {repo} ({name}, {split}) from the Hugging Face Hub "
-                        f"({type(e).__name__}: {str(e)[:200]}). On a machine without a network run "
-                        f"`lmforge prefetch --tasks {task.name}` on a login node first, or pass "
-                        f"--task-data {task.name}=PATH") from None
+                        f"({type(e).__name__}: {str(e)[:200]}). For a machine without a network run "
+                        f"`lmforge prefetch --tasks {task.name} --cache {cache_dir or default_cache_dir()}` on a "
+                        f"login node first, or pass --task-data {task.name}=PATH") from None
     return [dict(r) for r in ds]
 
 

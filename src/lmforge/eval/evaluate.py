@@ -104,7 +104,7 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
     builtin, by_name, harness = resolve_tasks(tasks, task_data, include_path)
     if adapter is not None and not Path(adapter).is_dir():
         raise AdapterError(f"--adapter {adapter} is not a folder; give the folder holding adapter_config.json")
-    check_hub_access(builtin, by_name, cache_dir)
+    check_hub_access(builtin, by_name, cache_dir, also=harness)
     built = None
     if harness:  # lm_eval's tasks read their datasets when built: before the model loads, offline-safe
         from lmforge.eval.harness import load_harness_tasks
