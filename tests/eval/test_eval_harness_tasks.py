@@ -136,6 +136,7 @@ def test_a_harness_task_on_an_unreachable_hub_fails_at_once(setup, monkeypatch, 
         harness.load_harness_tasks(["hub_qa"], str(hub), str(tmp_path / "cache"))
     message = str(e.value)
     assert "\n" not in message and message.startswith("task hub_qa (lm-evaluation-harness) could not read its dataset")
+    assert "OfflineModeIsEnabled" in message  # the datasets library ran offline: no retries against the endpoint
     assert f"run `lmforge prefetch --tasks hub_qa --include-path {hub} --cache {tmp_path / 'cache'}`" in message
 
     with pytest.raises(HubUnreachableError, match=r"^prefetch downloads from the Hugging Face Hub, which cannot be "

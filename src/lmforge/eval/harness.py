@@ -215,9 +215,10 @@ def load_harness_tasks(names: Sequence[str], include_path: Optional[str] = None,
                         f"Hugging Face Hub cannot be reached ({reason}): on a machine with a network run `lmforge "
                         f"prefetch --tasks {name}{inc} --cache {where}`, then evaluate with --cache {where}") from None
                 raise DataError(f"task {name} (lm-evaluation-harness) could not be loaded ({detail})") from None
-            built.append(loaded["groups"][name] if name in loaded["groups"] else None)
-            if built[-1] is None:
-                built[-1:] = list(loaded["tasks"].values())
+            if name in loaded["groups"]:
+                built.append(loaded["groups"][name])  # a group: lm_eval aggregates its tasks under its name
+            else:
+                built.extend(loaded["tasks"].values())  # a task, or a tag's tasks
     return HarnessTasks(manager, built)
 
 
