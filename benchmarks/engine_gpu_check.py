@@ -85,7 +85,7 @@ def main() -> int:
             eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS)
             got = eng.generate(prompts, params)
             same = [a == b for a, b in zip(ref, got)]
-            print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng._graphs.graphs)}",
+            print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng.runner.graphs.graphs)}",
                   flush=True)
             failures += len(same) - sum(same)
         eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS)

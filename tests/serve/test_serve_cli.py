@@ -121,14 +121,14 @@ def test_generate_file_writes_an_error_line_for_a_failing_line_and_goes_on(ckpt,
 
     engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=4)
     poison = engine.tokenizer.encode("POISON")
-    prefill = engine._prefill
+    prefill = engine.runner.prefill
 
-    def bad_prefill(seqs, first):
-        if any(s.prompt_ids == poison for s in seqs):
+    def bad_prefill(chunks):
+        if any(s.prompt_ids == poison for s, _, _ in chunks):
             raise RuntimeError("simulated failure")
-        return prefill(seqs, first)
+        return prefill(chunks)
 
-    engine._prefill = bad_prefill
+    engine.runner.prefill = bad_prefill
     inp, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["def", "POISON", "x ="])))
     params = lambda i, rec: SamplingParams(max_tokens=4, temperature=0)  # noqa: E731
@@ -137,7 +137,7 @@ def test_generate_file_writes_an_error_line_for_a_failing_line_and_goes_on(ckpt,
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows[1]["finish_reason"] == "error" and "simulated failure" in rows[1]["error"]
     assert rows[0]["completion_tokens"] >= 1 and rows[2]["completion_tokens"] >= 1
-    engine._prefill = prefill  # fixed: a rerun answers the failed line only
+    engine.runner.prefill = prefill  # fixed: a rerun answers the failed line only
     summary = generate_file(engine, inp, out, params)
     assert (summary["skipped"], summary["written"], summary["failed"]) == (2, 1, 0)
     last = json.loads(out.read_text().splitlines()[-1])

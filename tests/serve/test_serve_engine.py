@@ -5,7 +5,7 @@ import torch
 
 from lmforge.models import Transformer
 from lmforge.models.generate import generate
-from lmforge.serve.cache import SlotKVCache
+from lmforge.serve.cache import PagedKVCache
 from lmforge.serve.engine import (Engine, InvalidRequestError, PromptTooLongError, SamplingParams,
                                   process_logits)
 
@@ -25,38 +25,46 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_slot_cache_matches_full_forward(style):
+def test_paged_cache_matches_full_forward(style):
+    """Rows in scattered blocks, a chunk after an earlier one (it attends through its table), a decode step with a
+    padding row: every row's logits are those of a full forward of its tokens."""
     model = make_model(style)
     prompts = PROMPTS[:3]
-    cache = SlotKVCache(model.cfg, num_slots=4, max_seq_len=32)
+    bs = 4
+    cache = PagedKVCache(model.cfg, num_blocks=16, block_size=bs, max_seq_len=32, max_rows=4)
+    tables = torch.tensor([[9, 2, 0, 0], [5, 0, 0, 0], [3, 14, 7, 11]])  # not in order, padded with scratch 0
     lens = torch.tensor([len(p) for p in prompts])
-    T = int(lens.max())
-    ids = torch.zeros(3, T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p)
-    pos = torch.arange(T)[None].expand(3, T)
-    valid = pos < lens[:, None]
-    pos = torch.where(valid, pos, 0)
-    # rows 0..2 go into slots 1..3: the batch need not start at slot 0
-    cache.bind(1, lens, pos, valid, span=T)
+    first = torch.tensor([3, 1, 6])  # the first chunk of each prompt, then the rest
     with torch.no_grad():
-        logits = model(ids, kv_cache=cache, positions=pos)
-        for b, p in enumerate(prompts):
-            full = model(torch.tensor([p]))[0]
-            torch.testing.assert_close(logits[b, : len(p)], full, atol=1e-5, rtol=1e-5)
-        # one decode step, every row at its own position; row 1 is padding this time
+        for lo, hi in ((torch.zeros(3, dtype=torch.long), first), (first, lens)):
+            T = int((hi - lo).max())
+            ids = torch.zeros(3, T, dtype=torch.long)
+            pos = torch.zeros(3, T, dtype=torch.long)
+            for b, p in enumerate(prompts):
+                n = int(hi[b] - lo[b])
+                ids[b, :n] = torch.tensor(p[lo[b]: hi[b]])
+                pos[b, :n] = torch.arange(int(lo[b]), int(hi[b]))
+            valid = torch.arange(T)[None] < (hi - lo)[:, None]
+            cache.bind(tables, pos, valid)
+            logits = model(ids, kv_cache=cache, positions=pos)
+            for b, p in enumerate(prompts):
+                full = model(torch.tensor([p[: hi[b]]]))[0, lo[b]:]
+                torch.testing.assert_close(logits[b, : int(hi[b] - lo[b])], full, atol=1e-5, rtol=1e-5)
+        # one decode step through the static tables, every row at its own position; row 1 is padding
+        cache.tables[:3, :4] = tables.int()
+        cache.tables[1] = 0
         nxt = torch.tensor([[4], [0], [6]])
-        dpos = (lens - 1 + 1)[:, None].clone()
-        dvalid = torch.tensor([[True], [False], [True]])
-        dpos[1, 0] = 0
-        new_lens = torch.where(dvalid[:, 0], lens + 1, lens)
-        cache.bind(1, new_lens, dpos, dvalid, span=20)  # a span beyond every length: the mask hides the rest
-        step = model(nxt, kv_cache=cache, positions=dpos)
+        dpos = torch.tensor([[5], [0], [11]])
+        x, rope = model.embed(nxt, positions=dpos)
+        cache.bind_decode(torch.arange(20))  # a span beyond every length: the mask hides the rest
+        for layer in model.layers:
+            x = layer(x, rope, cache, 0, dpos, None)
+        step = torch.nn.functional.linear(model.norm(x), model.output_weight())
         for b in (0, 2):
             full = model(torch.tensor([prompts[b] + [int(nxt[b, 0])]]))[0, -1]
             torch.testing.assert_close(step[b, 0], full, atol=1e-5, rtol=1e-5)
-        # the padding write went to the scratch slot: row 1's cache is its prompt only
-        torch.testing.assert_close(cache.k[0][2, 1:], torch.zeros_like(cache.k[0][2, 1:]))
+    # the padding writes went to the scratch block only: row 1's block holds its prompt token alone
+    assert torch.count_nonzero(cache.k[0][5, 1:]) == 0
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -71,9 +79,10 @@ def test_batched_greedy_equals_single_requests(style):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_continuous_batching_equals_single_requests(style):
-    """Small batch, small prefill budget, different lengths: requests join and leave a running batch."""
+    """Small batch, a small token budget (the 11-token prompt is prefilled in chunks beside decoding rows),
+    different lengths: requests join and leave a running batch."""
     model = make_model(style)
-    engine = Engine(model, max_batch_size=3, max_prefill_tokens=12)
+    engine = Engine(model, max_batch_size=3, max_num_batched_tokens=12)
     lengths = [3, 9, 1, 14, 6, 2, 11]
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths]
     for i, (p, sp) in enumerate(zip(PROMPTS, params)):

@@ -100,6 +100,15 @@ CHECKS = textwrap.dedent("""
     out = K.decode_attention(q, k, v, mask, 0.25)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.25)
     assert (out - ref).abs().max().item() < 1e-5
+    # paged decode attention vs its PyTorch reference: blocks scattered through the tables, lengths from 1 to
+    # the whole table, grouped heads, a sliding window, several splits of a row's blocks
+    kc, vc = torch.randn(8, 16, 2, 16), torch.randn(8, 16, 2, 16)
+    tables = torch.tensor([[5, 2, 7], [3, 6, 1]], dtype=torch.int32)
+    q = torch.randn(2, 4, 16)
+    for lens, window, splits in ((torch.tensor([48, 1]), 0, 2), (torch.tensor([40, 45]), 21, 1)):
+        ref = K.paged_attention_reference(q, kc, vc, tables, lens, 0.25, window or None)
+        out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.25, window, splits)
+        assert out.shape == (2, 4, 16) and (out - ref).abs().max().item() < 1e-5, (window, (out - ref).abs().max())
     print("kernels ok")
 """)
 
@@ -117,7 +126,7 @@ ENGINE_CHECK = textwrap.dedent("""
     from lmforge.serve.engine import Engine, SamplingParams
 
     calls = Counter()
-    for name in ("_matvec_op", "rope_cache_write", "decode_attention"):
+    for name in ("_matvec_op", "rope_cache_write", "paged_decode_attention"):
         def counted(*args, _fn=getattr(K, name), _name=name, **kw):
             calls[_name] += 1
             return _fn(*args, **kw)
@@ -142,7 +151,7 @@ ENGINE_CHECK = textwrap.dedent("""
         assert all(type(b) is K.DecodeBlock and b.folded for b in fast.layers)
         outputs = []
         for model in (ref, fast):
-            engine = Engine(model, None, max_batch_size=1, max_seq_len=40)
+            engine = Engine(model, None, max_batch_size=1, max_seq_len=40, decode_kernels=model is fast)
             tokens = []
             for i, prompt in enumerate(([3, 17, 42, 5, 9, 11, 2], [60])):
                 engine.add_request(str(i), prompt, SamplingParams(max_tokens=7, temperature=0.0))
@@ -152,10 +161,10 @@ ENGINE_CHECK = textwrap.dedent("""
                         tokens[-1] += out.token_ids
             outputs.append(tokens)
         assert outputs[0] == outputs[1] and len(outputs[0][0]) == 7, (window, outputs)
-    # per model: 2 prompts x 6 decode steps x 2 layers; the one-token prompt's prefill is a single row too (its
-    # 2 layers run the block's products and decode_attention, but the cache is not in a decode step)
+    # per window: 2 prompts x 6 decode steps x 2 layers; the one-token prompt's prefill is a single row too (its
+    # 2 layers run the block's products, and the reference attention: the cache is not in a decode step)
     assert calls == {"_matvec_op": 2 * (2 * 6 * 2 + 2) * 4, "rope_cache_write": 2 * 2 * 6 * 2,
-                     "decode_attention": 2 * (2 * 6 * 2 + 2)}, calls
+                     "paged_decode_attention": 2 * 2 * 6 * 2}, calls
     print("engine ok")
 """)
 
@@ -180,10 +189,11 @@ def test_kernels_are_installed_only_where_they_apply():
     weights into its fused projections (same function); on the CPU the model's own code runs."""
     import torch
 
-    from lmforge.models.transformer import fuse_projections
-    from lmforge.serve.kernels import DecodeAttention, DecodeBlock, DecodeGatedMLP, MatVecLinear, use_decode_kernels
+    from lmforge.models.transformer import Attention, fuse_projections
+    from lmforge.serve.kernels import DecodeBlock, DecodeGatedMLP, MatVecLinear, use_decode_kernels
     from tests.models.test_generate import make_model
 
+    torch.manual_seed(0)
     model = make_model("llama", 64, 0.5)
     with torch.no_grad():
         for layer in model.layers:
@@ -196,7 +206,8 @@ def test_kernels_are_installed_only_where_they_apply():
     fuse_projections(model)
     n = use_decode_kernels(model)
     kinds = {type(m) for m in model.modules()}
-    assert {MatVecLinear, DecodeAttention, DecodeGatedMLP, DecodeBlock} <= kinds and n > 0
+    assert {MatVecLinear, DecodeGatedMLP, DecodeBlock} <= kinds and n > 0
+    assert all(type(layer.self_attn) is Attention for layer in model.layers)  # attention: the cache's hook
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert all(layer.folded and torch.equal(layer.input_layernorm.weight, torch.ones(32)) for layer in model.layers)
     with torch.no_grad():

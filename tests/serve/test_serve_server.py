@@ -291,6 +291,34 @@ def test_64_concurrent_greedy_requests_equal_one_at_a_time(served):
         assert r.choices[0].text == reference(engine, engine.tokenizer.encode(p), n)[0], p
 
 
+def test_metrics_in_prometheus_text(served):
+    """/metrics (behind the key) counts what the engine did: finished requests' TTFT and TPOT histograms,
+    generated tokens, KV blocks (all given back once idle)."""
+    import httpx
+
+    url, engine = served
+    base = url[: -len("/v1")]
+    assert httpx.get(f"{base}/metrics").status_code == 401
+    before = engine.metrics.ttft.count
+    client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+    for n in (3, 5):
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=n, temperature=0)
+    r = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    label = f'{{model_name="{MODEL}"}}'
+    assert values[f"lmforge_time_to_first_token_seconds_count{label}"] == before + 2
+    assert values[f"lmforge_time_per_output_token_seconds_count{label}"] >= 2
+    assert values[f'lmforge_time_to_first_token_seconds_bucket{{model_name="{MODEL}",le="+Inf"}}'] == before + 2
+    assert values[f"lmforge_generation_tokens_total{label}"] >= 8
+    assert values[f"lmforge_kv_blocks_used{label}"] == 0 and values[f"lmforge_requests_running{label}"] == 0
+    assert values[f"lmforge_kv_blocks_total{label}"] == engine.cache.num_blocks - 1
+
+
 def test_chat_without_template_is_400(tmp_path):
     folder = make_checkpoint(tmp_path, chat_template=False)
     with running_server(folder) as (url, _):

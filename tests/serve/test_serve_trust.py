@@ -120,22 +120,22 @@ def test_one_failing_request_leaves_the_others_running(folder):
     engine = new_engine(folder)
     tok = engine.tokenizer
     poison = tok.encode("POISON")
-    prefill, launch = engine._prefill, engine._launch_decode
+    prefill, launch = engine.runner.prefill, engine.runner.launch_decode
     nan_ids: set[str] = set()
     fail_decode = threading.Event()
 
-    def bad_prefill(seqs, first):
-        if any(s.prompt_ids == poison for s in seqs):
+    def bad_prefill(chunks):
+        if any(s.prompt_ids == poison for s, _, _ in chunks):
             raise RuntimeError("out of memory (simulated)")
-        return prefill(seqs, first)
+        return prefill(chunks)
 
-    def bad_launch(ready):
+    def bad_launch(seqs, greedy_only):
         if fail_decode.is_set():
             fail_decode.clear()
             raise RuntimeError("device error (simulated)")
-        return launch(ready)
+        return launch(seqs, greedy_only)
 
-    import lmforge.serve.engine as engine_mod
+    import lmforge.serve.sampler as engine_mod
 
     real = engine_mod.process_logits
 
@@ -146,7 +146,7 @@ def test_one_failing_request_leaves_the_others_running(folder):
                 out[b] = float("nan")
         return out
 
-    engine._prefill, engine._launch_decode = bad_prefill, bad_launch
+    engine.runner.prefill, engine.runner.launch_decode = bad_prefill, bad_launch
     engine_mod.process_logits = nan_logits
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 

@@ -286,7 +286,16 @@ class Attention(nn.Module):
                start_pos: int = 0, positions: Optional[torch.Tensor] = None,
                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention between the projections: queries (B, T, nh*hd) and keys/values (B, T, nkv*hd) in,
-        the heads' outputs (B, T, nh*hd) out, before ``o_proj``. Arguments as :meth:`forward`."""
+        the heads' outputs (B, T, nh*hd) out, before ``o_proj``. Arguments as :meth:`forward`.
+
+        Serving hook: a cache with an ``attention(attn, q, k, v, rope, positions)`` method may compute the whole
+        step itself (rotary, cache write, attention; e.g. :class:`lmforge.serve.cache.PagedKVCache` with its
+        Triton kernel); it returns (B, T, nh*hd), or None to let this code run."""
+        hook = getattr(kv_cache, "attention", None) if kv_cache is not None else None
+        if hook is not None:
+            out = hook(self, q, k, v, rope, positions)
+            if out is not None:
+                return out
         B, T, _ = q.shape
         q = q.view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)

@@ -8,6 +8,6 @@ The engine's names are imported on first use (:mod:`lmforge.lazy`): registering 
 
 from lmforge.lazy import lazy_exports
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "TokenLogprob", "SlotKVCache", "InvalidRequestError",
-           "PromptTooLongError", "EngineBusyError"]
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "RequestMetrics", "TokenLogprob", "PagedKVCache",
+           "InvalidRequestError", "PromptTooLongError", "EngineBusyError"]
 __getattr__, __dir__ = lazy_exports(__name__, {name: "lmforge.serve.engine" for name in __all__})

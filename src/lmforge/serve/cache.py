@@ -1,19 +1,38 @@
-"""The serving engine's KV cache: one preallocated slot per sequence, each sequence at its own position.
+"""The serving engine's paged KV cache: fixed-size blocks, per-sequence block tables, a block allocator.
 
-:class:`SlotKVCache` implements the model's cache protocol (``update(layer_idx, start_pos, k, v, positions)``,
-see :class:`lmforge.models.transformer.KVCache`); the engine (:mod:`lmforge.serve.engine`) binds each forward
-first: a prefill (:meth:`SlotKVCache.bind`) or a decode step (:meth:`SlotKVCache.bind_decode`).
+Keys and values of every layer live in ``num_blocks`` blocks of ``block_size`` positions
+(:class:`PagedKVCache`); a sequence holds a list of blocks (its block table), position ``p`` sitting in block
+``table[p // block_size]`` at offset ``p % block_size``. Memory is taken a block at a time as sequences grow,
+not reserved for the longest possible sequence, so many more sequences fit, and the engine admits requests by
+free blocks. :class:`BlockAllocator` hands blocks out from a free list and counts references: a full block
+whose tokens (and every token before them) are known is registered under a hash of them, so a later request
+with the same prefix reuses it (prefix caching); blocks nobody references keep their contents in a
+least-recently-used list and are evicted (reused for other tokens) only when the free list is empty.
+
+:class:`PagedKVCache` implements the model's cache protocol (``update(layer_idx, start_pos, k, v, positions)``,
+see :class:`lmforge.models.transformer.KVCache`): the engine binds each forward first, a prefill of chunks
+(:meth:`PagedKVCache.bind`) or a decode step (:meth:`PagedKVCache.bind_decode`, everything derived on the
+device from the positions and the static block-table buffer ``tables``, so the step can be captured as a
+CUDA graph). The reference path gathers each row's keys through its table (key ``j`` is position ``j``) and
+returns them with a visibility mask, so the model's own attention (sliding windows, ALiBi, soft-capping)
+runs unchanged. The serving hook :meth:`PagedKVCache.attention` (called by the model's attention before
+anything else, when a cache offers it) runs a decode step's attention with lmforge's Triton paged kernel
+(:func:`lmforge.serve.kernels.paged_decode_attention`) where it applies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Optional
+from array import array
+from collections import OrderedDict, deque
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["SlotKVCache", "bucket"]
+from lmforge.models.transformer import apply_rotary
 
+__all__ = ["BlockAllocator", "PagedKVCache", "NoFreeBlocks", "block_hash", "bucket", "block_bytes"]
 
 
 def bucket(n: int, step: int, limit: Optional[int] = None) -> int:
@@ -22,114 +41,246 @@ def bucket(n: int, step: int, limit: Optional[int] = None) -> int:
     return min(m, limit) if limit is not None else m
 
 
-class SlotKVCache:
-    """A preallocated key/value cache with one slot per sequence, each sequence at its own position.
+def block_bytes(cfg, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes: keys and values of every layer for ``block_size`` positions."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_query_groups * cfg.head_dim * elem
 
-    ``k[layer]`` and ``v[layer]`` are ``(num_slots + 1, max_seq_len, nkv, hd)`` buffers (grouped-query
-    aware: ``nkv = num_query_groups`` heads are stored). Slot ``s`` holds one sequence, its token at
-    position ``p`` at index ``p``; the extra last slot is scratch that padding tokens write into.
 
-    Before each forward the engine describes it: :meth:`bind` (a prefill: any slots, padding tokens) or
-    :meth:`bind_decode` (a decode step: row ``b`` is slot ``b``, one token per row, everything derived
-    from the positions on the device, so the step can be captured as a CUDA graph); the model then
-    calls :meth:`update` once per layer (the model's cache protocol).
+def block_hash(parent: bytes, tokens: Sequence[int], extra: bytes = b"") -> bytes:
+    """The prefix-cache key of a full block: its tokens, the key of the block before it (so equal keys mean equal
+    prefixes) and ``extra`` (what else changes the keys and values: the LoRA adapter)."""
+    h = hashlib.sha256(parent)
+    h.update(array("q", tokens).tobytes())
+    h.update(extra)
+    return h.digest()
 
-    Sliding-window hook: the returned mask says which keys a query may see by filling and causality
-    only, and key index ``j`` is position ``j`` of its row, so a model with an attention window ANDs
-    ``positions[:, None, :, None] - j < window`` into it.
+
+class NoFreeBlocks(RuntimeError):
+    """The allocator has no block left (the scheduler preempts a sequence, or waits)."""
+
+
+class BlockAllocator:
+    """Blocks ``1 .. num_blocks-1`` with reference counts, a free list and a prefix cache.
+
+    Block 0 is never handed out: padding rows write into it. ``allocate`` takes a block from the free list, or
+    else evicts the least recently used unreferenced cached block. ``release`` drops references; a block that
+    reaches 0 goes back to the free list, or, when it is registered in the prefix cache, to the end of the
+    LRU list (its contents kept for a later :meth:`lookup`).
     """
 
-    def __init__(self, cfg, num_slots: int, max_seq_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
-        if num_slots < 1 or max_seq_len < 1:
-            raise ValueError(f"SlotKVCache needs num_slots >= 1 and max_seq_len >= 1, got {num_slots}, {max_seq_len}")
-        self.num_slots = num_slots
-        self.max_seq_len = max_seq_len
-        self.scratch = num_slots  # index of the padding slot
-        shape = (num_slots + 1, max_seq_len, cfg.num_query_groups, cfg.head_dim)
+    def __init__(self, num_blocks: int, prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"BlockAllocator needs at least 2 blocks (one is scratch), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.prefix_caching = prefix_caching
+        self.refs = [0] * num_blocks
+        self.free: deque[int] = deque(range(1, num_blocks))
+        self.lru: OrderedDict[int, bytes] = OrderedDict()  # unreferenced cached blocks, oldest first
+        self.hash_of: dict[int, bytes] = {}
+        self.by_hash: dict[bytes, int] = {}
+        self.hits = 0  # blocks found by lookup
+        self.queries = 0  # blocks looked up
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated now (free, or cached and unreferenced)."""
+        return len(self.free) + len(self.lru)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks referenced by at least one sequence."""
+        return self.num_blocks - 1 - self.num_free
+
+    def allocate(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        elif self.lru:
+            block, h = self.lru.popitem(last=False)
+            del self.by_hash[h], self.hash_of[block]
+        else:
+            raise NoFreeBlocks("no free KV-cache block")
+        self.refs[block] = 1
+        return block
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each of ``blocks`` (a sequence's table: the last blocks become the oldest in the
+        LRU list, so a shared prefix outlives the tails that follow it)."""
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] < 0:
+                raise RuntimeError(f"block {block} released more often than taken")
+            if self.refs[block] == 0:
+                if block in self.hash_of:
+                    self.lru[block] = self.hash_of[block]
+                else:
+                    self.free.append(block)
+
+    def lookup(self, h: bytes) -> Optional[int]:
+        """The cached block of key ``h`` with one more reference, or None."""
+        if not self.prefix_caching:
+            return None
+        self.queries += 1
+        block = self.by_hash.get(h)
+        if block is None:
+            return None
+        if self.refs[block] == 0:
+            del self.lru[block]
+        self.refs[block] += 1
+        self.hits += 1
+        return block
+
+    def register(self, block: int, h: bytes) -> None:
+        """Make full block ``block`` findable under ``h`` (no-op when another block already holds that key)."""
+        if self.prefix_caching and h not in self.by_hash and block not in self.hash_of:
+            self.by_hash[h] = block
+            self.hash_of[block] = h
+
+    def check(self) -> None:
+        """Raise if the books do not balance (tests): every block is scratch, free, cached-unreferenced or
+        referenced, exactly once."""
+        free, lru = set(self.free), set(self.lru)
+        referenced = {b for b in range(1, self.num_blocks) if self.refs[b] > 0}
+        if len(free) != len(self.free) or free & lru or (free | lru) & referenced or \
+                len(free) + len(lru) + len(referenced) != self.num_blocks - 1:
+            raise AssertionError(f"allocator books: {len(free)} free, {len(lru)} cached, {len(referenced)} used of "
+                                 f"{self.num_blocks - 1}")
+
+
+class PagedKVCache:
+    """Keys and values in blocks: ``k[layer]``, ``v[layer]`` are ``(num_blocks, block_size, nkv, hd)``.
+
+    Args:
+        cfg: the model's config (layers, query groups, head size).
+        num_blocks: blocks of every layer (block 0 is scratch: padding writes there).
+        block_size: positions per block.
+        max_seq_len: longest sequence (the width of a block table is ``ceil(max_seq_len / block_size)``).
+        max_rows: rows of a decode step (the static block-table buffer ``tables`` the decode step reads).
+        prefix_caching: keep full blocks findable by their tokens.
+    """
+
+    def __init__(self, cfg, num_blocks: int, block_size: int, max_seq_len: int, max_rows: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 prefix_caching: bool = True):
+        if block_size < 1 or max_seq_len < 1 or max_rows < 1:
+            raise ValueError(f"PagedKVCache needs block_size, max_seq_len and max_rows >= 1, got {block_size}, "
+                             f"{max_seq_len}, {max_rows}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_blocks = math.ceil(max_seq_len / block_size)  # blocks of the longest sequence
+        shape = (num_blocks, block_size, cfg.num_query_groups, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.allocator = BlockAllocator(num_blocks, prefix_caching)
+        # The decode step's block tables (row b: the table of the sequence in row b, zeros = scratch for padding)
+        self.tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32, device=device)
+        self.use_kernel = False  # the engine turns the Triton decode kernel on (compiled, GPU)
         self._bound: Optional[tuple] = None
 
-    def bind(self, first_slot: int, lengths: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-             span: int) -> None:
-        """Describe the next forward.
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    # -- prefill (chunks) ----------------------------------------------------------------------------
+
+    def bind(self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Describe a prefill forward: row ``b`` feeds tokens at ``positions[b]`` (any start: a chunk after
+        earlier ones attends to them through its table too).
 
         Args:
-            first_slot: batch row ``b`` is slot ``first_slot + b``.
-            lengths: (B,) int64 filled length of each row after the new tokens are written.
+            tables: (B, nb) int64 block table of each row (its first ``nb`` blocks, padded with 0).
             positions: (B, T) int64 position of each new token.
-            valid: (B, T) bool, False for padding tokens (written into the scratch slot, seen by nobody).
-            span: keys attended, ``S >= max(lengths)``; the rows' views are ``[0, S)``.
+            valid: (B, T) bool, False for padding tokens (written into the scratch block, seen by nobody).
         """
-        B, T = positions.shape
-        device = positions.device  # computed where the inputs are (the CPU, in the engine), then moved once
-        slots = torch.arange(first_slot, first_slot + B, device=device)[:, None].expand(B, T)
-        write_slots = torch.where(valid, slots, torch.full_like(slots, self.scratch))
-        write_pos = torch.where(valid, positions, torch.zeros_like(positions))
-        keys = torch.arange(span, device=device)
-        mask = (keys[None, None, :] < lengths[:, None, None]) & (keys[None, None, :] <= positions[:, :, None])
+        bs = self.block_size
+        blocks = tables.gather(1, (positions // bs).clamp(max=tables.shape[1] - 1))
+        slots = torch.where(valid, blocks * bs + positions % bs, torch.zeros_like(positions))
+        keys = torch.arange(tables.shape[1] * bs)
+        mask = keys[None, None, :] <= positions[:, :, None]
         # A padding query sees key 0 only (never an empty row, which would give NaN).
         mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
         dev = self.k[0].device
-        self._bound = ("prefill", first_slot, first_slot + B, span, write_slots.to(dev, non_blocking=True),
-                       write_pos.to(dev, non_blocking=True), mask[:, None].to(dev, non_blocking=True))  # (B, 1, T, S)
+        self._bound = ("prefill", slots.to(dev, non_blocking=True), tables.to(dev, non_blocking=True),
+                       mask[:, None].to(dev, non_blocking=True))  # (B, 1, T, S)
 
     def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor,
                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` (B, nkv, T, hd) of layer ``layer_idx`` at the bound slots and positions.
+        """Write ``k``, ``v`` (B, nkv, T, hd) of layer ``layer_idx`` at the bound positions.
 
         Returns:
-            keys and values (B, nkv, S, hd) of the bound rows over ``[0, S)``, and the bool visibility
-            mask (B, 1, T, S): key j is visible to new token i iff j is filled for that row and
-            ``j <= position(i)``. ``start_pos`` is ignored: every row has its own positions.
+            keys and values (B, nkv, S, hd) gathered through the rows' tables (key ``j`` is position ``j``) and
+            the bool visibility mask (B, 1, T, S): key j is visible to new token i iff ``j <= position(i)``.
+            ``start_pos`` is ignored: every row has its own positions.
         """
         if self._bound is None:
-            raise RuntimeError("SlotKVCache.update called before bind()")
+            raise RuntimeError("PagedKVCache.update called before bind()")
         if self._bound[0] == "decode":
             return self._update_decode(layer_idx, k, v, positions, self._bound[1])
-        _, lo, hi, span, write_slots, write_pos, mask = self._bound
+        _, slots, tables, mask = self._bound
+        self._write(layer_idx, slots, k.transpose(1, 2), v.transpose(1, 2))
+        return self._gather(layer_idx, tables) + (mask,)
+
+    def _write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` (B, T, nkv, hd) at flat positions ``slots`` (B, T) (block * block_size + offset)."""
         kb, vb = self.k[layer_idx], self.v[layer_idx]
-        kb.index_put_((write_slots, write_pos), k.transpose(1, 2).to(kb.dtype))  # (B, T, nkv, hd) rows
-        vb.index_put_((write_slots, write_pos), v.transpose(1, 2).to(vb.dtype))
-        return kb[lo:hi, :span].transpose(1, 2), vb[lo:hi, :span].transpose(1, 2), mask
+        kb.view(-1, *kb.shape[2:]).index_put_((slots,), k.to(kb.dtype))
+        vb.view(-1, *vb.shape[2:]).index_put_((slots,), v.to(vb.dtype))
+
+    def _gather(self, layer_idx: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, nb = tables.shape
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        k = kb[tables].reshape(B, nb * self.block_size, *kb.shape[2:]).transpose(1, 2)  # (B, nkv, S, hd)
+        v = vb[tables].reshape(B, nb * self.block_size, *vb.shape[2:]).transpose(1, 2)
+        return k, v
+
+    # -- decode ------------------------------------------------------------------------------------------
 
     def bind_decode(self, keys: torch.Tensor) -> None:
-        """Describe a decode step: batch row ``b`` is slot ``b`` and feeds one token at ``positions[b]``
-        (given to :meth:`update`); the rows attend over keys ``[0, S)`` with ``keys = arange(S)`` on the
-        cache's device (its length is the span; a tensor, so a compiled step need not specialise on it).
-
-        Rows past the running sequences are padding: they write into their own free slot at position 0
-        and see that key only, which no running sequence reads.
-        """
+        """Describe a decode step: row ``b`` feeds one token at ``positions[b]`` (given to :meth:`update`) through
+        block table ``tables[b]``; the rows attend over positions ``[0, S)``, ``S = len(keys)`` rounded up to
+        whole blocks (a tensor, so a compiled step need not specialise on it). Padding rows have an all-zero
+        table: they write into the scratch block and read only it."""
         self._bound = ("decode", keys)
+
+    def _decode_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        B, bs = positions.shape[0], self.block_size
+        return self.tables[:B].long().gather(1, positions // bs) * bs + positions % bs  # (B, 1)
 
     def _update_decode(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B = k.shape[0]
-        kb, vb = self.k[layer_idx], self.v[layer_idx]
-        rows = torch.arange(B, device=kb.device)[:, None]  # (B, 1): row b is slot b
-        kb.index_put_((rows, positions), k.transpose(1, 2).to(kb.dtype))  # (B, 1, nkv, hd)
-        vb.index_put_((rows, positions), v.transpose(1, 2).to(vb.dtype))
-        return self.decode_view(layer_idx, positions)
+        self._write(layer_idx, self._decode_slots(positions), k.transpose(1, 2), v.transpose(1, 2))
+        nb = min(-(-keys.shape[0] // self.block_size), self.max_blocks)
+        k_all, v_all = self._gather(layer_idx, self.tables[:B, :nb].long())
+        key_pos = torch.arange(nb * self.block_size, device=positions.device)
+        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, 1, S)
+        return k_all, v_all, mask
 
-    def decode_buffers(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """During a decode step, the whole key and value buffers of ``layer_idx`` (``(num_slots + 1,
-        max_seq_len, nkv, hd)``; row ``b`` of the step writes slot ``b`` at its position), for a kernel that
-        writes them itself and then reads :meth:`decode_view`; None outside a decode step."""
-        if self._bound is None or self._bound[0] != "decode":
+    def attention(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, positions: Optional[torch.Tensor]
+                  ) -> Optional[torch.Tensor]:
+        """The serving hook of :meth:`lmforge.models.transformer.Attention.attend`: a decode step's attention of
+        layer ``attn`` through the Triton paged kernel, from the projections ``q`` (B, 1, nh*hd), ``k``, ``v``
+        (B, 1, nkv*hd) before rotary: rotates, stores the token and attends. Returns (B, 1, nh*hd), or None
+        where the kernel does not apply (the model then goes the reference way: :meth:`update`)."""
+        if not self.use_kernel or self._bound is None or self._bound[0] != "decode" or q.shape[1] != 1:
             return None
-        return self.k[layer_idx], self.v[layer_idx]
+        from lmforge.serve import kernels as K
 
-    def decode_view(self, layer_idx: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A decode step's keys and values (B, nkv, S, hd) of ``layer_idx`` for the rows of ``positions`` (B, 1),
-        and their visibility mask (B, 1, 1, S): key j is visible iff ``j <= position``."""
-        B, keys = positions.shape[0], self._bound[1]
-        S = keys.shape[0]
-        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, 1, S)
-        return self.k[layer_idx][:B, :S].transpose(1, 2), self.v[layer_idx][:B, :S].transpose(1, 2), mask
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (every layer)."""
-        for buf in self.k + self.v:
-            buf[dst, :length] = buf[src, :length]
+        kb, vb = self.k[attn.layer_idx], self.v[attn.layer_idx]
+        if not K.paged_kernel_applies(attn, q, kb) or (attn.use_rope and rope is None):
+            return None
+        B, hd = q.shape[0], attn.head_dim
+        slots = self._decode_slots(positions)  # (B, 1)
+        if (B == 1 and attn.use_rope and rope[0].shape[-1] == hd and k.dtype == kb.dtype):
+            # one row: rotary and the cache write in one kernel (the flat cache seen as one slot of positions)
+            qr = K.rope_cache_write(q, k, v, rope[0].reshape(-1), rope[1].reshape(-1), slots.reshape(1),
+                                    kb.view(1, -1, *kb.shape[2:]), vb.view(1, -1, *vb.shape[2:]))
+        else:
+            qr = q.view(B, 1, -1, hd)
+            kr = k.view(B, 1, -1, hd)
+            if attn.use_rope:
+                qr, kr = apply_rotary(qr, *rope), apply_rotary(kr, *rope)
+            self._write(attn.layer_idx, slots, kr, v.view(B, 1, -1, hd))
+        scale = attn.scale if attn.scale is not None else hd ** -0.5
+        out = K.paged_decode_attention(qr.reshape(B, -1, hd), kb, vb, self.tables[:B], positions[:, 0] + 1, scale,
+                                       attn.window or 0, 0)
+        return out.reshape(B, 1, -1)

@@ -41,6 +41,8 @@ class EngineClient(Protocol):
 
     def is_healthy(self) -> bool: ...
 
+    def metrics_text(self) -> str: ...
+
 
 class _Pending:
     """An output destination for one request: an asyncio queue on the requester's loop."""
@@ -97,6 +99,12 @@ class AsyncEngineClient:
 
     def is_healthy(self) -> bool:
         return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    def metrics_text(self) -> str:
+        """The engine's metrics in Prometheus' text format (read from the engine thread's counters as they are)."""
+        from lmforge.serve.metrics import render_prometheus
+
+        return render_prometheus(self.engine.metrics, self.engine.stats(), self.model_name)
 
     @property
     def num_pending(self) -> int:

@@ -1,4 +1,4 @@
-"""Triton kernels for the compiled batch-1 decode step: single-row matrix products and decode attention.
+"""Triton kernels of the serving engine's decode step: single-row matrix products and paged decode attention.
 
 A decode step of one sequence multiplies one row by every weight matrix: it is bound by reading the
 weights once. The library's kernels run well below the memory bandwidth on the small matrices of a 1B
@@ -9,15 +9,19 @@ matrix (all their loads issued together), multiplies by the row vector in fp32 a
 :func:`swiglu_matvec` is the same product for a gated MLP's down projection, computing ``silu(gate) * up``
 as it reads the row (one kernel less per layer); either can add a bias and a residual as it stores, and
 :func:`matvec` can RMS-normalise the row first. :func:`rope_cache_write` rotates one token's query and key and
-stores its key and value in the cache, in one kernel. :func:`decode_attention` attends one new token per row
-over the cache with a boolean mask (grouped-query heads read their shared keys once): the keys are split into
-blocks, one program per (row, key/value head, block) computes a partial softmax, and a second kernel combines
-the blocks (flash-decoding). The library's attention took 6.9 us per layer for a 1B model's single token; see
-docs/benchmarks.md for this one. With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
+stores its key and value in the cache, in one kernel. :func:`paged_decode_attention` attends one new token per
+row over a paged KV cache through each row's block table (flash-decoding: the row's blocks are shared out over
+several programs, each computing a partial softmax with grouped-query heads reading their shared keys once, and
+a second kernel combines them); it reads each row's length on the device, so one launch shape serves every
+length. :func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the
+CPU engine's reference). :func:`decode_attention` is the same over contiguous keys with a boolean mask
+(benchmarks/decode_kernels.py). With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
 
 All are custom ops (``torch.ops.lmforge.*``): ``torch.compile`` keeps each as one call inside the compiled
-step and CUDA graphs capture them. :func:`use_decode_kernels` installs them in a model; they take over only
-where they apply (one row on a CUDA device with Triton); anything else runs the model's own code.
+step and CUDA graphs capture them. :func:`use_decode_kernels` installs the products in a model (public
+``forward`` methods); the attention is installed through the cache's public hook
+(:meth:`lmforge.serve.cache.PagedKVCache.attention`). They take over only where they apply (a CUDA device with
+Triton); anything else runs the model's own code.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.models.transformer import Attention, Block, GatedMLP, RMSNorm
+from lmforge.models.transformer import Block, GatedMLP, RMSNorm
 
 try:
     import triton
@@ -37,8 +41,9 @@ try:
 except ImportError:  # the CPU wheels of torch come without Triton
     triton = None
 
-__all__ = ["MatVecLinear", "DecodeAttention", "DecodeGatedMLP", "DecodeBlock", "use_decode_kernels", "matvec",
-           "swiglu_matvec", "rope_cache_write", "linear", "matvec_config", "decode_attention", "available"]
+__all__ = ["MatVecLinear", "DecodeGatedMLP", "DecodeBlock", "use_decode_kernels", "matvec",
+           "swiglu_matvec", "rope_cache_write", "linear", "matvec_config", "decode_attention", "available",
+           "paged_decode_attention", "paged_attention_reference", "paged_splits", "paged_kernel_applies"]
 
 
 def available(device: torch.device) -> bool:
@@ -157,6 +162,53 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
 
 
+    @triton.jit
+    def _paged_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window,
+                           sq_b, sq_h, skc_n, skc_s, skc_h, svc_n, svc_s, svc_h, sbt_b, n_heads, n_splits,
+                           GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
+                           WINDOW: tl.constexpr):
+        # One program per (row, key/value head, split): the row's visible cache blocks are shared out evenly
+        # over the splits, each split walks its blocks through the block table with an online softmax and
+        # stores its partial (max, sum, weighted values) for the combine kernel. The row's length is read on
+        # the device, so one launch shape serves every length (a CUDA graph per batch size, not per span).
+        b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, HD)
+        s = tl.arange(0, BS)
+        g_ok = g < GROUP
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
+        length = tl.load(lens_ptr + b).to(tl.int32)
+        lo = 0
+        if WINDOW:
+            lo = tl.maximum(length - window, 0)
+        first = lo // BS
+        n_blk = tl.cdiv(length, BS)
+        per = tl.cdiv(n_blk - first, n_splits)
+        start = first + split * per
+        end = tl.minimum(start + per, n_blk)
+        m = tl.full((G_PAD,), -1e30, dtype=tl.float32)  # finite: an empty split adds exp(-1e30 - max) = 0
+        lsum = tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
+        for i in range(start, end):
+            blk = tl.load(bt_ptr + b * sbt_b + i).to(tl.int64)
+            k = tl.load(kc_ptr + blk * skc_n + s[:, None] * skc_s + kvh * skc_h + d[None, :])
+            scores = tl.dot(q, tl.trans(k)) * scale  # (G_PAD, BS) fp32
+            key = i * BS + s
+            scores = tl.where(((key < length) & (key >= lo))[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # every block walked holds a visible key: finite
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            v = tl.load(vc_ptr + blk * svc_n + s[:, None] * svc_s + kvh * svc_h + d[None, :])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            lsum = lsum * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = (b * n_heads + heads) * n_splits + split  # partials laid out (B, heads, splits)
+        tl.store(m_ptr + out, m, mask=g_ok)
+        tl.store(l_ptr + out, lsum, mask=g_ok)
+        tl.store(acc_ptr + out[:, None] * HD + d[None, :], acc, mask=g_ok[:, None])
+
+
 MATVEC_ROWS = 2  # rows per program of the plain and RMS-prologue products (generate_throughput.py --matvec-rows)
 
 
@@ -273,6 +325,92 @@ def _(q, k, v, mask, scale, block_s=64):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, lengths: torch.Tensor, scale: float,
+                              window: Optional[int] = None) -> torch.Tensor:
+    """Decode attention over a paged cache in plain PyTorch (any device): the reference of
+    :func:`paged_decode_attention`, with the same arguments and result.
+
+    Each row's keys are gathered through its block table (key ``j`` is position ``j``), the keys at or past
+    its length are hidden (and, with ``window``, those ``window`` or more positions back), then
+    ``F.scaled_dot_product_attention`` with grouped-query heads.
+    """
+    B, nh, hd = q.shape
+    nb = block_tables.shape[1]
+    bs, nkv = k_cache.shape[1], k_cache.shape[2]
+    k = k_cache[block_tables.long()].reshape(B, nb * bs, nkv, hd).transpose(1, 2)  # (B, nkv, S, hd)
+    v = v_cache[block_tables.long()].reshape(B, nb * bs, nkv, hd).transpose(1, 2)
+    keys = torch.arange(nb * bs, device=q.device)
+    lengths = lengths.to(q.device).long()[:, None]
+    visible = keys[None, :] < lengths  # (B, S)
+    if window is not None:
+        visible &= keys[None, :] >= lengths - window
+    if nkv != nh:
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
+                                         attn_mask=visible[:, None, None, :], scale=scale)
+    return out[:, :, 0].to(q.dtype)  # (B, nh, hd)
+
+
+def paged_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """How many splits :func:`paged_decode_attention` shares a row's blocks over: enough programs to fill the
+    device twice over (a long context at batch 1 still runs on every multiprocessor), at most one per block."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
+    return max(1, min(max_blocks, 64, -(-2 * sms // max(1, batch * kv_heads))))
+
+
+@torch.library.custom_op("lmforge::paged_decode_attention", mutates_args=())
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           lengths: torch.Tensor, scale: float, window: int, splits: int) -> torch.Tensor:
+    """Attention of one new token per row over a paged cache (Triton, flash-decoding).
+
+    Args:
+        q: (B, nh, hd) queries (contiguous last dimension).
+        k_cache, v_cache: (num_blocks, block_size, nkv, hd): block ``n`` holds ``block_size`` positions.
+        block_tables: (B, max_blocks) int32/int64: row ``b``'s position ``p`` is in block
+            ``block_tables[b, p // block_size]`` at offset ``p % block_size``.
+        lengths: (B,) keys of each row (positions ``[0, length)``, the new token's included), at least 1.
+        scale: the softmax scale.
+        window: keys less than ``window`` positions back from the newest are visible (0: all).
+        splits: programs per (row, head) the blocks are shared over (0: :func:`paged_splits` chooses).
+
+    Returns:
+        (B, nh, hd) in ``q``'s dtype; :func:`paged_attention_reference` computes the same.
+    """
+    B, nh, hd = q.shape
+    bs, nkv = k_cache.shape[1], k_cache.shape[2]
+    group = nh // nkv
+    if splits <= 0:
+        splits = paged_splits(B, nkv, block_tables.shape[1], q.device)
+    m = torch.empty(B * nh * splits, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(B * nh * splits, hd, device=q.device, dtype=torch.float32)
+    _paged_attn_kernel[(B, nkv, splits)](
+        q, k_cache, v_cache, block_tables, lengths, m, lsum, acc, scale, window, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), nh, splits, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
+        HD=hd, BS=bs, WINDOW=window > 0, num_warps=4)
+    out = torch.empty(B, nh, hd, device=q.device, dtype=q.dtype)
+    _attn_combine_kernel[(B, nh)](m, lsum, acc, out, out.stride(0), out.stride(1), nh, splits, HD=hd,
+                                  BLOCKS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+@paged_decode_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, lengths, scale, window, splits):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def paged_kernel_applies(attn, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether :func:`paged_decode_attention` can serve ``attn``'s (an :class:`Attention`) decode step: Triton
+    on this device, no ALiBi bias or soft-capped scores, power-of-two head size and block size (16 at least),
+    the cache in the queries' dtype, not training."""
+    bs = k_cache.shape[1]
+    return (_on_device(q) and attn.alibi_slopes is None and attn.logit_cap is None and not attn.training
+            and _pow2(attn.head_dim) and _pow2(bs) and k_cache.dtype == q.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, or :func:`matvec` (plus the bias) for a single row on a CUDA device with Triton."""
     if x.numel() == x.shape[-1] and _on_device(x) and weight.stride(-1) == 1:
@@ -289,35 +427,6 @@ class MatVecLinear(nn.Linear):
 
 def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
-
-
-class DecodeAttention(Attention):
-    """An :class:`~lmforge.models.transformer.Attention` whose single-token steps use the kernels: in a serving
-    cache's decode step (one row, rotary positions) :func:`rope_cache_write` rotates and stores the token and
-    :func:`decode_attention` attends; other single-token steps over a boolean mask use :func:`decode_attention`
-    after the model's own rotary and cache code; everything else is the model's own attention."""
-
-    def attend(self, q, k, v, rope=None, kv_cache=None, start_pos=0, positions=None, attn_mask=None):
-        buffers = kv_cache.decode_buffers(self.layer_idx) if hasattr(kv_cache, "decode_buffers") else None
-        if (buffers is None or q.shape[0] * q.shape[1] != 1 or not self.use_rope or rope[0].numel() != self.head_dim
-                or self.alibi_slopes is not None or self.logit_cap is not None or self.training
-                or not _pow2(self.head_dim) or buffers[0].dtype != q.dtype or not _on_device(q)):
-            return super().attend(q, k, v, rope, kv_cache, start_pos, positions, attn_mask)
-        k_cache, v_cache = buffers
-        q = rope_cache_write(q, k, v, rope[0], rope[1], positions, k_cache, v_cache)  # (1, 1, nh, hd)
-        k, v, mask = kv_cache.decode_view(self.layer_idx, positions)  # (1, nkv, S, hd), (1, 1, 1, S)
-        if self.window is not None:
-            mask = self._and_window(mask, 1, k.shape[2], start_pos, positions, cached=True, device=q.device)
-        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        return decode_attention(q.transpose(1, 2), k, v, mask, scale).view(1, 1, -1)  # (1, 1, nh*hd)
-
-    def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
-        hd = q.shape[-1]
-        if (q.shape[2] == 1 and _on_device(q) and mask is not None and mask.dtype == torch.bool and not dropout
-                and _pow2(hd) and q.shape[0] == 1):
-            scale = self.scale if self.scale is not None else hd ** -0.5
-            return decode_attention(q, k, v, mask, scale)
-        return super()._sdpa(q, k, v, mask, is_causal, dropout)
 
 
 class DecodeGatedMLP(GatedMLP):
@@ -375,7 +484,7 @@ def _fold_norm(norm: RMSNorm, linear: nn.Linear) -> None:
 
 def use_decode_kernels(model: nn.Module) -> int:
     """Install the kernels in ``model``, in place: every plain ``nn.Linear`` becomes a :class:`MatVecLinear`,
-    every :class:`Attention` a :class:`DecodeAttention`, every gated MLP a :class:`DecodeGatedMLP` and every
+    every gated MLP a :class:`DecodeGatedMLP` and every
     :class:`Block` a :class:`DecodeBlock` (same parameters, same state dict). A Llama-style block whose q/k/v
     and gate/up projections were fused (:func:`~lmforge.models.transformer.fuse_projections`) also has its
     RMSNorm weights folded into them (the function is the same, the stored values change: like fusing, for a
@@ -395,9 +504,6 @@ def use_decode_kernels(model: nn.Module) -> int:
             n += 1
         elif type(module) is nn.Linear:
             module.__class__ = MatVecLinear
-            n += 1
-        elif type(module) is Attention:
-            module.__class__ = DecodeAttention
             n += 1
         elif type(module) is GatedMLP:
             module.__class__ = DecodeGatedMLP

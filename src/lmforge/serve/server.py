@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -427,6 +427,13 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
         if not client.is_healthy():
             return APIError(503, "the engine is not running", "service_unavailable").response()
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        """Prometheus text: requests running and waiting, KV blocks, token counters, TTFT and TPOT histograms
+        (behind the API key like every route but /health)."""
+        server.check_key(request)
+        return PlainTextResponse(client.metrics_text(), media_type="text/plain; version=0.0.4")
 
     def model_card(name: str) -> dict:
         card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",

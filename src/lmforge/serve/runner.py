@@ -1,0 +1,391 @@
+"""The model runner: builds a step's inputs, runs the model over the paged cache, owns graphs and kernels.
+
+Two kinds of forward:
+
+- :meth:`ModelRunner.prefill`: chunks of tokens of several sequences (right-padded rows, each at its own
+  positions, attending through its block table to what earlier chunks computed); returns the next-token logits
+  of the rows whose chunk ends their known tokens, and gathers prompt log-probabilities when asked.
+- :meth:`ModelRunner.launch_decode`: one token per row. On a GPU with ``compiled=True`` the step (embedding,
+  every block, the head and the argmax) is compiled with ``torch.compile`` and captured as CUDA graphs
+  (:class:`DecodeGraphs`) per batch bucket (powers of two), all at start-up (:meth:`ModelRunner.capture_all`):
+  nothing compiles while requests wait. The attention of a decode step runs lmforge's Triton paged kernel
+  (installed through the cache's public ``attention`` hook, :meth:`lmforge.serve.cache.PagedKVCache.attention`);
+  it reads each row's length on the device, so one graph serves every length. Layers the kernel does not serve
+  (ALiBi, soft-capped scores) take the reference path, whose graphs are per (batch, span bucket of 256 keys).
+
+The inference-only transformations live here, not in the training model: fused q/k/v and gate/up projections
+(:func:`~lmforge.models.transformer.fuse_projections`) and the batch-1 single-row kernels
+(:func:`~lmforge.serve.kernels.use_decode_kernels`) are applied when ``compiled``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.models.transformer import fuse_projections
+from lmforge.serve.cache import PagedKVCache, bucket
+from lmforge.serve.kernels import available as kernels_available, linear, paged_kernel_applies, use_decode_kernels
+from lmforge.serve.request import Sequence, TokenLogprob
+from lmforge.serve.sampler import argmax_rows
+
+__all__ = ["ModelRunner", "DecodeGraphs", "Decode"]
+
+
+class DecodeGraphs:
+    """The compiled decode step captured as CUDA graphs, per (batch bucket, span bucket).
+
+    Inputs live in static device buffers (token ids, positions and advance of every row; the cache's block
+    tables), filled by host-to-device copies per step; replaying the graphs then runs the whole step with no
+    host work between kernels. The step is cut into ``chunks`` + 2 graphs (embedding, an even share of the
+    blocks each, head). Each piece compiles once for all shapes (dynamic dimensions); every shape is recorded
+    by :meth:`capture` (two warm-up runs, then the capture), at start-up.
+    """
+
+    def __init__(self, runner: "ModelRunner", chunks: int, mode: Optional[str] = None, options: Optional[dict] = None):
+        kw = {"options": options} if options else {"mode": mode}
+        self.embed = torch.compile(runner._decode_embed, **kw)
+        self.blocks = torch.compile(runner._decode_blocks, **kw)
+        self.head = torch.compile(runner._decode_head, **kw)
+        L = len(runner.model.layers)
+        bounds = sorted({round(i * L / max(1, min(chunks, L))) for i in range(max(1, min(chunks, L)) + 1)})
+        self.spans = list(zip(bounds[:-1], bounds[1:]))  # blocks [lo, hi) of each graph
+        self.keys = runner.keys
+        rows = runner.max_rows
+        # (ids, positions, advance) x rows; advance is 1 for a row that decodes a sequence, 0 for padding
+        self.host = torch.zeros(3, rows, dtype=torch.long).pin_memory()
+        self.inputs = torch.zeros(3, rows, dtype=torch.long, device=runner.device)
+        self.graphs: dict[tuple[int, int], tuple[list[torch.cuda.CUDAGraph], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, ids: list[int], positions: list[int], advance: list[int], span: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        B = len(ids)
+        self.host[0, :B] = torch.tensor(ids)
+        self.host[1, :B] = torch.tensor(positions)
+        self.host[2, :B] = torch.tensor(advance)
+        self.inputs[:, :B].copy_(self.host[:, :B], non_blocking=True)
+        return self.replay(B, span)
+
+    def run_chained(self, greedy: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step after the last one, fed on the device: each row's argmax ``greedy`` (B,) is its next
+        token, one position further (padding rows stay). No host value is read."""
+        B = greedy.shape[0]
+        self.inputs[0, :B].copy_(greedy)
+        self.inputs[1, :B].add_(self.inputs[2, :B])
+        return self.replay(B, span)
+
+    def replay(self, B: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (B, span) not in self.graphs:  # a shape capture_all did not foresee (never in the engine)
+            self.capture(B, span)
+        graphs, out = self.graphs[(B, span)]
+        for graph in graphs:
+            graph.replay()
+        return out
+
+    def _step(self, ids, positions, keys, graphs: Optional[list] = None):
+        """Run the pieces in order; with ``graphs``, capture each into a new graph appended to it."""
+
+        def piece(fn, *args):
+            if graphs is None:
+                return fn(*args)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*args)
+            graphs.append(graph)
+            return out
+
+        x, rope = piece(self.embed, ids, positions, keys)
+        for lo, hi in self.spans:
+            x = piece(self.blocks, x, rope, positions, keys, lo, hi)
+        return piece(self.head, x)
+
+    def capture(self, B: int, span: int) -> None:
+        """Record the graphs of ``B`` rows attending ``span`` keys. Inputs are whatever the static buffers hold;
+        padding rows (an all-zero block table) write only the scratch block."""
+        ids, positions = self.inputs[0, :B, None], self.inputs[1, :B, None]  # (B, 1) views of the static buffer
+        keys = self.keys[:span]
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        if B > 1:
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(ids, positions, keys)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs: list[torch.cuda.CUDAGraph] = []
+        out = self._step(ids, positions, keys, graphs)
+        self.graphs[(B, span)] = (graphs, out)
+
+
+@dataclass
+class Decode:
+    """A decode step launched on the device: ``seqs[i]`` is row ``i`` of its outputs.
+
+    ``logits`` (B, V) and ``greedy`` (B,) may be the CUDA graphs' buffers, valid until the next step runs.
+    When ``tokens`` is set the step is greedy-only and its argmax is on its way to that host buffer (``ready``
+    records its arrival): it can be read after the next step was launched.
+    """
+    seqs: list
+    logits: torch.Tensor
+    greedy: torch.Tensor
+    positions: list[int]  # every row's input position (B,)
+    advance: list[int]  # 1 for a row decoding a sequence, 0 for padding
+    pos: Optional[torch.Tensor] = None  # eager path: the (B, 1) input positions on the device
+    tokens: Optional[torch.Tensor] = None
+    ready: Any = None
+
+    @property
+    def rows(self) -> list[int]:
+        return list(range(len(self.seqs)))
+
+    def read_tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
+
+
+class ModelRunner:
+    """Runs the model for the engine (see the module's docstring).
+
+    Args:
+        model: the model (eval mode).
+        cache: the paged KV cache.
+        max_rows: most rows of a decode step (graph buckets up to it).
+        max_seq_len: longest sequence.
+        lora: a :class:`~lmforge.peft.multi_lora.MultiLoRA` applied to ``model``, or None.
+        compiled, graph_chunks, compile_mode, compile_options, decode_kernels: as :class:`~lmforge.serve.engine.Engine`.
+    """
+
+    def __init__(self, model, cache: PagedKVCache, max_rows: int, max_seq_len: int, lora=None, compiled: bool = False,
+                 graph_chunks: int = 1, compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
+                 decode_kernels: bool = True):
+        self.model = model
+        self.cache = cache
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_rows = max_rows
+        self.max_seq_len = max_seq_len
+        self.lora = lora
+        self.compiled = compiled
+        self.keys = torch.arange(max_seq_len, device=self.device)  # a decode step attends keys[:span]
+        self._head = model.output_weight().detach()  # read once: a normalised head (Baichuan) is not redone per step
+        self._linear = F.linear  # the head's product (the Triton single-row kernel with decode_kernels)
+        cache.use_kernel = bool(decode_kernels) and kernels_available(self.device) or (
+            bool(decode_kernels) and _interpreting())
+        # With CUDA graphs every decode shape is a recorded graph: batch rounded up to powers of two, and the span
+        # (keys the reference attention reads) to multiples of 256, or one span when the kernel serves every layer.
+        self.batch_step = 0 if compiled else 1
+        probe = torch.empty(1, device=self.device, dtype=self.dtype)
+        kernel_everywhere = cache.use_kernel and all(
+            paged_kernel_applies(layer.self_attn, probe, cache.k[0]) for layer in model.layers)
+        self.span_step = max_seq_len if (compiled and kernel_everywhere) else (
+            256 if compiled else (64 if self.device.type == "cuda" else cache.block_size))
+        # Pageable on purpose: a copy from it has taken the values when copy_ returns, so the host may rewrite rows
+        # for a chained step while the step before it (and its copy) still waits on the device.
+        self._host_tables = torch.zeros(max_rows, cache.max_blocks, dtype=torch.int32)
+        self._row_owner: list[Optional[Sequence]] = [None] * max_rows
+        self._row_len = [0] * max_rows
+        self._flip = 0
+        self._token_host = ([torch.zeros(max_rows, dtype=torch.long).pin_memory() for _ in range(2)]
+                            if self.device.type == "cuda" else [])
+        self.graphs: Optional[DecodeGraphs] = None
+        if compiled:
+            fuse_projections(model)  # one matrix read for q/k/v and for gate/up: nearer the bandwidth at batch 1
+            limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+            if decode_kernels and kernels_available(self.device):
+                use_decode_kernels(model)
+                self._linear = linear
+            self.graphs = DecodeGraphs(self, graph_chunks, compile_mode, compile_options)
+
+    # -- start-up --------------------------------------------------------------------------------------------
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (batch bucket, span bucket) a decode step may take."""
+        batches = sorted({bucket(n, self.batch_step, self.max_rows) for n in range(1, self.max_rows + 1)})
+        spans = sorted({bucket(n, self.span_step, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
+        return [(b, s) for b in batches for s in spans]
+
+    def capture_all(self, log=None) -> float:
+        """Compile and capture every decode shape now (before serving); returns the seconds it took. ``log``
+        (default: standard error) receives a progress line per shape."""
+        if self.graphs is None:
+            return 0.0
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        shapes = self.shapes()
+        start = time.perf_counter()
+        self.cache.tables.zero_()  # every row is padding: the warm-up runs write the scratch block only
+        self.graphs.inputs.zero_()
+        if self.lora is not None:
+            self.lora.set_rows([0] * self.max_rows)
+        for i, (B, span) in enumerate(shapes):
+            self.graphs.capture(B, span)
+            log(f"capturing decode graphs: {i + 1}/{len(shapes)} (batch {B}, span {span}) "
+                f"{time.perf_counter() - start:.1f}s")
+        torch.cuda.synchronize()
+        self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
+        return time.perf_counter() - start
+
+    # -- prefill -----------------------------------------------------------------------------------------------
+
+    def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._linear(hidden, self._head).float()  # (B, V)
+
+    def prefill(self, chunks: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """Feed each chunk ``(seq, lo, hi)`` (tokens ``[lo, hi)`` of ``seq``); returns the logits (B, V) of each
+        row's last token. Prompt logprobs asked for are added to ``seq.prompt_lp`` chunk by chunk."""
+        B = len(chunks)
+        bs = self.cache.block_size
+        T = max(hi - lo for _, lo, hi in chunks)
+        nb = max(-(-hi // bs) for _, _, hi in chunks)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        tables = torch.zeros(B, nb, dtype=torch.long)
+        for b, (seq, lo, hi) in enumerate(chunks):
+            ids[b, : hi - lo] = torch.tensor(seq.tokens(lo, hi))
+            positions[b, : hi - lo] = torch.arange(lo, hi)
+            valid[b, : hi - lo] = True
+            table = seq.block_table[: -(-hi // bs)]
+            tables[b, : len(table)] = torch.tensor(table)
+        self.cache.bind(tables, positions, valid)
+        if self.lora is not None:
+            self.lora.set_rows([seq.adapter for seq, _, _ in chunks])
+        dev = self.device
+        hidden = self.model.hidden_states(ids.to(dev), kv_cache=self.cache, positions=positions.to(dev))  # (B, T, C)
+        lens = torch.tensor([hi - lo for _, lo, hi in chunks])
+        last = hidden[torch.arange(B, device=dev), (lens - 1).to(dev)]  # (B, C)
+        for b, (seq, lo, hi) in enumerate(chunks):
+            if seq.prompt_lp is not None and not seq.prompt_lp_sent:
+                self._prompt_logprobs(seq, hidden[b], lo, hi)
+        return self.logits_at(last)
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, lo: int, hi: int, chunk: int = 512) -> None:
+        """Log-probabilities of the prompt tokens this chunk's positions predict (position ``p`` predicts token
+        ``p + 1``), with the k most likely there; the head runs over ``chunk`` positions at a time."""
+        n, P, k = len(seq.prefix_ids), len(seq.prompt_ids), seq.params.prompt_logprobs
+        first, last = max(lo, n), min(hi, n + P - 1)  # predicting positions
+        if first >= last:
+            return
+        targets = torch.tensor(seq.prompt_ids[first + 1 - n: last + 1 - n], device=hidden.device)
+        for a in range(first, last, chunk):
+            e = min(a + chunk, last)
+            logp = self.logits_at(hidden[a - lo: e - lo]).log_softmax(-1)  # (m, V)
+            chosen = logp.gather(-1, targets[a - first: e - first, None])[:, 0].tolist()
+            top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+            top_v, top_i = (top_v.tolist(), top_i.tolist()) if k else (None, None)
+            for j, value in enumerate(chosen):
+                top = list(zip(top_i[j], top_v[j])) if k else []
+                seq.prompt_lp.append(TokenLogprob(seq.prompt_ids[a + 1 - n + j], value, top))
+
+    # -- decode --------------------------------------------------------------------------------------------------
+    # The decode step in pieces: embedding, blocks lo..hi, then norm + head + argmax. Eager they run back to
+    # back; compiled, each piece is its own CUDA graph. Everything they read is a device tensor (no host values).
+
+    def _decode_embed(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
+        self.cache.bind_decode(keys)
+        return self.model.embed(ids, positions=positions)  # (B, 1, C), rotary rows (or None)
+
+    def _decode_blocks(self, x: torch.Tensor, rope, positions: torch.Tensor, keys: torch.Tensor, lo: int,
+                       hi: int) -> torch.Tensor:
+        self.cache.bind_decode(keys)
+        for layer in self.model.layers[lo:hi]:
+            x = layer(x, rope, self.cache, 0, positions, None)
+        return x
+
+    def _decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits_at(self.model.norm(x)[:, -1])  # (B, V) fp32
+        return logits, argmax_rows(logits)
+
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One eager decode forward: ``ids``, ``positions`` (B, 1) through the bound tables, attending ``keys``.
+        Returns the next-token logits (B, V) fp32 and their argmax (B,)."""
+        x, rope = self._decode_embed(ids, positions, keys)
+        x = self._decode_blocks(x, rope, positions, keys, 0, len(self.model.layers))
+        return self._decode_head(x)
+
+    def _set_tables(self, seqs: list[Sequence], B: int) -> None:
+        """Rows ``0..len(seqs)-1`` of the decode tables hold the sequences' block tables, rows up to ``B`` are
+        padding (zeros); only rows that changed are rewritten on the host, then rows ``[0, B)`` are copied."""
+        host = self._host_tables
+        for b in range(B):
+            seq = seqs[b] if b < len(seqs) else None
+            n = len(seq.block_table) if seq is not None else 0
+            if self._row_owner[b] is not seq or self._row_len[b] > n:
+                if self._row_len[b] or self._row_owner[b] is not None:
+                    host[b].zero_()
+                if n:
+                    host[b, :n] = torch.tensor(seq.block_table, dtype=torch.int32)
+            elif self._row_len[b] < n:
+                host[b, self._row_len[b]: n] = torch.tensor(seq.block_table[self._row_len[b]:], dtype=torch.int32)
+            self._row_owner[b], self._row_len[b] = seq, n
+        self.cache.tables[:B].copy_(host[:B])
+
+    def span(self, last_position: int) -> int:
+        return bucket(last_position + 1, self.span_step, self.max_seq_len)
+
+    def launch_decode(self, seqs: list[Sequence], greedy_only: bool) -> Decode:
+        """Start a decode step of ``seqs`` (row i = ``seqs[i]``, feeding its newest token); ``greedy_only`` steps
+        copy their argmax to the host asynchronously (:attr:`Decode.tokens`)."""
+        n = len(seqs)
+        B = bucket(n, self.batch_step, self.max_rows)
+        ids, pos, advance = [0] * B, [0] * B, [0] * B
+        for i, s in enumerate(seqs):
+            ids[i], pos[i], advance[i] = s.output_ids[-1], s.length - 1, 1
+        self._set_tables(seqs, B)
+        span = self.span(max(pos[:n]))
+        if self.lora is not None:
+            self.lora.set_rows([s.adapter for s in seqs] + [0] * (B - n))
+        if self.graphs is not None:
+            logits, greedy = self.graphs.run(ids, pos, advance, span)
+            d = Decode(seqs, logits, greedy, pos, advance)
+        else:
+            dev = self.device
+            ids_t, pos_t = torch.tensor(ids, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None]
+            logits, greedy = self.decode_step(ids_t, pos_t, self.keys[:span])
+            d = Decode(seqs, logits, greedy, pos, advance, pos=pos_t)
+        if greedy_only:
+            self._tokens_to_host(d)
+        return d
+
+    def launch_chained(self, d: Decode) -> Decode:
+        """Start the step after ``d`` without reading it: each row feeds ``d``'s argmax one position on (the
+        sequences' tables already hold that position: :meth:`Scheduler.reserve_next`)."""
+        pos = [p + a for p, a in zip(d.positions, d.advance)]
+        n = len(d.seqs)
+        self._set_tables(d.seqs, len(pos))
+        span = self.span(max(pos[:n]))
+        if self.graphs is not None:
+            logits, greedy = self.graphs.run_chained(d.greedy, span)
+            nxt = Decode(d.seqs, logits, greedy, pos, d.advance)
+        else:
+            pos_t = d.pos + torch.tensor(d.advance, device=self.device)[:, None]
+            logits, greedy = self.decode_step(d.greedy[:, None], pos_t, self.keys[:span])
+            nxt = Decode(d.seqs, logits, greedy, pos, d.advance, pos=pos_t)
+        self._tokens_to_host(nxt)
+        return nxt
+
+    def _tokens_to_host(self, d: Decode) -> None:
+        if self.device.type != "cuda":
+            d.tokens = d.greedy
+            return
+        self._flip ^= 1  # two buffers: the next step's copy must not overwrite tokens not read yet
+        d.tokens = self._token_host[self._flip][: d.greedy.shape[0]]
+        d.tokens.copy_(d.greedy, non_blocking=True)
+        d.ready = torch.cuda.Event()
+        d.ready.record()
+
+
+def _interpreting() -> bool:
+    from lmforge.serve import kernels as K
+
+    return K.triton is not None and K._INTERPRET

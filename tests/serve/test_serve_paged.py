@@ -1,0 +1,163 @@
+"""The paged engine: preemption under a tiny block budget, chunked prefill, prefix caching, block accounting.
+
+Every check compares greedy tokens with one-at-a-time :func:`lmforge.models.generate.generate` and ends with
+the allocator's books balanced and every block free.
+"""
+
+import pytest
+import torch
+
+from lmforge.models.generate import generate
+from lmforge.serve.cache import BlockAllocator, NoFreeBlocks
+from lmforge.serve.engine import Engine, InvalidRequestError, SamplingParams
+
+from tests.models.test_generate import make_model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {style: make_model(style, 64, 0.5) for style in ("gpt", "llama")}
+
+
+def run(engine: Engine, requests: dict, spy=None) -> dict:
+    """Add ``{id: (prompt, max_tokens)}`` greedy requests, step until done; returns ``{id: tokens}`` and the
+    final outputs under ``"_final"``."""
+    for rid, (prompt, n) in requests.items():
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0))
+    got = {rid: [] for rid in requests}
+    final = {}
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id].extend(out.token_ids)
+            if out.finished:
+                final[out.request_id] = out
+        if spy is not None:
+            spy(engine)
+    got["_final"] = final
+    return got
+
+
+def assert_all_free(engine: Engine) -> None:
+    alloc = engine.cache.allocator
+    alloc.check()
+    assert alloc.num_used == 0 and alloc.num_free == alloc.num_blocks - 1
+    assert not engine.running and not engine.waiting and not engine._ids
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_preemption_under_a_tiny_block_budget_gives_the_same_tokens(models, style):
+    """Blocks for little more than one sequence of max_seq_len: running sequences are preempted (the youngest
+    first), recomputed later with their output so far, and every request still gets its greedy tokens."""
+    model = models[style]
+    engine = Engine(model, max_batch_size=4, max_seq_len=32, block_size=4, num_kv_blocks=10,
+                    max_num_batched_tokens=16)
+    prompts = {f"r{i}": ([(7 * i + j) % 60 for j in range(3 + 2 * i)], 14 - i) for i in range(5)}
+    got = run(engine, prompts)
+    for rid, (prompt, n) in prompts.items():
+        assert got[rid] == generate(model, prompt, n, greedy=True), rid
+    assert engine.scheduler.num_preemptions > 0 and engine.metrics.preemptions == engine.scheduler.num_preemptions
+    assert sum(o.metrics.preemptions for o in got["_final"].values()) == engine.scheduler.num_preemptions
+    assert_all_free(engine)
+
+
+def test_chunked_prefill_equals_whole_prefill_and_streams_keep_decoding(models):
+    """A 40-token prompt arriving while two requests decode is prefilled in chunks of the step's leftover budget;
+    the decoding requests produce a token in every one of those steps; all tokens equal whole prefills."""
+    model = models["llama"]
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, block_size=4, max_num_batched_tokens=8)
+    steps = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        s = schedule()
+        steps.append(([q.request_id for q in s.decode], [(q.request_id, lo, hi) for q, lo, hi in s.chunks]))
+        return s
+
+    engine.scheduler.schedule = spy
+    long_prompt = [(5 * j + 3) % 60 for j in range(40)]
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=20, temperature=0.0))
+    engine.add_request("b", [9, 8], SamplingParams(max_tokens=20, temperature=0.0))
+    got = {"a": [], "b": [], "long": []}
+    ttft = {}
+    n = 0
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id].extend(out.token_ids)
+            if out.finished:
+                ttft[out.request_id] = out.metrics
+        n += 1
+        if n == 2:
+            engine.add_request("long", long_prompt, SamplingParams(max_tokens=5, temperature=0.0))
+    assert got["a"] == generate(model, [1, 2, 3], 20, greedy=True)
+    assert got["b"] == generate(model, [9, 8], 20, greedy=True)
+    assert got["long"] == generate(model, long_prompt, 5, greedy=True)
+    long_chunks = [(decode, c) for decode, chunks in steps for c in chunks if c[0] == "long"]
+    assert len(long_chunks) >= 5  # 40 tokens, at most 6 a step beside two decoding streams
+    assert all(hi - lo <= 6 for _, (_, lo, hi) in long_chunks)
+    assert all(sorted(decode) == ["a", "b"] for decode, _ in long_chunks)  # nobody waited for the prefill
+    assert [lo for _, (_, lo, _) in long_chunks] == sorted(lo for _, (_, lo, _) in long_chunks)
+    m = ttft["long"]
+    assert m.ttft is not None and m.ttft > 0 and m.tpot is not None and m.latency >= m.ttft
+    assert_all_free(engine)
+
+
+def test_prefix_cache_hits_give_the_same_tokens_and_are_counted(models):
+    """Requests sharing a 13-token prefix: the later ones take its 3 full blocks from the cache (counted on their
+    outputs and in the allocator) and still get their greedy tokens; a different adapter id would miss."""
+    model = models["gpt"]
+    engine = Engine(model, max_batch_size=2, max_seq_len=48, block_size=4, num_kv_blocks=30)
+    shared = [(3 * j + 1) % 60 for j in range(13)]
+    first = run(engine, {"first": (shared + [5], 6)})
+    assert first["first"] == generate(model, shared + [5], 6, greedy=True)
+    assert first["_final"]["first"].metrics.cached_tokens == 0
+    hits = engine.cache.allocator.hits
+    later = {f"r{i}": (shared + [10 + i, 20 + i], 6) for i in range(3)}
+    got = run(engine, later)
+    for rid, (prompt, n) in later.items():
+        assert got[rid] == generate(model, prompt, n, greedy=True), rid
+        assert got["_final"][rid].metrics.cached_tokens == 12  # 3 full blocks of the shared prefix
+    assert engine.cache.allocator.hits - hits >= 9
+    again = run(engine, {"again": (shared + [5], 6)})  # the whole first request again: the same tokens
+    assert again["again"] == first["first"]
+    assert_all_free(engine)
+    # without prefix caching nothing is looked up
+    plain = Engine(model, max_batch_size=2, max_seq_len=48, block_size=4, num_kv_blocks=30,
+                   enable_prefix_caching=False)
+    assert run(plain, later)["r0"] == got["r0"] and plain.cache.allocator.queries == 0
+
+
+def test_block_allocator_counts_shares_and_evicts_least_recently_used():
+    alloc = BlockAllocator(5)  # blocks 1..4
+    a, b = alloc.allocate(), alloc.allocate()
+    alloc.register(a, b"A")
+    alloc.register(b, b"B")
+    alloc.release([a, b])  # b (the tail) becomes the older cached block
+    assert alloc.num_free == 4 and alloc.num_used == 0
+    assert alloc.lookup(b"A") == a and alloc.refs[a] == 1
+    assert alloc.lookup(b"A") == a and alloc.refs[a] == 2  # shared
+    c, d = alloc.allocate(), alloc.allocate()  # the free list first
+    assert {c, d}.isdisjoint({a, b})
+    e = alloc.allocate()  # then the least recently used unreferenced cached block
+    assert e == b and alloc.lookup(b"B") is None
+    with pytest.raises(NoFreeBlocks):
+        alloc.allocate()
+    alloc.check()
+    alloc.release([a, a, c, d, e])
+    alloc.check()
+    assert alloc.num_used == 0 and alloc.lookup(b"A") == a  # kept cached while unreferenced
+    with pytest.raises(RuntimeError, match="released more often"):
+        alloc.release([a, a])
+
+
+def test_cache_sizes_and_their_errors(models):
+    model = models["llama"]
+    engine = Engine(model, max_batch_size=2, max_seq_len=32, block_size=8, kv_cache_memory=1 << 20)
+    per_block = 2 * model.cfg.num_layers * 8 * model.cfg.num_query_groups * model.cfg.head_dim * 4
+    assert engine.cache.num_blocks == (1 << 20) // per_block and engine.memory_bytes() == engine.cache.num_blocks * per_block
+    with pytest.raises(InvalidRequestError, match="one sequence of max_seq_len=32 needs 4"):
+        Engine(model, max_seq_len=32, block_size=8, num_kv_blocks=3)
+    with pytest.raises(InvalidRequestError, match="num_kv_blocks or kv_cache_memory"):
+        Engine(model, num_kv_blocks=8, kv_cache_memory=1 << 20)
+    with pytest.raises(InvalidRequestError, match="gpu_memory_utilization"):
+        Engine(model, gpu_memory_utilization=1.5)
+    assert torch.equal(engine.cache.tables, torch.zeros_like(engine.cache.tables))
