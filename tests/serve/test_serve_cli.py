@@ -87,6 +87,47 @@ def test_generate_file_errors(ckpt, tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
 
 
+def test_cache_flags_act_and_bad_values_are_one_error_line(ckpt, capsys):
+    """Small blocks, a tiny cache and a 3-token step budget (the prompt is prefilled in chunks) give the greedy
+    text; a cache too small for one sequence, or a bad value, is one error line."""
+    prompt = "def parse(self, text):"
+    args = ["generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", "6", "--greedy", "--block-size", "4",
+            "--num-kv-blocks", "24", "--max-num-batched-tokens", "3", "--no-prefix-caching"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == prompt + greedy_text(ckpt, prompt, 6) + "\n"
+    for flags, expected in ((["--num-kv-blocks", "23"], "needs 24"), (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+                            (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+                            (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens")):
+        assert main(args[:7] + ["--block-size", "4"] + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and expected in err and "Traceback" not in err, err
+
+
+def test_serving_doc_scheduling_commands_run_verbatim(ckpt, tmp_path, monkeypatch, capsys):
+    """docs/serving.md, "Memory, batching and scheduling": the generate command runs verbatim (CKPT and
+    prompts.jsonl in the working folder); the serve command parses into the engine settings it names."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from lmforge.serve.cli import cache_kwargs
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text(encoding="utf-8")
+    section = doc.split("## Memory, batching and scheduling", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    generate_cmd, serve_cmd = block.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "CKPT").symlink_to(ckpt)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": 0, "prompt": "def f("}) + "\n")
+    assert main(shlex.split(generate_cmd)[1:]) == 0
+    capsys.readouterr()
+    (line,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert line["id"] == 0 and line["completion"] == greedy_text(ckpt, "def f(", 64)
+    a = build_parser().parse_args(shlex.split(serve_cmd)[1:])
+    assert a.compile and cache_kwargs(a) == dict(max_num_batched_tokens=8192, block_size=16, gpu_memory_utilization=0.85,
+                                               num_kv_blocks=None, kv_cache_memory=None, enable_prefix_caching=False)
+
+
 def test_serve_command_is_registered():
     a = build_parser().parse_args(["serve", "some/model", "--port", "9001", "--api-key", "k", "--max-batch-size", "4"])
     assert (a.model, a.port, a.api_key, a.max_batch_size, a.host) == ("some/model", 9001, "k", 4, "127.0.0.1")

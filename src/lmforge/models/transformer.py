@@ -327,8 +327,7 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
 
     def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
-        """``F.scaled_dot_product_attention`` with grouped-query heads (the serving engine's decode step
-        replaces it: :class:`lmforge.serve.kernels.DecodeAttention`)."""
+        """``F.scaled_dot_product_attention`` with grouped-query heads."""
         extra = {}
         if self.n_kv_heads != self.n_heads:
             if _SDPA_HAS_GQA:

@@ -23,6 +23,42 @@ __all__ = ["add_commands", "generate_file", "read_prompts", "answered_ids", "Pro
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
+def _add_cache_flags(p) -> None:
+    """The paged KV cache's and the scheduler's flags (serve and generate)."""
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="most tokens one step feeds (decode tokens and prompt chunks together); longer prompts are "
+                        "prefilled in chunks while running requests go on decoding")
+    p.add_argument("--block-size", type=int, default=16, help="positions per KV-cache block")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU's memory to use in all; the KV cache gets what the weights and a step's "
+                        "activations leave (GPU only)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--num-kv-blocks", type=int, default=None,
+                      help="KV-cache blocks (instead of sizing from memory; the CPU default is --max-batch-size "
+                           "sequences of --max-seq-len)")
+    size.add_argument("--kv-cache-memory", default=None, help="memory for the KV cache, e.g. 4GB or 512MB")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of earlier requests with the same prompt prefix")
+
+
+def cache_kwargs(a) -> dict:
+    """Engine keyword arguments of :func:`_add_cache_flags`' flags (checked: one ``error:`` line each)."""
+    from lmforge.config.estimate import parse_memory_size
+
+    for flag, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--block-size", a.block_size),
+                        ("--num-kv-blocks", a.num_kv_blocks)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not 0 < a.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {a.gpu_memory_utilization}")
+    memory = None
+    if a.kv_cache_memory is not None:
+        memory = parse_memory_size(a.kv_cache_memory, "--kv-cache-memory")
+    return dict(max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
+                gpu_memory_utilization=a.gpu_memory_utilization, num_kv_blocks=a.num_kv_blocks,
+                kv_cache_memory=memory, enable_prefix_caching=not a.no_prefix_caching)
+
+
 def add_commands(sub) -> None:
     """Register ``serve`` and ``generate`` on the ``lmforge`` subparsers."""
     _add_serve(sub)
@@ -52,7 +88,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-pending", type=int, default=256, help="requests queued or running before 503")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--compile", action="store_true", help="compile the decode step with CUDA graphs (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step and capture its CUDA graphs at start-up (GPU)")
+    _add_cache_flags(p)
     p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters), "
                    "merged into the served model")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
@@ -89,7 +127,7 @@ def _cmd_serve(a) -> int:
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
                compile_decode=a.compile, adapter=a.adapter, loras=parse_loras(a.lora),
-               max_request_bytes=a.max_request_bytes)
+               max_request_bytes=a.max_request_bytes, **cache_kwargs(a))
     return 0
 
 
@@ -118,7 +156,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter that --input lines select with \"adapter\": NAME (repeat for more)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step with CUDA graphs (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step and capture its CUDA graphs at start-up (GPU)")
+    _add_cache_flags(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -165,7 +205,7 @@ def _cmd_generate(a) -> int:
     _params(a, a.seed, {"max_tokens": max(1, a.max_new_tokens)})  # the flags' values, checked before loading
     engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, loras=loras,
                                     compile_decode=a.compile,
-                                    max_batch_size=1 if a.prompt is not None else a.max_batch_size)
+                                    max_batch_size=1 if a.prompt is not None else a.max_batch_size, **cache_kwargs(a))
     if a.prompt is not None:
         ids = encode_prompt(engine.tokenizer, a.prompt)  # the rule fine-tuning used (lmforge.data.prompts)
         if a.max_new_tokens == 0:

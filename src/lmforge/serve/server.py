@@ -651,8 +651,10 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
                max_prompt_tokens: Optional[int] = None, max_tokens_limit: Optional[int] = None,
                max_pending: int = 256, device: str = "auto", dtype: str = "auto", compile_decode: bool = False,
                adapter: Optional[str] = None, loras: Optional[dict[str, str]] = None,
-               graceful_timeout: int = 600, log_level: str = "info", max_request_bytes: Optional[int] = None) -> None:
-    """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first)."""
+               graceful_timeout: int = 600, log_level: str = "info", max_request_bytes: Optional[int] = None,
+               **engine_kwargs) -> None:
+    """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first).
+    ``engine_kwargs`` go to the :class:`~lmforge.serve.engine.Engine` (KV cache and scheduler settings)."""
     import uvicorn
     from pathlib import Path
 
@@ -661,7 +663,7 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
 
     engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, adapter=adapter, loras=loras,
                                     max_batch_size=max_batch_size,
-                                    max_seq_len=max_seq_len, compile_decode=compile_decode)
+                                    max_seq_len=max_seq_len, compile_decode=compile_decode, **engine_kwargs)
     name = model_name or Path(model_path).resolve().name
     client = AsyncEngineClient(engine, name, max_pending=max_pending)
     app = build_app(client, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
