@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from lmforge.cli import main
 from lmforge.launch import load_launch_config
@@ -73,8 +74,52 @@ def test_gres_pyxis_and_overrides(tmp_path, launch_helpers, tiny_corpus):
     assert "#SBATCH --gres=gpu:v100:4" in text and "--gpus-per-node" not in text
     assert "#SBATCH --nodes=3" in text and "#SBATCH --job-name=gen-tiny" in text
     assert "#SBATCH --signal=B:USR1@300" in text and "RDZV_PORT=31000" in text
-    assert "'--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts=/scratch" in text
+    results = tmp_path / "r"
+    assert (f"'--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts={Path.cwd()}:{Path.cwd()},"
+            f"{results}:{results},/scratch --container-workdir={Path.cwd()}") in text
     assert "apptainer" not in text
+
+
+def test_pyxis_mounts_the_working_and_results_folders(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    """NeMo's `container_mounts: [null]` and `--no-container-mount-home`: the job still sees the folder it runs in,
+    the results and data_dir (at their own paths, a folder inside a mounted one not again); a folder that cannot be
+    mounted, or srun_args mounting by themselves, is a warning naming the folder."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-sbatch-here"))  # a dry run needs no Slurm
+    path = _training_conf(tmp_path, launch_helpers, tiny_corpus, container_runtime="pyxis",
+                          container="nvcr.io/nvidia/nemo:24.03.framework", container_mounts=[None],
+                          base_results_dir=str(elsewhere / "results"), data_dir=str(work / "data"),
+                          cluster={"srun_args": ["--no-container-mount-home"]})
+    assert main(["launch", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    results = elsewhere / "results"
+    text = (results / "tiny" / "training.sbatch").read_text()
+    mounts = re.findall(r"--container-mounts=(\S+)", text)
+    # the preflight's srun and the stage's: the working folder (data_dir is inside it), the results (tiny inside)
+    assert mounts == [f"{work}:{work},{results}:{results}"] * 2, text
+    assert f"--container-workdir={work}" in text and "None" not in text and "[launch] warning" not in out
+
+    # the users' own mounts come after these; a data_dir that does not exist yet outside them cannot be mounted
+    assert main(["launch", str(path), "--dry-run", "container_mounts=[/scratch,/data:/data]",
+                 f"data_dir={elsewhere / 'data'}"]) == 0
+    out = capsys.readouterr().out
+    text = (results / "tiny" / "training.sbatch").read_text()
+    assert re.findall(r"--container-mounts=(\S+)", text)[0] == f"{work}:{work},{results}:{results},/scratch,/data:/data"
+    assert f"[launch] warning: {elsewhere / 'data'} does not exist yet, so the pyxis container cannot mount it" in out
+    (elsewhere / "data").mkdir()
+    assert main(["launch", str(path), "--dry-run", f"data_dir={elsewhere / 'data'}"]) == 0
+    assert "[launch] warning" not in capsys.readouterr().out
+    assert f",{elsewhere / 'data'}:{elsewhere / 'data'} " in (results / "tiny" / "training.sbatch").read_text()
+
+    # srun_args with their own --container-mounts: lmforge adds none and says what the container must see
+    assert main(["launch", str(path), "--dry-run", "cluster.srun_args=[--container-mounts=/lustre]"]) == 0
+    out = capsys.readouterr().out
+    text = (results / "tiny" / "training.sbatch").read_text()
+    assert re.findall(r"--container-mounts=(\S+)", text) == ["/lustre"] * 2
+    assert (f"[launch] warning: cluster.srun_args sets --container-mounts itself, so lmforge adds no mounts; the "
+            f"container must see {work}, {results}, {work}/data, {results}/tiny") in out
 
 
 def test_data_preparation_array(tmp_path, launch_helpers, tiny_corpus):

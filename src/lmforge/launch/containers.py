@@ -3,7 +3,8 @@
 * ``apptainer`` / ``singularity``: ``apptainer exec [--nv] [--bind a,b] IMAGE.sif CMD...`` (``--nv``
   when the stage has GPUs); works on this machine and inside Slurm jobs.
 * ``pyxis`` (Slurm only): ``srun --container-image=IMAGE --container-mounts=a,b ...``; the image is an
-  enroot ``.sqsh`` file or a registry name (``nvcr.io#nvidia/pytorch:24.05-py3``).
+  enroot ``.sqsh`` file or a registry name (``nvcr.io#nvidia/pytorch:24.05-py3``). The working folder, the
+  results folders and ``data_dir`` are mounted at their own paths before the users' ``container_mounts``.
 * ``none``: the command runs with this machine's Python (the launcher's own interpreter).
 """
 
@@ -73,13 +74,74 @@ def wrap(argv: Sequence[str], cfg: DictConfig, gpus: int) -> list[str]:
     return out + [str(cfg.container), *argv]
 
 
-def srun_container_args(cfg: DictConfig) -> list[str]:
-    """pyxis's srun options (empty for other runtimes)."""
+def _folders_to_mount(cfg: DictConfig, results_dirs: Sequence[Path]) -> list[Path]:
+    """The folders a stage reads and writes at their own paths: the working folder (the job's ``cd`` and
+    ``--container-workdir``), the stages' results folders, ``base_results_dir`` (the launcher creates these
+    before it submits) and ``data_dir``."""
+    folders = [Path.cwd(), *results_dirs]
+    for key in ("base_results_dir", "data_dir"):
+        if cfg.get(key):
+            folders.append(Path(str(cfg[key])).expanduser())
+    resolved = dict.fromkeys(f.resolve() for f in folders)
+    return sorted(resolved, key=lambda f: len(f.parts))  # a folder before those inside it
+
+
+def _data_dir(cfg: DictConfig) -> Path | None:
+    return Path(str(cfg.data_dir)).expanduser().resolve() if cfg.get("data_dir") else None
+
+
+def _same_path_sources(entries: Sequence[str]) -> list[Path]:
+    """Sources of ``container_mounts`` entries mounted at their own path (``/a`` or ``/a:/a[:flags]``)."""
+    out = []
+    for entry in entries:
+        parts = entry.split(":")
+        if len(parts) == 1 or parts[0] == parts[1]:
+            out.append(Path(parts[0]).expanduser().resolve())
+    return out
+
+
+def _srun_sets_mounts(cfg: DictConfig) -> bool:
+    return any(str(a).startswith("--container-mounts") for a in (cfg.cluster.get("srun_args") or []))
+
+
+def pyxis_mounts(cfg: DictConfig, results_dirs: Sequence[Path] = ()) -> tuple[list[str], list[str]]:
+    """pyxis's ``--container-mounts`` entries and the warnings for folders that cannot be mounted.
+
+    A pyxis container sees none of the host's folders unless mounted (NeMo's cluster files add
+    ``--no-container-mount-home`` too), so the working folder, the results folders and ``data_dir`` are mounted
+    at their own paths (a folder inside another mounted one once), then the users' ``container_mounts``.
+    A ``data_dir`` missing at launch cannot be mounted (pyxis fails the job on a missing source);
+    ``srun_args`` holding its own ``--container-mounts`` replaces these: each is a warning naming the folders.
+    """
+    user = mounts(cfg)
+    folders = _folders_to_mount(cfg, results_dirs)
+    if _srun_sets_mounts(cfg):
+        listed = ", ".join(str(f) for f in folders)
+        return [], [f"cluster.srun_args sets --container-mounts itself, so lmforge adds no mounts; the container "
+                    f"must see {listed} (add them there, or move the mounts to container_mounts)"]
+    covered = _same_path_sources(user)
+    entries, warnings = [], []
+    for folder in folders:
+        if any(folder == c or c in folder.parents for c in covered):
+            continue
+        if folder == _data_dir(cfg) and not folder.is_dir():
+            warnings.append(f"{folder} does not exist yet, so the pyxis container cannot mount it and what a stage "
+                            f"writes there stays inside the container: create it before launching, or add a folder "
+                            f"above it to container_mounts")
+            continue
+        entries.append(f"{folder}:{folder}")
+        covered.append(folder)
+    return entries + user, warnings
+
+
+def srun_container_args(cfg: DictConfig, results_dirs: Sequence[Path] = ()) -> list[str]:
+    """pyxis's srun options (empty for other runtimes): the image, the mounts (:func:`pyxis_mounts`), the workdir."""
     if cfg.container_runtime != "pyxis":
         return []
     out = [f"--container-image={cfg.container}"]
-    if mounts(cfg):
-        out.append(f"--container-mounts={','.join(mounts(cfg))}")
+    entries, _ = pyxis_mounts(cfg, results_dirs)
+    if entries:
+        out.append(f"--container-mounts={','.join(entries)}")
     out.append(f"--container-workdir={Path.cwd()}")
     return out
 

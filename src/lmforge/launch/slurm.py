@@ -86,7 +86,7 @@ def _node_command(stage: Stage, cfg: DictConfig, args: list[str]) -> list[str]:
 def _srun(stage: Stage, cfg: DictConfig, tasks_per_node: int, cpus_per_task: int) -> list[str]:
     return ["srun", f"--nodes={stage.nodes}", f"--ntasks={stage.nodes * tasks_per_node}", f"--ntasks-per-node={tasks_per_node}",
             f"--cpus-per-task={cpus_per_task}", *[str(x) for x in (cfg.cluster.get("srun_args") or [])],
-            *containers.srun_container_args(cfg)]
+            *containers.srun_container_args(cfg, [stage.results_dir])]
 
 
 def script(stage: Stage, cfg: DictConfig) -> str:
@@ -230,7 +230,12 @@ def submit(stages: list[Stage], cfg: DictConfig, dry_run: bool = False, force: b
             todo.append((stage, entry))
             entry["state"] = "dry-run" if dry_run else "submitted"
         entries.append(entry)
+    if cfg.container_runtime == "pyxis":  # pyxis mounts only folders that exist
+        Path(str(cfg.base_results_dir)).expanduser().mkdir(parents=True, exist_ok=True)
     paths = write_scripts([s for s, _ in todo], cfg)
+    if cfg.container_runtime == "pyxis":
+        for warning in containers.pyxis_mounts(cfg, [s.results_dir for s, _ in todo])[1]:
+            log(f"[launch] warning: {warning}")
     if dry_run:
         for (stage, _), path in zip(todo, paths):
             log(f"[launch] {stage.kind}: {path} (not submitted: --dry-run)")
