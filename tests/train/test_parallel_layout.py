@@ -1,8 +1,9 @@
 """One source of the data-parallel size: the batch plan, the sampler and the loop read ParallelDims.
 
 The users' 4-GPU example (NeMo's TP=4, global batch 192, micro batch 6) used to read 4x the global batch
-per step; now it, and their 2-node TP 8 command (two torchrun launchers), read exactly one global batch a step,
-and on 4 data-parallel processes every step reads the same samples as one process.
+per step; now it, and their 2-node TP 8 command (two torchrun launchers), read exactly one global batch a step
+(run verbatim in test_users_pretraining_commands.py), and on 4 data-parallel processes every step reads the
+same samples as one process.
 """
 
 from __future__ import annotations
@@ -17,19 +18,6 @@ from lmforge.train.loop import LoopSettings, MicroBatches
 from lmforge.parallel.runtime import Runtime
 from tests.conftest import tiny_overrides
 from tests.train.test_pretrain import _cli, _env, _losses
-
-
-def test_users_tp4_example_reads_one_global_batch_per_step(tiny_corpus, tmp_path):
-    # NeMo's 4-GPU command: TP 4, global batch 192, micro batch 6 -> data parallel 1, 32 micro batches a step
-    out = tmp_path / "run"
-    args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{
-        "trainer.devices": 4, "model.tensor_model_parallel_size": 4, "model.global_batch_size": 192,
-        "model.micro_batch_size": 6, "model.num_query_groups": 4, "trainer.max_steps": 2,
-        "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1, "trainer.limit_test_batches": 0})]
-    p = _cli(args, _env(), nproc=4)
-    assert "tensor parallel 4" in p.stdout + p.stderr
-    assert _losses(out, "consumed_samples") == {1: 192, 2: 384}
-    assert "accumulate_grad_batches: 32" in (out / "config.yaml").read_text()
 
 
 def test_rank_coordinates_of_a_composed_layout():
@@ -121,31 +109,3 @@ def test_tensor_parallel_layouts_refused_at_config_time(overrides, message):
 def test_fsdp_settings_without_fsdp_are_refused_not_ignored(overrides):
     with pytest.raises(ConfigError, match="applies to FSDP runs only"):
         load_config("tiny/llama", overrides)
-
-
-def test_users_two_node_tp8_command_reads_one_global_batch_per_step(tiny_corpus, tmp_path):
-    """NeMo's 2-node command as the users run it: two torchrun launchers (--nnodes=2, c10d rendezvous), 4 processes
-    each, trainer.devices=4 trainer.num_nodes=2 model.tensor_model_parallel_size=8 model.num_attention_heads=16,
-    micro batch 32, global batch 192 -> data parallel 1, 6 micro batches a step, exactly 192 samples a step."""
-    import subprocess
-    import sys
-
-    from tests.conftest import free_port
-
-    out = tmp_path / "run"
-    args = ["-m", "lmforge", "pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{
-        "trainer.devices": 4, "trainer.num_nodes": 2, "model.tensor_model_parallel_size": 8,
-        "model.num_attention_heads": 16, "model.num_query_groups": 8, "model.hidden_size": 64,
-        "model.ffn_hidden_size": 128, "model.global_batch_size": 192, "model.micro_batch_size": 32,
-        "trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1,
-        "trainer.limit_test_batches": 0})]
-    port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
-                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=tp8",
-                               *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    logs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
-    assert "8 process(es): data parallel 1, tensor parallel 8" in "".join(logs)
-    assert _losses(out, "consumed_samples") == {1: 192, 2: 384}
-    assert "accumulate_grad_batches: 6" in (out / "config.yaml").read_text()

@@ -46,6 +46,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, training_precision
 from lmforge.train.loop import LoopSettings, Trainer, TrainState
+from lmforge.train.scaler import ParallelGradScaler
 
 OPTIMIZER_DIR = "optimizer"  # training_state/optimizer/: FQN-keyed optimizer tensors of sharded runs
 OPTIMIZER_GROUPS = "optimizer_groups.json"
@@ -349,7 +350,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                               float(o.min_lr))
     optimizer = build_optimizer(train_model, o.name, float(o.lr), float(o.weight_decay), list(o.betas), float(o.eps),
                                 rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type) if job.loop.precision == "16-mixed" else None
+    scaler = ParallelGradScaler(rt.device.type) if job.loop.precision == "16-mixed" else None
 
     logger = MetricsLogger(job.out, rt, total_steps=job.loop.max_steps, tensorboard=job.tensorboard, wandb=job.wandb,
                            every_n_steps=int(log_every_n_steps or job.loop.log_every_n_steps or 1))
@@ -599,15 +600,13 @@ def _load_indexed_optimizer(training: Training, folder: Path) -> None:
     whole = training.whole  # a pipeline stage's rank: the index runs over the whole model's parameters
     if training.expert_parallel is not None:  # a rank's share of the experts: the whole model, on meta
         whole = _whole_model_on_meta(training)
-    names = {id(p): n for n, p in (whole or training.model).named_parameters()}
-    if whole is None:
-        order = [names[id(p)] for g in training.optimizer.param_groups for p in g["params"]]
-    else:
-        from lmforge.train.optim import param_groups
+    from lmforge.train.optim import decay_groups
 
-        order = [names[id(p)] for g in param_groups(whole, float(training.job.optim.weight_decay)) for p in g["params"]]
+    names = {id(p): n for n, p in (whole or training.model).named_parameters()}
+    groups = decay_groups(whole or training.model, float(training.job.optim.weight_decay))  # before any TP split
+    order = [names[id(p)] for g in groups for p in g["params"]]
     owned = {n for n, _ in training.model.named_parameters()}
-    if len(saved["param_groups"]) != len(training.optimizer.param_groups) or (
+    if len(saved["param_groups"]) != len(groups) or (
             saved["state"] and max(saved["state"]) >= len(order)):
         raise CheckpointError(f"the optimizer state in {folder} does not fit this model's optimizer; was the "
                               f"checkpoint saved with another model or PEFT method?")

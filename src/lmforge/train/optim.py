@@ -21,7 +21,18 @@ OPTIMIZERS = ("fused_adam", "adamw", "adam")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters: 2-D and larger decay, 1-D (biases, norm weights) do not."""
+    """The optimizer's groups: :func:`decay_groups`, each split by tensor kind where needed.
+
+    Under tensor parallelism the sharded weights are DTensors and the replicated ones (norms, position
+    embeddings) plain tensors; the fused and multi-tensor AdamW kernels take one list per group and refuse that
+    mix, so a group holding both is split in two (DTensors first), with the same settings.
+    """
+    return [part for group in decay_groups(model, weight_decay) for part in _by_tensor_kind(group)]
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters: 2-D and larger decay, 1-D (biases, norm weights) do not. An unsharded
+    checkpoint's optimizer state is indexed in this order (on any layout)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -31,6 +42,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _by_tensor_kind(group: dict) -> list[dict]:
+    """``group`` as is, or two groups (DTensor parameters, plain ones) when it holds both."""
+    from torch.distributed.tensor import DTensor
+
+    dtensors = [p for p in group["params"] if isinstance(p, DTensor)]
+    if not dtensors or len(dtensors) == len(group["params"]):
+        return [group]
+    plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+    return [{**group, "params": dtensors}, {**group, "params": plain}]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas, eps: float,
