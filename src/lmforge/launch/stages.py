@@ -11,7 +11,9 @@ Stage kinds:
   JSONL shards, tokenizer training, preprocessing to indexed datasets (a job array over shards).
 * ``training`` - ``lmforge pretrain <config>`` with the stage's pretrain keys (``trainer``, ``model``, ...).
 * ``fine_tuning`` - ``lmforge finetune <config>`` with the keys of that command's config (``model``,
-  ``data``, ``val_data``, ``method``, ``out`` (default: the stage's results folder), ``trainer``, ``peft``, ...).
+  ``data``, ``val_data``, ``method``, ``out`` (default: the stage's results folder), ``trainer``, ``peft``, ...),
+  or NeMo's peft body (``model.restore_from_path``, ``model.peft.*``, ``model.data.train_ds.*``, ...) translated
+  by :mod:`lmforge.launch.nemo_peft`.
 * ``conversion``, ``evaluation``, ``export`` - ``lmforge convert|evaluate|export ARGS... --OPTION VALUE``
   from the stage's ``args:`` list and ``options:`` mapping.
 
@@ -435,6 +437,10 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
     command = str(body.pop("command", STAGE_KINDS[stage_kind(stage)][0]))
     _check_command(stage, command, commands)
     results = Path(run["results_dir"])
+    from lmforge.launch.nemo_peft import is_nemo_body, translate
+
+    if is_nemo_body(body):  # NeMo's peft file (model.restore_from_path, model.peft.*, model.data.train_ds.*)
+        body = translate(stage, body, cfg["_notes"])
     body.setdefault("out", str(results))
     if stage in NEMO_STAGES:  # NeMo's peft / prompt_learning / ...: a PEFT method
         meant = NEMO_STAGES[stage][1]

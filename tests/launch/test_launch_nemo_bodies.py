@@ -1,0 +1,259 @@
+"""NeMo Launcher stage bodies lmforge translates: a `peft` file shaped as NeMo's conf/peft/llama/squad.yaml
+(model.restore_from_path, model.peft.*, model.data.train_ds.*, ...) dry-runs and trains a tiny model locally as
+`lmforge finetune`, and its keys without an lmforge meaning are refused, each naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.cli import main
+from lmforge.errors import ConfigError
+from lmforge.launch import load_launch_config
+from lmforge.launch.stages import build_stages
+from tests.launch.test_launch_nemo import write_tree
+
+# NeMo's peft/llama/squad.yaml layout (the keys the users' files carry), with the two values lmforge cannot honour
+# as NeMo writes them changed: truncation_field (NeMo: context) and column_init_method (NeMo: xavier) removed, and
+# restore_from_path naming a converted model folder
+NEMO_PEFT_SQUAD = """\
+name: megatron_llama_peft_tuning-${peft.model.peft.peft_scheme}
+run:
+  name: ${.task_name}_${.model_train_name}
+  time_limit: "04:00:00"
+  dependency: "singleton"
+  convert_name: convert_nemo
+  model_train_name: llama2_7b
+  convert_dir: ${base_results_dir}/${peft.run.model_train_name}/${peft.run.convert_name}
+  task_name: "squad"
+  results_dir: ${base_results_dir}/${.model_train_name}/peft_${.task_name}
+trainer:
+  devices: 8
+  accelerator: gpu
+  num_nodes: 1
+  precision: bf16
+  logger: False
+  enable_checkpointing: False
+  use_distributed_sampler: False
+  max_epochs: 9999
+  max_steps: 20000
+  log_every_n_steps: 10
+  val_check_interval: 200
+  gradient_clip_val: 1.0
+exp_manager:
+  explicit_log_dir: ${peft.run.results_dir}/results
+  exp_dir: null
+  name: ${peft.name}
+  create_wandb_logger: False
+  resume_if_exists: True
+  resume_ignore_no_checkpoint: True
+  create_checkpoint_callback: True
+  checkpoint_callback_params:
+    monitor: validation_${peft.model.data.validation_ds.metric.name}
+    save_top_k: 1
+    mode: min
+    save_nemo_on_train_end: True
+    filename: '${peft.name}--{${peft.exp_manager.checkpoint_callback_params.monitor}:.3f}-{step}-{consumed_samples}'
+    model_parallel_size: ${peft.model.tensor_model_parallel_size}
+    always_save_nemo: False
+    save_best_model: True
+model:
+  seed: 1234
+  tensor_model_parallel_size: 1
+  pipeline_model_parallel_size: 1
+  global_batch_size: 128
+  micro_batch_size: 4
+  restore_from_path: ${peft.run.convert_dir}/llama2_7b  # NeMo's is a .nemo file: lmforge fine-tunes a converted folder
+  resume_from_checkpoint: null
+  save_nemo_on_validation_end: False
+  sync_batch_comm: False
+  megatron_amp_O2: True
+  sequence_parallel: False
+  activations_checkpoint_granularity: null
+  activations_checkpoint_method: null
+  activations_checkpoint_num_layers: null
+  activations_checkpoint_layers_per_pipeline: null
+  answer_only_loss: True
+  gradient_as_bucket_view: False
+  hidden_dropout: 0.0
+  attention_dropout: 0.0
+  ffn_dropout: 0.0
+  peft:
+    peft_scheme: "lora"
+    restore_from_path: null
+    adapter_tuning:
+      type: 'parallel_adapter'
+      adapter_dim: 32
+      adapter_dropout: 0.0
+      norm_position: 'pre'
+    lora_tuning:
+      adapter_dim: 32
+      adapter_dropout: 0.0
+      row_init_method: 'zero'
+      layer_selection: null
+      weight_tying: False
+      position_embedding_strategy: null
+    p_tuning:
+      virtual_tokens: 10
+      bottleneck_dim: 1024
+      embedding_dim: 1024
+      init_std: 0.023
+    ia3_tuning:
+      layer_selection: null
+  data:
+    train_ds:
+      file_names:
+      - ${data_dir}/squad_data/v1.1/train-v1.1_gpt.json
+      global_batch_size: ${peft.model.global_batch_size}
+      micro_batch_size: ${peft.model.micro_batch_size}
+      shuffle: True
+      num_workers: 0
+      memmap_workers: 2
+      pin_memory: True
+      max_seq_length: 4096
+      min_seq_length: 1
+      drop_last: True
+      concat_sampling_probabilities:
+      - 1.0
+      context_key: 'input'
+      label_key: 'output'
+      add_eos: True
+      add_sep: False
+      add_bos: True
+      separate_prompt_and_response_with_newline: False
+      truncation_field: "answer"
+      index_mapping_dir: null
+      prompt_template: "{input} {output}"
+    validation_ds:
+      file_names:
+      - ${data_dir}/squad_data/v1.1/dev-v1.1_gpt.json
+      names:
+      - ${peft.run.task_name}
+      global_batch_size: ${peft.model.global_batch_size}
+      micro_batch_size: ${peft.model.micro_batch_size}
+      shuffle: False
+      num_workers: 0
+      memmap_workers: ${peft.model.data.train_ds.memmap_workers}
+      pin_memory: True
+      max_seq_length: ${peft.model.data.train_ds.max_seq_length}
+      min_seq_length: ${peft.model.data.train_ds.min_seq_length}
+      drop_last: False
+      context_key: 'input'
+      label_key: 'output'
+      add_eos: ${peft.model.data.train_ds.add_eos}
+      add_sep: ${peft.model.data.train_ds.add_sep}
+      add_bos: ${peft.model.data.train_ds.add_bos}
+      write_predictions_to_file: False
+      output_file_path_prefix: null
+      truncation_field: "answer"
+      index_mapping_dir: null
+      prompt_template: ${peft.model.data.train_ds.prompt_template}
+      tokens_to_generate: 32
+      metric:
+        name: "loss"
+        average: null
+        num_classes: null
+  optim:
+    name: fused_adam
+    lr: 1e-4
+    weight_decay: 0.01
+    betas:
+    - 0.9
+    - 0.98
+    sched:
+      name: CosineAnnealing
+      warmup_steps: 50
+      min_lr: 0.0
+      constant_steps: 0
+      monitor: val_loss
+      reduce_on_plateau: false
+"""
+BASE = ["numa_mapping.enable=False", "peft=llama/nemo_squad", "stages=[peft]"]
+
+
+@pytest.fixture
+def tree(tmp_path, tiny_corpus, monkeypatch):
+    config = write_tree(tmp_path, tiny_corpus["tokenizer"])
+    (config.parent / "peft" / "llama" / "nemo_squad.yaml").write_text(NEMO_PEFT_SQUAD)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # launcher_scripts_path: ~/NeMo/launcher_scripts
+    src = str(Path(__file__).resolve().parents[2] / "src")  # the stages run in tmp_path: import this checkout
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
+    return config
+
+
+def test_nemo_peft_body_becomes_lmforge_finetune(tree, tmp_path):
+    cfg = load_launch_config(tree, [*BASE, "container_runtime=pyxis"])
+    (stage,) = build_stages(cfg, check_commands=False)
+    base, data = cfg.base_results_dir, cfg.data_dir
+    written = yaml.safe_load(stage.config_text)
+    assert written == {
+        "method": "lora", "model": f"{base}/llama2_7b/convert_nemo/llama2_7b",
+        "data": f"{data}/squad_data/v1.1/train-v1.1_gpt.json", "val_data": f"{data}/squad_data/v1.1/dev-v1.1_gpt.json",
+        "out": f"{base}/llama2_7b/peft_squad/results", "resume": True, "monitor": "val_loss", "save_top_k": 1,
+        "seed": 1234, "micro_batch_size": 4, "global_batch_size": 128, "tensor_model_parallel_size": 1,
+        "sequence_parallel": False, "activations_checkpoint_granularity": None,
+        "activations_checkpoint_method": None, "activations_checkpoint_num_layers": None, "seq_length": 4096,
+        "trainer": {"devices": 8, "accelerator": "gpu", "num_nodes": 1, "precision": "bf16-mixed", "max_steps": 20000,
+                    "log_every_n_steps": 10, "val_check_interval": 200, "gradient_clip_val": 1.0},
+        "peft": {"lora": {"r": 32, "lora_dropout": 0.0, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj"]}},
+        "sft": {"input_key": "input", "output_key": "output", "add_eos": True, "add_bos": True,
+                "truncation": "truncate", "prompt_template": "{input} ", "train_on_prompt": False},
+        "generation": {"max_new_tokens": 32},
+        "optim": {"name": "fused_adam", "lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.98], "warmup_steps": 50,
+                  "min_lr": 0.0}}
+    assert (stage.nodes, stage.ntasks_per_node, stage.gpus_per_node) == (1, 8, 8)
+    assert any("trainer.max_epochs=9999: lmforge fine-tuning stops at trainer.max_steps" in n for n in cfg._notes)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("peft.model.peft.lora_tuning.column_init_method=xavier",
+     "peft.model.peft.lora_tuning.column_init_method='xavier': lmforge initialises LoRA's A matrix as Hugging Face"),
+    ("peft.model.data.train_ds.truncation_field=context",
+     "peft.model.data.train_ds.truncation_field='context': lmforge cuts a too-long sample at its end"),
+    ("peft.model.peft.lora_tuning.layer_selection=[1,2]", "peft.model.peft.lora_tuning.layer_selection=[1, 2]"),
+    ("peft.exp_manager.create_early_stopping_callback=True",
+     "peft.exp_manager.create_early_stopping_callback=True: lmforge supports False here"),
+    ("peft.model.data.train_ds.file_names=[a.jsonl,b.jsonl]",
+     "peft.model.data.train_ds.file_names lists 2 files: lmforge fine-tunes on one JSONL file"),
+    ("peft.model.peft.peft_scheme=selective", "peft.model.peft.peft_scheme='selective': use one of lora"),
+    ("+peft.model.mcore_gpt=True", "peft.model.mcore_gpt: NeMo's peft key has no lmforge meaning"),
+    ("peft.model.data.train_ds.prompt_template='Q: {output} A: {input}'",
+     "ends with the answer's placeholder {output}"),
+    # the adapter scheme reads adapter_tuning: NeMo's parallel adapter is not lmforge's (sequential) one
+    ("peft.model.peft.peft_scheme=adapter", "peft.model.peft.adapter_tuning.type='parallel_adapter': lmforge supports"),
+])
+def test_nemo_peft_keys_without_meaning_are_refused(tree, override, message):
+    with pytest.raises(ConfigError) as e:
+        build_stages(load_launch_config(tree, [*BASE, "container=null", override]), check_commands=False)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nemo_peft_body_trains_locally(tree, tmp_path, tiny_corpus, capsys):
+    from lmforge.data.tokenizers import load_tokenizer
+    from tests.finetune.conftest import save_tiny_model, task_records, write_jsonl
+
+    results = tmp_path / "home" / "NeMo" / "launcher_scripts" / "results" / "llama2_7b"
+    save_tiny_model(results / "convert_nemo" / "llama2_7b", load_tokenizer(tiny_corpus["tokenizer"]),
+                    init_method_std=0.25)
+    squad = tmp_path / "home" / "NeMo" / "launcher_scripts" / "data" / "squad_data" / "v1.1"
+    squad.mkdir(parents=True)
+    write_jsonl(squad / "train-v1.1_gpt.json", task_records(16, seed=1))
+    write_jsonl(squad / "dev-v1.1_gpt.json", task_records(4, seed=2))
+    shrink = ["cluster_type=local", "container=null",
+              "peft.trainer.devices=1", "peft.trainer.accelerator=cpu", "peft.trainer.precision=32",
+              "peft.trainer.max_steps=2", "peft.trainer.val_check_interval=2", "peft.trainer.log_every_n_steps=1",
+              "peft.model.global_batch_size=4", "peft.model.micro_batch_size=2", "peft.model.optim.name=adamw",
+              "peft.model.optim.sched.warmup_steps=0", "peft.model.data.train_ds.max_seq_length=32",
+              "peft.model.peft.lora_tuning.adapter_dim=4", "peft.model.data.validation_ds.tokens_to_generate=2"]
+    assert main(["launch", str(tree), *BASE, *shrink]) == 0, capsys.readouterr()
+    out = results / "peft_squad" / "results"
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 4  # NeMo's alpha: the rank (scale 1)
+    assert sorted(adapter["target_modules"]) == ["k_proj", "q_proj", "v_proj"]  # NeMo's attention_qkv
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s for s, _ in summary["losses"]] == [1, 2]
