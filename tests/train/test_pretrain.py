@@ -169,3 +169,21 @@ def test_dataloader_cyclic_and_document_masks_under_pipeline_are_refused(tiny_co
         p = _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, tmp_path / "bad", **extra)], _env(),
                  check=False)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_document_masks_need_an_end_of_document_token(tiny_corpus, tmp_path):
+    """eod_mask_loss with a tokenizer that has no end-of-document token: one line naming the tokenizer key."""
+    from tokenizers import Tokenizer, models
+
+    folder = tmp_path / "no_eod_tokenizer"
+    folder.mkdir()
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(tiny_corpus["vocab_size"])}, unk_token="t0")).save(
+        str(folder / "tokenizer.json"))
+    out = tmp_path / "run"
+    p = _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **{"model.tokenizer.model": folder,
+                                                                              "model.data.eod_mask_loss": True})],
+             _env(), check=False)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert "model.data.eod_mask_loss=true needs the end-of-document token" in lines[0]
+    assert f"model.tokenizer.model={folder}" in lines[0]

@@ -153,7 +153,7 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
 
         if tokenizer.eod_id is None:
             on = ", ".join(f"model.data.{k}=true" for k, v in flags.items() if v)
-            raise ConfigError(f"{on} needs the end-of-document token, but the tokenizer {tok_path} has none (no "
+            raise ConfigError(f"{on} needs the end-of-document token, but the tokenizer ({tok_name}) has none (no "
                               f"eos_token / <|endoftext|>): use a tokenizer with one, or drop {on}")
         train_ds, val_ds, test_ds = (None if d is None else DocumentMasks(d, tokenizer.eod_id, **flags)
                                      for d in (train_ds, val_ds, test_ds))
