@@ -257,3 +257,61 @@ def test_nemo_peft_body_trains_locally(tree, tmp_path, tiny_corpus, capsys):
     assert sorted(adapter["target_modules"]) == ["k_proj", "q_proj", "v_proj"]  # NeMo's attention_qkv
     summary = json.loads((out / "summary.json").read_text())
     assert [s for s, _ in summary["losses"]] == [1, 2]
+
+
+def _gpt2_files(folder: Path) -> None:
+    """GPT-2 BPE files trained here, named as NeMo's download step saves them (vocab.json, merges.txt)."""
+    from tests.conftest import stdlib_texts
+    from tests.data.test_tokenizer_formats import write_gpt2_files
+
+    vocab, merges = write_gpt2_files(folder, stdlib_texts())
+    vocab.rename(folder / "vocab.json")
+    merges.rename(folder / "merges.txt")
+
+
+def test_nemo_pile_preparation_becomes_local_preprocessing(tree, tmp_path, capsys):
+    """download_gpt3_pile.yaml: downloading is refused (what to do instead is said); with the extracted files and
+    the GPT-2 files in place it preprocesses data_dir/NN.jsonl into my-gpt3_NN_text_document, one array task per
+    file number (node_array_size of them at once), with the bytes `lmforge preprocess` writes."""
+    from lmforge.data.preprocess import preprocess
+    from tests.conftest import stdlib_texts
+
+    stages = ["numa_mapping.enable=False", "container=null", "stages=[data_preparation]"]
+    with pytest.raises(ConfigError, match=r"data_preparation.download_the_pile=True: lmforge does not download The "
+                                          r"Pile \(compute nodes are offline\).*lmforge preprocess --input"):
+        build_stages(load_launch_config(tree, stages))
+    local = [*stages, "+data_preparation.download_the_pile=False"]
+    with pytest.raises(ConfigError, match=r"data_preparation.rm_extracted=True: lmforge does not delete its input"):
+        build_stages(load_launch_config(tree, local))
+    local.append("data_preparation.rm_extracted=False")
+    data = tmp_path / "home" / "NeMo" / "launcher_scripts" / "data"
+    with pytest.raises(ConfigError, match=rf"{data}/bpe/vocab.json does not exist and lmforge does not download it"):
+        build_stages(load_launch_config(tree, local))
+    _gpt2_files(data / "bpe")
+    for bad, message in (("+data_preparation.tokenizer_type=GPT2BPETokenizerX", "lmforge translates the GPT-2 BPE"),
+                         ("data_preparation.file_numbers=3-1", r"file_numbers='3-1': give file numbers"),
+                         ("+data_preparation.inputs=[a.jsonl]", "data_preparation.inputs: a NeMo data preparation")):
+        with pytest.raises(ConfigError, match=message):
+            build_stages(load_launch_config(tree, [*local, bad]))
+
+    cfg = load_launch_config(tree, [*local, "cluster_type=bcm"])
+    (stage,) = build_stages(cfg)
+    body = yaml.safe_load(stage.config_text)
+    assert body["inputs"] == [f"{data}/{n:02d}.jsonl" for n in range(30)] and body["output_prefix"] == "my-gpt3_"
+    assert body["tokenizer"] == {"path": f"{data}/bpe", "train": False} and body["preprocess"]["append_eod"]
+    from lmforge.launch.slurm import script
+
+    assert "#SBATCH --array=0-29%30" in script(stage, cfg)
+
+    # locally, file numbers 0-1: two array tasks
+    docs = [t for t in stdlib_texts() if t.strip()]
+    for n, part in enumerate((docs[:20], docs[20:40])):
+        (data / f"{n:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    assert main(["launch", str(tree), *local, "cluster_type=local", "data_preparation.file_numbers=0-1"]) == 0
+    assert "NeMo's pile preparation becomes preprocessing of the local files" in capsys.readouterr().out
+    for n in range(2):
+        preprocess([str(data / f"{n:02d}.jsonl")], str(tmp_path / f"ref{n}"), str(data / "bpe"), append_eod=True,
+                   log=lambda *a: None)
+        for ext in ("bin", "idx"):
+            made = (data / f"my-gpt3_{n:02d}_text_document.{ext}").read_bytes()
+            assert made == (tmp_path / f"ref{n}_text_document.{ext}").read_bytes()

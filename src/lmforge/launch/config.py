@@ -89,7 +89,8 @@ RUN_DEFAULTS: dict[str, Any] = {
 #: other values interpolate; such a key is accepted when an interpolation uses it, and refused otherwise.
 #: ``evaluation.run.tasks`` is NeMo's task list: it becomes ``lmforge evaluate --tasks``.
 #: ``conversion.run.nemo_file_name`` names the .nemo file a NeMo-shaped conversion stage writes.
-RUN_STAGE_KEYS = {"evaluation": ("tasks",), "conversion": ("nemo_file_name",)}
+RUN_STAGE_KEYS = {"evaluation": ("tasks",), "conversion": ("nemo_file_name",),
+                  "data_preparation": ("bcp_preproc_npernode",)}  # NGC Base Command only: a note on Slurm
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 

@@ -13,8 +13,13 @@ from the stage's section; ``--task`` defaults to ``$SLURM_ARRAY_TASK_ID``). Conf
     tokenizer: {path: data/tokenizer, train: true, vocab_size: 1024, min_frequency: 2}
     preprocess: {json_keys: [text], append_eod: true, workers: 1}
 
-Each shard ``NAME.jsonl`` becomes ``data_dir/NAME_<key>_document.bin/.idx`` (the prefix a training
-stage's ``model.data.data_prefix`` names).
+Each shard ``NAME.jsonl`` becomes ``data_dir/<output_prefix>NAME_<key>_document.bin/.idx`` (the prefix a
+training stage's ``model.data.data_prefix`` names; ``output_prefix`` is empty unless set).
+
+NeMo Launcher's ``data_preparation/gpt3/download_gpt3_pile.yaml`` body is translated by :func:`from_nemo`: the
+extracted files ``data_dir/NN.jsonl`` of ``file_numbers`` are preprocessed locally into
+``data_dir/my-gpt3_NN_text_document`` with the GPT-2 BPE files in ``vocab_save_dir``; downloading is refused
+(compute nodes are offline).
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ from typing import Any, Optional
 
 from lmforge.errors import ConfigError
 
-KEYS = ("data_dir", "corpus", "stdlib_max_bytes", "stdlib_heldout_bytes", "inputs", "tokenizer", "preprocess")
+KEYS = ("data_dir", "corpus", "stdlib_max_bytes", "stdlib_heldout_bytes", "inputs", "tokenizer", "preprocess",
+        "output_prefix")
+#: NeMo Launcher's download_gpt3_pile.yaml keys, translated by :func:`from_nemo`.
+NEMO_KEYS = ("dataset", "download_the_pile", "the_pile_url", "file_numbers", "preprocess_data", "download_vocab_url",
+             "download_merges_url", "vocab_save_dir", "merges_save_dir", "tokenizer_type", "tokenizer_library",
+             "rm_downloaded", "rm_extracted")
 HELDOUT_FILE = "heldout.jsonl"
 HELDOUT_TASK_FILE = "heldout_task.yaml"
 HELDOUT_TASK_NAME = "stdlib_heldout"
@@ -77,10 +87,88 @@ def check_config(body: dict[str, Any], where: str = "data_preparation") -> int:
     return 1 if corpus == "stdlib" else len(inputs)
 
 
-def shard_prefix(data_dir: Path, shard: Path) -> Path:
-    """The output prefix of one shard: ``data_dir/<shard file name without .jsonl>``."""
+def shard_prefix(data_dir: Path, shard: Path, output_prefix: str = "") -> Path:
+    """The output prefix of one shard: ``data_dir/<output_prefix><shard file name without .jsonl>``."""
     name = shard.name[:-len(".jsonl")] if shard.name.endswith(".jsonl") else shard.stem
-    return data_dir / name
+    return data_dir / f"{output_prefix}{name}"
+
+
+def parse_file_numbers(spec: Any, where: str) -> list[int]:
+    """NeMo's ``file_numbers``: ``"0-29"``, ``"0,3,5-7"`` or one number -> sorted file numbers."""
+    numbers: set[int] = set()
+    try:
+        for part in str(spec).replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError
+            numbers.update(range(first, last + 1))
+    except ValueError:
+        raise ConfigError(f"{where}.file_numbers={spec!r}: give file numbers such as \"0-29\" or \"0,3,5-7\"") from None
+    return sorted(numbers)
+
+
+def from_nemo(body: dict[str, Any], where: str, config_name: str, workers: int, notes: list[str]) -> dict[str, Any]:
+    """lmforge's data preparation config for NeMo's download_gpt3_pile body (``config_name``: the defaults entry,
+    e.g. ``gpt3/download_gpt3_pile``, whose model family names the outputs ``my-gpt3_NN`` as NeMo's do).
+
+    What lmforge does: preprocess the extracted files ``data_dir/NN.jsonl`` (one per ``file_numbers`` entry; one
+    array task each with ``run.array``) with the GPT-2 BPE files ``vocab_save_dir/vocab.json`` +
+    ``merges_save_dir/merges.txt`` and an end-of-document token, as NeMo's preprocessing does.
+
+    Raises:
+        ConfigError: downloading (``download_the_pile: True``), missing tokenizer files, settings lmforge does not
+            have (a BERT corpus, another tokenizer, ``rm_extracted: True``), or lmforge's own keys mixed in.
+    """
+    for key in body:
+        if key not in NEMO_KEYS and key != "data_dir":
+            raise ConfigError(f"{where}.{key}: a NeMo data preparation file (download_gpt3_pile) takes "
+                              f"{', '.join(NEMO_KEYS)}; lmforge's own keys ({', '.join(KEYS)}) go in a file of their own")
+    if body.get("download_the_pile", True):
+        raise ConfigError(f"{where}.download_the_pile=True: lmforge does not download The Pile (compute nodes are "
+                          f"offline): download and extract the files on a machine with network access as "
+                          f"DATA_DIR/NN.jsonl, then set {where}.download_the_pile=False to preprocess them here, or "
+                          f"run `lmforge preprocess --input FILES ...` on local files")
+    if not body.get("preprocess_data", True):
+        raise ConfigError(f"{where}.preprocess_data=False: with nothing downloaded there is nothing to prepare; "
+                          f"remove the data_preparation stage from `stages`")
+    if str(body.get("dataset", "pile")) != "pile":
+        raise ConfigError(f"{where}.dataset={body['dataset']!r}: lmforge translates NeMo's pile preparation only; "
+                          f"list your JSONL files in an lmforge data_preparation file (inputs: [...])")
+    if body.get("rm_extracted"):
+        raise ConfigError(f"{where}.rm_extracted=True: lmforge does not delete its input files; set "
+                          f"{where}.rm_extracted=False (remove them yourself once the datasets are written)")
+    library, kind = str(body.get("tokenizer_library", "megatron")), str(body.get("tokenizer_type", "GPT2BPETokenizer"))
+    if library != "megatron" or kind != "GPT2BPETokenizer":
+        raise ConfigError(f"{where}: tokenizer_library={library}, tokenizer_type={kind}: lmforge translates the GPT-2 "
+                          f"BPE preparation (megatron, GPT2BPETokenizer); for other tokenizers run `lmforge "
+                          f"preprocess --tokenizer-library ... --tokenizer-type ...` on the local files")
+    model_type = "bert" if "bert" in config_name else "gpt3" if "gpt3" in config_name else "t5"
+    if model_type != "gpt3":
+        raise ConfigError(f"{where} ({config_name}): NeMo prepares {model_type} data differently (sentence splitting "
+                          f"or its own vocabulary); lmforge translates the gpt3 preparation only")
+    data_dir = Path(str(body["data_dir"]))
+    vocab_dir, merges_dir = body.get("vocab_save_dir"), body.get("merges_save_dir")
+    if not vocab_dir or str(vocab_dir) != str(merges_dir):
+        raise ConfigError(f"{where}.vocab_save_dir={vocab_dir} and merges_save_dir={merges_dir}: lmforge reads the "
+                          f"GPT-2 files from one folder; give both the same folder")
+    for name in ("vocab.json", "merges.txt"):
+        if not (Path(str(vocab_dir)) / name).is_file():
+            url = body.get("download_vocab_url" if name == "vocab.json" else "download_merges_url")
+            raise ConfigError(f"{where}: {Path(str(vocab_dir)) / name} does not exist and lmforge does not download "
+                              f"it{f' ({url})' if url else ''}; copy GPT-2's {name} there first")
+    numbers = parse_file_numbers(body.get("file_numbers", "0-29"), where)
+    notes.append(f"{where}: NeMo's pile preparation becomes preprocessing of the local files {data_dir}/"
+                 f"{numbers[0]:02d}.jsonl ... into {data_dir}/my-gpt3_NN_text_document (nothing is downloaded)")
+    return {"data_dir": str(data_dir), "corpus": None,
+            "inputs": [str(data_dir / f"{n:02d}.jsonl") for n in numbers], "output_prefix": "my-gpt3_",
+            "tokenizer": {"path": str(vocab_dir), "train": False},
+            "preprocess": {"json_keys": ["text"], "append_eod": True, "workers": workers}}
+
+
+def is_nemo_body(body: dict[str, Any]) -> bool:
+    """A NeMo download_gpt3_pile body: it has one of NeMo's keys (lmforge's own mixed in are refused)."""
+    return any(k in NEMO_KEYS for k in body)
 
 
 def write_stdlib_heldout(corpus: Path, data_dir: Path, max_bytes: int) -> dict:
@@ -172,7 +260,7 @@ def run(body: dict[str, Any], task: Optional[int] = None, log=print) -> dict:
     mine = shards if task is None else [shards[task]]
     datasets = []
     for shard in mine:
-        prefix = shard_prefix(data_dir, shard)
+        prefix = shard_prefix(data_dir, shard, str(body.get("output_prefix") or ""))
         preprocess([str(shard)], str(prefix), str(tok_path), json_keys=tuple(pre.get("json_keys") or ["text"]),
                    append_eod=bool(pre.get("append_eod", True)), workers=int(pre.get("workers", 1)),
                    log=lambda *a: None, overwrite=True)

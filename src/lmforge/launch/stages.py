@@ -211,13 +211,23 @@ def _yaml(body: dict) -> str:
 
 
 def _build_data_preparation(cfg: DictConfig, stage: str, commands) -> Stage:
-    from lmforge.launch.dataprep import check_config
+    from lmforge.launch import dataprep
 
     run = run_block(cfg, stage)
     body = stage_body(cfg, stage)
     body.setdefault("data_dir", str(cfg.data_dir))
-    shards = check_config(body, where=stage)
     array = run["array"]
+    if dataprep.is_nemo_body(body):  # NeMo's download_gpt3_pile: local preprocessing of NN.jsonl, one task each
+        workers = int(cfg.get("cluster", {}).get("cpus_per_task") or 1)
+        body = dataprep.from_nemo(body, stage, str((cfg.get("_choices") or {}).get(stage) or ""), workers,
+                                  cfg["_notes"])
+        if array not in (None, False):
+            array = True  # NeMo's array ids are the file numbers; lmforge's tasks index the input list
+        raw_run = (cfg.get(stage) or {}).get("run") or {}
+        if raw_run.get("bcp_preproc_npernode") is not None:
+            cfg["_notes"].append(f"{stage}.run.bcp_preproc_npernode applies to NGC Base Command clusters only; on "
+                                 f"Slurm each array task preprocesses one file, as NeMo does there")
+    shards = dataprep.check_config(body, where=stage)
     array_count = array_spec = None
     if array not in (None, False):
         if body.get("corpus") == "stdlib" or not body.get("inputs"):
