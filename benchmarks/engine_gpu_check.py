@@ -1,10 +1,15 @@
-"""GPU check of the serving engine's captured decode step (run by hand on a GPU; CI has none).
+"""GPU check of the serving engine's captured decode step and paged cache (run by hand on a GPU; CI has none).
 
-The compiled, CUDA-graph decode path must give the greedy tokens of the eager path for a batch of
+The Triton paged decode-attention kernel must match its PyTorch reference (bf16, fp16, fp32; batch 1 with a long
+context, large batches of mixed lengths, grouped and plain heads, a sliding window). The compiled, CUDA-graph
+decode path must give the greedy tokens of the eager reference path (PyTorch attention) for a batch of
 prompts of different lengths joining and leaving (continuous batching), in fp32, for a dense model, a
 grouped-query model with a sliding window, a tied head, an ALiBi model, a model serving two LoRA adapters
 per request (MultiLoRA's row buffer read by the captured graphs) and a p-tuned model (virtual tokens in
-front of every prompt). Each dense model also decodes prompts alone (batch 1, the graphs of one row).
+front of every prompt). Each dense model also decodes prompts alone (batch 1, the graphs of one row). Then the
+scheduler on the GPU: a compiled engine with a tiny KV cache (preemptions), a small token budget (chunked
+prefill) and shared prompt prefixes (prefix-cache hits) gives the reference tokens, and a cache sized by
+``gpu_memory_utilization`` stays within it.
 The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.kernels`, at batch 1) unless
 ``--no-kernels``. Exits non-zero on a mismatch.
 
@@ -37,6 +42,71 @@ SHAPES = {
 
 
 KERNELS = "--no-kernels" not in sys.argv[1:]
+BLOCKS = 3 * 44  # three sequences of 700 positions in blocks of 16 (engines made one after another share the card)
+
+
+def check_paged_kernel() -> int:
+    """paged_decode_attention against paged_attention_reference on the GPU; returns the mismatches."""
+    from lmforge.serve import kernels as K
+
+    failures = 0
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = [(1, 32, 8, 64, 4000, torch.bfloat16, 0), (64, 32, 8, 128, 2048, torch.bfloat16, 0),
+             (8, 32, 32, 128, 1500, torch.float16, 0), (5, 6, 2, 64, 700, torch.float32, 37),
+             (128, 32, 8, 64, 300, torch.bfloat16, 0)]
+    for B, nh, nkv, hd, max_len, dt, window in cases:
+        bs = 16
+        per = -(-max_len // bs)
+        blocks = B * per + 1
+        kc = torch.randn(blocks, bs, nkv, hd, device="cuda", dtype=dt, generator=g)
+        vc = torch.randn(blocks, bs, nkv, hd, device="cuda", dtype=dt, generator=g)
+        tables = (torch.randperm(blocks - 1, device="cuda", generator=g)[: B * per] + 1).view(B, per).int()
+        lens = torch.randint(1, max_len + 1, (B,), device="cuda", generator=g)
+        lens[0] = max_len
+        q = torch.randn(B, nh, hd, device="cuda", dtype=dt, generator=g)
+        ref = K.paged_attention_reference(q, kc, vc, tables, lens, hd ** -0.5, window or None).float()
+        out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, 0).float()
+        err = (out - ref).abs().max().item()
+        tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]
+        ok = err <= tol
+        failures += not ok
+        print(f"paged kernel B={B} heads {nh}/{nkv} hd={hd} len<={max_len} {dt} window={window}: max error {err:.2e} "
+              f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    return failures
+
+
+def check_scheduling(shape: dict, g: torch.Generator) -> int:
+    """Preemption, chunked prefill and prefix caching on the GPU (compiled) against the eager reference."""
+    model = Transformer(ModelConfig(**shape)).cuda()
+    model.init_weights(seed=1)
+    model.eval()
+    shared = torch.randint(0, 503, (100,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 150, 1, 60, 33, 200)]
+    prompts += [torch.randint(0, 503, (n,), generator=g).tolist() for n in (300, 7)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (80, 20, 150, 64, 3, 40, 90, 120)]
+    ref = Engine(model, None, max_batch_size=8, max_seq_len=700, decode_kernels=False, num_kv_blocks=8 * 44,
+                 enable_prefix_caching=False).generate(prompts, params)
+    failures = 0
+    for tight in (False, True):
+        eng = Engine(model, None, max_batch_size=8, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
+                     num_kv_blocks=50 if tight else 8 * 44, max_num_batched_tokens=64)
+        got = eng.generate(prompts, params)
+        same = [a == b for a, b in zip(ref, got)]
+        alloc = eng.cache.allocator
+        alloc.check()
+        print(f"scheduling ({'50 blocks' if tight else 'roomy cache'}, 64-token steps): {sum(same)}/{len(same)} equal; "
+              f"preemptions {eng.metrics.preemptions}, prefix-cache hits {alloc.hits}/{alloc.queries}, blocks in use "
+              f"after {alloc.num_used}; start-up {eng.startup_seconds:.1f} s", flush=True)
+        failures += len(same) - sum(same) + (alloc.num_used != 0) + (tight and eng.metrics.preemptions == 0)
+        del eng
+    torch.cuda.empty_cache()
+    eng = Engine(model, None, max_batch_size=8, max_seq_len=700, gpu_memory_utilization=0.5)
+    total = torch.cuda.mem_get_info()[1]
+    ok = 0 < eng.memory_bytes() <= 0.5 * total and torch.cuda.memory_reserved() <= 0.5 * total
+    print(f"gpu_memory_utilization=0.5: {eng.cache.num_blocks - 1} blocks, {eng.memory_bytes() / 2**30:.2f} GiB of "
+          f"{total / 2**30:.0f} GiB; reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB "
+          f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    return failures + (not ok)
 
 
 def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
@@ -46,7 +116,7 @@ def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
     model.init_weights(seed=1)
     lora = MultiLoRA(model.eval(), folders, max_rows=4)
     return Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=compiled, lora=lora,
-                  decode_kernels=KERNELS)
+                  decode_kernels=KERNELS if compiled else False, num_kv_blocks=BLOCKS)
 
 
 def write_adapters(shape: dict, root) -> dict:
@@ -72,7 +142,7 @@ def main() -> int:
         raise SystemExit("this check needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    failures = 0
+    failures = check_paged_kernel()
     g = torch.Generator().manual_seed(0)
     for name, shape in SHAPES.items():
         model = Transformer(ModelConfig(**shape)).cuda()
@@ -80,15 +150,18 @@ def main() -> int:
         model.eval()
         prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90, 260, 33)]
         params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (40, 7, 300, 12, 64, 3, 20)]
-        ref = Engine(model, None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
+        ref = Engine(model, None, max_batch_size=3, max_seq_len=700, decode_kernels=False,
+                     num_kv_blocks=BLOCKS).generate(prompts, params)
         for rounds in range(2):  # the second round replays the graphs recorded by the first
-            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS)
+            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
+                         num_kv_blocks=BLOCKS)
             got = eng.generate(prompts, params)
             same = [a == b for a, b in zip(ref, got)]
             print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng.runner.graphs.graphs)}",
                   flush=True)
             failures += len(same) - sum(same)
-        eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS)
+        eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
+                     num_kv_blocks=44)
         got = [eng.generate([p], q)[0] for p, q in zip(prompts[:4], params[:4])]
         same = [a == b for a, b in zip(ref[:4], got)]
         print(f"{name} batch 1: {sum(same)}/{len(same)} prompts equal", flush=True)
@@ -132,12 +205,14 @@ def main() -> int:
 
     prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90)]
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    ref = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700).generate(prompts, params)
+    ref = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700, decode_kernels=False,
+                 num_kv_blocks=BLOCKS).generate(prompts, params)
     got = Engine(ptuned(), None, max_batch_size=3, max_seq_len=700, compile_decode=True,
-                 decode_kernels=KERNELS).generate(prompts, params)
+                 decode_kernels=KERNELS, num_kv_blocks=BLOCKS).generate(prompts, params)
     same = [a == b for a, b in zip(ref, got)]
     print(f"p-tuning: {sum(same)}/{len(same)} prompts equal", flush=True)
     failures += len(same) - sum(same)
+    failures += check_scheduling(SHAPES["llama-gqa"], g)
     print("OK" if not failures else f"FAILED: {failures} mismatches")
     return 1 if failures else 0
 

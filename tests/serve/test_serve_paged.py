@@ -161,3 +161,24 @@ def test_cache_sizes_and_their_errors(models):
     with pytest.raises(InvalidRequestError, match="gpu_memory_utilization"):
         Engine(model, gpu_memory_utilization=1.5)
     assert torch.equal(engine.cache.tables, torch.zeros_like(engine.cache.tables))
+
+
+def test_serve_load_benchmark_runs_offline(tmp_path):
+    """benchmarks/serve_load.py's offline mode on the tiny shape (a tight cache: preemptions): every requested
+    token is generated and counted, and the JSON report holds the latency percentiles."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--shape", "tiny", "--num-requests", "6", "--prompt-len", "4", "30", "--output-len", "2", "9",
+            "--max-batch-size", "4", "--max-num-batched-tokens", "16", "--num-kv-blocks", "4", "--passes", "1",
+            "--json", str(tmp_path / "load.json")]
+    assert bench.main(argv) == 0
+    (row,) = json.loads((tmp_path / "load.json").read_text())["results"]
+    expected = sum(n for _, n in bench.workload(bench.parse_args(argv), bench.SHAPES["tiny"]["vocab_size"]))
+    assert row["output_tokens"] == expected and row["output_tok_per_s"] > 0
+    assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["tpot_p50"] <= row["tpot_p99"]

@@ -222,8 +222,9 @@ class PagedKVCache:
     def _write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` (B, T, nkv, hd) at flat positions ``slots`` (B, T) (block * block_size + offset)."""
         kb, vb = self.k[layer_idx], self.v[layer_idx]
-        kb.view(-1, *kb.shape[2:]).index_put_((slots,), k.to(kb.dtype))
-        vb.view(-1, *vb.shape[2:]).index_put_((slots,), v.to(vb.dtype))
+        index = (slots // self.block_size, slots % self.block_size)  # the buffers themselves, no view (compile)
+        kb.index_put_(index, k.to(kb.dtype))
+        vb.index_put_(index, v.to(vb.dtype))
 
     def _gather(self, layer_idx: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, nb = tables.shape
@@ -271,9 +272,9 @@ class PagedKVCache:
         B, hd = q.shape[0], attn.head_dim
         slots = self._decode_slots(positions)  # (B, 1)
         if (B == 1 and attn.use_rope and rope[0].shape[-1] == hd and k.dtype == kb.dtype):
-            # one row: rotary and the cache write in one kernel (the flat cache seen as one slot of positions)
-            qr = K.rope_cache_write(q, k, v, rope[0].reshape(-1), rope[1].reshape(-1), slots.reshape(1),
-                                    kb.view(1, -1, *kb.shape[2:]), vb.view(1, -1, *vb.shape[2:]))
+            # one row: rotary and the cache write in one kernel; it stores at ``slot * stride(1)``, which is block
+            # ``slot // block_size``, offset ``slot % block_size`` of the (contiguous) buffers
+            qr = K.rope_cache_write(q, k, v, rope[0].reshape(-1), rope[1].reshape(-1), slots.reshape(1), kb, vb)
         else:
             qr = q.view(B, 1, -1, hd)
             kr = k.view(B, 1, -1, hd)

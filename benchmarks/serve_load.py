@@ -1,0 +1,211 @@
+"""Serving under load: output tokens/s, time to first token and time per output token (p50/p99).
+
+Offline mode (the default): a fresh :class:`~lmforge.serve.engine.Engine` over a model of a named shape with random
+weights receives ``--num-requests`` requests at once, prompts of random tokens with lengths uniform in
+``--prompt-len A B``, outputs uniform in ``--output-len C D`` (greedy, the end-of-sequence token ignored), and runs
+them to completion; ``--passes 2`` runs the same requests again on the same engine (a warm engine: with graphs
+captured at start-up, the first pass should already be as fast). Start-up (cache sizing, graph capture) is
+reported apart.
+
+    python benchmarks/serve_load.py --shape llama3.2/1b --num-requests 512 --prompt-len 64 1024 \\
+        --output-len 32 512 --max-batch-size 128 --compile
+
+Online mode (``--url``): Poisson arrivals at ``--rate`` requests/s against a running ``lmforge serve`` (streamed
+completions of random token-id prompts below ``--vocab-size``), with the same report:
+
+    lmforge serve CKPT --compile --port 8000 &
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000/v1 --model CKPT_NAME --rate 16 --vocab-size 32000
+
+``--json PATH`` writes every pass's numbers. Nothing here is run by the test suite except a CPU smoke run of
+the offline mode on the ``tiny`` shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.serve.engine import Engine, SamplingParams
+
+_LLAMA = dict(normalization="rmsnorm", activation="swiglu", bias=False, position_embedding_type="rope",
+              layernorm_epsilon=1e-5)
+#: Named shapes (the models' Hugging Face config.json values; weights are random).
+SHAPES = {
+    # meta-llama/Llama-3.2-1B
+    "llama3.2/1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_attention_heads=32, num_query_groups=8,
+                        ffn_hidden_size=8192, max_position_embeddings=131072, rotary_base=500000.0,
+                        share_embeddings_and_output_weights=True, **_LLAMA),
+    # meta-llama/Llama-3.1-8B
+    "llama3.1/8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
+                        ffn_hidden_size=14336, max_position_embeddings=131072, rotary_base=500000.0,
+                        share_embeddings_and_output_weights=False, **_LLAMA),
+    # meta-llama/Llama-2-7b-hf
+    "llama2/7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=32,
+                      ffn_hidden_size=11008, max_position_embeddings=4096, rotary_base=10000.0,
+                      share_embeddings_and_output_weights=False, **_LLAMA),
+    # a CPU smoke test
+    "tiny": dict(vocab_size=257, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                 ffn_hidden_size=128, max_position_embeddings=512, share_embeddings_and_output_weights=True, **_LLAMA),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2/1b")
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[64, 1024], metavar=("A", "B"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[32, 512], metavar=("C", "D"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    # offline
+    p.add_argument("--max-batch-size", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the longest prompt + output")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--compile", action="store_true", help="CUDA graphs and Triton kernels (GPU)")
+    p.add_argument("--passes", type=int, default=2, help="runs of the same requests on the same engine")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
+    # online
+    p.add_argument("--url", default=None, help="an lmforge server's /v1 address: online mode")
+    p.add_argument("--model", default=None, help="online: the served model's name")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--rate", type=float, default=16.0, help="online: requests per second (Poisson arrivals)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="online: prompt token ids are drawn below it")
+    return p.parse_args(argv)
+
+
+def workload(a, vocab: int) -> list[tuple[list[int], int]]:
+    """``(prompt_ids, max_tokens)`` of every request, from ``--seed``."""
+    rng = np.random.default_rng(a.seed)
+    out = []
+    for _ in range(a.num_requests):
+        n = int(rng.integers(a.prompt_len[0], a.prompt_len[1] + 1))
+        out.append((rng.integers(0, vocab, n).tolist(), int(rng.integers(a.output_len[0], a.output_len[1] + 1))))
+    return out
+
+
+def summarize(name: str, wall: float, output_tokens: int, ttft: list[float], tpot: list[float], **extra) -> dict:
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    row = {"pass": name, "seconds": wall, "output_tokens": output_tokens, "output_tok_per_s": output_tokens / wall,
+           "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
+           **extra}
+    print(f"{name}: {output_tokens} output tokens in {wall:.1f} s = {row['output_tok_per_s']:,.0f} tok/s; "
+          f"TTFT p50 {row['ttft_p50'] * 1e3:.0f} ms p99 {row['ttft_p99'] * 1e3:.0f} ms; "
+          f"TPOT p50 {row['tpot_p50'] * 1e3:.1f} ms p99 {row['tpot_p99'] * 1e3:.1f} ms"
+          + "".join(f"; {k} {v}" for k, v in extra.items()), flush=True)
+    return row
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> Transformer:
+    cfg = ModelConfig(**SHAPES[shape])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model.init_weights(seed=0)
+    return model.to(dtype).eval()
+
+
+def offline(a) -> list[dict]:
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    model = build_model(a.shape, a.device, dtype)
+    requests = workload(a, model.cfg.vocab_size)
+    max_seq_len = a.max_seq_len or a.prompt_len[1] + a.output_len[1]
+    start = time.perf_counter()
+    engine = Engine(model, None, max_batch_size=a.max_batch_size, max_seq_len=max_seq_len,
+                    max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
+                    gpu_memory_utilization=a.gpu_memory_utilization, num_kv_blocks=a.num_kv_blocks,
+                    enable_prefix_caching=not a.no_prefix_caching, compile_decode=a.compile)
+    startup = time.perf_counter() - start
+    blocks = engine.cache.num_blocks - 1
+    print(f"{a.shape} on {torch.cuda.get_device_name() if a.device.startswith('cuda') else a.device}, {dtype}: "
+          f"start-up {startup:.1f} s (graph capture {engine.startup_seconds:.1f} s); KV cache {blocks} blocks of "
+          f"{a.block_size} = {blocks * a.block_size:,} tokens ({engine.memory_bytes() / 2**30:.1f} GiB); "
+          f"{a.num_requests} requests, prompts {a.prompt_len}, outputs {a.output_len}, max batch {a.max_batch_size}",
+          flush=True)
+    rows = []
+    for i in range(a.passes):
+        preempted = engine.metrics.preemptions
+        for j, (prompt, n) in enumerate(requests):
+            engine.add_request(f"p{i}-{j}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        t0 = time.perf_counter()
+        tokens, ttft, tpot = 0, [], []
+        while engine.has_work():
+            for out in engine.step():
+                tokens += len(out.token_ids)
+                if out.finished and out.metrics is not None:
+                    if out.metrics.ttft is not None:
+                        ttft.append(out.metrics.ttft)
+                    if out.metrics.tpot is not None:
+                        tpot.append(out.metrics.tpot)
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rows.append(summarize("fresh engine" if i == 0 else f"pass {i + 1}", time.perf_counter() - t0, tokens, ttft,
+                              tpot, preemptions=engine.metrics.preemptions - preempted,
+                              startup_seconds=round(startup, 2)))
+    return rows
+
+
+def online(a) -> list[dict]:
+    import asyncio
+
+    import openai
+
+    requests = workload(a, a.vocab_size)
+    rng = np.random.default_rng(a.seed + 1)
+    gaps = rng.exponential(1.0 / a.rate, len(requests))
+
+    async def one(client, prompt, n, delay, results):
+        await asyncio.sleep(delay)
+        t0 = time.perf_counter()
+        first: Optional[float] = None
+        count = 0
+        stream = await client.completions.create(model=a.model, prompt=prompt, max_tokens=n, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and first is None:
+                first = time.perf_counter()
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
+        end = time.perf_counter()
+        results.append((first - t0 if first else None, (end - first) / (count - 1) if first and count > 1 else None, count))
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=a.url, api_key=a.api_key, max_retries=0, timeout=3600)
+        results: list = []
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(client, p, n, float(d), results)
+                               for (p, n), d in zip(requests, np.cumsum(gaps))])
+        await client.close()
+        return time.perf_counter() - t0, results
+
+    wall, results = asyncio.run(run())
+    return [summarize(f"online {a.rate}/s", wall, sum(r[2] for r in results), [r[0] for r in results if r[0] is not None],
+                      [r[1] for r in results if r[1] is not None])]
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.url is not None and a.model is None:
+        raise SystemExit("--url needs --model (the served model's name)")
+    rows = online(a) if a.url else offline(a)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "results": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
