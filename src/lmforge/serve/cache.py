@@ -29,8 +29,12 @@ from collections import OrderedDict, deque
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.models.transformer import apply_rotary
+
+#: SDPA attends grouped-query heads itself from torch 2.5 on.
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 __all__ = ["BlockAllocator", "PagedKVCache", "NoFreeBlocks", "block_hash", "bucket", "block_bytes"]
 
@@ -176,6 +180,7 @@ class PagedKVCache:
         self.tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32, device=device)
         self.use_kernel = False  # the engine turns the Triton decode kernel on (compiled, GPU)
         self._bound: Optional[tuple] = None
+        self._fresh = False
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -201,6 +206,9 @@ class PagedKVCache:
         dev = self.k[0].device
         self._bound = ("prefill", slots.to(dev, non_blocking=True), tables.to(dev, non_blocking=True),
                        mask[:, None].to(dev, non_blocking=True))  # (B, 1, T, S)
+        # Every row starts at position 0 (fresh prompts): the hook attends the new keys causally (flash attention on
+        # a GPU) instead of gathering through the tables with a mask.
+        self._fresh = bool((positions[:, 0] == 0).all())
 
     def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor,
                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,10 +266,13 @@ class PagedKVCache:
 
     def attention(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, positions: Optional[torch.Tensor]
                   ) -> Optional[torch.Tensor]:
-        """The serving hook of :meth:`lmforge.models.transformer.Attention.attend`: a decode step's attention of
-        layer ``attn`` through the Triton paged kernel, from the projections ``q`` (B, 1, nh*hd), ``k``, ``v``
-        (B, 1, nkv*hd) before rotary: rotates, stores the token and attends. Returns (B, 1, nh*hd), or None
-        where the kernel does not apply (the model then goes the reference way: :meth:`update`)."""
+        """The serving hook of :meth:`lmforge.models.transformer.Attention.attend`, from the projections ``q``
+        (B, T, nh*hd), ``k``, ``v`` (B, T, nkv*hd) before rotary: rotates, stores the new keys and values and
+        attends. A decode step runs the Triton paged kernel; a prefill of fresh prompts attends causally over the
+        new keys alone. Returns (B, T, nh*hd), or None where neither applies (the model then goes the reference
+        way: :meth:`update`)."""
+        if self._bound is not None and self._bound[0] == "prefill":
+            return self._fresh_prefill(attn, q, k, v, rope)
         if not self.use_kernel or self._bound is None or self._bound[0] != "decode" or q.shape[1] != 1:
             return None
         from lmforge.serve import kernels as K
@@ -285,3 +296,26 @@ class PagedKVCache:
         out = K.paged_decode_attention(qr.reshape(B, -1, hd), kb, vb, self.tables[:B], positions[:, 0] + 1, scale,
                                        attn.window or 0, 0)
         return out.reshape(B, 1, -1)
+
+    def _fresh_prefill(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> Optional[torch.Tensor]:
+        """A prefill whose rows all start at position 0: store the keys and values, then causal attention over the
+        new ones alone (right padding only follows a row's tokens, so causality keeps it unseen). None for a chunk
+        after earlier ones, a window, ALiBi or soft-capped scores (the reference path handles those)."""
+        if (not self._fresh or attn.window is not None or attn.alibi_slopes is not None or attn.logit_cap is not None
+                or attn.training or (attn.use_rope and rope is None)):
+            return None
+        B, T, hd = q.shape[0], q.shape[1], attn.head_dim
+        qr, kr, vr = q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
+        if attn.use_rope:
+            qr, kr = apply_rotary(qr, *rope), apply_rotary(kr, *rope)
+        self._write(attn.layer_idx, self._bound[1], kr, vr)
+        qr, kr, vr = qr.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2)  # (B, n, T, hd)
+        extra = {}
+        if kr.shape[1] != qr.shape[1]:
+            if _SDPA_HAS_GQA:
+                extra["enable_gqa"] = True
+            else:
+                group = qr.shape[1] // kr.shape[1]
+                kr, vr = kr.repeat_interleave(group, dim=1), vr.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(qr, kr, vr, is_causal=T > 1, scale=attn.scale, **extra)
+        return y.transpose(1, 2).reshape(B, T, -1)

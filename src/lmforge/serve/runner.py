@@ -232,7 +232,9 @@ class ModelRunner:
                 f"{time.perf_counter() - start:.1f}s")
         torch.cuda.synchronize()
         self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log(f"captured {len(shapes)} decode graph sets (batches {sorted({b for b, _ in shapes})}) in {seconds:.1f}s")
+        return seconds
 
     # -- prefill -----------------------------------------------------------------------------------------------
 
