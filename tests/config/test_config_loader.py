@@ -414,3 +414,12 @@ def test_tokenizer_path():
     assert tokenizer_path(load_config("tiny/gpt", ["model.tokenizer.model=tok/"])) == "tok/"
     assert tokenizer_path(load_config("tiny/gpt", ["model.tokenizer.type=some/folder"])) == "some/folder"
     assert tokenizer_path(load_config("tiny/gpt")) is None
+
+
+@pytest.mark.parametrize("key", ["always_save_nemo", "save_nemo_on_train_end"])
+def test_saving_nemo_archives_while_training_is_refused_not_ignored(key):
+    """The users' list sets always_save_nemo=False (what lmforge does); True would write .nemo files in NeMo."""
+    load_config("gpt3/126m", [f"exp_manager.checkpoint_callback_params.{key}=False"])
+    with pytest.raises(ConfigError, match=rf"{key}=true .*lmforge supports only NeMo's default false.*"
+                                          r"`lmforge export CHECKPOINT OUT.nemo --format nemo`"):
+        load_config("gpt3/126m", [f"exp_manager.checkpoint_callback_params.{key}=True"])

@@ -35,6 +35,7 @@ from lmforge.config.schema import (
     DATALOADER_TYPES,
     FSDP_REDUCE_DTYPES,
     NEMO_FIXED,
+    NEMO_FIXED_HINTS,
     NEMO_IGNORED,
     OPTIMIZER_ALIASES,
     OPTIMIZERS,
@@ -169,8 +170,9 @@ class _Report:
         for key, (value, where) in self.fixed.items():
             if _is_interpolation(value) or value == NEMO_FIXED[key]:
                 continue
+            hint = f"; {NEMO_FIXED_HINTS[key]}" if key in NEMO_FIXED_HINTS else ""
             out.append(f"{key}={_show(value)} ({where}): lmforge supports only NeMo's default "
-                       f"{_show(NEMO_FIXED[key])} for this key")
+                       f"{_show(NEMO_FIXED[key])} for this key{hint}")
         return out
 
     def warnings(self) -> list[str]:

@@ -339,8 +339,6 @@ NEMO_IGNORED: dict[str, Any] = {
     "exp_manager.version": ANY,
     "exp_manager.use_datetime_version": ANY,
     "exp_manager.ema": ANY,
-    "exp_manager.checkpoint_callback_params.always_save_nemo": False,
-    "exp_manager.checkpoint_callback_params.save_nemo_on_train_end": False,
     "exp_manager.checkpoint_callback_params.filename": ANY,
     "exp_manager.checkpoint_callback_params.model_parallel_size": ANY,
     "exp_manager.checkpoint_callback_params.save_weights_only": False,
@@ -432,4 +430,17 @@ NEMO_FIXED: dict[str, Any] = {
     "model.normalize_attention_scores": True,
     "model.headscale": False,
     "model.attention_type": "multihead",
+    # lmforge writes no .nemo archive while training: `lmforge export CHECKPOINT OUT.nemo --format nemo` afterwards
+    "exp_manager.checkpoint_callback_params.always_save_nemo": False,
+    "exp_manager.checkpoint_callback_params.save_nemo_on_train_end": False,
+}
+
+#: What to do instead of a NEMO_FIXED key's other values (appended to its error).
+NEMO_FIXED_HINTS: dict[str, str] = {
+    "exp_manager.checkpoint_callback_params.always_save_nemo":
+        "lmforge writes no .nemo file while training; export a checkpoint afterwards with `lmforge export "
+        "CHECKPOINT OUT.nemo --format nemo`",
+    "exp_manager.checkpoint_callback_params.save_nemo_on_train_end":
+        "lmforge writes no .nemo file while training; export the last checkpoint with `lmforge export "
+        "CHECKPOINT OUT.nemo --format nemo`",
 }
