@@ -233,6 +233,18 @@ def test_nemo_peft_keys_without_meaning_are_refused(tree, override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_nemo_peft_restore_from_a_nemo_archive_is_refused_at_launch():
+    from lmforge.launch.nemo_peft import translate
+
+    body = {"model": {"restore_from_path": "/models/llama2_7b.nemo", "data": {"train_ds": {"file_names": ["t.jsonl"]}}}}
+    with pytest.raises(ConfigError, match=r"peft.model.restore_from_path=/models/llama2_7b.nemo: lmforge fine-tunes an "
+                                          r"lmforge checkpoint or an HF folder, not a .nemo archive.*lmforge convert"):
+        translate("peft", body, [])
+    body["model"]["restore_from_path"] = "/models/llama2_7b"
+    assert translate("peft", body, []) == {"method": "lora", "model": "/models/llama2_7b", "data": "t.jsonl",
+                                           "peft": {"lora": {"lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj"]}}}
+
+
 def test_nemo_peft_body_trains_locally(tree, tmp_path, tiny_corpus, capsys):
     from lmforge.data.tokenizers import load_tokenizer
     from tests.finetune.conftest import save_tiny_model, task_records, write_jsonl

@@ -255,8 +255,10 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
                               f"translates are listed in docs/launcher.md, 'NeMo Launcher configs')")
     if method == "lora":
         lora = (out.get("peft") or {}).get("lora") or {}
-        if "lora_alpha" not in lora and "r" in lora:
-            _set(out, "peft.lora.lora_alpha", lora["r"])  # NeMo's alpha defaults to the rank: scale 1
+        if "lora_alpha" not in lora:  # NeMo's alpha defaults to the rank: scale 1
+            from lmforge.finetune.config import LoRASection
+
+            _set(out, "peft.lora.lora_alpha", lora.get("r", LoRASection.r))
         if "target_modules" not in lora:
             _set(out, "peft.lora.target_modules", list(LORA_TARGETS["attention_qkv"]))  # NeMo's default
     if model.get("answer_only_loss") is not None:
@@ -266,4 +268,9 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
     if "model" not in out or out["model"] in (None, "???"):
         raise ConfigError(f"{stage}.model.restore_from_path is required: the base model (an lmforge checkpoint, an "
                           f"HF folder or a .nemo file)")
+    if str(out["model"]).endswith(".nemo"):
+        raise ConfigError(f"{stage}.model.restore_from_path={out['model']}: lmforge fine-tunes an lmforge checkpoint or "
+                          f"an HF folder, not a .nemo archive; point it at the training stage's results folder, or "
+                          f"convert the archive first (`lmforge convert {out['model']} FOLDER --to lmforge`) and name "
+                          f"FOLDER")
     return out
