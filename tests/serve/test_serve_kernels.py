@@ -109,6 +109,35 @@ CHECKS = textwrap.dedent("""
         ref = K.paged_attention_reference(q, kc, vc, tables, lens, 0.25, window or None)
         out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.25, window, splits)
         assert out.shape == (2, 4, 16) and (out - ref).abs().max().item() < 1e-5, (window, (out - ref).abs().max())
+    # the cache's hook in a decode step of 3 rows (rotary, cache write, the paged kernel; a sliding window) gives the
+    # block's output of the reference path (gather + the model's attention) and writes the same cache
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.serve.cache import PagedKVCache
+    cfg = ModelConfig(vocab_size=50, hidden_size=64, num_layers=1, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=64, max_position_embeddings=64, normalization="rmsnorm", activation="swiglu",
+                      bias=False, position_embedding_type="rope", sliding_window=9)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    model.eval()
+    ids, pos = torch.tensor([[3], [7], [11]]), torch.tensor([[20], [5], [40]])
+    filled = torch.randn(12, 16, 2, 16), torch.randn(12, 16, 2, 16)
+    results, kernel_calls = [], []
+    paged = K.paged_decode_attention
+    K.paged_decode_attention = lambda *a: kernel_calls.append(1) or paged(*a)
+    for use_kernel in (False, True):
+        cache = PagedKVCache(cfg, 12, 16, 64, 4)
+        cache.k[0].copy_(filled[0])
+        cache.v[0].copy_(filled[1])
+        cache.tables[:3, :3] = torch.tensor([[4, 9, 0], [2, 0, 0], [7, 1, 11]], dtype=torch.int32)
+        cache.use_kernel = use_kernel
+        with torch.no_grad():
+            x, rope = model.embed(ids, positions=pos)
+            cache.bind_decode(torch.arange(48))
+            results.append((model.layers[0](x, rope, cache, 0, pos, None), cache.k[0].clone(), cache.v[0].clone()))
+    (ref, k_ref, v_ref), (out, k_out, v_out) = results
+    assert (out - ref).abs().max().item() < 1e-5 and (k_out - k_ref).abs().max().item() < 1e-5
+    assert torch.equal(v_out, v_ref) and not torch.equal(k_out, filled[0]) and len(kernel_calls) == 1
     print("kernels ok")
 """)
 

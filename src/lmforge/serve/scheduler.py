@@ -1,8 +1,8 @@
 """The scheduler: which sequences feed which tokens in the next step, within the KV cache's blocks.
 
 Each step (:meth:`Scheduler.schedule`) works under two budgets: ``max_num_batched_tokens`` tokens fed in the
-step and ``max_batch_size`` running sequences. Running sequences come first, oldest first: a decoding one feeds
-one token, a prefilling one its next chunk (as many of its remaining tokens as the budget leaves). Then waiting
+step and ``max_batch_size`` running sequences. Running sequences come first: every decoding one feeds one token,
+then each prefilling one its next chunk (as many of its remaining tokens as the budget leaves). Then waiting
 requests are admitted in arrival order (preempted ones first) while the budgets last and their first chunk's
 blocks are free (beyond a small watermark); a prompt longer than the budget is prefilled over several steps,
 so long prompts never stall the streams already decoding (chunked prefill).
@@ -136,9 +136,12 @@ class Scheduler:
     def schedule(self) -> Schedule:
         out = Schedule()
         budget = self.max_num_batched_tokens
-        for seq in list(self.running):
+        # Decoding sequences first (one token each, oldest first), then the chunks of those still prefilling: a
+        # long prompt never holds a running stream back.
+        order = [s for s in self.running if not s.prefilling] + [s for s in self.running if s.prefilling]
+        for seq in order:
             if seq not in self.running or seq.finish_reason is not None:
-                continue  # preempted by an older sequence in this loop, or done
+                continue  # preempted in this loop, or done
             if budget <= 0:
                 break
             want = min(seq.length - seq.num_computed, budget) if seq.prefilling else 1
@@ -150,6 +153,10 @@ class Scheduler:
                 out.chunks.append((seq, seq.num_computed, seq.num_computed + n))
             else:
                 out.decode.append(seq)
+        if out.preempted:  # a victim may have been scheduled before a later sequence needed its blocks
+            out.decode = [s for s in out.decode if s in self.running]
+            out.chunks = [c for c in out.chunks if c[0] in self.running]
+            budget = self.max_num_batched_tokens - out.num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             if self.allocator.prefix_caching and not seq.block_table and seq.prompt_lp is None:
