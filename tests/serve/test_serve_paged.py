@@ -182,3 +182,44 @@ def test_serve_load_benchmark_runs_offline(tmp_path):
     expected = sum(n for _, n in bench.workload(bench.parse_args(argv), bench.SHAPES["tiny"]["vocab_size"]))
     assert row["output_tokens"] == expected and row["output_tok_per_s"] > 0
     assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["tpot_p50"] <= row["tpot_p99"]
+
+
+def test_prefill_forwards_stay_within_the_sized_budget(models):
+    """Chunks of one step are grouped so rows x longest chunk <= max_num_batched_tokens and rows x keys gathered
+    <= max(budget, max_seq_len): a long chunk beside many short ones does not pad them all to its length."""
+    engine = Engine(models["gpt"], max_batch_size=8, max_seq_len=64, block_size=4, max_num_batched_tokens=32)
+    seqs = [object() for _ in range(7)]
+    chunks = [(seqs[0], 0, 20)] + [(s, 0, 2) for s in seqs[1:5]] + [(seqs[5], 40, 43), (seqs[6], 60, 63)]
+    groups = engine.prefill_groups(chunks)
+    assert sorted(id(c) for g in groups for c in g) == sorted(id(c) for c in chunks)  # each chunk once
+    for g in groups:
+        longest = max(hi - lo for _, lo, hi in g)
+        keys = max(-(-hi // 4) * 4 for _, _, hi in g)
+        assert len(g) * longest <= 32 and len(g) * keys <= 64
+    assert groups[0] == [(seqs[0], 0, 20)] and len(groups) < len(chunks)
+
+
+def test_sampler_survives_extreme_parameters(models):
+    """The batched sampler with extreme values in one batch: the smallest temperature that still samples, top_p and
+    min_p that keep one token, top_k=1, penalties at their limits; every row gets a valid token, the rows whose
+    filters keep one token get the argmax, and a seed gives the same tokens alone or in the batch."""
+    from lmforge.models.generate import MIN_TEMPERATURE
+    from lmforge.serve.request import Sequence
+    from lmforge.serve.sampler import Sampler
+
+    logits = torch.randn(6, 50) * 30
+    logits[5, 7] = float("nan")
+    params = [SamplingParams(temperature=MIN_TEMPERATURE, seed=1), SamplingParams(temperature=2.0, top_p=1e-9, seed=2),
+              SamplingParams(temperature=1.0, top_k=1, repetition_penalty=1e-40, seed=3),
+              SamplingParams(temperature=2.0, min_p=1.0, frequency_penalty=2.0, presence_penalty=-2.0, seed=4),
+              SamplingParams(temperature=2.0, top_k=10**9, seed=5), SamplingParams(temperature=1.0, seed=6)]
+    seqs = [Sequence(f"s{i}", [1, 2, 3], p, torch.device("cpu"), 4) for i, p in enumerate(params)]
+    for s in seqs:
+        s.output_ids = [4, 4]
+    tokens = Sampler().sample(seqs, logits)
+    assert all(t is not None and 0 <= t < 50 for t in tokens[:5])
+    assert tokens[1] == int(logits[1].argmax()) and tokens[3] == int(logits[3].argmax())
+    assert tokens[5] is None and seqs[5].finish_reason == "error" and "not finite" in seqs[5].error
+    alone = Sequence("x", [1, 2, 3], params[4], torch.device("cpu"), 4)
+    alone.output_ids = [4, 4]
+    assert Sampler().sample([alone], logits[4:5]) == [tokens[4]]

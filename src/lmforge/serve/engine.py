@@ -183,16 +183,18 @@ class Engine:
 
     @torch.inference_mode()
     def _profile_peak(self) -> int:
-        """Peak bytes allocated by the weights and the largest step: a prefill of ``max_num_batched_tokens``
-        tokens (one row, through a small temporary cache), prompt logprobs over 512 of them and the logits of a
-        full decode batch."""
+        """Peak bytes allocated by the weights and the largest step: a prefill chunk of ``max_num_batched_tokens``
+        tokens at the end of a ``max_seq_len`` sequence (through a temporary cache of one sequence, counted too:
+        a margin), prompt logprobs over 512 of them and the logits of a full decode batch."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        # The last chunk of a longest sequence: T new tokens attending through the table to max_seq_len keys (the
+        # gather path: keys gathered, a T x S mask), the most one forward of prefill_groups holds.
         T = min(self.max_num_batched_tokens, self.max_seq_len)
-        nb = -(-T // self.block_size)
+        nb = -(-self.max_seq_len // self.block_size)
         cache = PagedKVCache(self.cfg, nb + 1, self.block_size, self.max_seq_len, 1, self.device, self.dtype, False)
-        positions = torch.arange(T)[None]
+        positions = torch.arange(self.max_seq_len - T, self.max_seq_len)[None]
         cache.bind(torch.arange(1, nb + 1)[None], positions, torch.ones(1, T, dtype=torch.bool))
         if self.lora is not None:
             self.lora.set_rows([0])
@@ -315,25 +317,46 @@ class Engine:
             self._release([s for s in self.running if s.finish_reason is not None])
         return outputs
 
-    def _prefill(self, chunks: list[tuple[Sequence, int, int]], touched: dict[str, Sequence]) -> None:
-        """Prefill the chunks together; when that fails (a chunk too big for memory, say) each is run alone so only
-        the ones that fail by themselves get an error. Chunks that end their sequence's known tokens sample."""
-        try:
-            logits = self.runner.prefill(chunks)
-            done = [(c, logits[b: b + 1]) for b, c in enumerate(chunks)]
-        except Exception as e:
-            if len(chunks) == 1:
-                done, failed = [], [(chunks[0], e)]
+    def prefill_groups(self, chunks: list[tuple[Sequence, int, int]]) -> list[list[tuple[Sequence, int, int]]]:
+        """The chunks in forwards whose padded size stays within what start-up sized memory for: rows x longest
+        chunk at most ``max_num_batched_tokens`` tokens, and rows x keys gathered at most one ``max_seq_len``
+        sequence's (or the budget's) keys. Longest chunks first, so rows of a forward have similar lengths."""
+        bs = self.block_size
+        limit_keys = max(self.max_num_batched_tokens, self.max_seq_len)
+        groups: list[list[tuple[Sequence, int, int]]] = []
+        longest = keys = 0
+        for c in sorted(chunks, key=lambda c: c[2] - c[1], reverse=True):
+            n, s = c[2] - c[1], -(-c[2] // bs) * bs
+            if groups and (len(groups[-1]) + 1) * max(longest, n) <= self.max_num_batched_tokens \
+                    and (len(groups[-1]) + 1) * max(keys, s) <= limit_keys:
+                groups[-1].append(c)
+                longest, keys = max(longest, n), max(keys, s)
             else:
-                done, failed = [], []
-                for c in chunks:
+                groups.append([c])
+                longest, keys = n, s
+        return groups
+
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]], touched: dict[str, Sequence]) -> None:
+        """Prefill the chunks (:meth:`prefill_groups` forwards); when a forward fails (a chunk too big for memory,
+        say) each of its chunks is run alone so only the ones that fail by themselves get an error. Chunks that end
+        their sequence's known tokens sample."""
+        done, failed = [], []
+        for group in self.prefill_groups(chunks):
+            try:
+                logits = self.runner.prefill(group)
+                done += [(c, logits[b: b + 1]) for b, c in enumerate(group)]
+            except Exception as e:
+                if len(group) == 1:
+                    failed.append((group[0], e))
+                    continue
+                for c in group:
                     try:
                         done.append((c, self.runner.prefill([c])))
                     except Exception as e1:
                         failed.append((c, e1))
-            for (seq, _, _), error in failed:
-                seq.fail(f"the prompt's forward pass failed: {type(error).__name__}: {error}")
-                touched[seq.request_id] = seq
+        for (seq, _, _), error in failed:
+            seq.fail(f"the prompt's forward pass failed: {type(error).__name__}: {error}")
+            touched[seq.request_id] = seq
         ready, rows = [], []
         for (seq, lo, hi), row in done:
             seq.num_computed = hi
