@@ -51,8 +51,14 @@ class ParallelGradScaler(torch.amp.GradScaler):
         super().unscale_(optimizer)
         if not (self.is_enabled() and dist.is_available() and dist.is_initialized()):
             return
+        nccl = dist.get_backend() == "nccl"
         for flag in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-            dist.all_reduce(flag)
+            if nccl and flag.device.type == "cpu":  # CPU-offloaded gradients: NCCL reduces device tensors only
+                on_device = flag.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.all_reduce(on_device)
+                flag.copy_(on_device)
+            else:
+                dist.all_reduce(flag)
 
     def step(self, optimizer, *args, **kwargs):
         """Step unless a rank found inf/NaN; a fused optimizer is stepped like any other (after ``unscale_``)."""
