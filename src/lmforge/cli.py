@@ -325,6 +325,7 @@ def _cmd_preprocess(a):
 COMMAND_MODULES = (
     "lmforge.convert.cli",
     "lmforge.finetune.cli",
+    "lmforge.align.cli",
     "lmforge.eval.cli",
     "lmforge.serve.cli",
     "lmforge.launch.cli",

@@ -157,12 +157,12 @@ def _all_keys(obj, prefix="") -> list[str]:
     return out
 
 
-def _merge(base, data: Mapping, where: str):
+def _merge(base, data: Mapping, where: str, schema=None):
     try:
         return OmegaConf.merge(base, OmegaConf.create(dict(data)))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
-        known = _all_keys(FinetuneConfig())
+        known = _all_keys((schema or FinetuneConfig)())
         hint = difflib.get_close_matches(str(key), known, n=1)
         more = f"; did you mean {hint[0]}?" if hint and hint[0] != key and "id you mean" not in str(e) else ""
         msg = str(e).splitlines()[0]
@@ -188,16 +188,26 @@ def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrid
     """Schema defaults <- a YAML file or dict <- dotted overrides; validated. Returns a :class:`FinetuneConfig`.
 
     ``need_paths=False`` (``lmforge config --finetune``) accepts a config without ``model`` / ``data`` yet."""
+    obj: FinetuneConfig = load_structured(FinetuneConfig, source, overrides, "fine-tuning")
+    validate(obj, need_paths=need_paths)
+    return obj
+
+
+def load_structured(schema, source: Union[None, str, Path, Mapping] = None, overrides: Sequence[str] = (),
+                    what: str = "fine-tuning"):
+    """An instance of the dataclass ``schema``: its defaults <- a YAML file or dict <- dotted overrides (text keys
+    taken as typed). Unknown keys and wrong types are one ConfigError naming the key (and the nearest known one).
+    Fine-tuning and alignment (:mod:`lmforge.align.config`) share it; each validates its own result."""
     from lmforge.config.loader import parse_override
 
-    cfg = OmegaConf.structured(FinetuneConfig)
+    cfg = OmegaConf.structured(schema)
     if source is not None:
         if isinstance(source, Mapping):
             data, where = dict(source), "config"
         else:
             path = Path(source)
             if not path.is_file():
-                raise ConfigError(f"fine-tuning config {path} does not exist; give a YAML file or use flags/overrides")
+                raise ConfigError(f"{what} config {path} does not exist; give a YAML file or use flags/overrides")
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError as e:
@@ -205,16 +215,14 @@ def load_finetune_config(source: Union[None, str, Path, Mapping] = None, overrid
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
             where = str(path)
-        cfg = _merge(cfg, data, where)
+        cfg = _merge(cfg, data, where, schema)
     for text in overrides:
-        key, value = parse_override(text, string_keys=_text_keys(FinetuneConfig))
+        key, value = parse_override(text, string_keys=_text_keys(schema))
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        cfg = _merge(cfg, nested, f"override {text!r}")
-    obj: FinetuneConfig = OmegaConf.to_object(cfg)
-    validate(obj, need_paths=need_paths)
-    return obj
+        cfg = _merge(cfg, nested, f"override {text!r}", schema)
+    return OmegaConf.to_object(cfg)
 
 
 def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.peft.adapter import AdapterConfig, BottleneckAdapter, apply_adapters
-from lmforge.peft.core import freeze_base, is_peft_name, load_peft_state_dict, peft_state_dict
+from lmforge.peft.core import adapters_disabled, freeze_base, is_peft_name, load_peft_state_dict, peft_state_dict
 from lmforge.peft.ia3 import IA3Config, IA3Linear, apply_ia3, merge_ia3
 from lmforge.peft.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from lmforge.peft.multi_lora import MultiLoRA, MultiLoRALinear
@@ -38,7 +38,7 @@ from lmforge.peft.ptuning import PromptTunedModel, PTuningConfig, apply_ptuning
 
 __all__ = ["METHODS", "LoRAConfig", "IA3Config", "AdapterConfig", "PTuningConfig", "LoRALinear", "IA3Linear",
            "BottleneckAdapter", "PromptTunedModel", "apply_peft", "apply_lora", "apply_ia3", "apply_adapters",
-           "apply_ptuning", "base_model", "freeze_base", "peft_state_dict", "load_peft_state_dict", "is_peft_name",
+           "apply_ptuning", "adapters_disabled", "base_model", "freeze_base", "peft_state_dict", "load_peft_state_dict", "is_peft_name",
            "save_adapter", "read_adapter", "apply_adapter", "merge_adapter", "to_hf_key", "from_hf_key",
            "CONFIG_NAME", "WEIGHTS_NAME", "MultiLoRA", "MultiLoRALinear"]
 

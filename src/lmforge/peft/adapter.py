@@ -57,6 +57,8 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "adapter_disabled", False):  # alignment's reference model: peft.adapters_disabled
+            return h
         x = h if torch.is_autocast_enabled() else h.to(self.down.weight.dtype)
         return h + self.dropout(self.up(self.act(self.down(x)))).to(h.dtype)
 

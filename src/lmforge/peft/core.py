@@ -9,6 +9,7 @@ built from those modules. Wrappers keep the base weights under their original na
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -148,3 +149,18 @@ def unique(items: Iterable[str]) -> list[str]:
         if i not in out:
             out.append(i)
     return out
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block, every LoRA/DoRA, IA3 and bottleneck-adapter module of ``model`` computes its base layer
+    alone, so ``model`` is the base model: the reference of preference training under PEFT, without a second
+    copy of the weights. (P-tuning: call the Transformer inside instead, which adds no virtual tokens.)"""
+    modules = [m for m in model.modules() if hasattr(m, "adapter_disabled") or type(m).__name__ == "BottleneckAdapter"]
+    for m in modules:
+        m.adapter_disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.adapter_disabled = False

@@ -44,8 +44,11 @@ class IA3Linear(nn.Module):
         self.is_feedforward = bool(feedforward)
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device, dtype=dtype))
+        self.adapter_disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_disabled:  # the base layer alone (alignment's reference model: peft.adapters_disabled)
+            return F.linear(x, self.weight, self.bias)
         scale = self.ia3_l.flatten()
         if self.is_feedforward:
             return F.linear((x * scale).to(x.dtype), self.weight, self.bias)

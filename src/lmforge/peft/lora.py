@@ -72,6 +72,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_magnitude_vector = None
+        self.adapter_disabled = False
         if self.use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
         self.reset_lora_parameters()
@@ -92,6 +93,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.adapter_disabled:  # the base layer alone (alignment's reference model: peft.adapters_disabled)
+            return result
         xd = self.lora_dropout(x)
         if not torch.is_autocast_enabled():
             xd = xd.to(self.lora_A.weight.dtype)

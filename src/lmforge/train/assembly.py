@@ -3,7 +3,8 @@
 Pretraining (:mod:`lmforge.train.pretrain`) and fine-tuning (:mod:`lmforge.finetune.stage`) turn their
 configs into one typed :class:`TrainJob` and hand it, with the plain model, to :func:`build_training`.
 Everything after that is shared: PEFT, resume, activation checkpointing, compile, data parallelism
-(DDP or FSDP2), optimizer, schedule, precision, checkpointing and the loop. Alignment will use it too.
+(DDP or FSDP2), optimizer, schedule, precision, checkpointing and the loop. Alignment (:mod:`lmforge.align`)
+uses it too, with its own objective (``objective_fn``).
 
 Transformations are applied from outside the model, in this order (torchtitan's, with PEFT first
 because it swaps modules):
@@ -210,7 +211,7 @@ def stopped_note(state: TrainState, max_steps: int, checkpoint, resume_override:
 
 def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=None, model_config: dict = None,
                    console_log: Callable = print, log_every_n_steps: Optional[int] = None,
-                   compile_loss: bool = True) -> Training:
+                   compile_loss: bool = True, objective_fn: Optional[Callable] = None) -> Training:
     """Assemble a run: see the module docstring for what happens, in which order.
 
     Args:
@@ -220,6 +221,9 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         runtime: rank, world size, device.
         tokenizer: saved into every checkpoint.
         model_config: ``ModelConfig.to_dict()`` saved as the checkpoint's config (default: ``model.cfg``).
+        objective_fn: ``objective_fn(train_model) -> nn.Module``, the loss the loop calls (default
+            :class:`~lmforge.train.objectives.CausalLMLoss`; alignment passes its preference losses). Only the
+            default runs under tensor, pipeline or context parallelism.
     """
     from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
     from lmforge.peft import apply_peft, base_model
@@ -275,7 +279,11 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         train_model = base = StagesView(stages)
         if on_meta:  # allocate and initialise this rank's stages only (the weights they have in the whole model)
             _materialize(model, base, rt.device, job.seed)
-    objective = CausalLMLoss(train_model)  # under pipelining not called: the stages compute the loss
+    if objective_fn is not None and (dims.tp > 1 or dims.pp > 1 or dims.cp > 1):
+        raise ConfigError("this objective trains with data parallelism (DDP or FSDP) only, not tensor, pipeline or "
+                          "context parallelism")
+    # under pipelining not called: the stages compute the loss
+    objective = CausalLMLoss(train_model) if objective_fn is None else objective_fn(train_model)
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
 
@@ -302,7 +310,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
             apply_activation_checkpointing(unit, **job.activations_checkpoint)
     if job.compile:  # 5.
         apply_compile(base)
-        if compile_loss and dims.tp == 1:
+        if compile_loss and dims.tp == 1 and hasattr(objective, "compile_loss"):
             objective.compile_loss()
     if shards(job):  # 6. FSDP: blocks, then the root (the objective, or each pipeline stage)
         from lmforge.parallel.fsdp import apply_fsdp

@@ -112,6 +112,9 @@ class MicroBatches:
         padding that neither counts nor, under causal attention, influences a counted token. The inputs keep a
         multiple of the tensor-parallel size (sequence parallelism splits them evenly), where the rows allow.
         """
+        own = getattr(self.dataset, "collate", None)
+        if own is not None:  # a dataset of another shape (preference pairs) stacks its own items
+            return own(items)
         if not isinstance(items[0], dict):
             return torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in items]))
         out = {k: np.stack([np.asarray(x[k], dtype=np.int64) for x in items]) for k in items[0]}
@@ -226,6 +229,10 @@ class Trainer:
         self.last_step_tokens = 0  # counted tokens of the latest global batch
         self.last_step_samples = 0  # samples the latest step read, over all data-parallel ranks
         self.objective = getattr(model, "module", model)  # without DDP, for evaluation
+        # An objective may count its own units (preference pairs, not tokens): ``objective.count(batch)`` gives
+        # a micro batch's units, or (units, more counts...) whose global totals reach ``objective.set_totals``
+        # before the step's forwards; ``objective.pop_metrics(mode)`` gives sums (with "n") logged as means.
+        self._count_fn = getattr(self.objective, "count", None)
         self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
         if settings.precision not in PRECISIONS:
             raise ValueError(f"precision {settings.precision!r}")
@@ -256,6 +263,26 @@ class Trainer:
             return batch["tokens"][:, 1:].numel()
         return batch[:, 1:].numel()
 
+    def _counts(self, batch) -> list[float]:
+        """A micro batch's counts: [counted tokens], or the objective's own ([units, more...])."""
+        if self._count_fn is None:
+            return [float(self.counted_tokens(batch))]
+        c = self._count_fn(batch)
+        return [float(x) for x in c] if isinstance(c, (tuple, list)) else [float(c)]
+
+    def objective_metrics(self, mode: str) -> dict:
+        """Means of the statistics the objective gathered since the last call (all data-parallel ranks; every
+        rank calls this), e.g. preference accuracies and reward margins; {} for an objective without any."""
+        pop = getattr(self.objective, "pop_metrics", None)
+        if pop is None:
+            return {}
+        sums = pop(mode)
+        keys = sorted(sums)
+        values = self._all_reduce([float(sums[k]) for k in keys])
+        totals = dict(zip(keys, values))
+        n = totals.pop("n", 0.0)
+        return {k: v / n for k, v in totals.items()} if n > 0 else {}
+
     def _call(self, objective, batch):
         return objective(**batch) if isinstance(batch, dict) else objective(batch)
 
@@ -266,9 +293,13 @@ class Trainer:
         set_lr(self.opt, lr)
         micro = list(batches.for_step(step))
         # Every token of the global batch weighs the same, on any number of ranks.
-        local_tokens = sum(self.counted_tokens(b) for b in micro)
+        counts = [self._counts(b) for b in micro]
+        local = [sum(c[i] for c in counts) for i in range(len(counts[0]))] if counts else [0.0]
         local_rows = sum(len(b["tokens"] if isinstance(b, dict) else b) for b in micro)
-        global_tokens, global_rows = self._all_reduce([float(local_tokens), float(local_rows)])
+        global_rows, *totals = self._all_reduce([float(local_rows), *local])
+        global_tokens = totals[0]
+        if len(totals) > 1:  # the objective normalises its other terms by their global counts
+            self.objective.set_totals(totals)
         self.last_step_tokens = int(global_tokens)
         self.last_step_samples = int(global_rows)  # read by all data-parallel ranks together
         if self.last_step_samples != self.s.global_batch_size:
@@ -347,6 +378,9 @@ class Trainer:
                 count += sum(self.counted_tokens(b) for b in micro)
                 continue
             for tokens in batches.for_step(step):
+                local = self._counts(tokens)
+                if len(local) > 1:  # evaluation: each micro batch's own counts
+                    self.objective.set_totals(local)
                 with self.loss_context(), self.autocast():
                     l, n = self._call(self.objective, tokens)
                 loss_sum += float(l)
@@ -385,9 +419,11 @@ class Trainer:
                     window_t, window_steps, window_tokens = now, 0, 0
                     lr = self.schedule.lr_at(state.step - 1)
                     state.history.append((state.step, loss))
+                    extra = self.objective_metrics("train")
                     if self.log is not None:
                         self.log.log(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                                  "tokens_per_s": tps, "consumed_samples": state.consumed_samples})
+                                                  "tokens_per_s": tps, "consumed_samples": state.consumed_samples,
+                                                  **extra})
                         self.log.update(state.step, loss=loss, lr=lr, tokens_per_s=tps)
                 metrics = None
                 if s.val_check_interval and state.step % s.val_check_interval == 0 or state.step == s.max_steps:

@@ -1,0 +1,59 @@
+"""Commands: ``lmforge align`` and ``lmforge reward``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+METHODS = ["dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm"]
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("align", help="align a model on preference data (dpo, ipo, rpo, kto, orpo, simpo) or train "
+                                     "a reward model (rm)")
+    p.add_argument("config", nargs="?", default=None, help="optional YAML file of alignment settings")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.beta=0.05 trainer.max_steps=500")
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--model", help="the model to align (an SFT checkpoint, run or HF folder)")
+    p.add_argument("--data", help="training JSONL: prompt/chosen/rejected pairs (kto: prompt/completion/label)")
+    p.add_argument("--val-data", help="validation JSONL of the same kind")
+    p.add_argument("--peft", choices=["none", "lora", "ia3", "adapter", "ptuning"],
+                   help="train a PEFT method instead of every weight (peft.method)")
+    p.add_argument("--out", help="results folder")
+    p.set_defaults(func=_cmd_align)
+
+    r = sub.add_parser("reward", help="score JSONL records with a reward model (accuracy on preference pairs)")
+    r.add_argument("model", help="a reward-model run folder (`lmforge align --method rm`) or its reward_model/ "
+                                 "(Hugging Face) folder")
+    r.add_argument("--data", required=True, help="JSONL: prompt/chosen/rejected pairs, prompt/completion or text")
+    r.add_argument("--out", help="write one JSON line of scores per record here")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    r.set_defaults(func=_cmd_reward)
+
+
+def _cmd_align(a) -> int:
+    from lmforge.align import load_align_config, run
+
+    flags = {"model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method, "out": a.out,
+             "peft.method": a.peft}
+    source, overrides = a.config, list(a.overrides)
+    if source is not None and "=" in source:  # no YAML file given: the first word is an override
+        source, overrides = None, [source] + overrides
+    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = load_align_config(source, overrides)
+    summary = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    return 75 if summary.get("stopped_early") else 0
+
+
+def _cmd_reward(a) -> int:
+    from lmforge.align.reward import score_file
+    from lmforge.errors import UserError
+
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size {a.batch_size} must be at least 1")
+    summary = score_file(a.model, a.data, out=a.out, device=a.device, batch_size=a.batch_size)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,168 @@
+"""The alignment stage's config: ``lmforge align`` settings as a dataclass schema, YAML values and overrides.
+
+    cfg = load_align_config("dpo.yaml", ["method=dpo", "align.beta=0.05", "trainer.max_steps=200"])
+
+Shares fine-tuning's loader (:func:`lmforge.finetune.config.load_structured`), its PEFT, trainer and optimizer
+sections and their meaning; the method's own settings live in ``align``. Every key is documented, with its
+default, in docs/alignment.md (a test checks the table against this schema).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from lmforge.errors import ConfigError
+from lmforge.finetune.config import PRECISIONS, OptimSection, PeftSection, TrainerSection, load_structured
+
+METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm")
+PEFT_METHODS = ("none", "lora", "ia3", "adapter", "ptuning")
+REFERENCES = ("auto", "precomputed", "adapters_off")
+
+
+@dataclass
+class AlignSection:
+    """The preference method's settings (see docs/alignment.md for each formula)."""
+
+    beta: float = 0.1  # DPO/IPO/RPO/KTO: strength of the tie to the reference; ORPO: weight of the odds-ratio term
+    label_smoothing: float = 0.0  # DPO/RPO (cDPO) and SimPO: probability that a pair's preference is flipped
+    rpo_alpha: float = 1.0  # RPO: weight of the chosen completions' negative log-likelihood
+    simpo_gamma: float = 0.5  # SimPO: target reward margin
+    desirable_weight: float = 1.0  # KTO: weight of desirable examples' losses
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable examples' losses
+    reference: str = "auto"  # auto | precomputed | adapters_off
+    center_rewards_coefficient: Optional[float] = None  # reward models: weight of mean((r_c + r_r)^2)
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    completion_key: str = "completion"  # KTO
+    label_key: str = "label"  # KTO
+    margin_key: str = "margin"  # reward models: an optional numeric field subtracted inside the loss
+    chat_template: Optional[str] = None  # a Jinja chat template instead of the tokenizer's
+
+
+@dataclass
+class AlignPeftSection(PeftSection):
+    method: str = "none"  # none | lora | ia3 | adapter | ptuning (--peft)
+
+
+@dataclass
+class AlignConfig:
+    model: Optional[str] = None  # the policy to start from (an SFT model): checkpoint, run or HF folder
+    data: Optional[str] = None  # training JSONL
+    val_data: Optional[str] = None  # validation JSONL
+    out: str = "align_out"
+    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm
+    seq_length: Optional[int] = None  # None: the model's max_position_embeddings (less p-tuning's virtual tokens)
+    micro_batch_size: int = 4  # examples (pairs) per process in one forward/backward
+    global_batch_size: int = 8  # examples (pairs) per optimizer step over all processes
+    seed: int = 1234
+    base_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    fsdp_sharding_strategy: str = "full"
+    fsdp_grad_reduce_dtype: Any = 32
+    fsdp_cpu_offload: bool = False
+    fsdp_sharded_checkpoint: Optional[bool] = None
+    resume: bool = True
+    monitor: str = "val_loss"  # val_loss | val_rewards_accuracy
+    save_top_k: int = 1
+    align: AlignSection = field(default_factory=AlignSection)
+    peft: AlignPeftSection = field(default_factory=AlignPeftSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+
+    @property
+    def monitor_mode(self) -> str:
+        return "min" if self.monitor == "val_loss" else "max"
+
+    @property
+    def reference(self) -> Optional[str]:
+        """How reference log-probabilities are had: None for methods without one."""
+        if self.method not in ("dpo", "ipo", "rpo", "kto"):
+            return None
+        if self.align.reference == "auto":
+            return "precomputed" if self.peft.method == "none" else "adapters_off"
+        return self.align.reference
+
+
+def load_align_config(source: Union[None, str, Path, Mapping] = None, overrides: Sequence[str] = (),
+                      need_paths: bool = True) -> AlignConfig:
+    cfg: AlignConfig = load_structured(AlignConfig, source, overrides, "alignment")
+    validate(cfg, need_paths)
+    return cfg
+
+
+def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
+    """Collect every problem, then raise one ConfigError."""
+    from lmforge.config.schema import FSDP_REDUCE_DTYPES
+    from lmforge.parallel.dims import FSDP_STRATEGIES
+
+    problems = []
+    if not cfg.model and need_paths:
+        problems.append("model is not set: give the model to align (--model PATH or model=PATH)")
+    if not cfg.data and need_paths:
+        problems.append("data is not set: give a preference JSONL file (--data prefs.jsonl or data=PATH)")
+    if cfg.method not in METHODS:
+        problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
+    if cfg.peft.method not in PEFT_METHODS:
+        problems.append(f"peft.method={cfg.peft.method!r} is not known; use one of {', '.join(PEFT_METHODS)}")
+    if cfg.method == "rm" and cfg.peft.method != "none":
+        problems.append("method=rm trains every weight and its score head; PEFT reward models are not supported "
+                        "yet: drop --peft")
+    a = cfg.align
+    if a.reference not in REFERENCES:
+        problems.append(f"align.reference={a.reference!r}; use auto, precomputed or adapters_off")
+    elif a.reference == "adapters_off" and cfg.peft.method == "none":
+        problems.append("align.reference=adapters_off needs a PEFT method (--peft lora): a full-weight run has no "
+                        "adapters to switch off; use precomputed")
+    elif a.reference != "auto" and cfg.method not in ("dpo", "ipo", "rpo", "kto"):
+        problems.append(f"align.reference={a.reference}: method={cfg.method} has no reference model; remove it")
+    if cfg.method != "rm" and not float(a.beta) > 0:
+        problems.append(f"align.beta={a.beta} must be above 0")
+    if not 0.0 <= float(a.label_smoothing) < 0.5:
+        problems.append(f"align.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
+    elif float(a.label_smoothing) > 0 and cfg.method not in ("dpo", "rpo", "simpo"):
+        problems.append(f"align.label_smoothing applies to dpo, rpo and simpo, not {cfg.method}")
+    if a.center_rewards_coefficient is not None and cfg.method != "rm":
+        problems.append("align.center_rewards_coefficient applies to method=rm")
+    if cfg.trainer.precision not in PRECISIONS:
+        problems.append(f"trainer.precision={cfg.trainer.precision!r}; use 32, bf16-mixed or 16-mixed")
+    else:
+        cfg.trainer.precision = PRECISIONS[str(cfg.trainer.precision)]
+    for key in ("seq_length", "micro_batch_size", "global_batch_size"):
+        if getattr(cfg, key) is not None and int(getattr(cfg, key)) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+    if cfg.monitor not in ("val_loss", "val_rewards_accuracy"):
+        problems.append(f"monitor={cfg.monitor!r}; use val_loss or val_rewards_accuracy")
+    elif cfg.monitor == "val_rewards_accuracy" and (not cfg.val_data or cfg.method == "kto"):
+        problems.append("monitor=val_rewards_accuracy needs val_data and a paired method (not kto)")
+    if cfg.base_dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"base_dtype={cfg.base_dtype!r}; use float32, bfloat16 or float16")
+    if cfg.peft.method == "none" and cfg.base_dtype != "float32":
+        problems.append("a full-weight run trains every weight: keep base_dtype=float32 (mixed precision comes from "
+                        "trainer.precision)")
+    if cfg.fsdp_sharding_strategy not in FSDP_STRATEGIES:
+        problems.append(f"fsdp_sharding_strategy={cfg.fsdp_sharding_strategy!r}; use full, grad or hybrid")
+    if str(cfg.fsdp_grad_reduce_dtype).lower() not in FSDP_REDUCE_DTYPES:
+        problems.append(f"fsdp_grad_reduce_dtype={cfg.fsdp_grad_reduce_dtype!r}; use 32, bf16 or 16")
+    if not cfg.fsdp:
+        for key, default in (("fsdp_sharding_strategy", "full"), ("fsdp_grad_reduce_dtype", "32")):
+            if str(getattr(cfg, key)).lower() != default:
+                problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
+        for key in ("fsdp_cpu_offload", "fsdp_sharded_checkpoint"):
+            if getattr(cfg, key):
+                problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
+    if cfg.fsdp_sharded_checkpoint and cfg.peft.method != "none":
+        problems.append("fsdp_sharded_checkpoint=true: a PEFT run saves only its adapter weights, whole; remove it")
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else
+                          "the alignment config has problems:\n  - " + "\n  - ".join(problems))
+
+
+def to_dict(cfg: AlignConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,286 @@
+"""Preference data: JSONL records -> token ids with completion masks -> batches.
+
+Record kinds (one JSON object per line; field names are ``align.*_key`` settings):
+
+* pairs (DPO, IPO, RPO, ORPO, SimPO, reward models): ``{"prompt": ..., "chosen": ..., "rejected": ...}``, and for
+  reward models an optional numeric ``"margin"``.
+* unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true|false}``.
+
+A prompt is text (encoded by the one prompt rule, :func:`lmforge.data.prompts.encode_prompt`) or a list of chat
+messages rendered with the chat template (``align.chat_template``, else the tokenizer's); a completion is text, or
+with a chat prompt a list of assistant messages (a text completion is one assistant message). Text completions end
+with the tokenizer's EOS (a chat template places its own end-of-turn tokens); reward models score the last token,
+so their completions get none. Only completion tokens count (the prompt is masked).
+
+Every problem with a record (a missing field, a wrong type, chosen identical to rejected) is a
+:class:`~lmforge.errors.DataError` naming ``file:line``, raised before any training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lmforge.data.jsonl import iter_jsonl
+from lmforge.data.prompts import chat_template_of, encode_plain, encode_prompt, render_chat
+from lmforge.errors import DataError
+
+
+@dataclass
+class Side:
+    """A prompt and one completion as ids; ``mask`` is 1 on completion tokens."""
+
+    ids: list
+    mask: list
+
+
+@dataclass
+class AlignStats:
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def summary(self, name: str) -> str:
+        return (f"{name}: {self.records} records -> {self.examples} examples; {self.truncated} truncated, "
+                f"{self.dropped} dropped with no completion token left within the sequence length")
+
+
+def _messages(value, where: str, key: str) -> list:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise DataError(f"{where}: field {key!r} must be text or a non-empty list of {{\"role\": ..., "
+                        f"\"content\": ...}} messages with string values")
+    return value
+
+
+def _get(rec: dict, key: str, where: str, setting: str):
+    if key not in rec:
+        raise DataError(f"{where}: the record has no {key!r} field (fields: {sorted(rec)}); set align.{setting} to "
+                        f"the field that holds it")
+    value = rec[key]
+    if not isinstance(value, (str, list)):
+        raise DataError(f"{where}: field {key!r} must be text or a list of chat messages, not "
+                        f"{type(value).__name__}")
+    if isinstance(value, str) and key != "prompt" and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+class Encoder:
+    """Turns (prompt, completion) into ids and a completion mask (see the module doc)."""
+
+    def __init__(self, tokenizer, chat_template: Optional[str], add_eos: bool, max_length: int):
+        self.tok, self.template, self.add_eos, self.max_length = tokenizer, chat_template, add_eos, max_length
+
+    def prompt_ids(self, prompt, where: str) -> tuple[list, Optional[str]]:
+        """(ids, rendered chat prompt or None for a text prompt)."""
+        if isinstance(prompt, str):
+            return encode_prompt(self.tok, prompt), None
+        messages = _messages(prompt, where, "prompt")
+        template = chat_template_of(self.tok, self.template)
+        if not template:
+            raise DataError(f"{where}: chat prompts need a chat template, but the tokenizer has none; set "
+                            f"align.chat_template to a Jinja template or give text prompts")
+        text = self._render(template, messages, where, add_generation_prompt=True)
+        return encode_plain(self.tok, text)[0], text
+
+    def _render(self, template, messages, where, add_generation_prompt=False) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return render_chat(template, messages, self.tok, add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:
+            raise DataError(f"{where}: the chat template failed: {e}") from None
+
+    def completion_ids(self, prompt, completion, rendered: Optional[str], where: str, key: str) -> list:
+        if rendered is None:  # a text prompt: the completion is text
+            if not isinstance(completion, str):
+                raise DataError(f"{where}: field {key!r} is a list of messages but the prompt is text; give both as "
+                                f"text or both as chat messages")
+            ids = encode_plain(self.tok, completion)[0]
+            return ids + ([self.tok.eod_id] if self.add_eos and self.tok.eod_id is not None else [])
+        turns = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else \
+            _messages(completion, where, key)
+        template = chat_template_of(self.tok, self.template)
+        full = self._render(template, list(prompt) + turns, where)
+        if not full.startswith(rendered):
+            raise DataError(f"{where}: the chat template does not render the conversation as the prompt followed by "
+                            f"the {key!r} turn, so the completion cannot be located; set align.chat_template to one "
+                            f"that does")
+        return encode_plain(self.tok, full[len(rendered):])[0]
+
+    def side(self, p_ids: list, c_ids: list, stats: AlignStats) -> Optional[Side]:
+        """Prompt + completion within ``max_length`` tokens (the end cut off); None when no completion token fits."""
+        ids, mask = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
+        if len(ids) > self.max_length:
+            stats.truncated += 1
+            ids, mask = ids[:self.max_length], mask[:self.max_length]
+        if not any(mask[1:]):
+            return None
+        return Side(ids, mask)
+
+
+def _read(path) -> list[tuple[str, dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; give a JSONL file with one record per line")
+    out = [(f"{path}:{n}", rec) for n, rec in iter_jsonl(path)]
+    if not out:
+        raise DataError(f"data file {path} holds no records")
+    return out
+
+
+def _pad(rows: list, pad: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+@dataclass
+class PairDataset:
+    """Preference pairs. Item ``i``: chosen and rejected :class:`Side`, its global ``index`` (the row of the
+    precomputed reference table) and an optional margin. ``collate`` pads a micro batch to its longest row."""
+
+    chosen: list
+    rejected: list
+    margins: list
+    pad_id: int
+    offset: int = 0
+    stats: AlignStats = field(default_factory=AlignStats)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"sides": (self.chosen[i], self.rejected[i]), "index": self.offset + i, "margin": self.margins[i]}
+
+    def collate(self, items: list) -> dict:
+        sides = [s for it in items for s in it["sides"]]  # c0, r0, c1, r1, ...
+        tokens, mask = _pad([s.ids for s in sides], self.pad_id), _pad([s.mask for s in sides], 0)
+        B = len(items)
+        batch = {"tokens": tokens.view(B, 2, -1), "mask": mask.view(B, 2, -1),
+                 "lengths": torch.tensor([len(s.ids) for s in sides]).view(B, 2),
+                 "index": torch.tensor([it["index"] for it in items])}
+        if any(it["margin"] is not None for it in items):
+            batch["margin"] = torch.tensor([float(it["margin"] or 0.0) for it in items])
+        return batch
+
+
+@dataclass
+class UnpairedDataset:
+    """KTO's examples: a completion, its label, and a mismatched ``kl`` side (this prompt with the next record's
+    completion) for the reference point's KL estimate."""
+
+    sides: list
+    labels: list
+    kl_sides: list
+    pad_id: int
+    offset: int = 0
+    stats: AlignStats = field(default_factory=AlignStats)
+
+    def __len__(self) -> int:
+        return len(self.sides)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"side": self.sides[i], "label": self.labels[i], "kl": self.kl_sides[i], "index": self.offset + i}
+
+    def collate(self, items: list) -> dict:
+        return {"tokens": _pad([it["side"].ids for it in items], self.pad_id),
+                "mask": _pad([it["side"].mask for it in items], 0),
+                "label": torch.tensor([int(it["label"]) for it in items]),
+                "kl_tokens": _pad([it["kl"].ids for it in items], self.pad_id),
+                "kl_mask": _pad([it["kl"].mask for it in items], 0),
+                "index": torch.tensor([it["index"] for it in items])}
+
+
+def load_pairs(path, tokenizer, keys, chat_template: Optional[str], max_length: int, add_eos: bool = True,
+               offset: int = 0, margin_key: Optional[str] = None) -> PairDataset:
+    """Read preference pairs (see the module doc). ``keys`` holds ``prompt_key``, ``chosen_key``, ``rejected_key``."""
+    enc, stats = Encoder(tokenizer, chat_template, add_eos, max_length), AlignStats()
+    chosen, rejected, margins = [], [], []
+    for where, rec in _read(path):
+        stats.records += 1
+        prompt = _get(rec, keys.prompt_key, where, "prompt_key")
+        c = _get(rec, keys.chosen_key, where, "chosen_key")
+        r = _get(rec, keys.rejected_key, where, "rejected_key")
+        if c == r:
+            raise DataError(f"{where}: {keys.chosen_key!r} and {keys.rejected_key!r} are identical, so the pair "
+                            f"prefers nothing; remove the record or fix one side")
+        margin = None
+        if margin_key and margin_key in rec:
+            margin = rec[margin_key]
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+                raise DataError(f"{where}: field {margin_key!r} must be a number, not {type(margin).__name__}")
+        p_ids, rendered = enc.prompt_ids(prompt, where)
+        sc = enc.side(p_ids, enc.completion_ids(prompt, c, rendered, where, keys.chosen_key), stats)
+        sr = enc.side(p_ids, enc.completion_ids(prompt, r, rendered, where, keys.rejected_key), stats)
+        if sc is None or sr is None:
+            stats.dropped += 1
+            continue
+        if sc.ids == sr.ids:
+            raise DataError(f"{where}: {keys.chosen_key!r} and {keys.rejected_key!r} are the same tokens within "
+                            f"the sequence length, so the pair prefers nothing; raise seq_length or fix the record")
+        chosen.append(sc)
+        rejected.append(sr)
+        margins.append(margin)
+    stats.examples = len(chosen)
+    if not chosen:
+        raise DataError(f"{path}: no usable pair ({stats.summary(str(path))}); raise seq_length")
+    pad = tokenizer.eod_id if tokenizer.eod_id is not None else 0
+    return PairDataset(chosen, rejected, margins, pad, offset, stats)
+
+
+def load_unpaired(path, tokenizer, keys, chat_template: Optional[str], max_length: int,
+                  offset: int = 0) -> UnpairedDataset:
+    """Read KTO's ``{"prompt", "completion", "label"}`` records (``label`` true: desirable)."""
+    enc, stats = Encoder(tokenizer, chat_template, True, max_length), AlignStats()
+    prompts, completions, labels = [], [], []
+    for where, rec in _read(path):
+        stats.records += 1
+        prompt = _get(rec, keys.prompt_key, where, "prompt_key")
+        completion = _get(rec, keys.completion_key, where, "completion_key")
+        if keys.label_key not in rec:
+            raise DataError(f"{where}: the record has no {keys.label_key!r} field (fields: {sorted(rec)}); set "
+                            f"align.label_key to the field that holds it")
+        label = rec[keys.label_key]
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: field {keys.label_key!r} must be true (desirable) or false (undesirable), not "
+                            f"{json_repr(label)}")
+        p_ids, rendered = enc.prompt_ids(prompt, where)
+        c_ids = enc.completion_ids(prompt, completion, rendered, where, keys.completion_key)
+        prompts.append(p_ids)
+        completions.append(c_ids)
+        labels.append(label)
+    sides, kept_labels, kl = [], [], []
+    n = len(prompts)
+    for i in range(n):
+        s = enc.side(prompts[i], completions[i], stats)
+        k = enc.side(prompts[i], completions[(i + 1) % n], stats)  # a completion written for another prompt
+        if s is None or k is None:
+            stats.dropped += 1
+            continue
+        sides.append(s)
+        kept_labels.append(labels[i])
+        kl.append(k)
+    stats.examples = len(sides)
+    if not sides:
+        raise DataError(f"{path}: no usable example ({stats.summary(str(path))}); raise seq_length")
+    pad = tokenizer.eod_id if tokenizer.eod_id is not None else 0
+    return UnpairedDataset(sides, kept_labels, kl, pad, offset, stats)
+
+
+def json_repr(value) -> str:
+    import json
+
+    return json.dumps(value)
