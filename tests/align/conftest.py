@@ -18,10 +18,10 @@ def write_jsonl(path, records) -> str:
 
 
 def save_char_tokenizer(folder) -> None:
-    """A character-level tokenizer.json (``<|endoftext|>`` = 0 is EOS and padding)."""
+    """A character-level tokenizer.json of a-z, ':' and space (``<|endoftext|>`` = 0 is EOS and padding)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(ALPHABET + ":")}}
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz: ")}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ Stage kinds:
   ``data``, ``val_data``, ``method``, ``out`` (default: the stage's results folder), ``trainer``, ``peft``, ...),
   or NeMo's peft body (``model.restore_from_path``, ``model.peft.*``, ``model.data.train_ds.*``, ...) translated
   by :mod:`lmforge.launch.nemo_peft`.
+* ``alignment`` - ``lmforge align <config>`` with the keys of that command's config (``model``, ``data``,
+  ``method``, ``out`` (default: the stage's results folder), ``align``, ``peft``, ``trainer``, ...).
 * ``conversion``, ``evaluation``, ``export`` - ``lmforge convert|evaluate|export ARGS... --OPTION VALUE``
   from the stage's ``args:`` list and ``options:`` mapping.
 
@@ -22,8 +24,9 @@ Any stage may set ``command:`` to run another lmforge subcommand.
 NeMo Launcher's stage names map onto these kinds (:data:`NEMO_STAGES`): ``peft`` is a ``fine_tuning``
 stage with a PEFT method (default lora; ``method: full`` is refused), ``prompt_learning`` one with
 ``ptuning``, ``adapter_learning`` with ``adapter``, ``ia3_learning`` with ``ia3``; ``conversion_hf2nemo`` is
-a ``conversion`` stage running ``lmforge export ... --format nemo``. NeMo's stages that lmforge does not
-have (``rlhf_rm``, ``rlhf_ppo``, ...) are refused by name (:data:`NOT_BUILT`). ``evaluation.run.tasks``
+a ``conversion`` stage running ``lmforge export ... --format nemo``; NeMo-Aligner's ``rlhf_rm`` is an
+``alignment`` stage with ``method: rm`` and ``dpo`` one with a preference method (dpo by default). NeMo's stages
+that lmforge does not have (``rlhf_ppo``, ``steerlm_reg``, ...) are refused by name (:data:`NOT_BUILT`). ``evaluation.run.tasks``
 (NeMo's ``all_tasks`` or a comma list) becomes ``--tasks``.
 """
 
@@ -43,6 +46,7 @@ STAGE_KINDS: dict[str, tuple[str, str]] = {
     "data_preparation": ("lmforge.launch.dataprep", "config"),
     "training": ("pretrain", "config"),
     "fine_tuning": ("finetune", "config"),
+    "alignment": ("align", "config"),
     "conversion": ("convert", "args"),
     "evaluation": ("evaluate", "args"),
     "generation": ("generate", "args"),
@@ -56,13 +60,17 @@ NEMO_STAGES: dict[str, tuple[str, Optional[str]]] = {
     "adapter_learning": ("fine_tuning", "adapter"),
     "ia3_learning": ("fine_tuning", "ia3"),
     "conversion_hf2nemo": ("conversion", None),
+    "rlhf_rm": ("alignment", "rm"),  # NeMo-Aligner's reward model
+    "dpo": ("alignment", None),  # NeMo-Aligner's DPO stage: dpo by default, or its variants
 }
+PREFERENCE_METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo")
 PEFT_METHODS = ("lora", "ptuning", "adapter", "ia3")
 
 #: NeMo Launcher stages lmforge does not have: stage name -> why.
 NOT_BUILT: dict[str, str] = {
-    "rlhf_rm": "reward-model training (NeMo-Aligner) is alignment, which lmforge has not built yet",
-    "rlhf_ppo": "PPO (NeMo-Aligner) is alignment, which lmforge has not built yet",
+    "rlhf_ppo": "PPO (NeMo-Aligner's online RL) is not built in lmforge yet; align offline with a dpo stage "
+                "(method dpo, ipo, rpo, kto, orpo or simpo) on preference pairs, after an rlhf_rm stage if you want "
+                "the reward model too",
     "steerlm_reg": "SteerLM attribute regression is alignment, which lmforge has not built yet",
     "data_curation": "NeMo Curator's data curation is not part of lmforge (prepare JSONL and use data_preparation)",
     "fw_inference": "NeMo's framework inference stage is not part of lmforge (use a generation stage)",
@@ -444,14 +452,10 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
 
     run = run_block(cfg, stage)
     body = stage_body(cfg, stage)
-    command = str(body.pop("command", STAGE_KINDS[stage_kind(stage)][0]))
-    _check_command(stage, command, commands)
-    results = Path(run["results_dir"])
     from lmforge.launch.nemo_peft import is_nemo_body, translate
 
     if is_nemo_body(body):  # NeMo's peft file (model.restore_from_path, model.peft.*, model.data.train_ds.*)
         body = translate(stage, body, cfg["_notes"])
-    body.setdefault("out", str(results))
     if stage in NEMO_STAGES:  # NeMo's peft / prompt_learning / ...: a PEFT method
         meant = NEMO_STAGES[stage][1]
         method = body.setdefault("method", meant or "lora")
@@ -459,6 +463,37 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
             want = meant or " | ".join(PEFT_METHODS)
             raise ConfigError(f"{stage}.method={method!r}: a {stage} stage trains {want}; use the fine_tuning "
                               f"stage for method={method}")
+    return _config_stage(stage, run, body, commands, "finetune", load_finetune_config)
+
+
+def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
+    """``lmforge align <results>/<stage>_config.yaml``: the stage's keys are the command's own (``model``, ``data``,
+    ``val_data``, ``method``, ``out``, ``align``, ``peft``, ``trainer``, ...), checked at launch. NeMo-Aligner's
+    ``rlhf_rm`` trains a reward model (``method: rm``); ``dpo`` a preference method (``dpo`` unless it says)."""
+    from lmforge.align.config import load_align_config
+
+    run = run_block(cfg, stage)
+    body = stage_body(cfg, stage)
+    if stage == "rlhf_rm":
+        method = body.setdefault("method", "rm")
+        if method != "rm":
+            raise ConfigError(f"rlhf_rm.method={method!r}: an rlhf_rm stage trains a reward model (method rm); use "
+                              f"a dpo stage for method={method}")
+    elif stage == "dpo":
+        method = body.setdefault("method", "dpo")
+        if method not in PREFERENCE_METHODS:
+            raise ConfigError(f"dpo.method={method!r}: a dpo stage trains one of {', '.join(PREFERENCE_METHODS)}; "
+                              f"use an rlhf_rm stage for a reward model")
+    return _config_stage(stage, run, body, commands, "align", load_align_config)
+
+
+def _config_stage(stage: str, run: dict, body: dict, commands, default_command: str, load) -> Stage:
+    """A stage whose command reads one YAML config of its own keys (finetune, align): ``out`` defaults to the
+    results folder, the processes come from ``trainer``, and every key is checked (``load``) at launch."""
+    command = str(body.pop("command", default_command))
+    _check_command(stage, command, commands)
+    results = Path(run["results_dir"])
+    body.setdefault("out", str(results))
     trainer = body.get("trainer") or {}
     if not isinstance(trainer, dict):
         raise ConfigError(f"{stage}.trainer must be a mapping (devices, num_nodes, accelerator, max_steps, ...)")
@@ -467,13 +502,13 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
     on_cpu = str(trainer.get("accelerator", "auto")).lower() == "cpu"
     nodes, tasks, gpus = _resources(stage, run, num_nodes, 0 if on_cpu else devices, devices)
     config_file = results / f"{stage}_config.yaml"
-    if command == "finetune":
+    if command == default_command:
         if "=" in config_file.name or "=" in str(config_file):
             # `lmforge finetune A=B` reads a first word holding "=" as an override, not as a file
-            raise ConfigError(f"{stage}.run.results_dir={results}: `lmforge finetune` would read the config path "
+            raise ConfigError(f"{stage}.run.results_dir={results}: `lmforge {command}` would read the config path "
                               f"{config_file} as an override because it contains '='; choose a folder without '='")
         try:
-            load_finetune_config(body)  # every key checked now, not on the cluster
+            load(body)  # every key checked now, not on the cluster
         except ConfigError as e:
             raise ConfigError(f"{stage}: {e}") from None
     return Stage(kind=stage, name=run["name"], results_dir=results,
@@ -487,6 +522,7 @@ _BUILDERS = {
     "data_preparation": _build_data_preparation,
     "training": _build_training,
     "fine_tuning": _build_fine_tuning,
+    "alignment": _build_alignment,
     "conversion": _build_args_stage,
     "evaluation": _build_args_stage,
     "generation": _build_args_stage,
