@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-trl = pytest.importorskip("trl")
-transformers = pytest.importorskip("transformers")
+import transformers
 
-from lmforge.align.config import AlignSection  # noqa: E402
-from lmforge.align.objective import PreferenceLoss, RewardLoss, sequence_logps  # noqa: E402
+from lmforge.align.config import AlignSection
+from lmforge.align.objective import PreferenceLoss, RewardLoss, sequence_logps
 
 V, B, PROMPT, LONGEST = 24, 3, 4, 11
 
