@@ -69,7 +69,7 @@ def _conf(tmp_path, launch_helpers, tiny_corpus, stages=("training",), **top):
 def test_unknown_stage_lists_known(tmp_path, launch_helpers, tiny_corpus):
     path = _conf(tmp_path, launch_helpers, tiny_corpus, stages=("training", "trainig"))
     with pytest.raises(ConfigError, match="unknown stage 'trainig'.*known stages: data_preparation, training, "
-                                          "fine_tuning, conversion, evaluation, generation, export"):
+                                          "fine_tuning, alignment, conversion, evaluation, generation, export"):
         launch(path, dry_run=True)
 
 

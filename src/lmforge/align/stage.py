@@ -86,7 +86,7 @@ def load_datasets(cfg: AlignConfig, tokenizer, length: int):
 
 def add_score_head(model: nn.Module, seed: int) -> nn.Linear:
     """Attach a reward model's ``score`` head (hidden size -> 1, no bias, as Hugging Face's sequence
-    classification models) to ``model``, drawn from N(0, 1/hidden) with ``seed``."""
+    classification models) to ``model``, drawn from N(0, 1/hidden) with ``seed``; an untied LM head is frozen."""
     C = model.cfg.hidden_size
     ref = next(model.parameters())
     head = nn.Linear(C, 1, bias=False, device=ref.device, dtype=ref.dtype)
@@ -94,6 +94,8 @@ def add_score_head(model: nn.Module, seed: int) -> nn.Linear:
     with torch.no_grad():
         head.weight.copy_(torch.randn(1, C, generator=g) / C ** 0.5)
     model.score = head
+    if not model.cfg.share_embeddings_and_output_weights:  # the LM head is not used: frozen (DDP needs every
+        model.lm_head.weight.requires_grad_(False)         # trained parameter to get a gradient), still saved
     return head
 
 
