@@ -46,14 +46,15 @@ def test_kto_trains_and_logs_its_kl(tiny_base, kto_file, tmp_path):
     assert logged and all(r["kl"] >= 0 and "rewards_chosen" in r and "rewards_rejected" in r for r in logged)
 
 
-def test_lora_dpo_uses_the_base_with_adapters_off_as_reference(tiny_base, small_pairs, tmp_path):
-    """LoRA starts as the base model (B = 0), so the first step's loss is exactly log 2; the adapter is written and
-    the run opens as the base with the adapter."""
-    out = tmp_path / "lora"
+@pytest.mark.parametrize("peft", ["lora", "ia3"])
+def test_peft_dpo_uses_the_base_with_adapters_off_as_reference(tiny_base, small_pairs, tmp_path, peft):
+    """LoRA (B = 0) and IA3 (scales 1) start as the base model, so the first step's loss is exactly log 2; the
+    adapter is written, and switched off it gives the base model again."""
+    out = tmp_path / peft
     assert main(["align", "--method", "dpo", "--model", tiny_base, "--data", small_pairs, "--out", str(out),
-                 "--peft", "lora", "optim.lr=0.05", *SMALL]) == 0
+                 "--peft", peft, "optim.lr=0.05", *SMALL]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reference"] == "adapters_off" and summary["peft"] == "lora"
+    assert summary["reference"] == "adapters_off" and summary["peft"] == peft
     assert summary["losses"][0][1] == pytest.approx(math.log(2), abs=1e-6)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
