@@ -44,6 +44,7 @@ def test_kto_trains_and_logs_its_kl(tiny_base, kto_file, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "kl" in r]
     assert logged and all(r["kl"] >= 0 and "rewards_chosen" in r and "rewards_rejected" in r for r in logged)
+    assert not any("#" in key for r in rows for key in r)  # counts divide their own statistic, never logged
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3"])

@@ -70,7 +70,7 @@ def _get(rec: dict, key: str, where: str, setting: str):
     if not isinstance(value, (str, list)):
         raise DataError(f"{where}: field {key!r} must be text or a list of chat messages, not "
                         f"{type(value).__name__}")
-    if isinstance(value, str) and key != "prompt" and not value.strip():
+    if isinstance(value, str) and setting != "prompt_key" and not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
     return value
 

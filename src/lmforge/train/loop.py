@@ -272,7 +272,8 @@ class Trainer:
 
     def objective_metrics(self, mode: str) -> dict:
         """Means of the statistics the objective gathered since the last call (all data-parallel ranks; every
-        rank calls this), e.g. preference accuracies and reward margins; {} for an objective without any."""
+        rank calls this), e.g. preference accuracies and reward margins; {} for an objective without any. Each sum
+        is divided by the count ``"n"``, or by its own count ``"X#n"`` when the objective gives one."""
         pop = getattr(self.objective, "pop_metrics", None)
         if pop is None:
             return {}
@@ -280,8 +281,9 @@ class Trainer:
         keys = sorted(sums)
         values = self._all_reduce([float(sums[k]) for k in keys])
         totals = dict(zip(keys, values))
+        counts = {k[:-2]: totals.pop(k) for k in keys if k.endswith("#n")}  # a statistic's own count ("X#n")
         n = totals.pop("n", 0.0)
-        return {k: v / n for k, v in totals.items()} if n > 0 else {}
+        return {k: v / counts.get(k, n) for k, v in totals.items() if counts.get(k, n) > 0}
 
     def _call(self, objective, batch):
         return objective(**batch) if isinstance(batch, dict) else objective(batch)
