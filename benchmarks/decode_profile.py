@@ -26,7 +26,8 @@ def profile(shape: str, bandwidth: float, a) -> None:
     model = build_model(shape, torch.device("cuda"))
     limit_ms = 1000 * weight_bytes(model) / bandwidth
     options = {"coordinate_descent_tuning": True} if a.tune else None
-    engine = Engine(model, None, max_batch_size=1, max_seq_len=384, max_num_batched_tokens=128, compile_decode=True,
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=384, max_num_batched_tokens=128, num_kv_blocks=24,
+                    compile_decode=True,
                     compile_mode=a.compile_mode, compile_options=options, graph_chunks=a.graph_chunks,
                     decode_kernels=not a.no_kernels)
     prompt = torch.randint(0, model.cfg.vocab_size, (128,)).tolist()

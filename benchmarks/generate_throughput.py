@@ -106,7 +106,9 @@ def bench(shape: str, batch: int, case: str, prompt_len: int, new_tokens: int, b
               "compiled-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
               "compiled-no-kernels": {"decode_kernels": False}}
     engine = Engine(model, None, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
-                    max_num_batched_tokens=batch * prompt_len, compile_decode=case in chunks, **chunks.get(case, {}))
+                    max_num_batched_tokens=batch * prompt_len, compile_decode=case in chunks,
+                    num_kv_blocks=batch * -(-(prompt_len + new_tokens) // 16), enable_prefix_caching=False,
+                    **chunks.get(case, {}))  # the cache the batch needs (the engines of one process share the card)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     t = time.perf_counter()
