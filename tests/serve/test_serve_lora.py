@@ -68,6 +68,29 @@ def test_engine_mixes_adapters_in_one_batch(setup):
     assert len({tuple(v) for v in outs.values()}) == 3
 
 
+def test_prefix_cache_keeps_adapters_apart(setup):
+    """One prompt under the base model, each adapter, then the base again, one after another: only the second base
+    request takes the cached prefix blocks (the adapter is part of a block's key), and every request gets the
+    greedy tokens of its own model."""
+    ckpt, folders = setup
+    engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=2, loras=folders,
+                                    block_size=4)
+    prompt = engine.tokenizer.encode("def wrap(text, width=70, **kwargs):")
+    assert len(prompt) > 8
+    refs = {name: reference_model(ckpt, folders.get(name))[0] for name in (None, "sql", "chat")}
+    for i, adapter in enumerate([None, "sql", "chat", None]):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                           adapter=adapter)
+        tokens, final = [], None
+        while engine.has_work():
+            for out in engine.step():
+                tokens += out.token_ids
+                final = out if out.finished else final
+        assert tokens == generate(refs[adapter], prompt, 6, greedy=True), (i, adapter)
+        cached = (len(prompt) - 1) // 4 * 4 if i == 3 else 0
+        assert final.metrics.cached_tokens == cached, (i, adapter, final.metrics)
+
+
 def test_engine_refuses_unknown_adapter(setup):
     ckpt, folders = setup
     engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=2, loras=folders)

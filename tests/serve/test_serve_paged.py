@@ -223,3 +223,21 @@ def test_sampler_survives_extreme_parameters(models):
     alone = Sequence("x", [1, 2, 3], params[4], torch.device("cpu"), 4)
     alone.output_ids = [4, 4]
     assert Sampler().sample([alone], logits[4:5]) == [tokens[4]]
+
+
+def test_decode_tables_follow_a_sequence_whose_blocks_changed(models):
+    """A sequence preempted and prefilled again holds other blocks, possibly as many as before, in the same decode
+    row: the row's table is rewritten (not only the blocks added since the last step)."""
+    engine = Engine(models["gpt"], max_batch_size=2, max_seq_len=32, block_size=4, num_kv_blocks=20)
+    # logprobs: each decode step is read at once (no step left in flight while the test preempts)
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=8, temperature=0.0, logprobs=0))
+    engine.step()  # prefill
+    engine.step()  # a decode step: row 0 written from a's table
+    seq = engine.running[0]
+    before = list(seq.block_table)
+    engine.scheduler.preempt(seq)
+    engine.cache.allocator.allocate()  # the free list moves on: a's next blocks are others
+    engine.step()  # prefilled again
+    assert len(seq.block_table) == len(before) and seq.block_table != before
+    engine.step()  # decode: row 0 again
+    assert engine.cache.tables[0, : len(seq.block_table)].tolist() == seq.block_table

@@ -191,7 +191,7 @@ class ModelRunner:
         # Pageable on purpose: a copy from it has taken the values when copy_ returns, so the host may rewrite rows
         # for a chained step while the step before it (and its copy) still waits on the device.
         self._host_tables = torch.zeros(max_rows, cache.max_blocks, dtype=torch.int32)
-        self._row_owner: list[Optional[Sequence]] = [None] * max_rows
+        self._row_owner: list[Optional[list]] = [None] * max_rows  # the block table each row was written from
         self._row_len = [0] * max_rows
         self._flip = 0
         self._token_host = ([torch.zeros(max_rows, dtype=torch.long).pin_memory() for _ in range(2)]
@@ -320,16 +320,18 @@ class ModelRunner:
         padding (zeros); only rows that changed are rewritten on the host, then rows ``[0, B)`` are copied."""
         host = self._host_tables
         for b in range(B):
-            seq = seqs[b] if b < len(seqs) else None
-            n = len(seq.block_table) if seq is not None else 0
-            if self._row_owner[b] is not seq or self._row_len[b] > n:
+            # A row is known by the table list itself: it only grows while its sequence holds blocks, and freeing
+            # the blocks (finish, preemption) gives the sequence a new list.
+            table = seqs[b].block_table if b < len(seqs) else None
+            n = len(table) if table is not None else 0
+            if self._row_owner[b] is not table or self._row_len[b] > n:
                 if self._row_len[b] or self._row_owner[b] is not None:
                     host[b].zero_()
                 if n:
-                    host[b, :n] = torch.tensor(seq.block_table, dtype=torch.int32)
+                    host[b, :n] = torch.tensor(table, dtype=torch.int32)
             elif self._row_len[b] < n:
-                host[b, self._row_len[b]: n] = torch.tensor(seq.block_table[self._row_len[b]:], dtype=torch.int32)
-            self._row_owner[b], self._row_len[b] = seq, n
+                host[b, self._row_len[b]: n] = torch.tensor(table[self._row_len[b]:], dtype=torch.int32)
+            self._row_owner[b], self._row_len[b] = table, n
         self.cache.tables[:B].copy_(host[:B])
 
     def span(self, last_position: int) -> int:

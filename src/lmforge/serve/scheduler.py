@@ -84,7 +84,7 @@ class Scheduler:
     def free(self, seq: Sequence) -> None:
         """Give back ``seq``'s blocks (cached full blocks stay findable until evicted)."""
         self.allocator.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table = []  # a new list: the runner knows a table by its list (ModelRunner._set_tables)
         seq.block_hashes = []
         seq.num_computed = 0
 
