@@ -67,7 +67,7 @@ def check_paged_kernel() -> int:
         ref = K.paged_attention_reference(q, kc, vc, tables, lens, hd ** -0.5, window or None).float()
         out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, 0).float()
         err = (out - ref).abs().max().item()
-        tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]
+        tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]  # fp32: ieee products
         ok = err <= tol
         failures += not ok
         print(f"paged kernel B={B} heads {nh}/{nkv} hd={hd} len<={max_len} {dt} window={window}: max error {err:.2e} "

@@ -166,7 +166,7 @@ if triton is not None:
     def _paged_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window,
                            sq_b, sq_h, skc_n, skc_s, skc_h, svc_n, svc_s, svc_h, sbt_b, n_heads, n_splits,
                            GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
-                           WINDOW: tl.constexpr):
+                           WINDOW: tl.constexpr, IEEE: tl.constexpr):
         # One program per (row, key/value head, split): the row's visible cache blocks are shared out evenly
         # over the splits, each split walks its blocks through the block table with an online softmax and
         # stores its partial (max, sum, weighted values) for the combine kernel. The row's length is read on
@@ -193,14 +193,20 @@ if triton is not None:
         for i in range(start, end):
             blk = tl.load(bt_ptr + b * sbt_b + i).to(tl.int64)
             k = tl.load(kc_ptr + blk * skc_n + s[:, None] * skc_s + kvh * skc_h + d[None, :])
-            scores = tl.dot(q, tl.trans(k)) * scale  # (G_PAD, BS) fp32
+            if IEEE:  # fp32 caches: full-precision products (tl.dot would round fp32 inputs to tf32)
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale  # (G_PAD, BS) fp32
             key = i * BS + s
             scores = tl.where(((key < length) & (key >= lo))[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))  # every block walked holds a visible key: finite
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             v = tl.load(vc_ptr + blk * svc_n + s[:, None] * svc_s + kvh * svc_h + d[None, :])
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             lsum = lsum * alpha + tl.sum(p, axis=1)
             m = m_new
         out = (b * n_heads + heads) * n_splits + split  # partials laid out (B, heads, splits)
@@ -390,7 +396,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, lengths, m, lsum, acc, scale, window, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), nh, splits, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
-        HD=hd, BS=bs, WINDOW=window > 0, num_warps=4)
+        HD=hd, BS=bs, WINDOW=window > 0, IEEE=q.dtype == torch.float32, num_warps=4)
     out = torch.empty(B, nh, hd, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B, nh)](m, lsum, acc, out, out.stride(0), out.stride(1), nh, splits, HD=hd,
                                   BLOCKS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
