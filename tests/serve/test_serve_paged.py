@@ -241,3 +241,25 @@ def test_decode_tables_follow_a_sequence_whose_blocks_changed(models):
     assert len(seq.block_table) == len(before) and seq.block_table != before
     engine.step()  # decode: row 0 again
     assert engine.cache.tables[0, : len(seq.block_table)].tolist() == seq.block_table
+
+
+def test_prompt_logprobs_of_a_request_preempted_mid_prefill(models):
+    """Prompt logprobs gathered chunk by chunk start over when the request is preempted before its prompt is done:
+    one entry per prompt token, equal to a full forward's."""
+    model = models["llama"]
+    engine = Engine(model, max_batch_size=2, max_seq_len=32, block_size=4, max_num_batched_tokens=4)
+    prompt = [(11 * j + 2) % 60 for j in range(10)]
+    engine.add_request("a", prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1))
+    assert engine.step() == []  # the first chunk of 4
+    engine.scheduler.preempt(engine.running[0])
+    first = None
+    while engine.has_work():
+        for out in engine.step():
+            first = first or out
+    lps = first.prompt_logprobs
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0].log_softmax(-1)
+    assert len(lps) == len(prompt) and lps[0] is None
+    for i in range(1, len(prompt)):
+        assert lps[i].token_id == prompt[i] and lps[i].logprob == pytest.approx(float(full[i - 1, prompt[i]]), abs=1e-5)
+    assert_all_free(engine)

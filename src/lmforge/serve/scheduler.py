@@ -93,6 +93,8 @@ class Scheduler:
         self.running.remove(seq)
         self.free(seq)
         seq.prefilling = True
+        if seq.prompt_lp is not None and not seq.prompt_lp_sent:
+            seq.prompt_lp = [None]  # its prompt logprobs are gathered again with the recomputed chunks
         seq.preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
