@@ -558,7 +558,7 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]], request: Optiona
                    poll_s: float = 0.25) -> list[dict]:
     """Every stream's whole output. While waiting, the client is checked every ``poll_s`` seconds: when it
     has disconnected, the streams are closed (which aborts their requests in the engine, freeing their queue
-    places and cache slots) and :class:`ClientDisconnected` is raised."""
+    places and KV-cache blocks) and :class:`ClientDisconnected` is raised."""
     results = [{"text": "", "logprobs": [], "finish_reason": None, "completion_tokens": 0, "prompt_logprobs": None}
                for _ in streams]
 
