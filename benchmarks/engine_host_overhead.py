@@ -1,7 +1,7 @@
 """Host time of the serving engine's per-token text bookkeeping (detokenization, stop strings, outputs).
 
-No model runs: 32 sequences each receive N random tokens through the engine's own ``_append`` and
-``_output`` (what every decode step does per sequence), with a byte-level BPE tokenizer of 2,000 tokens
+No model runs: 32 sequences each receive N random tokens through the engine's output processor
+(``OutputProcessor.append`` and ``output``: what every decode step does per sequence), with a byte-level BPE tokenizer of 2,000 tokens
 trained on the standard library, and a stop string set (so the stop check runs too). Prints the host
 milliseconds per step of 32 sequences; run by hand, on any CPU.
 
@@ -18,20 +18,20 @@ from pathlib import Path
 import torch
 
 from lmforge.data.tokenizers import train_bpe
-from lmforge.serve.engine import Engine, SamplingParams, _Sequence
+from lmforge.serve.output import OutputProcessor
+from lmforge.serve.request import SamplingParams, Sequence
 
 root = Path(tempfile.mkdtemp())
 (root / "c.txt").write_text(inspect.getsource(textwrap) + inspect.getsource(difflib))
 tok = train_bpe([root / "c.txt"], 2000, root / "tok")
-eng = Engine.__new__(Engine)
-eng.tokenizer = tok; eng.eos_id = None; eng.max_seq_len = 10**6
+out = OutputProcessor(tok, None, 10**6)
 rng = random.Random(0)
 for n in (256, 1024, 2048):
-    seqs = [_Sequence(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=n, temperature=0.0, stop=["\n\n\n\n"]), torch.device("cpu"), n) for i in range(32)]
+    seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=n, temperature=0.0, stop=["\n\n\n\n"]), torch.device("cpu"), n) for i in range(32)]
     t = time.perf_counter()
     for step in range(n):
         for s in seqs:
-            eng._append(s, rng.randrange(5, tok.vocab_size))
-            eng._output(s)
+            out.append(s, rng.randrange(5, tok.vocab_size))
+            out.output(s)
     dt = time.perf_counter() - t
     print(f"{n} tokens x 32 seqs: {1000*dt/n:.3f} ms per step (append + output)")
