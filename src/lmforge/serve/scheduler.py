@@ -142,8 +142,8 @@ class Scheduler:
         # long prompt never holds a running stream back.
         order = [s for s in self.running if not s.prefilling] + [s for s in self.running if s.prefilling]
         for seq in order:
-            if seq not in self.running or seq.finish_reason is not None:
-                continue  # preempted in this loop, or done
+            if seq.finish_reason is not None or (out.preempted and seq in out.preempted):
+                continue  # done, or preempted in this loop
             if budget <= 0:
                 break
             want = min(seq.length - seq.num_computed, budget) if seq.prefilling else 1
