@@ -45,6 +45,7 @@ from lmforge.config.schema import (
     max_time_seconds,
     normalize_activation,
     normalize_precision,
+    FP8_PRECISIONS,
     tokenizer_path,
 )
 from lmforge.errors import ConfigError
@@ -553,6 +554,8 @@ def cfg_warnings(cfg: PretrainConfig) -> list[str]:
 def _normalize(cfg: PretrainConfig) -> list[str]:
     """Canonical spellings (precision, accelerator, activation, optimizer); returns notes for the user."""
     notes = []
+    if str(cfg.trainer.precision).strip().lower() in FP8_PRECISIONS:  # NeMo 2 / Lightning spelling of FP8 training
+        cfg.trainer.precision, cfg.model.fp8 = "bf16-mixed", True
     try:
         cfg.trainer.precision = normalize_precision(cfg.trainer.precision)
     except ConfigError:
@@ -828,6 +831,16 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                 p.extend(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
             else:
                 p.append(text)
+        _choice(p, "model.fp8_recipe", m.fp8_recipe, ("tensorwise", "rowwise"))
+        if m.loss_chunk_size is not None and (not _is_int(m.loss_chunk_size) or m.loss_chunk_size < 0):
+            p.append(f"model.loss_chunk_size={_show(m.loss_chunk_size)} must be a number of tokens (e.g. 4096), 0 "
+                     "(whole batch) or null (automatic)")
+        if m.fp8 and (m.tensor_model_parallel_size > 1 or m.pipeline_model_parallel_size > 1):
+            p.append("model.fp8=true (trainer.precision=fp8) with tensor or pipeline parallelism is not supported yet: "
+                     "use FSDP/DDP, or trainer.precision=bf16-mixed")
+        if m.fp8 and str(t.precision) != "bf16-mixed":
+            p.append(f"model.fp8=true runs the block projections in float8 and the rest in bf16, but trainer.precision="
+                     f"{t.precision}: use trainer.precision=bf16-mixed (or trainer.precision=fp8)")
         pp, vp = m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size
         if arch is not None and parallel_ok and (pp > 1 or vp is not None):
             p.extend(_pipeline_problems(arch, pp, vp, t.accumulate_grad_batches if _is_int(t.accumulate_grad_batches)

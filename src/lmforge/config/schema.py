@@ -32,6 +32,7 @@ PRECISION_ALIASES = {
     "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
 }
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+FP8_PRECISIONS = ("fp8", "fp8-mixed", "transformer-engine")  # trainer.precision values meaning bf16-mixed + model.fp8
 ACCELERATORS = ("auto", "gpu", "cpu")
 ACTIVATION_ALIASES = {"fast-swiglu": "swiglu", "swiglu": "swiglu", "gelu": "gelu"}
 OPTIMIZERS = ("fused_adam", "adamw", "adam")
@@ -234,6 +235,11 @@ class ModelSection:
     activations_checkpoint_method: Optional[str] = None  # None | uniform | block (None with full: uniform)
     activations_checkpoint_num_layers: Optional[int] = None  # layers per chunk (uniform) or checkpointed (block); None: 1
     compile: bool = False  # lmforge: torch.compile the blocks
+    # lmforge training speed (docs/architecture.md, "Training speed"): each one changes no saved name or format
+    fused_projections: bool = True  # q/k/v and gate/up as one matmul each (weights stay separate; not under TP)
+    loss_chunk_size: Optional[int] = None  # tokens per chunk of the fused head + cross-entropy; None: auto, 0: off
+    fp8: bool = False  # float8 block projections (torchao, H100-class GPU); trainer.precision=fp8 sets it
+    fp8_recipe: str = "tensorwise"  # tensorwise | rowwise: torchao's float8 scaling (per tensor, per row)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -272,7 +278,8 @@ def normalize_precision(value: Any) -> str:
     if key in PRECISION_ALIASES:
         return PRECISION_ALIASES[key]
     raise ConfigError(f"trainer.precision={value!r} is not supported; use one of "
-                      f"{', '.join(PRECISION_ALIASES)} (meaning {', '.join(PRECISIONS)})")
+                      f"{', '.join(PRECISION_ALIASES)} (meaning {', '.join(PRECISIONS)}), or fp8 (pretraining: "
+                      f"bf16-mixed with float8 block projections, model.fp8=true)")
 
 
 def max_time_seconds(value: Any) -> Optional[float]:
@@ -388,7 +395,6 @@ NEMO_IGNORED: dict[str, Any] = {
     "model.activations_checkpoint_layers_per_pipeline": None,
     # model: Transformer Engine and FP8
     "model.transformer_engine": False,
-    "model.fp8": False,
     "model.fp8_e4m3": False,
     "model.fp8_hybrid": False,
     "model.fp8_margin": 0,

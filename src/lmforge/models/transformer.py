@@ -30,7 +30,8 @@ from lmforge.models.config import ModelConfig
 
 __all__ = ["Transformer", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm", "MLP", "GatedMLP",
            "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
-           "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap", "alibi_slopes", "fuse_projections"]
+           "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap", "alibi_slopes", "fuse_projections",
+           "joint_linear", "joint_projection", "set_joint_projections"]
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
@@ -243,6 +244,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, C, bias=cfg.bias)
         self.qkv_proj: Optional[nn.Linear] = None  # q, k, v as one matmul (inference: fuse_projections)
+        self.joint_qkv = False  # training: q, k, v as one matmul over their own weights (set_joint_projections)
         if cfg.position_embedding_type == "alibi":
             # Non-persistent: rebuilt from the config, never saved. Recomputed by Transformer.init_weights.
             slopes = alibi_slopes(self.n_heads, device=self.q_proj.weight.device)
@@ -277,6 +279,8 @@ class Attention(nn.Module):
         """
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        elif self.joint_qkv:
+            q, k, v = joint_projection(x, (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.o_proj(self.attend(q, k, v, rope, kv_cache, start_pos, positions, attn_mask))
@@ -448,10 +452,14 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.gate_up_proj: Optional[nn.Linear] = None  # gate and up as one matmul (inference: fuse_projections)
+        self.joint_gate_up = False  # training: gate and up as one matmul over their own weights (set_joint_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
+        if self.joint_gate_up:
+            gate, up = joint_projection(x, (self.gate_proj, self.up_proj))
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
@@ -494,6 +502,113 @@ def fuse_projections(model: nn.Module) -> int:
         elif isinstance(module, GatedMLP):
             fused += module.fuse_gate_up()
     return fused
+
+
+# ----------------------------------------------------------------------------------------------
+# Joint projections in training: sibling linears (q/k/v, gate/up) of one input as one matmul, weights kept apart
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's when it is on, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _JointLinear(torch.autograd.Function):
+    """``x @ cat(W_1..W_n).T + cat(b_1..b_n)``: one matmul forward, one for the input's gradient and one for all
+    weights' gradients backward, while each weight stays its own Parameter (names, checkpoints, FSDP, PEFT as
+    before). The concatenated weight is kept for backward only when it is a cast copy anyway (autocast over fp32
+    master weights, which keeps the compute-dtype copies too); weights already in the compute dtype (a bf16
+    frozen base, FSDP's bf16 parameters) are concatenated again in backward instead of held twice."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, n, *params):
+        weights, biases = params[:n], params[n:]
+        with torch.autocast(x.device.type, enabled=False):
+            w = torch.cat([p.to(dtype) for p in weights])  # (sum out, in)
+            b = None if biases[0] is None else torch.cat([p.to(dtype) for p in biases])
+            xc = x.to(dtype)
+            y = F.linear(xc, w, b)  # (..., sum out)
+        ctx.n, ctx.dtype, ctx.x_dtype = n, dtype, x.dtype
+        ctx.sizes = [p.shape[0] for p in weights]
+        ctx.param_dtypes = [p.dtype for p in weights]
+        ctx.has_bias = biases[0] is not None
+        ctx.cast = any(p.dtype != dtype for p in weights)
+        need_w_grad = any(ctx.needs_input_grad[3:3 + n]) or (ctx.has_bias and any(ctx.needs_input_grad[3 + n:]))
+        saved_x = xc if any(ctx.needs_input_grad[3:3 + n]) else None
+        saved_w = (w,) if ctx.cast else tuple(weights)
+        ctx.save_for_backward(saved_x, *saved_w)
+        ctx.need_w_grad = need_w_grad
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved = ctx.saved_tensors
+        xc, ws = saved[0], saved[1:]
+        n = ctx.n
+        grads = [None] * (3 + 2 * n)
+        with torch.autocast(gy.device.type, enabled=False):
+            gy = gy.to(ctx.dtype)
+            if ctx.needs_input_grad[0]:
+                w = ws[0] if ctx.cast else torch.cat([p.to(ctx.dtype) for p in ws])
+                grads[0] = (gy @ w).to(ctx.x_dtype)  # (..., in)
+            gy2 = gy.reshape(-1, gy.shape[-1])  # (N, sum out)
+            if any(ctx.needs_input_grad[3:3 + n]):
+                gw = gy2.t() @ xc.reshape(-1, xc.shape[-1])  # (sum out, in)
+                for i, (g, dt) in enumerate(zip(gw.split(ctx.sizes), ctx.param_dtypes)):
+                    if ctx.needs_input_grad[3 + i]:
+                        grads[3 + i] = g.to(dt)
+            if ctx.has_bias and any(ctx.needs_input_grad[3 + n:]):
+                gb = gy2.sum(0)
+                for i, (g, dt) in enumerate(zip(gb.split(ctx.sizes), ctx.param_dtypes)):
+                    if ctx.needs_input_grad[3 + n + i]:
+                        grads[3 + n + i] = g.to(dt)
+        return tuple(grads)
+
+
+def joint_linear(x: torch.Tensor, weights: list, biases: list) -> torch.Tensor:
+    """``F.linear`` of ``x`` with the weights (and biases: a list of tensors, or of Nones) side by side, in one
+    matmul (:class:`_JointLinear`); returns (..., sum of the weights' rows) in the compute dtype."""
+    return _JointLinear.apply(x, _compute_dtype(x), len(weights), *weights, *biases)
+
+
+def joint_projection(x: torch.Tensor, parts: tuple) -> list[torch.Tensor]:
+    """The outputs of sibling linears ``parts`` (same input ``x``) as one matmul: plain ``nn.Linear`` through
+    :func:`joint_linear`; wrapped ones (LoRA) through their class's ``joint_forward(x, parts)``."""
+    if type(parts[0]) is nn.Linear:
+        y = joint_linear(x, [p.weight for p in parts], [p.bias for p in parts])
+        return list(y.split([p.out_features for p in parts], dim=-1))
+    return type(parts[0]).joint_forward(x, parts)
+
+
+def _joinable(parts: list) -> bool:
+    """Siblings that can run as one matmul: all plain ``nn.Linear`` (plain tensors, no DTensor: tensor parallelism
+    shards each apart), or all of one class whose ``can_join(parts)`` says so (LoRA)."""
+    if any(p is None for p in parts) or len({type(p) for p in parts}) != 1:
+        return False
+    if type(parts[0]) is nn.Linear:
+        return not any(type(t).__name__ == "DTensor" for p in parts for t in (p.weight, p.bias) if t is not None) \
+            and len({p.bias is None for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
+    can_join = getattr(type(parts[0]), "can_join", None)
+    return bool(can_join and can_join(parts))
+
+
+def set_joint_projections(model: nn.Module, on: bool = True) -> int:
+    """Training: compute every attention's q/k/v and every gated MLP's gate/up as one matmul each (``on``), or
+    apart again. The weights stay separate Parameters under their own names (unlike :func:`fuse_projections`,
+    which is for inference), so checkpoints, FSDP and PEFT see the model as before. Siblings that cannot join
+    (tensor-parallel DTensors, a float8 linear, a DoRA or dropout LoRA) stay apart. Apply after PEFT and any module
+    swap. Returns the number of joined groups."""
+    joined = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.joint_qkv = on and _joinable([getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")])
+            joined += module.joint_qkv
+        elif isinstance(module, GatedMLP):
+            module.joint_gate_up = on and _joinable([getattr(module, n, None) for n in ("gate_proj", "up_proj")])
+            joined += module.joint_gate_up
+    return joined
 
 
 GeluMLP = MLP  # the names of the first model version

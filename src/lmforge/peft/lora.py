@@ -8,6 +8,12 @@ the norm taken per row and treated as a constant in the backward pass, as Huggin
 :func:`apply_lora` swaps each target ``nn.Linear`` for a :class:`LoRALinear` that keeps the base
 ``weight``/``bias`` Parameters under their own names, so the keys are ``...q_proj.weight`` (base)
 and ``...q_proj.lora_A.weight``, ``...q_proj.lora_B.weight``, ``...q_proj.lora_magnitude_vector``.
+
+Speed (the format stays the same): the LoRA weights are fp32 master copies cast to the compute dtype (autocast's,
+else the input's) at use, so a bf16 base runs its low-rank matmuls in bf16 and keeps no fp32 copy of the input
+(``LoRALinear.master_cast``; False restores the old fp32 update of a bf16 input). Sibling projections of one
+input (q/k/v, gate/up) joined by :func:`lmforge.models.transformer.set_joint_projections` run as one base matmul
+and one ``x @ [A_q; A_k; A_v]`` (:meth:`LoRALinear.joint_forward`), when none has dropout or DoRA.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class LoRALinear(nn.Module):
         dtype: of the LoRA weights (default fp32, whatever the base dtype: optimizer state stays exact).
     """
 
+    #: plain LoRA: cast A and B to the compute dtype at use (fp32 masters, bf16 matmuls on a bf16 input). False:
+    #: the input is cast to the LoRA weights' dtype instead (an fp32 update and an fp32 copy of a bf16 input).
+    master_cast = True
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False,
                  dtype: Optional[torch.dtype] = torch.float32):
         super().__init__()
@@ -95,6 +105,11 @@ class LoRALinear(nn.Module):
         result = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.adapter_disabled:  # the base layer alone (alignment's reference model: peft.adapters_disabled)
             return result
+        if self.lora_magnitude_vector is None and self.master_cast:
+            dtype = _compute_dtype(x)
+            xd = self.lora_dropout(x).to(dtype)
+            update = F.linear(F.linear(xd, self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
+            return result + (update * self.scaling).to(result.dtype)
         xd = self.lora_dropout(x)
         if not torch.is_autocast_enabled():
             xd = xd.to(self.lora_A.weight.dtype)
@@ -113,6 +128,32 @@ class LoRALinear(nn.Module):
         dora = (scale - 1) * base + scale * update * self.scaling
         return result + dora.to(result.dtype)
 
+    @staticmethod
+    def can_join(parts: list) -> bool:
+        """Siblings of one input can share ``x @ [A_1; ...; A_n]``: plain LoRA (no DoRA), no dropout (one input for
+        all; peft draws a mask per module), LoRA weights in the compute dtype at use (``master_cast``)."""
+        return all(p.lora_magnitude_vector is None and isinstance(p.lora_dropout, nn.Identity) for p in parts) \
+            and LoRALinear.master_cast and len({p.bias is None for p in parts}) == 1
+
+    @staticmethod
+    def joint_forward(x: torch.Tensor, parts: list) -> list[torch.Tensor]:
+        """The outputs of sibling LoRA linears ``parts`` of one input ``x``: the frozen base weights as one matmul
+        (:func:`~lmforge.models.transformer.joint_linear`), the low-rank inputs as one ``x @ [A_1; ...].T``, then each
+        part's ``B``. Same values as calling each part (each ``B`` sees its own rank's columns)."""
+        from lmforge.models.transformer import joint_linear
+
+        dtype = _compute_dtype(x)
+        base = joint_linear(x, [p.weight for p in parts], [p.bias for p in parts])  # (..., sum out)
+        xa = F.linear(x.to(dtype), torch.cat([p.lora_A.weight for p in parts]).to(dtype))  # (..., sum r)
+        outs = []
+        for y, a, p in zip(base.split([q.out_features for q in parts], dim=-1),
+                           xa.split([q.r for q in parts], dim=-1), parts):
+            if p.adapter_disabled:  # the base layer alone (alignment's reference model)
+                outs.append(y)
+                continue
+            outs.append(y + (F.linear(a, p.lora_B.weight.to(dtype)) * p.scaling).to(y.dtype))
+        return outs
+
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight folds the update in (same dtype and device as the base)."""
@@ -129,6 +170,13 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"scaling={self.scaling:g}, dora={self.use_dora}")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype when it is on, else ``x``'s: what the base matmul of ``x`` runs in."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:

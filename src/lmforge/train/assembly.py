@@ -99,6 +99,9 @@ class TrainJob:
     peft_config: Any = None
     activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
     compile: bool = False
+    joint_projections: bool = True  # q/k/v and gate/up as one matmul each (set_joint_projections; not under TP)
+    loss_chunk_size: Optional[int] = None  # head + cross-entropy over token chunks; None: auto_loss_chunk_size, 0: off
+    fp8: Optional[str] = None  # torchao float8 block projections with this recipe (tensorwise | rowwise); None: off
     sequence_parallel: bool = False  # with tensor parallelism: the residual stream split along the sequence
     virtual_pipeline: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B when above 1)
     fsdp_grad_reduce_dtype: Any = 32
@@ -284,6 +287,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                           "context parallelism")
     # under pipelining not called: the stages compute the loss
     objective = CausalLMLoss(train_model) if objective_fn is None else objective_fn(train_model)
+    if dims.tp == 1 and isinstance(objective, CausalLMLoss):  # TP: the loss on vocabulary-sharded logits instead
+        objective.loss_chunk_size = resolve_loss_chunk_size(job.loss_chunk_size, getattr(base, "cfg", None))
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
 
@@ -305,6 +310,16 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         expert = apply_expert_parallel(base, dims)
         if on_meta and stages is None:  # allocate and initialise what this rank holds (the weights of the whole model)
             _materialize(model, base, rt.device, job.seed)
+    if job.fp8:  # 3. float8 block projections (torchao), before compile and FSDP as torchao asks
+        from lmforge.train.fp8 import apply_fp8
+
+        converted = apply_fp8(base, job.fp8)
+        if rt.is_main:
+            console_log(f"fp8: {len(converted)} block projections in float8 ({job.fp8} scaling), the rest in bf16")
+    if job.joint_projections and dims.tp == 1:  # 3. q/k/v and gate/up as one matmul each (float8 ones stay apart)
+        from lmforge.models.transformer import set_joint_projections
+
+        set_joint_projections(base)
     if job.activations_checkpoint:  # 4. (per pipeline stage: a chunk of blocks never spans two stages)
         for unit in stages or [base]:
             apply_activation_checkpointing(unit, **job.activations_checkpoint)
@@ -415,8 +430,29 @@ def _materialize(model: nn.Module, part: nn.Module, device, seed: int) -> None:
     model.init_weights(seed=seed)
 
 
+def resolve_loss_chunk_size(setting: Optional[int], cfg) -> int:
+    """Tokens per chunk of the fused head + cross-entropy: ``setting`` when given (0: whole batch), else automatic:
+    on for vocabularies of 65,536 and more (Llama 3, Gemma), with chunks whose fp32 logits take about 1 GiB
+    (2,048 tokens at 128k), off below (a 32k vocabulary's logits are small beside the activations)."""
+    if setting is not None:
+        return int(setting)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    if vocab < 65536:
+        return 0
+    return max(256, (2**28 // vocab) // 256 * 256)
+
+
 def _check_job(job: TrainJob, rt: Runtime) -> None:
     """Refuse, before any work, the combinations the assembly cannot build (config loaders catch most earlier)."""
+    if job.fp8:
+        from lmforge.train.fp8 import fp8_problem
+
+        problem = fp8_problem(rt.device)
+        if problem:
+            raise ConfigError(problem)
+        if job.dims.tp > 1 or job.dims.pp > 1:
+            raise ConfigError("model.fp8=true (trainer.precision=fp8) with tensor or pipeline parallelism is not "
+                              "supported yet: use FSDP/DDP, or trainer.precision=bf16-mixed")
     if job.fsdp_cpu_offload and rt.device.type != "cuda":
         raise ConfigError("model.fsdp_cpu_offload=true moves FSDP shards from GPU memory to CPU memory, but this run "
                           "is on the CPU already: remove model.fsdp_cpu_offload (or train on GPUs)")

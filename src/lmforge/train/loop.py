@@ -130,20 +130,30 @@ class MicroBatches:
         if isinstance(batch, dict):
             return {k: self._to_device(v) for k, v in batch.items()}
         if self.rt.device.type == "cuda":
-            return batch.pin_memory().to(self.rt.device, non_blocking=True)
+            pinned = batch if batch.is_pinned() else batch.pin_memory()  # DataLoader workers pinned it already
+            return pinned.to(self.rt.device, non_blocking=True)
         return batch
 
     def for_step(self, step: int):
         """This rank's micro batches of ``step``. With ``num_workers`` (``model.data.num_workers``) they are read
-        and collated by DataLoader worker processes, ``num_workers x 2`` micro batches ahead, in the same order."""
+        and collated by DataLoader worker processes, ``num_workers x 2`` micro batches ahead, in the same order,
+        into pinned memory, and copied to the GPU without waiting (``non_blocking``).
+
+        ``step_counts`` lists the counted tokens of each micro batch yielded for this step, counted on the host
+        before the copy (the loop reads them without a device sync)."""
+        self.step_counts = []
         if self.s.num_workers <= 0:
             for micro in range(self.s.accumulate):
-                yield self.batch(self.indices(step, micro))
+                cpu = self.collate([self.dataset[i] for i in self.indices(step, micro)])
+                self.step_counts.append(Trainer.counted_tokens(cpu))
+                yield self._to_device(cpu)
             return
         if self._loader is None or self._next_step != step:  # the first step read, or a jump (resume, evaluation)
             self._loader = iter(self._data_loader(step))
         for _ in range(self.s.accumulate):
-            yield self._to_device(next(self._loader))
+            cpu = next(self._loader)
+            self.step_counts.append(Trainer.counted_tokens(cpu))
+            yield self._to_device(cpu)
         self._next_step = step + 1
 
     def _data_loader(self, first_step: int):
@@ -288,14 +298,20 @@ class Trainer:
     def _call(self, objective, batch):
         return objective(**batch) if isinstance(batch, dict) else objective(batch)
 
-    def train_step(self, batches: MicroBatches, step: int) -> tuple[float, Optional[float]]:
-        """One optimizer step over one global batch. Returns (mean loss, grad norm)."""
+    def train_step(self, batches: MicroBatches, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One optimizer step over one global batch. Returns (mean loss, grad norm) as 0-dim tensors on the device
+        (grad norm None without clipping): nothing here waits for the device, so the host queues the next step
+        while this one runs; ``float()`` them only when they are needed (the loop does at logging steps)."""
         self.model.train()
         lr = self.schedule.lr_at(step)
         set_lr(self.opt, lr)
         micro = list(batches.for_step(step))
         # Every token of the global batch weighs the same, on any number of ranks.
-        counts = [self._counts(b) for b in micro]
+        host = getattr(batches, "step_counts", None)  # counted on the host before the copy: no device sync
+        if self._count_fn is None and host is not None and len(host) == len(micro):
+            counts = [[float(c)] for c in host]
+        else:
+            counts = [self._counts(b) for b in micro]
         local = [sum(c[i] for c in counts) for i in range(len(counts[0]))] if counts else [0.0]
         local_rows = sum(len(b["tokens"] if isinstance(b, dict) else b) for b in micro)
         global_rows, *totals = self._all_reduce([float(local_rows), *local])
@@ -338,10 +354,10 @@ class Trainer:
         if self.s.gradient_clip_val and self.s.gradient_clip_val > 0:
             params = [p for p in self.raw_model.parameters() if p.requires_grad]
             if self.clip_fn is not None:
-                grad_norm = float(self.clip_fn(params, self.s.gradient_clip_val))
+                grad_norm = self.clip_fn(params, self.s.gradient_clip_val)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.s.gradient_clip_val)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+                grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -349,8 +365,10 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         loss_total *= self.dims.cp  # context parallel: each rank holds its part's loss; the sum below divides by cp
-        (loss_sum_all,) = self._all_reduce([float(loss_total)])
-        return loss_sum_all / global_tokens, grad_norm
+        if self.rt.distributed:  # on the device: no wait here (see _all_reduce for the division)
+            dist.all_reduce(loss_total)
+            loss_total /= self.dims.world_size // self.dims.dp
+        return loss_total / global_tokens, grad_norm
 
     def _gradient_sync(self, last: bool):
         """Reduce gradients only after the last micro-batch of a step (DDP ``no_sync``, FSDP's switch)."""
@@ -401,21 +419,33 @@ class Trainer:
         kill_at = int(os.environ.get("LMFORGE_TEST_KILL_AT_STEP", "0"))  # fault injection for resume tests
         window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
         deadline = _now() + s.max_time_s if s.max_time_s else None
+        unchecked: list = []  # (step, loss tensor) not read back yet: checked at logging steps and before saving
+
+        def check_losses() -> None:
+            """Read the losses since the last check (one device sync) and stop at the first that is not finite."""
+            if not unchecked:
+                return
+            values = torch.stack([t.detach().double().reshape(()) for _, t in unchecked]).tolist()
+            for (at, _), value in zip(unchecked, values):
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at step {at}; lower model.optim.lr or use "
+                                             f"trainer.precision=bf16-mixed / gradient clipping")
+            unchecked.clear()
+
         try:
             while state.step < s.max_steps:
-                loss, grad_norm = self.train_step(batches, state.step)
+                loss_t, grad_norm = self.train_step(batches, state.step)
                 tokens_per_step = fixed_tokens if fixed_tokens is not None else self.last_step_tokens
                 state.step += 1
                 state.consumed_samples += self.last_step_samples
                 state.tokens_trained += tokens_per_step
                 window_steps += 1
                 window_tokens += tokens_per_step
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {state.step}; lower model.optim.lr or use "
-                                             f"trainer.precision=bf16-mixed / gradient clipping")
+                unchecked.append((state.step, loss_t))
                 if state.step % max(1, s.log_every_n_steps) == 0 or state.step == s.max_steps or state.step == 1:
-                    if self.rt.device.type == "cuda":
-                        torch.cuda.synchronize()
+                    check_losses()  # the one host sync of a logging step (the device finished the step by then)
+                    loss = float(loss_t)
+                    grad_norm = None if grad_norm is None else float(grad_norm)
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_steps, window_tokens = now, 0, 0
@@ -445,6 +475,7 @@ class Trainer:
                 out_of_time = deadline is not None and self._any_rank(_now() >= deadline)
                 if self.save_fn is not None and (metrics is not None or periodic or stopping or out_of_time
                                                  or state.step == s.max_steps):
+                    check_losses()  # never save weights a non-finite loss has stepped
                     self.save_fn(state, metrics or {})
                     window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if kill_at and state.step == kill_at:

@@ -16,6 +16,81 @@ from torch import nn
 from lmforge.models.transformer import softcap
 
 
+IGNORE_INDEX = -100  # a label that counts for nothing (no loss, no gradient), as F.cross_entropy's default
+
+
+def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, logit_softcap: Optional[float], with_grad: bool):
+    """Cross-entropy of one chunk of logits (n, V), in fp32: ``(loss summed over the counted labels, d loss /
+    d logits)`` (the gradient in the logits' dtype, None unless ``with_grad``). Labels equal to
+    :data:`IGNORE_INDEX` count for nothing. Soft-capping (``cap * tanh(z / cap)``) is applied first and
+    differentiated through. A pure function of tensors: :meth:`CausalLMLoss.compile_loss` compiles it."""
+    z = logits.float()
+    if logit_softcap is not None:
+        t = torch.tanh(z / logit_softcap)
+        z = t * logit_softcap
+    counted = labels != IGNORE_INDEX
+    safe = torch.where(counted, labels, 0)
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    target = z.gather(1, safe[:, None])[:, 0]
+    loss = torch.where(counted, lse - target, 0.0).sum()
+    if not with_grad:
+        return loss, None
+    grad = torch.exp(z - lse[:, None])  # softmax
+    grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+    grad = grad * counted[:, None]
+    if logit_softcap is not None:
+        grad = grad * (1 - t * t)
+    return loss, grad.to(logits.dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` without the (N, V) logits: ``chunk`` rows of tokens at a time,
+    the gradients of ``hidden`` and ``weight`` computed in the forward pass chunk by chunk (the loss is a sum, so the
+    backward pass only scales them by the incoming scalar). Peak extra memory: one chunk's logits and their gradient,
+    plus an fp32 (V, C) gradient accumulator, instead of the whole batch's logits in fp32 and their gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, logit_softcap, chunk, dtype, chunk_fn):
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+                if ctx.needs_input_grad[1] else None
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(dtype)  # (n, C)
+                loss, g = chunk_fn(F.linear(h, w), labels[start:start + chunk], logit_softcap, with_grad)
+                total = total + loss
+                if grad_h is not None:
+                    grad_h[start:start + chunk] = (g @ w).to(hidden.dtype)  # (n, C)
+                if grad_w is not None:
+                    grad_w.add_(g.t() @ h)  # (V, C), accumulated in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 logit_softcap: Optional[float] = None, chunk: int = 4096,
+                                 chunk_fn=None) -> torch.Tensor:
+    """The fp32 sum over counted tokens of the cross-entropy of the output head ``weight`` (V, C) over ``hidden``
+    (N, C), ``chunk`` tokens at a time (labels :data:`IGNORE_INDEX` do not count). Equal to
+    ``token_cross_entropy(hidden, weight, labels, cap)[labels != -100].sum()`` and its gradients, without ever
+    holding the (N, V) logits. The matmuls run in autocast's dtype when it is on (as the plain head would)."""
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, logit_softcap, int(chunk), dtype,
+                                            chunk_fn or _ce_chunk)
+
+
 def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         logit_softcap: Optional[float] = None) -> torch.Tensor:
     """Per-token cross-entropy (fp32) of the output head ``weight`` (V, C) over ``hidden`` (N, C).
@@ -39,12 +114,20 @@ class CausalLMLoss(nn.Module):
     ``sequence_split`` (context parallelism, :meth:`lmforge.parallel.context.ContextParallel.split`) maps the
     full inputs and labels to this rank's part and their global positions; the sums returned are then this
     rank's part of the sequences' (the group's parts add up).
+
+    ``loss_chunk_size`` (tokens; 0 or None: off): the head and the cross-entropy run ``loss_chunk_size`` tokens
+    at a time (:func:`chunked_linear_cross_entropy`), so the (tokens x vocabulary) logits never exist whole. Not
+    under tensor parallelism (``loss_fn`` is then the vocabulary-sharded loss and chunking is not used).
+
+    ``n_tokens`` is an int for unmasked batches and a 0-dim tensor (no device sync) for masked ones.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss_chunk_size: Optional[int] = None):
         super().__init__()
         self.model = model
         self.loss_fn = token_cross_entropy
+        self.loss_chunk_size = loss_chunk_size
+        self.chunk_fn = _ce_chunk  # compile_loss() compiles it
         self.sequence_split = None  # context parallelism: (inputs, labels) -> this rank's (inputs, labels, positions)
 
     def forward(self, tokens: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
@@ -63,12 +146,22 @@ class CausalLMLoss(nn.Module):
         if hasattr(hidden, "full_tensor"):  # sequence parallel: the final norm's output is split by position
             hidden = hidden.full_tensor()
         cap = getattr(getattr(self.model, "cfg", None), "final_logit_softcapping", None)
-        losses = self.loss_fn(hidden.reshape(-1, hidden.size(-1)), self.model.output_weight(), labels.reshape(-1), cap)
-        if loss_mask is None:
-            loss_sum, n_tokens = losses.sum(), labels.numel()
+        hidden, labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+        if self.loss_chunk_size and self.loss_fn is token_cross_entropy:
+            n_tokens = labels.numel()
+            if loss_mask is not None:
+                counted = loss_mask[:, 1:].reshape(-1) != 0
+                labels = torch.where(counted, labels, IGNORE_INDEX)
+                n_tokens = counted.sum()
+            loss_sum = chunked_linear_cross_entropy(hidden, self.model.output_weight(), labels, cap,
+                                                    self.loss_chunk_size, self.chunk_fn)
         else:
-            mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
-            loss_sum, n_tokens = (losses * mask).sum(), int(mask.sum().item())
+            losses = self.loss_fn(hidden, self.model.output_weight(), labels, cap)
+            if loss_mask is None:
+                loss_sum, n_tokens = losses.sum(), labels.numel()
+            else:
+                mask = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
+                loss_sum, n_tokens = (losses * mask).sum(), mask.sum()
         coeff = float(getattr(getattr(self.model, "cfg", None), "moe_aux_loss_coeff", 0.0) or 0.0)
         if coeff > 0 and self.model.training:
             aux = self.model.moe_aux_loss()  # MoE router load balancing, pooled over layers (HF Mixtral's)
@@ -78,5 +171,9 @@ class CausalLMLoss(nn.Module):
         return loss_sum, n_tokens
 
     def compile_loss(self) -> None:
-        """Fuse the head matmul, the fp32 upcast and the softmax cross-entropy with torch.compile."""
-        self.loss_fn = torch.compile(token_cross_entropy)
+        """Fuse the head matmul, the fp32 upcast and the softmax cross-entropy with torch.compile (chunked: each
+        chunk's softmax, loss and logits gradient as one kernel)."""
+        if self.loss_chunk_size:
+            self.chunk_fn = torch.compile(_ce_chunk)
+        else:
+            self.loss_fn = torch.compile(token_cross_entropy)

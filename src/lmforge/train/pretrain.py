@@ -94,6 +94,8 @@ def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
                                   resume_must_exist=not em.resume_ignore_no_checkpoint,
                                   sharded=m.fsdp_sharded_checkpoint, async_save=bool(cp.async_save)),
         seed=int(m.seed), activations_checkpoint=ac, compile=bool(m.compile), sequence_parallel=bool(m.sequence_parallel),
+        joint_projections=bool(m.fused_projections), loss_chunk_size=m.loss_chunk_size,
+        fp8=str(m.fp8_recipe) if m.fp8 else None,
         virtual_pipeline=int(m.virtual_pipeline_model_parallel_size or 1),
         fsdp_grad_reduce_dtype=m.fsdp_grad_reduce_dtype, fsdp_cpu_offload=bool(m.fsdp_cpu_offload),
         tensorboard=bool(em.create_tensorboard_logger), wandb=_wandb_kwargs(cfg), run_config=config_to_dict(cfg))

@@ -1,0 +1,75 @@
+"""FP8 training: torchao's float8 linear layers on a decoder's block projections, bf16 everywhere else.
+
+``trainer.precision=fp8`` (or NeMo's ``model.fp8=true``) trains in bf16-mixed precision with the seven projections
+of every block (q, k, v, o, gate, up, down) swapped for ``torchao.float8.Float8Linear``: their three matmuls
+(forward, input gradient, weight gradient) run in float8 on the tensor cores with dynamic scales, per tensor
+(``model.fp8_recipe=tensorwise``) or per row (``rowwise``). The embedding, the output head, the norms, attention and
+a MoE router stay in bf16 (the head's logits and the router's choices are where float8's 3-bit mantissa hurts).
+The swapped modules subclass ``nn.Linear`` and keep their names, so checkpoints are unchanged.
+
+Needs torchao (``pip install 'lmforge[fp8]'``) and an NVIDIA GPU with float8 tensor cores (compute capability
+8.9 or later: H100, H200, L4, L40S, RTX 4090); anything else is refused with one line before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+RECIPES = ("tensorwise", "rowwise")
+KEY = "model.fp8=true (trainer.precision=fp8)"
+#: the block projections that go float8 (by their last name component, inside ``layers.``)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_problem(device: torch.device) -> Optional[str]:
+    """Why float8 training cannot run on ``device`` (one line naming the key), or None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (f"{KEY} needs an NVIDIA GPU with float8 tensor cores (compute capability 8.9+: H100, H200, L40S, "
+                f"RTX 4090); this run is on {device.type}: drop model.fp8 / use trainer.precision=bf16-mixed")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9) or torch.version.hip:
+        name = torch.cuda.get_device_name(device)
+        return (f"{KEY} needs float8 tensor cores (compute capability 8.9+: H100, H200, L40S, RTX 4090); {name} has "
+                f"{major}.{minor}: use trainer.precision=bf16-mixed")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return f"{KEY} needs torchao, which is not installed: pip install 'lmforge[fp8]' (or torchao)"
+    return None
+
+
+def is_fp8_target(module: nn.Module, name: str) -> bool:
+    """Whether the module named ``name`` is converted: a plain ``nn.Linear`` block projection (never the output
+    head, an embedding or a MoE router) whose sizes are multiples of 16 (float8 matmuls need them)."""
+    if type(module) is not nn.Linear:
+        return False
+    parts = name.split(".")
+    if "layers" not in parts or parts[-1] not in PROJECTIONS:
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_fp8(model: nn.Module, recipe: str = "tensorwise") -> list[str]:
+    """Swap the block projections of ``model`` for torchao float8 linears, in place. Returns the converted names.
+
+    Raises:
+        ConfigError: an unknown recipe, or no module to convert.
+    """
+    if recipe not in RECIPES:
+        raise ConfigError(f"model.fp8_recipe={recipe!r} is not known; use one of {', '.join(RECIPES)}")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    names = [n for n, m in model.named_modules() if is_fp8_target(m, n)]
+    if not names:
+        raise ConfigError(f"{KEY}: the model has no block projection to run in float8 (sizes must be multiples of "
+                          f"16)")
+    chosen = set(names)
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda m, fqn: fqn in chosen)
+    return names
