@@ -7,8 +7,18 @@ over the LoRA weights, loss over every next token, 3 warm-up steps then 10 timed
 (LoRA weights fp32 as peft keeps them for a bf16 base). Prints one JSON line per case and writes all
 of them to ``$OUT/lmforge_lora.json``.
 
+Switches (every case of a call runs with them):
+    --fused / --no-fused            q/k/v and gate/up as one base matmul and one ``x @ [A_q; A_k; A_v]`` each
+                                    (set_joint_projections; default on, as fine-tuning does)
+    --master-cast / --no-master-cast  LoRA weights cast to bf16 at use (default) / the input cast to fp32 (peft's way)
+    --chunked-loss N                head + cross-entropy over N-token chunks (0: off, the default at a 32k vocabulary)
+    --compile                       torch.compile each block (LoRA inside), and the loss
+
     python benchmarks/lora_throughput.py                  # both cases
     python benchmarks/lora_throughput.py --cases gc       # gradient checkpointing only
+    python benchmarks/lora_throughput.py --no-fused --no-master-cast --tag before
+
+Records are appended to ``$OUT/lmforge_lora.json`` (several invocations in one device call share the file).
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ import time
 import torch
 
 from lmforge.models import ModelConfig, Transformer
-from lmforge.parallel.transforms import apply_activation_checkpointing
+from lmforge.models.transformer import set_joint_projections
+from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
 from lmforge.peft import LoRAConfig, apply_peft
+from lmforge.peft.lora import LoRALinear
 from lmforge.train.objectives import CausalLMLoss
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=32,
@@ -31,7 +43,9 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attentio
                  hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool) -> dict:
+def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
+          master_cast: bool = True, chunk: int = 0, compile_blocks: bool = False) -> dict:
+    LoRALinear.master_cast = master_cast
     cfg = ModelConfig(**LLAMA2_7B)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -40,11 +54,14 @@ def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_lo
     model.init_weights(seed=0)
     model = model.to(torch.bfloat16)
     apply_peft(model, "lora", LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["all-linear"]))
+    joined = set_joint_projections(model, fused)
     if grad_ckpt:
         apply_activation_checkpointing(model)
     model.train()
-    objective = CausalLMLoss(model)
-    if compile_loss:
+    objective = CausalLMLoss(model, loss_chunk_size=chunk)
+    if compile_blocks:
+        apply_compile(model)
+    if compile_loss or compile_blocks:
         objective.compile_loss()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -69,7 +86,8 @@ def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_lo
     dt = time.perf_counter() - t
     rec = dict(case="lmforge_lora_7B", grad_ckpt=grad_ckpt, seq=seq, mbs=mbs, tokens_per_s=round(mbs * seq * steps / dt),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
-               trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss,
+               trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss, fused=fused, joined=joined,
+               master_cast=master_cast, loss_chunk_size=chunk, compile=compile_blocks,
                card=torch.cuda.get_device_name(), torch=torch.__version__)
     del model, opt, objective
     torch.cuda.empty_cache()
@@ -84,15 +102,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--compile-loss", action="store_true", help="fuse head + cross-entropy with torch.compile")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="joint q/k/v and gate/up (one base matmul, one x @ A)")
+    ap.add_argument("--master-cast", action=argparse.BooleanOptionalAction, default=True,
+                    help="LoRA weights cast to the compute dtype at use (else the input to fp32)")
+    ap.add_argument("--chunked-loss", type=int, default=0, metavar="TOKENS", help="loss over token chunks (0: off)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block and the loss")
+    ap.add_argument("--tag", default="", help="a label copied into every record")
     a = ap.parse_args()
     out = os.environ.get("OUT", ".")
     results = []
+    path = os.path.join(out, "lmforge_lora.json")
+    if os.path.exists(path):  # several invocations in one device call add to one file
+        with open(path) as f:
+            results = json.load(f)
     for case in a.cases:
         try:
-            rec = bench(case == "gc", a.seq, a.mbs, a.steps, a.warm, a.compile_loss)
+            rec = bench(case == "gc", a.seq, a.mbs, a.steps, a.warm, a.compile_loss, a.fused, a.master_cast,
+                        a.chunked_loss, a.compile)
         except torch.cuda.OutOfMemoryError as e:
             rec = dict(case="lmforge_lora_7B", grad_ckpt=case == "gc", seq=a.seq, mbs=a.mbs, error=f"OOM: {e}"[:300])
             torch.cuda.empty_cache()
+        rec["tag"] = a.tag
         print(json.dumps(rec), flush=True)
         results.append(rec)
         with open(os.path.join(out, "lmforge_lora.json"), "w") as f:

@@ -2,14 +2,23 @@
 
 Measures tokens/s, model TFLOP/s (PaLM convention, as ../shared/bench/hf_peer.py counts them) and
 peak memory for a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads, 8 KV groups, ffn 8192,
-vocab 128256, seq 2048), fp32 master weights + bf16 autocast, fused AdamW, eager and compiled.
+vocab 128256, seq 2048) or a Llama-3.1-8B-shaped one (hidden 4096, 8 KV groups, ffn 14336, untied head; on one
+80 GB card only a few of its 32 layers fit fp32 master weights + AdamW: ``--layers``, default 4), fp32 master
+weights + bf16 autocast, fused AdamW, eager and compiled.
 The step is lmforge's real one (``Trainer.train_step``), on random tokens. Cases ``fsdp`` and
 ``fsdp_compiled`` shard the same model with FSDP2 on one rank (``lmforge.parallel.fsdp.apply_fsdp``:
 bf16 compute parameters, fp32 master weights and reductions), what ``model.fsdp=true`` does.
 
-    python benchmarks/train_throughput.py [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4] [--steps 20]
+Switches (each one a training config key; every case of a call runs with them):
+    --fused / --no-fused      q/k/v and gate/up as one matmul each (model.fused_projections, default on)
+    --chunked-loss N          head + cross-entropy over N-token chunks (model.loss_chunk_size; 0 off; default auto:
+                              2048 at a 128k vocabulary)
+    --fp8 tensorwise|rowwise  torchao float8 block projections (model.fp8=true, model.fp8_recipe; default none)
 
-Prints one JSON line per case and writes them to $OUT/lmforge_train.json when OUT is set.
+    python benchmarks/train_throughput.py [--shape 1b|8b] [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4]
+        [--steps 20] [--no-fused] [--chunked-loss 0] [--fp8 tensorwise] [--tag before]
+
+Prints one JSON line per case and appends them to $OUT/lmforge_train.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ import numpy as np
 import torch
 
 from lmforge.models.config import ModelConfig
-from lmforge.models.transformer import Transformer
+from lmforge.models.transformer import Transformer, set_joint_projections
 from lmforge.parallel.runtime import Runtime
 from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
 from lmforge.train.loop import LoopSettings, MicroBatches, Trainer
+from lmforge.train.assembly import resolve_loss_chunk_size
 from lmforge.train.objectives import CausalLMLoss
 from lmforge.train.optim import build_optimizer, build_schedule
 
@@ -34,6 +44,11 @@ LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_attent
                   ffn_hidden_size=8192, max_position_embeddings=4096, normalization="rmsnorm", activation="swiglu",
                   bias=False, position_embedding_type="rope", rotary_base=500000.0,
                   share_embeddings_and_output_weights=True, layernorm_epsilon=1e-5)
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
+                  ffn_hidden_size=14336, max_position_embeddings=8192, normalization="rmsnorm", activation="swiglu",
+                  bias=False, position_embedding_type="rope", rotary_base=500000.0,
+                  share_embeddings_and_output_weights=False, layernorm_epsilon=1e-5)
+SHAPES = {"1b": (LLAMA32_1B, None), "8b": (LLAMA31_8B, 4)}  # shape, default layers on one card (None: all)
 
 
 class RandomTokens:
@@ -50,16 +65,27 @@ class RandomTokens:
         return self.data[i]
 
 
-def bench(case: str, mbs: int, seq: int, steps: int, warm: int) -> dict:
+def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b", layers=None, fused: bool = True,
+          chunk=None, fp8=None, sync_every_step: bool = False) -> dict:
     device = torch.device("cuda")
-    cfg = ModelConfig(**LLAMA32_1B)
+    arch, default_layers = SHAPES[shape]
+    cfg = ModelConfig(**{**arch, "num_layers": layers or default_layers or arch["num_layers"]})
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     model.init_weights(seed=0)
+    if fp8:  # as build_training: float8 projections before joining, checkpointing, compile and FSDP
+        from lmforge.train.fp8 import apply_fp8, fp8_problem
+
+        problem = fp8_problem(device)
+        if problem:
+            raise SystemExit(problem)
+        apply_fp8(model, fp8)
+    joined = set_joint_projections(model, fused)
     if "ckpt" in case:
         apply_activation_checkpointing(model)
-    objective = CausalLMLoss(model)
+    chunk = resolve_loss_chunk_size(chunk, cfg)
+    objective = CausalLMLoss(model, loss_chunk_size=chunk)
     if "compiled" in case and "fsdpfirst" not in case and "fsdpfwd" not in case:
         apply_compile(model)
         objective.compile_loss()
@@ -89,11 +115,15 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int) -> dict:
     torch.cuda.synchronize()
     t = time.perf_counter()
     for s in range(warm, warm + steps):
-        loss, _ = trainer.train_step(batches, s)
+        loss, norm = trainer.train_step(batches, s)
+        if sync_every_step:  # what the loop did before: loss and grad norm read back after every step
+            float(loss), float(norm)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     tps = mbs * seq * steps / dt
-    rec = dict(case=f"lmforge_train_1B_{case}", mbs=mbs, seq=seq, tokens_per_s=round(tps),
+    rec = dict(case=f"lmforge_train_{shape.upper()}_{case}", layers=cfg.num_layers, fused=fused, joined=joined,
+               loss_chunk_size=chunk, fp8=fp8, sync_every_step=sync_every_step, mbs=mbs, seq=seq,
+               tokens_per_s=round(tps),
                model_tflops=round(tps * model.flops_per_token(seq) / 1e12, 1),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
                gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
@@ -109,21 +139,40 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama-3.2-1B, 8b: Llama-3.1-8B")
+    p.add_argument("--layers", type=int, default=None, help="blocks (default: all for 1b, 4 for 8b)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k/v and gate/up as one matmul each (model.fused_projections)")
+    p.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS",
+                   help="head + cross-entropy over token chunks (model.loss_chunk_size; 0: off; default: auto)")
+    p.add_argument("--fp8", choices=["none", "tensorwise", "rowwise"], default="none",
+                   help="torchao float8 block projections (model.fp8=true, model.fp8_recipe)")
+    p.add_argument("--sync-every-step", action="store_true",
+                   help="read the loss and grad norm back after every step (the loop before it deferred them)")
+    p.add_argument("--tag", default="", help="a label copied into every record (e.g. before / after)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    fp8 = None if a.fp8 == "none" else a.fp8
+    out = os.path.join(os.environ["OUT"], "lmforge_train.json") if os.environ.get("OUT") else None
     results = []
+    if out and os.path.exists(out):  # several invocations in one device call add to one file
+        with open(out) as f:
+            results = json.load(f)
     for case in a.cases.split(","):
         for mbs in ([a.mbs] if ":" not in case else [int(case.split(":")[1])]):
             name = case.split(":")[0]
             try:
-                rec = bench(name, mbs, a.seq, a.steps, a.warm)
+                rec = bench(name, mbs, a.seq, a.steps, a.warm, a.shape, a.layers, a.fused, a.chunked_loss, fp8,
+                            a.sync_every_step)
             except Exception as e:  # one OOM must not lose the other figures
-                rec = dict(case=f"lmforge_train_1B_{name}", mbs=mbs, error=repr(e)[:300])
+                rec = dict(case=f"lmforge_train_{a.shape.upper()}_{name}", mbs=mbs, fused=a.fused,
+                           loss_chunk_size=a.chunked_loss, fp8=fp8, error=repr(e)[:300])
                 torch.cuda.empty_cache()
+            rec["tag"] = a.tag
             print(json.dumps(rec), flush=True)
             results.append(rec)
-            if os.environ.get("OUT"):
-                with open(os.path.join(os.environ["OUT"], "lmforge_train.json"), "w") as f:
+            if out:
+                with open(out, "w") as f:
                     json.dump(results, f, indent=1)
 
 

@@ -1,0 +1,324 @@
+"""The training speed paths compute what the plain ones do (fp32, 1e-6): joint q/k/v and gate/up matmuls, the
+chunked head + cross-entropy, LoRA's shared x @ A, the compute-dtype LoRA cast; float8's module choice and its
+refusals; the loop without per-step host syncs logs the same losses."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.models import ModelConfig, Transformer
+from lmforge.models.transformer import set_joint_projections
+from lmforge.train.objectives import CausalLMLoss, chunked_linear_cross_entropy, token_cross_entropy
+
+TOL = 1e-6
+
+
+def tiny(**kw) -> Transformer:
+    cfg = dict(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+               ffn_hidden_size=64, max_position_embeddings=64, normalization="rmsnorm", activation="swiglu", bias=False,
+               position_embedding_type="rope", share_embeddings_and_output_weights=True, hidden_dropout=0.0,
+               attention_dropout=0.0)
+    cfg.update(kw)
+    model = Transformer(ModelConfig(**cfg))
+    model.init_weights(seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random norms and biases too, so a wrong join shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def loss_and_grads(model, tokens, mask=None, chunk=None):
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = CausalLMLoss(model, loss_chunk_size=chunk)(tokens, loss_mask=mask)
+    loss = loss_sum / n  # the trainer's per-token mean
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    assert abs(la.item() - lb.item()) <= TOL * max(1.0, abs(la.item()))
+    assert ga.keys() == gb.keys() and ga
+    for k in ga:
+        assert (ga[k] - gb[k]).abs().max().item() <= TOL * max(1.0, ga[k].abs().max().item()), k
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 97, (3, 17), generator=g)
+    mask = (torch.rand(3, 17, generator=g) > 0.3).long()
+    return tokens, mask
+
+
+@pytest.mark.parametrize("kw", [{}, dict(bias=True, num_query_groups=4, share_embeddings_and_output_weights=False)])
+def test_joint_projections_equal_separate(batch, kw):
+    tokens, mask = batch
+    plain = tiny(**kw)
+    joint = copy.deepcopy(plain)
+    assert set_joint_projections(joint) == 4  # q/k/v and gate/up of two blocks
+    assert joint.state_dict().keys() == plain.state_dict().keys()  # names (checkpoints, HF map) unchanged
+    assert_same(loss_and_grads(plain, tokens, mask), loss_and_grads(joint, tokens, mask))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the cast copies: same bf16 matmuls
+        a, b = CausalLMLoss(plain)(tokens)[0], CausalLMLoss(joint)(tokens)[0]
+    assert abs(a.item() - b.item()) <= 1e-3 * abs(a.item())
+    assert set_joint_projections(joint, on=False) == 0
+
+
+def test_joint_projections_hf_round_trip(tmp_path, batch):
+    """A model trained with joint projections saves, converts to HF and back bit for bit, and HF computes its
+    logits."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.convert.hf import convert
+    from lmforge.train.checkpoint import load_model, save_model
+
+    tokens, _ = batch
+    model = tiny(share_embeddings_and_output_weights=False)
+    set_joint_projections(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_and_grads(model, tokens)
+    opt.step()
+    save_model(tmp_path / "ours", {k: v.detach() for k, v in model.state_dict().items()}, model.cfg.to_dict())
+    convert(tmp_path / "ours", tmp_path / "hf", to="hf", progress=False)
+    convert(tmp_path / "hf", tmp_path / "back", to="lmforge", progress=False)
+    back, _ = load_model(tmp_path / "back")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("cap,tied,chunk", [(None, True, 7), (5.0, False, 16), (None, False, 1000)])
+def test_chunked_loss_equals_plain(batch, cap, tied, chunk):
+    tokens, mask = batch
+    plain = tiny(final_logit_softcapping=cap, share_embeddings_and_output_weights=tied)
+    chunked = copy.deepcopy(plain)
+    for m in (None, mask):
+        assert_same(loss_and_grads(plain, tokens, m), loss_and_grads(chunked, tokens, m, chunk=chunk))
+    with torch.no_grad():  # evaluation: no gradients computed, same sums and counts
+        a, na = CausalLMLoss(plain)(tokens, loss_mask=mask)
+        b, nb = CausalLMLoss(chunked, loss_chunk_size=chunk)(tokens, loss_mask=mask)
+    assert abs(a.item() - b.item()) <= TOL * abs(a.item()) and int(na) == int(nb)
+
+
+def test_chunked_cross_entropy_ignore_index_and_scaled_grad():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(11, 8, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (11,), generator=g)
+    labels[[0, 4, 5]] = -100
+    (3.5 * chunked_linear_cross_entropy(h, w, labels, chunk=4)).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    losses = token_cross_entropy(h, w, labels.clamp(min=0))
+    (3.5 * losses[labels != -100].sum()).backward()
+    for got, want in ((gh, h.grad), (gw, w.grad)):
+        assert (got - want).abs().max() <= TOL * want.abs().max()
+    assert gh[[0, 4, 5]].abs().max() == 0  # ignored rows: no gradient
+
+
+def test_loss_chunk_size_auto():
+    from lmforge.train.assembly import resolve_loss_chunk_size
+
+    assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=128256)) == 2048
+    assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=32000)) == 0
+    assert resolve_loss_chunk_size(0, ModelConfig(vocab_size=128256)) == 0
+    assert resolve_loss_chunk_size(512, ModelConfig(vocab_size=100)) == 512
+
+
+def lora_model(**kw):
+    from lmforge.peft import LoRAConfig, apply_peft
+
+    model = tiny(**kw)
+    apply_peft(model, "lora", LoRAConfig(r=4, lora_alpha=8, target_modules=["all-linear"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B is zero at init: give it values so the update shows
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def peft_style(model, tokens):
+    """The reference: every LoRA linear as peft computes it, one at a time, input cast to fp32 LoRA weights."""
+    from lmforge.peft.lora import LoRALinear
+
+    saved = LoRALinear.master_cast
+    LoRALinear.master_cast = False
+    try:
+        return loss_and_grads(model, tokens)
+    finally:
+        LoRALinear.master_cast = saved
+
+
+def test_lora_joint_equals_peft_style(batch):
+    from lmforge.peft import peft_state_dict
+
+    tokens, _ = batch
+    ref = lora_model(bias=True)
+    joint = copy.deepcopy(ref)
+    assert set_joint_projections(joint) == 4
+    want = peft_style(ref, tokens)
+    assert_same(want, loss_and_grads(ref, tokens))  # compute-dtype cast, separate: fp32 is the same
+    assert_same(want, loss_and_grads(joint, tokens))  # one base matmul and one x @ [A_q; A_k; A_v]
+    assert peft_state_dict(joint).keys() == peft_state_dict(ref).keys()  # the saved adapter's names
+
+
+def test_lora_with_dropout_or_dora_stays_apart():
+    from lmforge.peft import LoRAConfig, apply_peft
+
+    for cfg in (LoRAConfig(r=4, lora_dropout=0.1, target_modules=["all-linear"]),
+                LoRAConfig(r=4, use_dora=True, target_modules=["all-linear"])):
+        model = tiny()
+        apply_peft(model, "lora", cfg)
+        assert set_joint_projections(model) == 0
+
+
+def test_lora_bf16_base_runs_lora_in_bf16():
+    """A bf16 base: the update's matmuls run in bf16 (no fp32 copy of the input), the masters stay fp32."""
+    from lmforge.peft.lora import LoRALinear
+
+    layer = LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, alpha=8)
+    seen = []
+    layer.lora_A.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad is not None
+
+
+# -- float8 ------------------------------------------------------------------------------------
+
+
+def test_fp8_targets_only_block_projections():
+    from lmforge.train.fp8 import is_fp8_target
+
+    model = tiny(hidden_size=64, ffn_hidden_size=128, num_moe_experts=2, share_embeddings_and_output_weights=False)
+    chosen = {n for n, m in model.named_modules() if is_fp8_target(m, n)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert "lm_head" in linears and "layers.0.mlp.router" in linears
+    assert chosen == {n for n in linears if n != "lm_head" and not n.endswith("router")}
+    assert not is_fp8_target(nn.Linear(30, 64), "layers.0.self_attn.q_proj")  # not a multiple of 16
+
+
+def test_fp8_conversion_with_torchao():
+    pytest.importorskip("torchao.float8")
+    from lmforge.train.fp8 import apply_fp8
+
+    model = tiny(hidden_size=64, ffn_hidden_size=128, share_embeddings_and_output_weights=False)
+    keys = list(model.state_dict())
+    names = apply_fp8(model, "rowwise")
+    assert len(names) == 14
+    swapped = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+    assert swapped == set(names) and type(model.lm_head) is nn.Linear
+    assert list(model.state_dict()) == keys  # checkpoints unchanged
+    assert set_joint_projections(model) == 0  # float8 projections stay apart
+    with pytest.raises(ConfigError, match="model.fp8_recipe"):
+        apply_fp8(model, "blockwise")
+
+
+def test_fp8_refused_on_cpu_and_config_keys(tmp_path):
+    from lmforge.config import load_config
+    from lmforge.parallel.dims import ParallelDims
+    from lmforge.parallel.runtime import Runtime
+    from lmforge.train.assembly import OptimSpec, TrainJob, build_training
+    from lmforge.train.loop import LoopSettings
+
+    cfg = load_config("tiny/llama", ["trainer.precision=fp8"])
+    assert cfg.model.fp8 is True and cfg.trainer.precision == "bf16-mixed"
+    assert load_config("tiny/llama", ["model.fp8=true", "trainer.precision=bf16-mixed"]).model.fp8 is True
+    with pytest.raises(ConfigError, match="model.fp8_recipe"):
+        load_config("tiny/llama", ["trainer.precision=fp8", "model.fp8_recipe=blockwise"])
+    with pytest.raises(ConfigError, match="trainer.precision=32"):
+        load_config("tiny/llama", ["model.fp8=true", "trainer.precision=32"])
+    job = TrainJob(out=tmp_path, dims=ParallelDims(1), fp8="tensorwise",
+                   loop=LoopSettings(max_steps=1, micro_batch_size=1, global_batch_size=1, accumulate=1,
+                                     precision="bf16-mixed"), optim=OptimSpec())
+    with pytest.raises(ConfigError, match=r"^model.fp8=true \(trainer.precision=fp8\) needs an NVIDIA GPU .* on cpu"):
+        build_training(job, tiny(), Runtime(device=torch.device("cpu")))
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+class Rows:
+    def __init__(self, n, seq, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab, (n, seq + 1), generator=g).numpy()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def _trainer(model, steps, log_every, lr=1e-2):
+    from lmforge.parallel.runtime import Runtime
+    from lmforge.train.loop import LoopSettings, Trainer
+    from lmforge.train.optim import build_schedule
+
+    settings = LoopSettings(max_steps=steps, micro_batch_size=2, global_batch_size=4, accumulate=2,
+                            log_every_n_steps=log_every, gradient_clip_val=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    class Log:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, step, d):
+            self.rows.append((step, d))
+
+        def update(self, step, **kw):
+            pass
+
+    log = Log()
+    trainer = Trainer(CausalLMLoss(model), model, opt, build_schedule("constant", lr, steps), Runtime(), settings,
+                      log=log)
+    return trainer, log
+
+
+def test_loop_logs_the_losses_of_each_step():
+    """Losses stay on the device between logging steps: the logged values are the steps' own losses, as a plain
+    loop computes them (same model, data and optimizer)."""
+    from lmforge.train.loop import MicroBatches, TrainState
+
+    data = Rows(40, 8, 97)
+    model = tiny()
+    ref = copy.deepcopy(model)
+    trainer, log = _trainer(model, steps=5, log_every=2)
+    trainer.fit(data, None, TrainState())
+    logged = {step: d["loss"] for step, d in log.rows if "loss" in d}
+    assert sorted(logged) == [1, 2, 4, 5]
+    assert all(isinstance(d["grad_norm"], float) for _, d in log.rows if "loss" in d)
+    ref_trainer, _ = _trainer(ref, steps=5, log_every=1)
+    batches = MicroBatches(data, ref_trainer.s, ref_trainer.rt)
+    for step in range(5):  # the step itself hands back device tensors (nothing read back)
+        loss, norm = ref_trainer.train_step(batches, step)
+        assert isinstance(loss, torch.Tensor) and isinstance(norm, torch.Tensor)
+        if step + 1 in logged:
+            assert abs(float(loss) - logged[step + 1]) <= 1e-6
+
+
+def test_loop_names_the_step_of_a_non_finite_loss():
+    """Checked at the next logging step, the error still names the step whose loss was not finite."""
+    from lmforge.train.loop import TrainState
+
+    model = tiny()
+    trainer, _ = _trainer(model, steps=6, log_every=4)
+    real = trainer.train_step
+
+    def step(batches, s):
+        loss, norm = real(batches, s)
+        return (loss * float("nan") if s == 1 else loss), norm
+
+    trainer.train_step = step
+    with pytest.raises(FloatingPointError, match="at step 2;"):
+        trainer.fit(Rows(40, 8, 97), None, TrainState())
