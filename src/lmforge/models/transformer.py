@@ -576,10 +576,14 @@ def joint_linear(x: torch.Tensor, weights: list, biases: list) -> torch.Tensor:
 def joint_projection(x: torch.Tensor, parts: tuple) -> list[torch.Tensor]:
     """The outputs of sibling linears ``parts`` (same input ``x``) as one matmul: plain ``nn.Linear`` through
     :func:`joint_linear`; wrapped ones (LoRA) through their class's ``joint_forward(x, parts)``."""
-    if type(parts[0]) is nn.Linear:
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts[1:]):  # wrapped after joining (a module swapped since): apart
+        return [p(x) for p in parts]
+    if kind is nn.Linear:
         y = joint_linear(x, [p.weight for p in parts], [p.bias for p in parts])
         return list(y.split([p.out_features for p in parts], dim=-1))
-    return type(parts[0]).joint_forward(x, parts)
+    joint = getattr(kind, "joint_forward", None)
+    return joint(x, parts) if joint is not None else [p(x) for p in parts]
 
 
 def _joinable(parts: list) -> bool:

@@ -18,6 +18,8 @@ because it swaps modules):
    objective takes this rank's part of every sequence, attention gathers the group's keys and values.
    Expert parallelism (``job.dims.ep``, :mod:`lmforge.parallel.expert`): each rank keeps its share of every MoE
    layer's experts; DDP then ignores them (their gradients are reduced over the expert-data-parallel group).
+   Then float8 block projections (``job.fp8``, :mod:`lmforge.train.fp8`) and joint q/k/v, gate/up matmuls
+   (``job.joint_projections``, :func:`lmforge.models.transformer.set_joint_projections`; not under TP).
 4. Activation checkpointing (``job.activations_checkpoint``), per block (per pipeline stage).
 5. torch.compile (``job.compile``), per block, and the loss head (not under tensor parallelism).
 6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective or each stage as root), DDP, or, for
