@@ -230,8 +230,14 @@ def test_fp8_refused_on_cpu_and_config_keys(tmp_path):
     from lmforge.train.assembly import OptimSpec, TrainJob, build_training
     from lmforge.train.loop import LoopSettings
 
-    cfg = load_config("tiny/llama", ["trainer.precision=fp8"])
+    cfg = load_config("tiny/llama", ["trainer.precision=fp8", "trainer.accelerator=cpu",
+                                     f"exp_manager.explicit_log_dir={tmp_path / 'run'}"])
     assert cfg.model.fp8 is True and cfg.trainer.precision == "bf16-mixed"
+    from lmforge.train.pretrain import run
+
+    with pytest.raises(ConfigError, match=r"^model.fp8=true \(trainer.precision=fp8\) needs an NVIDIA GPU"):
+        run(cfg)  # before any data or checkpoint work
+    assert not (tmp_path / "run").exists()
     assert load_config("tiny/llama", ["model.fp8=true", "trainer.precision=bf16-mixed"]).model.fp8 is True
     with pytest.raises(ConfigError, match="model.fp8_recipe"):
         load_config("tiny/llama", ["trainer.precision=fp8", "model.fp8_recipe=blockwise"])

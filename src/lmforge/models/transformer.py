@@ -535,11 +535,9 @@ class _JointLinear(torch.autograd.Function):
         ctx.param_dtypes = [p.dtype for p in weights]
         ctx.has_bias = biases[0] is not None
         ctx.cast = any(p.dtype != dtype for p in weights)
-        need_w_grad = any(ctx.needs_input_grad[3:3 + n]) or (ctx.has_bias and any(ctx.needs_input_grad[3 + n:]))
         saved_x = xc if any(ctx.needs_input_grad[3:3 + n]) else None
         saved_w = (w,) if ctx.cast else tuple(weights)
         ctx.save_for_backward(saved_x, *saved_w)
-        ctx.need_w_grad = need_w_grad
         return y
 
     @staticmethod

@@ -117,6 +117,12 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
     t, m = cfg.trainer, cfg.model
     dims = parallel_dims(cfg).check_world(rt.world_size, rt.rank)
     dims.check_supported()
+    if m.fp8:  # before any data work: this machine cannot train in float8
+        from lmforge.train.fp8 import fp8_problem
+
+        problem = fp8_problem(rt.device)
+        if problem:
+            raise ConfigError(problem)
     if not m.data.data_prefix:
         raise ConfigError("model.data.data_prefix is not set: give the prefix of a preprocessed dataset, e.g. "
                           "model.data.data_prefix=[1.0,data/corpus_text_document] (make one with `lmforge preprocess`)")
