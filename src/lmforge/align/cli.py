@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-METHODS = ["dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm"]
+METHODS = ["dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "grpo", "reinforce"]
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("align", help="align a model on preference data (dpo, ipo, rpo, kto, orpo, simpo) or train "
-                                     "a reward model (rm)")
+    p = sub.add_parser("align", help="align a model on preference data (dpo, ipo, rpo, kto, orpo, simpo), train "
+                                     "a reward model (rm) or with online RL (grpo, reinforce)")
     p.add_argument("config", nargs="?", default=None, help="optional YAML file of alignment settings")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.beta=0.05 trainer.max_steps=500")
     p.add_argument("--method", choices=METHODS)
@@ -20,6 +20,7 @@ def add_commands(sub) -> None:
     p.add_argument("--peft", choices=["none", "lora", "ia3", "adapter", "ptuning"],
                    help="train a PEFT method instead of every weight (peft.method)")
     p.add_argument("--out", help="results folder")
+    p.add_argument("--reward-fn", help="grpo/reinforce: the reward function as module:function (align.reward_fn)")
     p.set_defaults(func=_cmd_align)
 
     r = sub.add_parser("reward", help="score JSONL records with a reward model (accuracy on preference pairs)")
@@ -36,7 +37,7 @@ def _cmd_align(a) -> int:
     from lmforge.align import load_align_config, run
 
     flags = {"model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method, "out": a.out,
-             "peft.method": a.peft}
+             "peft.method": a.peft, "align.reward_fn": a.reward_fn}
     source, overrides = a.config, list(a.overrides)
     if source is not None and "=" in source:  # no YAML file given: the first word is an override
         source, overrides = None, [source] + overrides

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from lmforge.errors import ConfigError
 from lmforge.finetune.config import PRECISIONS, OptimSection, PeftSection, TrainerSection, load_structured
 
-METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm")
+METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "grpo", "reinforce")
+ONLINE_METHODS = ("grpo", "reinforce")
 PEFT_METHODS = ("none", "lora", "ia3", "adapter", "ptuning")
 REFERENCES = ("auto", "precomputed", "adapters_off")
 
@@ -41,6 +42,10 @@ class AlignSection:
     label_key: str = "label"  # KTO
     margin_key: str = "margin"  # reward models: an optional numeric field subtracted inside the loss
     chat_template: Optional[str] = None  # a Jinja chat template instead of the tokenizer's
+    reward_fn: Optional[str] = None  # grpo/reinforce: module:function scoring completions (--reward-fn)
+    num_generations: int = 4  # grpo/reinforce: completions sampled per prompt (the group)
+    max_completion_length: int = 16  # grpo/reinforce: most new tokens per completion
+    temperature: float = 1.0  # grpo/reinforce: sampling temperature of the rollouts
 
 
 @dataclass
@@ -54,7 +59,7 @@ class AlignConfig:
     data: Optional[str] = None  # training JSONL
     val_data: Optional[str] = None  # validation JSONL
     out: str = "align_out"
-    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm
+    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm | grpo | reinforce
     seq_length: Optional[int] = None  # None: the model's max_position_embeddings (less p-tuning's virtual tokens)
     micro_batch_size: int = 4  # examples (pairs) per process in one forward/backward
     global_batch_size: int = 8  # examples (pairs) per optimizer step over all processes
@@ -81,6 +86,8 @@ class AlignConfig:
     @property
     def reference(self) -> Optional[str]:
         """How reference log-probabilities are had: None for methods without one."""
+        if self.method in ONLINE_METHODS:
+            return "frozen_copy" if self.peft.method == "none" else "adapters_off"
         if self.method not in ("dpo", "ipo", "rpo", "kto"):
             return None
         if self.align.reference == "auto":
@@ -113,14 +120,27 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
         problems.append("method=rm trains every weight and its score head; PEFT reward models are not supported "
                         "yet: drop --peft")
     a = cfg.align
-    if a.reference not in REFERENCES:
+    online = cfg.method in ONLINE_METHODS
+    if online:
+        _validate_online(cfg, problems)
+    else:
+        for key, default in (("reward_fn", None), ("num_generations", 4), ("max_completion_length", 16),
+                             ("temperature", 1.0)):
+            if getattr(a, key) != default:
+                problems.append(f"align.{key} applies to grpo and reinforce, not {cfg.method}")
+    if online and a.reference != "auto":
+        problems.append(f"align.reference={a.reference}: {cfg.method} compares with the model with its adapters "
+                        f"off (PEFT) or a frozen copy of the starting model; remove it")
+    elif a.reference not in REFERENCES:
         problems.append(f"align.reference={a.reference!r}; use auto, precomputed or adapters_off")
     elif a.reference == "adapters_off" and cfg.peft.method == "none":
         problems.append("align.reference=adapters_off needs a PEFT method (--peft lora): a full-weight run has no "
                         "adapters to switch off; use precomputed")
     elif a.reference != "auto" and cfg.method not in ("dpo", "ipo", "rpo", "kto"):
         problems.append(f"align.reference={a.reference}: method={cfg.method} has no reference model; remove it")
-    if cfg.method != "rm" and not float(a.beta) > 0:
+    if online and not float(a.beta) >= 0:
+        problems.append(f"align.beta={a.beta} must be 0 (no KL penalty) or above")
+    elif cfg.method not in ("rm",) + ONLINE_METHODS and not float(a.beta) > 0:
         problems.append(f"align.beta={a.beta} must be above 0")
     if not 0.0 <= float(a.label_smoothing) < 0.5:
         problems.append(f"align.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
@@ -162,6 +182,32 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else
                           "the alignment config has problems:\n  - " + "\n  - ".join(problems))
+
+
+def _validate_online(cfg: AlignConfig, problems: list) -> None:
+    """What GRPO and REINFORCE need, and what they refuse."""
+    a, t = cfg.align, cfg.trainer
+    if not a.reward_fn:
+        problems.append(f"method={cfg.method} needs a reward function: --reward-fn module:function "
+                        f"(align.reward_fn)")
+    if int(a.num_generations) < 2:
+        problems.append(f"align.num_generations={a.num_generations} must be at least 2: advantages compare the "
+                        f"completions of one prompt")
+    if int(a.max_completion_length) < 1:
+        problems.append(f"align.max_completion_length={a.max_completion_length} must be at least 1")
+    if not 0 < float(a.temperature) <= 2:
+        problems.append(f"align.temperature={a.temperature} must be in (0, 2]: rollouts are sampled")
+    if cfg.val_data:
+        problems.append(f"val_data: method={cfg.method} has no validation pass yet; remove --val-data")
+    if cfg.monitor != "val_loss":
+        problems.append(f"monitor={cfg.monitor}: method={cfg.method} has no validation metric")
+    if cfg.fsdp or int(t.devices) * int(t.num_nodes) > 1:
+        problems.append(f"method={cfg.method} runs in one process (the serving engine samples from the whole "
+                        f"policy): drop fsdp and set trainer.devices=1 trainer.num_nodes=1")
+    if cfg.peft.method == "ptuning":
+        problems.append(f"method={cfg.method} with --peft ptuning is not supported: use lora, ia3 or adapter")
+    if cfg.gradient_checkpointing:
+        problems.append(f"gradient_checkpointing with method={cfg.method} is not supported yet")
 
 
 def to_dict(cfg: AlignConfig) -> dict:

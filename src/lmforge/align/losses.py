@@ -74,3 +74,41 @@ def reward_losses(r_chosen, r_rejected, margin: Optional[torch.Tensor] = None):
     if margin is not None:
         d = d - margin
     return -F.logsigmoid(d), r_chosen.detach(), r_rejected.detach()
+
+
+# -- online RL (GRPO, REINFORCE with a leave-one-out baseline) ---------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, method: str, eps: float = 1e-4) -> torch.Tensor:
+    """Advantages of ``rewards`` (P, G): each prompt's G completions form a group.
+
+    * ``grpo`` (Shao et al. 2024): ``(r - mean) / (std + eps)`` within the group (``std`` the sample standard
+      deviation, with Bessel's correction).
+    * ``reinforce`` with the leave-one-out baseline (RLOO, Ahmadian et al. 2024): ``r_i - mean_{j != i} r_j``.
+    """
+    r = rewards.float()
+    G = r.shape[1]
+    if method == "grpo":
+        return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    if method == "reinforce":
+        return r - (r.sum(1, keepdim=True) - r) / (G - 1)
+    raise ValueError(f"unknown online method {method!r}")
+
+
+def policy_losses(logps, old_logps, ref_logps, advantages, mask, beta: float, epsilon: float = 0.2):
+    """The clipped policy-gradient loss with a KL penalty, one value per completion (the mean over its tokens).
+
+    ``logps``, ``old_logps``, ``ref_logps``, ``mask``: (N, T) per-token log-probabilities of the sampled tokens
+    under the policy being trained, the policy that sampled them and the reference; ``advantages``: (N,). Per
+    token: ``-(min(q A, clip(q, 1-epsilon, 1+epsilon) A) - beta k3)``, ``q = exp(logps - old_logps)``, and the
+    KL estimate ``k3 = exp(ref - logps) - (ref - logps) - 1`` (Schulman's k3, as GRPO uses it). Returns
+    ``(losses (N,), kl (N,) detached)``.
+    """
+    ratio = torch.exp(logps - old_logps)
+    a = advantages.unsqueeze(-1).to(logps.dtype)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * a)
+    d = ref_logps - logps
+    kl = torch.exp(d) - d - 1.0
+    m = mask.to(logps.dtype)
+    n = m.sum(-1).clamp(min=1.0)
+    per_token = -(surrogate - beta * kl)
+    return (per_token * m).sum(-1) / n, ((kl * m).sum(-1) / n).detach()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.align.config import AlignConfig, to_dict
+from lmforge.align.config import ONLINE_METHODS, AlignConfig, to_dict
 from lmforge.config.batch import resolve_batch
 from lmforge.data.prompts import set_chat_template
 from lmforge.errors import ConfigError
@@ -132,7 +132,14 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         raise ConfigError(f"seq_length={seq} (+{n_virtual} virtual tokens) exceeds the model's "
                           f"max_position_embeddings={mcfg.max_position_embeddings}; lower seq_length")
 
-    train_ds, val_ds = load_datasets(cfg, tokenizer, seq)
+    online = cfg.method in ONLINE_METHODS
+    if online:
+        from lmforge.align.rl import PromptSet, load_reward_fn
+
+        load_reward_fn(cfg.align.reward_fn)  # a reward function that does not import stops the run before any work
+        train_ds, val_ds = PromptSet(cfg.data, tokenizer, cfg.align, seq), None
+    else:
+        train_ds, val_ds = load_datasets(cfg, tokenizer, seq)
     if rt.is_main:
         console_log(train_ds.stats.summary(str(cfg.data)))
         if val_ds is not None:
@@ -144,6 +151,22 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     if cfg.method == "rm":
         add_score_head(model, int(cfg.seed))
         objective_fn = lambda m: RewardLoss(m, cfg.align.center_rewards_coefficient)  # noqa: E731
+    elif online:
+        import copy
+
+        from lmforge.align.rl import RolloutLoss
+
+        # The reward function tried on the first micro batch's rollouts before anything is written: one that
+        # raises or returns the wrong values stops the run with its error line and no results folder.
+        probe = RolloutLoss(model, cfg.method, cfg.align, train_ds, tokenizer, None, seq, int(cfg.seed), mbs * int(cfg.align.num_generations))
+        first = list(range(min(mbs, len(train_ds))))
+        probe.rewards(first, probe.sample([train_ds.ids[i] for i in first]))
+        del probe
+        reference = cfg.reference
+        if reference == "frozen_copy" and float(cfg.align.beta) > 0:  # before PEFT or wrapping: the start weights
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        objective_fn = lambda m: RolloutLoss(m, cfg.method, cfg.align, train_ds, tokenizer, reference,  # noqa: E731
+                                             seq, int(cfg.seed), mbs * int(cfg.align.num_generations))
     else:
         reference, table = cfg.reference, None
         if reference == "precomputed":  # once, with the base model, before any wrapping
