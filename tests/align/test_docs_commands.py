@@ -58,6 +58,9 @@ def doc_folder(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "prefs_val.jsonl", pair_records(words[40:]))
     write_jsonl(tmp_path / "kto.jsonl", [{"prompt": w + ":", "completion": w[::-1] if i % 2 else w,
                                           "label": bool(i % 2)} for i, w in enumerate(words[:16])])
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": w + ":", "word": w} for w in words[:8]])
+    (reward,) = re.findall(r"`(def frac_a\(.*?)`", DOC.read_text(encoding="utf-8").replace("\n", " "))
+    (tmp_path / "rewards.py").write_text(reward.replace(": return", ":\n    return") + "\n", encoding="utf-8")
     (doc,) = [b for b in _blocks("yaml") if b.startswith("# dpo.yaml\n")]
     (tmp_path / "dpo.yaml").write_text(doc, encoding="utf-8")
     return tmp_path
@@ -72,13 +75,13 @@ def test_every_command_runs_verbatim(doc_folder, capsys):
         assert main(shlex.split(command)[1:]) == 0, command
     capsys.readouterr()
     commands = [line.strip() for block in _blocks("bash") for line in block.splitlines() if line.strip()]
-    assert len(commands) == 9 and all(c.startswith("lmforge ") for c in commands)
+    assert len(commands) == 10 and all(c.startswith("lmforge ") for c in commands)
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0, command
     capsys.readouterr()
     assert (doc_folder / "dpo_hf" / "config.json").is_file()
     assert (doc_folder / "dpo_lora_merged" / "config.json").is_file()
-    for run, method in (("dpo", "dpo"), ("simpo", "simpo"), ("kto", "kto"), ("rm", "rm"), ("ipo", "ipo")):
+    for run, method in (("dpo", "dpo"), ("simpo", "simpo"), ("kto", "kto"), ("rm", "rm"), ("ipo", "ipo"), ("grpo", "grpo")):
         assert json.loads((doc_folder / run / "summary.json").read_text())["method"] == method
     lines = (doc_folder / "scores.jsonl").read_text().splitlines()
     assert len(lines) == 8 and all("chosen" in json.loads(x) for x in lines)

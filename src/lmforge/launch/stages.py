@@ -68,9 +68,10 @@ PEFT_METHODS = ("lora", "ptuning", "adapter", "ia3")
 
 #: NeMo Launcher stages lmforge does not have: stage name -> why.
 NOT_BUILT: dict[str, str] = {
-    "rlhf_ppo": "PPO (NeMo-Aligner's online RL) is not built in lmforge yet; align offline with a dpo stage "
-                "(method dpo, ipo, rpo, kto, orpo or simpo) on preference pairs, after an rlhf_rm stage if you want "
-                "the reward model too",
+    "rlhf_ppo": "PPO with a critic (NeMo-Aligner's online RL) is not built in lmforge yet; align offline with a "
+                "dpo stage (method dpo, ipo, rpo, kto, orpo or simpo) on preference pairs, after an rlhf_rm stage if "
+                "you want the reward model too, or online with `lmforge align --method grpo --reward-fn "
+                "module:function`",
     "steerlm_reg": "SteerLM attribute regression is alignment, which lmforge has not built yet",
     "data_curation": "NeMo Curator's data curation is not part of lmforge (prepare JSONL and use data_preparation)",
     "fw_inference": "NeMo's framework inference stage is not part of lmforge (use a generation stage)",
