@@ -160,6 +160,7 @@ class RolloutLoss(nn.Module):
 
         was = self.model.training
         self.model.eval()
+        device_type = next(self.model.parameters()).device.type
         try:
             engine = self.engine()
             eos = self.tok.eod_id
@@ -174,7 +175,11 @@ class RolloutLoss(nn.Module):
                     ids.append(rid)
                     out[rid] = ([], None)
             while engine.has_work():
-                for o in engine.step():
+                with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
+                    outputs = engine.step()
+                for o in outputs:
+                    if o.finish_reason == "error":
+                        raise RuntimeError(f"sampling a completion failed: {o.error}")
                     toks, _ = out[o.request_id]
                     toks.extend(o.token_ids)
                     out[o.request_id] = (toks, o.finish_reason)
