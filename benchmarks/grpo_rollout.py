@@ -94,7 +94,8 @@ def main() -> None:
                              intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
                              num_attention_heads=cfg.num_attention_heads,
                              num_key_value_heads=cfg.num_query_groups, max_position_embeddings=seq,
-                             rope_theta=shape["rotary_base"], tie_word_embeddings=cfg.share_embeddings_and_output_weights)
+                             rope_theta=shape["rotary_base"],
+                             tie_word_embeddings=cfg.share_embeddings_and_output_weights)
         hf = LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
         ids = torch.tensor(prompts, device=device)
 

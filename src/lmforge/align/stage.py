@@ -158,7 +158,8 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
 
         # The reward function tried on the first micro batch's rollouts before anything is written: one that
         # raises or returns the wrong values stops the run with its error line and no results folder.
-        probe = RolloutLoss(model, cfg.method, cfg.align, train_ds, tokenizer, None, seq, int(cfg.seed), mbs * int(cfg.align.num_generations))
+        rows = mbs * int(cfg.align.num_generations)
+        probe = RolloutLoss(model, cfg.method, cfg.align, train_ds, tokenizer, None, seq, int(cfg.seed), rows)
         first = list(range(min(mbs, len(train_ds))))
         probe.rewards(first, probe.sample([train_ds.ids[i] for i in first]))
         del probe
@@ -166,7 +167,7 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         if reference == "frozen_copy" and float(cfg.align.beta) > 0:  # before PEFT or wrapping: the start weights
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         objective_fn = lambda m: RolloutLoss(m, cfg.method, cfg.align, train_ds, tokenizer, reference,  # noqa: E731
-                                             seq, int(cfg.seed), mbs * int(cfg.align.num_generations))
+                                             seq, int(cfg.seed), rows)
     else:
         reference, table = cfg.reference, None
         if reference == "precomputed":  # once, with the base model, before any wrapping
