@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 from lmforge.cli import main
 from lmforge.config import load_config, model_config_from
 from lmforge.config.estimate import GiB, estimate_memory, parse_memory_size
-from lmforge.config.schema import ModelSection
 from lmforge.errors import ConfigError
 from lmforge.models.transformer import Transformer
 
@@ -151,8 +149,6 @@ def test_cli_gpu_memory_needs_estimate(capsys):
     assert "--estimate" in capsys.readouterr().err
 
 
-@pytest.mark.skipif("fsdp" not in {f.name for f in dataclasses.fields(ModelSection)},
-                    reason="model.fsdp is not in the config schema yet")
 def test_cli_fsdp_override(capsys):
     assert main(["config", "llama2/7b", "trainer.devices=4", "model.fsdp=true", "--estimate"]) == 0
     out = capsys.readouterr().out
