@@ -367,3 +367,27 @@ def test_fuse_projections_leaves_wrapped_projections_apart():
     names = set(dict(model.named_modules()))
     assert "layers.0.self_attn.q_proj" in names and "layers.0.self_attn.qkv_proj" not in names
     assert "layers.0.mlp.gate_up_proj" in names
+
+
+def test_fuse_projections_frees_each_layers_weights_as_it_goes(monkeypatch):
+    """While a later layer is fused, the replaced projections of the layers before it are already freed: holding
+    them all to the end took an 8B model's fused matrices twice over (the serving engine's start-up OOM)."""
+    import weakref
+
+    cfg = make_cfg("llama", num_layers=3)
+    model = make_model(cfg)
+    old = [weakref.ref(m.weight) for layer in model.layers
+           for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                     layer.mlp.gate_proj, layer.mlp.up_proj)]
+    alive_at_each_fusion = []
+    concat = transformer_mod._concat_linears
+
+    def watched(parts):
+        alive_at_each_fusion.append(sum(ref() is not None for ref in old))
+        return concat(parts)
+
+    monkeypatch.setattr(transformer_mod, "_concat_linears", watched)
+    assert transformer_mod.fuse_projections(model) == 2 * cfg.num_layers
+    # before each fusion only the not-yet-fused projections live: 15, then 12 (q/k/v of layer 0 gone), 10, ...
+    assert alive_at_each_fusion == [15, 12, 10, 7, 5, 2], alive_at_each_fusion
+    assert all(ref() is None for ref in old)

@@ -356,3 +356,33 @@ def test_streamed_text_equals_a_whole_decode(kind, tmp_path):
         assert "".join(pieces[rid]) == whole, rid
         multibyte += sum(ord(c) > 127 for c in whole)
     assert multibyte > 20  # the check covered characters of several bytes
+
+
+def test_compiled_model_is_fused_and_frozen_before_the_cache_is_sized(monkeypatch):
+    """The KV cache is sized (on a GPU: from the memory the weights leave) after the model took its serving form:
+    fused projections, frozen parameters. Sized before, the fusion's copies came on top of a full card (8B OOM)."""
+    import lmforge.serve.engine as engine_mod
+    from lmforge.serve.runner import prepare_model
+
+    events = []
+
+    def recorded_prepare(model, compiled, decode_kernels):
+        events.append(("prepare", compiled))  # False: compile_decode is GPU-only; prepared as if compiled
+        return prepare_model(model, True, decode_kernels)
+
+    def recorded_blocks(self, *args):
+        fused = getattr(self.model.layers[0].self_attn, "qkv_proj", None) is not None
+        events.append(("size", fused, all(not p.requires_grad for p in self.model.parameters())))
+        return 4
+
+    monkeypatch.setattr(engine_mod, "prepare_model", recorded_prepare)
+    monkeypatch.setattr(Engine, "_num_blocks", recorded_blocks)
+    Engine(make_model("llama"), None, max_batch_size=1, max_seq_len=64)
+    assert events == [("prepare", False), ("size", True, True)]  # sized for the fused, frozen model
+
+    model = make_model("llama")
+    assert prepare_model(model, True, decode_kernels=False) is False  # no kernels on the CPU
+    names = dict(model.named_parameters())
+    assert "layers.0.self_attn.qkv_proj.weight" in names and "layers.0.mlp.gate_up_proj.weight" in names
+    assert not any(p.requires_grad for p in model.parameters())
+    assert prepare_model(model, True, decode_kernels=False) is False and len(dict(model.named_parameters())) == len(names)

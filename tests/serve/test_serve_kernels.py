@@ -109,6 +109,17 @@ CHECKS = textwrap.dedent("""
         ref = K.paged_attention_reference(q, kc, vc, tables, lens, 0.25, window or None)
         out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.25, window, splits)
         assert out.shape == (2, 4, 16) and (out - ref).abs().max().item() < 1e-5, (window, (out - ref).abs().max())
+    # fp32 with a sliding window, the case of engine_gpu_check.py: 5 rows of up to 700 keys, window 37, shared out
+    # over 1 to 27 splits (27: the H100's count; most splits then hold no visible block), against a float64 reference
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(221, 16, 2, 64, generator=g), torch.randn(221, 16, 2, 64, generator=g)
+    tables = (torch.randperm(220, generator=g) + 1).view(5, 44).int()
+    lens, q = torch.tensor([700, 7, 627, 589, 57]), torch.randn(5, 6, 64, generator=g)
+    ref = K.paged_attention_reference(q.double(), kc.double(), vc.double(), tables, lens, 0.125, 37)
+    assert ref.dtype == torch.float64
+    for splits in (1, 3, 27):
+        out = K.paged_decode_attention(q, kc, vc, tables, lens, 0.125, 37, splits)
+        assert (out.double() - ref).abs().max().item() < 1e-5, (splits, (out.double() - ref).abs().max())
     # the cache's hook in a decode step of 3 rows (rotary, cache write, the paged kernel; a sliding window) gives the
     # block's output of the reference path (gather + the model's attention) and writes the same cache
     from lmforge.models.config import ModelConfig
@@ -198,6 +209,59 @@ ENGINE_CHECK = textwrap.dedent("""
 """)
 
 
+# The start-up capture of a compiled engine (ModelRunner.capture_all) on a model whose parameters require grad,
+# with the Triton kernels installed (the interpreter runs them on CPU tensors). The pieces are compiled as on a
+# GPU but with the aot_eager backend, which traces a backward graph when grad is enabled: through the custom
+# ops, which have none, that failed ("Trying to backward through lmforge.matvec.default"). CUDA graphs
+# themselves are left out (a stand-in DecodeGraphs runs the compiled pieces once per shape).
+CAPTURE_CHECK = textwrap.dedent("""
+    from collections import Counter
+    import torch
+    from lmforge.models.transformer import fuse_projections
+    from lmforge.serve import kernels as K
+    from lmforge.serve import runner as R
+    from lmforge.serve.cache import PagedKVCache
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+
+    calls = Counter()
+    matvec = K._matvec_op
+    K._matvec_op = lambda *a: calls.update(["matvec"]) or matvec(*a)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
+                                    num_query_groups=2, ffn_hidden_size=96, max_position_embeddings=64,
+                                    normalization="rmsnorm", activation="swiglu", bias=False,
+                                    position_embedding_type="rope")).eval()
+    assert all(p.requires_grad for p in model.parameters())  # as built for training (the benchmarks' models too)
+    fuse_projections(model)
+    K.use_decode_kernels(model)
+    cache = PagedKVCache(model.cfg, 3, 16, 16, 1, torch.device("cpu"), torch.float32)
+    runner = R.ModelRunner(model, cache, 1, 16)
+    modes = []
+
+    class CPUGraphs(R.DecodeGraphs):
+        def __init__(self, runner):
+            compiled = lambda fn: torch.compile(fn, backend="aot_eager")
+            self.embed, self.blocks, self.head = (compiled(runner._decode_embed), compiled(runner._decode_blocks),
+                                                  compiled(runner._decode_head))
+            self.spans, self.keys, self.graphs = [(0, len(runner.model.layers))], runner.keys, {}
+            self.inputs = torch.zeros(3, runner.max_rows, dtype=torch.long)
+
+        def capture(self, B, span):
+            modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+            out = self._step(self.inputs[0, :B, None], self.inputs[1, :B, None], self.keys[:span])
+            self.graphs[(B, span)] = ([], out)
+
+    runner.graphs = CPUGraphs(runner)
+    runner.capture_all(lambda msg: None)
+    assert modes == [(False, True)], modes  # the mode Engine.step replays in
+    assert calls["matvec"] > 0, calls  # the custom op ran inside the compiled pieces
+    logits, greedy = runner.graphs.graphs[(1, 16)][1]
+    assert logits.shape == (1, model.cfg.vocab_size) and not logits.requires_grad
+    print("capture ok")
+""")
+
+
 def _interpret(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -251,3 +315,8 @@ def test_kernels_are_installed_only_where_they_apply():
     assert all(type(layer) is DecodeBlock and not layer.folded for layer in gpt.layers)
     with torch.no_grad():
         torch.testing.assert_close(gpt(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_start_up_capture_runs_in_inference_mode_through_the_custom_ops():
+    r = _interpret(CAPTURE_CHECK)
+    assert r.returncode == 0 and "capture ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

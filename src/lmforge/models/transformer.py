@@ -496,7 +496,11 @@ def fuse_projections(model: nn.Module) -> int:
     an adapter (per-request LoRA) are left apart. Returns the number of fusions.
     """
     fused = 0
-    for module in list(model.modules()):
+    # Only the owners are listed: a list of every module would keep each replaced projection (and its weight)
+    # alive until the loop ends, so fusing a model would briefly take the memory of all its fused matrices twice
+    # (9 GB more for an 8B model). Listed this way, each layer's old weights are freed as soon as it is fused.
+    owners = [m for m in model.modules() if isinstance(m, (Attention, GatedMLP))]
+    for module in owners:
         if isinstance(module, Attention):
             fused += module.fuse_qkv()
         elif isinstance(module, GatedMLP):

@@ -29,6 +29,7 @@ Not supported yet: beam search, speculative decoding.
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from typing import Any, Optional, Sequence as Seq
 
@@ -41,7 +42,7 @@ from lmforge.serve.output import OutputProcessor
 from lmforge.serve.request import (LOGIT_LIMIT, SEED_RANGE, EngineBusyError, InvalidRequestError, PromptTooLongError,
                                    RequestFailedError, RequestMetrics, RequestOutput, SamplingParams, Sequence,
                                    TokenLogprob)
-from lmforge.serve.runner import Decode, ModelRunner
+from lmforge.serve.runner import Decode, ModelRunner, prepare_model
 from lmforge.serve.sampler import Sampler, argmax_rows, process_logits
 from lmforge.serve.scheduler import Scheduler
 
@@ -75,14 +76,16 @@ class Engine:
             its adapters (:meth:`add_request`), and a batch mixes adapters freely.
         compile_decode: compile the decode step and capture it in CUDA graphs (GPU only; ignored on CPU), every
             batch bucket at start-up. This fuses the model's q/k/v and gate/up projections in place
-            (:func:`~lmforge.models.transformer.fuse_projections`): do not train or save it afterwards.
+            (:func:`~lmforge.models.transformer.fuse_projections`) and freezes its parameters, before the KV
+            cache is sized: do not train or save it afterwards.
         graph_chunks: CUDA graphs the blocks of a decode step are split into (evenly).
         compile_mode: ``torch.compile`` mode of the decode pieces: None (default kernels) or one without
             CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"``.
         compile_options: inductor options instead of a mode (``torch.compile(options=...)``).
         decode_kernels: run decode attention with lmforge's Triton paged kernel and, compiled, single-row matrix
             products with its Triton kernels (:mod:`lmforge.serve.kernels`). Needs Triton (ignored without it).
-        log: where start-up progress lines go (default: standard error).
+        log: where start-up lines go (default: standard error): on a GPU, the KV cache's size and the memory it
+            was sized from; compiled, the graph captures.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
@@ -133,6 +136,11 @@ class Engine:
         if lora is not None and lora.max_rows < max_rows:
             raise InvalidRequestError(f"the MultiLoRA holds {lora.max_rows} rows but this engine decodes up to "
                                       f"{max_rows}; build it with max_rows={max_rows}")
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # Fuse (and freeze) before measuring: the cache is sized for the weights that serve, and the fusion's own
+        # temporary copies come and go before the cache takes the rest of the card.
+        prepare_model(self.model, self.compiled, decode_kernels)
+        self.memory_profile: dict[str, float] = {}  # the numbers the cache was sized from (GPU), in bytes
         blocks = self._num_blocks(num_kv_blocks, kv_cache_memory, gpu_memory_utilization)
         per_seq = -(-self.max_seq_len // block_size)
         if blocks < per_seq:
@@ -142,6 +150,8 @@ class Engine:
                 f"(gpu_memory_utilization, kv_cache_memory or num_kv_blocks) or lower max_seq_len")
         self.cache = PagedKVCache(self.cfg, blocks + 1, block_size, self.max_seq_len, max_rows, self.device,
                                   self.dtype, prefix_caching=enable_prefix_caching)
+        if self.device.type == "cuda":
+            log(self._cache_line())
         self.scheduler = Scheduler(self.cache.allocator, block_size, max_batch_size, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, max_rows, self.max_seq_len, lora, self.compiled,
                                   graph_chunks, compile_mode, compile_options, decode_kernels)
@@ -168,11 +178,15 @@ class Engine:
             return int(kv_cache_memory // per_block) - 1
         if self.device.type != "cuda":
             return self.max_batch_size * -(-self.max_seq_len // self.block_size)
-        peak = self._profile_peak()
+        peak = self._profile_peak()  # ends with empty_cache: reserved is what is allocated now (the weights)
         free, total = torch.cuda.mem_get_info(self.device)
-        others = total - free - torch.cuda.memory_reserved(self.device)  # other processes on this card
+        # memory on the card outside this process's PyTorch allocator: other processes, this process's CUDA context
+        others = max(0, total - free - torch.cuda.memory_reserved(self.device))
         available = utilization * total - peak - others
         blocks = int(available // per_block) - 1
+        self.memory_profile = {"total": total, "utilization": utilization, "peak": peak, "others": others,
+                               "allocated": torch.cuda.memory_allocated(self.device), "per_block": per_block,
+                               "blocks": max(blocks, 0)}
         if blocks < 1:
             raise InvalidRequestError(
                 f"no memory is left for the KV cache: the card has {total / 2**30:.1f} GiB, "
@@ -180,6 +194,18 @@ class Engine:
                 f"and a step's activations take {peak / 2**30:.1f} GiB (other processes {others / 2**30:.1f} GiB); "
                 f"raise gpu_memory_utilization or lower max_num_batched_tokens")
         return blocks
+
+    def _cache_line(self) -> str:
+        """The start-up line on the KV cache's size and, when sized from the GPU, the numbers it came from."""
+        blocks, gib = self.cache.num_blocks - 1, 2 ** 30
+        line = (f"KV cache: {blocks} blocks of {self.block_size} tokens = {blocks * self.block_size} tokens, "
+                f"{self.memory_bytes() / gib:.2f} GiB")
+        p = self.memory_profile
+        if p:
+            line += (f"; sized from the card's {p['total'] / gib:.2f} GiB x gpu_memory_utilization {p['utilization']}"
+                     f" - weights and activation peak {p['peak'] / gib:.2f} GiB (weights {p['allocated'] / gib:.2f}"
+                     f" GiB) - other memory {p['others'] / gib:.2f} GiB, {p['per_block']} bytes a block")
+        return line
 
     @torch.inference_mode()
     def _profile_peak(self) -> int:

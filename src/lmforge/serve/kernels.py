@@ -340,7 +340,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     Each row's keys are gathered through its block table (key ``j`` is position ``j``), the keys at or past
     its length are hidden (and, with ``window``, those ``window`` or more positions back), then
-    ``F.scaled_dot_product_attention`` with grouped-query heads.
+    ``F.scaled_dot_product_attention`` with grouped-query heads, in fp32 (float64 inputs stay float64: an exact
+    reference, for fp32 kernels on a GPU, where fp32 attention may use tf32 products).
     """
     B, nh, hd = q.shape
     nb = block_tables.shape[1]
@@ -354,7 +355,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         visible &= keys[None, :] >= lengths - window
     if nkv != nh:
         k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
+    dt = torch.promote_types(q.dtype, torch.float32)
+    out = F.scaled_dot_product_attention(q[:, :, None].to(dt), k.to(dt), v.to(dt),
                                          attn_mask=visible[:, None, None, :], scale=scale)
     return out[:, :, 0].to(q.dtype)  # (B, nh, hd)
 

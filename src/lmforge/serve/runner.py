@@ -34,7 +34,25 @@ from lmforge.serve.kernels import available as kernels_available, linear, paged_
 from lmforge.serve.request import Sequence, TokenLogprob
 from lmforge.serve.sampler import argmax_rows
 
-__all__ = ["ModelRunner", "DecodeGraphs", "Decode"]
+__all__ = ["ModelRunner", "DecodeGraphs", "Decode", "prepare_model"]
+
+
+def prepare_model(model, compiled: bool, decode_kernels: bool) -> bool:
+    """The inference-only transformations of a compiled engine's model, in place (nothing when not ``compiled``):
+    fused q/k/v and gate/up projections (one matrix read each: nearer the bandwidth at batch 1), frozen
+    parameters (the model serves; it is not trained or saved afterwards) and, with ``decode_kernels`` and a GPU,
+    the single-row Triton kernels. Idempotent. The engine calls it before it measures the weights and sizes the
+    KV cache, so the cache is sized for the model that serves. Returns whether the kernels are installed."""
+    if not compiled:
+        return False
+    fuse_projections(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    if decode_kernels and kernels_available(device):
+        use_decode_kernels(model)
+        return True
+    return False
 
 
 class DecodeGraphs:
@@ -197,13 +215,11 @@ class ModelRunner:
         self._token_host = ([torch.zeros(max_rows, dtype=torch.long).pin_memory() for _ in range(2)]
                             if self.device.type == "cuda" else [])
         self.graphs: Optional[DecodeGraphs] = None
+        if prepare_model(model, compiled, decode_kernels):
+            self._linear = linear
         if compiled:
-            fuse_projections(model)  # one matrix read for q/k/v and for gate/up: nearer the bandwidth at batch 1
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
-            if decode_kernels and kernels_available(self.device):
-                use_decode_kernels(model)
-                self._linear = linear
             self.graphs = DecodeGraphs(self, graph_chunks, compile_mode, compile_options)
 
     # -- start-up --------------------------------------------------------------------------------------------
@@ -214,9 +230,14 @@ class ModelRunner:
         spans = sorted({bucket(n, self.span_step, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
         return [(b, s) for b in batches for s in spans]
 
+    @torch.inference_mode()
     def capture_all(self, log=None) -> float:
         """Compile and capture every decode shape now (before serving); returns the seconds it took. ``log``
-        (default: standard error) receives a progress line per shape."""
+        (default: standard error) receives a progress line per shape.
+
+        Runs in inference mode, the mode :meth:`lmforge.serve.engine.Engine.step` replays the graphs in: compiled
+        with grad enabled on parameters that require grad, the pieces would be traced for a backward pass (which
+        the Triton custom ops do not have), and dynamo guards on the grad mode, so capture and replay must agree."""
         if self.graphs is None:
             return 0.0
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -230,7 +251,8 @@ class ModelRunner:
             self.graphs.capture(B, span)
             log(f"capturing decode graphs: {i + 1}/{len(shapes)} (batch {B}, span {span}) "
                 f"{time.perf_counter() - start:.1f}s")
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
         seconds = time.perf_counter() - start
         log(f"captured {len(shapes)} decode graph sets (batches {sorted({b for b, _ in shapes})}) in {seconds:.1f}s")
