@@ -100,6 +100,8 @@ class PreferenceLoss(nn.Module):
         self.stats = _Stats()
 
     # -- what the loop asks ---------------------------------------------------------------------
+    unit = "examples"  # what count() counts (pairs, or KTO's single completions): the loop logs examples_per_s
+
     def count(self, batch: dict):
         """Examples in a micro batch; RPO/ORPO also their chosen completion tokens."""
         n = int(batch["tokens"].shape[0])
@@ -197,6 +199,8 @@ class RewardLoss(nn.Module):
         self.model = model
         self.center = center_rewards_coefficient
         self.stats = _Stats()
+
+    unit = "pairs"  # what count() counts: the loop logs pairs_per_s
 
     def count(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0])

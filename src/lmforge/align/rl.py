@@ -135,6 +135,8 @@ class RolloutLoss(nn.Module):
         self.sums = defaultdict(float)
 
     # -- what the loop asks ---------------------------------------------------------------------
+    unit = "completions"  # what count() counts: the loop logs completions_per_s
+
     def count(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0]) * self.G  # completions
 

@@ -243,6 +243,8 @@ class Trainer:
         # a micro batch's units, or (units, more counts...) whose global totals reach ``objective.set_totals``
         # before the step's forwards; ``objective.pop_metrics(mode)`` gives sums (with "n") logged as means.
         self._count_fn = getattr(self.objective, "count", None)
+        # what the logged rate counts: tokens, or the objective's own units ("pairs_per_s", "completions_per_s")
+        self.rate_key = f"{getattr(self.objective, 'unit', 'tokens') if self._count_fn else 'tokens'}_per_s"
         self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
         if settings.precision not in PRECISIONS:
             raise ValueError(f"precision {settings.precision!r}")
@@ -454,7 +456,7 @@ class Trainer:
                     extra = self.objective_metrics("train")
                     if self.log is not None:
                         self.log.log(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                                  "tokens_per_s": tps, "consumed_samples": state.consumed_samples,
+                                                  self.rate_key: tps, "consumed_samples": state.consumed_samples,
                                                   **extra})
                         self.log.update(state.step, loss=loss, lr=lr, tokens_per_s=tps)
                 metrics = None
