@@ -11,7 +11,8 @@ scheduler on the GPU: a compiled engine with a tiny KV cache (preemptions), a sm
 prefill) and shared prompt prefixes (prefix-cache hits) gives the reference tokens, and a cache sized by
 ``gpu_memory_utilization`` stays within it.
 The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.kernels`, at batch 1) unless
-``--no-kernels``. Exits non-zero on a mismatch.
+``--no-kernels``. Every check prints its result line; one that raises prints an ``ERROR`` line (its traceback on
+standard error) and the next check runs. Exits non-zero on any mismatch or error.
 
     python benchmarks/engine_gpu_check.py [--no-kernels]
 """
@@ -19,6 +20,8 @@ The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.ke
 from __future__ import annotations
 
 import sys
+import traceback
+from functools import partial
 
 import torch
 
@@ -54,25 +57,42 @@ def check_paged_kernel() -> int:
     cases = [(1, 32, 8, 64, 4000, torch.bfloat16, 0), (64, 32, 8, 128, 2048, torch.bfloat16, 0),
              (8, 32, 32, 128, 1500, torch.float16, 0), (5, 6, 2, 64, 700, torch.float32, 37),
              (128, 32, 8, 64, 300, torch.bfloat16, 0)]
-    for B, nh, nkv, hd, max_len, dt, window in cases:
-        bs = 16
-        per = -(-max_len // bs)
-        blocks = B * per + 1
-        kc = torch.randn(blocks, bs, nkv, hd, device="cuda", dtype=dt, generator=g)
-        vc = torch.randn(blocks, bs, nkv, hd, device="cuda", dtype=dt, generator=g)
-        tables = (torch.randperm(blocks - 1, device="cuda", generator=g)[: B * per] + 1).view(B, per).int()
-        lens = torch.randint(1, max_len + 1, (B,), device="cuda", generator=g)
-        lens[0] = max_len
-        q = torch.randn(B, nh, hd, device="cuda", dtype=dt, generator=g)
-        ref = K.paged_attention_reference(q, kc, vc, tables, lens, hd ** -0.5, window or None).float()
-        out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, 0).float()
-        err = (out - ref).abs().max().item()
-        tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]  # fp32: ieee products
-        ok = err <= tol
-        failures += not ok
-        print(f"paged kernel B={B} heads {nh}/{nkv} hd={hd} len<={max_len} {dt} window={window}: max error {err:.2e} "
-              f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    for case in cases:
+        try:
+            failures += _paged_case(K, g, *case)
+        except Exception as e:  # noqa: BLE001 - reported, and the next case runs
+            traceback.print_exc()
+            print(f"paged kernel {case}: ERROR {type(e).__name__}: {e}", flush=True)
+            failures += 1
     return failures
+
+
+def _paged_case(K, g, B, nh, nkv, hd, max_len, dt, window) -> int:
+    """One case of :func:`check_paged_kernel` against the exact (float64) reference; an fp32 case also prints
+    its distance to the fp32 reference, whose attention may run tf32 products on the GPU."""
+    bs = 16
+    per = -(-max_len // bs)
+    blocks = B * per + 1
+    kc = torch.randn(blocks, bs, nkv, hd, device="cuda", dtype=dt, generator=g)
+    vc = torch.randn(blocks, bs, nkv, hd, device="cuda", dtype=dt, generator=g)
+    tables = (torch.randperm(blocks - 1, device="cuda", generator=g)[: B * per] + 1).view(B, per).int()
+    lens = torch.randint(1, max_len + 1, (B,), device="cuda", generator=g)
+    lens[0] = max_len
+    q = torch.randn(B, nh, hd, device="cuda", dtype=dt, generator=g)
+    ref = K.paged_attention_reference(q.double(), kc.double(), vc.double(), tables, lens, hd ** -0.5,
+                                      window or None)
+    out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, 0).double()
+    err = (out - ref).abs().max().item()
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]  # fp32: ieee products
+    ok = err <= tol
+    extra = ""
+    if dt == torch.float32:
+        ref32 = K.paged_attention_reference(q, kc, vc, tables, lens, hd ** -0.5, window or None).double()
+        extra = (f" (the fp32 reference is {(ref32 - ref).abs().max().item():.2e} from it, the kernel "
+                 f"{(out - ref32).abs().max().item():.2e} from the fp32 reference)")
+    print(f"paged kernel B={B} heads {nh}/{nkv} hd={hd} len<={max_len} {dt} window={window}: max error {err:.2e} "
+          f"from the float64 reference{extra} {'ok' if ok else 'MISMATCH'}", flush=True)
+    return int(not ok)
 
 
 def check_scheduling(shape: dict, g: torch.Generator) -> int:
@@ -140,38 +160,54 @@ def write_adapters(shape: dict, root) -> dict:
     return folders
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        raise SystemExit("this check needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    failures = check_paged_kernel()
-    g = torch.Generator().manual_seed(0)
-    for name, shape in SHAPES.items():
-        model = Transformer(ModelConfig(**shape)).cuda()
-        model.init_weights(seed=1)
-        model.eval()
-        prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90, 260, 33)]
-        params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (40, 7, 300, 12, 64, 3, 20)]
-        ref = Engine(model, None, max_batch_size=3, max_seq_len=700, decode_kernels=False,
-                     num_kv_blocks=BLOCKS).generate(prompts, params)
-        for rounds in range(2):  # the second round replays the graphs recorded by the first
-            eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
-                         num_kv_blocks=BLOCKS)
-            got = eng.generate(prompts, params)
-            same = [a == b for a, b in zip(ref, got)]
-            print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng.runner.graphs.graphs)}",
-                  flush=True)
-            failures += len(same) - sum(same)
-        eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
-                     num_kv_blocks=44)
-        got = [eng.generate([p], q)[0] for p, q in zip(prompts[:4], params[:4])]
-        same = [a == b for a, b in zip(ref[:4], got)]
-        print(f"{name} batch 1: {sum(same)}/{len(same)} prompts equal", flush=True)
+def run_checks(checks) -> int:
+    """Run every ``(name, check)`` in order (a check returns its mismatches); one that raises counts as one
+    failure: its traceback goes to standard error, an ``ERROR`` line to standard output, and the next check runs.
+    Prints the summary line and returns the exit status (1 if anything failed)."""
+    failures = 0
+    for name, check in checks:
+        try:
+            failures += check()
+        except Exception as e:  # noqa: BLE001 - reported, and the next check runs
+            traceback.print_exc()
+            print(f"{name}: ERROR {type(e).__name__}: {e}", flush=True)
+            failures += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print("OK" if not failures else f"FAILED: {failures} mismatches or errors", flush=True)
+    return 1 if failures else 0
+
+
+def check_model(name: str, shape: dict, g: torch.Generator) -> int:
+    """The compiled engine (two rounds, then batch 1) against the eager reference for one model shape."""
+    failures = 0
+    model = Transformer(ModelConfig(**shape)).cuda()
+    model.init_weights(seed=1)
+    model.eval()
+    prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90, 260, 33)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (40, 7, 300, 12, 64, 3, 20)]
+    ref = Engine(model, None, max_batch_size=3, max_seq_len=700, decode_kernels=False,
+                 num_kv_blocks=BLOCKS).generate(prompts, params)
+    for rounds in range(2):  # the second round replays the graphs recorded by the first
+        eng = Engine(model, None, max_batch_size=3, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
+                     num_kv_blocks=BLOCKS)
+        got = eng.generate(prompts, params)
+        same = [a == b for a, b in zip(ref, got)]
+        print(f"{name} round {rounds}: {sum(same)}/{len(same)} prompts equal; graphs {sorted(eng.runner.graphs.graphs)}",
+              flush=True)
         failures += len(same) - sum(same)
+    eng = Engine(model, None, max_batch_size=1, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
+                 num_kv_blocks=44)
+    got = [eng.generate([p], q)[0] for p, q in zip(prompts[:4], params[:4])]
+    same = [a == b for a, b in zip(ref[:4], got)]
+    print(f"{name} batch 1: {sum(same)}/{len(same)} prompts equal", flush=True)
+    return failures + len(same) - sum(same)
+
+
+def check_lora(shape: dict, g: torch.Generator) -> int:
+    """Two LoRA adapters mixed per request: compiled against eager."""
     import tempfile
 
-    shape = SHAPES["llama-gqa"]
     with tempfile.TemporaryDirectory() as root:
         folders = write_adapters(shape, root)
         prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 300, 17, 1, 90, 260, 33)]
@@ -189,10 +225,13 @@ def main() -> int:
 
         ref = run(lora_engine(shape, folders, compiled=False))
         got = run(lora_engine(shape, folders, compiled=True))
-        same = [a == b for a, b in zip(ref, got)]
-        print(f"multi-lora: {sum(same)}/{len(same)} prompts equal", flush=True)
-        failures += len(same) - sum(same)
-    # p-tuning: the virtual tokens (a frozen table in the embedding) in front of every prompt
+    same = [a == b for a, b in zip(ref, got)]
+    print(f"multi-lora: {sum(same)}/{len(same)} prompts equal", flush=True)
+    return len(same) - sum(same)
+
+
+def check_ptuning(shape: dict, g: torch.Generator) -> int:
+    """p-tuning: the virtual tokens (a frozen table in the embedding) in front of every prompt."""
     from lmforge.peft import PTuningConfig, apply_peft
 
     def ptuned():
@@ -214,10 +253,21 @@ def main() -> int:
                  decode_kernels=KERNELS, num_kv_blocks=BLOCKS).generate(prompts, params)
     same = [a == b for a, b in zip(ref, got)]
     print(f"p-tuning: {sum(same)}/{len(same)} prompts equal", flush=True)
-    failures += len(same) - sum(same)
-    failures += check_scheduling(SHAPES["llama-gqa"], g)
-    print("OK" if not failures else f"FAILED: {failures} mismatches")
-    return 1 if failures else 0
+    return len(same) - sum(same)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("this check needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    g = torch.Generator().manual_seed(0)
+    checks = [("paged kernel", check_paged_kernel)]
+    checks += [(name, partial(check_model, name, shape, g)) for name, shape in SHAPES.items()]
+    checks += [("multi-lora", partial(check_lora, SHAPES["llama-gqa"], g)),
+               ("p-tuning", partial(check_ptuning, SHAPES["llama-gqa"], g)),
+               ("scheduling", partial(check_scheduling, SHAPES["llama-gqa"], g))]
+    return run_checks(checks)
 
 
 if __name__ == "__main__":

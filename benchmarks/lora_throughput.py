@@ -89,7 +89,9 @@ def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_lo
                trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss, fused=fused, joined=joined,
                master_cast=master_cast, loss_chunk_size=chunk, compile=compile_blocks,
                card=torch.cuda.get_device_name(), torch=torch.__version__)
-    del model, opt, objective
+    # Rebound, not deleted: step() reads opt and objective from this scope (a del of a name a nested function
+    # uses reads as an undefined name to pyflakes); either way the memory is freed before empty_cache.
+    model = opt = objective = step = None
     torch.cuda.empty_cache()
     return rec
 

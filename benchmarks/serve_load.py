@@ -16,16 +16,22 @@ completions of random token-id prompts below ``--vocab-size``), with the same re
     lmforge serve CKPT --compile --port 8000 &
     python benchmarks/serve_load.py --url http://127.0.0.1:8000/v1 --model CKPT_NAME --rate 16 --vocab-size 32000
 
-``--json PATH`` writes every pass's numbers. Nothing here is run by the test suite except a CPU smoke run of
+Several ``--shape`` values run one after another in one process (each with a fresh engine; its memory is given
+back before the next): one that fails prints a ``FAILED`` line (its traceback on standard error), the next runs, and
+the exit status is 1.
+
+``--json PATH`` writes every pass's numbers (each row names its shape). Nothing here is run by the test suite except a CPU smoke run of
 the offline mode on the ``tiny`` shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
+import traceback
 from typing import Optional
 
 import numpy as np
@@ -59,7 +65,8 @@ SHAPES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2/1b")
+    p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["llama3.2/1b"],
+                   help="one or more shapes, run in turn")
     p.add_argument("--num-requests", type=int, default=512)
     p.add_argument("--prompt-len", type=int, nargs=2, default=[64, 1024], metavar=("A", "B"))
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 512], metavar=("C", "D"))
@@ -109,17 +116,19 @@ def summarize(name: str, wall: float, output_tokens: int, ttft: list[float], tpo
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype) -> Transformer:
+    """Random weights, made on ``device`` directly in ``dtype`` (an 8B model built in fp32 first would take
+    32 GB of the card for a while)."""
     cfg = ModelConfig(**SHAPES[shape])
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)
     model.init_weights(seed=0)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
-def offline(a) -> list[dict]:
+def offline(a, shape: str) -> list[dict]:
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
-    model = build_model(a.shape, a.device, dtype)
+    model = build_model(shape, a.device, dtype)
     requests = workload(a, model.cfg.vocab_size)
     max_seq_len = a.max_seq_len or a.prompt_len[1] + a.output_len[1]
     start = time.perf_counter()
@@ -129,7 +138,7 @@ def offline(a) -> list[dict]:
                     enable_prefix_caching=not a.no_prefix_caching, compile_decode=a.compile)
     startup = time.perf_counter() - start
     blocks = engine.cache.num_blocks - 1
-    print(f"{a.shape} on {torch.cuda.get_device_name() if a.device.startswith('cuda') else a.device}, {dtype}: "
+    print(f"{shape} on {torch.cuda.get_device_name() if a.device.startswith('cuda') else a.device}, {dtype}: "
           f"start-up {startup:.1f} s (graph capture {engine.startup_seconds:.1f} s); KV cache {blocks} blocks of "
           f"{a.block_size} = {blocks * a.block_size:,} tokens ({engine.memory_bytes() / 2**30:.1f} GiB); "
           f"{a.num_requests} requests, prompts {a.prompt_len}, outputs {a.output_len}, max batch {a.max_batch_size}",
@@ -152,7 +161,7 @@ def offline(a) -> list[dict]:
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
         rows.append(summarize("fresh engine" if i == 0 else f"pass {i + 1}", time.perf_counter() - t0, tokens, ttft,
-                              tpot, preemptions=engine.metrics.preemptions - preempted,
+                              tpot, shape=shape, preemptions=engine.metrics.preemptions - preempted,
                               startup_seconds=round(startup, 2)))
     return rows
 
@@ -200,11 +209,24 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.url is not None and a.model is None:
         raise SystemExit("--url needs --model (the served model's name)")
-    rows = online(a) if a.url else offline(a)
+    if a.url:
+        rows, failed = online(a), []
+    else:
+        rows, failed = [], []
+        for shape in a.shape:
+            try:
+                rows += offline(a, shape)
+            except Exception as e:  # noqa: BLE001 - reported, and the next shape runs
+                traceback.print_exc()
+                print(f"{shape}: FAILED {type(e).__name__}: {e}", flush=True)
+                failed.append(shape)
+            gc.collect()  # this shape's engine and model, before the next one sizes its cache
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "results": rows}, f, indent=1)
-    return 0
+            json.dump({"args": vars(a), "results": rows, "failed": failed}, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -184,6 +184,61 @@ def test_serve_load_benchmark_runs_offline(tmp_path):
     assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["tpot_p50"] <= row["tpot_p99"]
 
 
+def _load_benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_load_goes_on_after_a_failed_shape(tmp_path, monkeypatch, capsys):
+    """One call runs several shapes: the first one failing prints its FAILED line, the second still runs and
+    reports, and the exit status says something failed."""
+    import json
+
+    bench = _load_benchmark("serve_load")
+    real, seen = bench.offline, []
+
+    def first_fails(a, shape):
+        seen.append(shape)
+        if len(seen) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(a, shape)
+
+    monkeypatch.setattr(bench, "offline", first_fails)
+    argv = ["--shape", "tiny", "tiny", "--num-requests", "2", "--prompt-len", "4", "8", "--output-len", "2", "3",
+            "--max-batch-size", "2", "--passes", "1", "--json", str(tmp_path / "load.json")]
+    assert bench.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "tiny: FAILED RuntimeError: CUDA out of memory (simulated)" in out and "fresh engine:" in out
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert seen == ["tiny", "tiny"] and report["failed"] == ["tiny"] and len(report["results"]) == 1
+    assert report["results"][0]["shape"] == "tiny"
+
+
+def test_engine_gpu_check_reports_every_check(capsys):
+    """benchmarks/engine_gpu_check.py's runner: a check that raises prints an ERROR line and the later checks
+    still run; the exit status counts mismatches and errors."""
+    bench = _load_benchmark("engine_gpu_check")
+    ran = []
+
+    def broken():
+        ran.append("broken")
+        raise ValueError("no autograd formula")
+
+    checks = [("fine", lambda: ran.append("fine") or 0), ("broken", broken),
+              ("mismatching", lambda: ran.append("mismatching") or 2)]
+    assert bench.run_checks(checks) == 1
+    out = capsys.readouterr().out
+    assert ran == ["fine", "broken", "mismatching"]
+    assert "broken: ERROR ValueError: no autograd formula" in out and "FAILED: 3 mismatches or errors" in out
+    assert bench.run_checks([("fine", lambda: 0)]) == 0 and capsys.readouterr().out.strip() == "OK"
+
+
 def test_prefill_forwards_stay_within_the_sized_budget(models):
     """Chunks of one step are grouped so rows x longest chunk <= max_num_batched_tokens and rows x keys gathered
     <= max(budget, max_seq_len): a long chunk beside many short ones does not pad them all to its length."""
