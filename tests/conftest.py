@@ -106,3 +106,75 @@ def assert_run_plots(folder, tags=("loss", "lr", "val_loss"), tensorboard: bool 
     acc.Reload()
     assert set(tags) <= set(acc.Tags()["scalars"]), acc.Tags()["scalars"]
     assert acc.Scalars("loss") and all(e.step >= 1 for e in acc.Scalars("loss"))
+
+
+@pytest.fixture(scope="session")
+def plain_run(tiny_corpus, tmp_path_factory) -> Path:
+    """The one-process reference run of the parallel-layout tests (tests/train/test_fsdp.py's ``_pretrain``:
+    10 steps, validation at 0, 5 and 10, checkpoints at 4, 5, 8 and 10): the loss curve, grad norms and checkpoints
+    every layout is compared with. Run once for the whole session, in this process (no interpreter to start)."""
+    from lmforge.cli import main
+    from tests.train.test_fsdp import _pretrain_args
+
+    out = tmp_path_factory.mktemp("plain") / "plain"
+    assert main(_pretrain_args(tiny_corpus, out, "trainer.devices=1")) == 0
+    return out
+
+
+# a tiny Mixtral: the parallel tests' MoE overrides
+MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.02"]
+
+
+@pytest.fixture(scope="session")
+def plain_moe_run(tiny_corpus, tmp_path_factory) -> Path:
+    """``plain_run`` of the tiny Mixtral (``MOE``): the one-process reference of the FSDP and expert-parallel tests."""
+    from tests.train.test_fsdp import _pretrain_here
+
+    return _pretrain_here(tiny_corpus, tmp_path_factory.mktemp("plain_moe") / "plain", "trainer.devices=1", *MOE)
+
+
+@pytest.fixture(scope="session")
+def killed_run(tiny_corpus, tmp_path_factory):
+    """``killed_run(nproc, *args, into=None) -> (folder, output)``: the parallel tests' tiny run on that layout
+    (tests/train/test_fsdp.py's ``_pretrain``), killed after step 6, so its newest checkpoint is step 5. Several
+    tests resume the same killed run on other layouts: it runs once per layout for the session; ``into`` gives a
+    test its own copy to resume in (the shared folder is only read)."""
+    import shutil
+
+    from tests.train.test_fsdp import _pretrain
+    from tests.train.test_pretrain import _env
+
+    runs = {}
+
+    def get(nproc: int, *args: str, into: Path | None = None) -> tuple[Path, str]:
+        key = (nproc, *args)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("killed") / "run"
+            p = _pretrain(tiny_corpus, out, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+            assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]  # killed after step 6
+            assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+            runs[key] = out, p.stdout + p.stderr
+        out, output = runs[key]
+        if into is None:
+            return out, output
+        shutil.copytree(out, into)
+        return into, output
+
+    return get
+
+
+def convert_to_hf(checkpoint: Path, out: Path) -> dict:
+    """``lmforge convert CHECKPOINT OUT --to hf`` (in this process); the HF folder's tensors by name."""
+    from safetensors.torch import load_file
+
+    from lmforge.cli import main
+
+    assert main(["convert", str(checkpoint), str(out), "--to", "hf", "--no-progress"]) == 0
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="session")
+def plain_hf(plain_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The HF folder of ``plain_run``'s step-5 checkpoint and its tensors (converted once for the session)."""
+    out = tmp_path_factory.mktemp("plain_hf") / "hf"
+    return out, convert_to_hf(plain_run / "checkpoints" / "step_0000005", out)

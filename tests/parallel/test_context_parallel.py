@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import run_torchrun
-from tests.train.test_fsdp import _pretrain, _same_curve, plain_run  # noqa: F401 (fixture)
+from tests.train.test_fsdp import _pretrain, _refused, _same_curve
 from tests.train.test_pretrain import _env, _losses
 from lmforge.models.config import ModelConfig
 from lmforge.parallel.context import context_parallel_problems, sequence_positions, shard_sequence
@@ -120,10 +120,9 @@ def test_context_parallel_with_fsdp_shards_over_the_group_and_resumes_unsharded(
     (["model.compile=true"], "model.context_parallel_size=2 with model.compile=true"),
     (["trainer.devices=3"], "3 processes cannot be split into tensor x pipeline x context parallel groups"),
 ])
-def test_bad_context_parallel_configs_are_refused(tiny_corpus, tmp_path, overrides, message):
-    p = _pretrain(tiny_corpus, tmp_path / "bad", 1, "trainer.devices=2", "model.context_parallel_size=2", *overrides,
-                  check=False)
-    err = p.stdout + p.stderr
-    assert p.returncode == 2 and message in err, err[-1500:]
+def test_bad_context_parallel_configs_are_refused(tiny_corpus, tmp_path, capsys, overrides, message):
+    code, err = _refused(capsys, tiny_corpus, tmp_path / "bad", "trainer.devices=2", "model.context_parallel_size=2",
+                         *overrides)
+    assert code == 2 and message in err, err[-1500:]
     assert "Traceback" not in err
     assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -6,19 +6,16 @@ HF folder; layouts it cannot run are refused with one message."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
-from tests.train.test_fsdp import _pretrain, _same_curve
+from tests.conftest import MOE, convert_to_hf, run_torchrun
+from tests.train.test_fsdp import _pretrain, _pretrain_here, _refused, _same_curve
 from tests.train.test_pretrain import _env, _losses
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.02"]
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
@@ -53,55 +50,38 @@ def test_expert_parallel_trains_like_the_plain_model(tmp_path, nproc):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ep") / "one"
-    _pretrain(tiny_corpus, out, 1, "trainer.devices=1", *MOE)
-    return out
-
-
-@pytest.fixture(scope="module")
 def one_process_mbs2(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ep") / "one_mbs2"
-    _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
-    return out
+    return _pretrain_here(tiny_corpus, out, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
 
 
-def _convert(checkpoint: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "lmforge", "convert", str(checkpoint), str(out), "--to", "hf", "--no-progress"]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def test_pretraining_ep2_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, one_process):
+def test_pretraining_ep2_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, plain_moe_run):
     out = tmp_path / "ep2"
     p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.expert_model_parallel_size=2", *MOE)
     assert "expert parallel 2" in p.stdout + p.stderr
-    _same_curve(_losses(one_process), _losses(out))
-    _same_curve(_losses(one_process, "grad_norm"), _losses(out, "grad_norm"))
-    _same_curve(_losses(one_process, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
+    _same_curve(_losses(plain_moe_run), _losses(out))
+    _same_curve(_losses(plain_moe_run, "grad_norm"), _losses(out, "grad_norm"))
+    _same_curve(_losses(plain_moe_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
     step = out / "checkpoints" / "step_0000010"
     assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == 2
     # the HF folder of the EP checkpoint holds the one-process run's tensors (same names, same values)
-    ours, theirs = _convert(step, tmp_path / "hf_ep"), _convert(one_process / "checkpoints" / "step_0000010",
-                                                               tmp_path / "hf_one")
+    ours = convert_to_hf(step, tmp_path / "hf_ep")
+    theirs = convert_to_hf(plain_moe_run / "checkpoints" / "step_0000010", tmp_path / "hf_one")
     assert sorted(ours) == sorted(theirs) and any("experts.3" in k for k in ours)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, one_process, first, then):
+def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, plain_moe_run, first, then):
     layout = {1: ["trainer.devices=1"], 2: ["trainer.devices=2", "model.expert_model_parallel_size=2"]}
     out = tmp_path / "moving"
     p = _pretrain(tiny_corpus, out, first, *layout[first], *MOE, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
     p = _pretrain(tiny_corpus, out, then, *layout[then], *MOE)
     assert "resuming from" in p.stdout + p.stderr
-    _same_curve(_losses(one_process), _losses(out))
-    _same_curve(_losses(one_process, "grad_norm"), _losses(out, "grad_norm"))
+    _same_curve(_losses(plain_moe_run), _losses(out))
+    _same_curve(_losses(plain_moe_run, "grad_norm"), _losses(out, "grad_norm"))
 
 
 @pytest.mark.parametrize("nproc,overrides,message", [
@@ -115,11 +95,11 @@ def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, one_process, 
     (1, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.micro_batch_size=2"],
      "mixture-of-experts models (Mixtral) are not supported under tensor parallelism"),
 ])
-def test_bad_expert_parallel_layouts_are_refused(tiny_corpus, tmp_path, nproc, overrides, message):
+def test_bad_expert_parallel_layouts_are_refused(tiny_corpus, tmp_path, capsys, nproc, overrides, message):
     args = ["trainer.devices=2", "model.expert_model_parallel_size=2", *MOE, *overrides]
-    p = _pretrain(tiny_corpus, tmp_path / "bad", nproc, *args, check=False)
-    err = p.stdout + p.stderr
-    assert p.returncode == 2 and message in err, err[-1500:]
+    assert nproc == 1  # refused before any process group: checked in this process
+    code, err = _refused(capsys, tiny_corpus, tmp_path / "bad", *args)
+    assert code == 2 and message in err, err[-1500:]
     assert not [line for line in err.splitlines() if line.strip().startswith("File") and "/lmforge/" in line]
     assert not (tmp_path / "bad" / "checkpoints").exists()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import MOE, convert_to_hf, tiny_overrides
 from tests.finetune.conftest import base_model_dir, sft_tokenizer, task_files  # noqa: F401 (fixtures)
 from tests.finetune.test_finetune_parallel import _free_port
 from tests.train.test_pretrain import _cli, _env, _losses
@@ -21,13 +21,39 @@ from tests.train.test_pretrain import _cli, _env, _losses
 STEPS = 10
 
 
-def _pretrain(corpus, out, nproc, *extra, env=None, check=True, **overrides):
+def _pretrain_args(corpus, out, *extra, **overrides) -> list[str]:
+    """``lmforge pretrain`` arguments of the parallel tests' tiny run: 10 steps, validation at 0, 5 and 10,
+    checkpoints at 4, 5, 8 and 10."""
     common = {"trainer.max_steps": STEPS, "trainer.val_check_interval": 5, "trainer.limit_test_batches": 0,
               "exp_manager.checkpoint_callback_params.every_n_train_steps": 4,
               "exp_manager.checkpoint_callback_params.save_top_k": -1}
     common.update(overrides)
-    args = ["pretrain", "tiny/llama", *tiny_overrides(corpus, out, **common), *extra]
-    return _cli(args, env or _env(), nproc=nproc, check=check)
+    return ["pretrain", "tiny/llama", *tiny_overrides(corpus, out, **common), *extra]
+
+
+def _pretrain(corpus, out, nproc, *extra, env=None, check=True, **overrides):
+    return _cli(_pretrain_args(corpus, out, *extra, **overrides), env or _env(), nproc=nproc, check=check)
+
+
+def _pretrain_here(corpus, out, *extra, **overrides) -> Path:
+    """The same run as ``_pretrain(corpus, out, 1, ...)`` in this process (``lmforge.cli.main``): a one-process
+    reference curve without an interpreter to start."""
+    from lmforge.cli import main
+
+    assert main(_pretrain_args(corpus, out, *extra, **overrides)) == 0
+    return out
+
+
+def _refused(capsys, corpus, out, *extra, **overrides) -> tuple[int, str]:
+    """``lmforge pretrain`` in this process (``lmforge.cli.main``), for the tests of what it refuses before training:
+    its exit code and everything it printed. An exception other than the one-line errors reaches pytest with its
+    traceback, so such a test still fails where the command would print one."""
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    code = main(_pretrain_args(corpus, out, *extra, **overrides))
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
 
 
 def _same_curve(a: dict, b: dict, steps=range(1, STEPS + 1)):
@@ -36,13 +62,6 @@ def _same_curve(a: dict, b: dict, steps=range(1, STEPS + 1)):
         # rel 1e-5 in fp32; abs 5e-6 for fine-tuning losses near 0.2, where summation-order noise of another
         # layout is a few 1e-6 absolute (e.g. step 7: 0.2586563 vs 0.2586531 with FSDP hybrid on 4 ranks)
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=5e-6), (step, a[step], b[step])
-
-
-@pytest.fixture(scope="module")
-def plain_run(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "plain"
-    _pretrain(tiny_corpus, out, 1, "trainer.devices=1")
-    return out
 
 
 @pytest.mark.parametrize("layout", [
@@ -65,19 +84,15 @@ def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, 
     assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
 
 
-def test_pretraining_mixtral_fsdp_matches_one_process(tiny_corpus, tmp_path):
-    moe = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.02"]
-    _pretrain(tiny_corpus, tmp_path / "one", 1, "trainer.devices=1", *moe)
-    _pretrain(tiny_corpus, tmp_path / "two", 2, "trainer.devices=2", "model.fsdp=true", *moe)
-    _same_curve(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+def test_pretraining_mixtral_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_moe_run):
+    _pretrain(tiny_corpus, tmp_path / "two", 2, "trainer.devices=2", "model.fsdp=true", *MOE)
+    _same_curve(_losses(plain_moe_run), _losses(tmp_path / "two"))
 
 
-def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plain_run):
-    out = tmp_path / "moving"
+def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plain_run, killed_run):
     fsdp = ["model.fsdp=true"]
-    p = _pretrain(tiny_corpus, out, 4, "trainer.devices=4", "model.micro_batch_size=2", *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"),
-                  check=False)
-    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    # 4 FSDP ranks killed after step 6 (latest: step 5), then 2 ranks, then one process
+    out, _ = killed_run(4, "trainer.devices=4", "model.micro_batch_size=2", *fsdp, into=tmp_path / "moving")
     p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="9"),
                   check=False)
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000008"
@@ -87,18 +102,10 @@ def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plai
     _same_curve(_losses(plain_run), _losses(out))
 
 
-def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tiny_corpus, tmp_path, plain_run):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "sharded"
-    _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true", env=_env(LMFORGE_TEST_KILL_AT_STEP="6"),
-              check=False)  # stopped after the step-5 checkpoint
-    hf_sharded, hf_plain = tmp_path / "hf_sharded", tmp_path / "hf_plain"
-    for src, dst in ((out / "checkpoints" / "step_0000005", hf_sharded),
-                     (plain_run / "checkpoints" / "step_0000005", hf_plain)):
-        subprocess.run([sys.executable, "-m", "lmforge", "convert", str(src), str(dst), "--to", "hf"], check=True,
-                       capture_output=True, env=_env())
-    a, b = load_file(str(hf_sharded / "model.safetensors")), load_file(str(hf_plain / "model.safetensors"))
+def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tiny_corpus, tmp_path, plain_hf, killed_run):
+    out, _ = killed_run(2, "trainer.devices=2", "model.fsdp=true")  # stopped after the step-5 checkpoint
+    hf_sharded, (hf_plain, b) = tmp_path / "hf_sharded", plain_hf
+    a = convert_to_hf(out / "checkpoints" / "step_0000005", hf_sharded)
     assert a.keys() == b.keys()
     for k in a:  # the same training on other layouts: equal up to float summation order
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -124,26 +131,49 @@ def _finetune(args, nproc):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
 
+def _finetune_common(base, task_files, method) -> list[str]:
+    train, val = task_files
+    return ["--model", base, "--data", train, "--val-data", val, "--method", method, "seq_length=32",
+            "micro_batch_size=2", "global_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.accelerator=cpu",
+            "trainer.limit_val_batches=1", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
+            "generation.num_samples=2", "generation.max_new_tokens=2", "optim.lr=0.01",
+            f"sft.pack={str(method != 'ptuning').lower()}"]
+
+
+@pytest.fixture(scope="module")
+def finetune_one_process(tmp_path_factory, base_model_dir, mixtral_dir, task_files):
+    """``(model, method) -> summary.json`` of the one-process fine-tuning run every sharded layout of that model and
+    method is compared with: run once per pair (in this process), shared by the strategies."""
+    done = {}
+
+    def summary(model: str, method: str) -> dict:
+        if (model, method) not in done:
+            from lmforge.cli import main
+
+            base = base_model_dir if model == "llama" else mixtral_dir
+            out = tmp_path_factory.mktemp(f"ft_one_{model}_{method}")
+            assert main(["finetune", "--out", str(out), *_finetune_common(base, task_files, method),
+                         "trainer.devices=1"]) == 0
+            done[model, method] = json.loads((out / "summary.json").read_text())
+        return done[model, method]
+
+    return summary
+
+
 @pytest.mark.parametrize("model,method,strategy", [
     ("llama", "full", "full"), ("mixtral", "full", "full"), ("llama", "lora", "full"), ("llama", "ia3", "full"),
     ("llama", "adapter", "full"), ("llama", "ptuning", "full"), ("mixtral", "lora", "full"), ("llama", "full", "hybrid"),
     ("llama", "lora", "grad")])
-def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, model, method,
-                                             strategy):
-    train, val = task_files
+def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, finetune_one_process,
+                                             model, method, strategy):
     base = base_model_dir if model == "llama" else mixtral_dir
-    common = ["--model", base, "--data", train, "--val-data", val, "--method", method, "seq_length=32",
-              "micro_batch_size=2", "global_batch_size=8", f"trainer.max_steps={STEPS}", "trainer.accelerator=cpu",
-              "trainer.limit_val_batches=1", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
-              "generation.num_samples=2", "generation.max_new_tokens=2", "optim.lr=0.01",
-              f"sft.pack={str(method != 'ptuning').lower()}"]
-    _finetune(["--out", str(tmp_path / "one")] + common + ["trainer.devices=1"], 1)
+    common = _finetune_common(base, task_files, method)
+    one = finetune_one_process(model, method)
     layout = ["trainer.devices=2", "fsdp=true", f"fsdp_sharding_strategy={strategy}"]
     nproc = 2
     if strategy == "hybrid":  # 2 "nodes" of 2 ranks on this host
         layout, nproc = layout + ["trainer.num_nodes=2", "micro_batch_size=1"], 4
     _finetune(["--out", str(tmp_path / "two")] + common + layout, nproc)
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     _same_curve(dict(one["losses"]), dict(two["losses"]))
     assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
@@ -160,11 +190,10 @@ def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_d
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5)
 
 
-def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(tiny_corpus, tmp_path, plain_run):
+def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(tiny_corpus, tmp_path, plain_run,
+                                                                         killed_run):
     # 1 unsharded process -> 2 FSDP ranks: the optimizer state by parameter index is sliced onto the shards.
-    out = tmp_path / "grow"
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    out, _ = killed_run(1, "trainer.devices=1", into=tmp_path / "grow")
     p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true")
     assert "resuming from" in p.stdout + p.stderr
     _same_curve(_losses(plain_run), _losses(out))
@@ -204,21 +233,19 @@ def test_one_process_fsdp_trains_unsharded_and_gathered_checkpoints(tiny_corpus,
     (["trainer.devices=2", "model.fsdp=true", "model.activations_checkpoint_granularity=full",
       "model.activations_checkpoint_num_layers=2"], "each block gathers its own parameters"),
 ])
-def test_bad_layouts_are_refused_with_one_message(tiny_corpus, tmp_path, overrides, message):
-    p = _pretrain(tiny_corpus, tmp_path / "bad", 1, *overrides, check=False)
-    err = p.stdout + p.stderr
-    assert p.returncode != 0 and message in err, err[-2000:]
+def test_bad_layouts_are_refused_with_one_message(tiny_corpus, tmp_path, capsys, overrides, message):
+    code, err = _refused(capsys, tiny_corpus, tmp_path / "bad", *overrides)
+    assert code != 0 and message in err, err[-2000:]
     assert "Traceback" not in err and not (tmp_path / "bad").exists()
 
 
-def test_checkpoint_of_another_model_is_refused(tiny_corpus, tmp_path, plain_run):
+def test_checkpoint_of_another_model_is_refused(tiny_corpus, tmp_path, capsys, plain_run):
     import shutil
 
     out = tmp_path / "other"
     shutil.copytree(plain_run, out)
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.hidden_size=48", check=False)
-    err = p.stdout + p.stderr
-    assert p.returncode != 0 and "holds a model of another shape" in err and "Traceback" not in err
+    code, err = _refused(capsys, tiny_corpus, out, "trainer.devices=1", "model.hidden_size=48")
+    assert code != 0 and "holds a model of another shape" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["model.fsdp=true"])])

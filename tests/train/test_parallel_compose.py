@@ -6,14 +6,13 @@ checkpoint converts to the one-process model's HF folder."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.train.test_fsdp import _pretrain, _same_curve, plain_run  # noqa: F401 (fixture)
-from tests.train.test_pretrain import _env, _losses
+from tests.conftest import convert_to_hf
+from tests.train.test_fsdp import _pretrain, _same_curve
+from tests.train.test_pretrain import _losses
 
 FOUR = ["trainer.devices=4", "model.micro_batch_size=2"]
 TP2xPP2 = [*FOUR, "model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]
@@ -36,25 +35,18 @@ def test_composed_layouts_match_one_process(tiny_corpus, tmp_path, plain_run, na
     assert json.loads((out / "checkpoints" / "step_0000010" / "config.json").read_text())["sharded"]["world_size"] == 4
 
 
-def test_tp_pp_checkpoint_resumes_on_fsdp_and_back_and_converts(tiny_corpus, tmp_path, plain_run):
-    from safetensors.torch import load_file
-
+def test_tp_pp_checkpoint_resumes_on_fsdp_and_back_and_converts(tiny_corpus, tmp_path, plain_run, plain_hf,
+                                                                killed_run):
     fsdp4, one = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
     tppp = (4, TP2xPP2)
     for first, then, name in ((tppp, fsdp4, "tppp_then_fsdp"), (fsdp4, tppp, "fsdp_then_tppp"),
                               (one, tppp, "one_then_tppp")):  # the last: an optimizer saved by parameter index
-        out = tmp_path / name
-        p = _pretrain(tiny_corpus, out, first[0], *first[1], env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-        assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+        out, _ = killed_run(first[0], *first[1], into=tmp_path / name)  # killed after step 6: latest is step 5
         p = _pretrain(tiny_corpus, out, then[0], *then[1])
         assert "resuming from" in p.stdout + p.stderr
         _same_curve(_losses(plain_run), _losses(out))
-    hf_tppp, hf_plain = tmp_path / "hf_tppp", tmp_path / "hf_plain"
-    for src, dst in ((tmp_path / "tppp_then_fsdp" / "checkpoints" / "step_0000005", hf_tppp),
-                     (plain_run / "checkpoints" / "step_0000005", hf_plain)):
-        subprocess.run([sys.executable, "-m", "lmforge", "convert", str(src), str(dst), "--to", "hf"], check=True,
-                       capture_output=True, env=_env())
-    a, b = load_file(str(hf_tppp / "model.safetensors")), load_file(str(hf_plain / "model.safetensors"))
+    a = convert_to_hf(tmp_path / "tppp_then_fsdp" / "checkpoints" / "step_0000005", tmp_path / "hf_tppp")
+    b = plain_hf[1]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

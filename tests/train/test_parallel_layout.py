@@ -17,7 +17,7 @@ from lmforge.parallel.dims import ParallelDims
 from lmforge.train.loop import LoopSettings, MicroBatches
 from lmforge.parallel.runtime import Runtime
 from tests.conftest import tiny_overrides
-from tests.train.test_pretrain import _cli, _env, _losses
+from tests.train.test_pretrain import _cli, _cli_here, _env, _losses
 
 
 def test_rank_coordinates_of_a_composed_layout():
@@ -68,7 +68,7 @@ def test_four_processes_read_one_global_batch_per_step(tiny_corpus, tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     common = {"trainer.max_steps": 4, "trainer.val_check_interval": 4, "trainer.limit_test_batches": 0,
               "model.global_batch_size": 24, "model.micro_batch_size": 3}
-    _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, one, **common), "trainer.devices=1"], _env())
+    _cli_here(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, one, **common), "trainer.devices=1"])
     _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, four, **common), "trainer.devices=4"], _env(), nproc=4)
     consumed = _losses(four, "consumed_samples")
     assert consumed == {step: 24 * step for step in range(1, 5)}

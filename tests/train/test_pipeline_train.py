@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.train.test_fsdp import _pretrain, _same_curve, plain_run  # noqa: F401 (fixture)
+from tests.train.test_fsdp import _pretrain, _pretrain_here, _refused, _same_curve
 from tests.train.test_pretrain import _env, _losses
 
 
@@ -29,7 +29,7 @@ def test_pipeline_1f1b_matches_one_process_and_resumes_unsharded(tiny_corpus, tm
 
 def test_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_path):
     four = ["model.num_layers=4"]
-    _pretrain(tiny_corpus, tmp_path / "one", 1, "trainer.devices=1", *four)
+    _pretrain_here(tiny_corpus, tmp_path / "one", "trainer.devices=1", *four)
     p = _pretrain(tiny_corpus, tmp_path / "vpp", 2, "trainer.devices=2", "model.pipeline_model_parallel_size=2",
                   "model.virtual_pipeline_model_parallel_size=2", "model.micro_batch_size=2", *four)
     _same_curve(_losses(tmp_path / "one"), _losses(tmp_path / "vpp"))
@@ -42,8 +42,8 @@ def test_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_path):
     (1, ["trainer.devices=2", "model.pipeline_model_parallel_size=2", "model.share_embeddings_and_output_weights=true"],
      "tied output head"),
 ])
-def test_bad_pipeline_layouts_are_refused(tiny_corpus, tmp_path, nproc, overrides, message):
-    p = _pretrain(tiny_corpus, tmp_path / "bad", nproc, *overrides, check=False)
-    err = p.stdout + p.stderr
-    assert p.returncode != 0 and message in err, err[-1500:]
+def test_bad_pipeline_layouts_are_refused(tiny_corpus, tmp_path, capsys, nproc, overrides, message):
+    assert nproc == 1  # refused before any process group: checked in this process
+    code, err = _refused(capsys, tiny_corpus, tmp_path / "bad", *overrides)
+    assert code != 0 and message in err, err[-1500:]
     assert not [line for line in err.splitlines() if line.strip().startswith("File") and "/lmforge/" in line]

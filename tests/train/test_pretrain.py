@@ -52,10 +52,17 @@ def _cli(args, env, nproc=1, check=True):
     return p
 
 
+def _cli_here(args) -> None:
+    """``lmforge ARGS`` in this process (``lmforge.cli.main``): a one-process reference run, no interpreter to start."""
+    from lmforge.cli import main
+
+    assert main(list(args)) == 0
+
+
 def test_two_process_data_parallel_matches_one_process(tiny_corpus, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(**{"trainer.max_steps": 6, "trainer.val_check_interval": 3, "trainer.limit_test_batches": 0})
-    _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, one, **common), "trainer.devices=1"], _env())
+    _cli_here(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, one, **common), "trainer.devices=1"])
     _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, two, **common), "trainer.devices=2"], _env(), nproc=2)
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l1) == sorted(l2) == list(range(1, 7))
@@ -114,11 +121,17 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_corpus, tmp_path):
 
 
 def test_max_epochs_derives_steps_and_gpt_style_trains(tiny_corpus, tmp_path):
+    from lmforge.data.gpt_dataset import build_datasets
+
+    # a training split of 8% of the documents: one epoch is tens of steps (90% took hundreds)
+    splits = "8,46,46"
     cfg = load_config("tiny/gpt", tiny_overrides(tiny_corpus, tmp_path, **{
         "trainer.max_steps": -1, "trainer.max_epochs": 1, "trainer.val_check_interval": 1.0,
-        "model.num_query_groups": "null", "model.max_position_embeddings": 32}))
+        "model.num_query_groups": "null", "model.max_position_embeddings": 32, "model.data.splits_string": splits}))
     summary = run(cfg)
-    assert summary["max_steps"] > 8  # one epoch of the training split, in global batches of 8
+    # one epoch of the training split, in global batches of 8
+    train = build_datasets([1.0, tiny_corpus["prefix"]], splits, 32, (None, None, None))[0]
+    assert summary["max_steps"] == train.samples_per_epoch // 8 > 8
     assert summary["val_loss_after"] < summary["val_loss_before"]
 
 

@@ -4,14 +4,15 @@ one process; a TP checkpoint resumes on one unsharded process and converts to th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.train.test_fsdp import STEPS, _pretrain, _same_curve, plain_run  # noqa: F401 (fixture)
-from tests.train.test_pretrain import _env, _losses
+from tests.conftest import convert_to_hf
+from tests.train.test_fsdp import STEPS, _pretrain, _same_curve
+from tests.train.test_pretrain import _losses
+
+TP2 = ["trainer.devices=2", "model.tensor_model_parallel_size=2"]
 
 
 @pytest.mark.parametrize("layout", [
@@ -30,33 +31,22 @@ def test_tensor_parallel_pretraining_matches_one_process(tiny_corpus, tmp_path, 
     assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
 
 
-def test_tensor_parallel_checkpoint_resumes_unsharded_and_converts(tiny_corpus, tmp_path, plain_run):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "tp_then_plain"
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.tensor_model_parallel_size=2",
-                  env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+def test_tensor_parallel_checkpoint_resumes_unsharded_and_converts(tiny_corpus, tmp_path, plain_run, plain_hf,
+                                                                   killed_run):
+    out, _ = killed_run(2, *TP2, into=tmp_path / "tp_then_plain")  # TP 2 killed after step 6: latest is step 5
     p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1")
     assert "resuming from" in p.stdout + p.stderr
     _same_curve(_losses(plain_run), _losses(out))
-    hf_tp, hf_plain = tmp_path / "hf_tp", tmp_path / "hf_plain"
-    for src, dst in ((out / "checkpoints" / "step_0000005", hf_tp), (plain_run / "checkpoints" / "step_0000005", hf_plain)):
-        subprocess.run([sys.executable, "-m", "lmforge", "convert", str(src), str(dst), "--to", "hf"], check=True,
-                       capture_output=True, env=_env())
-    a, b = load_file(str(hf_tp / "model.safetensors")), load_file(str(hf_plain / "model.safetensors"))
+    a, (_, b) = convert_to_hf(out / "checkpoints" / "step_0000005", tmp_path / "hf_tp"), plain_hf
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_tensor_parallel_and_fsdp_resume_on_each_other(tiny_corpus, tmp_path, plain_run):
-    tp = ["trainer.devices=2", "model.tensor_model_parallel_size=2"]
+def test_tensor_parallel_and_fsdp_resume_on_each_other(tiny_corpus, tmp_path, plain_run, killed_run):
     fsdp = ["trainer.devices=2", "model.fsdp=true"]
-    for first, then, name in ((tp, fsdp, "tp_then_fsdp"), (fsdp, tp, "fsdp_then_tp")):
-        out = tmp_path / name
-        p = _pretrain(tiny_corpus, out, 2, *first, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-        assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    for first, then, name in ((TP2, fsdp, "tp_then_fsdp"), (fsdp, TP2, "fsdp_then_tp")):
+        out, _ = killed_run(2, *first, into=tmp_path / name)  # killed after step 6: latest is step 5
         p = _pretrain(tiny_corpus, out, 2, *then)
         assert "resuming from" in p.stdout + p.stderr
         _same_curve(_losses(plain_run), _losses(out))
