@@ -239,6 +239,20 @@ def test_engine_gpu_check_reports_every_check(capsys):
     assert bench.run_checks([("fine", lambda: 0)]) == 0 and capsys.readouterr().out.strip() == "OK"
 
 
+@pytest.mark.parametrize("budget,max_seq_len,max_batch", [(200, 64, 8), (32, 64, 8), (512, 60, 3), (64, 64, 8)])
+def test_the_profiled_prefill_is_the_largest_forward(models, budget, max_seq_len, max_batch):
+    """On a GPU the cache gets what the weights and the largest step leave: the profiled prefill (rows of a longest
+    sequence's last chunk) is as many rows as prefill_groups puts in one forward (it was one row: a budget of
+    several sequences' chunks was measured for one)."""
+    engine = Engine(models["gpt"], max_batch_size=max_batch, max_seq_len=max_seq_len, block_size=4,
+                    max_num_batched_tokens=budget)
+    rows, tokens = engine._profile_shape()
+    seqs = [object() for _ in range(min(rows + 1, max_batch))]  # the scheduler runs at most max_batch sequences
+    groups = engine.prefill_groups([(q, max_seq_len - tokens, max_seq_len) for q in seqs])
+    assert len(groups[0]) == rows and tokens == min(budget, max_seq_len)
+    assert rows == {(200, 64, 8): 3, (32, 64, 8): 1, (512, 60, 3): 3, (64, 64, 8): 1}[(budget, max_seq_len, max_batch)]
+
+
 def test_prefill_forwards_stay_within_the_sized_budget(models):
     """Chunks of one step are grouped so rows x longest chunk <= max_num_batched_tokens and rows x keys gathered
     <= max(budget, max_seq_len): a long chunk beside many short ones does not pad them all to its length."""

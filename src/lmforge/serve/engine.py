@@ -207,24 +207,35 @@ class Engine:
                      f" GiB) - other memory {p['others'] / gib:.2f} GiB, {p['per_block']} bytes a block")
         return line
 
+    def _profile_shape(self) -> tuple[int, int]:
+        """``(rows, tokens)`` of the largest prefill forward :meth:`prefill_groups` may form: rows of the last
+        chunk of a longest sequence (``tokens`` new tokens attending to ``max_seq_len`` keys), as many as fit both
+        its limits (rows x tokens within the budget, rows x keys within ``max(budget, max_seq_len)``)."""
+        T = min(self.max_num_batched_tokens, self.max_seq_len)
+        keys = -(-self.max_seq_len // self.block_size) * self.block_size
+        rows = min(self.max_num_batched_tokens // T, max(self.max_num_batched_tokens, self.max_seq_len) // keys,
+                   self.max_batch_size)
+        return max(1, rows), T
+
     @torch.inference_mode()
     def _profile_peak(self) -> int:
-        """Peak bytes allocated by the weights and the largest step: a prefill chunk of ``max_num_batched_tokens``
-        tokens at the end of a ``max_seq_len`` sequence (through a temporary cache of one sequence, counted too:
-        a margin), prompt logprobs over 512 of them and the logits of a full decode batch."""
+        """Peak bytes allocated by the weights and the largest step: the largest prefill forward
+        (:meth:`_profile_shape`; through a temporary cache of its sequences, counted too: a margin), prompt
+        logprobs over 512 positions and the logits of a full decode batch."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        # The last chunk of a longest sequence: T new tokens attending through the table to max_seq_len keys (the
-        # gather path: keys gathered, a T x S mask), the most one forward of prefill_groups holds.
-        T = min(self.max_num_batched_tokens, self.max_seq_len)
+        # R rows of T new tokens each attending through its table to max_seq_len keys (the gather path: keys
+        # gathered, a T x S mask per row): the most one forward of prefill_groups holds.
+        R, T = self._profile_shape()
         nb = -(-self.max_seq_len // self.block_size)
-        cache = PagedKVCache(self.cfg, nb + 1, self.block_size, self.max_seq_len, 1, self.device, self.dtype, False)
-        positions = torch.arange(self.max_seq_len - T, self.max_seq_len)[None]
-        cache.bind(torch.arange(1, nb + 1)[None], positions, torch.ones(1, T, dtype=torch.bool))
+        cache = PagedKVCache(self.cfg, R * nb + 1, self.block_size, self.max_seq_len, R, self.device, self.dtype,
+                             False)
+        positions = torch.arange(self.max_seq_len - T, self.max_seq_len)[None].expand(R, T)
+        cache.bind(torch.arange(1, R * nb + 1).view(R, nb), positions, torch.ones(R, T, dtype=torch.bool))
         if self.lora is not None:
-            self.lora.set_rows([0])
-        hidden = self.model.hidden_states(torch.zeros(1, T, dtype=torch.long, device=self.device), kv_cache=cache,
+            self.lora.set_rows([0] * R)
+        hidden = self.model.hidden_states(torch.zeros(R, T, dtype=torch.long, device=self.device), kv_cache=cache,
                                           positions=positions.to(self.device))
         head = self.model.output_weight()
         F.linear(hidden[0, :512], head).float().log_softmax(-1)
