@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 METHODS = ["dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "grpo", "reinforce"]
 
@@ -36,17 +35,11 @@ def add_commands(sub) -> None:
 def _cmd_align(a) -> int:
     from lmforge.align import load_align_config, run
 
+    from lmforge.finetune.cli import run_stage_command
+
     flags = {"model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method, "out": a.out,
              "peft.method": a.peft, "align.reward_fn": a.reward_fn}
-    source, overrides = a.config, list(a.overrides)
-    if source is not None and "=" in source:  # no YAML file given: the first word is an override
-        source, overrides = None, [source] + overrides
-    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    cfg = load_align_config(source, overrides)
-    summary = run(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
-    return 75 if summary.get("stopped_early") else 0
+    return run_stage_command(a, flags, load_align_config, run)
 
 
 def _cmd_reward(a) -> int:

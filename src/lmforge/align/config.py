@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from lmforge.errors import ConfigError
-from lmforge.finetune.config import PRECISIONS, OptimSection, PeftSection, TrainerSection, load_structured
+from lmforge.finetune.config import (OptimSection, PeftSection, TrainerSection, check_fsdp_keys, check_training_keys,
+                                     load_structured, raise_problems)
 
 METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "grpo", "reinforce")
 ONLINE_METHODS = ("grpo", "reinforce")
@@ -104,9 +104,6 @@ def load_align_config(source: Union[None, str, Path, Mapping] = None, overrides:
 
 def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     """Collect every problem, then raise one ConfigError."""
-    from lmforge.config.schema import FSDP_REDUCE_DTYPES
-    from lmforge.parallel.dims import FSDP_STRATEGIES
-
     problems = []
     if not cfg.model and need_paths:
         problems.append("model is not set: give the model to align (--model PATH or model=PATH)")
@@ -148,15 +145,7 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
         problems.append(f"align.label_smoothing applies to dpo, rpo and simpo, not {cfg.method}")
     if a.center_rewards_coefficient is not None and cfg.method != "rm":
         problems.append("align.center_rewards_coefficient applies to method=rm")
-    if cfg.trainer.precision not in PRECISIONS:
-        problems.append(f"trainer.precision={cfg.trainer.precision!r}; use 32, bf16-mixed or 16-mixed")
-    else:
-        cfg.trainer.precision = PRECISIONS[str(cfg.trainer.precision)]
-    for key in ("seq_length", "micro_batch_size", "global_batch_size"):
-        if getattr(cfg, key) is not None and int(getattr(cfg, key)) < 1:
-            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.trainer.max_steps < 1:
-        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+    check_training_keys(cfg, problems)
     if cfg.monitor not in ("val_loss", "val_rewards_accuracy"):
         problems.append(f"monitor={cfg.monitor!r}; use val_loss or val_rewards_accuracy")
     elif cfg.monitor == "val_rewards_accuracy" and (not cfg.val_data or cfg.method == "kto"):
@@ -166,22 +155,10 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if cfg.peft.method == "none" and cfg.base_dtype != "float32":
         problems.append("a full-weight run trains every weight: keep base_dtype=float32 (mixed precision comes from "
                         "trainer.precision)")
-    if cfg.fsdp_sharding_strategy not in FSDP_STRATEGIES:
-        problems.append(f"fsdp_sharding_strategy={cfg.fsdp_sharding_strategy!r}; use full, grad or hybrid")
-    if str(cfg.fsdp_grad_reduce_dtype).lower() not in FSDP_REDUCE_DTYPES:
-        problems.append(f"fsdp_grad_reduce_dtype={cfg.fsdp_grad_reduce_dtype!r}; use 32, bf16 or 16")
-    if not cfg.fsdp:
-        for key, default in (("fsdp_sharding_strategy", "full"), ("fsdp_grad_reduce_dtype", "32")):
-            if str(getattr(cfg, key)).lower() != default:
-                problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
-        for key in ("fsdp_cpu_offload", "fsdp_sharded_checkpoint"):
-            if getattr(cfg, key):
-                problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
+    check_fsdp_keys(cfg, problems)
     if cfg.fsdp_sharded_checkpoint and cfg.peft.method != "none":
         problems.append("fsdp_sharded_checkpoint=true: a PEFT run saves only its adapter weights, whole; remove it")
-    if problems:
-        raise ConfigError("; ".join(problems) if len(problems) == 1 else
-                          "the alignment config has problems:\n  - " + "\n  - ".join(problems))
+    raise_problems(problems, "alignment")
 
 
 def _validate_online(cfg: AlignConfig, problems: list) -> None:

@@ -19,14 +19,13 @@ Every problem with a record (a missing field, a wrong type, chosen identical to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from lmforge.data.jsonl import iter_jsonl
 from lmforge.data.prompts import chat_template_of, encode_plain, encode_prompt, render_chat
+from lmforge.data.sft import read_jsonl
 from lmforge.errors import DataError
 
 
@@ -129,16 +128,6 @@ class Encoder:
         return Side(ids, mask)
 
 
-def _read(path) -> list[tuple[str, dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; give a JSONL file with one record per line")
-    out = [(f"{path}:{n}", rec) for n, rec in iter_jsonl(path)]
-    if not out:
-        raise DataError(f"data file {path} holds no records")
-    return out
-
-
 def _pad(rows: list, pad: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = np.full((len(rows), width), pad, dtype=np.int64)
@@ -209,7 +198,7 @@ def load_pairs(path, tokenizer, keys, chat_template: Optional[str], max_length: 
     """Read preference pairs (see the module doc). ``keys`` holds ``prompt_key``, ``chosen_key``, ``rejected_key``."""
     enc, stats = Encoder(tokenizer, chat_template, add_eos, max_length), AlignStats()
     chosen, rejected, margins = [], [], []
-    for where, rec in _read(path):
+    for where, rec in read_jsonl(path):
         stats.records += 1
         prompt = _get(rec, keys.prompt_key, where, "prompt_key")
         c = _get(rec, keys.chosen_key, where, "chosen_key")
@@ -246,7 +235,7 @@ def load_unpaired(path, tokenizer, keys, chat_template: Optional[str], max_lengt
     """Read KTO's ``{"prompt", "completion", "label"}`` records (``label`` true: desirable)."""
     enc, stats = Encoder(tokenizer, chat_template, True, max_length), AlignStats()
     prompts, completions, labels = [], [], []
-    for where, rec in _read(path):
+    for where, rec in read_jsonl(path):
         stats.records += 1
         prompt = _get(rec, keys.prompt_key, where, "prompt_key")
         completion = _get(rec, keys.completion_key, where, "completion_key")

@@ -59,12 +59,13 @@ class PromptSet:
     """Prompts of a JSONL file as ids (the one prompt rule, or the chat template), with their records."""
 
     def __init__(self, path, tokenizer, settings, max_length: int):
-        from lmforge.align.data import AlignStats, Encoder, _read
+        from lmforge.align.data import AlignStats, Encoder
+        from lmforge.data.sft import read_jsonl
 
         enc = Encoder(tokenizer, settings.chat_template, add_eos=False, max_length=max_length)
         key = settings.prompt_key
         self.where, self.records, self.ids = [], [], []
-        for where, rec in _read(path):
+        for where, rec in read_jsonl(path):
             if not isinstance(rec, dict) or key not in rec:
                 raise DataError(f"{where}: the record has no {key!r} field; set align.prompt_key to the field that "
                                 f"holds the prompt")

@@ -15,57 +15,30 @@ next-token loss. Results in ``cfg.out``, laid out as a fine-tuning run's (so ``g
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmforge.align.config import ONLINE_METHODS, AlignConfig, to_dict
-from lmforge.config.batch import resolve_batch
-from lmforge.data.prompts import set_chat_template
-from lmforge.errors import ConfigError
-from lmforge.io import write_json_atomic, write_text_atomic
-from lmforge.parallel.dims import ParallelDims, fsdp_strategy
-from lmforge.parallel.fsdp import gathered
-from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
-from lmforge.train.assembly import (CheckpointSpec, OptimSpec, TrainJob, build_training, seed_everything,
-                                    stopped_note)
-from lmforge.train.loop import PRECISIONS, LoopSettings
-from lmforge.train.metrics import save_loss_curve
+from lmforge.finetune.stage import (export_adapter, finish_results, open_base_model, peft_method_config,
+                                    run_on_runtime, sequence_length, stage_job, stage_layout, start_results,
+                                    write_summary)
+from lmforge.parallel.dims import ParallelDims
+from lmforge.parallel.runtime import Runtime
+from lmforge.train.assembly import TrainJob, build_training, seed_everything
+from lmforge.train.loop import PRECISIONS
 
 
 def job_from_config(cfg: AlignConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
     """The :class:`~lmforge.train.assembly.TrainJob` of an alignment config."""
-    t, o = cfg.trainer, cfg.optim
-    loop = LoopSettings(max_steps=int(t.max_steps), micro_batch_size=int(cfg.micro_batch_size),
-                        global_batch_size=int(cfg.global_batch_size), accumulate=accumulate,
-                        val_check_interval=int(t.val_check_interval or 0),
-                        limit_val_batches=int(t.limit_val_batches or 0) if cfg.val_data else 0,
-                        log_every_n_steps=int(t.log_every_n_steps or 1),
-                        gradient_clip_val=float(t.gradient_clip_val or 0.0), precision=t.precision)
     ac = dict(granularity="full", method=None, num_layers=None) if cfg.gradient_checkpointing else None
-    return TrainJob(
-        out=Path(cfg.out), dims=dims, loop=loop,
-        optim=OptimSpec(name=o.name, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
-                        eps=float(o.eps), sched="CosineAnnealing", warmup_steps=int(o.warmup_steps),
-                        constant_steps=0, min_lr=float(o.min_lr)),
-        checkpoint=CheckpointSpec(monitor=cfg.monitor, mode=cfg.monitor_mode, save_top_k=int(cfg.save_top_k),
-                                  save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint),
-        seed=int(cfg.seed), peft_method=None if peft_cfg is None else cfg.peft.method, peft_config=peft_cfg,
-        activations_checkpoint=ac, fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
-        fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), tensorboard=True, run_config=to_dict(cfg))
+    return stage_job(cfg, dims, accumulate, cfg.peft.method, peft_cfg, ac, to_dict(cfg))
 
 
 def run(cfg: AlignConfig, runtime: Runtime | None = None, console_log=print) -> dict:
     """Align as ``cfg`` says. Returns a summary dict (losses, reward accuracies, checkpoint and adapter paths)."""
-    own = runtime is None
-    rt = runtime or init_runtime(cfg.trainer.accelerator)
-    try:
-        return _run(cfg, rt, console_log, time.perf_counter())
-    finally:
-        if own:
-            shutdown(rt)
+    return run_on_runtime(_run, cfg, runtime, console_log)
 
 
 def load_datasets(cfg: AlignConfig, tokenizer, length: int):
@@ -101,36 +74,19 @@ def add_score_head(model: nn.Module, seed: int) -> nn.Linear:
 
 def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     from lmforge.align.objective import PreferenceLoss, RewardLoss, precompute_reference
-    from lmforge.open import load_for_inference
-    from lmforge.peft import save_adapter
-
     t = cfg.trainer
-    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices),
-                        fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy)).check_world(rt.world_size, rt.rank)
-    dims.check_supported()
+    dims, accum = stage_layout(cfg, rt)
     mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
-    accum = resolve_batch(gbs, mbs, None, dims=dims).accumulate_grad_batches
     out = Path(cfg.out)
     seed_everything(int(cfg.seed), dims.dp_rank)
 
     peft_method = None if cfg.peft.method == "none" else cfg.peft.method
-    model, tokenizer = load_for_inference(cfg.model, device=rt.device,
-                                          dtype="float32" if peft_method is None else cfg.base_dtype)
-    set_chat_template(tokenizer, cfg.align.chat_template)
-    model.train()
+    model, tokenizer = open_base_model(cfg.model, rt, "float32" if peft_method is None else cfg.base_dtype,
+                                       cfg.align.chat_template)
     mcfg = model.cfg
-    peft_cfg = None
-    if peft_method is not None:
-        import dataclasses
-
-        from lmforge.peft import method_config as make
-
-        peft_cfg = make(peft_method, dataclasses.asdict(getattr(cfg.peft, peft_method)))
+    peft_cfg = None if peft_method is None else peft_method_config(peft_method, cfg.peft)
     n_virtual = int(cfg.peft.ptuning.num_virtual_tokens) if peft_method == "ptuning" else 0
-    seq = int(cfg.seq_length) if cfg.seq_length else mcfg.max_position_embeddings - n_virtual
-    if seq + n_virtual > mcfg.max_position_embeddings:
-        raise ConfigError(f"seq_length={seq} (+{n_virtual} virtual tokens) exceeds the model's "
-                          f"max_position_embeddings={mcfg.max_position_embeddings}; lower seq_length")
+    seq = sequence_length(cfg.seq_length, mcfg, n_virtual)
 
     online = cfg.method in ONLINE_METHODS
     if online:
@@ -185,10 +141,7 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         trainer.extra_val_fn = lambda step: {f"val_{k}": v for k, v in trainer.objective_metrics("val").items()}
 
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.run_config)))
+        start_results(out, job.run_config)
         what = cfg.method + ("" if peft_method is None else f" + {peft_method}")
         console_log(f"alignment ({what}): {n_trainable:,} of {n_total:,} parameters trained; {t.max_steps} steps "
                     f"of {gbs} examples x up to {seq} tokens on {dims.describe()}, {rt.device.type}, precision "
@@ -196,30 +149,12 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     with logger:
         state = trainer.fit(train_ds, val_ds, state)
         training.finish_saving()
-    loss_curve = save_loss_curve(out, rt, title=f"lmforge align ({cfg.method}): loss")
-    note = stopped_note(state, int(t.max_steps), manager.latest(), None if cfg.resume else "resume=true")
-    if note and rt.is_main:
-        console_log(note)
-
-    best = manager.best() or manager.latest()
-    final_metrics = {}
-    if best is not None:
-        records = {r["name"]: r for r in manager.checkpoints()} if hasattr(manager, "checkpoints") else {}
-        final_metrics = dict((records.get(best.name) or {}).get("metrics") or {})
+    loss_curve, best, final_metrics = finish_results(out, rt, f"lmforge align ({cfg.method}): loss", state,
+                                                     int(t.max_steps), manager, bool(cfg.resume), console_log)
     adapter_dir = reward_dir = None
     if best is not None and not state.stopped_early:
         if peft_cfg is not None:
-            training.load_weights(best)
-            with gathered(training.objective if training.fsdp else None):
-                full = None
-                if training.fsdp:
-                    from lmforge.peft import peft_state_dict
-
-                    full = {k: v.full_tensor() for k, v in peft_state_dict(training.base).items()}  # collective
-                if rt.is_main:
-                    adapter_dir = str(save_adapter(training.model, peft_method, peft_cfg, out / "adapter",
-                                                   base_name=str(cfg.model), state=full, tokenizer=tokenizer))
-            rt.barrier()
+            adapter_dir = export_adapter(training, rt, best, peft_method, peft_cfg, out, str(cfg.model), tokenizer)
         if cfg.method == "rm" and rt.is_main:
             from lmforge.align.reward import export_reward_model
 
@@ -239,13 +174,5 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         "best_metrics": final_metrics,
         "adapter": adapter_dir,
         "reward_model": reward_dir,
-        "loss_curve": None if loss_curve is None else str(loss_curve),
-        "data": train_ds.stats.to_dict(),
-        "resumed_from": training.resumed_from,
-        "stopped_early": state.stopped_early,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "world_size": rt.world_size,
     }
-    if rt.is_main:
-        write_json_atomic(out / "summary.json", summary)
-    return summary
+    return write_summary(summary, out, rt, loss_curve, train_ds.stats, training.resumed_from, state, t0)

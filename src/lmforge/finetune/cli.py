@@ -37,19 +37,28 @@ def add_commands(sub) -> None:
     v.set_defaults(func=_cmd_preview)
 
 
-def _cmd_finetune(a) -> int:
-    from lmforge.finetune import load_finetune_config, run
-
-    flags = {"model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method, "out": a.out}
+def run_stage_command(a, flags: dict, load_config, run) -> int:
+    """Run a training stage command (``lmforge finetune``, ``lmforge align``): the optional YAML file
+    (``a.config``; a first word holding ``=`` is an override instead), then ``a.overrides``, then the flags
+    given (``flags``: dotted key -> value, None when not given) as overrides; ``load_config(source, overrides)``
+    builds the config and ``run(cfg)`` the stage. Rank 0 prints the summary (less the loss list). Exit code 75
+    when the run stopped early (resumable), else 0."""
     source, overrides = a.config, list(a.overrides)
     if source is not None and "=" in source:  # no YAML file given: the first word is an override
         source, overrides = None, [source] + overrides
     overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    cfg = load_finetune_config(source, overrides)
+    cfg = load_config(source, overrides)
     summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 75 if summary.get("stopped_early") else 0
+
+
+def _cmd_finetune(a) -> int:
+    from lmforge.finetune import load_finetune_config, run
+
+    flags = {"model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method, "out": a.out}
+    return run_stage_command(a, flags, load_finetune_config, run)
 
 
 def _stored_dtype(model_path):

@@ -234,15 +234,7 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
         problems.append("data is not set: give a training JSONL file (--data train.jsonl or data=PATH)")
     if cfg.method not in METHODS:
         problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
-    if cfg.trainer.precision not in PRECISIONS:
-        problems.append(f"trainer.precision={cfg.trainer.precision!r}; use 32, bf16-mixed or 16-mixed")
-    else:
-        cfg.trainer.precision = PRECISIONS[str(cfg.trainer.precision)]
-    for key in ("seq_length", "micro_batch_size", "global_batch_size"):
-        if getattr(cfg, key) is not None and int(getattr(cfg, key)) < 1:
-            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.trainer.max_steps < 1:
-        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+    check_training_keys(cfg, problems)
     if cfg.monitor not in ("val_loss", "val_ppl", "exact_match", "f1"):
         problems.append(f"monitor={cfg.monitor!r}; use val_loss, exact_match or f1")
     elif cfg.monitor in ("exact_match", "f1") and (not cfg.val_data or cfg.generation.num_samples < 1):
@@ -288,6 +280,33 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
         problems.append(f"activations_checkpoint_num_layers={cfg.activations_checkpoint_num_layers} with method "
                         "uniform recomputes several blocks as one unit, but under fsdp=true each block gathers its "
                         "own parameters: use activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
+    check_fsdp_keys(cfg, problems)
+    if cfg.fsdp and cfg.fsdp_sharding_strategy == "hybrid" and cfg.trainer.num_nodes == 1:
+        problems.append("fsdp_sharding_strategy=hybrid replicates across nodes but trainer.num_nodes=1: use full")
+    try:
+        cfg.sft.validate()
+    except ConfigError as e:
+        problems.append(str(e))
+    raise_problems(problems, "fine-tuning")
+
+
+def check_training_keys(cfg, problems: list) -> None:
+    """The ``trainer.*`` and size keys fine-tuning and alignment configs share: precision (normalized to the
+    loop's name when known), seq_length and batch sizes, max_steps. Problems are appended to ``problems``."""
+    if cfg.trainer.precision not in PRECISIONS:
+        problems.append(f"trainer.precision={cfg.trainer.precision!r}; use 32, bf16-mixed or 16-mixed")
+    else:
+        cfg.trainer.precision = PRECISIONS[str(cfg.trainer.precision)]
+    for key in ("seq_length", "micro_batch_size", "global_batch_size"):
+        if getattr(cfg, key) is not None and int(getattr(cfg, key)) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+
+
+def check_fsdp_keys(cfg, problems: list) -> None:
+    """The FSDP keys fine-tuning and alignment configs share: known sharding strategy and gradient-reduce dtype,
+    and none of them set away from its default unless ``fsdp=true``. Problems are appended to ``problems``."""
     from lmforge.config.schema import FSDP_REDUCE_DTYPES
     from lmforge.parallel.dims import FSDP_STRATEGIES
 
@@ -299,18 +318,16 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
         for key, default in (("fsdp_sharding_strategy", "full"), ("fsdp_grad_reduce_dtype", "32")):
             if str(getattr(cfg, key)).lower() != default:
                 problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
-    for key in ("fsdp_cpu_offload", "fsdp_sharded_checkpoint"):
-        if getattr(cfg, key) and not cfg.fsdp:
-            problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
-    if cfg.fsdp and cfg.fsdp_sharding_strategy == "hybrid" and cfg.trainer.num_nodes == 1:
-        problems.append("fsdp_sharding_strategy=hybrid replicates across nodes but trainer.num_nodes=1: use full")
-    try:
-        cfg.sft.validate()
-    except ConfigError as e:
-        problems.append(str(e))
+        for key in ("fsdp_cpu_offload", "fsdp_sharded_checkpoint"):
+            if getattr(cfg, key):
+                problems.append(f"{key}={getattr(cfg, key)} applies to FSDP runs: set fsdp=true too")
+
+
+def raise_problems(problems: list, what: str) -> None:
+    """Raise one ConfigError of every problem found in the ``what`` config (nothing when there are none)."""
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else
-                          "the fine-tuning config has problems:\n  - " + "\n  - ".join(problems))
+                          f"the {what} config has problems:\n  - " + "\n  - ".join(problems))
 
 
 def to_dict(cfg: FinetuneConfig) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,25 +31,35 @@ from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.parallel.dims import ParallelDims, fsdp_strategy
 from lmforge.parallel.fsdp import gathered
 from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
-from lmforge.train.assembly import CheckpointSpec, OptimSpec, TrainJob, build_training, stopped_note
+from lmforge.train.assembly import (CheckpointSpec, OptimSpec, TrainJob, build_training, seed_everything,
+                                    stopped_note)
 from lmforge.train.loop import PRECISIONS, LoopSettings
 from lmforge.train.metrics import save_loss_curve
-from lmforge.train.assembly import seed_everything
 
 
-def method_config(cfg: FinetuneConfig):
-    """The :mod:`lmforge.peft` config of ``cfg.method`` (None for full fine-tuning)."""
+def peft_method_config(method: str, peft_settings):
+    """The :mod:`lmforge.peft` config of PEFT ``method`` from a config's ``peft`` section (``peft_settings.<method>``).
+    Fine-tuning and alignment both build theirs here."""
     import dataclasses
 
     from lmforge.peft import method_config as make
 
+    return make(method, dataclasses.asdict(getattr(peft_settings, method)))
+
+
+def method_config(cfg: FinetuneConfig):
+    """The :mod:`lmforge.peft` config of ``cfg.method`` (None for full fine-tuning)."""
     if cfg.method == "full":
         return None
-    return make(cfg.method, dataclasses.asdict(getattr(cfg.peft, cfg.method)))
+    return peft_method_config(cfg.method, cfg.peft)
 
 
-def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
-    """The :class:`~lmforge.train.assembly.TrainJob` of a fine-tuning config."""
+def stage_job(cfg, dims: ParallelDims, accumulate: int, peft_method: Optional[str], peft_cfg,
+              activations_checkpoint: Optional[dict], run_config: dict, async_save: bool = False,
+              sequence_parallel: bool = False) -> TrainJob:
+    """The :class:`~lmforge.train.assembly.TrainJob` of a fine-tuning or alignment config, from the keys both
+    schemas share (``trainer.*``, ``optim.*``, batch sizes, checkpoint, seed and FSDP settings); what only one
+    stage has comes as arguments. The schedule is cosine annealing after the warm-up."""
     t, o = cfg.trainer, cfg.optim
     loop = LoopSettings(max_steps=int(t.max_steps), micro_batch_size=int(cfg.micro_batch_size),
                         global_batch_size=int(cfg.global_batch_size), accumulate=accumulate,
@@ -56,11 +67,6 @@ def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, pe
                         limit_val_batches=int(t.limit_val_batches or 0) if cfg.val_data else 0,
                         log_every_n_steps=int(t.log_every_n_steps or 1),
                         gradient_clip_val=float(t.gradient_clip_val or 0.0), precision=t.precision)
-    granularity = cfg.activations_checkpoint_granularity or ("full" if cfg.gradient_checkpointing else None)
-    ac = None
-    if granularity:
-        ac = dict(granularity=granularity, method=cfg.activations_checkpoint_method,
-                  num_layers=cfg.activations_checkpoint_num_layers)
     return TrainJob(
         out=Path(cfg.out), dims=dims, loop=loop,
         optim=OptimSpec(name=o.name, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
@@ -68,50 +74,151 @@ def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, pe
                         constant_steps=0, min_lr=float(o.min_lr)),
         checkpoint=CheckpointSpec(monitor=cfg.monitor, mode=cfg.monitor_mode, save_top_k=int(cfg.save_top_k),
                                   save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint,
-                                  async_save=bool(cfg.async_save)),
-        seed=int(cfg.seed), peft_method=None if peft_cfg is None else cfg.method, peft_config=peft_cfg,
-        activations_checkpoint=ac, sequence_parallel=bool(cfg.sequence_parallel),
+                                  async_save=async_save),
+        seed=int(cfg.seed), peft_method=None if peft_cfg is None else peft_method, peft_config=peft_cfg,
+        activations_checkpoint=activations_checkpoint, sequence_parallel=sequence_parallel,
         fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
-        fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), tensorboard=True, run_config=to_dict(cfg))
+        fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), tensorboard=True, run_config=run_config)
 
 
-def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) -> dict:
-    """Fine-tune as ``cfg`` says. Returns a summary dict (losses, metrics, checkpoint and adapter paths)."""
+def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
+    """The :class:`~lmforge.train.assembly.TrainJob` of a fine-tuning config."""
+    granularity = cfg.activations_checkpoint_granularity or ("full" if cfg.gradient_checkpointing else None)
+    ac = None
+    if granularity:
+        ac = dict(granularity=granularity, method=cfg.activations_checkpoint_method,
+                  num_layers=cfg.activations_checkpoint_num_layers)
+    return stage_job(cfg, dims, accumulate, cfg.method, peft_cfg, ac, to_dict(cfg),
+                     async_save=bool(cfg.async_save), sequence_parallel=bool(cfg.sequence_parallel))
+
+
+def stage_layout(cfg, rt: Runtime, tp: int = 1) -> tuple[ParallelDims, int]:
+    """(parallel layout, gradient accumulation steps) of a fine-tuning or alignment run on ``rt``: the world from
+    ``trainer.devices`` x ``trainer.num_nodes``, FSDP as ``fsdp``/``fsdp_sharding_strategy`` say, ``tp``-way
+    tensor parallelism; accumulation from the global and micro batch sizes."""
+    t = cfg.trainer
+    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices), tp=tp,
+                        fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy)).check_world(rt.world_size, rt.rank)
+    dims.check_supported()
+    accum = resolve_batch(int(cfg.global_batch_size), int(cfg.micro_batch_size), None,
+                          dims=dims).accumulate_grad_batches
+    return dims, accum
+
+
+def open_base_model(path, rt: Runtime, dtype: str, chat_template: Optional[str]):
+    """(model in training mode, tokenizer) of the model a stage starts from, its weights in ``dtype``; the
+    tokenizer carries ``chat_template`` (else its own), so checkpoints and the adapter keep the trained one."""
+    from lmforge.open import load_for_inference
+
+    model, tokenizer = load_for_inference(path, device=rt.device, dtype=dtype)
+    set_chat_template(tokenizer, chat_template)
+    model.train()
+    return model, tokenizer
+
+
+def sequence_length(seq_length, model_cfg, n_virtual: int) -> int:
+    """Tokens a training row holds: ``seq_length``, else the model's ``max_position_embeddings`` less the
+    ``n_virtual`` p-tuning tokens; a ConfigError when the two together exceed what the model takes."""
+    seq = int(seq_length) if seq_length else model_cfg.max_position_embeddings - n_virtual
+    if seq + n_virtual > model_cfg.max_position_embeddings:
+        raise ConfigError(f"seq_length={seq} (+{n_virtual} virtual tokens) exceeds the model's "
+                          f"max_position_embeddings={model_cfg.max_position_embeddings}; lower seq_length")
+    return seq
+
+
+def start_results(out: Path, run_config: dict) -> None:
+    """Create the results folder and write the run's ``config.yaml`` (rank 0 calls this)."""
+    from omegaconf import OmegaConf
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_config)))
+
+
+def finish_results(out: Path, rt: Runtime, title: str, state, max_steps: int, manager, resume: bool, console_log):
+    """After training: save the loss curve and print (rank 0) the note of a run that stopped before
+    ``max_steps``. Returns (loss curve path or None, best checkpoint or None, the best checkpoint's recorded
+    metrics); the best is the monitored best, else the newest."""
+    loss_curve = save_loss_curve(out, rt, title=title)
+    note = stopped_note(state, max_steps, manager.latest(), None if resume else "resume=true")
+    if note and rt.is_main:
+        console_log(note)
+    best = manager.best() or manager.latest()
+    final_metrics = {}
+    if best is not None:
+        records = {r["name"]: r for r in manager.checkpoints()} if hasattr(manager, "checkpoints") else {}
+        final_metrics = dict((records.get(best.name) or {}).get("metrics") or {})
+    return loss_curve, best, final_metrics
+
+
+def write_summary(summary: dict, out: Path, rt: Runtime, loss_curve, data_stats, resumed_from, state,
+                  t0: float) -> dict:
+    """Complete a fine-tuning or alignment summary with the keys both end with (loss curve, data statistics,
+    resume, early stop, seconds since ``t0``, world size), write it to ``out/summary.json`` on rank 0, return it."""
+    summary.update({
+        "loss_curve": None if loss_curve is None else str(loss_curve),
+        "data": data_stats.to_dict(),
+        "resumed_from": resumed_from,
+        "stopped_early": state.stopped_early,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "world_size": rt.world_size,
+    })
+    if rt.is_main:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def export_adapter(training, rt: Runtime, best, method: str, peft_cfg, out: Path, base_name: str, tokenizer):
+    """Load the ``best`` checkpoint's weights on every rank and write its adapter to ``out/adapter`` on rank 0
+    (under FSDP the adapter weights are gathered first, a collective). Returns the adapter folder on rank 0,
+    None on the others."""
+    from lmforge.peft import save_adapter
+
+    adapter_dir = None
+    training.load_weights(best)  # the best weights, on every rank alike
+    with gathered(training.objective if training.fsdp else None):
+        full = None
+        if training.fsdp:
+            from lmforge.peft import peft_state_dict
+
+            full = {k: v.full_tensor() for k, v in peft_state_dict(training.base).items()}  # collective
+        if rt.is_main:
+            adapter_dir = str(save_adapter(training.model, method, peft_cfg, out / "adapter", base_name=base_name,
+                                           state=full, tokenizer=tokenizer))
+    rt.barrier()
+    return adapter_dir
+
+
+def run_on_runtime(stage_run, cfg, runtime: Runtime | None, console_log) -> dict:
+    """``stage_run(cfg, rt, console_log, t0)`` on ``runtime``, else on a runtime started here for
+    ``cfg.trainer.accelerator`` and shut down when the stage ends (however it ends); ``t0`` is the start time."""
     own = runtime is None
     rt = runtime or init_runtime(cfg.trainer.accelerator)
     try:
-        return _run(cfg, rt, console_log, time.perf_counter())
+        return stage_run(cfg, rt, console_log, time.perf_counter())
     finally:
         if own:
             shutdown(rt)
 
 
-def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
-    from lmforge.open import load_for_inference
-    from lmforge.peft import save_adapter
+def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) -> dict:
+    """Fine-tune as ``cfg`` says. Returns a summary dict (losses, metrics, checkpoint and adapter paths)."""
+    return run_on_runtime(_run, cfg, runtime, console_log)
 
+
+def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     t = cfg.trainer
-    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices),
-                        tp=int(cfg.tensor_model_parallel_size),
-                        fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy)).check_world(rt.world_size, rt.rank)
-    dims.check_supported()
-    mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
-    accum = resolve_batch(gbs, mbs, None, dims=dims).accumulate_grad_batches
+    dims, accum = stage_layout(cfg, rt, tp=int(cfg.tensor_model_parallel_size))
+    gbs = int(cfg.global_batch_size)
     out = Path(cfg.out)
     seed_everything(int(cfg.seed), dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
 
     # Base model, in the dtype its frozen weights are kept in.
     dtype = "float32" if cfg.method == "full" else cfg.base_dtype
-    model, tokenizer = load_for_inference(cfg.model, device=rt.device, dtype=dtype)
-    set_chat_template(tokenizer, cfg.sft.chat_template)  # checkpoints and the adapter carry the trained template
-    model.train()
+    model, tokenizer = open_base_model(cfg.model, rt, dtype, cfg.sft.chat_template)
     mcfg = model.cfg
     peft_cfg = method_config(cfg)
     n_virtual = int(cfg.peft.ptuning.num_virtual_tokens) if cfg.method == "ptuning" else 0
-    seq = int(cfg.seq_length) if cfg.seq_length else mcfg.max_position_embeddings - n_virtual
-    if seq + n_virtual > mcfg.max_position_embeddings:
-        raise ConfigError(f"seq_length={seq} (+{n_virtual} virtual tokens) exceeds the model's "
-                          f"max_position_embeddings={mcfg.max_position_embeddings}; lower seq_length")
+    seq = sequence_length(cfg.seq_length, mcfg, n_virtual)
 
     if cfg.sequence_parallel and seq % dims.tp:
         raise ConfigError(f"sequence_parallel=true splits each row's {seq} input tokens over "
@@ -161,10 +268,7 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         trainer.extra_val_fn = generation_metrics
 
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(job.run_config)))
+        start_results(out, job.run_config)
         console_log(f"fine-tuning ({cfg.method}): {n_trainable:,} of {n_total:,} parameters trained; "
                     f"{t.max_steps} steps of {gbs} rows x {seq} tokens on {dims.describe()}, "
                     f"{rt.device.type}, precision {settings.precision}; results in {out}")
@@ -175,29 +279,11 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
             logger.log(0, {"val_loss": val_before})
         state = trainer.fit(train_ds, val_ds, state)
         training.finish_saving()
-    loss_curve = save_loss_curve(out, rt, title=f"lmforge finetune ({cfg.method}): loss")
-    note = stopped_note(state, int(t.max_steps), manager.latest(), None if cfg.resume else "resume=true")
-    if note and rt.is_main:
-        console_log(note)
-
-    best = manager.best() or manager.latest()
-    final_metrics = {}
-    if best is not None:
-        records = {r["name"]: r for r in manager.checkpoints()} if hasattr(manager, "checkpoints") else {}
-        final_metrics = dict((records.get(best.name) or {}).get("metrics") or {})
+    loss_curve, best, final_metrics = finish_results(out, rt, f"lmforge finetune ({cfg.method}): loss", state,
+                                                     int(t.max_steps), manager, bool(cfg.resume), console_log)
     adapter_dir = None
     if peft_cfg is not None and best is not None and not state.stopped_early:
-        training.load_weights(best)  # the best weights, on every rank alike
-        with gathered(training.objective if training.fsdp else None):
-            if training.fsdp:
-                from lmforge.peft import peft_state_dict
-
-                full = {k: v.full_tensor() for k, v in peft_state_dict(training.base).items()}  # collective
-            if rt.is_main:
-                adapter_dir = str(save_adapter(train_model, cfg.method, peft_cfg, out / "adapter",
-                                               base_name=str(cfg.model),
-                                               state=full if training.fsdp else None, tokenizer=tokenizer))
-        rt.barrier()
+        adapter_dir = export_adapter(training, rt, best, cfg.method, peft_cfg, out, str(cfg.model), tokenizer)
     history = state.history
     summary = {
         "results_dir": str(out),
@@ -211,13 +297,5 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
         "best_checkpoint": str(best) if best else None,
         "best_metrics": final_metrics,
         "adapter": adapter_dir,
-        "loss_curve": None if loss_curve is None else str(loss_curve),
-        "data": train_ds.stats.to_dict(),
-        "resumed_from": resumed_from,
-        "stopped_early": state.stopped_early,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "world_size": rt.world_size,
     }
-    if rt.is_main:
-        write_json_atomic(out / "summary.json", summary)
-    return summary
+    return write_summary(summary, out, rt, loss_curve, train_ds.stats, resumed_from, state, t0)
