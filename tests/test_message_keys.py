@@ -3,7 +3,8 @@
 Walks every module of src/lmforge, takes the text of each message (the string and f-string arguments of
 exceptions, warnings, prints, logs and ``problems.append``), finds the dotted keys in it (``sft.*``, ``model.*``,
 ``trainer.*``, ``data.*``, ``exp_manager.*``, ``peft.*``, ``optim.*``, ``generation.*``) and checks that each is a
-key of the pretraining schema (PretrainConfig), of the fine-tuning schema (FinetuneConfig) or, for ``model.*``, of
+key of the pretraining schema (PretrainConfig), of the fine-tuning schema (FinetuneConfig), of the alignment
+schema (AlignConfig, also ``align.*``) or, for ``model.*``, of
 the model's own config (ModelConfig: a checkpoint's config.json "model", which models/config.py checks). A key
 built in an f-string (``model.activations_checkpoint_{key}``) must match at least one real key.
 """
@@ -19,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from lmforge.config.schema import PretrainConfig
+from lmforge.align.config import AlignConfig
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.models.config import ModelConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 HOLE = "\x00"  # where an f-string puts a value
-ROOTS = ("sft", "model", "trainer", "data", "exp_manager", "peft", "optim", "generation")
+ROOTS = ("sft", "model", "trainer", "data", "exp_manager", "peft", "optim", "generation", "align")
 # a dotted key: not part of a longer name or path, not followed by more of a name (a tensor name's prefix such as
 # model.layers.{i}); tensor names (...weight) are not keys
 TOKEN = re.compile(r"(?<![\w./\\-])((?:%s)(?:\.[A-Za-z_\x00][A-Za-z0-9_\x00]*)+)(?![\w.\x00-])" % "|".join(ROOTS))
@@ -43,7 +45,8 @@ def schema_keys(cls, prefix: str = "") -> set[str]:
     return keys
 
 
-KEYS = schema_keys(PretrainConfig) | schema_keys(FinetuneConfig) | schema_keys(ModelConfig, "model.")
+KEYS = (schema_keys(PretrainConfig) | schema_keys(FinetuneConfig) | schema_keys(AlignConfig)
+        | schema_keys(ModelConfig, "model."))
 
 
 def _text(node) -> str | None:
