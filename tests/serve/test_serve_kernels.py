@@ -194,17 +194,17 @@ ENGINE_CHECK = textwrap.dedent("""
             engine = Engine(model, None, max_batch_size=1, max_seq_len=40, decode_kernels=model is fast)
             tokens = []
             for i, prompt in enumerate(([3, 17, 42, 5, 9, 11, 2], [60])):
-                engine.add_request(str(i), prompt, SamplingParams(max_tokens=7, temperature=0.0))
+                engine.add_request(str(i), prompt, SamplingParams(max_tokens=4, temperature=0.0))
                 tokens.append([])
                 while engine.has_work():
                     for out in engine.step():
                         tokens[-1] += out.token_ids
             outputs.append(tokens)
-        assert outputs[0] == outputs[1] and len(outputs[0][0]) == 7, (window, outputs)
-    # per window: 2 prompts x 6 decode steps x 2 layers; the one-token prompt's prefill is a single row too (its
+        assert outputs[0] == outputs[1] and len(outputs[0][0]) == 4, (window, outputs)
+    # per window: 2 prompts x 3 decode steps x 2 layers; the one-token prompt's prefill is a single row too (its
     # 2 layers run the block's products, and the reference attention: the cache is not in a decode step)
-    assert calls == {"_matvec_op": 2 * (2 * 6 * 2 + 2) * 4, "rope_cache_write": 2 * 2 * 6 * 2,
-                     "paged_decode_attention": 2 * 2 * 6 * 2}, calls
+    assert calls == {"_matvec_op": 2 * (2 * 3 * 2 + 2) * 4, "rope_cache_write": 2 * 2 * 3 * 2,
+                     "paged_decode_attention": 2 * 2 * 3 * 2}, calls
     print("engine ok")
 """)
 
