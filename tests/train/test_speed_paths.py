@@ -327,3 +327,13 @@ def test_loop_names_the_step_of_a_non_finite_loss():
     trainer.train_step = step
     with pytest.raises(FloatingPointError, match="at step 2;"):
         trainer.fit(Rows(40, 8, 97), None, TrainState())
+
+
+def test_loss_chunk_size_under_tensor_or_pipeline_parallelism_is_refused_not_ignored():
+    from lmforge.config import load_config
+
+    for layout in (["model.tensor_model_parallel_size=2"], ["model.pipeline_model_parallel_size=2"]):
+        with pytest.raises(ConfigError, match=r"model.loss_chunk_size=1024 chunks the head"):
+            load_config("tiny/llama", ["trainer.devices=2", "model.loss_chunk_size=1024", *layout])
+    assert load_config("tiny/llama", ["trainer.devices=2", "model.tensor_model_parallel_size=2",
+                                      "model.loss_chunk_size=0"]).model.loss_chunk_size == 0

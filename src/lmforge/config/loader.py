@@ -835,6 +835,11 @@ def _problems(cfg: PretrainConfig) -> list[str]:
         if m.loss_chunk_size is not None and (not _is_int(m.loss_chunk_size) or m.loss_chunk_size < 0):
             p.append(f"model.loss_chunk_size={_show(m.loss_chunk_size)} must be a number of tokens (e.g. 4096), 0 "
                      "(whole batch) or null (automatic)")
+        if (_is_int(m.loss_chunk_size) and m.loss_chunk_size > 0
+                and (m.tensor_model_parallel_size > 1 or m.pipeline_model_parallel_size > 1)):
+            p.append(f"model.loss_chunk_size={m.loss_chunk_size} chunks the head + cross-entropy of one process, but "
+                     "tensor and pipeline parallel runs compute the loss on their own (vocabulary-sharded logits, the "
+                     "last stage): remove it, or set it to null/0")
         if m.fp8 and (m.tensor_model_parallel_size > 1 or m.pipeline_model_parallel_size > 1):
             p.append("model.fp8=true (trainer.precision=fp8) with tensor or pipeline parallelism is not supported yet: "
                      "use FSDP/DDP, or trainer.precision=bf16-mixed")
