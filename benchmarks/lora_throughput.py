@@ -1,6 +1,10 @@
 """LoRA fine-tuning throughput on one GPU: a Llama-2-7B-shaped lmforge model, bf16 weights, r=16 on all
 linear layers, seq 2048, micro-batch 2, with and without gradient checkpointing (not a test).
 
+Cases: ``nogc`` (no checkpointing), ``gc`` (every block recomputed: ``activations_checkpoint_granularity=full``),
+``gclora`` (every block checkpointed with the LoRA save list: ``activations_checkpoint_granularity=lora``, the
+attention outputs and the x @ A products kept, the rest recomputed).
+
 The setup mirrors ``../shared/bench/hf_peer.py``'s ``bench_lora`` (the Hugging Face transformers + peft
 peer): random weights, bf16 base, LoRA r=16 / alpha 32 / no dropout on q,k,v,o,gate,up,down, fused AdamW
 over the LoRA weights, loss over every next token, 3 warm-up steps then 10 timed ones, no autocast
@@ -16,6 +20,7 @@ Switches (every case of a call runs with them):
 
     python benchmarks/lora_throughput.py                  # both cases
     python benchmarks/lora_throughput.py --cases gc       # gradient checkpointing only
+    python benchmarks/lora_throughput.py --cases gc gclora  # full against LoRA-aware checkpointing
     python benchmarks/lora_throughput.py --no-fused --no-master-cast --tag before
 
 Records are appended to ``$OUT/lmforge_lora.json`` (several invocations in one device call share the file).
@@ -42,8 +47,11 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attentio
                  bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=False,
                  hidden_dropout=0.0, attention_dropout=0.0)
 
+#: case -> activation checkpointing granularity (False: none)
+CASES = {"nogc": False, "gc": "full", "gclora": "lora"}
 
-def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
+
+def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
           master_cast: bool = True, chunk: int = 0, compile_blocks: bool = False) -> dict:
     LoRALinear.master_cast = master_cast
     cfg = ModelConfig(**LLAMA2_7B)
@@ -55,8 +63,8 @@ def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_lo
     model = model.to(torch.bfloat16)
     apply_peft(model, "lora", LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["all-linear"]))
     joined = set_joint_projections(model, fused)
-    if grad_ckpt:
-        apply_activation_checkpointing(model)
+    if grad_ckpt:  # "full" or "lora" (the granularity), or False
+        apply_activation_checkpointing(model, grad_ckpt)
     model.train()
     objective = CausalLMLoss(model, loss_chunk_size=chunk)
     if compile_blocks:
@@ -84,7 +92,7 @@ def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_lo
         loss = step()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    rec = dict(case="lmforge_lora_7B", grad_ckpt=grad_ckpt, seq=seq, mbs=mbs, tokens_per_s=round(mbs * seq * steps / dt),
+    rec = dict(case="lmforge_lora_7B", grad_ckpt=bool(grad_ckpt), checkpointing=grad_ckpt or "none", seq=seq, mbs=mbs, tokens_per_s=round(mbs * seq * steps / dt),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
                trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss, fused=fused, joined=joined,
                master_cast=master_cast, loss_chunk_size=chunk, compile=compile_blocks,
@@ -98,7 +106,7 @@ def bench(grad_ckpt: bool, seq: int, mbs: int, steps: int, warm: int, compile_lo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["nogc", "gc"], choices=["nogc", "gc"])
+    ap.add_argument("--cases", nargs="+", default=["nogc", "gc"], choices=list(CASES))
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
@@ -120,10 +128,11 @@ def main() -> None:
             results = json.load(f)
     for case in a.cases:
         try:
-            rec = bench(case == "gc", a.seq, a.mbs, a.steps, a.warm, a.compile_loss, a.fused, a.master_cast,
+            rec = bench(CASES[case], a.seq, a.mbs, a.steps, a.warm, a.compile_loss, a.fused, a.master_cast,
                         a.chunked_loss, a.compile)
         except torch.cuda.OutOfMemoryError as e:
-            rec = dict(case="lmforge_lora_7B", grad_ckpt=case == "gc", seq=a.seq, mbs=a.mbs, error=f"OOM: {e}"[:300])
+            rec = dict(case="lmforge_lora_7B", grad_ckpt=bool(CASES[case]),
+                       checkpointing=CASES[case] or "none", seq=a.seq, mbs=a.mbs, error=f"OOM: {e}"[:300])
             torch.cuda.empty_cache()
         rec["tag"] = a.tag
         print(json.dumps(rec), flush=True)

@@ -296,3 +296,103 @@ def test_config_invalid_combinations(overrides, key):
         load_config("tiny/llama", overrides)
     text = str(err.value)
     assert text.startswith(key) and "problems" not in text  # one problem, naming the key
+
+
+# -- lora: every block checkpointed, the attention outputs and the LoRA products x @ A.T kept ----------------------
+
+
+def lora_base(joint: bool) -> Transformer:
+    """The llama-shaped model with LoRA r=4 on every linear (random B, so A's gradient is not zero)."""
+    from lmforge.models.transformer import set_joint_projections
+    from lmforge.peft import LoRAConfig, apply_peft
+
+    model = make_model(make_cfg())
+    apply_peft(model, "lora", LoRAConfig(r=4, lora_alpha=8, target_modules=["all-linear"]))
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(key)))
+    set_joint_projections(model, joint)
+    return model
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every storage an op creates while the mode is on, by weak reference: ``alive()`` is the bytes of those still
+    held (after the forward: what is kept for backward, wherever it is kept). A pack hook cannot count this here:
+    selective checkpointing keeps its tensors in its own cache, not through autograd's saved-tensor hooks.
+    ``runs[op]`` counts each aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.runs = {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        self.runs[func] = self.runs.get(func, 0) + 1
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.storages[id(storage)] = (weakref.ref(storage), storage.nbytes())
+        return out
+
+    def alive(self) -> int:
+        import gc
+
+        gc.collect()
+        return sum(n for ref, n in self.storages.values() if ref() is not None)
+
+
+def kept_and_attention_reruns(model: Transformer) -> tuple[int, int]:
+    """(bytes the forward leaves alive for backward, attention kernels the backward runs again)."""
+    from lmforge.parallel.transforms import ATTENTION_OPS
+
+    with LiveBytes() as forward:
+        loss_sum, _ = CausalLMLoss(model)(tokens())
+    kept = forward.alive()
+    with LiveBytes() as backward:
+        loss_sum.backward()
+    return kept, sum(n for op, n in backward.runs.items() if op in ATTENTION_OPS)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_lora_checkpointing_same_loss_and_gradients(joint):
+    base = lora_base(joint)
+    ref_loss, ref_grads = loss_and_grads(transformed(base, None))
+    loss, grads = loss_and_grads(transformed(base, ("lora", None, None)))
+    assert ref_grads.keys() == grads.keys() and ref_grads and all("lora_" in k for k in ref_grads)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    for key, ref in ref_grads.items():
+        assert ref.abs().sum() > 0, key
+        assert (grads[key] - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item()), key
+
+
+def test_lora_checkpointing_keeps_attention_and_lora_products_only():
+    """Less is kept than without checkpointing; more than ``full`` by the attention outputs and the x @ A.T
+    products (and their log-sum-exp rows), which spares the backward every attention kernel ``full`` runs again."""
+    base = lora_base(joint=True)
+    kept = {name: kept_and_attention_reruns(transformed(base, s))
+            for name, s in [("none", None), ("full", ("full", None, None)), ("lora", ("lora", None, None))]}
+    assert [kept[name][1] for name in ("none", "full", "lora")] == [0, L, 0]
+    none, full, lora = (kept[name][0] for name in ("none", "full", "lora"))
+    attn_out = B * T * C * 4  # fp32 (B, nh, T, hd): one hidden state per block
+    lora_products = B * T * (3 * 4 + 4 + 2 * 4 + 4) * 4  # [q;k;v], o, [gate;up], down: r = 4 columns each
+    assert full < lora < none
+    assert lora - full >= L * (attn_out + lora_products)
+    assert lora - full <= L * (attn_out + lora_products + attn_out // 2)  # + log-sum-exp rows, nothing wide
+
+
+def test_lora_checkpointing_needs_lora_layers_and_no_chunks():
+    from lmforge.finetune.config import load_finetune_config
+
+    with pytest.raises(ConfigError, match="has no LoRA layers; use full or selective"):
+        apply_activation_checkpointing(make_model(make_cfg()), "lora")
+    with pytest.raises(ConfigError, match="activations_checkpoint_num_layers=2 must be null with "
+                                          "model.activations_checkpoint_granularity=lora"):
+        apply_activation_checkpointing(lora_base(False), "lora", num_layers=2)
+    with pytest.raises(ConfigError, match="activations_checkpoint_granularity=lora keeps the LoRA products of each "
+                                          "block, but method=ia3"):
+        load_finetune_config(None, ["model=m", "data=d.jsonl", "method=ia3", "activations_checkpoint_granularity=lora"])
+    with pytest.raises(ConfigError, match="model.activations_checkpoint_granularity"):  # pretraining has no LoRA
+        load_config("tiny/llama", ["model.activations_checkpoint_granularity=lora"])

@@ -111,7 +111,7 @@ class FinetuneConfig:
     seed: int = 1234
     base_dtype: str = "float32"  # dtype of the frozen base weights for PEFT (bfloat16 saves memory)
     gradient_checkpointing: bool = False  # the same as activations_checkpoint_granularity=full
-    activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning)
+    activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning) | lora
     activations_checkpoint_method: Optional[str] = None  # None (uniform) | uniform | block
     activations_checkpoint_num_layers: Optional[int] = None  # None: 1
     tensor_model_parallel_size: int = 1  # split every block over this many consecutive ranks (method=full)
@@ -246,9 +246,12 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     if cfg.method == "full" and cfg.base_dtype != "float32":
         problems.append("method=full trains every weight: keep base_dtype=float32 (mixed precision comes from "
                         "trainer.precision)")
-    if cfg.activations_checkpoint_granularity not in (None, "full", "selective"):
+    if cfg.activations_checkpoint_granularity not in (None, "full", "selective", "lora"):
         problems.append(f"activations_checkpoint_granularity={cfg.activations_checkpoint_granularity!r}; use full, "
-                        "selective or null")
+                        "selective, lora (with method=lora) or null")
+    if cfg.activations_checkpoint_granularity == "lora" and cfg.method != "lora":
+        problems.append(f"activations_checkpoint_granularity=lora keeps the LoRA products of each block, but "
+                        f"method={cfg.method}; use full or selective, or method=lora")
     if not (cfg.activations_checkpoint_granularity or cfg.gradient_checkpointing):
         for key in ("activations_checkpoint_method", "activations_checkpoint_num_layers"):
             if getattr(cfg, key) is not None:
@@ -271,7 +274,7 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     if cfg.fsdp_sharded_checkpoint and cfg.method != "full":
         problems.append(f"fsdp_sharded_checkpoint=true: method={cfg.method} saves only its adapter weights, whole "
                         "(they are small); remove the key")
-    if cfg.gradient_checkpointing and cfg.activations_checkpoint_granularity == "selective":
+    if cfg.gradient_checkpointing and cfg.activations_checkpoint_granularity in ("selective", "lora"):
         problems.append("gradient_checkpointing=true means activations_checkpoint_granularity=full; set one of them")
     if cfg.activations_checkpoint_method not in (None, "uniform", "block"):
         problems.append(f"activations_checkpoint_method={cfg.activations_checkpoint_method!r}; use uniform, block or null")

@@ -10,19 +10,61 @@ import functools
 import weakref
 from typing import Callable, Optional
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lmforge.errors import ConfigError
 
-GRANULARITIES = ("full", "selective")
+GRANULARITIES = ("full", "selective", "lora")
 METHODS = ("uniform", "block")
+
+#: The fused attention kernels (one aten op each: output, log-sum-exp, RNG state). ``lora`` checkpointing keeps
+#: their outputs: their backward reads them, and attention is the part of a block's forward that grows with T.
+ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(torch.ops.aten, name))
 
 
 def _checkpointed(fn: Callable) -> Callable:
     """``fn`` run under non-reentrant ``torch.utils.checkpoint``: nothing it would save for backward is kept,
     it runs again (same RNG state, so the same dropout) when the backward pass needs its activations."""
     return functools.partial(checkpoint, fn, use_reentrant=False)
+
+
+def lora_save_policy(widths: set[int]) -> Callable:
+    """The per-op policy of ``lora`` checkpointing (``torch.utils.checkpoint`` selective checkpointing): keep the
+    outputs of the attention kernels (:data:`ATTENTION_OPS`) and of the LoRA down-projections ``x @ A.T`` (a
+    matmul whose output has one of ``widths`` columns, the LoRA ranks and their sums over joined siblings, fewer
+    than its input has), recompute everything else in the backward pass.
+
+    Why these: with frozen base weights no base matmul needs its input for a weight gradient, so the tensors the
+    backward reads are the attention's inputs and outputs, the LoRA inputs and ``x @ A.T`` (for ``B``'s
+    gradient), the norms' and activation functions' inputs. ``x @ A.T`` is r columns wide (about r/C of a hidden
+    state) and the attention output one hidden state; the rest (q/k/v, the MLP's wide activations, the norms'
+    fp32 copies) is several hidden states per block and cheap to recompute relative to its size.
+    """
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in ATTENTION_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        if op is torch.ops.aten.mm.default and len(args) == 2:
+            x, a_t = args  # (N, in) @ (in, out)
+            if a_t.shape[-1] in widths and x.shape[-1] > a_t.shape[-1]:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _lora_widths(model: nn.Module) -> set[int]:
+    """The column counts of ``model``'s LoRA products ``x @ A.T``: each rank r, and 2r, 3r for siblings joined into
+    one matmul (gate/up, q/k/v; one config gives them one rank). Empty without LoRA."""
+    from lmforge.peft.lora import LoRALinear
+
+    ranks = {m.r for m in model.modules() if isinstance(m, LoRALinear)}
+    return {k * r for r in ranks for k in (1, 2, 3)}
 
 
 def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optional[int],
@@ -37,12 +79,14 @@ def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optiona
         return None, None, None
     if granularity not in GRANULARITIES:
         raise ConfigError(f"{g}={granularity!r} is not one of: {', '.join(GRANULARITIES)} (or null: off)")
-    if granularity == "selective":
+    if granularity in ("selective", "lora"):
         for key, value in ((m, method), (n, num_layers)):
             if value is not None:  # NeMo raises here too: selective has no chunks to choose
-                raise ConfigError(f"{key}={value} must be null with {g}=selective (the core attention of every "
-                                  f"layer is recomputed); set it to null, or use {g}=full")
-        return "selective", None, None
+                what = "the core attention of every layer is recomputed" if granularity == "selective" else \
+                    "every block is checkpointed with the LoRA save list"
+                raise ConfigError(f"{key}={value} must be null with {g}={granularity} ({what}); set it to null, "
+                                  f"or use {g}=full")
+        return granularity, None, None
     method = "uniform" if method is None else method
     if method not in METHODS:
         raise ConfigError(f"{m}={method!r} is not one of: {', '.join(METHODS)}, e.g. {m}=uniform")
@@ -71,6 +115,11 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
     * ``selective``: in every layer only the core attention (``Attention._sdpa`` / ``_eager``: softmax(QK^T)V,
       large and cheap to recompute) is recomputed; the projections, norms and MLPs keep their activations.
       As in NeMo, ``method`` and ``num_layers`` must then be None.
+    * ``lora`` (LoRA fine-tuning; lmforge's own value): every block is checkpointed, but selectively
+      (:func:`lora_save_policy`): the attention kernels' outputs and the LoRA products ``x @ A.T`` are kept, the
+      rest is recomputed. Backward then skips the attention forward that ``full`` runs again, for one more hidden
+      state per block (plus r/C of one per LoRA layer). ``method`` and ``num_layers`` must be None; the model
+      must carry LoRA layers.
     * ``granularity`` None: nothing (``method``/``num_layers`` must be None too).
 
     A chunk of n > 1 blocks without changing ``Transformer.forward`` (which calls each of ``model.layers`` in
@@ -82,8 +131,9 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
 
     Raises:
         ConfigError: an unknown granularity or method, ``num_layers < 1``, ``num_layers > L`` with ``block``,
-            ``method``/``num_layers`` with ``selective`` or without a granularity (the message names the
-            ``model.activations_checkpoint_*`` key and a value that works).
+            ``method``/``num_layers`` with ``selective``/``lora`` or without a granularity, ``lora`` on a model
+            without LoRA layers (the message names the ``model.activations_checkpoint_*`` key and a value that
+            works).
         ValueError: the model was already transformed by this function.
     """
     from lmforge.parallel.tensor import blocks_of
@@ -95,7 +145,15 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
     if getattr(model, "_activation_checkpointing", None) is not None:
         raise ValueError(f"activation checkpointing is already applied to this model "
                          f"({model._activation_checkpointing}); apply it once")
-    if granularity == "selective":
+    if granularity == "lora":
+        widths = _lora_widths(model)
+        if not widths:
+            raise ConfigError("model.activations_checkpoint_granularity=lora keeps the LoRA products, but this model "
+                              "has no LoRA layers; use full or selective (or train with method=lora)")
+        context_fn = functools.partial(create_selective_checkpoint_contexts, lora_save_policy(widths))
+        for block in layers:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+    elif granularity == "selective":
         for block in layers:
             attn = block.self_attn
             attn._sdpa = _checkpointed(attn._sdpa)
