@@ -11,7 +11,9 @@ reported apart.
         --output-len 32 512 --max-batch-size 128 --compile
 
 Online mode (``--url``): Poisson arrivals at ``--rate`` requests/s against a running ``lmforge serve`` (streamed
-completions of random token-id prompts below ``--vocab-size``), with the same report:
+completions of random token-id prompts below ``--vocab-size``, over plain HTTP with httpx), with the same report
+and the number of requests the server refused (``benchmarks/serve_online.py`` does all of it in one command:
+checkpoint, server, load, shutdown):
 
     lmforge serve CKPT --compile --port 8000 &
     python benchmarks/serve_load.py --url http://127.0.0.1:8000/v1 --model CKPT_NAME --rate 16 --vocab-size 32000
@@ -167,42 +169,64 @@ def offline(a, shape: str) -> list[dict]:
 
 
 def online(a) -> list[dict]:
+    """Poisson arrivals against ``a.url``: streamed ``/v1/completions`` of token-id prompts over plain HTTP (httpx; no
+    OpenAI client needed). A request the server refuses or breaks off counts in ``failed`` (its status or error is
+    printed once per kind), not in the token and latency figures."""
     import asyncio
 
-    import openai
+    import httpx
 
     requests = workload(a, a.vocab_size)
     rng = np.random.default_rng(a.seed + 1)
     gaps = rng.exponential(1.0 / a.rate, len(requests))
+    headers = {"Authorization": f"Bearer {a.api_key}"}
 
-    async def one(client, prompt, n, delay, results):
+    async def one(client, prompt, n, delay, results, errors):
         await asyncio.sleep(delay)
+        body = {"model": a.model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "ignore_eos": True}
         t0 = time.perf_counter()
         first: Optional[float] = None
         count = 0
-        stream = await client.completions.create(model=a.model, prompt=prompt, max_tokens=n, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            if chunk.choices and first is None:
-                first = time.perf_counter()
-            if chunk.usage is not None:
-                count = chunk.usage.completion_tokens
+        try:
+            async with client.stream("POST", a.url.rstrip("/") + "/completions", json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    errors.append(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}")
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        errors.append(f"stream error: {chunk['error'].get('message')}"[:200])
+                        return
+                    if chunk.get("choices") and first is None:
+                        first = time.perf_counter()
+                    if chunk.get("usage"):
+                        count = chunk["usage"]["completion_tokens"]
+        except httpx.HTTPError as e:
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
         end = time.perf_counter()
-        results.append((first - t0 if first else None, (end - first) / (count - 1) if first and count > 1 else None, count))
+        results.append((first - t0 if first else None, (end - first) / (count - 1) if first and count > 1 else None,
+                        count))
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=a.url, api_key=a.api_key, max_retries=0, timeout=3600)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         results: list = []
-        t0 = time.perf_counter()
-        await asyncio.gather(*[one(client, p, n, float(d), results)
-                               for (p, n), d in zip(requests, np.cumsum(gaps))])
-        await client.close()
-        return time.perf_counter() - t0, results
+        errors: list = []
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None)) as client:
+            t0 = time.perf_counter()
+            await asyncio.gather(*[one(client, p, n, float(d), results, errors)
+                                   for (p, n), d in zip(requests, np.cumsum(gaps))])
+            return time.perf_counter() - t0, results, errors
 
-    wall, results = asyncio.run(run())
+    wall, results, errors = asyncio.run(run())
+    for kind in sorted({e.split(":")[0] for e in errors}):
+        print(f"failed requests: {sum(e.split(':')[0] == kind for e in errors)} x {kind}, e.g. "
+              f"{next(e for e in errors if e.split(':')[0] == kind)}", flush=True)
     return [summarize(f"online {a.rate}/s", wall, sum(r[2] for r in results), [r[0] for r in results if r[0] is not None],
-                      [r[1] for r in results if r[1] is not None])]
+                      [r[1] for r in results if r[1] is not None], requests=len(requests), failed=len(errors))]
 
 
 def main(argv=None) -> int:

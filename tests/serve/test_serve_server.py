@@ -357,3 +357,26 @@ def test_shutdown_finishes_running_requests(tmp_path):
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].finish_reason == "length"
     assert sum(len(o.token_ids) for o in outs) == 40
+
+
+def test_serve_load_online_mode_counts_every_token_and_refusal(served):
+    """benchmarks/serve_load.py's online mode (Poisson arrivals, streamed token-id prompts over httpx) against this
+    server: every requested token streams back and is counted, latencies are measured; requests the server
+    refuses (a wrong API key) are counted as failed, not crashed on."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    url, engine = served
+    argv = ["--url", url, "--model", MODEL, "--api-key", API_KEY, "--rate", "200", "--num-requests", "5",
+            "--prompt-len", "3", "10", "--output-len", "2", "6", "--vocab-size", str(engine.tokenizer.vocab_size)]
+    a = bench.parse_args(argv)
+    (row,) = bench.online(a)
+    assert row["requests"] == 5 and row["failed"] == 0
+    assert row["output_tokens"] == sum(n for _, n in bench.workload(a, a.vocab_size))
+    assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["tpot_p50"] <= row["tpot_p99"]
+    (refused,) = bench.online(bench.parse_args(argv[:4] + ["--api-key", "wrong"] + argv[6:]))
+    assert refused["failed"] == 5 and refused["output_tokens"] == 0
