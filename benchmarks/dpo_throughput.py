@@ -208,6 +208,7 @@ def run_lmforge(a) -> dict:
 
 def run_trl(a) -> dict:
     """TRL's DPOTrainer with a peft LoRA config on a transformers Llama of the same shape."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a network
     import torch
     import transformers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
@@ -227,7 +228,8 @@ def run_trl(a) -> dict:
     torch.manual_seed(0)
     with torch.device(a.device):
         model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16 if gpu else torch.float32)
-    train = datasets.Dataset.from_json(str(data / "pairs.jsonl"))
+    with open(data / "pairs.jsonl", encoding="utf-8") as f:
+        train = datasets.Dataset.from_list([json.loads(line) for line in f])  # in memory: no cache files
 
     times: list = []
 
