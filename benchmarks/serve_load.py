@@ -22,8 +22,8 @@ Several ``--shape`` values run one after another in one process (each with a fre
 back before the next): one that fails prints a ``FAILED`` line (its traceback on standard error), the next runs, and
 the exit status is 1.
 
-``--json PATH`` writes every pass's numbers (each row names its shape). Nothing here is run by the test suite except a CPU smoke run of
-the offline mode on the ``tiny`` shape.
+``--json PATH`` writes every pass's numbers (each row names its shape). Nothing here is run by the test suite except
+CPU runs of the offline mode on the ``tiny`` shape and of the online mode against a tiny served model.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def online(a) -> list[dict]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         results: list = []
         errors: list = []
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None)) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None), trust_env=False) as client:
             t0 = time.perf_counter()
             await asyncio.gather(*[one(client, p, n, float(d), results, errors)
                                    for (p, n), d in zip(requests, np.cumsum(gaps))])

@@ -155,7 +155,7 @@ def start_server(a, folder: Path, port: int, log) -> tuple[subprocess.Popen, flo
             stop_server(proc)
             raise RuntimeError(f"the server was not healthy within {a.startup_timeout:.0f} s (see its log)")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0, trust_env=False).status_code == 200:
                 return proc, time.perf_counter() - t0
         except httpx.HTTPError:
             pass
