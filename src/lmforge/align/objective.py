@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.align import losses as L
 from lmforge.models.transformer import softcap
@@ -31,19 +32,39 @@ PAIR_METHODS = ("dpo", "ipo", "rpo", "orpo", "simpo")
 REFERENCE_METHODS = ("dpo", "ipo", "rpo", "kto")
 
 
-def sequence_logps(net: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(net: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                   chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probabilities of the masked tokens, their number) per row of ``tokens`` (N, T).
 
-    Token ``t`` is predicted from tokens ``< t``; ``mask`` (N, T) marks the completion tokens (fp32 throughout)."""
+    Token ``t`` is predicted from tokens ``< t``; ``mask`` (N, T) marks the completion tokens (fp32 throughout).
+    ``chunk`` (tokens; 0: off; None: automatic, on for vocabularies of 65,536 and more, as the training loss):
+    the head and the log-softmax run ``chunk`` tokens at a time and are recomputed in the backward, so the
+    (tokens x vocabulary) fp32 logits never exist whole (16 rows of 512 tokens at a 128k vocabulary would take
+    4 GiB, twice with their log-softmax)."""
+    from lmforge.train.assembly import resolve_loss_chunk_size
+
     hidden = net.hidden_states(tokens[:, :-1])  # (N, T-1, C)
-    logits = F.linear(hidden, net.output_weight()).float()  # (N, T-1, V)
     cap = getattr(net.cfg, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = softcap(logits, cap)
-    labels = tokens[:, 1:]
-    per_token = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)  # (N, T-1)
+    weight, labels = net.output_weight(), tokens[:, 1:]
+    chunk = resolve_loss_chunk_size(chunk, net.cfg)
+    if not chunk or labels.numel() <= chunk:
+        per_token = _token_logps(hidden, weight, labels, cap)  # (N, T-1)
+    else:
+        flat_h, flat_l = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        parts = [checkpoint(_token_logps, flat_h[i:i + chunk], weight, flat_l[i:i + chunk], cap,
+                            use_reentrant=False) for i in range(0, flat_l.numel(), chunk)]
+        per_token = torch.cat(parts).view(labels.shape)
     m = mask[:, 1:].to(per_token.dtype)
     return (per_token * m).sum(-1), m.sum(-1)
+
+
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 cap: Optional[float]) -> torch.Tensor:
+    """log p(label) of each position: the head over ``hidden`` (..., C), fp32 log-softmax, the label's entry."""
+    logits = F.linear(hidden, weight).float()  # (..., V)
+    if cap is not None:
+        logits = softcap(logits, cap)
+    return torch.gather(logits.log_softmax(-1), -1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 class _Stats:
@@ -98,6 +119,7 @@ class PreferenceLoss(nn.Module):
         self.ref_table = ref_table  # a plain attribute: DDP/FSDP neither broadcast nor shard it
         self._totals: Optional[list] = None
         self.stats = _Stats()
+        self.loss_chunk_size: Optional[int] = None  # tokens per head chunk (see sequence_logps); the assembly sets it
 
     # -- what the loop asks ---------------------------------------------------------------------
     unit = "examples"  # what count() counts (pairs, or KTO's single completions): the loop logs examples_per_s
@@ -130,7 +152,7 @@ class PreferenceLoss(nn.Module):
         from lmforge.peft import adapters_disabled
 
         with torch.no_grad(), adapters_disabled(self.model):
-            return sequence_logps(self._net(reference=True), tokens, mask)[0]
+            return sequence_logps(self._net(reference=True), tokens, mask, self.loss_chunk_size)[0]
 
     # -- the loss -------------------------------------------------------------------------------
     def forward(self, tokens, mask, index, lengths=None, margin=None, label=None, kl_tokens=None, kl_mask=None):
@@ -139,7 +161,7 @@ class PreferenceLoss(nn.Module):
             return self._kto(mode, tokens, mask, index, label, kl_tokens, kl_mask)
         B = tokens.shape[0]
         rows, rmask = torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]])  # (2B, T)
-        logps, n_tok = sequence_logps(self.model, rows, rmask)
+        logps, n_tok = sequence_logps(self.model, rows, rmask, self.loss_chunk_size)
         pc, pr = logps[:B], logps[B:]
         nc, nr = n_tok[:B].clamp(min=1), n_tok[B:].clamp(min=1)
         s, m = self.s, self.method
@@ -171,9 +193,9 @@ class PreferenceLoss(nn.Module):
         return -pc.sum() * (float(units) / max(float(tokens), 1.0))
 
     def _kto(self, mode, tokens, mask, index, label, kl_tokens, kl_mask):
-        logps, _ = sequence_logps(self.model, tokens, mask)
+        logps, _ = sequence_logps(self.model, tokens, mask, self.loss_chunk_size)
         with torch.no_grad():
-            kl_logps, _ = sequence_logps(self.model, kl_tokens, kl_mask)
+            kl_logps, _ = sequence_logps(self.model, kl_tokens, kl_mask, self.loss_chunk_size)
         ref = self._reference(tokens, mask, index, (0,)).to(logps.dtype)
         ref_kl = self._reference(kl_tokens, kl_mask, index, (1,)).to(logps.dtype)
         kl = (kl_logps - ref_kl).mean().detach()

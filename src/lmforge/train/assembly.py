@@ -289,7 +289,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                           "context parallelism")
     # under pipelining not called: the stages compute the loss
     objective = CausalLMLoss(train_model) if objective_fn is None else objective_fn(train_model)
-    if dims.tp == 1 and isinstance(objective, CausalLMLoss):  # TP: the loss on vocabulary-sharded logits instead
+    if dims.tp == 1 and hasattr(objective, "loss_chunk_size"):  # TP: the loss on vocabulary-sharded logits instead
         objective.loss_chunk_size = resolve_loss_chunk_size(job.loss_chunk_size, getattr(base, "cfg", None))
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
