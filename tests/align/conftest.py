@@ -17,11 +17,15 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def save_char_tokenizer(folder) -> None:
-    """A character-level tokenizer.json of a-z, ':' and space (``<|endoftext|>`` = 0 is EOS and padding)."""
+CHARS = "abcdefghijklmnopqrstuvwxyz: "
+
+
+def save_char_tokenizer(folder, chars: str = CHARS) -> None:
+    """A character-level tokenizer.json of ``chars`` (a-z, ':' and space; ``<|endoftext|>`` = 0 is EOS and
+    padding)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz: ")}}
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,17 +33,18 @@ def save_char_tokenizer(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}), encoding="utf-8")
 
 
-def save_tiny_base(folder) -> str:
-    """A 2-layer, 32-wide Llama-style checkpoint (random weights, seed 0) with the character tokenizer."""
+def save_tiny_base(folder, chars: str = CHARS, max_positions: int = 32) -> str:
+    """A 2-layer, 32-wide Llama-style checkpoint (random weights, seed 0) with the character tokenizer of
+    ``chars``, taking ``max_positions`` tokens."""
     from lmforge.data.tokenizers import load_tokenizer
     from lmforge.models import ModelConfig, Transformer
     from lmforge.train.assembly import saved_state_dict
     from lmforge.train.checkpoint import save_model
 
-    save_char_tokenizer(folder.parent / f"{folder.name}_tok")
+    save_char_tokenizer(folder.parent / f"{folder.name}_tok", chars)
     tok = load_tokenizer(folder.parent / f"{folder.name}_tok")
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm",
+                      num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=max_positions, normalization="rmsnorm",
                       activation="swiglu", bias=False, position_embedding_type="rope",
                       share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
+from lmforge.data.steer import DEFAULT_ATTRIBUTES, DEFAULT_RANGE, problems_of
 from lmforge.finetune.config import (OptimSection, PeftSection, TrainerSection, check_fsdp_keys, check_training_keys,
                                      load_structured, raise_problems)
 
-METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "grpo", "reinforce")
+METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce")
+REWARD_METHODS = ("rm", "regression_rm")
 ONLINE_METHODS = ("grpo", "reinforce")
 PEFT_METHODS = ("none", "lora", "ia3", "adapter", "ptuning")
 REFERENCES = ("auto", "precomputed", "adapters_off")
@@ -46,6 +48,10 @@ class AlignSection:
     num_generations: int = 4  # grpo/reinforce: completions sampled per prompt (the group)
     max_completion_length: int = 16  # grpo/reinforce: most new tokens per completion
     temperature: float = 1.0  # grpo/reinforce: sampling temperature of the rollouts
+    attributes: List[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))  # regression_rm: outputs
+    attribute_range: List[int] = field(default_factory=lambda: list(DEFAULT_RANGE))  # regression_rm: label range
+    response_key: str = "response"  # regression_rm: field of the response scored
+    attributes_key: str = "attributes"  # regression_rm: field of the {name: value} labels
 
 
 @dataclass
@@ -59,7 +65,7 @@ class AlignConfig:
     data: Optional[str] = None  # training JSONL
     val_data: Optional[str] = None  # validation JSONL
     out: str = "align_out"
-    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm | grpo | reinforce
+    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm | regression_rm | grpo | reinforce
     seq_length: Optional[int] = None  # None: the model's max_position_embeddings (less p-tuning's virtual tokens)
     micro_batch_size: int = 4  # examples (pairs) per process in one forward/backward
     global_batch_size: int = 8  # examples (pairs) per optimizer step over all processes
@@ -113,10 +119,17 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
         problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
     if cfg.peft.method not in PEFT_METHODS:
         problems.append(f"peft.method={cfg.peft.method!r} is not known; use one of {', '.join(PEFT_METHODS)}")
-    if cfg.method == "rm" and cfg.peft.method != "none":
-        problems.append("method=rm trains every weight and its score head; PEFT reward models are not supported "
-                        "yet: drop --peft")
+    if cfg.method in REWARD_METHODS and cfg.peft.method != "none":
+        problems.append(f"method={cfg.method} trains every weight and its score head; PEFT reward models are not "
+                        f"supported yet: drop --peft")
     a = cfg.align
+    if cfg.method == "regression_rm":
+        problems.extend(problems_of(list(a.attributes), list(a.attribute_range), None, "align."))
+    else:
+        for key, default in (("attributes", list(DEFAULT_ATTRIBUTES)), ("attribute_range", list(DEFAULT_RANGE)),
+                             ("response_key", "response"), ("attributes_key", "attributes")):
+            if getattr(a, key) != default:
+                problems.append(f"align.{key} applies to method=regression_rm, not {cfg.method}")
     online = cfg.method in ONLINE_METHODS
     if online:
         _validate_online(cfg, problems)
@@ -137,7 +150,7 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
         problems.append(f"align.reference={a.reference}: method={cfg.method} has no reference model; remove it")
     if online and not float(a.beta) >= 0:
         problems.append(f"align.beta={a.beta} must be 0 (no KL penalty) or above")
-    elif cfg.method not in ("rm",) + ONLINE_METHODS and not float(a.beta) > 0:
+    elif cfg.method not in REWARD_METHODS + ONLINE_METHODS and not float(a.beta) > 0:
         problems.append(f"align.beta={a.beta} must be above 0")
     if not 0.0 <= float(a.label_smoothing) < 0.5:
         problems.append(f"align.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
@@ -148,8 +161,8 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     check_training_keys(cfg, problems)
     if cfg.monitor not in ("val_loss", "val_rewards_accuracy"):
         problems.append(f"monitor={cfg.monitor!r}; use val_loss or val_rewards_accuracy")
-    elif cfg.monitor == "val_rewards_accuracy" and (not cfg.val_data or cfg.method == "kto"):
-        problems.append("monitor=val_rewards_accuracy needs val_data and a paired method (not kto)")
+    elif cfg.monitor == "val_rewards_accuracy" and (not cfg.val_data or cfg.method in ("kto", "regression_rm")):
+        problems.append("monitor=val_rewards_accuracy needs val_data and a paired method (not kto or regression_rm)")
     if cfg.base_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"base_dtype={cfg.base_dtype!r}; use float32, bfloat16 or float16")
     if cfg.peft.method == "none" and cfg.base_dtype != "float32":

@@ -273,3 +273,93 @@ def json_repr(value) -> str:
     import json
 
     return json.dumps(value)
+
+
+# -- SteerLM attribute models (method=regression_rm) ------------------------------------------------------------
+
+def attribute_input(rec: dict, where: str, enc: Encoder, keys) -> list:
+    """The ids an attribute model scores for a record: prompt + response (``align.prompt_key`` /
+    ``align.response_key``; text or chat messages), or a ``messages`` conversation whose last message is the
+    assistant's response. No EOS: the model reads the last token."""
+    if keys.prompt_key in rec:
+        prompt = _get(rec, keys.prompt_key, where, "prompt_key")
+        response = _get(rec, keys.response_key, where, "response_key")
+        p_ids, rendered = enc.prompt_ids(prompt, where)
+        return p_ids + enc.completion_ids(prompt, response, rendered, where, keys.response_key)
+    if "messages" in rec:
+        messages = _messages(rec["messages"], where, "messages")
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: 'messages' must end with the assistant's response after at least one other "
+                            f"message")
+        p_ids, rendered = enc.prompt_ids(messages[:-1], where)
+        return p_ids + enc.completion_ids(messages[:-1], messages[-1:], rendered, where, "messages")
+    raise DataError(f"{where}: the record has neither {keys.prompt_key!r} (with {keys.response_key!r}) nor "
+                    f"'messages' (fields: {sorted(rec)}); set align.prompt_key / align.response_key")
+
+
+def attribute_labels(rec: dict, where: str, fmt, key: str) -> list:
+    """A record's labels in the format's order: a number per labelled attribute, NaN for one not labelled
+    (absent or null: masked out of the loss). Unknown names, non-numbers, values out of range and a record with
+    no label at all are DataErrors naming ``where``."""
+    if key not in rec:
+        raise DataError(f"{where}: the record has no {key!r} field (fields: {sorted(rec)}); give its labels as "
+                        f"{{\"{fmt.names[0]}\": {fmt.high}, ...}} or set align.attributes_key")
+    given = rec[key]
+    if not isinstance(given, dict):
+        raise DataError(f"{where}: field {key!r} must be an object of attribute values, not {type(given).__name__}")
+    for name, value in given.items():
+        if value is not None:
+            fmt.check_value(name, value, where)
+        elif name not in fmt.names:
+            fmt.check_value(name, 0, where)  # names the unknown attribute
+    labels = [float("nan") if given.get(n) is None else float(given[n]) for n in fmt.names]
+    if all(v != v for v in labels):
+        raise DataError(f"{where}: no attribute is labelled; give at least one of {', '.join(fmt.names)}")
+    return labels
+
+
+@dataclass
+class AttributeDataset:
+    """Attribute-model examples: ``ids`` (prompt + response) and ``labels`` (one per attribute, NaN: unlabelled).
+    ``collate`` pads a micro batch and gives ``labels`` (0 where unlabelled) with their 0/1 ``mask``."""
+
+    ids: list
+    labels: list
+    pad_id: int
+    stats: AlignStats = field(default_factory=AlignStats)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"ids": self.ids[i], "labels": self.labels[i]}
+
+    def collate(self, items: list) -> dict:
+        labels = torch.tensor([it["labels"] for it in items], dtype=torch.float32)
+        mask = ~torch.isnan(labels)
+        return {"tokens": _pad([it["ids"] for it in items], self.pad_id),
+                "lengths": torch.tensor([len(it["ids"]) for it in items]),
+                "labels": torch.where(mask, labels, torch.zeros_like(labels)), "mask": mask.float()}
+
+
+def load_attributes(path, tokenizer, keys, chat_template: Optional[str], max_length: int) -> AttributeDataset:
+    """Read ``{"prompt", "response", "attributes": {...}}`` records (or ``messages`` ending with the response) for
+    an attribute model; ``keys`` is the ``align`` section (field names, ``attributes``, ``attribute_range``)."""
+    from lmforge.data.steer import AttributeFormat
+
+    fmt = AttributeFormat.of(keys.attributes, keys.attribute_range)
+    enc, stats = Encoder(tokenizer, chat_template, False, max_length), AlignStats()
+    ids, labels = [], []
+    for where, rec in read_jsonl(path):
+        stats.records += 1
+        row_labels = attribute_labels(rec, where, fmt, keys.attributes_key)
+        row = attribute_input(rec, where, enc, keys)
+        if len(row) > max_length:  # cut at the end, as reward-model pairs are: the last kept token is read
+            stats.truncated += 1
+            row = row[:max_length]
+        ids.append(row)
+        labels.append(row_labels)
+    stats.examples = len(ids)
+    pad = tokenizer.eod_id if tokenizer.eod_id is not None else 0
+    return AttributeDataset(ids, labels, pad, stats)
+

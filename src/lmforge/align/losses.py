@@ -15,6 +15,9 @@ log-probabilities of the chosen/rejected completion, ``rc``/``rr`` the reference
   ``log odds(p) = p - log(1 - exp(p))``.
 * SimPO (Meng et al. 2024), on per-token means: ``-(1-e) logsig(b (pc_avg - pr_avg) - g) - e logsig(-...)``.
 * Reward model (Bradley-Terry): ``-logsig(r_chosen - r_rejected - margin)``.
+* Attribute model (SteerLM's regression reward model): the squared error of each labelled attribute,
+  ``(prediction - label)^2``; unlabelled attributes (mask 0) count nothing. The step loss is their sum over the
+  global batch divided by the number of labelled values (a masked mean squared error).
 """
 
 from __future__ import annotations
@@ -74,6 +77,14 @@ def reward_losses(r_chosen, r_rejected, margin: Optional[torch.Tensor] = None):
     if margin is not None:
         d = d - margin
     return -F.logsigmoid(d), r_chosen.detach(), r_rejected.detach()
+
+
+def attribute_squared_errors(predictions, labels, mask) -> torch.Tensor:
+    """``(prediction - label)^2`` of each (example, attribute), 0 where ``mask`` is 0 (whatever the label there,
+    NaN included, and with no gradient); all (N, K) in fp32."""
+    keep = mask.bool()
+    labels = torch.where(keep, labels.float(), torch.zeros_like(labels, dtype=torch.float32))
+    return ((predictions.float() - labels) ** 2) * keep
 
 
 # -- online RL (GRPO, REINFORCE with a leave-one-out baseline) ---------------------------------------------------

@@ -1,4 +1,5 @@
-"""The alignment objectives the one training loop calls: :class:`PreferenceLoss` and :class:`RewardLoss`.
+"""The alignment objectives the one training loop calls: :class:`PreferenceLoss`, :class:`RewardLoss` and
+:class:`AttributeLoss` (SteerLM attribute models).
 
 Like :class:`~lmforge.train.objectives.CausalLMLoss` they wrap the model and return ``(loss_sum, units)``; the unit
 is an example (a pair, or one KTO completion), so the loop's step loss is the mean over the global batch's
@@ -244,11 +245,47 @@ class RewardLoss(nn.Module):
         return loss, B
 
 
-def score_rows(model: nn.Module, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The reward of each row: ``model.score`` of the final hidden state at position ``last`` (fp32)."""
+class AttributeLoss(nn.Module):
+    """SteerLM attribute model (a regression reward model): ``model.score`` (hidden size -> one output per
+    attribute) reads the final hidden state of each sequence's last token; the loss is the squared error of each
+    labelled attribute (:func:`lmforge.align.losses.attribute_squared_errors`). The unit is a labelled value, so
+    the loop's step loss is the masked mean squared error of the global batch. Logged: ``mse_<attribute>`` (over
+    that attribute's labelled values)."""
+
+    def __init__(self, model: nn.Module, names):
+        super().__init__()
+        self.model, self.names = model, list(names)
+        self.sums = {"train": defaultdict(float), "val": defaultdict(float)}
+
+    unit = "labels"  # what count() counts: the loop logs labels_per_s
+
+    def count(self, batch: dict) -> int:
+        return int(batch["mask"].sum())
+
+    def pop_metrics(self, mode: str) -> dict:
+        out = dict(self.sums[mode])
+        self.sums[mode] = defaultdict(float)
+        out.setdefault("n", 0.0)
+        return out
+
+    def forward(self, tokens, lengths, labels, mask, **_):
+        predictions = score_rows(self.model, tokens, lengths - 1, squeeze=False)  # (N, K)
+        errors = L.attribute_squared_errors(predictions, labels, mask)
+        s = self.sums["train" if self.training else "val"]
+        per_attribute, counts = errors.detach().sum(0).tolist(), mask.sum(0).tolist()
+        for name, e, c in zip(self.names, per_attribute, counts):
+            s[f"mse_{name}"] += e
+            s[f"mse_{name}#n"] += c
+        return errors.sum(), int(mask.sum())
+
+
+def score_rows(model: nn.Module, rows: torch.Tensor, last: torch.Tensor, squeeze: bool = True) -> torch.Tensor:
+    """The reward of each row: ``model.score`` of the final hidden state at position ``last`` (fp32): (N,) for a
+    one-output head (``squeeze``), else (N, outputs)."""
     hidden = model.hidden_states(rows)  # (N, T, C)
     picked = hidden[torch.arange(rows.shape[0], device=rows.device), last]  # (N, C)
-    return F.linear(picked.float(), model.score.weight.float()).squeeze(-1)
+    out = F.linear(picked.float(), model.score.weight.float())
+    return out.squeeze(-1) if squeeze else out
 
 
 @torch.no_grad()

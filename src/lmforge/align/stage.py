@@ -1,4 +1,5 @@
-"""The alignment stage: ``run(cfg) -> summary`` (DPO, IPO, RPO, KTO, ORPO, SimPO; reward models).
+"""The alignment stage: ``run(cfg) -> summary`` (DPO, IPO, RPO, KTO, ORPO, SimPO; reward models and SteerLM
+attribute models).
 
 The same assembly as fine-tuning (:func:`lmforge.train.assembly.build_training`: PEFT, FSDP or DDP, precision,
 checkpoints, resume, the one loop), with a preference objective (:mod:`lmforge.align.objective`) in place of the
@@ -7,8 +8,9 @@ next-token loss. Results in ``cfg.out``, laid out as a fine-tuning run's (so ``g
 
     checkpoints/step_XXXXXXX/   weights (all, or the PEFT method's), config.json, tokenizer, training_state/
     adapter/                    PEFT runs: the best checkpoint's adapter (Hugging Face PEFT format for lora/ia3)
-    reward_model/               method=rm: the best checkpoint as a Hugging Face folder that
-                                AutoModelForSequenceClassification loads (`lmforge reward` scores with it)
+    reward_model/               method=rm / regression_rm: the best checkpoint as a Hugging Face folder that
+                                AutoModelForSequenceClassification loads (`lmforge reward` scores with it; an
+                                attribute model has one output per attribute, problem_type regression)
     metrics.jsonl, events.out.tfevents.* (TensorBoard), loss_curve.png, config.yaml, summary.json
 """
 
@@ -44,9 +46,11 @@ def run(cfg: AlignConfig, runtime: Runtime | None = None, console_log=print) -> 
 def load_datasets(cfg: AlignConfig, tokenizer, length: int):
     """(train, validation or None) datasets of ``cfg``'s method; validation rows follow the training rows in the
     reference table (``offset``)."""
-    from lmforge.align.data import load_pairs, load_unpaired
+    from lmforge.align.data import load_attributes, load_pairs, load_unpaired
 
     def load(path, offset):
+        if cfg.method == "regression_rm":
+            return load_attributes(path, tokenizer, cfg.align, cfg.align.chat_template, length)
         if cfg.method == "kto":
             return load_unpaired(path, tokenizer, cfg.align, cfg.align.chat_template, length, offset=offset)
         return load_pairs(path, tokenizer, cfg.align, cfg.align.chat_template, length, add_eos=cfg.method != "rm",
@@ -57,15 +61,16 @@ def load_datasets(cfg: AlignConfig, tokenizer, length: int):
     return train, val
 
 
-def add_score_head(model: nn.Module, seed: int) -> nn.Linear:
-    """Attach a reward model's ``score`` head (hidden size -> 1, no bias, as Hugging Face's sequence
-    classification models) to ``model``, drawn from N(0, 1/hidden) with ``seed``; an untied LM head is frozen."""
+def add_score_head(model: nn.Module, seed: int, outputs: int = 1) -> nn.Linear:
+    """Attach a reward model's ``score`` head (hidden size -> ``outputs``: 1, or one per SteerLM attribute; no
+    bias, as Hugging Face's sequence classification models) to ``model``, drawn from N(0, 1/hidden) with ``seed``;
+    an untied LM head is frozen."""
     C = model.cfg.hidden_size
     ref = next(model.parameters())
-    head = nn.Linear(C, 1, bias=False, device=ref.device, dtype=ref.dtype)
+    head = nn.Linear(C, outputs, bias=False, device=ref.device, dtype=ref.dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(1, C, generator=g) / C ** 0.5)
+        head.weight.copy_(torch.randn(outputs, C, generator=g) / C ** 0.5)
     model.score = head
     if not model.cfg.share_embeddings_and_output_weights:  # the LM head is not used: frozen (DDP needs every
         model.lm_head.weight.requires_grad_(False)         # trained parameter to get a gradient), still saved
@@ -73,7 +78,7 @@ def add_score_head(model: nn.Module, seed: int) -> nn.Linear:
 
 
 def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
-    from lmforge.align.objective import PreferenceLoss, RewardLoss, precompute_reference
+    from lmforge.align.objective import AttributeLoss, PreferenceLoss, RewardLoss, precompute_reference
     t = cfg.trainer
     dims, accum = stage_layout(cfg, rt)
     mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
@@ -107,6 +112,9 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     if cfg.method == "rm":
         add_score_head(model, int(cfg.seed))
         objective_fn = lambda m: RewardLoss(m, cfg.align.center_rewards_coefficient)  # noqa: E731
+    elif cfg.method == "regression_rm":
+        add_score_head(model, int(cfg.seed), len(cfg.align.attributes))
+        objective_fn = lambda m: AttributeLoss(m, cfg.align.attributes)  # noqa: E731
     elif online:
         import copy
 
@@ -155,10 +163,12 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     if best is not None and not state.stopped_early:
         if peft_cfg is not None:
             adapter_dir = export_adapter(training, rt, best, peft_method, peft_cfg, out, str(cfg.model), tokenizer)
-        if cfg.method == "rm" and rt.is_main:
+        if cfg.method in ("rm", "regression_rm") and rt.is_main:
             from lmforge.align.reward import export_reward_model
+            from lmforge.data.steer import AttributeFormat
 
-            reward_dir = str(export_reward_model(best, out / "reward_model", cfg.model))
+            fmt = None if cfg.method == "rm" else AttributeFormat.of(cfg.align.attributes, cfg.align.attribute_range)
+            reward_dir = str(export_reward_model(best, out / "reward_model", cfg.model, attributes=fmt))
     history = state.history
     summary = {
         "results_dir": str(out),

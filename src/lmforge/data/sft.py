@@ -20,12 +20,13 @@ import random
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
 from lmforge.data.jsonl import iter_jsonl
 from lmforge.data.prompts import chat_template_of, encode_plain, encode_prompt, render_chat  # noqa: F401 (re-exported)
+from lmforge.data.steer import DEFAULT_RANGE, DEFAULT_TEMPLATE, AttributeFormat, problems_of
 from lmforge.errors import ConfigError, DataError
 
 
@@ -46,6 +47,11 @@ class SFTDataConfig:
         train_on_prompt: count the prompt tokens in the loss too.
         truncation: ``truncate`` (cut the end of a long sample) or ``drop`` (skip it).
         pack: pack several samples per row (per-sample attention, restarting positions).
+        attributes: SteerLM attribute-conditioned SFT (:mod:`lmforge.data.steer`): the attribute names in the fixed
+            order of the attribute string; each prompt/response record's ``attributes_key`` object gives every one
+            a whole value in ``attribute_range``, and the prompt becomes ``attribute_template`` filled with
+            ``{prompt}`` and ``{attributes}``. None: off.
+        attributes_key, attribute_range, attribute_template: the record field, the values' range, the template.
     """
 
     input_key: str = "input"
@@ -58,8 +64,27 @@ class SFTDataConfig:
     train_on_prompt: bool = False
     truncation: str = "truncate"
     pack: bool = False
+    attributes: Optional[List[str]] = None
+    attributes_key: str = "attributes"
+    attribute_range: List[int] = field(default_factory=lambda: list(DEFAULT_RANGE))
+    attribute_template: str = DEFAULT_TEMPLATE
+
+    def attribute_format(self) -> Optional[AttributeFormat]:
+        """The SteerLM format of ``attributes`` (None when off)."""
+        if not self.attributes:
+            return None
+        return AttributeFormat.of(self.attributes, self.attribute_range, self.attribute_template)
 
     def validate(self) -> None:
+        if self.attributes is not None:
+            problems = problems_of(list(self.attributes), list(self.attribute_range), self.attribute_template, "sft.")
+            if problems:
+                raise ConfigError(problems[0])
+        else:
+            for key, default in (("attributes_key", "attributes"), ("attribute_range", list(DEFAULT_RANGE)),
+                                 ("attribute_template", DEFAULT_TEMPLATE)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"sft.{key} applies to attribute-conditioned SFT: set sft.attributes too")
         if self.truncation not in ("truncate", "drop"):
             raise ConfigError(f"sft.truncation={self.truncation!r} is not known; use truncate or drop")
         if self.prompt_template is not None:
@@ -141,6 +166,9 @@ def _field(rec: dict, key: str, where: str, kind: str) -> str:
 def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSample:
     """Tokenize one record into ids and a loss mask (see the module doc). Bad records raise DataError."""
     if cfg.messages_key in rec:
+        if cfg.attributes:
+            raise DataError(f"{where}: sft.attributes conditions prompt/response records; chat records "
+                            f"({cfg.messages_key!r}) are not supported with it yet")
         return _encode_chat(rec, where, tokenizer, cfg)
     response = _field(rec, cfg.output_key, where, "output")
     if not response.strip():
@@ -153,6 +181,13 @@ def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSa
                             f"(fields: {sorted(rec)})") from None
     else:
         prompt = _field(rec, cfg.input_key, where, "input")
+    fmt = cfg.attribute_format()
+    if fmt is not None:  # SteerLM: the attribute string between the prompt and the response
+        if cfg.attributes_key not in rec:
+            raise DataError(f"{where}: the record has no {cfg.attributes_key!r} field (fields: {sorted(rec)}); "
+                            f"sft.attributes needs each record's attribute values (label them with `lmforge "
+                            f"reward ATTRIBUTE_MODEL --data FILE --out LABELLED`)")
+        prompt = fmt.prompt(prompt, fmt.values(rec[cfg.attributes_key], where))
     if cfg.add_bos is None:
         p_ids = encode_prompt(tokenizer, prompt)  # the one rule (generate, serve and evaluate use it too)
     else:

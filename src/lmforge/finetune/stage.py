@@ -9,7 +9,8 @@ tokens only). Results in ``cfg.out``::
                                 config.json, tokenizer, training_state/ (exact resume)
     adapter/                    PEFT methods: the best checkpoint as adapter_config.json +
                                 adapter_model.safetensors (Hugging Face PEFT format for lora/ia3) + the tokenizer
-                                (with the chat template trained on: sft.chat_template, else the base's)
+                                (with the chat template trained on: sft.chat_template, else the base's,
+                                and with sft.attributes the SteerLM attribute format, lmforge.data.steer)
     metrics.jsonl, events.out.tfevents.* (TensorBoard), loss_curve.png, config.yaml, summary.json
 """
 
@@ -215,6 +216,11 @@ def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     # Base model, in the dtype its frozen weights are kept in.
     dtype = "float32" if cfg.method == "full" else cfg.base_dtype
     model, tokenizer = open_base_model(cfg.model, rt, dtype, cfg.sft.chat_template)
+    steer = cfg.sft.attribute_format()
+    if steer is not None:  # SteerLM: the checkpoints' tokenizer carries the attribute format `generate` reads
+        from lmforge.data.steer import set_format
+
+        set_format(tokenizer, steer)
     mcfg = model.cfg
     peft_cfg = method_config(cfg)
     n_virtual = int(cfg.peft.ptuning.num_virtual_tokens) if cfg.method == "ptuning" else 0

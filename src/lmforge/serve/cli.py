@@ -144,6 +144,10 @@ def _add_generate(sub) -> None:
                                      "optionally 'id', 'adapter' (a --lora name) and per-line "
                                      "max_tokens/temperature/top_p/top_k/seed/stop")
     p.add_argument("--output", help="JSONL file of completions (with --input); prompts already answered are skipped")
+    p.add_argument("--attributes", default=None, metavar="NAME=VALUE,...",
+                   help="steer a SteerLM model (fine-tuned with sft.attributes): its attribute values, e.g. "
+                        "quality=4,toxicity=0,...; every attribute it was trained with, in its range (with --input: "
+                        "the values of lines without their own \"attributes\")")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -206,17 +210,50 @@ def _cmd_generate(a) -> int:
     engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, loras=loras,
                                     compile_decode=a.compile,
                                     max_batch_size=1 if a.prompt is not None else a.max_batch_size, **cache_kwargs(a))
+    steer = steering(engine.tokenizer, a.model, a.attributes)
     if a.prompt is not None:
-        ids = encode_prompt(engine.tokenizer, a.prompt)  # the rule fine-tuning used (lmforge.data.prompts)
+        text = a.prompt if steer.values is None else steer.format.prompt(a.prompt, steer.values)
+        ids = encode_prompt(engine.tokenizer, text)  # the rule fine-tuning used (lmforge.data.prompts)
         if a.max_new_tokens == 0:
-            print(a.prompt)
+            print(text)
             return 0
         new = engine.generate([ids], _params(a, a.seed))[0]
-        print(a.prompt + engine.tokenizer.decode(new, skip_special_tokens=True))
+        print(text + engine.tokenizer.decode(new, skip_special_tokens=True))
         return 0
-    summary = generate_file(engine, a.input, a.output, lambda i, o: _params(a, None if a.seed is None else a.seed + i, o))
+    summary = generate_file(engine, a.input, a.output, lambda i, o: _params(a, None if a.seed is None else a.seed + i, o),
+                            steer=steer)
     print(json.dumps(summary))
     return 0
+
+
+@dataclass
+class Steering:
+    """SteerLM steering of ``generate``: the model's attribute format (None for a model fine-tuned without
+    ``sft.attributes``) and the ``--attributes`` values (None when not given)."""
+
+    format: Optional[object] = None
+    values: Optional[dict] = None
+
+    def prompt(self, text: str, line_values, where: str) -> tuple[str, Optional[dict]]:
+        """(prompt text, values used) of a prompts-file line: its own ``attributes`` object, else --attributes."""
+        if line_values is not None and self.format is None:
+            raise DataError(f"{where}: the line has 'attributes' but the model was not fine-tuned with "
+                            f"sft.attributes (it holds no SteerLM attribute format); remove them")
+        values = self.format.values(line_values, where) if line_values is not None else self.values
+        return (text, None) if values is None else (self.format.prompt(text, values), values)
+
+
+def steering(tokenizer, model_name, attributes: Optional[str]) -> Steering:
+    """The :class:`Steering` of a model's tokenizer and the ``--attributes`` text (checked: one error line)."""
+    from lmforge.data.steer import format_of
+
+    fmt = format_of(tokenizer, str(model_name))
+    if attributes is None:
+        return Steering(fmt)
+    if fmt is None:
+        raise UserError(f"--attributes: {model_name} was not fine-tuned with sft.attributes, so it has no SteerLM "
+                        f"attribute format to fill; drop --attributes")
+    return Steering(fmt, fmt.parse(attributes))
 
 
 @dataclass
@@ -228,6 +265,7 @@ class PromptLine:
     index: int
     id: object
     record: dict
+    values: Optional[dict] = None  # the SteerLM attribute values its prompt was conditioned on
 
     @property
     def key(self) -> str:
@@ -289,13 +327,19 @@ def answered_ids(path: str | os.PathLike) -> set[str]:
     return ids
 
 
-def _prompt_ids(engine, line: PromptLine, where: str, chat_cache: dict) -> list[int]:
-    """A line's prompt ids by the one prompt rule (:mod:`lmforge.data.prompts`); DataError naming ``where``."""
+def _prompt_ids(engine, line: PromptLine, where: str, chat_cache: dict, steer: Optional[Steering] = None) -> list[int]:
+    """A line's prompt ids by the one prompt rule (:mod:`lmforge.data.prompts`), SteerLM attributes in the prompt
+    when the line or --attributes gives them (``line.values``); DataError naming ``where``."""
     from lmforge.serve.chat import load_chat_template
 
     rec = line.record
+    steer = steer or Steering()
     if isinstance(rec.get("prompt"), str):
-        return encode_prompt(engine.tokenizer, rec["prompt"])
+        text, line.values = steer.prompt(rec["prompt"], rec.get("attributes"), where)
+        return encode_prompt(engine.tokenizer, text)
+    if rec.get("attributes") is not None or steer.values is not None:
+        raise DataError(f"{where}: SteerLM attributes condition 'prompt' lines; 'messages' lines are not supported "
+                        f"with them yet")
     if "chat" not in chat_cache:
         chat_cache["chat"] = load_chat_template(engine.tokenizer)
     if chat_cache["chat"] is None:
@@ -307,7 +351,7 @@ def _prompt_ids(engine, line: PromptLine, where: str, chat_cache: dict) -> list[
         raise DataError(f"{where}: {e}") from None
 
 
-def generate_file(engine, input_path, output_path, params_for) -> dict:
+def generate_file(engine, input_path, output_path, params_for, steer: Optional[Steering] = None) -> dict:
     """Complete every prompt of ``input_path`` not yet answered in ``output_path``, appending one line each.
 
     Every line to do is checked first (its sampling values, prompt, chat template, adapter, length): a bad
@@ -319,6 +363,8 @@ def generate_file(engine, input_path, output_path, params_for) -> dict:
     Args:
         engine: an :class:`~lmforge.serve.engine.Engine` with a tokenizer.
         params_for: ``(line_index, record) -> SamplingParams``; raises InvalidRequestError for a bad value.
+        steer: SteerLM steering (:class:`Steering`): lines with their own ``"attributes"`` object, or the
+            ``--attributes`` values, get the attribute string in their prompt (written back as ``attributes``).
 
     Returns:
         ``{"total", "skipped", "written", "failed", "output"}`` (``failed``: error lines among ``written``).
@@ -334,7 +380,7 @@ def generate_file(engine, input_path, output_path, params_for) -> dict:
         where = f"{input_path}:{line.line} (id {json.dumps(line.id)})"
         try:
             params = params_for(line.index, line.record)
-            ids = _prompt_ids(engine, line, where, chat_cache)
+            ids = _prompt_ids(engine, line, where, chat_cache, steer)
             rid = f"line-{line.line}"
             engine.add_request(rid, ids, params, adapter=line.record.get("adapter"))
         except DataError:
@@ -361,7 +407,8 @@ def generate_file(engine, input_path, output_path, params_for) -> dict:
                     continue
                 rec = acc["line"].record
                 head = {"id": acc["line"].id, **({"prompt": rec["prompt"]} if "prompt" in rec else {}),
-                        **({"adapter": rec["adapter"]} if rec.get("adapter") is not None else {})}
+                        **({"adapter": rec["adapter"]} if rec.get("adapter") is not None else {}),
+                        **({"attributes": acc["line"].values} if acc["line"].values is not None else {})}
                 if o.finish_reason == "error":
                     row = {**head, "error": o.error, "finish_reason": "error"}
                     failed += 1

@@ -1,0 +1,294 @@
+"""SteerLM as NeMo-Aligner runs it, on a tiny model: an attribute model (`lmforge align --method regression_rm`,
+a regression head with one output per attribute, MSE on the labelled ones) exported as a Hugging Face
+sequence-classification folder; `lmforge reward` labelling records with it (clipped, rounded); attribute-conditioned
+SFT (`sft.attributes`); and `lmforge generate --attributes` building the very prompt the SFT trained on. Bad labels
+and bad steering values are one `error:` line."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from tests.align.conftest import save_tiny_base, write_jsonl
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789:, \n"
+NAMES = ["quality", "verbosity"]
+ALIGN_ATTRS = "align.attributes=[quality,verbosity]"
+SFT_ATTRS = ["sft.input_key=prompt", "sft.output_key=response", "sft.attributes=[quality,verbosity]"]
+TINY = ["trainer.max_steps=2", "micro_batch_size=4", "global_batch_size=8", "trainer.log_every_n_steps=1"]
+
+
+def attribute_records(n: int, seed: int, names=tuple(NAMES), unlabelled_quality_every: int = 0) -> list[dict]:
+    """Records whose verbosity follows the response's length (1..12 characters -> 0..4); quality is random."""
+    rng, out = random.Random(seed), []
+    for i in range(n):
+        length = rng.randint(1, 12)
+        labels = {"quality": rng.randint(0, 4), "verbosity": round((length - 1) * 4 / 11)}
+        if unlabelled_quality_every and i % unlabelled_quality_every == 0:
+            del labels["quality"]
+        out.append({"prompt": "".join(rng.choice("abcdefgh") for _ in range(3)) + ":",
+                    "response": "".join(rng.choice("abcdefgh") for _ in range(length)),
+                    "attributes": {k: v for k, v in labels.items() if k in names}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def steer_base(tmp_path_factory):
+    """A tiny model whose character tokenizer writes attribute strings (digits, ',' and newlines), 64 positions."""
+    return save_tiny_base(tmp_path_factory.mktemp("steer_base") / "base", CHARS, 64)
+
+
+@pytest.fixture(scope="module")
+def pipeline(steer_base, tmp_path_factory):
+    """The three SteerLM steps, two training steps each: attribute model, labelling, attribute-conditioned SFT."""
+    root = tmp_path_factory.mktemp("steerlm")
+    labelled_data = write_jsonl(root / "attr.jsonl", attribute_records(16, seed=1, unlabelled_quality_every=3))
+    plain = [{k: r[k] for k in ("prompt", "response")} for r in attribute_records(8, seed=2)]
+    plain[0]["id"] = "kept"  # other fields stay in the labelled file
+    plain_data = write_jsonl(root / "plain.jsonl", plain)
+    rm, labelled, sft = root / "rm", root / "labelled.jsonl", root / "sft"
+    assert main(["align", "--method", "regression_rm", "--model", steer_base, "--data", labelled_data,
+                 "--out", str(rm), ALIGN_ATTRS, *TINY]) == 0
+    assert main(["reward", str(rm), "--data", plain_data, "--out", str(labelled)]) == 0
+    assert main(["finetune", "--method", "full", "--model", steer_base, "--data", str(labelled), "--out", str(sft),
+                 *SFT_ATTRS, *TINY]) == 0
+    return {"root": root, "rm": rm, "plain": plain_data, "labelled": labelled, "sft": sft}
+
+
+# -- the loss ------------------------------------------------------------------------------------------------------
+
+def test_the_loss_is_the_masked_mean_squared_error_on_fixed_numbers():
+    from lmforge.align.objective import AttributeLoss
+
+    hidden = torch.tensor([[[0.0, 0.0], [1.0, 2.0]], [[3.0, -1.0], [0.0, 0.0]]])  # (N=2, T=2, C=2)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])  # three attributes: x, y, (x + y) / 2
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.score = torch.nn.Linear(2, 3, bias=False)
+            with torch.no_grad():
+                self.score.weight.copy_(weight)
+
+        def hidden_states(self, tokens):
+            return hidden
+
+    labels = torch.tensor([[2.0, 1000.0, 0.0], [3.0, 1.0, 4.0]])  # 1000: unlabelled, masked
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    loss = AttributeLoss(Stub(), ["x", "y", "m"])
+    total, units = loss(tokens=torch.zeros(2, 2, dtype=torch.long), lengths=torch.tensor([2, 1]), labels=labels,
+                        mask=mask)
+    # row 0 reads position 1: (1, 2, 1.5); row 1 position 0: (3, -1, 1). By hand, the labelled errors only:
+    reference = [(1 - 2) ** 2, (1.5 - 0) ** 2, (3 - 3) ** 2, (-1 - 1) ** 2, (1 - 4) ** 2]
+    assert units == 5 and abs(float(total.detach()) - sum(reference)) < 1e-6
+    assert abs(float(total.detach()) / units - 16.25 / 5) < 1e-6  # the step loss: NeMo-Aligner's masked mean
+    metrics = loss.pop_metrics("train")
+    assert metrics["mse_y"] == 4.0 and metrics["mse_y#n"] == 1.0 and metrics["mse_x#n"] == 2.0
+
+
+def test_unlabelled_attributes_contribute_nothing():
+    from lmforge.align.losses import attribute_squared_errors
+
+    predictions = torch.tensor([[0.5, 2.0], [1.0, 3.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    for filler in (0.0, 1e6, float("nan")):
+        labels = torch.tensor([[1.0, filler], [1.0, 2.0]])
+        errors = attribute_squared_errors(predictions, labels, mask)
+        assert float(errors.detach().sum()) == 0.25 + 0.0 + 1.0
+        (grad,) = torch.autograd.grad(errors.sum(), predictions)
+        assert grad[0, 1] == 0.0 and torch.isfinite(grad).all()
+
+
+def test_labels_are_clipped_and_rounded_as_steerlm_labels_them():
+    from lmforge.data.steer import AttributeFormat
+
+    fmt = AttributeFormat.of(["a", "b", "c", "d"], [0, 4])
+    assert fmt.label([-0.7, 4.6, 2.5, 1.51]) == {"a": 0, "b": 4, "c": 2, "d": 2}  # 2.5: half to even
+
+
+# -- the pipeline ----------------------------------------------------------------------------------------------------
+
+def test_the_attribute_model_is_a_hugging_face_regression_model(pipeline):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lmforge.align.config import AlignSection
+    from lmforge.align.data import Encoder, attribute_input
+    from lmforge.align.reward import load_reward_model
+    from lmforge.align.objective import score_rows
+
+    folder = pipeline["rm"] / "reward_model"
+    config = AutoConfig.from_pretrained(folder)
+    assert config.num_labels == 2 and config.problem_type == "regression"
+    assert config.id2label == {0: "quality", 1: "verbosity"} and config.attribute_range == [0, 4]
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).float().eval()
+    model, tokenizer = load_reward_model(pipeline["rm"])
+    rec = json.loads(open(pipeline["plain"]).readline())
+    ids = attribute_input(rec, "x", Encoder(tokenizer, None, False, 64), AlignSection())
+    with torch.no_grad():
+        ours = score_rows(model, torch.tensor([ids]), torch.tensor([len(ids) - 1]), squeeze=False)[0]
+        theirs = hf(input_ids=torch.tensor([ids])).logits[0]
+    assert theirs.shape == (2,) and torch.allclose(ours, theirs, atol=1e-4)
+    summary = json.loads((pipeline["rm"] / "summary.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss_last"])
+    logged = [json.loads(x) for x in (pipeline["rm"] / "metrics.jsonl").read_text().splitlines()]
+    assert any("mse_verbosity" in m for m in logged)
+
+
+def test_the_labelled_file_holds_each_record_with_its_rounded_predictions(pipeline):
+    from lmforge.align.config import AlignSection
+    from lmforge.align.data import Encoder, attribute_input
+    from lmforge.align.objective import score_rows
+    from lmforge.align.reward import load_reward_model
+
+    plain = [json.loads(x) for x in open(pipeline["plain"])]
+    lines = [json.loads(x) for x in pipeline["labelled"].read_text().splitlines()]
+    model, tokenizer = load_reward_model(pipeline["rm"])
+    enc = Encoder(tokenizer, None, False, 64)
+    assert len(lines) == len(plain)
+    for rec, line in zip(plain, lines):
+        assert {k: v for k, v in line.items() if k != "attributes"} == rec  # every field kept, "id" included
+        assert list(line["attributes"]) == NAMES
+        ids = attribute_input(rec, "x", enc, AlignSection())
+        with torch.no_grad():
+            raw = score_rows(model, torch.tensor([ids]), torch.tensor([len(ids) - 1]), squeeze=False)[0].tolist()
+        assert line["attributes"] == {n: int(round(min(4.0, max(0.0, v)))) for n, v in zip(NAMES, raw)}
+
+
+def test_the_generate_prompt_is_the_prompt_sft_trained_on(pipeline, tmp_path, monkeypatch, capsys):
+    from lmforge.data.sft import SFTDataConfig, encode_record
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.locate import resolve_checkpoint
+    from lmforge.serve.engine import Engine
+
+    checkpoint = resolve_checkpoint(pipeline["sft"])
+    tokenizer = load_tokenizer(checkpoint)
+    assert tokenizer.config["lmforge_steerlm"]["attributes"] == NAMES  # the format travels with the checkpoint
+    record = json.loads(pipeline["labelled"].read_text().splitlines()[1])
+    cfg = SFTDataConfig(input_key="prompt", output_key="response", attributes=NAMES)
+    sample = encode_record(record, "x", tokenizer, cfg)
+    trained_prompt = sample.ids[:sample.prompt_len]
+    values = record["attributes"]
+    text = f"{record['prompt']}\nattributes: quality:{values['quality']},verbosity:{values['verbosity']}\n"
+    chars = lambda ids: "".join(tokenizer.id_to_token(i) for i in ids)  # noqa: E731 (WordLevel decodes with spaces)
+    assert sample.prompt_text == text and chars(trained_prompt) == text
+
+    seen = []
+    generate, add_request = Engine.generate, Engine.add_request
+    monkeypatch.setattr(Engine, "generate", lambda self, prompts, *a, **k: seen.extend(prompts) or
+                        generate(self, prompts, *a, **k))
+    monkeypatch.setattr(Engine, "add_request", lambda self, rid, ids, *a, **k: seen.append(list(ids)) or
+                        add_request(self, rid, ids, *a, **k))
+    steer = f"quality={values['quality']},verbosity={values['verbosity']}"
+    assert main(["generate", str(pipeline["sft"]), "--prompt", record["prompt"], "--attributes", steer,
+                 "--max-new-tokens", "2", "--greedy"]) == 0
+    assert list(seen[-1]) == trained_prompt
+    assert capsys.readouterr().out.startswith(text)
+
+    # a prompts file: a line's own "attributes" object, else the --attributes values
+    lines = write_jsonl(tmp_path / "in.jsonl", [{"prompt": record["prompt"], "attributes": values},
+                                                {"prompt": record["prompt"]}])
+    seen.clear()
+    assert main(["generate", str(pipeline["sft"]), "--input", lines, "--output", str(tmp_path / "out.jsonl"),
+                 "--attributes", "quality=0,verbosity=4", "--max-new-tokens", "2", "--greedy"]) == 0
+    assert seen[0] == trained_prompt
+    assert chars(seen[1]) == f"{record['prompt']}\nattributes: quality:0,verbosity:4\n"
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["attributes"] for o in out] == [values, {"quality": 0, "verbosity": 4}]
+
+
+@pytest.mark.parametrize("steer, says", [
+    ("quality=4,humor=1,verbosity=2", "unknown attribute 'humor'; the attributes are quality, verbosity"),
+    ("quality=5,verbosity=2", "attribute quality=5 is out of range; values lie in [0, 4]"),
+    ("quality=4", "missing attribute value(s) for verbosity"),
+])
+def test_bad_steering_values_are_one_error_line(pipeline, capsys, steer, says):
+    assert main(["generate", str(pipeline["sft"]), "--prompt", "abc:", "--attributes", steer]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --attributes: {says}"), err
+
+
+def test_steering_a_model_without_attributes_is_refused(steer_base, tmp_path, capsys):
+    assert main(["generate", steer_base, "--prompt", "abc:", "--attributes", "quality=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was not fine-tuned with sft.attributes" in err[0]
+    lines = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "abc:"}, {"prompt": "abc:", "attributes": {"quality": 4}}])
+    assert main(["generate", steer_base, "--input", lines, "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {lines}:2 (id 2): the line has 'attributes'")
+    assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
+
+
+BAD = [
+    ({"quality": 2, "humor": 1}, ":2: unknown attribute 'humor'; the attributes are quality, verbosity"),
+    ({"quality": 7, "verbosity": 1}, ":2: attribute quality=7 is out of range; values lie in [0, 4]"),
+    (None, ":2: the record has no 'attributes' field"),
+]
+
+
+@pytest.mark.parametrize("labels, says", BAD)
+def test_bad_labels_stop_the_attribute_model_with_one_line(steer_base, tmp_path, capsys, labels, says):
+    recs = attribute_records(4, seed=3)
+    if labels is None:
+        del recs[1]["attributes"]
+    else:
+        recs[1]["attributes"] = labels
+    data = write_jsonl(tmp_path / "attr.jsonl", recs)
+    out = tmp_path / "rm"
+    assert main(["align", "--method", "regression_rm", "--model", steer_base, "--data", data, "--out", str(out),
+                 ALIGN_ATTRS, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {data}{says}"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("labels, says", BAD + [({"quality": 2}, ":2: missing attribute value(s) for verbosity")])
+def test_bad_labels_stop_attribute_conditioned_sft_with_one_line(steer_base, tmp_path, capsys, labels, says):
+    recs = attribute_records(4, seed=3)
+    if labels is None:
+        del recs[1]["attributes"]
+    else:
+        recs[1]["attributes"] = labels
+    data = write_jsonl(tmp_path / "sft.jsonl", recs)
+    out = tmp_path / "sft"
+    assert main(["finetune", "--method", "full", "--model", steer_base, "--data", data, "--out", str(out),
+                 *SFT_ATTRS, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {data}{says}"), err
+    assert not out.exists()
+
+
+def test_settings_that_would_not_act_are_refused(steer_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", attribute_records(4, seed=3))
+    assert main(["finetune", "--model", steer_base, "--data", data, "sft.attribute_range=[0,9]"]) == 2
+    assert "sft.attribute_range applies to attribute-conditioned SFT: set sft.attributes too" in capsys.readouterr().err
+    assert main(["align", "--method", "rm", "--model", steer_base, "--data", data, ALIGN_ATTRS]) == 2
+    assert "align.attributes applies to method=regression_rm, not rm" in capsys.readouterr().err
+    assert main(["finetune", "--model", steer_base, "--data", data, "sft.attributes=[quality]",
+                 "sft.attribute_template={prompt} [x]"]) == 2
+    assert "must hold {prompt} and {attributes}" in capsys.readouterr().err
+
+
+# -- learning --------------------------------------------------------------------------------------------------------
+
+def test_the_attribute_model_learns_an_attribute_that_follows_length(steer_base, tmp_path):
+    """Verbosity is the response's length in five steps; 40 steps bring the held-out squared error well under the
+    labels' variance (what predicting their mean scores)."""
+    from lmforge.align.reward import score_file
+
+    train = write_jsonl(tmp_path / "train.jsonl", attribute_records(256, seed=1, names=("verbosity",)))
+    held = attribute_records(64, seed=2, names=("verbosity",))
+    held_file = write_jsonl(tmp_path / "held.jsonl", held)
+    out = tmp_path / "rm"
+    assert main(["align", "--method", "regression_rm", "--model", steer_base, "--data", train, "--out", str(out),
+                 "align.attributes=[verbosity]", "trainer.max_steps=40", "micro_batch_size=16",
+                 "global_batch_size=16", "optim.lr=0.003", "trainer.log_every_n_steps=10"]) == 0
+    labels = [r["attributes"]["verbosity"] for r in held]
+    mean = sum(labels) / len(labels)
+    variance = sum((v - mean) ** 2 for v in labels) / len(labels)
+    summary = score_file(out, held_file)
+    assert summary["mse"]["verbosity"] < 0.5 * variance, (summary, variance)
