@@ -6,9 +6,15 @@ and bad steering values are one `error:` line."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
 import random
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +26,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz0123456789:, \n"
 NAMES = ["quality", "verbosity"]
 ALIGN_ATTRS = "align.attributes=[quality,verbosity]"
 SFT_ATTRS = ["sft.input_key=prompt", "sft.output_key=response", "sft.attributes=[quality,verbosity]"]
+DOC = Path(__file__).resolve().parents[2] / "docs" / "alignment.md"
 TINY = ["trainer.max_steps=2", "micro_batch_size=4", "global_batch_size=8", "trainer.log_every_n_steps=1"]
 
 
@@ -43,21 +50,39 @@ def steer_base(tmp_path_factory):
     return save_tiny_base(tmp_path_factory.mktemp("steer_base") / "base", CHARS, 64)
 
 
+def doc_commands() -> list[str]:
+    """The commands of docs/alignment.md's SteerLM section."""
+    section = DOC.read_text(encoding="utf-8").split("\n## SteerLM\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
-def pipeline(steer_base, tmp_path_factory):
-    """The three SteerLM steps, two training steps each: attribute model, labelling, attribute-conditioned SFT."""
+def pipeline(tmp_path_factory):
+    """The SteerLM steps as docs/alignment.md shows them, run verbatim in a folder with the files it names:
+    attribute model, labelling, attribute-conditioned SFT, then steered generation (its printed text kept)."""
     root = tmp_path_factory.mktemp("steerlm")
-    labelled_data = write_jsonl(root / "attr.jsonl", attribute_records(16, seed=1, unlabelled_quality_every=3))
+    save_tiny_base(root / "base", CHARS, 64)
+    write_jsonl(root / "attributes.jsonl", attribute_records(16, seed=1, unlabelled_quality_every=3))
     plain = [{k: r[k] for k in ("prompt", "response")} for r in attribute_records(8, seed=2)]
     plain[0]["id"] = "kept"  # other fields stay in the labelled file
-    plain_data = write_jsonl(root / "plain.jsonl", plain)
-    rm, labelled, sft = root / "rm", root / "labelled.jsonl", root / "sft"
-    assert main(["align", "--method", "regression_rm", "--model", steer_base, "--data", labelled_data,
-                 "--out", str(rm), ALIGN_ATTRS, *TINY]) == 0
-    assert main(["reward", str(rm), "--data", plain_data, "--out", str(labelled)]) == 0
-    assert main(["finetune", "--method", "full", "--model", steer_base, "--data", str(labelled), "--out", str(sft),
-                 *SFT_ATTRS, *TINY]) == 0
-    return {"root": root, "rm": rm, "plain": plain_data, "labelled": labelled, "sft": sft}
+    write_jsonl(root / "unlabelled.jsonl", plain)
+    commands = doc_commands()
+    assert len(commands) == 4 and all(c.startswith("lmforge ") for c in commands)
+    printed, here = io.StringIO(), os.getcwd()
+    os.chdir(root)
+    try:
+        for command in commands:
+            with contextlib.redirect_stdout(printed):
+                assert main(shlex.split(command)[1:]) == 0, command
+    finally:
+        os.chdir(here)
+    return {"root": root, "rm": root / "apm", "plain": str(root / "unlabelled.jsonl"),
+            "labelled": root / "labelled.jsonl", "sft": root / "steer", "printed": printed.getvalue()}
+
+
+def test_the_documented_generate_prints_the_steered_prompt(pipeline):
+    assert "abc:\nattributes: quality:4,verbosity:2\n" in pipeline["printed"]
 
 
 # -- the loss ------------------------------------------------------------------------------------------------------
@@ -134,7 +159,7 @@ def test_the_attribute_model_is_a_hugging_face_regression_model(pipeline):
         theirs = hf(input_ids=torch.tensor([ids])).logits[0]
     assert theirs.shape == (2,) and torch.allclose(ours, theirs, atol=1e-4)
     summary = json.loads((pipeline["rm"] / "summary.json").read_text())
-    assert summary["steps"] == 2 and math.isfinite(summary["train_loss_last"])
+    assert summary["steps"] == 4 and math.isfinite(summary["train_loss_last"])
     logged = [json.loads(x) for x in (pipeline["rm"] / "metrics.jsonl").read_text().splitlines()]
     assert any("mse_verbosity" in m for m in logged)
 
