@@ -5,6 +5,9 @@ Record kinds (one JSON object per line; field names are ``align.*_key`` settings
 * pairs (DPO, IPO, RPO, ORPO, SimPO, reward models): ``{"prompt": ..., "chosen": ..., "rejected": ...}``, and for
   reward models an optional numeric ``"margin"``.
 * unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true|false}``.
+* attribute records (SteerLM attribute models, ``regression_rm``): ``{"prompt": ..., "response": ...,
+  "attributes": {"quality": 4, ...}}`` or ``{"messages": [...], "attributes": ...}`` ending with the response;
+  an attribute left out (or null) is unlabelled (:func:`load_attributes`).
 
 A prompt is text (encoded by the one prompt rule, :func:`lmforge.data.prompts.encode_prompt`) or a list of chat
 messages rendered with the chat template (``align.chat_template``, else the tokenizer's); a completion is text, or

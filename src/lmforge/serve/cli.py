@@ -3,7 +3,8 @@
 ``lmforge serve MODEL`` starts the OpenAI-compatible server; ``lmforge generate MODEL --prompt TEXT``
 completes one prompt, and ``lmforge generate MODEL --input prompts.jsonl --output out.jsonl`` runs a
 file of prompts through the continuous-batching engine (resumable: prompts already answered in the
-output are skipped).
+output are skipped). ``--attributes quality=4,...`` (or a line's ``"attributes"`` object) steers a SteerLM model:
+the prompt gets the attribute string its fine-tuning used (:mod:`lmforge.data.steer`).
 """
 
 from __future__ import annotations
