@@ -317,3 +317,38 @@ def test_the_attribute_model_learns_an_attribute_that_follows_length(steer_base,
     variance = sum((v - mean) ** 2 for v in labels) / len(labels)
     summary = score_file(out, held_file)
     assert summary["mse"]["verbosity"] < 0.5 * variance, (summary, variance)
+
+
+def test_chat_records_and_chat_lines_are_conditioned_alike(steer_base):
+    """A chat record trains with the attribute line after every assistant turn's generation prompt; a `generate`
+    messages line holding the same history gets the same ids up to where the last answer starts."""
+    from types import SimpleNamespace
+
+    from lmforge.data.sft import SFTDataConfig, encode_record
+    from lmforge.data.steer import AttributeFormat
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.serve.cli import PromptLine, Steering, _prompt_ids
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer = load_tokenizer(steer_base)
+    tokenizer.config["chat_template"] = template
+    values = {"quality": 3, "verbosity": 1}
+    history = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"},
+               {"role": "user", "content": "de"}]
+    record = {"messages": history + [{"role": "assistant", "content": "ed"}], "attributes": values}
+    sample = encode_record(record, "x", tokenizer, SFTDataConfig(chat_template=template, attributes=NAMES))
+    chars = "".join(tokenizer.id_to_token(i) for i in sample.ids)
+    line = "\nattributes: quality:3,verbosity:1\n"
+    assert chars == f"user: abc\nassistant: {line}cba\nuser: de\nassistant: {line}ed\n"
+    trained = "".join(tokenizer.id_to_token(i) for i, m in zip(sample.ids, sample.mask) if m)
+    assert trained == "cba\ned\n"  # the answers (and the turn ends), never the attribute lines
+    last = max(i for i in range(len(sample.mask)) if sample.mask[i] and not sample.mask[i - 1])
+
+    engine = SimpleNamespace(tokenizer=tokenizer)
+    fmt = AttributeFormat.of(NAMES)
+    ids = _prompt_ids(engine, PromptLine(1, 0, 1, {"messages": history, "attributes": values}), "in:1", {},
+                      Steering(fmt))
+    assert ids == sample.ids[:last]
+    ids = _prompt_ids(engine, PromptLine(1, 0, 1, {"messages": history}), "in:1", {}, Steering(fmt, values))
+    assert ids == sample.ids[:last]  # --attributes for a line without its own

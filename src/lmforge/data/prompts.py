@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Optional
 
 __all__ = ["adds_bos", "encode_plain", "encode_prompt", "chat_template_of", "set_chat_template", "render_chat",
-           "encode_chat"]
+           "encode_chat", "assistant_spans", "NotIncremental"]
 
 
 def encode_plain(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -138,3 +138,30 @@ def encode_chat(tokenizer, messages: list, template: str) -> list[int]:
     """A chat prompt's ids: ``messages`` rendered with the assistant's generation prompt, encoded without
     special tokens (the template places them)."""
     return encode_plain(tokenizer, render_chat(template, messages, tokenizer, add_generation_prompt=True))[0]
+
+
+class NotIncremental(ValueError):
+    """The chat template does not render a conversation as its prefixes followed by more text."""
+
+
+def assistant_spans(template: str, messages: list, tokenizer,
+                    add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it: the text that turn adds
+    after the generation prompt that asks for it (used to train on assistant turns only, and to place SteerLM
+    attribute strings before them).
+
+    Raises:
+        NotIncremental: the template does not render the conversation up to a turn as a prefix of the whole.
+        jinja2.TemplateError: the template failed.
+    """
+    text = render_chat(template, messages, tokenizer, add_generation_prompt=add_generation_prompt)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(template, messages[:i], tokenizer, add_generation_prompt=True)
+        upto = render_chat(template, messages[:i + 1], tokenizer)
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise NotIncremental("the chat template does not render conversations incrementally")
+        spans.append((len(before), len(upto)))
+    return text, spans

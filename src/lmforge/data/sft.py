@@ -25,7 +25,8 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from lmforge.data.jsonl import iter_jsonl
-from lmforge.data.prompts import chat_template_of, encode_plain, encode_prompt, render_chat  # noqa: F401 (re-exported)
+from lmforge.data.prompts import (NotIncremental, assistant_spans, chat_template_of, encode_plain,  # noqa: F401
+                                   encode_prompt, render_chat)  # (re-exported)
 from lmforge.data.steer import DEFAULT_RANGE, DEFAULT_TEMPLATE, AttributeFormat, problems_of
 from lmforge.errors import ConfigError, DataError
 
@@ -166,9 +167,6 @@ def _field(rec: dict, key: str, where: str, kind: str) -> str:
 def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSample:
     """Tokenize one record into ids and a loss mask (see the module doc). Bad records raise DataError."""
     if cfg.messages_key in rec:
-        if cfg.attributes:
-            raise DataError(f"{where}: sft.attributes conditions prompt/response records; chat records "
-                            f"({cfg.messages_key!r}) are not supported with it yet")
         return _encode_chat(rec, where, tokenizer, cfg)
     response = _field(rec, cfg.output_key, where, "output")
     if not response.strip():
@@ -183,11 +181,7 @@ def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSa
         prompt = _field(rec, cfg.input_key, where, "input")
     fmt = cfg.attribute_format()
     if fmt is not None:  # SteerLM: the attribute string between the prompt and the response
-        if cfg.attributes_key not in rec:
-            raise DataError(f"{where}: the record has no {cfg.attributes_key!r} field (fields: {sorted(rec)}); "
-                            f"sft.attributes needs each record's attribute values (label them with `lmforge "
-                            f"reward ATTRIBUTE_MODEL --data FILE --out LABELLED`)")
-        prompt = fmt.prompt(prompt, fmt.values(rec[cfg.attributes_key], where))
+        prompt = fmt.prompt(prompt, _record_values(rec, where, cfg, fmt))
     if cfg.add_bos is None:
         p_ids = encode_prompt(tokenizer, prompt)  # the one rule (generate, serve and evaluate use it too)
     else:
@@ -198,6 +192,15 @@ def encode_record(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSa
         r_ids = r_ids + [tokenizer.eod_id]
     mask = [1 if cfg.train_on_prompt else 0] * len(p_ids) + [1] * len(r_ids)
     return SFTSample(p_ids + r_ids, mask, where, prompt, response, len(p_ids))
+
+
+def _record_values(rec: dict, where: str, cfg: SFTDataConfig, fmt: AttributeFormat) -> dict:
+    """A record's checked SteerLM attribute values (``sft.attributes_key``); DataError naming ``where``."""
+    if cfg.attributes_key not in rec:
+        raise DataError(f"{where}: the record has no {cfg.attributes_key!r} field (fields: {sorted(rec)}); "
+                        f"sft.attributes needs each record's attribute values (label them with `lmforge "
+                        f"reward ATTRIBUTE_MODEL --data FILE --out LABELLED`)")
+    return fmt.values(rec[cfg.attributes_key], where)
 
 
 def _encode_chat(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSample:
@@ -217,20 +220,16 @@ def _encode_chat(rec: dict, where: str, tokenizer, cfg: SFTDataConfig) -> SFTSam
                         f"no chat_template.jinja); "
                         f"set sft.chat_template to a Jinja template or use input/output records")
     try:
-        text = render_chat(template, messages, tokenizer)
         # Each assistant turn is the text it adds after the prompt that asks for it.
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = render_chat(template, messages[:i], tokenizer, add_generation_prompt=True)
-            upto = render_chat(template, messages[:i + 1], tokenizer)
-            if not text.startswith(upto) or not upto.startswith(before):
-                raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
-                                f"assistant tokens cannot be located; set sft.chat_template to one that does")
-            spans.append((len(before), len(upto)))
+        text, spans = assistant_spans(template, messages, tokenizer)
+    except NotIncremental:
+        raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
+                        f"assistant tokens cannot be located; set sft.chat_template to one that does") from None
     except TemplateError as e:
         raise DataError(f"{where}: the chat template failed: {e}") from None
+    fmt = cfg.attribute_format()
+    if fmt is not None:  # SteerLM: the attribute string before every assistant turn
+        text, spans = fmt.condition_chat(text, spans, _record_values(rec, where, cfg, fmt), where)
     ids, offsets = _encode_plain(tokenizer, text)
     mask = []
     for start, end in offsets:

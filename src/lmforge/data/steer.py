@@ -9,7 +9,10 @@ value an integer in the format's range, and the prompt the model sees is ``templ
 Fine-tuning with ``sft.attributes`` stores the format in the tokenizer's config (``tokenizer_config.json`` key
 ``lmforge_steerlm``), so every checkpoint, adapter and merged model of the run carries it, as it carries the chat
 template; ``lmforge generate --attributes`` reads it back from the model it opens, so training and inference build
-the same prompt (:func:`format_of`).
+the same prompt (:func:`format_of`). A chat conversation gets the template's text after ``{prompt}`` (the
+attribute line) after the generation prompt of every assistant turn, history included
+(:meth:`AttributeFormat.condition_chat`), as NeMo-Aligner's SteerLM conversations put a label before every
+assistant turn.
 """
 
 from __future__ import annotations
@@ -138,6 +141,26 @@ class AttributeFormat:
     def prompt(self, prompt: str, values: Mapping[str, int]) -> str:
         """The conditioned prompt text: the template with the prompt and the attribute string."""
         return self.template.format(prompt=prompt, attributes=self.string(values))
+
+    def condition_chat(self, text: str, spans: list, values: Mapping[str, int], where: str,
+                       at_end: bool = False) -> tuple[str, list]:
+        """A rendered conversation conditioned on ``values``: the template's text after ``{prompt}`` (the attribute
+        line) inserted where each assistant turn starts (``spans``, from
+        :func:`lmforge.data.prompts.assistant_spans`) and, ``at_end``, after the final generation prompt. Returns
+        the text and the assistant spans moved along."""
+        if not self.template.startswith("{prompt}"):
+            raise DataError(f"{where}: chat conversations get the attribute string after each assistant turn's "
+                            f"generation prompt, so the attribute template must start with {{prompt}}, not "
+                            f"{self.template!r}")
+        add = self.template.format(prompt="", attributes=self.string(values))
+        points = [start for start, _ in spans] + ([len(text)] if at_end else [])
+        pieces, last = [], 0
+        for point in points:
+            pieces += [text[last:point], add]
+            last = point
+        pieces.append(text[last:])
+        moved = [(a + len(add) * (k + 1), b + len(add) * (k + 1)) for k, (a, b) in enumerate(spans)]
+        return "".join(pieces), moved
 
     def label(self, prediction: Sequence[float]) -> dict:
         """Predicted values (one per name, in order) as labels: clipped to the range and rounded to the nearest

@@ -235,13 +235,12 @@ class Steering:
     format: Optional[object] = None
     values: Optional[dict] = None
 
-    def prompt(self, text: str, line_values, where: str) -> tuple[str, Optional[dict]]:
-        """(prompt text, values used) of a prompts-file line: its own ``attributes`` object, else --attributes."""
+    def values_for(self, line_values, where: str) -> Optional[dict]:
+        """The values a prompts-file line is steered with: its own ``attributes`` object, else --attributes."""
         if line_values is not None and self.format is None:
             raise DataError(f"{where}: the line has 'attributes' but the model was not fine-tuned with "
                             f"sft.attributes (it holds no SteerLM attribute format); remove them")
-        values = self.format.values(line_values, where) if line_values is not None else self.values
-        return (text, None) if values is None else (self.format.prompt(text, values), values)
+        return self.format.values(line_values, where) if line_values is not None else self.values
 
 
 def steering(tokenizer, model_name, attributes: Optional[str]) -> Steering:
@@ -334,22 +333,42 @@ def _prompt_ids(engine, line: PromptLine, where: str, chat_cache: dict, steer: O
     from lmforge.serve.chat import load_chat_template
 
     rec = line.record
-    steer = steer or Steering()
+    line.values = (steer or Steering()).values_for(rec.get("attributes"), where)
     if isinstance(rec.get("prompt"), str):
-        text, line.values = steer.prompt(rec["prompt"], rec.get("attributes"), where)
+        text = rec["prompt"] if line.values is None else steer.format.prompt(rec["prompt"], line.values)
         return encode_prompt(engine.tokenizer, text)
-    if rec.get("attributes") is not None or steer.values is not None:
-        raise DataError(f"{where}: SteerLM attributes condition 'prompt' lines; 'messages' lines are not supported "
-                        f"with them yet")
     if "chat" not in chat_cache:
         chat_cache["chat"] = load_chat_template(engine.tokenizer)
-    if chat_cache["chat"] is None:
+    chat = chat_cache["chat"]
+    if chat is None:
         raise DataError(f"{where}: the line has 'messages' but the model's tokenizer has no chat template "
                         f"(no chat_template in tokenizer_config.json, no chat_template.jinja); give 'prompt' strings")
+    if line.values is not None:  # SteerLM: the attribute string after every assistant turn's generation prompt
+        return _steered_chat_ids(chat, rec["messages"], steer.format, line.values, where)
     try:
-        return chat_cache["chat"].encode(rec["messages"])
+        return chat.encode(rec["messages"])
     except UserError as e:
         raise DataError(f"{where}: {e}") from None
+
+
+def _steered_chat_ids(chat, messages, fmt, values: dict, where: str) -> list[int]:
+    """The ids of ``messages`` and the generation prompt conditioned as fine-tuning conditioned chat records
+    (:meth:`lmforge.data.steer.AttributeFormat.condition_chat`); DataError naming ``where``."""
+    from jinja2 import TemplateError
+
+    from lmforge.data.prompts import NotIncremental, assistant_spans, encode_plain
+
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
+    try:
+        text, spans = assistant_spans(chat.template, messages, chat.tokenizer, add_generation_prompt=True)
+    except NotIncremental:
+        raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
+                        f"attribute strings cannot be placed") from None
+    except TemplateError as e:
+        raise DataError(f"{where}: the chat template could not render these messages: {e}") from None
+    return encode_plain(chat.tokenizer, fmt.condition_chat(text, spans, values, where, at_end=True)[0])[0]
 
 
 def generate_file(engine, input_path, output_path, params_for, steer: Optional[Steering] = None) -> dict:
