@@ -49,9 +49,10 @@ class SFTDataConfig:
         truncation: ``truncate`` (cut the end of a long sample) or ``drop`` (skip it).
         pack: pack several samples per row (per-sample attention, restarting positions).
         attributes: SteerLM attribute-conditioned SFT (:mod:`lmforge.data.steer`): the attribute names in the fixed
-            order of the attribute string; each prompt/response record's ``attributes_key`` object gives every one
-            a whole value in ``attribute_range``, and the prompt becomes ``attribute_template`` filled with
-            ``{prompt}`` and ``{attributes}``. None: off.
+            order of the attribute string; each record's ``attributes_key`` object gives every one a whole value
+            in ``attribute_range``, and the prompt becomes ``attribute_template`` filled with ``{prompt}`` and
+            ``{attributes}`` (chat records: its text after ``{prompt}`` follows every assistant turn's generation
+            prompt). None: off.
         attributes_key, attribute_range, attribute_template: the record field, the values' range, the template.
     """
 
