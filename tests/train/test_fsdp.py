@@ -121,12 +121,18 @@ def mixtral_dir(tmp_path_factory, sft_tokenizer):
                            ffn_hidden_size=48, num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)
 
 
-def _finetune(args, nproc):
+def _finetune(args, nproc, sync_counts=None):
+    """``lmforge finetune ARGS`` on ``nproc`` processes; with ``sync_counts`` (a folder) through
+    tests/train/count_syncs.py, which writes each rank's host reads of tensors per step there."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lmforge", "finetune", *args]
+    run = ["-m", "lmforge"]
+    if sync_counts is not None:
+        run = [str(Path(__file__).with_name("count_syncs.py"))]
+        env["LMFORGE_SYNC_COUNTS"] = str(sync_counts)
+    cmd = [sys.executable, *run, "finetune", *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "--master-addr=127.0.0.1", "-m", "lmforge", "finetune", *args]
+               f"--master-port={_free_port()}", "--master-addr=127.0.0.1", *run, "finetune", *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
@@ -173,9 +179,21 @@ def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_d
     nproc = 2
     if strategy == "hybrid":  # 2 "nodes" of 2 ranks on this host
         layout, nproc = layout + ["trainer.num_nodes=2", "micro_batch_size=1"], 4
-    _finetune(["--out", str(tmp_path / "two")] + common + layout, nproc)
+    counted = (model, method, strategy) == ("llama", "lora", "full")
+    _finetune(["--out", str(tmp_path / "two")] + common + layout, nproc,
+              sync_counts=tmp_path / "syncs" if counted else None)
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     _same_curve(dict(one["losses"]), dict(two["losses"]))
+    if counted:  # no step waits for the device: the loss and token counts are read at logging steps only
+        for rank in range(nproc):
+            syncs = json.loads((tmp_path / "syncs" / f"rank{rank}.json").read_text())
+            assert sorted(int(k) for k in syncs["around"]) == list(range(0, STEPS + 1))  # the counter counts
+            assert syncs["in_step"] == {}, syncs["sites"]  # was 2 a step: the global token count, the stop flag
+        # the counts read later still add up: the same tokens and samples in the last checkpoint as one process
+        states = [json.loads((Path(run["adapter"]).parent / "checkpoints" / f"step_{STEPS:07d}" / "training_state" /
+                              "state.json").read_text())["state"] for run in (one, two)]
+        assert [(s["tokens_trained"], s["consumed_samples"]) for s in states] == \
+            [(states[0]["tokens_trained"], 8 * STEPS)] * 2 and states[0]["tokens_trained"] > 0
     assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
     assert two["trainable_parameters"] == one["trainable_parameters"]
     if method != "full":  # the adapter written from the sharded run equals the one-process adapter

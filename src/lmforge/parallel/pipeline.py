@@ -161,7 +161,7 @@ class PipelineRunner:
             self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches=n_microbatches, loss_fn=loss_fn,
                                                     scale_grads=False)
 
-    def _run(self, micro: list[torch.Tensor], scale: float, train: bool) -> float:
+    def _run(self, micro: list[torch.Tensor], scale, train: bool):
         tokens = torch.cat(micro)  # (accumulate x micro batch, T + 1)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         self.scale = scale
@@ -172,13 +172,18 @@ class PipelineRunner:
             self.schedule.step(*args, target=target, losses=losses)
         else:
             self.schedule.eval(*args, target=target, losses=losses)
-        return float(sum(float(l.detach()) for l in losses)) / scale if self.last else 0.0
+        if not self.last:
+            return 0.0
+        # float64, added in order as Python adds floats: the host's sum, left on the device (no wait)
+        return sum(l.detach().double() for l in losses) / scale
 
-    def train(self, micro: list[torch.Tensor], scale: float) -> float:
-        """Forward and backward over one global batch's micro batches; the summed loss on the last stage, else 0."""
+    def train(self, micro: list[torch.Tensor], scale) -> torch.Tensor | float:
+        """Forward and backward over one global batch's micro batches; the summed loss on the last stage (a float64
+        device tensor, not read back), else 0. ``scale`` (a float, or a 0-dim device tensor) multiplies each
+        micro batch's loss before its backward."""
         return self._run(micro, scale, train=True)
 
     def evaluate(self, micro: list[torch.Tensor]) -> float:
         """Forward only; the summed loss on the last stage, else 0."""
         with torch.no_grad():
-            return self._run(micro, 1.0, train=False)
+            return float(self._run(micro, 1.0, train=False))

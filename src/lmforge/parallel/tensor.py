@@ -190,9 +190,10 @@ def clip_with_norm(parameters, max_norm: float, total: torch.Tensor) -> None:
                                             if not isinstance(params[0].grad, DTensor) else total)
 
 
-def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
+def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> torch.Tensor:
     """Clip gradients by their global 2-norm, for any mix of plain tensors and DTensors on different meshes
-    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping.
+    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping, a 0-dim device
+    tensor (not read back: the training loop reads it at logging steps).
 
     ``sum_group``: a process group whose ranks hold different parameters (pipeline stages): their squared norms
     are summed across it."""
@@ -204,4 +205,4 @@ def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> float:
         dist.all_reduce(square, group=sum_group)
     total = square.sqrt()
     clip_with_norm(parameters, max_norm, total)
-    return float(total)
+    return total

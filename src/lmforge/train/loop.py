@@ -250,6 +250,10 @@ class Trainer:
             raise ValueError(f"precision {settings.precision!r}")
         self.amp_dtype = PRECISIONS[settings.precision]
         self.scaler = scaler
+        # Distributed runs: the latest step's (samples, counted units) summed over the data-parallel ranks, a device
+        # tensor the loop reads at its logging steps (None: the step knew them on the host, see train_step)
+        self.last_step_counts: Optional[torch.Tensor] = None
+        self._flag_group = None  # see _host_group
 
     # -- pieces ---------------------------------------------------------------------------------
     def autocast(self):
@@ -266,12 +270,33 @@ class Trainer:
         dist.all_reduce(t)
         return (t / (self.dims.world_size // self.dims.dp)).tolist()
 
+    def _sum_on_device(self, values: list[float]) -> torch.Tensor:
+        """:meth:`_all_reduce` without reading the result back: a float64 device tensor. The values reach the device
+        through pinned memory without waiting (a plain host-to-device copy waits for the device's queue), so the host
+        goes on queueing work; the loop reads the sums at its logging steps."""
+        host = torch.tensor(values, dtype=torch.float64)
+        if self.rt.device.type == "cuda":
+            host = host.pin_memory()
+        t = host.to(self.rt.device, non_blocking=True)
+        dist.all_reduce(t)
+        return t / (self.dims.world_size // self.dims.dp)
+
+    def _host_group(self):
+        """The process group of the loop's control flags (stop requested, time limit): gloo over host tensors, so
+        agreeing on a flag never waits for the device. The default group when it is gloo already (CPU runs)."""
+        if self._flag_group is None:
+            self._flag_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return self._flag_group
+
     @staticmethod
     def counted_tokens(batch) -> int:
         """Tokens whose loss counts in a micro-batch (every next token of a tensor batch)."""
         if isinstance(batch, dict):
             if batch.get("loss_mask") is not None:
-                return int(batch["loss_mask"][:, 1:].sum().item())
+                mask = batch["loss_mask"][:, 1:]
+                if mask.device.type == "cpu":  # a host batch (before its copy): numpy reads it, no device involved
+                    return int(mask.numpy().sum())
+                return int(mask.sum().item())
             return batch["tokens"][:, 1:].numel()
         return batch[:, 1:].numel()
 
@@ -316,24 +341,39 @@ class Trainer:
             counts = [self._counts(b) for b in micro]
         local = [sum(c[i] for c in counts) for i in range(len(counts[0]))] if counts else [0.0]
         local_rows = sum(len(b["tokens"] if isinstance(b, dict) else b) for b in micro)
-        global_rows, *totals = self._all_reduce([float(local_rows), *local])
-        global_tokens = totals[0]
-        if len(totals) > 1:  # the objective normalises its other terms by their global counts
-            self.objective.set_totals(totals)
-        self.last_step_tokens = int(global_tokens)
-        self.last_step_samples = int(global_rows)  # read by all data-parallel ranks together
-        if self.last_step_samples != self.s.global_batch_size:
-            raise RuntimeError(f"step {step} read {self.last_step_samples} samples, not the global batch "
-                               f"{self.s.global_batch_size}: the batch plan and the data-parallel layout disagree")
-        global_tokens = max(global_tokens, 1.0)
+        self.last_step_counts = None
+        if self.rt.distributed and len(local) == 1:
+            # Summed on the device, not read back (that would wait for the device every step): the loss is scaled
+            # by a device tensor, and the loop reads the samples and units at its logging steps (check_losses in fit:
+            # the same sample check, the same token totals). Float64 throughout, as the host path: same values.
+            self.last_step_counts = self._sum_on_device([float(local_rows), *local])
+            self.last_step_samples = self.s.global_batch_size  # what the plan reads; checked at the logging step
+            self.last_step_tokens = 0  # added when read
+            global_tokens = self.last_step_counts[1].clamp_min(1.0)
+
+            def per_token(k: int) -> torch.Tensor:  # k / global tokens (k / t, not k * (1 / t): the host's value)
+                return torch.full((), float(k), dtype=torch.float64, device=self.rt.device) / global_tokens
+        else:
+            global_rows, *totals = self._all_reduce([float(local_rows), *local])
+            global_tokens = totals[0]
+            if len(totals) > 1:  # the objective normalises its other terms by their global counts
+                self.objective.set_totals(totals)
+            self.last_step_tokens = int(global_tokens)
+            self.last_step_samples = int(global_rows)  # read by all data-parallel ranks together
+            self.check_samples(step, self.last_step_samples)
+            global_tokens = max(global_tokens, 1.0)
+
+            def per_token(k: int) -> float:
+                return k / global_tokens
         loss_total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         if self.pipeline is not None:
             if isinstance(micro[0], dict):
                 raise ValueError("pipeline parallelism trains on token batches (pretraining) only")
             with self.loss_context(), self.autocast():
-                loss_total += self.pipeline.train(micro, scale=self.dims.dp / global_tokens)
+                loss_total += self.pipeline.train(micro, scale=per_token(self.dims.dp))
             loss_total *= self.dims.pp  # only the last stage holds the loss; the sum below divides by tp x pp
             micro = []  # the schedule ran forward and backward
+        scale = per_token(self.dims.dp * self.dims.cp) if micro else None
         for k, tokens in enumerate(micro):
             last = k == len(micro) - 1
             with self._gradient_sync(last), self.loss_context():
@@ -342,7 +382,7 @@ class Trainer:
                 # DDP and FSDP average gradients over the data-parallel ranks: scale so the result is the
                 # global token mean. (Context parallelism: they average over dp x cp ranks, and the cp ranks'
                 # gradients, each of its part of the sequences, must add up: scale by cp more.)
-                loss = loss_sum * (self.dims.dp * self.dims.cp / global_tokens)
+                loss = loss_sum * (scale.to(loss_sum.dtype) if torch.is_tensor(scale) else scale)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -371,6 +411,12 @@ class Trainer:
             dist.all_reduce(loss_total)
             loss_total /= self.dims.world_size // self.dims.dp
         return loss_total / global_tokens, grad_norm
+
+    def check_samples(self, step: int, samples: int) -> None:
+        """The samples a step read over all data-parallel ranks must be the global batch."""
+        if samples != self.s.global_batch_size:
+            raise RuntimeError(f"step {step} read {samples} samples, not the global batch "
+                               f"{self.s.global_batch_size}: the batch plan and the data-parallel layout disagree")
 
     def _gradient_sync(self, last: bool):
         """Reduce gradients only after the last micro-batch of a step (DDP ``no_sync``, FSDP's switch)."""
@@ -421,17 +467,31 @@ class Trainer:
         kill_at = int(os.environ.get("LMFORGE_TEST_KILL_AT_STEP", "0"))  # fault injection for resume tests
         window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
         deadline = _now() + s.max_time_s if s.max_time_s else None
-        unchecked: list = []  # (step, loss tensor) not read back yet: checked at logging steps and before saving
+        # (step, loss tensor, the step's device counts or None) not read back yet: read at logging steps and before
+        # saving, so a step queues the next one without waiting for the device
+        unchecked: list = []
 
         def check_losses() -> None:
-            """Read the losses since the last check (one device sync) and stop at the first that is not finite."""
+            """Read the losses (and, distributed, the sample and token counts) since the last check in one device
+            sync; stop at the first loss that is not finite or count that breaks the batch plan. The counted tokens
+            join the totals here (the tokens-per-second window and ``tokens_trained``, before any save)."""
+            nonlocal window_tokens
             if not unchecked:
                 return
-            values = torch.stack([t.detach().double().reshape(()) for _, t in unchecked]).tolist()
-            for (at, _), value in zip(unchecked, values):
+            parts = [t.detach().double().reshape(1) for _, t, _ in unchecked]
+            parts += [c for _, _, c in unchecked if c is not None]  # (samples, tokens) of a distributed step
+            values = torch.cat(parts).tolist()
+            losses, counts = values[:len(unchecked)], values[len(unchecked):]
+            for (at, _, _), value in zip(unchecked, losses):
                 if not math.isfinite(value):
                     raise FloatingPointError(f"loss is {value} at step {at}; lower model.optim.lr or use "
                                              f"trainer.precision=bf16-mixed / gradient clipping")
+            for i, at in enumerate(at for at, _, c in unchecked if c is not None):
+                samples, tokens = counts[2 * i], counts[2 * i + 1]
+                self.check_samples(at - 1, int(samples))
+                if fixed_tokens is None:  # as the host path adds int(tokens) each step
+                    state.tokens_trained += int(tokens)
+                    window_tokens += int(tokens)
             unchecked.clear()
 
         try:
@@ -443,7 +503,7 @@ class Trainer:
                 state.tokens_trained += tokens_per_step
                 window_steps += 1
                 window_tokens += tokens_per_step
-                unchecked.append((state.step, loss_t))
+                unchecked.append((state.step, loss_t, self.last_step_counts))
                 if state.step % max(1, s.log_every_n_steps) == 0 or state.step == s.max_steps or state.step == 1:
                     check_losses()  # the one host sync of a logging step (the device finished the step by then)
                     loss = float(loss_t)
@@ -462,6 +522,7 @@ class Trainer:
                 metrics = None
                 if s.val_check_interval and state.step % s.val_check_interval == 0 or state.step == s.max_steps:
                     if val_dataset is not None and s.limit_val_batches > 0:
+                        check_losses()  # the steps before it count in the window validation ends
                         val_loss = self.evaluate(val_dataset, s.limit_val_batches)
                         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
                         if self.extra_val_fn is not None:
@@ -493,8 +554,10 @@ class Trainer:
         return state
 
     def _any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any rank (every rank calls this at the same point). A host tensor over the
+        gloo group (:meth:`_host_group`), read through numpy: the ranks agree without waiting for the device."""
         if not self.rt.distributed:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, group=self._host_group())
+        return bool(t.numpy()[0] > 0)
