@@ -301,12 +301,15 @@ def test_config_invalid_combinations(overrides, key):
 # -- lora: every block checkpointed, the attention outputs and the LoRA products x @ A.T kept ----------------------
 
 
+LORA_L = 2  # layers of the LoRA checkpointing tests
+
+
 def lora_base(joint: bool) -> Transformer:
-    """The llama-shaped model with LoRA r=4 on every linear (random B, so A's gradient is not zero)."""
+    """The llama-shaped model (2 layers) with LoRA r=4 on every linear (random B, so A's gradient is not zero)."""
     from lmforge.models.transformer import set_joint_projections
     from lmforge.peft import LoRAConfig, apply_peft
 
-    model = make_model(make_cfg())
+    model = make_model(make_cfg(num_layers=LORA_L))
     apply_peft(model, "lora", LoRAConfig(r=4, lora_alpha=8, target_modules=["all-linear"]))
     with torch.no_grad():
         for key, p in model.named_parameters():
@@ -374,17 +377,24 @@ def test_lora_checkpointing_keeps_attention_and_lora_products_only():
     base = lora_base(joint=True)
     kept = {name: kept_and_attention_reruns(transformed(base, s))
             for name, s in [("none", None), ("full", ("full", None, None)), ("lora", ("lora", None, None))]}
-    assert [kept[name][1] for name in ("none", "full", "lora")] == [0, L, 0]
+    assert [kept[name][1] for name in ("none", "full", "lora")] == [0, LORA_L, 0]
     none, full, lora = (kept[name][0] for name in ("none", "full", "lora"))
     attn_out = B * T * C * 4  # fp32 (B, nh, T, hd): one hidden state per block
     lora_products = B * T * (3 * 4 + 4 + 2 * 4 + 4) * 4  # [q;k;v], o, [gate;up], down: r = 4 columns each
     assert full < lora < none
-    assert lora - full >= L * (attn_out + lora_products)
-    assert lora - full <= L * (attn_out + lora_products + attn_out // 2)  # + log-sum-exp rows, nothing wide
+    assert lora - full >= LORA_L * (attn_out + lora_products)
+    assert lora - full <= LORA_L * (attn_out + lora_products + attn_out // 2)  # + log-sum-exp rows, nothing wide
 
 
 def test_lora_checkpointing_needs_lora_layers_and_no_chunks():
     from lmforge.finetune.config import load_finetune_config
+    from lmforge.finetune.stage import job_from_config
+    from lmforge.parallel.dims import ParallelDims
+
+    # fine-tuning's key reaches the transform (build_training calls apply_activation_checkpointing(unit, **ac))
+    cfg = load_finetune_config(None, ["model=m", "data=d.jsonl", "activations_checkpoint_granularity=lora"])
+    assert job_from_config(cfg, ParallelDims(1), 2, None).activations_checkpoint == \
+        dict(granularity="lora", method=None, num_layers=None)
 
     with pytest.raises(ConfigError, match="has no LoRA layers; use full or selective"):
         apply_activation_checkpointing(make_model(make_cfg()), "lora")
