@@ -103,13 +103,20 @@ class LmforgeLM(TemplateLM):
         return self.scorer.loglikelihood_rolling([req.args[0] for req in requests])
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy generation up to the request's ``until`` strings and ``max_gen_toks``."""
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args[0], dict(req.args[1] or {})
+        """Greedy generation up to the request's ``until`` strings and ``max_gen_toks``. Requests with the same
+        ``until`` and ``max_gen_toks`` (a task's) go to the scorer together, so the serving engine batches them
+        and shares their few-shot prefix (:meth:`lmforge.eval.scorer.Scorer.generate_until`)."""
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for i, req in enumerate(requests):
+            gen_kwargs = dict(req.args[1] or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            out.extend(self.scorer.generate_until([context], until, int(gen_kwargs.get("max_gen_toks", 256))))
+            groups.setdefault((tuple(until), int(gen_kwargs.get("max_gen_toks", 256))), []).append(i)
+        out: list[str] = [""] * len(requests)
+        for (until, max_new), members in groups.items():
+            texts = self.scorer.generate_until([requests[i].args[0] for i in members], list(until), max_new)
+            for i, text in zip(members, texts):
+                out[i] = text
         return out
 
 

@@ -28,10 +28,13 @@ returns all results, bit for bit those of one process (each batch is the one a s
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lmforge.serve.engine import Engine
 
 __all__ = ["Scorer", "rolling_windows"]
 
@@ -112,6 +115,8 @@ class Scorer:
         self.progress = progress
         self.truncated = 0  # requests cut from the left because they exceeded max_length + 1 tokens
         self._auto_batch: Optional[int] = None
+        self._engine = None  # the serving engine of generate_until (built on first use)
+        self._requests = 0  # generate_until calls through the engine (request ids stay unique)
 
     # -- tokens --------------------------------------------------------------------------------------
 
@@ -339,35 +344,179 @@ class Scorer:
             totals[owner] += ll
         return totals
 
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def engine_model(self):
+        """The lmforge :class:`~lmforge.models.transformer.Transformer` (or the p-tuned model around one) that
+        :meth:`generate_until` runs on the serving engine, or None: any other model (a transformers model, a
+        plain module returning logits) generates with full forwards (:meth:`_greedy_loop`)."""
+        from lmforge.models.transformer import Transformer
+
+        model = self.model
+        inner = model.model if hasattr(model, "num_virtual_tokens") and hasattr(model, "model") else model
+        return model if isinstance(inner, Transformer) else None
+
+    def _engine_for(self, longest: int) -> "Engine":
+        """The serving engine of this scorer (built on first use, on the scorer's model, device and dtype), with
+        room for sequences of ``longest`` tokens (built again, larger, when a later call needs more).
+
+        Its settings: ``batch_size`` sequences at most (``"auto"``: the size found for the scorer's forwards, at
+        most 256), greedy, prefix caching on, no compiling (``lmforge evaluate`` has no such flag); the KV cache
+        holds that many sequences of the longest one needed (not the GPU's free memory: the scorer's other
+        requests need it too)."""
+        from lmforge.serve.engine import Engine
+
+        model = self.engine_model()
+        virtual = int(getattr(model, "num_virtual_tokens", 0))
+        limit = min(self.max_length + virtual, int(model.cfg.max_position_embeddings))
+        needed = min(limit, -(-(longest + virtual) // 256) * 256)  # rounded up: fewer rebuilds
+        if self._engine is not None and self._engine.max_seq_len >= needed:
+            return self._engine
+        self._engine = None  # its KV cache goes before the larger one is made
+        if self.batch_size != "auto":
+            rows = int(self.batch_size)
+        else:  # no collective here: ranks may reach generation with different prompts (or none)
+            rows = min(self._auto_batch or self.detect_batch_size(longest), 256)
+        block = 16
+        blocks = rows * -(-needed // block)
+        quiet = (lambda msg: None) if self.rank != 0 else None  # its start-up lines from rank 0 only
+        self._engine = Engine(model, self.tokenizer, max_batch_size=rows, max_seq_len=needed, block_size=block,
+                              num_kv_blocks=blocks, enable_prefix_caching=True, log=quiet)
+        return self._engine
+
+    def _eos(self) -> Optional[int]:
+        eos = getattr(self.tokenizer, "eod_id", None)
+        return eos if eos is not None else getattr(self.tokenizer, "eos_token_id", None)
+
+    def _special_stop_ids(self, until: Sequence[str]) -> list[int]:
+        """Ids of the ``until`` strings that are one special token each (``<|im_end|>``): the engine's stop
+        strings are matched on text without special tokens, so these stop it as tokens instead."""
+        to_id = getattr(self.tokenizer, "token_to_id", None) or getattr(self.tokenizer, "convert_tokens_to_ids", None)
+        ids = []
+        for s in until:
+            tid = to_id(s) if to_id is not None else None
+            if isinstance(tid, int) and self.tokenizer.decode([tid]) == s \
+                    and self.tokenizer.decode([tid], skip_special_tokens=True) == "":
+                ids.append(tid)
+        return ids
+
     @torch.no_grad()
     def generate_until(self, prompts: Sequence[str], until: Sequence[str] = (), max_new_tokens: int = 256) -> list[str]:
-        """Greedy continuation of every prompt, cut at the first of ``until`` (and at EOS)."""
-        eos = getattr(self.tokenizer, "eod_id", None)
-        if eos is None:
-            eos = getattr(self.tokenizer, "eos_token_id", None)
+        """Greedy continuation of every prompt, cut before the first of ``until`` and stopped at EOS.
+
+        On an lmforge Transformer (or a p-tuned one) the prompts run together through the serving engine
+        (:class:`lmforge.serve.engine.Engine`: continuous batching, a KV cache, the prefix cache, so few-shot
+        contexts shared by the prompts are computed once); any other model generates one prompt at a time with
+        a full forward per token (:meth:`_greedy_loop`). Both give the same text: token ``i`` is the argmax given
+        the last ``max_length`` tokens of prompt + output so far. While prompt + output fit ``max_length`` that
+        is the engine's KV cache; a prompt of ``n`` tokens that would outgrow it gets its first ``max_length - n``
+        tokens from the engine and the rest from :meth:`_greedy_loop`, whose window then slides.
+
+        Under data parallelism rank ``r`` generates prompts ``r, r + world_size, ...``; every rank returns all.
+        """
+        until = [s for s in until if s]
+        mine = list(range(self.rank, len(prompts), self.world_size))
+        ids = {p: self.encode(prompts[p]) for p in mine}
+        new: dict[int, list[int]] = {p: [] for p in mine}
+        done: set[int] = set()
+        bar = _progress(self.progress and self.rank == 0, len(mine), "generate")
+        if self.engine_model() is not None and max_new_tokens >= 1:
+            done = self._engine_generate(ids, new, until, max_new_tokens, bar)
         outputs: list[Optional[str]] = [None] * len(prompts)
-        for p in range(self.rank, len(prompts), self.world_size):
-            ids = self.encode(prompts[p])
-            new: list[int] = []
-            text = ""
-            for _ in range(max_new_tokens):
-                window = (ids + new)[-self.max_length:]
-                x = torch.tensor([window], dtype=torch.long, device=self.device)
-                nxt = int(self._scored_logprobs(x, [(len(window) - 1, len(window))])[0][-1].argmax())
-                if eos is not None and nxt == eos:
-                    break
-                new.append(nxt)
-                text = self.tokenizer.decode(new)
-                if any(s and s in text for s in until):
-                    break
+        for p in mine:
+            if p not in done:
+                self._greedy_loop(ids[p], new[p], until, max_new_tokens)
+                bar.advance(1)
+            text = self.tokenizer.decode(new[p]) if new[p] else ""
             for s in until:
-                if s and s in text:
+                if s in text:
                     text = text[:text.index(s)]
             outputs[p] = text
+        bar.close()
         if self.world_size > 1:
             for r, share in enumerate(self._gather(outputs[self.rank::self.world_size])):
                 outputs[r::self.world_size] = share
         return outputs  # type: ignore[return-value]
+
+    def _greedy_loop(self, ids: list[int], new: list[int], until: Sequence[str], max_new_tokens: int) -> None:
+        """Append greedy tokens to ``new`` (the output so far) up to ``max_new_tokens`` in all, one full forward
+        over the last ``max_length`` tokens each, until EOS or an ``until`` string appears in the decoded output."""
+        eos = self._eos()
+        for _ in range(max_new_tokens - len(new)):
+            window = (ids + new)[-self.max_length:]
+            x = torch.tensor([window], dtype=torch.long, device=self.device)
+            nxt = int(self._scored_logprobs(x, [(len(window) - 1, len(window))])[0][-1].argmax())
+            if eos is not None and nxt == eos:
+                break
+            new.append(nxt)
+            if until and any(s in self.tokenizer.decode(new) for s in until):
+                break
+
+    def _engine_generate(self, ids: dict[int, list[int]], new: dict[int, list[int]], until: list[str],
+                         max_new_tokens: int, bar) -> set[int]:
+        """Run the prompts that fit through the engine, appending each one's tokens to ``new``; returns the prompts
+        that are finished (EOS, a stop string, or all ``max_new_tokens``). The others (a prompt with no room left
+        in ``max_length``) go on in :meth:`_greedy_loop`.
+
+        For the prefix cache to serve prompts that share their start, one prompt of every group sharing a first
+        KV block is prefilled first (requests admitted in one step cannot use each other's blocks)."""
+        from lmforge.serve.engine import RequestFailedError, SamplingParams
+
+        eos = self._eos()
+        stop_ids = self._special_stop_ids(until) + ([eos] if eos is not None else [])
+        fits = {p: t for p, t in ids.items() if 0 < len(t) < self.max_length}
+        if not fits:
+            return set()
+        engine = self._engine_for(max(len(t) for t in fits.values()) + max_new_tokens)
+        room = engine.context_len
+        todo = {p: t for p, t in fits.items() if len(t) < room}
+        bs = engine.block_size
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for p, t in todo.items():
+            if len(t) > bs:
+                groups.setdefault(tuple(t[:bs]), []).append(p)
+        shared = [g for g in groups.values() if len(g) > 1]
+        first = [g[0] for g in shared]
+        # the others sharing a block next, while it is still cached, then the rest
+        rest = [p for g in shared for p in g[1:]] + [p for p in todo if not any(p in g for g in shared)]
+        rid = {p: f"eval-{p}-{self._requests}" for p in todo}
+        self._requests += 1
+        owner = {r: p for p, r in rid.items()}
+        done: set[int] = set()
+        started: set[int] = set()
+
+        def submit(batch: list[int]) -> None:
+            for p in batch:
+                t = todo[p]
+                params = SamplingParams(max_tokens=min(max_new_tokens, room - len(t)), temperature=0.0,
+                                        stop=list(until), stop_token_ids=stop_ids)
+                engine.add_request(rid[p], t, params)
+
+        def run(primed: Optional[list[int]] = None) -> None:
+            """Step until every prompt of ``primed`` has its first token (None: until all are finished)."""
+            while engine.has_work() and (primed is None or not set(primed) <= started):
+                for out in engine.step():
+                    p = owner[out.request_id]
+                    started.add(p)
+                    new[p].extend(out.token_ids)
+                    if not out.finished:
+                        continue
+                    if out.finish_reason == "error":
+                        raise RequestFailedError(f"generating for prompt {p} failed in the serving engine: "
+                                                 f"{out.error}")
+                    if out.finish_reason == "stop" or len(new[p]) >= max_new_tokens:
+                        done.add(p)
+                        bar.advance(1)
+
+        try:
+            submit(first)
+            run(first)  # their prompts' blocks are in the prefix cache now
+            submit(rest)
+            run()
+        except BaseException:
+            self._engine = None  # requests of this call may still be in it: the next call builds a fresh one
+            raise
+        return done
 
 
 def _family_batches(families, batch_size: int) -> list[list]:
