@@ -149,9 +149,15 @@ def test_a_reward_module_that_does_not_import(rl_folder, tiny_base, capsys):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["method=dpo", "align.num_generations=8"], "align.num_generations applies to grpo and reinforce, not dpo"),
+    (["method=dpo", "align.num_generations=8"], "align.num_generations applies to grpo, reinforce and ppo, not dpo"),
     (["method=grpo", "align.reward_fn=m:f", "align.num_generations=1"], "align.num_generations=1 must be at least 2"),
-    (["method=grpo"], "method=grpo needs a reward function: --reward-fn module:function"),
+    (["method=grpo"], "method=grpo needs a reward: a function (--reward-fn module:function"),
+    (["method=ppo"], "method=ppo needs a reward: a function (--reward-fn module:function, align.reward_fn) or a "
+                     "reward model (--reward-model PATH, align.reward_model)"),
+    (["method=ppo", "align.reward_fn=m:f", "align.reward_model=rm"], "give one reward"),
+    (["method=grpo", "align.reward_fn=m:f", "align.vf_coef=0.5"], "align.vf_coef applies to ppo"),
+    (["method=grpo", "align.reward_fn=m:f", "align.num_mini_batches=3"], "align.num_mini_batches=3 must divide the "
+                                                                         "rollout's 32 completions"),
     (["method=grpo", "align.reward_fn=m:f", "fsdp=true"], "method=grpo runs in one process"),
     (["method=reinforce", "align.reward_fn=m:f", "align.reference=precomputed"],
      "align.reference=precomputed: reinforce compares with"),

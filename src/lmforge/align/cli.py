@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-METHODS = ["dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce"]
+METHODS = ["dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce", "ppo"]
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("align", help="align a model on preference data (dpo, ipo, rpo, kto, orpo, simpo), train "
                                      "a reward model (rm), a SteerLM attribute model (regression_rm) or with online RL "
-                                     "(grpo, reinforce)")
+                                     "(grpo, reinforce, ppo)")
     p.add_argument("config", nargs="?", default=None, help="optional YAML file of alignment settings")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. align.beta=0.05 trainer.max_steps=500")
     p.add_argument("--method", choices=METHODS)
@@ -21,7 +21,9 @@ def add_commands(sub) -> None:
     p.add_argument("--peft", choices=["none", "lora", "ia3", "adapter", "ptuning"],
                    help="train a PEFT method instead of every weight (peft.method)")
     p.add_argument("--out", help="results folder")
-    p.add_argument("--reward-fn", help="grpo/reinforce: the reward function as module:function (align.reward_fn)")
+    p.add_argument("--reward-fn", help="grpo/reinforce/ppo: the reward function, module:function (align.reward_fn)")
+    p.add_argument("--reward-model", help="grpo/reinforce/ppo: a reward model scoring the completions instead (the run "
+                                          "folder of `--method rm` or its reward_model/; align.reward_model)")
     p.set_defaults(func=_cmd_align)
 
     r = sub.add_parser("reward", help="score JSONL records with a reward model (accuracy on preference pairs), or "
@@ -43,7 +45,8 @@ def _cmd_align(a) -> int:
     from lmforge.finetune.cli import run_stage_command
 
     flags = {"model": a.model, "data": a.data, "val_data": a.val_data, "method": a.method, "out": a.out,
-             "peft.method": a.peft, "align.reward_fn": a.reward_fn}
+             "peft.method": a.peft, "align.reward_fn": a.reward_fn,
+             "align.reward_model": a.reward_model}
     return run_stage_command(a, flags, load_align_config, run)
 
 

@@ -18,9 +18,15 @@ from lmforge.data.steer import DEFAULT_ATTRIBUTES, DEFAULT_RANGE, problems_of
 from lmforge.finetune.config import (OptimSection, PeftSection, TrainerSection, check_fsdp_keys, check_training_keys,
                                      load_structured, raise_problems)
 
-METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce")
+METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce", "ppo")
 REWARD_METHODS = ("rm", "regression_rm")
-ONLINE_METHODS = ("grpo", "reinforce")
+ONLINE_METHODS = ("grpo", "reinforce", "ppo")
+#: align.* keys of the online methods (with their defaults): refused for the offline ones
+ONLINE_KEYS = {"reward_fn": None, "reward_model": None, "num_generations": 4, "max_completion_length": 16,
+               "temperature": 1.0, "ppo_epochs": 1, "num_mini_batches": 1, "cliprange": 0.2}
+#: align.* keys of PPO alone (its critic, GAE and value loss), with their defaults
+PPO_KEYS = {"critic_model": None, "critic_lr": None, "vf_coef": 0.1, "cliprange_value": 0.2, "gamma": 1.0,
+            "lam": 0.95, "normalize_advantages": True, "absolute_kl": False}
 PEFT_METHODS = ("none", "lora", "ia3", "adapter", "ptuning")
 REFERENCES = ("auto", "precomputed", "adapters_off")
 
@@ -44,10 +50,22 @@ class AlignSection:
     label_key: str = "label"  # KTO
     margin_key: str = "margin"  # reward models: an optional numeric field subtracted inside the loss
     chat_template: Optional[str] = None  # a Jinja chat template instead of the tokenizer's
-    reward_fn: Optional[str] = None  # grpo/reinforce: module:function scoring completions (--reward-fn)
-    num_generations: int = 4  # grpo/reinforce: completions sampled per prompt (the group)
-    max_completion_length: int = 16  # grpo/reinforce: most new tokens per completion
-    temperature: float = 1.0  # grpo/reinforce: sampling temperature of the rollouts
+    reward_fn: Optional[str] = None  # grpo/reinforce/ppo: module:function scoring completions (--reward-fn)
+    reward_model: Optional[str] = None  # grpo/reinforce/ppo: a reward model scoring completions (--reward-model)
+    num_generations: int = 4  # grpo/reinforce: completions sampled per prompt (the group); ppo: per prompt
+    max_completion_length: int = 16  # online: most new tokens per completion
+    temperature: float = 1.0  # online: sampling temperature of the rollouts
+    ppo_epochs: int = 1  # online: passes of optimizer steps over each rollout (TRL's ppo_epochs)
+    num_mini_batches: int = 1  # online: optimizer steps per pass over a rollout (TRL's num_mini_batches)
+    cliprange: float = 0.2  # online: the policy ratio's clip range (NeMo-Aligner's ratio_eps)
+    critic_model: Optional[str] = None  # ppo: the critic's starting weights (default: the reward model, else policy)
+    critic_lr: Optional[float] = None  # ppo: the critic's peak learning rate (default: optim.lr)
+    vf_coef: float = 0.1  # ppo: weight of the value loss beside the policy loss
+    cliprange_value: float = 0.2  # ppo: how far a value may move from the rollout's (NeMo's loss_clip_val)
+    gamma: float = 1.0  # ppo: discount (NeMo's discount_factor)
+    lam: float = 0.95  # ppo: GAE's lambda (NeMo's gae_lambda)
+    normalize_advantages: bool = True  # ppo: whiten the advantages over each rollout's tokens
+    absolute_kl: bool = False  # ppo: |log p - log ref| as the per-token KL penalty (NeMo's use_absolute_kl)
     attributes: List[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))  # regression_rm: outputs
     attribute_range: List[int] = field(default_factory=lambda: list(DEFAULT_RANGE))  # regression_rm: label range
     response_key: str = "response"  # regression_rm: field of the response scored
@@ -65,7 +83,7 @@ class AlignConfig:
     data: Optional[str] = None  # training JSONL
     val_data: Optional[str] = None  # validation JSONL
     out: str = "align_out"
-    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm | regression_rm | grpo | reinforce
+    method: str = "dpo"  # dpo | ipo | rpo | kto | orpo | simpo | rm | regression_rm | grpo | reinforce | ppo
     seq_length: Optional[int] = None  # None: the model's max_position_embeddings (less p-tuning's virtual tokens)
     micro_batch_size: int = 4  # examples (pairs) per process in one forward/backward
     global_batch_size: int = 8  # examples (pairs) per optimizer step over all processes
@@ -134,10 +152,13 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if online:
         _validate_online(cfg, problems)
     else:
-        for key, default in (("reward_fn", None), ("num_generations", 4), ("max_completion_length", 16),
-                             ("temperature", 1.0)):
+        for key, default in ONLINE_KEYS.items():
             if getattr(a, key) != default:
-                problems.append(f"align.{key} applies to grpo and reinforce, not {cfg.method}")
+                problems.append(f"align.{key} applies to grpo, reinforce and ppo, not {cfg.method}")
+    if cfg.method != "ppo":
+        for key, default in PPO_KEYS.items():
+            if getattr(a, key) != default:
+                problems.append(f"align.{key} applies to ppo (its critic and advantages), not {cfg.method}")
     if online and a.reference != "auto":
         problems.append(f"align.reference={a.reference}: {cfg.method} compares with the model with its adapters "
                         f"off (PEFT) or a frozen copy of the starting model; remove it")
@@ -175,14 +196,37 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
 
 
 def _validate_online(cfg: AlignConfig, problems: list) -> None:
-    """What GRPO and REINFORCE need, and what they refuse."""
+    """What GRPO, REINFORCE and PPO need, and what they refuse."""
     a, t = cfg.align, cfg.trainer
-    if not a.reward_fn:
-        problems.append(f"method={cfg.method} needs a reward function: --reward-fn module:function "
-                        f"(align.reward_fn)")
-    if int(a.num_generations) < 2:
+    if not a.reward_fn and not a.reward_model:
+        problems.append(f"method={cfg.method} needs a reward: a function (--reward-fn module:function, "
+                        f"align.reward_fn) or a reward model (--reward-model PATH, align.reward_model)")
+    elif a.reward_fn and a.reward_model:
+        problems.append(f"method={cfg.method}: give one reward, --reward-fn ({a.reward_fn}) or --reward-model "
+                        f"({a.reward_model}), not both")
+    if cfg.method != "ppo" and int(a.num_generations) < 2:
         problems.append(f"align.num_generations={a.num_generations} must be at least 2: advantages compare the "
                         f"completions of one prompt")
+    elif int(a.num_generations) < 1:
+        problems.append(f"align.num_generations={a.num_generations} must be at least 1")
+    if int(a.ppo_epochs) < 1:
+        problems.append(f"align.ppo_epochs={a.ppo_epochs} must be at least 1")
+    rows = int(cfg.global_batch_size) * int(a.num_generations)
+    if int(a.num_mini_batches) < 1 or rows % int(a.num_mini_batches):
+        problems.append(f"align.num_mini_batches={a.num_mini_batches} must divide the rollout's {rows} completions "
+                        f"(global_batch_size x align.num_generations) into equal mini batches")
+    if not 0 < float(a.cliprange) < 1:
+        problems.append(f"align.cliprange={a.cliprange} must be in (0, 1)")
+    if cfg.method == "ppo":
+        if not float(a.cliprange_value) > 0:
+            problems.append(f"align.cliprange_value={a.cliprange_value} must be above 0")
+        if not float(a.vf_coef) > 0:
+            problems.append(f"align.vf_coef={a.vf_coef} must be above 0: the critic learns from the value loss")
+        if not 0 < float(a.gamma) <= 1 or not 0 <= float(a.lam) <= 1:
+            problems.append(f"align.gamma={a.gamma} must be in (0, 1] and align.lam={a.lam} in [0, 1]")
+        if a.critic_lr is not None and not float(a.critic_lr) > 0:
+            problems.append(f"align.critic_lr={a.critic_lr} must be above 0 (or null: optim.lr)")
+
     if int(a.max_completion_length) < 1:
         problems.append(f"align.max_completion_length={a.max_completion_length} must be at least 1")
     if not 0 < float(a.temperature) <= 2:

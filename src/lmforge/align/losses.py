@@ -87,7 +87,7 @@ def attribute_squared_errors(predictions, labels, mask) -> torch.Tensor:
     return ((predictions.float() - labels) ** 2) * keep
 
 
-# -- online RL (GRPO, REINFORCE with a leave-one-out baseline) ---------------------------------------------------
+# -- online RL (GRPO, REINFORCE with a leave-one-out baseline; PPO below) -----------------------------------
 
 def group_advantages(rewards: torch.Tensor, method: str, eps: float = 1e-4) -> torch.Tensor:
     """Advantages of ``rewards`` (P, G): each prompt's G completions form a group.
@@ -105,6 +105,20 @@ def group_advantages(rewards: torch.Tensor, method: str, eps: float = 1e-4) -> t
     raise ValueError(f"unknown online method {method!r}")
 
 
+def clipped_surrogate(logps, old_logps, advantages, epsilon: float):
+    """PPO's clipped surrogate per token, as a loss: ``-min(q A, clip(q, 1-epsilon, 1+epsilon) A)``,
+    ``q = exp(logps - old_logps)``; ``advantages`` is (N,) (one per completion) or (N, T) (one per token).
+    Returns ``(loss (N, T), clipped (N, T) bool)``: ``clipped`` marks the tokens whose clipped term was the smaller,
+    where the clip removes the gradient (the clip fraction counts them)."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages.to(logps.dtype)
+    if a.dim() == 1:
+        a = a.unsqueeze(-1)
+    unclipped = ratio * a
+    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * a
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
+
+
 def policy_losses(logps, old_logps, ref_logps, advantages, mask, beta: float, epsilon: float = 0.2):
     """The clipped policy-gradient loss with a KL penalty, one value per completion (the mean over its tokens).
 
@@ -114,12 +128,65 @@ def policy_losses(logps, old_logps, ref_logps, advantages, mask, beta: float, ep
     KL estimate ``k3 = exp(ref - logps) - (ref - logps) - 1`` (Schulman's k3, as GRPO uses it). Returns
     ``(losses (N,), kl (N,) detached)``.
     """
-    ratio = torch.exp(logps - old_logps)
-    a = advantages.unsqueeze(-1).to(logps.dtype)
-    surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * a)
+    surrogate, _ = clipped_surrogate(logps, old_logps, advantages, epsilon)
     d = ref_logps - logps
     kl = torch.exp(d) - d - 1.0
     m = mask.to(logps.dtype)
     n = m.sum(-1).clamp(min=1.0)
-    per_token = -(surrogate - beta * kl)
+    per_token = surrogate + beta * kl
     return (per_token * m).sum(-1) / n, ((kl * m).sum(-1) / n).detach()
+
+
+# -- PPO (Schulman et al. 2017; the RLHF form of Ziegler et al. 2019 / Ouyang et al. 2022) ------------------------
+
+def token_rewards(logps, ref_logps, scores, mask, kl_coef: float, absolute_kl: bool = False) -> torch.Tensor:
+    """PPO's per-token rewards (N, T): ``-kl_coef * (logps - ref_logps)`` on every completion token (``|...|`` with
+    ``absolute_kl``), plus the completion's scalar score (N,) on its last token. Zero outside ``mask``."""
+    m = mask.to(torch.float32)
+    d = (logps - ref_logps).float()
+    rewards = -float(kl_coef) * (d.abs() if absolute_kl else d) * m
+    last = (m * torch.arange(m.shape[1], device=m.device)).argmax(-1)  # the last completion position of each row
+    has = m.sum(-1) > 0
+    rewards[torch.arange(m.shape[0], device=m.device)[has], last[has]] += scores.float()[has]
+    return rewards
+
+
+def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's completion tokens.
+
+    ``rewards``, ``values``, ``mask``: (N, T); the completion is the contiguous run of ``mask``; the value after
+    its last token is 0 (the episode ends). ``delta_t = r_t + gamma V_{t+1} - V_t``,
+    ``A_t = delta_t + gamma lam A_{t+1}``; returns ``(advantages, returns = A + V)``, zero outside ``mask``."""
+    m = mask.to(torch.float32)
+    r, v = rewards.float() * m, values.float() * m
+    T = r.shape[1]
+    adv = torch.zeros_like(r)
+    next_value = torch.zeros_like(r[:, 0])
+    next_adv = torch.zeros_like(r[:, 0])
+    for t in range(T - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * m[:, t]
+        adv[:, t] = next_adv
+        next_value = v[:, t]
+    return adv, (adv + v) * m
+
+
+def whiten(values, mask, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (var without Bessel's correction); 0 elsewhere."""
+    m = mask.to(torch.float32)
+    n = m.sum().clamp(min=1.0)
+    mean = (values * m).sum() / n
+    var = (((values - mean) * m) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(var + eps) * m
+
+
+def value_losses(values, old_values, returns, mask, cliprange_value: float):
+    """The clipped value loss, one value per completion (the mean over its tokens):
+    ``0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``. Returns ``(losses (N,), clipped (N, T) bool)``:
+    ``clipped`` marks the tokens where the clipped term was the larger."""
+    v = values.float()
+    clipped_v = old_values + (v - old_values).clamp(-cliprange_value, cliprange_value)
+    a, b = (v - returns) ** 2, (clipped_v - returns) ** 2
+    m = mask.to(torch.float32)
+    per_token = 0.5 * torch.maximum(a, b)
+    return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0), (b > a).detach()

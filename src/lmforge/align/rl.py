@@ -1,21 +1,31 @@
-"""Online RL: GRPO and REINFORCE (leave-one-out baseline) with rollouts from lmforge's serving engine.
+"""Online RL: GRPO, REINFORCE (leave-one-out baseline) and PPO with rollouts from lmforge's serving engine.
 
-Each micro batch of prompts goes through :class:`RolloutLoss` (the objective the one training loop calls):
+:class:`RolloutLoss` is the objective; it runs each step of the one training loop itself
+(:meth:`RolloutLoss.train_step`):
 
-1. ``align.num_generations`` completions per prompt are sampled by an :class:`~lmforge.serve.engine.Engine` built
-   once on the policy module itself: it reads the weights the optimizer updates, so every step samples from the
-   current policy with no copy (and no disk). Its prefix cache is off: keys computed with older weights would be
-   stale after the next step.
-2. The user's reward function (``align.reward_fn``, ``module:function``) scores them:
-   ``fn(prompts, completions, **fields) -> list[float]``, one value per completion, where ``prompts`` repeats each
-   prompt ``num_generations`` times and ``fields`` holds the records' other fields, repeated alike.
-3. Advantages are normalised within each prompt's group (:func:`lmforge.align.losses.group_advantages`) and the
-   clipped policy-gradient loss with the k3 KL penalty to the reference
-   (:func:`lmforge.align.losses.policy_losses`) is taken over the completion tokens (an EOS that ended a
-   completion is one of them). lmforge takes one optimizer step per rollout, so the policy that sampled equals the
-   one trained (ratio 1, the clip inactive; the gradient is the policy gradient).
+1. Rollout. For every prompt of the step's global batch, ``align.num_generations`` completions are sampled by an
+   :class:`~lmforge.serve.engine.Engine` built once on the policy module itself: it reads the weights the
+   optimizer updates, so every step samples from the current policy with no copy (and no disk). Its prefix cache
+   is off: keys computed with older weights would be stale after the next step.
+2. Rewards: the user's reward function (``align.reward_fn``, ``module:function``),
+   ``fn(prompts, completions, **fields) -> list[float]`` (one value per completion; ``prompts`` repeats each prompt
+   ``num_generations`` times and ``fields`` holds the records' other fields, repeated alike), or a reward model
+   (``align.reward_model``) scoring prompt + completion at its last token.
+3. Advantages. GRPO/REINFORCE: normalised within each prompt's group
+   (:func:`lmforge.align.losses.group_advantages`). PPO: per-token rewards (minus ``beta`` x the log-ratio to
+   the reference on each token, the score on the last, :func:`~lmforge.align.losses.token_rewards`), values from
+   the critic, GAE (:func:`~lmforge.align.losses.gae`), whitened over the rollout.
+4. Optimisation: ``align.ppo_epochs`` passes over the rollout, each in ``align.num_mini_batches`` shuffled mini
+   batches, one optimizer step per mini batch. The clipped policy loss (ratio to the policy that sampled, clipped
+   to ``1 +- align.cliprange``) acts from the second optimizer step of a rollout on; with one step per rollout
+   (the defaults) the ratio is 1 and the gradient is the policy gradient. GRPO/REINFORCE add the k3 KL penalty
+   to the loss (:func:`~lmforge.align.losses.policy_losses`); PPO adds ``align.vf_coef`` x the critic's clipped
+   value loss (:func:`~lmforge.align.losses.value_losses`), the policy's and the critic's gradients clipped
+   together (``trainer.gradient_clip_val``), each stepped by its own AdamW (``align.critic_lr``).
 
-The reference is the model with its adapters switched off (PEFT) or a frozen copy of the starting weights.
+The reference is the model with its adapters switched off (PEFT) or a frozen copy of the starting weights. The
+critic (:func:`build_critic`) is the policy's architecture with a scalar ``score`` head on every position, always
+all weights (also when the policy trains a PEFT method); each checkpoint holds it in ``critic/``.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.align import losses as L
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.models.transformer import softcap
 
 
@@ -97,43 +107,174 @@ class PromptSet:
                 "index": torch.tensor([x["index"] for x in items])}
 
 
-def token_logps(net: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """(N, T-1) fp32 log-probability of each token of ``rows`` (N, T) given the tokens before it."""
+def token_logps(net: nn.Module, rows: torch.Tensor, entropy: bool = False):
+    """(N, T-1) fp32 log-probability of each token of ``rows`` (N, T) given the tokens before it; with ``entropy``
+    also the (N, T-1) entropy of each position's next-token distribution (detached)."""
     hidden = net.hidden_states(rows[:, :-1])
     logits = F.linear(hidden, net.output_weight()).float()
     cap = getattr(net.cfg, "final_logit_softcapping", None)
     if cap is not None:
         logits = softcap(logits, cap)
-    return torch.gather(logits.log_softmax(-1), 2, rows[:, 1:].unsqueeze(-1)).squeeze(-1)
+    lp = logits.log_softmax(-1)
+    picked = torch.gather(lp, 2, rows[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return picked
+    with torch.no_grad():
+        ent = -(lp.exp() * lp).sum(-1)
+    return picked, ent
+
+
+def token_values(critic: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(N, T-1) fp32 values of the critic: position ``t`` is the state after ``rows[:, :t+1]``, before the token
+    ``rows[:, t+1]`` that :func:`token_logps` scores at the same position."""
+    hidden = critic.hidden_states(rows[:, :-1])
+    return F.linear(hidden.float(), critic.score.weight.float()).squeeze(-1)
+
+
+# -- the critic -----------------------------------------------------------------------------------------------
+
+CRITIC_DIR = "critic"
+
+
+def build_critic(policy: nn.Module, start: Optional[nn.Module], start_path: Optional[str],
+                 reward_model: Optional[nn.Module], device) -> nn.Module:
+    """PPO's critic: a Transformer with a ``score`` head (hidden size -> 1, no bias) read at every position, fp32,
+    every weight trained. Its start (NeMo-Aligner's and TRL's choice): ``start`` when given (loaded by
+    :func:`load_critic` from ``start_path``: a reward model or an earlier PPO run's critic), else a copy of the
+    reward model, else a copy of the policy (``policy``, before any PEFT) with a zero head (every value 0)."""
+    import copy
+
+    if start is not None:
+        critic = start
+        if critic.score.weight.shape[0] != 1:
+            raise ConfigError(f"align.critic_model={start_path} has {critic.score.weight.shape[0]} outputs (a SteerLM "
+                              f"attribute model); the critic has one value head: start it from a `--method rm` model")
+        if critic.cfg.vocab_size != policy.cfg.vocab_size:
+            raise ConfigError(f"align.critic_model={start_path}: its vocabulary ({critic.cfg.vocab_size} tokens) is "
+                              f"not the policy's ({policy.cfg.vocab_size}); the critic reads the policy's tokens, so "
+                              f"start it from a model with the policy's tokenizer")
+    elif reward_model is not None:
+        critic = copy.deepcopy(reward_model)
+    else:
+        critic = copy.deepcopy(policy)
+        critic.score = nn.Linear(critic.cfg.hidden_size, 1, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(critic.score.weight)
+    critic = critic.float().to(device).train()
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    if not critic.cfg.share_embeddings_and_output_weights:  # the critic never reads its LM head: frozen
+        critic.lm_head.weight.requires_grad_(False)
+    return critic
+
+
+def load_critic(path, device) -> nn.Module:
+    """A critic from ``path``: a reward model (``lmforge align --method rm`` run, its ``reward_model/``, any Hugging
+    Face sequence-classification folder) or an lmforge folder whose weights hold ``score.weight`` (a PPO run's
+    ``critic/``). One CheckpointError line otherwise."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"align.critic_model={path} does not exist: give a reward model (the run folder of "
+                              f"`lmforge align --method rm` or its reward_model/) or a PPO run's critic/ folder")
+    if (folder / CRITIC_DIR / "config.json").is_file():
+        folder = folder / CRITIC_DIR
+    try:
+        from lmforge.align.reward import load_reward_model, reward_folder
+
+        reward_folder(folder)
+        return load_reward_model(folder, device=device)[0]
+    except CheckpointError:
+        pass
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.train.checkpoint import load_model
+
+    try:
+        weights, config = load_model(folder, device="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable folder is one line
+        raise CheckpointError(f"align.critic_model={path} is neither a reward model nor a critic folder ({e})") \
+            from None
+    if "score.weight" not in weights:
+        raise CheckpointError(f"align.critic_model={path} holds no score head (score.weight): give a reward model "
+                              f"or a PPO run's critic/ folder")
+    model = Transformer(ModelConfig.from_dict(config["model"]))
+    model.score = nn.Linear(model.cfg.hidden_size, 1, bias=False)
+    from lmforge.open import load_weights
+
+    load_weights(model, weights, folder)
+    return model.to(device)
+
+
+def save_critic(folder, critic: nn.Module, optimizer, runtime) -> None:
+    """``folder/critic/``: the critic's weights (``model.safetensors``, with ``score.weight``), ``config.json`` and
+    its optimizer state (``training_state/``, safetensors + JSON)."""
+    from pathlib import Path
+
+    from lmforge.train.assembly import saved_state_dict
+    from lmforge.train.checkpoint import save_model, save_training_state
+
+    out = Path(folder) / CRITIC_DIR
+    save_model(out, saved_state_dict(critic), critic.cfg.to_dict())
+    save_training_state(out, optimizer, {"what": "ppo critic"}, runtime, rng=False)
+
+
+def resume_critic(folder, critic: nn.Module, optimizer) -> None:
+    """Load ``folder/critic/`` (weights and optimizer state) into the live critic; one line when it is missing."""
+    from pathlib import Path
+
+    from lmforge.open import load_weights
+    from lmforge.train.checkpoint import load_model, read_optimizer_state
+
+    src = Path(folder) / CRITIC_DIR
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no {CRITIC_DIR}/ folder, so this PPO run cannot resume its critic from "
+                              f"it; start a new run folder (--out) or resume=false")
+    weights, _ = load_model(src, device=next(critic.parameters()).device)
+    load_weights(critic, weights, src)
+    try:
+        optimizer.load_state_dict(read_optimizer_state(src))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the critic's optimizer state in {src} does not fit this critic ({e})") from None
 
 
 class RolloutLoss(nn.Module):
-    """GRPO or REINFORCE-with-RLOO on micro batches of :class:`PromptSet` (see the module doc).
+    """GRPO, REINFORCE-with-RLOO or PPO on the prompts of :class:`PromptSet` (see the module doc).
 
     Args:
         model: what is trained (a Transformer, with LoRA/IA3/adapter modules under PEFT).
-        method: ``grpo`` or ``reinforce``.
-        settings: the ``align`` section (beta, num_generations, max_completion_length, temperature, reward_fn).
+        method: ``grpo``, ``reinforce`` or ``ppo``.
+        settings: the ``align`` section.
         prompts: the training :class:`PromptSet` (records for the reward function's fields).
         tokenizer: decodes completions for the reward function; its EOS ends them.
         reference: ``adapters_off`` or a frozen copy of the starting model (an ``nn.Module``).
         max_seq_len: prompt + completion positions.
-        max_rows: completions sampled together (a micro batch's prompts x ``num_generations``).
-        seed: seeds each completion's draw (with the rollout's number), so a run samples the same way again.
+        seed: seeds each completion's draw (with the step), so a run (and a resumed one) samples the same way.
+        max_rows: completions in one forward (a micro batch's prompts x ``num_generations``).
+        reward_model: a model with a ``score`` head scoring completions instead of ``settings.reward_fn``.
+        critic, critic_optimizer, critic_lr_scale: PPO's critic, its AdamW, and its learning rate over the policy's.
     """
 
     def __init__(self, model: nn.Module, method: str, settings, prompts: PromptSet, tokenizer, reference,
-                 max_seq_len: int, seed: int, max_rows: int):
+                 max_seq_len: int, seed: int, max_rows: int, reward_model: Optional[nn.Module] = None,
+                 critic: Optional[nn.Module] = None, critic_optimizer=None, critic_lr_scale: float = 1.0):
         super().__init__()
         self.model, self.method, self.s, self.prompts, self.tok = model, method, settings, prompts, tokenizer
         self.reference = reference if isinstance(reference, str) else None
-        self._frozen = [reference] if isinstance(reference, nn.Module) else []  # a list: not a submodule
+        # lists: not submodules (the optimizer and the checkpoints hold the policy alone)
+        self._frozen = [reference] if isinstance(reference, nn.Module) else []
+        self._reward_model = [reward_model] if reward_model is not None else []
+        self._critic = [critic] if critic is not None else []
+        self.critic_optimizer, self.critic_lr_scale = critic_optimizer, float(critic_lr_scale)
         self.G = int(settings.num_generations)
         self.max_seq_len, self.seed, self.max_rows = max_seq_len, seed, max_rows
-        self.reward_fn = load_reward_fn(settings.reward_fn)
+        self.reward_fn = load_reward_fn(settings.reward_fn) if reward_model is None else None
         self._engine = None
-        self._rollouts = 0
         self.sums = defaultdict(float)
+
+    @property
+    def critic(self) -> Optional[nn.Module]:
+        return self._critic[0] if self._critic else None
 
     # -- what the loop asks ---------------------------------------------------------------------
     unit = "completions"  # what count() counts: the loop logs completions_per_s
@@ -157,8 +298,9 @@ class RolloutLoss(nn.Module):
                                   compile_decode=False)
         return self._engine
 
-    def sample(self, prompts: list[list[int]]) -> list[list[int]]:
-        """``G`` completions of each prompt (prompt-major), each ending with EOS when EOS ended it."""
+    def sample(self, prompts: list[list[int]], rollout: int = 0) -> list[list[int]]:
+        """``G`` completions of each prompt (prompt-major), each ending with EOS when EOS ended it; ``rollout``
+        numbers the draw (its seeds)."""
         from lmforge.serve.engine import SamplingParams
 
         was = self.model.training
@@ -170,8 +312,8 @@ class RolloutLoss(nn.Module):
             ids, out = [], {}
             for p, prompt in enumerate(prompts):
                 for g in range(self.G):
-                    rid = f"r{self._rollouts}-{p}-{g}"
-                    seed = (self.seed * 1_000_003 + self._rollouts * 7919 + p * 131 + g) % (2 ** 31)
+                    rid = f"r{rollout}-{p}-{g}"
+                    seed = (self.seed * 1_000_003 + rollout * 7919 + p * 131 + g) % (2 ** 31)
                     params = SamplingParams(max_tokens=int(self.s.max_completion_length),
                                             temperature=float(self.s.temperature), seed=seed)
                     engine.add_request(rid, prompt, params)
@@ -186,15 +328,16 @@ class RolloutLoss(nn.Module):
                     toks, _ = out[o.request_id]
                     toks.extend(o.token_ids)
                     out[o.request_id] = (toks, o.finish_reason)
-            self._rollouts += 1
         finally:
             self.model.train(was)
         return [toks + ([eos] if reason == "stop" and eos is not None else []) for toks, reason in
                 (out[r] for r in ids)]
 
-    def rewards(self, index: list[int], completions: list[list[int]]) -> torch.Tensor:
-        """The reward function's values for the completions; one DataError line naming the function and the
-        record on anything but a finite number per completion."""
+    def rewards(self, index: list[int], completions: list[list[int]], prompts: Optional[list] = None) -> torch.Tensor:
+        """The reward of each completion: the reward model's score, or the reward function's values (one DataError
+        line naming the function and the record on anything but a finite number per completion)."""
+        if self._reward_model:
+            return self._model_rewards(prompts or [self.prompts.ids[i] for i in index], completions)
         spec, G, key = self.s.reward_fn, self.G, self.s.prompt_key
         records = [self.prompts.records[i] for i in index]
         where = [self.prompts.where[i] for i in index]
@@ -224,7 +367,26 @@ class RolloutLoss(nn.Module):
                                 f"{where[j // G]} (completion {texts[j]!r}); return finite numbers")
         return torch.tensor(values, dtype=torch.float32)
 
-    # -- the loss -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _model_rewards(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        """The reward model's score of each prompt + completion (an ending EOS left out: reward models are trained
+        on completions without one), read at its last token."""
+        from lmforge.align.objective import score_rows
+
+        rm = self._reward_model[0]
+        eos = self.tok.eod_id
+        seqs = [prompts[j // self.G] + (c[:-1] if c and c[-1] == eos else c) for j, c in enumerate(completions)]
+        device = next(rm.parameters()).device
+        out = []
+        for start in range(0, len(seqs), self.max_rows):
+            chunk = seqs[start:start + self.max_rows]
+            rows = torch.zeros(len(chunk), max(len(x) for x in chunk), dtype=torch.long, device=device)
+            for r, x in enumerate(chunk):
+                rows[r, :len(x)] = torch.tensor(x, device=device)
+            last = torch.tensor([len(x) - 1 for x in chunk], device=device)
+            out.append(score_rows(rm, rows, last).float().cpu())
+        return torch.cat(out)
+
     def _reference_logps(self, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self._frozen:
@@ -234,28 +396,177 @@ class RolloutLoss(nn.Module):
             with adapters_disabled(self.model):
                 return token_logps(self.model, rows)
 
-    def forward(self, tokens, lengths, index):
-        B, G, device = tokens.shape[0], self.G, tokens.device
-        prompts = [tokens[i, :int(lengths[i])].tolist() for i in range(B)]
-        completions = self.sample(prompts)
-        rewards = self.rewards(index.tolist(), completions).to(device)
-        adv = L.group_advantages(rewards.view(B, G), self.method).reshape(-1)
+    # -- one step -------------------------------------------------------------------------------
+    @property
+    def updates_per_rollout(self) -> int:
+        return int(self.s.ppo_epochs) * int(self.s.num_mini_batches)
 
-        full = [prompts[j // G] + completions[j] for j in range(B * G)]
+    @torch.no_grad()
+    def collect(self, micro: list, step: int, autocast) -> dict:
+        """The step's rollout: completions of every prompt of ``micro`` (the step's micro batches), their rewards,
+        and what the loss compares with (reference and sampling log-probabilities, PPO's values, advantages and
+        returns), as (N, ...) tensors over the rollout's N completions, padded to its longest row."""
+        G = self.G
+        device = micro[0]["tokens"].device
+        prompts, completions, rewards = [], [], []
+        for k, b in enumerate(micro):
+            tokens, lengths, index = b["tokens"], b["lengths"], b["index"]
+            ps = [tokens[i, :int(lengths[i])].tolist() for i in range(tokens.shape[0])]
+            cs = self.sample(ps, rollout=step * len(micro) + k)
+            rewards.append(self.rewards(index.tolist(), cs, ps))
+            prompts += ps
+            completions += cs
+        rewards = torch.cat(rewards).to(device)
+        N = len(completions)
+        full = [prompts[j // G] + completions[j] for j in range(N)]
         T = max(2, max(len(f) for f in full))
-        rows = torch.zeros(B * G, T, dtype=torch.long, device=device)
-        mask = torch.zeros(B * G, T, dtype=torch.bool, device=device)
+        rows = torch.zeros(N, T, dtype=torch.long, device=device)
+        mask = torch.zeros(N, T, dtype=torch.bool, device=device)
         for j, f in enumerate(full):
             rows[j, :len(f)] = torch.tensor(f, device=device)
             mask[j, len(prompts[j // G]):len(f)] = True
-        logps = token_logps(self.model, rows)
-        ref = self._reference_logps(rows) if float(self.s.beta) > 0 else logps.detach()  # beta 0: no KL term
-        losses, kl = L.policy_losses(logps, logps.detach(), ref, adv, mask[:, 1:], float(self.s.beta))
-
-        s = self.sums
-        s["n"] += B * G
+        exp = {"rows": rows, "mask": mask[:, 1:], "lengths": torch.tensor([len(f) for f in full], device=device),
+               "rewards": rewards}
+        ppo = self.method == "ppo"
+        self.model.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        try:
+            parts = {"ref": [], "old": [], "values": []}
+            for start in range(0, N, self.max_rows):
+                r = rows[start:start + self.max_rows]
+                with autocast():
+                    if float(self.s.beta) > 0:
+                        parts["ref"].append(self._reference_logps(r))
+                    if ppo or self.updates_per_rollout > 1:  # else the trained policy is the sampling one
+                        parts["old"].append(token_logps(self.model, r))
+                    if ppo:
+                        parts["values"].append(token_values(self.critic, r))
+        finally:
+            self.model.train()
+            if self.critic is not None:
+                self.critic.train()
+        for key, values in parts.items():
+            if values:
+                exp[key] = torch.cat(values).float()
+        s, m = self.sums, exp["mask"].float()
+        s["n"] += N
         s["reward"] += float(rewards.sum())
-        s["reward_std"] += float(rewards.view(B, G).std(1).sum()) * G  # the mean within-group spread
-        s["kl"] += float(kl.sum())
-        s["completion_length"] += float(mask.sum())
-        return losses.sum(), B * G
+        s["completion_length"] += float(m.sum())
+        if G > 1:
+            s["reward_std"] += float(rewards.view(-1, G).std(1).sum()) * G  # the mean within-group spread
+        if ppo:
+            ref = exp.get("ref", exp["old"])
+            per_token = L.token_rewards(exp["old"], ref, rewards, exp["mask"], float(self.s.beta),
+                                        bool(self.s.absolute_kl))
+            adv, returns = L.gae(per_token, exp["values"], exp["mask"], float(self.s.gamma), float(self.s.lam))
+            if self.s.normalize_advantages:
+                adv = L.whiten(adv, exp["mask"])
+            exp["advantages"], exp["returns"] = adv, returns
+            n_tok = m.sum(-1).clamp(min=1)
+            s["kl"] += float((((exp["old"] - ref) * m).sum(-1) / n_tok).sum())  # k1 per token, as the penalty
+            s["value"] += float(((exp["values"] * m).sum(-1) / n_tok).sum())
+            s["return"] += float(((returns * m).sum(-1) / n_tok).sum())
+        else:
+            exp["advantages"] = L.group_advantages(rewards.view(-1, G), self.method).reshape(-1)
+        return exp
+
+    def loss(self, exp: dict, idx: torch.Tensor) -> torch.Tensor:
+        """The summed loss of the completions ``idx`` of the rollout ``exp`` (with their statistics)."""
+        T = int(exp["lengths"][idx].max())
+        rows, m = exp["rows"][idx, :T], exp["mask"][idx, :T - 1]
+        logps, entropy = token_logps(self.model, rows, entropy=True)
+        old = exp["old"][idx, :T - 1] if "old" in exp else logps.detach()
+        s, mf = self.sums, m.float()
+        n_tok = float(mf.sum())
+        if self.method == "ppo":
+            surrogate, clipped = L.clipped_surrogate(logps, old, exp["advantages"][idx, :T - 1],
+                                                     float(self.s.cliprange))
+            pg = (surrogate * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)
+            values = token_values(self.critic, rows)
+            vl, vclipped = L.value_losses(values, exp["values"][idx, :T - 1], exp["returns"][idx, :T - 1], m,
+                                          float(self.s.cliprange_value))
+            losses = pg + float(self.s.vf_coef) * vl
+            s["policy_loss"] += float(pg.sum())
+            s["policy_loss#n"] += len(idx)
+            s["value_loss"] += float(vl.sum())
+            s["value_loss#n"] += len(idx)
+            s["vf_clipfrac"] += float((vclipped & m).sum())
+            s["vf_clipfrac#n"] += n_tok
+        else:
+            ref = exp["ref"][idx, :T - 1] if "ref" in exp else logps.detach()  # beta 0: no KL term
+            losses, kl = L.policy_losses(logps, old, ref, exp["advantages"][idx], m, float(self.s.beta),
+                                         float(self.s.cliprange))
+            _, clipped = L.clipped_surrogate(logps.detach(), old, exp["advantages"][idx], float(self.s.cliprange))
+            s["kl"] += float(kl.sum())
+            s["kl#n"] += len(idx)
+        d = (logps.detach() - old) * mf
+        s["clipfrac"] += float((clipped & m).sum())  # tokens whose clipped term was taken
+        s["clipfrac#n"] += n_tok
+        s["approx_kl"] += float(0.5 * (d ** 2).sum())  # to the sampling policy, per token
+        s["approx_kl#n"] += n_tok
+        s["entropy"] += float((entropy * mf).sum())
+        s["entropy#n"] += n_tok
+        return losses.sum()
+
+    def train_step(self, trainer, batches, step: int):
+        """One step of the loop: a rollout of the step's prompts, then ``ppo_epochs`` x ``num_mini_batches``
+        optimizer steps over it. Returns (the mean loss over the optimizer steps, the last gradient norm)."""
+        from lmforge.train.optim import set_lr
+
+        self.model.train()
+        micro = list(batches.for_step(step))
+        exp = self.collect(micro, step, trainer.autocast)
+        N = int(exp["rows"].shape[0])
+        trainer.last_step_samples = sum(int(b["tokens"].shape[0]) for b in micro)
+        trainer.last_step_tokens = N  # what count() counts: completions
+        lr = trainer.schedule.lr_at(step)
+        set_lr(trainer.opt, lr)
+        if self.critic_optimizer is not None:
+            set_lr(self.critic_optimizer, lr * self.critic_lr_scale)
+        K = int(self.s.num_mini_batches)
+        size = N // K
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        losses, grad_norm = [], None
+        for _ in range(int(self.s.ppo_epochs)):
+            order = torch.randperm(N, generator=g) if self.updates_per_rollout > 1 else torch.arange(N)
+            for k in range(K):
+                mini = order[k * size:(k + 1) * size].to(exp["rows"].device)
+                total = torch.zeros((), dtype=torch.float64, device=exp["rows"].device)
+                for start in range(0, size, self.max_rows):
+                    with trainer.autocast():
+                        loss_sum = self.loss(exp, mini[start:start + self.max_rows])
+                    loss = loss_sum / size
+                    if trainer.scaler is not None:
+                        trainer.scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                    total += loss_sum.detach().double()
+                grad_norm = self._optimizer_step(trainer)
+                losses.append(total / size)
+        return torch.stack(losses).mean(), grad_norm
+
+    def _optimizer_step(self, trainer):
+        """Clip the policy's and the critic's gradients together (one norm) and step both optimizers."""
+        optimizers = [trainer.opt] + ([self.critic_optimizer] if self.critic_optimizer is not None else [])
+        scaler = trainer.scaler
+        if scaler is not None:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+        grad_norm = None
+        clip = trainer.s.gradient_clip_val
+        if clip and clip > 0:
+            params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+            if self.critic is not None:
+                params += [p for p in self.critic.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        for opt in optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return grad_norm

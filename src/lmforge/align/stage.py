@@ -1,5 +1,5 @@
 """The alignment stage: ``run(cfg) -> summary`` (DPO, IPO, RPO, KTO, ORPO, SimPO; reward models and SteerLM
-attribute models).
+attribute models; GRPO, REINFORCE, PPO).
 
 The same assembly as fine-tuning (:func:`lmforge.train.assembly.build_training`: PEFT, FSDP or DDP, precision,
 checkpoints, resume, the one loop), with a preference objective (:mod:`lmforge.align.objective`) in place of the
@@ -11,6 +11,8 @@ next-token loss. Results in ``cfg.out``, laid out as a fine-tuning run's (so ``g
     reward_model/               method=rm / regression_rm: the best checkpoint as a Hugging Face folder that
                                 AutoModelForSequenceClassification loads (`lmforge reward` scores with it; an
                                 attribute model has one output per attribute, problem_type regression)
+    critic/                     method=ppo: the latest checkpoint's critic (weights with score.weight, config.json,
+                                training_state/); each checkpoint holds its own critic/ too
     metrics.jsonl, events.out.tfevents.* (TensorBoard), loss_curve.png, config.yaml, summary.json
 """
 
@@ -77,6 +79,39 @@ def add_score_head(model: nn.Module, seed: int, outputs: int = 1) -> nn.Linear:
     return head
 
 
+def open_reward_model(path, tokenizer, device) -> nn.Module:
+    """The reward model of ``align.reward_model`` (eval mode, frozen); one line when it is not one, or when its
+    tokenizer is not the policy's (it scores the policy's token ids)."""
+    from lmforge.align.reward import load_reward_model
+    from lmforge.errors import ConfigError
+
+    rm, rm_tok = load_reward_model(path, device=device)
+    if rm.score.weight.shape[0] != 1:
+        raise ConfigError(f"align.reward_model={path} has {rm.score.weight.shape[0]} outputs (a SteerLM attribute "
+                          f"model); online RL needs one scalar reward: a `lmforge align --method rm` model")
+    probe = "The reward model reads the policy's tokens: 0123456789 abc XYZ"
+    if rm_tok.vocab_size != tokenizer.vocab_size or rm_tok.encode(probe) != tokenizer.encode(probe):
+        raise ConfigError(f"align.reward_model={path}: its tokenizer is not the policy's (it scores the policy's "
+                          f"token ids); train the reward model from the same base model (lmforge align --method rm)")
+    return rm.eval().requires_grad_(False)
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    """Replace ``dst`` with a copy of ``src``, whole or not at all."""
+    import os
+    import shutil
+    import tempfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        staged = Path(tmp) / dst.name
+        shutil.copytree(src, staged)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(staged, dst)
+    return dst
+
+
 def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     from lmforge.align.objective import AttributeLoss, PreferenceLoss, RewardLoss, precompute_reference
     t = cfg.trainer
@@ -94,10 +129,18 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     seq = sequence_length(cfg.seq_length, mcfg, n_virtual)
 
     online = cfg.method in ONLINE_METHODS
+    reward_model = critic_start = None
     if online:
         from lmforge.align.rl import PromptSet, load_reward_fn
 
-        load_reward_fn(cfg.align.reward_fn)  # a reward function that does not import stops the run before any work
+        if cfg.align.reward_model:  # a reward model that does not load stops the run before any work
+            reward_model = open_reward_model(cfg.align.reward_model, tokenizer, rt.device)
+        else:  # so does a reward function that does not import
+            load_reward_fn(cfg.align.reward_fn)
+        if cfg.align.critic_model:  # a critic that does not load: one line, nothing written
+            from lmforge.align.rl import load_critic
+
+            critic_start = load_critic(cfg.align.critic_model, rt.device)
         train_ds, val_ds = PromptSet(cfg.data, tokenizer, cfg.align, seq), None
     else:
         train_ds, val_ds = load_datasets(cfg, tokenizer, seq)
@@ -123,15 +166,28 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         # The reward function tried on the first micro batch's rollouts before anything is written: one that
         # raises or returns the wrong values stops the run with its error line and no results folder.
         rows = mbs * int(cfg.align.num_generations)
-        probe = RolloutLoss(model, cfg.method, cfg.align, train_ds, tokenizer, None, seq, int(cfg.seed), rows)
+        probe = RolloutLoss(model, cfg.method, cfg.align, train_ds, tokenizer, None, seq, int(cfg.seed), rows,
+                            reward_model=reward_model)
         first = list(range(min(mbs, len(train_ds))))
         probe.rewards(first, probe.sample([train_ds.ids[i] for i in first]))
         del probe
         reference = cfg.reference
         if reference == "frozen_copy" and float(cfg.align.beta) > 0:  # before PEFT or wrapping: the start weights
             reference = copy.deepcopy(model).eval().requires_grad_(False)
+        critic = critic_opt = None
+        critic_lr = float(cfg.align.critic_lr if cfg.align.critic_lr is not None else cfg.optim.lr)
+        if cfg.method == "ppo":  # from the starting policy (before PEFT), the reward model or align.critic_model
+            from lmforge.align.rl import build_critic
+            from lmforge.train.optim import build_optimizer
+
+            critic = build_critic(model, critic_start, cfg.align.critic_model, reward_model, rt.device)
+            o = cfg.optim
+            critic_opt = build_optimizer(critic, o.name, critic_lr, float(o.weight_decay), list(o.betas),
+                                         float(o.eps), rt.device)
         objective_fn = lambda m: RolloutLoss(m, cfg.method, cfg.align, train_ds, tokenizer, reference,  # noqa: E731
-                                             seq, int(cfg.seed), rows)
+                                             seq, int(cfg.seed), rows, reward_model=reward_model, critic=critic,
+                                             critic_optimizer=critic_opt,
+                                             critic_lr_scale=critic_lr / float(cfg.optim.lr))
     else:
         reference, table = cfg.reference, None
         if reference == "precomputed":  # once, with the base model, before any wrapping
@@ -144,6 +200,12 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     training = build_training(job, model, rt, tokenizer=tokenizer, model_config=model_config,
                               console_log=console_log, objective_fn=objective_fn)
     trainer, logger, manager, state = training.trainer, training.logger, training.manager, training.state
+    if online and cfg.method == "ppo":  # the critic in every checkpoint, and back from the one resumed
+        from lmforge.align.rl import resume_critic, save_critic
+
+        training.extra_save = lambda folder: save_critic(folder, critic, critic_opt, rt)
+        if training.resumed_from:
+            resume_critic(training.resumed_from, critic, critic_opt)
     n_trainable, n_total = training.num_parameters()
     if val_ds is not None:
         trainer.extra_val_fn = lambda step: {f"val_{k}": v for k, v in trainer.objective_metrics("val").items()}
@@ -169,6 +231,13 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
 
             fmt = None if cfg.method == "rm" else AttributeFormat.of(cfg.align.attributes, cfg.align.attribute_range)
             reward_dir = str(export_reward_model(best, out / "reward_model", cfg.model, attributes=fmt))
+    critic_dir = None
+    if cfg.method == "ppo" and rt.is_main:  # the latest checkpoint's critic beside the policy: OUT/critic/
+        from lmforge.align.rl import CRITIC_DIR
+
+        latest = manager.latest()
+        if latest is not None and (latest / CRITIC_DIR).is_dir():
+            critic_dir = str(copy_folder(latest / CRITIC_DIR, out / CRITIC_DIR))
     history = state.history
     summary = {
         "results_dir": str(out),
@@ -185,4 +254,6 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         "adapter": adapter_dir,
         "reward_model": reward_dir,
     }
+    if cfg.method == "ppo":
+        summary["critic"] = critic_dir
     return write_summary(summary, out, rt, loss_curve, train_ds.stats, training.resumed_from, state, t0)

@@ -135,6 +135,9 @@ class Training:
     async_groups: dict = field(default_factory=dict)  # folder name -> gloo group of its background writes
     whole: Optional[nn.Module] = None  # pipeline parallel: the whole Transformer this rank's stages are part of
     expert_parallel: Any = None  # lmforge.parallel.expert.ExpertParallel when the experts are spread over ranks
+    # ``extra_save(folder)``: more files written into each (unsharded) checkpoint folder before it is published,
+    # on rank 0 (PPO's critic); None: none
+    extra_save: Optional[Callable[[Path], None]] = None
 
     @property
     def sharded(self) -> bool:
@@ -566,9 +569,18 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
     state = {**st.to_dict(), "config": job.run_config, "layout": job.dims.to_dict()}
     async_save = job.checkpoint.async_save
     if not training.sharded:
+        write_fn = None
+        if training.extra_save is not None:  # the weights and the extra files, written now, into the same folder
+            def write_fn(tmp: Path) -> list:
+                if rt.is_main:
+                    from lmforge.train.checkpoint import save_model
+
+                    save_model(tmp, training.weights_state(), training.model_config, tokenizer=training.tokenizer)
+                    training.extra_save(tmp)
+                return []
         training.manager.save(st.step, training.weights_state(), training.model_config, training.optimizer, state,
                               metrics=metrics, tokenizer=training.tokenizer, scaler=training.scaler,
-                              async_save=async_save)
+                              async_save=async_save, write_fn=write_fn)
         return
     from lmforge.train.sharded import MODEL_DIR, save_sharded, save_sharded_async
 

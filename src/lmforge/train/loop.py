@@ -328,7 +328,13 @@ class Trainer:
     def train_step(self, batches: MicroBatches, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One optimizer step over one global batch. Returns (mean loss, grad norm) as 0-dim tensors on the device
         (grad norm None without clipping): nothing here waits for the device, so the host queues the next step
-        while this one runs; ``float()`` them only when they are needed (the loop does at logging steps)."""
+        while this one runs; ``float()`` them only when they are needed (the loop does at logging steps).
+
+        An objective with a ``train_step(trainer, batches, step)`` method runs the step itself (online RL: rollouts
+        from the step's prompts, then several optimizer steps over them) and returns the same pair."""
+        own = getattr(self.objective, "train_step", None)
+        if own is not None:
+            return own(self, batches, step)
         self.model.train()
         lr = self.schedule.lr_at(step)
         set_lr(self.opt, lr)
