@@ -81,3 +81,33 @@ def reverse_task(tmp_path_factory):
     held = reverse_words(64, seed=2, exclude=set(train))
     return write_jsonl(folder / "train.jsonl", pair_records(train)), write_jsonl(folder / "val.jsonl",
                                                                                   pair_records(held))
+
+
+# -- online RL: a prompts file and reward functions in a fresh working folder ----------------------------------
+
+REWARDS = '''
+def frac_a(prompts, completions, **fields):
+    assert all(isinstance(w, str) for w in fields["word"])
+    return [sum(ch == "a" for ch in c) / max(len(c), 1) for c in completions]
+
+def raises(prompts, completions, **fields):
+    raise ValueError("cannot score")
+
+def nan(prompts, completions, **fields):
+    return [float("nan")] * len(completions)
+
+def short(prompts, completions, **fields):
+    return [0.0]
+'''
+
+
+@pytest.fixture
+def rl_folder(tmp_path, monkeypatch, tiny_base):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rl_rewards.py").write_text(REWARDS, encoding="utf-8")
+    words = ["abcd", "bcda", "cdab", "dabc", "efgh", "fghe", "ghef", "hefg"]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": w + ":", "word": w} for w in words])
+    import sys
+
+    sys.modules.pop("rl_rewards", None)  # each test's folder holds its own copy
+    return tmp_path

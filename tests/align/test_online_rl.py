@@ -1,5 +1,6 @@
 """Online RL (``lmforge align --method grpo|reinforce``): the loss against a hand computation, learning on a tiny
-model, the reward function's bad inputs, and the PEFT path.
+model, several optimizer steps per rollout (the clip acts), the reward function's bad inputs, and the PEFT path.
+PPO has tests/align/test_ppo.py.
 
 The learning test's reward is deliberately trivial: the fraction of completion characters that are ``a``. A
 2-layer, 32-wide model with random weights cannot learn arithmetic or any real task in a CPU test's few seconds;
@@ -18,34 +19,6 @@ import torch
 
 from lmforge.align import losses as L
 from lmforge.cli import main
-from tests.align.conftest import write_jsonl
-
-REWARDS = '''
-def frac_a(prompts, completions, **fields):
-    assert all(isinstance(w, str) for w in fields["word"])
-    return [sum(ch == "a" for ch in c) / max(len(c), 1) for c in completions]
-
-def raises(prompts, completions, **fields):
-    raise ValueError("cannot score")
-
-def nan(prompts, completions, **fields):
-    return [float("nan")] * len(completions)
-
-def short(prompts, completions, **fields):
-    return [0.0]
-'''
-
-
-@pytest.fixture
-def rl_folder(tmp_path, monkeypatch, tiny_base):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "rl_rewards.py").write_text(REWARDS, encoding="utf-8")
-    words = ["abcd", "bcda", "cdab", "dabc", "efgh", "fghe", "ghef", "hefg"]
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": w + ":", "word": w} for w in words])
-    import sys
-
-    sys.modules.pop("rl_rewards", None)  # each test's folder holds its own copy
-    return tmp_path
 
 
 def _align(base, out, *extra) -> int:
@@ -107,10 +80,23 @@ def test_grpo_raises_a_learnable_reward(rl_folder, tiny_base, capsys):
     assert len(rewards) == 8
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # about 0.02 (1 character in 29) at the start
     assert last > first + 0.2, rewards
-    row = json.loads((rl_folder / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    rows = [json.loads(x) for x in (rl_folder / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    row = rows[-1]
     assert row["kl"] > 0 and 1 <= row["completion_length"] <= 7 and "reward_std" in row
+    # one optimizer step per rollout (the default): the trained policy is the sampling one, the clip never acts
+    assert all(r["clipfrac"] == 0 and r["approx_kl"] == 0 for r in rows)
     summary = json.loads((rl_folder / "grpo" / "summary.json").read_text())
     assert summary["method"] == "grpo" and summary["reference"] == "frozen_copy"
+
+
+def test_several_optimizer_steps_per_rollout_make_the_clip_act(rl_folder, tiny_base, capsys):
+    """align.ppo_epochs=2 x align.num_mini_batches=2: four optimizer steps per rollout, so from the second on the
+    trained policy has moved from the sampling one (approx_kl > 0) and the clip takes tokens (clipfrac > 0)."""
+    assert _align(tiny_base, "grpo4", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a", "trainer.max_steps=2",
+                  "optim.lr=0.05", "align.ppo_epochs=2", "align.num_mini_batches=2", "align.cliprange=0.1") == 0
+    rows = [json.loads(x) for x in (rl_folder / "grpo4" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(r["approx_kl"] > 1e-4 and r["clipfrac"] > 0 for r in rows), rows
 
 
 def test_reinforce_and_lora_run(rl_folder, tiny_base, capsys):

@@ -487,9 +487,9 @@ class RolloutLoss(nn.Module):
             vl, vclipped = L.value_losses(values, exp["values"][idx, :T - 1], exp["returns"][idx, :T - 1], m,
                                           float(self.s.cliprange_value))
             losses = pg + float(self.s.vf_coef) * vl
-            s["policy_loss"] += float(pg.sum())
+            s["policy_loss"] += float(pg.detach().sum())
             s["policy_loss#n"] += len(idx)
-            s["value_loss"] += float(vl.sum())
+            s["value_loss"] += float(vl.detach().sum())
             s["value_loss#n"] += len(idx)
             s["vf_clipfrac"] += float((vclipped & m).sum())
             s["vf_clipfrac#n"] += n_tok
