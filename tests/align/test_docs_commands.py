@@ -77,13 +77,15 @@ def test_every_command_runs_verbatim(doc_folder, capsys):
         assert main(shlex.split(command)[1:]) == 0, command
     capsys.readouterr()
     commands = [line.strip() for block in _blocks("bash") for line in block.splitlines() if line.strip()]
-    assert len(commands) == 10 and all(c.startswith("lmforge ") for c in commands)
+    assert len(commands) == 11 and all(c.startswith("lmforge ") for c in commands)
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0, command
     capsys.readouterr()
     assert (doc_folder / "dpo_hf" / "config.json").is_file()
     assert (doc_folder / "dpo_lora_merged" / "config.json").is_file()
-    for run, method in (("dpo", "dpo"), ("simpo", "simpo"), ("kto", "kto"), ("rm", "rm"), ("ipo", "ipo"), ("grpo", "grpo")):
+    for run, method in (("dpo", "dpo"), ("simpo", "simpo"), ("kto", "kto"), ("rm", "rm"), ("ipo", "ipo"), ("grpo", "grpo"),
+                        ("ppo", "ppo")):
         assert json.loads((doc_folder / run / "summary.json").read_text())["method"] == method
+    assert (doc_folder / "ppo" / "critic" / "model.safetensors").is_file()
     lines = (doc_folder / "scores.jsonl").read_text().splitlines()
     assert len(lines) == 8 and all("chosen" in json.loads(x) for x in lines)
