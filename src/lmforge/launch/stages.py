@@ -25,8 +25,10 @@ NeMo Launcher's stage names map onto these kinds (:data:`NEMO_STAGES`): ``peft``
 stage with a PEFT method (default lora; ``method: full`` is refused), ``prompt_learning`` one with
 ``ptuning``, ``adapter_learning`` with ``adapter``, ``ia3_learning`` with ``ia3``; ``conversion_hf2nemo`` is
 a ``conversion`` stage running ``lmforge export ... --format nemo``; NeMo-Aligner's ``rlhf_rm`` is an
-``alignment`` stage with ``method: rm`` and ``dpo`` one with a preference method (dpo by default). NeMo's stages
-that lmforge does not have (``rlhf_ppo``, ``steerlm_reg``, ...) are refused by name (:data:`NOT_BUILT`). ``evaluation.run.tasks``
+``alignment`` stage with ``method: rm``, ``dpo`` one with a preference method (dpo by default) and ``rlhf_ppo`` one
+with ``method: ppo`` (lmforge's keys, or NeMo Launcher's ``actor``/``critic`` body translated by
+:mod:`lmforge.launch.nemo_ppo`). NeMo's stages that lmforge does not have (``steerlm_reg``, ...) are refused by name
+(:data:`NOT_BUILT`). ``evaluation.run.tasks``
 (NeMo's ``all_tasks`` or a comma list) becomes ``--tasks``.
 """
 
@@ -62,16 +64,13 @@ NEMO_STAGES: dict[str, tuple[str, Optional[str]]] = {
     "conversion_hf2nemo": ("conversion", None),
     "rlhf_rm": ("alignment", "rm"),  # NeMo-Aligner's reward model
     "dpo": ("alignment", None),  # NeMo-Aligner's DPO stage: dpo by default, or its variants
+    "rlhf_ppo": ("alignment", "ppo"),  # NeMo-Aligner's PPO (actor + critic): lmforge align --method ppo
 }
 PREFERENCE_METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo")
 PEFT_METHODS = ("lora", "ptuning", "adapter", "ia3")
 
 #: NeMo Launcher stages lmforge does not have: stage name -> why.
 NOT_BUILT: dict[str, str] = {
-    "rlhf_ppo": "PPO with a critic (NeMo-Aligner's online RL) is not built in lmforge yet; align offline with a "
-                "dpo stage (method dpo, ipo, rpo, kto, orpo or simpo) on preference pairs, after an rlhf_rm stage if "
-                "you want the reward model too, or online with `lmforge align --method grpo --reward-fn "
-                "module:function`",
     "steerlm_reg": "SteerLM attribute regression is alignment, which lmforge has not built yet",
     "data_curation": "NeMo Curator's data curation is not part of lmforge (prepare JSONL and use data_preparation)",
     "fw_inference": "NeMo's framework inference stage is not part of lmforge (use a generation stage)",
@@ -470,7 +469,8 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
 def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
     """``lmforge align <results>/<stage>_config.yaml``: the stage's keys are the command's own (``model``, ``data``,
     ``val_data``, ``method``, ``out``, ``align``, ``peft``, ``trainer``, ...), checked at launch. NeMo-Aligner's
-    ``rlhf_rm`` trains a reward model (``method: rm``); ``dpo`` a preference method (``dpo`` unless it says)."""
+    ``rlhf_rm`` trains a reward model (``method: rm``); ``dpo`` a preference method (``dpo`` unless it says);
+    ``rlhf_ppo`` runs PPO (``method: ppo``), its body lmforge's keys or NeMo Launcher's actor/critic sections."""
     from lmforge.align.config import load_align_config
 
     run = run_block(cfg, stage)
@@ -485,6 +485,15 @@ def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
         if method not in PREFERENCE_METHODS:
             raise ConfigError(f"dpo.method={method!r}: a dpo stage trains one of {', '.join(PREFERENCE_METHODS)}; "
                               f"use an rlhf_rm stage for a reward model")
+    elif stage == "rlhf_ppo":
+        from lmforge.launch import nemo_ppo
+
+        if nemo_ppo.is_nemo_body(body):  # NeMo Launcher's actor/critic sections
+            body = nemo_ppo.translate(stage, body, cfg["_notes"])
+        method = body.setdefault("method", "ppo")
+        if method != "ppo":
+            raise ConfigError(f"rlhf_ppo.method={method!r}: an rlhf_ppo stage trains with PPO (method ppo); use an "
+                              f"alignment stage for method={method}")
     return _config_stage(stage, run, body, commands, "align", load_align_config)
 
 
