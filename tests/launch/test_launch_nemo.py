@@ -283,11 +283,12 @@ def test_users_conf_tree_dry_runs(tmp_path, tiny_corpus, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: container=nvcr.io/nvidia/nemo:24.03.framework is set but container_runtime=none")
     assert "container_runtime=apptainer" in err and "container_runtime=pyxis" in err and "container=null" in err
-    # the users' PPO stage: refused by name, pointing at the dpo stage
+    # the users' PPO stage is lmforge align --method ppo: its file (a run block only) names no model or data
     assert main(["launch", "conf/config.yaml", "--dry-run", "numa_mapping.enable=False", "stages=[training,rlhf_ppo]",
                  "container_runtime=pyxis"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "stage 'rlhf_ppo' is not available" in err and "not built in lmforge yet" in err and "dpo stage" in err
+    assert err.startswith("error: rlhf_ppo: the alignment config has problems") and "model is not set" in err
+    assert "method=ppo needs a reward" in err
     # rlhf_rm is lmforge align --method rm: its file (a run block only) names no model or data
     assert main(["launch", "conf/config.yaml", "--dry-run", "numa_mapping.enable=False", "stages=[training,rlhf_rm]",
                  "container_runtime=pyxis"]) == 2
