@@ -520,6 +520,7 @@ class RolloutLoss(nn.Module):
         N = int(exp["rows"].shape[0])
         trainer.last_step_samples = sum(int(b["tokens"].shape[0]) for b in micro)
         trainer.last_step_tokens = N  # what count() counts: completions
+        trainer.last_step_counts = None  # one process: nothing counted on the device
         lr = trainer.schedule.lr_at(step)
         set_lr(trainer.opt, lr)
         if self.critic_optimizer is not None:
