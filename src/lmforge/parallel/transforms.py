@@ -27,10 +27,20 @@ ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(torch.ops.aten, name))
 
 
-def _checkpointed(fn: Callable) -> Callable:
+def _checkpointed(fn: Callable, context_fn: Optional[Callable] = None) -> Callable:
     """``fn`` run under non-reentrant ``torch.utils.checkpoint``: nothing it would save for backward is kept,
-    it runs again (same RNG state, so the same dropout) when the backward pass needs its activations."""
-    return functools.partial(checkpoint, fn, use_reentrant=False)
+    it runs again (same RNG state, so the same dropout) when the backward pass needs its activations. With
+    ``context_fn`` (selective checkpointing) what its policy saves is kept instead of recomputed.
+
+    A function of this file, not a ``functools.partial`` of ``checkpoint``: torch.compile (``apply_compile``, after
+    this) skips torch's own frames, so a block whose ``forward`` were ``checkpoint`` itself would run eagerly;
+    from this frame it traces the checkpointed region as one graph."""
+    kwargs = {} if context_fn is None else {"context_fn": context_fn}
+
+    def run(*args, **kw):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs, **kw)
+
+    return run
 
 
 def lora_save_policy(widths: set[int]) -> Callable:
@@ -152,7 +162,7 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
                               "has no LoRA layers; use full or selective (or train with method=lora)")
         context_fn = functools.partial(create_selective_checkpoint_contexts, lora_save_policy(widths))
         for block in layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+            block.forward = _checkpointed(block.forward, context_fn)
     elif granularity == "selective":
         for block in layers:
             attn = block.self_attn
