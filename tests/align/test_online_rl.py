@@ -92,11 +92,10 @@ def test_grpo_raises_a_learnable_reward(rl_folder, tiny_base, capsys):
 def test_several_optimizer_steps_per_rollout_make_the_clip_act(rl_folder, tiny_base, capsys):
     """align.ppo_epochs=2 x align.num_mini_batches=2: four optimizer steps per rollout, so from the second on the
     trained policy has moved from the sampling one (approx_kl > 0) and the clip takes tokens (clipfrac > 0)."""
-    assert _align(tiny_base, "grpo4", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a", "trainer.max_steps=2",
+    assert _align(tiny_base, "grpo4", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a", "trainer.max_steps=1",
                   "optim.lr=0.05", "align.ppo_epochs=2", "align.num_mini_batches=2", "align.cliprange=0.1") == 0
-    rows = [json.loads(x) for x in (rl_folder / "grpo4" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    assert all(r["approx_kl"] > 1e-4 and r["clipfrac"] > 0 for r in rows), rows
+    (row,) = [json.loads(x) for x in (rl_folder / "grpo4" / "metrics.jsonl").read_text().splitlines()]
+    assert row["approx_kl"] > 1e-4 and row["clipfrac"] > 0, row
 
 
 def test_reinforce_and_lora_run(rl_folder, tiny_base, capsys):
