@@ -96,6 +96,27 @@ def test_engine_gives_the_old_loops_texts_with_stop_strings_eos_and_long_prompts
     assert loops.count(0) == 4 and any(n > 0 for n in loops) and len(loops) <= 8
 
 
+def test_a_stop_string_that_is_a_special_token_stops_the_engine_at_that_token(setup):
+    """The engine matches stop strings on text without special tokens; an ``until`` string that is one special
+    token (``<|im_end|>``) must still stop it there, not only be cut from the text afterwards."""
+    from tokenizers import AddedToken
+
+    model, tok = setup
+    prompts = _prompts(8, 6, (1, 8))
+    _, _, tokens = old_generate_until(model, tok, prompts, [], 10, L)
+    t = next(t[k] for t in tokens for k in range(1, len(t)) if tok.decode([t[k]]) == tok.id_to_token(t[k]).strip()
+             and t[k] not in t[:k])
+    special = copy.deepcopy(tok)
+    special.backend.add_special_tokens([AddedToken(tok.id_to_token(t), special=True)])  # the same id, now special
+    until = [special.decode([t])]
+    assert special.decode([t], skip_special_tokens=True) == "" and until[0]
+    want, ends, old_tokens = old_generate_until(model, special, prompts, until, 10, L)
+    scorer = Scorer(model, special, L, batch_size=3)
+    assert scorer.generate_until(prompts, until, 10) == want and "stop" in ends
+    # every prompt ended where the old loop did: the engine made its tokens (+ the EOS that ended one) and no more
+    assert scorer._engine.metrics.generation_tokens == sum(map(len, old_tokens)) + ends.count("eos")
+
+
 def test_a_shared_few_shot_prefix_is_computed_once(setup):
     model, tok = setup
     rng = random.Random(2)
