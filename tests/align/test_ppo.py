@@ -154,6 +154,11 @@ def test_a_resumed_ppo_run_continues_with_its_critic(rl_folder, tiny_base, capsy
         assert sorted(a) == sorted(b)
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6), (part, k)
+    # a new run's critic may start from a finished run's (align.critic_model=RUN or RUN/critic): its values are not
+    # the zero head's 0
+    assert _ppo(tiny_base, "again", *common, "trainer.max_steps=1", "align.critic_model=once") == 0
+    assert _rows(rl_folder / "again")[0]["value"] != 0
+    assert _rows(rl_folder / "once")[0]["value"] == 0  # from the policy with a zero head
 
 
 def test_vf_coef_weighs_the_value_loss_in_the_shared_clip(rl_folder, tiny_base, capsys):
