@@ -42,7 +42,8 @@ def test_sft_reward_model_and_ppo_stages_run_locally(tmp_path, monkeypatch, tiny
     r = tmp_path / "r"
     assert main(["launch", str(EXAMPLE), "cluster_type=local", f"base_results_dir={r}",
                  "stages=[fine_tuning,rlhf_rm,rlhf_ppo]", f"fine_tuning.model={tiny_base}",
-                 "fine_tuning.trainer.max_steps=2", "rlhf_rm.trainer.max_steps=2", "rlhf_rm.trainer.val_check_interval=2",
+                 "fine_tuning.trainer.max_steps=2", "rlhf_rm.trainer.max_steps=2",
+                 "rlhf_rm.trainer.val_check_interval=2",
                  "rlhf_ppo.trainer.max_steps=1", "rlhf_ppo.global_batch_size=4", "rlhf_ppo.micro_batch_size=4"]) == 0
     summary = json.loads((r / "ppo" / "summary.json").read_text())
     assert summary["method"] == "ppo" and summary["steps"] == 1 and summary["critic"] == str(r / "ppo" / "critic")

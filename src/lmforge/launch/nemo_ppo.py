@@ -193,8 +193,9 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
     def same(key, other):
         def act(value):
             if value != flat.get(other):
-                raise ConfigError(f"{stage}.{key}={value!r}: lmforge's critic takes the actor's {other.split('.', 1)[1]}"
-                                  f" ({flat.get(other)!r}); set the same value or remove the key")
+                setting = other.split(".", 1)[1]
+                raise ConfigError(f"{stage}.{key}={value!r}: lmforge's critic takes the actor's {setting} "
+                                  f"({flat.get(other)!r}); set the same value or remove the key")
         return act
 
     def combined(value):
