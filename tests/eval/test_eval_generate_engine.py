@@ -184,9 +184,9 @@ def test_a_generation_task_scores_as_with_the_old_loop(setup, tmp_path, monkeypa
     task.write_text("name: my_gen\nkind: generation\ndata: gen.jsonl\ncontext: '{q}'\ntarget: ref\nmax_new_tokens: 5\n")
     built = []
     original = Scorer._engine_for
-    monkeypatch.setattr(Scorer, "_engine_for", lambda self, n: built.append(n) or original(self, n))
+    monkeypatch.setattr(Scorer, "_engine_for", lambda self, n: built.append(original(self, n)) or built[-1])
     engine = evaluate_model(model, tok, [str(task)], L, batch_size=4)["results"]["my_gen"]
-    assert len(built) == 1
+    assert len({id(e) for e in built}) == 1 and built[0].max_batch_size == 4  # --batch-size: the engine's batch
     monkeypatch.setattr(Scorer, "engine_model", lambda self: None)  # the one-prompt-at-a-time loop
     loop = evaluate_model(model, tok, [str(task)], L, batch_size=4)["results"]["my_gen"]
     assert engine == loop and 0 < engine["exact_match"] < 1

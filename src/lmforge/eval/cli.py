@@ -24,7 +24,9 @@ def add_commands(sub) -> None:
                    help="local records for a task (JSONL, Parquet or a datasets save_to_disk folder) with the "
                         "Hugging Face dataset's field names; repeatable")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
-    p.add_argument("--batch-size", default="16", help="an integer or 'auto' (default 16)")
+    p.add_argument("--batch-size", default="16",
+                   help="an integer or 'auto' (default 16): requests per forward pass, and the most prompts "
+                        "generation tasks decode together on the serving engine")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--adapter", default=None, metavar="DIR",
