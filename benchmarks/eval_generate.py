@@ -80,7 +80,8 @@ def main() -> None:
     result = {"device": a.device, "dtype": a.dtype, "hidden": a.hidden, "layers": a.layers, "prompts": a.prompts,
               "new_tokens": a.new_tokens, "prompt_tokens_mean": sum(len(engine_scorer.encode(p)) for p in prompts)
               / len(prompts), "batch_size": a.batch_size, "engine_s": round(engine_s, 3),
-              "engine_startup_s": round(startup, 3), "prefix_cache_hits": engine_scorer._engine.stats()["prefix_cache_hits"]}
+              "engine_startup_s": round(startup, 3),
+              "prefix_cache_hits": engine_scorer._engine.stats()["prefix_cache_hits"]}
     if not a.skip_loop:
         loop_scorer = Scorer(model, tok, a.max_length, batch_size=a.batch_size)
         loop_scorer.engine_model = lambda: None  # the one-prompt-at-a-time loop, as before the engine

@@ -202,7 +202,8 @@ def test_lm_eval_generation_requests_go_to_the_scorer_per_task(setup, monkeypatc
     requests = [SimpleNamespace(args=(p, kinds[i % 2])) for i, p in enumerate(prompts)]
     calls = []
     original = Scorer.generate_until
-    monkeypatch.setattr(Scorer, "generate_until", lambda self, ps, u, n: calls.append(len(ps)) or original(self, ps, u, n))
+    monkeypatch.setattr(Scorer, "generate_until",
+                        lambda self, ps, u, n: calls.append(len(ps)) or original(self, ps, u, n))
     got = lm.generate_until(requests)
     assert calls == [3, 3]  # one call per (until, max_gen_toks), not one per request
     for i, p in enumerate(prompts):

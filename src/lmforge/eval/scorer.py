@@ -9,7 +9,9 @@ Three requests cover every task:
 * :meth:`Scorer.loglikelihood_rolling` -- a document -> its total loglikelihood, scored in disjoint
   windows of at most ``max_length`` predicted tokens; the first window is conditioned on the prefix
   token, every later one on as many preceding tokens as fit.
-* :meth:`Scorer.generate_until` -- greedy generation that stops at any of the given strings.
+* :meth:`Scorer.generate_until` -- greedy generation that stops at any of the given strings (and at EOS): on
+  lmforge Transformers through the serving engine (:mod:`lmforge.serve.engine`: continuous batching, a paged
+  KV cache, the prefix cache), on any other model one full forward per token.
 
 Speed: requests are reduced to distinct model inputs (``(context + continuation)[:-1]``; choices that
 differ only in their last token, such as one-token answers, share one forward pass), sorted longest
