@@ -2,10 +2,10 @@
 (torchao, tensorwise and rowwise scaling), on real tokens, then the losses side by side.
 
 Data: the Python standard library's own ``.py`` files (``sysconfig``'s stdlib folder, sorted, up to
-``--max-text-mb``, default 12: about 3M tokens, more than 300 steps read), so it runs on a machine without network. Tokenizer: a byte-level BPE trained on that text by
-lmforge's ``train_bpe`` (the ``tokenizers`` library; ``--vocab`` ids, ``<|endoftext|>`` between files), built in a
-temporary folder. The token stream is cut into ``seq + 1`` windows, shuffled once with a fixed seed: every run reads
-the same windows in the same order.
+``--max-text-mb``, default 12: about 3M tokens, more than 300 steps read), so it runs on a machine without
+network. Tokenizer: a byte-level BPE trained on that text by lmforge's ``train_bpe`` (the ``tokenizers`` library;
+``--vocab`` ids, ``<|endoftext|>`` between files), built in a temporary folder. The token stream is cut into
+``seq + 1`` windows, shuffled once with a fixed seed: every run reads the same windows in the same order.
 
 Model: the Llama-3.2-1B block shape (hidden 2048, 16 layers, 32 heads, 8 KV groups, ffn 8192; ``--shape 1b``) with
 the tokenizer's vocabulary (tied head), or a tiny one for a CPU smoke run (``--shape tiny``). Same initial weights
@@ -135,7 +135,8 @@ def train(recipe, windows: np.ndarray, vocab: int, shape: str, steps: int, mbs: 
     trainer = Trainer(objective, model, opt, schedule, rt, settings)
     batches = MicroBatches(Windows(windows), settings, rt)
     if len(windows) < steps * mbs:
-        print(f"note: {len(windows)} windows for {steps * mbs} rows: the data repeats (raise --max-text-mb)", flush=True)
+        print(f"note: {len(windows)} windows for {steps * mbs} rows: the data repeats (raise --max-text-mb)",
+              flush=True)
     losses, timed_from = [], min(10, steps - 1)
     t0 = time.perf_counter()
     for step in range(steps):
@@ -150,7 +151,8 @@ def train(recipe, windows: np.ndarray, vocab: int, shape: str, steps: int, mbs: 
     seconds = time.perf_counter() - t0
     values = torch.stack(losses).tolist()
     last = values[-20:]
-    rec = dict(case="fp8_loss", precision=("bf16" if cuda else "fp32") if recipe is None else f"fp8-{recipe}", shape=shape,
+    name = ("bf16" if cuda else "fp32") if recipe is None else f"fp8-{recipe}"
+    rec = dict(case="fp8_loss", precision=name, shape=shape,
                vocab=cfg.vocab_size, steps=steps, mbs=mbs, seq=seq, lr=lr, compile=compile_blocks,
                final_loss=values[-1], mean_last20=sum(last) / len(last), first_loss=values[0],
                finite=all(math.isfinite(v) for v in values),
@@ -181,6 +183,12 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="a label copied into every record")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not a.no_fp8:  # refused before any work (the bf16 run would come first)
+        from lmforge.train.fp8 import fp8_problem
+
+        problem = fp8_problem(device)
+        if problem:
+            raise SystemExit(f"{problem} (or pass --no-fp8 for the bf16 run alone)")
     t = time.perf_counter()
     windows, vocab = token_windows(stdlib_texts(a.max_text_mb), a.vocab, a.seq)
     print(json.dumps(dict(data="python stdlib .py", tokenizer=f"byte-level BPE ({vocab} ids, trained here)",

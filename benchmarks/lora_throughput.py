@@ -92,7 +92,8 @@ def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bo
         loss = step()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    rec = dict(case="lmforge_lora_7B", grad_ckpt=bool(grad_ckpt), checkpointing=grad_ckpt or "none", seq=seq, mbs=mbs, tokens_per_s=round(mbs * seq * steps / dt),
+    rec = dict(case="lmforge_lora_7B", grad_ckpt=bool(grad_ckpt), checkpointing=grad_ckpt or "none", seq=seq, mbs=mbs,
+               tokens_per_s=round(mbs * seq * steps / dt),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
                trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss, fused=fused, joined=joined,
                master_cast=master_cast, loss_chunk_size=chunk, compile=compile_blocks,

@@ -1,9 +1,10 @@
 """``lmforge ARGS`` with every host read of a tensor counted, per training step (run under torchrun by
 tests/train/test_fsdp.py).
 
-Counted: ``Tensor.item``, ``tolist``, ``cpu``, ``__float__``, ``__int__``, ``__bool__`` called from lmforge's code (on a
-GPU each waits for the device; torch's own reads, such as Adam's of its CPU step counters, are torch's business). A read inside ``Trainer.train_step`` or in the loop's per-step flag check (``Trainer._any_rank``) counts as
-"in the step" of the step that runs; any other read (logging, validation, saving) as "around" it. Each rank writes
+Counted: ``Tensor.item``, ``tolist``, ``cpu``, ``__float__``, ``__int__``, ``__bool__`` called from lmforge's code
+(on a GPU each waits for the device; torch's own reads, such as Adam's of its CPU step counters, are torch's
+business). A read inside ``Trainer.train_step`` or in the loop's per-step flag check (``Trainer._any_rank``) counts
+as "in the step" of the step that runs; any other read (logging, validation, saving) as "around" it. Each rank writes
 ``{"in_step": {step: n}, "around": {step: n}}`` to ``$LMFORGE_SYNC_COUNTS/rank{R}.json`` when the run ends.
 """
 
