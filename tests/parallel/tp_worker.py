@@ -63,7 +63,7 @@ def run(family: str, steps: int = 6, sequence_parallel: bool = False) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             out[name].append(float(loss_sum.detach()) / n)
-            out[name + "_norm"].append(norm)
+            out[name + "_norm"].append(float(norm))  # a 0-dim tensor (read here, as a logging step would)
     # the sharded weights, gathered, equal the reference's
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tp.state_dict().items()}
     out["max_weight_diff"] = max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items())
