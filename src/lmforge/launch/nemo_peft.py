@@ -137,6 +137,28 @@ def _covered(key: str, group: str) -> bool:
     return key == group or key.startswith(group + ".")
 
 
+def _translate_key(where: str, key: str, value: Any, out: dict, special: dict, direct: dict, variables,
+                   accepted: dict, section: str) -> None:
+    """One NeMo key into ``out``: a ``special`` handler, a ``direct`` lmforge key, a Launcher variable (skipped), an
+    ``accepted`` key with no lmforge counterpart (its value checked), else refused naming ``where`` (``section``:
+    what kind of NeMo key, for the message)."""
+    if key in special:
+        special[key](value)
+    elif key in direct:
+        _set(out, direct[key], value)
+    elif any(_covered(key, v) for v in variables):
+        return
+    elif key in accepted or any(_covered(key, k) and accepted[k] == "any" for k in accepted):
+        allowed = accepted.get(key, "any")
+        if allowed != "any" and value not in allowed:
+            shown = " or ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{where}={value!r}: lmforge supports {shown} here (what it does); remove the key "
+                              f"or set that value")
+    else:
+        raise ConfigError(f"{where}: NeMo's {section} key has no lmforge meaning; remove it (the keys lmforge "
+                          f"translates are listed in docs/launcher.md, 'NeMo Launcher configs')")
+
+
 def translate(stage: str, body: dict, notes: list[str]) -> dict:
     """The lmforge fine-tuning config meant by a NeMo peft ``body`` (without ``run``); notes go to ``notes``.
 
@@ -238,21 +260,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
         where = f"{stage}.{key}"
         if short.split(".")[0] in SCHEME_SECTIONS.values() and short.split(".")[0] != section:
             continue  # another scheme's settings: NeMo ignores them too
-        if short in special:
-            special[short](value)
-        elif short in DIRECT:
-            _set(out, DIRECT[short], value)
-        elif any(_covered(short, v) for v in VARIABLES):
-            continue
-        elif short in ACCEPTED or any(_covered(short, k) and ACCEPTED[k] == "any" for k in ACCEPTED):
-            allowed = ACCEPTED.get(short, "any")
-            if allowed != "any" and value not in allowed:
-                shown = " or ".join("null" if a is None else str(a) for a in allowed)
-                raise ConfigError(f"{where}={value!r}: lmforge supports {shown} here (what it does); remove the key "
-                                  f"or set that value")
-        else:
-            raise ConfigError(f"{where}: NeMo's peft key has no lmforge meaning; remove it (the keys lmforge "
-                              f"translates are listed in docs/launcher.md, 'NeMo Launcher configs')")
+        _translate_key(where, short, value, out, special, DIRECT, VARIABLES, ACCEPTED, "peft")
     if method == "lora":
         lora = (out.get("peft") or {}).get("lora") or {}
         if "lora_alpha" not in lora:  # NeMo's alpha defaults to the rank: scale 1

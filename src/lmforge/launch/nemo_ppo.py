@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmforge.errors import ConfigError
-from lmforge.launch.nemo_peft import PRECISIONS, _covered, _flatten, _set
+from lmforge.launch.nemo_peft import PRECISIONS, _covered, _flatten, _set, _translate_key
 
 #: NeMo key (below the stage) -> lmforge align key, copied as is.
 DIRECT = {
@@ -230,21 +230,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
     special.update({k: same(k, v) for k, v in SAME_AS_ACTOR.items()})
     for key, value in flat.items():
         where = f"{stage}.{key}"
-        if key in special:
-            special[key](value)
-        elif key in DIRECT:
-            _set(out, DIRECT[key], value)
-        elif any(_covered(key, v) for v in VARIABLES):
-            continue
-        elif key in ACCEPTED or any(_covered(key, k) and ACCEPTED[k] == "any" for k in ACCEPTED):
-            allowed = ACCEPTED.get(key, "any")
-            if allowed != "any" and value not in allowed:
-                shown = " or ".join("null" if a is None else str(a) for a in allowed)
-                raise ConfigError(f"{where}={value!r}: lmforge supports {shown} here (what it does); remove the key "
-                                  f"or set that value")
-        else:
-            raise ConfigError(f"{where}: NeMo's PPO key has no lmforge meaning; remove it (the keys lmforge translates "
-                              f"are listed in docs/launcher.md, 'NeMo Launcher configs')")
+        _translate_key(where, key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "PPO")
     _check_critic_schedule(stage, flat)
     if "actor.model.optim.name" in flat:  # NeMo's (distributed) fused Adam is AdamW with a fused kernel
         _set(out, "optim.name", "fused_adam" if "fused" in str(flat["actor.model.optim.name"]) else "adamw")
