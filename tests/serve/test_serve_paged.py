@@ -332,3 +332,54 @@ def test_prompt_logprobs_of_a_request_preempted_mid_prefill(models):
     for i in range(1, len(prompt)):
         assert lps[i].token_id == prompt[i] and lps[i].logprob == pytest.approx(float(full[i - 1, prompt[i]]), abs=1e-5)
     assert_all_free(engine)
+
+
+def test_every_step_launches_work_under_a_queue_of_requests(models):
+    """Many requests waiting and sequences ending every few steps: a step that reads the decode step left in flight
+    and cannot chain the next one schedules and launches the next itself (no call only reads a step, leaving the
+    device idle until the next call), and the tokens are still the greedy ones."""
+    model = models["llama"]
+    engine = Engine(model, max_batch_size=4, max_seq_len=48, block_size=4, max_num_batched_tokens=64)
+    launches = []
+    for name in ("launch_decode", "launch_chained", "prefill"):
+        original = getattr(engine.runner, name)
+
+        def counted(*args, _original=original, **kwargs):
+            launches.append(1)
+            return _original(*args, **kwargs)
+        setattr(engine.runner, name, counted)
+    prompts = {f"r{i}": ([(5 * i + j) % 60 for j in range(2 + i % 5)], 3 + (7 * i) % 6) for i in range(8)}
+    for rid, (prompt, n) in prompts.items():
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0))
+    got = {rid: [] for rid in prompts}
+    idle = steps = 0
+    while engine.has_work():
+        before = len(launches)
+        for out in engine.step():
+            got[out.request_id].extend(out.token_ids)
+        steps += 1
+        idle += len(launches) == before and engine.has_work()
+    assert idle == 0, f"{idle} of {steps} steps launched nothing while requests remained"
+    for rid, (prompt, n) in prompts.items():
+        assert got[rid] == generate(model, prompt, n, greedy=True), rid
+    assert_all_free(engine)
+
+
+def test_decode_tables_go_to_the_device_asynchronously(models, monkeypatch):
+    """The decode step's block tables are copied with ``non_blocking`` from a staging buffer (pinned on a GPU): a
+    blocking host-to-device copy synchronizes the stream, so the step after one in flight could not be launched
+    before that one ended (no overlap of host and device work)."""
+    engine = Engine(models["llama"], max_batch_size=2, max_seq_len=32, block_size=4)
+    tables = engine.cache.tables
+    copies = []
+    original = torch.Tensor.copy_
+
+    def spy(dst, src, non_blocking=False):
+        if dst.untyped_storage().data_ptr() == tables.untyped_storage().data_ptr():
+            copies.append(non_blocking)
+        return original(dst, src, non_blocking)
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    got = run(engine, {"a": ([1, 2, 3], 4), "b": ([4, 5], 5)})
+    monkeypatch.undo()
+    assert copies and all(copies), copies
+    assert got["a"] == generate(models["llama"], [1, 2, 3], 4, greedy=True)

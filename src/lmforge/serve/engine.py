@@ -17,7 +17,8 @@ prefill chunks (waiting or partly prefilled sequences) that fit ``max_num_batche
 launched, then the chunks are prefilled in one padded forward; a chunk that ends its sequence's known tokens
 samples the next token. Finished sequences give their blocks back. A greedy-only decode step with nothing else
 to do is left running on the device: the next call launches the step after it (fed on the device with its
-argmax) before reading it, so the host's work overlaps the device's.
+argmax) before reading it, so the host's work overlaps the device's; when it cannot (a sequence ended, a
+waiting request may join) the call reads the step and schedules the next itself: every call launches work.
 
 Greedy decoding through the engine gives the tokens of :func:`lmforge.models.generate.generate` for every
 request, whatever else is in the batch, however prompts are chunked, whether a prefix came from the cache or a
@@ -324,16 +325,22 @@ class Engine:
         Returns one :class:`RequestOutput` per request that produced tokens or finished.
         """
         touched: dict[str, Sequence] = {}
+        launched = False
         if self._inflight is not None:
             d, self._inflight = self._inflight, None
             nxt = self._launch_chained(d) if self._can_chain(d) else None
             self._finish_decode(d, touched)
             if nxt is not None:
+                launched = True
                 if any(s.finish_reason is not None for s in d.seqs):
                     self._finish_decode(nxt, touched)  # read it now: the finished ones give their blocks back
                 else:
                     self._inflight = nxt
-        else:
+            else:
+                # No chained step (a sequence ended, or a waiting request may join): free the finished ones and
+                # schedule the next step now, not in another call, so no call reads a step and launches nothing.
+                self._release([s for s in self.running if s.finish_reason is not None])
+        if not launched:
             sched = self.scheduler.schedule()
             self.metrics.preemptions += len(sched.preempted)
             d = None

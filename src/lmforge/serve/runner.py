@@ -209,6 +209,14 @@ class ModelRunner:
         # Pageable on purpose: a copy from it has taken the values when copy_ returns, so the host may rewrite rows
         # for a chained step while the step before it (and its copy) still waits on the device.
         self._host_tables = torch.zeros(max_rows, cache.max_blocks, dtype=torch.int32)
+        # What the device tables are copied from: two pinned buffers in turn (CUDA), so the copy is asynchronous. A
+        # blocking copy from pageable memory (``copy_`` without ``non_blocking``) synchronizes the stream: it would
+        # wait for the step in flight before the next could be launched, and no two steps would ever overlap.
+        cuda = self.device.type == "cuda"
+        self._table_stage = [torch.zeros(max_rows, cache.max_blocks, dtype=torch.int32, pin_memory=cuda)
+                             for _ in range(2)]
+        self._stage_copied: list[Any] = [None, None]  # an event per buffer: its last copy to the device is done
+        self._stage_flip = 0
         self._row_owner: list[Optional[list]] = [None] * max_rows  # the block table each row was written from
         self._row_len = [0] * max_rows
         self._flip = 0
@@ -270,8 +278,11 @@ class ModelRunner:
         bs = self.cache.block_size
         T = max(hi - lo for _, lo, hi in chunks)
         nb = max(-(-hi // bs) for _, _, hi in chunks)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
+        # Pinned on a GPU so the copies below are asynchronous (a blocking one would wait for the decode step
+        # launched just before, and the device would then idle while this forward's kernels are queued).
+        pin = self.device.type == "cuda"
+        ids = torch.zeros(B, T, dtype=torch.long, pin_memory=pin)
+        positions = torch.zeros(B, T, dtype=torch.long, pin_memory=pin)
         valid = torch.zeros(B, T, dtype=torch.bool)
         tables = torch.zeros(B, nb, dtype=torch.long)
         for b, (seq, lo, hi) in enumerate(chunks):
@@ -284,9 +295,10 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.set_rows([seq.adapter for seq, _, _ in chunks])
         dev = self.device
-        hidden = self.model.hidden_states(ids.to(dev), kv_cache=self.cache, positions=positions.to(dev))  # (B, T, C)
-        lens = torch.tensor([hi - lo for _, lo, hi in chunks])
-        last = hidden[torch.arange(B, device=dev), (lens - 1).to(dev)]  # (B, C)
+        hidden = self.model.hidden_states(ids.to(dev, non_blocking=True), kv_cache=self.cache,
+                                          positions=positions.to(dev, non_blocking=True))  # (B, T, C)
+        last_index = torch.tensor([hi - lo - 1 for _, lo, hi in chunks], pin_memory=pin)
+        last = hidden[torch.arange(B, device=dev), last_index.to(dev, non_blocking=True)]  # (B, C)
         for b, (seq, lo, hi) in enumerate(chunks):
             if seq.prompt_lp is not None and not seq.prompt_lp_sent:
                 self._prompt_logprobs(seq, hidden[b], lo, hi)
@@ -354,7 +366,15 @@ class ModelRunner:
             elif self._row_len[b] < n:
                 host[b, self._row_len[b]: n] = torch.tensor(table[self._row_len[b]:], dtype=torch.int32)
             self._row_owner[b], self._row_len[b] = table, n
-        self.cache.tables[:B].copy_(host[:B])
+        self._stage_flip ^= 1
+        stage, copied = self._table_stage[self._stage_flip], self._stage_copied[self._stage_flip]
+        if copied is not None:
+            copied.synchronize()  # this buffer's copy of two steps ago (long done: that step was read since)
+        stage[:B].copy_(host[:B])
+        self.cache.tables[:B].copy_(stage[:B], non_blocking=True)
+        if self.device.type == "cuda":
+            self._stage_copied[self._stage_flip] = torch.cuda.Event()
+            self._stage_copied[self._stage_flip].record()
 
     def span(self, last_position: int) -> int:
         return bucket(last_position + 1, self.span_step, self.max_seq_len)
