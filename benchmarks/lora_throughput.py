@@ -17,11 +17,15 @@ Switches (every case of a call runs with them):
     --master-cast / --no-master-cast  LoRA weights cast to bf16 at use (default) / the input cast to fp32 (peft's way)
     --chunked-loss N                head + cross-entropy over N-token chunks (0: off, the default at a 32k vocabulary)
     --compile                       torch.compile each block (LoRA inside), and the loss
+    --kept-report                   after the timed steps, one more step that records what the forward leaves
+                                    alive for backward: the allocated bytes and the largest kept outputs by
+                                    aten op, shape and dtype (the record's ``kept_after_forward_gib``, ``kept``)
 
     python benchmarks/lora_throughput.py                  # both cases
     python benchmarks/lora_throughput.py --cases gc       # gradient checkpointing only
     python benchmarks/lora_throughput.py --cases gc gclora  # full against LoRA-aware checkpointing
     python benchmarks/lora_throughput.py --no-fused --no-master-cast --tag before
+    python benchmarks/lora_throughput.py --cases gc gclora --steps 2 --warm 1 --kept-report  # where memory goes
 
 Records are appended to ``$OUT/lmforge_lora.json`` (several invocations in one device call share the file).
 """
@@ -51,8 +55,58 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attentio
 CASES = {"nogc": False, "gc": "full", "gclora": "lora"}
 
 
+class _KeptOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every tensor output of an aten op while on, by weak reference to its storage: ``alive()`` groups those still
+    held (after a forward: what is kept for backward, in autograd's saved tensors or a checkpoint's cache) by op,
+    shape and dtype; views of ``model``'s parameters and buffers left out. Outer to checkpointing's own modes, so it
+    sees the ops they run and cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.outputs = {}  # id(storage) -> (weakref, bytes, label)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and \
+                    t.untyped_storage().data_ptr() not in self.own:
+                storage = t.untyped_storage()
+                label = f"{func} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                self.outputs.setdefault(id(storage), (weakref.ref(storage), storage.nbytes(), label))
+        return out
+
+    def alive(self, top: int = 20) -> list:
+        import gc
+
+        gc.collect()
+        groups = {}
+        for ref, nbytes, label in self.outputs.values():
+            if ref() is not None:
+                n, total = groups.get(label, (0, 0))
+                groups[label] = (n + 1, total + nbytes)
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+        return [dict(output=label, count=n, gib=round(total / 2**30, 3)) for label, (n, total) in ranked]
+
+
+def kept_report(model, objective, x) -> dict:
+    """One forward and backward: the bytes allocated by the forward and still held when backward starts, and the
+    largest of those by producing op (what checkpointing keeps, or fails to drop)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with _KeptOutputs(model) as mode:
+        loss_sum, n = objective(x)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    top = mode.alive()
+    (loss_sum / n).backward()
+    return dict(kept_after_forward_gib=round(kept / 2**30, 3), kept=top)
+
+
 def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
-          master_cast: bool = True, chunk: int = 0, compile_blocks: bool = False) -> dict:
+          master_cast: bool = True, chunk: int = 0, compile_blocks: bool = False, report: bool = False) -> dict:
     LoRALinear.master_cast = master_cast
     cfg = ModelConfig(**LLAMA2_7B)
     torch.manual_seed(0)
@@ -98,6 +152,10 @@ def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bo
                trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss, fused=fused, joined=joined,
                master_cast=master_cast, loss_chunk_size=chunk, compile=compile_blocks,
                card=torch.cuda.get_device_name(), torch=torch.__version__)
+    if report:
+        opt.zero_grad(set_to_none=True)
+        rec.update(kept_report(model, objective, x))
+        opt.zero_grad(set_to_none=True)
     # Rebound, not deleted: step() reads opt and objective from this scope (a del of a name a nested function
     # uses reads as an undefined name to pyflakes); either way the memory is freed before empty_cache.
     model = opt = objective = step = None
@@ -119,6 +177,8 @@ def main() -> None:
                     help="LoRA weights cast to the compute dtype at use (else the input to fp32)")
     ap.add_argument("--chunked-loss", type=int, default=0, metavar="TOKENS", help="loss over token chunks (0: off)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block and the loss")
+    ap.add_argument("--kept-report", action="store_true",
+                    help="one more step recording what the forward keeps for backward (bytes, largest outputs by op)")
     ap.add_argument("--tag", default="", help="a label copied into every record")
     a = ap.parse_args()
     out = os.environ.get("OUT", ".")
@@ -130,7 +190,7 @@ def main() -> None:
     for case in a.cases:
         try:
             rec = bench(CASES[case], a.seq, a.mbs, a.steps, a.warm, a.compile_loss, a.fused, a.master_cast,
-                        a.chunked_loss, a.compile)
+                        a.chunked_loss, a.compile, a.kept_report)
         except torch.cuda.OutOfMemoryError as e:
             rec = dict(case="lmforge_lora_7B", grad_ckpt=bool(CASES[case]),
                        checkpointing=CASES[case] or "none", seq=a.seq, mbs=a.mbs, error=f"OOM: {e}"[:300])
