@@ -5,7 +5,11 @@ weights receives ``--num-requests`` requests at once, prompts of random tokens w
 ``--prompt-len A B``, outputs uniform in ``--output-len C D`` (greedy, the end-of-sequence token ignored), and runs
 them to completion; ``--passes 2`` runs the same requests again on the same engine (a warm engine: with graphs
 captured at start-up, the first pass should already be as fast). Start-up (cache sizing, graph capture) is
-reported apart.
+reported apart. Each pass also reports what its steps did (the engine's step counters): ``step_calls``,
+``decode_steps`` (of them ``chained_steps``, launched on the device after the step in flight, and ``mixed_steps``,
+which also prefilled and so read their decode step at once), ``prefill_forwards``, ``prefill_tokens`` and
+``decode_rows``. ``--trace PATH`` writes a torch.profiler Chrome trace of steps ``--trace-steps`` of the first
+pass (that pass's timing then includes the profiler's cost).
 
     python benchmarks/serve_load.py --shape llama3.2/1b --num-requests 512 --prompt-len 64 1024 \\
         --output-len 32 512 --max-batch-size 128 --compile
@@ -86,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=2, help="runs of the same requests on the same engine")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="offline: write a torch.profiler Chrome trace (CPU and CUDA activity) of --trace-steps of the "
+                        "first pass to PATH")
+    p.add_argument("--trace-steps", type=int, nargs=2, default=[200, 220], metavar=("FIRST", "END"),
+                   help="engine steps [FIRST, END) of the first pass that --trace records")
     # online
     p.add_argument("--url", default=None, help="an lmforge server's /v1 address: online mode")
     p.add_argument("--model", default=None, help="online: the served model's name")
@@ -146,13 +155,22 @@ def offline(a, shape: str) -> list[dict]:
           f"{a.num_requests} requests, prompts {a.prompt_len}, outputs {a.output_len}, max batch {a.max_batch_size}",
           flush=True)
     rows = []
+    counted = ("decode_steps", "chained_steps", "mixed_steps", "prefill_forwards", "prefill_tokens", "decode_rows")
     for i in range(a.passes):
         preempted = engine.metrics.preemptions
+        before = {k: getattr(engine.metrics, k) for k in counted}
         for j, (prompt, n) in enumerate(requests):
             engine.add_request(f"p{i}-{j}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         t0 = time.perf_counter()
         tokens, ttft, tpot = 0, [], []
+        step, profiler = 0, None
         while engine.has_work():
+            if a.trace and i == 0 and step == a.trace_steps[0]:
+                profiler = start_trace(a.device)
+            if profiler is not None and step == a.trace_steps[1]:
+                stop_trace(profiler, a.trace)
+                profiler = None
+            step += 1
             for out in engine.step():
                 tokens += len(out.token_ids)
                 if out.finished and out.metrics is not None:
@@ -160,12 +178,32 @@ def offline(a, shape: str) -> list[dict]:
                         ttft.append(out.metrics.ttft)
                     if out.metrics.tpot is not None:
                         tpot.append(out.metrics.tpot)
+        if profiler is not None:  # the pass ended inside the window
+            stop_trace(profiler, a.trace)
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
+        steps = {k: getattr(engine.metrics, k) - before[k] for k in counted}
         rows.append(summarize("fresh engine" if i == 0 else f"pass {i + 1}", time.perf_counter() - t0, tokens, ttft,
                               tpot, shape=shape, preemptions=engine.metrics.preemptions - preempted,
-                              startup_seconds=round(startup, 2)))
+                              startup_seconds=round(startup, 2), step_calls=step, **steps))
     return rows
+
+
+def start_trace(device: str):
+    """A started torch.profiler recording CPU activity, and CUDA's on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def stop_trace(profiler, path: str) -> None:
+    """Stop ``profiler`` and write its Chrome trace (chrome://tracing, ui.perfetto.dev) to ``path``."""
+    profiler.__exit__(None, None, None)
+    profiler.export_chrome_trace(path)
+    print(f"trace of the profiled steps: {path}", flush=True)
 
 
 def online(a) -> list[dict]:

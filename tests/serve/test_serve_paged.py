@@ -176,12 +176,19 @@ def test_serve_load_benchmark_runs_offline(tmp_path):
     spec.loader.exec_module(bench)
     argv = ["--shape", "tiny", "--num-requests", "6", "--prompt-len", "4", "30", "--output-len", "2", "9",
             "--max-batch-size", "4", "--max-num-batched-tokens", "16", "--num-kv-blocks", "4", "--passes", "1",
-            "--json", str(tmp_path / "load.json")]
+            "--json", str(tmp_path / "load.json"), "--trace", str(tmp_path / "trace.json"), "--trace-steps", "2", "4"]
     assert bench.main(argv) == 0
     (row,) = json.loads((tmp_path / "load.json").read_text())["results"]
-    expected = sum(n for _, n in bench.workload(bench.parse_args(argv), bench.SHAPES["tiny"]["vocab_size"]))
+    work = bench.workload(bench.parse_args(argv), bench.SHAPES["tiny"]["vocab_size"])
+    expected = sum(n for _, n in work)
     assert row["output_tokens"] == expected and row["output_tok_per_s"] > 0
     assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["tpot_p50"] <= row["tpot_p99"]
+    # the step counters: at most one decode launch a call; every output token after a request's first came from a
+    # decode row; every prompt token was fed (more with preemptions: recomputed)
+    assert row["step_calls"] >= row["decode_steps"] >= row["chained_steps"] + row["mixed_steps"]
+    assert row["decode_rows"] >= expected - len(work) and row["prefill_tokens"] >= sum(len(p) for p, _ in work)
+    assert row["prefill_forwards"] >= 1
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
 
 
 def _load_benchmark(name: str):

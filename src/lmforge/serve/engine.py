@@ -346,6 +346,9 @@ class Engine:
             d = None
             if sched.decode:
                 d = self.runner.launch_decode(sched.decode, all(self._pipelinable(s) for s in sched.decode))
+                self.metrics.decode_steps += 1
+                self.metrics.mixed_steps += bool(sched.chunks)
+                self.metrics.decode_rows += len(sched.decode)
                 for s in sched.decode:
                     s.num_computed += 1
             if sched.chunks:
@@ -386,6 +389,8 @@ class Engine:
         their sequence's known tokens sample."""
         done, failed = [], []
         for group in self.prefill_groups(chunks):
+            self.metrics.prefill_forwards += 1
+            self.metrics.prefill_tokens += sum(hi - lo for _, lo, hi in group)
             try:
                 logits = self.runner.prefill(group)
                 done += [(c, logits[b: b + 1]) for b, c in enumerate(group)]
@@ -458,6 +463,9 @@ class Engine:
     def _launch_chained(self, d: Decode) -> Decode:
         """Start the step after ``d`` without reading it: each row feeds ``d``'s argmax one position on."""
         nxt = self.runner.launch_chained(d)
+        self.metrics.decode_steps += 1
+        self.metrics.chained_steps += 1
+        self.metrics.decode_rows += len(d.seqs)
         for s in d.seqs:
             s.num_computed += 1
         return nxt

@@ -51,6 +51,15 @@ class EngineMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.preemptions = 0
+        # What the steps did (offline diagnostics: benchmarks/serve_load.py prints them): steps that launched a
+        # decode step, those chained on the device after the one in flight, those that also prefilled (a mixed step
+        # reads its decode step at once), prefill forwards and the tokens they fed, decode rows (one token each).
+        self.decode_steps = 0
+        self.chained_steps = 0
+        self.mixed_steps = 0
+        self.prefill_forwards = 0
+        self.prefill_tokens = 0
+        self.decode_rows = 0
         self.finished: dict[str, int] = {}
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
