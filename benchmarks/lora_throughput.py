@@ -26,6 +26,8 @@ Switches (every case of a call runs with them):
     python benchmarks/lora_throughput.py --cases gc gclora  # full against LoRA-aware checkpointing
     python benchmarks/lora_throughput.py --no-fused --no-master-cast --tag before
     python benchmarks/lora_throughput.py --cases gc gclora --steps 2 --warm 1 --kept-report  # where memory goes
+    python benchmarks/lora_throughput.py --cases sacnone sacattn sacxa --steps 2 --warm 1 --kept-report
+                                    # gclora's save list in parts: nothing, attention only, x @ A only
 
 Records are appended to ``$OUT/lmforge_lora.json`` (several invocations in one device call share the file).
 """
@@ -53,6 +55,31 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attentio
 
 #: case -> activation checkpointing granularity (False: none)
 CASES = {"nogc": False, "gc": "full", "gclora": "lora"}
+#: diagnostic cases, every block selectively checkpointed with part of gclora's save list, to tell which part costs
+#: memory: nothing saved (selective checkpointing's own cost), the attention kernels only, the x @ A products only
+PROBES = {"sacnone": (False, False), "sacattn": (True, False), "sacxa": (False, True)}
+CASES.update({name: name for name in PROBES})
+
+
+def probe_checkpointing(model, attention: bool, products: bool) -> None:
+    """Every block checkpointed as ``lora`` does, keeping the attention outputs only if ``attention``, the LoRA
+    products x @ A.T only if ``products`` (both: the ``lora`` granularity itself)."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    from lmforge.parallel.transforms import ATTENTION_OPS, _checkpointed, _lora_widths, lora_save_policy
+
+    lora = lora_save_policy(_lora_widths(model) if products else set())
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in ATTENTION_OPS and not attention:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        return lora(ctx, op, *args, **kwargs)
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    for block in model.layers:
+        block.forward = _checkpointed(block.forward, context_fn)
 
 
 class _KeptOutputs(torch.utils._python_dispatch.TorchDispatchMode):
@@ -96,13 +123,17 @@ def kept_report(model, objective, x) -> dict:
     largest of those by producing op (what checkpointing keeps, or fails to drop)."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     with _KeptOutputs(model) as mode:
         loss_sum, n = objective(x)
     torch.cuda.synchronize()
     kept = torch.cuda.memory_allocated() - before
     top = mode.alive()
     (loss_sum / n).backward()
-    return dict(kept_after_forward_gib=round(kept / 2**30, 3), kept=top)
+    torch.cuda.synchronize()
+    return dict(kept_after_forward_gib=round(kept / 2**30, 3),
+                report_step_peak_above_start_gib=round((torch.cuda.max_memory_allocated() - before) / 2**30, 3),
+                kept=top)
 
 
 def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
@@ -117,7 +148,9 @@ def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bo
     model = model.to(torch.bfloat16)
     apply_peft(model, "lora", LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["all-linear"]))
     joined = set_joint_projections(model, fused)
-    if grad_ckpt:  # "full" or "lora" (the granularity), or False
+    if grad_ckpt in PROBES:
+        probe_checkpointing(model, *PROBES[grad_ckpt])
+    elif grad_ckpt:  # "full" or "lora" (the granularity), or False
         apply_activation_checkpointing(model, grad_ckpt)
     model.train()
     objective = CausalLMLoss(model, loss_chunk_size=chunk)
