@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the longest prompt + output")
+    p.add_argument("--admission-batch", type=int, default=1,
+                   help="admit waiting requests once this many rows are free (Engine(admission_batch=...))")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -146,7 +148,8 @@ def offline(a, shape: str) -> list[dict]:
     engine = Engine(model, None, max_batch_size=a.max_batch_size, max_seq_len=max_seq_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                     gpu_memory_utilization=a.gpu_memory_utilization, num_kv_blocks=a.num_kv_blocks,
-                    enable_prefix_caching=not a.no_prefix_caching, compile_decode=a.compile)
+                    enable_prefix_caching=not a.no_prefix_caching, compile_decode=a.compile,
+                    admission_batch=a.admission_batch)
     startup = time.perf_counter() - start
     blocks = engine.cache.num_blocks - 1
     print(f"{shape} on {torch.cuda.get_device_name() if a.device.startswith('cuda') else a.device}, {dtype}: "

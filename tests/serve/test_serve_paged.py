@@ -390,3 +390,24 @@ def test_decode_tables_go_to_the_device_asynchronously(models, monkeypatch):
     monkeypatch.undo()
     assert copies and all(copies), copies
     assert got["a"] == generate(models["llama"], [1, 2, 3], 4, greedy=True)
+
+
+def test_admission_batch_gathers_admissions_into_fewer_prefill_steps(models):
+    """With requests queued and sequences ending one by one, ``admission_batch=3`` admits only once three rows
+    are free: fewer steps prefill (each prefills several prompts), more decode steps are chained on the device, and
+    every request still gets its greedy tokens. An admission_batch below 1 is refused."""
+    model = models["llama"]
+    prompts = {f"r{i}": ([(3 * i + j) % 60 for j in range(2 + i % 4)], 2 + (5 * i) % 7) for i in range(10)}
+    expected = {rid: generate(model, prompt, n, greedy=True) for rid, (prompt, n) in prompts.items()}
+    counts = {}
+    for batch in (1, 3):
+        engine = Engine(model, max_batch_size=4, max_seq_len=32, block_size=4, admission_batch=batch)
+        got = run(engine, prompts)
+        assert {rid: got[rid] for rid in prompts} == expected, batch
+        assert_all_free(engine)
+        counts[batch] = engine.metrics
+    assert counts[3].mixed_steps < counts[1].mixed_steps
+    assert counts[3].prefill_forwards < counts[1].prefill_forwards
+    assert counts[3].chained_steps > counts[1].chained_steps
+    with pytest.raises(InvalidRequestError, match="admission_batch"):
+        Engine(model, max_batch_size=4, max_seq_len=32, admission_batch=0)

@@ -63,6 +63,9 @@ class Engine:
         max_seq_len: positions per sequence (prompt + output); default ``min(max_position_embeddings, 8192)``.
         max_num_batched_tokens: most tokens fed in one step, decode tokens and prefill chunks together; a longer
             prompt is prefilled in chunks over several steps while the running sequences go on decoding.
+        admission_batch: while sequences run, admit waiting requests only once this many rows are free (or as
+            many as requests wait), so several prompts share a prefill forward and the steps between are pure
+            decode steps (:class:`~lmforge.serve.scheduler.Scheduler`); 1 admits into every row as it frees.
         block_size: positions per KV-cache block.
         num_kv_blocks: KV-cache blocks (each ``block_size`` positions of every layer); default: sized from
             ``kv_cache_memory``, else from the GPU's free memory (``gpu_memory_utilization``), else (CPU) enough
@@ -94,9 +97,10 @@ class Engine:
                  kv_cache_memory: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, compile_decode: bool = False, lora=None, graph_chunks: int = 1,
                  compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
-                 decode_kernels: bool = True, log=None):
+                 decode_kernels: bool = True, admission_batch: int = 1, log=None):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
-                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+                                 ("max_num_batched_tokens", max_num_batched_tokens, 1),
+                                 ("admission_batch", admission_batch, 1)):
             if not isinstance(value, int) or value < low:
                 raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -153,7 +157,8 @@ class Engine:
                                   self.dtype, prefix_caching=enable_prefix_caching)
         if self.device.type == "cuda":
             log(self._cache_line())
-        self.scheduler = Scheduler(self.cache.allocator, block_size, max_batch_size, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache.allocator, block_size, max_batch_size, max_num_batched_tokens,
+                                   admission_batch=admission_batch)
         self.runner = ModelRunner(self.model, self.cache, max_rows, self.max_seq_len, lora, self.compiled,
                                   graph_chunks, compile_mode, compile_options, decode_kernels)
         self.sampler = Sampler()
@@ -483,7 +488,7 @@ class Engine:
         (A sequence that then stops on a token or a stop string only wastes its row.)"""
         if d.tokens is None or len(d.seqs) != len(self.running):
             return False
-        if self.waiting and len(self.running) < self.max_batch_size:
+        if self.scheduler.can_admit():
             return False
         if not all(s.finish_reason is None and s.num_generated + 1 < s.max_new and s.length + 1 < self.max_seq_len
                    for s in d.seqs):

@@ -53,11 +53,16 @@ class Scheduler:
         max_num_batched_tokens: most tokens fed in one step (decode tokens and prefill chunks together).
         watermark: fraction of the blocks an admission leaves free (so running sequences can grow a while
             before anything is preempted).
+        admission_batch: while sequences run, waiting requests are admitted only once this many (or every waiting
+            one, if fewer wait) have a free row: their prompts then share prefill forwards and the steps between
+            admissions are pure decode steps (chained on the device), instead of nearly every step prefilling
+            the one request admitted into the row that just freed. 1 admits as soon as a row is free.
     """
 
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_num_batched_tokens: int,
-                 watermark: float = 0.01):
+                 watermark: float = 0.01, admission_batch: int = 1):
         self.allocator = allocator
+        self.admission_batch = admission_batch
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -159,7 +164,8 @@ class Scheduler:
             out.decode = [s for s in out.decode if s in self.running]
             out.chunks = [c for c in out.chunks if c[0] in self.running]
             budget = self.max_num_batched_tokens - out.num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        admit = self.can_admit()
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             if self.allocator.prefix_caching and not seq.block_table and seq.prompt_lp is None:
                 # (prompt logprobs need every prompt position's hidden state: computed, not taken from the cache)
@@ -178,6 +184,13 @@ class Scheduler:
             budget -= n
             out.chunks.append((seq, seq.num_computed, seq.num_computed + n))
         return out
+
+    def can_admit(self) -> bool:
+        """Whether waiting requests may be admitted now (blocks aside): a row is free and, while sequences run,
+        at least ``admission_batch`` rows are (or as many as requests wait)."""
+        free = self.max_batch_size - len(self.running)
+        return bool(self.waiting) and free > 0 and (not self.running or free >= min(self.admission_batch,
+                                                                                      len(self.waiting)))
 
     def _make_room(self, seq: Sequence, want: int, out: Schedule) -> int:
         """Blocks for ``want`` more tokens of running ``seq``; a prefill chunk shrinks to the free blocks, and with
