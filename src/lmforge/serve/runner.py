@@ -219,6 +219,8 @@ class ModelRunner:
         self._stage_flip = 0
         self._row_owner: list[Optional[list]] = [None] * max_rows  # the block table each row was written from
         self._row_len = [0] * max_rows
+        self._row_seq: list = []  # the sequence in each row of the last decode step launched
+        self.rows_rewritten = 0  # decode-table rows written whole (a new sequence in the row), for tests
         self._flip = 0
         self._token_host = ([torch.zeros(max_rows, dtype=torch.long).pin_memory() for _ in range(2)]
                             if self.device.type == "cuda" else [])
@@ -363,6 +365,7 @@ class ModelRunner:
                     host[b].zero_()
                 if n:
                     host[b, :n] = torch.tensor(table, dtype=torch.int32)
+                    self.rows_rewritten += 1
             elif self._row_len[b] < n:
                 host[b, self._row_len[b]: n] = torch.tensor(table[self._row_len[b]:], dtype=torch.int32)
             self._row_owner[b], self._row_len[b] = table, n
@@ -379,9 +382,31 @@ class ModelRunner:
     def span(self, last_position: int) -> int:
         return bucket(last_position + 1, self.span_step, self.max_seq_len)
 
+    def _place(self, seqs: list[Sequence]) -> list[Sequence]:
+        """``seqs`` in the order of the rows they decode in: each keeps its row of the last step where it can (its
+        block-table row then only grows), and the others take the rows left free. Rows in the scheduler's order
+        would shift every sequence after one that ended, and each shifted row's table would be written again."""
+        n = len(seqs)
+        rows: list[Optional[Sequence]] = [None] * n
+        last = {id(s): b for b, s in enumerate(self._row_seq)}
+        rest = []
+        for s in seqs:
+            b = last.get(id(s))
+            if b is not None and b < n and rows[b] is None and self._row_seq[b] is s:
+                rows[b] = s
+            else:
+                rest.append(s)
+        free = iter([b for b in range(n) if rows[b] is None])
+        for s in rest:
+            rows[next(free)] = s
+        self._row_seq = rows
+        return rows
+
     def launch_decode(self, seqs: list[Sequence], greedy_only: bool) -> Decode:
-        """Start a decode step of ``seqs`` (row i = ``seqs[i]``, feeding its newest token); ``greedy_only`` steps
-        copy their argmax to the host asynchronously (:attr:`Decode.tokens`)."""
+        """Start a decode step of ``seqs`` (placed in rows by :meth:`_place`: row i of the step is
+        ``Decode.seqs[i]``, feeding its newest token); ``greedy_only`` steps copy their argmax to the host
+        asynchronously (:attr:`Decode.tokens`)."""
+        seqs = self._place(seqs)
         n = len(seqs)
         B = bucket(n, self.batch_step, self.max_rows)
         ids, pos, advance = [0] * B, [0] * B, [0] * B
