@@ -35,6 +35,7 @@ Records are appended to ``$OUT/lmforge_lora.json`` (several invocations in one d
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -106,8 +107,6 @@ class _KeptOutputs(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
     def alive(self, top: int = 20) -> list:
-        import gc
-
         gc.collect()
         groups = {}
         for ref, nbytes, label in self.outputs.values():
@@ -139,6 +138,7 @@ def kept_report(model, objective, x) -> dict:
 def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
           master_cast: bool = True, chunk: int = 0, compile_blocks: bool = False, report: bool = False) -> dict:
     LoRALinear.master_cast = master_cast
+    start = torch.cuda.memory_allocated()  # what an earlier case left behind: 0 when each case frees its model
     cfg = ModelConfig(**LLAMA2_7B)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -184,14 +184,18 @@ def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bo
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
                trainable_params=sum(p.numel() for p in params), compile_loss=compile_loss, fused=fused, joined=joined,
                master_cast=master_cast, loss_chunk_size=chunk, compile=compile_blocks,
-               card=torch.cuda.get_device_name(), torch=torch.__version__)
+               start_allocated_gib=round(start / 2**30, 2), card=torch.cuda.get_device_name(), torch=torch.__version__)
     if report:
         opt.zero_grad(set_to_none=True)
         rec.update(kept_report(model, objective, x))
         opt.zero_grad(set_to_none=True)
     # Rebound, not deleted: step() reads opt and objective from this scope (a del of a name a nested function
-    # uses reads as an undefined name to pyflakes); either way the memory is freed before empty_cache.
+    # uses reads as an undefined name to pyflakes). gc.collect: a model that ran under checkpointing can sit in a
+    # reference cycle (torch's first checkpoint call imports lazily, and the import's frames hold the block); left to
+    # the cyclic collector its 13 GB of weights stayed allocated into the next case's peak (gclora after gc read
+    # 28.85 GiB, 13.3 GiB of it gc's model).
     model = opt = objective = step = None
+    gc.collect()
     torch.cuda.empty_cache()
     return rec
 

@@ -24,6 +24,7 @@ Prints one JSON line per case and appends them to $OUT/lmforge_train.json when O
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -128,6 +129,7 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
                gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     del model, opt, trainer
+    gc.collect()  # a checkpointed model can sit in a reference cycle; else its memory counts in the next case's peak
     torch.cuda.empty_cache()
     return rec
 

@@ -27,6 +27,25 @@ ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(torch.ops.aten, name))
 
 
+def _method(module: nn.Module, name: str) -> Callable:
+    """``getattr(module, name)`` (``forward``, ``_sdpa``) as a callable that holds no strong reference to ``module``.
+
+    The transforms store their wrappers on the module instance; a wrapper holding the bound method would make a
+    reference cycle (module -> wrapper -> bound method -> module), so a dropped model were freed only by Python's
+    cyclic garbage collector, whenever that runs: its GPU memory stays allocated (``torch.cuda.empty_cache`` cannot
+    release it) and the next model built in the process starts with it. The class's function with a weak reference
+    to the module breaks the cycle. An instance attribute already there (another wrapper) is returned as it is."""
+    own = module.__dict__.get(name)
+    if own is not None:
+        return own
+    function, ref = getattr(type(module), name), weakref.ref(module)
+
+    def method(*args, **kwargs):
+        return function(ref(), *args, **kwargs)
+
+    return method
+
+
 def _checkpointed(fn: Callable, context_fn: Optional[Callable] = None) -> Callable:
     """``fn`` run under non-reentrant ``torch.utils.checkpoint``: nothing it would save for backward is kept,
     it runs again (same RNG state, so the same dropout) when the backward pass needs its activations. With
@@ -162,15 +181,15 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
                               "has no LoRA layers; use full or selective (or train with method=lora)")
         context_fn = functools.partial(create_selective_checkpoint_contexts, lora_save_policy(widths))
         for block in layers:
-            block.forward = _checkpointed(block.forward, context_fn)
+            block.forward = _checkpointed(_method(block, "forward"), context_fn)
     elif granularity == "selective":
         for block in layers:
             attn = block.self_attn
-            attn._sdpa = _checkpointed(attn._sdpa)
-            attn._eager = _checkpointed(attn._eager)  # the soft-capped path (Gemma 2): its (B, nh, T, S) scores
+            attn._sdpa = _checkpointed(_method(attn, "_sdpa"))
+            attn._eager = _checkpointed(_method(attn, "_eager"))  # the soft-capped path (Gemma 2): its scores
     elif method == "block":
         for block in list(layers)[:num_layers]:
-            block.forward = _checkpointed(block.forward)
+            block.forward = _checkpointed(_method(block, "forward"))
     else:
         blocks = list(layers)
         for start in range(0, len(blocks), num_layers):
@@ -181,7 +200,7 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
 
 def _checkpoint_chunk(blocks: list[nn.Module]) -> None:
     """Make ``blocks`` (consecutive) one checkpointed unit; see :func:`apply_activation_checkpointing`."""
-    forwards = [block.forward for block in blocks]
+    forwards = [_method(block, "forward") for block in blocks]
     if len(blocks) == 1:
         blocks[0].forward = _checkpointed(forwards[0])
         return
