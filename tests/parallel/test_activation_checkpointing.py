@@ -432,25 +432,25 @@ def test_checkpointed_blocks_are_compiled():
             assert (grads[key] - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item()), key
 
 
-@pytest.mark.parametrize("granularity", ["full", "selective", "lora"])
-def test_a_dropped_model_is_freed_at_once(granularity):
+def test_a_dropped_model_is_freed_at_once():
     """The wrappers hold no reference cycle (block -> its forward wrapper -> the bound method -> block): a model
     dropped after a step is freed by reference counting, not when the cyclic collector happens to run. With the
     cycle a benchmark's next case started with the previous 7B model's 13 GB still on the GPU."""
     import gc
     import weakref
 
-    def one_step():
+    def one_step(granularity):
         model = transformed(lora_base(joint=True), (granularity, None, None))
         loss_sum, _ = CausalLMLoss(model)(tokens())
         loss_sum.backward()
         return [weakref.ref(m) for m in (model, model.layers[0], model.layers[0].self_attn)]
 
-    one_step()  # torch's first checkpoint call imports lazily; that import's frames may hold its model until gc
+    one_step("full")  # torch's first checkpoint call imports lazily; that import's frames may hold its model until gc
     gc.collect()
     gc.disable()
     try:
-        refs = one_step()
-        assert [r() is None for r in refs] == [True, True, True]
+        for granularity in ("full", "selective", "lora"):
+            refs = one_step(granularity)
+            assert [r() is None for r in refs] == [True, True, True], granularity
     finally:
         gc.enable()
