@@ -178,34 +178,3 @@ def plain_hf(plain_run, tmp_path_factory) -> tuple[Path, dict]:
     """The HF folder of ``plain_run``'s step-5 checkpoint and its tensors (converted once for the session)."""
     out = tmp_path_factory.mktemp("plain_hf") / "hf"
     return out, convert_to_hf(plain_run / "checkpoints" / "step_0000005", out)
-
-
-# The longest test files (each 30 s to 4 min on a 2-core machine, mostly torchrun launches) run first: the README's
-# command hands whole files to two pytest-xdist workers, and a long file started last leaves one worker idle
-# while the other finishes it. Files not listed keep their order after these.
-LONG_FILES_FIRST = [
-    "tests/train/test_fsdp.py", "tests/train/test_users_pretraining_commands.py", "tests/train/test_pretrain.py",
-    "tests/train/test_parallel_compose.py", "tests/parallel/test_expert_parallel.py",
-    "tests/train/test_tensor_parallel_train.py", "tests/serve/test_serve_kernels.py",
-    "tests/launch/test_launch_slurm.py", "tests/parallel/test_context_parallel.py", "tests/launch/test_launch_local.py",
-    "tests/launch/test_launch_signals.py", "tests/align/test_steerlm.py", "tests/train/test_readme_fsdp.py",
-]
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # xdist would hand out files by test count instead of this order
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
-    root = Path(__file__).resolve().parents[1]
-
-    def key(item):
-        try:
-            rel = Path(str(item.fspath)).resolve().relative_to(root).as_posix()
-        except ValueError:
-            rel = ""
-        return rank.get(rel, len(rank))
-
-    items.sort(key=key)  # stable: the order inside each file and among the other files is kept
