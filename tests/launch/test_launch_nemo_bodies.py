@@ -327,3 +327,59 @@ def test_nemo_pile_preparation_becomes_local_preprocessing(tree, tmp_path, capsy
         for ext in ("bin", "idx"):
             made = (data / f"my-gpt3_{n:02d}_text_document.{ext}").read_bytes()
             assert made == (tmp_path / f"ref{n}_text_document.{ext}").read_bytes()
+
+
+def _precision_bodies(value, actor_model=None):
+    """A minimal NeMo peft body and the NeMo PPO body, each with trainer precision ``value``."""
+    import copy
+
+    from tests.align.test_alignment_pipeline import NEMO_PPO
+
+    peft = {"trainer": {"precision": value},
+            "model": {"restore_from_path": "base", "data": {"train_ds": {"file_names": ["t.jsonl"]}}}}
+    ppo = copy.deepcopy(NEMO_PPO)
+    ppo["actor"]["trainer"]["precision"] = value
+    if actor_model is not None:
+        ppo["actor"]["model"]["precision"] = actor_model
+    return peft, ppo
+
+
+@pytest.mark.parametrize("value, want", [(16, "16-mixed"), ("16-mixed", "16-mixed"), ("bf16", "bf16-mixed"),
+                                         ("bf16-mixed", "bf16-mixed"), (32, "32"), ("32-true", "32"),
+                                         (None, "32")])
+def test_nemo_peft_and_ppo_read_precision_as_nemo_does(value, want):
+    """Both NeMo body translations read trainer.precision through one function, with NeMo's meaning (null is
+    Lightning's default, 32-true); a model precision repeating the trainer's is accepted."""
+    from lmforge.launch import nemo_peft, nemo_ppo
+
+    peft, ppo = _precision_bodies(value, actor_model=value)
+    assert nemo_peft.translate("peft", peft, [])["trainer"]["precision"] == want
+    assert nemo_ppo.translate("rlhf_ppo", ppo, [])["trainer"]["precision"] == want
+
+
+@pytest.mark.parametrize("value", ["bf16-true", 64, "fp16", "transformer-engine"])
+def test_nemo_precision_lmforge_cannot_run_is_refused_alike(value):
+    from lmforge.launch import nemo_peft, nemo_ppo
+
+    peft, ppo = _precision_bodies(value)
+    for stage, key, translate, body in (("peft", "trainer.precision", nemo_peft.translate, peft),
+                                        ("rlhf_ppo", "actor.trainer.precision", nemo_ppo.translate, ppo)):
+        with pytest.raises(ConfigError) as e:
+            translate(stage, body, [])
+        assert str(e.value).startswith(f"{stage}.{key}={value!r}: "), str(e.value)
+        assert "set 16, 16-mixed, bf16, bf16-mixed, 32 or 32-true" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nemo_ppo_precisions_that_disagree_are_refused():
+    """lmforge runs NeMo's actor and critic at one precision: a model or critic precision meaning another than
+    actor.trainer.precision is refused, naming it (it was ignored)."""
+    from lmforge.launch import nemo_ppo
+
+    _, ppo = _precision_bodies("bf16", actor_model=32)
+    with pytest.raises(ConfigError, match=r"^rlhf_ppo.actor.model.precision=32: lmforge runs the actor and the "
+                                          r"critic at one precision, actor.trainer.precision='bf16'"):
+        nemo_ppo.translate("rlhf_ppo", ppo, [])
+    _, ppo = _precision_bodies("bf16")
+    ppo["critic"]["trainer"]["precision"] = 16
+    with pytest.raises(ConfigError, match=r"^rlhf_ppo.critic.trainer.precision=16: lmforge runs"):
+        nemo_ppo.translate("rlhf_ppo", ppo, [])

@@ -23,8 +23,15 @@ LORA_TARGETS = {"attention_qkv": ["q_proj", "k_proj", "v_proj"], "attention_dens
                 "mlp_fc1": ["gate_proj", "up_proj"], "mlp_fc2": ["down_proj"],
                 "attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"],
                 "all": ["all-linear"]}
-PRECISIONS = {"bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed",
-              "fp16": "16-mixed", "32": "32", "32-true": "32", "fp32": "32"}
+#: NeMo's ``trainer.precision`` (Lightning's values; NeMo reads 16 and bf16 as mixed precision) -> lmforge's.
+#: None is Lightning's default, 32-true.
+PRECISIONS = {"16": "16-mixed", "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+              "32": "32", "32-true": "32"}
+#: Lightning's other values, which lmforge cannot run, with why.
+PRECISIONS_REFUSED = {
+    "16-true": "float16 weights with no float32 master copy", "bf16-true": "bfloat16 weights with no float32 master "
+    "copy", "64": "float64", "64-true": "float64", "transformer-engine": "float8 through Transformer Engine",
+    "transformer-engine-float16": "float8 through Transformer Engine"}
 METRICS = {"loss": "val_loss", "exact_string_match": "exact_match"}
 
 #: NeMo key (below the stage) -> lmforge key, copied as is.
@@ -137,6 +144,25 @@ def _covered(key: str, group: str) -> bool:
     return key == group or key.startswith(group + ".")
 
 
+def nemo_precision(where: str, value: Any) -> str:
+    """lmforge's ``trainer.precision`` for NeMo's precision ``value`` (``trainer.precision`` and the keys that
+    repeat it), read as NeMo reads it: 16 / 16-mixed -> 16-mixed, bf16 / bf16-mixed -> bf16-mixed, 32 / 32-true /
+    null -> 32. Every NeMo body translation reads its precision keys through this one function.
+
+    Raises:
+        ConfigError: any other value, naming ``where`` (the full key) and the value.
+    """
+    if value is None:
+        return "32"
+    key = "" if isinstance(value, bool) else str(value)
+    if key in PRECISIONS:
+        return PRECISIONS[key]
+    why = f"NeMo's {key} is {PRECISIONS_REFUSED[key]}, which lmforge does not train in; " if key in PRECISIONS_REFUSED \
+        else ""
+    raise ConfigError(f"{where}={value!r}: {why}lmforge trains at mixed 16 or bf16 (float32 weights) or at 32: set "
+                      f"16, 16-mixed, bf16, bf16-mixed, 32 or 32-true")
+
+
 def _translate_key(where: str, key: str, value: Any, out: dict, special: dict, direct: dict, variables,
                    accepted: dict, section: str) -> None:
     """One NeMo key into ``out``: a ``special`` handler, a ``direct`` lmforge key, a Launcher variable (skipped), an
@@ -178,9 +204,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
     special: dict[str, Callable[[Any], None]] = {}
 
     def precision(value):
-        if str(value) not in PRECISIONS:
-            raise ConfigError(f"{stage}.trainer.precision={value!r}: use bf16, 16 or 32")
-        _set(out, "trainer.precision", PRECISIONS[str(value)])
+        _set(out, "trainer.precision", nemo_precision(f"{stage}.trainer.precision", value))
 
     def max_epochs(value):
         if value is not None:

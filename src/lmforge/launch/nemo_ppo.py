@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmforge.errors import ConfigError
-from lmforge.launch.nemo_peft import PRECISIONS, _covered, _flatten, _set, _translate_key
+from lmforge.launch.nemo_peft import _covered, _flatten, _set, _translate_key, nemo_precision
 
 #: NeMo key (below the stage) -> lmforge align key, copied as is.
 DIRECT = {
@@ -102,11 +102,16 @@ VARIABLES = ("name", "actor.exp_manager.name", "actor.exp_manager.wandb_logger_k
              "actor.exp_manager.checkpoint_callback_params.model_parallel_size",
              "actor.exp_manager.checkpoint_callback_params.save_nemo_on_train_end",
              "actor.trainer.max_epochs", "actor.trainer.max_steps", "actor.trainer.ppo.model_gbs",
-             "actor.trainer.ppo.model_mbs", "actor.model.max_position_embeddings", "actor.model.precision",
+             "actor.trainer.ppo.model_mbs", "actor.model.max_position_embeddings",
              "actor.model.data.seq_length", "actor.model.ppo.val_rollout_micro_batch_size",
              "actor.model.ppo.num_val_samples", "critic.model.encoder_seq_length",
-             "critic.model.max_position_embeddings", "critic.model.precision", "critic.model.seed",
+             "critic.model.max_position_embeddings", "critic.model.seed",
              "critic.name")
+
+#: NeMo's precision keys: lmforge runs actor and critic at one precision, so where several are given they must
+#: mean the same (NeMo's own files interpolate them from ``actor.trainer.precision``).
+PRECISION_KEYS = ("actor.trainer.precision", "actor.model.precision", "critic.trainer.precision",
+                  "critic.model.precision")
 
 #: Critic keys whose value must equal the actor's (lmforge's critic shares the actor's optimizer settings, batch
 #: and clipping): critic key -> actor key.
@@ -144,10 +149,19 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
         flat[prefix_key] = node
     special: dict[str, Callable[[Any], None]] = {}
 
-    def precision(value):
-        if str(value) not in PRECISIONS:
-            raise ConfigError(f"{stage}.actor.trainer.precision={value!r}: use bf16, 16 or 32")
-        _set(out, "trainer.precision", PRECISIONS[str(value)])
+    given = [k for k in PRECISION_KEYS if k in flat and (k == PRECISION_KEYS[0] or flat[k] is not None)]
+
+    def precision(key):
+        def act(value):
+            if key not in given:
+                return  # a model's precision left null: it follows the trainer's
+            meant = nemo_precision(f"{stage}.{key}", value)
+            first = given[0]
+            if key != first and meant != nemo_precision(f"{stage}.{first}", flat[first]):
+                raise ConfigError(f"{stage}.{key}={value!r}: lmforge runs the actor and the critic at one precision, "
+                                  f"{first}={flat[first]!r}; set the same value or remove the key")
+            _set(out, "trainer.precision", meant)
+        return act
 
     def max_steps(value):
         if value is None or int(value) < 1:
@@ -205,7 +219,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
                               f"restore_from_path); set true")
 
     special.update({
-        "actor.trainer.precision": precision, "actor.trainer.ppo.max_steps": max_steps,
+        "actor.trainer.ppo.max_steps": max_steps,
         "actor.model.ppo.num_rollout_samples": rollouts, "actor.model.global_batch_size": lambda v: None,
         "actor.model.data.data_prefix": data,
         "actor.trainer.ppo.val_check_interval": refused(
@@ -228,6 +242,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
         "critic.model.optim.sched.min_lr": lambda v: None,  # checked below: the same ratio to lr as the actor's
     })
     special.update({k: same(k, v) for k, v in SAME_AS_ACTOR.items()})
+    special.update({k: precision(k) for k in PRECISION_KEYS})
     for key, value in flat.items():
         where = f"{stage}.{key}"
         _translate_key(where, key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "PPO")
