@@ -352,3 +352,120 @@ def test_chat_records_and_chat_lines_are_conditioned_alike(steer_base):
     assert ids == sample.ids[:last]
     ids = _prompt_ids(engine, PromptLine(1, 0, 1, {"messages": history}), "in:1", {}, Steering(fmt, values))
     assert ids == sample.ids[:last]  # --attributes for a line without its own
+
+
+# -- steering through `lmforge serve` ---------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@contextlib.contextmanager
+def served(folder, chat_template=None):
+    """An OpenAI-style app over ``folder`` (FastAPI's TestClient) and the prompt ids the engine was given."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.client import AsyncEngineClient
+    from lmforge.serve.engine import Engine, engine_from_checkpoint
+    from lmforge.serve.server import build_app
+
+    engine = engine_from_checkpoint(folder, device="cpu", dtype="float32", max_batch_size=2)
+    if chat_template:
+        engine.tokenizer.config["chat_template"] = chat_template
+    seen, add_request = [], Engine.add_request
+
+    def record(self, rid, ids, *a, **k):
+        seen.append(list(ids))
+        return add_request(self, rid, ids, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "add_request", record)
+        with TestClient(build_app(AsyncEngineClient(engine, "m"))) as client:
+            yield client, seen
+
+
+def test_served_completions_are_steered_as_generate_steers(pipeline, monkeypatch, capsys):
+    """A request's attributes (an object, or NeMo-Aligner's attribute string) give the prompt ids `generate
+    --attributes` gives; echo shows the conditioned prompt."""
+    from lmforge.serve.engine import Engine
+
+    generated, add_request = [], Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, rid, ids, *a, **k: generated.append(list(ids)) or
+                        add_request(self, rid, ids, *a, **k))
+    monkeypatch.setattr(Engine, "generate", lambda self, prompts, *a, **k: generated.extend(map(list, prompts)) or
+                        [[] for _ in prompts])
+    assert main(["generate", str(pipeline["sft"]), "--prompt", "abc:", "--attributes", "quality=1,verbosity=3",
+                 "--max-new-tokens", "1", "--greedy"]) == 0
+    capsys.readouterr()
+    monkeypatch.undo()
+    want = generated[-1]
+    with served(pipeline["sft"]) as (client, seen):
+        for attributes in ({"quality": 1, "verbosity": 3}, {"verbosity": 3.0, "quality": 1}, "quality:1,verbosity:3"):
+            r = client.post("/v1/completions", json={"model": "m", "prompt": "abc:", "attributes": attributes,
+                                                     "max_tokens": 2, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert seen.pop() == want and r.json()["usage"]["prompt_tokens"] == len(want)
+        r = client.post("/v1/completions", json={"model": "m", "prompt": ["abc:", "de:"], "echo": True,
+                                                 "max_tokens": 0, "attributes": "quality:1,verbosity:3"})
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == ["abc:\nattributes: quality:1,verbosity:3\n",
+                                                            "de:\nattributes: quality:1,verbosity:3\n"]
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "abc:", "max_tokens": 1})
+        assert r.status_code == 200 and len(seen.pop()) == len("abc:")  # no attributes: the prompt as sent
+
+
+def test_served_chat_is_steered_as_fine_tuning_conditioned_it(pipeline):
+    """A chat request with attributes gets the attribute line after the generation prompt: the ids of the trained
+    conversation up to where its answer starts (64 positions leave no room for history; the history's lines come
+    from the same function, checked above)."""
+    from lmforge.data.sft import SFTDataConfig, encode_record
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.locate import resolve_checkpoint
+
+    tokenizer = load_tokenizer(resolve_checkpoint(pipeline["sft"]))
+    tokenizer.config["chat_template"] = CHAT_TEMPLATE
+    values = {"quality": 3, "verbosity": 1}
+    history = [{"role": "user", "content": "abc"}]
+    record = {"messages": history + [{"role": "assistant", "content": "cba"}], "attributes": values}
+    sample = encode_record(record, "x", tokenizer, SFTDataConfig(chat_template=CHAT_TEMPLATE, attributes=NAMES))
+    last = sample.mask.index(1)
+    assert "".join(tokenizer.id_to_token(i) for i in sample.ids[:last]).endswith(
+        "assistant: \nattributes: quality:3,verbosity:1\n")
+    with served(pipeline["sft"], CHAT_TEMPLATE) as (client, seen):
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": history, "max_tokens": 1,
+                                                      "attributes": "quality:3,verbosity:1"})
+        assert r.status_code == 200, r.text
+        assert seen == [sample.ids[:last]]
+
+
+@pytest.mark.parametrize("route, extra, says", [
+    ("completions", {"attributes": {"quality": 4, "humor": 1, "verbosity": 2}},
+     "attributes: unknown attribute 'humor'; the attributes are quality, verbosity"),
+    ("completions", {"attributes": "quality:5,verbosity:2"},
+     "attributes: attribute quality=5 is out of range; values lie in [0, 4]"),
+    ("chat/completions", {"attributes": {"quality": 4}}, "attributes: missing attribute value(s) for verbosity"),
+    ("completions", {"attributes": {"quality": 4, "verbosity": 2}, "prompt": [1, 2, 3]},
+     "attributes steer text prompts"),
+])
+def test_bad_served_attributes_are_400_with_one_message(pipeline, route, extra, says):
+    with served(pipeline["sft"], CHAT_TEMPLATE) as (client, seen):
+        body = {"model": "m", "max_tokens": 1, **({"prompt": "abc:"} if route == "completions" else
+                                                  {"messages": [{"role": "user", "content": "abc"}]}), **extra}
+        r = client.post(f"/v1/{route}", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith(says) and "\n" not in error["message"], error
+        assert error["type"] == "invalid_request_error" and seen == []
+
+
+def test_a_model_without_attributes_refuses_served_attributes(steer_base):
+    with served(steer_base, CHAT_TEMPLATE) as (client, seen):
+        for route, body in (("completions", {"prompt": "abc:"}),
+                            ("chat/completions", {"messages": [{"role": "user", "content": "abc"}]})):
+            r = client.post(f"/v1/{route}", json={"model": "m", "max_tokens": 1, "attributes": "quality:4", **body})
+            assert r.status_code == 400, r.text
+            message = r.json()["error"]["message"]
+            assert message.startswith("attributes: the served model 'm' was not fine-tuned with sft.attributes, so "
+                                      "it has no SteerLM attribute format to fill"), message
+        assert seen == []
+        assert client.post("/v1/completions", json={"model": "m", "prompt": "abc:", "max_tokens": 1}).status_code == 200

@@ -9,7 +9,8 @@ value an integer in the format's range, and the prompt the model sees is ``templ
 Fine-tuning with ``sft.attributes`` stores the format in the tokenizer's config (``tokenizer_config.json`` key
 ``lmforge_steerlm``), so every checkpoint, adapter and merged model of the run carries it, as it carries the chat
 template; ``lmforge generate --attributes`` reads it back from the model it opens, so training and inference build
-the same prompt (:func:`format_of`). A chat conversation gets the template's text after ``{prompt}`` (the
+the same prompt (:func:`format_of`); so does ``lmforge serve`` with a request's ``"attributes"`` (:func:`requested_values`
+checks ``generate``'s and the server's values alike). A chat conversation gets the template's text after ``{prompt}`` (the
 attribute line) after the generation prompt of every assistant turn, history included
 (:meth:`AttributeFormat.condition_chat`), as NeMo-Aligner's SteerLM conversations put a label before every
 assistant turn.
@@ -167,6 +168,19 @@ class AttributeFormat:
         integer (halves to even, as Python's ``round``), as SteerLM's labelling does."""
         return {n: int(round(min(float(self.high), max(float(self.low), float(v)))))
                 for n, v in zip(self.names, prediction)}
+
+
+def requested_values(fmt: Optional[AttributeFormat], given, where: str, model: str) -> dict:
+    """The checked values a user steers with (``generate --attributes``, a served request's ``attributes``):
+    ``given`` is the attribute text (``quality:4,verbosity:2``, or ``=`` for ``:``) or an object
+    (``{"quality": 4, ...}``). UserError naming ``where`` for a model without a stored format (``model`` names it),
+    an unknown attribute, a missing one or a value out of range."""
+    if fmt is None:
+        raise UserError(f"{where}: {model} was not fine-tuned with sft.attributes, so it has no SteerLM attribute "
+                        f"format to fill (tokenizer config key {TOKENIZER_KEY!r}); remove {where}")
+    if isinstance(given, str):
+        return fmt.parse(given, where)
+    return fmt.values(given, where, error=UserError)
 
 
 def set_format(tokenizer, fmt: AttributeFormat) -> None:

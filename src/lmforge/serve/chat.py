@@ -4,6 +4,9 @@
 A tokenizer has a template when its ``tokenizer_config.json`` holds ``chat_template`` or its folder has a
 ``chat_template.jinja`` / ``chat_template.json`` file (transformers' conventions). Without one, chat requests
 are refused with a clear message rather than guessed at.
+
+A SteerLM model's conversation gets its attribute line after every assistant turn's generation prompt
+(:meth:`ChatTemplate.encode_steered`), as ``generate`` and ``serve`` both build it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,33 @@ class ChatTemplate:
             return encode_chat(self.tokenizer, messages, self.template)
         except Exception as e:  # jinja2 errors, the template's own raise_exception(...)
             raise InvalidRequestError(f"the chat template could not render these messages: {e}", "messages") from e
+
+
+    def encode_steered(self, messages, fmt, values: dict, where: str) -> list[int]:
+        """The ids of ``messages`` and the generation prompt conditioned on SteerLM ``values`` as fine-tuning
+        conditioned chat records (:meth:`lmforge.data.steer.AttributeFormat.condition_chat`): the attribute line
+        after the generation prompt of every assistant turn, the history's and the one asking for the answer.
+
+        Raises:
+            DataError: naming ``where``: messages that are not role/content objects, or a template that does not
+                render conversations incrementally (the places for the attribute lines cannot be found).
+        """
+        from jinja2 import TemplateError
+
+        from lmforge.data.prompts import NotIncremental, assistant_spans, encode_plain
+        from lmforge.errors import DataError
+
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
+        try:
+            text, spans = assistant_spans(self.template, messages, self.tokenizer, add_generation_prompt=True)
+        except NotIncremental:
+            raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
+                            f"attribute strings cannot be placed") from None
+        except TemplateError as e:
+            raise DataError(f"{where}: the chat template could not render these messages: {e}") from None
+        return encode_plain(self.tokenizer, fmt.condition_chat(text, spans, values, where, at_end=True)[0])[0]
 
 
 def load_chat_template(tokenizer) -> Optional[ChatTemplate]:

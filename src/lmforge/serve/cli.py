@@ -245,15 +245,12 @@ class Steering:
 
 def steering(tokenizer, model_name, attributes: Optional[str]) -> Steering:
     """The :class:`Steering` of a model's tokenizer and the ``--attributes`` text (checked: one error line)."""
-    from lmforge.data.steer import format_of
+    from lmforge.data.steer import format_of, requested_values
 
     fmt = format_of(tokenizer, str(model_name))
     if attributes is None:
         return Steering(fmt)
-    if fmt is None:
-        raise UserError(f"--attributes: {model_name} was not fine-tuned with sft.attributes, so it has no SteerLM "
-                        f"attribute format to fill; drop --attributes")
-    return Steering(fmt, fmt.parse(attributes))
+    return Steering(fmt, requested_values(fmt, attributes, "--attributes", str(model_name)))
 
 
 @dataclass
@@ -344,31 +341,11 @@ def _prompt_ids(engine, line: PromptLine, where: str, chat_cache: dict, steer: O
         raise DataError(f"{where}: the line has 'messages' but the model's tokenizer has no chat template "
                         f"(no chat_template in tokenizer_config.json, no chat_template.jinja); give 'prompt' strings")
     if line.values is not None:  # SteerLM: the attribute string after every assistant turn's generation prompt
-        return _steered_chat_ids(chat, rec["messages"], steer.format, line.values, where)
+        return chat.encode_steered(rec["messages"], steer.format, line.values, where)
     try:
         return chat.encode(rec["messages"])
     except UserError as e:
         raise DataError(f"{where}: {e}") from None
-
-
-def _steered_chat_ids(chat, messages, fmt, values: dict, where: str) -> list[int]:
-    """The ids of ``messages`` and the generation prompt conditioned as fine-tuning conditioned chat records
-    (:meth:`lmforge.data.steer.AttributeFormat.condition_chat`); DataError naming ``where``."""
-    from jinja2 import TemplateError
-
-    from lmforge.data.prompts import NotIncremental, assistant_spans, encode_plain
-
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in messages):
-        raise DataError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
-    try:
-        text, spans = assistant_spans(chat.template, messages, chat.tokenizer, add_generation_prompt=True)
-    except NotIncremental:
-        raise DataError(f"{where}: the chat template does not render conversations incrementally, so the "
-                        f"attribute strings cannot be placed") from None
-    except TemplateError as e:
-        raise DataError(f"{where}: the chat template could not render these messages: {e}") from None
-    return encode_plain(chat.tokenizer, fmt.condition_chat(text, spans, values, where, at_end=True)[0])[0]
 
 
 def generate_file(engine, input_path, output_path, params_for, steer: Optional[Steering] = None) -> dict:

@@ -6,7 +6,8 @@ Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1
 ``{"error": {"message", "type", "param", "code"}}``:
 
 =====  ================================================================================
-400    a value the engine cannot use (temperature < 0, max_tokens beyond the context, no chat template)
+400    a value the engine cannot use (temperature < 0, max_tokens beyond the context, no chat template, bad
+       SteerLM ``attributes``)
 401    a missing or wrong API key (when the server has one)
 404    an unknown model name or route
 413    a prompt longer than the server's prompt limit, or a body over ``max_request_bytes`` (checked first)
@@ -15,6 +16,14 @@ Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1
 500    this request failed inside the engine (non-finite logits...); the engine goes on with the others
 503    the queue is full or the server is shutting down
 =====  ================================================================================
+
+A SteerLM model (fine-tuned with ``sft.attributes``) is steered per request with the extra body field
+``attributes``: an object (``{"quality": 4, "helpfulness": 4}``) or the attribute string NeMo-Aligner's SteerLM
+prompts carry (``"quality:4,helpfulness:4"``). The prompt then gets the attribute string in the format stored in
+the model's tokenizer config, as ``lmforge generate --attributes`` builds it (:mod:`lmforge.data.steer`): a text
+prompt of ``/v1/completions`` becomes the format's template filled with it, a chat gets the attribute line after
+every assistant turn's generation prompt. An unknown attribute, a missing one, a value out of range, token-id
+prompts, or ``attributes`` sent to a model without a stored format are 400.
 
 Prompts are tokenized in a worker thread, never on the event loop (a long prompt does not block /health).
 
@@ -145,6 +154,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: Optional[float] = 1.0
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
+    attributes: Optional[Union[str, dict[str, Any]]] = None  # SteerLM steering (see the module doc)
 
 
 class CompletionRequest(_SamplingFields):
@@ -177,6 +187,7 @@ class _Server:
         self.tokenizer = client.tokenizer
         self._chat = None
         self._chat_loaded = False
+        self._steer_format = ...  # the SteerLM attribute format, read on first use
 
     # -- checks --------------------------------------------------------------------------------------
 
@@ -208,6 +219,18 @@ class _Server:
                                       "tokenizer_config.json, no chat_template.jinja); use /v1/completions or add "
                                       "a template to the tokenizer folder", "messages")
         return self._chat
+
+    def steering(self, given) -> Optional[tuple]:
+        """``(format, values)`` of a request's ``attributes`` (None when not sent), checked as ``generate
+        --attributes`` checks them (:func:`lmforge.data.steer.requested_values`); UserError (400) otherwise."""
+        from lmforge.data.steer import format_of, requested_values
+
+        if given is None:
+            return None
+        if self._steer_format is ...:
+            self._steer_format = format_of(self.tokenizer, "the served model") if self.tokenizer is not None else None
+        return self._steer_format, requested_values(self._steer_format, given, "attributes",
+                                                    f"the served model '{self.client.model_name}'")
 
     def params(self, req: _SamplingFields, prompt_len: int, max_tokens: Optional[int], logprobs: Optional[int],
                prompt_logprobs: Optional[int] = None) -> SamplingParams:
@@ -457,6 +480,9 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
     async def completions(body: CompletionRequest, request: Request):
         server.check_key(request)
         adapter = server.check_model(body.model)
+        steer = server.steering(body.attributes)
+        if steer is not None:  # SteerLM: each text prompt filled into the model's attribute template
+            body.prompt = _steered_prompts(body.prompt, *steer)
         prompts = await run_in_threadpool(_completion_prompts, server, body.prompt)  # off the event loop
         # echo: the prompt comes back before the completion, with its tokens' logprobs when logprobs is set
         # (max_tokens=0 then scores the prompt alone: how lm-evaluation-harness scores a served model)
@@ -490,7 +516,12 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_key(request)
         adapter = server.check_model(body.model)
-        prompt = await run_in_threadpool(lambda: server.chat_template().encode(body.messages))  # off the event loop
+        steer = server.steering(body.attributes)
+        if steer is None:
+            encode = lambda: server.chat_template().encode(body.messages)  # noqa: E731
+        else:  # SteerLM: the attribute line after every assistant turn's generation prompt, as generate puts it
+            encode = lambda: server.chat_template().encode_steered(body.messages, *steer, "messages")  # noqa: E731
+        prompt = await run_in_threadpool(encode)  # off the event loop
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = server.params(body, len(prompt), max_tokens, logprobs)
@@ -515,6 +546,17 @@ def build_app(client: EngineClient, api_key: Optional[str] = None, max_prompt_to
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _steered_prompts(prompt, fmt, values: dict):
+    """A completion request's text prompt(s) conditioned on SteerLM ``values`` (``fmt``'s template); token-id
+    prompts cannot be (the attribute string is text): 400."""
+    if isinstance(prompt, str):
+        return fmt.prompt(prompt, values)
+    if not prompt or not all(isinstance(p, str) for p in prompt):
+        raise InvalidRequestError("attributes steer text prompts (the attribute string is placed into the prompt "
+                                  "text); send the prompt as text, not token ids", "attributes")
+    return [fmt.prompt(p, values) for p in prompt]
 
 
 def _completion_prompts(server: _Server, prompt) -> list[list[int]]:
