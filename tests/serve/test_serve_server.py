@@ -380,3 +380,52 @@ def test_serve_load_online_mode_counts_every_token_and_refusal(served):
     assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["tpot_p50"] <= row["tpot_p99"]
     (refused,) = bench.online(bench.parse_args(argv[:4] + ["--api-key", "wrong"] + argv[6:]))
     assert refused["failed"] == 5 and refused["output_tokens"] == 0
+
+
+@pytest.fixture(scope="module")
+def special_stop(tmp_path_factory):
+    """A checkpoint whose tokenizer marks a token the model generates greedily after PROMPTS[0] as special (same
+    id): (folder, the token's text, the reference ids before it, the prompt's ids)."""
+    folder = make_checkpoint(tmp_path_factory.mktemp("special_stop"), chat_template=False)
+    engine = engine_from_checkpoint(folder, device="cpu", dtype="float32")
+    tok = engine.tokenizer
+    prompt = tok.encode(PROMPTS[0])
+    ids = generate(engine.model, prompt, 24, greedy=True, eod_id=tok.eod_id)
+    k, t = next((k, t) for k, t in enumerate(ids) if k >= 2 and t not in ids[:k]
+                and tok.decode([t]) == tok.id_to_token(t) and tok.id_to_token(t).isalpha())
+    text = tok.id_to_token(t)
+    config = json.loads((folder / "tokenizer.json").read_text())
+    config["added_tokens"].append({"id": t, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                                   "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(config))
+    special = load_tokenizer(folder)
+    assert special.encode(PROMPTS[0]) == prompt and special.token_to_id(text) == t
+    assert special.decode([t]) == text and special.decode([t], skip_special_tokens=True) == ""
+    return folder, text, ids[:k], prompt
+
+
+def test_a_stop_string_that_is_a_special_token_stops_the_engine_there(special_stop):
+    """The engine matches stop strings on text decoded without special tokens; one that is a special token
+    (``<|eot_id|>``) stops generation as that token does."""
+    folder, text, before, prompt = special_stop
+    engine = engine_from_checkpoint(folder, device="cpu", dtype="float32")
+    (got,) = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, stop=[text]))
+    assert got == before
+    (plain,) = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0))
+    assert len(plain) > len(before) + 1  # without the stop string it goes on past the token
+
+
+def test_a_special_token_stop_string_stops_a_served_completion(special_stop):
+    folder, text, before, _ = special_stop
+    with running_server(folder) as (url, engine):
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        for stream in (False, True):
+            r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=[text],
+                                          stream=stream)
+            if stream:
+                chunks = list(r)
+                got, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+            else:
+                got, finish = r.choices[0].text, r.choices[0].finish_reason
+                assert r.usage.completion_tokens == len(before) + 1  # the stop token counts, as EOS does
+            assert (got, finish) == (engine.tokenizer.decode(before, skip_special_tokens=True), "stop")

@@ -390,18 +390,6 @@ class Scorer:
         eos = getattr(self.tokenizer, "eod_id", None)
         return eos if eos is not None else getattr(self.tokenizer, "eos_token_id", None)
 
-    def _special_stop_ids(self, until: Sequence[str]) -> list[int]:
-        """Ids of the ``until`` strings that are one special token each (``<|im_end|>``): the engine's stop
-        strings are matched on text without special tokens, so these stop it as tokens instead."""
-        to_id = getattr(self.tokenizer, "token_to_id", None) or getattr(self.tokenizer, "convert_tokens_to_ids", None)
-        ids = []
-        for s in until:
-            tid = to_id(s) if to_id is not None else None
-            if isinstance(tid, int) and self.tokenizer.decode([tid]) == s \
-                    and self.tokenizer.decode([tid], skip_special_tokens=True) == "":
-                ids.append(tid)
-        return ids
-
     @torch.no_grad()
     def generate_until(self, prompts: Sequence[str], until: Sequence[str] = (), max_new_tokens: int = 256) -> list[str]:
         """Greedy continuation of every prompt, cut before the first of ``until`` and stopped at EOS.
@@ -465,7 +453,7 @@ class Scorer:
         from lmforge.serve.engine import RequestFailedError, SamplingParams
 
         eos = self._eos()
-        stop_ids = self._special_stop_ids(until) + ([eos] if eos is not None else [])
+        stop_ids = [eos] if eos is not None else []  # stop strings that are special tokens: the engine stops on them
         fits = {p: t for p, t in ids.items() if 0 < len(t) < self.max_length}
         if not fits:
             return set()

@@ -290,6 +290,7 @@ class Engine:
             raise InvalidRequestError("stop strings need a tokenizer", "stop")
         max_new = min(params.max_tokens, self.context_len - len(prompt))
         seq = Sequence(request_id, prompt, params, self.device, max_new, self.prefix_ids, adapter_slot)
+        self.outputs.prepare(seq)
         if params.prompt_logprobs is not None:
             seq.prompt_lp = [None]
         self.scheduler.waiting.append(seq)

@@ -1,7 +1,8 @@
 """The output processor: what a new token means for its request, and what the client is sent.
 
 :meth:`OutputProcessor.append` adds a sampled token (a stop token, a stop string or the length limit end the
-request), :meth:`OutputProcessor.detokenize` decodes only the newest few tokens, and
+request; a stop string that is one special token, such as ``<|eot_id|>``, stops as that token, since the text is
+decoded without special tokens), :meth:`OutputProcessor.detokenize` decodes only the newest few tokens, and
 :meth:`OutputProcessor.output` builds the :class:`~lmforge.serve.request.RequestOutput` of the text and tokens
 not sent yet (holding back text that could still become a stop string, or an incomplete UTF-8 character).
 """
@@ -29,11 +30,38 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.max_seq_len = max_seq_len
+        self._special: dict[str, Optional[int]] = {}  # stop string -> its special token's id (None: not one)
+
+    def special_token_id(self, text: str) -> Optional[int]:
+        """The id of the special token spelled ``text`` (``<|eot_id|>``, ``<|im_end|>``), else None.
+
+        The output text is decoded without special tokens, so such a stop string would never be found in it; the
+        engine stops on the token instead."""
+        if text not in self._special:
+            to_id = getattr(self.tokenizer, "token_to_id", None)
+            tid = to_id(text) if to_id is not None else None
+            special = isinstance(tid, int) and self.tokenizer.decode([tid]) == text \
+                and self.tokenizer.decode([tid], skip_special_tokens=True) == ""
+            self._special[text] = tid if special else None
+        return self._special[text]
+
+    def prepare(self, seq: Sequence) -> None:
+        """Split the request's stop strings into special tokens (``seq.stop_ids``, with its ``stop_token_ids``)
+        and strings searched in the text (``seq.stop_texts``)."""
+        p = seq.params
+        seq.stop_ids = set(p.stop_token_ids)
+        seq.stop_texts = []
+        for text in p.stop:
+            tid = self.special_token_id(text) if self.tokenizer is not None else None
+            if tid is None:
+                seq.stop_texts.append(text)
+            else:
+                seq.stop_ids.add(tid)
 
     def append(self, seq: Sequence, token: int) -> None:
         p = seq.params
         seq.num_generated += 1
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token == self.eos_id and not p.ignore_eos) or token in seq.stop_ids:
             # The stop token is not part of the text or token ids, but its logprob stays (as vLLM's and
             # OpenAI's do): clients such as lm-evaluation-harness expect one entry per generated token.
             seq.finish_reason = "stop"
@@ -41,9 +69,9 @@ class OutputProcessor:
         seq.output_ids.append(token)
         if self.tokenizer is not None:
             self.detokenize(seq)
-            if p.stop:
-                search_from = max(0, seq.sent_chars - max(len(s) for s in p.stop))
-                hits = [i for i in (seq.text.find(s, search_from) for s in p.stop) if i >= 0]
+            if seq.stop_texts:
+                search_from = max(0, seq.sent_chars - max(len(s) for s in seq.stop_texts))
+                hits = [i for i in (seq.text.find(s, search_from) for s in seq.stop_texts) if i >= 0]
                 if hits:
                     seq.text = seq.text[: min(hits)]
                     seq.finish_reason = "stop"
@@ -75,8 +103,8 @@ class OutputProcessor:
         if self.tokenizer is not None:
             upto = len(seq.text)
             if not done:
-                if seq.params.stop:
-                    upto -= max(len(s) for s in seq.params.stop) - 1  # could still become a stop string
+                if seq.stop_texts:
+                    upto -= max(len(s) for s in seq.stop_texts) - 1  # could still become a stop string
                 while upto > seq.sent_chars and seq.text[upto - 1] == "\ufffd":
                     upto -= 1  # an incomplete UTF-8 character
             upto = max(upto, seq.sent_chars)

@@ -238,6 +238,9 @@ class Sequence:
         self.adapter = adapter  # slot of its LoRA adapter in the engine's MultiLoRA (0: the base model)
         self.output_ids: list[int] = []
         self.num_generated = 0  # output tokens plus a final stop token
+        # stop rules (OutputProcessor.prepare moves stop strings that are special tokens into stop_ids)
+        self.stop_ids: set[int] = set(params.stop_token_ids)
+        self.stop_texts: list[str] = list(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
         # paged cache
