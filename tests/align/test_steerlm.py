@@ -469,3 +469,178 @@ def test_a_model_without_attributes_refuses_served_attributes(steer_base):
                                       "it has no SteerLM attribute format to fill"), message
         assert seen == []
         assert client.post("/v1/completions", json={"model": "m", "prompt": "abc:", "max_tokens": 1}).status_code == 200
+
+
+# -- NeMo Launcher's steerlm_reg stage ------------------------------------------------------------------------------
+
+#: NeMo Framework Launcher's conf/steerlm_reg/rw_sft/training_rm.yaml, its every key, shrunk to the tiny model (the
+#: sizes, steps and files changed; trainer.precision 32 on a CPU; the optimizer the single-process AdamW; the model
+#: the converted one in run.convert_dir, where NeMo's names a .nemo file).
+NEMO_RW_SFT = """\
+run:
+  name: ${.task_name}_${.model_train_name}
+  time_limit: "00:20:00"
+  dependency: "singleton"
+  convert_name: convert_nemo
+  model_train_name: tiny_steerlm_reg
+  convert_dir: ${base_results_dir}/${steerlm_reg.run.model_train_name}/${steerlm_reg.run.convert_name}
+  task_name: "oasst"
+  results_dir: ${base_results_dir}/${steerlm_reg.run.model_train_name}/${steerlm_reg.run.task_name}
+trainer:
+  num_nodes: 1
+  devices: 1
+  accelerator: cpu
+  precision: 32
+  rm:
+    max_epochs: 1
+    max_steps: 2
+    val_check_interval: 2
+    save_interval: 2
+    limit_val_batches: 1.0
+    gradient_clip_val: 1.0
+  logger: False
+  enable_checkpointing: False
+  use_distributed_sampler: False
+  max_time: null
+  max_epochs: 1
+  max_steps: 100
+exp_manager:
+  explicit_log_dir: ${base_results_dir}/results
+  exp_dir: null
+  name: megatron_gpt
+  max_time_per_run: null
+  create_wandb_logger: False
+  wandb_logger_kwargs:
+    project: nemo_aligner_rm
+    name: steerlm_reg_gpt3_rm
+  resume_from_checkpoint: null
+  resume_if_exists: True
+  resume_ignore_no_checkpoint: True
+  create_checkpoint_callback: True
+  checkpoint_callback_params:
+    monitor: val_loss
+    save_top_k: 1
+    mode: min
+    always_save_nemo: False
+    save_nemo_on_train_end: True
+    filename: 'megatron_gpt--{val_loss:.3f}-{step}-{consumed_samples}-{epoch}'
+    model_parallel_size: ${multiply:${steerlm_reg.model.tensor_model_parallel_size}, ${steerlm_reg.model.pipeline_model_parallel_size}}
+pretrained_checkpoint:
+  restore_from_path: ${steerlm_reg.run.convert_dir}
+model:
+  mcore_gpt: True
+  share_embeddings_and_output_weights: False
+  tensor_model_parallel_size: 1
+  pipeline_model_parallel_size: 1
+  activations_checkpoint_granularity: "selective"
+  activations_checkpoint_method: "uniform"
+  reward_model_type: regression
+  regression:
+    num_attributes: 9
+    merge_attributes: False
+    attribute_weights: null
+    loss_mask_val: -100
+  output_sequence: False
+  use_avg_pool: False
+  force_head_dtype: float32
+  micro_batch_size: 4
+  global_batch_size: 8
+  megatron_amp_O2: True
+  encoder_seq_length: 64
+  max_position_embeddings: 64
+  seed: 1234
+  optim:
+    name: adamw
+    bucket_cap_mb: 200
+    overlap_grad_sync: False
+    contiguous_grad_buffer: True
+    lr: 3e-3
+    weight_decay: 0.1
+    betas:
+    - 0.9
+    - 0.98
+    sched:
+      name: CosineAnnealing
+      warmup_steps: 1
+      constant_steps: 0
+      min_lr: 3e-4
+  data:
+    data_impl: jsonl
+    splits_string: null
+    seq_length: 64
+    skip_warmup: True
+    num_workers: 2
+    dataloader_type: single
+    reset_position_ids: False
+    reset_attention_mask: False
+    eod_mask_loss: False
+    index_mapping_dir: null
+    data_prefix: {train: ["${data_dir}/train_reg.jsonl"], validation: ["${data_dir}/val_reg.jsonl"], test: ["${data_dir}/val_reg.jsonl"]}
+  precision: 32
+"""
+
+
+def nemo_steerlm_tree(root: Path, body: str = NEMO_RW_SFT) -> Path:
+    """A launch config folder as NeMo Launcher users write it: config.yaml choosing rw_sft/training_rm."""
+    conf = root / "conf"
+    (conf / "steerlm_reg" / "rw_sft").mkdir(parents=True)
+    (conf / "steerlm_reg" / "rw_sft" / "training_rm.yaml").write_text(body)
+    (conf / "config.yaml").write_text(
+        "defaults:\n  - _self_\n  - steerlm_reg: rw_sft/training_rm\nstages:\n  - steerlm_reg\n"
+        f"cluster_type: local\nbase_results_dir: {root / 'results'}\ndata_dir: {root / 'data'}\n")
+    return conf / "config.yaml"
+
+
+def test_nemo_steerlm_reg_stage_trains_the_attribute_model_locally(tmp_path, capsys):
+    """NeMo Launcher's steerlm_reg stage with its rw_sft body runs `lmforge align --method regression_rm` with the
+    keys translated: nine outputs named as NeMo-Aligner's attributes, NeMo's batch, steps, optimizer and files."""
+    import yaml
+    from transformers import AutoConfig
+
+    from lmforge.data.steer import DEFAULT_ATTRIBUTES
+
+    save_tiny_base(tmp_path / "results" / "tiny_steerlm_reg" / "convert_nemo", CHARS, 64)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train_reg.jsonl", attribute_records(16, seed=1, unlabelled_quality_every=3))
+    write_jsonl(tmp_path / "data" / "val_reg.jsonl", attribute_records(8, seed=2))
+    config = nemo_steerlm_tree(tmp_path)
+    assert main(["launch", str(config)]) == 0
+    out = tmp_path / "results" / "results"
+    stage_cfg = yaml.safe_load((tmp_path / "results" / "tiny_steerlm_reg" / "oasst" / "steerlm_reg_config.yaml")
+                               .read_text())
+    assert stage_cfg["method"] == "regression_rm" and stage_cfg["out"] == str(out)
+    assert stage_cfg["align"]["attributes"] == list(DEFAULT_ATTRIBUTES)
+    assert (stage_cfg["micro_batch_size"], stage_cfg["global_batch_size"], stage_cfg["seq_length"]) == (4, 8, 64)
+    assert stage_cfg["trainer"]["limit_val_batches"] > 1 and stage_cfg["gradient_checkpointing"] is True
+    assert (stage_cfg["optim"]["lr"], stage_cfg["optim"]["min_lr"], stage_cfg["optim"]["warmup_steps"]) == (
+        3e-3, 3e-4, 1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "regression_rm" and summary["steps"] == 2
+    hf = AutoConfig.from_pretrained(out / "reward_model")
+    assert hf.num_labels == 9 and list(hf.id2label.values()) == list(DEFAULT_ATTRIBUTES)
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_mse_verbosity" in m for m in logged)  # the validation split was read
+    assert "data_prefix.test: NeMo's reward-model script trains and validates" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, says", [
+    (("trainer:\n  num_nodes", "trainer:\n  sft:\n    max_steps: 2\n  num_nodes"),
+     "steerlm_reg.trainer.sft: this is NeMo's ac_sft body"),
+    (("num_attributes: 9", "num_attributes: 5"), "steerlm_reg.model.regression.num_attributes=5: a NeMo attribute "
+                                                 "model names no attributes"),
+    (("reward_model_type: regression", "reward_model_type: binary_ranking"),
+     "steerlm_reg.model.reward_model_type='binary_ranking': a steerlm_reg stage trains the regression"),
+    (("save_interval: 2", "save_interval: 1"), "steerlm_reg.trainer.rm.save_interval=1: lmforge saves a checkpoint "
+                                               "at each validation"),
+    (("merge_attributes: False", "merge_attributes: True"),
+     "steerlm_reg.model.regression.merge_attributes=True: lmforge supports False"),
+    (("use_avg_pool: False", "use_avg_pool: False\n  sequence_parallel: True"),
+     "steerlm_reg.model.sequence_parallel: NeMo's steerlm_reg key has no lmforge meaning"),
+])
+def test_nemo_steerlm_reg_keys_lmforge_cannot_honour_are_named(tmp_path, capsys, edit, says):
+    assert edit[0] in NEMO_RW_SFT
+    config = nemo_steerlm_tree(tmp_path, NEMO_RW_SFT.replace(*edit, 1))
+    assert main(["launch", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {says}"), err
+    assert not (tmp_path / "results" / "results").exists()

@@ -27,8 +27,9 @@ stage with a PEFT method (default lora; ``method: full`` is refused), ``prompt_l
 a ``conversion`` stage running ``lmforge export ... --format nemo``; NeMo-Aligner's ``rlhf_rm`` is an
 ``alignment`` stage with ``method: rm``, ``dpo`` one with a preference method (dpo by default) and ``rlhf_ppo`` one
 with ``method: ppo`` (lmforge's keys, or NeMo Launcher's ``actor``/``critic`` body translated by
-:mod:`lmforge.launch.nemo_ppo`). NeMo's stages that lmforge does not have (``steerlm_reg``, ...) are refused by name
-(:data:`NOT_BUILT`). ``evaluation.run.tasks``
+:mod:`lmforge.launch.nemo_ppo`); ``steerlm_reg`` one with ``method: regression_rm``, SteerLM's attribute model
+(lmforge's keys, or NeMo Launcher's ``rw_sft`` body translated by :mod:`lmforge.launch.nemo_steerlm`). NeMo's
+stages that lmforge does not have (``data_curation``, ...) are refused by name (:data:`NOT_BUILT`). ``evaluation.run.tasks``
 (NeMo's ``all_tasks`` or a comma list) becomes ``--tasks``.
 """
 
@@ -65,13 +66,13 @@ NEMO_STAGES: dict[str, tuple[str, Optional[str]]] = {
     "rlhf_rm": ("alignment", "rm"),  # NeMo-Aligner's reward model
     "dpo": ("alignment", None),  # NeMo-Aligner's DPO stage: dpo by default, or its variants
     "rlhf_ppo": ("alignment", "ppo"),  # NeMo-Aligner's PPO (actor + critic): lmforge align --method ppo
+    "steerlm_reg": ("alignment", "regression_rm"),  # SteerLM's attribute model (NeMo's rw_sft/training_rm)
 }
 PREFERENCE_METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo")
 PEFT_METHODS = ("lora", "ptuning", "adapter", "ia3")
 
 #: NeMo Launcher stages lmforge does not have: stage name -> why.
 NOT_BUILT: dict[str, str] = {
-    "steerlm_reg": "SteerLM attribute regression is alignment, which lmforge has not built yet",
     "data_curation": "NeMo Curator's data curation is not part of lmforge (prepare JSONL and use data_preparation)",
     "fw_inference": "NeMo's framework inference stage is not part of lmforge (use a generation stage)",
 }
@@ -470,7 +471,9 @@ def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
     """``lmforge align <results>/<stage>_config.yaml``: the stage's keys are the command's own (``model``, ``data``,
     ``val_data``, ``method``, ``out``, ``align``, ``peft``, ``trainer``, ...), checked at launch. NeMo-Aligner's
     ``rlhf_rm`` trains a reward model (``method: rm``); ``dpo`` a preference method (``dpo`` unless it says);
-    ``rlhf_ppo`` runs PPO (``method: ppo``), its body lmforge's keys or NeMo Launcher's actor/critic sections."""
+    ``rlhf_ppo`` runs PPO (``method: ppo``), its body lmforge's keys or NeMo Launcher's actor/critic sections;
+    ``steerlm_reg`` trains SteerLM's attribute model (``method: regression_rm``), its body lmforge's keys or NeMo
+    Launcher's ``rw_sft`` body."""
     from lmforge.align.config import load_align_config
 
     run = run_block(cfg, stage)
@@ -494,6 +497,16 @@ def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
         if method != "ppo":
             raise ConfigError(f"rlhf_ppo.method={method!r}: an rlhf_ppo stage trains with PPO (method ppo); use an "
                               f"alignment stage for method={method}")
+    elif stage == "steerlm_reg":
+        from lmforge.launch import nemo_steerlm
+
+        if nemo_steerlm.is_nemo_body(body):  # NeMo Launcher's rw_sft/training_rm body
+            body = nemo_steerlm.translate(stage, body, cfg["_notes"])
+        method = body.setdefault("method", "regression_rm")
+        if method != "regression_rm":
+            raise ConfigError(f"steerlm_reg.method={method!r}: a steerlm_reg stage trains SteerLM's attribute model "
+                              f"(method regression_rm); use an alignment stage for method={method}, a fine_tuning "
+                              f"stage with sft.attributes for the attribute-conditioned SFT")
     return _config_stage(stage, run, body, commands, "align", load_align_config)
 
 
