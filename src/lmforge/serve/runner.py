@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.models.transformer import fuse_projections
 from lmforge.serve.cache import PagedKVCache, bucket
@@ -34,7 +35,13 @@ from lmforge.serve.kernels import available as kernels_available, linear, paged_
 from lmforge.serve.request import Sequence, TokenLogprob
 from lmforge.serve.sampler import argmax_rows
 
-__all__ = ["ModelRunner", "DecodeGraphs", "Decode", "prepare_model"]
+__all__ = ["ModelRunner", "DecodeGraphs", "Decode", "prepare_model", "EAGER_SDPA_BACKENDS"]
+
+#: The attention backends of the eager forwards (every prefill, the eager decode step): cuDNN's is left out. It
+#: builds an execution plan for each new shape, ~2 ms of host time per call (one H100, session 9: a prefill of the
+#: 1B shape left the GPU idle ~38 ms while its 16 layers were planned, 7 times in 20 engine steps), and a server's
+#: prefill shapes rarely repeat. Flash and memory-efficient attention need no plan; the math one is the CPU's.
+EAGER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def prepare_model(model, compiled: bool, decode_kernels: bool) -> bool:
@@ -297,8 +304,9 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.set_rows([seq.adapter for seq, _, _ in chunks])
         dev = self.device
-        hidden = self.model.hidden_states(ids.to(dev, non_blocking=True), kv_cache=self.cache,
-                                          positions=positions.to(dev, non_blocking=True))  # (B, T, C)
+        with sdpa_kernel(EAGER_SDPA_BACKENDS):
+            hidden = self.model.hidden_states(ids.to(dev, non_blocking=True), kv_cache=self.cache,
+                                              positions=positions.to(dev, non_blocking=True))  # (B, T, C)
         last_index = torch.tensor([hi - lo - 1 for _, lo, hi in chunks], pin_memory=pin)
         last = hidden[torch.arange(B, device=dev), last_index.to(dev, non_blocking=True)]  # (B, C)
         for b, (seq, lo, hi) in enumerate(chunks):
@@ -347,8 +355,9 @@ class ModelRunner:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One eager decode forward: ``ids``, ``positions`` (B, 1) through the bound tables, attending ``keys``.
         Returns the next-token logits (B, V) fp32 and their argmax (B,)."""
-        x, rope = self._decode_embed(ids, positions, keys)
-        x = self._decode_blocks(x, rope, positions, keys, 0, len(self.model.layers))
+        with sdpa_kernel(EAGER_SDPA_BACKENDS):
+            x, rope = self._decode_embed(ids, positions, keys)
+            x = self._decode_blocks(x, rope, positions, keys, 0, len(self.model.layers))
         return self._decode_head(x)
 
     def _set_tables(self, seqs: list[Sequence], B: int) -> None:
