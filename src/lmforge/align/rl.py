@@ -107,16 +107,49 @@ class PromptSet:
                 "index": torch.tensor([x["index"] for x in items])}
 
 
-def token_logps(net: nn.Module, rows: torch.Tensor, entropy: bool = False):
+def token_logps(net: nn.Module, rows: torch.Tensor, entropy: bool = False, chunk: Optional[int] = None):
     """(N, T-1) fp32 log-probability of each token of ``rows`` (N, T) given the tokens before it; with ``entropy``
-    also the (N, T-1) entropy of each position's next-token distribution (detached)."""
-    hidden = net.hidden_states(rows[:, :-1])
-    logits = F.linear(hidden, net.output_weight()).float()
+    also the (N, T-1) entropy of each position's next-token distribution (detached: a logged metric).
+
+    ``chunk`` (tokens; 0: off; None: automatic, as the training loss and the preference methods'
+    :func:`~lmforge.align.objective.sequence_logps`): the head and the log-softmax run ``chunk`` tokens at a time,
+    recomputed in the backward, so the (tokens x vocabulary) fp32 logits never exist whole. The entropy is
+    computed in the same chunks, under no_grad (without chunking, in chunks of the automatic size for a 1 GiB
+    vocabulary-wide slice, kept by autograd as the whole logits would be): besides the logits the log-probs need,
+    no other (tokens x vocabulary) tensor is built.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from lmforge.train.assembly import resolve_loss_chunk_size
+
+    hidden = net.hidden_states(rows[:, :-1])  # (N, T-1, C)
     cap = getattr(net.cfg, "final_logit_softcapping", None)
+    weight, labels = net.output_weight(), rows[:, 1:]
+    n = labels.numel()
+    chunk = resolve_loss_chunk_size(chunk, net.cfg)
+    recompute = 0 < chunk < n and torch.is_grad_enabled()
+    if not chunk:
+        chunk = max(256, (2**28 // int(weight.shape[0])) // 256 * 256) if entropy else n
+    flat_h, flat_l = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    parts = [checkpoint(_chunk_logps, flat_h[i:i + chunk], weight, flat_l[i:i + chunk], cap, entropy,
+                        use_reentrant=False) if recompute
+             else _chunk_logps(flat_h[i:i + chunk], weight, flat_l[i:i + chunk], cap, entropy)
+             for i in range(0, max(n, 1), chunk)]
+    if not entropy:
+        return torch.cat(parts).view(labels.shape)
+    return (torch.cat([p for p, _ in parts]).view(labels.shape),
+            torch.cat([e for _, e in parts]).view(labels.shape))
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: Optional[float],
+                 entropy: bool):
+    """log p(label) of each position of a chunk of ``hidden`` (M, C): the head, fp32 log-softmax, the label's
+    entry; with ``entropy`` also each position's next-token entropy, computed under no_grad."""
+    logits = F.linear(hidden, weight).float()  # (M, V)
     if cap is not None:
         logits = softcap(logits, cap)
     lp = logits.log_softmax(-1)
-    picked = torch.gather(lp, 2, rows[:, 1:].unsqueeze(-1)).squeeze(-1)
+    picked = torch.gather(lp, -1, labels.unsqueeze(-1)).squeeze(-1)
     if not entropy:
         return picked
     with torch.no_grad():
@@ -271,6 +304,7 @@ class RolloutLoss(nn.Module):
         self.reward_fn = load_reward_fn(settings.reward_fn) if reward_model is None else None
         self._engine = None
         self.sums = defaultdict(float)
+        self.loss_chunk_size: Optional[int] = None  # tokens per head chunk (see token_logps); the assembly sets it
 
     @property
     def critic(self) -> Optional[nn.Module]:
@@ -390,11 +424,11 @@ class RolloutLoss(nn.Module):
     def _reference_logps(self, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self._frozen:
-                return token_logps(self._frozen[0], rows)
+                return token_logps(self._frozen[0], rows, chunk=self.loss_chunk_size)
             from lmforge.peft import adapters_disabled
 
             with adapters_disabled(self.model):
-                return token_logps(self.model, rows)
+                return token_logps(self.model, rows, chunk=self.loss_chunk_size)
 
     # -- one step -------------------------------------------------------------------------------
     @property
@@ -439,7 +473,7 @@ class RolloutLoss(nn.Module):
                     if float(self.s.beta) > 0:
                         parts["ref"].append(self._reference_logps(r))
                     if ppo or self.updates_per_rollout > 1:  # else the trained policy is the sampling one
-                        parts["old"].append(token_logps(self.model, r))
+                        parts["old"].append(token_logps(self.model, r, chunk=self.loss_chunk_size))
                     if ppo:
                         parts["values"].append(token_values(self.critic, r))
         finally:
@@ -475,7 +509,7 @@ class RolloutLoss(nn.Module):
         """The summed loss of the completions ``idx`` of the rollout ``exp`` (with their statistics)."""
         T = int(exp["lengths"][idx].max())
         rows, m = exp["rows"][idx, :T], exp["mask"][idx, :T - 1]
-        logps, entropy = token_logps(self.model, rows, entropy=True)
+        logps, entropy = token_logps(self.model, rows, entropy=True, chunk=self.loss_chunk_size)
         old = exp["old"][idx, :T - 1] if "old" in exp else logps.detach()
         s, mf = self.sums, m.float()
         n_tok = float(mf.sum())
