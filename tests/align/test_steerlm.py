@@ -644,3 +644,50 @@ def test_nemo_steerlm_reg_keys_lmforge_cannot_honour_are_named(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {says}"), err
     assert not (tmp_path / "results" / "results").exists()
+
+
+# -- the example pipeline ------------------------------------------------------------------------------------------
+
+STEER_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "pipeline" / "conf" / "steerlm.yaml"
+
+
+def test_example_steerlm_pipeline_dry_run(tmp_path, monkeypatch, capsys):
+    """examples/pipeline/conf/steerlm.yaml as its header shows it (--dry-run): every stage checked at launch."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", str(STEER_EXAMPLE), "cluster_type=local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    r = Path("results") / "steerlm"
+    for line in ("lmforge pretrain", "lmforge align " + str(r / "attribute_model" / "steerlm_reg_config.yaml"),
+                 "lmforge reward " + str(r / "attribute_model"), "--out " + str(r / "label" / "labelled.jsonl"),
+                 "lmforge finetune " + str(r / "steer_sft" / "fine_tuning_config.yaml"),
+                 "lmforge generate " + str(r / "steer_sft"), "--attributes quality=4,verbosity=0"):
+        assert line in out, line
+    assert not (r / "steer_sft" / "COMPLETED").exists()
+
+
+def test_example_steerlm_stages_run_locally(tmp_path, monkeypatch, steer_base):
+    """The example's attribute model -> labelling -> attribute-conditioned SFT -> steered generation, a few steps
+    each on the tiny model (its character tokenizer covers the example's data and attribute strings)."""
+    monkeypatch.chdir(tmp_path)
+    r = tmp_path / "r"
+    assert main(["launch", str(STEER_EXAMPLE), "cluster_type=local", f"base_results_dir={r}",
+                 "stages=[steerlm_reg,evaluation,fine_tuning,generation]", f"steerlm_reg.model={steer_base}",
+                 f"fine_tuning.model={steer_base}", "steerlm_reg.trainer.max_steps=2", "fine_tuning.trainer.max_steps=2",
+                 "generation.options.max_new_tokens=2"]) == 0
+    data = STEER_EXAMPLE.parent.parent / "data"
+    unlabelled = [json.loads(x) for x in (data / "steer_unlabelled.jsonl").read_text().splitlines()]
+    labelled = [json.loads(x) for x in (r / "label" / "labelled.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in x.items() if k != "attributes"} for x in labelled] == unlabelled
+    assert all(set(x["attributes"]) == {"quality", "verbosity"} for x in labelled)
+    sft = json.loads((r / "steer_sft" / "summary.json").read_text())
+    assert sft["steps"] == 2
+    from lmforge.locate import resolve_checkpoint
+
+    stored = json.loads((Path(resolve_checkpoint(r / "steer_sft")) / "tokenizer_config.json").read_text())
+    assert stored["lmforge_steerlm"]["attributes"] == ["quality", "verbosity"]  # conditioned SFT, format stored
+    out = [json.loads(x) for x in (r / "steered" / "steered.jsonl").read_text().splitlines()]
+    prompts = [json.loads(x) for x in (data / "steer_prompts.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in sorted(out, key=lambda o: o["id"])] == [p["id"] for p in prompts]
+    by_id = {o["id"]: o["attributes"] for o in out}
+    assert by_id[1] == {"quality": 4, "verbosity": 4}  # the line's own values
+    assert all(by_id[i] == {"quality": 4, "verbosity": 0} for i in (0, 2, 3))  # the stage's --attributes
