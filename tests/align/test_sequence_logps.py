@@ -40,3 +40,36 @@ def test_automatic_chunking_is_on_for_large_vocabularies_only():
 
     assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=32000)) == 0
     assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=128256)) == 2048
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_token_logps_equal_the_plain_log_softmax(cap, head_trains):
+    """The chunked head's values and gradients: a frozen head (PEFT) keeps the input gradient from the forward
+    pass, a trained one recomputes each chunk in the backward pass; both equal autograd through the whole logits."""
+    from lmforge.align.objective import token_logps
+    from lmforge.models.transformer import softcap
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(23, 16, generator=g)
+    weight = torch.randn(41, 16, generator=g) * 0.5
+    ids = torch.randint(0, 41, (23,), generator=g)
+    scale = torch.randn(23, generator=g)
+    results = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(head_trains)
+        if chunked:
+            out = token_logps(h, w, ids, cap, chunk=5)
+        else:
+            logits = h @ w.t()
+            logits = softcap(logits, cap) if cap is not None else logits
+            out = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0]
+        (out * scale).sum().backward()
+        results.append((out.detach(), h.grad, w.grad))
+    (o0, h0, w0), (o1, h1, w1) = results
+    torch.testing.assert_close(o1, o0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-6)
+    if head_trains:
+        torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-6)
+    else:
+        assert w1 is None

@@ -29,6 +29,8 @@ PPO_KEYS = {"critic_model": None, "critic_lr": None, "vf_coef": 0.1, "cliprange_
             "lam": 0.95, "normalize_advantages": True, "absolute_kl": False}
 PEFT_METHODS = ("none", "lora", "ia3", "adapter", "ptuning")
 REFERENCES = ("auto", "precomputed", "adapters_off")
+#: the methods whose pairs can share their prompt in one row (align.shared_prompt)
+SHARED_PROMPT_METHODS = ("dpo", "ipo", "rpo", "orpo", "simpo", "rm")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class AlignSection:
     desirable_weight: float = 1.0  # KTO: weight of desirable examples' losses
     undesirable_weight: float = 1.0  # KTO: weight of undesirable examples' losses
     reference: str = "auto"  # auto | precomputed | adapters_off
+    shared_prompt: Optional[bool] = None  # paired methods: a pair as one row [prompt | chosen | rejected]; null: auto
     center_rewards_coefficient: Optional[float] = None  # reward models: weight of mean((r_c + r_r)^2)
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
@@ -106,6 +109,17 @@ class AlignConfig:
     @property
     def monitor_mode(self) -> str:
         return "min" if self.monitor == "val_loss" else "max"
+
+    @property
+    def shared_prompt(self) -> bool:
+        """Whether a pair's chosen and rejected completions are read from one row that holds their prompt once
+        (``align.shared_prompt``; auto: the paired methods, except with p-tuning). The model's own condition
+        (no ALiBi, no sliding window) is checked when it is open (:func:`lmforge.align.stage.load_datasets`)."""
+        if self.method not in SHARED_PROMPT_METHODS:
+            return False
+        if self.align.shared_prompt is None:
+            return self.peft.method != "ptuning"
+        return bool(self.align.shared_prompt)
 
     @property
     def reference(self) -> Optional[str]:
@@ -177,6 +191,12 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
         problems.append(f"align.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
     elif float(a.label_smoothing) > 0 and cfg.method not in ("dpo", "rpo", "simpo"):
         problems.append(f"align.label_smoothing applies to dpo, rpo and simpo, not {cfg.method}")
+    if a.shared_prompt is not None and cfg.method not in SHARED_PROMPT_METHODS:
+        problems.append(f"align.shared_prompt applies to the paired methods ({', '.join(SHARED_PROMPT_METHODS)}), "
+                        f"not {cfg.method}; remove it")
+    elif a.shared_prompt and cfg.peft.method == "ptuning":
+        problems.append("align.shared_prompt=true with --peft ptuning is not supported (the virtual tokens are not "
+                        "placed in a shared row); set align.shared_prompt=false or use lora, ia3 or adapter")
     if a.center_rewards_coefficient is not None and cfg.method != "rm":
         problems.append("align.center_rewards_coefficient applies to method=rm")
     check_training_keys(cfg, problems)

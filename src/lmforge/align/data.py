@@ -139,10 +139,41 @@ def _pad(rows: list, pad: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def mask_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The log-probabilities to read from rows ``tokens`` (N, T) whose completion tokens ``mask`` marks: a (3, M)
+    int64 tensor of, per counted token ``t >= 1`` of row ``n`` (row-major order), the index ``n * (T-1) + t-1`` of
+    the hidden state that predicts it among the rows' ``(N, T-1)`` inputs' hidden states, its id, and ``n``.
+    On the host in ``collate``; on a device it waits for the device (the number of tokens is read back)."""
+    rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
+    T = tokens.shape[1]
+    return torch.stack([rows * (T - 1) + cols, tokens[rows, cols + 1], rows])
+
+
+#: ``part`` of a shared-prompt row's tokens: prompt (and padding), chosen completion, rejected completion
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
 @dataclass
 class PairDataset:
     """Preference pairs. Item ``i``: chosen and rejected :class:`Side`, its global ``index`` (the row of the
-    precomputed reference table) and an optional margin. ``collate`` pads a micro batch to its longest row."""
+    precomputed reference table) and an optional margin. ``collate`` pads a micro batch to its longest row.
+
+    Two batch layouts (``shared_prompt``), both read by :mod:`lmforge.align.objective`:
+
+    * two rows per pair (default): ``tokens``/``mask`` (B, 2, T), chosen then rejected, each prompt + completion
+      right-padded; ``lengths`` (B, 2) their lengths.
+    * one row per pair (``shared_prompt=True``): ``tokens`` (B, L) = ``[prompt | chosen | rejected]`` (the prompt
+      once), right-padded; ``positions`` (B, L): ``0..P-1`` for the prompt, ``P..`` for the chosen completion and
+      again ``P..`` for the rejected one, which restarts where the chosen began; ``part`` (B, L) uint8: which
+      part each token is (:data:`PROMPT`, :data:`CHOSEN`, :data:`REJECTED`; padding counts as prompt and comes
+      last); ``ends`` (B, 2): where the chosen and the rejected completion end in the row. With attention that
+      keeps rejected tokens from seeing chosen ones, every completion token sees what it sees in its own row.
+
+    Both carry ``targets`` (3, M) (:func:`mask_targets`; for shared rows the rejected completion's first token is
+    read from the prompt's last hidden state, as the chosen one's is), so the head runs on completion tokens
+    only and nothing waits for the device; its rows ``0..B-1`` are the chosen completions, ``B..2B-1`` the
+    rejected ones.
+    """
 
     chosen: list
     rejected: list
@@ -150,6 +181,7 @@ class PairDataset:
     pad_id: int
     offset: int = 0
     stats: AlignStats = field(default_factory=AlignStats)
+    shared_prompt: bool = False
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -158,15 +190,51 @@ class PairDataset:
         return {"sides": (self.chosen[i], self.rejected[i]), "index": self.offset + i, "margin": self.margins[i]}
 
     def collate(self, items: list) -> dict:
-        sides = [s for it in items for s in it["sides"]]  # c0, r0, c1, r1, ...
-        tokens, mask = _pad([s.ids for s in sides], self.pad_id), _pad([s.mask for s in sides], 0)
-        B = len(items)
-        batch = {"tokens": tokens.view(B, 2, -1), "mask": mask.view(B, 2, -1),
-                 "lengths": torch.tensor([len(s.ids) for s in sides]).view(B, 2),
-                 "index": torch.tensor([it["index"] for it in items])}
+        batch = self._shared(items) if self.shared_prompt else self._two_rows(items)
+        batch["index"] = torch.tensor([it["index"] for it in items])
         if any(it["margin"] is not None for it in items):
             batch["margin"] = torch.tensor([float(it["margin"] or 0.0) for it in items])
         return batch
+
+    def _two_rows(self, items: list) -> dict:
+        sides = [s for it in items for s in it["sides"]]  # c0, r0, c1, r1, ...
+        tokens, mask = _pad([s.ids for s in sides], self.pad_id), _pad([s.mask for s in sides], 0)
+        B = len(items)
+        tokens, mask = tokens.view(B, 2, -1), mask.view(B, 2, -1)
+        return {"tokens": tokens, "mask": mask, "lengths": torch.tensor([len(s.ids) for s in sides]).view(B, 2),
+                "targets": mask_targets(torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]]))}
+
+    def _shared(self, items: list) -> dict:
+        B = len(items)
+        rows, pos, parts, ends = [], [], [], []
+        src, ids, seq = [[], []], [[], []], [[], []]  # per side: chosen targets first, then rejected ones
+        for b, it in enumerate(items):
+            c, r = it["sides"]
+            P = c.mask.index(1)  # both sides hold the whole prompt (a side whose prompt fills the length is dropped)
+            if r.mask.index(1) != P or c.ids[:P] != r.ids[:P]:
+                raise ValueError("a pair's chosen and rejected rows do not begin with the same prompt")
+            Rc, Rr = len(c.ids) - P, len(r.ids) - P
+            row = c.ids + r.ids[P:]
+            rows.append(row)
+            pos.append(list(range(P + Rc)) + list(range(P, P + Rr)))
+            parts.append([PROMPT] * P + [CHOSEN] * Rc + [REJECTED] * Rr)
+            ends.append((P + Rc, P + Rc + Rr))
+            for t in range(max(P, 1), P + Rc):  # chosen token t is read from hidden state t-1
+                src[0].append((b, t - 1))
+                ids[0].append(row[t])
+                seq[0].append(b)
+            for k in range(Rr):  # rejected token k (at P+Rc+k) follows the prompt's last token, then its own
+                if P + k == 0:
+                    continue
+                src[1].append((b, P - 1 if k == 0 else P + Rc + k - 1))
+                ids[1].append(row[P + Rc + k])
+                seq[1].append(B + b)
+        tokens = _pad(rows, self.pad_id)
+        L = tokens.shape[1]
+        flat = [bb * (L - 1) + t for side in src for bb, t in side]
+        targets = torch.tensor([flat, ids[0] + ids[1], seq[0] + seq[1]], dtype=torch.int64).view(3, -1)
+        return {"tokens": tokens, "positions": _pad(pos, 0), "part": _pad(parts, PROMPT).to(torch.uint8),
+                "ends": torch.tensor(ends, dtype=torch.int64), "targets": targets}
 
 
 @dataclass

@@ -24,10 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.align import losses as L
-from lmforge.models.transformer import softcap
 
 PAIR_METHODS = ("dpo", "ipo", "rpo", "orpo", "simpo")
 REFERENCE_METHODS = ("dpo", "ipo", "rpo", "kto")
@@ -38,61 +36,189 @@ def sequence_logps(net: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
     """(sum of log-probabilities of the masked tokens, their number) per row of ``tokens`` (N, T).
 
     Token ``t`` is predicted from tokens ``< t``; ``mask`` (N, T) marks the completion tokens (fp32 throughout).
+    The output head runs on the counted tokens only (:func:`target_logps`); finding them reads the mask, so with
+    ``mask`` on a device this waits for it (batches of :class:`~lmforge.align.data.PairDataset` carry their
+    ``targets``, found on the host)."""
+    from lmforge.align.data import mask_targets
+
+    return target_logps(net, tokens[:, :-1], mask_targets(tokens, mask), tokens.shape[0], chunk)
+
+
+def target_logps(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, n_out: int,
+                 chunk: Optional[int] = None, positions: Optional[torch.Tensor] = None,
+                 attn_mask: Optional[torch.Tensor] = None, chunk_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probabilities, number of tokens) of each of ``n_out`` completions (fp32).
+
+    ``net.hidden_states(inputs, positions, attn_mask)`` gives the hidden states (N, T, C); ``targets`` (3, M) lists
+    the tokens read (:func:`lmforge.align.data.mask_targets`): the flat index of the hidden state predicting each,
+    its id, and the completion it counts for. Only those M hidden states go through the output head (prompt
+    positions never do; their log-probabilities are never read).
+
     ``chunk`` (tokens; 0: off; None: automatic, on for vocabularies of 65,536 and more, as the training loss):
-    the head and the log-softmax run ``chunk`` tokens at a time and are recomputed in the backward, so the
-    (tokens x vocabulary) fp32 logits never exist whole (16 rows of 512 tokens at a 128k vocabulary would take
-    4 GiB, twice with their log-softmax)."""
+    the head and the log-softmax run ``chunk`` tokens at a time (:func:`token_logps`), so the (tokens x vocabulary)
+    fp32 logits never exist whole."""
     from lmforge.train.assembly import resolve_loss_chunk_size
 
-    hidden = net.hidden_states(tokens[:, :-1])  # (N, T-1, C)
-    cap = getattr(net.cfg, "final_logit_softcapping", None)
-    weight, labels = net.output_weight(), tokens[:, 1:]
+    extra = {k: v for k, v in (("positions", positions), ("attn_mask", attn_mask)) if v is not None}
+    hidden = net.hidden_states(inputs, **extra)  # (N, T, C)
+    src, ids, seq = targets
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # (M, C): the completion tokens' only
     chunk = resolve_loss_chunk_size(chunk, net.cfg)
-    if not chunk or labels.numel() <= chunk:
-        per_token = _token_logps(hidden, weight, labels, cap)  # (N, T-1)
-    else:
-        flat_h, flat_l = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        parts = [checkpoint(_token_logps, flat_h[i:i + chunk], weight, flat_l[i:i + chunk], cap,
-                            use_reentrant=False) for i in range(0, flat_l.numel(), chunk)]
-        per_token = torch.cat(parts).view(labels.shape)
-    m = mask[:, 1:].to(per_token.dtype)
-    return (per_token * m).sum(-1), m.sum(-1)
+    per_token = token_logps(picked, net.output_weight(), ids, getattr(net.cfg, "final_logit_softcapping", None),
+                            chunk, chunk_fn)  # (M,)
+    logps = torch.zeros(n_out, dtype=per_token.dtype, device=per_token.device).index_add(0, seq, per_token)
+    counts = torch.zeros(n_out, dtype=torch.float32, device=per_token.device).index_add_(
+        0, seq, torch.ones_like(per_token, dtype=torch.float32))
+    return logps, counts
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 cap: Optional[float]) -> torch.Tensor:
-    """log p(label) of each position: the head over ``hidden`` (..., C), fp32 log-softmax, the label's entry."""
-    logits = F.linear(hidden, weight).float()  # (..., V)
+def _logp_chunk(logits: torch.Tensor, ids: torch.Tensor, cap: Optional[float], with_grad: bool):
+    """``log p(id)`` of each row of one chunk of logits (n, V) in fp32 (soft-capped first when ``cap``), and its
+    gradient with respect to the logits (in their dtype; None unless ``with_grad``): ``onehot(id) - softmax``,
+    times the cap's derivative. A pure function of tensors (:meth:`PreferenceLoss.compile_loss` compiles it)."""
+    z = logits.float()
+    t = None
     if cap is not None:
-        logits = softcap(logits, cap)
-    return torch.gather(logits.log_softmax(-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+        t = torch.tanh(z / cap)
+        z = t * cap
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    logp = z.gather(1, ids[:, None])[:, 0] - lse
+    if not with_grad:
+        return logp, None
+    grad = z.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the fp32 logits (a temporary)
+    grad.scatter_add_(1, ids[:, None], torch.ones_like(lse)[:, None])
+    if t is not None:
+        grad = grad * (1 - t * t)
+    return logp, grad.to(logits.dtype)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T)[id]`` per row of ``hidden`` (M, C), ``chunk`` rows at a time, without the
+    (M, V) logits.
+
+    With a frozen head (PEFT) each chunk's gradient with respect to ``hidden`` is computed in the forward pass
+    and kept, (M, C) in ``hidden``'s dtype; the backward pass only scales its rows by the incoming gradients (two
+    head matmuls per chunk in all, where recomputing the chunk in the backward pass takes three). With a trained
+    head the backward pass recomputes each chunk's logits for both gradients (the weight's accumulated in fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, cap, chunk, dtype, chunk_fn):
+        keep = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        M = hidden.shape[0]
+        out = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if keep else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, M, chunk):
+                h = hidden[s:s + chunk].to(dtype)
+                out[s:s + chunk], g = chunk_fn(F.linear(h, w), ids[s:s + chunk], cap, keep)
+                if keep:
+                    grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
+        ctx.keep, ctx.cap, ctx.chunk, ctx.dtype, ctx.chunk_fn = keep, cap, chunk, dtype, chunk_fn
+        if keep:
+            ctx.save_for_backward(grad_h)
+        elif ctx.needs_input_grad[1]:
+            ctx.save_for_backward(hidden, weight, ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.keep:
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None, None, None
+        hidden, weight, ids = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s:s + ctx.chunk].to(ctx.dtype)
+                _, g = ctx.chunk_fn(F.linear(h, w), ids[s:s + ctx.chunk], ctx.cap, True)
+                g = (g.float() * grad_out[s:s + ctx.chunk, None]).to(ctx.dtype)  # (n, V)
+                if grad_h is not None:
+                    grad_h[s:s + ctx.chunk] = (g @ w).to(hidden.dtype)
+                grad_w.add_(g.t() @ h)  # (V, C), accumulated in fp32
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, cap: Optional[float] = None,
+                chunk: int = 0, chunk_fn=None) -> torch.Tensor:
+    """``log p(id)`` (fp32, (M,)) of each row of ``hidden`` (M, C) under the output head ``weight`` (V, C):
+    :class:`_ChunkedTokenLogps`, ``chunk`` rows at a time (0: all at once). The matmuls run in autocast's dtype
+    when it is on, as the plain head would."""
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    chunk = int(chunk) if chunk and chunk > 0 else max(int(hidden.shape[0]), 1)
+    return _ChunkedTokenLogps.apply(hidden, weight, ids, cap, chunk, dtype, chunk_fn or _logp_chunk)
+
+
+def pair_inputs(tokens: torch.Tensor, mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, part: Optional[torch.Tensor] = None) -> dict:
+    """The arguments of :func:`target_logps` for a batch of pairs in either layout of
+    :class:`~lmforge.align.data.PairDataset`: completions ``0..B-1`` chosen, ``B..2B-1`` rejected.
+
+    Two rows per pair (``tokens`` (B, 2, T)): the chosen rows, then the rejected ones, under causal attention.
+    One row per pair (``tokens`` (B, L), the prompt shared): ``positions`` restart for the rejected completion and
+    attention is causal except that rejected tokens do not see chosen ones, so each completion token has the
+    context, position and hidden state it has in its own row."""
+    from lmforge.align.data import CHOSEN, REJECTED, mask_targets
+
+    B = tokens.shape[0]
+    if tokens.dim() == 3:
+        rows = torch.cat([tokens[:, 0], tokens[:, 1]])  # (2B, T)
+        if targets is None:
+            targets = mask_targets(rows, torch.cat([mask[:, 0], mask[:, 1]]))
+        return dict(inputs=rows[:, :-1], targets=targets, n_out=2 * B)
+    p = part[:, :-1]
+    visible = ~((p == REJECTED)[:, :, None] & (p == CHOSEN)[:, None, :])  # (B, L-1, L-1)
+    return dict(inputs=tokens[:, :-1], positions=positions[:, :-1], attn_mask=visible, targets=targets, n_out=2 * B)
+
+
+def _target_logps(net: nn.Module, rows: dict, chunk: Optional[int] = None, chunk_fn=None):
+    """:func:`target_logps` of the arguments :func:`pair_inputs` gives."""
+    return target_logps(net, rows["inputs"], rows["targets"], rows["n_out"], chunk, rows.get("positions"),
+                        rows.get("attn_mask"), chunk_fn)
+
+
+def shared_prompt_problem(cfg) -> Optional[str]:
+    """Why a model of config ``cfg`` cannot read pairs that share their prompt in one row (None: it can): its
+    attention measures token-index distances (ALiBi, sliding windows), which the shared row changes."""
+    if getattr(cfg, "position_embedding_type", None) == "alibi":
+        return "ALiBi biases attention by token-index distance"
+    if any(cfg.window_for_layer(i) is not None for i in range(cfg.num_layers)):
+        return "sliding-window attention measures token-index distance"
+    return None
 
 
 class _Stats:
-    """Sums of logged statistics per mode (train/val); ``pop`` hands them to the loop and starts again."""
+    """Sums of logged statistics per mode (train/val); ``pop`` hands them to the loop and starts again.
+
+    The sums stay on the device (fp64, detached) until ``pop``: adding a step's rewards never waits for the
+    device, so the host queues the backward pass and the next step while the forward pass runs."""
 
     def __init__(self):
         self.sums = {"train": defaultdict(float), "val": defaultdict(float)}
 
     def add(self, mode: str, chosen: torch.Tensor, rejected: torch.Tensor, paired: bool = True, **more) -> None:
         s = self.sums[mode]
+        chosen, rejected = chosen.detach().double(), rejected.detach().double()
         if paired:
             s["n"] += chosen.numel()
-            s["rewards_chosen"] += float(chosen.sum())
-            s["rewards_rejected"] += float(rejected.sum())
-            s["rewards_margin"] += float((chosen - rejected).sum())
-            s["rewards_accuracy"] += float((chosen > rejected).float().sum())
+            s["rewards_chosen"] += chosen.sum()
+            s["rewards_rejected"] += rejected.sum()
+            s["rewards_margin"] += (chosen - rejected).sum()
+            s["rewards_accuracy"] += (chosen > rejected).double().sum()
         else:  # KTO: desirable and undesirable examples are apart; each mean has its own count
             s["n"] += chosen.numel() + rejected.numel()
-            s["rewards_chosen"] += float(chosen.sum())
+            s["rewards_chosen"] += chosen.sum()
             s["rewards_chosen#n"] += chosen.numel()
-            s["rewards_rejected"] += float(rejected.sum())
+            s["rewards_rejected"] += rejected.sum()
             s["rewards_rejected#n"] += rejected.numel()
         for k, v in more.items():
-            s[k] += v
+            s[k] += v.detach().double() if torch.is_tensor(v) else v
 
     def pop(self, mode: str) -> dict:
-        out = dict(self.sums[mode])
+        out = {k: float(v) for k, v in self.sums[mode].items()}  # the one read of the device
         self.sums[mode] = defaultdict(float)
         for key in ("n", "rewards_chosen", "rewards_rejected"):
             out.setdefault(key, 0.0)
@@ -120,7 +246,8 @@ class PreferenceLoss(nn.Module):
         self.ref_table = ref_table  # a plain attribute: DDP/FSDP neither broadcast nor shard it
         self._totals: Optional[list] = None
         self.stats = _Stats()
-        self.loss_chunk_size: Optional[int] = None  # tokens per head chunk (see sequence_logps); the assembly sets it
+        self.loss_chunk_size: Optional[int] = None  # tokens per head chunk (see target_logps); the assembly sets it
+        self.chunk_fn = _logp_chunk  # compile_loss() compiles it
 
     # -- what the loop asks ---------------------------------------------------------------------
     unit = "examples"  # what count() counts (pairs, or KTO's single completions): the loop logs examples_per_s
@@ -129,8 +256,14 @@ class PreferenceLoss(nn.Module):
         """Examples in a micro batch; RPO/ORPO also their chosen completion tokens."""
         n = int(batch["tokens"].shape[0])
         if self.method in ("rpo", "orpo"):
+            if batch.get("targets") is not None:  # its completions 0..n-1 are the chosen ones
+                return n, float((batch["targets"][2] < n).sum())
             return n, float(batch["mask"][:, 0, 1:].sum())
         return n
+
+    def compile_loss(self) -> None:
+        """Fuse each head chunk's fp32 upcast, log-softmax and gradient with torch.compile (model.compile)."""
+        self.chunk_fn = torch.compile(_logp_chunk)
 
     def set_totals(self, totals: list) -> None:
         self._totals = totals
@@ -144,31 +277,37 @@ class PreferenceLoss(nn.Module):
 
         return base_model(self.model) if reference else self.model
 
-    def _reference(self, tokens, mask, index, columns: tuple) -> torch.Tensor:
-        """Reference log-prob sums of the rows ``tokens``: the table's ``columns`` of ``index`` one after the
-        other (precomputed), or one forward of the model with its adapters off."""
+    def _logps(self, net: nn.Module, rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return _target_logps(net, rows, self.loss_chunk_size, self.chunk_fn)
+
+    def _reference(self, rows: dict, index, columns: tuple) -> torch.Tensor:
+        """Reference log-prob sums of the completions of ``rows`` (:func:`pair_inputs`): the table's ``columns``
+        of ``index`` one after the other (precomputed), or one forward of the model with its adapters off."""
         if self.reference == "precomputed":
-            table = self.ref_table.to(tokens.device)
+            table = self.ref_table.to(index.device)
             return torch.cat([table[index, c] for c in columns])
         from lmforge.peft import adapters_disabled
 
         with torch.no_grad(), adapters_disabled(self.model):
-            return sequence_logps(self._net(reference=True), tokens, mask, self.loss_chunk_size)[0]
+            return self._logps(self._net(reference=True), rows)[0]
 
     # -- the loss -------------------------------------------------------------------------------
-    def forward(self, tokens, mask, index, lengths=None, margin=None, label=None, kl_tokens=None, kl_mask=None):
+    def forward(self, tokens, mask=None, index=None, lengths=None, margin=None, label=None, kl_tokens=None,
+                kl_mask=None, targets=None, positions=None, part=None, ends=None):
+        """A micro batch of :class:`~lmforge.align.data.PairDataset` (either layout) or of
+        :class:`~lmforge.align.data.UnpairedDataset` (KTO)."""
         mode = "train" if self.training else "val"
         if self.method == "kto":
             return self._kto(mode, tokens, mask, index, label, kl_tokens, kl_mask)
         B = tokens.shape[0]
-        rows, rmask = torch.cat([tokens[:, 0], tokens[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]])  # (2B, T)
-        logps, n_tok = sequence_logps(self.model, rows, rmask, self.loss_chunk_size)
+        rows = pair_inputs(tokens, mask, targets, positions, part)
+        logps, n_tok = self._logps(self.model, rows)
         pc, pr = logps[:B], logps[B:]
         nc, nr = n_tok[:B].clamp(min=1), n_tok[B:].clamp(min=1)
         s, m = self.s, self.method
         extra = torch.zeros((), device=tokens.device)
         if m in ("dpo", "rpo", "ipo"):
-            ref = self._reference(rows, rmask, index, (0, 1)).to(logps.dtype)
+            ref = self._reference(rows, index, (0, 1)).to(logps.dtype)
             rc, rr = ref[:B], ref[B:]
             if m == "ipo":
                 losses, cr, rj = L.ipo_losses(pc / nc, pr / nr, rc / nc, rr / nr, float(s.beta))
@@ -194,11 +333,15 @@ class PreferenceLoss(nn.Module):
         return -pc.sum() * (float(units) / max(float(tokens), 1.0))
 
     def _kto(self, mode, tokens, mask, index, label, kl_tokens, kl_mask):
-        logps, _ = sequence_logps(self.model, tokens, mask, self.loss_chunk_size)
+        from lmforge.align.data import mask_targets
+
+        rows = dict(inputs=tokens[:, :-1], targets=mask_targets(tokens, mask), n_out=tokens.shape[0])
+        kl_rows = dict(inputs=kl_tokens[:, :-1], targets=mask_targets(kl_tokens, kl_mask), n_out=kl_tokens.shape[0])
+        logps, _ = self._logps(self.model, rows)
         with torch.no_grad():
-            kl_logps, _ = sequence_logps(self.model, kl_tokens, kl_mask, self.loss_chunk_size)
-        ref = self._reference(tokens, mask, index, (0,)).to(logps.dtype)
-        ref_kl = self._reference(kl_tokens, kl_mask, index, (1,)).to(logps.dtype)
+            kl_logps, _ = self._logps(self.model, kl_rows)
+        ref = self._reference(rows, index, (0,)).to(logps.dtype)
+        ref_kl = self._reference(kl_rows, index, (1,)).to(logps.dtype)
         kl = (kl_logps - ref_kl).mean().detach()
         import torch.distributed as dist
 
@@ -209,7 +352,7 @@ class PreferenceLoss(nn.Module):
         s = self.s
         losses, cr, rj = L.kto_losses(logps, ref, label, kl, float(s.beta), float(s.desirable_weight),
                                       float(s.undesirable_weight))
-        self.stats.add(mode, cr, rj, paired=False, kl=float(kl) * tokens.shape[0])
+        self.stats.add(mode, cr, rj, paired=False, kl=kl * tokens.shape[0])
         return losses.sum(), tokens.shape[0]
 
 
@@ -231,11 +374,23 @@ class RewardLoss(nn.Module):
     def pop_metrics(self, mode: str) -> dict:
         return self.stats.pop(mode)
 
-    def forward(self, tokens, mask, index, lengths, margin=None, **_):
+    def forward(self, tokens, mask=None, index=None, lengths=None, margin=None, positions=None, part=None,
+                ends=None, **_):
+        """A micro batch of :class:`~lmforge.align.data.PairDataset`, in either layout: the reward of each side is
+        read at its last token, whose hidden state is the same in both (see :func:`pair_inputs`)."""
         B = tokens.shape[0]
-        rows = torch.cat([tokens[:, 0], tokens[:, 1]])  # (2B, T)
-        last = torch.cat([lengths[:, 0], lengths[:, 1]]) - 1
-        rewards = score_rows(self.model, rows, last)
+        if tokens.dim() == 3:  # two rows per pair
+            rows = torch.cat([tokens[:, 0], tokens[:, 1]])  # (2B, T)
+            last = torch.cat([lengths[:, 0], lengths[:, 1]]) - 1
+            rewards = score_rows(self.model, rows, last)
+        else:  # one row per pair: [prompt | chosen | rejected], each side's last token where its part ends
+            from lmforge.align.data import CHOSEN, REJECTED
+
+            visible = ~((part == REJECTED)[:, :, None] & (part == CHOSEN)[:, None, :])
+            hidden = self.model.hidden_states(tokens, positions=positions, attn_mask=visible)  # (B, L, C)
+            row = torch.arange(B, device=tokens.device).repeat(2)
+            picked = hidden[row, torch.cat([ends[:, 0], ends[:, 1]]) - 1]  # (2B, C)
+            rewards = F.linear(picked.float(), self.model.score.weight.float()).squeeze(-1)
         rc, rr = rewards[:B], rewards[B:]
         losses, cr, rj = L.reward_losses(rc, rr, margin)
         loss = losses.sum()
@@ -308,9 +463,11 @@ def precompute_reference(model: nn.Module, datasets: list, micro_batch_size: int
                 if "kl_tokens" in batch:
                     first = sequence_logps(model, batch["tokens"], batch["mask"])[0]
                     second = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"])[0]
-                else:
-                    first = sequence_logps(model, batch["tokens"][:, 0], batch["mask"][:, 0])[0]
-                    second = sequence_logps(model, batch["tokens"][:, 1], batch["mask"][:, 1])[0]
+                else:  # either layout of PairDataset
+                    rows = pair_inputs(batch["tokens"], batch.get("mask"), batch.get("targets"),
+                                       batch.get("positions"), batch.get("part"))
+                    both = _target_logps(model, rows)[0]
+                    first, second = both[:len(chunk)], both[len(chunk):]
             table[batch["index"], 0] = first.double()
             table[batch["index"], 1] = second.double()
     if world > 1 and dist.is_available() and dist.is_initialized():

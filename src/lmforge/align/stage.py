@@ -45,18 +45,40 @@ def run(cfg: AlignConfig, runtime: Runtime | None = None, console_log=print) -> 
     return run_on_runtime(_run, cfg, runtime, console_log)
 
 
-def load_datasets(cfg: AlignConfig, tokenizer, length: int):
+def shared_prompt(cfg: AlignConfig, model_cfg=None) -> bool:
+    """Whether pairs are read as one row ``[prompt | chosen | rejected]`` (``align.shared_prompt``, see
+    :class:`~lmforge.align.data.PairDataset`): on for the paired methods unless set false, or unless the model
+    (``model_cfg``) measures attention by token-index distance; ``align.shared_prompt=true`` for such a model is
+    refused with one line."""
+    from lmforge.align.objective import shared_prompt_problem
+    from lmforge.errors import ConfigError
+
+    if not cfg.shared_prompt:
+        return False
+    problem = shared_prompt_problem(model_cfg) if model_cfg is not None else None
+    if problem and cfg.align.shared_prompt:
+        raise ConfigError(f"align.shared_prompt=true cannot act on {cfg.model}: {problem}, and a shared row changes "
+                          f"those distances; set align.shared_prompt=false (or leave it unset)")
+    return problem is None
+
+
+def load_datasets(cfg: AlignConfig, tokenizer, length: int, model_cfg=None):
     """(train, validation or None) datasets of ``cfg``'s method; validation rows follow the training rows in the
-    reference table (``offset``)."""
+    reference table (``offset``). Pairs share their prompt in one row where :func:`shared_prompt` says so (the
+    model's config ``model_cfg`` decides with it)."""
     from lmforge.align.data import load_attributes, load_pairs, load_unpaired
+
+    shared = shared_prompt(cfg, model_cfg)
 
     def load(path, offset):
         if cfg.method == "regression_rm":
             return load_attributes(path, tokenizer, cfg.align, cfg.align.chat_template, length)
         if cfg.method == "kto":
             return load_unpaired(path, tokenizer, cfg.align, cfg.align.chat_template, length, offset=offset)
-        return load_pairs(path, tokenizer, cfg.align, cfg.align.chat_template, length, add_eos=cfg.method != "rm",
-                          offset=offset, margin_key=cfg.align.margin_key if cfg.method == "rm" else None)
+        pairs = load_pairs(path, tokenizer, cfg.align, cfg.align.chat_template, length, add_eos=cfg.method != "rm",
+                           offset=offset, margin_key=cfg.align.margin_key if cfg.method == "rm" else None)
+        pairs.shared_prompt = shared
+        return pairs
 
     train = load(cfg.data, 0)
     val = load(cfg.val_data, len(train)) if cfg.val_data else None
@@ -143,7 +165,7 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
             critic_start = load_critic(cfg.align.critic_model, rt.device)
         train_ds, val_ds = PromptSet(cfg.data, tokenizer, cfg.align, seq), None
     else:
-        train_ds, val_ds = load_datasets(cfg, tokenizer, seq)
+        train_ds, val_ds = load_datasets(cfg, tokenizer, seq, mcfg)
     if rt.is_main:
         console_log(train_ds.stats.summary(str(cfg.data)))
         if val_ds is not None:
@@ -213,8 +235,9 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     if rt.is_main:
         start_results(out, job.run_config)
         what = cfg.method + ("" if peft_method is None else f" + {peft_method}")
+        rows = "; pairs as one row each, the prompt shared" if getattr(train_ds, "shared_prompt", False) else ""
         console_log(f"alignment ({what}): {n_trainable:,} of {n_total:,} parameters trained; {t.max_steps} steps "
-                    f"of {gbs} examples x up to {seq} tokens on {dims.describe()}, {rt.device.type}, precision "
+                    f"of {gbs} examples x up to {seq} tokens{rows} on {dims.describe()}, {rt.device.type}, precision "
                     f"{job.loop.precision}; results in {out}")
     with logger:
         state = trainer.fit(train_ds, val_ds, state)
@@ -244,6 +267,7 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         "method": cfg.method,
         "peft": cfg.peft.method,
         "reference": cfg.reference,
+        "shared_prompt": bool(getattr(train_ds, "shared_prompt", False)),
         "steps": state.step,
         "trainable_parameters": n_trainable,
         "train_loss_first": history[0][1] if history else None,

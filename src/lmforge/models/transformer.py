@@ -867,7 +867,8 @@ class Transformer(nn.Module):
         return self.cfg.num_moe_experts * torch.sum((counts / n) * (prob_sums / n))
 
     def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
-                positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for every position: ``hidden_states`` through the output head.
 
         Args:
@@ -881,6 +882,12 @@ class Transformer(nn.Module):
             segment_ids: optional (B, T) document index of every token for packed training sequences:
                 a token attends only to earlier tokens of its own document (pass positions restarting at
                 each document too).
+            attn_mask: optional (B, T, T) bool, True where token ``i`` may attend to token ``j``, ANDed with the
+                causal rule (and with ``segment_ids``): layouts where a token must not see some earlier tokens,
+                e.g. preference pairs sharing their prompt in one row (the rejected completion does not see the
+                chosen one; :mod:`lmforge.align.objective`). Training only (no KV cache). Without it (and without
+                ``segment_ids``) attention runs with SDPA's ``is_causal`` as before. Distance-based attention
+                (ALiBi, sliding windows) measures token-index distances, so such a caller passes neither.
 
         Returns:
             (B, T, V) logits in the compute dtype (the loss is computed by the caller).
@@ -888,7 +895,7 @@ class Transformer(nn.Module):
         Raises:
             ValueError: ``start_pos + T`` exceeds ``max_position_embeddings`` (without ``positions``).
         """
-        hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids)
+        hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids, attn_mask)
         logits = F.linear(hidden, self.output_weight())  # (B, T, V)
         if self.cfg.final_logit_softcapping is not None:
             logits = softcap(logits, self.cfg.final_logit_softcapping)
@@ -916,8 +923,10 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
                       positions: Optional[torch.Tensor] = None,
-                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The final normed hidden states (B, T, C), before the output head (a loss may fuse the head)."""
+                      segment_ids: Optional[torch.Tensor] = None,
+                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, C), before the output head (a loss may fuse the head). Arguments
+        as :meth:`forward`."""
         B, T = input_ids.shape
         end = start_pos + T
         if positions is not None:
@@ -929,13 +938,19 @@ class Transformer(nn.Module):
             raise ValueError(f"positions [{start_pos}, {end}) do not fit the model's max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; shorten the input (or start_pos)")
         x, rope = self.embed(input_ids, start_pos, positions)
+        visible = attn_mask
         attn_mask = None
-        if segment_ids is not None:
+        if segment_ids is not None or visible is not None:
             if kv_cache is not None:
-                raise ValueError("segment_ids (packed training sequences) cannot be combined with a KV cache")
-            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            attn_mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+                raise ValueError("segment_ids and attn_mask (training layouts) cannot be combined with a KV cache")
+            if visible is not None and visible.shape != (B, T, T):
+                raise ValueError(f"attn_mask {tuple(visible.shape)} must be (B, T, T) = {(B, T, T)}")
+            allowed = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # causal
+            if segment_ids is not None:
+                allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
+            if visible is not None:
+                allowed = allowed & visible.bool()
+            attn_mask = allowed.expand(B, T, T)[:, None]  # (B, 1, T, T)
         if self.cfg.position_embedding_type == "alibi" and kv_cache is None and self.cfg.sliding_window is None:
             # Every layer has the same ALiBi mask here: build it once (one tensor kept for backward, not one
             # (B|1, nh, T, T) tensor per layer), in the dtype the attention runs in.
