@@ -22,11 +22,14 @@ tokenizers give the same ids, and every row has the same length (no padding on e
 own process (clean peak-memory figures); peak memory is ``torch.cuda.max_memory_allocated`` from just before the
 first step (weights included, the model's construction not).
 
-``tokens_per_s`` counts prompt + chosen + rejected tokens per pair (``--pairs x (P + 2R)`` a step); ``row_tokens_per_s``
-counts the tokens the forwards see (``2 x --pairs x (P + R)``: the prompt goes in with each completion).
+``tokens_per_s`` counts prompt + chosen + rejected tokens per pair (``--pairs x (P + 2R)`` a step), whatever the layout;
+``row_tokens_per_s`` counts the tokens the forwards see: ``2 x --pairs x (P + R)`` where the prompt goes in with each
+completion (TRL, lmforge with ``--no-shared-prompt``), ``--pairs x (P + 2R)`` where lmforge reads a pair as one row
+``[prompt | chosen | rejected]`` (``align.shared_prompt``, its default).
 
     PYTHONPATH=src python3 benchmarks/dpo_throughput.py                 # 1b shape, lmforge then TRL, ~2 minutes
     PYTHONPATH=src python3 benchmarks/dpo_throughput.py --shape tiny --device cpu --steps 2 --warm 1   # CPU check
+    PYTHONPATH=src python3 benchmarks/dpo_throughput.py --impls lmforge --no-shared-prompt --tag two_rows   # before
 
 Prints one JSON line per implementation and a comparison line; appends them to ``$OUT/dpo_throughput.json`` when
 OUT is set (several invocations of one device call add to one file).
@@ -79,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warm", type=int, default=3, help="steps before timing")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    p.add_argument("--no-shared-prompt", action="store_true",
+                   help="lmforge reads each pair as two rows (align.shared_prompt=false) instead of one row "
+                        "[prompt | chosen | rejected]")
     p.add_argument("--tag", default="", help="a label copied into every record")
     p.add_argument("--child", choices=["lmforge", "trl"], help=argparse.SUPPRESS)  # one side, in its own process
     p.add_argument("--data", help=argparse.SUPPRESS)  # the folder the parent wrote (tokenizer/, pairs.jsonl)
@@ -126,18 +132,20 @@ def write_pairs(path: Path, n: int, prompt_len: int, response_len: int, vocab_si
 
 # -- the two sides (each in its own process) ----------------------------------------------------------------------
 
-def _record(a, impl: str, step_times: list, peak: int, loss: float, trainable: int, **extra) -> dict:
+def _record(a, impl: str, step_times: list, peak: int, loss: float, trainable: int, shared: bool = False,
+            **extra) -> dict:
     import torch
 
     dt = step_times[-1] - step_times[0]
     steps = len(step_times) - 1
     per_pair = a.prompt_len + 2 * a.response_len
+    per_pair_rows = per_pair if shared else 2 * (a.prompt_len + a.response_len)
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     return dict(case=f"dpo_lora_{a.shape}", impl=impl, pairs=a.pairs, prompt_len=a.prompt_len,
                 response_len=a.response_len, beta=a.beta, grad_ckpt=a.grad_ckpt, steps=steps,
                 seconds_per_step=round(dt / steps, 4),
                 tokens_per_s=round(a.pairs * per_pair * steps / dt, 1),
-                row_tokens_per_s=round(2 * a.pairs * (a.prompt_len + a.response_len) * steps / dt, 1),
+                row_tokens_per_s=round(a.pairs * per_pair_rows * steps / dt, 1), shared_prompt=shared,
                 peak_mem_gib=round(peak / 2**30, 3) if peak is not None else None, loss=loss,
                 trainable_params=trainable, card=card, torch=torch.__version__, **extra)
 
@@ -162,7 +170,7 @@ def run_lmforge(a) -> dict:
         "method": "dpo", "data": str(data / "pairs.jsonl"), "out": str(data / "lmforge_out"),
         "seq_length": a.prompt_len + a.response_len, "micro_batch_size": a.pairs, "global_batch_size": a.pairs,
         "base_dtype": "bfloat16" if gpu else "float32", "gradient_checkpointing": a.grad_ckpt, "resume": False,
-        "align": {"beta": a.beta},
+        "align": {"beta": a.beta, "shared_prompt": not a.no_shared_prompt},
         "peft": {"method": "lora", "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                                             "target_modules": LORA_TARGETS}},
         "trainer": {"accelerator": "gpu" if gpu else "cpu", "precision": "bf16-mixed" if gpu else "32",
@@ -180,7 +188,7 @@ def run_lmforge(a) -> dict:
         model.init_weights(seed=0)
         model.train()
         tokenizer = load_tokenizer(data / "tokenizer")
-        train_ds, _ = load_datasets(cfg, tokenizer, sequence_length(cfg.seq_length, mcfg, 0))
+        train_ds, _ = load_datasets(cfg, tokenizer, sequence_length(cfg.seq_length, mcfg, 0), mcfg)
         rows = {len(s.ids) for s in train_ds.chosen + train_ds.rejected}
         if rows != {a.prompt_len + a.response_len}:
             raise RuntimeError(f"lmforge read rows of {sorted(rows)} tokens, not {a.prompt_len + a.response_len}")
@@ -201,7 +209,8 @@ def run_lmforge(a) -> dict:
             if step >= a.warm - 1:
                 times.append(time.perf_counter())
         return _record(a, "lmforge", times, torch.cuda.max_memory_allocated() if gpu else None, float(loss),
-                       training.num_parameters()[0], reference=reference, precision=job.loop.precision)
+                       training.num_parameters()[0], shared=train_ds.shared_prompt, reference=reference,
+                       precision=job.loop.precision)
     finally:
         shutdown(rt)
 

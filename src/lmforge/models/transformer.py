@@ -324,6 +324,12 @@ class Attention(nn.Module):
                                     cached=kv_cache is not None, device=q.device).to(q.dtype)
         is_causal = mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
+        if mask is not None and kv_cache is None and q.is_cuda and k.shape[1] != q.shape[1]:
+            # Training with a mask on a GPU (packed documents, shared-prompt preference rows, windows): SDPA's flash
+            # kernel takes no mask and its memory-efficient one no enable_gqa (torch 2.11), so grouped heads would
+            # fall back to the math kernel, which keeps (B, nh, T, T) scores per layer; repeated heads keep the
+            # memory-efficient kernel.
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
         if self.logit_cap is not None:
             y = self._eager(q, k, v, mask, is_causal, dropout)
         else:
@@ -333,7 +339,7 @@ class Attention(nn.Module):
     def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
         """``F.scaled_dot_product_attention`` with grouped-query heads."""
         extra = {}
-        if self.n_kv_heads != self.n_heads:
+        if k.shape[1] != q.shape[1]:
             if _SDPA_HAS_GQA:
                 extra["enable_gqa"] = True
             else:
@@ -396,7 +402,7 @@ class Attention(nn.Module):
     def _eager(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
         """Attention as matmuls, with soft-capped scores (SDPA cannot cap them). ``mask``: bool (True:
         visible) or float (added to the capped scores: the ALiBi bias, -inf where not visible)."""
-        if self.n_kv_heads != self.n_heads:
+        if k.shape[1] != q.shape[1]:
             k, v = self._repeat_kv(k), self._repeat_kv(v)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
         scores = softcap((q @ k.transpose(-2, -1)) * scale, self.logit_cap)  # (B, nh, T, S)
