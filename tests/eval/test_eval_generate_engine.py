@@ -211,3 +211,49 @@ def test_lm_eval_generation_requests_go_to_the_scorer_per_task(setup, monkeypatc
         want = old_generate_until(model, tok, [p], [until] if isinstance(until, str) else until,
                                   kinds[i % 2]["max_gen_toks"], L)[0][0]
         assert got[i] == want
+
+
+def test_one_engine_serves_every_generation_task_of_a_run(setup, tmp_path, monkeypatch):
+    """`lmforge evaluate` builds the serving engine once and reuses it across tasks (its prefix cache emptied
+    between them): the results equal those of one run per task."""
+    from lmforge.serve.engine import Engine
+
+    model, tok = setup
+    rng = random.Random(9)
+    shots = "".join(f"Q: {sentence(rng, 3)}\nA: {sentence(rng, 2)}\n\n" for _ in range(2))
+    names = []
+    for k in range(3):
+        rows = [{"q": f"{shots}Q: {p}\nA:", "ref": "zzz"} for p in _prompts(20 + k, 3, (1, 4))]
+        (tmp_path / f"gen{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        task = tmp_path / f"gen{k}.yaml"
+        task.write_text(f"name: gen{k}\nkind: generation\ndata: gen{k}.jsonl\ncontext: '{{q}}'\ntarget: ref\n"
+                        f"max_new_tokens: 4\nuntil: ['\\n']\n")
+        names.append(str(task))
+    built = []
+    original = Engine.__init__
+    monkeypatch.setattr(Engine, "__init__", lambda self, *a, **k: built.append(self) or original(self, *a, **k))
+    texts = []
+    original_generate = Scorer.generate_until
+    monkeypatch.setattr(Scorer, "generate_until",
+                        lambda self, *a: texts.append(original_generate(self, *a)) or texts[-1])
+    together = evaluate_model(model, tok, names, L, batch_size=4)
+    assert len(built) == 1 and len(texts) == 3
+    hits = built[0].stats()["prefix_cache_hits"]
+    assert hits > 0  # the shots are shared within each task
+    alone, alone_texts = {}, []
+    for name in names:
+        built.clear()
+        out = evaluate_model(model, tok, [name], L, batch_size=4)
+        alone.update(out["results"])
+        alone_texts.append(texts[-1])
+        assert len(built) == 1
+        hits -= built[0].stats()["prefix_cache_hits"]
+    assert together["results"] == alone and texts[:3] == alone_texts
+    assert hits == 0  # the shared shots were not served across tasks: each task started with an empty cache
+    # the lm_eval tasks of the run take the engine over (evaluate_harness(engine_from=...)): no second one
+    built.clear()
+    ours, harness = Scorer(model, tok, L, batch_size=4), Scorer(model, tok, L, batch_size=4)
+    prompts = _prompts(30, 3, (1, 4))
+    first = ours.generate_until(prompts, ["\n"], 4)
+    harness.start_task(engine_from=ours)
+    assert harness.generate_until(prompts, ["\n"], 4) == first and len(built) == 1 and ours._engine is None

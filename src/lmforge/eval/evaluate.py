@@ -58,6 +58,9 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
     """
     resolved, task_data, harness = resolve_tasks(tasks, task_data, include_path)  # unknown names fail first
     results, n_samples, truncated, versions = {}, {}, {}, {}
+    # one scorer, so one serving engine for the generation tasks of the whole run (each task starts afresh)
+    scorer = Scorer(model, tokenizer, max_length, batch_size=batch_size, progress=progress and rank == 0,
+                    rank=rank, world_size=world_size)
     for task in resolved:
         records = load_task_records(task, task_data.get(task.name), limit, cache_dir)
         docs = []
@@ -67,8 +70,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
             except (KeyError, IndexError, ValueError, TypeError, SyntaxError) as e:
                 raise DataError(f"task {task.name}: record {n} does not fit the expected layout {task.layout} "
                                 f"({type(e).__name__}: {e})") from None
-        scorer = Scorer(model, tokenizer, max_length, batch_size=batch_size, progress=progress and rank == 0,
-                        rank=rank, world_size=world_size)
+        scorer.start_task()
         results[task.name] = score_task(task, docs, scorer, bootstrap_iters)
         n_samples[task.name] = len(docs)
         truncated[task.name] = scorer.truncated
@@ -77,7 +79,8 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
         from lmforge.eval.harness import evaluate_harness, load_harness_tasks
 
         built = harness_tasks if harness_tasks is not None else load_harness_tasks(harness, include_path, cache_dir)
-        theirs = evaluate_harness(model, tokenizer, built, max_length, limit, batch_size, bootstrap_iters)
+        theirs = evaluate_harness(model, tokenizer, built, max_length, limit, batch_size, bootstrap_iters,
+                                  engine_from=scorer)
         results.update(theirs["results"])
         n_samples.update(theirs["n_samples"])
         versions.update(theirs["versions"])

@@ -245,8 +245,10 @@ def _our_metrics(theirs: dict) -> dict:
 
 
 def evaluate_harness(model, tokenizer, tasks: HarnessTasks, max_length: int, limit: Optional[int] = None,
-                     batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000) -> dict:
+                     batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
+                     engine_from: Optional[Scorer] = None) -> dict:
     """Score lm_eval tasks (from :func:`load_harness_tasks`) on an in-memory model through :class:`LmforgeLM`.
+    ``engine_from``: a scorer of the same model whose serving engine generation reuses (``lmforge evaluate``'s).
 
     Returns ``{"results": {task: {metric: value, metric_stderr: value}}, "n_samples", "versions"}`` for the tasks
     and their groups. Every process scores every request (no data parallelism on this path).
@@ -254,6 +256,8 @@ def evaluate_harness(model, tokenizer, tasks: HarnessTasks, max_length: int, lim
     from lm_eval import simple_evaluate
 
     lm = LmforgeLM.from_model(model, tokenizer, max_length, batch_size)
+    if engine_from is not None:
+        lm.scorer.start_task(engine_from)
     out = simple_evaluate(model=lm, tasks=tasks.tasks, task_manager=tasks.manager, limit=limit,
                           bootstrap_iters=bootstrap_iters, log_samples=False)
     if out is None:  # lm_eval reports on the first process of a node only (LOCAL_RANK 0); rank 0 writes

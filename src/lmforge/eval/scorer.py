@@ -120,6 +120,17 @@ class Scorer:
         self._engine = None  # the serving engine of generate_until (built on first use)
         self._requests = 0  # generate_until calls through the engine (request ids stay unique)
 
+    def start_task(self, engine_from: Optional["Scorer"] = None) -> None:
+        """Make this scorer score a new task as a fresh one would, keeping its serving engine (built once per
+        ``lmforge evaluate``): the task's counters and its ``"auto"`` batch size start again, and the engine's
+        prefix cache is emptied. ``engine_from``: take over that scorer's engine (same model) instead."""
+        if engine_from is not None:  # moved, not shared: a scorer that outgrows it lets its KV cache go
+            self._engine, engine_from._engine = engine_from._engine, None
+        self.truncated = 0
+        self._auto_batch = None
+        if self._engine is not None:
+            self._engine.reset_prefix_cache()
+
     # -- tokens --------------------------------------------------------------------------------------
 
     def _default_prefix(self) -> int:

@@ -140,6 +140,13 @@ class BlockAllocator:
             self.by_hash[h] = block
             self.hash_of[block] = h
 
+    def drop_cached(self) -> None:
+        """Forget the prefix cache's unreferenced blocks (they become free); blocks in use keep their keys."""
+        for block, h in self.lru.items():
+            del self.by_hash[h], self.hash_of[block]
+            self.free.append(block)
+        self.lru.clear()
+
     def check(self) -> None:
         """Raise if the books do not balance (tests): every block is scratch, free, cached-unreferenced or
         referenced, exactly once."""

@@ -548,6 +548,11 @@ class Engine:
         """Bytes held by the KV cache."""
         return self.cache.nbytes()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the blocks the prefix cache keeps for later requests (before an unrelated workload, such as the
+        next task of ``lmforge evaluate``: its requests compute every block as a fresh engine would)."""
+        self.cache.allocator.drop_cached()
+
     def stats(self) -> dict:
         """Numbers of the moment for /metrics: requests running and waiting, KV blocks used and in all, and the
         prefix cache's hits."""
