@@ -44,6 +44,7 @@ def test_dpo_learns_to_prefer_the_reversed_word(tiny_base, reverse_task, tmp_pat
     assert train_rows and all({"rewards_chosen", "rewards_rejected", "rewards_margin"} <= set(r) for r in train_rows)
     assert all("examples_per_s" in r and "tokens_per_s" not in r for r in train_rows)  # the rate counts pairs
     val = [r for r in rows if "val_rewards_accuracy" in r]
+    assert all("val_loss" in r and "val_ppl" not in r for r in val)  # a preference loss has no perplexity
     assert len(val) == 2 and val[-1]["val_rewards_accuracy"] > max(0.6, val[0]["val_rewards_accuracy"])
     assert val[-1]["val_rewards_margin"] > val[0]["val_rewards_margin"] > 0
     assert (out / "loss_curve.png").stat().st_size > 0 and list(out.glob("events.out.tfevents.*"))

@@ -40,6 +40,7 @@ def test_reward_model_trains_exports_and_scores(tiny_base, tmp_path, capsys):
     assert summary["accuracy"] == sum(r["correct"] for r in lines) / 64 and summary["accuracy"] >= 0.9
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_rewards_accuracy" in x]
     assert val[-1]["val_rewards_accuracy"] == summary["accuracy"]  # the run's validation scored the same pairs
+    assert "val_loss" in val[-1] and "val_ppl" not in val[-1]  # a ranking loss has no perplexity
 
     # Hugging Face's sequence-classification model gives the same scores on the same token ids
     from transformers import AutoModelForSequenceClassification

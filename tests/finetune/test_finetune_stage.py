@@ -37,7 +37,7 @@ def test_each_method_learns_the_task(tmp_path, base_model_dir, task_files, metho
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 1.5, (method, losses)  # nats: the answers become clearly more likely
     assert summary["steps"] == steps and summary["best_checkpoint"]
-    assert {"val_loss", "exact_match", "f1"} <= set(summary["best_metrics"])
+    assert {"val_loss", "val_ppl", "exact_match", "f1"} <= set(summary["best_metrics"])  # val_ppl: a token NLL
     if method == "full":
         assert summary["adapter"] is None
     else:

@@ -200,7 +200,10 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if a.center_rewards_coefficient is not None and cfg.method != "rm":
         problems.append("align.center_rewards_coefficient applies to method=rm")
     check_training_keys(cfg, problems)
-    if cfg.monitor not in ("val_loss", "val_rewards_accuracy"):
+    if cfg.monitor == "val_ppl":
+        problems.append(f"monitor=val_ppl: method={cfg.method}'s loss is not a per-token negative log-likelihood, so "
+                        f"it has no perplexity (none is logged); use val_loss or val_rewards_accuracy")
+    elif cfg.monitor not in ("val_loss", "val_rewards_accuracy"):
         problems.append(f"monitor={cfg.monitor!r}; use val_loss or val_rewards_accuracy")
     elif cfg.monitor == "val_rewards_accuracy" and (not cfg.val_data or cfg.method in ("kto", "regression_rm")):
         problems.append("monitor=val_rewards_accuracy needs val_data and a paired method (not kto or regression_rm)")

@@ -251,6 +251,7 @@ class PreferenceLoss(nn.Module):
 
     # -- what the loop asks ---------------------------------------------------------------------
     unit = "examples"  # what count() counts (pairs, or KTO's single completions): the loop logs examples_per_s
+    token_nll = False  # a preference loss (ORPO's and RPO's include an NLL term): no perplexity, no val_ppl
 
     def count(self, batch: dict):
         """Examples in a micro batch; RPO/ORPO also their chosen completion tokens."""
@@ -367,6 +368,7 @@ class RewardLoss(nn.Module):
         self.stats = _Stats()
 
     unit = "pairs"  # what count() counts: the loop logs pairs_per_s
+    token_nll = False  # a ranking loss: no perplexity, no val_ppl
 
     def count(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0])
@@ -413,6 +415,7 @@ class AttributeLoss(nn.Module):
         self.sums = {"train": defaultdict(float), "val": defaultdict(float)}
 
     unit = "labels"  # what count() counts: the loop logs labels_per_s
+    token_nll = False  # a squared error: no perplexity, no val_ppl
 
     def count(self, batch: dict) -> int:
         return int(batch["mask"].sum())

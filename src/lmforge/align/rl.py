@@ -312,6 +312,7 @@ class RolloutLoss(nn.Module):
 
     # -- what the loop asks ---------------------------------------------------------------------
     unit = "completions"  # what count() counts: the loop logs completions_per_s
+    token_nll = False  # a policy-gradient loss: no perplexity, no val_ppl
 
     def count(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0]) * self.G  # completions

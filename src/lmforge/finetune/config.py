@@ -123,7 +123,7 @@ class FinetuneConfig:
     fsdp_sharded_checkpoint: Optional[bool] = None  # None/true: per-rank shards; false: full weights on rank 0
     async_save: bool = False  # write checkpoints in the background (staged to CPU memory first)
     resume: bool = True
-    monitor: str = "val_loss"  # val_loss | exact_match | f1 (best checkpoint)
+    monitor: str = "val_loss"  # val_loss | val_ppl | exact_match | f1 (best checkpoint)
     save_top_k: int = 1
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
     peft: PeftSection = field(default_factory=PeftSection)
@@ -236,7 +236,7 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
         problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
     check_training_keys(cfg, problems)
     if cfg.monitor not in ("val_loss", "val_ppl", "exact_match", "f1"):
-        problems.append(f"monitor={cfg.monitor!r}; use val_loss, exact_match or f1")
+        problems.append(f"monitor={cfg.monitor!r}; use val_loss, val_ppl, exact_match or f1")
     elif cfg.monitor in ("exact_match", "f1") and (not cfg.val_data or cfg.generation.num_samples < 1):
         problems.append(f"monitor={cfg.monitor} needs val_data and generation.num_samples >= 1")
     if cfg.base_dtype not in ("float32", "bfloat16", "float16"):

@@ -292,6 +292,9 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                           "context parallelism")
     # under pipelining not called: the stages compute the loss
     objective = CausalLMLoss(train_model) if objective_fn is None else objective_fn(train_model)
+    if job.checkpoint.monitor == "val_ppl" and not getattr(objective, "token_nll", False):
+        raise ConfigError(f"monitor=val_ppl: the {type(objective).__name__} objective's loss is not a per-token "
+                          f"negative log-likelihood, so it has no perplexity; monitor val_loss")
     if dims.tp == 1 and hasattr(objective, "loss_chunk_size"):  # TP: the loss on vocabulary-sharded logits instead
         objective.loss_chunk_size = resolve_loss_chunk_size(job.loss_chunk_size, getattr(base, "cfg", None))
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)

@@ -243,6 +243,8 @@ class Trainer:
         # a micro batch's units, or (units, more counts...) whose global totals reach ``objective.set_totals``
         # before the step's forwards; ``objective.pop_metrics(mode)`` gives sums (with "n") logged as means.
         self._count_fn = getattr(self.objective, "count", None)
+        # val_ppl = exp(val_loss) only for an objective whose loss is a per-token NLL (``objective.token_nll``)
+        self.token_nll = bool(getattr(self.objective, "token_nll", False))
         # what the logged rate counts: tokens, or the objective's own units ("pairs_per_s", "completions_per_s")
         self.rate_key = f"{getattr(self.objective, 'unit', 'tokens') if self._count_fn else 'tokens'}_per_s"
         self.rt, self.s, self.save_fn, self.log = runtime, settings, save_fn, log
@@ -530,7 +532,9 @@ class Trainer:
                     if val_dataset is not None and s.limit_val_batches > 0:
                         check_losses()  # the steps before it count in the window validation ends
                         val_loss = self.evaluate(val_dataset, s.limit_val_batches)
-                        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                        metrics = {"val_loss": val_loss}
+                        if self.token_nll:
+                            metrics["val_ppl"] = math.exp(min(val_loss, 50.0))
                         if self.extra_val_fn is not None:
                             metrics.update(self.extra_val_fn(state.step))
                         state.last_val = (state.step, val_loss)

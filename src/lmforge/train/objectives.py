@@ -122,6 +122,9 @@ class CausalLMLoss(nn.Module):
     ``n_tokens`` is an int for unmasked batches and a 0-dim tensor (no device sync) for masked ones.
     """
 
+    #: the loss is a per-token negative log-likelihood: exp(val_loss) is a perplexity (the loop logs val_ppl)
+    token_nll = True
+
     def __init__(self, model: nn.Module, loss_chunk_size: Optional[int] = None):
         super().__init__()
         self.model = model
