@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warm", type=int, default=3, help="steps before timing")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    p.add_argument("--compile", action="store_true", help="lmforge: compile=true (each block and the head's chunks)")
     p.add_argument("--no-shared-prompt", action="store_true",
                    help="lmforge reads each pair as two rows (align.shared_prompt=false) instead of one row "
                         "[prompt | chosen | rejected]")
@@ -170,6 +171,7 @@ def run_lmforge(a) -> dict:
         "method": "dpo", "data": str(data / "pairs.jsonl"), "out": str(data / "lmforge_out"),
         "seq_length": a.prompt_len + a.response_len, "micro_batch_size": a.pairs, "global_batch_size": a.pairs,
         "base_dtype": "bfloat16" if gpu else "float32", "gradient_checkpointing": a.grad_ckpt, "resume": False,
+        "compile": a.compile,
         "align": {"beta": a.beta, "shared_prompt": not a.no_shared_prompt},
         "peft": {"method": "lora", "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                                             "target_modules": LORA_TARGETS}},
@@ -210,7 +212,7 @@ def run_lmforge(a) -> dict:
                 times.append(time.perf_counter())
         return _record(a, "lmforge", times, torch.cuda.max_memory_allocated() if gpu else None, float(loss),
                        training.num_parameters()[0], shared=train_ds.shared_prompt, reference=reference,
-                       precision=job.loop.precision)
+                       precision=job.loop.precision, compile=job.compile)
     finally:
         shutdown(rt)
 

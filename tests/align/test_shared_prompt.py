@@ -217,3 +217,34 @@ def test_shared_prompt_refused_where_it_cannot_act(config, message):
         load_align_config(config, need_paths=False)
     auto = load_align_config({**config, "align": {}}, need_paths=False)
     assert not auto.shared_prompt  # KTO, attribute models and p-tuning keep their rows
+
+
+def test_compile_reaches_the_blocks_and_the_head(tmp_path):
+    """compile=true: the assembly compiles each block and the preference head's chunk function (a compiled DPO
+    step on the CPU takes ~95 s, so the step itself is left to the GPU benchmark: dpo_throughput.py --compile);
+    online methods refuse it."""
+    from lmforge.align.config import load_align_config
+    from lmforge.align.objective import _logp_chunk
+    from lmforge.align.stage import job_from_config
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.stage import stage_layout
+    from lmforge.parallel.runtime import init_runtime, shutdown
+    from lmforge.train.assembly import build_training
+
+    cfg = load_align_config({"method": "dpo", "out": str(tmp_path / "out"), "compile": True, "resume": False,
+                             "micro_batch_size": 2, "global_batch_size": 2, "trainer": {"accelerator": "cpu"}},
+                            need_paths=False)
+    rt = init_runtime("cpu")
+    try:
+        dims, accum = stage_layout(cfg, rt)
+        job = job_from_config(cfg, dims, accum, None)
+        assert job.compile
+        model = _model()
+        training = build_training(job, model, rt, console_log=lambda s: None,
+                                  objective_fn=lambda m: PreferenceLoss(m, "dpo", cfg.align, None))
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
+        assert training.objective.chunk_fn is not _logp_chunk
+    finally:
+        shutdown(rt)
+    with pytest.raises(ConfigError, match="compile=true with method=grpo"):
+        load_align_config({"method": "grpo", "compile": True, "align": {"reward_fn": "m:f"}}, need_paths=False)

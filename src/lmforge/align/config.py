@@ -93,6 +93,7 @@ class AlignConfig:
     seed: int = 1234
     base_dtype: str = "float32"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block and the preference head's chunks (offline methods)
     fsdp: bool = False
     fsdp_sharding_strategy: str = "full"
     fsdp_grad_reduce_dtype: Any = 32
@@ -265,6 +266,9 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
         problems.append(f"method={cfg.method} with --peft ptuning is not supported: use lora, ia3 or adapter")
     if cfg.gradient_checkpointing:
         problems.append(f"gradient_checkpointing with method={cfg.method} is not supported yet")
+    if cfg.compile:
+        problems.append(f"compile=true with method={cfg.method} is not supported yet (the rollouts run the policy "
+                        f"through the serving engine)")
 
 
 def to_dict(cfg: AlignConfig) -> dict:

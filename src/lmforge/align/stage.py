@@ -37,7 +37,9 @@ from lmforge.train.loop import PRECISIONS
 def job_from_config(cfg: AlignConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
     """The :class:`~lmforge.train.assembly.TrainJob` of an alignment config."""
     ac = dict(granularity="full", method=None, num_layers=None) if cfg.gradient_checkpointing else None
-    return stage_job(cfg, dims, accumulate, cfg.peft.method, peft_cfg, ac, to_dict(cfg))
+    job = stage_job(cfg, dims, accumulate, cfg.peft.method, peft_cfg, ac, to_dict(cfg))
+    job.compile = bool(cfg.compile)  # each block, and the preference head's chunks (PreferenceLoss.compile_loss)
+    return job
 
 
 def run(cfg: AlignConfig, runtime: Runtime | None = None, console_log=print) -> dict:
