@@ -298,6 +298,76 @@ def test_settings_that_would_not_act_are_refused(steer_base, tmp_path, capsys):
     assert "must hold {prompt} and {attributes}" in capsys.readouterr().err
 
 
+# -- PEFT attribute models ------------------------------------------------------------------------------------------
+
+def test_a_lora_attribute_model_trains_resumes_exports_merged_and_labels(steer_base, tmp_path):
+    """`--peft lora`: LoRA and the new score head train (the head saved with the adapter weights in every
+    checkpoint, and read back on resume); reward_model/ is the LoRA merged into the base weights with the head, which
+    Hugging Face loads to the unmerged model's scores; `lmforge reward` labels with it."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lmforge.align.config import AlignSection
+    from lmforge.align.data import Encoder, attribute_input
+    from lmforge.align.objective import score_rows
+    from lmforge.open import load_for_inference
+    from lmforge.peft import apply_adapter
+
+    data = write_jsonl(tmp_path / "attr.jsonl", attribute_records(16, seed=1, unlabelled_quality_every=3))
+    out = tmp_path / "apm"
+    command = ["align", "--method", "regression_rm", "--peft", "lora", "--model", steer_base, "--data", data,
+               "--out", str(out), ALIGN_ATTRS, "peft.lora.r=4", "optim.lr=0.01", *TINY]
+    assert main(command) == 0
+    first = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert "score.weight" in first and all("lora_" in k for k in first if k != "score.weight")
+    assert main(command[:-4] + ["trainer.max_steps=3", *TINY[1:]]) == 0  # resumes at step 2: adapter and head
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["peft"], summary["steps"]) == ("lora", 3) and summary["adapter"] == str(out / "adapter")
+    assert summary["resumed_from"] == str(out / "checkpoints" / "step_0000002")
+    last = load_file(str(out / "checkpoints" / "step_0000003" / "model.safetensors"))
+    head = last["score.weight"]
+    assert not torch.equal(head, first["score.weight"])  # the head trains beside LoRA
+
+    folder = out / "reward_model"
+    config = AutoConfig.from_pretrained(folder)
+    assert config.num_labels == 2 and config.problem_type == "regression"
+    assert config.id2label == {0: "quality", 1: "verbosity"}
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).float().eval()
+    # the reference: the base model with the adapter applied unmerged, and the checkpoint's head
+    model, tokenizer = load_for_inference(steer_base, device="cpu", dtype="float32")
+    model = apply_adapter(model, out / "adapter")
+    model.score = torch.nn.Linear(head.shape[1], 2, bias=False)
+    with torch.no_grad():
+        model.score.weight.copy_(head)
+    base_q = load_file(str(Path(steer_base) / "model.safetensors"))["layers.0.self_attn.q_proj.weight"]
+    assert not torch.allclose(hf.model.layers[0].self_attn.q_proj.weight, base_q)  # LoRA merged in
+    enc = Encoder(tokenizer, None, False, 64)
+    records = [json.loads(x) for x in open(data)]
+    rows = [attribute_input(r, "x", enc, AlignSection()) for r in records[:4]]
+    with torch.no_grad():
+        for ids in rows:
+            ours = score_rows(model.eval(), torch.tensor([ids]), torch.tensor([len(ids) - 1]), squeeze=False)[0]
+            theirs = hf(input_ids=torch.tensor([ids])).logits[0]
+            assert torch.allclose(ours, theirs, atol=1e-4), (ours, theirs)
+
+    labelled = tmp_path / "labelled.jsonl"
+    assert main(["reward", str(out), "--data", data, "--out", str(labelled)]) == 0
+    lines = [json.loads(x) for x in labelled.read_text().splitlines()]
+    with torch.no_grad():
+        for ids, line in zip(rows, lines):
+            raw = hf(input_ids=torch.tensor([ids])).logits[0].tolist()
+            assert line["attributes"] == {n: int(round(min(4.0, max(0.0, v)))) for n, v in zip(NAMES, raw)}
+
+
+def test_peft_methods_an_attribute_model_cannot_export_are_refused(steer_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", attribute_records(4, seed=3))
+    assert main(["align", "--method", "regression_rm", "--peft", "adapter", "--model", steer_base, "--data", data,
+                 "--out", str(tmp_path / "o"), ALIGN_ATTRS]) == 2
+    assert "method=regression_rm with --peft adapter: an attribute model trains all weights or LoRA" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # -- learning --------------------------------------------------------------------------------------------------------
 
 def test_the_attribute_model_learns_an_attribute_that_follows_length(steer_base, tmp_path):

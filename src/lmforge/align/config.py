@@ -152,9 +152,15 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
         problems.append(f"method={cfg.method!r} is not known; use one of {', '.join(METHODS)}")
     if cfg.peft.method not in PEFT_METHODS:
         problems.append(f"peft.method={cfg.peft.method!r} is not known; use one of {', '.join(PEFT_METHODS)}")
-    if cfg.method in REWARD_METHODS and cfg.peft.method != "none":
-        problems.append(f"method={cfg.method} trains every weight and its score head; PEFT reward models are not "
-                        f"supported yet: drop --peft")
+    if cfg.method == "rm" and cfg.peft.method != "none":
+        problems.append("method=rm trains every weight and its score head; PEFT reward models are not supported yet: "
+                        "drop --peft (a SteerLM attribute model, method=regression_rm, trains with --peft lora)")
+    elif cfg.method == "regression_rm" and cfg.peft.method not in ("none", "lora"):
+        problems.append(f"method=regression_rm with --peft {cfg.peft.method}: an attribute model trains all weights or "
+                        f"LoRA (merged into the exported reward_model/), not {cfg.peft.method}")
+    elif cfg.method == "regression_rm" and cfg.peft.method != "none" and cfg.fsdp:
+        problems.append("method=regression_rm with --peft lora and fsdp=true is not supported yet (the merged export "
+                        "needs the whole model on one process): drop fsdp or --peft")
     a = cfg.align
     if cfg.method == "regression_rm":
         problems.extend(problems_of(list(a.attributes), list(a.attribute_range), None, "align."))

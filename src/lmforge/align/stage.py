@@ -120,6 +120,23 @@ def open_reward_model(path, tokenizer, device) -> nn.Module:
     return rm.eval().requires_grad_(False)
 
 
+def _export_merged_reward_model(training, out: Path, base_name: str, fmt) -> Path:
+    """``out/reward_model`` of a PEFT attribute model: the live model (the best checkpoint's weights loaded) with its
+    LoRA merged into the base weights and its score head, written as a full checkpoint in a scratch folder and
+    exported from there as :func:`~lmforge.align.reward.export_reward_model` exports any run's."""
+    import tempfile
+
+    from lmforge.align.reward import export_reward_model
+    from lmforge.peft import merge_adapter
+    from lmforge.train.assembly import saved_state_dict
+    from lmforge.train.checkpoint import save_model
+
+    base = merge_adapter(training.base)  # the run is over: its model is not trained again
+    with tempfile.TemporaryDirectory(dir=out, prefix=".merged.") as tmp:
+        save_model(Path(tmp), saved_state_dict(base), training.model_config, tokenizer=training.tokenizer)
+        return export_reward_model(Path(tmp), out / "reward_model", base_name, attributes=fmt)
+
+
 def copy_folder(src: Path, dst: Path) -> Path:
     """Replace ``dst`` with a copy of ``src``, whole or not at all."""
     import os
@@ -221,6 +238,8 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         objective_fn = lambda m: PreferenceLoss(m, cfg.method, cfg.align, reference, table)  # noqa: E731
 
     job = job_from_config(cfg, dims, accum, peft_cfg)
+    if cfg.method == "regression_rm" and peft_cfg is not None:  # the new score head trains in full beside LoRA
+        job.modules_to_save = ("score",)
     training = build_training(job, model, rt, tokenizer=tokenizer, model_config=model_config,
                               console_log=console_log, objective_fn=objective_fn)
     trainer, logger, manager, state = training.trainer, training.logger, training.manager, training.state
@@ -255,7 +274,10 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
             from lmforge.data.steer import AttributeFormat
 
             fmt = None if cfg.method == "rm" else AttributeFormat.of(cfg.align.attributes, cfg.align.attribute_range)
-            reward_dir = str(export_reward_model(best, out / "reward_model", cfg.model, attributes=fmt))
+            if peft_cfg is None:
+                reward_dir = str(export_reward_model(best, out / "reward_model", cfg.model, attributes=fmt))
+            else:  # the best checkpoint's LoRA (loaded by export_adapter) merged, with its head
+                reward_dir = str(_export_merged_reward_model(training, out, cfg.model, fmt))
     critic_dir = None
     if cfg.method == "ppo" and rt.is_main:  # the latest checkpoint's critic beside the policy: OUT/critic/
         from lmforge.align.rl import CRITIC_DIR

@@ -99,6 +99,9 @@ class TrainJob:
     seed: int = 1234
     peft_method: Optional[str] = None  # None: every weight trains
     peft_config: Any = None
+    # Modules (names in the base model) that train in full beside a PEFT method and are saved with its weights, as
+    # Hugging Face PEFT's modules_to_save: a SteerLM attribute model's score head. Ignored without PEFT.
+    modules_to_save: tuple = ()
     activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
     compile: bool = False
     joint_projections: bool = True  # q/k/v and gate/up as one matmul each (set_joint_projections; not under TP)
@@ -166,7 +169,10 @@ class Training:
         """The weights a checkpoint holds: all of them (a tied head once), or the PEFT method's only."""
         from lmforge.peft import peft_state_dict
 
-        return saved_state_dict(self.base) if self.job.peft_method is None else peft_state_dict(self.base)
+        if self.job.peft_method is None:
+            return saved_state_dict(self.base)
+        saved = {n: p.detach() for n, p in _saved_modules(self.base, self.job.modules_to_save).items()}
+        return {**peft_state_dict(self.base), **saved}
 
     def load_weights(self, folder: Path) -> None:
         """Load a checkpoint's weights (full or sharded) into the live model, whatever its layout."""
@@ -250,6 +256,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     train_model = model
     if job.peft_method is not None:  # 1. PEFT
         train_model = apply_peft(model, job.peft_method, job.peft_config)
+        for p in _saved_modules(base_model(train_model), job.modules_to_save).values():
+            p.requires_grad_(True)  # trained in full beside the method (modules_to_save)
         if rt.distributed:  # rank 0's initial adapter weights everywhere (DDP broadcasts them; FSDP does not)
             import torch.distributed as dist
 
@@ -272,7 +280,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     sharded_resume = latest is not None and _is_sharded_checkpoint(latest)
     on_meta = any(p.is_meta for p in model.parameters())  # pipeline stages, a rank's experts: allocated after the split
     if latest is not None and not sharded_resume and not on_meta:  # 2. full weights into the plain model
-        _load_full_weights(base, job.peft_method, latest, rt.device)
+        _load_full_weights(base, job.peft_method, latest, rt.device, job.modules_to_save)
 
     mesh, stages, grad_sync = None, None, None
     if dims.pp > 1 or dims.tp > 1 or dims.cp > 1:  # the run's mesh (pp, dp_replicate, dp_shard, cp, tp), built once
@@ -522,8 +530,14 @@ def _check_same_model(folder: Path, model_config: dict) -> None:
                               f"(exp_manager.name / --out) or turn resuming off (exp_manager.resume_if_exists=false)")
 
 
-def _load_full_weights(base: nn.Module, peft_method: Optional[str], folder: Path, device) -> None:
-    """Full weights into an unsharded model (before any wrapping)."""
+def _saved_modules(base: nn.Module, modules: tuple) -> dict[str, torch.Tensor]:
+    """The parameters of ``modules`` (:attr:`TrainJob.modules_to_save`) in ``base``, by their full names."""
+    return {n: p for n, p in base.named_parameters() if any(n == m or n.startswith(m + ".") for m in modules)}
+
+
+def _load_full_weights(base: nn.Module, peft_method: Optional[str], folder: Path, device, modules: tuple = ()) -> None:
+    """Full weights into an unsharded model (before any wrapping); a PEFT checkpoint holds the method's weights and
+    those of ``modules`` (:attr:`TrainJob.modules_to_save`)."""
     from lmforge.open import load_weights
     from lmforge.peft import load_peft_state_dict
     from lmforge.train.checkpoint import load_model
@@ -531,8 +545,16 @@ def _load_full_weights(base: nn.Module, peft_method: Optional[str], folder: Path
     weights, _ = load_model(folder, device=device)
     if peft_method is None:
         load_weights(base, weights, folder)
-    else:
-        load_peft_state_dict(base, weights, source=str(folder))
+        return
+    own = _saved_modules(base, modules)
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise CheckpointError(f"{folder} holds no {missing[0]!r}, which this run trains beside its PEFT method; was "
+                              f"it written by another kind of run?")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(weights.pop(name).to(p.dtype))
+    load_peft_state_dict(base, weights, source=str(folder))
 
 
 def _load_weights(training: Training, folder: Path) -> None:
@@ -540,7 +562,8 @@ def _load_weights(training: Training, folder: Path) -> None:
     from lmforge.train.sharded import load_sharded, sharded_folder
 
     if not training.sharded and not _is_sharded_checkpoint(folder):
-        _load_full_weights(training.base, training.job.peft_method, folder, training.runtime.device)
+        _load_full_weights(training.base, training.job.peft_method, folder, training.runtime.device,
+                           training.job.modules_to_save)
         return
     target = training.weights_state()
     if _is_sharded_checkpoint(folder):
