@@ -27,7 +27,7 @@ def held_out_accuracy(model_path, pairs_file) -> float:
     return float((c > r).float().mean())
 
 
-def test_dpo_learns_to_prefer_the_reversed_word(tiny_base, reverse_task, tmp_path):
+def test_dpo_learns_to_prefer_the_reversed_word(tiny_base, reverse_task, tmp_path, capsys):
     train, held = reverse_task
     before = held_out_accuracy(tiny_base, held)
     assert 0.3 <= before <= 0.7, before  # the base model has no such preference
@@ -36,6 +36,8 @@ def test_dpo_learns_to_prefer_the_reversed_word(tiny_base, reverse_task, tmp_pat
                  "--out", str(out), "trainer.max_steps=40", "optim.lr=0.01", "align.beta=0.5",
                  "micro_batch_size=32", "global_batch_size=32", "trainer.val_check_interval=20",
                  "trainer.log_every_n_steps=10"]) == 0
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert progress and all("examples/s" in line and "tok/s" not in line for line in progress)  # what it counts
     after = held_out_accuracy(out, held)
     assert after >= 0.9, (before, after)
 

@@ -60,7 +60,7 @@ def test_non_terminal_progress_prints_plain_lines(tmp_path):
     assert not console.is_terminal
     with MetricsLogger(tmp_path, RT, total_steps=12, tensorboard=False, console=console, every_n_steps=5) as log:
         for step in range(1, 13):
-            log.update(step, loss=5.0 / step, lr=3e-4, tokens_per_s=12345.6)
+            log.update(step, loss=5.0 / step, lr=3e-4, rate=12345.6)
     lines = [line for line in buf.getvalue().splitlines() if line.startswith("step")]
     assert [line.split(" |")[0] for line in lines] == ["step 5/12", "step 10/12", "step 12/12"]
     pattern = r"^step 10/12 \| loss 0\.500 \| lr 3\.0e-04 \| 12,346 tok/s \| eta \d+:\d\d:\d\d$"
@@ -69,9 +69,13 @@ def test_non_terminal_progress_prints_plain_lines(tmp_path):
 
 
 def test_format_progress_line():
-    line = format_progress_line(10, 100, loss=5.1234, lr=3e-4, tokens_per_s=12345, eta_s=80)
+    line = format_progress_line(10, 100, loss=5.1234, lr=3e-4, rate=12345, eta_s=80)
     assert line == "step 10/100 | loss 5.123 | lr 3.0e-04 | 12,345 tok/s | eta 0:01:20"
     assert format_progress_line(1, 100) == "step 1/100 | eta ?"
+    # a stage that counts something else (what its objective's count() counts) shows that unit
+    for unit in ("examples", "pairs", "labels", "completions"):
+        line = format_progress_line(10, 100, loss=0.5, rate=45.2, eta_s=80, unit=unit)
+        assert line == f"step 10/100 | loss 0.500 | 45 {unit}/s | eta 0:01:20"
 
 
 def test_terminal_progress_bar_draws(tmp_path):
@@ -79,9 +83,14 @@ def test_terminal_progress_bar_draws(tmp_path):
     console = Console(file=buf, force_terminal=True, width=160)
     with MetricsLogger(tmp_path, RT, total_steps=4, tensorboard=False, console=console) as log:
         for step in range(1, 5):
-            log.update(step, loss=1.0, lr=1e-3, tokens_per_s=100.0)
+            log.update(step, loss=1.0, lr=1e-3, rate=100.0)
     out = buf.getvalue()
-    assert "4/4" in out and "loss 1.000" in out and "tok/s" in out
+    assert "4/4" in out and "loss 1.000" in out and "100 tok/s" in out
+    buf = io.StringIO()
+    with MetricsLogger(tmp_path / "pairs", RT, total_steps=2, tensorboard=False,
+                       console=Console(file=buf, force_terminal=True, width=160)) as log:
+        log.update(1, loss=1.0, lr=1e-3, rate=7.0, unit="pairs")
+    assert "7 pairs/s" in buf.getvalue() and "tok/s" not in buf.getvalue()
 
 
 def test_wandb_without_credentials_warns_once_and_goes_on(tmp_path, monkeypatch):
@@ -104,7 +113,7 @@ def test_non_main_rank_writes_nothing(tmp_path):
     with log:
         log.log(1, {"loss": 1.0})
         log.log_text("t", "hello", 1)
-        log.update(1, loss=1.0, lr=1e-3, tokens_per_s=10.0)
+        log.update(1, loss=1.0, lr=1e-3, rate=10.0)
     assert not log_dir.exists()
     assert buf.getvalue() == ""
 

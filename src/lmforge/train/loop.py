@@ -526,7 +526,8 @@ class Trainer:
                         self.log.log(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                                   self.rate_key: tps, "consumed_samples": state.consumed_samples,
                                                   **extra})
-                        self.log.update(state.step, loss=loss, lr=lr, tokens_per_s=tps)
+                        self.log.update(state.step, loss=loss, lr=lr, rate=tps,
+                                        unit=self.rate_key[:-len("_per_s")])
                 metrics = None
                 if s.val_check_interval and state.step % s.val_check_interval == 0 or state.step == s.max_steps:
                     if val_dataset is not None and s.limit_val_batches > 0:

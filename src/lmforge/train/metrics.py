@@ -44,16 +44,23 @@ def _format_eta(seconds: Optional[float]) -> str:
     return str(timedelta(seconds=int(round(max(seconds, 0.0)))))
 
 
+def rate_label(unit: str) -> str:
+    """How a throughput in ``unit`` per second is shown: ``tok/s`` for tokens, else ``examples/s``, ``pairs/s``,
+    ``labels/s``, ``completions/s`` (what the stage's objective counts, as its ``UNIT_per_s`` metric)."""
+    return "tok/s" if unit == "tokens" else f"{unit}/s"
+
+
 def format_progress_line(step: int, total: int, loss: Optional[float] = None, lr: Optional[float] = None,
-                         tokens_per_s: Optional[float] = None, eta_s: Optional[float] = None) -> str:
-    """``step 10/100 | loss 5.123 | lr 3.0e-04 | 12,345 tok/s | eta 0:01:20`` (absent fields left out)."""
+                         rate: Optional[float] = None, eta_s: Optional[float] = None, unit: str = "tokens") -> str:
+    """``step 10/100 | loss 5.123 | lr 3.0e-04 | 12,345 tok/s | eta 0:01:20`` (absent fields left out); ``rate``
+    counts ``unit`` per second (``pairs``: ``45 pairs/s``)."""
     parts = [f"step {step}/{total}"]
     if loss is not None:
         parts.append(f"loss {loss:.3f}")
     if lr is not None:
         parts.append(f"lr {lr:.1e}")
-    if tokens_per_s is not None:
-        parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if rate is not None:
+        parts.append(f"{rate:,.0f} {rate_label(unit)}")
     parts.append(f"eta {_format_eta(eta_s)}")
     return " | ".join(parts)
 
@@ -197,26 +204,28 @@ class MetricsLogger:
         return (self.total_steps - step) * (now - t0) / (step - s0)
 
     def update(self, step: int, loss: Optional[float] = None, lr: Optional[float] = None,
-               tokens_per_s: Optional[float] = None) -> None:
-        """Move the progress display to ``step``: a live bar on a terminal, else a line every n steps."""
+               rate: Optional[float] = None, unit: str = "tokens") -> None:
+        """Move the progress display to ``step``: a live bar on a terminal, else a line every n steps. ``rate``:
+        throughput in ``unit`` per second (tokens, or what the objective counts: examples, pairs, ...)."""
         if not self.active or self._closed:
             return
-        loss, lr, tokens_per_s = (_number(x) for x in (loss, lr, tokens_per_s))
+        loss, lr, rate = (_number(x) for x in (loss, lr, rate))
         eta = self._eta(step)
         if not self.is_terminal:
             if step % self.every_n_steps == 0 or step >= self.total_steps:
-                line = format_progress_line(step, self.total_steps, loss, lr, tokens_per_s, eta)
+                line = format_progress_line(step, self.total_steps, loss, lr, rate, eta, unit)
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
             return
         fields = {"loss": "-" if loss is None else f"{loss:.3f}", "lr": "-" if lr is None else f"{lr:.1e}",
-                  "tps": "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}", "eta": _format_eta(eta)}
+                  "tps": "-" if rate is None else f"{rate:,.0f}", "unit": rate_label(unit), "eta": _format_eta(eta)}
         if self._progress is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                TextColumn("{task.fields[tps]} {task.fields[unit]}"), TimeElapsedColumn(),
+                TextColumn("eta {task.fields[eta]}"),
                 console=self.console,
             )
             self._progress.start()
