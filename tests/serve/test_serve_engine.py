@@ -386,3 +386,27 @@ def test_compiled_model_is_fused_and_frozen_before_the_cache_is_sized(monkeypatc
     assert "layers.0.self_attn.qkv_proj.weight" in names and "layers.0.mlp.gate_up_proj.weight" in names
     assert not any(p.requires_grad for p in model.parameters())
     assert prepare_model(model, True, decode_kernels=False) is False and len(dict(model.named_parameters())) == len(names)
+
+
+def test_a_fresh_prefill_builds_no_mask_and_a_later_chunk_does(monkeypatch):
+    """The prefill mask (B, 1, T, S) is built only when a layer attends through the tables: a prefill of fresh
+    prompts (the hook's causal attention) builds none; a chunk after cached blocks builds one. Outputs are those
+    of one-at-a-time generate() either way."""
+    built = []
+    original = PagedKVCache._prefill_mask
+
+    def spy(self):
+        built.append(self._bound[3] is None)
+        return original(self)
+
+    monkeypatch.setattr(PagedKVCache, "_prefill_mask", spy)
+    model = make_model("llama")
+    engine = Engine(model, max_batch_size=4, block_size=4)
+    fresh = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
+    for prompt, got in zip(fresh, engine.generate(fresh, GREEDY)):
+        assert got == generate(model, prompt, 12, greedy=True)
+    assert not any(built)  # no mask built for fresh prompts
+    later = PROMPTS[2][:8] + [30, 31]  # its first two blocks are cached: its prefill starts at position 8
+    (got,) = engine.generate([later], GREEDY)
+    assert got == generate(model, later, 12, greedy=True)
+    assert sum(built) == 1 and len(built) == model.cfg.num_layers  # built once, then shared by every layer

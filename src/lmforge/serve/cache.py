@@ -187,6 +187,7 @@ class PagedKVCache:
         self.tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32, device=device)
         self.use_kernel = False  # the engine turns the Triton decode kernel on (compiled, GPU)
         self._bound: Optional[tuple] = None
+        self._mask_rows: Optional[tuple] = None  # a bound prefill's (positions, valid): its mask is built from them
         self._fresh = False
 
     def nbytes(self) -> int:
@@ -206,16 +207,28 @@ class PagedKVCache:
         bs = self.block_size
         blocks = tables.gather(1, (positions // bs).clamp(max=tables.shape[1] - 1))
         slots = torch.where(valid, blocks * bs + positions % bs, torch.zeros_like(positions))
-        keys = torch.arange(tables.shape[1] * bs)
-        mask = keys[None, None, :] <= positions[:, :, None]
-        # A padding query sees key 0 only (never an empty row, which would give NaN).
-        mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
         dev = self.k[0].device
-        self._bound = ("prefill", slots.to(dev, non_blocking=True), tables.to(dev, non_blocking=True),
-                       mask[:, None].to(dev, non_blocking=True))  # (B, 1, T, S)
+        # The (B, 1, T, S) mask is built when a layer first needs it (:meth:`_prefill_mask`): a prefill of fresh
+        # prompts attends causally in the hook and needs none, unless a layer falls back to the reference path.
+        self._bound = ("prefill", slots.to(dev, non_blocking=True), tables.to(dev, non_blocking=True), None)
+        self._mask_rows = (positions, valid)
         # Every row starts at position 0 (fresh prompts): the hook attends the new keys causally (flash attention on
         # a GPU) instead of gathering through the tables with a mask.
         self._fresh = bool((positions[:, 0] == 0).all())
+
+    def _prefill_mask(self) -> torch.Tensor:
+        """The bound prefill's (B, 1, T, S) visibility mask on the device, built on first use: key ``j`` is visible
+        to new token ``i`` iff ``j <= position(i)``; a padding query sees key 0 only (never an empty row, which
+        would give NaN)."""
+        kind, slots, tables, mask = self._bound
+        if mask is None:
+            positions, valid = self._mask_rows
+            keys = torch.arange(tables.shape[1] * self.block_size)
+            mask = keys[None, None, :] <= positions[:, :, None]
+            mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
+            mask = mask[:, None].to(self.k[0].device, non_blocking=True)
+            self._bound = (kind, slots, tables, mask)
+        return mask
 
     def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor,
                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,7 +243,8 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.update called before bind()")
         if self._bound[0] == "decode":
             return self._update_decode(layer_idx, k, v, positions, self._bound[1])
-        _, slots, tables, mask = self._bound
+        mask = self._prefill_mask()
+        _, slots, tables, _ = self._bound
         self._write(layer_idx, slots, k.transpose(1, 2), v.transpose(1, 2))
         return self._gather(layer_idx, tables) + (mask,)
 
