@@ -30,7 +30,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.max_seq_len = max_seq_len
-        self._special: dict[str, Optional[int]] = {}  # stop string -> its special token's id (None: not one)
+        self._special: dict[str, Optional[int]] = {}  # stop string -> its special token's id or None (bounded)
 
     def special_token_id(self, text: str) -> Optional[int]:
         """The id of the special token spelled ``text`` (``<|eot_id|>``, ``<|im_end|>``), else None.
@@ -38,6 +38,8 @@ class OutputProcessor:
         The output text is decoded without special tokens, so such a stop string would never be found in it; the
         engine stops on the token instead."""
         if text not in self._special:
+            if len(self._special) >= 4096:  # clients send any strings: the memo stays bounded
+                self._special.clear()
             to_id = getattr(self.tokenizer, "token_to_id", None)
             tid = to_id(text) if to_id is not None else None
             special = isinstance(tid, int) and self.tokenizer.decode([tid]) == text \
