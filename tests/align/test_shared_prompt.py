@@ -61,6 +61,37 @@ def test_the_shared_row_layout(batches):
     assert one["ends"].tolist() == [[P + c, P + c + r] for (P, c, r) in SHAPES]
     # the same tokens are read, in the same order, chosen completions first
     assert torch.equal(one["targets"][1:], two["targets"][1:])
+    # attention rows: [prompt | chosen] of every pair, then [prompt | rejected], gathered from the inputs (L-1 wide)
+    W = one["tokens"].shape[1] - 1
+    gather, scatter = one["rows_gather"], one["rows_scatter"]
+    assert gather.shape == (8, max(p + max(c, r) for p, c, r in SHAPES))
+    assert gather[0, :P + Rc].tolist() == list(range(P + Rc))
+    assert gather[4, :P + Rr].tolist() == list(range(P)) + list(range(P + Rc, P + Rc + Rr))
+    T2 = gather.shape[1]
+    assert scatter[0, :P + Rc + Rr].tolist() == list(range(P + Rc)) + [4 * T2 + P + k for k in range(Rr)]
+    assert int(gather.max()) < 4 * W
+
+
+def _inputs(batch, path):
+    """pair_inputs of a shared batch with its attention as gathered rows or as the dense mask."""
+    rows = (batch["rows_gather"], batch["rows_scatter"]) if path == "rows" else (None, None)
+    return pair_inputs(batch["tokens"], None, batch["targets"], batch["positions"], batch["part"], *rows)
+
+
+def test_gathered_rows_equal_the_dense_mask(batches):
+    _, one = batches
+    model = _model()
+    out = []
+    for path in ("rows", "mask"):
+        rows = _inputs(one, path)
+        assert ("attn_rows" in rows) == (path == "rows") and ("attn_mask" in rows) == (path == "mask")
+        model.zero_grad(set_to_none=True)
+        logps, n = _target_logps(model, rows)
+        (logps * torch.linspace(-1, 1, 8)).sum().backward()
+        out.append((logps.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-5)
+    for k in out[0][1]:
+        torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=0, atol=1e-5 * float(out[1][1][k].abs().max()))
 
 
 def _run(model, method, batch, reference, table=None, **settings):
@@ -145,7 +176,8 @@ def test_reward_model_reads_each_side_last_token(batches):
     _same(*res)
 
 
-def test_rejected_tokens_do_not_see_the_chosen_completion():
+@pytest.mark.parametrize("path", ["rows", "mask"])
+def test_rejected_tokens_do_not_see_the_chosen_completion(path):
     """Another chosen completion for pair 2 (same length) moves its chosen log-probability only."""
     model = _model()
     ds = _pairs()
@@ -154,8 +186,7 @@ def test_rejected_tokens_do_not_see_the_chosen_completion():
     for _ in range(2):
         batch = ds.collate([ds[i] for i in range(len(ds))])
         with torch.no_grad():
-            logps.append(_target_logps(model, pair_inputs(batch["tokens"], None, batch["targets"],
-                                                          batch["positions"], batch["part"]))[0])
+            logps.append(_target_logps(model, _inputs(batch, path))[0])
         c = ds.chosen[2]
         ds.chosen[2] = Side([t if m == 0 else t % (V - 1) + 1 for t, m in zip(c.ids, c.mask)], c.mask)
     a, b = logps
@@ -178,7 +209,8 @@ def test_the_head_runs_on_completion_tokens_only(batches, monkeypatch):
         seen.clear()
         with torch.no_grad():
             objective._target_logps(model, pair_inputs(batch["tokens"], batch.get("mask"), batch["targets"],
-                                                       batch.get("positions"), batch.get("part")))
+                                                       batch.get("positions"), batch.get("part"),
+                                                       batch.get("rows_gather"), batch.get("rows_scatter")))
         assert sum(seen) == batch["targets"].shape[1] == sum(c + r for p, c, r in SHAPES)  # no prompt token
     # and a mask-only call (KTO, precomputed tables) finds the same tokens
     rows = torch.cat([two["tokens"][:, 0], two["tokens"][:, 1]])

@@ -167,7 +167,10 @@ class PairDataset:
       again ``P..`` for the rejected one, which restarts where the chosen began; ``part`` (B, L) uint8: which
       part each token is (:data:`PROMPT`, :data:`CHOSEN`, :data:`REJECTED`; padding counts as prompt and comes
       last); ``ends`` (B, 2): where the chosen and the rejected completion end in the row. With attention that
-      keeps rejected tokens from seeing chosen ones, every completion token sees what it sees in its own row.
+      keeps rejected tokens from seeing chosen ones, every completion token sees what it sees in its own row:
+      ``rows_gather`` (2B, T2) / ``rows_scatter`` (B, L-1) (:class:`lmforge.models.transformer.AttentionRows`)
+      run it as causal attention over ``[prompt | chosen]`` and ``[prompt | rejected]`` rows gathered from the
+      inputs (the model's other layers see the shared row).
 
     Both carry ``targets`` (3, M) (:func:`mask_targets`; for shared rows the rejected completion's first token is
     read from the prompt's last hidden state, as the chosen one's is), so the head runs on completion tokens
@@ -206,7 +209,7 @@ class PairDataset:
 
     def _shared(self, items: list) -> dict:
         B = len(items)
-        rows, pos, parts, ends = [], [], [], []
+        rows, pos, parts, ends, prompts = [], [], [], [], []
         src, ids, seq = [[], []], [[], []], [[], []]  # per side: chosen targets first, then rejected ones
         for b, it in enumerate(items):
             c, r = it["sides"]
@@ -219,6 +222,7 @@ class PairDataset:
             pos.append(list(range(P + Rc)) + list(range(P, P + Rr)))
             parts.append([PROMPT] * P + [CHOSEN] * Rc + [REJECTED] * Rr)
             ends.append((P + Rc, P + Rc + Rr))
+            prompts.append(P)
             for t in range(max(P, 1), P + Rc):  # chosen token t is read from hidden state t-1
                 src[0].append((b, t - 1))
                 ids[0].append(row[t])
@@ -231,10 +235,24 @@ class PairDataset:
                 seq[1].append(B + b)
         tokens = _pad(rows, self.pad_id)
         L = tokens.shape[1]
-        flat = [bb * (L - 1) + t for side in src for bb, t in side]
+        W = L - 1  # the inputs' width (the last column is only ever a label)
+        flat = [bb * W + t for side in src for bb, t in side]
         targets = torch.tensor([flat, ids[0] + ids[1], seq[0] + seq[1]], dtype=torch.int64).view(3, -1)
+        # Attention as two causal rows per pair ([prompt | chosen], [prompt | rejected]) gathered from the inputs
+        # (lmforge.models.transformer.AttentionRows): the same attention as the mask `part` describes, with flash.
+        gather, scatter = [], np.zeros((B, W), dtype=np.int64)
+        for b, ((pc, pr), P) in enumerate(zip(ends, prompts)):
+            gather.append([b * W + t for t in range(min(pc, W))])
+            gather.append([b * W + t for t in range(P)] + [b * W + t for t in range(pc, min(pr, W))])
+        T2 = max(len(g) for g in gather)
+        gather = [g + [g[-1]] * (T2 - len(g)) for g in gather]  # a row's tail repeats its last token (unseen)
+        gather = [gather[2 * b] for b in range(B)] + [gather[2 * b + 1] for b in range(B)]  # chosen rows first
+        for b, ((pc, pr), P) in enumerate(zip(ends, prompts)):
+            scatter[b, :min(pc, W)] = b * T2 + np.arange(min(pc, W))
+            scatter[b, pc:min(pr, W)] = (B + b) * T2 + P + np.arange(min(pr, W) - pc)
         return {"tokens": tokens, "positions": _pad(pos, 0), "part": _pad(parts, PROMPT).to(torch.uint8),
-                "ends": torch.tensor(ends, dtype=torch.int64), "targets": targets}
+                "ends": torch.tensor(ends, dtype=torch.int64), "targets": targets,
+                "rows_gather": torch.tensor(gather, dtype=torch.int64), "rows_scatter": torch.from_numpy(scatter)}
 
 
 @dataclass

@@ -46,10 +46,11 @@ def sequence_logps(net: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
 
 def target_logps(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, n_out: int,
                  chunk: Optional[int] = None, positions: Optional[torch.Tensor] = None,
-                 attn_mask: Optional[torch.Tensor] = None, chunk_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 attn_mask: Optional[torch.Tensor] = None, chunk_fn=None,
+                 attn_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probabilities, number of tokens) of each of ``n_out`` completions (fp32).
 
-    ``net.hidden_states(inputs, positions, attn_mask)`` gives the hidden states (N, T, C); ``targets`` (3, M) lists
+    ``net.hidden_states(inputs, positions, attn_mask, attn_rows)`` gives the hidden states (N, T, C); ``targets`` (3, M) lists
     the tokens read (:func:`lmforge.align.data.mask_targets`): the flat index of the hidden state predicting each,
     its id, and the completion it counts for. Only those M hidden states go through the output head (prompt
     positions never do; their log-probabilities are never read).
@@ -59,7 +60,8 @@ def target_logps(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, n_
     fp32 logits never exist whole."""
     from lmforge.train.assembly import resolve_loss_chunk_size
 
-    extra = {k: v for k, v in (("positions", positions), ("attn_mask", attn_mask)) if v is not None}
+    extra = {k: v for k, v in (("positions", positions), ("attn_mask", attn_mask), ("attn_rows", attn_rows))
+             if v is not None}
     hidden = net.hidden_states(inputs, **extra)  # (N, T, C)
     src, ids, seq = targets
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # (M, C): the completion tokens' only
@@ -153,14 +155,18 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, c
 
 
 def pair_inputs(tokens: torch.Tensor, mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None, part: Optional[torch.Tensor] = None) -> dict:
+                positions: Optional[torch.Tensor] = None, part: Optional[torch.Tensor] = None,
+                rows_gather: Optional[torch.Tensor] = None, rows_scatter: Optional[torch.Tensor] = None) -> dict:
     """The arguments of :func:`target_logps` for a batch of pairs in either layout of
     :class:`~lmforge.align.data.PairDataset`: completions ``0..B-1`` chosen, ``B..2B-1`` rejected.
 
     Two rows per pair (``tokens`` (B, 2, T)): the chosen rows, then the rejected ones, under causal attention.
     One row per pair (``tokens`` (B, L), the prompt shared): ``positions`` restart for the rejected completion and
     attention is causal except that rejected tokens do not see chosen ones, so each completion token has the
-    context, position and hidden state it has in its own row."""
+    context, position and hidden state it has in its own row. That attention runs as causal attention over
+    ``[prompt | chosen]`` and ``[prompt | rejected]`` rows gathered per layer (``rows_gather``/``rows_scatter``:
+    :class:`~lmforge.models.transformer.AttentionRows`, SDPA's flash kernel), else as a dense (B, L, L) mask from
+    ``part`` (SDPA's memory-efficient kernel, every query against every key); the two give the same values."""
     from lmforge.align.data import CHOSEN, REJECTED, mask_targets
 
     B = tokens.shape[0]
@@ -169,15 +175,19 @@ def pair_inputs(tokens: torch.Tensor, mask: Optional[torch.Tensor] = None, targe
         if targets is None:
             targets = mask_targets(rows, torch.cat([mask[:, 0], mask[:, 1]]))
         return dict(inputs=rows[:, :-1], targets=targets, n_out=2 * B)
+    rows = dict(inputs=tokens[:, :-1], positions=positions[:, :-1], targets=targets, n_out=2 * B)
+    if rows_gather is not None:
+        from lmforge.models.transformer import AttentionRows
+
+        return dict(rows, attn_rows=AttentionRows(rows_gather, rows_scatter))
     p = part[:, :-1]
-    visible = ~((p == REJECTED)[:, :, None] & (p == CHOSEN)[:, None, :])  # (B, L-1, L-1)
-    return dict(inputs=tokens[:, :-1], positions=positions[:, :-1], attn_mask=visible, targets=targets, n_out=2 * B)
+    return dict(rows, attn_mask=~((p == REJECTED)[:, :, None] & (p == CHOSEN)[:, None, :]))  # (B, L-1, L-1)
 
 
 def _target_logps(net: nn.Module, rows: dict, chunk: Optional[int] = None, chunk_fn=None):
     """:func:`target_logps` of the arguments :func:`pair_inputs` gives."""
     return target_logps(net, rows["inputs"], rows["targets"], rows["n_out"], chunk, rows.get("positions"),
-                        rows.get("attn_mask"), chunk_fn)
+                        rows.get("attn_mask"), chunk_fn, rows.get("attn_rows"))
 
 
 def shared_prompt_problem(cfg) -> Optional[str]:
@@ -294,14 +304,15 @@ class PreferenceLoss(nn.Module):
 
     # -- the loss -------------------------------------------------------------------------------
     def forward(self, tokens, mask=None, index=None, lengths=None, margin=None, label=None, kl_tokens=None,
-                kl_mask=None, targets=None, positions=None, part=None, ends=None):
+                kl_mask=None, targets=None, positions=None, part=None, ends=None, rows_gather=None,
+                rows_scatter=None):
         """A micro batch of :class:`~lmforge.align.data.PairDataset` (either layout) or of
         :class:`~lmforge.align.data.UnpairedDataset` (KTO)."""
         mode = "train" if self.training else "val"
         if self.method == "kto":
             return self._kto(mode, tokens, mask, index, label, kl_tokens, kl_mask)
         B = tokens.shape[0]
-        rows = pair_inputs(tokens, mask, targets, positions, part)
+        rows = pair_inputs(tokens, mask, targets, positions, part, rows_gather, rows_scatter)
         logps, n_tok = self._logps(self.model, rows)
         pc, pr = logps[:B], logps[B:]
         nc, nr = n_tok[:B].clamp(min=1), n_tok[B:].clamp(min=1)
@@ -377,7 +388,7 @@ class RewardLoss(nn.Module):
         return self.stats.pop(mode)
 
     def forward(self, tokens, mask=None, index=None, lengths=None, margin=None, positions=None, part=None,
-                ends=None, **_):
+                ends=None, rows_gather=None, rows_scatter=None, **_):
         """A micro batch of :class:`~lmforge.align.data.PairDataset`, in either layout: the reward of each side is
         read at its last token, whose hidden state is the same in both (see :func:`pair_inputs`)."""
         B = tokens.shape[0]
@@ -388,6 +399,7 @@ class RewardLoss(nn.Module):
         else:  # one row per pair: [prompt | chosen | rejected], each side's last token where its part ends
             from lmforge.align.data import CHOSEN, REJECTED
 
+            # every token (the last one is read): the dense mask (rows_gather covers the inputs, one column less)
             visible = ~((part == REJECTED)[:, :, None] & (part == CHOSEN)[:, None, :])
             hidden = self.model.hidden_states(tokens, positions=positions, attn_mask=visible)  # (B, L, C)
             row = torch.arange(B, device=tokens.device).repeat(2)
@@ -468,7 +480,8 @@ def precompute_reference(model: nn.Module, datasets: list, micro_batch_size: int
                     second = sequence_logps(model, batch["kl_tokens"], batch["kl_mask"])[0]
                 else:  # either layout of PairDataset
                     rows = pair_inputs(batch["tokens"], batch.get("mask"), batch.get("targets"),
-                                       batch.get("positions"), batch.get("part"))
+                                       batch.get("positions"), batch.get("part"), batch.get("rows_gather"),
+                                       batch.get("rows_scatter"))
                     both = _target_logps(model, rows)[0]
                     first, second = both[:len(chunk)], both[len(chunk):]
             table[batch["index"], 0] = first.double()

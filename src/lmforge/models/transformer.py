@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 
-__all__ = ["Transformer", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm", "MLP", "GatedMLP",
+__all__ = ["Transformer", "AttentionRows", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm", "MLP", "GatedMLP",
            "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
            "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap", "alibi_slopes", "fuse_projections",
            "joint_linear", "joint_projection", "set_joint_projections"]
@@ -209,6 +209,18 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 # Attention
 
 
+class AttentionRows(NamedTuple):
+    """A training layout whose attention runs over other rows than the rest of the model (``hidden_states``'
+    ``attn_rows``): row ``r`` of the attention's layout holds the tokens ``gather[r]`` (B2, T2; flat indices into the
+    model's B x T tokens), attended causally in that order (SDPA's ``is_causal``: flash); token ``i`` of the model's
+    layout takes the output at ``scatter`` (B, T; flat indices into B2 x T2). A token may stand in several rows
+    (a prompt before each of two completions) and give its output from one; a row's tail past its last token may
+    repeat any index (nothing real sees it), and a token in no row (padding) may take any output."""
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through ``F.scaled_dot_product_attention``.
 
@@ -308,6 +320,8 @@ class Attention(nn.Module):
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
+        if isinstance(attn_mask, AttentionRows):  # (Transformer.hidden_states' attn_rows)
+            return self._attend_rows(q, k, v, attn_mask)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
         mask = attn_mask
@@ -335,6 +349,23 @@ class Attention(nn.Module):
         else:
             y = self._sdpa(q, k, v, mask, is_causal, dropout)  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
+
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: AttentionRows) -> torch.Tensor:
+        """Causal attention over the rows of ``rows`` (see :class:`AttentionRows`): q (B, T, nh, hd), k and v
+        (B, T, nkv, hd), rotated, in; (B, T, nh*hd) out."""
+        B, T = q.shape[:2]
+        B2, T2 = rows.gather.shape
+        index = rows.gather.reshape(-1)
+
+        def regroup(t: torch.Tensor) -> torch.Tensor:  # (B, T, n, hd) -> (B2, n, T2, hd)
+            return t.reshape(B * T, *t.shape[2:]).index_select(0, index).view(B2, T2, *t.shape[2:]).transpose(1, 2)
+
+        q, k, v = regroup(q), regroup(k), regroup(v)
+        dropout = self.dropout if self.training else 0.0
+        attend = self._eager if self.logit_cap is not None else self._sdpa
+        y = attend(q, k, v, None, T2 > 1, dropout)  # (B2, nh, T2, hd)
+        y = y.transpose(1, 2).reshape(B2 * T2, -1)
+        return y.index_select(0, rows.scatter.reshape(-1)).view(B, T, -1)  # (B, T, nh*hd)
 
     def _sdpa(self, q, k, v, mask, is_causal, dropout) -> torch.Tensor:
         """``F.scaled_dot_product_attention`` with grouped-query heads."""
@@ -874,7 +905,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
                 positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, attn_rows: Optional[AttentionRows] = None) -> torch.Tensor:
         """Logits for every position: ``hidden_states`` through the output head.
 
         Args:
@@ -894,6 +925,10 @@ class Transformer(nn.Module):
                 chosen one; :mod:`lmforge.align.objective`). Training only (no KV cache). Without it (and without
                 ``segment_ids``) attention runs with SDPA's ``is_causal`` as before. Distance-based attention
                 (ALiBi, sliding windows) measures token-index distances, so such a caller passes neither.
+            attn_rows: optional :class:`AttentionRows`: attention (alone) runs causally over other rows, gathered
+                from these tokens and scattered back: a layout whose attention pattern is several causal rows (a
+                shared prompt with two completions) keeps SDPA's flash kernel instead of a dense mask. Training
+                only; not with ``segment_ids``/``attn_mask``, ALiBi or sliding windows.
 
         Returns:
             (B, T, V) logits in the compute dtype (the loss is computed by the caller).
@@ -901,7 +936,7 @@ class Transformer(nn.Module):
         Raises:
             ValueError: ``start_pos + T`` exceeds ``max_position_embeddings`` (without ``positions``).
         """
-        hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids, attn_mask)
+        hidden = self.hidden_states(input_ids, kv_cache, start_pos, positions, segment_ids, attn_mask, attn_rows)
         logits = F.linear(hidden, self.output_weight())  # (B, T, V)
         if self.cfg.final_logit_softcapping is not None:
             logits = softcap(logits, self.cfg.final_logit_softcapping)
@@ -930,7 +965,8 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
                       positions: Optional[torch.Tensor] = None,
                       segment_ids: Optional[torch.Tensor] = None,
-                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attn_mask: Optional[torch.Tensor] = None,
+                      attn_rows: Optional[AttentionRows] = None) -> torch.Tensor:
         """The final normed hidden states (B, T, C), before the output head (a loss may fuse the head). Arguments
         as :meth:`forward`."""
         B, T = input_ids.shape
@@ -957,7 +993,14 @@ class Transformer(nn.Module):
             if visible is not None:
                 allowed = allowed & visible.bool()
             attn_mask = allowed.expand(B, T, T)[:, None]  # (B, 1, T, T)
-        if self.cfg.position_embedding_type == "alibi" and kv_cache is None and self.cfg.sliding_window is None:
+        if attn_rows is not None:
+            if kv_cache is not None or attn_mask is not None:
+                raise ValueError("attn_rows cannot be combined with a KV cache, segment_ids or attn_mask")
+            if self.cfg.position_embedding_type == "alibi" or self.cfg.sliding_window is not None:
+                raise ValueError("attn_rows: ALiBi and sliding windows measure token-index distances, which the "
+                                 "gathered rows do not keep")
+            attn_mask = attn_rows  # handed to every attention layer in the mask's place
+        elif self.cfg.position_embedding_type == "alibi" and kv_cache is None and self.cfg.sliding_window is None:
             # Every layer has the same ALiBi mask here: build it once (one tensor kept for backward, not one
             # (B|1, nh, T, T) tensor per layer), in the dtype the attention runs in.
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
