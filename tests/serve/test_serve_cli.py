@@ -125,7 +125,8 @@ def test_serving_doc_scheduling_commands_run_verbatim(ckpt, tmp_path, monkeypatc
     assert line["id"] == 0 and line["completion"] == greedy_text(ckpt, "def f(", 64)
     a = build_parser().parse_args(shlex.split(serve_cmd)[1:])
     assert a.compile and cache_kwargs(a) == dict(max_num_batched_tokens=8192, block_size=16, gpu_memory_utilization=0.85,
-                                               num_kv_blocks=None, kv_cache_memory=None, enable_prefix_caching=False)
+                                               num_kv_blocks=None, kv_cache_memory=None, enable_prefix_caching=False,
+                                               admission_batch=16)
 
 
 def test_serve_command_is_registered():
@@ -183,3 +184,18 @@ def test_generate_file_writes_an_error_line_for_a_failing_line_and_goes_on(ckpt,
     assert (summary["skipped"], summary["written"], summary["failed"]) == (2, 1, 0)
     last = json.loads(out.read_text().splitlines()[-1])
     assert last["id"] == 1 and last["finish_reason"] in ("length", "stop")
+
+
+def test_admission_batch_flag_reaches_the_engine_and_a_bad_value_is_refused(ckpt, capsys):
+    """`--admission-batch N` is the engine's ``admission_batch`` for serve and generate; below 1 is one error line."""
+    from lmforge.errors import UserError
+    from lmforge.serve.cli import cache_kwargs
+
+    for cmd in (["serve", "CKPT"], ["generate", "CKPT", "--prompt", "x"]):
+        a = build_parser().parse_args(cmd + ["--admission-batch", "8"])
+        assert cache_kwargs(a)["admission_batch"] == 8
+        assert cache_kwargs(build_parser().parse_args(cmd))["admission_batch"] == 1
+    with pytest.raises(UserError, match="--admission-batch must be >= 1, got 0"):
+        cache_kwargs(build_parser().parse_args(["serve", "CKPT", "--admission-batch", "0"]))
+    assert main(["generate", str(ckpt), "--prompt", "def f(", "--max-new-tokens", "2", "--admission-batch", "0"]) == 2
+    assert "--admission-batch must be >= 1" in capsys.readouterr().err

@@ -40,6 +40,9 @@ def _add_cache_flags(p) -> None:
     size.add_argument("--kv-cache-memory", default=None, help="memory for the KV cache, e.g. 4GB or 512MB")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of earlier requests with the same prompt prefix")
+    p.add_argument("--admission-batch", type=int, default=1,
+                   help="while requests run, admit queued ones only once this many rows are free (or as many as "
+                        "wait), so several prompts share one prefill; 1 admits into every row as it frees")
 
 
 def cache_kwargs(a) -> dict:
@@ -47,7 +50,7 @@ def cache_kwargs(a) -> dict:
     from lmforge.config.estimate import parse_memory_size
 
     for flag, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--block-size", a.block_size),
-                        ("--num-kv-blocks", a.num_kv_blocks)):
+                        ("--num-kv-blocks", a.num_kv_blocks), ("--admission-batch", a.admission_batch)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if not 0 < a.gpu_memory_utilization <= 1:
@@ -57,7 +60,8 @@ def cache_kwargs(a) -> dict:
         memory = parse_memory_size(a.kv_cache_memory, "--kv-cache-memory")
     return dict(max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                 gpu_memory_utilization=a.gpu_memory_utilization, num_kv_blocks=a.num_kv_blocks,
-                kv_cache_memory=memory, enable_prefix_caching=not a.no_prefix_caching)
+                kv_cache_memory=memory, enable_prefix_caching=not a.no_prefix_caching,
+                admission_batch=a.admission_batch)
 
 
 def add_commands(sub) -> None:
