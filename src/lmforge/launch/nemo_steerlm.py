@@ -133,14 +133,14 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
 
     def max_epochs(value):
         if value is not None:
-            notes.append(f"{stage}.trainer.rm.max_epochs={value}: lmforge stops at trainer.rm.max_steps (passing "
+            notes.append(f"{stage}.trainer.rm.max_epochs={value}: lmforge stops at {stage}.trainer.rm.max_steps (passing "
                          f"over the data as many times as that takes)")
 
     def save_interval(value):
         every = flat.get("trainer.rm.val_check_interval")
         if value is not None and value != every:
             raise ConfigError(f"{stage}.trainer.rm.save_interval={value}: lmforge saves a checkpoint at each "
-                              f"validation (trainer.rm.val_check_interval={every}) and at the end; set the same "
+                              f"validation ({stage}.trainer.rm.val_check_interval={every}) and at the end; set the same "
                               f"value or remove the key")
 
     def limit_val(value):
