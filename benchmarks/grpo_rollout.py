@@ -4,12 +4,24 @@ test suite).
 Both sample the same work from models of the same shape with random weights: ``--prompts`` prompts of
 ``--prompt-len`` random tokens, ``--generations`` completions each, ``--new-tokens`` new tokens (end-of-sequence
 never ends them), temperature 1. lmforge: :meth:`lmforge.align.rl.RolloutLoss.sample`, the training step's
-sampling path (the serving engine built on the policy module, eager); Hugging Face: ``LlamaForCausalLM.generate``
-on the whole batch (``num_return_sequences``), as TRL's GRPO trainer calls it without vLLM. Both in ``--dtype``.
+sampling path (the serving engine built on the policy module; on a GPU its decode step compiled and captured as
+CUDA graphs on the live weights, as ``align.rollout_compile=auto`` does; ``--eager`` for the eager decode step);
+Hugging Face: ``LlamaForCausalLM.generate`` on the whole batch (``num_return_sequences``), as TRL's GRPO trainer
+calls it without vLLM. Both in ``--dtype``.
 
     python benchmarks/grpo_rollout.py [--shape 1b|tiny] [--dtype bfloat16|float32] [--prompts 8] [--generations 8]
+                                      [--eager] [--check] [--skip-hf]
+    python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
+    python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
 
-Prints one JSON line per engine (generated tokens/s, seconds) and the speed-up; writes them to
+The engine's start-up (building it; compiled: capturing the decode graphs, once per run) is timed apart from the
+rollouts: one warm-up rollout, then the timed one. ``--check`` then takes an AdamW step on the policy and
+compares the long-lived engine's next rollout with that of an engine built afresh on the updated weights (same
+seeds, same decode path): they must be equal (a compiled engine reading stale weights would differ); it also
+reports how far the tokens agree with a fresh eager engine's (floating-point differences of the compiled kernels
+may flip a sampled token, and the completion goes its own way after it).
+
+Prints one JSON line per engine (generated tokens/s, seconds, start-up seconds) and the speed-up; writes them to
 $OUT/grpo_rollout.json when OUT is set.
 """
 
@@ -55,6 +67,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="the eager decode step (align.rollout_compile=false)")
+    ap.add_argument("--check", action="store_true", help="after the timing: rollouts after an optimizer step equal "
+                                                         "a fresh engine's")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
@@ -69,24 +84,43 @@ def main() -> None:
     settings = SimpleNamespace(num_generations=a.generations, max_completion_length=a.new_tokens, temperature=1.0,
                                reward_fn="json:loads", prompt_key="prompt", beta=0.0)
     seq = a.prompt_len + a.new_tokens
-    rollout = RolloutLoss(model, "grpo", settings, None, _Ids(), None, seq, 0, a.prompts * a.generations)
+    compiled = device == "cuda" and not a.eager
+
+    def rollout_loss():
+        return RolloutLoss(model, "grpo", settings, None, _Ids(), None, seq, 0, a.prompts * a.generations,
+                           compile_decode=compiled, log=lambda m: None)
+
+    rollout = rollout_loss()
     results = []
 
-    def timed(name, fn):
-        fn()  # warm-up (engine start-up, kernels)
+    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
+
+    t = time.perf_counter()
+    engine = rollout.engine()  # built once per run: compiled, the decode graphs are captured here
+    sync()
+    startup = time.perf_counter() - t
+
+    def timed(name, fn, stats=None, **extra):
+        """``fn`` once to warm up, then timed; ``stats()``: counters whose change over the timed run is kept."""
+        fn()  # warm-up (kernels, allocator)
+        sync()
+        pre = stats() if stats else {}
         t = time.perf_counter()
         n = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         s = time.perf_counter() - t
+        extra.update({k: v - pre[k] for k, v in (stats() if stats else {}).items()})
         results.append({"engine": name, "generated_tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 1),
-                        "shape": a.shape, "dtype": a.dtype, "device": torch.cuda.get_device_name() if device == "cuda"
-                        else "cpu", "prompts": a.prompts, "generations": a.generations})
+                        **extra, "shape": a.shape, "dtype": a.dtype, "prompts": a.prompts,
+                        "generations": a.generations, "new_tokens": a.new_tokens,
+                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
         print(json.dumps(results[-1]), flush=True)
 
-    timed("lmforge RolloutLoss.sample", lambda: sum(len(c) for c in rollout.sample(prompts)))
+    timed("lmforge RolloutLoss.sample", lambda: sum(len(c) for c in rollout.sample(prompts)),
+          stats=lambda: {"decode_steps": engine.metrics.decode_steps, "chained_steps": engine.metrics.chained_steps},
+          compiled=engine.compiled, startup_seconds=round(startup, 2))
     if not a.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,9 +143,47 @@ def main() -> None:
         timed("transformers generate", hf_generate)
         results.append({"speedup": round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 2)})
         print(json.dumps(results[-1]))
+    if a.check:
+        results.append(check(model, prompts, rollout, rollout_loss, compiled))
+        print(json.dumps(results[-1]), flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "grpo_rollout.json"), "w") as f:
             json.dump(results, f, indent=2)
+
+
+def check(model, prompts, rollout, rollout_loss, compiled) -> dict:
+    """An AdamW step on the policy (in place, as training does), then the long-lived engine's rollout against a
+    fresh engine's on the updated weights (same seeds): equal, or the long-lived one read stale weights."""
+    from lmforge.align.rl import token_logps
+
+    before = rollout.sample(prompts, rollout=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rows = torch.tensor(prompts[:2], device=next(model.parameters()).device)
+    model.train()
+    (-token_logps(model, rows).sum()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    after = rollout.sample(prompts, rollout=3)
+    fresh = rollout_loss().sample(prompts, rollout=3)
+    out = {"check": "rollout after an optimizer step == fresh engine's", "compiled": compiled,
+           "equal": after == fresh, "changed_by_the_step": after != before}
+    if compiled:
+        from lmforge.align.rl import RolloutLoss
+
+        r = rollout_loss()
+        eager = RolloutLoss(model, "grpo", r.s, None, r.tok, None, r.max_seq_len, 0, r.max_rows).sample(prompts,
+                                                                                                       rollout=3)
+
+        def common(x, y):
+            n = 0
+            while n < min(len(x), len(y)) and x[n] == y[n]:
+                n += 1
+            return n
+
+        out["mean_tokens_equal_to_eager"] = round(sum(common(x, y) for x, y in zip(after, eager)) / len(after), 1)
+    if not (out["equal"] and out["changed_by_the_step"]):
+        raise SystemExit(f"check failed: {out}")
+    return out
 
 
 if __name__ == "__main__":

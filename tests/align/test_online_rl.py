@@ -78,6 +78,7 @@ def test_grpo_raises_a_learnable_reward(rl_folder, tiny_base, capsys):
                   "optim.lr=0.05", "align.beta=0.01") == 0
     rewards = _rewards(rl_folder / "grpo")
     assert len(rewards) == 8
+    assert "rollouts: eager decode step (align.rollout_compile=auto: no CUDA device (cpu))" in capsys.readouterr().out
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # about 0.02 (1 character in 29) at the start
     assert last > first + 0.2, rewards
     rows = [json.loads(x) for x in (rl_folder / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -125,6 +126,16 @@ def test_bad_reward_functions_stop_with_one_line(rl_folder, tiny_base, capsys, f
     assert not (rl_folder / "bad").exists()  # nothing written
 
 
+def test_rollout_compile_true_on_cpu_is_refused(rl_folder, tiny_base, capsys):
+    """align.rollout_compile=true asks for the CUDA-graph decode step, which a CPU run cannot give: one line,
+    nothing written."""
+    assert _align(tiny_base, "bad", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a",
+                  "align.rollout_compile=true") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: align.rollout_compile=true needs a CUDA GPU") and "Traceback" not in str(err)
+    assert not (rl_folder / "bad").exists()
+
+
 def test_a_reward_module_that_does_not_import(rl_folder, tiny_base, capsys):
     assert _align(tiny_base, "bad", "--method", "grpo", "--reward-fn", "no_such_module:f") == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -148,6 +159,8 @@ def test_a_reward_module_that_does_not_import(rl_folder, tiny_base, capsys):
      "align.reference=precomputed: reinforce compares with"),
     (["method=grpo", "align.reward_fn=m:f", "peft.method=ptuning"], "--peft ptuning is not supported"),
     (["method=grpo", "align.reward_fn=m:f", "val_data=v.jsonl"], "has no validation pass yet"),
+    (["method=grpo", "align.reward_fn=m:f", "align.rollout_compile=1"], "align.rollout_compile=1; use auto"),
+    (["method=dpo", "align.rollout_compile=false"], "align.rollout_compile applies to grpo, reinforce and ppo"),
 ])
 def test_settings_online_rl_cannot_honour_are_refused(overrides, says):
     from lmforge.align.config import load_align_config

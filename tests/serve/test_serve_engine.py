@@ -366,7 +366,7 @@ def test_compiled_model_is_fused_and_frozen_before_the_cache_is_sized(monkeypatc
 
     events = []
 
-    def recorded_prepare(model, compiled, decode_kernels):
+    def recorded_prepare(model, compiled, decode_kernels, live=False):
         events.append(("prepare", compiled))  # False: compile_decode is GPU-only; prepared as if compiled
         return prepare_model(model, True, decode_kernels)
 

@@ -23,7 +23,7 @@ REWARD_METHODS = ("rm", "regression_rm")
 ONLINE_METHODS = ("grpo", "reinforce", "ppo")
 #: align.* keys of the online methods (with their defaults): refused for the offline ones
 ONLINE_KEYS = {"reward_fn": None, "reward_model": None, "num_generations": 4, "max_completion_length": 16,
-               "temperature": 1.0, "ppo_epochs": 1, "num_mini_batches": 1, "cliprange": 0.2}
+               "temperature": 1.0, "ppo_epochs": 1, "num_mini_batches": 1, "cliprange": 0.2, "rollout_compile": "auto"}
 #: align.* keys of PPO alone (its critic, GAE and value loss), with their defaults
 PPO_KEYS = {"critic_model": None, "critic_lr": None, "vf_coef": 0.1, "cliprange_value": 0.2, "gamma": 1.0,
             "lam": 0.95, "normalize_advantages": True, "absolute_kl": False}
@@ -58,6 +58,7 @@ class AlignSection:
     num_generations: int = 4  # grpo/reinforce: completions sampled per prompt (the group); ppo: per prompt
     max_completion_length: int = 16  # online: most new tokens per completion
     temperature: float = 1.0  # online: sampling temperature of the rollouts
+    rollout_compile: Any = "auto"  # online: auto | true | false: compiled decode graphs on the live policy (auto: CUDA)
     ppo_epochs: int = 1  # online: passes of optimizer steps over each rollout (TRL's ppo_epochs)
     num_mini_batches: int = 1  # online: optimizer steps per pass over a rollout (TRL's num_mini_batches)
     cliprange: float = 0.2  # online: the policy ratio's clip range (NeMo-Aligner's ratio_eps)
@@ -257,6 +258,9 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
         if a.critic_lr is not None and not float(a.critic_lr) > 0:
             problems.append(f"align.critic_lr={a.critic_lr} must be above 0 (or null: optim.lr)")
 
+    if not (isinstance(a.rollout_compile, bool) or a.rollout_compile == "auto"):
+        problems.append(f"align.rollout_compile={a.rollout_compile!r}; use auto (compiled on a CUDA device), true or "
+                        f"false")
     if int(a.max_completion_length) < 1:
         problems.append(f"align.max_completion_length={a.max_completion_length} must be at least 1")
     if not 0 < float(a.temperature) <= 2:

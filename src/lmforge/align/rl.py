@@ -4,9 +4,12 @@
 (:meth:`RolloutLoss.train_step`):
 
 1. Rollout. For every prompt of the step's global batch, ``align.num_generations`` completions are sampled by an
-   :class:`~lmforge.serve.engine.Engine` built once on the policy module itself: it reads the weights the
-   optimizer updates, so every step samples from the current policy with no copy (and no disk). Its prefix cache
-   is off: keys computed with older weights would be stale after the next step.
+   :class:`~lmforge.serve.engine.Engine` built once on the policy module itself (``live_weights``): it reads the
+   weights the optimizer updates, so every step samples from the current policy with no copy (and no disk). On a
+   GPU (``align.rollout_compile``, :func:`rollout_compile`) its decode step is compiled and captured as CUDA graphs
+   once, at the first rollout; the graphs read the policy's parameters (nothing is fused or frozen) and are
+   replayed by every later rollout. Its prefix cache is off: keys computed with older weights would be stale
+   after the next step.
 2. Rewards: the user's reward function (``align.reward_fn``, ``module:function``),
    ``fn(prompts, completions, **fields) -> list[float]`` (one value per completion; ``prompts`` repeats each prompt
    ``num_generations`` times and ``fields`` holds the records' other fields, repeated alike), or a reward model
@@ -271,6 +274,38 @@ def resume_critic(folder, critic: nn.Module, optimizer) -> None:
         raise CheckpointError(f"the critic's optimizer state in {src} does not fit this critic ({e})") from None
 
 
+def rollout_compile(setting, device: torch.device) -> tuple[bool, str]:
+    """Whether rollouts run the compiled decode step (CUDA graphs on the live policy), from
+    ``align.rollout_compile`` (``auto``: on a CUDA device; ``true``; ``false``) and the training device, with the
+    line that says so. ``true`` off CUDA is one ConfigError: the decode graphs are CUDA graphs, and the engine
+    runs eagerly everywhere else."""
+    device = torch.device(device)
+    if setting is True and device.type != "cuda":
+        raise ConfigError(f"align.rollout_compile=true needs a CUDA GPU (the rollout engine's decode graphs are CUDA "
+                          f"graphs) but this run trains on {device.type}; use align.rollout_compile=auto or false")
+    on = device.type == "cuda" if setting == "auto" else bool(setting)
+    if on:
+        return True, (f"rollouts: compiled decode step (CUDA graphs captured at the first rollout, reading the "
+                      f"policy's live weights; align.rollout_compile={_spelled(setting)})")
+    why = "off" if setting is False else f"no CUDA device ({device.type})"
+    return False, f"rollouts: eager decode step (align.rollout_compile={_spelled(setting)}: {why})"
+
+
+def _spelled(setting) -> str:
+    return {True: "true", False: "false"}.get(setting, str(setting))
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether the policy's parameters are sharded (FSDP, DTensors): the decode graphs need whole weights."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters())
+
+
 class RolloutLoss(nn.Module):
     """GRPO, REINFORCE-with-RLOO or PPO on the prompts of :class:`PromptSet` (see the module doc).
 
@@ -286,11 +321,15 @@ class RolloutLoss(nn.Module):
         max_rows: completions in one forward (a micro batch's prompts x ``num_generations``).
         reward_model: a model with a ``score`` head scoring completions instead of ``settings.reward_fn``.
         critic, critic_optimizer, critic_lr_scale: PPO's critic, its AdamW, and its learning rate over the policy's.
+        compile_decode: sample with the compiled decode step (CUDA graphs captured once on the live policy; see
+            :func:`rollout_compile`); ignored off CUDA and, with a line in ``log``, for a sharded policy.
+        log: where the rollout engine's start-up lines go (default: standard error).
     """
 
     def __init__(self, model: nn.Module, method: str, settings, prompts: PromptSet, tokenizer, reference,
                  max_seq_len: int, seed: int, max_rows: int, reward_model: Optional[nn.Module] = None,
-                 critic: Optional[nn.Module] = None, critic_optimizer=None, critic_lr_scale: float = 1.0):
+                 critic: Optional[nn.Module] = None, critic_optimizer=None, critic_lr_scale: float = 1.0,
+                 compile_decode: bool = False, log=None):
         super().__init__()
         self.model, self.method, self.s, self.prompts, self.tok = model, method, settings, prompts, tokenizer
         self.reference = reference if isinstance(reference, str) else None
@@ -303,6 +342,7 @@ class RolloutLoss(nn.Module):
         self.max_seq_len, self.seed, self.max_rows = max_seq_len, seed, max_rows
         self.reward_fn = load_reward_fn(settings.reward_fn) if reward_model is None else None
         self._engine = None
+        self.compile_decode, self.log = bool(compile_decode), log
         self.sums = defaultdict(float)
         self.loss_chunk_size: Optional[int] = None  # tokens per head chunk (see token_logps); the assembly sets it
 
@@ -324,13 +364,21 @@ class RolloutLoss(nn.Module):
 
     # -- rollouts -------------------------------------------------------------------------------
     def engine(self):
+        """The rollout engine, built at the first call on the policy itself (``live_weights``: nothing fused or
+        frozen); compiled, its decode graphs are captured then (:attr:`Engine.startup_seconds`)."""
         if self._engine is None:
             from lmforge.serve.engine import Engine
 
+            compiled = self.compile_decode
+            if compiled and _sharded(self.model):
+                compiled = False
+                (self.log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+                    "rollouts: eager decode step: the policy's weights are sharded (FSDP/DTensor) and the decode "
+                    "graphs need whole weights")
             blocks = -(-self.max_seq_len // 16)  # a KV cache for every completion of a micro batch at once
             self._engine = Engine(self.model, self.tok, max_batch_size=self.max_rows, max_seq_len=self.max_seq_len,
                                   block_size=16, num_kv_blocks=self.max_rows * blocks, enable_prefix_caching=False,
-                                  compile_decode=False)
+                                  compile_decode=compiled, live_weights=True, log=self.log)
         return self._engine
 
     def sample(self, prompts: list[list[int]], rollout: int = 0) -> list[list[int]]:
@@ -342,7 +390,9 @@ class RolloutLoss(nn.Module):
         self.model.eval()
         device_type = next(self.model.parameters()).device.type
         try:
-            engine = self.engine()
+            with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
+                engine = self.engine()
+                engine.sync_weights()  # compiled: captures again only if a weight was replaced, not updated in place
             eos = self.tok.eod_id
             ids, out = [], {}
             for p, prompt in enumerate(prompts):

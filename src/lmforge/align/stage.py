@@ -202,16 +202,19 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     elif online:
         import copy
 
-        from lmforge.align.rl import RolloutLoss
+        from lmforge.align.rl import RolloutLoss, rollout_compile
 
+        compiled, line = rollout_compile(cfg.align.rollout_compile, rt.device)  # true off CUDA: refused here
         # The reward function tried on the first micro batch's rollouts before anything is written: one that
         # raises or returns the wrong values stops the run with its error line and no results folder.
         rows = mbs * int(cfg.align.num_generations)
         probe = RolloutLoss(model, cfg.method, cfg.align, train_ds, tokenizer, None, seq, int(cfg.seed), rows,
-                            reward_model=reward_model)
+                            reward_model=reward_model)  # eager: one micro batch, on the model before PEFT
         first = list(range(min(mbs, len(train_ds))))
         probe.rewards(first, probe.sample([train_ds.ids[i] for i in first]))
         del probe
+        if rt.is_main:
+            console_log(line)
         reference = cfg.reference
         if reference == "frozen_copy" and float(cfg.align.beta) > 0:  # before PEFT or wrapping: the start weights
             reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -228,7 +231,8 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         objective_fn = lambda m: RolloutLoss(m, cfg.method, cfg.align, train_ds, tokenizer, reference,  # noqa: E731
                                              seq, int(cfg.seed), rows, reward_model=reward_model, critic=critic,
                                              critic_optimizer=critic_opt,
-                                             critic_lr_scale=critic_lr / float(cfg.optim.lr))
+                                             critic_lr_scale=critic_lr / float(cfg.optim.lr),
+                                             compile_decode=compiled, log=console_log)
     else:
         reference, table = cfg.reference, None
         if reference == "precomputed":  # once, with the base model, before any wrapping

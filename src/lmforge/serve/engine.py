@@ -82,6 +82,11 @@ class Engine:
             batch bucket at start-up. This fuses the model's q/k/v and gate/up projections in place
             (:func:`~lmforge.models.transformer.fuse_projections`) and freezes its parameters, before the KV
             cache is sized: do not train or save it afterwards.
+        live_weights: the model goes on training between uses of the engine (online RL's policy, updated in place
+            by the optimizer): nothing is fused, frozen or swapped for decode kernels, the output head is read at
+            every step and, compiled, the decode graphs read the parameters themselves, so each replay uses the
+            weights of the moment. :meth:`sync_weights` (before each use) captures the graphs again if a
+            parameter was replaced rather than updated in place.
         graph_chunks: CUDA graphs the blocks of a decode step are split into (evenly).
         compile_mode: ``torch.compile`` mode of the decode pieces: None (default kernels) or one without
             CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"``.
@@ -97,7 +102,7 @@ class Engine:
                  kv_cache_memory: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, compile_decode: bool = False, lora=None, graph_chunks: int = 1,
                  compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
-                 decode_kernels: bool = True, admission_batch: int = 1, log=None):
+                 decode_kernels: bool = True, admission_batch: int = 1, live_weights: bool = False, log=None):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                  ("admission_batch", admission_batch, 1)):
@@ -142,9 +147,10 @@ class Engine:
             raise InvalidRequestError(f"the MultiLoRA holds {lora.max_rows} rows but this engine decodes up to "
                                       f"{max_rows}; build it with max_rows={max_rows}")
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log, self.live_weights = log, bool(live_weights)
         # Fuse (and freeze) before measuring: the cache is sized for the weights that serve, and the fusion's own
         # temporary copies come and go before the cache takes the rest of the card.
-        prepare_model(self.model, self.compiled, decode_kernels)
+        prepare_model(self.model, self.compiled, decode_kernels, live=self.live_weights)
         self.memory_profile: dict[str, float] = {}  # the numbers the cache was sized from (GPU), in bytes
         blocks = self._num_blocks(num_kv_blocks, kv_cache_memory, gpu_memory_utilization)
         per_seq = -(-self.max_seq_len // block_size)
@@ -160,7 +166,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache.allocator, block_size, max_batch_size, max_num_batched_tokens,
                                    admission_batch=admission_batch)
         self.runner = ModelRunner(self.model, self.cache, max_rows, self.max_seq_len, lora, self.compiled,
-                                  graph_chunks, compile_mode, compile_options, decode_kernels)
+                                  graph_chunks, compile_mode, compile_options, decode_kernels, self.live_weights)
         self.sampler = Sampler()
         self.eos_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
         self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_seq_len)
@@ -168,6 +174,19 @@ class Engine:
         self._ids: set[str] = set()
         self._inflight: Optional[Decode] = None  # a greedy-only decode step launched but not read yet
         self.startup_seconds = self.runner.capture_all(log)  # nothing compiles once requests come
+
+    def sync_weights(self) -> list[str]:
+        """Before a use of a ``live_weights`` engine: make the decode graphs read the model's weights of the
+        moment. Weights updated in place (every optimizer step) need nothing: the graphs read them where they
+        are. A parameter or buffer replaced by a new tensor (``module.to()``, ``p.data = ...``) is not where the
+        graphs read: then every shape is captured again (a start-up's time, logged). Returns the names that moved.
+        Eager engines read the model at every step and need nothing."""
+        moved = self.runner.moved_parameters()
+        if moved:
+            self.log(f"rollout engine: {len(moved)} weights were replaced since the decode graphs were captured "
+                     f"({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}); capturing them again")
+            self.startup_seconds += self.runner.recapture(self.log)
+        return moved
 
     def _num_blocks(self, num_kv_blocks: Optional[int], kv_cache_memory: Optional[int], utilization: float) -> int:
         """Usable KV blocks (the scratch block not counted): given, from a memory size, from the GPU's free memory

@@ -44,13 +44,17 @@ __all__ = ["ModelRunner", "DecodeGraphs", "Decode", "prepare_model", "EAGER_SDPA
 EAGER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def prepare_model(model, compiled: bool, decode_kernels: bool) -> bool:
-    """The inference-only transformations of a compiled engine's model, in place (nothing when not ``compiled``):
-    fused q/k/v and gate/up projections (one matrix read each: nearer the bandwidth at batch 1), frozen
-    parameters (the model serves; it is not trained or saved afterwards) and, with ``decode_kernels`` and a GPU,
-    the single-row Triton kernels. Idempotent. The engine calls it before it measures the weights and sizes the
-    KV cache, so the cache is sized for the model that serves. Returns whether the kernels are installed."""
-    if not compiled:
+def prepare_model(model, compiled: bool, decode_kernels: bool, live: bool = False) -> bool:
+    """The inference-only transformations of a compiled engine's model, in place (nothing when not ``compiled``
+    or ``live``): fused q/k/v and gate/up projections (one matrix read each: nearer the bandwidth at batch 1),
+    frozen parameters (the model serves; it is not trained or saved afterwards) and, with ``decode_kernels`` and a
+    GPU, the single-row Triton kernels. Idempotent. The engine calls it before it measures the weights and sizes
+    the KV cache, so the cache is sized for the model that serves. Returns whether the kernels are installed.
+
+    ``live``: the model is trained between uses (online RL's policy), so none of these apply: fusing would put
+    new tensors (and new modules) in the place of the parameters the optimizer updates, and the kernels swap
+    module classes. The decode graphs then read the parameters themselves."""
+    if not compiled or live:
         return False
     fuse_projections(model)
     for p in model.parameters():
@@ -191,7 +195,7 @@ class ModelRunner:
 
     def __init__(self, model, cache: PagedKVCache, max_rows: int, max_seq_len: int, lora=None, compiled: bool = False,
                  graph_chunks: int = 1, compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
-                 decode_kernels: bool = True):
+                 decode_kernels: bool = True, live: bool = False):
         self.model = model
         self.cache = cache
         param = next(model.parameters())
@@ -201,7 +205,11 @@ class ModelRunner:
         self.lora = lora
         self.compiled = compiled
         self.keys = torch.arange(max_seq_len, device=self.device)  # a decode step attends keys[:span]
-        self._head = model.output_weight().detach()  # read once: a normalised head (Baichuan) is not redone per step
+        # Read once: a normalised head (Baichuan) is not redone per step. A live model's head is read at every use
+        # (the optimizer changes the weight a normalised head is computed from).
+        self.live = live
+        self._head = None if live else model.output_weight().detach()
+        self._pointers: dict[str, int] = {}  # live + compiled: where each parameter was when the graphs were captured
         self._linear = F.linear  # the head's product (the Triton single-row kernel with decode_kernels)
         cache.use_kernel = bool(decode_kernels) and kernels_available(self.device) or (
             bool(decode_kernels) and _interpreting())
@@ -232,7 +240,7 @@ class ModelRunner:
         self._token_host = ([torch.zeros(max_rows, dtype=torch.long).pin_memory() for _ in range(2)]
                             if self.device.type == "cuda" else [])
         self.graphs: Optional[DecodeGraphs] = None
-        if prepare_model(model, compiled, decode_kernels):
+        if prepare_model(model, compiled, decode_kernels, live):
             self._linear = linear
         if compiled:
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -271,14 +279,34 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
+        self._pointers = self.parameter_pointers()
         seconds = time.perf_counter() - start
         log(f"captured {len(shapes)} decode graph sets (batches {sorted({b for b, _ in shapes})}) in {seconds:.1f}s")
         return seconds
 
+    def parameter_pointers(self) -> dict[str, int]:
+        """Each parameter's and buffer's storage address: what the captured graphs read."""
+        named = list(self.model.named_parameters()) + list(self.model.named_buffers())
+        return {name: t.data_ptr() for name, t in named}
+
+    def moved_parameters(self) -> list[str]:
+        """Parameters and buffers that are no longer where the decode graphs read them (replaced rather than
+        updated in place, e.g. by ``module.to()`` or ``p.data = ...``); empty when eager or nothing moved."""
+        if self.graphs is None:
+            return []
+        now = self.parameter_pointers()
+        return sorted(name for name in set(now) | set(self._pointers) if now.get(name) != self._pointers.get(name))
+
+    def recapture(self, log=None) -> float:
+        """Capture every decode shape again (after parameters moved): the old graphs are dropped first."""
+        self.graphs.graphs.clear()
+        return self.capture_all(log)
+
     # -- prefill -----------------------------------------------------------------------------------------------
 
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._linear(hidden, self._head).float()  # (B, V)
+        head = self._head if self._head is not None else self.model.output_weight()
+        return self._linear(hidden, head).float()  # (B, V)
 
     def prefill(self, chunks: list[tuple[Sequence, int, int]]) -> torch.Tensor:
         """Feed each chunk ``(seq, lo, hi)`` (tokens ``[lo, hi)`` of ``seq``); returns the logits (B, V) of each

@@ -1,0 +1,134 @@
+"""The online methods' rollout engine on the live policy (:meth:`lmforge.align.rl.RolloutLoss.sample`).
+
+The engine is built once, on the policy module itself, and used for every rollout while the optimizer updates
+the policy in place. Each test takes optimizer steps between two rollouts and compares the second rollout with
+the one a freshly built engine draws from the updated weights (same seeds): an engine that read a stale copy of
+any weight (a fused projection, a cached output head) gives the first rollout's tokens again, not the fresh
+engine's. CPU: the eager decode step (the compiled one is CUDA graphs; benchmarks/grpo_rollout.py --check runs
+the same comparison on a GPU).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmforge.align.rl import RolloutLoss, rollout_compile, token_logps
+from lmforge.errors import ConfigError
+from lmforge.models import ModelConfig, Transformer
+
+V = 48
+
+
+class _Ids:
+    """No end-of-sequence token: every completion runs its full length."""
+
+    eod_id = None
+
+    def decode(self, ids, *args, **kwargs) -> str:
+        return ""
+
+
+def _model(**extra) -> Transformer:
+    cfg = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm", activation="swiglu",
+                      bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=False,
+                      **extra)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    return model
+
+
+def _rollout(model) -> RolloutLoss:
+    settings = SimpleNamespace(num_generations=3, max_completion_length=6, temperature=1.0, reward_fn="json:loads",
+                               prompt_key="prompt", beta=0.0)
+    return RolloutLoss(model, "grpo", settings, None, _Ids(), None, 16, 7, 6)
+
+
+PROMPTS = [[3, 9, 4, 17], [21, 5]]
+
+
+def _train(model, steps: int = 2) -> None:
+    """Optimizer steps that raise the log-probability of token 1 everywhere (a large, in-place change)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05)
+    rows = torch.tensor([[3, 9, 4, 17, 1, 1, 1, 1]])
+    model.train()
+    for _ in range(steps):
+        loss = -token_logps(model, rows).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _check_rollouts_follow_the_updates(model) -> None:
+    rl = _rollout(model)
+    before = rl.sample(PROMPTS, rollout=1)
+    names = [n for n, _ in model.named_parameters()]
+    _train(model)
+    after = rl.sample(PROMPTS, rollout=1)
+    fresh = _rollout(model).sample(PROMPTS, rollout=1)
+    assert after == fresh
+    assert after != before  # the updates changed the draws: a stale engine would repeat `before`
+    assert [n for n, _ in model.named_parameters()] == names  # nothing fused or swapped in the trained model
+    engine = rl.engine()
+    assert engine.cache.allocator.num_used == 0 and not engine.has_work()  # every block given back
+
+
+@pytest.mark.parametrize("extra", [{}, {"normalize_output_head": True}], ids=["plain", "normalized_head"])
+def test_rollouts_after_optimizer_steps_equal_a_fresh_engine(extra):
+    """Full fine-tuning; with a normalised output head (Baichuan) too, computed from the trained weight: an
+    engine that computed the head once would sample from the starting head after the updates."""
+    _check_rollouts_follow_the_updates(_model(**extra))
+
+
+def test_lora_rollouts_read_the_adapter_weights_live():
+    from lmforge.peft import apply_peft
+    from lmforge.peft.lora import LoRAConfig
+
+    model = apply_peft(_model(), "lora", LoRAConfig(r=4, target_modules=["all-linear"]))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)  # the updates reach the policy through the adapter only
+    _check_rollouts_follow_the_updates(model)
+
+
+def test_rollout_compile_setting():
+    assert rollout_compile("auto", torch.device("cpu"))[0] is False
+    assert "eager decode step" in rollout_compile("auto", torch.device("cpu"))[1]
+    assert rollout_compile(False, torch.device("cpu"))[0] is False
+    with pytest.raises(ConfigError, match="align.rollout_compile=true needs a CUDA GPU"):
+        rollout_compile(True, torch.device("cpu"))
+    assert rollout_compile("auto", torch.device("cuda"))[0] is True
+    assert rollout_compile(False, torch.device("cuda"))[0] is False
+
+
+def test_a_live_model_is_not_prepared_for_serving():
+    """A compiled engine fuses q/k/v and gate/up into new tensors and freezes the model; on a live (trained)
+    model it must do neither: the graphs then read the parameters the optimizer updates."""
+    from lmforge.serve.runner import prepare_model
+
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    prepare_model(model, compiled=True, decode_kernels=True, live=True)
+    assert [n for n, _ in model.named_parameters()] == names and all(p.requires_grad for p in model.parameters())
+    prepare_model(model, compiled=True, decode_kernels=False)  # a serving engine's model: fused and frozen
+    assert any("qkv_proj" in n for n, _ in model.named_parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_moved_parameters_are_found():
+    """A weight replaced rather than updated in place is not where captured graphs read it: the runner names it
+    (Engine.sync_weights then captures again). Updated in place, nothing moved."""
+    rl = _rollout(_model())
+    runner = rl.engine().runner
+    runner.graphs = SimpleNamespace(graphs={})  # as if captured (CPU has no CUDA graphs)
+    runner._pointers = runner.parameter_pointers()
+    _train(rl.model, steps=1)
+    assert runner.moved_parameters() == []
+    layer = rl.model.layers[0].mlp
+    weight = next(p for n, p in layer.named_parameters() if n.endswith("weight"))
+    weight.data = weight.data.clone()
+    assert len(runner.moved_parameters()) == 1
