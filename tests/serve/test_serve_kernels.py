@@ -153,6 +153,49 @@ CHECKS = textwrap.dedent("""
 """)
 
 
+# The paged kernel with one cache block per loop iteration (the default) and with several (a tile of 64 or 128
+# positions gathered through a vector of table entries): each against the float64 reference, with the
+# heuristic's splits and with 3.
+TILES_CHECK = textwrap.dedent("""
+    import torch
+    from lmforge.serve import kernels as K
+
+    # rows of mixed lengths (1, not a multiple of the tile, a whole tile, several), blocks scattered through the
+    # tables; grouped heads (4 a group and 1), head sizes 64 and 128, fp16 and fp32 (IEEE products), windows, blocks
+    # of 16 and 32. Whatever the kernel must not read is NaN (the blocks no row holds, where the table's entries past
+    # a row's blocks point, the blocks wholly before a row's window), so a read past a row's keys shows in the output.
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([1, 70, 128, 200, 15])
+    cases = [  # (heads, kv heads, head dim, block size, dtype, window, tolerance)
+        (8, 2, 64, 16, torch.float16, 0, 2e-3), (4, 4, 128, 16, torch.float32, 37, 1e-5),
+        (8, 2, 64, 32, torch.float32, 100, 1e-5)]
+    for nh, nkv, hd, bs, dt, window, tol in cases:
+        width = -(-int(lens.max()) // bs) + 1  # a spare column past every row's blocks
+        used = [-(-int(n) // bs) for n in lens]
+        kc = torch.randn(1 + sum(used), bs, nkv, hd, generator=g)
+        vc = torch.randn(1 + sum(used), bs, nkv, hd, generator=g)
+        tables = torch.zeros(len(lens), width, dtype=torch.int32)  # block 0: never read
+        order = (torch.randperm(sum(used), generator=g) + 1).tolist()
+        kc[0], vc[0] = float("nan"), float("nan")
+        for r, n in enumerate(used):
+            tables[r, :n] = torch.tensor(order[:n], dtype=torch.int32)
+            order = order[n:]
+            if window:  # blocks wholly before the window
+                for j in range(max(int(lens[r]) - window, 0) // bs):
+                    kc[tables[r, j]], vc[tables[r, j]] = float("nan"), float("nan")
+        q = torch.randn(len(lens), nh, hd, generator=g)
+        kc, vc, q = kc.to(dt), vc.to(dt), q.to(dt)
+        ref = K.paged_attention_reference(q.double(), kc.double().nan_to_num(), vc.double().nan_to_num(), tables, lens,
+                                          hd ** -0.5, window or None)
+        for tile in (bs, 64, 128):
+            for splits in (0, 3):
+                out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, splits, tile)
+                err = (out.double() - ref).abs().max().item()
+                assert out.dtype == dt and err < tol, (nh, nkv, hd, bs, dt, window, tile, splits, err)
+    print("tiles ok")
+""")
+
+
 # The engine's batch-1 decode through the kernels (folded norms, the five-kernel block, rotary + cache write,
 # a sliding window) gives the greedy tokens of the same model without them. Each token's kernel calls are
 # counted, so a fallback to the model's own code cannot pass unnoticed.
@@ -270,6 +313,36 @@ def _interpret(code: str) -> subprocess.CompletedProcess:
 def test_kernels_match_reference_ops_in_the_triton_interpreter():
     r = _interpret(CHECKS)
     assert r.returncode == 0 and "kernels ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_paged_kernel_tiles_match_the_float64_reference():
+    r = _interpret(TILES_CHECK)
+    assert r.returncode == 0 and "tiles ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_paged_config_tile_choice():
+    """The paged kernel's tile: one block unless a tile or PAGED_TILE asks for more; a tile that is not a power of
+    two of at least the block size is refused, naming the value; the splits never outnumber the table's tiles."""
+    import pytest
+    import torch
+
+    from lmforge.serve import kernels as K
+
+    assert K.paged_config(16, 128)["TILE"] == 16 and K.paged_config(32, 64)["TILE"] == 32
+    assert K.paged_config(16, 128, 64)["TILE"] == 64
+    old = K.PAGED_TILE
+    try:
+        K.PAGED_TILE = 128
+        assert K.paged_config(16, 128)["TILE"] == 128 and K.paged_config(16, 128, 64)["TILE"] == 64
+    finally:
+        K.PAGED_TILE = old
+    for bad in (8, 24, 48):
+        with pytest.raises(ValueError, match=f"got {bad}"):
+            K.paged_config(16, 128, bad)
+    with pytest.raises(ValueError, match="got 16"):
+        K.paged_config(32, 64, 16)
+    cpu = torch.device("cpu")
+    assert K.paged_splits(1, 1, 20, cpu) == 16 and K.paged_splits(1, 1, 20, cpu, tile_blocks=8) == 3
 
 
 def test_batch_one_decode_through_the_kernels_matches_the_model():

@@ -43,7 +43,8 @@ except ImportError:  # the CPU wheels of torch come without Triton
 
 __all__ = ["MatVecLinear", "DecodeGatedMLP", "DecodeBlock", "use_decode_kernels", "matvec",
            "swiglu_matvec", "rope_cache_write", "linear", "matvec_config", "decode_attention", "available",
-           "paged_decode_attention", "paged_attention_reference", "paged_splits", "paged_kernel_applies"]
+           "paged_decode_attention", "paged_attention_reference", "paged_splits", "paged_config", "PAGED_TILE",
+           "paged_kernel_applies"]
 
 
 def available(device: torch.device) -> bool:
@@ -166,15 +167,20 @@ if triton is not None:
     def _paged_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window,
                            sq_b, sq_h, skc_n, skc_s, skc_h, svc_n, svc_s, svc_h, sbt_b, n_heads, n_splits,
                            GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
-                           WINDOW: tl.constexpr, IEEE: tl.constexpr):
-        # One program per (row, key/value head, split): the row's visible cache blocks are shared out evenly
-        # over the splits, each split walks its blocks through the block table with an online softmax and
-        # stores its partial (max, sum, weighted values) for the combine kernel. The row's length is read on
-        # the device, so one launch shape serves every length (a CUDA graph per batch size, not per span).
+                           WINDOW: tl.constexpr, IEEE: tl.constexpr, TILE: tl.constexpr):
+        # One program per (row, key/value head, split): the row's visible positions, in tiles of TILE (a
+        # multiple of the block size BS, aligned to TILE), are shared out evenly over the splits; each split
+        # walks its tiles with an online softmax and stores its partial (max, sum, weighted values) for the
+        # combine kernel. The row's length is read on the device, so one launch shape serves every length (a
+        # CUDA graph per batch size, not per span).
+        # TILE == BS: one block per iteration, its table entry one scalar load and its keys one (BS, HD) tile.
+        # TILE > BS: TILE // BS blocks per iteration, gathered per position (position p of the row is at offset
+        # p % BS of block table[p // BS]): fewer, larger loads in flight; positions outside [lo, length) are
+        # masked (neither read nor attended).
         b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, HD)
-        s = tl.arange(0, BS)
+        s = tl.arange(0, TILE)
         g_ok = g < GROUP
         heads = kvh * GROUP + g
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g_ok[:, None], other=0.0)
@@ -182,27 +188,37 @@ if triton is not None:
         lo = 0
         if WINDOW:
             lo = tl.maximum(length - window, 0)
-        first = lo // BS
-        n_blk = tl.cdiv(length, BS)
-        per = tl.cdiv(n_blk - first, n_splits)
+        first = lo // TILE
+        n_tiles = tl.cdiv(length, TILE)
+        per = tl.cdiv(n_tiles - first, n_splits)
         start = first + split * per
-        end = tl.minimum(start + per, n_blk)
+        end = tl.minimum(start + per, n_tiles)
         m = tl.full((G_PAD,), -1e30, dtype=tl.float32)  # finite: an empty split adds exp(-1e30 - max) = 0
         lsum = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
         for i in range(start, end):
-            blk = tl.load(bt_ptr + b * sbt_b + i).to(tl.int64)
-            k = tl.load(kc_ptr + blk * skc_n + s[:, None] * skc_s + kvh * skc_h + d[None, :])
+            key = i * TILE + s
+            visible = (key < length) & (key >= lo)
+            if TILE == BS:
+                blk = tl.load(bt_ptr + b * sbt_b + i).to(tl.int64)
+                k = tl.load(kc_ptr + blk * skc_n + s[:, None] * skc_s + kvh * skc_h + d[None, :])
+            else:
+                blk = tl.load(bt_ptr + b * sbt_b + key // BS, mask=visible, other=0).to(tl.int64)
+                k_off = blk[:, None] * skc_n + (key % BS)[:, None] * skc_s + kvh * skc_h + d[None, :]
+                k = tl.load(kc_ptr + k_off, mask=visible[:, None], other=0.0)
             if IEEE:  # fp32 caches: full-precision products (tl.dot would round fp32 inputs to tf32)
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
-                scores = tl.dot(q, tl.trans(k)) * scale  # (G_PAD, BS) fp32
-            key = i * BS + s
-            scores = tl.where(((key < length) & (key >= lo))[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))  # every block walked holds a visible key: finite
+                scores = tl.dot(q, tl.trans(k)) * scale  # (G_PAD, TILE) fp32
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # every tile walked holds a visible key: finite
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
-            v = tl.load(vc_ptr + blk * svc_n + s[:, None] * svc_s + kvh * svc_h + d[None, :])
+            if TILE == BS:
+                v = tl.load(vc_ptr + blk * svc_n + s[:, None] * svc_s + kvh * svc_h + d[None, :])
+            else:
+                v_off = blk[:, None] * svc_n + (key % BS)[:, None] * svc_s + kvh * svc_h + d[None, :]
+                v = tl.load(vc_ptr + v_off, mask=visible[:, None], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -361,16 +377,42 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out[:, :, 0].to(q.dtype)  # (B, nh, hd)
 
 
-def paged_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
-    """How many splits :func:`paged_decode_attention` shares a row's blocks over: enough programs to fill the
-    device twice over (a long context at batch 1 still runs on every multiprocessor), at most one per block."""
+PAGED_TILE = 0  # positions per iteration of the paged kernel; 0: paged_config's choice (benchmarks set it)
+
+
+def paged_config(block_size: int, head_dim: int, tile: int = 0) -> dict:
+    """Positions per loop iteration (``TILE``), warps and pipeline stages of :func:`paged_decode_attention`'s kernel.
+
+    ``tile`` (else :data:`PAGED_TILE`, else one block) picks how many cache positions each iteration reads: a
+    power of two, a multiple of ``block_size``. One block per iteration (16 positions: a dependent load of the
+    table entry, then 16 x ``head_dim`` keys and values) is the default, as measured so far; several blocks per
+    iteration gather a (TILE, head_dim) tile of keys and values through a vector of table entries, so more bytes
+    are in flight per program (benchmarks/paged_attention.py times 16, 64 and 128 against each other). The larger
+    tiles' warps and stages are first guesses, to be set from that benchmark's sweep: 4 warps and 3 stages up to a
+    (64, 128) tile (32 KB of bf16 keys and values a stage), 8 warps and 2 stages above it.
+    """
+    tile = tile or PAGED_TILE or block_size
+    if tile < block_size or tile & (tile - 1):
+        raise ValueError(f"the paged kernel's tile must be a power of two of at least the block size "
+                         f"({block_size}); got {tile}")
+    if tile == block_size:
+        return {"TILE": tile, "num_warps": 4, "num_stages": 3}  # Triton's default stages: today's launch
+    big = tile * head_dim > 64 * 128
+    return {"TILE": tile, "num_warps": 8 if big else 4, "num_stages": 2 if big else 3}
+
+
+def paged_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device, tile_blocks: int = 1) -> int:
+    """How many splits :func:`paged_decode_attention` shares a row's tiles over (``tile_blocks`` cache blocks a
+    tile): enough programs to fill the device twice over (a long context at batch 1 still runs on every
+    multiprocessor), at most one per tile of the table and 64."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
-    return max(1, min(max_blocks, 64, -(-2 * sms // max(1, batch * kv_heads))))
+    tiles = -(-max_blocks // max(1, tile_blocks))
+    return max(1, min(tiles, 64, -(-2 * sms // max(1, batch * kv_heads))))
 
 
 @torch.library.custom_op("lmforge::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           lengths: torch.Tensor, scale: float, window: int, splits: int) -> torch.Tensor:
+                           lengths: torch.Tensor, scale: float, window: int, splits: int, tile: int = 0) -> torch.Tensor:
     """Attention of one new token per row over a paged cache (Triton, flash-decoding).
 
     Args:
@@ -381,7 +423,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lengths: (B,) keys of each row (positions ``[0, length)``, the new token's included), at least 1.
         scale: the softmax scale.
         window: keys less than ``window`` positions back from the newest are visible (0: all).
-        splits: programs per (row, head) the blocks are shared over (0: :func:`paged_splits` chooses).
+        splits: programs per (row, head) the tiles are shared over (0: :func:`paged_splits` chooses).
+        tile: cache positions each program reads per loop iteration, a power of two and a multiple of the block
+            size (0: :data:`PAGED_TILE`, else one block; see :func:`paged_config`). Every tile gives the same
+            result up to the order of the sums; only the speed differs.
 
     Returns:
         (B, nh, hd) in ``q``'s dtype; :func:`paged_attention_reference` computes the same.
@@ -389,8 +434,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     B, nh, hd = q.shape
     bs, nkv = k_cache.shape[1], k_cache.shape[2]
     group = nh // nkv
+    cfg = paged_config(bs, hd, tile)
     if splits <= 0:
-        splits = paged_splits(B, nkv, block_tables.shape[1], q.device)
+        splits = paged_splits(B, nkv, block_tables.shape[1], q.device, cfg["TILE"] // bs)
     m = torch.empty(B * nh * splits, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = torch.empty(B * nh * splits, hd, device=q.device, dtype=torch.float32)
@@ -398,7 +444,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, lengths, m, lsum, acc, scale, window, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), nh, splits, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
-        HD=hd, BS=bs, WINDOW=window > 0, IEEE=q.dtype == torch.float32, num_warps=4)
+        HD=hd, BS=bs, WINDOW=window > 0, IEEE=q.dtype == torch.float32, **cfg)
     out = torch.empty(B, nh, hd, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B, nh)](m, lsum, acc, out, out.stride(0), out.stride(1), nh, splits, HD=hd,
                                   BLOCKS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
@@ -406,7 +452,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 @paged_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, lengths, scale, window, splits):
+def _(q, k_cache, v_cache, block_tables, lengths, scale, window, splits, tile=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
