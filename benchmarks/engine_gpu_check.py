@@ -1,7 +1,8 @@
 """GPU check of the serving engine's captured decode step and paged cache (run by hand on a GPU; CI has none).
 
 The Triton paged decode-attention kernel must match its PyTorch reference (bf16, fp16, fp32; batch 1 with a long
-context, large batches of mixed lengths, grouped and plain heads, a sliding window). The compiled, CUDA-graph
+context, large batches of mixed lengths, grouped and plain heads, a sliding window), with each tile of its loop
+(one block per iteration, the default, and 64 and 128 positions). The compiled, CUDA-graph
 decode path must give the greedy tokens of the eager reference path (PyTorch attention) for a batch of
 prompts of different lengths joining and leaving (continuous batching), in fp32, for a dense model, a
 grouped-query model with a sliding window, a tied head, an ALiBi model, a model serving two LoRA adapters
@@ -58,16 +59,17 @@ def check_paged_kernel() -> int:
              (8, 32, 32, 128, 1500, torch.float16, 0), (5, 6, 2, 64, 700, torch.float32, 37),
              (128, 32, 8, 64, 300, torch.bfloat16, 0)]
     for case in cases:
-        try:
-            failures += _paged_case(K, g, *case)
-        except Exception as e:  # noqa: BLE001 - reported, and the next case runs
-            traceback.print_exc()
-            print(f"paged kernel {case}: ERROR {type(e).__name__}: {e}", flush=True)
-            failures += 1
+        for tile in (0, 64, 128):  # the default (one block per loop iteration), then several blocks gathered
+            try:
+                failures += _paged_case(K, g, *case, tile=tile)
+            except Exception as e:  # noqa: BLE001 - reported, and the next case runs
+                traceback.print_exc()
+                print(f"paged kernel {case} tile {tile}: ERROR {type(e).__name__}: {e}", flush=True)
+                failures += 1
     return failures
 
 
-def _paged_case(K, g, B, nh, nkv, hd, max_len, dt, window) -> int:
+def _paged_case(K, g, B, nh, nkv, hd, max_len, dt, window, tile=0) -> int:
     """One case of :func:`check_paged_kernel` against the exact (float64) reference; an fp32 case also prints
     its distance to the fp32 reference, whose attention may run tf32 products on the GPU."""
     bs = 16
@@ -81,7 +83,7 @@ def _paged_case(K, g, B, nh, nkv, hd, max_len, dt, window) -> int:
     q = torch.randn(B, nh, hd, device="cuda", dtype=dt, generator=g)
     ref = K.paged_attention_reference(q.double(), kc.double(), vc.double(), tables, lens, hd ** -0.5,
                                       window or None)
-    out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, 0).double()
+    out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, 0, tile).double()
     err = (out - ref).abs().max().item()
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]  # fp32: ieee products
     ok = err <= tol
@@ -90,7 +92,8 @@ def _paged_case(K, g, B, nh, nkv, hd, max_len, dt, window) -> int:
         ref32 = K.paged_attention_reference(q, kc, vc, tables, lens, hd ** -0.5, window or None).double()
         extra = (f" (the fp32 reference is {(ref32 - ref).abs().max().item():.2e} from it, the kernel "
                  f"{(out - ref32).abs().max().item():.2e} from the fp32 reference)")
-    print(f"paged kernel B={B} heads {nh}/{nkv} hd={hd} len<={max_len} {dt} window={window}: max error {err:.2e} "
+    print(f"paged kernel B={B} heads {nh}/{nkv} hd={hd} len<={max_len} {dt} window={window} tile={tile or 'default'}: "
+          f"max error {err:.2e} "
           f"from the float64 reference{extra} {'ok' if ok else 'MISMATCH'}", flush=True)
     return int(not ok)
 

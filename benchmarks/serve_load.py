@@ -26,6 +26,9 @@ Several ``--shape`` values run one after another in one process (each with a fre
 back before the next): one that fails prints a ``FAILED`` line (its traceback on standard error), the next runs, and
 the exit status is 1.
 
+``--paged-tile N`` sets the positions per loop iteration of the paged decode kernel
+(:data:`lmforge.serve.kernels.PAGED_TILE`; ``benchmarks/paged_attention.py`` times the kernel alone).
+
 ``--json PATH`` writes every pass's numbers (each row names its shape). Nothing here is run by the test suite except
 CPU runs of the offline mode on the ``tiny`` shape and of the online mode against a tiny served model.
 """
@@ -89,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--compile", action="store_true", help="CUDA graphs and Triton kernels (GPU)")
+    p.add_argument("--paged-tile", type=int, default=0,
+                   help="cache positions per loop iteration of the paged decode kernel (kernels.PAGED_TILE; a power "
+                        "of two, a multiple of --block-size; 0: the kernel's default)")
     p.add_argument("--passes", type=int, default=2, help="runs of the same requests on the same engine")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
@@ -103,7 +109,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", default="none")
     p.add_argument("--rate", type=float, default=16.0, help="online: requests per second (Poisson arrivals)")
     p.add_argument("--vocab-size", type=int, default=32000, help="online: prompt token ids are drawn below it")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.paged_tile:
+        from lmforge.serve.kernels import paged_config
+
+        if a.url:
+            p.error("--paged-tile sets this process's kernel: offline mode only, not with --url")
+        try:
+            paged_config(a.block_size, 64, a.paged_tile)
+        except ValueError as e:
+            p.error(f"--paged-tile {a.paged_tile}: {e}")
+    return a
 
 
 def workload(a, vocab: int) -> list[tuple[list[int], int]]:
@@ -278,16 +294,23 @@ def main(argv=None) -> int:
         rows, failed = online(a), []
     else:
         rows, failed = [], []
-        for shape in a.shape:
-            try:
-                rows += offline(a, shape)
-            except Exception as e:  # noqa: BLE001 - reported, and the next shape runs
-                traceback.print_exc()
-                print(f"{shape}: FAILED {type(e).__name__}: {e}", flush=True)
-                failed.append(shape)
-            gc.collect()  # this shape's engine and model, before the next one sizes its cache
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        from lmforge.serve import kernels
+
+        default_tile = kernels.PAGED_TILE
+        kernels.PAGED_TILE = a.paged_tile or default_tile  # read when the engine's graphs capture the kernel
+        try:
+            for shape in a.shape:
+                try:
+                    rows += offline(a, shape)
+                except Exception as e:  # noqa: BLE001 - reported, and the next shape runs
+                    traceback.print_exc()
+                    print(f"{shape}: FAILED {type(e).__name__}: {e}", flush=True)
+                    failed.append(shape)
+                gc.collect()  # this shape's engine and model, before the next one sizes its cache
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        finally:
+            kernels.PAGED_TILE = default_tile
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "results": rows, "failed": failed}, f, indent=1)

@@ -154,8 +154,8 @@ CHECKS = textwrap.dedent("""
 
 
 # The paged kernel with one cache block per loop iteration (the default) and with several (a tile of 64 or 128
-# positions gathered through a vector of table entries): each against the float64 reference, with the
-# heuristic's splits and with 3.
+# positions gathered through a vector of table entries): each against the float64 reference, with 3 splits and
+# (several blocks a tile) with the heuristic's.
 TILES_CHECK = textwrap.dedent("""
     import torch
     from lmforge.serve import kernels as K
@@ -188,13 +188,34 @@ TILES_CHECK = textwrap.dedent("""
         ref = K.paged_attention_reference(q.double(), kc.double().nan_to_num(), vc.double().nan_to_num(), tables, lens,
                                           hd ** -0.5, window or None)
         for tile in (bs, 64, 128):
-            for splits in (0, 3):
+            for splits in ((3,) if tile == bs else (0, 3)):  # one block a tile: the heuristic's splits above too
                 out = K.paged_decode_attention(q, kc, vc, tables, lens, hd ** -0.5, window, splits, tile)
                 err = (out.double() - ref).abs().max().item()
                 assert out.dtype == dt and err < tol, (nh, nkv, hd, bs, dt, window, tile, splits, err)
     print("tiles ok")
 """)
 
+
+
+# benchmarks/paged_attention.py's case on a tiny shape (fp16: the interpreter's bf16 products are wrong), each tile
+# against the float64 reference; the timer is a stand-in (CUDA graphs need a GPU).
+BENCH_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, BENCHMARKS)
+    import paged_attention as P
+
+    P.CASES["tiny"] = (4, 2, 16, 3, 20, 70)
+    calls = []
+    rows = P.run_case("tiny", [16, 64], False, lambda fn, xs: calls.append(len(xs)) or 10.0, 100.0,
+                      torch.device("cpu"), torch.float16)
+    assert [r["tile"] for r in rows] == [16, 64] and all(r["ok"] and r["max_err"] < 2e-3 for r in rows), rows
+    q, lengths, copies, needed = P.make_case(4, 2, 16, 3, 20, 70, torch.device("cpu"), torch.float16)
+    assert needed == int(lengths.sum()) * 2 * 16 * 2 * 2 and len(copies) == 16 == calls[0]  # 16 copies: the cap
+    gbs = needed / 10.0 / 1e3  # bytes / us
+    assert rows[0]["gbs"] == round(gbs) and rows[0]["frac_of_copy"] == round(gbs / 100, 3), rows[0]
+    print("bench ok")
+""")
 
 # The engine's batch-1 decode through the kernels (folded norms, the five-kernel block, rotary + cache write,
 # a sliding window) gives the greedy tokens of the same model without them. Each token's kernel calls are
@@ -320,6 +341,32 @@ def test_paged_kernel_tiles_match_the_float64_reference():
     assert r.returncode == 0 and "tiles ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_paged_attention_benchmark_case():
+    r = _interpret(f"BENCHMARKS = {str(Path(SRC).parent / 'benchmarks')!r}\n" + BENCH_CHECK)
+    assert r.returncode == 0 and "bench ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_paged_attention_benchmark_sweep():
+    """The benchmark's sweep of one tile: every warps x stages at the heuristic's splits (a launch that fails is
+    recorded, not fatal), then the other splits with the fastest correct launch's warps and stages."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paged_attention", Path(SRC).parent / "benchmarks" / "paged_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def launch(cfg, splits):
+        if cfg["num_stages"] == 4:
+            raise RuntimeError("out of resources: shared memory")
+        us = 10.0 * cfg["num_warps"] + cfg["num_stages"] + (splits or 3)
+        return {"us": us, "ok": not (cfg["num_warps"] == 2 and cfg["num_stages"] == 1)}  # the fastest is wrong
+
+    best, timings = bench.sweep_tile(launch, 64, 3, 8)
+    assert len(timings) == 12 + 4 and sum("error" in t for t in timings) == 3
+    assert [(t["num_warps"], t["num_stages"], t["splits"]) for t in timings[12:]] == [(2, 2, s) for s in (1, 2, 4, 8)]
+    assert best == {"num_warps": 2, "num_stages": 2, "splits": 1, "us": 23.0, "ok": True}
+
+
 def test_paged_config_tile_choice():
     """The paged kernel's tile: one block unless a tile or PAGED_TILE asks for more; a tile that is not a power of
     two of at least the block size is refused, naming the value; the splits never outnumber the table's tiles."""
@@ -341,6 +388,13 @@ def test_paged_config_tile_choice():
             K.paged_config(16, 128, bad)
     with pytest.raises(ValueError, match="got 16"):
         K.paged_config(32, 64, 16)
+    for hd in (64, 128, 256):  # the larger tiles' stages fit the shared memory, in bf16 and fp32
+        for itemsize in (2, 4):
+            for tile in (32, 64, 128):
+                cfg = K.paged_config(16, hd, tile, itemsize)
+                assert 16 <= cfg["TILE"] <= tile and cfg["num_stages"] >= 1
+                assert cfg["TILE"] == 16 or 2 * cfg["TILE"] * hd * itemsize * cfg["num_stages"] <= K.PAGED_STAGE_BYTES
+    assert K.paged_config(16, 256, 128, 4)["TILE"] == 64  # (128, 256) fp32: 256 KB a stage
     cpu = torch.device("cpu")
     assert K.paged_splits(1, 1, 20, cpu) == 16 and K.paged_splits(1, 1, 20, cpu, tile_blocks=8) == 3
 

@@ -191,6 +191,27 @@ def test_serve_load_benchmark_runs_offline(tmp_path):
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
 
 
+
+def test_serve_load_paged_tile_flag(capsys, monkeypatch):
+    """benchmarks/serve_load.py --paged-tile: the paged kernel's tile while the engines run (given back after);
+    a tile that is not a power-of-two multiple of the block size, or with --url (a server's process), is refused
+    with one error line naming it."""
+    from lmforge.serve import kernels
+
+    bench = _load_benchmark("serve_load")
+    seen = []
+    monkeypatch.setattr(bench, "offline", lambda a, shape: seen.append(kernels.PAGED_TILE) or [])
+    default = kernels.PAGED_TILE
+    assert bench.main(["--shape", "tiny", "--paged-tile", "64"]) == 0
+    assert bench.main(["--shape", "tiny"]) == 0
+    assert seen == [64, default] and kernels.PAGED_TILE == default
+    for argv, message in ((["--paged-tile", "48"], "--paged-tile 48: the paged kernel's tile must be a power of two"),
+                          (["--paged-tile", "16", "--block-size", "32"], "--paged-tile 16"),
+                          (["--paged-tile", "64", "--url", "http://x/v1"], "offline mode only")):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
 def _load_benchmark(name: str):
     import importlib.util
     from pathlib import Path

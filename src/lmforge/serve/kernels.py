@@ -13,7 +13,9 @@ stores its key and value in the cache, in one kernel. :func:`paged_decode_attent
 row over a paged KV cache through each row's block table (flash-decoding: the row's blocks are shared out over
 several programs, each computing a partial softmax with grouped-query heads reading their shared keys once, and
 a second kernel combines them); it reads each row's length on the device, so one launch shape serves every
-length. :func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the
+length. Each program reads ``TILE`` cache positions per loop iteration (:func:`paged_config`): one block by
+default, or (the op's ``tile`` argument, or :data:`PAGED_TILE`) several blocks gathered through a vector of table
+entries, for larger loads in flight; benchmarks/paged_attention.py times the choices. :func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the
 CPU engine's reference). :func:`decode_attention` is the same over contiguous keys with a boolean mask
 (benchmarks/decode_kernels.py). With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
 
@@ -380,7 +382,10 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 PAGED_TILE = 0  # positions per iteration of the paged kernel; 0: paged_config's choice (benchmarks set it)
 
 
-def paged_config(block_size: int, head_dim: int, tile: int = 0) -> dict:
+PAGED_STAGE_BYTES = 128 << 10  # the larger tiles' keys and values in flight (all stages): within an H100's shared memory
+
+
+def paged_config(block_size: int, head_dim: int, tile: int = 0, itemsize: int = 2) -> dict:
     """Positions per loop iteration (``TILE``), warps and pipeline stages of :func:`paged_decode_attention`'s kernel.
 
     ``tile`` (else :data:`PAGED_TILE`, else one block) picks how many cache positions each iteration reads: a
@@ -389,16 +394,22 @@ def paged_config(block_size: int, head_dim: int, tile: int = 0) -> dict:
     iteration gather a (TILE, head_dim) tile of keys and values through a vector of table entries, so more bytes
     are in flight per program (benchmarks/paged_attention.py times 16, 64 and 128 against each other). The larger
     tiles' warps and stages are first guesses, to be set from that benchmark's sweep: 4 warps and 3 stages up to a
-    (64, 128) tile (32 KB of bf16 keys and values a stage), 8 warps and 2 stages above it.
+    (64, 128) tile, 8 warps and 2 stages above it, fewer stages where the keys and values of all stages
+    (``2 * TILE * head_dim * itemsize`` bytes each) would pass :data:`PAGED_STAGE_BYTES` (fp32 caches), and a
+    smaller tile where even one stage would (the same results: only the speed depends on the tile).
     """
     tile = tile or PAGED_TILE or block_size
     if tile < block_size or tile & (tile - 1):
         raise ValueError(f"the paged kernel's tile must be a power of two of at least the block size "
                          f"({block_size}); got {tile}")
+    while tile > block_size and 2 * tile * head_dim * itemsize > PAGED_STAGE_BYTES:
+        tile //= 2  # not even one stage would fit (fp32, large heads): the largest tile that does
     if tile == block_size:
-        return {"TILE": tile, "num_warps": 4, "num_stages": 3}  # Triton's default stages: today's launch
+        return {"TILE": tile, "num_warps": 4, "num_stages": 3}  # Triton's default stages: the launch as before
     big = tile * head_dim > 64 * 128
-    return {"TILE": tile, "num_warps": 8 if big else 4, "num_stages": 2 if big else 3}
+    stage_bytes = 2 * tile * head_dim * itemsize
+    stages = max(1, min(2 if big else 3, PAGED_STAGE_BYTES // stage_bytes))
+    return {"TILE": tile, "num_warps": 8 if big else 4, "num_stages": stages}
 
 
 def paged_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device, tile_blocks: int = 1) -> int:
@@ -431,10 +442,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns:
         (B, nh, hd) in ``q``'s dtype; :func:`paged_attention_reference` computes the same.
     """
+    return _paged_attention(q, k_cache, v_cache, block_tables, lengths, scale, window, splits,
+                            paged_config(k_cache.shape[1], q.shape[-1], tile, k_cache.element_size()))
+
+
+def _paged_attention(q, k_cache, v_cache, block_tables, lengths, scale: float, window: int, splits: int,
+                     cfg: dict) -> torch.Tensor:
+    """:func:`paged_decode_attention` with the kernel's launch ``cfg`` given (``TILE``, ``num_warps``,
+    ``num_stages``): benchmarks/paged_attention.py sweeps it."""
     B, nh, hd = q.shape
     bs, nkv = k_cache.shape[1], k_cache.shape[2]
     group = nh // nkv
-    cfg = paged_config(bs, hd, tile)
     if splits <= 0:
         splits = paged_splits(B, nkv, block_tables.shape[1], q.device, cfg["TILE"] // bs)
     m = torch.empty(B * nh * splits, device=q.device, dtype=torch.float32)
