@@ -8,8 +8,9 @@ key-value heads of 128) and Llama-3.2-1B (32 / 8 of 64), bf16, blocks of 16 posi
 cache, this times the whole op (the attention kernel and the combine of its splits) for each tile:
 
 - ``*_b128``: 128 rows of lengths uniform in [64, 1500] (the serving benchmark's batch),
-- ``*_b1_l4000``: one row of 4000, ``*_b16_l2000`` and ``*_b32_l2000``: mid batches of long rows (where the
-  split heuristic, :func:`lmforge.serve.kernels.paged_splits`, shares each row over several programs).
+- ``*_b1_l4000``: one row of 4000, ``*_b8_l2000``, ``*_b16_l2000`` and ``*_b32_l2000``: mid batches of long rows
+  (where the split heuristic, :func:`lmforge.serve.kernels.paged_splits`, shares each row over several programs;
+  the sweep's splits say whether it should share them more).
 
 Each case is captured in a CUDA graph of 48 calls cycling through copies of the cache larger together than the
 L2 cache (each layer of a decode step reads its own cache from device memory). GB/s counts the key and value
@@ -22,7 +23,8 @@ splits with its best warps and stages; ``best`` is the fastest launch found, ``s
 
     python benchmarks/paged_attention.py [--cases 8b_b128,1b_b128,...] [--tiles 16,64,128] [--sweep]
 
-Prints one JSON line per case and tile, and writes them all to $OUT/lmforge_paged_attention.json when OUT is set.
+Prints one JSON line per case and tile, and writes them all to $OUT/lmforge_paged_attention.json when OUT is set
+(rewritten after each case).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CASES = {  # name -> (query heads, key/value heads, head dim, rows, shortest, lo
     "1b_b1_l4000": (32, 8, 64, 1, 4000, 4000),
     "8b_b16_l2000": (32, 8, 128, 16, 2000, 2000),
     "1b_b16_l2000": (32, 8, 64, 16, 2000, 2000),
+    "8b_b8_l2000": (32, 8, 128, 8, 2000, 2000),
     "8b_b32_l2000": (32, 8, 128, 32, 2000, 2000),
 }
 CHECKED_ROWS = 8  # rows checked against the float64 reference
@@ -184,9 +187,9 @@ def run(cases: list, tiles: list, sweep: bool) -> list:
     for name in cases:
         rows += run_case(name, tiles, sweep, graph_time_us, copy_gbs, device)
         torch.cuda.empty_cache()
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "lmforge_paged_attention.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        if os.environ.get("OUT"):  # after every case: a run cut short keeps what it measured
+            with open(os.path.join(os.environ["OUT"], "lmforge_paged_attention.json"), "w") as f:
+                json.dump(rows, f, indent=1)
     return rows
 
 
