@@ -351,7 +351,8 @@ def test_paged_attention_benchmark_sweep():
     recorded, not fatal), then the other splits with the fastest correct launch's warps and stages."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paged_attention", Path(SRC).parent / "benchmarks" / "paged_attention.py")
+    path = Path(SRC).parent / "benchmarks" / "paged_attention.py"
+    spec = importlib.util.spec_from_file_location("paged_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 

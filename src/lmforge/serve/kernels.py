@@ -15,8 +15,9 @@ several programs, each computing a partial softmax with grouped-query heads read
 a second kernel combines them); it reads each row's length on the device, so one launch shape serves every
 length. Each program reads ``TILE`` cache positions per loop iteration (:func:`paged_config`): one block by
 default, or (the op's ``tile`` argument, or :data:`PAGED_TILE`) several blocks gathered through a vector of table
-entries, for larger loads in flight; benchmarks/paged_attention.py times the choices. :func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the
-CPU engine's reference). :func:`decode_attention` is the same over contiguous keys with a boolean mask
+entries, for larger loads in flight; benchmarks/paged_attention.py times the choices.
+:func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the CPU engine's
+reference). :func:`decode_attention` is the same over contiguous keys with a boolean mask
 (benchmarks/decode_kernels.py). With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
 
 All are custom ops (``torch.ops.lmforge.*``): ``torch.compile`` keeps each as one call inside the compiled
@@ -423,7 +424,8 @@ def paged_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.devic
 
 @torch.library.custom_op("lmforge::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           lengths: torch.Tensor, scale: float, window: int, splits: int, tile: int = 0) -> torch.Tensor:
+                           lengths: torch.Tensor, scale: float, window: int, splits: int,
+                           tile: int = 0) -> torch.Tensor:
     """Attention of one new token per row over a paged cache (Triton, flash-decoding).
 
     Args:
