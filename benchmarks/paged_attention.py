@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import traceback
 
 import torch
 
@@ -147,7 +148,12 @@ def run_case(name: str, tiles: list, sweep: bool, time_us, copy_gbs: float, devi
         row = {"case": name, "heads": nh, "kv_heads": nkv, "head_dim": hd, "batch": batch,
                "lengths": [shortest, longest], "mean_length": round(float(lengths.float().mean()), 1),
                "copies": len(copies), "mbytes_per_call": round(needed / 1e6, 1), "tile": tile, "config": cfg,
-               "splits": splits, **measure_launch(cfg, 0)}
+               "splits": splits}
+        try:
+            row.update(measure_launch(cfg, 0))
+        except Exception as e:  # noqa: BLE001 - reported in the row; the other tiles and cases still run
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if sweep:
             row["best"], row["sweep"] = sweep_tile(measure_launch, tile, splits, min(64, -(-width // (tile // BLOCK))))
         print(json.dumps(row), flush=True)
