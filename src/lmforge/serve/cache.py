@@ -36,13 +36,24 @@ from lmforge.models.transformer import apply_rotary
 #: SDPA attends grouped-query heads itself from torch 2.5 on.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
-__all__ = ["BlockAllocator", "PagedKVCache", "NoFreeBlocks", "block_hash", "bucket", "block_bytes"]
+__all__ = ["BlockAllocator", "PagedKVCache", "NoFreeBlocks", "block_hash", "bucket", "block_bytes",
+           "prefill_mask"]
 
 
 def bucket(n: int, step: int, limit: Optional[int] = None) -> int:
     """``n`` rounded up to a multiple of ``step`` (a power of two when ``step`` is 0), capped at ``limit``."""
     m = 1 << max(0, (n - 1).bit_length()) if step == 0 else step * math.ceil(n / step)
     return min(m, limit) if limit is not None else m
+
+
+def prefill_mask(positions: torch.Tensor, valid: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The (B, 1, T, S) bool visibility mask of a prefill, on the device of ``positions`` (B, T) and ``valid``
+    (B, T): key ``j < num_keys`` is visible to new token ``i`` iff ``j <= position(i)``; a padding query sees key 0
+    only (never an empty row, which would give NaN)."""
+    keys = torch.arange(num_keys, device=positions.device)
+    mask = keys[None, None, :] <= positions[:, :, None]
+    mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
+    return mask[:, None]
 
 
 def block_bytes(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -204,9 +215,7 @@ class PagedKVCache:
             positions: (B, T) int64 position of each new token.
             valid: (B, T) bool, False for padding tokens (written into the scratch block, seen by nobody).
         """
-        bs = self.block_size
-        blocks = tables.gather(1, (positions // bs).clamp(max=tables.shape[1] - 1))
-        slots = torch.where(valid, blocks * bs + positions % bs, torch.zeros_like(positions))
+        slots = self.prefill_slots(tables, positions, valid)
         dev = self.k[0].device
         # The (B, 1, T, S) mask is built when a layer first needs it (:meth:`_prefill_mask`): a prefill of fresh
         # prompts attends causally in the hook and needs none, unless a layer falls back to the reference path.
@@ -216,17 +225,36 @@ class PagedKVCache:
         # a GPU) instead of gathering through the tables with a mask.
         self._fresh = bool((positions[:, 0] == 0).all())
 
+    def prefill_slots(self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The flat slot (block * block_size + offset) of each new token (B, T); padding tokens get slot 0 (the
+        scratch block). Arguments as :meth:`bind`."""
+        bs = self.block_size
+        blocks = tables.gather(1, (positions // bs).clamp(max=tables.shape[1] - 1))
+        return torch.where(valid, blocks * bs + positions % bs, torch.zeros_like(positions))
+
+    def bind_prefill(self, slots: torch.Tensor, tables: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                     fresh: bool) -> None:
+        """Describe a prefill forward from tensors already on the device (the compiled prefill binds inside its
+        graph): ``slots`` (B, T) from :meth:`prefill_slots`, ``tables`` (B, nb) and ``mask`` (B, 1, T, S) from
+        :func:`prefill_mask` for the reference path (None when every layer takes the fresh hook), ``fresh`` when
+        every row starts at position 0."""
+        self._bound = ("prefill", slots, tables, mask)
+        self._mask_rows = None
+        self._fresh = fresh
+
+    def unbind(self) -> None:
+        """Forget the bound forward (the compiled prefill's last act: its graph then returns no tensor it bound)."""
+        self._bound = None
+        self._mask_rows = None
+
     def _prefill_mask(self) -> torch.Tensor:
-        """The bound prefill's (B, 1, T, S) visibility mask on the device, built on first use: key ``j`` is visible
-        to new token ``i`` iff ``j <= position(i)``; a padding query sees key 0 only (never an empty row, which
-        would give NaN)."""
+        """The bound prefill's (B, 1, T, S) visibility mask on the device (:func:`prefill_mask`), built on first
+        use."""
         kind, slots, tables, mask = self._bound
         if mask is None:
             positions, valid = self._mask_rows
-            keys = torch.arange(tables.shape[1] * self.block_size)
-            mask = keys[None, None, :] <= positions[:, :, None]
-            mask = mask | ((~valid)[:, :, None] & (keys == 0)[None, None, :])
-            mask = mask[:, None].to(self.k[0].device, non_blocking=True)
+            mask = prefill_mask(positions, valid, tables.shape[1] * self.block_size)
+            mask = mask.to(self.k[0].device, non_blocking=True)
             self._bound = (kind, slots, tables, mask)
         return mask
 
@@ -338,5 +366,6 @@ class PagedKVCache:
             else:
                 group = qr.shape[1] // kr.shape[1]
                 kr, vr = kr.repeat_interleave(group, dim=1), vr.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(qr, kr, vr, is_causal=T > 1, scale=attn.scale, **extra)
+        # Causal even for one token (it sees itself): no test of T, which a compiled prefill holds as a symbol
+        y = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=attn.scale, **extra)
         return y.transpose(1, 2).reshape(B, T, -1)

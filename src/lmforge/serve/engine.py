@@ -87,14 +87,19 @@ class Engine:
             every step and, compiled, the decode graphs read the parameters themselves, so each replay uses the
             weights of the moment. :meth:`sync_weights` (before each use) captures the graphs again if a
             parameter was replaced rather than updated in place.
+        compile_prefill: run the prefill forward compiled with ``torch.compile`` (any device; dynamic sizes,
+            tokens padded to a multiple of 16), every shape class compiled at start-up
+            (:class:`~lmforge.serve.runner.CompiledPrefill`): fused rotary, norms and activations, and nothing
+            compiles while requests wait. Off by default.
         graph_chunks: CUDA graphs the blocks of a decode step are split into (evenly).
-        compile_mode: ``torch.compile`` mode of the decode pieces: None (default kernels) or one without
-            CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"``.
+        compile_mode: ``torch.compile`` mode of the decode pieces (and of the prefill with ``compile_prefill``):
+            None (default kernels) or one without CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"``.
         compile_options: inductor options instead of a mode (``torch.compile(options=...)``).
         decode_kernels: run decode attention with lmforge's Triton paged kernel and, compiled, single-row matrix
             products with its Triton kernels (:mod:`lmforge.serve.kernels`). Needs Triton (ignored without it).
         log: where start-up lines go (default: standard error): on a GPU, the KV cache's size and the memory it
-            was sized from; compiled, the graph captures.
+            was sized from; compiled, the graph captures and the prefill's compilation (a line per shape, then the
+            time it took).
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
@@ -102,7 +107,8 @@ class Engine:
                  kv_cache_memory: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, compile_decode: bool = False, lora=None, graph_chunks: int = 1,
                  compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
-                 decode_kernels: bool = True, admission_batch: int = 1, live_weights: bool = False, log=None):
+                 decode_kernels: bool = True, admission_batch: int = 1, live_weights: bool = False,
+                 compile_prefill: bool = False, log=None):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                  ("admission_batch", admission_batch, 1)):
@@ -135,7 +141,8 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size
         self.compiled = bool(compile_decode) and self.device.type == "cuda"
-        if self.compiled:
+        self.compile_prefill = bool(compile_prefill)
+        if self.compiled or self.compile_prefill:
             if compile_mode in ("reduce-overhead", "max-autotune"):
                 raise InvalidRequestError(f"compile_mode={compile_mode!r} records CUDA graphs itself; the engine "
                                           f"captures its own: use None or 'max-autotune-no-cudagraphs'")
@@ -166,7 +173,8 @@ class Engine:
         self.scheduler = Scheduler(self.cache.allocator, block_size, max_batch_size, max_num_batched_tokens,
                                    admission_batch=admission_batch)
         self.runner = ModelRunner(self.model, self.cache, max_rows, self.max_seq_len, lora, self.compiled,
-                                  graph_chunks, compile_mode, compile_options, decode_kernels, self.live_weights)
+                                  graph_chunks, compile_mode, compile_options, decode_kernels, self.live_weights,
+                                  self.compile_prefill)
         self.sampler = Sampler()
         self.eos_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
         self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_seq_len)
@@ -583,7 +591,7 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine(max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
                 f"kv_blocks={self.cache.num_blocks - 1}x{self.block_size}, device={self.device}, "
-                f"dtype={self.dtype}, compiled={self.compiled})")
+                f"dtype={self.dtype}, compiled={self.compiled}, compile_prefill={self.compile_prefill})")
 
 
 def engine_from_checkpoint(path, device: str = "auto", dtype: str = "auto", adapter=None, loras=None,

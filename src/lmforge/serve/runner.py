@@ -30,18 +30,28 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.models.transformer import fuse_projections
-from lmforge.serve.cache import PagedKVCache, bucket
+from lmforge.serve.cache import PagedKVCache, bucket, prefill_mask
 from lmforge.serve.kernels import available as kernels_available, linear, paged_kernel_applies, use_decode_kernels
 from lmforge.serve.request import Sequence, TokenLogprob
 from lmforge.serve.sampler import argmax_rows
 
-__all__ = ["ModelRunner", "DecodeGraphs", "Decode", "prepare_model", "EAGER_SDPA_BACKENDS"]
+__all__ = ["ModelRunner", "DecodeGraphs", "CompiledPrefill", "Decode", "prepare_model", "EAGER_SDPA_BACKENDS",
+           "PREFILL_TOKEN_STEP"]
 
 #: The attention backends of the eager forwards (every prefill, the eager decode step): cuDNN's is left out. It
 #: builds an execution plan for each new shape, ~2 ms of host time per call (one H100, session 9: a prefill of the
 #: 1B shape left the GPU idle ~38 ms while its 16 layers were planned, 7 times in 20 engine steps), and a server's
 #: prefill shapes rarely repeat. Flash and memory-efficient attention need no plan; the math one is the CPU's.
 EAGER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+#: The compiled prefill pads each forward's token dimension up to a multiple of this: the compiled kernels take
+#: the sizes as arguments (dynamic shapes), and Triton builds a kernel variant per size class it specialises on
+#: (divisible by 16 or not); whole multiples of 16 keep that one class, warmed up at start-up.
+PREFILL_TOKEN_STEP = 16
+
+#: The ``torch.compile`` backend of :class:`CompiledPrefill`. The CPU tests set ``"aot_eager"`` (the same dynamo
+#: graphs, shapes and guards, without inductor's code generation, which takes ~15 s a graph on a CPU).
+PREFILL_BACKEND = "inductor"
 
 
 def prepare_model(model, compiled: bool, decode_kernels: bool, live: bool = False) -> bool:
@@ -154,6 +164,106 @@ class DecodeGraphs:
         self.graphs[(B, span)] = (graphs, out)
 
 
+class CompiledPrefill:
+    """The prefill forward compiled with ``torch.compile``, every shape it will see compiled at start-up.
+
+    Two compiled functions: the fresh path (every row starts at position 0: causal attention over the new keys
+    in the cache's hook) and the gather path (a chunk after cached blocks or earlier chunks: keys gathered through
+    the block tables, the visibility mask built inside the graph). Sizes are dynamic: rows ``B``, tokens ``T``
+    (padded up to a multiple of :data:`PREFILL_TOKEN_STEP`) and, on the gather path, table width ``nb`` (at
+    least 2); dynamo compiles a size of 1 apart, so :meth:`warm_up` runs one row and several rows of each path
+    before serving (four graphs), and a server's ever new prefill shapes then reuse them. Inside the graph the attention keeps :data:`EAGER_SDPA_BACKENDS` (no cuDNN SDPA: it would plan
+    every new shape). Models with layers the fresh hook does not serve (sliding windows, ALiBi, soft-capped
+    scores) take the gather path for every prefill.
+    """
+
+    def __init__(self, runner: "ModelRunner", mode: Optional[str] = None, options: Optional[dict] = None):
+        kw = {"options": options} if options else {"mode": mode}
+        if PREFILL_BACKEND != "inductor":
+            kw = {"backend": PREFILL_BACKEND}
+        self.runner = runner
+        self.cache = runner.cache
+        self.fresh_fn = torch.compile(self._fresh, fullgraph=True, **kw)
+        self.gather_fn = torch.compile(self._gather, fullgraph=True, **kw)
+        self.fresh_ok = all(layer.self_attn.window is None and layer.self_attn.alibi_slopes is None
+                            and layer.self_attn.logit_cap is None for layer in runner.model.layers)
+        self.calls = {"fresh": 0, "gather": 0}  # compiled forwards run (tests)
+
+    def _fresh(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        self.cache.bind_prefill(slots, None, None, True)
+        with sdpa_kernel(EAGER_SDPA_BACKENDS):
+            hidden = self.runner.model.hidden_states(ids, kv_cache=self.cache, positions=positions)
+        self.cache.unbind()
+        return hidden
+
+    def _gather(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor,
+                tables: torch.Tensor) -> torch.Tensor:
+        mask = prefill_mask(positions, valid, tables.shape[1] * self.cache.block_size)
+        self.cache.bind_prefill(slots, tables, mask, False)
+        with sdpa_kernel(EAGER_SDPA_BACKENDS):
+            hidden = self.runner.model.hidden_states(ids, kv_cache=self.cache, positions=positions)
+        self.cache.unbind()
+        return hidden
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, tables: torch.Tensor,
+            fresh: Optional[bool] = None) -> torch.Tensor:
+        """The final hidden states (B, T, C) of a prefill given on the host: ``ids``, ``positions``, ``valid``
+        (B, T) and ``tables`` (B, nb), as :meth:`lmforge.serve.cache.PagedKVCache.bind` takes them. ``fresh``
+        picks the path (default: the fresh one when every row starts at position 0 and the model allows it)."""
+        slots = self.cache.prefill_slots(tables, positions, valid)
+        if fresh is None:
+            fresh = self.fresh_ok and bool((positions[:, 0] == 0).all())
+        dev = self.runner.device
+        ids, positions, slots = (t.to(dev, non_blocking=True) for t in (ids, positions, slots))
+        for t in (ids, positions, slots):
+            _mark_dynamic(t)
+        if fresh:
+            self.calls["fresh"] += 1
+            return self.fresh_fn(ids, positions, slots)
+        valid, tables = valid.to(dev, non_blocking=True), tables.to(dev, non_blocking=True)
+        _mark_dynamic(valid)
+        _mark_dynamic(tables)
+        self.calls["gather"] += 1
+        return self.gather_fn(ids, positions, valid, slots, tables)
+
+    def shapes(self) -> list[tuple[str, int, int, int]]:
+        """The ``(path, rows, tokens, table blocks)`` :meth:`warm_up` runs: one and several rows of each path, and
+        sizes of 16 (a size class Triton compiles kernels apart for) where the engine allows them. Sizes differ from one another
+        so that no two dynamic sizes are compiled as one (dynamo gives equal sizes one symbol)."""
+        r = self.runner
+        rows = [b for b in (1, 2, 16) if b <= r.max_rows]
+        blocks = [3, 16]  # never 1: :meth:`ModelRunner.prefill` gives the gather path at least 2
+        out = [("fresh", b, PREFILL_TOKEN_STEP * (4 + i), 1) for i, b in enumerate(rows)] if self.fresh_ok else []
+        for i, b in enumerate(rows):
+            for j, n in enumerate(blocks):
+                out.append(("gather", b, PREFILL_TOKEN_STEP * (4 + i + 3 * j), n))
+        return out
+
+    def warm_up(self, log) -> float:
+        """Compile and run every shape of :meth:`shapes` on padding (every token writes the scratch block); returns
+        the seconds it took. ``log`` receives a line per shape."""
+        start = time.perf_counter()
+        shapes = self.shapes()
+        for i, (path, B, T, nb) in enumerate(shapes):
+            if self.runner.lora is not None:
+                self.runner.lora.set_rows([0] * B)
+            ids, positions = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)  # apart: an
+            # input that is another one is a guard of its own (the engine's never are)
+            self.run(ids, positions, torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, nb, dtype=torch.long),
+                     fresh=path == "fresh")
+            log(f"compiling prefill: {i + 1}/{len(shapes)} ({path} path, {B} rows, {T} tokens, {nb} blocks) "
+                f"{time.perf_counter() - start:.1f}s")
+        self.calls = {"fresh": 0, "gather": 0}
+        return time.perf_counter() - start
+
+
+def _mark_dynamic(t: torch.Tensor) -> None:
+    """Compile ``t``'s sizes as symbols (sizes of 1 stay specialised, as dynamo does)."""
+    for dim, size in enumerate(t.shape):
+        if size > 1:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 @dataclass
 class Decode:
     """A decode step launched on the device: ``seqs[i]`` is row ``i`` of its outputs.
@@ -190,12 +300,14 @@ class ModelRunner:
         max_rows: most rows of a decode step (graph buckets up to it).
         max_seq_len: longest sequence.
         lora: a :class:`~lmforge.peft.multi_lora.MultiLoRA` applied to ``model``, or None.
-        compiled, graph_chunks, compile_mode, compile_options, decode_kernels: as :class:`~lmforge.serve.engine.Engine`.
+        compiled, graph_chunks, compile_mode, compile_options, decode_kernels: as :class:`~lmforge.serve.engine.Engine`
+            (``compiled`` is its ``compile_decode`` on a GPU).
+        compile_prefill: run prefills through :class:`CompiledPrefill` (any device), compiled at start-up.
     """
 
     def __init__(self, model, cache: PagedKVCache, max_rows: int, max_seq_len: int, lora=None, compiled: bool = False,
                  graph_chunks: int = 1, compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
-                 decode_kernels: bool = True, live: bool = False):
+                 decode_kernels: bool = True, live: bool = False, compile_prefill: bool = False):
         self.model = model
         self.cache = cache
         param = next(model.parameters())
@@ -242,10 +354,12 @@ class ModelRunner:
         self.graphs: Optional[DecodeGraphs] = None
         if prepare_model(model, compiled, decode_kernels, live):
             self._linear = linear
-        if compiled:
+        if compiled or compile_prefill:
             limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+        if compiled:
             self.graphs = DecodeGraphs(self, graph_chunks, compile_mode, compile_options)
+        self.compiled_prefill = CompiledPrefill(self, compile_mode, compile_options) if compile_prefill else None
 
     # -- start-up --------------------------------------------------------------------------------------------
 
@@ -256,19 +370,34 @@ class ModelRunner:
         return [(b, s) for b in batches for s in spans]
 
     @torch.inference_mode()
-    def capture_all(self, log=None) -> float:
-        """Compile and capture every decode shape now (before serving); returns the seconds it took. ``log``
-        (default: standard error) receives a progress line per shape.
+    def capture_all(self, log=None, prefill: bool = True) -> float:
+        """Compile every prefill shape class (:meth:`CompiledPrefill.warm_up`, with ``compile_prefill``) and
+        compile and capture every decode shape (when compiled) now, before serving; returns the seconds it took.
+        ``log`` (default: standard error) receives a progress line per shape and the time each part took.
+        ``prefill=False`` captures the decode graphs only (:meth:`recapture`).
 
         Runs in inference mode, the mode :meth:`lmforge.serve.engine.Engine.step` replays the graphs in: compiled
         with grad enabled on parameters that require grad, the pieces would be traced for a backward pass (which
         the Triton custom ops do not have), and dynamo guards on the grad mode, so capture and replay must agree."""
-        if self.graphs is None:
+        if self.graphs is None and self.compiled_prefill is None:
             return 0.0
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        shapes = self.shapes()
         start = time.perf_counter()
         self.cache.tables.zero_()  # every row is padding: the warm-up runs write the scratch block only
+        if self.compiled_prefill is not None and prefill:
+            seconds = self.compiled_prefill.warm_up(log)
+            log(f"compiled the prefill ({len(self.compiled_prefill.shapes())} shapes warmed up) in {seconds:.1f}s")
+        if self.graphs is not None:
+            self._capture_decode(log)
+            self._pointers = self.parameter_pointers()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
+        return time.perf_counter() - start
+
+    def _capture_decode(self, log) -> None:
+        shapes = self.shapes()
+        start = time.perf_counter()
         self.graphs.inputs.zero_()
         if self.lora is not None:
             self.lora.set_rows([0] * self.max_rows)
@@ -278,11 +407,8 @@ class ModelRunner:
                 f"{time.perf_counter() - start:.1f}s")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
-        self._pointers = self.parameter_pointers()
         seconds = time.perf_counter() - start
         log(f"captured {len(shapes)} decode graph sets (batches {sorted({b for b, _ in shapes})}) in {seconds:.1f}s")
-        return seconds
 
     def parameter_pointers(self) -> dict[str, int]:
         """Each parameter's and buffer's storage address: what the captured graphs read."""
@@ -298,9 +424,10 @@ class ModelRunner:
         return sorted(name for name in set(now) | set(self._pointers) if now.get(name) != self._pointers.get(name))
 
     def recapture(self, log=None) -> float:
-        """Capture every decode shape again (after parameters moved): the old graphs are dropped first."""
+        """Capture every decode shape again (after parameters moved): the old graphs are dropped first. (The
+        compiled prefill needs nothing: no CUDA graphs, its parameters are inputs of each call.)"""
         self.graphs.graphs.clear()
-        return self.capture_all(log)
+        return self.capture_all(log, prefill=False)
 
     # -- prefill -----------------------------------------------------------------------------------------------
 
@@ -314,7 +441,11 @@ class ModelRunner:
         B = len(chunks)
         bs = self.cache.block_size
         T = max(hi - lo for _, lo, hi in chunks)
+        if self.compiled_prefill is not None:
+            T = bucket(T, PREFILL_TOKEN_STEP)  # padding tokens write the scratch block; no query sees them
         nb = max(-(-hi // bs) for _, _, hi in chunks)
+        if self.compiled_prefill is not None:
+            nb = max(nb, 2)  # a width of 1 would be a graph of its own (block 0 pads: no key of it is visible)
         # Pinned on a GPU so the copies below are asynchronous (a blocking one would wait for the decode step
         # launched just before, and the device would then idle while this forward's kernels are queued).
         pin = self.device.type == "cuda"
@@ -328,13 +459,16 @@ class ModelRunner:
             valid[b, : hi - lo] = True
             table = seq.block_table[: -(-hi // bs)]
             tables[b, : len(table)] = torch.tensor(table)
-        self.cache.bind(tables, positions, valid)
         if self.lora is not None:
             self.lora.set_rows([seq.adapter for seq, _, _ in chunks])
         dev = self.device
-        with sdpa_kernel(EAGER_SDPA_BACKENDS):
-            hidden = self.model.hidden_states(ids.to(dev, non_blocking=True), kv_cache=self.cache,
-                                              positions=positions.to(dev, non_blocking=True))  # (B, T, C)
+        if self.compiled_prefill is not None:
+            hidden = self.compiled_prefill.run(ids, positions, valid, tables)  # (B, T, C)
+        else:
+            self.cache.bind(tables, positions, valid)
+            with sdpa_kernel(EAGER_SDPA_BACKENDS):
+                hidden = self.model.hidden_states(ids.to(dev, non_blocking=True), kv_cache=self.cache,
+                                                  positions=positions.to(dev, non_blocking=True))  # (B, T, C)
         last_index = torch.tensor([hi - lo - 1 for _, lo, hi in chunks], pin_memory=pin)
         last = hidden[torch.arange(B, device=dev), last_index.to(dev, non_blocking=True)]  # (B, C)
         for b, (seq, lo, hi) in enumerate(chunks):

@@ -1,0 +1,109 @@
+"""The compiled prefill (``Engine(compile_prefill=True)``): the same greedy tokens as the eager engine, and nothing
+compiles after start-up however the prefill shapes vary.
+
+One engine serves every check (compiling is the cost): mixed prompt lengths, prompts chunked over steps (the
+gather path), prefix-cache hits and preemption under a tiny block budget. The compile backend is ``aot_eager``
+through a capturing compiler (dynamo's graphs, guards and dynamic shapes and AOT's functionalized graph, without
+inductor's code generation, ~15 s a graph on a CPU); the engine's inductor default is what a GPU runs.
+"""
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend
+
+import lmforge.serve.runner as runner_module
+from lmforge.models.generate import generate
+from lmforge.serve.engine import Engine
+
+from tests.models.test_generate import make_model
+from tests.serve.test_serve_paged import assert_all_free, run
+
+CONFIG = dict(max_batch_size=4, max_seq_len=32, block_size=4, num_kv_blocks=10, max_num_batched_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """``(model, engine, graphs, graphs compiled at start-up, shapes seen)``: the compiled engine built with the
+    attention backends narrowed to MATH (the graphs must show it: the compiled prefill honours
+    ``EAGER_SDPA_BACKENDS``, the list that keeps cuDNN out on a GPU)."""
+    torch._dynamo.reset()
+    graphs: list[str] = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    model = make_model("llama", 64, 0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_module, "PREFILL_BACKEND", aot_autograd(fw_compiler=capture))
+        mp.setattr(runner_module, "EAGER_SDPA_BACKENDS", [SDPBackend.MATH])
+        before = counters["stats"]["unique_graphs"]
+        engine = Engine(model, compile_prefill=True, log=lambda msg: None, **CONFIG)
+        at_start = counters["stats"]["unique_graphs"] - before
+        shapes = set()
+        run_prefill = engine.runner.compiled_prefill.run
+
+        def spy(ids, positions, valid, tables, fresh=None):
+            shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
+            return run_prefill(ids, positions, valid, tables, fresh)
+
+        engine.runner.compiled_prefill.run = spy
+        yield model, engine, graphs, at_start, shapes
+    torch._dynamo.reset()
+
+
+WORKLOADS = {
+    # a tiny block budget: sequences are preempted and recomputed
+    "preemption": {f"r{i}": ([(7 * i + j) % 60 for j in range(3 + 2 * i)], 14 - i) for i in range(5)},
+    # mixed lengths: four short prompts in one forward, then two longer than a step's budget (prefilled in chunks)
+    "mixed": {f"m{i}": ([(5 * j + 3 * i + 1) % 60 for j in range(n)], 4)
+              for i, n in enumerate((3, 4, 5, 2, 23, 27, 9))},
+}
+SHARED = [(3 * j + 1) % 60 for j in range(13)]
+
+
+def test_compiled_prefill_gives_the_eager_tokens_and_compiles_nothing_after_start_up(compiled):
+    model, engine, graphs, at_start, shapes = compiled
+    eager = Engine(model, **CONFIG)
+    assert at_start == 4 and len(graphs) == 4  # fresh and gather paths, one row and several rows each
+    compiled_before = counters["stats"]["unique_graphs"]
+    for name, requests in WORKLOADS.items():
+        preempted = engine.metrics.preemptions
+        got, want = run(engine, requests), run(eager, requests)
+        for rid, (prompt, n) in requests.items():
+            assert got[rid] == want[rid] == generate(model, prompt, n, greedy=True), (name, rid)
+        if name == "preemption":
+            assert engine.metrics.preemptions > preempted
+    # prefix-cache hits: a first request, then three sharing its 13-token prefix (3 full cached blocks)
+    first = {"first": (SHARED + [5], 6)}
+    assert run(engine, first)["first"] == run(eager, first)["first"]
+    later = {f"p{i}": (SHARED + [10 + i, 20 + i], 6) for i in range(3)}
+    got, want = run(engine, later), run(eager, later)
+    for rid, (prompt, n) in later.items():
+        assert got[rid] == want[rid] == generate(model, prompt, n, greedy=True), rid
+        assert got["_final"][rid].metrics.cached_tokens == 12
+    assert_all_free(engine)
+    calls = engine.runner.compiled_prefill.calls
+    assert calls["fresh"] > 0 and calls["gather"] > 0  # both paths served (chunks, cache hits, recomputes)
+    assert len({b for b, _, _ in shapes}) >= 3 and len({t for _, t, _ in shapes}) >= 2, shapes
+    assert len({nb for _, _, nb in shapes}) >= 3, shapes
+    assert counters["stats"]["unique_graphs"] == compiled_before  # no compile after start-up
+
+
+def test_compiled_prefill_keeps_the_engines_attention_backends(compiled):
+    """The graphs were traced under ``EAGER_SDPA_BACKENDS`` (narrowed to MATH here): no fused SDPA kernel in
+    them, where the CPU's default picks its flash kernel. On a GPU the same list keeps cuDNN's SDPA out."""
+    _, _, graphs, _, _ = compiled
+    assert graphs and all("mul" in g for g in graphs)
+    assert not any("_scaled_dot_product_flash" in g or "_scaled_dot_product_efficient" in g
+                   or "_scaled_dot_product_cudnn" in g for g in graphs)
+
+
+def test_compiled_prefill_pads_tokens_and_blocks(compiled):
+    """Every compiled forward's tokens are a multiple of 16 and its tables at least 2 blocks wide (the size classes
+    warmed up at start-up)."""
+    _, engine, _, _, shapes = compiled
+    assert shapes
+    assert all(t % runner_module.PREFILL_TOKEN_STEP == 0 and nb >= 2 for _, t, nb in shapes), shapes
