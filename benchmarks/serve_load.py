@@ -4,8 +4,10 @@ Offline mode (the default): a fresh :class:`~lmforge.serve.engine.Engine` over a
 weights receives ``--num-requests`` requests at once, prompts of random tokens with lengths uniform in
 ``--prompt-len A B``, outputs uniform in ``--output-len C D`` (greedy, the end-of-sequence token ignored), and runs
 them to completion; ``--passes 2`` runs the same requests again on the same engine (a warm engine: with graphs
-captured at start-up, the first pass should already be as fast). Start-up (cache sizing, graph capture) is
-reported apart. Each pass also reports what its steps did (the engine's step counters): ``step_calls``,
+captured at start-up, the first pass should already be as fast). Start-up (cache sizing, graph capture, with
+``--compile-prefill`` the prefill's compilation) is reported apart, and each pass reports ``graphs_compiled``, the
+graphs ``torch.compile`` built during it (0 when start-up compiled everything). Each pass also reports what its
+steps did (the engine's step counters): ``step_calls``,
 ``decode_steps`` (of them ``chained_steps``, launched on the device after the step in flight, and ``mixed_steps``,
 which also prefilled and so read their decode step at once), ``prefill_forwards``, ``prefill_tokens`` and
 ``decode_rows``. ``--trace PATH`` writes a torch.profiler Chrome trace of steps ``--trace-steps`` of the first
@@ -45,6 +47,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
@@ -95,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paged-tile", type=int, default=0,
                    help="cache positions per loop iteration of the paged decode kernel (kernels.PAGED_TILE; a power "
                         "of two, a multiple of --block-size; 0: the kernel's default)")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="the prefill forward compiled at start-up (Engine(compile_prefill=True))")
     p.add_argument("--passes", type=int, default=2, help="runs of the same requests on the same engine")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
@@ -165,11 +170,11 @@ def offline(a, shape: str) -> list[dict]:
                     max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                     gpu_memory_utilization=a.gpu_memory_utilization, num_kv_blocks=a.num_kv_blocks,
                     enable_prefix_caching=not a.no_prefix_caching, compile_decode=a.compile,
-                    admission_batch=a.admission_batch)
+                    compile_prefill=a.compile_prefill, admission_batch=a.admission_batch)
     startup = time.perf_counter() - start
     blocks = engine.cache.num_blocks - 1
     print(f"{shape} on {torch.cuda.get_device_name() if a.device.startswith('cuda') else a.device}, {dtype}: "
-          f"start-up {startup:.1f} s (graph capture {engine.startup_seconds:.1f} s); KV cache {blocks} blocks of "
+          f"start-up {startup:.1f} s (compilation and graph capture {engine.startup_seconds:.1f} s); KV cache {blocks} blocks of "
           f"{a.block_size} = {blocks * a.block_size:,} tokens ({engine.memory_bytes() / 2**30:.1f} GiB); "
           f"{a.num_requests} requests, prompts {a.prompt_len}, outputs {a.output_len}, max batch {a.max_batch_size}",
           flush=True)
@@ -178,6 +183,7 @@ def offline(a, shape: str) -> list[dict]:
     for i in range(a.passes):
         preempted = engine.metrics.preemptions
         before = {k: getattr(engine.metrics, k) for k in counted}
+        compiled = counters["stats"]["unique_graphs"]  # graphs torch.compile built: none should come while serving
         for j, (prompt, n) in enumerate(requests):
             engine.add_request(f"p{i}-{j}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         t0 = time.perf_counter()
@@ -204,7 +210,8 @@ def offline(a, shape: str) -> list[dict]:
         steps = {k: getattr(engine.metrics, k) - before[k] for k in counted}
         rows.append(summarize("fresh engine" if i == 0 else f"pass {i + 1}", time.perf_counter() - t0, tokens, ttft,
                               tpot, shape=shape, preemptions=engine.metrics.preemptions - preempted,
-                              startup_seconds=round(startup, 2), step_calls=step, **steps))
+                              startup_seconds=round(startup, 2), step_calls=step, **steps,
+                              graphs_compiled=counters["stats"]["unique_graphs"] - compiled))
     return rows
 
 

@@ -107,3 +107,28 @@ def test_compiled_prefill_pads_tokens_and_blocks(compiled):
     _, engine, _, _, shapes = compiled
     assert shapes
     assert all(t % runner_module.PREFILL_TOKEN_STEP == 0 and nb >= 2 for _, t, nb in shapes), shapes
+
+
+def test_compile_prefill_flags_reach_the_engine(monkeypatch):
+    """``lmforge serve --compile-prefill`` and ``benchmarks/serve_load.py --compile-prefill`` build the engine with
+    ``compile_prefill=True`` (and without the flag, False)."""
+    import lmforge.serve.server as server
+    from lmforge.cli import main
+
+    from tests.serve.test_serve_paged import _load_benchmark
+
+    served = []
+    monkeypatch.setattr(server, "run_server", lambda model, **kw: served.append(kw["compile_prefill"]))
+    assert main(["serve", "some/model", "--compile-prefill"]) == 0 and main(["serve", "some/model"]) == 0
+    assert served == [True, False]
+    bench = _load_benchmark("serve_load")
+    built = []
+
+    def engine(*args, **kwargs):
+        built.append(kwargs["compile_prefill"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "Engine", engine)
+    argv = ["--shape", "tiny", "--num-requests", "1", "--prompt-len", "4", "8", "--output-len", "2", "3"]
+    assert bench.main(argv + ["--compile-prefill"]) == 1 and bench.main(argv) == 1
+    assert built == [True, False]

@@ -95,6 +95,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step and capture its CUDA graphs at start-up (GPU)")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="compile the prefill forward with torch.compile, every shape class at start-up (a progress "
+                        "line each and the time it took; nothing compiles while requests wait)")
     _add_cache_flags(p)
     p.add_argument("--adapter", default=None, help="a fine-tuned adapter folder (LoRA/DoRA, IA3, bottleneck adapters), "
                    "merged into the served model")
@@ -131,8 +134,8 @@ def _cmd_serve(a) -> int:
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
-               compile_decode=a.compile, adapter=a.adapter, loras=parse_loras(a.lora),
-               max_request_bytes=a.max_request_bytes, **cache_kwargs(a))
+               compile_decode=a.compile, compile_prefill=a.compile_prefill, adapter=a.adapter,
+               loras=parse_loras(a.lora), max_request_bytes=a.max_request_bytes, **cache_kwargs(a))
     return 0
 
 
