@@ -10,7 +10,9 @@ per request (MultiLoRA's row buffer read by the captured graphs) and a p-tuned m
 front of every prompt). Each dense model also decodes prompts alone (batch 1, the graphs of one row). Then the
 scheduler on the GPU: a compiled engine with a tiny KV cache (preemptions), a small token budget (chunked
 prefill) and shared prompt prefixes (prefix-cache hits) gives the reference tokens, and a cache sized by
-``gpu_memory_utilization`` stays within it.
+``gpu_memory_utilization`` stays within it. The compiled prefill (``compile_prefill=True``) gives the same tokens
+in that scheduling mix, compiles nothing after start-up and never runs cuDNN's SDPA (fresh and gather paths; every
+prefill of the sliding-window model takes the gather path).
 The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.kernels`, at batch 1) unless
 ``--no-kernels``. Every check prints its result line; one that raises prints an ``ERROR`` line (its traceback on
 standard error) and the next check runs. Exits non-zero on any mismatch or error.
@@ -133,6 +135,40 @@ def check_scheduling(shape: dict, g: torch.Generator) -> int:
           f"{total / 2**30:.0f} GiB; reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB "
           f"{'ok' if ok else 'MISMATCH'}", flush=True)
     return failures + (not ok)
+
+
+def check_compiled_prefill(name: str, shape: dict, g: torch.Generator) -> int:
+    """``compile_prefill=True`` (beside the compiled decode step): a tiny KV cache (preemptions), 64-token steps
+    (chunks: the gather path) and shared prefixes (prefix-cache hits) give the eager reference's tokens; no graph is
+    compiled after start-up; the prefill's attention never runs cuDNN's SDPA (the profiler's aten ops say which)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    model = Transformer(ModelConfig(**shape)).cuda()
+    model.init_weights(seed=1)
+    model.eval()
+    shared = torch.randint(0, 503, (100,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 150, 1, 60, 33, 200)]
+    prompts += [torch.randint(0, 503, (n,), generator=g).tolist() for n in (300, 7, 41, 2)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+              for m in (80, 20, 150, 64, 3, 40, 90, 120, 9, 30)]
+    ref = Engine(model, None, max_batch_size=8, max_seq_len=700, decode_kernels=False, num_kv_blocks=8 * 44,
+                 enable_prefix_caching=False).generate(prompts, params)
+    eng = Engine(model, None, max_batch_size=8, max_seq_len=700, compile_decode=True, compile_prefill=True,
+                 decode_kernels=KERNELS, num_kv_blocks=50, max_num_batched_tokens=64)
+    compiled = counters["stats"]["unique_graphs"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = eng.generate(prompts, params)
+    after = counters["stats"]["unique_graphs"] - compiled
+    sdpa = sorted({e.name for e in prof.events()
+                   if e.name.startswith("aten::") and ("scaled_dot_product" in e.name or "attention" in e.name)})
+    cudnn = [n for n in sdpa if "cudnn" in n]
+    same = [a == b for a, b in zip(ref, got)]
+    calls = eng.runner.compiled_prefill.calls
+    print(f"{name} compiled prefill: {sum(same)}/{len(same)} equal; preemptions {eng.metrics.preemptions}, prefix-cache "
+          f"hits {eng.cache.allocator.hits}; prefill forwards fresh {calls['fresh']} gather {calls['gather']}; graphs "
+          f"compiled after start-up {after}; attention ops {sdpa}; start-up {eng.startup_seconds:.1f} s", flush=True)
+    return len(same) - sum(same) + after + len(cudnn)
 
 
 def lora_engine(shape: dict, folders: dict, compiled: bool) -> Engine:
@@ -270,6 +306,8 @@ def main() -> int:
     checks += [("multi-lora", partial(check_lora, SHAPES["llama-gqa"], g)),
                ("p-tuning", partial(check_ptuning, SHAPES["llama-gqa"], g)),
                ("scheduling", partial(check_scheduling, SHAPES["llama-gqa"], g))]
+    checks += [(f"{name} compiled prefill", partial(check_compiled_prefill, name, SHAPES[name], g))
+               for name in ("llama-gqa", "mistral-window")]
     return run_checks(checks)
 
 

@@ -4,7 +4,9 @@ Two kinds of forward:
 
 - :meth:`ModelRunner.prefill`: chunks of tokens of several sequences (right-padded rows, each at its own
   positions, attending through its block table to what earlier chunks computed); returns the next-token logits
-  of the rows whose chunk ends their known tokens, and gathers prompt log-probabilities when asked.
+  of the rows whose chunk ends their known tokens, and gathers prompt log-probabilities when asked. Eager by
+  default; with ``compile_prefill=True`` the forward is :class:`CompiledPrefill` (``torch.compile`` with dynamic
+  sizes, its four graphs compiled at start-up by :meth:`ModelRunner.capture_all`).
 - :meth:`ModelRunner.launch_decode`: one token per row. On a GPU with ``compiled=True`` the step (embedding,
   every block, the head and the argmax) is compiled with ``torch.compile`` and captured as CUDA graphs
   (:class:`DecodeGraphs`) per batch bucket (powers of two), all at start-up (:meth:`ModelRunner.capture_all`):
