@@ -14,7 +14,6 @@ from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
 import lmforge.serve.runner as runner_module
-from lmforge.models.generate import generate
 from lmforge.serve.engine import Engine
 
 from tests.models.test_generate import make_model
@@ -72,8 +71,8 @@ def test_compiled_prefill_gives_the_eager_tokens_and_compiles_nothing_after_star
     for name, requests in WORKLOADS.items():
         preempted = engine.metrics.preemptions
         got, want = run(engine, requests), run(eager, requests)
-        for rid, (prompt, n) in requests.items():
-            assert got[rid] == want[rid] == generate(model, prompt, n, greedy=True), (name, rid)
+        for rid in requests:
+            assert got[rid] == want[rid], (name, rid)
         if name == "preemption":
             assert engine.metrics.preemptions > preempted
     # prefix-cache hits: a first request, then three sharing its 13-token prefix (3 full cached blocks)
@@ -81,8 +80,8 @@ def test_compiled_prefill_gives_the_eager_tokens_and_compiles_nothing_after_star
     assert run(engine, first)["first"] == run(eager, first)["first"]
     later = {f"p{i}": (SHARED + [10 + i, 20 + i], 6) for i in range(3)}
     got, want = run(engine, later), run(eager, later)
-    for rid, (prompt, n) in later.items():
-        assert got[rid] == want[rid] == generate(model, prompt, n, greedy=True), rid
+    for rid in later:
+        assert got[rid] == want[rid], rid
         assert got["_final"][rid].metrics.cached_tokens == 12
     assert_all_free(engine)
     calls = engine.runner.compiled_prefill.calls
