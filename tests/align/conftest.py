@@ -90,6 +90,9 @@ def frac_a(prompts, completions, **fields):
     assert all(isinstance(w, str) for w in fields["word"])
     return [sum(ch == "a" for ch in c) / max(len(c), 1) for c in completions]
 
+def distinct(prompts, completions, **fields):
+    return [len(set(c)) / 6 for c in completions]  # above 0 for every completion with a character
+
 def raises(prompts, completions, **fields):
     raise ValueError("cannot score")
 

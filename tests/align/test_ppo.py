@@ -166,7 +166,8 @@ def test_vf_coef_weighs_the_value_loss_in_the_shared_clip(rl_folder, tiny_base, 
     a larger align.vf_coef takes more of the norm for the critic and leaves the policy a smaller gradient."""
     from safetensors.torch import load_file
 
-    common = ["--reward-fn", "rl_rewards:frac_a", "trainer.max_steps=1", "align.num_generations=2",
+    # a reward above 0 for every completion (frac_a is 0 for all 8 completions of a draw without an `a`: no gradient)
+    common = ["--reward-fn", "rl_rewards:distinct", "trainer.max_steps=1", "align.num_generations=2",
               "trainer.gradient_clip_val=0.01", "optim.lr=0.01"]
     assert _ppo(tiny_base, "vf_small", *common, "align.vf_coef=0.01") == 0
     assert _ppo(tiny_base, "vf_large", *common, "align.vf_coef=10") == 0

@@ -343,7 +343,7 @@ def test_streamed_text_equals_a_whole_decode(kind, tmp_path):
     engine = Engine(model.eval(), tok, max_batch_size=4)
     prompts = [tok.encode(t) for t in ("日本", "def f", "😀", " naïve")]
     for i, prompt in enumerate(prompts):  # random weights + temperature 1: arbitrary token sequences
-        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=120, temperature=1.0, seed=i, ignore_eos=True))
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=200, temperature=1.0, seed=i, ignore_eos=True))
     pieces = {f"r{i}": [] for i in range(len(prompts))}
     ids = {f"r{i}": [] for i in range(len(prompts))}
     while engine.has_work():

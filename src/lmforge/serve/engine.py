@@ -15,10 +15,13 @@ The engine is four parts, each its own module:
 How a step works (:meth:`Engine.step`): the scheduler picks the decoding sequences (one token each) and the
 prefill chunks (waiting or partly prefilled sequences) that fit ``max_num_batched_tokens``; the decode step is
 launched, then the chunks are prefilled in one padded forward; a chunk that ends its sequence's known tokens
-samples the next token. Finished sequences give their blocks back. A greedy-only decode step with nothing else
-to do is left running on the device: the next call launches the step after it (fed on the device with its
-argmax) before reading it, so the host's work overlaps the device's; when it cannot (a sequence ended, a
+samples the next token. Finished sequences give their blocks back. A decode step whose rows all take their
+argmax or draw plainly (temperature, top-k, top-p, min-p with per-request seeds; no penalties, no
+log-probabilities) chooses its tokens on the device (:func:`lmforge.serve.sampler.next_tokens`) and, with
+nothing else to do, is left running: the next call launches the step after it (fed on the device with those
+tokens) before reading it, so the host's work overlaps the device's; when it cannot (a sequence ended, a
 waiting request may join) the call reads the step and schedules the next itself: every call launches work.
+Sampled requests draw the same tokens either way (the draws depend on the seed and the token's index alone).
 
 Greedy decoding through the engine gives the tokens of :func:`lmforge.models.generate.generate` for every
 request, whatever else is in the batch, however prompts are chunked, whether a prefix came from the cache or a
@@ -180,7 +183,7 @@ class Engine:
         self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_seq_len)
         self.metrics = EngineMetrics()
         self._ids: set[str] = set()
-        self._inflight: Optional[Decode] = None  # a greedy-only decode step launched but not read yet
+        self._inflight: Optional[Decode] = None  # a decode step with its tokens on the device, not read yet
         self.startup_seconds = self.runner.capture_all(log)  # nothing compiles once requests come
 
     def sync_weights(self) -> list[str]:
@@ -494,7 +497,7 @@ class Engine:
     # -- decode --------------------------------------------------------------------------------------------
 
     def _launch_chained(self, d: Decode) -> Decode:
-        """Start the step after ``d`` without reading it: each row feeds ``d``'s argmax one position on."""
+        """Start the step after ``d`` without reading it: each row feeds ``d``'s token one position on."""
         nxt = self.runner.launch_chained(d)
         self.metrics.decode_steps += 1
         self.metrics.chained_steps += 1
@@ -505,14 +508,16 @@ class Engine:
 
     @staticmethod
     def _pipelinable(seq: Sequence) -> bool:
-        """Whether the next token needs only the step's argmax (no sampling, penalties or logprobs)."""
+        """Whether the next token can be chosen on the device: the argmax, or a draw with temperature, top-k,
+        top-p and min-p (no penalties: they read the host's history; no logprobs)."""
         p = seq.params
-        return p.greedy and not p.needs_penalties and p.logprobs is None
+        return not p.needs_penalties and p.logprobs is None
 
     def _can_chain(self, d: Decode) -> bool:
-        """Whether the step after ``d`` may start before ``d`` is read: ``d`` is greedy-only and decodes every
-        running sequence, none of which was aborted or ends by length with ``d``'s token, no waiting request
-        could join the batch now, and every sequence has a block for one more position without preempting.
+        """Whether the step after ``d`` may start before ``d`` is read: ``d`` chose its tokens on the device
+        (:meth:`_pipelinable` rows) and decodes every running sequence, none of which was aborted or ends by
+        length with ``d``'s token, no waiting request could join the batch now, and every sequence has a block
+        for one more position without preempting.
         (A sequence that then stops on a token or a stop string only wastes its row.)"""
         if d.tokens is None or len(d.seqs) != len(self.running):
             return False
@@ -532,7 +537,10 @@ class Engine:
         if d.tokens is not None:
             tokens = d.read_tokens()
             for seq, r in zip(seqs, rows):
-                self._append(seq, tokens[r])
+                if tokens[r] < 0:  # a draw from a distribution that is not finite (NaN logits): this request fails
+                    seq.fail("the model's next-token distribution is not finite (NaN or inf logits)")
+                else:
+                    self._append(seq, tokens[r])
                 touched[seq.request_id] = seq
         else:
             self._advance(seqs, d.logits, touched, rows, d.greedy)
@@ -547,7 +555,7 @@ class Engine:
         order when None), append it and note the sequence in ``touched``. ``greedy`` (the argmax of every row)
         serves plain greedy batches."""
         rows = rows if rows is not None else list(range(len(seqs)))
-        if greedy is not None and all(self._pipelinable(s) for s in seqs):
+        if greedy is not None and all(s.params.greedy and self._pipelinable(s) for s in seqs):
             argmax = greedy.tolist()
             chosen: list[Optional[int]] = [argmax[r] for r in rows]
         else:

@@ -56,7 +56,7 @@ class RequestFailedError(UserError):
 
 #: Logits are clamped to +-LOGIT_LIMIT after penalties and temperature, so no value becomes inf or NaN.
 LOGIT_LIMIT = 1e30
-#: Seeds accepted: a signed 64-bit integer (what torch.Generator.manual_seed takes).
+#: Seeds accepted: a signed 64-bit integer (all 64 bits key the draws: lmforge.serve.sampler.row_keys).
 SEED_RANGE = (-2**63, 2**63 - 1)
 
 
@@ -241,8 +241,9 @@ class Sequence:
         # stop rules (OutputProcessor.prepare moves stop strings that are special tokens into stop_ids)
         self.stop_ids: set[int] = set(params.stop_token_ids)
         self.stop_texts: list[str] = list(params.stop)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
+        # the seed of the request's draws (lmforge.serve.sampler.uniforms: its k-th token's uniform depends on
+        # (seed, k) alone)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         # paged cache
         self.block_table: list[int] = []
         self.num_computed = 0

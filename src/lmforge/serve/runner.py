@@ -35,7 +35,7 @@ from lmforge.models.transformer import fuse_projections
 from lmforge.serve.cache import PagedKVCache, bucket, prefill_mask
 from lmforge.serve.kernels import available as kernels_available, linear, paged_kernel_applies, use_decode_kernels
 from lmforge.serve.request import Sequence, TokenLogprob
-from lmforge.serve.sampler import argmax_rows
+from lmforge.serve.sampler import RowSampling, argmax_rows, next_tokens
 
 __all__ = ["ModelRunner", "DecodeGraphs", "CompiledPrefill", "Decode", "prepare_model", "EAGER_SDPA_BACKENDS",
            "PREFILL_TOKEN_STEP"]
@@ -113,11 +113,11 @@ class DecodeGraphs:
         self.inputs[:, :B].copy_(self.host[:, :B], non_blocking=True)
         return self.replay(B, span)
 
-    def run_chained(self, greedy: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step after the last one, fed on the device: each row's argmax ``greedy`` (B,) is its next
-        token, one position further (padding rows stay). No host value is read."""
-        B = greedy.shape[0]
-        self.inputs[0, :B].copy_(greedy)
+    def run_chained(self, tokens: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step after the last one, fed on the device: each row's next token ``tokens`` (B,) (its argmax
+        or its draw), one position further (padding rows stay). No host value is read."""
+        B = tokens.shape[0]
+        self.inputs[0, :B].copy_(tokens)
         self.inputs[1, :B].add_(self.inputs[2, :B])
         return self.replay(B, span)
 
@@ -271,8 +271,9 @@ class Decode:
     """A decode step launched on the device: ``seqs[i]`` is row ``i`` of its outputs.
 
     ``logits`` (B, V) and ``greedy`` (B,) may be the CUDA graphs' buffers, valid until the next step runs.
-    When ``tokens`` is set the step is greedy-only and its argmax is on its way to that host buffer (``ready``
-    records its arrival): it can be read after the next step was launched.
+    When ``tokens`` is set every row's next token was chosen on the device (``next``: the argmax of greedy rows,
+    the draw of the rows in ``sampling``; -1 where a draw's distribution was not finite) and is on its way to that
+    host buffer (``ready`` records its arrival): it can be read after the next step was launched.
     """
     seqs: list
     logits: torch.Tensor
@@ -282,6 +283,13 @@ class Decode:
     pos: Optional[torch.Tensor] = None  # eager path: the (B, 1) input positions on the device
     tokens: Optional[torch.Tensor] = None
     ready: Any = None
+    sampling: Optional[RowSampling] = None  # the rows drawn on the device (None: every row greedy)
+    next: Optional[torch.Tensor] = None  # (B,) each row's next token, on the device
+
+    @property
+    def fed(self) -> torch.Tensor:
+        """``next`` as the chained step's input ids (a failed draw's -1 fed as 0: that request is over)."""
+        return self.next if self.sampling is None else self.next.clamp(min=0)
 
     @property
     def rows(self) -> list[int]:
@@ -322,6 +330,7 @@ class ModelRunner:
         # Read once: a normalised head (Baichuan) is not redone per step. A live model's head is read at every use
         # (the optimizer changes the weight a normalised head is computed from).
         self.live = live
+        self.vocab = int(model.output_weight().shape[0])  # logits per row
         self._head = None if live else model.output_weight().detach()
         self._pointers: dict[str, int] = {}  # live + compiled: where each parameter was when the graphs were captured
         self._linear = F.linear  # the head's product (the Triton single-row kernel with decode_kernels)
@@ -575,11 +584,13 @@ class ModelRunner:
         self._row_seq = rows
         return rows
 
-    def launch_decode(self, seqs: list[Sequence], greedy_only: bool) -> Decode:
+    def launch_decode(self, seqs: list[Sequence], on_device: bool) -> Decode:
         """Start a decode step of ``seqs`` (placed in rows by :meth:`_place`: row i of the step is
-        ``Decode.seqs[i]``, feeding its newest token); ``greedy_only`` steps copy their argmax to the host
-        asynchronously (:attr:`Decode.tokens`)."""
+        ``Decode.seqs[i]``, feeding its newest token); ``on_device`` steps (every row greedy or plainly sampled)
+        choose every row's token on the device and copy them to the host asynchronously (:attr:`Decode.tokens`)."""
         seqs = self._place(seqs)
+        # built before the step is launched: its host-to-device copies then wait for nothing
+        sampling = RowSampling.build(seqs, self.vocab, self.device) if on_device else None
         n = len(seqs)
         B = bucket(n, self.batch_step, self.max_rows)
         ids, pos, advance = [0] * B, [0] * B, [0] * B
@@ -597,34 +608,37 @@ class ModelRunner:
             ids_t, pos_t = torch.tensor(ids, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None]
             logits, greedy = self.decode_step(ids_t, pos_t, self.keys[:span])
             d = Decode(seqs, logits, greedy, pos, advance, pos=pos_t)
-        if greedy_only:
+        if on_device:
+            d.sampling, d.next = sampling, next_tokens(logits, greedy, sampling)
             self._tokens_to_host(d)
         return d
 
     def launch_chained(self, d: Decode) -> Decode:
-        """Start the step after ``d`` without reading it: each row feeds ``d``'s argmax one position on (the
-        sequences' tables already hold that position: :meth:`Scheduler.reserve_next`)."""
+        """Start the step after ``d`` without reading it: each row feeds ``d``'s next token (argmax or draw) one
+        position on (the sequences' tables already hold that position: :meth:`Scheduler.reserve_next`)."""
         pos = [p + a for p, a in zip(d.positions, d.advance)]
         n = len(d.seqs)
         self._set_tables(d.seqs, len(pos))
         span = self.span(max(pos[:n]))
         if self.graphs is not None:
-            logits, greedy = self.graphs.run_chained(d.greedy, span)
+            logits, greedy = self.graphs.run_chained(d.fed, span)
             nxt = Decode(d.seqs, logits, greedy, pos, d.advance)
         else:
             pos_t = d.pos + torch.tensor(d.advance, device=self.device)[:, None]
-            logits, greedy = self.decode_step(d.greedy[:, None], pos_t, self.keys[:span])
+            logits, greedy = self.decode_step(d.fed[:, None], pos_t, self.keys[:span])
             nxt = Decode(d.seqs, logits, greedy, pos, d.advance, pos=pos_t)
+        nxt.sampling = d.sampling.advanced() if d.sampling is not None else None
+        nxt.next = next_tokens(logits, greedy, nxt.sampling)
         self._tokens_to_host(nxt)
         return nxt
 
     def _tokens_to_host(self, d: Decode) -> None:
         if self.device.type != "cuda":
-            d.tokens = d.greedy
+            d.tokens = d.next
             return
         self._flip ^= 1  # two buffers: the next step's copy must not overwrite tokens not read yet
-        d.tokens = self._token_host[self._flip][: d.greedy.shape[0]]
-        d.tokens.copy_(d.greedy, non_blocking=True)
+        d.tokens = self._token_host[self._flip][: d.next.shape[0]]
+        d.tokens.copy_(d.next, non_blocking=True)
         d.ready = torch.cuda.Event()
         d.ready.record()
 

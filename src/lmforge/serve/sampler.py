@@ -1,11 +1,19 @@
 """The sampler: next tokens of a batch of rows from their logits, in a few batched operations.
 
 :func:`process_logits` applies penalties, temperature, top-k, top-p and min-p to every row at once (each row
-its own values); :class:`Sampler` then draws each sampled row's token by the exponential race
-(``argmax(p / E)`` with ``E ~ Exp(1)`` drawn from the request's own generator, which picks token ``i`` with
-probability ``p_i``), so one argmax over the batch and one read to the host give every row's token: no
-per-row host round trip, and a request's tokens depend only on its seed, whatever else is in the batch.
+its own values); :class:`Sampler` then draws each sampled row's token by inverting its distribution function at
+a uniform (:func:`draw`: the first token whose cumulative probability reaches it), so one cumulative sum, one
+binary search over the batch and one read to the host give every row's token: no per-row host round trip.
 Greedy rows take the argmax. Log-probabilities (of the model's raw distribution) are gathered in the same pass.
+
+The uniforms are counter-based (:func:`row_keys`, :func:`uniforms`): the one of the ``k``-th generated token of
+a request is a fixed function of (the request's seed, ``k``), computed on the device by an integer hash. A
+request's tokens thus depend only on its seed and its own logits, whatever else is in the batch, whichever step
+draws them (after a preemption too), and a step can draw them with no host state: a decode step whose rows all
+sample plainly (temperature, top-k, top-p, min-p; no penalties, no log-probabilities) draws its tokens on the
+device (:class:`RowSampling`, :func:`next_tokens`) and the engine feeds them to the next step without reading
+them first, as it does greedy steps. (Before, each request drew an exponential race from its own
+``torch.Generator``: same seed, same tokens still holds, but a seed gives other tokens than it did then.)
 
 Extreme values cannot overflow: penalised and tempered logits are clamped (``LOGIT_LIMIT``), temperatures below
 ``MIN_TEMPERATURE`` are greedy, and a row whose distribution is not finite (NaN logits from broken weights)
@@ -22,7 +30,7 @@ import torch.nn.functional as F
 from lmforge.models.generate import MIN_TEMPERATURE
 from lmforge.serve.request import LOGIT_LIMIT, SamplingParams, Sequence, TokenLogprob
 
-__all__ = ["process_logits", "argmax_rows", "Sampler"]
+__all__ = ["process_logits", "argmax_rows", "Sampler", "RowSampling", "next_tokens", "draw", "row_keys"]
 
 
 def process_logits(logits: torch.Tensor, params: Seq[SamplingParams], histories: Seq[tuple[list, list]]
@@ -60,28 +68,118 @@ def process_logits(logits: torch.Tensor, params: Seq[SamplingParams], histories:
     if not sampled:
         return logits
     idx = torch.tensor(sampled, device=logits.device)
-    rows = logits[idx]  # (b, V)
-    sp = [params[b] for b in sampled]
-    temp = torch.tensor([p.temperature for p in sp], device=logits.device)[:, None]
+    logits[idx] = filter_rows(logits[idx], *filter_settings([params[b] for b in sampled], V, logits.device))
+    return logits
+
+
+def filter_settings(params: Seq[SamplingParams], V: int, device) -> tuple:
+    """The per-row tensors :func:`filter_rows` takes for sampled rows with ``params``: temperature (s, 1), top-k
+    (s, 1) or None when no row filters by it, top-p (s, 1) or None, min-p (s, 1) or None."""
+    temp = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    top_k = [p.top_k if p.top_k and p.top_k < V else V for p in params]
+    top_k = torch.tensor(top_k, device=device)[:, None] if min(top_k) < V else None
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None] if any(p.top_p < 1 for p in params) \
+        else None
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None] if any(p.min_p > 0 for p in params) \
+        else None
+    return temp, top_k, top_p, min_p
+
+
+def filter_rows(rows: torch.Tensor, temp: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+                min_p: Optional[torch.Tensor]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on sampled rows (s, V) fp32 (settings from :func:`filter_settings`),
+    all on the device (no host value read): the one implementation of both the host-read sampler and the device
+    draws, so a row is filtered alike whichever draws it."""
     rows = (rows / temp).clamp(-LOGIT_LIMIT / MIN_TEMPERATURE, LOGIT_LIMIT / MIN_TEMPERATURE)
-    top_k = [p.top_k if p.top_k and p.top_k < V else V for p in sp]
-    if min(top_k) < V:
+    if top_k is not None:
         sorted_desc = rows.sort(dim=-1, descending=True).values
-        kth = sorted_desc.gather(-1, torch.tensor(top_k, device=logits.device)[:, None] - 1)  # (b, 1)
+        kth = sorted_desc.gather(-1, top_k - 1)  # (s, 1)
         rows = rows.masked_fill(rows < kth, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in sp], device=logits.device)[:, None]
-    if any(p.top_p < 1 for p in sp):
+    if top_p is not None:
         sorted_rows, order = rows.sort(dim=-1, descending=True)
         probs = sorted_rows.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the more likely tokens; the first token is always kept
         drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
         rows = rows.masked_fill(drop, float("-inf"))
-    min_p = torch.tensor([p.min_p for p in sp], device=logits.device)[:, None]
-    if any(p.min_p > 0 for p in sp):
+    if min_p is not None:
         probs = rows.softmax(-1)
         rows = rows.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    logits[idx] = rows
-    return logits
+    return rows
+
+
+# -- counter-based noise ----------------------------------------------------------------------------------------
+# 32-bit integer hashing in int32 tensors: products wrap modulo 2**32 and right shifts are made logical by a mask.
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """An invertible 32-bit integer hash of each element of an int32 tensor (Wellons' lowbias32 constants)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * (0x846CA68B - (1 << 32))
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _int32(v: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) as the int32 of the same bits."""
+    return torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32)
+
+
+def row_keys(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """(n,) int32 keys of the draws: request seed (int64, any of the 64 bits) and which of its tokens (int64)."""
+    lo, hi = _int32(seeds & 0xFFFFFFFF), _int32((seeds >> 32) & 0xFFFFFFFF)
+    return _hash32(_hash32(_hash32(lo) ^ hi) ^ _int32(counters & 0xFFFFFFFF))
+
+
+def uniforms(keys: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32 uniforms in (0, 1) of the draws ``keys`` (:func:`row_keys`), 24 bits each (as torch's own float
+    draws)."""
+    x = _hash32(keys ^ 0x2545F491)
+    return ((x >> 8) & 0xFFFFFF).float().add_(0.5).mul_(2.0 ** -24)
+
+
+def draw(processed: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token from its filtered logits (n, V) by the inverse of its distribution function: the first
+    token whose cumulative probability reaches the row's uniform (:func:`uniforms`), which picks token ``i`` with
+    probability ``p_i``; and whether the row's distribution is finite (n,) bool. Row by row, on the device: one
+    softmax, one cumulative sum, one binary search (no vocabulary-wide noise)."""
+    cdf = processed.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    pick = torch.searchsorted(cdf, uniforms(keys)[:, None] * total)[:, 0]
+    return pick.clamp_(max=processed.shape[-1] - 1), torch.isfinite(total[:, 0])
+
+
+class RowSampling:
+    """The sampled rows of a decode step drawn on the device: their indices in the step, filter settings, seeds
+    and token counters (all device tensors), so a chained step draws with no host value (:meth:`advanced`).
+
+    Built by :meth:`build` from the step's sequences (row ``i`` is ``seqs[i]``); None when no row samples."""
+
+    def __init__(self, idx, settings, seeds, counters):
+        self.idx, self.settings, self.seeds, self.counters = idx, settings, seeds, counters
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], V: int, device) -> Optional["RowSampling"]:
+        rows = [b for b, s in enumerate(seqs) if not s.params.greedy]
+        if not rows:
+            return None
+        params = [seqs[b].params for b in rows]
+        return cls(torch.tensor(rows, device=device), filter_settings(params, V, device),
+                   torch.tensor([seqs[b].seed for b in rows], device=device),
+                   torch.tensor([seqs[b].num_generated for b in rows], device=device))
+
+    def advanced(self) -> "RowSampling":
+        """The same rows one token further (the chained step after)."""
+        return RowSampling(self.idx, self.settings, self.seeds, self.counters + 1)
+
+
+def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[RowSampling]) -> torch.Tensor:
+    """A decode step's next token of every row (B,), on the device: greedy rows their argmax ``greedy``, sampled
+    rows their draw (-1 for a row whose distribution is not finite: the request fails when read)."""
+    if sampling is None:
+        return greedy
+    pick, ok = draw(filter_rows(logits[sampling.idx].float(), *sampling.settings),
+                    row_keys(sampling.seeds, sampling.counters))
+    return greedy.clone().index_copy_(0, sampling.idx, torch.where(ok, pick, torch.full_like(pick, -1)))
 
 
 
@@ -110,13 +208,10 @@ class Sampler:
         sampled = [b for b, p in enumerate(params) if not p.greedy]
         failed: list[bool] = [False] * len(seqs)
         if sampled:
-            probs = processed[sampled].softmax(-1)  # (s, V)
-            race = torch.empty_like(probs)
-            for j, b in enumerate(sampled):  # each row's noise from its own generator: same seed, same tokens
-                race[j].exponential_(generator=seqs[b].generator)
-            race.clamp_(min=1e-30)  # never a division by 0
-            pick = (probs / race).argmax(-1)
-            ok = torch.isfinite(probs).all(-1)
+            dev = logits.device
+            keys = row_keys(torch.tensor([seqs[b].seed for b in sampled], device=dev),
+                            torch.tensor([seqs[b].num_generated for b in sampled], device=dev))
+            pick, ok = draw(processed[sampled], keys)  # each row's uniform from its seed and token count alone
             chosen_t = processed.argmax(-1)
             chosen_t[torch.tensor(sampled, device=logits.device)] = pick
             chosen, ok_list = chosen_t.tolist(), ok.tolist()  # the one read of the batch

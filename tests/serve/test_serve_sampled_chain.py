@@ -1,0 +1,99 @@
+"""Sampled decode steps drawn on the device and chained (lmforge.serve.sampler.next_tokens, RowSampling).
+
+A request's k-th token is its filtered distribution's inverse at a uniform that is a fixed function of (its seed,
+k): the engine must draw exactly what a plain loop over full forwards draws with that rule, whether its steps
+were chained on the device (every row plain) or read by the host sampler (a penalised row beside it)."""
+
+import torch
+
+from lmforge.serve.engine import Engine, SamplingParams
+from lmforge.serve.sampler import draw, filter_rows, filter_settings, row_keys, uniforms
+
+from tests.serve.test_serve_engine import PROMPTS, make_model
+
+PLAIN = [SamplingParams(max_tokens=9, temperature=0.8, top_k=20, top_p=0.9, seed=11),
+         SamplingParams(max_tokens=9, temperature=1.3, min_p=0.05, seed=-(2 ** 62) - 5),
+         SamplingParams(max_tokens=9, temperature=0.0)]
+
+
+@torch.no_grad()
+def _reference(model, prompt: list[int], p: SamplingParams) -> list[int]:
+    """The rule step by step: a full forward per token, the filters, the seeded draw."""
+    tokens = list(prompt)
+    V = model.cfg.vocab_size
+    for k in range(p.max_tokens):
+        logits = model(torch.tensor([tokens]))[0, -1:].float()
+        if p.greedy:
+            tokens.append(int(logits.argmax()))
+            continue
+        pick, ok = draw(filter_rows(logits, *filter_settings([p], V, logits.device)),
+                        row_keys(torch.tensor([p.seed]), torch.tensor([k])))
+        assert bool(ok[0])
+        tokens.append(int(pick[0]))
+    return tokens[len(prompt):]
+
+
+def test_draws_follow_the_distribution():
+    """Counted over 40,000 draws (seed 7, token indices 0..39,999): each token as often as its probability
+    (within 4 standard deviations), a filtered token never; a row that is not finite is flagged."""
+    n = 40_000
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
+    logits = probs.log()[None].expand(n, -1)  # log 0 = -inf: filtered
+    keys = row_keys(torch.full((n,), 7), torch.arange(n))
+    pick, ok = draw(logits, keys)
+    freq = torch.bincount(pick, minlength=5).double() / n
+    assert bool(ok.all()) and freq[2] == 0
+    assert torch.all((freq - probs.double()).abs() <= 4 * (probs.double() * (1 - probs.double()) / n).sqrt())
+    u = uniforms(keys)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert len(set(u.tolist())) > 0.99 * n  # a uniform per (seed, index)
+    _, flagged = draw(torch.tensor([[0.0, float("nan")], [0.0, 1.0]]), keys[:2])
+    assert flagged.tolist() == [False, True]
+
+
+def test_sampled_steps_chain_and_draw_the_seeded_rule():
+    model = make_model("llama")
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
+    want = [_reference(model, q, p) for q, p in zip(prompts, PLAIN)]
+    assert want[0] != want[1]  # a real draw: the two sampled requests differ
+    engine = Engine(model, max_batch_size=4)
+    assert engine.generate(prompts, PLAIN) == want
+    assert engine.metrics.chained_steps >= 5  # the sampled steps ran back to back on the device
+    # beside a penalised request (its rows are read and drawn by the host sampler, no step chained): same tokens
+    engine = Engine(model, max_batch_size=4)
+    penalised = SamplingParams(max_tokens=12, temperature=1.0, repetition_penalty=1.3, seed=2)
+    got = engine.generate(prompts + [PROMPTS[1]], PLAIN + [penalised])
+    assert got[:3] == want and engine.metrics.chained_steps == 0
+    assert engine.cache.allocator.num_used == 0
+
+
+def test_a_draw_from_a_distribution_that_is_not_finite_fails_its_request_alone():
+    """A device-drawn row whose logits are NaN gives -1, read as that request's error; the other rows go on."""
+    model = make_model("llama")
+    engine = Engine(model, max_batch_size=2)
+    decode_step = engine.runner.decode_step
+    broken = {}
+
+    def nan_for_one_row(ids, positions, keys):
+        logits, greedy = decode_step(ids, positions, keys)
+        row = next((r for r, s in enumerate(engine.runner._row_seq) if s.request_id == "bad"), None)
+        if row is not None and positions[row, 0] >= len(PROMPTS[0]) + 2:
+            logits = logits.clone()
+            logits[row] = float("nan")
+            broken["row"] = row
+        return logits, greedy
+
+    engine.runner.decode_step = nan_for_one_row
+    engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=8, temperature=1.0, seed=1))
+    engine.add_request("ok", PROMPTS[2], SamplingParams(max_tokens=8, temperature=1.0, seed=2))
+    outs = {}
+    while engine.has_work():
+        for o in engine.step():
+            tokens, _ = outs.get(o.request_id, ([], None))
+            outs[o.request_id] = (tokens + list(o.token_ids), o)
+    assert "row" in broken
+    bad, ok = outs["bad"][1], outs["ok"][1]
+    assert bad.finish_reason == "error" and "not finite" in bad.error and len(outs["bad"][0]) == 3
+    assert ok.finish_reason == "length" and outs["ok"][0] == _reference(model, PROMPTS[2], SamplingParams(
+        max_tokens=8, temperature=1.0, seed=2))
+    assert engine.cache.allocator.num_used == 0
