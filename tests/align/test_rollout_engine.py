@@ -132,3 +132,15 @@ def test_moved_parameters_are_found():
     weight = next(p for n, p in layer.named_parameters() if n.endswith("weight"))
     weight.data = weight.data.clone()
     assert len(runner.moved_parameters()) == 1
+
+
+def test_a_sharded_policy_falls_back_to_eager_with_a_line(monkeypatch):
+    """The decode graphs need whole weights: a sharded (FSDP/DTensor) policy samples eagerly, and says so."""
+    import lmforge.align.rl as rl_mod
+
+    monkeypatch.setattr(rl_mod, "_sharded", lambda model: True)
+    lines = []
+    rl = _rollout(_model())
+    rl.compile_decode, rl.log = True, lines.append
+    assert rl.engine().compiled is False
+    assert any("eager decode step: the policy's weights are sharded" in line for line in lines), lines
