@@ -154,7 +154,16 @@ def test_a_nemo_ppo_body_launches(tmp_path, capsys):
     assert "rlhf_ppo.actor.model.ppo.top_p: NeMo's PPO key has no lmforge meaning" in capsys.readouterr().err
 
 
-def test_a_dpo_stage_refuses_the_reward_method(tmp_path, capsys):
-    assert main(["launch", str(EXAMPLE), "cluster_type=local", "--dry-run", f"base_results_dir={tmp_path}",
-                 "dpo.method=rm"]) == 2
-    assert "a dpo stage trains one of dpo, ipo" in capsys.readouterr().err
+@pytest.mark.parametrize("example, stage, method, says", [
+    (EXAMPLE, "dpo", "rm", "dpo.method='rm': a dpo stage trains one of dpo, ipo, rpo, kto, orpo, simpo; use an rlhf_rm"),
+    (EXAMPLE, "rlhf_rm", "dpo", "rlhf_rm.method='dpo': an rlhf_rm stage trains a reward model (method rm); use a dpo "
+                                "stage for method=dpo"),
+    (EXAMPLE, "rlhf_ppo", "grpo", "rlhf_ppo.method='grpo': an rlhf_ppo stage trains with PPO (method ppo); use an "
+                                  "alignment stage for method=grpo"),
+    (EXAMPLE.with_name("steerlm.yaml"), "steerlm_reg", "rm", "steerlm_reg.method='rm': a steerlm_reg stage trains "
+                                                             "SteerLM's attribute model"),
+])
+def test_an_alignment_stage_refuses_a_method_it_does_not_train(tmp_path, capsys, example, stage, method, says):
+    assert main(["launch", str(example), "cluster_type=local", "--dry-run", f"base_results_dir={tmp_path}",
+                 f"{stage}.method={method}"]) == 2
+    assert says in capsys.readouterr().err

@@ -35,6 +35,7 @@ stages that lmforge does not have (``data_curation``, ...) are refused by name (
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -467,6 +468,22 @@ def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
     return _config_stage(stage, run, body, commands, "finetune", load_finetune_config)
 
 
+#: The alignment stages: the methods each trains (the first is its default), the module that translates NeMo
+#: Launcher's body for it (None: lmforge's keys only), and the two halves of its refusal of another method.
+ALIGN_STAGES = {
+    "rlhf_rm": (("rm",), None, "an rlhf_rm stage trains a reward model (method rm)",
+                "a dpo stage for method={method}"),
+    "dpo": (PREFERENCE_METHODS, None, "a dpo stage trains one of " + ", ".join(PREFERENCE_METHODS),
+            "an rlhf_rm stage for a reward model"),
+    "rlhf_ppo": (("ppo",), "nemo_ppo", "an rlhf_ppo stage trains with PPO (method ppo)",
+                 "an alignment stage for method={method}"),
+    "steerlm_reg": (("regression_rm",), "nemo_steerlm",
+                    "a steerlm_reg stage trains SteerLM's attribute model (method regression_rm)",
+                    "an alignment stage for method={method}, a fine_tuning stage with sft.attributes for the "
+                    "attribute-conditioned SFT"),
+}
+
+
 def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
     """``lmforge align <results>/<stage>_config.yaml``: the stage's keys are the command's own (``model``, ``data``,
     ``val_data``, ``method``, ``out``, ``align``, ``peft``, ``trainer``, ...), checked at launch. NeMo-Aligner's
@@ -478,35 +495,15 @@ def _build_alignment(cfg: DictConfig, stage: str, commands) -> Stage:
 
     run = run_block(cfg, stage)
     body = stage_body(cfg, stage)
-    if stage == "rlhf_rm":
-        method = body.setdefault("method", "rm")
-        if method != "rm":
-            raise ConfigError(f"rlhf_rm.method={method!r}: an rlhf_rm stage trains a reward model (method rm); use "
-                              f"a dpo stage for method={method}")
-    elif stage == "dpo":
-        method = body.setdefault("method", "dpo")
-        if method not in PREFERENCE_METHODS:
-            raise ConfigError(f"dpo.method={method!r}: a dpo stage trains one of {', '.join(PREFERENCE_METHODS)}; "
-                              f"use an rlhf_rm stage for a reward model")
-    elif stage == "rlhf_ppo":
-        from lmforge.launch import nemo_ppo
-
-        if nemo_ppo.is_nemo_body(body):  # NeMo Launcher's actor/critic sections
-            body = nemo_ppo.translate(stage, body, cfg["_notes"])
-        method = body.setdefault("method", "ppo")
-        if method != "ppo":
-            raise ConfigError(f"rlhf_ppo.method={method!r}: an rlhf_ppo stage trains with PPO (method ppo); use an "
-                              f"alignment stage for method={method}")
-    elif stage == "steerlm_reg":
-        from lmforge.launch import nemo_steerlm
-
-        if nemo_steerlm.is_nemo_body(body):  # NeMo Launcher's rw_sft/training_rm body
-            body = nemo_steerlm.translate(stage, body, cfg["_notes"])
-        method = body.setdefault("method", "regression_rm")
-        if method != "regression_rm":
-            raise ConfigError(f"steerlm_reg.method={method!r}: a steerlm_reg stage trains SteerLM's attribute model "
-                              f"(method regression_rm); use an alignment stage for method={method}, a fine_tuning "
-                              f"stage with sft.attributes for the attribute-conditioned SFT")
+    if stage in ALIGN_STAGES:  # NeMo's stage names; lmforge's own `alignment` stage takes any method
+        methods, translator, trains, instead = ALIGN_STAGES[stage]
+        if translator is not None:
+            nemo = importlib.import_module(f"lmforge.launch.{translator}")
+            if nemo.is_nemo_body(body):  # NeMo Launcher's own body for this stage
+                body = nemo.translate(stage, body, cfg["_notes"])
+        method = body.setdefault("method", methods[0])
+        if method not in methods:
+            raise ConfigError(f"{stage}.method={method!r}: {trains}; use {instead.format(method=method)}")
     return _config_stage(stage, run, body, commands, "align", load_align_config)
 
 
