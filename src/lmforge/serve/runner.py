@@ -192,16 +192,17 @@ class CompiledPrefill:
         self.calls = {"fresh": 0, "gather": 0}  # compiled forwards run (tests)
 
     def _fresh(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        self.cache.bind_prefill(slots, None, None, True)
-        with sdpa_kernel(EAGER_SDPA_BACKENDS):
-            hidden = self.runner.model.hidden_states(ids, kv_cache=self.cache, positions=positions)
-        self.cache.unbind()
-        return hidden
+        return self._hidden(ids, positions, slots, None, None, True)
 
     def _gather(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor,
                 tables: torch.Tensor) -> torch.Tensor:
         mask = prefill_mask(positions, valid, tables.shape[1] * self.cache.block_size)
-        self.cache.bind_prefill(slots, tables, mask, False)
+        return self._hidden(ids, positions, slots, tables, mask, False)
+
+    def _hidden(self, ids, positions, slots, tables, mask, fresh: bool) -> torch.Tensor:
+        """The model's hidden states with the cache bound to this prefill (and unbound again: the graph returns
+        no tensor it bound)."""
+        self.cache.bind_prefill(slots, tables, mask, fresh)
         with sdpa_kernel(EAGER_SDPA_BACKENDS):
             hidden = self.runner.model.hidden_states(ids, kv_cache=self.cache, positions=positions)
         self.cache.unbind()
