@@ -3,6 +3,7 @@ step, by the time limit or by SIGTERM/SIGUSR1, prints one line saying how to res
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -71,3 +72,23 @@ def test_signal_stop_says_how_to_resume(tiny_corpus, tmp_path, monkeypatch):
     assert notes == [f"stopped at step 3 of 8 (a stop signal (SIGTERM/SIGUSR1)), saved in "
                      f"{tmp_path / 'checkpoints' / 'step_0000003'}: to resume, run the same command again with "
                      f"exp_manager.resume_if_exists=true"]
+
+
+def test_a_stopped_torchrun_run_writes_its_summary_before_any_rank_exits(tiny_corpus, tmp_path):
+    """Two ranks stopped by a signal (tests/train/stop_slow_rank0.py: before step 1, rank 0 then slow to draw its
+    loss curve) both exit 75; rank 1 must not exit before rank 0 has written summary.json, or torchrun's agent,
+    which takes its non-zero exit for a failure, kills rank 0 first (seen under load: a launch's SIGUSR1 test
+    left no summary)."""
+    from pathlib import Path
+
+    from tests.conftest import run_torchrun
+
+    out = tmp_path / "run"
+    p = run_torchrun(Path(__file__).with_name("stop_slow_rank0.py"), "pretrain", "tiny/llama",
+                     *tiny_overrides(tiny_corpus, out), "trainer.devices=2", check=False,
+                     env={"LMFORGE_TEST_RANK0_DELAY": "3"})
+    assert p.returncode != 0  # torchrun reports the workers' 75 as a failure
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
+    assert summary is not None, "no summary.json:\n" + (p.stdout + p.stderr)[-3000:]
+    assert summary["stopped_early"] and summary["world_size"] == 2 and summary["steps"] == 1
+    assert (out / "loss_curve.png").is_file() and (out / "checkpoints" / "step_0000001").is_dir()

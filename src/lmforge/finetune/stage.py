@@ -195,7 +195,11 @@ def run_on_runtime(stage_run, cfg, runtime: Runtime | None, console_log) -> dict
     own = runtime is None
     rt = runtime or init_runtime(cfg.trainer.accelerator)
     try:
-        return stage_run(cfg, rt, console_log, time.perf_counter())
+        summary = stage_run(cfg, rt, console_log, time.perf_counter())
+        # No rank returns before rank 0 has written summary.json (see lmforge.train.pretrain.run: a stopped run
+        # exits 75 on every rank, and torchrun kills the ranks still running when one exits non-zero).
+        rt.barrier()
+        return summary
     finally:
         if own:
             shutdown(rt)

@@ -107,7 +107,12 @@ def run(cfg, runtime: Runtime | None = None, console_log=print) -> dict:
     own_runtime = runtime is None
     rt = runtime or init_runtime(cfg.trainer.accelerator)
     try:
-        return _run(cfg, rt, console_log, t0)
+        summary = _run(cfg, rt, console_log, t0)
+        # No rank returns before rank 0 has drawn the loss curve and written summary.json: a run stopped early
+        # exits 75 on every rank, and torchrun's agent takes a rank's non-zero exit for a failure and kills the
+        # ranks still running, rank 0 in the middle of writing its summary included.
+        rt.barrier()
+        return summary
     finally:
         if own_runtime:
             shutdown(rt)
