@@ -85,22 +85,31 @@ def test_failed_first_stage_cancels_the_second(tmp_path, slurm_env, launch_helpe
 
 
 def test_singleton_pair_runs_one_after_the_other(tmp_path, slurm_env, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    """Two launches of one stage name with ``dependency: singleton``: the second waits (PENDING, Reason Dependency)
+    while the first has not ended, and starts only after the first ended.
+
+    The first is submitted held (``cluster.sbatch_args: [--hold]``) and released once the second is seen waiting:
+    a one-shard preparation runs for half a second, shorter than a poll of ``scontrol`` on a loaded machine, so
+    waiting to see it RUNNING missed it there (it was COMPLETED already, and the wait ran out after 240 s)."""
     h = launch_helpers
     monkeypatch.chdir(tmp_path)
     shards = _shards(tmp_path, tiny_corpus, 1)
     jobs = []
-    for name in ("a", "b"):
+    for name, held in (("a", True), ("b", False)):
         root = tmp_path / name
         path = h.write_conf(root, {"stages": ["data_preparation"], "cluster_type": "slurm",
+                                   "cluster": {"sbatch_args": ["--hold"] if held else []},
                                    "base_results_dir": str(root / "r"), "data_dir": str(root / "data")},
                             {"data_preparation": _prep_body(tiny_corpus, shards, name="same", dependency="singleton")})
         assert main(["launch", str(path)]) == 0
         jobs += _submitted(capsys.readouterr().out)
     first, second = jobs
-    h.wait_for(lambda: h.job_info(first).get("JobState") == "RUNNING", TIMEOUT, "the first singleton to run")
+    assert (h.job_info(first)["JobState"], h.job_info(first)["Reason"]) == ("PENDING", "JobHeldUser")
+    h.wait_for(lambda: h.job_info(second).get("Reason") == "Dependency", TIMEOUT, "the second singleton to wait")
     info = h.job_info(second)
-    assert info["JobState"] == "PENDING" and info["Reason"] == "Dependency" and "singleton" in info["Dependency"]
-    h.wait_for(lambda: h.job_done(second), TIMEOUT, "the second singleton")
+    assert info["JobState"] == "PENDING" and "singleton" in info["Dependency"], info
+    subprocess.run(["scontrol", "release", first], check=True)
+    h.wait_for(lambda: h.job_done(first) and h.job_done(second), TIMEOUT, "both singletons to end")
     one, two = h.job_info(first), h.job_info(second)
     assert one["JobState"] == two["JobState"] == "COMPLETED"
     assert two["StartTime"] >= one["EndTime"]  # ISO times compare as strings
