@@ -180,3 +180,43 @@ def plain_hf(plain_run, tmp_path_factory) -> tuple[Path, dict]:
     """The HF folder of ``plain_run``'s step-5 checkpoint and its tensors (converted once for the session)."""
     out = tmp_path_factory.mktemp("plain_hf") / "hf"
     return out, convert_to_hf(plain_run / "checkpoints" / "step_0000005", out)
+
+
+class CaseRun:
+    """One command of a :func:`run_cases` launch: ``codes`` (each rank's exit code; a rank missing: it did not
+    return, killed or stopped by an earlier case's failure), ``output`` (every rank's output, rank 0 first) and
+    ``launch`` (the tail of torchrun's own output, for the failure messages)."""
+
+    def __init__(self, name: str, nproc: int, codes: dict[int, int], output: str, launch: str, ran: bool):
+        self.name, self.nproc, self.codes, self.output, self.launch, self.ran = name, nproc, codes, output, launch, ran
+
+    def ok(self) -> str:
+        """The output of a command that returned 0 on every rank; AssertionError saying what happened otherwise."""
+        if not self.ran:
+            raise AssertionError(f"case {self.name} did not run: an earlier case of its launch ended it\n{self.launch}")
+        if sorted(self.codes) != list(range(self.nproc)) or set(self.codes.values()) != {0}:
+            raise AssertionError(f"case {self.name} failed (exit codes by rank: {self.codes}):\n"
+                                 f"{self.output[-4000:]}\n{self.launch}")
+        return self.output
+
+
+def run_cases(cases: list[dict], nproc: int, folder: Path, timeout: int = 600) -> dict[str, CaseRun]:
+    """Run several ``lmforge`` commands one after the other in ONE torchrun launch of ``nproc`` gloo ranks
+    (tests/run_cases.py): ``cases`` are ``{"name", "args"[, "env"]}``, an ``env`` with LMFORGE_TEST_KILL_AT_STEP
+    only in the last case. Returns each case's :class:`CaseRun` by name; the launch's failure is not raised here
+    (a killed last case fails it on purpose): each test asserts on its own case (``.ok()``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "cases.json"
+    spec.write_text(json.dumps({"cases": cases, "folder": str(folder)}))
+    p = run_torchrun(Path(__file__).with_name("run_cases.py"), str(spec), nproc=nproc, timeout=timeout, check=False)
+    launch = f"launch exit code {p.returncode}; its output:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    runs = {}
+    for case in cases:
+        name = case["name"]
+        logs = [folder / f"{name}.rank{r}.log" for r in range(nproc)]
+        codes = {r: int((folder / f"{name}.rank{r}.rc").read_text()) for r in range(nproc)
+                 if (folder / f"{name}.rank{r}.rc").is_file()}
+        output = "".join(log.read_text(errors="replace") for log in logs if log.is_file())
+        runs[name] = CaseRun(name, nproc, codes, output, launch, ran=any(log.is_file() for log in logs))
+    return runs

@@ -1,0 +1,81 @@
+"""Several ``lmforge`` commands in one torchrun launch, one after the other on the same ranks (run by
+``tests.conftest.run_cases``): the parallel tests' runs pay for one interpreter start, ``import torch`` and
+rendezvous per rank once instead of once per run.
+
+    python -m torch.distributed.run --nproc-per-node=N tests/run_cases.py CASES.json
+
+CASES.json: ``{"cases": [{"name": ..., "args": [...], "env": {...}}, ...], "folder": ...}``. Each case is
+``lmforge.cli.main(args)`` with ``env`` set for its duration (e.g. LMFORGE_TEST_KILL_AT_STEP, which kills the
+ranks: such a case comes last). Each case gets a process group of its own, started here on a fresh namespace of
+torchrun's store (``lmforge``'s ``init_runtime`` finds it started and uses it; its ``shutdown`` ends it): torch
+names the groups a run creates by a counter that restarts at 0 after ``destroy_process_group``, so a second run
+on the same store would meet the first run's keys (and hang connecting to its closed sockets). Each rank writes its output (file descriptors 1 and 2, so torch's and
+C++'s lines too) to ``FOLDER/NAME.rank{R}.log`` and, when the command returns, its exit code to
+``FOLDER/NAME.rank{R}.rc``. A command that raises or returns non-zero ends the launch (the ranks may no longer
+be at the same point): the cases after it do not run, and the parent reports them as not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from lmforge.cli import main
+
+
+def _run_case(case: dict, folder: Path, rank: int) -> int:
+    log = open(folder / f"{case['name']}.rank{rank}.log", "w")
+    saved = [os.dup(1), os.dup(2)]
+    old_env = {k: os.environ.get(k) for k in case.get("env", {})}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    os.environ.update(case.get("env", {}))
+    try:
+        return main(list(case["args"]))
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        log.close()
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec["folder"])
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(minutes=30)  # as lmforge's init_runtime
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)  # torchrun's agent serves it
+    for i, case in enumerate(spec["cases"]):
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"run_cases/{i}", store), rank=rank,
+                                world_size=world_size, timeout=timeout)
+        code = _run_case(case, folder, rank)
+        if dist.is_initialized():  # a command that does not end its process group
+            dist.destroy_process_group()
+        (folder / f"{case['name']}.rank{rank}.rc").write_text(str(code))
+        if code != 0:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1]))
