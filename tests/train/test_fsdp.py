@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MOE, convert_to_hf, tiny_overrides
+from tests.conftest import MOE, convert_to_hf, run_cases, tiny_overrides
 from tests.finetune.conftest import base_model_dir, sft_tokenizer, task_files  # noqa: F401 (fixtures)
 from tests.finetune.test_finetune_parallel import _free_port
 from tests.train.test_pretrain import _cli, _env, _losses
@@ -64,16 +64,63 @@ def _same_curve(a: dict, b: dict, steps=range(1, STEPS + 1)):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=5e-6), (step, a[step], b[step])
 
 
+def _in_process(capsys, corpus, out, *extra, **overrides) -> str:
+    """``_pretrain(corpus, out, 1, ...)`` in this process (no interpreter to start), on one thread as the launched
+    runs (OMP_NUM_THREADS=1: the exact-resume tests compare them bit for bit): what it printed; it must succeed."""
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_pretrain_args(corpus, out, *extra, **overrides)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr()
+    return printed.out + printed.err
+
+
+# The 2-rank pretraining runs of this file that no kill ends, by name: (extra arguments, overrides). They run one
+# after the other in ONE torchrun launch (``two_rank_runs``), each in its own process group.
+FSDP2 = ["trainer.devices=2", "model.fsdp=true"]
+TWO_RANK_RUNS = {
+    "full": ([*FSDP2, "model.fsdp_sharding_strategy=full"], {}),
+    "grad": ([*FSDP2, "model.fsdp_sharding_strategy=grad"], {}),
+    "mixtral": ([*FSDP2, *MOE], {}),
+    "gathered": ([*FSDP2, "model.fsdp_sharded_checkpoint=false"],  # full weights on rank 0, optimizer sharded
+                 {"trainer.max_steps": 4, "trainer.val_check_interval": 4}),
+    "dropout": ([*FSDP2, "model.hidden_dropout=0.1"], {}),  # uninterrupted, for the exact-resume test
+    "async": ([*FSDP2, "exp_manager.checkpoint_callback_params.async_save=true"], {}),  # likewise
+    "grow": (FSDP2, {}),  # resumes the one-process run killed after step 6 (copied in first)
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
+    """``name -> (CaseRun, results folder)`` of ``TWO_RANK_RUNS``, run in one launch (tests/run_cases.py)."""
+    root = tmp_path_factory.mktemp("fsdp_two_rank")
+    killed_run(1, "trainer.devices=1", into=root / "grow")
+    cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *extra, **overrides)}
+             for name, (extra, overrides) in TWO_RANK_RUNS.items()]
+    runs = run_cases(cases, 2, root / "launch")
+    return {name: (runs[name], root / name) for name in TWO_RANK_RUNS}
+
+
 @pytest.mark.parametrize("layout", [
     ("full", 2, ["trainer.devices=2"]),
     ("grad", 2, ["trainer.devices=2"]),
     ("hybrid", 4, ["trainer.devices=2", "trainer.num_nodes=2", "model.micro_batch_size=2"]),
 ])
-def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, layout):
+def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, two_rank_runs, layout):
     strategy, nproc, devices = layout
-    out = tmp_path / strategy
-    p = _pretrain(tiny_corpus, out, nproc, *devices, "model.fsdp=true", f"model.fsdp_sharding_strategy={strategy}")
-    assert f"FSDP {strategy}" in p.stdout + p.stderr
+    if nproc == 2:  # run in the file's 2-rank launch
+        run, out = two_rank_runs[strategy]
+        output = run.ok()
+    else:
+        out = tmp_path / strategy
+        p = _pretrain(tiny_corpus, out, nproc, *devices, "model.fsdp=true", f"model.fsdp_sharding_strategy={strategy}")
+        output = p.stdout + p.stderr
+    assert f"FSDP {strategy}" in output
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
     # Sharded checkpoint: per-rank safetensors in model/, name-keyed optimizer shards, nothing pickled.
@@ -84,12 +131,13 @@ def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, 
     assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
 
 
-def test_pretraining_mixtral_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_moe_run):
-    _pretrain(tiny_corpus, tmp_path / "two", 2, "trainer.devices=2", "model.fsdp=true", *MOE)
-    _same_curve(_losses(plain_moe_run), _losses(tmp_path / "two"))
+def test_pretraining_mixtral_fsdp_matches_one_process(plain_moe_run, two_rank_runs):
+    run, out = two_rank_runs["mixtral"]  # trainer.devices=2 model.fsdp=true + MOE
+    run.ok()
+    _same_curve(_losses(plain_moe_run), _losses(out))
 
 
-def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plain_run, killed_run):
+def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, capsys, plain_run, killed_run):
     fsdp = ["model.fsdp=true"]
     # 4 FSDP ranks killed after step 6 (latest: step 5), then 2 ranks, then one process
     out, _ = killed_run(4, "trainer.devices=4", "model.micro_batch_size=2", *fsdp, into=tmp_path / "moving")
@@ -97,8 +145,8 @@ def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, plai
                   check=False)
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000008"
     assert "resuming from" in p.stdout + p.stderr
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1")  # no FSDP: reads the 2-rank shards
-    assert "resuming from" in p.stdout + p.stderr
+    output = _in_process(capsys, tiny_corpus, out, "trainer.devices=1")  # no FSDP: reads the 2-rank shards
+    assert "resuming from" in output
     _same_curve(_losses(plain_run), _losses(out))
 
 
@@ -166,23 +214,57 @@ def finetune_one_process(tmp_path_factory, base_model_dir, mixtral_dir, task_fil
     return summary
 
 
-@pytest.mark.parametrize("model,method,strategy", [
+FINETUNE_LAYOUTS = [
     ("llama", "full", "full"), ("mixtral", "full", "full"), ("llama", "lora", "full"), ("llama", "ia3", "full"),
     ("llama", "adapter", "full"), ("llama", "ptuning", "full"), ("mixtral", "lora", "full"), ("llama", "full", "hybrid"),
-    ("llama", "lora", "grad")])
-def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, finetune_one_process,
-                                             model, method, strategy):
-    base = base_model_dir if model == "llama" else mixtral_dir
-    common = _finetune_common(base, task_files, method)
-    one = finetune_one_process(model, method)
+    ("llama", "lora", "grad")]
+COUNTED = ("llama", "lora", "full")  # run through tests/train/count_syncs.py, in a launch of its own
+
+
+def _finetune_layout(strategy: str) -> tuple[int, list[str]]:
     layout = ["trainer.devices=2", "fsdp=true", f"fsdp_sharding_strategy={strategy}"]
-    nproc = 2
     if strategy == "hybrid":  # 2 "nodes" of 2 ranks on this host
-        layout, nproc = layout + ["trainer.num_nodes=2", "micro_batch_size=1"], 4
-    counted = (model, method, strategy) == ("llama", "lora", "full")
-    _finetune(["--out", str(tmp_path / "two")] + common + layout, nproc,
-              sync_counts=tmp_path / "syncs" if counted else None)
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+        return 4, layout + ["trainer.num_nodes=2", "micro_batch_size=1"]
+    return 2, layout
+
+
+@pytest.fixture(scope="module")
+def finetune_sharded(tmp_path_factory, base_model_dir, mixtral_dir, task_files) -> dict:
+    """``(model, method, strategy) -> (CaseRun, out folder)`` of every sharded fine-tuning layout but ``COUNTED``:
+    the 2-rank layouts one after the other in ONE torchrun launch (tests/run_cases.py: one interpreter start and
+    rendezvous for all), the 4-rank one in another."""
+    root = tmp_path_factory.mktemp("ft_sharded")
+    by_nproc, outs = {}, {}
+    for model, method, strategy in FINETUNE_LAYOUTS:
+        if (model, method, strategy) == COUNTED:
+            continue
+        nproc, layout = _finetune_layout(strategy)
+        name = f"{model}-{method}-{strategy}"
+        outs[model, method, strategy] = root / name
+        base = base_model_dir if model == "llama" else mixtral_dir
+        by_nproc.setdefault(nproc, []).append({"name": name, "args": [
+            "finetune", "--out", str(root / name), *_finetune_common(base, task_files, method), *layout]})
+    runs = {}
+    for nproc, cases in by_nproc.items():
+        runs.update(run_cases(cases, nproc, root / f"launch{nproc}"))
+    return {key: (runs["-".join(key)], out) for key, out in outs.items()}
+
+
+@pytest.mark.parametrize("model,method,strategy", FINETUNE_LAYOUTS)
+def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, finetune_one_process,
+                                             finetune_sharded, model, method, strategy):
+    one = finetune_one_process(model, method)
+    nproc, layout = _finetune_layout(strategy)
+    counted = (model, method, strategy) == COUNTED
+    if counted:
+        base = base_model_dir if model == "llama" else mixtral_dir
+        out = tmp_path / "two"
+        _finetune(["--out", str(out)] + _finetune_common(base, task_files, method) + layout, nproc,
+                  sync_counts=tmp_path / "syncs")
+    else:
+        case, out = finetune_sharded[model, method, strategy]
+        case.ok()
+    two = json.loads((out / "summary.json").read_text())
     _same_curve(dict(one["losses"]), dict(two["losses"]))
     if counted:  # no step waits for the device: the loss and token counts are read at logging steps only
         for rank in range(nproc):
@@ -209,31 +291,31 @@ def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_d
 
 
 def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(tiny_corpus, tmp_path, plain_run,
-                                                                         killed_run):
+                                                                         two_rank_runs):
     # 1 unsharded process -> 2 FSDP ranks: the optimizer state by parameter index is sliced onto the shards.
-    out, _ = killed_run(1, "trainer.devices=1", into=tmp_path / "grow")
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true")
-    assert "resuming from" in p.stdout + p.stderr
+    run, out = two_rank_runs["grow"]  # the one-process run killed after step 6, resumed on 2 FSDP ranks
+    assert "resuming from" in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
     # The same FSDP layout killed and resumed: bit-exact against an uninterrupted FSDP run.
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run, whole = two_rank_runs["dropout"]
+    run.ok()
+    killed = tmp_path / "killed"
     fsdp = ["trainer.devices=2", "model.fsdp=true", "model.hidden_dropout=0.1"]
-    _pretrain(tiny_corpus, whole, 2, *fsdp)
     p = _pretrain(tiny_corpus, killed, 2, *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="7"), check=False)
     assert p.returncode != 0
     _pretrain(tiny_corpus, killed, 2, *fsdp)
     assert _losses(whole) == _losses(killed)
 
 
-def test_one_process_fsdp_trains_unsharded_and_gathered_checkpoints(tiny_corpus, tmp_path, plain_run):
+def test_one_process_fsdp_trains_unsharded_and_gathered_checkpoints(tiny_corpus, tmp_path, capsys, plain_run,
+                                                                    two_rank_runs):
     out = tmp_path / "one"
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.optim.name=distributed_fused_adam")
-    assert "nothing to shard" in p.stdout + p.stderr
+    output = _in_process(capsys, tiny_corpus, out, "trainer.devices=1", "model.optim.name=distributed_fused_adam")
+    assert "nothing to shard" in output
     _same_curve(_losses(plain_run), _losses(out))  # fused AdamW here (distributed_fused_adam's base)
     # fsdp_sharded_checkpoint=false (NeMo's meaning): full weights on rank 0, the optimizer still sharded
-    out = tmp_path / "gathered"
-    _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.fsdp=true", "model.fsdp_sharded_checkpoint=false",
-              "trainer.max_steps=4", "trainer.val_check_interval=4")
+    run, out = two_rank_runs["gathered"]  # 2 FSDP ranks, 4 steps
+    run.ok()
     step = out / "checkpoints" / "step_0000004"
     assert (step / "model.safetensors").is_file() and not (step / "model").exists()
     assert (step / "training_state" / "optimizer").is_dir()
@@ -267,17 +349,25 @@ def test_checkpoint_of_another_model_is_refused(tiny_corpus, tmp_path, capsys, p
 
 
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["model.fsdp=true"])])
-def test_async_save_resumes_exactly(tiny_corpus, tmp_path, nproc, extra):
+def test_async_save_resumes_exactly(tiny_corpus, tmp_path, capsys, two_rank_runs, nproc, extra):
     args = [f"trainer.devices={nproc}", "exp_manager.checkpoint_callback_params.async_save=true", *extra]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _pretrain(tiny_corpus, whole, nproc, *args)
+    killed = tmp_path / "killed"
+    if nproc == 1:  # the uninterrupted run and the resume in this process, the killed run in its own
+        whole = tmp_path / "whole"
+        _in_process(capsys, tiny_corpus, whole, *args)
+    else:
+        run, whole = two_rank_runs["async"]
+        run.ok()
     assert (whole / "checkpoints" / "latest").read_text().strip() == "step_0000010"  # published at the end
     assert not list((whole / "checkpoints").glob(".step_*"))
     p = _pretrain(tiny_corpus, killed, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
     assert p.returncode != 0
     # step 5 was still being written in the background when the run died: step 4 is the newest whole one
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    _pretrain(tiny_corpus, killed, nproc, *args)
+    if nproc == 1:
+        _in_process(capsys, tiny_corpus, killed, *args)
+    else:
+        _pretrain(tiny_corpus, killed, nproc, *args)
     assert _losses(whole) == _losses(killed)
     from lmforge.train.checkpoint import load_model
 
