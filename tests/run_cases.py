@@ -6,10 +6,12 @@ rendezvous per rank once instead of once per run.
 
 CASES.json: ``{"cases": [{"name": ..., "args": [...], "env": {...}}, ...], "folder": ...}``. Each case is
 ``lmforge.cli.main(args)`` with ``env`` set for its duration (e.g. LMFORGE_TEST_KILL_AT_STEP, which kills the
-ranks: such a case comes last). Each case gets a process group of its own, started here on a fresh namespace of
-torchrun's store (``lmforge``'s ``init_runtime`` finds it started and uses it; its ``shutdown`` ends it): torch
-names the groups a run creates by a counter that restarts at 0 after ``destroy_process_group``, so a second run
-on the same store would meet the first run's keys (and hang connecting to its closed sockets). Each rank writes its output (file descriptors 1 and 2, so torch's and
+ranks: such a case comes last). The default process group is started once, here, and outlives the cases
+(``lmforge``'s ``init_runtime`` finds it started and uses it; ``destroy_process_group`` is a no-op here): torch
+names the groups a run creates (device meshes, gloo side groups) by a counter that restarts at 0 after a destroy,
+and DTensor caches sharding plans by mesh shape, holding the mesh (and its group names) of the run that made them,
+so a run after a destroy would meet the first run's store keys or groups that no longer exist. Each case still
+builds its own meshes and groups. Each rank writes its output (file descriptors 1 and 2, so torch's and
 C++'s lines too) to ``FOLDER/NAME.rank{R}.log`` and, when the command returns, its exit code to
 ``FOLDER/NAME.rank{R}.rc``. A command that raises or returns non-zero ends the launch (the ranks may no longer
 be at the same point): the cases after it do not run, and the parent reports them as not run.
@@ -61,16 +63,11 @@ def _run_case(case: dict, folder: Path, rank: int) -> int:
 def run(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     folder = Path(spec["folder"])
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = timedelta(minutes=30)  # as lmforge's init_runtime
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=timeout)  # torchrun's agent serves it
-    for i, case in enumerate(spec["cases"]):
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"run_cases/{i}", store), rank=rank,
-                                world_size=world_size, timeout=timeout)
+    dist.init_process_group("gloo", timeout=timedelta(minutes=30))  # as lmforge's init_runtime on a CPU
+    rank = dist.get_rank()
+    dist.destroy_process_group = lambda group=None: None  # the groups outlive each case (see the module doc)
+    for case in spec["cases"]:
         code = _run_case(case, folder, rank)
-        if dist.is_initialized():  # a command that does not end its process group
-            dist.destroy_process_group()
         (folder / f"{case['name']}.rank{rank}.rc").write_text(str(code))
         if code != 0:
             return code
