@@ -10,42 +10,63 @@ import json
 import pytest
 import torch
 
-from tests.conftest import convert_to_hf
-from tests.train.test_fsdp import _pretrain, _same_curve
+from tests.conftest import convert_to_hf, run_cases
+from tests.train.test_fsdp import _pretrain_args, _same_curve
 from tests.train.test_pretrain import _losses
 
 FOUR = ["trainer.devices=4", "model.micro_batch_size=2"]
 TP2xPP2 = [*FOUR, "model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]
 
 
-@pytest.mark.parametrize("name,args,shown", [
+LAYOUTS = {  # name: (arguments, what the run prints about its layout)
     # TP 2 x PP 2 alone runs in the resume test below (its first five steps, then five resumed ones)
-    ("tp2xpp2_sp", [*TP2xPP2, "model.sequence_parallel=true", "model.activations_checkpoint_granularity=full"],
-     "tensor parallel 2, pipeline parallel 2"),
-    ("pp2xdp2", [*FOUR, "model.pipeline_model_parallel_size=2"], "data parallel 2, tensor parallel 1, pipeline parallel 2"),
-    ("pp2xfsdp2", [*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true"], "pipeline parallel 2 (FSDP full"),
-    ("tp2xdp2", [*FOUR, "model.tensor_model_parallel_size=2"], "data parallel 2, tensor parallel 2"),
-])
-def test_composed_layouts_match_one_process(tiny_corpus, tmp_path, plain_run, name, args, shown):
-    out = tmp_path / name
-    p = _pretrain(tiny_corpus, out, 4, *args)
-    assert shown in p.stdout + p.stderr
+    "tp2xpp2_sp": ([*TP2xPP2, "model.sequence_parallel=true", "model.activations_checkpoint_granularity=full"],
+                   "tensor parallel 2, pipeline parallel 2"),
+    "pp2xdp2": ([*FOUR, "model.pipeline_model_parallel_size=2"], "data parallel 2, tensor parallel 1, pipeline parallel 2"),
+    "pp2xfsdp2": ([*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true"], "pipeline parallel 2 (FSDP full"),
+    "tp2xdp2": ([*FOUR, "model.tensor_model_parallel_size=2"], "data parallel 2, tensor parallel 2"),
+}
+FSDP4, ONE = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
+RESUMES = {  # name: (the layout killed after step 6 (latest: step 5), the layout that resumes it on 4 ranks)
+    "tppp_then_fsdp": ((4, TP2xPP2), FSDP4[1]),
+    "fsdp_then_tppp": (FSDP4, TP2xPP2),
+    "one_then_tppp": (ONE, TP2xPP2),  # an optimizer saved by parameter index
+}
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
+    """``name -> (CaseRun, results folder)`` of every 4-rank run of this file (``LAYOUTS`` from step 0, ``RESUMES``
+    from a copy of the killed run), one after the other in ONE torchrun launch (tests/run_cases.py)."""
+    root = tmp_path_factory.mktemp("compose")
+    cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args)}
+             for name, (args, _) in LAYOUTS.items()]
+    for name, ((nproc, first), then) in RESUMES.items():
+        killed_run(nproc, *first, into=root / name)
+        cases.append({"name": name, "args": _pretrain_args(tiny_corpus, root / name, *then)})
+    runs = run_cases(cases, 4, root / "launch")
+    return {name: (runs[name], root / name) for name in [*LAYOUTS, *RESUMES]}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_composed_layouts_match_one_process(plain_run, four_rank_runs, name):
+    run, out = four_rank_runs[name]
+    assert LAYOUTS[name][1] in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
     assert json.loads((out / "checkpoints" / "step_0000010" / "config.json").read_text())["sharded"]["world_size"] == 4
 
 
-def test_tp_pp_checkpoint_resumes_on_fsdp_and_back_and_converts(tiny_corpus, tmp_path, plain_run, plain_hf,
-                                                                killed_run):
-    fsdp4, one = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
-    tppp = (4, TP2xPP2)
-    for first, then, name in ((tppp, fsdp4, "tppp_then_fsdp"), (fsdp4, tppp, "fsdp_then_tppp"),
-                              (one, tppp, "one_then_tppp")):  # the last: an optimizer saved by parameter index
-        out, _ = killed_run(first[0], *first[1], into=tmp_path / name)  # killed after step 6: latest is step 5
-        p = _pretrain(tiny_corpus, out, then[0], *then[1])
-        assert "resuming from" in p.stdout + p.stderr
-        _same_curve(_losses(plain_run), _losses(out))
-    a = convert_to_hf(tmp_path / "tppp_then_fsdp" / "checkpoints" / "step_0000005", tmp_path / "hf_tppp")
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_tp_pp_checkpoint_resumes_on_fsdp_and_back(plain_run, four_rank_runs, name):
+    run, out = four_rank_runs[name]  # killed after step 6 on its first layout, resumed on the other
+    assert "resuming from" in run.ok()
+    _same_curve(_losses(plain_run), _losses(out))
+
+
+def test_tp_pp_checkpoint_converts_to_the_one_process_hf_folder(tmp_path, plain_hf, killed_run):
+    out, _ = killed_run(4, *TP2xPP2)  # its step-5 checkpoint, written by TP 2 x PP 2
+    a = convert_to_hf(out / "checkpoints" / "step_0000005", tmp_path / "hf_tppp")
     b = plain_hf[1]
     assert a.keys() == b.keys()
     for k in a:
