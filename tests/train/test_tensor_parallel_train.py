@@ -8,34 +8,64 @@ import json
 import pytest
 import torch
 
-from tests.conftest import convert_to_hf
-from tests.train.test_fsdp import STEPS, _pretrain, _same_curve
+from tests.conftest import convert_to_hf, run_cases
+from tests.train.test_fsdp import _pretrain_args, _same_curve
 from tests.train.test_pretrain import _losses
 
 TP2 = ["trainer.devices=2", "model.tensor_model_parallel_size=2"]
 
 
-@pytest.mark.parametrize("layout", [
-    (2, ["trainer.devices=2", "model.tensor_model_parallel_size=2"]),
-    (4, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.fsdp=true", "model.micro_batch_size=2"]),
-    (2, ["trainer.devices=2", "model.tensor_model_parallel_size=2", "model.sequence_parallel=true",
-         "model.activations_checkpoint_granularity=full"]),
-])
-def test_tensor_parallel_pretraining_matches_one_process(tiny_corpus, tmp_path, plain_run, layout):
-    nproc, args = layout
-    out = tmp_path / "tp"
-    p = _pretrain(tiny_corpus, out, nproc, *args)
-    assert "tensor parallel 2" in p.stdout + p.stderr
+LAYOUTS = {  # name: (ranks, arguments)
+    "tp2": (2, TP2),
+    "tp2xfsdp2": (4, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.fsdp=true",
+                      "model.micro_batch_size=2"]),
+    "tp2_sp": (2, [*TP2, "model.sequence_parallel=true", "model.activations_checkpoint_granularity=full"]),
+}
+FSDP2 = ["trainer.devices=2", "model.fsdp=true"]
+RESUMES = {"tp_then_fsdp": (TP2, FSDP2), "fsdp_then_tp": (FSDP2, TP2)}  # killed after step 6 on the first
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
+    """``name -> (CaseRun, results folder)`` of this file's runs on gloo ranks: the 2-rank ones (``LAYOUTS`` from
+    step 0, ``RESUMES`` from a copy of the killed run) one after the other in ONE torchrun launch
+    (tests/run_cases.py), the 4-rank layout in another."""
+    root = tmp_path_factory.mktemp("tp")
+    by_nproc = {}
+    for name, (nproc, args) in LAYOUTS.items():
+        by_nproc.setdefault(nproc, []).append({"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args)})
+    for name, (first, then) in RESUMES.items():
+        killed_run(2, *first, into=root / name)
+        by_nproc[2].append({"name": name, "args": _pretrain_args(tiny_corpus, root / name, *then)})
+    runs = {}
+    for nproc, cases in by_nproc.items():
+        runs.update(run_cases(cases, nproc, root / f"launch{nproc}"))
+    return {name: (runs[name], root / name) for name in [*LAYOUTS, *RESUMES]}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_tensor_parallel_pretraining_matches_one_process(plain_run, tp_runs, name):
+    run, out = tp_runs[name]
+    assert "tensor parallel 2" in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
     step = out / "checkpoints" / "step_0000010"
-    assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
+    assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == LAYOUTS[name][0]
 
 
-def test_tensor_parallel_checkpoint_resumes_unsharded_and_converts(tiny_corpus, tmp_path, plain_run, plain_hf,
-                                                                   killed_run):
+def test_tensor_parallel_checkpoint_resumes_unsharded_and_converts(tiny_corpus, tmp_path, capsys, plain_run,
+                                                                   plain_hf, killed_run):
+    from lmforge.cli import main
+
     out, _ = killed_run(2, *TP2, into=tmp_path / "tp_then_plain")  # TP 2 killed after step 6: latest is step 5
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1")
-    assert "resuming from" in p.stdout + p.stderr
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a launched run (OMP_NUM_THREADS=1)
+    try:  # one unsharded process, in this process (no interpreter to start)
+        assert main(_pretrain_args(tiny_corpus, out, "trainer.devices=1")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr()
+    assert "resuming from" in printed.out + printed.err
     _same_curve(_losses(plain_run), _losses(out))
     a, (_, b) = convert_to_hf(out / "checkpoints" / "step_0000005", tmp_path / "hf_tp"), plain_hf
     assert a.keys() == b.keys()
@@ -43,10 +73,8 @@ def test_tensor_parallel_checkpoint_resumes_unsharded_and_converts(tiny_corpus, 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_tensor_parallel_and_fsdp_resume_on_each_other(tiny_corpus, tmp_path, plain_run, killed_run):
-    fsdp = ["trainer.devices=2", "model.fsdp=true"]
-    for first, then, name in ((TP2, fsdp, "tp_then_fsdp"), (fsdp, TP2, "fsdp_then_tp")):
-        out, _ = killed_run(2, *first, into=tmp_path / name)  # killed after step 6: latest is step 5
-        p = _pretrain(tiny_corpus, out, 2, *then)
-        assert "resuming from" in p.stdout + p.stderr
-        _same_curve(_losses(plain_run), _losses(out))
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_tensor_parallel_and_fsdp_resume_on_each_other(plain_run, tp_runs, name):
+    run, out = tp_runs[name]  # killed after step 6 (latest: step 5) on the first layout, resumed on the other
+    assert "resuming from" in run.ok()
+    _same_curve(_losses(plain_run), _losses(out))
