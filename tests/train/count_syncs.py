@@ -1,5 +1,5 @@
 """``lmforge ARGS`` with every host read of a tensor counted, per training step (run under torchrun by
-tests/train/test_fsdp.py).
+tests/train/test_fsdp_finetune.py).
 
 Counted: ``Tensor.item``, ``tolist``, ``cpu``, ``__float__``, ``__int__``, ``__bool__`` called from lmforge's code
 (on a GPU each waits for the device; torch's own reads, such as Adam's of its CPU step counters, are torch's
