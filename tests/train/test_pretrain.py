@@ -52,11 +52,26 @@ def _cli(args, env, nproc=1, check=True):
     return p
 
 
-def _cli_here(args) -> None:
-    """``lmforge ARGS`` in this process (``lmforge.cli.main``): a one-process reference run, no interpreter to start."""
+def _cli_here(args, capsys=None) -> str:
+    """``lmforge ARGS`` in this process (``lmforge.cli.main``): a one-process run, no interpreter to start. On one
+    thread, as the runs ``_cli`` launches (OMP_NUM_THREADS=1): the exact-resume tests compare the two bit for bit.
+    It must succeed; with ``capsys``, returns what it printed."""
+    import torch
+
     from lmforge.cli import main
 
-    assert main(list(args)) == 0
+    if capsys is not None:
+        capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([str(a) for a in args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    if capsys is None:
+        return ""
+    printed = capsys.readouterr()
+    return printed.out + printed.err
 
 
 def test_two_process_data_parallel_matches_one_process(tiny_corpus, tmp_path):
@@ -79,19 +94,19 @@ def test_two_process_data_parallel_matches_one_process(tiny_corpus, tmp_path):
     assert_run_plots(two, tensorboard=False)  # loss_curve.png by rank 0; create_tensorboard_logger=false acts
 
 
-def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
+def test_killed_run_resumes_exactly(tiny_corpus, tmp_path, capsys):
+    """The uninterrupted run and the resume run in this process; the killed run in its own."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     extra = {"trainer.max_steps": 10, "trainer.val_check_interval": 4, "model.hidden_dropout": 0.1,
              "model.attention_dropout": 0.1}
     args_full = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, full, **extra)]
     args_killed = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, killed, **extra)]
-    _cli(args_full, _env())
+    _cli_here(args_full)
     p = _cli(args_killed, _env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
     assert p.returncode != 0  # killed with SIGKILL after step 6; the last checkpoint is step 4
     ckpts = killed / "checkpoints"
     assert (ckpts / "latest").read_text().strip().endswith("step_0000004")
-    p = _cli(args_killed, _env())
-    assert "resuming from" in p.stdout + p.stderr
+    assert "resuming from" in _cli_here(args_killed, capsys)
     lf, lk = _losses(full), _losses(killed)
     assert sorted(lf) == sorted(lk) == list(range(1, 11))
     for step in lf:
@@ -161,13 +176,11 @@ def test_dataloader_workers_and_document_masks_act(tiny_corpus, tmp_path):
                         ("documents", {"model.data.eod_mask_loss": True, "model.data.reset_position_ids": True,
                                        "model.data.reset_attention_mask": True, "model.data.num_workers": 1})):
         out = tmp_path / name
-        env = _env(LMFORGE_TEST_KILL_AT_STEP="3") if name == "workers" else _env()
-        p = _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **common, **extra)], env, check=False)
+        args = ["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **common, **extra)]
         if name == "workers":  # killed after step 3 (no checkpoint there): resumes from step 2's checkpoint
+            p = _cli(args, _env(LMFORGE_TEST_KILL_AT_STEP="3"), check=False)
             assert p.returncode != 0
-            _cli(["pretrain", "tiny/llama", *tiny_overrides(tiny_corpus, out, **common, **extra)], _env())
-        else:
-            assert p.returncode == 0, p.stderr[-2000:]
+        _cli_here(args)  # the other runs and the resume: in this process
         runs[name] = _losses(out)
     assert runs["workers"] == runs["inline"]
     assert sorted(runs["documents"]) == sorted(runs["inline"])
