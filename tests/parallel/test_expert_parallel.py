@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MOE, convert_to_hf, run_torchrun
-from tests.train.test_fsdp import _pretrain, _pretrain_here, _refused, _same_curve
+from tests.conftest import MOE, convert_to_hf, run_cases, run_torchrun
+from tests.train.test_fsdp import (_in_process, _pretrain, _pretrain_args, _pretrain_here, _refused,
+                                     _same_curve)
 from tests.train.test_pretrain import _env, _losses
 
 WORKER = Path(__file__).with_name("ep_worker.py")
@@ -55,10 +56,26 @@ def one_process_mbs2(tiny_corpus, tmp_path_factory):
     return _pretrain_here(tiny_corpus, out, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
 
 
-def test_pretraining_ep2_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, plain_moe_run):
-    out = tmp_path / "ep2"
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.expert_model_parallel_size=2", *MOE)
-    assert "expert parallel 2" in p.stdout + p.stderr
+LAYOUT = {1: ["trainer.devices=1"], 2: ["trainer.devices=2", "model.expert_model_parallel_size=2"]}
+
+
+@pytest.fixture(scope="module")
+def ep2_runs(tiny_corpus, tmp_path_factory) -> dict:
+    """The 2-rank EP runs no kill ends, in ONE torchrun launch (tests/run_cases.py): ``"ep2"`` from step 0 and
+    ``"one_then_ep2"``, the one-process run killed after step 6 (``"killed"``: its CompletedProcess) resumed on
+    EP 2. ``name -> (CaseRun, results folder)``."""
+    root = tmp_path_factory.mktemp("ep2")
+    killed = _pretrain(tiny_corpus, root / "one_then_ep2", 1, *LAYOUT[1], *MOE,
+                       env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+    cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *LAYOUT[2], *MOE)}
+             for name in ("ep2", "one_then_ep2")]
+    runs = run_cases(cases, 2, root / "launch")
+    return {"killed": killed, **{name: (runs[name], root / name) for name in ("ep2", "one_then_ep2")}}
+
+
+def test_pretraining_ep2_matches_one_process_resumes_and_converts(tmp_path, plain_moe_run, ep2_runs):
+    run, out = ep2_runs["ep2"]  # trainer.devices=2 model.expert_model_parallel_size=2 + MOE
+    assert "expert parallel 2" in run.ok()
     _same_curve(_losses(plain_moe_run), _losses(out))
     _same_curve(_losses(plain_moe_run, "grad_norm"), _losses(out, "grad_norm"))
     _same_curve(_losses(plain_moe_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
@@ -73,13 +90,22 @@ def test_pretraining_ep2_matches_one_process_resumes_and_converts(tiny_corpus, t
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, plain_moe_run, first, then):
-    layout = {1: ["trainer.devices=1"], 2: ["trainer.devices=2", "model.expert_model_parallel_size=2"]}
-    out = tmp_path / "moving"
-    p = _pretrain(tiny_corpus, out, first, *layout[first], *MOE, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
-    p = _pretrain(tiny_corpus, out, then, *layout[then], *MOE)
-    assert "resuming from" in p.stdout + p.stderr
+def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, capsys, plain_moe_run, ep2_runs, first, then):
+    if first == 2:  # killed on 2 EP ranks, resumed in this process
+        out = tmp_path / "moving"
+        p = _pretrain(tiny_corpus, out, first, *LAYOUT[first], *MOE, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"),
+                      check=False)
+    else:  # killed in a process of its own, resumed on 2 EP ranks in the file's 2-rank launch
+        p, (run, out) = ep2_runs["killed"], ep2_runs["one_then_ep2"]
+    assert p.returncode != 0
+    if first == 2:
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+        output = _in_process(capsys, tiny_corpus, out, *LAYOUT[then], *MOE)
+    else:
+        output = run.ok()
+    assert "resuming from" in output
+    if first == 1:  # the killed run's latest checkpoint was step 5
+        assert "step_0000005 at step 5" in output
     _same_curve(_losses(plain_moe_run), _losses(out))
     _same_curve(_losses(plain_moe_run, "grad_norm"), _losses(out, "grad_norm"))
 
@@ -143,7 +169,7 @@ def test_the_assembly_refuses_what_expert_parallelism_does_not_run(tmp_path, cha
     ["model.fsdp=true"],  # experts sharded over the 2 ranks holding the same experts
     ["model.fsdp=true", "model.fsdp_sharding_strategy=grad"],
 ])
-def test_expert_parallel_beside_fsdp_matches_one_process(tiny_corpus, tmp_path, one_process_mbs2, layout):
+def test_expert_parallel_beside_fsdp_matches_one_process(tiny_corpus, tmp_path, capsys, one_process_mbs2, layout):
     """EP 2 x FSDP on 4 ranks: experts sharded over the ranks holding the same experts, the rest over all
     data-parallel ranks (torchtitan's layout). The run, killed after step 6 and resumed on one process, gives the
     one-process curve and grad norms (steps 1-5 from the EP x FSDP ranks, 6-10 from one process), and its val loss
@@ -154,8 +180,8 @@ def test_expert_parallel_beside_fsdp_matches_one_process(tiny_corpus, tmp_path, 
     assert "expert parallel 2" in p.stdout + p.stderr and "FSDP" in p.stdout + p.stderr
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005", p.stderr[-2000:]
     sharded = (_losses(out), _losses(out, "grad_norm"), _losses(out, "val_loss"))
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1", "model.micro_batch_size=2", *MOE)  # resumed on one process
-    assert "resuming from" in p.stdout + p.stderr
+    output = _in_process(capsys, tiny_corpus, out, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
+    assert "resuming from" in output  # resumed on one process (in this one)
     _same_curve(_losses(one_process_mbs2), _losses(out))
     _same_curve(_losses(one_process_mbs2, "grad_norm"), _losses(out, "grad_norm"))
     for key, values in zip(("loss", "grad_norm", "val_loss"), sharded):  # the EP x FSDP ranks' own records
