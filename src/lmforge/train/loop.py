@@ -18,6 +18,7 @@ always the sum over the counted tokens of the global batch divided by their glob
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -97,34 +98,16 @@ class MicroBatches:
                              f"data parallel {self.dims.dp} x accumulate {settings.accumulate}")
 
     def indices(self, step: int, micro: int) -> list[int]:
-        s, dims = self.s, self.dims
-        start = step * s.global_batch_size + (micro * dims.dp + dims.dp_rank) * s.micro_batch_size
-        return [i % len(self.dataset) for i in range(start, start + s.micro_batch_size)]
+        return _indices(self.s, self.dims, len(self.dataset), step, micro)
 
     def batch(self, indices: Iterable[int]):
         """A (B, T+1) tensor of token rows, or for dict items a dict of such tensors, on the device."""
         return self._to_device(self.collate([self.dataset[i] for i in indices]))
 
     def collate(self, items: list):
-        """Stack dataset items into CPU tensors (in a DataLoader worker when ``num_workers`` > 0).
-
-        Dict rows are cut after the last column any row trains on (``loss_mask``): later columns are
-        padding that neither counts nor, under causal attention, influences a counted token. The inputs keep a
-        multiple of the tensor-parallel size (sequence parallelism splits them evenly), where the rows allow.
-        """
-        own = getattr(self.dataset, "collate", None)
-        if own is not None:  # a dataset of another shape (preference pairs) stacks its own items
-            return own(items)
-        if not isinstance(items[0], dict):
-            return torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in items]))
-        out = {k: np.stack([np.asarray(x[k], dtype=np.int64) for x in items]) for k in items[0]}
-        if "loss_mask" in out:
-            used = np.flatnonzero(out["loss_mask"].any(axis=0))
-            end = max(int(used[-1]) + 1 if used.size else 2, 2)
-            multiple = self.dims.tp
-            end = min(-(-(end - 1) // multiple) * multiple + 1, out["loss_mask"].shape[1])
-            out = {k: v[:, :end] for k, v in out.items()}
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+        """Stack dataset items into CPU tensors (in a DataLoader worker when ``num_workers`` > 0): see
+        :func:`_collate`."""
+        return _collate(items, getattr(self.dataset, "collate", None), self.dims.tp)
 
     def _to_device(self, batch):
         if isinstance(batch, dict):
@@ -157,13 +140,47 @@ class MicroBatches:
         self._next_step = step + 1
 
     def _data_loader(self, first_step: int):
+        """A DataLoader over this rank's micro batches from ``first_step`` on. Nothing it holds refers back to this
+        object (no bound method, no generator over ``self``): were it in a reference cycle with the reader, the
+        cyclic collector would free it, and it clears the loader's queues (their feeder threads end) before the
+        iterator's ``__del__`` sends its workers the word to stop; each worker then waited out torch's 5 s join
+        before being terminated, at every evaluation and at the end of training."""
         from torch.utils.data import DataLoader
 
+        s, dims, n = self.s, self.dims, len(self.dataset)
         # read lazily by the loader, a few batches ahead: never a list of every remaining step's indices
-        batches = (self.indices(step, micro) for step in range(first_step, max(self.s.max_steps, first_step + 1))
-                   for micro in range(self.s.accumulate))
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.s.num_workers,
-                          collate_fn=self.collate, pin_memory=self.rt.device.type == "cuda", prefetch_factor=2)
+        batches = (_indices(s, dims, n, step, micro) for step in range(first_step, max(s.max_steps, first_step + 1))
+                   for micro in range(s.accumulate))
+        collate = functools.partial(_collate, own=getattr(self.dataset, "collate", None), tp=dims.tp)
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=collate,
+                          pin_memory=self.rt.device.type == "cuda", prefetch_factor=2)
+
+
+def _indices(s: LoopSettings, dims: ParallelDims, n: int, step: int, micro: int) -> list[int]:
+    """The dataset indices (of ``n`` items) of micro batch ``micro`` of ``step`` on this data-parallel rank."""
+    start = step * s.global_batch_size + (micro * dims.dp + dims.dp_rank) * s.micro_batch_size
+    return [i % n for i in range(start, start + s.micro_batch_size)]
+
+
+def _collate(items: list, own=None, tp: int = 1):
+    """Stack dataset items into CPU tensors; ``own``: the dataset's own ``collate`` (preference pairs stack their
+    items themselves).
+
+    Dict rows are cut after the last column any row trains on (``loss_mask``): later columns are
+    padding that neither counts nor, under causal attention, influences a counted token. The inputs keep a
+    multiple of the tensor-parallel size ``tp`` (sequence parallelism splits them evenly), where the rows allow.
+    """
+    if own is not None:
+        return own(items)
+    if not isinstance(items[0], dict):
+        return torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in items]))
+    out = {k: np.stack([np.asarray(x[k], dtype=np.int64) for x in items]) for k in items[0]}
+    if "loss_mask" in out:
+        used = np.flatnonzero(out["loss_mask"].any(axis=0))
+        end = max(int(used[-1]) + 1 if used.size else 2, 2)
+        end = min(-(-(end - 1) // tp) * tp + 1, out["loss_mask"].shape[1])
+        out = {k: v[:, :end] for k, v in out.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
 @contextlib.contextmanager
