@@ -153,6 +153,12 @@ def mask_targets(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
+def shared_row_visibility(part: torch.Tensor) -> torch.Tensor:
+    """The (B, L, L) bool attention mask of shared-prompt rows whose tokens are ``part`` (B, L): every key the
+    causal mask allows, except that rejected tokens do not see chosen ones (the model adds causality)."""
+    return ~((part == REJECTED)[:, :, None] & (part == CHOSEN)[:, None, :])
+
+
 @dataclass
 class PairDataset:
     """Preference pairs. Item ``i``: chosen and rejected :class:`Side`, its global ``index`` (the row of the

@@ -39,9 +39,15 @@ def sequence_logps(net: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
     The output head runs on the counted tokens only (:func:`target_logps`); finding them reads the mask, so with
     ``mask`` on a device this waits for it (batches of :class:`~lmforge.align.data.PairDataset` carry their
     ``targets``, found on the host)."""
+    return _target_logps(net, plain_rows(tokens, mask), chunk)
+
+
+def plain_rows(tokens: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The arguments of :func:`target_logps` for rows ``tokens`` (N, T) whose completion tokens ``mask`` marks: one
+    completion per row, causal attention."""
     from lmforge.align.data import mask_targets
 
-    return target_logps(net, tokens[:, :-1], mask_targets(tokens, mask), tokens.shape[0], chunk)
+    return dict(inputs=tokens[:, :-1], targets=mask_targets(tokens, mask), n_out=tokens.shape[0])
 
 
 def target_logps(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, n_out: int,
@@ -167,21 +173,20 @@ def pair_inputs(tokens: torch.Tensor, mask: Optional[torch.Tensor] = None, targe
     ``[prompt | chosen]`` and ``[prompt | rejected]`` rows gathered per layer (``rows_gather``/``rows_scatter``:
     :class:`~lmforge.models.transformer.AttentionRows`, SDPA's flash kernel), else as a dense (B, L, L) mask from
     ``part`` (SDPA's memory-efficient kernel, every query against every key); the two give the same values."""
-    from lmforge.align.data import CHOSEN, REJECTED, mask_targets
+    from lmforge.align.data import shared_row_visibility
 
     B = tokens.shape[0]
     if tokens.dim() == 3:
         rows = torch.cat([tokens[:, 0], tokens[:, 1]])  # (2B, T)
         if targets is None:
-            targets = mask_targets(rows, torch.cat([mask[:, 0], mask[:, 1]]))
+            return plain_rows(rows, torch.cat([mask[:, 0], mask[:, 1]]))
         return dict(inputs=rows[:, :-1], targets=targets, n_out=2 * B)
     rows = dict(inputs=tokens[:, :-1], positions=positions[:, :-1], targets=targets, n_out=2 * B)
     if rows_gather is not None:
         from lmforge.models.transformer import AttentionRows
 
         return dict(rows, attn_rows=AttentionRows(rows_gather, rows_scatter))
-    p = part[:, :-1]
-    return dict(rows, attn_mask=~((p == REJECTED)[:, :, None] & (p == CHOSEN)[:, None, :]))  # (B, L-1, L-1)
+    return dict(rows, attn_mask=shared_row_visibility(part[:, :-1]))  # (B, L-1, L-1)
 
 
 def _target_logps(net: nn.Module, rows: dict, chunk: Optional[int] = None, chunk_fn=None):
@@ -345,10 +350,7 @@ class PreferenceLoss(nn.Module):
         return -pc.sum() * (float(units) / max(float(tokens), 1.0))
 
     def _kto(self, mode, tokens, mask, index, label, kl_tokens, kl_mask):
-        from lmforge.align.data import mask_targets
-
-        rows = dict(inputs=tokens[:, :-1], targets=mask_targets(tokens, mask), n_out=tokens.shape[0])
-        kl_rows = dict(inputs=kl_tokens[:, :-1], targets=mask_targets(kl_tokens, kl_mask), n_out=kl_tokens.shape[0])
+        rows, kl_rows = plain_rows(tokens, mask), plain_rows(kl_tokens, kl_mask)
         logps, _ = self._logps(self.model, rows)
         with torch.no_grad():
             kl_logps, _ = self._logps(self.model, kl_rows)
@@ -397,14 +399,12 @@ class RewardLoss(nn.Module):
             last = torch.cat([lengths[:, 0], lengths[:, 1]]) - 1
             rewards = score_rows(self.model, rows, last)
         else:  # one row per pair: [prompt | chosen | rejected], each side's last token where its part ends
-            from lmforge.align.data import CHOSEN, REJECTED
+            from lmforge.align.data import shared_row_visibility
 
             # every token (the last one is read): the dense mask (rows_gather covers the inputs, one column less)
-            visible = ~((part == REJECTED)[:, :, None] & (part == CHOSEN)[:, None, :])
-            hidden = self.model.hidden_states(tokens, positions=positions, attn_mask=visible)  # (B, L, C)
-            row = torch.arange(B, device=tokens.device).repeat(2)
-            picked = hidden[row, torch.cat([ends[:, 0], ends[:, 1]]) - 1]  # (2B, C)
-            rewards = F.linear(picked.float(), self.model.score.weight.float()).squeeze(-1)
+            rewards = score_rows(self.model, tokens, torch.cat([ends[:, 0], ends[:, 1]]) - 1,
+                                 row=torch.arange(B, device=tokens.device).repeat(2), positions=positions,
+                                 attn_mask=shared_row_visibility(part))
         rc, rr = rewards[:B], rewards[B:]
         losses, cr, rj = L.reward_losses(rc, rr, margin)
         loss = losses.sum()
@@ -449,11 +449,14 @@ class AttributeLoss(nn.Module):
         return errors.sum(), int(mask.sum())
 
 
-def score_rows(model: nn.Module, rows: torch.Tensor, last: torch.Tensor, squeeze: bool = True) -> torch.Tensor:
+def score_rows(model: nn.Module, rows: torch.Tensor, last: torch.Tensor, squeeze: bool = True,
+               row: Optional[torch.Tensor] = None, **hidden_kw) -> torch.Tensor:
     """The reward of each row: ``model.score`` of the final hidden state at position ``last`` (fp32): (N,) for a
-    one-output head (``squeeze``), else (N, outputs)."""
-    hidden = model.hidden_states(rows)  # (N, T, C)
-    picked = hidden[torch.arange(rows.shape[0], device=rows.device), last]  # (N, C)
+    one-output head (``squeeze``), else (N, outputs). ``row`` (default: each row once, in order) says which row of
+    ``rows`` each ``last`` reads (a shared-prompt row holds two ends); ``hidden_kw`` go to ``hidden_states``."""
+    hidden = model.hidden_states(rows, **hidden_kw)  # (N, T, C)
+    row = torch.arange(rows.shape[0], device=rows.device) if row is None else row
+    picked = hidden[row, last]  # (N, C)
     out = F.linear(picked.float(), model.score.weight.float())
     return out.squeeze(-1) if squeeze else out
 
