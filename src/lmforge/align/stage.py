@@ -26,10 +26,9 @@ from torch import nn
 
 from lmforge.align.config import ONLINE_METHODS, AlignConfig, to_dict
 from lmforge.finetune.stage import (export_adapter, finish_results, open_base_model, peft_method_config,
-                                    run_on_runtime, sequence_length, stage_job, stage_layout, start_results,
-                                    write_summary)
+                                    sequence_length, stage_job, stage_layout, start_results, write_summary)
 from lmforge.parallel.dims import ParallelDims
-from lmforge.parallel.runtime import Runtime
+from lmforge.parallel.runtime import Runtime, run_on_runtime
 from lmforge.train.assembly import TrainJob, build_training, seed_everything
 from lmforge.train.loop import PRECISIONS
 

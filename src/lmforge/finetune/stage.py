@@ -31,7 +31,7 @@ from lmforge.finetune.metrics import exact_match, greedy_continue, token_f1
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.parallel.dims import ParallelDims, fsdp_strategy
 from lmforge.parallel.fsdp import gathered
-from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
+from lmforge.parallel.runtime import Runtime, run_on_runtime
 from lmforge.train.assembly import (CheckpointSpec, OptimSpec, TrainJob, build_training, seed_everything,
                                     stopped_note)
 from lmforge.train.loop import PRECISIONS, LoopSettings
@@ -187,22 +187,6 @@ def export_adapter(training, rt: Runtime, best, method: str, peft_cfg, out: Path
                                            state=full, tokenizer=tokenizer))
     rt.barrier()
     return adapter_dir
-
-
-def run_on_runtime(stage_run, cfg, runtime: Runtime | None, console_log) -> dict:
-    """``stage_run(cfg, rt, console_log, t0)`` on ``runtime``, else on a runtime started here for
-    ``cfg.trainer.accelerator`` and shut down when the stage ends (however it ends); ``t0`` is the start time."""
-    own = runtime is None
-    rt = runtime or init_runtime(cfg.trainer.accelerator)
-    try:
-        summary = stage_run(cfg, rt, console_log, time.perf_counter())
-        # No rank returns before rank 0 has written summary.json (see lmforge.train.pretrain.run: a stopped run
-        # exits 75 on every rank, and torchrun kills the ranks still running when one exits non-zero).
-        rt.barrier()
-        return summary
-    finally:
-        if own:
-            shutdown(rt)
 
 
 def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) -> dict:

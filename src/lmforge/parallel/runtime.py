@@ -6,8 +6,10 @@ No global state: the :class:`Runtime` is created by the stage and passed down.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,25 @@ def init_runtime(accelerator: str = "auto", timeout_minutes: float = 30) -> Runt
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_on_runtime(stage_run, cfg, runtime: Optional[Runtime], console_log, t0: Optional[float] = None) -> dict:
+    """``stage_run(cfg, rt, console_log, t0)`` on ``runtime``, else on a runtime started here for
+    ``cfg.trainer.accelerator`` and shut down when the stage ends (however it ends); ``t0`` is the start time
+    (default: once the runtime is up).
+
+    No rank returns before every rank has finished the stage (rank 0 its loss curve and summary.json): a run
+    stopped early exits 75 on every rank, and torchrun's agent takes a rank's non-zero exit for a failure and kills
+    the ranks still running, rank 0 in the middle of writing its summary included."""
+    own = runtime is None
+    rt = runtime or init_runtime(cfg.trainer.accelerator)
+    try:
+        summary = stage_run(cfg, rt, console_log, time.perf_counter() if t0 is None else t0)
+        rt.barrier()
+        return summary
+    finally:
+        if own:
+            shutdown(rt)
 
 
 def has_native_bf16(device: torch.device) -> bool:

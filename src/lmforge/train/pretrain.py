@@ -22,7 +22,7 @@ from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
 from lmforge.parallel.dims import ParallelDims
-from lmforge.parallel.runtime import Runtime, init_runtime, shutdown
+from lmforge.parallel.runtime import Runtime, run_on_runtime
 from lmforge.train.assembly import (  # noqa: F401 (saved_state_dict, seed_everything: also imported from here)
     CheckpointSpec, OptimSpec, TrainJob, build_training, saved_state_dict, seed_everything, stopped_note)
 from lmforge.train.loop import LoopSettings
@@ -103,19 +103,7 @@ def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
 
 def run(cfg, runtime: Runtime | None = None, console_log=print) -> dict:
     """Pretrain as ``cfg`` says. Returns a summary dict (losses, tokens, seconds, checkpoint path)."""
-    t0 = time.perf_counter()
-    own_runtime = runtime is None
-    rt = runtime or init_runtime(cfg.trainer.accelerator)
-    try:
-        summary = _run(cfg, rt, console_log, t0)
-        # No rank returns before rank 0 has drawn the loss curve and written summary.json: a run stopped early
-        # exits 75 on every rank, and torchrun's agent takes a rank's non-zero exit for a failure and kills the
-        # ranks still running, rank 0 in the middle of writing its summary included.
-        rt.barrier()
-        return summary
-    finally:
-        if own_runtime:
-            shutdown(rt)
+    return run_on_runtime(_run, cfg, runtime, console_log, t0=time.perf_counter())
 
 
 def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
