@@ -706,6 +706,10 @@ def test_nemo_steerlm_reg_stage_trains_the_attribute_model_locally(tmp_path, cap
      "steerlm_reg.model.regression.merge_attributes=True: lmforge supports False"),
     (("use_avg_pool: False", "use_avg_pool: False\n  sequence_parallel: True"),
      "steerlm_reg.model.sequence_parallel: NeMo's steerlm_reg key has no lmforge meaning"),
+    (("  precision: 32\n  rm:", "  precision: fp16\n  rm:"),
+     "steerlm_reg.trainer.precision='fp16': lmforge trains at mixed 16 or bf16"),
+    (("  precision: 32\n  rm:", "  precision: bf16\n  rm:"),  # the model's precision (32) left as it was
+     "steerlm_reg.model.precision=32: lmforge runs the model at one precision, trainer.precision='bf16'"),
 ])
 def test_nemo_steerlm_reg_keys_lmforge_cannot_honour_are_named(tmp_path, capsys, edit, says):
     assert edit[0] in NEMO_RW_SFT

@@ -163,6 +163,28 @@ def nemo_precision(where: str, value: Any) -> str:
                       f"16, 16-mixed, bf16, bf16-mixed, 32 or 32-true")
 
 
+def precision_handlers(stage: str, flat: dict, keys: tuple, out: dict, runs: str) -> dict[str, Callable[[Any], None]]:
+    """The ``special`` handlers of a NeMo body's precision ``keys`` (the trainer's first): each sets lmforge's
+    ``trainer.precision`` through :func:`nemo_precision`; a model precision left null follows the trainer's, and
+    one that means another precision than the first given key is refused (lmforge runs ``runs`` at one
+    precision; NeMo's own files interpolate them from the trainer's)."""
+    given = [k for k in keys if k in flat and (k == keys[0] or flat[k] is not None)]
+
+    def handler(key):
+        def act(value):
+            if key not in given:
+                return
+            meant = nemo_precision(f"{stage}.{key}", value)
+            first = given[0]
+            if key != first and meant != nemo_precision(f"{stage}.{first}", flat[first]):
+                raise ConfigError(f"{stage}.{key}={value!r}: lmforge runs {runs} at one precision, "
+                                  f"{first}={flat[first]!r}; set the same value or remove the key")
+            _set(out, "trainer.precision", meant)
+        return act
+
+    return {k: handler(k) for k in keys}
+
+
 def _translate_key(where: str, key: str, value: Any, out: dict, special: dict, direct: dict, variables,
                    accepted: dict, section: str) -> None:
     """One NeMo key into ``out``: a ``special`` handler, a ``direct`` lmforge key, a Launcher variable (skipped), an

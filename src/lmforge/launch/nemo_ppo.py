@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmforge.errors import ConfigError
-from lmforge.launch.nemo_peft import _covered, _flatten, _set, _translate_key, nemo_precision
+from lmforge.launch.nemo_peft import _covered, _flatten, _set, _translate_key, precision_handlers
 
 #: NeMo key (below the stage) -> lmforge align key, copied as is.
 DIRECT = {
@@ -149,20 +149,6 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
         flat[prefix_key] = node
     special: dict[str, Callable[[Any], None]] = {}
 
-    given = [k for k in PRECISION_KEYS if k in flat and (k == PRECISION_KEYS[0] or flat[k] is not None)]
-
-    def precision(key):
-        def act(value):
-            if key not in given:
-                return  # a model's precision left null: it follows the trainer's
-            meant = nemo_precision(f"{stage}.{key}", value)
-            first = given[0]
-            if key != first and meant != nemo_precision(f"{stage}.{first}", flat[first]):
-                raise ConfigError(f"{stage}.{key}={value!r}: lmforge runs the actor and the critic at one precision, "
-                                  f"{first}={flat[first]!r}; set the same value or remove the key")
-            _set(out, "trainer.precision", meant)
-        return act
-
     def max_steps(value):
         if value is None or int(value) < 1:
             raise ConfigError(f"{stage}.actor.trainer.ppo.max_steps={value}: lmforge runs a given number of PPO steps "
@@ -242,7 +228,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
         "critic.model.optim.sched.min_lr": lambda v: None,  # checked below: the same ratio to lr as the actor's
     })
     special.update({k: same(k, v) for k, v in SAME_AS_ACTOR.items()})
-    special.update({k: precision(k) for k in PRECISION_KEYS})
+    special.update(precision_handlers(stage, flat, PRECISION_KEYS, out, "the actor and the critic"))
     for key, value in flat.items():
         where = f"{stage}.{key}"
         _translate_key(where, key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "PPO")

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmforge.errors import ConfigError
-from lmforge.launch.nemo_peft import PRECISIONS, _covered, _flatten, _set, _translate_key
+from lmforge.launch.nemo_peft import _covered, _flatten, _set, _translate_key, precision_handlers
 
 #: NeMo key (below the stage) -> lmforge align key, copied as is.
 DIRECT = {
@@ -80,7 +80,7 @@ VARIABLES = ("name", "exp_manager.name", "exp_manager.wandb_logger_kwargs",
              "exp_manager.checkpoint_callback_params.model_parallel_size",
              "exp_manager.checkpoint_callback_params.save_nemo_on_train_end",
              "trainer.max_epochs", "trainer.max_steps",  # PyTorch Lightning's copies of trainer.rm.*
-             "model.max_position_embeddings", "model.precision", "model.data.seq_length")
+             "model.max_position_embeddings", "model.data.seq_length")
 
 #: lmforge's ``trainer.limit_val_batches`` for NeMo's ``1.0`` (every validation batch).
 ALL_BATCHES = 2 ** 31 - 1
@@ -119,11 +119,6 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
     if node is not None:
         flat = {k: v for k, v in flat.items() if not _covered(k, prefix_key)}
         flat[prefix_key] = node
-
-    def precision(value):
-        if str(value) not in PRECISIONS:
-            raise ConfigError(f"{stage}.trainer.precision={value!r}: use bf16, 16 or 32")
-        _set(out, "trainer.precision", PRECISIONS[str(value)])
 
     def max_steps(value):
         if value is None or int(value) < 1:
@@ -186,10 +181,11 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
                          f"score the test file afterwards with `lmforge reward`")
 
     special: dict[str, Callable[[Any], None]] = {
-        "trainer.precision": precision, "trainer.rm.max_steps": max_steps, "trainer.rm.max_epochs": max_epochs,
+        "trainer.rm.max_steps": max_steps, "trainer.rm.max_epochs": max_epochs,
         "trainer.rm.save_interval": save_interval, "trainer.rm.limit_val_batches": limit_val,
         "model.activations_checkpoint_granularity": activations, "model.regression.num_attributes": attributes,
         "model.data.data_prefix": data,
+        **precision_handlers(stage, flat, ("trainer.precision", "model.precision"), out, "the model"),
     }
     for key, value in flat.items():
         _translate_key(f"{stage}.{key}", key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "steerlm_reg")
