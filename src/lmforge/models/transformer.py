@@ -28,8 +28,8 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 
-__all__ = ["Transformer", "AttentionRows", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm", "MLP", "GatedMLP",
-           "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
+__all__ = ["Transformer", "AttentionRows", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm",
+           "MLP", "GatedMLP", "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
            "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap", "alibi_slopes", "fuse_projections",
            "joint_linear", "joint_projection", "set_joint_projections"]
 
