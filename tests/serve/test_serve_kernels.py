@@ -369,19 +369,22 @@ def test_paged_attention_benchmark_sweep():
 
 
 def test_paged_config_tile_choice():
-    """The paged kernel's tile: one block unless a tile or PAGED_TILE asks for more; a tile that is not a power of
+    """The paged kernel's tile: 128 positions (at least one block) unless a tile or PAGED_TILE asks for another
+    (a tile of one block keeps the launch of before); a tile that is not a power of
     two of at least the block size is refused, naming the value; the splits never outnumber the table's tiles."""
     import pytest
     import torch
 
     from lmforge.serve import kernels as K
 
-    assert K.paged_config(16, 128)["TILE"] == 16 and K.paged_config(32, 64)["TILE"] == 32
+    assert K.paged_config(16, 128)["TILE"] == 128 and K.paged_config(32, 64)["TILE"] == 128
+    assert K.paged_config(256, 64)["TILE"] == 256  # never less than a block
+    assert K.paged_config(16, 128, 16) == {"TILE": 16, "num_warps": 4, "num_stages": 3}
     assert K.paged_config(16, 128, 64)["TILE"] == 64
     old = K.PAGED_TILE
     try:
-        K.PAGED_TILE = 128
-        assert K.paged_config(16, 128)["TILE"] == 128 and K.paged_config(16, 128, 64)["TILE"] == 64
+        K.PAGED_TILE = 32
+        assert K.paged_config(16, 128)["TILE"] == 32 and K.paged_config(16, 128, 64)["TILE"] == 64
     finally:
         K.PAGED_TILE = old
     for bad in (8, 24, 48):

@@ -13,9 +13,9 @@ stores its key and value in the cache, in one kernel. :func:`paged_decode_attent
 row over a paged KV cache through each row's block table (flash-decoding: the row's blocks are shared out over
 several programs, each computing a partial softmax with grouped-query heads reading their shared keys once, and
 a second kernel combines them); it reads each row's length on the device, so one launch shape serves every
-length. Each program reads ``TILE`` cache positions per loop iteration (:func:`paged_config`): one block by
-default, or (the op's ``tile`` argument, or :data:`PAGED_TILE`) several blocks gathered through a vector of table
-entries, for larger loads in flight; benchmarks/paged_attention.py times the choices.
+length. Each program reads ``TILE`` cache positions per loop iteration (:func:`paged_config`): 128 by default
+(several blocks gathered through a vector of table entries, for larger loads in flight), or the op's ``tile``
+argument, or :data:`PAGED_TILE`; benchmarks/paged_attention.py times the choices.
 :func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the CPU engine's
 reference). :func:`decode_attention` is the same over contiguous keys with a boolean mask
 (benchmarks/decode_kernels.py). With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
@@ -47,7 +47,7 @@ except ImportError:  # the CPU wheels of torch come without Triton
 __all__ = ["MatVecLinear", "DecodeGatedMLP", "DecodeBlock", "use_decode_kernels", "matvec",
            "swiglu_matvec", "rope_cache_write", "linear", "matvec_config", "decode_attention", "available",
            "paged_decode_attention", "paged_attention_reference", "paged_splits", "paged_config", "PAGED_TILE",
-           "paged_kernel_applies"]
+           "PAGED_DEFAULT_TILE", "paged_kernel_applies"]
 
 
 def available(device: torch.device) -> bool:
@@ -381,6 +381,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 PAGED_TILE = 0  # positions per iteration of the paged kernel; 0: paged_config's choice (benchmarks set it)
+PAGED_DEFAULT_TILE = 128  # measured on an H100 (docs/benchmarks.md, session 10): 128 beat one block per iteration
 
 
 PAGED_STAGE_BYTES = 128 << 10  # the larger tiles' keys and values in flight (all stages): within an H100's shared memory
@@ -389,17 +390,19 @@ PAGED_STAGE_BYTES = 128 << 10  # the larger tiles' keys and values in flight (al
 def paged_config(block_size: int, head_dim: int, tile: int = 0, itemsize: int = 2) -> dict:
     """Positions per loop iteration (``TILE``), warps and pipeline stages of :func:`paged_decode_attention`'s kernel.
 
-    ``tile`` (else :data:`PAGED_TILE`, else one block) picks how many cache positions each iteration reads: a
-    power of two, a multiple of ``block_size``. One block per iteration (16 positions: a dependent load of the
-    table entry, then 16 x ``head_dim`` keys and values) is the default, as measured so far; several blocks per
-    iteration gather a (TILE, head_dim) tile of keys and values through a vector of table entries, so more bytes
-    are in flight per program (benchmarks/paged_attention.py times 16, 64 and 128 against each other). The larger
-    tiles' warps and stages are first guesses, to be set from that benchmark's sweep: 4 warps and 3 stages up to a
+    ``tile`` (else :data:`PAGED_TILE`, else :data:`PAGED_DEFAULT_TILE` positions, at least one block) picks how
+    many cache positions each iteration reads: a power of two, a multiple of ``block_size``. One block per
+    iteration (16 positions: a dependent load of the table entry, then 16 x ``head_dim`` keys and values) leaves
+    few bytes in flight; several blocks per iteration gather a (TILE, head_dim) tile of keys and values through a
+    vector of table entries. benchmarks/paged_attention.py times 16, 64 and 128 against each other: on an H100,
+    bf16, 128 rows of 64-1500 positions, 128 took 165 us against one block's 195 us (Llama-3.1-8B heads) and
+    91 us against 138 us (Llama-3.2-1B heads), and the served 1B and 8B shapes gained 14% and 4% output tokens/s
+    (docs/benchmarks.md). Warps and stages as that sweep found good: 4 warps and 3 stages up to a
     (64, 128) tile, 8 warps and 2 stages above it, fewer stages where the keys and values of all stages
     (``2 * TILE * head_dim * itemsize`` bytes each) would pass :data:`PAGED_STAGE_BYTES` (fp32 caches), and a
     smaller tile where even one stage would (the same results: only the speed depends on the tile).
     """
-    tile = tile or PAGED_TILE or block_size
+    tile = tile or PAGED_TILE or max(block_size, PAGED_DEFAULT_TILE)
     if tile < block_size or tile & (tile - 1):
         raise ValueError(f"the paged kernel's tile must be a power of two of at least the block size "
                          f"({block_size}); got {tile}")
@@ -438,7 +441,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         window: keys less than ``window`` positions back from the newest are visible (0: all).
         splits: programs per (row, head) the tiles are shared over (0: :func:`paged_splits` chooses).
         tile: cache positions each program reads per loop iteration, a power of two and a multiple of the block
-            size (0: :data:`PAGED_TILE`, else one block; see :func:`paged_config`). Every tile gives the same
+            size (0: :data:`PAGED_TILE`, else :data:`PAGED_DEFAULT_TILE`; see :func:`paged_config`). Every tile gives the same
             result up to the order of the sums; only the speed differs.
 
     Returns:
