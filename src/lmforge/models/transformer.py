@@ -627,7 +627,7 @@ def joint_projection(x: torch.Tensor, parts: tuple) -> list[torch.Tensor]:
 
 def _joinable(parts: list) -> bool:
     """Siblings that can run as one matmul: all plain ``nn.Linear`` (plain tensors, no DTensor: tensor parallelism
-    shards each apart), or all of one class whose ``can_join(parts)`` says so (LoRA)."""
+    shards each apart), or all of one class whose ``can_join(parts)`` says so (LoRA, float8 projections)."""
     if any(p is None for p in parts) or len({type(p) for p in parts}) != 1:
         return False
     if type(parts[0]) is nn.Linear:
@@ -640,8 +640,9 @@ def _joinable(parts: list) -> bool:
 def set_joint_projections(model: nn.Module, on: bool = True) -> int:
     """Training: compute every attention's q/k/v and every gated MLP's gate/up as one matmul each (``on``), or
     apart again. The weights stay separate Parameters under their own names (unlike :func:`fuse_projections`,
-    which is for inference), so checkpoints, FSDP and PEFT see the model as before. Siblings that cannot join
-    (tensor-parallel DTensors, a float8 linear, a DoRA or dropout LoRA) stay apart. Apply after PEFT and any module
+    which is for inference), so checkpoints, FSDP and PEFT see the model as before. Float8 projections join into
+    one float8 matmul (:class:`lmforge.train.fp8_linear.Float8Projection`). Siblings that cannot join
+    (tensor-parallel DTensors, float8 all-gather weights, a DoRA or dropout LoRA) stay apart. Apply after PEFT and any module
     swap. Returns the number of joined groups."""
     joined = 0
     for module in model.modules():

@@ -1,11 +1,15 @@
 """FP8 training: torchao's float8 linear layers on a decoder's block projections, bf16 everywhere else.
 
 ``trainer.precision=fp8`` (or NeMo's ``model.fp8=true``) trains in bf16-mixed precision with the seven projections
-of every block (q, k, v, o, gate, up, down) swapped for ``torchao.float8.Float8Linear``: their three matmuls
+of every block (q, k, v, o, gate, up, down) swapped for torchao float8 linears
+(:class:`lmforge.train.fp8_linear.Float8Projection`, a ``torchao.float8.Float8Linear``): their three matmuls
 (forward, input gradient, weight gradient) run in float8 on the tensor cores with dynamic scales, per tensor
-(``model.fp8_recipe=tensorwise``) or per row (``rowwise``). The embedding, the output head, the norms, attention and
-a MoE router stay in bf16 (the head's logits and the router's choices are where float8's 3-bit mantissa hurts).
-The swapped modules subclass ``nn.Linear`` and keep their names, so checkpoints are unchanged.
+(``model.fp8_recipe=tensorwise``), per row (``rowwise``), or per row with the weight gradient's matmul in bf16
+(``rowwise_with_gw_hp``, torchao's most accurate recipe). With the joint projections on (``model.fused_projections``,
+the default) q/k/v and gate/up run as one float8 matmul each (one scaling of their shared input): four float8
+GEMMs per block instead of seven. The embedding, the output head, the norms, attention and a MoE router stay in
+bf16 (the head's logits and the router's choices are where float8's 3-bit mantissa hurts). The swapped modules
+subclass ``nn.Linear`` and keep their names and Parameters, so checkpoints are unchanged.
 
 Needs torchao (``pip install 'lmforge[fp8]'``) and an NVIDIA GPU with float8 tensor cores (compute capability
 8.9 or later: H100, H200, L4, L40S, RTX 4090); anything else is refused with one line before any work.
@@ -20,7 +24,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-RECIPES = ("tensorwise", "rowwise")
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao Float8LinearConfig recipe names
 KEY = "model.fp8=true (trainer.precision=fp8)"
 #: the block projections that go float8 (by their last name component, inside ``layers.``)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,21 +59,31 @@ def is_fp8_target(module: nn.Module, name: str) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def apply_fp8(model: nn.Module, recipe: str = "tensorwise") -> list[str]:
-    """Swap the block projections of ``model`` for torchao float8 linears, in place. Returns the converted names.
+def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False) -> list[str]:
+    """Swap the block projections of ``model`` for torchao float8 linears (:class:`Float8Projection`, which
+    :func:`~lmforge.models.transformer.set_joint_projections` joins), in place. Returns the converted names.
+    ``emulate``: torchao's emulated float8 matmuls (any device, for tests; training uses the tensor cores).
 
     Raises:
         ConfigError: an unknown recipe, or no module to convert.
     """
     if recipe not in RECIPES:
         raise ConfigError(f"model.fp8_recipe={recipe!r} is not known; use one of {', '.join(RECIPES)}")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear_utils import swap_linear_layers
+
+    from lmforge.train.fp8_linear import Float8Projection
 
     names = [n for n, m in model.named_modules() if is_fp8_target(m, n)]
     if not names:
         raise ConfigError(f"{KEY}: the model has no block projection to run in float8 (sizes must be multiples of "
                           f"16)")
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if emulate:
+        config = dataclasses.replace(config, emulate=True)
     chosen = set(names)
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=lambda m, fqn: fqn in chosen)
+    swap_linear_layers(model, lambda m: Float8Projection.from_float(m, config=config),
+                       module_filter_fn=lambda m, fqn: fqn in chosen)
     return names
