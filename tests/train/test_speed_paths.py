@@ -207,19 +207,142 @@ def test_fp8_targets_only_block_projections():
     assert not is_fp8_target(nn.Linear(30, 64), "layers.0.self_attn.q_proj")  # not a multiple of 16
 
 
-def test_fp8_conversion_with_torchao():
+def fp8_tiny(recipe="tensorwise", joint=True):
+    """The tiny model with torchao float8 block projections (emulated matmuls: any CPU), joined or apart."""
     from lmforge.train.fp8 import apply_fp8  # torchao is in the test extra
 
     model = tiny(hidden_size=64, ffn_hidden_size=128, share_embeddings_and_output_weights=False)
-    keys = list(model.state_dict())
-    names = apply_fp8(model, "rowwise")
+    names = apply_fp8(model, recipe, emulate=True)
+    assert set_joint_projections(model, joint) == (4 if joint else 0)  # 2 blocks x (q/k/v, gate/up)
+    return model, names
+
+
+def test_fp8_conversion_keeps_joint_projections():
+    from torchao.float8.float8_linear import Float8Linear
+
+    from lmforge.train.fp8 import apply_fp8
+
+    keys = list(tiny(hidden_size=64, ffn_hidden_size=128, share_embeddings_and_output_weights=False).state_dict())
+    model, names = fp8_tiny("rowwise")
     assert len(names) == 14
-    swapped = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+    swapped = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert swapped == set(names) and type(model.lm_head) is nn.Linear
     assert list(model.state_dict()) == keys  # checkpoints unchanged
-    assert set_joint_projections(model) == 0  # float8 projections stay apart
+    for block in model.layers:  # the float8 q/k/v and gate/up run joined
+        assert block.self_attn.joint_qkv and block.mlp.joint_gate_up
     with pytest.raises(ConfigError, match="model.fp8_recipe"):
         apply_fp8(model, "blockwise")
+
+
+def count_fp8_work(monkeypatch, model, tokens):
+    """Float8 GEMMs of one forward and float8 casts (amax + scale + cast) of one forward and backward."""
+    import torchao.float8.float8_linear as f8
+
+    counts = {"gemms": 0, "casts": 0}
+    forward, cast = f8.matmul_with_hp_or_float8_args.forward, f8.hp_tensor_to_float8_dynamic
+
+    def counting_forward(*args, **kw):
+        counts["gemms"] += 1
+        return forward(*args, **kw)
+
+    def counting_cast(*args, **kw):
+        counts["casts"] += 1
+        return cast(*args, **kw)
+
+    monkeypatch.setattr(f8.matmul_with_hp_or_float8_args, "forward", staticmethod(counting_forward))
+    monkeypatch.setattr(f8, "hp_tensor_to_float8_dynamic", counting_cast)
+    loss_sum, n = CausalLMLoss(model)(tokens)
+    gemms = counts["gemms"]
+    (loss_sum / n).backward()
+    return gemms, counts["casts"]
+
+
+def test_fp8_joint_projections_do_less_scaling_work(monkeypatch):
+    tokens = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
+    joint, _ = fp8_tiny("tensorwise")
+    apart, _ = fp8_tiny("tensorwise", joint=False)
+    # per block: q/k/v, o, gate/up, down (4 float8 GEMMs) instead of q, k, v, o, gate, up, down (7); each GEMM casts
+    # its input and weight forward, its output gradient (twice), weight and input backward
+    assert count_fp8_work(monkeypatch, joint, tokens) == (2 * 4, 2 * 4 * 6)
+    assert count_fp8_work(monkeypatch, apart, tokens) == (2 * 7, 2 * 7 * 6)
+
+
+def test_fp8_rowwise_joint_forward_equals_the_separate_projections():
+    """Rowwise scales are per token (input) and per output row (weight): joined or apart, the same float8 values
+    meet in each dot product, so the model's loss is the same; a wrong join (sizes, order) would change it."""
+    tokens = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
+    joint, _ = fp8_tiny("rowwise")
+    apart, _ = fp8_tiny("rowwise", joint=False)
+    loss_j, grads_j = loss_and_grads(joint, tokens)
+    loss_a, grads_a = loss_and_grads(apart, tokens)
+    assert abs(loss_j - loss_a) < TOL and grads_j.keys() == grads_a.keys()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_fp8_joint_matmul_is_torchaos_over_the_joint_weight(recipe):
+    """The joint float8 matmul is torchao's Float8Linear over [W_q; W_k; W_v] exactly: outputs, input gradient, each
+    weight's and bias's gradient (its rows of the joint weight's)."""
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
+    from lmforge.train.fp8_linear import Float8Projection
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=True)
+    parts = [Float8Projection.from_float(nn.Linear(32, out), config=config) for out in (64, 32, 32)]
+    whole = nn.Linear(32, 128)
+    with torch.no_grad():
+        whole.weight.copy_(torch.cat([p.weight for p in parts]))
+        whole.bias.copy_(torch.cat([p.bias for p in parts]))
+    whole = Float8Linear.from_float(whole, config=config)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    x_whole = x.detach().clone().requires_grad_()
+    ys = Float8Projection.joint_forward(x, parts)
+    y = whole(x_whole)
+    assert [t.shape[-1] for t in ys] == [64, 32, 32] and torch.equal(torch.cat(ys, -1), y)
+    g = torch.randn_like(y)
+    torch.cat(ys, -1).backward(g)
+    y.backward(g)
+    assert torch.equal(x.grad, x_whole.grad)
+    assert torch.equal(torch.cat([p.weight.grad for p in parts]), whole.weight.grad)
+    assert torch.equal(torch.cat([p.bias.grad for p in parts]), whole.bias.grad)
+    assert Float8Projection.can_join(parts)
+    all_gather = dataclasses.replace(config, enable_fsdp_float8_all_gather=True) if recipe == "tensorwise" else None
+    if all_gather is not None:  # float8 all-gather weights carry a scale each: they stay apart
+        assert not Float8Projection.can_join([Float8Projection.from_float(nn.Linear(32, 32), config=all_gather)
+                                              for _ in range(2)])
+
+
+def test_fp8_trained_model_saves_the_bf16_checkpoint_and_hf_tensors(tmp_path):
+    """A model trained with joint float8 projections saves what the plain model saves: the same lmforge
+    checkpoint names and shapes, and after conversion the same HF tensors, holding the trained values."""
+    from safetensors.torch import load_file
+
+    from lmforge.convert.hf import convert
+    from lmforge.train.checkpoint import save_model
+
+    model, _ = fp8_tiny("tensorwise")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        loss_and_grads(model, tokens)
+        opt.step()
+    plain = tiny(hidden_size=64, ffn_hidden_size=128, share_embeddings_and_output_weights=False)
+    for name, module in (("fp8", model), ("plain", plain)):
+        save_model(tmp_path / name, module.state_dict(), module.cfg.to_dict())
+        convert(tmp_path / name, tmp_path / f"{name}_hf", to="hf", family="llama", progress=False)
+    ours, theirs = load_file(tmp_path / "fp8" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+    for k, v in model.state_dict().items():
+        assert torch.equal(ours[k], v), k  # the trained values, under the plain names
+    hf, hf_plain = load_file(tmp_path / "fp8_hf" / "model.safetensors"), \
+        load_file(tmp_path / "plain_hf" / "model.safetensors")
+    assert {k: v.shape for k, v in hf.items()} == {k: v.shape for k, v in hf_plain.items()}
+    assert torch.equal(hf["model.layers.1.self_attn.k_proj.weight"], model.layers[1].self_attn.k_proj.weight)
+    assert torch.equal(hf["model.layers.0.mlp.up_proj.weight"], model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(hf["model.layers.0.mlp.up_proj.weight"], hf_plain["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_fp8_refused_on_cpu_and_config_keys(tmp_path):
@@ -238,6 +361,8 @@ def test_fp8_refused_on_cpu_and_config_keys(tmp_path):
         run(cfg)  # before any data or checkpoint work
     assert not (tmp_path / "run").exists()
     assert load_config("tiny/llama", ["model.fp8=true", "trainer.precision=bf16-mixed"]).model.fp8 is True
+    assert load_config("tiny/llama", ["trainer.precision=fp8", "model.fp8_recipe=rowwise_with_gw_hp"]
+                       ).model.fp8_recipe == "rowwise_with_gw_hp"
     with pytest.raises(ConfigError, match="model.fp8_recipe"):
         load_config("tiny/llama", ["trainer.precision=fp8", "model.fp8_recipe=blockwise"])
     with pytest.raises(ConfigError, match="trainer.precision=32"):

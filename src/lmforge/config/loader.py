@@ -831,7 +831,7 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                 p.extend(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
             else:
                 p.append(text)
-        _choice(p, "model.fp8_recipe", m.fp8_recipe, ("tensorwise", "rowwise"))
+        _choice(p, "model.fp8_recipe", m.fp8_recipe, ("tensorwise", "rowwise", "rowwise_with_gw_hp"))
         if m.loss_chunk_size is not None and (not _is_int(m.loss_chunk_size) or m.loss_chunk_size < 0):
             p.append(f"model.loss_chunk_size={_show(m.loss_chunk_size)} must be a number of tokens (e.g. 4096), 0 "
                      "(whole batch) or null (automatic)")

@@ -106,7 +106,7 @@ class TrainJob:
     compile: bool = False
     joint_projections: bool = True  # q/k/v and gate/up as one matmul each (set_joint_projections; not under TP)
     loss_chunk_size: Optional[int] = None  # head + cross-entropy over token chunks; None: auto_loss_chunk_size, 0: off
-    fp8: Optional[str] = None  # torchao float8 block projections with this recipe (tensorwise | rowwise); None: off
+    fp8: Optional[str] = None  # torchao float8 block projections with this recipe (fp8.RECIPES); None: off
     sequence_parallel: bool = False  # with tensor parallelism: the residual stream split along the sequence
     virtual_pipeline: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B when above 1)
     fsdp_grad_reduce_dtype: Any = 32
@@ -332,7 +332,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         converted = apply_fp8(base, job.fp8)
         if rt.is_main:
             console_log(f"fp8: {len(converted)} block projections in float8 ({job.fp8} scaling), the rest in bf16")
-    if job.joint_projections and dims.tp == 1:  # 3. q/k/v and gate/up as one matmul each (float8 ones stay apart)
+    if job.joint_projections and dims.tp == 1:  # 3. q/k/v and gate/up as one matmul each (float8 ones too)
         from lmforge.models.transformer import set_joint_projections
 
         set_joint_projections(base)
