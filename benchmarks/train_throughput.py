@@ -13,7 +13,10 @@ Switches (each one a training config key; every case of a call runs with them):
     --fused / --no-fused      q/k/v and gate/up as one matmul each (model.fused_projections, default on)
     --chunked-loss N          head + cross-entropy over N-token chunks (model.loss_chunk_size; 0 off; default auto:
                               2048 at a 128k vocabulary)
-    --fp8 tensorwise|rowwise  torchao float8 block projections (model.fp8=true, model.fp8_recipe; default none)
+    --fp8 RECIPE              torchao float8 block projections (model.fp8=true, model.fp8_recipe: tensorwise, rowwise,
+                              rowwise_with_gw_hp; default none). With --fused (the default) q/k/v and gate/up run as
+                              one float8 matmul each (``joined`` in the record: 2 per block); --no-fused runs the
+                              seven separate float8 projections of the first float8 runs (``joined: 0``)
 
     python benchmarks/train_throughput.py [--shape 1b|8b] [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4]
         [--steps 20] [--no-fused] [--chunked-loss 0] [--fp8 tensorwise] [--tag before]
@@ -38,6 +41,7 @@ from lmforge.parallel.runtime import Runtime
 from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
 from lmforge.train.loop import LoopSettings, MicroBatches, Trainer
 from lmforge.train.assembly import resolve_loss_chunk_size
+from lmforge.train.fp8 import RECIPES
 from lmforge.train.objectives import CausalLMLoss
 from lmforge.train.optim import build_optimizer, build_schedule
 
@@ -75,7 +79,7 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     model.init_weights(seed=0)
-    if fp8:  # as build_training: float8 projections before joining, checkpointing, compile and FSDP
+    if fp8:  # as build_training: float8 projections before joining (one float8 matmul per group), compile and FSDP
         from lmforge.train.fp8 import apply_fp8, fp8_problem
 
         problem = fp8_problem(device)
@@ -147,8 +151,8 @@ def main():
                    help="q/k/v and gate/up as one matmul each (model.fused_projections)")
     p.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS",
                    help="head + cross-entropy over token chunks (model.loss_chunk_size; 0: off; default: auto)")
-    p.add_argument("--fp8", choices=["none", "tensorwise", "rowwise"], default="none",
-                   help="torchao float8 block projections (model.fp8=true, model.fp8_recipe)")
+    p.add_argument("--fp8", choices=["none", *RECIPES], default="none",
+                   help="torchao float8 block projections (model.fp8=true, model.fp8_recipe); joined unless --no-fused")
     p.add_argument("--sync-every-step", action="store_true",
                    help="read the loss and grad norm back after every step (the loop before it deferred them)")
     p.add_argument("--tag", default="", help="a label copied into every record (e.g. before / after)")
