@@ -97,3 +97,33 @@ def test_a_draw_from_a_distribution_that_is_not_finite_fails_its_request_alone()
     assert ok.finish_reason == "length" and outs["ok"][0] == _reference(model, PROMPTS[2], SamplingParams(
         max_tokens=8, temperature=1.0, seed=2))
     assert engine.cache.allocator.num_used == 0
+
+
+def test_chained_draws_use_each_tokens_own_uniform(monkeypatch):
+    """RowSampling computes the uniforms of WINDOW chained steps at once (and draws every row in place when all
+    rows sample): step j of a chain, across window boundaries, must draw what one step's row_keys(seed, counter
+    + j) draws (the host sampler's rule), with all rows sampled or a greedy row among them, padding rows kept."""
+    from lmforge.serve.request import Sequence
+    from lmforge.serve.sampler import RowSampling, next_tokens
+
+    monkeypatch.setattr(RowSampling, "WINDOW", 3)
+    V, steps = 50, 7
+    params = [SamplingParams(max_tokens=9, temperature=1.0, seed=5), SamplingParams(max_tokens=9, temperature=0.0),
+              SamplingParams(max_tokens=9, temperature=0.7, top_k=10, seed=2 ** 40 + 3)]
+    logits = torch.randn(steps, 4, V, generator=torch.Generator().manual_seed(0))  # 4 rows: the last is padding
+    for rows in ([0, 2], [0, 1, 2]):  # every row samples (dense) / a greedy row among them
+        seqs = [Sequence(f"r{i}", [1], params[i], torch.device("cpu"), 9) for i in rows]
+        for i, s in enumerate(seqs):
+            s.num_generated = 2 + i
+        sampling = RowSampling.build(seqs, V, "cpu")
+        assert sampling.dense == (rows == [0, 2])
+        for j in range(steps):
+            got = next_tokens(logits[j], logits[j].argmax(-1), sampling).tolist()
+            want = logits[j].argmax(-1).tolist()
+            for b, s in enumerate(seqs):
+                if not s.params.greedy:
+                    pick, _ = draw(filter_rows(logits[j, b: b + 1], *filter_settings([s.params], V, "cpu")),
+                                   row_keys(torch.tensor([s.seed]), torch.tensor([s.num_generated + j])))
+                    want[b] = int(pick[0])
+            assert got == want, (rows, j)
+            sampling = sampling.advanced()

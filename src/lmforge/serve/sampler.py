@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lmforge.models.generate import MIN_TEMPERATURE
 from lmforge.serve.request import LOGIT_LIMIT, SamplingParams, Sequence, TokenLogprob
 
-__all__ = ["process_logits", "argmax_rows", "Sampler", "RowSampling", "next_tokens", "draw", "row_keys"]
+__all__ = ["process_logits", "argmax_rows", "Sampler", "RowSampling", "next_tokens", "draw", "invert", "row_keys"]
 
 
 def process_logits(logits: torch.Tensor, params: Seq[SamplingParams], histories: Seq[tuple[list, list]]
@@ -142,9 +142,14 @@ def draw(processed: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, tor
     token whose cumulative probability reaches the row's uniform (:func:`uniforms`), which picks token ``i`` with
     probability ``p_i``; and whether the row's distribution is finite (n,) bool. Row by row, on the device: one
     softmax, one cumulative sum, one binary search (no vocabulary-wide noise)."""
+    return invert(processed, uniforms(keys))
+
+
+def invert(processed: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw` at given uniforms ``u`` (n,) fp32 (:func:`uniforms` of the rows' keys)."""
     cdf = processed.softmax(-1).cumsum(-1)
     total = cdf[:, -1:]
-    pick = torch.searchsorted(cdf, uniforms(keys)[:, None] * total)[:, 0]
+    pick = torch.searchsorted(cdf, u[:, None] * total)[:, 0]
     return pick.clamp_(max=processed.shape[-1] - 1), torch.isfinite(total[:, 0])
 
 
@@ -152,10 +157,22 @@ class RowSampling:
     """The sampled rows of a decode step drawn on the device: their indices in the step, filter settings, seeds
     and token counters (all device tensors), so a chained step draws with no host value (:meth:`advanced`).
 
-    Built by :meth:`build` from the step's sequences (row ``i`` is ``seqs[i]``); None when no row samples."""
+    Built by :meth:`build` from the step's sequences (row ``i`` is ``seqs[i]``); None when no row samples.
 
-    def __init__(self, idx, settings, seeds, counters):
+    The uniforms of :data:`WINDOW` steps are computed at once (:meth:`uniforms`: the same values, key by key, as
+    one step's :func:`row_keys` and :func:`uniforms`): the integer hashes are some sixty small kernels, which a
+    chained step would otherwise launch every time (host time that held the device back). ``dense``: the sampled
+    rows are the step's first rows in order (every sequence samples), so no gather or scatter of rows is needed.
+    """
+
+    #: chained steps whose uniforms are computed together
+    WINDOW = 64
+
+    def __init__(self, idx, settings, seeds, counters, dense: bool = False, offset: int = 0, window=None):
         self.idx, self.settings, self.seeds, self.counters = idx, settings, seeds, counters
+        self.dense = dense
+        self.offset = offset  # steps since build: each row draws its token number counters + offset
+        self._window = window  # (first offset, (WINDOW, s) uniforms) shared with the steps before
 
     @classmethod
     def build(cls, seqs: list[Sequence], V: int, device) -> Optional["RowSampling"]:
@@ -165,11 +182,21 @@ class RowSampling:
         params = [seqs[b].params for b in rows]
         return cls(torch.tensor(rows, device=device), filter_settings(params, V, device),
                    torch.tensor([seqs[b].seed for b in rows], device=device),
-                   torch.tensor([seqs[b].num_generated for b in rows], device=device))
+                   torch.tensor([seqs[b].num_generated for b in rows], device=device), dense=len(rows) == len(seqs))
+
+    def uniforms(self) -> torch.Tensor:
+        """(s,) this step's uniforms: :func:`uniforms` of :func:`row_keys` (seed, counter + offset) of each row."""
+        if self._window is None or not 0 <= self.offset - self._window[0] < self.WINDOW:
+            steps = torch.arange(self.offset, self.offset + self.WINDOW, device=self.counters.device)
+            keys = row_keys(self.seeds[None, :], self.counters[None, :] + steps[:, None])  # (WINDOW, s)
+            self._window = (self.offset, uniforms(keys))
+        first, u = self._window
+        return u[self.offset - first]
 
     def advanced(self) -> "RowSampling":
         """The same rows one token further (the chained step after)."""
-        return RowSampling(self.idx, self.settings, self.seeds, self.counters + 1)
+        return RowSampling(self.idx, self.settings, self.seeds, self.counters, self.dense, self.offset + 1,
+                           self._window)
 
 
 def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[RowSampling]) -> torch.Tensor:
@@ -177,8 +204,12 @@ def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[R
     rows their draw (-1 for a row whose distribution is not finite: the request fails when read)."""
     if sampling is None:
         return greedy
-    pick, ok = draw(filter_rows(logits[sampling.idx].float(), *sampling.settings),
-                    row_keys(sampling.seeds, sampling.counters))
+    if sampling.dense:  # rows 0..s-1 sample; rows after them (the graph's padding) keep their argmax
+        s = sampling.seeds.shape[0]
+        pick, ok = invert(filter_rows(logits[:s].float(), *sampling.settings), sampling.uniforms())
+        drawn = torch.where(ok, pick, -1)
+        return drawn if s == greedy.shape[0] else torch.cat([drawn, greedy[s:]])
+    pick, ok = invert(filter_rows(logits[sampling.idx].float(), *sampling.settings), sampling.uniforms())
     return greedy.clone().index_copy_(0, sampling.idx, torch.where(ok, pick, torch.full_like(pick, -1)))
 
 
