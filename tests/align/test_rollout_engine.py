@@ -144,3 +144,21 @@ def test_a_sharded_policy_falls_back_to_eager_with_a_line(monkeypatch):
     rl.compile_decode, rl.log = True, lines.append
     assert rl.engine().compiled is False
     assert any("eager decode step: the policy's weights are sharded" in line for line in lines), lines
+
+
+def test_rollouts_decode_no_text_and_capture_two_batch_sizes():
+    """Rollouts need token ids only: the engine never decodes text (a tokenizer's decode is host time per token
+    per completion) and, compiled, captures the whole batch and an eighth of it, not every power of two."""
+    from lmforge.align.rl import rollout_decode_batches
+
+    class Counting(_Ids):
+        decodes = 0
+
+        def decode(self, ids, *args, **kwargs) -> str:
+            Counting.decodes += 1
+            return "x"
+
+    rl = _rollout(_model())
+    rl.tok = Counting()
+    assert [len(c) for c in rl.sample(PROMPTS)] == [6] * 6 and Counting.decodes == 0
+    assert [rollout_decode_batches(n) for n in (64, 48, 6, 1)] == [[8, 64], [8, 64], [1, 8], [1]]

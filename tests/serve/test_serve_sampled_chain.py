@@ -4,9 +4,10 @@ A request's k-th token is its filtered distribution's inverse at a uniform that 
 k): the engine must draw exactly what a plain loop over full forwards draws with that rule, whether its steps
 were chained on the device (every row plain) or read by the host sampler (a penalised row beside it)."""
 
+import pytest
 import torch
 
-from lmforge.serve.engine import Engine, SamplingParams
+from lmforge.serve.engine import Engine, InvalidRequestError, SamplingParams
 from lmforge.serve.sampler import draw, filter_rows, filter_settings, row_keys, uniforms
 
 from tests.serve.test_serve_engine import PROMPTS, make_model
@@ -127,3 +128,68 @@ def test_chained_draws_use_each_tokens_own_uniform(monkeypatch):
                     want[b] = int(pick[0])
             assert got == want, (rows, j)
             sampling = sampling.advanced()
+
+
+class _CountingTokenizer:
+    """Text of one character per token; counts its decodes. ``eod_id``: the end-of-text token."""
+
+    def __init__(self, eod_id):
+        self.eod_id, self.decodes = eod_id, 0
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        self.decodes += 1
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def _run(engine: Engine, prompts, params) -> tuple[dict, dict]:
+    """Each request's tokens and its outputs, stepping by hand (request i is "q{i}")."""
+    for i, (q, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"q{i}", q, p)
+    tokens, outs = {}, {}
+    while engine.has_work():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.token_ids)
+            outs.setdefault(o.request_id, []).append(o)
+    return tokens, outs
+
+
+def test_token_id_only_engine_draws_the_same_tokens_with_no_text():
+    """detokenize=False, stream_outputs=False (online RL's rollouts): the tokens and finish reasons of the default
+    engine (an end-of-text token still stops a request), greedy and seeded draws, no decode of any text, and one
+    output per request, at its end; stop strings are refused with the reason."""
+    model = make_model("llama")
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4], PROMPTS[6]]
+    params = [SamplingParams(max_tokens=14, temperature=1.0, seed=s) for s in (1, 2, 3)] + [
+        SamplingParams(max_tokens=14, temperature=0.0)]
+    first, _ = _run(Engine(model, _CountingTokenizer(None), max_batch_size=4), prompts, params)
+    eod = first["q0"][4]  # a token request 0 draws: with it as end-of-text, that request stops early
+    streamed, _ = _run(Engine(model, _CountingTokenizer(eod), max_batch_size=4), prompts, params)
+    tok = _CountingTokenizer(eod)
+    engine = Engine(model, tok, max_batch_size=4, detokenize=False, stream_outputs=False)
+    got, outs = _run(engine, prompts, params)
+    assert got == streamed and len(got["q0"]) < 14
+    assert outs["q0"][0].finish_reason == "stop"
+    assert all(len(o) == 1 and o[0].finished and o[0].text == "" for o in outs.values())
+    assert tok.decodes == 0 and engine.metrics.chained_steps > 0
+    with pytest.raises(InvalidRequestError, match="detokenize=False"):
+        engine.add_request("s", [1, 2], SamplingParams(max_tokens=3, stop=["ab"]))
+
+
+def test_decode_steps_padded_to_a_larger_batch_draw_the_same_tokens():
+    """A compiled engine with decode_batches runs a step of n rows in the smallest captured batch >= n, rows
+    beyond n padding. The same padding on the eager step (CPU): the tokens of unpadded steps, greedy and sampled,
+    as requests end and the batch shrinks."""
+    model = make_model("llama")
+    prompts = [PROMPTS[i] for i in (0, 1, 2, 4, 6)]
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=1.0 if i % 2 else 0.0, seed=i) for i in range(5)]
+    want, _ = _run(Engine(model, max_batch_size=8), prompts, params)
+    engine = Engine(model, max_batch_size=8)
+    engine.runner.batches = [2, 8]  # what compile_decode with decode_batches=[2] sets (no CUDA graphs on a CPU)
+    assert [engine.runner.batch_bucket(n) for n in (1, 2, 3, 8)] == [2, 2, 8, 8]
+    padded = []
+    launch = engine.runner.decode_step
+    engine.runner.decode_step = lambda ids, *a: padded.append(ids.shape[0]) or launch(ids, *a)
+    got, _ = _run(engine, prompts, params)
+    assert got == want and set(padded) == {2, 8} and engine.metrics.chained_steps > 0
+    with pytest.raises(InvalidRequestError, match="decode_batches must be batch sizes from 1 to 8"):
+        Engine(model, max_batch_size=5, decode_batches=[16])

@@ -103,6 +103,18 @@ class Engine:
         log: where start-up lines go (default: standard error): on a GPU, the KV cache's size and the memory it
             was sized from; compiled, the graph captures and the prefill's compilation (a line per shape, then the
             time it took).
+        detokenize: keep each request's text (incremental detokenization, stop strings). False: token ids only,
+            as without a tokenizer (outputs' ``text`` is empty, stop strings are refused), while the tokenizer's
+            end-of-text still stops a request: for callers that need only ids (online RL's rollouts), which then
+            spend no host time per token on text.
+        stream_outputs: :meth:`step` returns a request's new tokens at every step. False: a request's output comes
+            once, when it finishes, with all its tokens (callers that need only the final ids: no output objects
+            per token).
+        decode_batches: compiled only: the batch sizes whose decode graphs are captured (default: every power of
+            two up to the batch, rounded up); a step of ``n`` rows runs in the smallest captured size ``>= n``
+            (rows beyond ``n`` are padding), and the largest (the batch rounded up to a power of two) is always
+            captured. Fewer sizes start up faster (each is a capture); a batch known to shrink only at its end
+            (online RL's rollouts) loses little by running its last rows padded.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
@@ -111,7 +123,8 @@ class Engine:
                  enable_prefix_caching: bool = True, compile_decode: bool = False, lora=None, graph_chunks: int = 1,
                  compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
                  decode_kernels: bool = True, admission_batch: int = 1, live_weights: bool = False,
-                 compile_prefill: bool = False, log=None):
+                 compile_prefill: bool = False, log=None, detokenize: bool = True, stream_outputs: bool = True,
+                 decode_batches: Optional[Seq[int]] = None):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                  ("admission_batch", admission_batch, 1)):
@@ -152,6 +165,11 @@ class Engine:
             if compile_mode is not None and compile_options:
                 raise InvalidRequestError("give compile_mode or compile_options, not both")
         max_rows = bucket(max_batch_size, 0 if self.compiled else 1)
+        top = bucket(max_batch_size, 0)  # the largest captured batch (compiled)
+        if decode_batches is not None and not (
+                all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= top for b in decode_batches)):
+            raise InvalidRequestError(f"decode_batches must be batch sizes from 1 to {top} (max_batch_size rounded "
+                                      f"up to a power of two), got {list(decode_batches)!r}")
         self.lora = lora
         if lora is not None and lora.max_rows < max_rows:
             raise InvalidRequestError(f"the MultiLoRA holds {lora.max_rows} rows but this engine decodes up to "
@@ -177,10 +195,11 @@ class Engine:
                                    admission_batch=admission_batch)
         self.runner = ModelRunner(self.model, self.cache, max_rows, self.max_seq_len, lora, self.compiled,
                                   graph_chunks, compile_mode, compile_options, decode_kernels, self.live_weights,
-                                  self.compile_prefill)
+                                  self.compile_prefill, decode_batches)
         self.sampler = Sampler()
         self.eos_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
-        self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_seq_len)
+        self.detokenize, self.stream_outputs = bool(detokenize), bool(stream_outputs)
+        self.outputs = OutputProcessor(tokenizer if self.detokenize else None, self.eos_id, self.max_seq_len)
         self.metrics = EngineMetrics()
         self._ids: set[str] = set()
         self._inflight: Optional[Decode] = None  # a decode step with its tokens on the device, not read yet
@@ -318,6 +337,9 @@ class Engine:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})", "prompt")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        if params.stop and not self.detokenize:
+            raise InvalidRequestError("stop strings need the output text, and this engine was built with "
+                                      "detokenize=False (token ids only); give stop_token_ids instead", "stop")
         max_new = min(params.max_tokens, self.context_len - len(prompt))
         seq = Sequence(request_id, prompt, params, self.device, max_new, self.prefix_ids, adapter_slot)
         self.outputs.prepare(seq)
@@ -394,8 +416,9 @@ class Engine:
                     self._inflight = d  # read by the next call, after it launched the following step
                 else:
                     self._finish_decode(d, touched)
-        outputs = [self._output(s) for s in touched.values()
-                   if s.finish_reason != "abort" and (s.finish_reason is not None or len(s.output_ids) > s.sent_tokens)]
+        stream = self.stream_outputs
+        outputs = [self._output(s) for s in touched.values() if s.finish_reason != "abort" and (
+            s.finish_reason is not None or stream and len(s.output_ids) > s.sent_tokens)]
         if self._inflight is None:
             self._release([s for s in self.running if s.finish_reason is not None])
         return outputs
@@ -536,16 +559,25 @@ class Engine:
         seqs, rows = [s for s, _ in live], [r for _, r in live]
         if d.tokens is not None:
             tokens = d.read_tokens()
+            # every row of every step passes here: _append's work inline, the clock read once for the step
+            now, append, appended = time.monotonic(), self.outputs.append, 0
             for seq, r in zip(seqs, rows):
-                if tokens[r] < 0:  # a draw from a distribution that is not finite (NaN logits): this request fails
+                token = tokens[r]
+                if token < 0:  # a draw from a distribution that is not finite (NaN logits): this request fails
                     seq.fail("the model's next-token distribution is not finite (NaN or inf logits)")
                 else:
-                    self._append(seq, tokens[r])
+                    if seq.first_token_time is None:
+                        seq.first_token_time = now
+                    seq.last_token_time = now
+                    append(seq, token)
+                    appended += 1
                 touched[seq.request_id] = seq
+            self.metrics.generation_tokens += appended
         else:
             self._advance(seqs, d.logits, touched, rows, d.greedy)
-        for seq in seqs:
-            self.scheduler.register_full_blocks(seq)
+        if self.cache.allocator.prefix_caching:
+            for seq in seqs:
+                self.scheduler.register_full_blocks(seq)
 
     # -- sampling and outputs ---------------------------------------------------------------------------------
 

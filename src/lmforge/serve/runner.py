@@ -314,11 +314,14 @@ class ModelRunner:
         compiled, graph_chunks, compile_mode, compile_options, decode_kernels: as :class:`~lmforge.serve.engine.Engine`
             (``compiled`` is its ``compile_decode`` on a GPU).
         compile_prefill: run prefills through :class:`CompiledPrefill` (any device), compiled at start-up.
+        decode_batches: compiled: the batch sizes captured (with ``max_rows``), instead of every power of two up to
+            it (:meth:`batch_bucket`).
     """
 
     def __init__(self, model, cache: PagedKVCache, max_rows: int, max_seq_len: int, lora=None, compiled: bool = False,
                  graph_chunks: int = 1, compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
-                 decode_kernels: bool = True, live: bool = False, compile_prefill: bool = False):
+                 decode_kernels: bool = True, live: bool = False, compile_prefill: bool = False,
+                 decode_batches=None):
         self.model = model
         self.cache = cache
         param = next(model.parameters())
@@ -340,6 +343,8 @@ class ModelRunner:
         # With CUDA graphs every decode shape is a recorded graph: batch rounded up to powers of two, and the span
         # (keys the reference attention reads) to multiples of 256, or one span when the kernel serves every layer.
         self.batch_step = 0 if compiled else 1
+        # compiled with decode_batches: the captured batch sizes, ascending (None: every power of two)
+        self.batches = sorted(set(decode_batches) | {max_rows}) if compiled and decode_batches else None
         probe = torch.empty(1, device=self.device, dtype=self.dtype)
         kernel_everywhere = cache.use_kernel and all(
             paged_kernel_applies(layer.self_attn, probe, cache.k[0]) for layer in model.layers)
@@ -375,9 +380,16 @@ class ModelRunner:
 
     # -- start-up --------------------------------------------------------------------------------------------
 
+    def batch_bucket(self, n: int) -> int:
+        """The rows of a decode step of ``n`` sequences: ``n`` eager; compiled, the smallest captured batch size
+        ``>= n`` (a power of two, or one of ``decode_batches``)."""
+        if self.batches is not None:
+            return next(b for b in self.batches if b >= n)
+        return bucket(n, self.batch_step, self.max_rows)
+
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch bucket, span bucket) a decode step may take."""
-        batches = sorted({bucket(n, self.batch_step, self.max_rows) for n in range(1, self.max_rows + 1)})
+        batches = sorted({self.batch_bucket(n) for n in range(1, self.max_rows + 1)})
         spans = sorted({bucket(n, self.span_step, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
         return [(b, s) for b in batches for s in spans]
 
@@ -593,7 +605,7 @@ class ModelRunner:
         # built before the step is launched: its host-to-device copies then wait for nothing
         sampling = RowSampling.build(seqs, self.vocab, self.device) if on_device else None
         n = len(seqs)
-        B = bucket(n, self.batch_step, self.max_rows)
+        B = self.batch_bucket(n)
         ids, pos, advance = [0] * B, [0] * B, [0] * B
         for i, s in enumerate(seqs):
             ids[i], pos[i], advance[i] = s.output_ids[-1], s.length - 1, 1

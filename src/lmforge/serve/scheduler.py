@@ -218,8 +218,11 @@ class Scheduler:
     def reserve_next(self, seqs: list[Sequence]) -> bool:
         """Blocks for one more position of each of ``seqs`` (a decode step launched before the last was read);
         False when that would need a preemption (nothing is preempted here)."""
-        need = sum(self.blocks_needed(s, s.num_computed + 1) for s in seqs)
-        if need > self.allocator.num_free:
+        bs = self.block_size
+        short = [(s, n) for s in seqs if (n := -(-(s.num_computed + 1) // bs) - len(s.block_table)) > 0]
+        if sum(n for _, n in short) > self.allocator.num_free:
             return False
-        return all(self.grow(s, s.num_computed + 1) for s in seqs)
+        for s, n in short:  # (one pass over the rows: this runs at every chained step)
+            s.block_table.extend(self.allocator.allocate() for _ in range(n))
+        return True
 
