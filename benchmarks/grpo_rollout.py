@@ -13,6 +13,11 @@ calls it without vLLM. Both in ``--dtype``.
                                       [--eager] [--check] [--skip-hf]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
+    python benchmarks/grpo_rollout.py --skip-hf --trace /tmp/rollout_trace.json   # the GPU timeline of a rollout
+
+``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA activity; chrome://tracing, ui.perfetto.dev) of
+the timed lmforge rollout (``benchmarks/serve_load.py``'s ``start_trace``/``stop_trace``); that rollout's timing then
+includes the profiler's cost (its JSON line says ``"traced": true``).
 
 The engine's start-up (building it; compiled: capturing the decode graphs, once per run) is timed apart from the
 rollouts: one warm-up rollout, then the timed one. ``--check`` then takes an AdamW step on the policy and
@@ -30,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -38,6 +45,9 @@ import torch
 from lmforge.align.rl import RolloutLoss
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_load beside this file (also when imported)
+from serve_load import start_trace, stop_trace  # noqa: E402
 
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_attention_heads=32, num_query_groups=8,
@@ -58,7 +68,7 @@ class _Ids:
         return ""
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
@@ -70,7 +80,9 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="the eager decode step (align.rollout_compile=false)")
     ap.add_argument("--check", action="store_true", help="after the timing: rollouts after an optimizer step equal "
                                                          "a fresh engine's")
-    a = ap.parse_args()
+    ap.add_argument("--trace", default=None, metavar="PATH",
+                    help="write a torch.profiler Chrome trace (CPU and CUDA activity) of the timed lmforge rollout")
+    a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
     shape = SHAPES[a.shape]
@@ -102,15 +114,20 @@ def main() -> None:
     sync()
     startup = time.perf_counter() - t
 
-    def timed(name, fn, stats=None, **extra):
-        """``fn`` once to warm up, then timed; ``stats()``: counters whose change over the timed run is kept."""
+    def timed(name, fn, stats=None, trace=None, **extra):
+        """``fn`` once to warm up, then timed; ``stats()``: counters whose change over the timed run is kept;
+        ``trace``: a path for a profiler trace of the timed run."""
         fn()  # warm-up (kernels, allocator)
         sync()
         pre = stats() if stats else {}
+        profiler = start_trace(device) if trace else None
         t = time.perf_counter()
         n = fn()
         sync()
         s = time.perf_counter() - t
+        if profiler is not None:
+            stop_trace(profiler, trace)
+            extra["traced"] = True
         extra.update({k: v - pre[k] for k, v in (stats() if stats else {}).items()})
         results.append({"engine": name, "generated_tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 1),
                         **extra, "shape": a.shape, "dtype": a.dtype, "prompts": a.prompts,
@@ -120,7 +137,7 @@ def main() -> None:
 
     timed("lmforge RolloutLoss.sample", lambda: sum(len(c) for c in rollout.sample(prompts)),
           stats=lambda: {"decode_steps": engine.metrics.decode_steps, "chained_steps": engine.metrics.chained_steps},
-          compiled=engine.compiled, startup_seconds=round(startup, 2))
+          trace=a.trace, compiled=engine.compiled, startup_seconds=round(startup, 2))
     if not a.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -149,6 +166,7 @@ def main() -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "grpo_rollout.json"), "w") as f:
             json.dump(results, f, indent=2)
+    return results
 
 
 def check(model, prompts, rollout, rollout_loss, compiled) -> dict:

@@ -10,6 +10,7 @@ the same comparison on a GPU).
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -162,3 +163,33 @@ def test_rollouts_decode_no_text_and_capture_two_batch_sizes():
     rl.tok = Counting()
     assert [len(c) for c in rl.sample(PROMPTS)] == [6] * 6 and Counting.decodes == 0
     assert [rollout_decode_batches(n) for n in (64, 48, 6, 1)] == [[8, 64], [8, 64], [1, 8], [1]]
+
+
+def _benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rollout_benchmarks_run(tmp_path, monkeypatch):
+    """benchmarks/grpo_rollout.py --trace writes a profiler trace of the timed rollout; rollout_host_overhead.py
+    reports the host time of the steps by part (every generated token counted) and puts the engine's methods back."""
+    from lmforge.serve.engine import Engine
+
+    monkeypatch.delenv("OUT", raising=False)
+    small = ["--prompts", "2", "--generations", "2", "--prompt-len", "4", "--new-tokens", "3"]
+    rows = _benchmark("grpo_rollout").main(["--shape", "tiny", "--dtype", "float32", "--skip-hf", *small,
+                                            "--trace", str(tmp_path / "trace.json")])
+    assert rows[0]["generated_tokens"] == 12 and rows[0]["traced"] is True
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    step = Engine.step
+    out = _benchmark("rollout_host_overhead").main(["--tokenizer", "ids", "--repeats", "1", *small,
+                                                    "--json", str(tmp_path / "host.json")])
+    assert out == json.loads((tmp_path / "host.json").read_text())
+    assert out["steps"] >= 3 and out["host_ms_per_step"] > 0 and out["parts_ms_per_step"]["Engine.step"] > 0
+    assert Engine.step is step
