@@ -144,6 +144,20 @@ def test_pipelined_greedy_steps_overlap_and_equal_single_requests():
     assert engine._inflight is None and engine.running == [] and not engine._ids
 
 
+def test_decode_tables_are_copied_only_when_a_row_changed():
+    """The decode step reads the block tables on the device: they are copied from the host only when a row
+    changed (a new sequence in it, a block added: every block_size steps), and the tokens are those of single
+    requests (a stale table would read another sequence's keys)."""
+    model = make_model("llama")
+    engine = Engine(model, max_batch_size=4, block_size=4)
+    prompts = [PROMPTS[0], PROMPTS[4] + [1], PROMPTS[5][:5]]  # 5 tokens each: their rows grow at the same steps
+    got = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0))
+    for p, g in zip(prompts, got):
+        assert g == generate(model, p, 20, greedy=True)
+    # 19 decode steps over positions 5..23: a block added at positions 8, 12, 16 and 20, after the first copy
+    assert engine.metrics.decode_steps == 19 and engine.runner.table_copies == 5
+
+
 def test_pipelined_steps_with_stops_aborts_and_late_requests():
     """A sequence that stops on a token while the next step runs, an abort between steps, a sampled request
     joining a pipelined greedy batch: the others' tokens are those of single greedy requests."""

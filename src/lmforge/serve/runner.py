@@ -363,8 +363,10 @@ class ModelRunner:
         self._stage_flip = 0
         self._row_owner: list[Optional[list]] = [None] * max_rows  # the block table each row was written from
         self._row_len = [0] * max_rows
+        self._rows_synced = 0  # rows [0, n) of the device tables equal the host's
         self._row_seq: list = []  # the sequence in each row of the last decode step launched
         self.rows_rewritten = 0  # decode-table rows written whole (a new sequence in the row), for tests
+        self.table_copies = 0  # copies of the decode tables to the device (only when a row changed), for tests
         self._flip = 0
         self._token_host = ([torch.zeros(max_rows, dtype=torch.long).pin_memory() for _ in range(2)]
                             if self.device.type == "cuda" else [])
@@ -417,6 +419,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._row_owner = [None] * self.max_rows  # the device tables were zeroed: rewrite every row next step
+        self._rows_synced = 0
         return time.perf_counter() - start
 
     def _capture_decode(self, log) -> None:
@@ -548,22 +551,30 @@ class ModelRunner:
 
     def _set_tables(self, seqs: list[Sequence], B: int) -> None:
         """Rows ``0..len(seqs)-1`` of the decode tables hold the sequences' block tables, rows up to ``B`` are
-        padding (zeros); only rows that changed are rewritten on the host, then rows ``[0, B)`` are copied."""
+        padding (zeros); only rows that changed are rewritten on the host, then rows ``[0, B)`` are copied, unless
+        none changed and the device holds them already (most chained steps: a row grows once a block)."""
         host = self._host_tables
+        changed = False
         for b in range(B):
             # A row is known by the table list itself: it only grows while its sequence holds blocks, and freeing
             # the blocks (finish, preemption) gives the sequence a new list.
             table = seqs[b].block_table if b < len(seqs) else None
             n = len(table) if table is not None else 0
             if self._row_owner[b] is not table or self._row_len[b] > n:
+                changed = True
                 if self._row_len[b] or self._row_owner[b] is not None:
                     host[b].zero_()
                 if n:
                     host[b, :n] = torch.tensor(table, dtype=torch.int32)
                     self.rows_rewritten += 1
             elif self._row_len[b] < n:
+                changed = True
                 host[b, self._row_len[b]: n] = torch.tensor(table[self._row_len[b]:], dtype=torch.int32)
             self._row_owner[b], self._row_len[b] = table, n
+        if not changed and B <= self._rows_synced:
+            return  # rows [0, B) of the device tables are the host's (copied earlier, in stream order)
+        self._rows_synced = max(self._rows_synced, B)  # (rows from B on were not touched: still the host's)
+        self.table_copies += 1
         self._stage_flip ^= 1
         stage, copied = self._table_stage[self._stage_flip], self._stage_copied[self._stage_flip]
         if copied is not None:
