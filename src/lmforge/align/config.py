@@ -243,9 +243,14 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
     if int(a.ppo_epochs) < 1:
         problems.append(f"align.ppo_epochs={a.ppo_epochs} must be at least 1")
     rows = int(cfg.global_batch_size) * int(a.num_generations)
+    dp = max(1, int(t.devices) * int(t.num_nodes))  # each rank trains on its share of every mini batch
     if int(a.num_mini_batches) < 1 or rows % int(a.num_mini_batches):
         problems.append(f"align.num_mini_batches={a.num_mini_batches} must divide the rollout's {rows} completions "
                         f"(global_batch_size x align.num_generations) into equal mini batches")
+    elif dp > 1 and rows % dp == 0 and (rows // dp) % int(a.num_mini_batches):
+        problems.append(f"align.num_mini_batches={a.num_mini_batches} must divide each of the {dp} data-parallel "
+                        f"ranks' {rows // dp} completions into equal shares of the mini batches; use a divisor of "
+                        f"{rows // dp}")
     if not 0 < float(a.cliprange) < 1:
         problems.append(f"align.cliprange={a.cliprange} must be in (0, 1)")
     if cfg.method == "ppo":
@@ -269,13 +274,12 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
         problems.append(f"val_data: method={cfg.method} has no validation pass yet; remove --val-data")
     if cfg.monitor != "val_loss":
         problems.append(f"monitor={cfg.monitor}: method={cfg.method} has no validation metric")
-    if cfg.fsdp or int(t.devices) * int(t.num_nodes) > 1:
-        problems.append(f"method={cfg.method} runs in one process (the serving engine samples from the whole "
-                        f"policy): drop fsdp and set trainer.devices=1 trainer.num_nodes=1")
+    if cfg.fsdp:
+        problems.append(f"method={cfg.method} with fsdp=true is not supported yet (each rank's rollout engine samples "
+                        f"from whole weights): drop fsdp; several ranks (trainer.devices=N) train data parallel, "
+                        f"each holding the whole policy")
     if cfg.peft.method == "ptuning":
         problems.append(f"method={cfg.method} with --peft ptuning is not supported: use lora, ia3 or adapter")
-    if cfg.gradient_checkpointing:
-        problems.append(f"gradient_checkpointing with method={cfg.method} is not supported yet")
     if cfg.compile:
         problems.append(f"compile=true with method={cfg.method} is not supported yet (the rollouts run the policy "
                         f"through the serving engine)")

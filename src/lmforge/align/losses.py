@@ -171,13 +171,23 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
     return adv, (adv + v) * m
 
 
-def whiten(values, mask, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over the masked entries (var without Bessel's correction); 0 elsewhere."""
-    m = mask.to(torch.float32)
-    n = m.sum().clamp(min=1.0)
-    mean = (values * m).sum() / n
-    var = (((values - mean) * m) ** 2).sum() / n
-    return (values - mean) * torch.rsqrt(var + eps) * m
+def whiten(values, mask, eps: float = 1e-8, reduce=None) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (var without Bessel's correction); 0 elsewhere.
+    ``reduce`` (a function summing a tensor in place over processes, e.g. ``torch.distributed.all_reduce``): the
+    mean and variance are those of every process's entries together (a rollout split over data-parallel ranks).
+    The sums are float64."""
+    m = mask.to(torch.float64)
+    v = values.to(torch.float64)
+    sums = torch.stack([(v * m).sum(), m.sum()])
+    if reduce is not None:
+        reduce(sums)
+    n = sums[1].clamp(min=1.0)
+    mean = sums[0] / n
+    sq = (((v - mean) * m) ** 2).sum()
+    if reduce is not None:
+        reduce(sq)
+    var = sq / n
+    return ((v - mean) * torch.rsqrt(var + eps) * m).to(values.dtype)
 
 
 def value_losses(values, old_values, returns, mask, cliprange_value: float):

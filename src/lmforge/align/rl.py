@@ -318,6 +318,22 @@ def rollout_decode_batches(max_rows: int) -> list[int]:
     return sorted({max(1, whole // 8), whole})
 
 
+def draw_seed(seed: int, rollout: int, position: int, g: int) -> int:
+    """The sampling seed of completion ``g`` of the prompt at ``position`` in rollout ``rollout``'s global batch
+    (the run's ``seed`` first): a function of the prompt's place, not of the rank or micro batch that samples it."""
+    return (((int(seed) * 1_000_003 + int(rollout)) * 1_000_033 + int(position)) * 1_009 + int(g)) % (2 ** 31)
+
+
+def _all_ranks_sum():
+    """A function summing a tensor in place over every process (None on one process): the statistics of a
+    rollout spread over data-parallel ranks (online RL trains with data parallelism only)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.all_reduce
+
+
 class RolloutLoss(nn.Module):
     """GRPO, REINFORCE-with-RLOO or PPO on the prompts of :class:`PromptSet` (see the module doc).
 
@@ -401,9 +417,11 @@ class RolloutLoss(nn.Module):
                                   stream_outputs=False, decode_batches=rollout_decode_batches(self.max_rows))
         return self._engine
 
-    def sample(self, prompts: list[list[int]], rollout: int = 0) -> list[list[int]]:
-        """``G`` completions of each prompt (prompt-major), each ending with EOS when EOS ended it; ``rollout``
-        numbers the draw (its seeds)."""
+    def sample(self, prompts: list[list[int]], rollout: int = 0,
+               positions: Optional[list[int]] = None) -> list[list[int]]:
+        """``G`` completions of each prompt (prompt-major), each ending with EOS when EOS ended it. Completion ``g``
+        of prompt ``p`` is drawn with the seed :func:`draw_seed` of ``rollout`` (the step), the prompt's place in
+        the step's global batch (``positions[p]``; default ``p``) and ``g``: the same whichever rank samples it."""
         from lmforge.serve.engine import SamplingParams
 
         was = self.model.training
@@ -418,7 +436,7 @@ class RolloutLoss(nn.Module):
             for p, prompt in enumerate(prompts):
                 for g in range(self.G):
                     rid = f"r{rollout}-{p}-{g}"
-                    seed = (self.seed * 1_000_003 + rollout * 7919 + p * 131 + g) % (2 ** 31)
+                    seed = draw_seed(self.seed, rollout, positions[p] if positions is not None else p, g)
                     params = SamplingParams(max_tokens=int(self.s.max_completion_length),
                                             temperature=float(self.s.temperature), seed=seed)
                     engine.add_request(rid, prompt, params)
@@ -506,17 +524,23 @@ class RolloutLoss(nn.Module):
         return int(self.s.ppo_epochs) * int(self.s.num_mini_batches)
 
     @torch.no_grad()
-    def collect(self, micro: list, step: int, autocast) -> dict:
-        """The step's rollout: completions of every prompt of ``micro`` (the step's micro batches), their rewards,
-        and what the loss compares with (reference and sampling log-probabilities, PPO's values, advantages and
-        returns), as (N, ...) tensors over the rollout's N completions, padded to its longest row."""
+    def collect(self, micro: list, step: int, autocast, positions: Optional[list] = None) -> dict:
+        """The step's rollout on this rank: completions of every prompt of ``micro`` (this rank's micro batches of
+        the step), their rewards, and what the loss compares with (reference and sampling log-probabilities, PPO's
+        values, advantages and returns), as (N, ...) tensors over the rank's N completions, padded to its longest
+        row. ``positions`` (one list per micro batch) place each prompt in the step's global batch (its seeds);
+        default: one process's order. Each GRPO group is one prompt's, on one rank: its baseline is exact. PPO's
+        advantages are whitened over the tokens of every rank's rollout (:func:`_all_ranks_sum`)."""
         G = self.G
         device = micro[0]["tokens"].device
         prompts, completions, rewards = [], [], []
+        start = 0
         for k, b in enumerate(micro):
             tokens, lengths, index = b["tokens"], b["lengths"], b["index"]
             ps = [tokens[i, :int(lengths[i])].tolist() for i in range(tokens.shape[0])]
-            cs = self.sample(ps, rollout=step * len(micro) + k)
+            where = positions[k] if positions is not None else list(range(start, start + len(ps)))
+            start += len(ps)
+            cs = self.sample(ps, rollout=step, positions=where)
             rewards.append(self.rewards(index.tolist(), cs, ps))
             prompts += ps
             completions += cs
@@ -565,7 +589,7 @@ class RolloutLoss(nn.Module):
                                         bool(self.s.absolute_kl))
             adv, returns = L.gae(per_token, exp["values"], exp["mask"], float(self.s.gamma), float(self.s.lam))
             if self.s.normalize_advantages:
-                adv = L.whiten(adv, exp["mask"])
+                adv = L.whiten(adv, exp["mask"], reduce=_all_ranks_sum())
             exp["advantages"], exp["returns"] = adv, returns
             n_tok = m.sum(-1).clamp(min=1)
             s["kl"] += float((((exp["old"] - ref) * m).sum(-1) / n_tok).sum())  # k1 per token, as the penalty
@@ -574,6 +598,11 @@ class RolloutLoss(nn.Module):
         else:
             exp["advantages"] = L.group_advantages(rewards.view(-1, G), self.method).reshape(-1)
         return exp
+
+    def forward(self, exp: dict, idx: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss`: what :meth:`train_step` calls through the loop's model (DDP around this objective averages
+        the policy's gradients in the backward pass; under FSDP the root's forward gathers its weights)."""
+        return self.loss(exp, idx)
 
     def loss(self, exp: dict, idx: torch.Tensor) -> torch.Tensor:
         """The summed loss of the completions ``idx`` of the rollout ``exp`` (with their statistics)."""
@@ -615,16 +644,31 @@ class RolloutLoss(nn.Module):
 
     def train_step(self, trainer, batches, step: int):
         """One step of the loop: a rollout of the step's prompts, then ``ppo_epochs`` x ``num_mini_batches``
-        optimizer steps over it. Returns (the mean loss over the optimizer steps, the last gradient norm)."""
+        optimizer steps over it. Returns (the mean loss over the optimizer steps, the last gradient norm).
+
+        Data parallel (``trainer.dims.dp`` ranks): each rank samples, scores and trains on its own share of the
+        step's prompts (:class:`~lmforge.train.loop.MicroBatches`), and each of its mini batches is its share of
+        the global one (``num_mini_batches`` per pass on every rank). The losses are means over completions, so
+        the policy's gradients averaged by DDP over equal shares are those of one process over the global batch;
+        the critic's (not wrapped by DDP) are averaged here. With one optimizer step per rollout (the defaults),
+        N ranks x B prompts give one process's update on N x B prompts; with more, each rank shuffles its own
+        completions into its shares of the mini batches."""
+        import torch.distributed as dist
+
         from lmforge.train.optim import set_lr
 
         self.model.train()
+        dims, mbs = trainer.dims, int(trainer.s.micro_batch_size)
         micro = list(batches.for_step(step))
-        exp = self.collect(micro, step, trainer.autocast)
+        positions = []  # each prompt's place in the step's global batch (MicroBatches' order): its seeds
+        for k, b in enumerate(micro):
+            first = (k * dims.dp + dims.dp_rank) * mbs
+            positions.append(list(range(first, first + int(b["tokens"].shape[0]))))
+        exp = self.collect(micro, step, trainer.autocast, positions)
         N = int(exp["rows"].shape[0])
-        trainer.last_step_samples = sum(int(b["tokens"].shape[0]) for b in micro)
-        trainer.last_step_tokens = N  # what count() counts: completions
-        trainer.last_step_counts = None  # one process: nothing counted on the device
+        trainer.last_step_samples = sum(int(b["tokens"].shape[0]) for b in micro) * dims.dp  # equal shares
+        trainer.last_step_tokens = N * dims.dp  # what count() counts: completions
+        trainer.last_step_counts = None  # known on the host
         lr = trainer.schedule.lr_at(step)
         set_lr(trainer.opt, lr)
         if self.critic_optimizer is not None:
@@ -638,18 +682,28 @@ class RolloutLoss(nn.Module):
             for k in range(K):
                 mini = order[k * size:(k + 1) * size].to(exp["rows"].device)
                 total = torch.zeros((), dtype=torch.float64, device=exp["rows"].device)
-                for start in range(0, size, self.max_rows):
-                    with trainer.autocast():
-                        loss_sum = self.loss(exp, mini[start:start + self.max_rows])
-                    loss = loss_sum / size
-                    if trainer.scaler is not None:
-                        trainer.scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
+                starts = list(range(0, size, self.max_rows))
+                for start in starts:
+                    with trainer._gradient_sync(start == starts[-1]):  # DDP/FSDP reduce after the last chunk
+                        with trainer.autocast():
+                            loss_sum = trainer.model(exp, mini[start:start + self.max_rows])
+                        loss = loss_sum / size
+                        if trainer.scaler is not None:
+                            trainer.scaler.scale(loss).backward()
+                        else:
+                            loss.backward()
                     total += loss_sum.detach().double()
+                if self.critic is not None and dims.dp > 1:
+                    from lmforge.parallel.ddp import average_gradients
+
+                    average_gradients([p for p in self.critic.parameters() if p.requires_grad], None, dims.dp)
                 grad_norm = self._optimizer_step(trainer)
                 losses.append(total / size)
-        return torch.stack(losses).mean(), grad_norm
+        loss = torch.stack(losses).mean()
+        if trainer.rt.distributed:  # the mean over the ranks' equal shares
+            dist.all_reduce(loss)
+            loss = loss / dims.dp
+        return loss, grad_norm
 
     def _optimizer_step(self, trainer):
         """Clip the policy's and the critic's gradients together (one norm) and step both optimizers."""

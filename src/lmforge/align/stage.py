@@ -224,6 +224,10 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
             from lmforge.train.optim import build_optimizer
 
             critic = build_critic(model, critic_start, cfg.align.critic_model, reward_model, rt.device)
+            if cfg.gradient_checkpointing:  # the critic's forward in the loss recomputed as the policy's
+                from lmforge.parallel.transforms import apply_activation_checkpointing
+
+                apply_activation_checkpointing(critic, "full")
             o = cfg.optim
             critic_opt = build_optimizer(critic, o.name, critic_lr, float(o.weight_decay), list(o.betas),
                                          float(o.eps), rt.device)

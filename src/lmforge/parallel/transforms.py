@@ -53,10 +53,16 @@ def _checkpointed(fn: Callable, context_fn: Optional[Callable] = None) -> Callab
 
     A function of this file, not a ``functools.partial`` of ``checkpoint``: torch.compile (``apply_compile``, after
     this) skips torch's own frames, so a block whose ``forward`` were ``checkpoint`` itself would run eagerly;
-    from this frame it traces the checkpointed region as one graph."""
+    from this frame it traces the checkpointed region as one graph.
+
+    Without autograd (``no_grad``/``inference_mode``: evaluation, a serving engine's forwards on the trained model,
+    online RL's rollouts) nothing would be kept for a backward pass: ``fn`` runs plainly, without checkpoint's
+    saved-tensor hooks and RNG-state stashing."""
     kwargs = {} if context_fn is None else {"context_fn": context_fn}
 
     def run(*args, **kw):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kw)
         return checkpoint(fn, *args, use_reentrant=False, **kwargs, **kw)
 
     return run
@@ -212,7 +218,10 @@ def _checkpoint_chunk(blocks: list[nn.Module]) -> None:
         return x
 
     def first_forward(x, *args, **kwargs):
-        out = checkpoint(run_chunk, x, *args, use_reentrant=False, **kwargs)
+        if not torch.is_grad_enabled():  # nothing to recompute (see _checkpointed)
+            out = run_chunk(x, *args, **kwargs)
+        else:
+            out = checkpoint(run_chunk, x, *args, use_reentrant=False, **kwargs)
         handed_off[0] = weakref.ref(out)
         return out
 
