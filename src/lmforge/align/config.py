@@ -274,10 +274,6 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
         problems.append(f"val_data: method={cfg.method} has no validation pass yet; remove --val-data")
     if cfg.monitor != "val_loss":
         problems.append(f"monitor={cfg.monitor}: method={cfg.method} has no validation metric")
-    if cfg.fsdp:
-        problems.append(f"method={cfg.method} with fsdp=true is not supported yet (each rank's rollout engine samples "
-                        f"from whole weights): drop fsdp; several ranks (trainer.devices=N) train data parallel, "
-                        f"each holding the whole policy")
     if cfg.peft.method == "ptuning":
         problems.append(f"method={cfg.method} with --peft ptuning is not supported: use lora, ia3 or adapter")
     if cfg.compile:

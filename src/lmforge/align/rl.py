@@ -334,6 +334,42 @@ def _all_ranks_sum():
     return dist.all_reduce
 
 
+def clip_together(groups: list, max_norm: float) -> torch.Tensor:
+    """Scale the gradients of every parameter list of ``groups`` (the policy's, possibly sharded DTensors, and the
+    critic's, whole) by one factor so that their joint 2-norm is at most ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does for one list; a sharded list's norm is that of its whole gradients.
+    Returns the joint norm before clipping."""
+    norms = []
+    for params in groups:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    if not norms:
+        return torch.zeros(())
+    total = torch.stack([n.float() for n in norms]).norm() if len(norms) > 1 else norms[0]
+    coef = min(1.0, float(max_norm) / (float(total) + 1e-6))
+    if coef < 1.0:
+        for params in groups:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return total
+
+
+class ReferenceLogps(nn.Module):
+    """The frozen reference model (full-weight runs: a copy of the starting weights) as a module whose forward
+    gives the per-token log-probabilities of rows (:func:`token_logps`, ``chunk`` tokens of the head at a time):
+    under FSDP it is sharded as the policy is, with itself as the root (:meth:`RolloutLoss._shard_reference`)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.chunk, self.sharded = net, None, False
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return token_logps(self.net, rows, chunk=self.chunk)
+
+
 class RolloutLoss(nn.Module):
     """GRPO, REINFORCE-with-RLOO or PPO on the prompts of :class:`PromptSet` (see the module doc).
 
@@ -352,17 +388,28 @@ class RolloutLoss(nn.Module):
         compile_decode: sample with the compiled decode step (CUDA graphs captured once on the live policy; see
             :func:`rollout_compile`); ignored off CUDA and, with a line in ``log``, for a sharded policy.
         log: where the rollout engine's start-up lines go (default: standard error).
+        rollout_copy: the policy is about to be sharded (FSDP on several ranks): the rollout engine samples from
+            a whole copy of it (taken here, before sharding, not trained), whose trained weights are gathered
+            from the shards once per rollout (:meth:`_refresh_copy`). An engine on the sharded policy itself
+            would all-gather every block at each of its forwards, and the ranks' rollouts take different
+            numbers of forwards (their completions end at different steps): the collectives would not pair up.
     """
 
     def __init__(self, model: nn.Module, method: str, settings, prompts: PromptSet, tokenizer, reference,
                  max_seq_len: int, seed: int, max_rows: int, reward_model: Optional[nn.Module] = None,
                  critic: Optional[nn.Module] = None, critic_optimizer=None, critic_lr_scale: float = 1.0,
-                 compile_decode: bool = False, log=None):
+                 compile_decode: bool = False, log=None, rollout_copy: bool = False):
+        import copy
+
         super().__init__()
         self.model, self.method, self.s, self.prompts, self.tok = model, method, settings, prompts, tokenizer
         self.reference = reference if isinstance(reference, str) else None
         # lists: not submodules (the optimizer and the checkpoints hold the policy alone)
-        self._frozen = [reference] if isinstance(reference, nn.Module) else []
+        self._frozen = [ReferenceLogps(reference)] if isinstance(reference, nn.Module) else []
+        self._copy = [copy.deepcopy(model).eval().requires_grad_(False)] if rollout_copy else []
+        self._trained_names = [n for n, p in model.named_parameters() if p.requires_grad]  # refreshed in the copy
+        self._net = None  # what runs the policy's forwards (train_step sets it: the loop's DDP/FSDP-wrapped self)
+        self._exp: Optional[dict] = None  # the rollout train_step's forwards read (not an argument: see forward)
         self._reward_model = [reward_model] if reward_model is not None else []
         self._critic = [critic] if critic is not None else []
         self.critic_optimizer, self.critic_lr_scale = critic_optimizer, float(critic_lr_scale)
@@ -404,18 +451,34 @@ class RolloutLoss(nn.Module):
         if self._engine is None:
             from lmforge.serve.engine import Engine
 
-            compiled = self.compile_decode
-            if compiled and _sharded(self.model):
+            compiled, policy = self.compile_decode, self._rollout_policy()
+            if compiled and _sharded(policy):
                 compiled = False
                 (self.log or (lambda m: print(m, file=sys.stderr, flush=True)))(
                     "rollouts: eager decode step: the policy's weights are sharded (FSDP/DTensor) and the decode "
                     "graphs need whole weights")
             blocks = -(-self.max_seq_len // 16)  # a KV cache for every completion of a micro batch at once
-            self._engine = Engine(self.model, self.tok, max_batch_size=self.max_rows, max_seq_len=self.max_seq_len,
+            self._engine = Engine(policy, self.tok, max_batch_size=self.max_rows, max_seq_len=self.max_seq_len,
                                   block_size=16, num_kv_blocks=self.max_rows * blocks, enable_prefix_caching=False,
                                   compile_decode=compiled, live_weights=True, log=self.log, detokenize=False,
                                   stream_outputs=False, decode_batches=rollout_decode_batches(self.max_rows))
         return self._engine
+
+    def _rollout_policy(self) -> nn.Module:
+        """What the rollout engine samples from: the policy itself, or its whole copy (``rollout_copy``)."""
+        return self._copy[0] if self._copy else self.model
+
+    @torch.no_grad()
+    def _refresh_copy(self) -> None:
+        """The trained weights of the sharded policy, gathered whole into the rollout engine's copy, in place (a
+        compiled engine's graphs read them where they are). Every rank gathers the same weights in the same
+        order: one all-gather per trained weight, once per rollout."""
+        if not self._copy:
+            return
+        live, mine = dict(self.model.named_parameters()), dict(self._copy[0].named_parameters())
+        for name in self._trained_names:
+            p = live[name]
+            mine[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
     def sample(self, prompts: list[list[int]], rollout: int = 0,
                positions: Optional[list[int]] = None) -> list[list[int]]:
@@ -424,9 +487,10 @@ class RolloutLoss(nn.Module):
         the step's global batch (``positions[p]``; default ``p``) and ``g``: the same whichever rank samples it."""
         from lmforge.serve.engine import SamplingParams
 
-        was = self.model.training
-        self.model.eval()
-        device_type = next(self.model.parameters()).device.type
+        policy = self._rollout_policy()
+        was = policy.training
+        policy.eval()
+        device_type = next(policy.parameters()).device.type
         try:
             with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
                 engine = self.engine()
@@ -451,7 +515,7 @@ class RolloutLoss(nn.Module):
                         toks.extend(o.token_ids)
                         out[o.request_id] = (toks, o.finish_reason)
         finally:
-            self.model.train(was)
+            policy.train(was)
         return [toks + ([eos] if reason == "stop" and eos is not None else []) for toks, reason in
                 (out[r] for r in ids)]
 
@@ -512,11 +576,14 @@ class RolloutLoss(nn.Module):
     def _reference_logps(self, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self._frozen:
-                return token_logps(self._frozen[0], rows, chunk=self.loss_chunk_size)
-            from lmforge.peft import adapters_disabled
+                self._frozen[0].chunk = self.loss_chunk_size
+                return self._frozen[0](rows)
+            return self._policy("reference", rows)
 
-            with adapters_disabled(self.model):
-                return token_logps(self.model, rows, chunk=self.loss_chunk_size)
+    def _policy(self, what: str, rows: torch.Tensor) -> torch.Tensor:
+        """A no-grad forward of the policy (``forward(what=...)``) through the loop's wrapper when train_step set
+        it: under FSDP the root's forward gathers the weights outside the blocks (embedding, norm, head)."""
+        return (self._net or self)(rows, what=what)
 
     # -- one step -------------------------------------------------------------------------------
     @property
@@ -533,6 +600,7 @@ class RolloutLoss(nn.Module):
         advantages are whitened over the tokens of every rank's rollout (:func:`_all_ranks_sum`)."""
         G = self.G
         device = micro[0]["tokens"].device
+        self._refresh_copy()
         prompts, completions, rewards = [], [], []
         start = 0
         for k, b in enumerate(micro):
@@ -567,7 +635,7 @@ class RolloutLoss(nn.Module):
                     if float(self.s.beta) > 0:
                         parts["ref"].append(self._reference_logps(r))
                     if ppo or self.updates_per_rollout > 1:  # else the trained policy is the sampling one
-                        parts["old"].append(token_logps(self.model, r, chunk=self.loss_chunk_size))
+                        parts["old"].append(self._policy("logps", r))
                     if ppo:
                         parts["values"].append(token_values(self.critic, r))
         finally:
@@ -599,10 +667,20 @@ class RolloutLoss(nn.Module):
             exp["advantages"] = L.group_advantages(rewards.view(-1, G), self.method).reshape(-1)
         return exp
 
-    def forward(self, exp: dict, idx: torch.Tensor) -> torch.Tensor:
-        """:meth:`loss`: what :meth:`train_step` calls through the loop's model (DDP around this objective averages
-        the policy's gradients in the backward pass; under FSDP the root's forward gathers its weights)."""
-        return self.loss(exp, idx)
+    def forward(self, idx: torch.Tensor, what: str = "loss") -> torch.Tensor:
+        """What :meth:`train_step` calls through the loop's model (DDP around this objective averages the policy's
+        gradients in the backward pass; under FSDP the root's forward gathers its weights): ``loss``, the summed
+        loss of completions ``idx`` of the rollout being trained on (:meth:`loss`); ``logps``, the per-token
+        log-probabilities of rows ``idx`` (N, T); ``reference``, the same with the adapters off (PEFT). The rollout
+        is an attribute, not an argument: FSDP would cast its float tensors to the compute dtype."""
+        if what == "loss":
+            return self.loss(self._exp, idx)
+        if what == "reference":
+            from lmforge.peft import adapters_disabled
+
+            with adapters_disabled(self.model):
+                return token_logps(self.model, idx, chunk=self.loss_chunk_size)
+        return token_logps(self.model, idx, chunk=self.loss_chunk_size)
 
     def loss(self, exp: dict, idx: torch.Tensor) -> torch.Tensor:
         """The summed loss of the completions ``idx`` of the rollout ``exp`` (with their statistics)."""
@@ -664,7 +742,10 @@ class RolloutLoss(nn.Module):
         for k, b in enumerate(micro):
             first = (k * dims.dp + dims.dp_rank) * mbs
             positions.append(list(range(first, first + int(b["tokens"].shape[0]))))
+        self._net = trainer.model
+        self._shard_reference(trainer)
         exp = self.collect(micro, step, trainer.autocast, positions)
+        self._exp = exp
         N = int(exp["rows"].shape[0])
         trainer.last_step_samples = sum(int(b["tokens"].shape[0]) for b in micro) * dims.dp  # equal shares
         trainer.last_step_tokens = N * dims.dp  # what count() counts: completions
@@ -686,7 +767,7 @@ class RolloutLoss(nn.Module):
                 for start in starts:
                     with trainer._gradient_sync(start == starts[-1]):  # DDP/FSDP reduce after the last chunk
                         with trainer.autocast():
-                            loss_sum = trainer.model(exp, mini[start:start + self.max_rows])
+                            loss_sum = trainer.model(mini[start:start + self.max_rows])
                         loss = loss_sum / size
                         if trainer.scaler is not None:
                             trainer.scaler.scale(loss).backward()
@@ -699,11 +780,31 @@ class RolloutLoss(nn.Module):
                     average_gradients([p for p in self.critic.parameters() if p.requires_grad], None, dims.dp)
                 grad_norm = self._optimizer_step(trainer)
                 losses.append(total / size)
+        self._exp = None
         loss = torch.stack(losses).mean()
         if trainer.rt.distributed:  # the mean over the ranks' equal shares
             dist.all_reduce(loss)
             loss = loss / dims.dp
         return loss, grad_norm
+
+    def _shard_reference(self, trainer) -> None:
+        """Under FSDP, shard the frozen reference as the policy is (its blocks, then the whole as the root, over the
+        policy's mesh, computing in the run's precision), once, at the first step: each rank then holds its share of
+        the starting weights. Every rank runs the same number of reference forwards (equal shares of the rollout,
+        in chunks of ``max_rows``), so the gathers pair up."""
+        if not self._frozen or getattr(self._frozen[0], "sharded", False) or not _sharded(self.model):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from lmforge.parallel.tensor import blocks_of
+
+        ref = self._frozen[0]
+        mesh = next(p for p in self.model.parameters() if hasattr(p, "device_mesh")).device_mesh
+        mp = MixedPrecisionPolicy(param_dtype=trainer.amp_dtype)
+        for block in blocks_of(ref.net):  # nothing comes back through them: freed after each forward
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(ref, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        ref.sharded = True
 
     def _optimizer_step(self, trainer):
         """Clip the policy's and the critic's gradients together (one norm) and step both optimizers."""
@@ -715,10 +816,10 @@ class RolloutLoss(nn.Module):
         grad_norm = None
         clip = trainer.s.gradient_clip_val
         if clip and clip > 0:
-            params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+            groups = [[p for p in trainer.raw_model.parameters() if p.requires_grad]]
             if self.critic is not None:
-                params += [p for p in self.critic.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                groups.append([p for p in self.critic.parameters() if p.requires_grad])
+            grad_norm = clip_together(groups, clip)
         for opt in optimizers:
             if scaler is not None:
                 scaler.step(opt)

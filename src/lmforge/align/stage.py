@@ -29,7 +29,7 @@ from lmforge.finetune.stage import (export_adapter, finish_results, open_base_mo
                                     sequence_length, stage_job, stage_layout, start_results, write_summary)
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, run_on_runtime
-from lmforge.train.assembly import TrainJob, build_training, seed_everything
+from lmforge.train.assembly import TrainJob, build_training, seed_everything, shards
 from lmforge.train.loop import PRECISIONS
 
 
@@ -235,7 +235,8 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
                                              seq, int(cfg.seed), rows, reward_model=reward_model, critic=critic,
                                              critic_optimizer=critic_opt,
                                              critic_lr_scale=critic_lr / float(cfg.optim.lr),
-                                             compile_decode=compiled, log=console_log)
+                                             compile_decode=compiled, log=console_log,
+                                             rollout_copy=shards(job))
     else:
         reference, table = cfg.reference, None
         if reference == "precomputed":  # once, with the base model, before any wrapping
@@ -256,6 +257,9 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         training.extra_save = lambda folder: save_critic(folder, critic, critic_opt, rt)
         if training.resumed_from:
             resume_critic(training.resumed_from, critic, critic_opt)
+    if online and shards(job) and rt.is_main:
+        console_log("rollouts: each rank samples its share of the prompts from a whole copy of the policy, its "
+                    "trained weights gathered from the shards once per rollout")
     n_trainable, n_total = training.num_parameters()
     if val_ds is not None:
         trainer.extra_val_fn = lambda step: {f"val_{k}": v for k, v in trainer.objective_metrics("val").items()}

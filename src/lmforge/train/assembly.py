@@ -138,8 +138,8 @@ class Training:
     async_groups: dict = field(default_factory=dict)  # folder name -> gloo group of its background writes
     whole: Optional[nn.Module] = None  # pipeline parallel: the whole Transformer this rank's stages are part of
     expert_parallel: Any = None  # lmforge.parallel.expert.ExpertParallel when the experts are spread over ranks
-    # ``extra_save(folder)``: more files written into each (unsharded) checkpoint folder before it is published,
-    # on rank 0 (PPO's critic); None: none
+    # ``extra_save(folder)``: more files written into each checkpoint folder (sharded or not) before it is
+    # published, on rank 0 (PPO's critic); None: none
     extra_save: Optional[Callable[[Path], None]] = None
 
     @property
@@ -639,6 +639,8 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
         shards(tmp / "training_state" / OPTIMIZER_DIR, tensors, waits)
         if rt.is_main:
             (tmp / "training_state" / OPTIMIZER_GROUPS).write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
+            if training.extra_save is not None:  # whole files beside the shards (PPO's critic, replicated)
+                training.extra_save(tmp)
         return waits
 
     training.manager.save(st.step, None, training.model_config, None, state, metrics=metrics,
