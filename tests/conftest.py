@@ -202,9 +202,10 @@ class CaseRun:
 
 def run_cases(cases: list[dict], nproc: int, folder: Path, timeout: int = 600) -> dict[str, CaseRun]:
     """Run several ``lmforge`` commands one after the other in ONE torchrun launch of ``nproc`` gloo ranks
-    (tests/run_cases.py): ``cases`` are ``{"name", "args"[, "env"]}``, an ``env`` with LMFORGE_TEST_KILL_AT_STEP
-    only in the last case. Returns each case's :class:`CaseRun` by name; the launch's failure is not raised here
-    (a killed last case fails it on purpose): each test asserts on its own case (``.ok()``)."""
+    (tests/run_cases.py): ``cases`` are ``{"name", "args"[, "env", "cwd"]}``, an ``env`` with
+    LMFORGE_TEST_KILL_AT_STEP only in the last case. Returns each case's :class:`CaseRun` by name; the launch's
+    failure is not raised here (a killed last case fails it on purpose): each test asserts on its own case
+    (``.ok()``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "cases.json"

@@ -4,17 +4,18 @@ rendezvous per rank once instead of once per run.
 
     python -m torch.distributed.run --nproc-per-node=N tests/run_cases.py CASES.json
 
-CASES.json: ``{"cases": [{"name": ..., "args": [...], "env": {...}}, ...], "folder": ...}``. Each case is
-``lmforge.cli.main(args)`` with ``env`` set for its duration (e.g. LMFORGE_TEST_KILL_AT_STEP, which kills the
-ranks: such a case comes last). The default process group is started once, here, and outlives the cases
-(``lmforge``'s ``init_runtime`` finds it started and uses it; ``destroy_process_group`` is a no-op here): torch
-names the groups a run creates (device meshes, gloo side groups) by a counter that restarts at 0 after a destroy,
-and DTensor caches sharding plans by mesh shape, holding the mesh (and its group names) of the run that made them,
-so a run after a destroy would meet the first run's store keys or groups that no longer exist. Each case still
-builds its own meshes and groups. Each rank writes its output (file descriptors 1 and 2, so torch's and
-C++'s lines too) to ``FOLDER/NAME.rank{R}.log`` and, when the command returns, its exit code to
-``FOLDER/NAME.rank{R}.rc``. A command that raises or returns non-zero ends the launch (the ranks may no longer
-be at the same point): the cases after it do not run, and the parent reports them as not run.
+CASES.json: ``{"cases": [{"name": ..., "args": [...], "env": {...}, "cwd": ...}, ...], "folder": ...}``. Each case
+is ``lmforge.cli.main(args)`` with ``env`` set for its duration (e.g. LMFORGE_TEST_KILL_AT_STEP, which kills the
+ranks: such a case comes last) and, with ``cwd``, run in that folder (relative paths of a command shown in the docs;
+a reward function imported from the working folder). The default process group is started once, here, and outlives
+the cases (``lmforge``'s ``init_runtime`` finds it started and uses it; ``destroy_process_group`` is a no-op here):
+torch names the groups a run creates (device meshes, gloo side groups) by a counter that restarts at 0 after a
+destroy, and DTensor caches sharding plans by mesh shape, holding the mesh (and its group names) of the run that
+made them, so a run after a destroy would meet the first run's store keys or groups that no longer exist. Each case
+still builds its own meshes and groups. Each rank writes its output (file descriptors 1 and 2, so torch's and C++'s
+lines too) to ``FOLDER/NAME.rank{R}.log`` and, when the command returns, its exit code to
+``FOLDER/NAME.rank{R}.rc``. A command that raises or returns non-zero ends the launch (the ranks may no longer be at
+the same point): the cases after it do not run, and the parent reports them as not run.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ def _run_case(case: dict, folder: Path, rank: int) -> int:
     log = open(folder / f"{case['name']}.rank{rank}.log", "w")
     saved = [os.dup(1), os.dup(2)]
     old_env = {k: os.environ.get(k) for k in case.get("env", {})}
+    old_cwd = os.getcwd()
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     os.environ.update(case.get("env", {}))
     try:
+        os.chdir(case.get("cwd") or old_cwd)
         return main(list(case["args"]))
     except BaseException:
         traceback.print_exc()
@@ -53,6 +56,7 @@ def _run_case(case: dict, folder: Path, rank: int) -> int:
         for fd in saved:
             os.close(fd)
         log.close()
+        os.chdir(old_cwd)
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)

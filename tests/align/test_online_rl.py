@@ -6,7 +6,8 @@ The learning test's reward is deliberately trivial: the fraction of completion c
 2-layer, 32-wide model with random weights cannot learn arithmetic or any real task in a CPU test's few seconds;
 what the test proves is the loop itself (rollouts from the engine on the policy's live weights, rewards, group
 advantages, the policy gradient): a reward the policy can raise only if those are right rises clearly within
-eight steps. A sign error, stale engine weights or a broken advantage would leave it flat or make it fall.
+ten steps (when it takes off depends on the sampling seeds: with these, after four to six steps). A sign error,
+stale engine weights or a broken advantage would leave it flat or make it fall.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def _rewards(out) -> list[float]:
 
 
 def test_grpo_raises_a_learnable_reward(rl_folder, tiny_base, capsys):
-    assert _align(tiny_base, "grpo", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a", "trainer.max_steps=8",
+    assert _align(tiny_base, "grpo", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a", "trainer.max_steps=10",
                   "optim.lr=0.05", "align.beta=0.01") == 0
     rewards = _rewards(rl_folder / "grpo")
-    assert len(rewards) == 8
+    assert len(rewards) == 10
     assert "rollouts: eager decode step (align.rollout_compile=auto: no CUDA device (cpu))" in capsys.readouterr().out
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # about 0.02 (1 character in 29) at the start
     assert last > first + 0.2, rewards
@@ -154,7 +155,9 @@ def test_a_reward_module_that_does_not_import(rl_folder, tiny_base, capsys):
     (["method=grpo", "align.reward_fn=m:f", "align.vf_coef=0.5"], "align.vf_coef applies to ppo"),
     (["method=grpo", "align.reward_fn=m:f", "align.num_mini_batches=3"], "align.num_mini_batches=3 must divide the "
                                                                          "rollout's 32 completions"),
-    (["method=grpo", "align.reward_fn=m:f", "fsdp=true"], "method=grpo runs in one process"),
+    (["method=grpo", "align.reward_fn=m:f", "trainer.devices=2", "micro_batch_size=1", "global_batch_size=2",
+      "align.num_generations=3", "align.num_mini_batches=2"],
+     "align.num_mini_batches=2 must divide each of the 2 data-parallel ranks' 3 completions into equal shares"),
     (["method=reinforce", "align.reward_fn=m:f", "align.reference=precomputed"],
      "align.reference=precomputed: reinforce compares with"),
     (["method=grpo", "align.reward_fn=m:f", "peft.method=ptuning"], "--peft ptuning is not supported"),
