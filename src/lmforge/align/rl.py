@@ -440,7 +440,8 @@ class RolloutLoss(nn.Module):
     # -- rollouts -------------------------------------------------------------------------------
     def engine(self):
         """The rollout engine, built at the first call on the policy itself (``live_weights``: nothing fused or
-        frozen); compiled, its decode graphs are captured then (:attr:`Engine.startup_seconds`).
+        frozen), or under FSDP on its whole copy (:meth:`_rollout_policy`); compiled, its decode graphs are
+        captured then (:attr:`Engine.startup_seconds`).
 
         Rollouts need token ids only: no detokenization and one output per completion, when it ends
         (``detokenize=False, stream_outputs=False``: no host time per token on text or output objects).
