@@ -26,7 +26,7 @@ CONFIG = dict(max_batch_size=4, max_seq_len=32, block_size=4, num_kv_blocks=10, 
 def compiled():
     """``(model, engine, graphs, graphs compiled at start-up, shapes seen)``: the compiled engine built with the
     attention backends narrowed to MATH (the graphs must show it: the compiled prefill honours
-    ``EAGER_SDPA_BACKENDS``, the list that keeps cuDNN out on a GPU)."""
+    ``EAGER_SDPA_BACKENDS``, the list that keeps cuDNN out on a GPU). Its start-up log is ``engine.startup_log``."""
     torch._dynamo.reset()
     graphs: list[str] = []
 
@@ -39,8 +39,10 @@ def compiled():
         mp.setattr(runner_module, "PREFILL_BACKEND", aot_autograd(fw_compiler=capture))
         mp.setattr(runner_module, "EAGER_SDPA_BACKENDS", [SDPBackend.MATH])
         before = counters["stats"]["unique_graphs"]
-        engine = Engine(model, compile_prefill=True, log=lambda msg: None, **CONFIG)
+        lines: list[str] = []
+        engine = Engine(model, compile_prefill=True, log=lines.append, **CONFIG)
         at_start = counters["stats"]["unique_graphs"] - before
+        engine.startup_log = lines
         shapes = set()
         run_prefill = engine.runner.compiled_prefill.run
 
@@ -66,7 +68,6 @@ SHARED = [(3 * j + 1) % 60 for j in range(13)]
 def test_compiled_prefill_gives_the_eager_tokens_and_compiles_nothing_after_start_up(compiled):
     model, engine, graphs, at_start, shapes = compiled
     eager = Engine(model, **CONFIG)
-    assert at_start == 4 and len(graphs) == 4  # fresh and gather paths, one row and several rows each
     compiled_before = counters["stats"]["unique_graphs"]
     for name, requests in WORKLOADS.items():
         preempted = engine.metrics.preemptions
@@ -89,6 +90,26 @@ def test_compiled_prefill_gives_the_eager_tokens_and_compiles_nothing_after_star
     assert len({b for b, _, _ in shapes}) >= 3 and len({t for _, t, _ in shapes}) >= 2, shapes
     assert len({nb for _, _, nb in shapes}) >= 3, shapes
     assert counters["stats"]["unique_graphs"] == compiled_before  # no compile after start-up
+
+
+def test_compiled_prefill_warm_up_compiles_each_path_once(compiled):
+    """Start-up compiles one graph per path (fresh, gather), at the path's first warm-up shape (several rows); its
+    other shapes, one row among them, run that graph (dynamo compiled nothing more: no size-1 specialisation, no
+    recompile). On a torch without size-oblivious tracing a row of 1 is a graph apart (two per path)."""
+    _, engine, graphs, at_start, _ = compiled
+    per_path = 1 if runner_module.SIZE_OBLIVIOUS else 2
+    assert at_start == len(graphs) == 2 * per_path
+    assert engine.runner.compiled_prefill.graphs == {"fresh": per_path, "gather": per_path}
+    warm = [line for line in engine.startup_log if line.startswith("compiling prefill:")]
+    assert len(warm) == len(engine.runner.compiled_prefill.shapes()) == 6
+    for path in ("fresh", "gather"):
+        lines = [line for line in warm if f"({path} path," in line]
+        assert "compiled a graph" in lines[0] and "(" + path + " path, 2 rows," in lines[0], lines
+        one_row = [line for line in lines if ", 1 rows," in line]
+        assert one_row and all(("no new graph" in line) == runner_module.SIZE_OBLIVIOUS for line in one_row), lines
+        assert all("no new graph" in line for line in lines[1:] if ", 1 rows," not in line), lines
+    summary = [line for line in engine.startup_log if line.startswith("compiled the prefill")]
+    assert len(summary) == 1 and f"graphs compiled: fresh {per_path}, gather {per_path}" in summary[0], summary
 
 
 def test_compiled_prefill_keeps_the_engines_attention_backends(compiled):

@@ -6,7 +6,7 @@ Two kinds of forward:
   positions, attending through its block table to what earlier chunks computed); returns the next-token logits
   of the rows whose chunk ends their known tokens, and gathers prompt log-probabilities when asked. Eager by
   default; with ``compile_prefill=True`` the forward is :class:`CompiledPrefill` (``torch.compile`` with dynamic
-  sizes, its four graphs compiled at start-up by :meth:`ModelRunner.capture_all`).
+  sizes, its two graphs compiled at start-up by :meth:`ModelRunner.capture_all`).
 - :meth:`ModelRunner.launch_decode`: one token per row. On a GPU with ``compiled=True`` the step (embedding,
   every block, the head and the argmax) is compiled with ``torch.compile`` and captured as CUDA graphs
   (:class:`DecodeGraphs`) per batch bucket (powers of two), all at start-up (:meth:`ModelRunner.capture_all`):
@@ -22,6 +22,7 @@ The inference-only transformations live here, not in the training model: fused q
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.fx.experimental import _config as shape_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.models.transformer import fuse_projections
@@ -50,6 +53,12 @@ EAGER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 #: the sizes as arguments (dynamic shapes), and Triton builds a kernel variant per size class it specialises on
 #: (divisible by 16 or not); whole multiples of 16 keep that one class, warmed up at start-up.
 PREFILL_TOKEN_STEP = 16
+
+#: Whether this torch traces sizes size-obliviously on request (``torch.fx.experimental._config.backed_size_oblivious``,
+#: torch 2.7 and later): a dynamic size then gets the range [0, inf) instead of [2, inf), so a size of 1 takes the
+#: same graph as any other. Without it dynamo compiles a size of 1 apart (its "0/1 specialisation"): one graph more
+#: per path of :class:`CompiledPrefill`, for prefills of one row.
+SIZE_OBLIVIOUS = hasattr(shape_config, "backed_size_oblivious")
 
 #: The ``torch.compile`` backend of :class:`CompiledPrefill`. The CPU tests set ``"aot_eager"`` (the same dynamo
 #: graphs, shapes and guards, without inductor's code generation, which takes ~15 s a graph on a CPU).
@@ -173,10 +182,12 @@ class CompiledPrefill:
     in the cache's hook) and the gather path (a chunk after cached blocks or earlier chunks: keys gathered through
     the block tables, the visibility mask built inside the graph). Sizes are dynamic: rows ``B``, tokens ``T``
     (padded up to a multiple of :data:`PREFILL_TOKEN_STEP`) and, on the gather path, table width ``nb`` (at
-    least 2); dynamo compiles a size of 1 apart, so :meth:`warm_up` runs one row and several rows of each path
-    before serving (four graphs), and a server's ever new prefill shapes then reuse them. Inside the graph the attention keeps :data:`EAGER_SDPA_BACKENDS` (no cuDNN SDPA: it would plan
-    every new shape). Models with layers the fresh hook does not serve (sliding windows, ALiBi, soft-capped
-    scores) take the gather path for every prefill.
+    least 2). Each path compiles once (two graphs): its sizes are traced size-obliviously
+    (:data:`SIZE_OBLIVIOUS`), so one row takes the graph of several; on a torch without that, a size of 1 is
+    compiled apart (four graphs). :meth:`warm_up` runs several rows and one row of each path before serving, and a
+    server's ever new prefill shapes then reuse the graphs. Inside the graph the attention keeps
+    :data:`EAGER_SDPA_BACKENDS` (no cuDNN SDPA: it would plan every new shape). Models with layers the fresh hook
+    does not serve (sliding windows, ALiBi, soft-capped scores) take the gather path for every prefill.
     """
 
     def __init__(self, runner: "ModelRunner", mode: Optional[str] = None, options: Optional[dict] = None):
@@ -190,6 +201,7 @@ class CompiledPrefill:
         self.fresh_ok = all(layer.self_attn.window is None and layer.self_attn.alibi_slopes is None
                             and layer.self_attn.logit_cap is None for layer in runner.model.layers)
         self.calls = {"fresh": 0, "gather": 0}  # compiled forwards run (tests)
+        self.graphs: dict[str, int] = {}  # graphs each path compiled during warm_up
 
     def _fresh(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return self._hidden(ids, positions, slots, None, None, True)
@@ -222,19 +234,24 @@ class CompiledPrefill:
             _mark_dynamic(t)
         if fresh:
             self.calls["fresh"] += 1
-            return self.fresh_fn(ids, positions, slots)
+            with _size_oblivious():
+                return self.fresh_fn(ids, positions, slots)
         valid, tables = valid.to(dev, non_blocking=True), tables.to(dev, non_blocking=True)
         _mark_dynamic(valid)
         _mark_dynamic(tables)
         self.calls["gather"] += 1
-        return self.gather_fn(ids, positions, valid, slots, tables)
+        with _size_oblivious():
+            return self.gather_fn(ids, positions, valid, slots, tables)
 
     def shapes(self) -> list[tuple[str, int, int, int]]:
-        """The ``(path, rows, tokens, table blocks)`` :meth:`warm_up` runs: one and several rows of each path, and
-        sizes of 16 (a size class Triton compiles kernels apart for) where the engine allows them. Sizes differ from one another
-        so that no two dynamic sizes are compiled as one (dynamo gives equal sizes one symbol)."""
+        """The ``(path, rows, tokens, table blocks)`` :meth:`warm_up` runs: several rows and one row of each path,
+        and sizes of 16 (a size class Triton compiles kernels apart for) where the engine allows them. The first
+        shape of a path is the one its graph is compiled
+        for: several rows (the sizes inductor tunes its kernels for are then a batch's, not one row's), and sizes
+        that differ from one another, so that no two dynamic sizes are compiled as one (dynamo gives equal sizes
+        one symbol, and a later shape where they differ would compile again)."""
         r = self.runner
-        rows = [b for b in (1, 2, 16) if b <= r.max_rows]
+        rows = [b for b in (16, 2, 1) if b <= r.max_rows]
         blocks = [3, 16]  # never 1: :meth:`ModelRunner.prefill` gives the gather path at least 2
         out = [("fresh", b, PREFILL_TOKEN_STEP * (4 + i), 1) for i, b in enumerate(rows)] if self.fresh_ok else []
         for i, b in enumerate(rows):
@@ -244,27 +261,40 @@ class CompiledPrefill:
 
     def warm_up(self, log) -> float:
         """Compile and run every shape of :meth:`shapes` on padding (every token writes the scratch block); returns
-        the seconds it took. ``log`` receives a line per shape."""
+        the seconds it took. ``log`` receives a line per shape: whether it compiled a graph (dynamo's count of
+        graphs went up) or ran one compiled before. :attr:`graphs` then holds each path's count of graphs (1 each
+        with :data:`SIZE_OBLIVIOUS`)."""
         start = time.perf_counter()
         shapes = self.shapes()
+        self.graphs = {}
         for i, (path, B, T, nb) in enumerate(shapes):
+            before = counters["stats"]["unique_graphs"]
             if self.runner.lora is not None:
                 self.runner.lora.set_rows([0] * B)
             ids, positions = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)  # apart: an
             # input that is another one is a guard of its own (the engine's never are)
             self.run(ids, positions, torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, nb, dtype=torch.long),
                      fresh=path == "fresh")
-            log(f"compiling prefill: {i + 1}/{len(shapes)} ({path} path, {B} rows, {T} tokens, {nb} blocks) "
-                f"{time.perf_counter() - start:.1f}s")
+            compiled = counters["stats"]["unique_graphs"] - before
+            self.graphs[path] = self.graphs.get(path, 0) + compiled
+            log(f"compiling prefill: {i + 1}/{len(shapes)} ({path} path, {B} rows, {T} tokens, {nb} blocks, "
+                f"{'compiled a graph' if compiled else 'no new graph'}) {time.perf_counter() - start:.1f}s")
         self.calls = {"fresh": 0, "gather": 0}
         return time.perf_counter() - start
 
 
 def _mark_dynamic(t: torch.Tensor) -> None:
-    """Compile ``t``'s sizes as symbols (sizes of 1 stay specialised, as dynamo does)."""
-    for dim, size in enumerate(t.shape):
-        if size > 1:
-            torch._dynamo.maybe_mark_dynamic(t, dim)
+    """Compile ``t``'s sizes as symbols, sizes of 1 too (they stay symbols under :func:`_size_oblivious`)."""
+    for dim in range(t.dim()):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def _size_oblivious():
+    """The context the compiled prefill is called in: dynamic sizes traced size-obliviously (one graph for one row
+    and several, :data:`SIZE_OBLIVIOUS`), only for these calls (the setting is global to the process)."""
+    if not SIZE_OBLIVIOUS:
+        return contextlib.nullcontext()
+    return shape_config.patch(backed_size_oblivious=True)
 
 
 @dataclass
@@ -412,7 +442,9 @@ class ModelRunner:
         self.cache.tables.zero_()  # every row is padding: the warm-up runs write the scratch block only
         if self.compiled_prefill is not None and prefill:
             seconds = self.compiled_prefill.warm_up(log)
-            log(f"compiled the prefill ({len(self.compiled_prefill.shapes())} shapes warmed up) in {seconds:.1f}s")
+            graphs = self.compiled_prefill.graphs
+            log(f"compiled the prefill ({len(self.compiled_prefill.shapes())} shapes warmed up, graphs compiled: "
+                f"{', '.join(f'{path} {n}' for path, n in graphs.items())}) in {seconds:.1f}s")
         if self.graphs is not None:
             self._capture_decode(log)
             self._pointers = self.parameter_pointers()
