@@ -53,6 +53,9 @@ def runs(tmp_path_factory):
     assert docs.startswith(launcher)  # run_cases launches its ranks as this does
     cases = [{"name": name, "args": ["align", "--out", f"{name}_two", *COMMON, *both, *TWO_RANKS, *two],
               "cwd": str(folder)} for name, (both, two) in RUNS.items()]
+    ppo = ["align", "--out", "ppo_cut", *COMMON, *RUNS["ppo"][0], *TWO_RANKS, "fsdp=true"]  # sharded checkpoints
+    cases += [{"name": "ppo_cut", "args": ppo + ["trainer.max_steps=1"], "cwd": str(folder)},
+              {"name": "ppo_resumed", "args": ppo, "cwd": str(folder)}]
     cases.append({"name": "docs", "args": shlex.split(docs[len(launcher):]), "cwd": str(folder)})
     two = run_cases(cases, 2, folder / "logs")
     with pytest.MonkeyPatch.context() as mp:
@@ -115,6 +118,22 @@ def test_ppo_under_fsdp_matches_one_process(runs):
     _assert_two_ranks_match_one(folder, "ppo", ("reward", "kl", "value", "return", "policy_loss", "value_loss",
                                                 "grad_norm"))
     assert (folder / "ppo_two" / "critic" / "model.safetensors").is_file()
+
+
+def test_ppo_under_fsdp_resumes_from_a_sharded_checkpoint_as_if_uninterrupted(runs):
+    """One step, then a second run resuming it: the sharded checkpoint holds the critic (whole, beside the policy's
+    shards), and the resumed step is the uninterrupted run's second (the cosine schedule's first learning rate
+    does not depend on trainer.max_steps)."""
+    folder, two = runs
+    two["ppo_cut"].ok()
+    assert "resuming from" in two["ppo_resumed"].ok()
+    last = folder / "ppo_cut" / "checkpoints" / "step_0000002"  # (step 1's, of the same layout: kept until then)
+    assert (last / "model").is_dir() and (last / "critic" / "model.safetensors").is_file()
+    (step, loss), = _summary(folder, "ppo_cut")["losses"]  # the resumed run's
+    assert step == 2 and loss == pytest.approx(_summary(folder, "ppo_two")["losses"][1][1], rel=1e-5, abs=1e-7)
+    a, b = (load_file(str(folder / run / "critic" / "model.safetensors")) for run in ("ppo_two", "ppo_cut"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
 
 
 def test_lora_grpo_under_fsdp_matches_one_process(runs):
