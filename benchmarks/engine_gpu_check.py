@@ -12,7 +12,9 @@ scheduler on the GPU: a compiled engine with a tiny KV cache (preemptions), a sm
 prefill) and shared prompt prefixes (prefix-cache hits) gives the reference tokens, and a cache sized by
 ``gpu_memory_utilization`` stays within it. The compiled prefill (``compile_prefill=True``) gives the same tokens
 in that scheduling mix, compiles nothing after start-up and never runs cuDNN's SDPA (fresh and gather paths; every
-prefill of the sliding-window model takes the gather path).
+prefill of the sliding-window model takes the gather path). A compiled engine with one captured batch size
+(``decode_batches``) whose requests end on stop tokens one by one goes on chaining past them (their rows padding)
+and gives the reference tokens.
 The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.kernels`, at batch 1) unless
 ``--no-kernels``. Every check prints its result line; one that raises prints an ``ERROR`` line (its traceback on
 standard error) and the next check runs. Exits non-zero on any mismatch or error.
@@ -135,6 +137,36 @@ def check_scheduling(shape: dict, g: torch.Generator) -> int:
           f"{total / 2**30:.0f} GiB; reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB "
           f"{'ok' if ok else 'MISMATCH'}", flush=True)
     return failures + (not ok)
+
+
+def check_ended_rows(shape: dict, g: torch.Generator) -> int:
+    """Compiled with ``decode_batches`` (one captured size, 8 rows), requests that end on their stop token leave
+    padding rows behind while the steps go on chained (the graphs' advance buffer zeroed for those rows): the
+    eager reference's tokens, and padded steps did run."""
+    model = Transformer(ModelConfig(**shape)).cuda()
+    model.init_weights(seed=1)
+    model.eval()
+    prompts = [torch.randint(0, 503, (n,), generator=g).tolist() for n in (5, 40, 17, 1, 90, 26, 33)]
+    plain = [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)] * len(prompts)
+    first = Engine(model, None, max_batch_size=8, max_seq_len=700, decode_kernels=False,
+                   num_kv_blocks=BLOCKS).generate(prompts, plain)
+    params = [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, stop_token_ids=[out[8 + 5 * i]])
+              for i, out in enumerate(first)]  # each request stops at its own step
+    ref = Engine(model, None, max_batch_size=8, max_seq_len=700, decode_kernels=False,
+                 num_kv_blocks=BLOCKS).generate(prompts, params)
+    eng = Engine(model, None, max_batch_size=8, max_seq_len=700, compile_decode=True, decode_kernels=KERNELS,
+                 num_kv_blocks=BLOCKS, decode_batches=[8])
+    padded = []
+    launch = eng.runner.launch_chained
+    eng.runner.launch_chained = lambda d, seqs=None: padded.append(sum(s is None for s in seqs or [])) or launch(d, seqs)
+    got = eng.generate(prompts, params)
+    same = [a == b for a, b in zip(ref, got)]
+    ok = sum(same) == len(same) and max(padded, default=0) >= 2 and eng.cache.allocator.num_used == 0
+    print(f"ended rows as padding (decode_batches=[8]): {sum(same)}/{len(same)} prompts equal; most padding rows in a "
+          f"chained step {max(padded, default=0)}; chained steps {eng.metrics.chained_steps} of "
+          f"{eng.metrics.decode_steps}; graphs {sorted(eng.runner.graphs.graphs)} {'ok' if ok else 'MISMATCH'}",
+          flush=True)
+    return int(not ok)
 
 
 def check_compiled_prefill(name: str, shape: dict, g: torch.Generator) -> int:
@@ -312,7 +344,8 @@ def main() -> int:
     checks += [(name, partial(check_model, name, shape, g)) for name, shape in SHAPES.items()]
     checks += [("multi-lora", partial(check_lora, SHAPES["llama-gqa"], g)),
                ("p-tuning", partial(check_ptuning, SHAPES["llama-gqa"], g)),
-               ("scheduling", partial(check_scheduling, SHAPES["llama-gqa"], g))]
+               ("scheduling", partial(check_scheduling, SHAPES["llama-gqa"], g)),
+               ("ended rows", partial(check_ended_rows, SHAPES["llama-gqa"], g))]
     checks += [(f"{name} compiled prefill", partial(check_compiled_prefill, name, SHAPES[name], g))
                for name in ("llama-gqa", "mistral-window")]
     return run_checks(checks)

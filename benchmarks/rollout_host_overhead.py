@@ -218,8 +218,8 @@ def _run(a) -> dict:
     except OSError:
         pass
     print(f"rollout: {rows} completions x {a.new_tokens} tokens ({sum(map(len, completions))} generated), "
-          f"{steps} engine steps ({decode_steps} decode steps, {chained_steps} chained), tokenizer {a.tokenizer}, torch {torch.__version__}, "
-          f"CPU {cpu}")
+          f"{steps} engine steps ({decode_steps} decode steps, {chained_steps} chained), tokenizer {a.tokenizer}, "
+          f"torch {torch.__version__}, CPU {cpu}")
     print(f"{'part':<44}{'ms/step':>9}{'us/row/step':>13}{'calls':>8}")
     for label, _, _, indent, _ in PARTS:
         if calls[label]:

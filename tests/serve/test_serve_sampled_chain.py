@@ -193,3 +193,36 @@ def test_decode_steps_padded_to_a_larger_batch_draw_the_same_tokens():
     assert got == want and set(padded) == {2, 8} and engine.metrics.chained_steps > 0
     with pytest.raises(InvalidRequestError, match="decode_batches must be batch sizes from 1 to 8"):
         Engine(model, max_batch_size=5, decode_batches=[16])
+
+
+def test_steps_chain_on_past_sequences_that_end_as_padding_rows():
+    """Compiled with a captured batch size above the live rows (decode_batches), a sequence that ends on its
+    end-of-text token leaves a padding row behind and the steps go on chained: the tokens of an engine that
+    schedules afresh after every end, every block given back, and a second round of the same prompts (their
+    blocks now from the prefix cache, next to the rows the ended sequences wrote last) draws them again."""
+    model = make_model("llama")
+    prompts = [PROMPTS[i] for i in (0, 2, 4, 5, 6)]
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s) for s in range(4)] + [
+        SamplingParams(max_tokens=16, temperature=0.0)]
+    first, _ = _run(Engine(model, _CountingTokenizer(None), max_batch_size=8), prompts, params)
+    eod = max(set(first["q0"][2:10]), key=lambda t: sum(t in first[q][:12] for q in first))
+    plain = Engine(model, _CountingTokenizer(eod), max_batch_size=8)
+    want, _ = _run(plain, prompts, params)
+    ends = [q for q, t in want.items() if len(t) < 16]
+    assert len(ends) >= 2  # several requests stop early, at different steps
+    engine = Engine(model, _CountingTokenizer(eod), max_batch_size=8, block_size=4)  # full blocks to cache
+    engine.runner.batches = [8]  # what compile_decode with decode_batches=[8] sets (no CUDA graphs on a CPU)
+    padded_rows = []
+    launch = engine.runner.launch_chained
+
+    def spy(d, seqs=None):
+        padded_rows.append(sum(s is None for s in (seqs or [])))
+        return launch(d, seqs)
+
+    engine.runner.launch_chained = spy
+    got, outs = _run(engine, prompts, params)
+    assert got == want and max(padded_rows) >= 2
+    assert engine.metrics.chained_steps > plain.metrics.chained_steps  # the ends no longer break the chain
+    assert engine.cache.allocator.num_used == 0 and not engine.running
+    again, _ = _run(engine, prompts, params)
+    assert again == want and engine.cache.allocator.hits > 0

@@ -19,8 +19,10 @@ samples the next token. Finished sequences give their blocks back. A decode step
 argmax or draw plainly (temperature, top-k, top-p, min-p with per-request seeds; no penalties, no
 log-probabilities) chooses its tokens on the device (:func:`lmforge.serve.sampler.next_tokens`) and, with
 nothing else to do, is left running: the next call launches the step after it (fed on the device with those
-tokens) before reading it, so the host's work overlaps the device's; when it cannot (a sequence ended, a
-waiting request may join) the call reads the step and schedules the next itself: every call launches work.
+tokens) before reading it, so the host's work overlaps the device's. A sequence that ends meanwhile leaves a
+padding row behind while the others still need the same batch size (a captured graph's), so a rollout's
+completions ending one by one do not stop the chain; when it cannot go on (the batch would shrink, a waiting
+request may join) the call reads the step and schedules the next itself: every call launches work.
 Sampled requests draw the same tokens either way (the draws depend on the seed and the token's index alone).
 
 Greedy decoding through the engine gives the tokens of :func:`lmforge.models.generate.generate` for every
@@ -390,10 +392,17 @@ class Engine:
             self._finish_decode(d, touched)
             if nxt is not None:
                 launched = True
-                if any(s.finish_reason is not None for s in d.seqs):
-                    self._finish_decode(nxt, touched)  # read it now: the finished ones give their blocks back
-                else:
+                ended = [s for s in d.seqs if s is not None and s.finish_reason is not None]
+                if not ended:
                     self._inflight = nxt
+                elif self._chain_on(nxt):
+                    # Sequences ended with d's tokens, and the steps go on chained without them (their rows become
+                    # padding: _launch_chained): their blocks go back now. nxt, still running, writes a key of
+                    # each at a position no other sequence reads; any later use of those blocks is queued after it.
+                    self._release(ended)
+                    self._inflight = nxt
+                else:
+                    self._finish_decode(nxt, touched)  # read it now: the finished ones give their blocks back
             else:
                 # No chained step (a sequence ended, or a waiting request may join): free the finished ones and
                 # schedule the next step now, not in another call, so no call reads a step and launches nothing.
@@ -520,14 +529,24 @@ class Engine:
     # -- decode --------------------------------------------------------------------------------------------
 
     def _launch_chained(self, d: Decode) -> Decode:
-        """Start the step after ``d`` without reading it: each row feeds ``d``'s token one position on."""
-        nxt = self.runner.launch_chained(d)
+        """Start the step after ``d`` without reading it: each row feeds ``d``'s token one position on; rows of
+        sequences that ended are padding."""
+        seqs = [s if s is not None and s.finish_reason is None else None for s in d.seqs]
+        nxt = self.runner.launch_chained(d, seqs)
         self.metrics.decode_steps += 1
         self.metrics.chained_steps += 1
-        self.metrics.decode_rows += len(d.seqs)
-        for s in d.seqs:
-            s.num_computed += 1
+        for s in seqs:
+            if s is not None:
+                s.num_computed += 1
+                self.metrics.decode_rows += 1
         return nxt
+
+    def _chain_on(self, d: Decode) -> bool:
+        """Whether steps may go on chained after ``d`` although some of its sequences ended (their rows then run
+        as padding): no waiting request could join, and the live rows need the same batch size (a smaller one
+        is a smaller step: then the next step is scheduled afresh; eager, any ended row makes it smaller)."""
+        live = sum(1 for s in d.seqs if s is not None and s.finish_reason is None)
+        return live > 0 and not self.scheduler.can_admit() and self.runner.batch_bucket(live) == len(d.positions)
 
     @staticmethod
     def _pipelinable(seq: Sequence) -> bool:
@@ -540,20 +559,23 @@ class Engine:
         """Whether the step after ``d`` may start before ``d`` is read: ``d`` chose its tokens on the device
         (:meth:`_pipelinable` rows) and decodes every running sequence, none of which was aborted or ends by
         length with ``d``'s token, no waiting request could join the batch now, and every sequence has a block
-        for one more position without preempting.
+        for one more position without preempting. Rows of ``d`` whose sequence ended (and was released) are
+        padding in the next step, as long as the live rows need ``d``'s batch size (:meth:`_chain_on`).
         (A sequence that then stops on a token or a stop string only wastes its row.)"""
-        if d.tokens is None or len(d.seqs) != len(self.running):
+        if d.tokens is None:
             return False
+        live = [s for s in d.seqs if s is not None and s.finish_reason is None]
+        if len(live) != len(self.running) or len(live) < len(d.seqs) and not self._chain_on(d):
+            return False  # a sequence that is not in d (or an aborted one not released yet); a smaller batch
         if self.scheduler.can_admit():
             return False
-        if not all(s.finish_reason is None and s.num_generated + 1 < s.max_new and s.length + 1 < self.max_seq_len
-                   for s in d.seqs):
+        if not all(s.num_generated + 1 < s.max_new and s.length + 1 < self.max_seq_len for s in live):
             return False
-        return self.scheduler.reserve_next(d.seqs)
+        return self.scheduler.reserve_next(live)
 
     def _finish_decode(self, d: Decode, touched: dict[str, Sequence]) -> None:
         """Read ``d`` and append each sequence's token (sequences that finished meanwhile are skipped)."""
-        live = [(s, r) for r, s in enumerate(d.seqs) if s.finish_reason is None]
+        live = [(s, r) for r, s in enumerate(d.seqs) if s is not None and s.finish_reason is None]
         if not live:
             return
         seqs, rows = [s for s, _ in live], [r for _, r in live]

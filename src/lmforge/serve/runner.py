@@ -122,10 +122,13 @@ class DecodeGraphs:
         self.inputs[:, :B].copy_(self.host[:, :B], non_blocking=True)
         return self.replay(B, span)
 
-    def run_chained(self, tokens: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_chained(self, tokens: torch.Tensor, span: int, stop: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """The step after the last one, fed on the device: each row's next token ``tokens`` (B,) (its argmax
-        or its draw), one position further (padding rows stay). No host value is read."""
+        or its draw), one position further (padding rows stay). No host value is read. Rows ``stop`` become
+        padding from this step on (their sequence ended: they no longer advance)."""
         B = tokens.shape[0]
+        for r in stop:
+            self.inputs[2, r] = 0  # a fill kernel (no copy from the host, which could wait for the stream)
         self.inputs[0, :B].copy_(tokens)
         self.inputs[1, :B].add_(self.inputs[2, :B])
         return self.replay(B, span)
@@ -299,7 +302,8 @@ def _size_oblivious():
 
 @dataclass
 class Decode:
-    """A decode step launched on the device: ``seqs[i]`` is row ``i`` of its outputs.
+    """A decode step launched on the device: ``seqs[i]`` is row ``i`` of its outputs (None: a row whose sequence
+    ended while the steps ran chained, now padding).
 
     ``logits`` (B, V) and ``greedy`` (B,) may be the CUDA graphs' buffers, valid until the next step runs.
     When ``tokens`` is set every row's next token was chosen on the device (``next``: the argmax of greedy rows,
@@ -589,8 +593,8 @@ class ModelRunner:
         changed = False
         for b in range(B):
             # A row is known by the table list itself: it only grows while its sequence holds blocks, and freeing
-            # the blocks (finish, preemption) gives the sequence a new list.
-            table = seqs[b].block_table if b < len(seqs) else None
+            # the blocks (finish, preemption) gives the sequence a new list. (A None sequence: a padding row.)
+            table = seqs[b].block_table if b < len(seqs) and seqs[b] is not None else None
             n = len(table) if table is not None else 0
             if self._row_owner[b] is not table or self._row_len[b] > n:
                 changed = True
@@ -669,20 +673,29 @@ class ModelRunner:
             self._tokens_to_host(d)
         return d
 
-    def launch_chained(self, d: Decode) -> Decode:
+    def launch_chained(self, d: Decode, seqs: Optional[list] = None) -> Decode:
         """Start the step after ``d`` without reading it: each row feeds ``d``'s next token (argmax or draw) one
-        position on (the sequences' tables already hold that position: :meth:`Scheduler.reserve_next`)."""
-        pos = [p + a for p, a in zip(d.positions, d.advance)]
-        n = len(d.seqs)
-        self._set_tables(d.seqs, len(pos))
+        position on (the sequences' tables already hold that position: :meth:`Scheduler.reserve_next`).
+        ``seqs``: ``d.seqs`` with None for rows whose sequence ended since (they become padding rows: no advance,
+        an all-zero table, so they write only the scratch block); default ``d.seqs``."""
+        seqs = d.seqs if seqs is None else seqs
+        stop = [r for r, (a, s) in enumerate(zip(d.advance, seqs)) if a and s is None]
+        advance = d.advance
+        if stop:
+            advance = list(advance)
+            for r in stop:
+                advance[r] = 0
+        pos = [p + a for p, a in zip(d.positions, advance)]
+        n = len(seqs)
+        self._set_tables(seqs, len(pos))
         span = self.span(max(pos[:n]))
         if self.graphs is not None:
-            logits, greedy = self.graphs.run_chained(d.fed, span)
-            nxt = Decode(d.seqs, logits, greedy, pos, d.advance)
+            logits, greedy = self.graphs.run_chained(d.fed, span, stop)
+            nxt = Decode(seqs, logits, greedy, pos, advance)
         else:
-            pos_t = d.pos + torch.tensor(d.advance, device=self.device)[:, None]
+            pos_t = d.pos + torch.tensor(advance, device=self.device)[:, None]
             logits, greedy = self.decode_step(d.fed[:, None], pos_t, self.keys[:span])
-            nxt = Decode(d.seqs, logits, greedy, pos, d.advance, pos=pos_t)
+            nxt = Decode(seqs, logits, greedy, pos, advance, pos=pos_t)
         nxt.sampling = d.sampling.advanced() if d.sampling is not None else None
         nxt.next = next_tokens(logits, greedy, nxt.sampling)
         self._tokens_to_host(nxt)
