@@ -29,6 +29,16 @@
 The reference is the model with its adapters switched off (PEFT) or a frozen copy of the starting weights. The
 critic (:func:`build_critic`) is the policy's architecture with a scalar ``score`` head on every position, always
 all weights (also when the policy trains a PEFT method); each checkpoint holds it in ``critic/``.
+
+Several processes (data parallel, DDP or FSDP): each rank runs the four steps on its share of the step's prompts
+(every group whole on one rank), with seeds that depend on a prompt's place in the global batch, not on the rank
+(:func:`draw_seed`); the loss goes through the loop's wrapped objective (:meth:`RolloutLoss.forward`), so the
+policy's gradients are averaged as every method's are, and N ranks make one process's update on N times the
+prompts (:meth:`RolloutLoss.train_step`). Under FSDP the engine samples from a whole copy of the policy refreshed
+once per rollout, and the frozen reference is sharded as the policy is. Gradient checkpointing (the assembly's, on
+the policy's blocks; the stage's, on the critic's) acts in the loss's forward only: without autograd (rollouts,
+reference, sampling log-probabilities, values) the blocks run plainly
+(:func:`lmforge.parallel.transforms.apply_activation_checkpointing`).
 """
 
 from __future__ import annotations
