@@ -1,9 +1,10 @@
-"""Host time of a GRPO rollout's engine steps, split into their parts (run by hand, on any CPU; never by the tests).
+"""Host time of a GRPO rollout's engine steps, split into their parts (run by hand, on any CPU; the tests run it
+only on a few tokens).
 
 ``lmforge align --method grpo|ppo|reinforce`` samples its completions through
 :meth:`lmforge.align.rl.RolloutLoss.sample`: the serving engine built on the policy (``RolloutLoss.engine``). On
-a GPU the decode forward is a CUDA graph replay and the draw a few kernels, both queued in microseconds, so a step
-costs the larger of the device's time and the host's Python. This script measures the host's part on the CPU:
+a GPU the decode forward is a CUDA graph replay and the draw a few kernels, queued in microseconds each, so a
+step costs the larger of the device's time and the host's (Python, and a few microseconds per kernel launched). This script measures the host's part on the CPU:
 the rollout of ``benchmarks/grpo_rollout.py`` (8 prompts x 8 completions, 128-token prompts, 256 new tokens,
 temperature 1, end of text never ends them) on a tiny model, through ``RolloutLoss.sample`` itself, with a
 timer around each part of :meth:`lmforge.serve.engine.Engine.step`. The model's forwards and the draws (device
@@ -15,8 +16,11 @@ work on a GPU, eager CPU arithmetic here) are timed apart and left out of the ho
 ``--tokenizer bpe`` (the default) gives the engine a byte-level BPE tokenizer of 2,000 tokens trained here on
 standard-library source (``lmforge align`` passes the policy's real tokenizer); ``ids`` the id-only stand-in of
 ``grpo_rollout.py`` (no text). Prints one line per part: milliseconds per engine step, microseconds per row per
-step, calls; then the host time per step and per decode step. Parts nest (a line's time includes the lines
-indented under it). Writes the numbers to ``--json PATH`` when given.
+step, calls; then the host time per step (``Engine.step`` less the device work), the time
+``RolloutLoss.sample`` spends outside the steps, and the tensor operations run per step outside the forwards (each
+a kernel launch or a copy on a GPU; views counted too). Parts nest (a line's time includes the lines indented under
+it). The machine may be shared: ``--repeats N`` (default 3) rollouts are timed and the one of least host time is
+shown (the timers add ~0.3 us per call). Writes the numbers to ``--json PATH`` when given.
 """
 
 from __future__ import annotations
