@@ -16,10 +16,11 @@ prefill of the sliding-window model takes the gather path). A compiled engine wi
 (``decode_batches``) whose requests end on stop tokens one by one goes on chaining past them (their rows padding)
 and gives the reference tokens.
 The compiled engines use lmforge's Triton decode kernels (:mod:`lmforge.serve.kernels`, at batch 1) unless
-``--no-kernels``. Every check prints its result line; one that raises prints an ``ERROR`` line (its traceback on
+``--no-kernels``; ``--only="paged kernel,ended rows"`` runs the named checks alone (names as the list in
+:func:`main`). Every check prints its result line; one that raises prints an ``ERROR`` line (its traceback on
 standard error) and the next check runs. Exits non-zero on any mismatch or error.
 
-    python benchmarks/engine_gpu_check.py [--no-kernels]
+    python benchmarks/engine_gpu_check.py [--no-kernels] [--only="paged kernel,ended rows"]
 """
 
 from __future__ import annotations
@@ -348,6 +349,13 @@ def main() -> int:
                ("ended rows", partial(check_ended_rows, SHAPES["llama-gqa"], g))]
     checks += [(f"{name} compiled prefill", partial(check_compiled_prefill, name, SHAPES[name], g))
                for name in ("llama-gqa", "mistral-window")]
+    only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
+    if only:  # --only="paged kernel,ended rows": these checks alone (names as printed; a short call)
+        wanted = [w.strip() for w in only[-1].split(",")]
+        unknown = [w for w in wanted if w not in {name for name, _ in checks}]
+        if unknown:
+            raise SystemExit(f"--only: no check named {unknown[0]!r}; the checks: {', '.join(n for n, _ in checks)}")
+        checks = [(name, fn) for name, fn in checks if name in wanted]
     return run_checks(checks)
 
 
