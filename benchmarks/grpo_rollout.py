@@ -16,8 +16,8 @@ calls it without vLLM. Both in ``--dtype``.
     python benchmarks/grpo_rollout.py --skip-hf --trace /tmp/rollout_trace.json   # the GPU timeline of a rollout
 
 ``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA activity; chrome://tracing, ui.perfetto.dev) of
-the timed lmforge rollout (``benchmarks/serve_load.py``'s ``start_trace``/``stop_trace``); that rollout's timing then
-includes the profiler's cost (its JSON line says ``"traced": true``).
+one more lmforge rollout after the timed one (``benchmarks/serve_load.py``'s ``start_trace``/``stop_trace``), so the
+timing stays clean; the JSON line gives that traced rollout's seconds as ``traced_run_seconds``.
 
 The engine's start-up (building it; compiled: capturing the decode graphs, once per run) is timed apart from the
 rollouts: one warm-up rollout, then the timed one. ``--check`` then takes an AdamW step on the policy and
@@ -81,7 +81,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--check", action="store_true", help="after the timing: rollouts after an optimizer step equal "
                                                          "a fresh engine's")
     ap.add_argument("--trace", default=None, metavar="PATH",
-                    help="write a torch.profiler Chrome trace (CPU and CUDA activity) of the timed lmforge rollout")
+                    help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
+                         "after the timed one")
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
@@ -116,19 +117,22 @@ def main(argv=None) -> list[dict]:
 
     def timed(name, fn, stats=None, trace=None, **extra):
         """``fn`` once to warm up, then timed; ``stats()``: counters whose change over the timed run is kept;
-        ``trace``: a path for a profiler trace of the timed run."""
+        ``trace``: a path for a profiler trace of one more run after the timed one (the timing stays untraced)."""
         fn()  # warm-up (kernels, allocator)
         sync()
         pre = stats() if stats else {}
-        profiler = start_trace(device) if trace else None
         t = time.perf_counter()
         n = fn()
         sync()
         s = time.perf_counter() - t
-        if profiler is not None:
-            stop_trace(profiler, trace)
-            extra["traced"] = True
         extra.update({k: v - pre[k] for k, v in (stats() if stats else {}).items()})
+        if trace:
+            profiler = start_trace(device)
+            t = time.perf_counter()
+            fn()
+            sync()
+            extra["traced_run_seconds"] = round(time.perf_counter() - t, 3)
+            stop_trace(profiler, trace)
         results.append({"engine": name, "generated_tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 1),
                         **extra, "shape": a.shape, "dtype": a.dtype, "prompts": a.prompts,
                         "generations": a.generations, "new_tokens": a.new_tokens,
