@@ -10,7 +10,8 @@ The step is lmforge's real one (``Trainer.train_step``), on random tokens. Cases
 bf16 compute parameters, fp32 master weights and reductions), what ``model.fsdp=true`` does.
 
 Switches (each one a training config key; every case of a call runs with them):
-    --fused / --no-fused      q/k/v and gate/up as one matmul each (model.fused_projections, default on)
+    --fused / --no-fused      q/k/v and gate/up as one matmul each (model.fused_projections; default on, off
+                              under --fp8 as in training: measured slower joined there)
     --chunked-loss N          head + cross-entropy over N-token chunks (model.loss_chunk_size; 0 off; default auto:
                               2048 at a 128k vocabulary)
     --fp8 RECIPE              torchao float8 block projections (model.fp8=true, model.fp8_recipe: tensorwise, rowwise,
@@ -147,8 +148,8 @@ def main():
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama-3.2-1B, 8b: Llama-3.1-8B")
     p.add_argument("--layers", type=int, default=None, help="blocks (default: all for 1b, 4 for 8b)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="q/k/v and gate/up as one matmul each (model.fused_projections)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="q/k/v and gate/up as one matmul each (model.fused_projections; default: on, off under --fp8)")
     p.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS",
                    help="head + cross-entropy over token chunks (model.loss_chunk_size; 0: off; default: auto)")
     p.add_argument("--fp8", choices=["none", *RECIPES], default="none",
@@ -159,6 +160,8 @@ def main():
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     fp8 = None if a.fp8 == "none" else a.fp8
+    if a.fused is None:  # model.fused_projections' default (lmforge.train.pretrain.joint_projections)
+        a.fused = fp8 is None
     out = os.path.join(os.environ["OUT"], "lmforge_train.json") if os.environ.get("OUT") else None
     results = []
     if out and os.path.exists(out):  # several invocations in one device call add to one file

@@ -367,6 +367,13 @@ def test_fp8_refused_on_cpu_and_config_keys(tmp_path):
         load_config("tiny/llama", ["trainer.precision=fp8", "model.fp8_recipe=blockwise"])
     with pytest.raises(ConfigError, match="trainer.precision=32"):
         load_config("tiny/llama", ["model.fp8=true", "trainer.precision=32"])
+    # joint projections: on by default, off by default under float8 (measured slower there), as set when set
+    from lmforge.train.pretrain import joint_projections
+    assert joint_projections(load_config("tiny/llama", []).model) is True
+    assert joint_projections(load_config("tiny/llama", ["trainer.precision=fp8"]).model) is False
+    assert joint_projections(load_config("tiny/llama", ["trainer.precision=fp8", "model.fused_projections=true"]
+                                         ).model) is True
+    assert joint_projections(load_config("tiny/llama", ["model.fused_projections=false"]).model) is False
     job = TrainJob(out=tmp_path, dims=ParallelDims(1), fp8="tensorwise",
                    loop=LoopSettings(max_steps=1, micro_batch_size=1, global_batch_size=1, accumulate=1,
                                      precision="bf16-mixed"), optim=OptimSpec())

@@ -236,7 +236,7 @@ class ModelSection:
     activations_checkpoint_num_layers: Optional[int] = None  # layers per chunk (uniform) or checkpointed (block); None: 1
     compile: bool = False  # lmforge: torch.compile the blocks
     # lmforge training speed (docs/architecture.md, "Training speed"): each one changes no saved name or format
-    fused_projections: bool = True  # q/k/v and gate/up as one matmul each (weights stay separate; not under TP)
+    fused_projections: Optional[bool] = None  # q/k/v, gate/up as one matmul each (not under TP); None: on unless fp8
     loss_chunk_size: Optional[int] = None  # tokens per chunk of the fused head + cross-entropy; None: auto, 0: off
     fp8: bool = False  # float8 block projections (torchao, H100-class GPU); trainer.precision=fp8 sets it
     fp8_recipe: str = "tensorwise"  # tensorwise | rowwise | rowwise_with_gw_hp: torchao's float8 scaling recipe

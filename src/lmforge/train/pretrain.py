@@ -67,6 +67,12 @@ def _val_interval(cfg, max_steps: int) -> int:
     return int(v)
 
 
+def joint_projections(m) -> bool:
+    """``model.fused_projections``: as set, or (None) on except under float8, where one H100 measured the compiled
+    1B step slower joined (58,094 tokens/s) than with separate float8 projections (61,008; docs/benchmarks.md)."""
+    return bool(m.fused_projections) if m.fused_projections is not None else not m.fp8
+
+
 def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
     """The :class:`~lmforge.train.assembly.TrainJob` of a pretraining config (NeMo's keys)."""
     from lmforge.config import to_dict as config_to_dict
@@ -94,7 +100,7 @@ def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
                                   resume_must_exist=not em.resume_ignore_no_checkpoint,
                                   sharded=m.fsdp_sharded_checkpoint, async_save=bool(cp.async_save)),
         seed=int(m.seed), activations_checkpoint=ac, compile=bool(m.compile), sequence_parallel=bool(m.sequence_parallel),
-        joint_projections=bool(m.fused_projections), loss_chunk_size=m.loss_chunk_size,
+        joint_projections=joint_projections(m), loss_chunk_size=m.loss_chunk_size,
         fp8=str(m.fp8_recipe) if m.fp8 else None,
         virtual_pipeline=int(m.virtual_pipeline_model_parallel_size or 1),
         fsdp_grad_reduce_dtype=m.fsdp_grad_reduce_dtype, fsdp_cpu_offload=bool(m.fsdp_cpu_offload),
