@@ -44,7 +44,9 @@ def test_sft_reward_model_and_ppo_stages_run_locally(tmp_path, monkeypatch, tiny
                  "stages=[fine_tuning,rlhf_rm,rlhf_ppo]", f"fine_tuning.model={tiny_base}",
                  "fine_tuning.trainer.max_steps=2", "rlhf_rm.trainer.max_steps=2",
                  "rlhf_rm.trainer.val_check_interval=2",
-                 "rlhf_ppo.trainer.max_steps=1", "rlhf_ppo.global_batch_size=4", "rlhf_ppo.micro_batch_size=4"]) == 0
+                 "rlhf_ppo.trainer.max_steps=1", "rlhf_ppo.global_batch_size=4", "rlhf_ppo.micro_batch_size=4",
+                 "rlhf_ppo.gradient_checkpointing=true"]) == 0  # what NeMo's full activation checkpointing becomes
+    assert yaml.safe_load((r / "ppo" / "rlhf_ppo_config.yaml").read_text())["gradient_checkpointing"] is True
     summary = json.loads((r / "ppo" / "summary.json").read_text())
     assert summary["method"] == "ppo" and summary["steps"] == 1 and summary["critic"] == str(r / "ppo" / "critic")
     rows = [json.loads(x) for x in (r / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -139,6 +141,56 @@ def test_nemo_ppo_keys_lmforge_cannot_honour_are_named(path, value, says):
     assert str(e.value).startswith(says), str(e.value)
 
 
+@pytest.mark.parametrize("critic", [{}, {"activations_checkpoint_granularity": "full"}])
+def test_nemo_ppo_full_activation_checkpointing_is_gradient_checkpointing(critic):
+    """NeMo's ``full`` granularity, ``uniform`` method (or null) in chunks of one layer (or null) recomputes every
+    block in the backward pass: lmforge's ``gradient_checkpointing``, which does so for the policy and the critic
+    (the critic's own key, where given, says the same)."""
+    import copy
+
+    from lmforge.align.config import load_align_config
+    from lmforge.launch.nemo_ppo import translate
+
+    assert load_align_config(translate("rlhf_ppo", copy.deepcopy(NEMO_PPO), [])).gradient_checkpointing is False
+    for keys in ({"activations_checkpoint_granularity": "full"},
+                 {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform",
+                  "activations_checkpoint_num_layers": 1}):
+        body = copy.deepcopy(NEMO_PPO)
+        body["actor"]["model"].update(keys)
+        body["critic"]["model"].update({k: keys.get(k) for k in critic})
+        assert load_align_config(translate("rlhf_ppo", body, [])).gradient_checkpointing is True, keys
+
+
+@pytest.mark.parametrize("actor, critic, says", [
+    ({"granularity": "selective", "method": "uniform"}, {},  # NeMo Launcher's 2b_ppo.yaml
+     "rlhf_ppo.actor.model.activations_checkpoint_granularity='selective': lmforge's PPO recomputes whole blocks"),
+    ({"granularity": "full", "method": "block", "num_layers": 2}, {},
+     "rlhf_ppo.actor.model.activations_checkpoint_method='block': lmforge's PPO recomputes whole blocks"),
+    ({"granularity": "full", "num_layers": 2}, {},
+     "rlhf_ppo.actor.model.activations_checkpoint_num_layers=2: lmforge's PPO recomputes whole blocks"),
+    ({"method": "uniform"}, {},
+     "rlhf_ppo.actor.model.activations_checkpoint_method='uniform' has no effect without "
+     "actor.model.activations_checkpoint_granularity"),
+    ({}, {"granularity": "full"},
+     "rlhf_ppo.critic.model.activations_checkpoint_granularity='full': lmforge's critic takes the actor's "
+     "model.activations_checkpoint_granularity (None)"),
+])
+def test_nemo_ppo_activation_checkpointing_lmforge_cannot_do_is_named(actor, critic, says):
+    import copy
+
+    from lmforge.errors import ConfigError
+    from lmforge.launch.nemo_ppo import translate
+
+    body = copy.deepcopy(NEMO_PPO)
+    body["actor"]["model"].update({f"activations_checkpoint_{k}": v for k, v in actor.items()})
+    body["critic"]["model"].update({f"activations_checkpoint_{k}": v for k, v in critic.items()})
+    with pytest.raises(ConfigError) as e:
+        translate("rlhf_ppo", body, [])
+    assert str(e.value).startswith(says), str(e.value)
+    if actor.get("granularity") == "selective":
+        assert "set actor.model.activations_checkpoint_granularity: full" in str(e.value)
+
+
 def test_a_nemo_ppo_body_launches(tmp_path, capsys):
     """The stage translates a NeMo body at launch (dry run): the command reads lmforge's keys."""
     conf = tmp_path / "conf"
@@ -152,6 +204,9 @@ def test_a_nemo_ppo_body_launches(tmp_path, capsys):
     assert "lmforge align " + str(tmp_path / "r" / "ppo" / "rlhf_ppo_config.yaml") in capsys.readouterr().out
     assert main(["launch", str(conf / "config.yaml"), "--dry-run", "rlhf_ppo.actor.model.ppo.top_p=0.9"]) == 2
     assert "rlhf_ppo.actor.model.ppo.top_p: NeMo's PPO key has no lmforge meaning" in capsys.readouterr().err
+    assert main(["launch", str(conf / "config.yaml"), "--dry-run",
+                 "rlhf_ppo.actor.model.activations_checkpoint_granularity=selective"]) == 2
+    assert "error: rlhf_ppo.actor.model.activations_checkpoint_granularity='selective': " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("example, stage, method, says", [

@@ -10,6 +10,10 @@ NeMo's step takes ``model.ppo.num_rollout_samples`` prompts (one completion each
 batches of ``model.global_batch_size``: lmforge's ``global_batch_size`` (prompts per step) is the former,
 ``align.num_mini_batches`` their ratio, ``align.num_generations`` 1, ``align.ppo_epochs`` 1.
 
+The actor's ``model.activations_checkpoint_granularity: full`` (method ``uniform``, one layer per chunk) is
+``gradient_checkpointing: true``, which recomputes every block of the policy and of the critic; the critic's own
+``model.activations_checkpoint_*`` keys, where given, must say the same (:func:`_activations_checkpoint`).
+
 As :mod:`lmforge.launch.nemo_peft` does, every key either maps onto an lmforge key with NeMo's meaning, is accepted
 at the values that describe what lmforge does anyway (``ACCEPTED``; ``"any"``: a setting of NeMo's servers,
 memory or kernels with no effect on the result), only feeds interpolations (``VARIABLES``), or is refused with one
@@ -64,8 +68,7 @@ ACCEPTED: dict[str, Any] = {
     "actor.exp_manager.checkpoint_callback_params.always_save_nemo": (False,),
     "actor.model.mcore_gpt": (True,), "actor.model.enable_nge": "any", "actor.model.megatron_amp_O2": "any",
     "actor.model.tensor_model_parallel_size": (1,), "actor.model.pipeline_model_parallel_size": (1,),
-    "actor.model.sequence_parallel": (False,), "actor.model.activations_checkpoint_granularity": (None,),
-    "actor.model.activations_checkpoint_method": (None,),
+    "actor.model.sequence_parallel": (False,),
     "actor.model.micro_batch_size": "any", "actor.model.ppo.forward_micro_batch_size": "any",  # memory only
     "actor.model.ppo.offload_adam_states": "any",
     "actor.model.ppo.entropy_bonus": (0, 0.0),
@@ -123,6 +126,9 @@ SAME_AS_ACTOR = {
     "critic.model.optim.sched.warmup_steps": "actor.model.optim.sched.warmup_steps",
     "critic.model.optim.sched.constant_steps": "actor.model.optim.sched.constant_steps",
     "critic.model.global_batch_size": "actor.model.global_batch_size",
+    "critic.model.activations_checkpoint_granularity": "actor.model.activations_checkpoint_granularity",
+    "critic.model.activations_checkpoint_method": "actor.model.activations_checkpoint_method",
+    "critic.model.activations_checkpoint_num_layers": "actor.model.activations_checkpoint_num_layers",
     "critic.trainer.ppo.max_steps": "actor.trainer.ppo.max_steps",
 }
 
@@ -227,12 +233,16 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
                                                      "actor.trainer.ppo.gradient_clip_val"),
         "critic.model.optim.sched.min_lr": lambda v: None,  # checked below: the same ratio to lr as the actor's
     })
+    special.update({f"actor.model.activations_checkpoint_{k}": lambda v: None  # all three read together below
+                    for k in ("granularity", "method", "num_layers")})
     special.update({k: same(k, v) for k, v in SAME_AS_ACTOR.items()})
     special.update(precision_handlers(stage, flat, PRECISION_KEYS, out, "the actor and the critic"))
     for key, value in flat.items():
         where = f"{stage}.{key}"
         _translate_key(where, key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "PPO")
     _check_critic_schedule(stage, flat)
+    if _activations_checkpoint(stage, flat):
+        out["gradient_checkpointing"] = True
     if "actor.model.optim.name" in flat:  # NeMo's (distributed) fused Adam is AdamW with a fused kernel
         _set(out, "optim.name", "fused_adam" if "fused" in str(flat["actor.model.optim.name"]) else "adamw")
     if "trainer" not in out or "max_steps" not in out["trainer"]:
@@ -264,3 +274,28 @@ def _check_critic_schedule(stage: str, flat: dict) -> None:
         raise ConfigError(f"{stage}.critic.model.optim.sched.min_lr={c_min}: lmforge's critic follows the actor's "
                           f"schedule scaled to its peak rate, so its min_lr is {want:g} (actor min_lr {a_min} x "
                           f"critic lr {c_lr} / actor lr {a_lr}); set that or remove the key")
+
+
+def _activations_checkpoint(stage: str, flat: dict) -> bool:
+    """Whether the actor's ``model.activations_checkpoint_*`` keys ask for what ``gradient_checkpointing: true``
+    does: NeMo's ``full`` granularity with the ``uniform`` method (null means uniform, as lmforge's own keys read
+    it) in chunks of one layer (``num_layers`` 1 or null), each block's input kept and the block recomputed in the
+    backward pass, for the policy and (lmforge's critic follows the actor's setting) the critic. lmforge's online RL
+    has no other setting yet, so ``selective``, ``block`` and chunks of several layers are refused, naming the key.
+    """
+    key = "actor.model.activations_checkpoint_"
+    granularity, method, num_layers = (flat.get(key + k) for k in ("granularity", "method", "num_layers"))
+    works = (f"lmforge's PPO recomputes whole blocks one at a time or nothing: set {key}granularity: full with "
+             f"{key}method: uniform and {key}num_layers: 1, or all three null")
+    if granularity is None:
+        for name, value in (("method", method), ("num_layers", num_layers)):
+            if value is not None:
+                raise ConfigError(f"{stage}.{key}{name}={value!r} has no effect without {key}granularity; {works}")
+        return False
+    if granularity != "full":
+        raise ConfigError(f"{stage}.{key}granularity={granularity!r}: {works}")
+    if method not in (None, "uniform"):
+        raise ConfigError(f"{stage}.{key}method={method!r}: {works}")
+    if num_layers not in (None, 1) or isinstance(num_layers, bool):
+        raise ConfigError(f"{stage}.{key}num_layers={num_layers!r}: {works}")
+    return True
