@@ -57,6 +57,7 @@ from torch import nn
 from lmforge.align import losses as L
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.models.transformer import softcap
+from lmforge.parallel.fsdp import whole_tensor
 
 
 def load_reward_fn(spec: Optional[str]) -> Callable:
@@ -328,20 +329,6 @@ def rollout_decode_batches(max_rows: int) -> list[int]:
     return sorted({max(1, whole // 8), whole})
 
 
-def _whole(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of ``p``, gathered when it is a sharded DTensor. With FSDP's CPU offload its shard is in
-    host memory while its mesh is the GPUs' (whose NCCL group gathers device tensors only): the shard is gathered
-    from the mesh's device."""
-    if not hasattr(p, "full_tensor"):
-        return p
-    local, mesh = p.to_local(), p.device_mesh
-    if local.device.type != mesh.device_type:
-        from torch.distributed.tensor import DTensor
-
-        p = DTensor.from_local(local.to(mesh.device_type), mesh, p.placements, shape=p.shape, stride=p.stride())
-    return p.full_tensor()
-
-
 def draw_seed(seed: int, rollout: int, position: int, g: int) -> int:
     """The sampling seed of completion ``g`` of the prompt at ``position`` in rollout ``rollout``'s global batch
     (the run's ``seed`` first): a function of the prompt's place, not of the rank or micro batch that samples it."""
@@ -502,7 +489,7 @@ class RolloutLoss(nn.Module):
             return
         live, mine = dict(self.model.named_parameters()), dict(self._copy[0].named_parameters())
         for name in self._trained_names:
-            mine[name].copy_(_whole(live[name]))
+            mine[name].copy_(whole_tensor(live[name]))
 
     def sample(self, prompts: list[list[int]], rollout: int = 0,
                positions: Optional[list[int]] = None) -> list[list[int]]:

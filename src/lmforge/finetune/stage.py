@@ -30,7 +30,7 @@ from lmforge.finetune.config import FinetuneConfig, to_dict
 from lmforge.finetune.metrics import exact_match, greedy_continue, token_f1
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.parallel.dims import ParallelDims, fsdp_strategy
-from lmforge.parallel.fsdp import gathered
+from lmforge.parallel.fsdp import gathered, whole_tensor
 from lmforge.parallel.runtime import Runtime, run_on_runtime
 from lmforge.train.assembly import (CheckpointSpec, OptimSpec, TrainJob, build_training, seed_everything,
                                     stopped_note)
@@ -181,7 +181,7 @@ def export_adapter(training, rt: Runtime, best, method: str, peft_cfg, out: Path
         if training.fsdp:
             from lmforge.peft import peft_state_dict
 
-            full = {k: v.full_tensor() for k, v in peft_state_dict(training.base).items()}  # collective
+            full = {k: whole_tensor(v) for k, v in peft_state_dict(training.base).items()}  # collective
         if rt.is_main:
             adapter_dir = str(save_adapter(training.model, method, peft_cfg, out / "adapter", base_name=base_name,
                                            state=full, tokenizer=tokenizer))

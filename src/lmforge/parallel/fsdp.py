@@ -91,6 +91,20 @@ def apply_fsdp(objective: nn.Module, blocks: nn.ModuleList, dims: ParallelDims, 
     return mesh
 
 
+def whole_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of ``p``, gathered when it is a sharded DTensor (a collective: every rank calls it), else
+    ``p``. With FSDP's CPU offload a shard lives in host memory while its mesh is the GPUs' (whose NCCL group
+    gathers device tensors only): the shard is moved to the mesh's device first."""
+    if not hasattr(p, "full_tensor"):
+        return p
+    local, mesh = p.to_local(), p.device_mesh
+    if local.device.type != mesh.device_type:
+        from torch.distributed.tensor import DTensor
+
+        p = DTensor.from_local(local.to(mesh.device_type), mesh, p.placements, shape=p.shape, stride=p.stride())
+    return p.full_tensor()
+
+
 def is_fsdp(module: nn.Module) -> bool:
     """True when ``module`` was sharded with ``fully_shard``."""
     return hasattr(module, "unshard") and hasattr(module, "set_requires_gradient_sync")

@@ -622,7 +622,9 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
         waits: list = []
         weights = training.weights_state()
         if gather:
-            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in weights.items()}
+            from lmforge.parallel.fsdp import whole_tensor
+
+            full = {k: whole_tensor(v) for k, v in weights.items()}  # a collective (FSDP, CPU offload too)
             if rt.is_main:
                 from lmforge.train.checkpoint import save_model
 
