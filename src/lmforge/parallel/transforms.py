@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from lmforge.errors import ConfigError
 
@@ -58,14 +58,40 @@ def _checkpointed(fn: Callable, context_fn: Optional[Callable] = None) -> Callab
     Without autograd (``no_grad``/``inference_mode``: evaluation, a serving engine's forwards on the trained model,
     online RL's rollouts) nothing would be kept for a backward pass: ``fn`` runs plainly, without checkpoint's
     saved-tensor hooks and RNG-state stashing."""
-    kwargs = {} if context_fn is None else {"context_fn": context_fn}
-
     def run(*args, **kw):
         if not torch.is_grad_enabled():
             return fn(*args, **kw)
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs, **kw)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_context_fn(context_fn), **kw)
 
     return run
+
+
+def _recompute_all(ctx, op, *args, **kwargs):
+    """The selective-checkpointing policy of full checkpointing: every op is recomputed."""
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_RECOMPUTE_ALL = functools.partial(create_selective_checkpoint_contexts, _recompute_all)
+
+
+def _context_fn(context_fn: Optional[Callable]) -> Callable:
+    """``context_fn`` for ``torch.utils.checkpoint``: the given one (selective checkpointing), else, while torch.compile
+    traces the region, a policy that recomputes every op, else checkpoint's default (nothing kept).
+
+    Why full checkpointing needs a policy under compile: torch.compile turns a checkpointed region into one graph and
+    tags its nodes "recompute" for the partitioner, which keeps for backward only what is not tagged. Before PyTorch
+    2.12 (pytorch/pytorch#177396) a region without ``context_fn`` was tagged on dynamo's graph, before custom
+    ``autograd.Function``s are inlined, so the ops inside them (the joint q/k/v and gate/up matmuls,
+    ``_JointLinear``; the LoRA joint forward) went untagged and their outputs were kept: on an H100 (torch 2.11)
+    compiled ``full`` held 31.6 GiB for a 7B LoRA step where eager ``full`` held 15.6, and ran at nearly the speed of
+    no checkpointing. Selective checkpointing tags every aten op as it is traced, those inside a Function included;
+    with a recompute-everything policy it is full checkpointing (what torch does itself for such regions since
+    2.12). Eager runs keep plain checkpointing (no dispatch mode over every op)."""
+    if context_fn is not None:
+        return context_fn
+    if torch.compiler.is_compiling():
+        return _RECOMPUTE_ALL
+    return noop_context_fn
 
 
 def lora_save_policy(widths: set[int]) -> Callable:
@@ -221,7 +247,7 @@ def _checkpoint_chunk(blocks: list[nn.Module]) -> None:
         if not torch.is_grad_enabled():  # nothing to recompute (see _checkpointed)
             out = run_chunk(x, *args, **kwargs)
         else:
-            out = checkpoint(run_chunk, x, *args, use_reentrant=False, **kwargs)
+            out = checkpoint(run_chunk, x, *args, use_reentrant=False, context_fn=_context_fn(None), **kwargs)
         handed_off[0] = weakref.ref(out)
         return out
 
