@@ -226,3 +226,127 @@ def test_steps_chain_on_past_sequences_that_end_as_padding_rows():
     assert engine.cache.allocator.num_used == 0 and not engine.running
     again, _ = _run(engine, prompts, params)
     assert again == want and engine.cache.allocator.hits > 0
+
+
+# -- the two-level draw (sampler.invert): chunk masses, then a scan inside the chosen chunk ----------------------
+
+def _one_scan(processed, u):
+    """The draw before the two levels: one softmax and one scan over the whole vocabulary (a reference)."""
+    cdf = processed.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u[:, None] * total)[:, 0]
+    return pick.clamp_(max=processed.shape[-1] - 1), torch.isfinite(total[:, 0])
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile of ``df`` degrees of freedom at the standard normal quantile ``z`` (3.09: 0.999),
+    by the Wilson-Hilferty approximation."""
+    a = 2 / (9 * df)
+    return df * (1 - a + z * a ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("chunk", [4, 5])  # 13 tokens: chunks 4+4+4+1 (a shorter last chunk) / 5+5+3
+def test_the_two_level_draw_picks_each_token_as_often_as_its_probability(chunk):
+    """40,000 draws (seed 3, token indices 0..39,999) from 13 uneven probabilities, a whole chunk of them and
+    single tokens filtered (-inf): the counts pass a chi-square test at 0.999, a filtered token (or a place past
+    the vocabulary in the last chunk) is never drawn."""
+    from lmforge.serve.sampler import invert
+
+    n = 40_000
+    probs = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.31, 0.02, 0.0, 0.17, 0.005, 0.12, 0.3, 0.045, 0.03])
+    logits = probs.log()[None].expand(n, -1)
+    pick, ok = invert(logits, uniforms(row_keys(torch.full((n,), 3), torch.arange(n))), chunk=chunk)
+    counts = torch.bincount(pick, minlength=13).double()
+    assert bool(ok.all()) and counts.sum() == n and counts[probs == 0].sum() == 0
+    live = probs > 0
+    expected = n * probs.double()[live]
+    chi2 = float(((counts[live] - expected) ** 2 / expected).sum())
+    assert chi2 < _chi2_critical(int(live.sum()) - 1), chi2
+    # the same uniforms through one scan over the vocabulary: the same tokens here (no target near a boundary)
+    assert torch.equal(pick, _one_scan(logits, uniforms(row_keys(torch.full((n,), 3), torch.arange(n))))[0])
+
+
+@pytest.mark.parametrize("V, chunk", [(3001, None), (3000, 100)])  # a prime vocabulary: a shorter last chunk
+def test_the_two_level_draw_is_the_inverse_of_the_float64_distribution(V, chunk):
+    """Rows of random logits, half of them top-k and min-p filtered: each pick equals a float64 scan's at the same
+    uniform, but where that uniform lies within 1e-5 of the boundary between the two picks; a pick never has zero
+    probability."""
+    from lmforge.serve.sampler import draw_chunk, invert
+
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    logits = torch.randn(n, V, generator=g) * 3
+    half = [SamplingParams(temperature=0.7, top_k=200, min_p=0.01)] * (n // 2)
+    logits[: n // 2] = filter_rows(logits[: n // 2], *filter_settings(half, V, "cpu"))
+    u = uniforms(row_keys(torch.full((n,), 5), torch.arange(n)))
+    pick, ok = invert(logits, u, chunk=chunk)
+    assert bool(ok.all())
+    assert chunk is not None or V % draw_chunk(V)  # the default chunk leaves a shorter last one here
+    p64 = logits.double().softmax(-1)
+    cdf = p64.cumsum(-1)
+    want = torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:])[:, 0]
+    assert bool((p64.gather(1, pick[:, None]) > 0).all())
+    differ = (pick != want).nonzero()[:, 0]
+    for r in differ.tolist():  # the target sits on the boundary between the two tokens
+        edge = cdf[r, min(int(pick[r]), int(want[r]))]
+        assert abs(float(u[r]) * float(cdf[r, -1]) - float(edge)) < 1e-5, r
+    assert len(differ) <= n // 100
+
+
+def test_the_two_level_draw_flags_rows_as_the_one_scan_did():
+    """Every token filtered, a NaN logit, an unclamped +inf logit: not finite (as one scan over the vocabulary
+    flagged them), the picks valid indices. next_tokens filters first (filter_rows clamps, as before): the +inf
+    logit is drawn, -inf logits sit at the floor (a row of them all is drawn, not flagged), a NaN row gives -1."""
+    from lmforge.serve.request import Sequence
+    from lmforge.serve.sampler import RowSampling, invert, next_tokens
+
+    V = 11
+    rows = torch.randn(5, V, generator=torch.Generator().manual_seed(1))
+    rows[0] = float("-inf")
+    rows[1, 7] = float("nan")
+    rows[2, 9] = float("inf")
+    rows[3, :6] = float("-inf")  # a whole first chunk filtered
+    u = torch.tensor([0.5, 0.5, 0.5, 0.999, 1e-7])
+    for chunk in (3, 4, None):
+        pick, ok = invert(rows, u, chunk=chunk)
+        assert ok.tolist() == _one_scan(rows, u)[1].tolist() == [False, False, False, True, True]
+        assert bool(((pick >= 0) & (pick < V)).all()) and int(pick[3]) >= 6
+        assert pick[3:].tolist() == _one_scan(rows, u)[0][3:].tolist()
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(max_tokens=4, temperature=1.0, seed=i), torch.device("cpu"), 9)
+            for i in range(5)]
+    got = next_tokens(rows, rows.nan_to_num().argmax(-1), RowSampling.build(seqs, V, "cpu"))
+    assert got[1:3].tolist() == [-1, 9] and 0 <= int(got[0]) < V and int(got[3]) >= 6
+
+
+def test_a_sampled_step_at_temperature_one_scans_no_vocabulary_wide_row():
+    """A chained step's draw (every row at temperature 1, no filter: a GRPO rollout's) runs no scan over a whole
+    row and no division by the temperature: the only whole-row passes are the clamp, the softmax and the chunk
+    sums (each a kernel over the batch's logits on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmforge.serve.request import Sequence
+    from lmforge.serve.sampler import RowSampling, next_tokens
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((func.__name__.split(".")[0], args[0].shape if torch.is_tensor(args[0]) else None))
+            return func(*args, **(kwargs or {}))
+
+    n, V = 4, 3000
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(2))
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(max_tokens=4, temperature=1.0, seed=i), torch.device("cpu"), 9)
+            for i in range(n)]
+    sampling = RowSampling.build(seqs, V, "cpu")
+    sampling.uniforms()  # the window of uniforms (once per 64 steps)
+    greedy = logits.argmax(-1)
+    with Record() as rec:
+        next_tokens(logits, greedy, sampling)
+    scans = [shape for name, shape in rec.ops if name.startswith("cumsum")]
+    assert scans and all(shape[-1] < V for shape in scans)
+    views = ("alias", "slice", "view", "select", "unsqueeze")
+    whole = [name for name, shape in rec.ops if shape == (n, V) and name not in views + ("gather",)]
+    assert sorted(whole) == ["_softmax", "clamp"] and not any(name.startswith("div") for name, _ in rec.ops)

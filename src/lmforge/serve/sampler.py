@@ -22,6 +22,7 @@ fails that request alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence as Seq
 
 import torch
@@ -73,9 +74,11 @@ def process_logits(logits: torch.Tensor, params: Seq[SamplingParams], histories:
 
 
 def filter_settings(params: Seq[SamplingParams], V: int, device) -> tuple:
-    """The per-row tensors :func:`filter_rows` takes for sampled rows with ``params``: temperature (s, 1), top-k
-    (s, 1) or None when no row filters by it, top-p (s, 1) or None, min-p (s, 1) or None."""
-    temp = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    """The per-row tensors :func:`filter_rows` takes for sampled rows with ``params``: temperature (s, 1) or None
+    when every row's is 1 (a division by 1 changes nothing: one pass over the logits less), top-k (s, 1) or None
+    when no row filters by it, top-p (s, 1) or None, min-p (s, 1) or None."""
+    temp = torch.tensor([p.temperature for p in params], device=device)[:, None] \
+        if any(p.temperature != 1.0 for p in params) else None
     top_k = [p.top_k if p.top_k and p.top_k < V else V for p in params]
     top_k = torch.tensor(top_k, device=device)[:, None] if min(top_k) < V else None
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None] if any(p.top_p < 1 for p in params) \
@@ -85,12 +88,13 @@ def filter_settings(params: Seq[SamplingParams], V: int, device) -> tuple:
     return temp, top_k, top_p, min_p
 
 
-def filter_rows(rows: torch.Tensor, temp: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+def filter_rows(rows: torch.Tensor, temp: Optional[torch.Tensor], top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
                 min_p: Optional[torch.Tensor]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on sampled rows (s, V) fp32 (settings from :func:`filter_settings`),
     all on the device (no host value read): the one implementation of both the host-read sampler and the device
     draws, so a row is filtered alike whichever draws it."""
-    rows = (rows / temp).clamp(-LOGIT_LIMIT / MIN_TEMPERATURE, LOGIT_LIMIT / MIN_TEMPERATURE)
+    limit = LOGIT_LIMIT / MIN_TEMPERATURE
+    rows = (rows / temp).clamp_(-limit, limit) if temp is not None else rows.clamp(-limit, limit)
     if top_k is not None:
         sorted_desc = rows.sort(dim=-1, descending=True).values
         kth = sorted_desc.gather(-1, top_k - 1)  # (s, 1)
@@ -137,20 +141,89 @@ def uniforms(keys: torch.Tensor) -> torch.Tensor:
     return ((x >> 8) & 0xFFFFFF).float().add_(0.5).mul_(2.0 ** -24)
 
 
+#: Tokens per chunk of the two-level draw (:func:`invert`), about: the vocabulary is cut into chunks of about this
+#: many tokens (:func:`draw_chunk`), each chunk's probability summed (one reduction over the batch, spread over the
+#: whole device), then only the chosen chunk is scanned.
+DRAW_CHUNK = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def draw_chunk(V: int) -> int:
+    """The chunk size of :func:`invert` for a vocabulary of ``V`` tokens: the divisor of ``V`` nearest
+    :data:`DRAW_CHUNK` between half and twice it (the chunks then tile the vocabulary: no shorter last chunk to
+    sum and mask apart; 1,002 for Llama 3's 128,256), else :data:`DRAW_CHUNK`; ``V`` when smaller."""
+    if V <= DRAW_CHUNK:
+        return V
+    for d in range(DRAW_CHUNK):
+        for c in (DRAW_CHUNK + d, DRAW_CHUNK - d):
+            if DRAW_CHUNK // 2 <= c <= 2 * DRAW_CHUNK and V % c == 0:
+                return c
+    return DRAW_CHUNK
+
+
+@functools.lru_cache(maxsize=None)
+def _offsets(C: int, device: torch.device) -> torch.Tensor:
+    """(C,) 0..C-1 on ``device``: the places in a chunk (made once, not a kernel every draw)."""
+    return torch.arange(C, device=device)
+
+
 def draw(processed: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's token from its filtered logits (n, V) by the inverse of its distribution function: the first
     token whose cumulative probability reaches the row's uniform (:func:`uniforms`), which picks token ``i`` with
-    probability ``p_i``; and whether the row's distribution is finite (n,) bool. Row by row, on the device: one
-    softmax, one cumulative sum, one binary search (no vocabulary-wide noise)."""
+    probability ``p_i``; and whether the row's distribution is finite (n,) bool. Row by row, on the device (no
+    vocabulary-wide noise, no scan over the whole vocabulary: :func:`invert`)."""
     return invert(processed, uniforms(keys))
 
 
-def invert(processed: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`draw` at given uniforms ``u`` (n,) fp32 (:func:`uniforms` of the rows' keys)."""
-    cdf = processed.softmax(-1).cumsum(-1)
-    total = cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u[:, None] * total)[:, 0]
-    return pick.clamp_(max=processed.shape[-1] - 1), torch.isfinite(total[:, 0])
+def invert(processed: torch.Tensor, u: torch.Tensor, chunk: Optional[int] = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw` at given uniforms ``u`` (n,) fp32 (:func:`uniforms` of the rows' keys): the picks (n,) int64
+    and whether each row is finite (n,) bool. ``chunk``: tokens per chunk (default :func:`draw_chunk`)."""
+    pick, total = _invert(processed, u, chunk)
+    return pick, total == total
+
+
+def _invert(processed: torch.Tensor, u: torch.Tensor, chunk: Optional[int] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`invert`'s picks and each row's total probability (n,) (NaN for a row that is not finite), in two
+    levels.
+
+    The probabilities (one softmax) are cut into chunks of ``chunk`` tokens (the last chunk shorter when ``chunk``
+    does not divide the vocabulary). Each chunk's mass is summed (a reduction), the few chunk masses are scanned,
+    and the row's target ``u * total`` finds its chunk by a binary search; then only that chunk's probabilities
+    are gathered and scanned, and the target less the mass of the chunks before finds the token. This is the
+    inverse of the distribution function, as one scan over the whole vocabulary was (a token of zero probability,
+    filtered or beyond the vocabulary, is never picked), but the sums are added in another order, so a target
+    within rounding of a boundary between two tokens may pick the other one (a float64 scan agrees but within
+    ~1e-6 of a boundary). Why: on a GPU the scan over a 128k vocabulary was one slow kernel (0.2 ms a step for 64
+    rows on an H100, session 10); the reduction reads the probabilities once at full bandwidth.
+
+    Rows that are not finite are flagged as before: a NaN logit, a +inf one (unclamped) or every token filtered
+    gives NaN probabilities (softmax) and a NaN total; their pick is some valid index.
+    """
+    n, V = processed.shape
+    C = min(chunk or draw_chunk(V), V)
+    full = V - V % C  # tokens in whole chunks
+    probs = processed.softmax(-1)
+    sums = probs[:, :full].view(n, full // C, C).sum(-1)  # (n, k) each chunk's mass
+    if full < V:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], 1)
+    k = sums.shape[1]
+    before = F.pad(sums, (1, 0)).cumsum_(-1)  # (n, k + 1): mass of the chunks before each chunk; the total last
+    total = before[:, -1:]
+    target = u[:, None] * total  # in (0, total]: u > 0, total >= 1 when finite
+    j = torch.searchsorted(before, target).sub_(1).clamp_(0, k - 1)  # (n, 1): before[j] < target <= before[j + 1]
+    idx = torch.add(_offsets(C, probs.device), j, alpha=C)  # (n, C) the chunk's tokens
+    if full < V:  # the last chunk is shorter: its places beyond the vocabulary weigh 0
+        vals = probs.gather(1, idx.clamp(max=V - 1)).masked_fill_(idx >= V, 0.0)
+    else:
+        vals = probs.gather(1, idx)
+    inner = vals.cumsum_(-1)
+    # the target within the chunk: > 0 (before[j] < target, exactly) and at most the chunk's scanned mass (its
+    # reduction may round above it), so the token found has a positive probability
+    rest = torch.minimum(target - before.gather(1, j), inner[:, -1:])
+    pick = torch.add(torch.searchsorted(inner, rest), j, alpha=C)[:, 0]
+    return pick.clamp_(max=V - 1), total[:, 0]
 
 
 class RowSampling:
@@ -206,11 +279,11 @@ def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[R
         return greedy
     if sampling.dense:  # rows 0..s-1 sample; rows after them (the graph's padding) keep their argmax
         s = sampling.seeds.shape[0]
-        pick, ok = invert(filter_rows(logits[:s].float(), *sampling.settings), sampling.uniforms())
-        drawn = torch.where(ok, pick, -1)
+        pick, total = _invert(filter_rows(logits[:s].float(), *sampling.settings), sampling.uniforms())
+        drawn = pick.masked_fill_(total.isnan(), -1)
         return drawn if s == greedy.shape[0] else torch.cat([drawn, greedy[s:]])
-    pick, ok = invert(filter_rows(logits[sampling.idx].float(), *sampling.settings), sampling.uniforms())
-    return greedy.clone().index_copy_(0, sampling.idx, torch.where(ok, pick, torch.full_like(pick, -1)))
+    pick, total = _invert(filter_rows(logits[sampling.idx].float(), *sampling.settings), sampling.uniforms())
+    return greedy.clone().index_copy_(0, sampling.idx, pick.masked_fill_(total.isnan(), -1))
 
 
 

@@ -1,0 +1,76 @@
+"""Time of a sampled decode step's draw alone: :func:`lmforge.serve.sampler.next_tokens` on (rows, vocabulary) fp32
+logits, every row sampling at temperature 1 with no top-k/top-p/min-p (a GRPO rollout's chained step), and the
+tensor operations it runs (each a kernel launch on a GPU). Run by hand; the tests run it on a small size.
+
+    PYTHONPATH=src python benchmarks/sampled_draw.py                      # CPU, 64 x 128,256 (the 1B rollout's)
+    PYTHONPATH=src python benchmarks/sampled_draw.py --device cuda        # the GPU's time (synchronized)
+
+Prints one JSON line: milliseconds per draw (median and least of ``--repeats`` timed draws after ``--warmup``: a
+shared machine is noisy), the tensor operations per draw (views included), the device and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmforge.serve.request import SamplingParams, Sequence
+from lmforge.serve.sampler import RowSampling, next_tokens
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    logits = torch.randn(a.rows, a.vocab, generator=torch.Generator().manual_seed(0)).mul_(3).to(dev)
+    params = SamplingParams(max_tokens=256, temperature=1.0, seed=0)
+    seqs = [Sequence(f"r{i}", [1], params, dev, 512) for i in range(a.rows)]
+    for i, s in enumerate(seqs):
+        s.seed = i
+    sampling = RowSampling.build(seqs, a.vocab, dev)
+    greedy = logits.argmax(-1)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(a.warmup):
+        next_tokens(logits, greedy, sampling)
+    sync()
+    sampling.uniforms()  # the window of uniforms is computed once per 64 steps: not part of a step's draw
+    counter = _CountOps()
+    with counter:
+        next_tokens(logits, greedy, sampling)
+    times = []
+    for _ in range(a.repeats):
+        sync()
+        t = time.perf_counter()
+        next_tokens(logits, greedy, sampling)
+        sync()
+        times.append(time.perf_counter() - t)
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+              "rows": a.rows, "vocab": a.vocab, "threads": torch.get_num_threads(),
+              "ms_per_draw_median": round(1000 * statistics.median(times), 3),
+              "ms_per_draw_min": round(1000 * min(times), 3), "ops_per_draw": counter.ops}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
