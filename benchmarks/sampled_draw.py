@@ -4,6 +4,12 @@ tensor operations it runs (each a kernel launch on a GPU). Run by hand; the test
 
     PYTHONPATH=src python benchmarks/sampled_draw.py                      # CPU, 64 x 128,256 (the 1B rollout's)
     PYTHONPATH=src python benchmarks/sampled_draw.py --device cuda        # the GPU's time (synchronized)
+    PYTHONPATH=src python benchmarks/sampled_draw.py --agreement 20       # + picks unlike other scans', 20 batches
+
+``--agreement N`` also draws ``N`` batches of random logits (standard normal x 2) with the two-level draw
+(:func:`lmforge.serve.sampler.invert`), with one float32 scan over the whole vocabulary (the draw before it) and
+with a float64 scan, at the same uniforms, and counts the picks that differ (a uniform within float32 rounding of
+a boundary between two tokens).
 
 Prints one JSON line: milliseconds per draw (median and least of ``--repeats`` timed draws after ``--warmup``: a
 shared machine is noisy), the tensor operations per draw (views included), the device and torch version.
@@ -20,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.serve.request import SamplingParams, Sequence
-from lmforge.serve.sampler import RowSampling, next_tokens
+from lmforge.serve.sampler import RowSampling, invert, next_tokens, row_keys, uniforms
 
 
 class _CountOps(TorchDispatchMode):
@@ -33,6 +39,27 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def one_scan(processed: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The draw before the two levels: one scan over the whole vocabulary (in ``processed``'s dtype)."""
+    cdf = processed.softmax(-1).cumsum(-1)
+    return torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * cdf[:, -1:])[:, 0].clamp_(max=cdf.shape[-1] - 1)
+
+
+def agreement(rows: int, vocab: int, batches: int, dev: torch.device) -> dict:
+    """Picks of the two-level draw unlike one float32 scan's and a float64 scan's, over ``batches`` batches."""
+    g = torch.Generator().manual_seed(1)
+    out = {"draws": 0, "two_level_vs_one_scan": 0, "two_level_vs_float64": 0, "one_scan_vs_float64": 0}
+    for b in range(batches):
+        x = (torch.randn(rows, vocab, generator=g) * 2).to(dev)
+        u = uniforms(row_keys(torch.arange(rows, device=dev), torch.full((rows,), b, device=dev)))
+        two, one, f64 = invert(x, u)[0], one_scan(x, u), one_scan(x.double(), u)
+        out["draws"] += rows
+        out["two_level_vs_one_scan"] += int((two != one).sum())
+        out["two_level_vs_float64"] += int((two != f64).sum())
+        out["one_scan_vs_float64"] += int((one != f64).sum())
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=64)
@@ -40,7 +67,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--agreement", type=int, default=0, metavar="N", help="batches compared with other scans")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     logits = torch.randn(a.rows, a.vocab, generator=torch.Generator().manual_seed(0)).mul_(3).to(dev)
     params = SamplingParams(max_tokens=256, temperature=1.0, seed=0)
@@ -68,6 +99,8 @@ def main(argv=None) -> dict:
               "rows": a.rows, "vocab": a.vocab, "threads": torch.get_num_threads(),
               "ms_per_draw_median": round(1000 * statistics.median(times), 3),
               "ms_per_draw_min": round(1000 * min(times), 3), "ops_per_draw": counter.ops}
+    if a.agreement:
+        result["agreement"] = agreement(a.rows, a.vocab, a.agreement, dev)
     print(json.dumps(result))
     return result
 

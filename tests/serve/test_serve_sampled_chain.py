@@ -350,3 +350,18 @@ def test_a_sampled_step_at_temperature_one_scans_no_vocabulary_wide_row():
     views = ("alias", "slice", "view", "select", "unsqueeze")
     whole = [name for name, shape in rec.ops if shape == (n, V) and name not in views + ("gather",)]
     assert sorted(whole) == ["_softmax", "clamp"] and not any(name.startswith("div") for name, _ in rec.ops)
+
+
+def test_the_draw_benchmark_runs():
+    """benchmarks/sampled_draw.py (run by hand at 64 x 128,256) on a small size: its time, operations and the
+    agreement counts with the one-scan and float64 draws."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sampled_draw.py"
+    spec = importlib.util.spec_from_file_location("sampled_draw", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--rows", "4", "--vocab", "2003", "--repeats", "2", "--warmup", "1", "--agreement", "2"])
+    assert out["ms_per_draw_min"] > 0 and out["ops_per_draw"] > 0 and out["agreement"]["draws"] == 8
+    assert 0 <= out["agreement"]["two_level_vs_float64"] <= 8

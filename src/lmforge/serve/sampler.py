@@ -2,8 +2,9 @@
 
 :func:`process_logits` applies penalties, temperature, top-k, top-p and min-p to every row at once (each row
 its own values); :class:`Sampler` then draws each sampled row's token by inverting its distribution function at
-a uniform (:func:`draw`: the first token whose cumulative probability reaches it), so one cumulative sum, one
-binary search over the batch and one read to the host give every row's token: no per-row host round trip.
+a uniform (:func:`draw`: the first token whose cumulative probability reaches it), in two levels (:func:`invert`:
+the masses of chunks of ~1,000 tokens, then a scan inside the one chunk chosen), so a few batched operations and
+one read to the host give every row's token: no per-row host round trip, no scan over the whole vocabulary.
 Greedy rows take the argmax. Log-probabilities (of the model's raw distribution) are gathered in the same pass.
 
 The uniforms are counter-based (:func:`row_keys`, :func:`uniforms`): the one of the ``k``-th generated token of
@@ -13,7 +14,10 @@ draws them (after a preemption too), and a step can draw them with no host state
 sample plainly (temperature, top-k, top-p, min-p; no penalties, no log-probabilities) draws its tokens on the
 device (:class:`RowSampling`, :func:`next_tokens`) and the engine feeds them to the next step without reading
 them first, as it does greedy steps. (Before, each request drew an exponential race from its own
-``torch.Generator``: same seed, same tokens still holds, but a seed gives other tokens than it did then.)
+``torch.Generator``: same seed, same tokens still holds, but a seed gives other tokens than it did then. Since the
+two-level draw replaced one scan over the vocabulary, a seed's token may also differ from the one-scan draw's
+where its uniform lay within float32 rounding of a boundary between two tokens: a few draws in a thousand at a
+128k vocabulary.)
 
 Extreme values cannot overflow: penalised and tempered logits are clamped (``LOGIT_LIMIT``), temperatures below
 ``MIN_TEMPERATURE`` are greedy, and a row whose distribution is not finite (NaN logits from broken weights)
@@ -88,8 +92,8 @@ def filter_settings(params: Seq[SamplingParams], V: int, device) -> tuple:
     return temp, top_k, top_p, min_p
 
 
-def filter_rows(rows: torch.Tensor, temp: Optional[torch.Tensor], top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
-                min_p: Optional[torch.Tensor]) -> torch.Tensor:
+def filter_rows(rows: torch.Tensor, temp: Optional[torch.Tensor], top_k: Optional[torch.Tensor],
+                top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on sampled rows (s, V) fp32 (settings from :func:`filter_settings`),
     all on the device (no host value read): the one implementation of both the host-read sampler and the device
     draws, so a row is filtered alike whichever draws it."""
