@@ -215,7 +215,7 @@ def _invert(processed: torch.Tensor, u: torch.Tensor, chunk: Optional[int] = Non
     k = sums.shape[1]
     before = F.pad(sums, (1, 0)).cumsum_(-1)  # (n, k + 1): mass of the chunks before each chunk; the total last
     total = before[:, -1:]
-    target = u[:, None] * total  # in (0, total]: u > 0, total >= 1 when finite
+    target = u[:, None] * total  # in (0, total]: u > 0, total about 1 when finite
     j = torch.searchsorted(before, target).sub_(1).clamp_(0, k - 1)  # (n, 1): before[j] < target <= before[j + 1]
     idx = torch.add(_offsets(C, probs.device), j, alpha=C)  # (n, C) the chunk's tokens
     if full < V:  # the last chunk is shorter: its places beyond the vocabulary weigh 0
