@@ -15,7 +15,9 @@ Switches (every case of a call runs with them):
     --fused / --no-fused            q/k/v and gate/up as one base matmul and one ``x @ [A_q; A_k; A_v]`` each
                                     (set_joint_projections; default on, as fine-tuning does)
     --master-cast / --no-master-cast  LoRA weights cast to bf16 at use (default) / the input cast to fp32 (peft's way)
-    --chunked-loss N                head + cross-entropy over N-token chunks (0: off, the default at a 32k vocabulary)
+    --chunked-loss N                head + cross-entropy over N-token chunks (0: off); default: the training
+                                    default (resolve_loss_chunk_size): off at a 32k vocabulary without
+                                    checkpointing, 2048 with it (gc, gclora and the sac* probes)
     --compile                       torch.compile each block (LoRA inside), and the loss
     --kept-report                   after the timed steps, one more step that records what the forward leaves
                                     alive for backward: the allocated bytes and the largest kept outputs by
@@ -39,6 +41,7 @@ import gc
 import json
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -47,6 +50,7 @@ from lmforge.models.transformer import set_joint_projections
 from lmforge.parallel.transforms import apply_activation_checkpointing, apply_compile
 from lmforge.peft import LoRAConfig, apply_peft
 from lmforge.peft.lora import LoRALinear
+from lmforge.train.assembly import resolve_loss_chunk_size
 from lmforge.train.objectives import CausalLMLoss
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=32,
@@ -136,10 +140,12 @@ def kept_report(model, objective, x) -> dict:
 
 
 def bench(grad_ckpt, seq: int, mbs: int, steps: int, warm: int, compile_loss: bool, fused: bool = True,
-          master_cast: bool = True, chunk: int = 0, compile_blocks: bool = False, report: bool = False) -> dict:
+          master_cast: bool = True, chunk: Optional[int] = None, compile_blocks: bool = False,
+          report: bool = False) -> dict:
     LoRALinear.master_cast = master_cast
     start = torch.cuda.memory_allocated()  # what an earlier case left behind: 0 when each case frees its model
     cfg = ModelConfig(**LLAMA2_7B)
+    chunk = resolve_loss_chunk_size(chunk, cfg, checkpointing=bool(grad_ckpt))  # as build_training does
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -212,7 +218,8 @@ def main() -> None:
                     help="joint q/k/v and gate/up (one base matmul, one x @ A)")
     ap.add_argument("--master-cast", action=argparse.BooleanOptionalAction, default=True,
                     help="LoRA weights cast to the compute dtype at use (else the input to fp32)")
-    ap.add_argument("--chunked-loss", type=int, default=0, metavar="TOKENS", help="loss over token chunks (0: off)")
+    ap.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS",
+                    help="loss over token chunks (0: off; default: as training resolves it)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block and the loss")
     ap.add_argument("--kept-report", action="store_true",
                     help="one more step recording what the forward keeps for backward (bytes, largest outputs by op)")

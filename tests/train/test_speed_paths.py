@@ -129,6 +129,38 @@ def test_loss_chunk_size_auto():
     assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=32000)) == 0
     assert resolve_loss_chunk_size(0, ModelConfig(vocab_size=128256)) == 0
     assert resolve_loss_chunk_size(512, ModelConfig(vocab_size=100)) == 512
+    # activation checkpointing: smaller vocabularies chunked too, ~0.25 GiB of fp32 logits a chunk; a setting wins
+    assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=32000), checkpointing=True) == 2048
+    assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=50257), checkpointing=True) == 1280
+    assert resolve_loss_chunk_size(None, ModelConfig(vocab_size=128256), checkpointing=True) == 2048
+    assert resolve_loss_chunk_size(0, ModelConfig(vocab_size=32000), checkpointing=True) == 0
+
+
+def test_activation_checkpointing_chunks_the_loss_of_the_built_training(tmp_path):
+    """build_training resolves the objective's chunk with the job's checkpointing: a 97-token vocabulary is chunked
+    when activation checkpointing is on, not when it is off or the job sets 0; an objective that is no per-token NLL
+    (alignment's preference and RL losses, with their own chunked paths) is left to the vocabulary rule."""
+    from lmforge.parallel.dims import ParallelDims
+    from lmforge.parallel.runtime import Runtime
+    from lmforge.train.assembly import OptimSpec, TrainJob, build_training
+    from lmforge.train.loop import LoopSettings
+    from lmforge.train.objectives import CausalLMLoss
+
+    class NotNLL(CausalLMLoss):
+        token_nll = False
+
+    def chunk(name, objective_fn=None, **job):
+        job = TrainJob(out=tmp_path / name, dims=ParallelDims(1), optim=OptimSpec(), **job,
+                       loop=LoopSettings(max_steps=1, micro_batch_size=1, global_batch_size=1, accumulate=1))
+        training = build_training(job, tiny(), Runtime(device=torch.device("cpu")), console_log=lambda s: None,
+                                  objective_fn=objective_fn)
+        return training.trainer.objective.loss_chunk_size
+
+    full = dict(activations_checkpoint=dict(granularity="full", method=None, num_layers=None))
+    assert chunk("on", **full) == (2**26 // 97 + 128) // 256 * 256
+    assert chunk("off") == 0
+    assert chunk("zero", loss_chunk_size=0, **full) == 0
+    assert chunk("not_nll", NotNLL, **full) == 0
 
 
 def lora_model(**kw):

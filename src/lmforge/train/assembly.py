@@ -105,7 +105,7 @@ class TrainJob:
     activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
     compile: bool = False
     joint_projections: bool = True  # q/k/v and gate/up as one matmul each (set_joint_projections; not under TP)
-    loss_chunk_size: Optional[int] = None  # head + cross-entropy over token chunks; None: auto_loss_chunk_size, 0: off
+    loss_chunk_size: Optional[int] = None  # head + cross-entropy in token chunks; None: resolve_loss_chunk_size, 0: off
     fp8: Optional[str] = None  # torchao float8 block projections with this recipe (fp8.RECIPES); None: off
     sequence_parallel: bool = False  # with tensor parallelism: the residual stream split along the sequence
     virtual_pipeline: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B when above 1)
@@ -304,7 +304,11 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         raise ConfigError(f"monitor=val_ppl: the {type(objective).__name__} objective's loss is not a per-token "
                           f"negative log-likelihood, so it has no perplexity; monitor val_loss")
     if dims.tp == 1 and hasattr(objective, "loss_chunk_size"):  # TP: the loss on vocabulary-sharded logits instead
-        objective.loss_chunk_size = resolve_loss_chunk_size(job.loss_chunk_size, getattr(base, "cfg", None))
+        # activation checkpointing chunks smaller vocabularies too: the causal LM loss (pretraining, SFT, PEFT);
+        # the alignment objectives' own chunked paths keep the vocabulary rule alone
+        checkpointing = bool(job.activations_checkpoint) and bool(getattr(objective, "token_nll", False))
+        objective.loss_chunk_size = resolve_loss_chunk_size(job.loss_chunk_size, getattr(base, "cfg", None),
+                                                            checkpointing=checkpointing)
     if dims.tp > 1:  # 3. tensor parallelism (the head's loss on vocabulary-sharded logits)
         from lmforge.parallel.tensor import apply_tensor_parallel, sharded_cross_entropy
 
@@ -446,16 +450,26 @@ def _materialize(model: nn.Module, part: nn.Module, device, seed: int) -> None:
     model.init_weights(seed=seed)
 
 
-def resolve_loss_chunk_size(setting: Optional[int], cfg) -> int:
+def resolve_loss_chunk_size(setting: Optional[int], cfg, checkpointing: bool = False) -> int:
     """Tokens per chunk of the fused head + cross-entropy: ``setting`` when given (0: whole batch), else automatic:
     on for vocabularies of 65,536 and more (Llama 3, Gemma), with chunks whose fp32 logits take about 1 GiB
-    (2,048 tokens at 128k), off below (a 32k vocabulary's logits are small beside the activations)."""
+    (2,048 tokens at 128k); below that off, unless activation checkpointing is on (``checkpointing``), then chunks
+    of about 0.25 GiB of fp32 logits (2,048 tokens at a 32k vocabulary).
+
+    Why checkpointing turns it on: without it a 32k vocabulary's logits are small beside the activations (Llama-2-7B,
+    seq 2048, micro-batch 2: 0.5 GiB of fp32 logits against some 22 GiB of kept activations), but checkpointing keeps
+    about one hidden state per block (1 GiB over 32 blocks there), so the whole batch's logits, their fp32 copy and
+    their gradient become a large part of the step's peak. Chunked, the loss and its gradients are computed chunk by
+    chunk in the forward pass and only the hidden states' gradient stays for backward. Same loss and gradients (to
+    fp32 rounding; on CPU no slower)."""
     if setting is not None:
         return int(setting)
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
-    if vocab < 65536:
-        return 0
-    return max(256, (2**28 // vocab) // 256 * 256)
+    if vocab >= 65536:
+        return max(256, (2**28 // vocab) // 256 * 256)
+    if checkpointing and vocab > 0:
+        return max(256, (2**26 // vocab + 128) // 256 * 256)
+    return 0
 
 
 def _check_job(job: TrainJob, rt: Runtime) -> None:
