@@ -199,7 +199,7 @@ def _invert(processed: torch.Tensor, u: torch.Tensor, chunk: Optional[int] = Non
     inverse of the distribution function, as one scan over the whole vocabulary was (a token of zero probability,
     filtered or beyond the vocabulary, is never picked), but the sums are added in another order, so a target
     within rounding of a boundary between two tokens may pick the other one (a float64 scan agrees but within
-    ~1e-6 of a boundary). Why: on a GPU the scan over a 128k vocabulary was one slow kernel (0.2 ms a step for 64
+    float32 rounding of a boundary). Why: on a GPU the scan over a 128k vocabulary was one slow kernel (0.2 ms a step for 64
     rows on an H100, session 10); the reduction reads the probabilities once at full bandwidth.
 
     Rows that are not finite are flagged as before: a NaN logit, a +inf one (unclamped) or every token filtered
