@@ -236,6 +236,41 @@ def test_recomputations(kind, name):
     assert counts["core"] == [1 + r for r in cores]
 
 
+@pytest.mark.parametrize("method", ["uniform", "block"])
+def test_selective_takes_a_method_and_ignores_it_as_megatron_core_does(method):
+    """Megatron-core (NeMo's mcore_gpt models) accepts a method beside ``selective`` and ignores it (NeMo Launcher's
+    rlhf_ppo/gpt3/2b_ppo.yaml sets selective with uniform); it refuses a number of layers (test_invalid_settings)."""
+    model = apply_activation_checkpointing(make_model(make_cfg()), "selective", method)
+    assert model._activation_checkpointing == ("selective", None, None)
+    m = load_config("tiny/llama", ["model.activations_checkpoint_granularity=selective",
+                                   f"model.activations_checkpoint_method={method}"]).model
+    assert (m.activations_checkpoint_granularity, m.activations_checkpoint_method) == ("selective", method)
+
+
+@pytest.mark.parametrize("name", ["full/uniform/2", "full/uniform/3", "full/block/2", "selective"])
+def test_without_autograd_every_block_runs_plainly_on_its_own(name, monkeypatch):
+    """Rollouts and serving run a checkpointed model without autograd, at times in pieces that split a chunk (the
+    compiled decode step runs its blocks in graph chunks and hands a copy of the hidden state on): every block runs
+    its own forward once, outside torch.utils.checkpoint, and the result is the plain model's. (Before, a chunk's
+    first block ran the whole chunk, and its other blocks, handed a copy, ran a second time.)"""
+    from lmforge.parallel import transforms
+
+    base = make_model(make_cfg())
+    model = copy.deepcopy(base)
+    counts = count_calls(model)
+    apply_activation_checkpointing(model, *SETTINGS[name])
+    calls = []
+    real = transforms.checkpoint
+    monkeypatch.setattr(transforms, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h = ref = torch.randn(B, 8, C, generator=torch.Generator().manual_seed(3))
+    rope = (base.rope_cos[:8], base.rope_sin[:8])
+    with torch.no_grad():
+        for mine, plain in zip(model.layers, base.layers):
+            h, ref = mine(h.clone(), rope), plain(ref, rope)
+    assert torch.allclose(h, ref, atol=1e-6)
+    assert calls == [] and counts == {"block": [1] * L, "core": [1] * L}
+
+
 def test_no_arguments_is_full_uniform_one():
     base = make_model(make_cfg())
     model = copy.deepcopy(base)
@@ -253,7 +288,7 @@ def test_no_arguments_is_full_uniform_one():
     (dict(method="block", num_layers=5), "activations_checkpoint_num_layers=5", "num_layers=4"),
     (dict(method="unifrom"), "activations_checkpoint_method='unifrom'", "method=uniform"),
     (dict(granularity="partial"), "activations_checkpoint_granularity='partial'", "full"),
-    (dict(granularity="selective", method="uniform"), "activations_checkpoint_method=uniform", "null"),
+    (dict(granularity="selective", method="unifrom"), "activations_checkpoint_method='unifrom'", "method=uniform"),
     (dict(granularity="selective", num_layers=2), "activations_checkpoint_num_layers=2", "null"),
     (dict(granularity=None, method="block"), "activations_checkpoint_method=block", "full"),
 ])
@@ -282,8 +317,6 @@ def test_config_keys():
 @pytest.mark.parametrize("overrides, key", [
     (["model.activations_checkpoint_method=uniform"], "model.activations_checkpoint_method=uniform"),
     (["model.activations_checkpoint_num_layers=2"], "model.activations_checkpoint_num_layers=2"),
-    (["model.activations_checkpoint_granularity=selective", "model.activations_checkpoint_method=uniform"],
-     "model.activations_checkpoint_method=uniform"),
     (["model.activations_checkpoint_granularity=selective", "model.activations_checkpoint_num_layers=1"],
      "model.activations_checkpoint_num_layers=1"),
     (["model.activations_checkpoint_granularity=full", "model.activations_checkpoint_num_layers=0"],

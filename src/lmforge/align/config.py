@@ -93,7 +93,10 @@ class AlignConfig:
     global_batch_size: int = 8  # examples (pairs) per optimizer step over all processes
     seed: int = 1234
     base_dtype: str = "float32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Optional[bool] = None  # true: activations_checkpoint_granularity=full; false: off
+    activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning) | lora
+    activations_checkpoint_method: Optional[str] = None  # None (uniform) | uniform | block
+    activations_checkpoint_num_layers: Optional[int] = None  # None: 1
     compile: bool = False  # torch.compile each block and the preference head's chunks (offline methods)
     fsdp: bool = False
     fsdp_sharding_strategy: str = "full"
@@ -122,6 +125,25 @@ class AlignConfig:
         if self.align.shared_prompt is None:
             return self.peft.method != "ptuning"
         return bool(self.align.shared_prompt)
+
+    @property
+    def activations_checkpoint(self) -> Optional[dict]:
+        """The policy's activation checkpointing as :func:`~lmforge.parallel.transforms.apply_activation_checkpointing`
+        takes it (``{granularity, method, num_layers}``), or None for off: ``activations_checkpoint_*`` with NeMo's
+        meaning, ``gradient_checkpointing=true`` the shorthand for ``full`` (every block recomputed). Checked by
+        :func:`validate`."""
+        from lmforge.parallel.transforms import check_activations_checkpoint
+
+        granularity = self.activations_checkpoint_granularity or ("full" if self.gradient_checkpointing else None)
+        return check_activations_checkpoint(granularity, self.activations_checkpoint_method,
+                                            self.activations_checkpoint_num_layers)
+
+    @property
+    def critic_activations_checkpoint(self) -> Optional[dict]:
+        """PPO's critic: the policy's setting, except that ``lora`` (which keeps the LoRA products) is ``full`` for
+        the critic, which trains all its weights and has no LoRA layers (every block recomputed, as ``lora`` does)."""
+        ac = self.activations_checkpoint
+        return dict(granularity="full", method=None, num_layers=None) if ac and ac["granularity"] == "lora" else ac
 
     @property
     def reference(self) -> Optional[str]:
@@ -208,6 +230,7 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if a.center_rewards_coefficient is not None and cfg.method != "rm":
         problems.append("align.center_rewards_coefficient applies to method=rm")
     check_training_keys(cfg, problems)
+    _validate_activations_checkpoint(cfg, problems)
     if cfg.monitor == "val_ppl":
         problems.append(f"monitor=val_ppl: method={cfg.method}'s loss is not a per-token negative log-likelihood, so "
                         f"it has no perplexity (none is logged); use val_loss or val_rewards_accuracy")
@@ -224,6 +247,39 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if cfg.fsdp_sharded_checkpoint and cfg.peft.method != "none":
         problems.append("fsdp_sharded_checkpoint=true: a PEFT run saves only its adapter weights, whole; remove it")
     raise_problems(problems, "alignment")
+
+
+def _validate_activations_checkpoint(cfg: AlignConfig, problems: list) -> None:
+    """The ``activations_checkpoint_*`` keys as fine-tuning checks them (NeMo's rules), and
+    ``gradient_checkpointing`` (its shorthand for ``full``) saying the same where both are given."""
+    from lmforge.errors import ConfigError
+
+    g, switch = cfg.activations_checkpoint_granularity, cfg.gradient_checkpointing
+    if switch is not None and not isinstance(switch, bool):
+        problems.append(f"gradient_checkpointing={switch!r} must be true or false")
+        return
+    if switch is True and g not in (None, "full"):
+        problems.append(f"gradient_checkpointing=true means activations_checkpoint_granularity=full, not {g}; set one "
+                        f"of them")
+        return
+    if switch is False and g is not None:
+        problems.append(f"gradient_checkpointing=false turns activation checkpointing off, but "
+                        f"activations_checkpoint_granularity={g} turns it on; set one of them")
+        return
+    try:
+        ac = cfg.activations_checkpoint
+    except ConfigError as e:
+        problems.append(str(e))
+        return
+    if ac is None:
+        return
+    if ac["granularity"] == "lora" and cfg.peft.method != "lora":
+        problems.append(f"activations_checkpoint_granularity=lora keeps the LoRA products of each block, but "
+                        f"--peft {cfg.peft.method}; use full or selective, or --peft lora")
+    if cfg.fsdp and ac["method"] == "uniform" and ac["num_layers"] > 1:
+        problems.append(f"activations_checkpoint_num_layers={ac['num_layers']} with method uniform recomputes several "
+                        f"blocks as one unit, but under fsdp=true each block gathers its own parameters: use "
+                        f"activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
 
 
 def _validate_online(cfg: AlignConfig, problems: list) -> None:

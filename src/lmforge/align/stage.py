@@ -35,8 +35,7 @@ from lmforge.train.loop import PRECISIONS
 
 def job_from_config(cfg: AlignConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
     """The :class:`~lmforge.train.assembly.TrainJob` of an alignment config."""
-    ac = dict(granularity="full", method=None, num_layers=None) if cfg.gradient_checkpointing else None
-    job = stage_job(cfg, dims, accumulate, cfg.peft.method, peft_cfg, ac, to_dict(cfg))
+    job = stage_job(cfg, dims, accumulate, cfg.peft.method, peft_cfg, cfg.activations_checkpoint, to_dict(cfg))
     job.compile = bool(cfg.compile)  # each block, and the preference head's chunks (PreferenceLoss.compile_loss)
     return job
 
@@ -224,10 +223,10 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
             from lmforge.train.optim import build_optimizer
 
             critic = build_critic(model, critic_start, cfg.align.critic_model, reward_model, rt.device)
-            if cfg.gradient_checkpointing:  # the critic's forward in the loss recomputed as the policy's
+            if cfg.critic_activations_checkpoint:  # the critic's forward in the loss recomputed as the policy's
                 from lmforge.parallel.transforms import apply_activation_checkpointing
 
-                apply_activation_checkpointing(critic, "full")
+                apply_activation_checkpointing(critic, **cfg.critic_activations_checkpoint)
             o = cfg.optim
             critic_opt = build_optimizer(critic, o.name, critic_lr, float(o.weight_decay), list(o.betas),
                                          float(o.eps), rt.device)

@@ -696,7 +696,8 @@ def _position_problems(m: ModelSection, d) -> list[str]:
 
 
 def _check_activation_checkpointing(problems: list[str], m: ModelSection) -> None:
-    """NeMo's rules for ``model.activations_checkpoint_*`` (granularity and method choices are checked apart)."""
+    """NeMo's rules for ``model.activations_checkpoint_*`` (granularity and method choices are checked apart), those
+    of its Megatron-core models: ``selective`` takes a method (and ignores it), not a number of layers."""
     g, method, n = m.activations_checkpoint_granularity, m.activations_checkpoint_method, \
         m.activations_checkpoint_num_layers
     n_ok = n is None or (_is_int(n) and n >= 1)
@@ -708,12 +709,11 @@ def _check_activation_checkpointing(problems: list[str], m: ModelSection) -> Non
             if value is not None:
                 problems.append(f"model.activations_checkpoint_{key}={value} has no effect without "
                                 "model.activations_checkpoint_granularity; set it to full")
-    elif g == "selective":  # as NeMo: selective recomputes the core attention of every layer, no chunks
-        for key, value in (("method", method), ("num_layers", n)):
-            if value is not None:
-                problems.append(f"model.activations_checkpoint_{key}={value} must be null with "
-                                "model.activations_checkpoint_granularity=selective; set it to null, or use "
-                                "model.activations_checkpoint_granularity=full")
+    elif g == "selective":  # as Megatron-core: the core attention of every layer, no chunks; a method is ignored
+        if n is not None:
+            problems.append(f"model.activations_checkpoint_num_layers={n} must be null with "
+                            "model.activations_checkpoint_granularity=selective; set it to null, or use "
+                            "model.activations_checkpoint_granularity=full")
     elif g == "full" and method == "block" and n_ok and n is not None and _is_int(m.num_layers) and n > m.num_layers:
         problems.append(f"model.activations_checkpoint_num_layers={n} exceeds model.num_layers={m.num_layers} "
                         f"with model.activations_checkpoint_method=block; use at most {m.num_layers}")

@@ -185,6 +185,29 @@ def precision_handlers(stage: str, flat: dict, keys: tuple, out: dict, runs: str
     return {k: handler(k) for k in keys}
 
 
+def activations_checkpoint_keys(stage: str, flat: dict, section: str) -> dict:
+    """``lmforge align``'s ``activations_checkpoint_*`` keys (fine-tuning's, NeMo's meaning) for a NeMo body's
+    ``{section}activations_checkpoint_granularity`` / ``_method`` / ``_num_layers`` (``section``: ``actor.model.``,
+    ``model.``), all three read together.
+
+    NeMo-Aligner's models are Megatron-core models (``mcore_gpt: true``), whose rules these are: ``selective``
+    recomputes the core attention of every layer and ignores a method (NeMo's own ``rlhf_ppo/gpt3/2b_ppo.yaml`` sets
+    ``selective`` with ``uniform``) but refuses a number of layers; ``full`` recomputes chunks of ``num_layers``
+    blocks (``uniform``) or the first ``num_layers`` blocks (``block``). A method or number of layers without a
+    granularity, which acts on nothing, and a granularity NeMo does not have are refused, naming
+    ``stage.section.key`` and what works."""
+    from lmforge.parallel.transforms import check_activations_checkpoint
+
+    key = f"{section}activations_checkpoint_"
+    granularity, method, num_layers = (flat.get(key + k) for k in ("granularity", "method", "num_layers"))
+    if granularity not in (None, "full", "selective"):
+        raise ConfigError(f"{stage}.{key}granularity={granularity!r}: NeMo's values are full and selective (or "
+                          f"null: off); use one of them")
+    check_activations_checkpoint(granularity, method, num_layers, prefix=f"{stage}.{section}")
+    given = {"granularity": granularity, "method": method, "num_layers": num_layers}
+    return {f"activations_checkpoint_{k}": v for k, v in given.items() if v is not None}
+
+
 def _translate_key(where: str, key: str, value: Any, out: dict, special: dict, direct: dict, variables,
                    accepted: dict, section: str) -> None:
     """One NeMo key into ``out``: a ``special`` handler, a ``direct`` lmforge key, a Launcher variable (skipped), an

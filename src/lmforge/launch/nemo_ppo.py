@@ -10,9 +10,9 @@ NeMo's step takes ``model.ppo.num_rollout_samples`` prompts (one completion each
 batches of ``model.global_batch_size``: lmforge's ``global_batch_size`` (prompts per step) is the former,
 ``align.num_mini_batches`` their ratio, ``align.num_generations`` 1, ``align.ppo_epochs`` 1.
 
-The actor's ``model.activations_checkpoint_granularity: full`` (method ``uniform``, one layer per chunk) is
-``gradient_checkpointing: true``, which recomputes every block of the policy and of the critic; the critic's own
-``model.activations_checkpoint_*`` keys, where given, must say the same (:func:`_activations_checkpoint`).
+The actor's ``model.activations_checkpoint_granularity`` / ``_method`` / ``_num_layers`` are ``lmforge align``'s keys
+of the same names, with NeMo's (Megatron-core's) meaning, for the policy and the critic; the critic's own keys,
+where given, must say the same (:func:`~lmforge.launch.nemo_peft.activations_checkpoint_keys`).
 
 As :mod:`lmforge.launch.nemo_peft` does, every key either maps onto an lmforge key with NeMo's meaning, is accepted
 at the values that describe what lmforge does anyway (``ACCEPTED``; ``"any"``: a setting of NeMo's servers,
@@ -25,7 +25,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmforge.errors import ConfigError
-from lmforge.launch.nemo_peft import _covered, _flatten, _set, _translate_key, precision_handlers
+from lmforge.launch.nemo_peft import (_covered, _flatten, _set, _translate_key, activations_checkpoint_keys,
+                                      precision_handlers)
 
 #: NeMo key (below the stage) -> lmforge align key, copied as is.
 DIRECT = {
@@ -241,8 +242,7 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
         where = f"{stage}.{key}"
         _translate_key(where, key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "PPO")
     _check_critic_schedule(stage, flat)
-    if _activations_checkpoint(stage, flat):
-        out["gradient_checkpointing"] = True
+    out.update(activations_checkpoint_keys(stage, flat, "actor.model."))
     if "actor.model.optim.name" in flat:  # NeMo's (distributed) fused Adam is AdamW with a fused kernel
         _set(out, "optim.name", "fused_adam" if "fused" in str(flat["actor.model.optim.name"]) else "adamw")
     if "trainer" not in out or "max_steps" not in out["trainer"]:
@@ -274,28 +274,3 @@ def _check_critic_schedule(stage: str, flat: dict) -> None:
         raise ConfigError(f"{stage}.critic.model.optim.sched.min_lr={c_min}: lmforge's critic follows the actor's "
                           f"schedule scaled to its peak rate, so its min_lr is {want:g} (actor min_lr {a_min} x "
                           f"critic lr {c_lr} / actor lr {a_lr}); set that or remove the key")
-
-
-def _activations_checkpoint(stage: str, flat: dict) -> bool:
-    """Whether the actor's ``model.activations_checkpoint_*`` keys ask for what ``gradient_checkpointing: true``
-    does: NeMo's ``full`` granularity with the ``uniform`` method (null means uniform, as lmforge's own keys read
-    it) in chunks of one layer (``num_layers`` 1 or null), each block's input kept and the block recomputed in the
-    backward pass, for the policy and (lmforge's critic follows the actor's setting) the critic. lmforge's online RL
-    has no other setting yet, so ``selective``, ``block`` and chunks of several layers are refused, naming the key.
-    """
-    key = "actor.model.activations_checkpoint_"
-    granularity, method, num_layers = (flat.get(key + k) for k in ("granularity", "method", "num_layers"))
-    works = (f"lmforge's PPO recomputes whole blocks one at a time or nothing: set {key}granularity: full with "
-             f"{key}method: uniform and {key}num_layers: 1, or all three null")
-    if granularity is None:
-        for name, value in (("method", method), ("num_layers", num_layers)):
-            if value is not None:
-                raise ConfigError(f"{stage}.{key}{name}={value!r} has no effect without {key}granularity; {works}")
-        return False
-    if granularity != "full":
-        raise ConfigError(f"{stage}.{key}granularity={granularity!r}: {works}")
-    if method not in (None, "uniform"):
-        raise ConfigError(f"{stage}.{key}method={method!r}: {works}")
-    if num_layers not in (None, 1) or isinstance(num_layers, bool):
-        raise ConfigError(f"{stage}.{key}num_layers={num_layers!r}: {works}")
-    return True

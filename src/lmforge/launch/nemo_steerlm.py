@@ -27,7 +27,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmforge.errors import ConfigError
-from lmforge.launch.nemo_peft import _covered, _flatten, _set, _translate_key, precision_handlers
+from lmforge.launch.nemo_peft import (_covered, _flatten, _set, _translate_key, activations_checkpoint_keys,
+                                      precision_handlers)
 
 #: NeMo key (below the stage) -> lmforge align key, copied as is.
 DIRECT = {
@@ -58,7 +59,6 @@ ACCEPTED: dict[str, Any] = {
     "model.mcore_gpt": (True,), "model.megatron_amp_O2": "any",
     "model.share_embeddings_and_output_weights": "any",  # the base model's own, read from its checkpoint
     "model.tensor_model_parallel_size": (1,), "model.pipeline_model_parallel_size": (1,),
-    "model.activations_checkpoint_method": "any",  # how many layers recompute: memory only
     "model.reward_model_type": ("regression",),  # binary_ranking: checked first (an rlhf_rm stage)
     "model.regression.merge_attributes": (False,), "model.regression.attribute_weights": (None,),
     "model.regression.loss_mask_val": "any",  # the filler of NeMo's label lists; lmforge's unlabelled are absent
@@ -147,12 +147,6 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
             raise ConfigError(f"{stage}.trainer.rm.limit_val_batches={value!r}: give a number of global batches, or "
                               f"1.0 for the whole validation file (lmforge does not validate on a fraction)")
 
-    def activations(value):
-        if value not in (None, "selective", "full"):
-            raise ConfigError(f"{stage}.model.activations_checkpoint_granularity={value!r}: use selective, full or "
-                              f"null")
-        out["gradient_checkpointing"] = value is not None  # lmforge recomputes whole layers in both cases
-
     def attributes(value):
         if value != len(DEFAULT_ATTRIBUTES):
             raise ConfigError(f"{stage}.model.regression.num_attributes={value}: a NeMo attribute model names no "
@@ -183,12 +177,15 @@ def translate(stage: str, body: dict, notes: list[str]) -> dict:
     special: dict[str, Callable[[Any], None]] = {
         "trainer.rm.max_steps": max_steps, "trainer.rm.max_epochs": max_epochs,
         "trainer.rm.save_interval": save_interval, "trainer.rm.limit_val_batches": limit_val,
-        "model.activations_checkpoint_granularity": activations, "model.regression.num_attributes": attributes,
+        "model.regression.num_attributes": attributes,
         "model.data.data_prefix": data,
         **precision_handlers(stage, flat, ("trainer.precision", "model.precision"), out, "the model"),
     }
+    special.update({f"model.activations_checkpoint_{k}": lambda v: None  # all three read together below
+                    for k in ("granularity", "method", "num_layers")})
     for key, value in flat.items():
         _translate_key(f"{stage}.{key}", key, value, out, special, DIRECT, VARIABLES, ACCEPTED, "steerlm_reg")
+    out.update(activations_checkpoint_keys(stage, flat, "model."))
     if "model.optim.name" in flat:  # NeMo's (distributed) fused Adam is AdamW with a fused kernel
         _set(out, "optim.name", "fused_adam" if "fused" in str(flat["model.optim.name"]) else "adamw")
     if "max_steps" not in (out.get("trainer") or {}):

@@ -129,10 +129,12 @@ def _lora_widths(model: nn.Module) -> set[int]:
 
 
 def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optional[int],
-          total: int) -> tuple[Optional[str], Optional[str], Optional[int]]:
-    """The checked setting, NeMo's ``model.activations_checkpoint_*`` rules; None/None/None means off."""
-    g, m, n = "model.activations_checkpoint_granularity", "model.activations_checkpoint_method", \
-        "model.activations_checkpoint_num_layers"
+          total: Optional[int], prefix: str = "model.") -> tuple[Optional[str], Optional[str], Optional[int]]:
+    """The checked setting, NeMo's ``model.activations_checkpoint_*`` rules (those of its Megatron-core models,
+    ``mcore_gpt: true``); None/None/None means off. ``total``: the model's layer count (None: not known yet, the
+    ``block`` bound unchecked); ``prefix``: what the keys are called under (``model.`` in pretraining's config,
+    nothing in fine-tuning's and alignment's)."""
+    g, m, n = (f"{prefix}activations_checkpoint_{k}" for k in ("granularity", "method", "num_layers"))
     if granularity is None:
         for key, value in ((m, method), (n, num_layers)):
             if value is not None:
@@ -140,24 +142,42 @@ def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optiona
         return None, None, None
     if granularity not in GRANULARITIES:
         raise ConfigError(f"{g}={granularity!r} is not one of: {', '.join(GRANULARITIES)} (or null: off)")
-    if granularity in ("selective", "lora"):
-        for key, value in ((m, method), (n, num_layers)):
-            if value is not None:  # NeMo raises here too: selective has no chunks to choose
-                what = "the core attention of every layer is recomputed" if granularity == "selective" else \
-                    "every block is checkpointed with the LoRA save list"
-                raise ConfigError(f"{key}={value} must be null with {g}={granularity} ({what}); set it to null, "
-                                  f"or use {g}=full")
-        return granularity, None, None
-    method = "uniform" if method is None else method
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ConfigError(f"{m}={method!r} is not one of: {', '.join(METHODS)}, e.g. {m}=uniform")
+    if granularity == "selective":
+        # Megatron-core (NeMo's mcore_gpt models; NeMo Launcher's rlhf_ppo/gpt3/2b_ppo.yaml sets selective with
+        # method uniform) accepts a method with selective and ignores it: there are no chunks to choose. It refuses
+        # num_layers, as here.
+        if num_layers is not None:
+            raise ConfigError(f"{n}={num_layers} must be null with {g}=selective (the core attention of every layer "
+                              f"is recomputed); set it to null, or use {g}=full")
+        return "selective", None, None
+    if granularity == "lora":  # lmforge's own value: no NeMo config sets it, so nothing to ignore
+        for key, value in ((m, method), (n, num_layers)):
+            if value is not None:
+                raise ConfigError(f"{key}={value} must be null with {g}=lora (every block is checkpointed with "
+                                  f"the LoRA save list); set it to null, or use {g}=full")
+        return "lora", None, None
+    method = "uniform" if method is None else method
     num_layers = 1 if num_layers is None else num_layers
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise ConfigError(f"{n}={num_layers!r} must be a positive integer, e.g. {n}=1")
-    if method == "block" and num_layers > total:
+    if method == "block" and total is not None and num_layers > total:
         raise ConfigError(f"{n}={num_layers} exceeds the model's {total} layers with {m}=block; "
                           f"use at most {n}={total}")
     return "full", method, num_layers
+
+
+def check_activations_checkpoint(granularity: Optional[str], method: Optional[str], num_layers: Optional[int],
+                                 prefix: str = "") -> Optional[dict]:
+    """The ``{granularity, method, num_layers}`` that :func:`apply_activation_checkpointing` takes, checked before
+    any model is open (a config's loader), or None for off.
+
+    Raises:
+        ConfigError: what :func:`apply_activation_checkpointing` would refuse, except ``block`` with more layers than
+            the model has (known once it is open), naming the key as the config spells it (``prefix``)."""
+    granularity, method, num_layers = _plan(granularity, method, num_layers, None, prefix)
+    return None if granularity is None else dict(granularity=granularity, method=method, num_layers=num_layers)
 
 
 def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] = "full",
@@ -175,7 +195,8 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
       their activations (fewer recomputations when memory allows).
     * ``selective``: in every layer only the core attention (``Attention._sdpa`` / ``_eager``: softmax(QK^T)V,
       large and cheap to recompute) is recomputed; the projections, norms and MLPs keep their activations.
-      As in NeMo, ``method`` and ``num_layers`` must then be None.
+      As in Megatron-core (NeMo's ``mcore_gpt`` models), a ``method`` is accepted and has no effect (there are no
+      chunks), and ``num_layers`` must be None.
     * ``lora`` (LoRA fine-tuning; lmforge's own value): every block is checkpointed, but selectively
       (:func:`lora_save_policy`): the attention kernels' outputs and the LoRA products ``x @ A.T`` are kept, the
       rest is recomputed. Backward then skips the attention forward that ``full`` runs again, for one more hidden
@@ -188,11 +209,13 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
     function and remembers (a weak reference) the tensor it returned; each other block of the chunk gets a
     ``forward`` that hands that very tensor back untouched (its work is already in it), and runs normally for
     any other input. So the blocks must be called in order, each on the previous one's output, as
-    ``Transformer`` does.
+    ``Transformer`` does. Without autograd every block of a chunk runs its own forward plainly, as an unwrapped
+    block does: a serving engine or online RL's rollouts may run the blocks in compiled pieces that split a chunk
+    (``Runner._decode_blocks``), and a traced graph keeps no handed-off tensor.
 
     Raises:
         ConfigError: an unknown granularity or method, ``num_layers < 1``, ``num_layers > L`` with ``block``,
-            ``method``/``num_layers`` with ``selective``/``lora`` or without a granularity, ``lora`` on a model
+            ``num_layers`` with ``selective``, ``method``/``num_layers`` with ``lora`` or without a granularity, ``lora`` on a model
             without LoRA layers (the message names the ``model.activations_checkpoint_*`` key and a value that
             works).
         ValueError: the model was already transformed by this function.
@@ -244,15 +267,16 @@ def _checkpoint_chunk(blocks: list[nn.Module]) -> None:
         return x
 
     def first_forward(x, *args, **kwargs):
-        if not torch.is_grad_enabled():  # nothing to recompute (see _checkpointed)
-            out = run_chunk(x, *args, **kwargs)
-        else:
-            out = checkpoint(run_chunk, x, *args, use_reentrant=False, context_fn=_context_fn(None), **kwargs)
+        if not torch.is_grad_enabled():  # nothing to recompute (see _checkpointed): the block alone, plainly
+            return forwards[0](x, *args, **kwargs)
+        out = checkpoint(run_chunk, x, *args, use_reentrant=False, context_fn=_context_fn(None), **kwargs)
         handed_off[0] = weakref.ref(out)
         return out
 
     def other_forward(own_forward):
         def forward(x, *args, **kwargs):
+            if not torch.is_grad_enabled():  # each block runs itself, as first_forward's block does
+                return own_forward(x, *args, **kwargs)
             if handed_off[0]() is x:  # the chunk's output: this block already ran inside it
                 return x
             return own_forward(x, *args, **kwargs)
