@@ -74,6 +74,7 @@ NEMO_PPO = {  # NeMo Launcher's conf/rlhf_ppo/gpt3/2b_ppo.yaml, its keys lmforge
                           "sampling_params": {"use_greedy": False, "temperature": 0.7, "top_k": 0, "top_p": 1.0},
                           "length_params": {"max_length": 24, "min_length": 1}},
                   "mcore_gpt": True, "micro_batch_size": 1, "global_batch_size": 16,
+                  "activations_checkpoint_granularity": "selective", "activations_checkpoint_method": "uniform",
                   "tensor_model_parallel_size": 1, "encoder_seq_length": 64, "seed": 7,
                   "optim": {"name": "distributed_fused_adam", "lr": 9.0e-7, "weight_decay": 0.1, "betas": [0.9, 0.98],
                             "sched": {"name": "CosineAnnealing", "warmup_steps": 10, "min_lr": 9.0e-8}},
@@ -107,6 +108,10 @@ def test_nemo_launcher_ppo_body_becomes_lmforge_keys():
         0.7, 24, "rm", 0.3, 9.0e-6)
     assert (cfg.trainer.max_steps, cfg.trainer.precision, cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr) == (
         20, "bf16-mixed", "fused_adam", 9.0e-7, 9.0e-8)
+    # NeMo's selective (with the method Megatron-core ignores beside it): the attention core of every block recomputed
+    assert (out["activations_checkpoint_granularity"], out["activations_checkpoint_method"]) == ("selective",
+                                                                                                "uniform")
+    assert cfg.activations_checkpoint == dict(granularity="selective", method=None, num_layers=None)
     assert notes and "one lmforge process" in notes[0]
 
 
@@ -141,39 +146,47 @@ def test_nemo_ppo_keys_lmforge_cannot_honour_are_named(path, value, says):
     assert str(e.value).startswith(says), str(e.value)
 
 
-@pytest.mark.parametrize("critic", [{}, {"activations_checkpoint_granularity": "full"}])
-def test_nemo_ppo_full_activation_checkpointing_is_gradient_checkpointing(critic):
-    """NeMo's ``full`` granularity, ``uniform`` method (or null) in chunks of one layer (or null) recomputes every
-    block in the backward pass: lmforge's ``gradient_checkpointing``, which does so for the policy and the critic
-    (the critic's own key, where given, says the same)."""
+@pytest.mark.parametrize("actor, runs", [
+    ({}, None),
+    ({"granularity": "full"}, dict(granularity="full", method="uniform", num_layers=1)),
+    ({"granularity": "full", "method": "uniform", "num_layers": 2}, dict(granularity="full", method="uniform",
+                                                                          num_layers=2)),
+    ({"granularity": "full", "method": "block", "num_layers": 1}, dict(granularity="full", method="block",
+                                                                        num_layers=1)),
+    ({"granularity": "selective", "method": "block"}, dict(granularity="selective", method=None, num_layers=None)),
+])
+@pytest.mark.parametrize("critic_says_the_same", [False, True])
+def test_nemo_ppo_activation_checkpointing_keys_keep_nemos_meaning(actor, runs, critic_says_the_same):
+    """The actor's ``model.activations_checkpoint_*`` become ``lmforge align``'s keys of the same names (the critic
+    follows the policy; its own keys, where given, say the same): what runs is NeMo's setting."""
     import copy
 
     from lmforge.align.config import load_align_config
     from lmforge.launch.nemo_ppo import translate
 
-    assert load_align_config(translate("rlhf_ppo", copy.deepcopy(NEMO_PPO), [])).gradient_checkpointing is False
-    for keys in ({"activations_checkpoint_granularity": "full"},
-                 {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform",
-                  "activations_checkpoint_num_layers": 1}):
-        body = copy.deepcopy(NEMO_PPO)
-        body["actor"]["model"].update(keys)
-        body["critic"]["model"].update({k: keys.get(k) for k in critic})
-        assert load_align_config(translate("rlhf_ppo", body, [])).gradient_checkpointing is True, keys
+    body = copy.deepcopy(NEMO_PPO)
+    for section in ("actor", "critic") if critic_says_the_same else ("actor",):
+        model = body[section]["model"]
+        for k in ("granularity", "method", "num_layers"):
+            model.pop(f"activations_checkpoint_{k}", None)
+        model.update({f"activations_checkpoint_{k}": v for k, v in actor.items()})
+    cfg = load_align_config(translate("rlhf_ppo", body, []))
+    assert cfg.activations_checkpoint == runs and cfg.critic_activations_checkpoint == runs
+    assert cfg.gradient_checkpointing is None
 
 
 @pytest.mark.parametrize("actor, critic, says", [
-    ({"granularity": "selective", "method": "uniform"}, {},  # NeMo Launcher's 2b_ppo.yaml
-     "rlhf_ppo.actor.model.activations_checkpoint_granularity='selective': lmforge's PPO recomputes whole blocks"),
-    ({"granularity": "full", "method": "block", "num_layers": 2}, {},
-     "rlhf_ppo.actor.model.activations_checkpoint_method='block': lmforge's PPO recomputes whole blocks"),
-    ({"granularity": "full", "num_layers": 2}, {},
-     "rlhf_ppo.actor.model.activations_checkpoint_num_layers=2: lmforge's PPO recomputes whole blocks"),
-    ({"method": "uniform"}, {},
-     "rlhf_ppo.actor.model.activations_checkpoint_method='uniform' has no effect without "
-     "actor.model.activations_checkpoint_granularity"),
+    ({"granularity": "selective", "method": "uniform", "num_layers": 2}, {},
+     "rlhf_ppo.actor.model.activations_checkpoint_num_layers=2 must be null with "
+     "rlhf_ppo.actor.model.activations_checkpoint_granularity=selective"),
+    ({"granularity": "lora", "method": None}, {},
+     "rlhf_ppo.actor.model.activations_checkpoint_granularity='lora': NeMo's values are full and selective"),
+    ({"granularity": None, "method": "uniform"}, {},
+     "rlhf_ppo.actor.model.activations_checkpoint_method=uniform has no effect without "
+     "rlhf_ppo.actor.model.activations_checkpoint_granularity; set it to full"),
     ({}, {"granularity": "full"},
      "rlhf_ppo.critic.model.activations_checkpoint_granularity='full': lmforge's critic takes the actor's "
-     "model.activations_checkpoint_granularity (None)"),
+     "model.activations_checkpoint_granularity ('selective')"),
 ])
 def test_nemo_ppo_activation_checkpointing_lmforge_cannot_do_is_named(actor, critic, says):
     import copy
@@ -187,12 +200,11 @@ def test_nemo_ppo_activation_checkpointing_lmforge_cannot_do_is_named(actor, cri
     with pytest.raises(ConfigError) as e:
         translate("rlhf_ppo", body, [])
     assert str(e.value).startswith(says), str(e.value)
-    if actor.get("granularity") == "selective":
-        assert "set actor.model.activations_checkpoint_granularity: full" in str(e.value)
 
 
 def test_a_nemo_ppo_body_launches(tmp_path, capsys):
-    """The stage translates a NeMo body at launch (dry run): the command reads lmforge's keys."""
+    """The stage translates a NeMo body at launch (dry run; the body is NeMo Launcher's 2b_ppo.yaml with its
+    selective activation checkpointing): the command reads lmforge's keys."""
     conf = tmp_path / "conf"
     (conf / "rlhf_ppo").mkdir(parents=True)
     body = {"run": {"name": "ppo", "results_dir": "${base_results_dir}/ppo", "time_limit": "00:10:00"}, **NEMO_PPO}
@@ -205,8 +217,10 @@ def test_a_nemo_ppo_body_launches(tmp_path, capsys):
     assert main(["launch", str(conf / "config.yaml"), "--dry-run", "rlhf_ppo.actor.model.ppo.top_p=0.9"]) == 2
     assert "rlhf_ppo.actor.model.ppo.top_p: NeMo's PPO key has no lmforge meaning" in capsys.readouterr().err
     assert main(["launch", str(conf / "config.yaml"), "--dry-run",
-                 "rlhf_ppo.actor.model.activations_checkpoint_granularity=selective"]) == 2
-    assert "error: rlhf_ppo.actor.model.activations_checkpoint_granularity='selective': " in capsys.readouterr().err
+                 "rlhf_ppo.actor.model.activations_checkpoint_num_layers=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: rlhf_ppo.actor.model.activations_checkpoint_num_layers=1 must be null with "), err
 
 
 @pytest.mark.parametrize("example, stage, method, says", [

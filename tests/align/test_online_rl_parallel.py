@@ -153,9 +153,10 @@ def test_the_docs_torchrun_command_runs(runs):
 
 
 def test_gradient_checkpointing_leaves_a_grpo_step_unchanged(monkeypatch):
-    """One GRPO step (rollout, reference, loss, backward) on the same weights with and without checkpointed blocks:
-    the same completions, loss and gradients. The checkpoint acts in the loss's forward and never in the rollout
-    or the no-grad forwards (reference log-probabilities)."""
+    """One GRPO step (rollout, reference, loss, backward) on the same weights with and without checkpointing, for
+    each kind (whole blocks, chunks of two, the first block only, NeMo's selective core attention): the same
+    completions, loss and gradients. The checkpoint acts in the loss's forward and never in the rollout or the
+    no-grad forwards (reference log-probabilities)."""
     from lmforge.align.config import AlignSection
     from lmforge.align.rl import RolloutLoss
     from lmforge.parallel import transforms
@@ -168,25 +169,30 @@ def test_gradient_checkpointing_leaves_a_grpo_step_unchanged(monkeypatch):
     settings = AlignSection(num_generations=3, max_completion_length=6, reward_fn="json:loads", beta=0.1)
     batch = {"tokens": torch.tensor([p + [0] * (4 - len(p)) for p in PROMPTS]),
              "lengths": torch.tensor([len(p) for p in PROMPTS]), "index": torch.arange(len(PROMPTS))}
+    # (granularity, method, num_layers) -> checkpointed regions in the loss's forward of the 2-layer model
+    kinds = {None: 0, ("full", None, None): 2, ("full", "uniform", 2): 1, ("full", "block", 1): 1,
+             ("selective", "uniform", None): 2}
     results = []
-    for checkpointed in (False, True):
+    for kind, regions in kinds.items():
         model = _model()
         reference = copy.deepcopy(model).requires_grad_(False)
-        if checkpointed:
-            apply_activation_checkpointing(model, "full")
+        if kind:
+            apply_activation_checkpointing(model, *kind)
         rl = RolloutLoss(model, "grpo", settings, None, _Ids(), reference, 16, 7, 6)
         rl.rewards = lambda index, completions, prompts: torch.tensor([len(set(c)) / 6 for c in completions])
         calls.clear()
         exp = rl.collect([batch], 0, contextlib.nullcontext)
-        assert calls == []  # the rollout and the reference: plain forwards
+        assert calls == [], kind  # the rollout and the reference: plain forwards
         rl._exp = exp
         loss = rl(torch.arange(exp["rows"].shape[0]))
         loss.backward()
-        assert len(calls) == (2 if checkpointed else 0)  # one checkpoint per block, in the loss's forward
+        assert len(calls) == regions, kind
         results.append((exp["rows"], loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (rows_a, loss_a, grads_a), (rows_b, loss_b, grads_b) = results
-    assert torch.equal(rows_a, rows_b)
-    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-7)
-    assert sorted(grads_a) == sorted(grads_b) and any(g.abs().max() > 0 for g in grads_a.values())
-    for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7), name
+    rows_a, loss_a, grads_a = results[0]
+    assert any(g.abs().max() > 0 for g in grads_a.values())
+    for kind, (rows_b, loss_b, grads_b) in zip(list(kinds)[1:], results[1:]):
+        assert torch.equal(rows_a, rows_b), kind
+        assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-7), kind
+        assert sorted(grads_a) == sorted(grads_b), kind
+        for name in grads_a:
+            assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7), (kind, name)
