@@ -111,6 +111,13 @@ def test_cli_finetune_merge_and_preview(tmp_path, base_model_dir, task_files, ca
     (["activations_checkpoint_method=block"], "has no effect without activations_checkpoint_granularity"),
     (["fsdp=true", "fsdp_sharded_checkpoint=true"], "saves only its adapter weights"),
     (["fsdp_sharding_strategy=grad"], "applies to FSDP runs"),
+    # checked when the config loads, not once the model is open (before, these failed after the run had started)
+    (["gradient_checkpointing=false", "activations_checkpoint_granularity=full"],
+     "gradient_checkpointing=false turns activation checkpointing off, but activations_checkpoint_granularity=full"),
+    (["activations_checkpoint_granularity=selective", "activations_checkpoint_num_layers=2"],
+     "activations_checkpoint_num_layers=2 must be null with activations_checkpoint_granularity=selective"),
+    (["activations_checkpoint_granularity=full", "activations_checkpoint_num_layers=0"],
+     "activations_checkpoint_num_layers=0 must be a positive integer"),
 ])
 def test_finetune_keys_that_would_not_act_are_refused(overrides, message):
     from lmforge.errors import ConfigError

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
 from lmforge.data.steer import DEFAULT_ATTRIBUTES, DEFAULT_RANGE, problems_of
-from lmforge.finetune.config import (OptimSection, PeftSection, TrainerSection, check_fsdp_keys, check_training_keys,
+from lmforge.finetune.config import (OptimSection, PeftSection, TrainerSection, activations_checkpoint,
+                                     check_activations_checkpoint_keys, check_fsdp_keys, check_training_keys,
                                      load_structured, raise_problems)
 
 METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce", "ppo")
@@ -132,11 +133,7 @@ class AlignConfig:
         takes it (``{granularity, method, num_layers}``), or None for off: ``activations_checkpoint_*`` with NeMo's
         meaning, ``gradient_checkpointing=true`` the shorthand for ``full`` (every block recomputed). Checked by
         :func:`validate`."""
-        from lmforge.parallel.transforms import check_activations_checkpoint
-
-        granularity = self.activations_checkpoint_granularity or ("full" if self.gradient_checkpointing else None)
-        return check_activations_checkpoint(granularity, self.activations_checkpoint_method,
-                                            self.activations_checkpoint_num_layers)
+        return activations_checkpoint(self)
 
     @property
     def critic_activations_checkpoint(self) -> Optional[dict]:
@@ -230,7 +227,8 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if a.center_rewards_coefficient is not None and cfg.method != "rm":
         problems.append("align.center_rewards_coefficient applies to method=rm")
     check_training_keys(cfg, problems)
-    _validate_activations_checkpoint(cfg, problems)
+    check_activations_checkpoint_keys(cfg, problems, cfg.peft.method == "lora", f"--peft {cfg.peft.method}",
+                                      "--peft lora")
     if cfg.monitor == "val_ppl":
         problems.append(f"monitor=val_ppl: method={cfg.method}'s loss is not a per-token negative log-likelihood, so "
                         f"it has no perplexity (none is logged); use val_loss or val_rewards_accuracy")
@@ -247,39 +245,6 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
     if cfg.fsdp_sharded_checkpoint and cfg.peft.method != "none":
         problems.append("fsdp_sharded_checkpoint=true: a PEFT run saves only its adapter weights, whole; remove it")
     raise_problems(problems, "alignment")
-
-
-def _validate_activations_checkpoint(cfg: AlignConfig, problems: list) -> None:
-    """The ``activations_checkpoint_*`` keys as fine-tuning checks them (NeMo's rules), and
-    ``gradient_checkpointing`` (its shorthand for ``full``) saying the same where both are given."""
-    from lmforge.errors import ConfigError
-
-    g, switch = cfg.activations_checkpoint_granularity, cfg.gradient_checkpointing
-    if switch is not None and not isinstance(switch, bool):
-        problems.append(f"gradient_checkpointing={switch!r} must be true or false")
-        return
-    if switch is True and g not in (None, "full"):
-        problems.append(f"gradient_checkpointing=true means activations_checkpoint_granularity=full, not {g}; set one "
-                        f"of them")
-        return
-    if switch is False and g is not None:
-        problems.append(f"gradient_checkpointing=false turns activation checkpointing off, but "
-                        f"activations_checkpoint_granularity={g} turns it on; set one of them")
-        return
-    try:
-        ac = cfg.activations_checkpoint
-    except ConfigError as e:
-        problems.append(str(e))
-        return
-    if ac is None:
-        return
-    if ac["granularity"] == "lora" and cfg.peft.method != "lora":
-        problems.append(f"activations_checkpoint_granularity=lora keeps the LoRA products of each block, but "
-                        f"--peft {cfg.peft.method}; use full or selective, or --peft lora")
-    if cfg.fsdp and ac["method"] == "uniform" and ac["num_layers"] > 1:
-        problems.append(f"activations_checkpoint_num_layers={ac['num_layers']} with method uniform recomputes several "
-                        f"blocks as one unit, but under fsdp=true each block gathers its own parameters: use "
-                        f"activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
 
 
 def _validate_online(cfg: AlignConfig, problems: list) -> None:

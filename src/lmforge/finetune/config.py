@@ -110,7 +110,7 @@ class FinetuneConfig:
     global_batch_size: int = 8
     seed: int = 1234
     base_dtype: str = "float32"  # dtype of the frozen base weights for PEFT (bfloat16 saves memory)
-    gradient_checkpointing: bool = False  # the same as activations_checkpoint_granularity=full
+    gradient_checkpointing: Optional[bool] = None  # true: activations_checkpoint_granularity=full; false: off
     activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning) | lora
     activations_checkpoint_method: Optional[str] = None  # None (uniform) | uniform | block
     activations_checkpoint_num_layers: Optional[int] = None  # None: 1
@@ -246,17 +246,7 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     if cfg.method == "full" and cfg.base_dtype != "float32":
         problems.append("method=full trains every weight: keep base_dtype=float32 (mixed precision comes from "
                         "trainer.precision)")
-    if cfg.activations_checkpoint_granularity not in (None, "full", "selective", "lora"):
-        problems.append(f"activations_checkpoint_granularity={cfg.activations_checkpoint_granularity!r}; use full, "
-                        "selective, lora (with method=lora) or null")
-    if cfg.activations_checkpoint_granularity == "lora" and cfg.method != "lora":
-        problems.append(f"activations_checkpoint_granularity=lora keeps the LoRA products of each block, but "
-                        f"method={cfg.method}; use full or selective, or method=lora")
-    if not (cfg.activations_checkpoint_granularity or cfg.gradient_checkpointing):
-        for key in ("activations_checkpoint_method", "activations_checkpoint_num_layers"):
-            if getattr(cfg, key) is not None:
-                problems.append(f"{key}={getattr(cfg, key)} has no effect without activations_checkpoint_granularity;"
-                                " set it to full")
+    check_activations_checkpoint_keys(cfg, problems, cfg.method == "lora", f"method={cfg.method}", "method=lora")
     tp = cfg.tensor_model_parallel_size
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         problems.append(f"tensor_model_parallel_size={tp!r} must be a positive integer")
@@ -274,15 +264,6 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     if cfg.fsdp_sharded_checkpoint and cfg.method != "full":
         problems.append(f"fsdp_sharded_checkpoint=true: method={cfg.method} saves only its adapter weights, whole "
                         "(they are small); remove the key")
-    if cfg.gradient_checkpointing and cfg.activations_checkpoint_granularity in ("selective", "lora"):
-        problems.append("gradient_checkpointing=true means activations_checkpoint_granularity=full; set one of them")
-    if cfg.activations_checkpoint_method not in (None, "uniform", "block"):
-        problems.append(f"activations_checkpoint_method={cfg.activations_checkpoint_method!r}; use uniform, block or null")
-    if (cfg.fsdp and cfg.activations_checkpoint_method != "block" and cfg.activations_checkpoint_num_layers
-            and int(cfg.activations_checkpoint_num_layers) > 1):
-        problems.append(f"activations_checkpoint_num_layers={cfg.activations_checkpoint_num_layers} with method "
-                        "uniform recomputes several blocks as one unit, but under fsdp=true each block gathers its "
-                        "own parameters: use activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
     check_fsdp_keys(cfg, problems)
     if cfg.fsdp and cfg.fsdp_sharding_strategy == "hybrid" and cfg.trainer.num_nodes == 1:
         problems.append("fsdp_sharding_strategy=hybrid replicates across nodes but trainer.num_nodes=1: use full")
@@ -291,6 +272,55 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     except ConfigError as e:
         problems.append(str(e))
     raise_problems(problems, "fine-tuning")
+
+
+def activations_checkpoint(cfg) -> Optional[dict]:
+    """A fine-tuning or alignment config's activation checkpointing as
+    :func:`~lmforge.parallel.transforms.apply_activation_checkpointing` takes it (``{granularity, method,
+    num_layers}``), or None for off: ``activations_checkpoint_*`` with NeMo's meaning, ``gradient_checkpointing=true``
+    the shorthand for ``full`` (every block recomputed).
+
+    Raises:
+        ConfigError: what ``apply_activation_checkpointing`` refuses (but ``block`` beyond the model's layer count,
+            known once it is open), naming the key."""
+    from lmforge.parallel.transforms import check_activations_checkpoint
+
+    granularity = cfg.activations_checkpoint_granularity or ("full" if cfg.gradient_checkpointing else None)
+    return check_activations_checkpoint(granularity, cfg.activations_checkpoint_method,
+                                        cfg.activations_checkpoint_num_layers)
+
+
+def check_activations_checkpoint_keys(cfg, problems: list, lora_ok: bool, peft_given: str, peft_lora: str) -> None:
+    """The ``activations_checkpoint_*`` keys (NeMo's rules, :func:`activations_checkpoint`) and
+    ``gradient_checkpointing``, their shorthand for ``full``, saying the same where both are given; ``lora``
+    granularity only where ``lora_ok`` (the run trains LoRA: ``peft_given`` says what it trains, ``peft_lora`` how to
+    ask for LoRA); chunks of several blocks not under FSDP (each block gathers its own parameters)."""
+    g, switch = cfg.activations_checkpoint_granularity, cfg.gradient_checkpointing
+    if switch is not None and not isinstance(switch, bool):
+        problems.append(f"gradient_checkpointing={switch!r} must be true or false")
+        return
+    if switch is True and g not in (None, "full"):
+        problems.append(f"gradient_checkpointing=true means activations_checkpoint_granularity=full, not {g}; set one "
+                        f"of them")
+        return
+    if switch is False and g is not None:
+        problems.append(f"gradient_checkpointing=false turns activation checkpointing off, but "
+                        f"activations_checkpoint_granularity={g} turns it on; set one of them")
+        return
+    try:
+        ac = activations_checkpoint(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+        return
+    if ac is None:
+        return
+    if ac["granularity"] == "lora" and not lora_ok:
+        problems.append(f"activations_checkpoint_granularity=lora keeps the LoRA products of each block, but "
+                        f"{peft_given}; use full or selective, or {peft_lora}")
+    if cfg.fsdp and ac["method"] == "uniform" and ac["num_layers"] > 1:
+        problems.append(f"activations_checkpoint_num_layers={ac['num_layers']} with method uniform recomputes several "
+                        f"blocks as one unit, but under fsdp=true each block gathers its own parameters: use "
+                        f"activations_checkpoint_num_layers=1 or activations_checkpoint_method=block")
 
 
 def check_training_keys(cfg, problems: list) -> None:

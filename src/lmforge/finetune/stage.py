@@ -26,7 +26,7 @@ from lmforge.config.batch import resolve_batch
 from lmforge.data.prompts import set_chat_template
 from lmforge.data.sft import load_sft_dataset
 from lmforge.errors import ConfigError
-from lmforge.finetune.config import FinetuneConfig, to_dict
+from lmforge.finetune.config import FinetuneConfig, activations_checkpoint, to_dict
 from lmforge.finetune.metrics import exact_match, greedy_continue, token_f1
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.parallel.dims import ParallelDims, fsdp_strategy
@@ -84,12 +84,7 @@ def stage_job(cfg, dims: ParallelDims, accumulate: int, peft_method: Optional[st
 
 def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
     """The :class:`~lmforge.train.assembly.TrainJob` of a fine-tuning config."""
-    granularity = cfg.activations_checkpoint_granularity or ("full" if cfg.gradient_checkpointing else None)
-    ac = None
-    if granularity:
-        ac = dict(granularity=granularity, method=cfg.activations_checkpoint_method,
-                  num_layers=cfg.activations_checkpoint_num_layers)
-    return stage_job(cfg, dims, accumulate, cfg.method, peft_cfg, ac, to_dict(cfg),
+    return stage_job(cfg, dims, accumulate, cfg.method, peft_cfg, activations_checkpoint(cfg), to_dict(cfg),
                      async_save=bool(cfg.async_save), sequence_parallel=bool(cfg.sequence_parallel))
 
 
