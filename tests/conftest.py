@@ -44,6 +44,18 @@ def tiny_corpus(tmp_path_factory) -> dict:
             "vocab_size": tok.vocab_size}
 
 
+def load_benchmark(name: str):
+    """benchmarks/``name``.py as a module (the benchmarks are scripts, not a package): tests run their ``main`` or
+    helpers on tiny sizes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_overrides(corpus: dict, out: Path, **extra) -> list[str]:
     """Overrides that turn the tiny/llama recipe into a seconds-long CPU run on ``corpus``."""
     base = {

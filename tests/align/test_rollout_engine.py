@@ -19,6 +19,7 @@ import torch
 from lmforge.align.rl import RolloutLoss, rollout_compile, token_logps
 from lmforge.errors import ConfigError
 from lmforge.models import ModelConfig, Transformer
+from tests.conftest import load_benchmark
 
 V = 48
 
@@ -165,17 +166,6 @@ def test_rollouts_decode_no_text_and_capture_two_batch_sizes():
     assert [rollout_decode_batches(n) for n in (64, 48, 6, 1)] == [[8, 64], [8, 64], [1, 8], [1]]
 
 
-def _benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rollout_benchmarks_run(tmp_path, monkeypatch):
     """benchmarks/grpo_rollout.py --trace writes a profiler trace of a rollout after the timed one; rollout_host_overhead.py
     reports the host time of the steps by part (every generated token counted) and puts the engine's methods back."""
@@ -183,12 +173,12 @@ def test_rollout_benchmarks_run(tmp_path, monkeypatch):
 
     monkeypatch.delenv("OUT", raising=False)
     small = ["--prompts", "2", "--generations", "2", "--prompt-len", "4", "--new-tokens", "3"]
-    rows = _benchmark("grpo_rollout").main(["--shape", "tiny", "--dtype", "float32", "--skip-hf", *small,
+    rows = load_benchmark("grpo_rollout").main(["--shape", "tiny", "--dtype", "float32", "--skip-hf", *small,
                                             "--trace", str(tmp_path / "trace.json")])
     assert rows[0]["generated_tokens"] == 12 and rows[0]["traced_run_seconds"] > 0
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     step = Engine.step
-    out = _benchmark("rollout_host_overhead").main(["--tokenizer", "ids", "--repeats", "1", *small,
+    out = load_benchmark("rollout_host_overhead").main(["--tokenizer", "ids", "--repeats", "1", *small,
                                                     "--json", str(tmp_path / "host.json")])
     assert out == json.loads((tmp_path / "host.json").read_text())
     assert out["steps"] >= 3 and out["host_ms_per_step"] > 0 and out["parts_ms_per_step"]["Engine.step"] > 0

@@ -349,12 +349,9 @@ def test_paged_attention_benchmark_case():
 def test_paged_attention_benchmark_sweep():
     """The benchmark's sweep of one tile: every warps x stages at the heuristic's splits (a launch that fails is
     recorded, not fatal), then the other splits with the fastest correct launch's warps and stages."""
-    import importlib.util
+    from tests.conftest import load_benchmark
 
-    path = Path(SRC).parent / "benchmarks" / "paged_attention.py"
-    spec = importlib.util.spec_from_file_location("paged_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("paged_attention")
 
     def launch(cfg, splits):
         if cfg["num_stages"] == 4:

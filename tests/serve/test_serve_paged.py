@@ -11,6 +11,7 @@ from lmforge.models.generate import generate
 from lmforge.serve.cache import BlockAllocator, NoFreeBlocks
 from lmforge.serve.engine import Engine, InvalidRequestError, SamplingParams
 
+from tests.conftest import load_benchmark
 from tests.models.test_generate import make_model
 
 
@@ -166,14 +167,9 @@ def test_cache_sizes_and_their_errors(models):
 def test_serve_load_benchmark_runs_offline(tmp_path):
     """benchmarks/serve_load.py's offline mode on the tiny shape (a tight cache: preemptions): every requested
     token is generated and counted, and the JSON report holds the latency percentiles."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("serve_load")
     argv = ["--shape", "tiny", "--num-requests", "6", "--prompt-len", "4", "30", "--output-len", "2", "9",
             "--max-batch-size", "4", "--max-num-batched-tokens", "16", "--num-kv-blocks", "4", "--passes", "1",
             "--json", str(tmp_path / "load.json"), "--trace", str(tmp_path / "trace.json"), "--trace-steps", "2", "4"]
@@ -198,7 +194,7 @@ def test_serve_load_paged_tile_flag(capsys, monkeypatch):
     with one error line naming it."""
     from lmforge.serve import kernels
 
-    bench = _load_benchmark("serve_load")
+    bench = load_benchmark("serve_load")
     seen = []
     monkeypatch.setattr(bench, "offline", lambda a, shape: seen.append(kernels.PAGED_TILE) or [])
     default = kernels.PAGED_TILE
@@ -212,23 +208,12 @@ def test_serve_load_paged_tile_flag(capsys, monkeypatch):
             bench.parse_args(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
 
-def _load_benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_serve_load_goes_on_after_a_failed_shape(tmp_path, monkeypatch, capsys):
     """One call runs several shapes: the first one failing prints its FAILED line, the second still runs and
     reports, and the exit status says something failed."""
     import json
 
-    bench = _load_benchmark("serve_load")
+    bench = load_benchmark("serve_load")
     real, seen = bench.offline, []
 
     def first_fails(a, shape):
@@ -251,7 +236,7 @@ def test_serve_load_goes_on_after_a_failed_shape(tmp_path, monkeypatch, capsys):
 def test_engine_gpu_check_reports_every_check(capsys):
     """benchmarks/engine_gpu_check.py's runner: a check that raises prints an ERROR line and the later checks
     still run; the exit status counts mismatches and errors."""
-    bench = _load_benchmark("engine_gpu_check")
+    bench = load_benchmark("engine_gpu_check")
     ran = []
 
     def broken():

@@ -10,6 +10,7 @@ import torch
 from lmforge.serve.engine import Engine, InvalidRequestError, SamplingParams
 from lmforge.serve.sampler import draw, filter_rows, filter_settings, row_keys, uniforms
 
+from tests.conftest import load_benchmark
 from tests.serve.test_serve_engine import PROMPTS, make_model
 
 PLAIN = [SamplingParams(max_tokens=9, temperature=0.8, top_k=20, top_p=0.9, seed=11),
@@ -355,13 +356,7 @@ def test_a_sampled_step_at_temperature_one_scans_no_vocabulary_wide_row():
 def test_the_draw_benchmark_runs():
     """benchmarks/sampled_draw.py (run by hand at 64 x 128,256) on a small size: its time, operations and the
     agreement counts with the one-scan and float64 draws."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sampled_draw.py"
-    spec = importlib.util.spec_from_file_location("sampled_draw", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("sampled_draw")
     out = module.main(["--rows", "4", "--vocab", "2003", "--repeats", "2", "--warmup", "1", "--agreement", "2"])
     assert out["ms_per_draw_min"] > 0 and out["ops_per_draw"] > 0 and out["agreement"]["draws"] == 8
     assert 0 <= out["agreement"]["two_level_vs_float64"] <= 8

@@ -20,6 +20,7 @@ from lmforge.serve.client import AsyncEngineClient
 from lmforge.serve.engine import EngineBusyError, SamplingParams, engine_from_checkpoint
 from lmforge.serve.server import build_app
 from lmforge.train.checkpoint import save_model
+from tests.conftest import load_benchmark
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -363,13 +364,7 @@ def test_serve_load_online_mode_counts_every_token_and_refusal(served):
     """benchmarks/serve_load.py's online mode (Poisson arrivals, streamed token-id prompts over httpx) against this
     server: every requested token streams back and is counted, latencies are measured; requests the server
     refuses (a wrong API key) are counted as failed, not crashed on."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("serve_load")
     url, engine = served
     argv = ["--url", url, "--model", MODEL, "--api-key", API_KEY, "--rate", "200", "--num-requests", "5",
             "--prompt-len", "3", "10", "--output-len", "2", "6", "--vocab-size", str(engine.tokenizer.vocab_size)]
