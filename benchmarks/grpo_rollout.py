@@ -9,8 +9,17 @@ CUDA graphs on the live weights, as ``align.rollout_compile=auto`` does; ``--eag
 Hugging Face: ``LlamaForCausalLM.generate`` on the whole batch (``num_return_sequences``), as TRL's GRPO trainer
 calls it without vLLM. Both in ``--dtype``.
 
+The policy is set up as ``lmforge align`` trains it: q/k/v and gate/up as joint projections
+(:func:`lmforge.models.transformer.set_joint_projections`, ``joint_projections: true`` in the JSON), which the
+rollout engine runs apart (:func:`~lmforge.models.transformer.separate_projections`): the decode steps read the
+weights in place. ``--no-joint-projections`` measures a plain model (as this benchmark did before issue 18: its
+numbers never saw the joint path); ``--joint-rollouts`` keeps the projections joined in the rollouts too, the
+weights concatenated at every decode step (what ``lmforge align`` ran before issue 18's fix, for comparison;
+``joint_rollouts: true`` in the JSON).
+
     python benchmarks/grpo_rollout.py [--shape 1b|tiny] [--dtype bfloat16|float32] [--prompts 8] [--generations 8]
                                       [--eager] [--check] [--skip-hf]
+                                      [--no-joint-projections | --joint-rollouts]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
     python benchmarks/grpo_rollout.py --skip-hf --trace /tmp/rollout_trace.json   # the GPU timeline of a rollout
@@ -33,18 +42,21 @@ $OUT/grpo_rollout.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
+import lmforge.align.rl as rl_module
 from lmforge.align.rl import RolloutLoss
 from lmforge.models.config import ModelConfig
-from lmforge.models.transformer import Transformer
+from lmforge.models.transformer import Transformer, set_joint_projections
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_load beside this file (also when imported)
 from serve_load import start_trace, stop_trace  # noqa: E402
@@ -80,10 +92,23 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--eager", action="store_true", help="the eager decode step (align.rollout_compile=false)")
     ap.add_argument("--check", action="store_true", help="after the timing: rollouts after an optimizer step equal "
                                                          "a fresh engine's")
+    ap.add_argument("--no-joint-projections", dest="joint", action="store_false",
+                    help="a plain policy, without training's joint q/k/v and gate/up projections")
+    ap.add_argument("--joint-rollouts", action="store_true",
+                    help="the rollout engine runs the joint projections too (weights concatenated per decode step)")
     ap.add_argument("--trace", default=None, metavar="PATH",
                     help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
                          "after the timed one")
     a = ap.parse_args(argv)
+    if a.joint_rollouts and not a.joint:
+        ap.error("--joint-rollouts needs the joint projections (drop --no-joint-projections)")
+    if a.joint_rollouts:  # the engine's forwards and graph captures keep the flags as training set them
+        with mock.patch.object(rl_module, "separate_projections", lambda model: contextlib.nullcontext()):
+            return _main(a)
+    return _main(a)
+
+
+def _main(a) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
     shape = SHAPES[a.shape]
@@ -93,6 +118,8 @@ def main(argv=None) -> list[dict]:
     model = Transformer(cfg)
     model.init_weights(seed=0)
     model = model.to(device=device, dtype=dtype)
+    if a.joint:  # as lmforge align's training assembly does (job.joint_projections, on by default)
+        set_joint_projections(model)
     prompts = torch.randint(1, cfg.vocab_size, (a.prompts, a.prompt_len)).tolist()
     settings = SimpleNamespace(num_generations=a.generations, max_completion_length=a.new_tokens, temperature=1.0,
                                reward_fn="json:loads", prompt_key="prompt", beta=0.0)
@@ -134,7 +161,8 @@ def main(argv=None) -> list[dict]:
             extra["traced_run_seconds"] = round(time.perf_counter() - t, 3)
             stop_trace(profiler, trace)
         results.append({"engine": name, "generated_tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 1),
-                        **extra, "shape": a.shape, "dtype": a.dtype, "prompts": a.prompts,
+                        **extra, "shape": a.shape, "dtype": a.dtype, "joint_projections": a.joint,
+                        "joint_rollouts": a.joint_rollouts, "prompts": a.prompts,
                         "generations": a.generations, "new_tokens": a.new_tokens,
                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
         print(json.dumps(results[-1]), flush=True)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.align.rl import RolloutLoss, rollout_compile, token_logps
 from lmforge.errors import ConfigError
@@ -97,6 +98,82 @@ def test_lora_rollouts_read_the_adapter_weights_live():
     _check_rollouts_follow_the_updates(model)
 
 
+class _WeightCats(TorchDispatchMode):
+    """Counts ``aten::cat`` calls that read a parameter of ``model`` (a joint projection's weight concatenation)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.cat.default and any(t.untyped_storage().data_ptr() in self.storages for t in args[0]):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _joint_flags(model) -> list[bool]:
+    from lmforge.models.transformer import Attention, GatedMLP
+
+    return [m.joint_qkv if isinstance(m, Attention) else m.joint_gate_up for m in model.modules()
+            if isinstance(m, (Attention, GatedMLP))]
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["plain", "lora"])
+def test_rollouts_run_joint_projections_apart(peft, monkeypatch):
+    """Training joins q/k/v and gate/up (set_joint_projections: the weights concatenated at every forward, which a
+    training step amortises); the rollout engine's forwards, eager and its decode graphs' capture (start-up and a
+    recapture after a weight moved), run them apart: no weight is concatenated per decode step, the draws are the
+    same as with joint projections off, and the training forward after the rollout joins again."""
+    from lmforge.models.transformer import separate_projections, set_joint_projections
+    from lmforge.serve.runner import ModelRunner
+
+    def policy(joint: bool):
+        model = _model()
+        if peft:
+            from lmforge.peft import apply_peft
+            from lmforge.peft.lora import LoRAConfig
+
+            model = apply_peft(model, "lora", LoRAConfig(r=4, target_modules=["all-linear"]))
+        assert set_joint_projections(model, joint) == (4 if joint else 0)
+        return model
+
+    captured = []  # the joint flags whenever the engine captures its decode graphs (CPU: nothing to capture)
+    monkeypatch.setattr(ModelRunner, "capture_all", lambda self, log=None, prefill=True:
+                        captured.append((self.model, _joint_flags(self.model))) or 0.0)
+
+    def recapture(self, log=None):
+        captured.append((self.model, _joint_flags(self.model)))
+        self.graphs = None  # the stand-in graphs go: the steps after it run eagerly (CPU)
+        return 0.0
+
+    monkeypatch.setattr(ModelRunner, "recapture", recapture)
+    model = policy(joint=True)
+    rl = _rollout(model)
+    engine = rl.engine()
+    steps = engine.metrics.decode_steps
+    with _WeightCats(model) as cats:
+        joined = rl.sample(PROMPTS, rollout=1)
+    assert engine.metrics.decode_steps - steps >= 5 and cats.n == 0  # was 2 per block per step (4 with LoRA)
+    assert joined == _rollout(policy(joint=False)).sample(PROMPTS, rollout=1)
+    assert _joint_flags(model) == [True] * 4  # put back for training
+    with _WeightCats(model) as cats:
+        _train(model, steps=1)
+    assert cats.n > 0  # the training forward (and backward) joined
+
+    engine.runner.graphs = SimpleNamespace(graphs={})  # as if captured: a replaced weight makes sync_weights recapture
+    engine.runner._pointers = engine.runner.parameter_pointers()
+    weight = model.layers[0].mlp.down_proj.weight
+    weight.data = weight.data.clone()
+    rl.sample(PROMPTS, rollout=2)
+    assert [flags for m, flags in captured if m is model] == [[False] * 4] * 2  # start-up, recapture: apart
+
+    with pytest.raises(RuntimeError, match="boom"), separate_projections(model):
+        assert _joint_flags(model) == [False] * 4
+        raise RuntimeError("boom")
+    assert _joint_flags(model) == [True] * 4
+
+
 def test_rollout_compile_setting():
     assert rollout_compile("auto", torch.device("cpu"))[0] is False
     assert "eager decode step" in rollout_compile("auto", torch.device("cpu"))[1]
@@ -176,6 +253,7 @@ def test_rollout_benchmarks_run(tmp_path, monkeypatch):
     rows = load_benchmark("grpo_rollout").main(["--shape", "tiny", "--dtype", "float32", "--skip-hf", *small,
                                             "--trace", str(tmp_path / "trace.json")])
     assert rows[0]["generated_tokens"] == 12 and rows[0]["traced_run_seconds"] > 0
+    assert rows[0]["joint_projections"] is True and rows[0]["joint_rollouts"] is False  # the policy as align trains it
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     step = Engine.step
     out = load_benchmark("rollout_host_overhead").main(["--tokenizer", "ids", "--repeats", "1", *small,
@@ -183,3 +261,31 @@ def test_rollout_benchmarks_run(tmp_path, monkeypatch):
     assert out == json.loads((tmp_path / "host.json").read_text())
     assert out["steps"] >= 3 and out["host_ms_per_step"] > 0 and out["parts_ms_per_step"]["Engine.step"] > 0
     assert Engine.step is step
+
+
+def test_rollout_benchmark_measures_the_joint_path_on_request(monkeypatch):
+    """benchmarks/grpo_rollout.py --joint-rollouts keeps the joint projections in the rollouts (the weights
+    concatenated at every forward, as before issue 18's fix): the same work with weight concatenations, which the
+    default run (joint projections in training, apart in rollouts) has none of."""
+
+    class ParameterCats(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default and any(isinstance(t, torch.nn.Parameter) for t in args[0]):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.delenv("OUT", raising=False)
+    small = ["--shape", "tiny", "--dtype", "float32", "--skip-hf", "--prompts", "1", "--generations", "2",
+             "--prompt-len", "4", "--new-tokens", "3"]
+    bench = load_benchmark("grpo_rollout")
+    counts, rows = [], []
+    for extra in ([], ["--joint-rollouts"]):
+        with ParameterCats() as cats:
+            rows.append(bench.main(small + extra)[0])
+        counts.append(cats.n)
+    assert [r["joint_rollouts"] for r in rows] == [False, True] and rows[0]["joint_projections"] is True
+    assert rows[0]["generated_tokens"] == rows[1]["generated_tokens"] == 6
+    assert counts[0] == 0 and counts[1] > 0, counts  # joined: 2 per block per forward
+    assert bench.rl_module.separate_projections.__name__ == "separate_projections"  # put back after the run

@@ -56,7 +56,7 @@ from torch import nn
 
 from lmforge.align import losses as L
 from lmforge.errors import CheckpointError, ConfigError, DataError
-from lmforge.models.transformer import softcap
+from lmforge.models.transformer import separate_projections, softcap
 from lmforge.parallel.fsdp import whole_tensor
 
 
@@ -470,10 +470,12 @@ class RolloutLoss(nn.Module):
                     "rollouts: eager decode step: the policy's weights are sharded (FSDP/DTensor) and the decode "
                     "graphs need whole weights")
             blocks = -(-self.max_seq_len // 16)  # a KV cache for every completion of a micro batch at once
-            self._engine = Engine(policy, self.tok, max_batch_size=self.max_rows, max_seq_len=self.max_seq_len,
-                                  block_size=16, num_kv_blocks=self.max_rows * blocks, enable_prefix_caching=False,
-                                  compile_decode=compiled, live_weights=True, log=self.log, detokenize=False,
-                                  stream_outputs=False, decode_batches=rollout_decode_batches(self.max_rows))
+            with separate_projections(policy):  # the decode graphs captured here record the separate matmuls
+                self._engine = Engine(policy, self.tok, max_batch_size=self.max_rows, max_seq_len=self.max_seq_len,
+                                      block_size=16, num_kv_blocks=self.max_rows * blocks,
+                                      enable_prefix_caching=False, compile_decode=compiled, live_weights=True,
+                                      log=self.log, detokenize=False, stream_outputs=False,
+                                      decode_batches=rollout_decode_batches(self.max_rows))
         return self._engine
 
     def _rollout_policy(self) -> nn.Module:
@@ -503,29 +505,32 @@ class RolloutLoss(nn.Module):
         policy.eval()
         device_type = next(policy.parameters()).device.type
         try:
-            with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
-                engine = self.engine()
-                engine.sync_weights()  # compiled: captures again only if a weight was replaced, not updated in place
-            eos = self.tok.eod_id
-            ids, out = [], {}
-            for p, prompt in enumerate(prompts):
-                for g in range(self.G):
-                    rid = f"r{rollout}-{p}-{g}"
-                    seed = draw_seed(self.seed, rollout, positions[p] if positions is not None else p, g)
-                    params = SamplingParams(max_tokens=int(self.s.max_completion_length),
-                                            temperature=float(self.s.temperature), seed=seed)
-                    engine.add_request(rid, prompt, params)
-                    ids.append(rid)
-                    out[rid] = ([], None)
-            with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
-                while engine.has_work():
-                    for o in engine.step():
-                        if o.finish_reason == "error":
-                            raise RuntimeError(f"sampling a completion failed: {o.error}")
-                        toks, _ = out[o.request_id]
-                        toks.extend(o.token_ids)
-                        out[o.request_id] = (toks, o.finish_reason)
-        finally:
+            # Joint projections (training's) off: the engine's forwards, and the decode graphs captured in
+            # engine(), read each weight in place instead of concatenating them at every step.
+            with separate_projections(policy):
+                with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
+                    engine = self.engine()
+                    engine.sync_weights()  # compiled: captures again if a weight was replaced, not updated in place
+                eos = self.tok.eod_id
+                ids, out = [], {}
+                for p, prompt in enumerate(prompts):
+                    for g in range(self.G):
+                        rid = f"r{rollout}-{p}-{g}"
+                        seed = draw_seed(self.seed, rollout, positions[p] if positions is not None else p, g)
+                        params = SamplingParams(max_tokens=int(self.s.max_completion_length),
+                                                temperature=float(self.s.temperature), seed=seed)
+                        engine.add_request(rid, prompt, params)
+                        ids.append(rid)
+                        out[rid] = ([], None)
+                with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
+                    while engine.has_work():
+                        for o in engine.step():
+                            if o.finish_reason == "error":
+                                raise RuntimeError(f"sampling a completion failed: {o.error}")
+                            toks, _ = out[o.request_id]
+                            toks.extend(o.token_ids)
+                            out[o.request_id] = (toks, o.finish_reason)
+        finally:  # the training forwards join again (separate_projections put the flags back)
             policy.train(was)
         return [toks + ([eos] if reason == "stop" and eos is not None else []) for toks, reason in
                 (out[r] for r in ids)]

@@ -18,6 +18,7 @@ nh query heads, nkv key/value heads (query groups), hd head size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from typing import NamedTuple, Optional
@@ -31,7 +32,7 @@ from lmforge.models.config import ModelConfig
 __all__ = ["Transformer", "AttentionRows", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm",
            "MLP", "GatedMLP", "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
            "rotate_half", "rope_cos_sin", "rope_inv_freq", "softcap", "alibi_slopes", "fuse_projections",
-           "joint_linear", "joint_projection", "set_joint_projections"]
+           "joint_linear", "joint_projection", "separate_projections", "set_joint_projections"]
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
@@ -653,6 +654,32 @@ def set_joint_projections(model: nn.Module, on: bool = True) -> int:
             module.joint_gate_up = on and _joinable([getattr(module, n, None) for n in ("gate_proj", "up_proj")])
             joined += module.joint_gate_up
     return joined
+
+
+@contextlib.contextmanager
+def separate_projections(model: nn.Module):
+    """Within: every joint projection of ``model`` (:func:`set_joint_projections`) runs apart again, each linear
+    its own matmul over its own weight; on leaving, each module's setting is put back as it was.
+
+    For inference forwards on a model that trains with joint projections (online RL's rollout engine on the live
+    policy): joining concatenates the weights at every forward, which a training step amortises over all its
+    tokens but a decode step of a few rows per sequence pays in full (a copy of the q/k/v and gate/up weights,
+    most of the model's, before each step's matmuls). Apart, the matmuls read the weights where they are; the
+    values are the same. The flags are read when a forward runs, also when ``torch.compile`` traces it or a CUDA
+    graph is captured: capture within, and the graphs replay the separate matmuls whatever the flags are later."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, Attention) and module.joint_qkv:
+            saved.append((module, "joint_qkv"))
+        elif isinstance(module, GatedMLP) and module.joint_gate_up:
+            saved.append((module, "joint_gate_up"))
+    for module, flag in saved:
+        setattr(module, flag, False)
+    try:
+        yield len(saved)
+    finally:
+        for module, flag in saved:
+            setattr(module, flag, True)
 
 
 GeluMLP = MLP  # the names of the first model version
