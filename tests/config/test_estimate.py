@@ -169,3 +169,68 @@ def test_readme_estimate_commands_run_verbatim(capsys):
         assert argv[0] == "lmforge"
         assert main(argv[1:]) == 0, command
         assert re.search(r"micro batch +total GiB", capsys.readouterr().out)
+
+
+# -- the loss: whole or chunked, as training resolves model.loss_chunk_size ---------------------------------------
+
+LLAMA3_VOCAB = 128256
+
+
+def test_large_vocabulary_counts_one_chunk_of_logits():
+    """128k vocabulary, automatic chunking: the logits term is one 2048-token chunk's and stops growing with the
+    micro batch or the sequence; model.loss_chunk_size=0 counts every token's logits (fp32 + gradient pair)."""
+    cfg = load_config("llama2/7b", ["trainer.devices=1"])
+    est = estimate_memory(cfg, vocab_size=LLAMA3_VOCAB)
+    V, C, seq = est.vocab_size, cfg.model.hidden_size, est.layout.seq_length
+    assert est.layout.loss_chunk_size == 2048  # training's rule: fp32 logits of a chunk ~1 GiB at 128k
+    # one chunk: bf16 logits + fp32 copy + softmax gradient + its masked copy; the fp32 head-weight gradient and
+    # the head weight cast to bf16 by the loss
+    chunk = 2048 * V * (2 + 12) + 4 * V * C + 2 * V * C
+    assert est.logits_per_sample == est.logits(1) == est.logits(8) == chunk
+    longer = estimate_memory(load_config("llama2/7b", ["trainer.devices=1", "model.encoder_seq_length=8192",
+                                                       "model.max_position_embeddings=8192"]),
+                             vocab_size=LLAMA3_VOCAB)
+    assert longer.logits(1) == chunk
+    assert "loss         chunked, 2048 tokens a chunk (model.loss_chunk_size: automatic)" in est.render()
+
+    whole = estimate_memory(load_config("llama2/7b", ["trainer.devices=1", "model.loss_chunk_size=0"]),
+                            vocab_size=LLAMA3_VOCAB)
+    assert whole.layout.loss_chunk_size == 0
+    assert whole.logits(1) == 12 * V * seq and whole.logits(4) == 4 * whole.logits(1)
+    assert whole.compute_copy == est.compute_copy + 2 * V * C  # autocast's head copy: the loss's when chunked
+    assert est.total(4) < whole.total(4)
+    assert "loss         whole: the micro batch's logits at once (model.loss_chunk_size: 0)" in whole.render()
+
+
+def test_checkpointing_chunks_a_32k_vocabulary_by_default():
+    plain = estimate_memory(load_config("llama2/7b", ["trainer.devices=1"]))
+    assert plain.layout.loss_chunk_size == 0  # 32k vocabulary, no checkpointing: whole
+    full = estimate_memory(load_config("llama2/7b", ["trainer.devices=1",
+                                                     "model.activations_checkpoint_granularity=full"]))
+    off = estimate_memory(load_config("llama2/7b", ["trainer.devices=1", "model.loss_chunk_size=0",
+                                                    "model.activations_checkpoint_granularity=full"]))
+    assert full.layout.loss_chunk_size == 2048 and off.layout.loss_chunk_size == 0
+    assert full.logits(2) == full.logits(1) < off.logits(2) == 2 * off.logits(1)
+    assert full.total(4) < off.total(4)
+    set_ = estimate_memory(load_config("llama2/7b", ["trainer.devices=1", "model.loss_chunk_size=512",
+                                                     "model.activations_checkpoint_granularity=full"]))
+    assert set_.layout.loss_chunk_size == 512 and set_.logits(1) < full.logits(1)
+    assert "512 tokens a chunk (model.loss_chunk_size: 512)" in set_.render()
+
+
+def test_tensor_parallel_loss_is_whole():
+    cfg = load_config("llama2/7b", ["trainer.devices=8"])
+    cfg.model.tensor_model_parallel_size = 2
+    est = estimate_memory(cfg, vocab_size=LLAMA3_VOCAB)  # vocabulary-sharded loss: no chunks
+    assert est.layout.loss_chunk_size == 0
+    assert est.logits(1) == 12 * est.vocab_size * est.layout.seq_length // 2
+
+
+def test_max_micro_batch_with_a_chunked_loss():
+    """The logits term does not grow with the micro batch: the largest micro batch is searched, not divided."""
+    cfg = load_config("llama2/7b", ["trainer.devices=8", "model.fsdp=true",
+                                    "model.activations_checkpoint_granularity=full"])
+    est = estimate_memory(cfg, vocab_size=LLAMA3_VOCAB, gpu_memory_bytes=80 * GiB)
+    assert est.layout.loss_chunk_size == 2048 and est.max_micro_batch is not None
+    m = est.max_micro_batch
+    assert est.total(m) <= 0.8 * 80 * GiB < est.total(m + 1)

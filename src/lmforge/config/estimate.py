@@ -33,10 +33,25 @@ rest is arithmetic. What is counted, per GPU (bytes):
   backward (another ``8*V``). Checked on an H100 against ``torch.cuda.max_memory_allocated`` (a 4-layer
   Llama-2-7B shape at sequence 4096 and a 4-layer GPT-3 1.3B shape at 2048, bf16-mixed): the activations
   per micro batch without recomputation matched within 1%.
+* **the loss, whole or chunked**: ``model.loss_chunk_size`` is resolved by training's own rule
+  (:func:`lmforge.train.assembly.resolve_loss_chunk_size`: null = automatic, on for vocabularies of 64k and
+  more and whenever activation checkpointing is on; 0 = off; N = N tokens; never under tensor or pipeline
+  parallelism, which compute the loss their own way). Chunked
+  (:func:`lmforge.train.objectives.chunked_linear_cross_entropy`), the head and the cross-entropy run in the
+  forward pass one chunk of tokens at a time and the whole batch's logits never exist: at the peak, one chunk's
+  logits in the compute dtype (none apart in float32), their float32 copy, its softmax-gradient and that
+  gradient's masked copy (``e + 12`` bytes per vocabulary entry and token, 8 more with a final logit soft-cap);
+  beside them, for the whole micro batch, the head's input and the gradient of it (in the final norm's output
+  dtype, kept for backward), the float32 ``(V, C)`` gradient of the head weight and, under autocast without
+  FSDP, the head weight cast to the compute dtype (by the loss, not by autocast: it moves from the compute copy
+  to this term). At the loss's backward the head-weight gradient is scaled (a second ``4*V*C``); the larger
+  moment is counted. So the logits term stops growing once the micro batch holds one chunk of tokens, where
+  the whole loss's grows by ``12*V`` bytes a token (``seq/chunk`` times a chunk's logits at micro batch 1).
 * **checkpointing** (``model.activations_checkpoint_*``): ``full`` keeps only the input of each chunk of
   ``activations_checkpoint_num_layers`` blocks (``uniform``; default 1) and recomputes one chunk at a time in
-  backward; the larger of one chunk's full activations and the head's (logits) is added, as the head's are
-  freed before the first recomputation (on the H100 check this overestimated by 0.1-0.7 GiB per sample);
+  backward; the larger of one chunk's full activations and the head's (logits or the chunked loss) is added,
+  as the head's are freed before the first recomputation (on the H100 check, with the whole loss, this
+  overestimated by 0.1-0.7 GiB per sample);
   ``block`` checkpoints the first N blocks and keeps the others whole; ``selective`` recomputes the core
   attention only, which SDPA already keeps no scores for: the estimate equals no recomputation.
 * **parallel layouts**: world = ``trainer.devices x trainer.num_nodes``; tensor parallel (``tp``) divides
@@ -131,6 +146,16 @@ class Layout:
     optimizer: str
     seq_length: int
     checkpointing: str  # "none", "full (uniform, 1 layer per chunk)", ...
+    loss_chunk_size: int = 0  # tokens per chunk of the head + cross-entropy (resolved); 0: the whole micro batch
+    loss_chunk_setting: Optional[int] = None  # model.loss_chunk_size as written (None: automatic)
+
+    def describe_loss(self) -> str:
+        """The loss layout counted: ``chunked, 2048 tokens a chunk (model.loss_chunk_size: automatic)``."""
+        how = ("automatic" if self.loss_chunk_setting is None else str(self.loss_chunk_setting))
+        if self.loss_chunk_size:
+            return f"chunked, {self.loss_chunk_size} tokens a chunk (model.loss_chunk_size: {how})"
+        why = "tensor/pipeline parallel loss" if self.tp > 1 or self.pp > 1 else f"model.loss_chunk_size: {how}"
+        return f"whole: the micro batch's logits at once ({why})"
 
     def describe(self) -> str:
         gpus = f"{self.world_size} GPU" + ("s" if self.world_size > 1 else "")
@@ -180,9 +205,10 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     compute_copy: int
-    activations_per_sample: int  # all layers and the head, one sequence, checkpointing applied
-    logits_per_sample: int  # part of activations_per_sample: the loss's float32 logits and their gradient
+    activations_per_sample: int  # all layers and the head, one sequence, checkpointing applied: activations(1)
+    logits_per_sample: int  # part of activations_per_sample: the loss's logits and their gradients: logits(1)
     cuda_context: int
+    terms: "ActivationTerms"  # what activations(mbs) adds up
     micro_batch_size: Optional[int]  # the config's
     gpu_memory_bytes: Optional[int]
     table: list[MicroBatchRow] = field(default_factory=list)
@@ -203,7 +229,11 @@ class MemoryEstimate:
         return self.state + self.compute_copy + self.cuda_context
 
     def activations(self, micro_batch_size: int) -> int:
-        return self.activations_per_sample * micro_batch_size
+        return self.terms.activations(micro_batch_size)
+
+    def logits(self, micro_batch_size: int) -> int:
+        """The loss's logits term of a micro batch (part of :meth:`activations`)."""
+        return self.terms.logits(micro_batch_size)
 
     def total(self, micro_batch_size: int) -> int:
         return self.fixed + self.activations(micro_batch_size)
@@ -237,6 +267,7 @@ class MemoryEstimate:
         out.append(f"  layout       {lay.describe()}")
         out.append(f"  training     precision {lay.precision}, optimizer {lay.optimizer}, sequence {lay.seq_length}, "
                    f"activation checkpointing {lay.checkpointing}")
+        out.append(f"  loss         {lay.describe_loss()}")
         out.append("")
         width = 34
         rows = [
@@ -245,7 +276,7 @@ class MemoryEstimate:
             ("optimizer state (Adam, fp32)", self.optimizer, _sharded(lay.optimizer_sharded, lay)),
             ("compute copy of the weights", self.compute_copy, _copy_note(lay)),
             ("activations per micro batch", self.activations_per_sample,
-             f"of which logits {_gib(self.logits_per_sample)} GiB"),
+             f"one sequence; of which logits {_gib(self.logits_per_sample)} GiB ({_logits_note(lay)})"),
             ("CUDA context + workspace", self.cuda_context, "fixed allowance"),
         ]
         for label, value, note in rows:
@@ -318,6 +349,12 @@ def _sharded(sharded: bool, lay: Layout) -> str:
     return ("whole on every data-parallel rank" + split) if not sharded else "sharded over 1 (one data-parallel rank)"
 
 
+def _logits_note(lay: Layout) -> str:
+    if lay.loss_chunk_size:
+        return "chunked: does not grow past one chunk"
+    return "whole: every token's"
+
+
 def _copy_note(lay: Layout) -> str:
     if lay.fsdp == "grad":
         return "all gathered from forward to backward (grad strategy)"
@@ -325,6 +362,8 @@ def _copy_note(lay: Layout) -> str:
         return "two gathered blocks + the root (FSDP)"
     if lay.precision == "32":
         return "none in float32"
+    if lay.loss_chunk_size:
+        return "autocast's bf16/fp16 casts of the matmul weights (the head's: with the chunked loss)"
     return "autocast's bf16/fp16 casts of the matmul weights"
 
 
@@ -344,6 +383,31 @@ class _Counts:
     first_extra: int  # embedding tables (the first pipeline stage)
     last_extra: int  # final norm + head (the last pipeline stage; a tied head is a copy there)
     input_tables: int  # embedding tables not used by a matrix multiply (no autocast copy)
+
+
+@dataclass
+class ActivationTerms:
+    """The activations of a micro batch, in parts (bytes): most grow with each sequence; a chunked loss's do not
+    grow past one chunk of tokens."""
+
+    seq_length: int
+    layers: int  # per sequence: what the blocks keep for backward (checkpointing applied)
+    head: int  # per sequence: final norm, the head's input (chunked: and its gradient), the embedding dropout mask
+    recompute: int  # per sequence: what a recomputed chunk of blocks holds in backward (full checkpointing)
+    logits_per_token: float  # bytes per token of the loss's logits at their peak
+    loss_chunk_size: int  # 0: every token's logits at once; N: N tokens' at most
+    loss_forward: int  # chunked, per micro batch: fp32 head-weight gradient (+ the head's compute-dtype copy)
+    loss_backward: int  # chunked, per micro batch: the head-weight gradient and its scaled copy at the backward
+
+    def logits(self, micro_batch_size: int) -> int:
+        tokens = micro_batch_size * self.seq_length
+        if self.loss_chunk_size:
+            tokens = min(tokens, self.loss_chunk_size)
+        return max(math.ceil(self.logits_per_token * tokens) + self.loss_forward, self.loss_backward)
+
+    def activations(self, micro_batch_size: int) -> int:
+        outside = self.head * micro_batch_size + self.logits(micro_batch_size)
+        return self.layers * micro_batch_size + max(outside, self.recompute * micro_batch_size)
 
 
 def _count_params(model_cfg) -> _Counts:
@@ -408,6 +472,7 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     See the module docstring for what is counted.
     """
     from lmforge.config.loader import model_config_from
+    from lmforge.train.assembly import resolve_loss_chunk_size
 
     t, m = cfg.trainer, cfg.model
     vocab_assumed = vocab_size is None
@@ -475,12 +540,31 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     method = _get(m, "activations_checkpoint_method", None)
     n = int(_get(m, "activations_checkpoint_num_layers", 1))
     boundary = math.ceil(r * mc.hidden_size * seq / (tp if sp else 1))  # a chunk's input
-    rms_keep, _ = _norm_bytes(mc.normalization == "rmsnorm", r)
-    V = mc.vocab_size
-    logits = math.ceil(12 * V * seq / tp)  # fp32 log-softmax kept (4) + its gradient pair (8)
-    outside = (rms_keep * mc.hidden_size + e * mc.hidden_size) * seq + logits  # final norm, head input
+    rms_keep, norm_out = _norm_bytes(mc.normalization == "rmsnorm", r)
+    V, C = mc.vocab_size, mc.hidden_size
+    # the loss: chunked as training resolves it (the causal LM loss of one process; TP and PP have their own)
+    chunk_setting = _get(m, "loss_chunk_size", None)
+    chunk = 0
+    if tp == 1 and pp == 1:
+        chunk = resolve_loss_chunk_size(chunk_setting, mc, checkpointing=bool(granularity))
+    loss_forward = loss_backward = 0
+    if chunk:
+        # one chunk: logits in the compute dtype (the same tensor in float32), their fp32 copy, the softmax gradient
+        # and its masked copy; a soft-cap keeps tanh and its derivative besides
+        logits_per_token = ((e if mixed else 0) + 12 + (8 if mc.final_logit_softcapping else 0)) * V
+        head = (rms_keep + 2 * norm_out) * C  # final norm, the head's input and its gradient (grad_h)
+        head_grad = 4 * V * C  # the head weight's gradient, accumulated in fp32 over the chunks
+        if mixed and not fsdp:  # the loss casts the head weight itself, autocast does not: moved from the copy
+            compute_copy -= e * V * C
+            loss_forward = head_grad + e * V * C
+        else:
+            loss_forward = head_grad
+        loss_backward = 2 * head_grad + (e * V * C if mixed and fsdp else 0)  # scaled, cast to the bf16 weight's
+    else:
+        logits_per_token = 12 * V / tp  # fp32 log-softmax kept (4) + its gradient pair (8)
+        head = (rms_keep + e) * C  # final norm, head input
     if (mc.hidden_dropout or 0) > 0:
-        outside += mc.hidden_size * seq  # the embedding dropout's mask
+        head += C  # the embedding dropout's mask
     recompute = 0  # activations a recomputed chunk holds in backward; the head's are freed by then
     if granularity == "full":
         method = method or "uniform"
@@ -502,12 +586,15 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     if pp > 1:
         notes.append(f"pipeline parallel: the first stage keeps {pp} micro batches in flight (1F1B), so all "
                      f"{L} layers' activations are counted")
-    activations = layer_bytes + max(outside, recompute)
+    terms = ActivationTerms(seq_length=seq, layers=layer_bytes, head=head * seq, recompute=recompute,
+                            logits_per_token=logits_per_token, loss_chunk_size=chunk, loss_forward=loss_forward,
+                            loss_backward=loss_backward)
 
     layout = Layout(world_size=world, devices=devices, num_nodes=nodes, tp=tp, pp=pp, dp=dp, fsdp=strategy,
                     shard_group=shard, params_sharded=params_sharded, grads_sharded=grads_sharded,
                     optimizer_sharded=opt_sharded, cpu_offload=cpu_offload, sequence_parallel=sp,
-                    precision=precision, optimizer=optimizer, seq_length=seq, checkpointing=checkpointing)
+                    precision=precision, optimizer=optimizer, seq_length=seq, checkpointing=checkpointing,
+                    loss_chunk_size=chunk, loss_chunk_setting=None if chunk_setting is None else int(chunk_setting))
 
     notes.append("attention runs through SDPA (flash / memory-efficient kernels): the 5*a*s/h score term of "
                  "Korthikanti et al. is not stored")
@@ -524,7 +611,8 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     est = MemoryEstimate(
         num_params=counts.total, params_per_gpu=held, vocab_size=V, vocab_assumed=vocab_assumed, layout=layout,
         weights=weights, gradients=grads, optimizer=opt, compute_copy=compute_copy,
-        activations_per_sample=activations, logits_per_sample=logits, cuda_context=CUDA_CONTEXT_BYTES,
+        activations_per_sample=terms.activations(1), logits_per_sample=terms.logits(1), terms=terms,
+        cuda_context=CUDA_CONTEXT_BYTES,
         micro_batch_size=getattr(m, "micro_batch_size", None), gpu_memory_bytes=gpu_memory_bytes,
         notes=notes, name=name)
     if gpu_memory_bytes:
@@ -546,8 +634,14 @@ def _fill_table(est: MemoryEstimate) -> None:
             break
         mbs *= 2
     room = BAND[1] * card - est.fixed
-    if est.activations_per_sample > 0 and room >= est.activations_per_sample:
-        est.max_micro_batch = int(room // est.activations_per_sample)
+    if est.activations(1) <= room:  # the largest micro batch whose activations fit the room (they only grow)
+        lo, hi = 1, 2
+        while est.activations(hi) <= room:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if est.activations(mid) <= room else (lo, mid)
+        est.max_micro_batch = lo
 
 
 def _suggestions(cfg, vocab_size: Optional[int], card: int) -> list[Suggestion]:
