@@ -1,0 +1,101 @@
+"""Check ``lmforge config --estimate``'s activations, the loss whole or chunked, against the measured peak on one
+GPU (run by hand; never by the test suite).
+
+A few blocks of a recipe's shape (default: Llama-3-8B, 2 layers) with a given vocabulary are trained for one
+forward + backward under bf16 autocast, no FSDP, through lmforge's own ``CausalLMLoss`` with the chunk size the
+estimate resolved (``resolve_loss_chunk_size``, as training does). Measured: ``torch.cuda.max_memory_allocated``
+during the step, minus what was allocated before it (the fp32 weights and the tokens). Estimated: the same step's
+activations + autocast's compute copy + the fp32 gradients (the gradients are resident at the end of backward, so
+this sum is an upper bound where the peak is in the loss's forward, as it is with a chunked loss). Printed per
+case: both, in GiB, and the estimate's loss layout; records appended to ``$OUT/estimate_loss_check.json``.
+
+    python benchmarks/estimate_loss_check.py                              # 128k vocabulary: auto chunk vs 0
+    python benchmarks/estimate_loss_check.py --vocab 32000 --checkpointing  # checkpointing chunks 32k
+    python benchmarks/estimate_loss_check.py --device cpu --layers 1 --seq 256 --hidden 64   # smoke run, no peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lmforge.config import load_config, model_config_from
+from lmforge.config.estimate import GiB, estimate_memory
+from lmforge.models.transformer import Transformer
+from lmforge.train.objectives import CausalLMLoss
+
+
+def one_case(args, chunk_setting, mbs: int) -> dict:
+    overrides = ["trainer.devices=1", f"model.num_layers={args.layers}", f"model.encoder_seq_length={args.seq}",
+                 f"model.max_position_embeddings={max(args.seq, 8192)}", f"model.micro_batch_size={mbs}"]
+    if args.hidden:
+        overrides += [f"model.hidden_size={args.hidden}", f"model.ffn_hidden_size={4 * args.hidden}",
+                      "model.num_attention_heads=4", "model.num_query_groups=2"]
+    if chunk_setting is not None:
+        overrides.append(f"model.loss_chunk_size={chunk_setting}")
+    if args.checkpointing:
+        overrides.append("model.activations_checkpoint_granularity=full")
+    cfg = load_config(args.recipe, overrides)
+    est = estimate_memory(cfg, vocab_size=args.vocab)
+    device = torch.device(args.device)
+    model = Transformer(model_config_from(cfg, args.vocab)).to(device)
+    if args.checkpointing:
+        from lmforge.parallel.transforms import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, granularity="full", method="uniform", num_layers=1)
+    objective = CausalLMLoss(model, loss_chunk_size=est.layout.loss_chunk_size)
+    tokens = torch.randint(0, args.vocab, (mbs, args.seq + 1), device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss, n = objective(tokens)
+    (loss / n).backward()
+    measured = (torch.cuda.max_memory_allocated() - before) if cuda else None
+    estimated = est.activations(mbs) + est.compute_copy + est.gradients
+    rec = dict(recipe=args.recipe, layers=args.layers, seq=args.seq, vocab=args.vocab, micro_batch_size=mbs,
+               checkpointing=args.checkpointing, loss=est.layout.describe_loss(),
+               loss_chunk_size=est.layout.loss_chunk_size, logits_gib=est.logits(mbs) / GiB,
+               estimated_gib=estimated / GiB, measured_gib=None if measured is None else measured / GiB,
+               device=torch.cuda.get_device_name() if cuda else "cpu")
+    del model, objective, loss
+    if cuda:
+        torch.cuda.empty_cache()
+    return rec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="llama3/8b")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--hidden", type=int, default=0, help="a smaller hidden size (smoke runs); 0: the recipe's")
+    p.add_argument("--mbs", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--chunks", nargs="+", default=["auto", "0"], help="model.loss_chunk_size values; auto: null")
+    p.add_argument("--checkpointing", action="store_true", help="full activation checkpointing, one block a chunk")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    records = []
+    for chunk in args.chunks:
+        for mbs in args.mbs:
+            rec = one_case(args, None if chunk == "auto" else int(chunk), mbs)
+            records.append(rec)
+            measured = "n/a" if rec["measured_gib"] is None else f"{rec['measured_gib']:.2f}"
+            print(f"mbs {mbs}  {rec['loss']}: logits {rec['logits_gib']:.2f} GiB; estimated "
+                  f"{rec['estimated_gib']:.2f} GiB (activations + compute copy + gradients), measured {measured} GiB",
+                  flush=True)
+    out = Path(os.environ.get("OUT", ".")) / "estimate_loss_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
