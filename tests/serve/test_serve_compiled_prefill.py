@@ -152,3 +152,21 @@ def test_compile_prefill_flags_reach_the_engine(monkeypatch):
     argv = ["--shape", "tiny", "--num-requests", "1", "--prompt-len", "4", "8", "--output-len", "2", "3"]
     assert bench.main(argv + ["--compile-prefill"]) == 1 and bench.main(argv) == 1
     assert built == [True, False]
+
+
+def test_compiled_prefill_warm_up_says_why_a_shape_compiled_again(monkeypatch):
+    """A shape that compiles a graph again names, on its progress line, the guard of the earlier graph that it
+    failed (dynamo's recompile reason, read without ``TORCH_LOGS``). Forced here: without size-oblivious tracing
+    dynamo compiles a row of 1 apart (its 0/1 specialisation), and the guard it fails is on the rows of ``ids``.
+    Only the fresh path's several-rows and one-row shapes are warmed up (two small graphs)."""
+    monkeypatch.setattr(runner_module, "SIZE_OBLIVIOUS", False)
+    monkeypatch.setattr(runner_module, "PREFILL_BACKEND", "aot_eager")
+    step = runner_module.PREFILL_TOKEN_STEP
+    monkeypatch.setattr(runner_module.CompiledPrefill, "shapes",
+                        lambda self: [("fresh", 2, 4 * step, 1), ("fresh", 1, 5 * step, 1)])
+    lines: list[str] = []
+    Engine(make_model("llama", 64, 0.5), compile_prefill=True, log=lines.append, **CONFIG)
+    warm = [line for line in lines if line.startswith("compiling prefill:")]
+    assert len(warm) == 2 and ", 1 rows," in warm[1], warm
+    assert "compiled a graph: recompiled, " in warm[1] and "ids.size()[0]" in warm[1], warm
+    assert "TORCH_LOGS" not in warm[1] and "\n" not in warm[1], warm

@@ -265,13 +265,15 @@ class CompiledPrefill:
     def warm_up(self, log) -> float:
         """Compile and run every shape of :meth:`shapes` on padding (every token writes the scratch block); returns
         the seconds it took. ``log`` receives a line per shape: whether it compiled a graph (dynamo's count of
-        graphs went up) or ran one compiled before. :attr:`graphs` then holds each path's count of graphs (1 each
-        with :data:`SIZE_OBLIVIOUS`)."""
+        graphs went up) or ran one compiled before, and for a graph compiled again why (the guard of the earlier
+        graph that the shape failed, as dynamo records it: :func:`_recompile_reasons`). :attr:`graphs` then holds
+        each path's count of graphs (1 each with :data:`SIZE_OBLIVIOUS`)."""
         start = time.perf_counter()
         shapes = self.shapes()
         self.graphs = {}
         for i, (path, B, T, nb) in enumerate(shapes):
             before = counters["stats"]["unique_graphs"]
+            records = _compile_records()
             if self.runner.lora is not None:
                 self.runner.lora.set_rows([0] * B)
             ids, positions = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)  # apart: an
@@ -280,10 +282,40 @@ class CompiledPrefill:
                      fresh=path == "fresh")
             compiled = counters["stats"]["unique_graphs"] - before
             self.graphs[path] = self.graphs.get(path, 0) + compiled
+            what = "no new graph"
+            if compiled:
+                reasons = _recompile_reasons(records)
+                what = "compiled a graph" + (": recompiled, " + "; ".join(reasons) if reasons else "")
             log(f"compiling prefill: {i + 1}/{len(shapes)} ({path} path, {B} rows, {T} tokens, {nb} blocks, "
-                f"{'compiled a graph' if compiled else 'no new graph'}) {time.perf_counter() - start:.1f}s")
+                f"{what}) {time.perf_counter() - start:.1f}s")
         self.calls = {"fresh": 0, "gather": 0}
         return time.perf_counter() - start
+
+
+def _compile_records() -> list:
+    """dynamo's records of the compiles run so far (``torch._dynamo.utils.get_compilation_metrics()``: one per
+    compiled frame, the latest few dozen), or none on a torch that keeps no such records."""
+    get = getattr(torch._dynamo.utils, "get_compilation_metrics", None)
+    try:
+        return list(get()) if get is not None else []
+    except Exception:  # a private API: a torch that changed it prints no reasons, it does not fail the start-up
+        return []
+
+
+def _recompile_reasons(before: list, limit: int = 300) -> list[str]:
+    """Why the compiles recorded since ``before`` (an earlier :func:`_compile_records`) compiled again: each
+    record's ``recompile_reason``, the first guard of the earlier graph that the new call failed (e.g. "tensor
+    'ids' size mismatch at index 0. expected 16, actual 1", or a shape guard such as "Ne(s0, 1)"), as dynamo
+    logs it under ``TORCH_LOGS=recompiles`` (read here without that setting). Whitespace is folded to one line
+    and each reason cut at ``limit`` characters; empty where the torch records none."""
+    seen = {id(record) for record in before}  # ``before`` holds the records: their ids are not reused
+    reasons = []
+    for record in _compile_records():
+        reason = getattr(record, "recompile_reason", None)
+        if id(record) not in seen and isinstance(reason, str) and reason:
+            reason = " ".join(reason.split()).split(" (user code shown")[0]  # less dynamo's standard advice
+            reasons.append(reason if len(reason) <= limit else reason[:limit] + "...")
+    return reasons
 
 
 def _mark_dynamic(t: torch.Tensor) -> None:
