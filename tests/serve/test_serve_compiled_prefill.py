@@ -170,3 +170,30 @@ def test_compiled_prefill_warm_up_says_why_a_shape_compiled_again(monkeypatch):
     assert len(warm) == 2 and ", 1 rows," in warm[1], warm
     assert "compiled a graph: recompiled, " in warm[1] and "ids.size()[0]" in warm[1], warm
     assert "TORCH_LOGS" not in warm[1] and "\n" not in warm[1], warm
+
+
+def test_compiled_prefill_one_row_takes_the_graph_of_several_with_the_decode_kernels(monkeypatch):
+    """With the decode model of a GPU engine (``compile_decode``: projections fused, norms folded, the Triton
+    one-row modules installed, which branch on a single row), a prefill of one row still runs the graph compiled
+    for two: the modules' one-row test (a single token, never a prefill's padded row) installs no guard that one
+    row fails. The kernels' device test is made to pass on the CPU (Triton's interpreter setting); the kernels
+    themselves never run (no prefill row is a single token)."""
+    import lmforge.serve.kernels as kernels
+    from lmforge.models.transformer import fuse_projections
+
+    monkeypatch.setattr(kernels, "_INTERPRET", True)
+    monkeypatch.setattr(runner_module, "PREFILL_BACKEND", "aot_eager")
+    step = runner_module.PREFILL_TOKEN_STEP
+    monkeypatch.setattr(runner_module.CompiledPrefill, "shapes",
+                        lambda self: [("fresh", 2, 4 * step, 1), ("fresh", 1, 5 * step, 1)])
+    model = make_model("llama", 64, 0.5)
+    fuse_projections(model)
+    model.requires_grad_(False)
+    assert kernels.use_decode_kernels(model) > 0
+    assert all(isinstance(layer, kernels.DecodeBlock) and layer.folded for layer in model.layers)
+    lines: list[str] = []
+    engine = Engine(model, compile_prefill=True, log=lines.append, **CONFIG)
+    warm = [line for line in lines if line.startswith("compiling prefill:")]
+    assert len(warm) == 2 and ", 1 rows," in warm[1], warm
+    assert ("no new graph" in warm[1]) == runner_module.SIZE_OBLIVIOUS, warm
+    assert engine.runner.compiled_prefill.graphs == {"fresh": 1 if runner_module.SIZE_OBLIVIOUS else 2}
