@@ -135,13 +135,13 @@ def test_compile_prefill_flags_reach_the_engine(monkeypatch):
     import lmforge.serve.server as server
     from lmforge.cli import main
 
-    from tests.serve.test_serve_paged import _load_benchmark
+    from tests.conftest import load_benchmark
 
     served = []
     monkeypatch.setattr(server, "run_server", lambda model, **kw: served.append(kw["compile_prefill"]))
     assert main(["serve", "some/model", "--compile-prefill"]) == 0 and main(["serve", "some/model"]) == 0
     assert served == [True, False]
-    bench = _load_benchmark("serve_load")
+    bench = load_benchmark("serve_load")
     built = []
 
     def engine(*args, **kwargs):
