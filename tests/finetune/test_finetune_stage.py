@@ -125,3 +125,39 @@ def test_finetune_keys_that_would_not_act_are_refused(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_finetune_config(None, ["model=m", "data=d.jsonl", *overrides])
+
+
+def test_compile_key_compiles_the_blocks_and_the_loss(tmp_path):
+    """compile=true acts: the job compiles each block (with its adapters) and the loss head, as lora_throughput.py
+    --compile measured (a compiled step on the CPU is slow, so the step itself is left to that GPU benchmark);
+    under tensor parallelism it is refused when the config loads, and a non-boolean value is named."""
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.stage import job_from_config, stage_layout
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.parallel.runtime import init_runtime, shutdown
+    from lmforge.train.assembly import build_training
+
+    cfg = load_finetune_config(None, ["model=m", "data=d.jsonl", "method=full", "compile=true", "resume=false",
+                                      f"out={tmp_path / 'out'}", "trainer.accelerator=cpu"])
+    assert cfg.compile is True
+    rt = init_runtime("cpu")
+    try:
+        dims, accum = stage_layout(cfg, rt)
+        job = job_from_config(cfg, dims, accum, None)
+        assert job.compile
+        model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
+                                        ffn_hidden_size=64, max_position_embeddings=32))
+        training = build_training(job, model, rt, console_log=lambda s: None)
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
+        from lmforge.train.objectives import token_cross_entropy
+
+        assert not training.objective.loss_chunk_size and training.objective.loss_fn is not token_cross_entropy
+    finally:
+        shutdown(rt)
+    plain = load_finetune_config(None, ["model=m", "data=d.jsonl"])
+    assert plain.compile is False
+    with pytest.raises(ConfigError, match="compile=true with tensor_model_parallel_size=2 is not supported yet"):
+        load_finetune_config(None, ["model=m", "data=d.jsonl", "method=full", "compile=true",
+                                    "tensor_model_parallel_size=2", "trainer.devices=2"])
+    with pytest.raises(ConfigError, match="override 'compile=maybe': compile: Value 'maybe' is not a valid bool"):
+        load_finetune_config(None, ["model=m", "data=d.jsonl", "compile=maybe"])

@@ -114,6 +114,7 @@ class FinetuneConfig:
     activations_checkpoint_granularity: Optional[str] = None  # None | full | selective (NeMo's meaning) | lora
     activations_checkpoint_method: Optional[str] = None  # None (uniform) | uniform | block
     activations_checkpoint_num_layers: Optional[int] = None  # None: 1
+    compile: bool = False  # torch.compile each block (adapters inside) and the loss head
     tensor_model_parallel_size: int = 1  # split every block over this many consecutive ranks (method=full)
     sequence_parallel: bool = False  # with tensor parallelism: norms and dropouts split along the sequence too
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
@@ -254,6 +255,8 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
         if cfg.method != "full":
             problems.append(f"tensor_model_parallel_size={tp} with method={cfg.method}: PEFT under tensor parallelism "
                             "is not supported yet; use method=full, or fsdp=true for adapters")
+        if cfg.compile is True:
+            problems.append(f"compile=true with tensor_model_parallel_size={tp} is not supported yet: drop one of them")
         if cfg.val_data and cfg.generation.num_samples > 0:
             problems.append(f"tensor_model_parallel_size={tp}: generation metrics during validation are not "
                             "supported under tensor parallelism yet; set generation.num_samples=0 (val_loss is "

@@ -84,8 +84,10 @@ def stage_job(cfg, dims: ParallelDims, accumulate: int, peft_method: Optional[st
 
 def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, peft_cfg) -> TrainJob:
     """The :class:`~lmforge.train.assembly.TrainJob` of a fine-tuning config."""
-    return stage_job(cfg, dims, accumulate, cfg.method, peft_cfg, activations_checkpoint(cfg), to_dict(cfg),
-                     async_save=bool(cfg.async_save), sequence_parallel=bool(cfg.sequence_parallel))
+    job = stage_job(cfg, dims, accumulate, cfg.method, peft_cfg, activations_checkpoint(cfg), to_dict(cfg),
+                    async_save=bool(cfg.async_save), sequence_parallel=bool(cfg.sequence_parallel))
+    job.compile = bool(cfg.compile)  # each block with its adapters, and the loss head (build_training)
+    return job
 
 
 def stage_layout(cfg, rt: Runtime, tp: int = 1) -> tuple[ParallelDims, int]:
