@@ -160,8 +160,11 @@ def main():
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     fp8 = None if a.fp8 == "none" else a.fp8
-    if a.fused is None:  # model.fused_projections' default (lmforge.train.pretrain.joint_projections)
-        a.fused = fp8 is None
+    if a.fused is None:  # model.fused_projections left unset: training's rule, from its one source
+        from types import SimpleNamespace
+
+        from lmforge.train.pretrain import joint_projections
+        a.fused = joint_projections(SimpleNamespace(fused_projections=None, fp8=fp8 is not None))
     out = os.path.join(os.environ["OUT"], "lmforge_train.json") if os.environ.get("OUT") else None
     results = []
     if out and os.path.exists(out):  # several invocations in one device call add to one file

@@ -255,7 +255,7 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
         if cfg.method != "full":
             problems.append(f"tensor_model_parallel_size={tp} with method={cfg.method}: PEFT under tensor parallelism "
                             "is not supported yet; use method=full, or fsdp=true for adapters")
-        if cfg.compile is True:
+        if cfg.compile:
             problems.append(f"compile=true with tensor_model_parallel_size={tp} is not supported yet: drop one of them")
         if cfg.val_data and cfg.generation.num_samples > 0:
             problems.append(f"tensor_model_parallel_size={tp}: generation metrics during validation are not "
