@@ -581,20 +581,14 @@ class Engine:
         seqs, rows = [s for s, _ in live], [r for _, r in live]
         if d.tokens is not None:
             tokens = d.read_tokens()
-            # every row of every step passes here: _append's work inline, the clock read once for the step
-            now, append, appended = time.monotonic(), self.outputs.append, 0
+            now = time.monotonic()  # every row of every step passes here: the clock read once for the step
             for seq, r in zip(seqs, rows):
                 token = tokens[r]
                 if token < 0:  # a draw from a distribution that is not finite (NaN logits): this request fails
                     seq.fail("the model's next-token distribution is not finite (NaN or inf logits)")
                 else:
-                    if seq.first_token_time is None:
-                        seq.first_token_time = now
-                    seq.last_token_time = now
-                    append(seq, token)
-                    appended += 1
+                    self._append(seq, token, now)
                 touched[seq.request_id] = seq
-            self.metrics.generation_tokens += appended
         else:
             self._advance(seqs, d.logits, touched, rows, d.greedy)
         if self.cache.allocator.prefix_caching:
@@ -619,8 +613,9 @@ class Engine:
                 self._append(seq, token)
             touched[seq.request_id] = seq
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        now = time.monotonic()
+    def _append(self, seq: Sequence, token: int, now: Optional[float] = None) -> None:
+        """``token`` appended to ``seq`` (its output, stop checks), at ``now`` (default: the clock's time)."""
+        now = time.monotonic() if now is None else now
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
