@@ -16,8 +16,8 @@ from lmforge import __version__
 from lmforge.data.files import MAX_DOCUMENT_CHARS
 from lmforge.errors import UserError
 from lmforge.quickstart import DEFAULT_TIME_BUDGET
+from lmforge.stop_markers import EXIT_STOPPED_TO_RESUME, stopped_to_resume
 
-EXIT_STOPPED_TO_RESUME = 75  # EX_TEMPFAIL: the run saved a checkpoint and stopped early; run it again to resume
 
 
 def _add_quickstart(sub):
@@ -65,7 +65,7 @@ def _cmd_pretrain(a):
         print(json.dumps(summary, indent=2))
     # Stopped after saving by SIGUSR1/SIGTERM (walltime, preemption) or trainer.max_time: a launcher requeues on
     # this code.
-    return EXIT_STOPPED_TO_RESUME if summary.get("stopped_early") or summary.get("time_limit_reached") else 0
+    return EXIT_STOPPED_TO_RESUME if stopped_to_resume(summary) else 0
 
 
 def _add_config(sub):

@@ -151,3 +151,26 @@ def test_fine_tuning_settings_are_checked_at_launch(tmp_path, launch_helpers, ti
     err = capsys.readouterr().err
     assert err.startswith("error: fine_tuning: ") and "methd" in err and "method" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_torchrun_stage_stopped_by_its_time_limit_exits_75(tmp_path, launch_helpers, tiny_corpus, capsys,
+                                                              monkeypatch):
+    """Two processes through torchrun stop at trainer.max_time after saving: each exits 75, torchrun exits 1
+    (it takes a worker's non-zero exit for a failure); the launch still reads 75 (every rank left its stop
+    marker), records `stopped` and says how to resume, and no marker is left behind."""
+    monkeypatch.chdir(tmp_path)
+    train = launch_helpers.training_body(tiny_corpus, devices=2, max_steps=100_000, max_time="00:00:00:01",
+                                         val_check_interval=1_000_000, limit_test_batches=0)
+    train["model"]["global_batch_size"] = 8
+    conf = launch_helpers.write_conf(tmp_path, {"stages": ["training"], "cluster_type": "local",
+                                                "base_results_dir": str(tmp_path / "r")}, {"training": train})
+    r = tmp_path / "r"
+    assert main(["launch", str(conf)]) == 75
+    out = capsys.readouterr().out
+    assert "saved a checkpoint and stopped early; run the same launch command again to resume" in out
+    summary = json.loads((r / "tiny" / "summary.json").read_text())
+    assert summary["time_limit_reached"] and summary["world_size"] == 2 and summary["steps"] < 100_000
+    assert summary["checkpoint"].endswith(f"step_{summary['steps']:07d}")
+    assert "ChildFailedError" in (r / "tiny" / "launch.log").read_text()  # torchrun's own exit was a failure
+    assert json.loads((r / "launch.json").read_text())["stages"][0]["state"] == "stopped"
+    assert not (r / "tiny" / ".stopped_to_resume").exists() and not (r / "tiny" / "COMPLETED").exists()

@@ -182,4 +182,5 @@ def test_sigusr1_reaches_the_workers_of_a_torchrun_stage(tmp_path, launch_helper
     assert summary["stopped_early"] and summary["world_size"] == 2
     assert Path(summary["checkpoint"]).name == f"step_{summary['steps']:07d}"
     assert json.loads((r / "launch.json").read_text())["stages"][0]["state"] == "stopped"
-    assert "SIGUSR1" in out and "run the same launch command again to resume" in out
+    assert "SIGUSR1: the stage saved a checkpoint and stopped (exit code 75)" in out  # not torchrun's 1
+    assert "run the same launch command again to resume" in out

@@ -47,11 +47,13 @@ def run_stage_command(a, flags: dict, load_config, run) -> int:
     if source is not None and "=" in source:  # no YAML file given: the first word is an override
         source, overrides = None, [source] + overrides
     overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    from lmforge.stop_markers import EXIT_STOPPED_TO_RESUME, stopped_to_resume
+
     cfg = load_config(source, overrides)
     summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
-    return 75 if summary.get("stopped_early") else 0
+    return EXIT_STOPPED_TO_RESUME if stopped_to_resume(summary) else 0
 
 
 def _cmd_finetune(a) -> int:

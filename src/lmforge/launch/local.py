@@ -25,11 +25,11 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
+from lmforge import stop_markers
 from lmforge.errors import ConfigError, UserError
 from lmforge.launch import containers
 from lmforge.launch.stages import Stage
-
-EXIT_STOPPED_TO_RESUME = 75
+from lmforge.stop_markers import EXIT_STOPPED_TO_RESUME
 
 
 class StageFailedError(UserError):
@@ -244,6 +244,11 @@ def _skip_completed(stage, entry: dict, head: str, force: bool, log) -> bool:
     return True
 
 
+def stop_markers_folder(stage: Stage) -> Path:
+    """Where the ranks of ``stage`` that stop to resume write their markers (:mod:`lmforge.stop_markers`)."""
+    return stage.results_dir.resolve() / ".stopped_to_resume"
+
+
 def _run_stages(stages, plans, entries, env, force, log, on_update, stop: StopForwarder) -> tuple[int, list[dict]]:
     def update(entry, state):
         entry["state"] = state
@@ -285,9 +290,15 @@ def _run_stages(stages, plans, entries, env, force, log, on_update, stop: StopFo
             update(entry, "running")
 
         log_path = stage.results_dir / "launch.log"
+        markers = stop_markers_folder(stage)
         for task, argv in enumerate(commands):
             log(f"{head}: {containers.join(argv)}")
-            rc = _run_logged(argv, env, log_path, stop, torchrun=stage.distributed, on_start=started)
+            stop_markers.clear(markers)
+            rc = _run_logged(argv, {**env, stop_markers.ENV: str(markers)}, log_path, stop,
+                             torchrun=stage.distributed, on_start=started)
+            if stage.distributed and rc != 0 and stop_markers.all_stopped(markers, stage.ntasks_per_node):
+                rc = EXIT_STOPPED_TO_RESUME  # every rank exited 75; torchrun made it 1
+            stop_markers.clear(markers)
             if rc == EXIT_STOPPED_TO_RESUME and stage.resumable:
                 if stop.received is not None:
                     return stopped(i, stage, entry, rc)

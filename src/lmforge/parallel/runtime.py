@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.errors import ConfigError
+from lmforge.stop_markers import mark as mark_stopped, stopped_to_resume
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,14 @@ def run_on_runtime(stage_run, cfg, runtime: Optional[Runtime], console_log, t0: 
 
     No rank returns before every rank has finished the stage (rank 0 its loss curve and summary.json): a run
     stopped early exits 75 on every rank, and torchrun's agent takes a rank's non-zero exit for a failure and kills
-    the ranks still running, rank 0 in the middle of writing its summary included."""
+    the ranks still running, rank 0 in the middle of writing its summary included. Such a rank writes its stop
+    marker (:mod:`lmforge.stop_markers`) before that barrier: the launcher reads torchrun's exit 1 as 75 by it."""
     own = runtime is None
     rt = runtime or init_runtime(cfg.trainer.accelerator)
     try:
         summary = stage_run(cfg, rt, console_log, time.perf_counter() if t0 is None else t0)
+        if stopped_to_resume(summary):
+            mark_stopped(rt.rank)
         rt.barrier()
         return summary
     finally:
