@@ -172,3 +172,23 @@ def test_settings_online_rl_cannot_honour_are_refused(overrides, says):
     with pytest.raises(ConfigError, match=None) as e:
         load_align_config(None, ["model=m", "data=d.jsonl", *overrides])
     assert says in str(e.value)
+
+
+def test_the_mini_batch_check_reads_the_run_layouts_data_parallel_size(monkeypatch):
+    """align.num_mini_batches is checked against each data-parallel rank's share of the rollout, the data-parallel
+    size read from the run's layout (lmforge.finetune.config.parallel_dims: what the stage trains with), not from
+    trainer.devices x trainer.num_nodes: in a layout of 2-way tensor parallelism 4 processes are 2 data-parallel
+    ranks. Alignment has no tensor-parallel key yet, so the layout is replaced here."""
+    from lmforge.align import config as align_config
+    from lmforge.errors import ConfigError
+    from lmforge.parallel.dims import ParallelDims
+
+    monkeypatch.setattr(align_config, "parallel_dims",
+                        lambda cfg: ParallelDims(int(cfg.trainer.devices) * int(cfg.trainer.num_nodes), tp=2))
+    base = ["model=m", "data=d.jsonl", "method=grpo", "align.reward_fn=m:f", "trainer.devices=4",
+            "micro_batch_size=1", "global_batch_size=4", "align.num_generations=2"]  # 8 completions
+    cfg = align_config.load_align_config(None, base + ["align.num_mini_batches=4"])  # 2 ranks x 4: 4 shares of 1
+    assert cfg.align.num_mini_batches == 4
+    with pytest.raises(ConfigError) as e:
+        align_config.load_align_config(None, base + ["align.num_mini_batches=8"])
+    assert "must divide each of the 2 data-parallel ranks' 4 completions" in str(e.value)

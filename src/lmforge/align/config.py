@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
 from lmforge.data.steer import DEFAULT_ATTRIBUTES, DEFAULT_RANGE, problems_of
+from lmforge.errors import ConfigError
 from lmforge.finetune.config import (OptimSection, PeftSection, TrainerSection, activations_checkpoint,
                                      check_activations_checkpoint_keys, check_fsdp_keys, check_training_keys,
-                                     load_structured, raise_problems)
+                                     load_structured, parallel_dims, raise_problems)
 
 METHODS = ("dpo", "ipo", "rpo", "kto", "orpo", "simpo", "rm", "regression_rm", "grpo", "reinforce", "ppo")
 REWARD_METHODS = ("rm", "regression_rm")
@@ -249,7 +250,7 @@ def validate(cfg: AlignConfig, need_paths: bool = True) -> None:
 
 def _validate_online(cfg: AlignConfig, problems: list) -> None:
     """What GRPO, REINFORCE and PPO need, and what they refuse."""
-    a, t = cfg.align, cfg.trainer
+    a = cfg.align
     if not a.reward_fn and not a.reward_model:
         problems.append(f"method={cfg.method} needs a reward: a function (--reward-fn module:function, "
                         f"align.reward_fn) or a reward model (--reward-model PATH, align.reward_model)")
@@ -264,7 +265,10 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
     if int(a.ppo_epochs) < 1:
         problems.append(f"align.ppo_epochs={a.ppo_epochs} must be at least 1")
     rows = int(cfg.global_batch_size) * int(a.num_generations)
-    dp = max(1, int(t.devices) * int(t.num_nodes))  # each rank trains on its share of every mini batch
+    try:  # each data-parallel rank trains on its share of every mini batch
+        dp = parallel_dims(cfg).dp
+    except ConfigError:  # a layout that cannot be (an unknown fsdp_sharding_strategy): its own key's check says so
+        dp = 1
     if int(a.num_mini_batches) < 1 or rows % int(a.num_mini_batches):
         problems.append(f"align.num_mini_batches={a.num_mini_batches} must divide the rollout's {rows} completions "
                         f"(global_batch_size x align.num_generations) into equal mini batches")

@@ -277,6 +277,22 @@ def validate(cfg: FinetuneConfig, need_paths: bool = True) -> None:
     raise_problems(problems, "fine-tuning")
 
 
+def parallel_dims(cfg, rank: int = 0):
+    """The :class:`~lmforge.parallel.dims.ParallelDims` a fine-tuning or alignment config asks for, the one source
+    of its data-parallel size (as :func:`lmforge.config.loader.parallel_dims` is pretraining's): the world of
+    ``trainer.devices`` x ``trainer.num_nodes``, ``tensor_model_parallel_size``-way tensor parallelism (alignment
+    has no such key: 1), FSDP as ``fsdp``/``fsdp_sharding_strategy`` say; ``rank``: 0 when only planning.
+
+    Raises:
+        ConfigError: a layout that does not divide the world, naming the keys."""
+    from lmforge.parallel.dims import ParallelDims, fsdp_strategy
+
+    t = cfg.trainer
+    return ParallelDims(int(t.devices) * int(t.num_nodes), rank=rank, devices_per_node=int(t.devices),
+                        tp=int(getattr(cfg, "tensor_model_parallel_size", 1)),
+                        fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy))
+
+
 def activations_checkpoint(cfg) -> Optional[dict]:
     """A fine-tuning or alignment config's activation checkpointing as
     :func:`~lmforge.parallel.transforms.apply_activation_checkpointing` takes it (``{granularity, method,

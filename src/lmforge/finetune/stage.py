@@ -26,10 +26,10 @@ from lmforge.config.batch import resolve_batch
 from lmforge.data.prompts import set_chat_template
 from lmforge.data.sft import load_sft_dataset
 from lmforge.errors import ConfigError
-from lmforge.finetune.config import FinetuneConfig, activations_checkpoint, to_dict
+from lmforge.finetune.config import FinetuneConfig, activations_checkpoint, parallel_dims, to_dict
 from lmforge.finetune.metrics import exact_match, greedy_continue, token_f1
 from lmforge.io import write_json_atomic, write_text_atomic
-from lmforge.parallel.dims import ParallelDims, fsdp_strategy
+from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.fsdp import gathered, whole_tensor
 from lmforge.parallel.runtime import Runtime, run_on_runtime
 from lmforge.train.assembly import (CheckpointSpec, OptimSpec, TrainJob, build_training, seed_everything,
@@ -90,13 +90,11 @@ def job_from_config(cfg: FinetuneConfig, dims: ParallelDims, accumulate: int, pe
     return job
 
 
-def stage_layout(cfg, rt: Runtime, tp: int = 1) -> tuple[ParallelDims, int]:
-    """(parallel layout, gradient accumulation steps) of a fine-tuning or alignment run on ``rt``: the world from
-    ``trainer.devices`` x ``trainer.num_nodes``, FSDP as ``fsdp``/``fsdp_sharding_strategy`` say, ``tp``-way
-    tensor parallelism; accumulation from the global and micro batch sizes."""
-    t = cfg.trainer
-    dims = ParallelDims(int(t.devices) * int(t.num_nodes), devices_per_node=int(t.devices), tp=tp,
-                        fsdp=fsdp_strategy(cfg.fsdp, cfg.fsdp_sharding_strategy)).check_world(rt.world_size, rt.rank)
+def stage_layout(cfg, rt: Runtime) -> tuple[ParallelDims, int]:
+    """(parallel layout, gradient accumulation steps) of a fine-tuning or alignment run on ``rt``: the layout the
+    config asks for (:func:`lmforge.finetune.config.parallel_dims`), checked against the world torchrun started;
+    accumulation from the global and micro batch sizes."""
+    dims = parallel_dims(cfg).check_world(rt.world_size, rt.rank)
     dims.check_supported()
     accum = resolve_batch(int(cfg.global_batch_size), int(cfg.micro_batch_size), None,
                           dims=dims).accumulate_grad_batches
@@ -193,7 +191,7 @@ def run(cfg: FinetuneConfig, runtime: Runtime | None = None, console_log=print) 
 
 def _run(cfg: FinetuneConfig, rt: Runtime, console_log, t0: float) -> dict:
     t = cfg.trainer
-    dims, accum = stage_layout(cfg, rt, tp=int(cfg.tensor_model_parallel_size))
+    dims, accum = stage_layout(cfg, rt)
     gbs = int(cfg.global_batch_size)
     out = Path(cfg.out)
     seed_everything(int(cfg.seed), dims.dp_rank)  # one tensor-parallel group draws the same dropout masks
