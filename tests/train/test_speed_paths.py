@@ -476,6 +476,26 @@ def test_loop_logs_the_losses_of_each_step():
             assert abs(float(loss) - logged[step + 1]) <= 1e-6
 
 
+def test_loop_logs_the_peak_gpu_memory_on_cuda(monkeypatch):
+    """On a CUDA device each training line carries ``peak_memory_gib`` (torch's max_memory_allocated in GiB); off
+    CUDA the key is absent (no made-up number)."""
+    import lmforge.train.loop as loop
+    from lmforge.train.loop import TrainState, peak_memory
+
+    assert peak_memory(torch.device("cpu")) == {}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: asked.append(device) or 3 * 2**29)
+    assert peak_memory(torch.device("cuda", 0)) == {"peak_memory_gib": 1.5}
+    assert asked == [torch.device("cuda", 0)]
+    trainer, log = _trainer(tiny(), steps=2, log_every=1)
+    trainer.fit(Rows(40, 8, 97), None, TrainState())
+    assert all("peak_memory_gib" not in d for _, d in log.rows)  # this run is on CPU
+    monkeypatch.setattr(loop, "peak_memory", lambda device: {"peak_memory_gib": float(device.type == "cpu")})
+    trainer, log = _trainer(tiny(), steps=2, log_every=1)
+    trainer.fit(Rows(40, 8, 97), None, TrainState())
+    assert [d["peak_memory_gib"] for _, d in log.rows if "loss" in d] == [1.0, 1.0]  # asked of the run's device
+
+
 def test_a_dropped_reader_stops_its_dataloader_workers_at_once():
     """MicroBatches with DataLoader workers (model.data.num_workers): a reader dropped (an evaluation's, the
     training's at the end) frees its loader by reference count, not through the cyclic collector. In a cycle, the

@@ -38,6 +38,15 @@ from lmforge.train.optim import set_lr
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def peak_memory(device: torch.device) -> dict:
+    """``{"peak_memory_gib": ...}``: the most GPU memory this process has allocated on ``device`` since it started
+    (``torch.cuda.max_memory_allocated``, a host-side counter: no device sync), logged with each training line; ``{}``
+    off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def _now() -> float:
     """The clock of trainer.max_time (a function, so tests can replace it)."""
     return time.monotonic()
@@ -542,7 +551,7 @@ class Trainer:
                     if self.log is not None:
                         self.log.log(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                                   self.rate_key: tps, "consumed_samples": state.consumed_samples,
-                                                  **extra})
+                                                  **extra, **peak_memory(self.rt.device)})
                         self.log.update(state.step, loss=loss, lr=lr, rate=tps,
                                         unit=self.rate_key[:-len("_per_s")])
                 metrics = None
