@@ -6,8 +6,9 @@ online-RL commands need, all offline:
 
 * ``base/``: a model folder ``lmforge align --model`` takes, with random weights saved in bfloat16 safetensors:
   ``--shape 1b`` is Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, ffn 8192, RoPE base
-  500000) with the vocabulary of the tokenizer below (``--vocab``, 4096 by default: a 1B model's 128k-vocabulary
-  head is not part of this check, the JSON lines say ``vocab``); ``--shape tiny``: 2 layers, hidden 64.
+  500000, the output head tied to the embedding) with the vocabulary of the tokenizer below (``--vocab``, 4096 by
+  default: a 1B model's 128k-vocabulary head is not part of this check; the context line says ``vocab``);
+  ``--shape tiny``: 2 layers, hidden 64.
 * its tokenizer: a byte-level BPE (:func:`lmforge.data.tokenizers.train_bpe`) trained on the running Python's
   standard library source;
 * ``prompts.jsonl``: small sums (``{"prompt": "12 + 7 =", "answer": "19"}``);
@@ -69,9 +70,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "1b": dict(hidden_size=2048, num_layers=16, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=8192,
-               rotary_base=500000.0, max_position_embeddings=1024),
+               rotary_base=500000.0, max_position_embeddings=1024, tied=True),
     "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-                 rotary_base=10000.0, max_position_embeddings=128),
+                 rotary_base=10000.0, max_position_embeddings=128, tied=True),
 }
 #: per shape: (vocab, steps, generations, completion length, prompts per step, prompts per micro batch)
 DEFAULTS = {"1b": (4096, 6, 8, 256, 8, 4), "tiny": (512, 2, 4, 8, 4, 2)}
@@ -129,7 +130,7 @@ def build_folder(root: Path, shape: str, vocab: int, seed: int = 0) -> dict:
                       num_attention_heads=s["num_attention_heads"], num_query_groups=s["num_query_groups"],
                       ffn_hidden_size=s["ffn_hidden_size"], max_position_embeddings=s["max_position_embeddings"],
                       rotary_base=s["rotary_base"], normalization="rmsnorm", activation="swiglu", bias=False,
-                      position_embedding_type="rope", share_embeddings_and_output_weights=False,
+                      position_embedding_type="rope", share_embeddings_and_output_weights=s["tied"],
                       hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(seed)
     model = Transformer(cfg)
