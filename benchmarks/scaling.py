@@ -20,12 +20,16 @@ Runs:
               tp2_fsdp2     model.tensor_model_parallel_size=2 model.fsdp=true (FSDP over the rest)
               pp2_fsdp2     model.pipeline_model_parallel_size=2 model.fsdp=true (1F1B, --pp-microbatches per step)
             tokens/s per GPU and peak memory per layout. --peer torchtitan runs torchtitan's llama3 8B trainer with
-            the same layouts, batch, sequence and activation checkpointing in the same call (GPU only; see below).
+            the same layouts, batch, sequence and activation checkpointing in the same call (GPU only; see below),
+            and a summary line: lmforge over torchtitan per layout (target >= 1).
     users   the users' NeMo commands (../shared/notes/nemo_user_commands.md, section 2) through `lmforge pretrain`
             (gpt3/126m: NeMo's megatron_gpt_config): ``one_gpu`` (1 process), ``tp4`` (torchrun --nproc-per-node=4,
             TP 4, micro 6, global 192) and ``two_nodes`` (two torchrun node groups of 2 processes each on this host,
             static rendezvous on 127.0.0.1, the 2-node keys with TP 4: TP 8 cannot fit 4 processes); --steps 200
-            each; the tp4 loss curve against one_gpu's (max and mean absolute difference).
+            each (the first steps of the users' 300,000-step schedule); the tp4 loss curve against one_gpu's (max
+            and mean absolute difference). Data: GPT-2-format vocab/merges (byte-level BPE, 50,257 tokens) trained
+            here on this Python's whole standard library (~25 MB, so 200 steps of 192 x 1024 tokens read it several
+            times) and the users' own preprocess command; nothing is downloaded.
     sft7b   full SFT (`lmforge finetune` keys: method=full, fsdp=true) of the Llama-2-7B shape on --nproc (default 4)
             processes; rows of random tokens, the prompt half masked out of the loss; tokens/s (all row tokens) and
             peak memory.
@@ -77,6 +81,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("weak", "8b", "users", "sft7b")
@@ -435,7 +440,7 @@ def users_overrides(variant: str) -> list[str]:
             for w in words]
 
 
-def users_data(work: Path, vocab_size: int, max_bytes: int) -> None:
+def users_data(work: Path, vocab_size: int, max_bytes: Optional[int]) -> None:
     """gpt2-vocab.json / gpt2-merges.txt (a byte-level BPE trained here on this Python's standard library: nothing
     downloaded) and the users' own preprocess command's indexed dataset, in ``work``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -443,7 +448,7 @@ def users_data(work: Path, vocab_size: int, max_bytes: int) -> None:
     from lmforge.cli import main as cli
     from lmforge.data.corpus import stdlib_corpus
 
-    stdlib_corpus(work / "train_data.jsonl", max_bytes=max_bytes)
+    stdlib_corpus(work / "train_data.jsonl", max_bytes=max_bytes, exclude_tests=False)  # all of it: ~25 MB
     texts = [json.loads(line)["text"] for line in (work / "train_data.jsonl").read_text().splitlines()]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -522,7 +527,7 @@ def users(a, folder: Path) -> list[dict]:
     work = folder / "users"
     work.mkdir(parents=True, exist_ok=True)
     tiny = a.shape == "tiny"
-    users_data(work, 600 if tiny else 50257, 300_000 if tiny else 20_000_000)
+    users_data(work, 600 if tiny else 50257, 300_000 if tiny else None)
     have = gpus_present(a.device)
     records = []
     for name in a.cases:
@@ -620,6 +625,17 @@ def titan(a, folder: Path) -> list[dict]:
     return records
 
 
+def versus_titan(records: list[dict]) -> dict:
+    """The 8b summary: lmforge's tokens/s/GPU over torchtitan's, layout by layout (target: >= 1)."""
+    ours = {r["case"]: r["tokens_per_s_per_gpu"] for r in records if "peer" not in r and "tokens_per_s_per_gpu" in r}
+    theirs = {r["case"][len("torchtitan_"):]: r["tokens_per_s_per_gpu"] for r in records
+              if r.get("peer") == "torchtitan" and "tokens_per_s_per_gpu" in r}
+    ratio = {k: round(ours[k] / theirs[k], 3) for k in ours if k in theirs}
+    return dict(run="8b", summary=True, lmforge_over_torchtitan=ratio, target=1.0,
+                meets_target={k: v >= 1.0 for k, v in ratio.items()},
+                note=None if ratio else "no layout has both figures (see the records' skipped / error)")
+
+
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -673,6 +689,7 @@ def plan_and_run(a, folder: Path) -> list[dict]:
         records.append(efficiency(records))
     if a.peer == "torchtitan":
         records += titan(a, folder)
+        records.append(versus_titan(records))
     return records
 
 
