@@ -46,7 +46,9 @@ def test_automatic_chunking_is_on_for_large_vocabularies_only():
 @pytest.mark.parametrize("head_trains", [False, True])
 def test_token_logps_equal_the_plain_log_softmax(cap, head_trains):
     """The chunked head's values and gradients: a frozen head (PEFT) keeps the input gradient from the forward
-    pass, a trained one recomputes each chunk in the backward pass; both equal autograd through the whole logits."""
+    pass, a trained one recomputes each chunk in the backward pass; both equal autograd through the whole logits.
+    The entropy online RL logs comes from the same chunks' logits (entropy=True), detached, the gradients as they
+    are without it."""
     from lmforge.align.objective import token_logps
     from lmforge.models.transformer import softcap
 
@@ -55,18 +57,22 @@ def test_token_logps_equal_the_plain_log_softmax(cap, head_trains):
     weight = torch.randn(41, 16, generator=g) * 0.5
     ids = torch.randint(0, 41, (23,), generator=g)
     scale = torch.randn(23, generator=g)
-    results = []
+    results, entropies = [], []
     for chunked in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(head_trains)
         if chunked:
-            out = token_logps(h, w, ids, cap, chunk=5)
+            out, ent = token_logps(h, w, ids, cap, chunk=5, entropy=True)
+            assert not ent.requires_grad
         else:
             logits = h @ w.t()
             logits = softcap(logits, cap) if cap is not None else logits
-            out = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0]
+            lp = logits.log_softmax(-1)
+            out, ent = lp.gather(1, ids[:, None])[:, 0], -(lp.exp() * lp).sum(-1).detach()
         (out * scale).sum().backward()
         results.append((out.detach(), h.grad, w.grad))
+        entropies.append(ent)
     (o0, h0, w0), (o1, h1, w1) = results
+    torch.testing.assert_close(entropies[1], entropies[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(o1, o0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-6)
     if head_trains:

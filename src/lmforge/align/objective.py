@@ -84,6 +84,14 @@ def _logp_chunk(logits: torch.Tensor, ids: torch.Tensor, cap: Optional[float], w
     """``log p(id)`` of each row of one chunk of logits (n, V) in fp32 (soft-capped first when ``cap``), and its
     gradient with respect to the logits (in their dtype; None unless ``with_grad``): ``onehot(id) - softmax``,
     times the cap's derivative. A pure function of tensors (:meth:`PreferenceLoss.compile_loss` compiles it)."""
+    logp, grad, _ = _logp_entropy_chunk(logits, ids, cap, with_grad, False)
+    return logp, grad
+
+
+def _logp_entropy_chunk(logits: torch.Tensor, ids: torch.Tensor, cap: Optional[float], with_grad: bool,
+                        entropy: bool):
+    """:func:`_logp_chunk`'s ``(log p(id), gradient)``, and with ``entropy`` each row's next-token entropy (fp32,
+    else None) from the same softmax."""
     z = logits.float()
     t = None
     if cap is not None:
@@ -91,73 +99,106 @@ def _logp_chunk(logits: torch.Tensor, ids: torch.Tensor, cap: Optional[float], w
         z = t * cap
     lse = torch.logsumexp(z, dim=-1)  # (n,)
     logp = z.gather(1, ids[:, None])[:, 0] - lse
-    if not with_grad:
-        return logp, None
-    grad = z.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the fp32 logits (a temporary)
+    ent = None
+    if entropy:
+        lp = z - lse[:, None]  # the log-softmax
+        p = lp.exp()
+        ent = -(p * lp).sum(-1)
+        grad = p.neg_() if with_grad else None
+    elif with_grad:
+        grad = z.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the fp32 logits (a temporary)
+    else:
+        grad = None
+    if grad is None:
+        return logp, None, ent
     grad.scatter_add_(1, ids[:, None], torch.ones_like(lse)[:, None])
     if t is not None:
         grad = grad * (1 - t * t)
-    return logp, grad.to(logits.dtype)
+    return logp, grad.to(logits.dtype), ent
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T)[id]`` per row of ``hidden`` (M, C), ``chunk`` rows at a time, without the
-    (M, V) logits.
+    (M, V) logits; with ``entropy`` also each row's next-token entropy from the same chunk's logits (a second
+    output, not differentiable: a logged metric), else an empty tensor there.
 
     With a frozen head (PEFT) each chunk's gradient with respect to ``hidden`` is computed in the forward pass
     and kept, (M, C) in ``hidden``'s dtype; the backward pass only scales its rows by the incoming gradients (two
     head matmuls per chunk in all, where recomputing the chunk in the backward pass takes three). With a trained
-    head the backward pass recomputes each chunk's logits for both gradients (the weight's accumulated in fp32)."""
+    head the backward pass recomputes each chunk's logits for both gradients (the weight's accumulated in fp32),
+    unless ``save_logit_grads``: then each chunk's (n, V) gradient with respect to its logits is computed in the
+    forward pass and kept for the backward (autograd's memory, one head matmul less: the unchunked case's speed)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, cap, chunk, dtype, chunk_fn):
+    def forward(ctx, hidden, weight, ids, cap, chunk, dtype, chunk_fn, entropy, save_logit_grads):
         keep = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        save_g = bool(save_logit_grads) and ctx.needs_input_grad[1]
         M = hidden.shape[0]
         out = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(M if entropy else 0, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if keep else None
+        logit_grads = []
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for s in range(0, M, chunk):
-                h = hidden[s:s + chunk].to(dtype)
-                out[s:s + chunk], g = chunk_fn(F.linear(h, w), ids[s:s + chunk], cap, keep)
+                logits = F.linear(hidden[s:s + chunk].to(dtype), w)
+                if entropy:  # the entropy from the same softmax
+                    out[s:s + chunk], g, ent[s:s + chunk] = _logp_entropy_chunk(logits, ids[s:s + chunk], cap,
+                                                                                keep or save_g, True)
+                else:
+                    out[s:s + chunk], g = chunk_fn(logits, ids[s:s + chunk], cap, keep or save_g)
                 if keep:
                     grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
+                elif save_g:
+                    logit_grads.append(g)
         ctx.keep, ctx.cap, ctx.chunk, ctx.dtype, ctx.chunk_fn = keep, cap, chunk, dtype, chunk_fn
+        ctx.saved_logit_grads = save_g
         if keep:
             ctx.save_for_backward(grad_h)
+        elif save_g:
+            ctx.save_for_backward(hidden, weight, *logit_grads)
         elif ctx.needs_input_grad[1]:
             ctx.save_for_backward(hidden, weight, ids)
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_ent):
         if ctx.keep:
             (grad_h,) = ctx.saved_tensors
-            return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None, None, None
-        hidden, weight, ids = ctx.saved_tensors
+            return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None, None, None, None, None
+        hidden, weight, *rest = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(ctx.dtype)
-            for s in range(0, hidden.shape[0], ctx.chunk):
+            for k, s in enumerate(range(0, hidden.shape[0], ctx.chunk)):
                 h = hidden[s:s + ctx.chunk].to(ctx.dtype)
-                _, g = ctx.chunk_fn(F.linear(h, w), ids[s:s + ctx.chunk], ctx.cap, True)
+                if ctx.saved_logit_grads:
+                    g = rest[k]
+                else:
+                    _, g = ctx.chunk_fn(F.linear(h, w), rest[0][s:s + ctx.chunk], ctx.cap, True)
                 g = (g.float() * grad_out[s:s + ctx.chunk, None]).to(ctx.dtype)  # (n, V)
                 if grad_h is not None:
                     grad_h[s:s + ctx.chunk] = (g @ w).to(hidden.dtype)
                 grad_w.add_(g.t() @ h)  # (V, C), accumulated in fp32
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, cap: Optional[float] = None,
-                chunk: int = 0, chunk_fn=None) -> torch.Tensor:
+                chunk: int = 0, chunk_fn=None, entropy: bool = False, save_logit_grads: bool = False):
     """``log p(id)`` (fp32, (M,)) of each row of ``hidden`` (M, C) under the output head ``weight`` (V, C):
     :class:`_ChunkedTokenLogps`, ``chunk`` rows at a time (0: all at once). The matmuls run in autocast's dtype
-    when it is on, as the plain head would."""
+    when it is on, as the plain head would. With ``entropy``: ``(log-probs, entropies)``, the second (fp32, (M,),
+    detached) each row's next-token entropy, from the logits the log-probs are read from (the one pass that builds
+    a (tokens x vocabulary) tensor: chunk the rows to bound it). ``save_logit_grads``: a trained head keeps each
+    chunk's logit gradient from the forward pass instead of recomputing the chunk (:class:`_ChunkedTokenLogps`)."""
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     chunk = int(chunk) if chunk and chunk > 0 else max(int(hidden.shape[0]), 1)
-    return _ChunkedTokenLogps.apply(hidden, weight, ids, cap, chunk, dtype, chunk_fn or _logp_chunk)
+    logps, ent = _ChunkedTokenLogps.apply(hidden, weight, ids, cap, chunk, dtype, chunk_fn or _logp_chunk,
+                                          bool(entropy), bool(save_logit_grads))
+    return (logps, ent) if entropy else logps
 
 
 def pair_inputs(tokens: torch.Tensor, mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,

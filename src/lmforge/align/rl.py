@@ -56,7 +56,7 @@ from torch import nn
 
 from lmforge.align import losses as L
 from lmforge.errors import CheckpointError, ConfigError, DataError
-from lmforge.models.transformer import separate_projections, softcap
+from lmforge.models.transformer import separate_projections
 from lmforge.parallel.fsdp import whole_tensor
 
 
@@ -125,50 +125,29 @@ def token_logps(net: nn.Module, rows: torch.Tensor, entropy: bool = False, chunk
     """(N, T-1) fp32 log-probability of each token of ``rows`` (N, T) given the tokens before it; with ``entropy``
     also the (N, T-1) entropy of each position's next-token distribution (detached: a logged metric).
 
-    ``chunk`` (tokens; 0: off; None: automatic, as the training loss and the preference methods'
-    :func:`~lmforge.align.objective.sequence_logps`): the head and the log-softmax run ``chunk`` tokens at a time,
-    recomputed in the backward, so the (tokens x vocabulary) fp32 logits never exist whole. The entropy is
-    computed in the same chunks, under no_grad (without chunking, in chunks of the automatic size for a 1 GiB
-    vocabulary-wide slice, kept by autograd as the whole logits would be): besides the logits the log-probs need,
-    no other (tokens x vocabulary) tensor is built.
+    The head's part is the preference methods' :func:`lmforge.align.objective.token_logps` (one implementation):
+    ``chunk`` (tokens; 0: off; None: automatic, as the training loss and
+    :func:`~lmforge.align.objective.sequence_logps`) tokens at a time, so the (tokens x vocabulary) fp32 logits
+    never exist whole, and the entropy from the same chunks' logits. Without chunking a trained head keeps its
+    logit gradients from the forward pass (as autograd would keep the logits: no recomputation), and the entropy's
+    positions still go in chunks of the automatic size for a 1 GiB vocabulary-wide slice: besides the logits the
+    log-probs need, no other (tokens x vocabulary) tensor is built.
     """
-    from torch.utils.checkpoint import checkpoint
-
+    from lmforge.align.objective import token_logps as head_token_logps
     from lmforge.train.assembly import resolve_loss_chunk_size
 
     hidden = net.hidden_states(rows[:, :-1])  # (N, T-1, C)
-    cap = getattr(net.cfg, "final_logit_softcapping", None)
     weight, labels = net.output_weight(), rows[:, 1:]
-    n = labels.numel()
     chunk = resolve_loss_chunk_size(chunk, net.cfg)
-    recompute = 0 < chunk < n and torch.is_grad_enabled()
-    if not chunk:
-        chunk = max(256, (2**28 // int(weight.shape[0])) // 256 * 256) if entropy else n
-    flat_h, flat_l = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    parts = [checkpoint(_chunk_logps, flat_h[i:i + chunk], weight, flat_l[i:i + chunk], cap, entropy,
-                        use_reentrant=False) if recompute
-             else _chunk_logps(flat_h[i:i + chunk], weight, flat_l[i:i + chunk], cap, entropy)
-             for i in range(0, max(n, 1), chunk)]
+    unchunked = not 0 < chunk < labels.numel()  # one chunk holds every position
+    if not chunk and entropy:
+        chunk = max(256, (2**28 // int(weight.shape[0])) // 256 * 256)
+    out = head_token_logps(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                           getattr(net.cfg, "final_logit_softcapping", None), chunk, entropy=entropy,
+                           save_logit_grads=unchunked)
     if not entropy:
-        return torch.cat(parts).view(labels.shape)
-    return (torch.cat([p for p, _ in parts]).view(labels.shape),
-            torch.cat([e for _, e in parts]).view(labels.shape))
-
-
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: Optional[float],
-                 entropy: bool):
-    """log p(label) of each position of a chunk of ``hidden`` (M, C): the head, fp32 log-softmax, the label's
-    entry; with ``entropy`` also each position's next-token entropy, computed under no_grad."""
-    logits = F.linear(hidden, weight).float()  # (M, V)
-    if cap is not None:
-        logits = softcap(logits, cap)
-    lp = logits.log_softmax(-1)
-    picked = torch.gather(lp, -1, labels.unsqueeze(-1)).squeeze(-1)
-    if not entropy:
-        return picked
-    with torch.no_grad():
-        ent = -(lp.exp() * lp).sum(-1)
-    return picked, ent
+        return out.view(labels.shape)
+    return out[0].view(labels.shape), out[1].view(labels.shape)
 
 
 def token_values(critic: nn.Module, rows: torch.Tensor) -> torch.Tensor:
