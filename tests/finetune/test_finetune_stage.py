@@ -127,6 +127,20 @@ def test_finetune_keys_that_would_not_act_are_refused(overrides, message):
         load_finetune_config(None, ["model=m", "data=d.jsonl", *overrides])
 
 
+def test_block_checkpointing_beyond_the_models_layers_names_finetunings_key(tmp_path, capsys, base_model_dir,
+                                                                           task_files):
+    """activations_checkpoint_num_layers above the model's layer count with method block is found once the model is
+    open: the one error line names the key as fine-tuning spells it (no pretraining `model.` prefix) and what works."""
+    train, _ = task_files
+    assert main(["finetune", "--model", base_model_dir, "--data", train, "--out", str(tmp_path / "x"),
+                 "trainer.accelerator=cpu", "activations_checkpoint_granularity=full",
+                 "activations_checkpoint_method=block", "activations_checkpoint_num_layers=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: activations_checkpoint_num_layers=3 exceeds the 2 layers of the model with "
+                          "activations_checkpoint_method=block; use at most activations_checkpoint_num_layers=2"), err
+    assert "model.activations_checkpoint" not in err and "Traceback" not in err
+
+
 def test_compile_key_compiles_the_blocks_and_the_loss(tmp_path):
     """compile=true acts: the job compiles each block (with its adapters) and the loss head, as lora_throughput.py
     --compile measured (a compiled step on the CPU is slow, so the step itself is left to that GPU benchmark);

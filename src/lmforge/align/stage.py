@@ -226,7 +226,7 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
             if cfg.critic_activations_checkpoint:  # the critic's forward in the loss recomputed as the policy's
                 from lmforge.parallel.transforms import apply_activation_checkpointing
 
-                apply_activation_checkpointing(critic, **cfg.critic_activations_checkpoint)
+                apply_activation_checkpointing(critic, **cfg.critic_activations_checkpoint, prefix="")
             o = cfg.optim
             critic_opt = build_optimizer(critic, o.name, critic_lr, float(o.weight_decay), list(o.betas),
                                          float(o.eps), rt.device)

@@ -77,7 +77,8 @@ def stage_job(cfg, dims: ParallelDims, accumulate: int, peft_method: Optional[st
                                   save_last=True, resume=bool(cfg.resume), sharded=cfg.fsdp_sharded_checkpoint,
                                   async_save=async_save),
         seed=int(cfg.seed), peft_method=None if peft_cfg is None else peft_method, peft_config=peft_cfg,
-        activations_checkpoint=activations_checkpoint, sequence_parallel=sequence_parallel,
+        activations_checkpoint=activations_checkpoint, activations_checkpoint_prefix="",  # the keys are top-level
+        sequence_parallel=sequence_parallel,
         fsdp_grad_reduce_dtype=cfg.fsdp_grad_reduce_dtype,
         fsdp_cpu_offload=bool(cfg.fsdp_cpu_offload), tensorboard=True, run_config=run_config)
 

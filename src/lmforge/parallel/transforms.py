@@ -129,11 +129,12 @@ def _lora_widths(model: nn.Module) -> set[int]:
 
 
 def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optional[int],
-          total: Optional[int], prefix: str = "model.") -> tuple[Optional[str], Optional[str], Optional[int]]:
+          total: Optional[int], prefix: str = "model.",
+          part: str = "the model") -> tuple[Optional[str], Optional[str], Optional[int]]:
     """The checked setting, NeMo's ``model.activations_checkpoint_*`` rules (those of its Megatron-core models,
-    ``mcore_gpt: true``); None/None/None means off. ``total``: the model's layer count (None: not known yet, the
-    ``block`` bound unchecked); ``prefix``: what the keys are called under (``model.`` in pretraining's config,
-    nothing in fine-tuning's and alignment's)."""
+    ``mcore_gpt: true``); None/None/None means off. ``total``: the layer count of ``part`` (the model, or a
+    pipeline stage; None: not known yet, the ``block`` bound unchecked); ``prefix``: what the keys are called under
+    (``model.`` in pretraining's config, nothing in fine-tuning's and alignment's)."""
     g, m, n = (f"{prefix}activations_checkpoint_{k}" for k in ("granularity", "method", "num_layers"))
     if granularity is None:
         for key, value in ((m, method), (n, num_layers)):
@@ -163,7 +164,7 @@ def _plan(granularity: Optional[str], method: Optional[str], num_layers: Optiona
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise ConfigError(f"{n}={num_layers!r} must be a positive integer, e.g. {n}=1")
     if method == "block" and total is not None and num_layers > total:
-        raise ConfigError(f"{n}={num_layers} exceeds the model's {total} layers with {m}=block; "
+        raise ConfigError(f"{n}={num_layers} exceeds the {total} layers of {part} with {m}=block; "
                           f"use at most {n}={total}")
     return "full", method, num_layers
 
@@ -181,7 +182,8 @@ def check_activations_checkpoint(granularity: Optional[str], method: Optional[st
 
 
 def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] = "full",
-                                   method: Optional[str] = None, num_layers: Optional[int] = None) -> nn.Module:
+                                   method: Optional[str] = None, num_layers: Optional[int] = None,
+                                   prefix: str = "model.", part: str = "the model") -> nn.Module:
     """Recompute activations in the backward pass instead of keeping them, as NeMo/Megatron's
     ``activations_checkpoint_granularity`` / ``_method`` / ``_num_layers`` do. In place; returns ``model``.
 
@@ -213,17 +215,21 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
     block does: a serving engine or online RL's rollouts may run the blocks in compiled pieces that split a chunk
     (``Runner._decode_blocks``), and a traced graph keeps no handed-off tensor.
 
+    ``prefix``: what the keys are called in the command's config (``model.`` in pretraining's, nothing in
+    fine-tuning's and alignment's), so an error names the key the user set; ``part``: what ``model`` is, for the
+    ``block`` bound's message (``the model``, or ``a pipeline stage``).
+
     Raises:
         ConfigError: an unknown granularity or method, ``num_layers < 1``, ``num_layers > L`` with ``block``,
             ``num_layers`` with ``selective``, ``method``/``num_layers`` with ``lora`` or without a granularity, ``lora`` on a model
-            without LoRA layers (the message names the ``model.activations_checkpoint_*`` key and a value that
+            without LoRA layers (the message names the ``{prefix}activations_checkpoint_*`` key and a value that
             works).
         ValueError: the model was already transformed by this function.
     """
     from lmforge.parallel.tensor import blocks_of
 
     layers = blocks_of(model)
-    granularity, method, num_layers = _plan(granularity, method, num_layers, len(layers))
+    granularity, method, num_layers = _plan(granularity, method, num_layers, len(layers), prefix, part)
     if granularity is None:
         return model
     if getattr(model, "_activation_checkpointing", None) is not None:
@@ -232,8 +238,8 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Optional[str] 
     if granularity == "lora":
         widths = _lora_widths(model)
         if not widths:
-            raise ConfigError("model.activations_checkpoint_granularity=lora keeps the LoRA products, but this model "
-                              "has no LoRA layers; use full or selective (or train with method=lora)")
+            raise ConfigError(f"{prefix}activations_checkpoint_granularity=lora keeps the LoRA products, but this "
+                              f"model has no LoRA layers; use full or selective (or train with LoRA)")
         context_fn = functools.partial(create_selective_checkpoint_contexts, lora_save_policy(widths))
         for block in layers:
             block.forward = _checkpointed(_method(block, "forward"), context_fn)

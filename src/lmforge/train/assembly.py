@@ -103,6 +103,7 @@ class TrainJob:
     # Hugging Face PEFT's modules_to_save: a SteerLM attribute model's score head. Ignored without PEFT.
     modules_to_save: tuple = ()
     activations_checkpoint: Optional[dict] = None  # {granularity, method, num_layers}; None: off
+    activations_checkpoint_prefix: str = "model."  # the keys' prefix in the command's config ("": finetune, align)
     compile: bool = False
     joint_projections: bool = True  # q/k/v and gate/up as one matmul each (set_joint_projections; not under TP)
     loss_chunk_size: Optional[int] = None  # head + cross-entropy in token chunks; None: resolve_loss_chunk_size, 0: off
@@ -342,7 +343,8 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         set_joint_projections(base)
     if job.activations_checkpoint:  # 4. (per pipeline stage: a chunk of blocks never spans two stages)
         for unit in stages or [base]:
-            apply_activation_checkpointing(unit, **job.activations_checkpoint)
+            apply_activation_checkpointing(unit, **job.activations_checkpoint, prefix=job.activations_checkpoint_prefix,
+                                           part="a pipeline stage" if stages else "the model")
     if job.compile:  # 5.
         apply_compile(base)
         if compile_loss and dims.tp == 1 and hasattr(objective, "compile_loss"):
