@@ -20,7 +20,10 @@ Switches (each one a training config key; every case of a call runs with them):
                               seven separate float8 projections of the first float8 runs (``joined: 0``)
 
     python benchmarks/train_throughput.py [--shape 1b|8b] [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4]
-        [--steps 20] [--no-fused] [--chunked-loss 0] [--fp8 tensorwise] [--tag before]
+        [--steps 20] [--no-fused] [--chunked-loss 0] [--fp8 tensorwise] [--tag before] [--trace PATH]
+
+``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA) of two more steps after the timed ones (the
+timing stays clean), for the profile of the step (``.bench``-style summaries: kernel time by name).
 
 Prints one JSON line per case and appends them to $OUT/lmforge_train.json when OUT is set.
 """
@@ -72,7 +75,7 @@ class RandomTokens:
 
 
 def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b", layers=None, fused: bool = True,
-          chunk=None, fp8=None, sync_every_step: bool = False) -> dict:
+          chunk=None, fp8=None, sync_every_step: bool = False, trace=None) -> dict:
     device = torch.device("cuda")
     arch, default_layers = SHAPES[shape]
     cfg = ModelConfig(**{**arch, "num_layers": layers or default_layers or arch["num_layers"]})
@@ -110,11 +113,12 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
                 block.forward = torch.compile(block.forward)
             objective.compile_loss()
     opt = build_optimizer(model, "fused_adam", 1e-4, 0.01, [0.9, 0.95], 1e-8, device)
-    settings = LoopSettings(max_steps=warm + steps, micro_batch_size=mbs, global_batch_size=mbs, accumulate=1,
+    extra = 2 if trace else 0  # traced steps after the timed ones (the timing stays untraced)
+    settings = LoopSettings(max_steps=warm + steps + extra, micro_batch_size=mbs, global_batch_size=mbs, accumulate=1,
                             gradient_clip_val=1.0, precision="bf16-mixed")
     rt = Runtime(device=device)
-    trainer = Trainer(forward, model, opt, build_schedule("constant", 1e-4, warm + steps), rt, settings)
-    batches = MicroBatches(RandomTokens(mbs * (warm + steps), seq, cfg.vocab_size), settings, rt)
+    trainer = Trainer(forward, model, opt, build_schedule("constant", 1e-4, warm + steps + extra), rt, settings)
+    batches = MicroBatches(RandomTokens(mbs * (warm + steps + extra), seq, cfg.vocab_size), settings, rt)
     torch.cuda.reset_peak_memory_stats()
     for s in range(warm):
         loss, _ = trainer.train_step(batches, s)
@@ -127,6 +131,14 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     tps = mbs * seq * steps / dt
+    if trace:
+        from serve_load import start_trace, stop_trace
+
+        profiler = start_trace("cuda")
+        for s in range(warm + steps, warm + steps + extra):
+            trainer.train_step(batches, s)
+        torch.cuda.synchronize()
+        stop_trace(profiler, trace)
     rec = dict(case=f"lmforge_train_{shape.upper()}_{case}", layers=cfg.num_layers, fused=fused, joined=joined,
                loss_chunk_size=chunk, fp8=fp8, sync_every_step=sync_every_step, mbs=mbs, seq=seq,
                tokens_per_s=round(tps),
@@ -156,6 +168,8 @@ def main():
                    help="torchao float8 block projections (model.fp8=true, model.fp8_recipe); joined unless --no-fused")
     p.add_argument("--sync-every-step", action="store_true",
                    help="read the loss and grad norm back after every step (the loop before it deferred them)")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="a torch.profiler Chrome trace of 2 more steps after the timed ones (one case per call)")
     p.add_argument("--tag", default="", help="a label copied into every record (e.g. before / after)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -175,7 +189,7 @@ def main():
             name = case.split(":")[0]
             try:
                 rec = bench(name, mbs, a.seq, a.steps, a.warm, a.shape, a.layers, a.fused, a.chunked_loss, fp8,
-                            a.sync_every_step)
+                            a.sync_every_step, a.trace)
             except Exception as e:  # one OOM must not lose the other figures
                 rec = dict(case=f"lmforge_train_{a.shape.upper()}_{name}", mbs=mbs, fused=a.fused,
                            loss_chunk_size=a.chunked_loss, fp8=fp8, error=repr(e)[:300])
