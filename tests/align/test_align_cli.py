@@ -28,6 +28,12 @@ def kto_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("kto") / "kto.jsonl", recs)
 
 
+def _tokens_trained(out, step: int) -> int:
+    """``tokens_trained`` of the run in ``out`` at its checkpoint of ``step`` (what resuming carries on from)."""
+    state = out / "checkpoints" / f"step_{step:07d}" / "training_state" / "state.json"
+    return json.loads(state.read_text())["state"]["tokens_trained"]
+
+
 @pytest.mark.parametrize("method", ["ipo", "rpo", "orpo", "simpo"])
 def test_each_pair_method_trains(tiny_base, small_pairs, tmp_path, method):
     out = tmp_path / method
@@ -36,6 +42,19 @@ def test_each_pair_method_trains(tiny_base, small_pairs, tmp_path, method):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss_last"])
     assert summary["reference"] == ("precomputed" if method in ("ipo", "rpo") else None)
+    # tokens, not pairs: 2 steps x 4 pairs x 2 completions x (4 letters + EOS)
+    assert _tokens_trained(out, 2) == 2 * 4 * 2 * 5
+
+
+@pytest.mark.parametrize("shared, per_pair", [(True, 5 + 4 + 4), (False, 2 * (5 + 4))])
+def test_a_reward_models_tokens_trained_are_its_rows_tokens(tiny_base, small_pairs, tmp_path, shared, per_pair):
+    """A reward model trains on whole rows (its score reads the sequence): tokens_trained counts every token of
+    them, the prompt ("abcd:", 5) once in a shared row, once per side in two rows, and each side's 4 letters (a
+    reward model's rows end without EOS)."""
+    out = tmp_path / "rm"
+    assert main(["align", "--method", "rm", "--model", tiny_base, "--data", small_pairs, "--out", str(out),
+                 f"align.shared_prompt={str(shared).lower()}", *SMALL]) == 0
+    assert _tokens_trained(out, 2) == 2 * 4 * per_pair
 
 
 def test_kto_trains_and_logs_its_kl(tiny_base, kto_file, tmp_path):
@@ -45,6 +64,7 @@ def test_kto_trains_and_logs_its_kl(tiny_base, kto_file, tmp_path):
     logged = [r for r in rows if "kl" in r]
     assert logged and all(r["kl"] >= 0 and "rewards_chosen" in r and "rewards_rejected" in r for r in logged)
     assert not any("#" in key for r in rows for key in r)  # counts divide their own statistic, never logged
+    assert _tokens_trained(out, 2) == 2 * 4 * 5  # steps x examples x (4 letters + EOS); not the KL side's
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3"])

@@ -44,5 +44,8 @@ def test_two_fsdp_ranks_match_one_process(tmp_path, tiny_base, reverse_task):
     rows = lambda n: [r for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                       if "rewards_margin" in r]
     assert len(rows("one")) == len(rows("two")) == 3
+    trained = [json.loads((tmp_path / n / "checkpoints" / "step_0000003" / "training_state" / "state.json")
+                          .read_text())["state"]["tokens_trained"] for n in ("one", "two")]
+    assert trained[0] == trained[1] > 3 * 8 * 2, trained  # completion tokens, not pairs, summed over the ranks
     for a, b in zip(rows("one"), rows("two")):
         assert b["rewards_margin"] == pytest.approx(a["rewards_margin"], rel=1e-4, abs=1e-6)

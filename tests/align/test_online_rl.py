@@ -98,6 +98,10 @@ def test_several_optimizer_steps_per_rollout_make_the_clip_act(rl_folder, tiny_b
                   "optim.lr=0.05", "align.ppo_epochs=2", "align.num_mini_batches=2", "align.cliprange=0.1") == 0
     (row,) = [json.loads(x) for x in (rl_folder / "grpo4" / "metrics.jsonl").read_text().splitlines()]
     assert row["approx_kl"] > 1e-4 and row["clipfrac"] > 0, row
+    # tokens_trained counts the sampled tokens (4 prompts x 4 completions of the logged mean length), not completions
+    state = rl_folder / "grpo4" / "checkpoints" / "step_0000001" / "training_state" / "state.json"
+    tokens = json.loads(state.read_text())["state"]["tokens_trained"]
+    assert tokens == round(16 * row["completion_length"]) and tokens > 16, (tokens, row["completion_length"])
 
 
 def test_reinforce_and_lora_run(rl_folder, tiny_base, capsys):

@@ -50,6 +50,10 @@ def test_two_ranks_match_one_process(tmp_path, base_model_dir, task_files):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
     assert two["best_metrics"]["val_loss"] == pytest.approx(one["best_metrics"]["val_loss"], rel=1e-5)
     assert_run_plots(tmp_path / "two")  # rank 0 alone writes the TensorBoard events and the loss curve
+    # the trained tokens, summed over the ranks on the device and read at the logging steps, are one process's
+    trained = [json.loads((tmp_path / n / "checkpoints" / "step_0000005" / "training_state" / "state.json")
+                          .read_text())["state"]["tokens_trained"] for n in ("one", "two")]
+    assert trained[0] == trained[1] > 5 * 8, trained
 
 
 @pytest.mark.parametrize("precision,checkpointing", [("bf16-mixed", False), ("16-mixed", True), ("32", True)])

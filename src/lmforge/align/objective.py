@@ -318,6 +318,14 @@ class PreferenceLoss(nn.Module):
             return n, float(batch["mask"][:, 0, 1:].sum())
         return n
 
+    def count_tokens(self, batch: dict) -> int:
+        """The tokens a micro batch trains (the loop's ``tokens_trained``): the completion tokens whose
+        log-probabilities the loss reads, a pair's chosen and rejected ones, KTO's completion (not its KL side, read
+        without gradients)."""
+        if batch.get("targets") is not None:
+            return int(batch["targets"].shape[1])
+        return int(batch["mask"][..., 1:].sum())
+
     def compile_loss(self) -> None:
         """Fuse each head chunk's fp32 upcast, log-softmax and gradient with torch.compile (model.compile)."""
         self.chunk_fn = torch.compile(_logp_chunk)
@@ -427,6 +435,13 @@ class RewardLoss(nn.Module):
     def count(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0])
 
+    def count_tokens(self, batch: dict) -> int:
+        """The tokens a micro batch trains (the loop's ``tokens_trained``): every token of the scored rows (the
+        score reads the whole sequence), a prompt shared by both sides once."""
+        if batch.get("ends") is not None:  # one row per pair: [prompt | chosen | rejected] ends at the second end
+            return int(batch["ends"][:, 1].sum())
+        return int(batch["lengths"].sum())
+
     def pop_metrics(self, mode: str) -> dict:
         return self.stats.pop(mode)
 
@@ -472,6 +487,10 @@ class AttributeLoss(nn.Module):
 
     def count(self, batch: dict) -> int:
         return int(batch["mask"].sum())
+
+    def count_tokens(self, batch: dict) -> int:
+        """The tokens a micro batch trains (the loop's ``tokens_trained``): every token of the scored sequences."""
+        return int(batch["lengths"].sum())
 
     def pop_metrics(self, mode: str) -> dict:
         out = dict(self.sums[mode])

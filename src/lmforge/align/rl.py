@@ -744,6 +744,8 @@ class RolloutLoss(nn.Module):
         N = int(exp["rows"].shape[0])
         trainer.last_step_samples = sum(int(b["tokens"].shape[0]) for b in micro) * dims.dp  # equal shares
         trainer.last_step_tokens = N * dims.dp  # what count() counts: completions
+        # tokens_trained: the sampled completion tokens (those the policy loss reads), over all ranks
+        trainer.last_step_trained_tokens = int(trainer._all_reduce([float(exp["mask"].sum())])[0])
         trainer.last_step_counts = None  # known on the host
         lr = trainer.schedule.lr_at(step)
         set_lr(trainer.opt, lr)

@@ -98,8 +98,10 @@ class MicroBatches:
     from the world size: ranks of one model replica read the same samples.
     """
 
-    def __init__(self, dataset, settings: LoopSettings, runtime: Runtime, dims: Optional[ParallelDims] = None):
+    def __init__(self, dataset, settings: LoopSettings, runtime: Runtime, dims: Optional[ParallelDims] = None,
+                 count_tokens: Optional[Callable] = None):
         self.dataset, self.s, self.rt = dataset, settings, runtime
+        self.count_tokens = count_tokens or Trainer.counted_tokens  # a host micro batch's trained tokens
         self._loader, self._next_step = None, None  # DataLoader iterator (num_workers > 0) and the step it is at
         self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
         if settings.global_batch_size != settings.micro_batch_size * self.dims.dp * settings.accumulate:
@@ -131,20 +133,20 @@ class MicroBatches:
         and collated by DataLoader worker processes, ``num_workers x 2`` micro batches ahead, in the same order,
         into pinned memory, and copied to the GPU without waiting (``non_blocking``).
 
-        ``step_counts`` lists the counted tokens of each micro batch yielded for this step, counted on the host
-        before the copy (the loop reads them without a device sync)."""
+        ``step_counts`` lists the trained tokens of each micro batch yielded for this step (``count_tokens``),
+        counted on the host before the copy (the loop reads them without a device sync)."""
         self.step_counts = []
         if self.s.num_workers <= 0:
             for micro in range(self.s.accumulate):
                 cpu = self.collate([self.dataset[i] for i in self.indices(step, micro)])
-                self.step_counts.append(Trainer.counted_tokens(cpu))
+                self.step_counts.append(self.count_tokens(cpu))
                 yield self._to_device(cpu)
             return
         if self._loader is None or self._next_step != step:  # the first step read, or a jump (resume, evaluation)
             self._loader = iter(self._data_loader(step))
         for _ in range(self.s.accumulate):
             cpu = next(self._loader)
-            self.step_counts.append(Trainer.counted_tokens(cpu))
+            self.step_counts.append(self.count_tokens(cpu))
             yield self._to_device(cpu)
         self._next_step = step + 1
 
@@ -269,6 +271,10 @@ class Trainer:
         # a micro batch's units, or (units, more counts...) whose global totals reach ``objective.set_totals``
         # before the step's forwards; ``objective.pop_metrics(mode)`` gives sums (with "n") logged as means.
         self._count_fn = getattr(self.objective, "count", None)
+        # ``tokens_trained`` counts tokens whatever the units: ``objective.count_tokens(batch)`` (an objective with
+        # its own units: the completion tokens it trains), else the tokens whose loss counts (counted_tokens)
+        self.count_tokens = getattr(self.objective, "count_tokens", None) or Trainer.counted_tokens
+        self.last_step_trained_tokens = 0  # trained tokens of the latest global batch (tokens_trained)
         # val_ppl = exp(val_loss) only for an objective whose loss is a per-token NLL (``objective.token_nll``)
         self.token_nll = bool(getattr(self.objective, "token_nll", False))
         # what the logged rate counts: tokens, or the objective's own units ("pairs_per_s", "completions_per_s")
@@ -369,30 +375,35 @@ class Trainer:
         micro = list(batches.for_step(step))
         # Every token of the global batch weighs the same, on any number of ranks.
         host = getattr(batches, "step_counts", None)  # counted on the host before the copy: no device sync
-        if self._count_fn is None and host is not None and len(host) == len(micro):
-            counts = [[float(c)] for c in host]
+        host = [float(c) for c in host] if host is not None and len(host) == len(micro) else None
+        if self._count_fn is None and host is not None:
+            counts = [[c] for c in host]
         else:
             counts = [self._counts(b) for b in micro]
         local = [sum(c[i] for c in counts) for i in range(len(counts[0]))] if counts else [0.0]
+        trained = sum(host) if host is not None else \
+            local[0] if self._count_fn is None else sum(float(self.count_tokens(b)) for b in micro)
         local_rows = sum(len(b["tokens"] if isinstance(b, dict) else b) for b in micro)
         self.last_step_counts = None
         if self.rt.distributed and len(local) == 1:
             # Summed on the device, not read back (that would wait for the device every step): the loss is scaled
-            # by a device tensor, and the loop reads the samples and units at its logging steps (check_losses in fit:
-            # the same sample check, the same token totals). Float64 throughout, as the host path: same values.
-            self.last_step_counts = self._sum_on_device([float(local_rows), *local])
+            # by a device tensor, and the loop reads the samples, units and trained tokens at its logging steps
+            # (check_losses in fit: the same sample check, the same token totals). Float64 throughout, as the host
+            # path: same values.
+            self.last_step_counts = self._sum_on_device([float(local_rows), *local, trained])
             self.last_step_samples = self.s.global_batch_size  # what the plan reads; checked at the logging step
-            self.last_step_tokens = 0  # added when read
+            self.last_step_tokens = self.last_step_trained_tokens = 0  # added when read
             global_tokens = self.last_step_counts[1].clamp_min(1.0)
 
             def per_token(k: int) -> torch.Tensor:  # k / global tokens (k / t, not k * (1 / t): the host's value)
                 return torch.full((), float(k), dtype=torch.float64, device=self.rt.device) / global_tokens
         else:
-            global_rows, *totals = self._all_reduce([float(local_rows), *local])
+            global_rows, global_trained, *totals = self._all_reduce([float(local_rows), trained, *local])
             global_tokens = totals[0]
             if len(totals) > 1:  # the objective normalises its other terms by their global counts
                 self.objective.set_totals(totals)
             self.last_step_tokens = int(global_tokens)
+            self.last_step_trained_tokens = int(global_trained)
             self.last_step_samples = int(global_rows)  # read by all data-parallel ranks together
             self.check_samples(step, self.last_step_samples)
             global_tokens = max(global_tokens, 1.0)
@@ -494,7 +505,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, train_dataset, val_dataset, state: TrainState) -> TrainState:
         s = self.s
-        batches = MicroBatches(train_dataset, s, self.rt, self.dims)
+        batches = MicroBatches(train_dataset, s, self.rt, self.dims, self.count_tokens)
         first = train_dataset[0]
         fixed_tokens = None if isinstance(first, dict) else s.global_batch_size * (len(first) - 1)
         stop = StopRequested().install()
@@ -513,7 +524,8 @@ class Trainer:
             if not unchecked:
                 return
             parts = [t.detach().double().reshape(1) for _, t, _ in unchecked]
-            parts += [c for _, _, c in unchecked if c is not None]  # (samples, tokens) of a distributed step
+            # (samples, units, trained tokens) of a distributed step
+            parts += [c for _, _, c in unchecked if c is not None]
             values = torch.cat(parts).tolist()
             losses, counts = values[:len(unchecked)], values[len(unchecked):]
             for (at, _, _), value in zip(unchecked, losses):
@@ -521,20 +533,20 @@ class Trainer:
                     raise FloatingPointError(f"loss is {value} at step {at}; lower model.optim.lr or use "
                                              f"trainer.precision=bf16-mixed / gradient clipping")
             for i, at in enumerate(at for at, _, c in unchecked if c is not None):
-                samples, tokens = counts[2 * i], counts[2 * i + 1]
+                samples, units, tokens = counts[3 * i:3 * i + 3]
                 self.check_samples(at - 1, int(samples))
-                if fixed_tokens is None:  # as the host path adds int(tokens) each step
+                if fixed_tokens is None:  # as the host path adds int(units) and int(tokens) each step
                     state.tokens_trained += int(tokens)
-                    window_tokens += int(tokens)
+                    window_tokens += int(units)
             unchecked.clear()
 
         try:
             while state.step < s.max_steps:
                 loss_t, grad_norm = self.train_step(batches, state.step)
-                tokens_per_step = fixed_tokens if fixed_tokens is not None else self.last_step_tokens
+                tokens_per_step = fixed_tokens if fixed_tokens is not None else self.last_step_tokens  # rate's units
                 state.step += 1
                 state.consumed_samples += self.last_step_samples
-                state.tokens_trained += tokens_per_step
+                state.tokens_trained += fixed_tokens if fixed_tokens is not None else self.last_step_trained_tokens
                 window_steps += 1
                 window_tokens += tokens_per_step
                 unchecked.append((state.step, loss_t, self.last_step_counts))
