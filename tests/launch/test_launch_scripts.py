@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from lmforge.cli import main
 from lmforge.launch import load_launch_config
@@ -173,3 +177,53 @@ def test_nemo_divide_ceil_sizes_the_job_from_the_parallel_layout(tmp_path, launc
     from lmforge.config.loader import _divide_ceil, _divide_floor
 
     assert (_divide_ceil(8, 4), _divide_ceil(9, 4), _divide_floor(9, 4), _divide_floor(1, 2)) == (2, 3, 2, 0)
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun's stand-in: the preflight passes; the stage, as torchrun whose workers exited 75, leaves the stop markers of
+# the ranks in $FAKE_STOPPED and exits 1
+case "$*" in *lmforge.launch.preflight*) exit 0 ;; esac
+mkdir -p "$LMFORGE_STOP_MARKERS"
+for r in $FAKE_STOPPED; do touch "$LMFORGE_STOP_MARKERS/rank-$r"; done
+exit 1
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in show) echo node1 ;; requeue) echo "$2" >> "$REQUEUED" ;; esac
+"""
+
+
+@pytest.mark.parametrize("stopped, requeued", [("0 1 2 3", True), ("0 1 3", False)])
+def test_a_torchrun_job_requeues_when_every_rank_stopped_to_resume(tmp_path, launch_helpers, tiny_corpus, monkeypatch,
+                                                                  stopped, requeued):
+    """torchrun exits 1 when its workers exit 75 (saved a checkpoint and stopped to resume, e.g. at trainer.max_time,
+    where no SIGUSR1 came): the batch script reads that as 75 and requeues the job when all 2 x 2 ranks left their
+    stop markers, and reports the failure when one did not. The script runs under bash with stand-ins for srun
+    and scontrol."""
+    body = launch_helpers.training_body(tiny_corpus, devices=2, num_nodes=2, accelerator="gpu")
+    body["model"]["global_batch_size"] = 16
+    conf = launch_helpers.write_conf(tmp_path, {"stages": ["training"], "base_results_dir": str(tmp_path / "r"),
+                                                "cluster_type": "slurm"}, {"training": body})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-sbatch-here"))  # a dry run needs no Slurm
+    assert main(["launch", str(conf), "--dry-run"]) == 0
+    monkeypatch.undo()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "FAKE_STOPPED": stopped,
+           "REQUEUED": str(tmp_path / "requeued"), "SLURM_JOB_ID": "123", "SLURM_JOB_NODELIST": "node[1-2]",
+           "SLURM_JOB_NUM_NODES": "2"}
+    p = subprocess.run(["bash", str(tmp_path / "r" / "tiny" / "training.sbatch")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    markers = tmp_path / "r" / "tiny" / ".stopped_to_resume"
+    assert not markers.exists()  # never left for the next run to misread
+    if requeued:
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "stopped after saving a checkpoint (exit 75): requeueing job 123" in p.stdout
+        assert (tmp_path / "requeued").read_text() == "123\n"
+    else:
+        assert p.returncode == 1 and "lmforge: stage failed with exit code 1" in p.stderr, p.stdout + p.stderr
+        assert not (tmp_path / "requeued").exists()

@@ -244,11 +244,6 @@ def _skip_completed(stage, entry: dict, head: str, force: bool, log) -> bool:
     return True
 
 
-def stop_markers_folder(stage: Stage) -> Path:
-    """Where the ranks of ``stage`` that stop to resume write their markers (:mod:`lmforge.stop_markers`)."""
-    return stage.results_dir.resolve() / ".stopped_to_resume"
-
-
 def _run_stages(stages, plans, entries, env, force, log, on_update, stop: StopForwarder) -> tuple[int, list[dict]]:
     def update(entry, state):
         entry["state"] = state
@@ -290,13 +285,13 @@ def _run_stages(stages, plans, entries, env, force, log, on_update, stop: StopFo
             update(entry, "running")
 
         log_path = stage.results_dir / "launch.log"
-        markers = stop_markers_folder(stage)
+        markers = stage.stop_markers
         for task, argv in enumerate(commands):
             log(f"{head}: {containers.join(argv)}")
             stop_markers.clear(markers)
             rc = _run_logged(argv, {**env, stop_markers.ENV: str(markers)}, log_path, stop,
                              torchrun=stage.distributed, on_start=started)
-            if stage.distributed and rc != 0 and stop_markers.all_stopped(markers, stage.ntasks_per_node):
+            if stage.distributed and rc != 0 and stop_markers.all_stopped(markers, stage.world_size):
                 rc = EXIT_STOPPED_TO_RESUME  # every rank exited 75; torchrun made it 1
             stop_markers.clear(markers)
             if rc == EXIT_STOPPED_TO_RESUME and stage.resumable:

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
+from lmforge import stop_markers
 from lmforge.errors import ConfigError, UserError
 from lmforge.launch import containers
 from lmforge.launch.config import format_time_limit
@@ -149,10 +150,23 @@ def script(stage: Stage, cfg: DictConfig) -> str:
                   containers.join(["run_step", *_srun(stage, cfg, stage.ntasks_per_node, cpus), *pre])
                   + ' || { echo "lmforge: preflight failed" >&2; exit 1; }', ""]
     node_cmd = 'trap "" USR1; exec ' + containers.join(_node_command(stage, cfg, stage.module_args))
+    markers = shlex.quote(str(stage.stop_markers))
+    if stage.distributed:
+        lines += ["# Each rank that saves and stops to resume (exit 75) leaves a marker here first: torchrun exits 1.",
+                  f"export {stop_markers.ENV}={markers}", f"rm -rf {markers}"]
     lines += ["# The stage: one task per node (torchrun starts the processes of a node).",
               containers.join(["run_step", *_srun(stage, cfg, 1, cpus * stage.ntasks_per_node), "bash", "-c"])
               + " " + shlex.quote(node_cmd),
-              "rc=$?", "",
+              "rc=$?"]
+    if stage.distributed:
+        n = stage.world_size
+        lines += ['if [ "$rc" -ne 0 ] && [ "$rc" -ne 75 ]; then  # every rank stopped to resume: 75, not torchrun\'s 1',
+                  "  stopped=0",
+                  f'  for r in $(seq 0 {n - 1}); do [ -f {markers}/rank-$r ] && stopped=$((stopped + 1)); done',
+                  f'  if [ "$stopped" -eq {n} ]; then rc=75; fi',
+                  "fi",
+                  f"rm -rf {markers}"]
+    lines += ["",
               'if [ "$rc" -eq 0 ]; then',
               f'  date -u +%Y-%m-%dT%H:%M:%SZ > "{marker}.tmp" && mv "{marker}.tmp" "{marker}"',
               '  echo "lmforge: stage completed"',

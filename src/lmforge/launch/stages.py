@@ -138,6 +138,12 @@ class Stage:
         """Several processes: started through torchrun."""
         return self.world_size > 1
 
+    @property
+    def stop_markers(self) -> Path:
+        """Where the ranks of a torchrun stage that stop to resume leave their markers (:mod:`lmforge.stop_markers`):
+        torchrun exits 1 when they exit 75, and the executors read that as 75 when every rank's marker is there."""
+        return self.results_dir.resolve() / ".stopped_to_resume"
+
     def completion_markers(self) -> list[Path]:
         """The files whose presence means the stage completed (one per array task)."""
         if self.array_count:
