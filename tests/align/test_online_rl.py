@@ -79,7 +79,8 @@ def test_grpo_raises_a_learnable_reward(rl_folder, tiny_base, capsys):
                   "optim.lr=0.05", "align.beta=0.01") == 0
     rewards = _rewards(rl_folder / "grpo")
     assert len(rewards) == 10
-    assert "rollouts: eager decode step (align.rollout_compile=auto: no CUDA device (cpu))" in capsys.readouterr().out
+    assert ("rollouts: eager decode step (align.rollout_compile=auto: no CUDA device (cpu)); sampling in float32, the "
+            "policy's own weights (no copy) (align.rollout_dtype=auto)") in capsys.readouterr().out
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # about 0.02 (1 character in 29) at the start
     assert last > first + 0.2, rewards
     rows = [json.loads(x) for x in (rl_folder / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -102,6 +103,18 @@ def test_several_optimizer_steps_per_rollout_make_the_clip_act(rl_folder, tiny_b
     state = rl_folder / "grpo4" / "checkpoints" / "step_0000001" / "training_state" / "state.json"
     tokens = json.loads(state.read_text())["state"]["tokens_trained"]
     assert tokens == round(16 * row["completion_length"]) and tokens > 16, (tokens, row["completion_length"])
+
+
+def test_bf16_mixed_rollouts_sample_in_bf16_from_a_copy(rl_folder, tiny_base, capsys):
+    """trainer.precision=bf16-mixed keeps fp32 weights: the rollouts (align.rollout_dtype=auto) sample in bf16 from
+    a copy of the policy, which the run's rollouts line names with its size; the step trains to finite metrics."""
+    assert _align(tiny_base, "grpo_bf16", "--method", "grpo", "--reward-fn", "rl_rewards:frac_a",
+                  "trainer.max_steps=1", "trainer.precision=bf16-mixed") == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("rollouts:"))
+    assert "; sampling in bfloat16 from a copy of the policy (0.00 GiB" in line and "rollout_dtype=auto)" in line
+    (row,) = [json.loads(x) for x in (rl_folder / "grpo_bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(row["loss"]) and 1 <= row["completion_length"] <= 7, row
 
 
 def test_reinforce_and_lora_run(rl_folder, tiny_base, capsys):
@@ -168,6 +181,10 @@ def test_a_reward_module_that_does_not_import(rl_folder, tiny_base, capsys):
     (["method=grpo", "align.reward_fn=m:f", "val_data=v.jsonl"], "has no validation pass yet"),
     (["method=grpo", "align.reward_fn=m:f", "align.rollout_compile=1"], "align.rollout_compile=1; use auto"),
     (["method=dpo", "align.rollout_compile=false"], "align.rollout_compile applies to grpo, reinforce and ppo"),
+    (["method=grpo", "align.reward_fn=m:f", "align.rollout_dtype=float64"],
+     "align.rollout_dtype='float64'; use auto (the trainer's compute dtype under mixed precision), float32, bfloat16 "
+     "or float16"),
+    (["method=dpo", "align.rollout_dtype=bfloat16"], "align.rollout_dtype applies to grpo, reinforce and ppo"),
 ])
 def test_settings_online_rl_cannot_honour_are_refused(overrides, says):
     from lmforge.align.config import load_align_config

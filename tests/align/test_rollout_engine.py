@@ -289,3 +289,80 @@ def test_rollout_benchmark_measures_the_joint_path_on_request(monkeypatch):
     assert rows[0]["generated_tokens"] == rows[1]["generated_tokens"] == 6
     assert counts[0] == 0 and counts[1] > 0, counts  # joined: 2 per block per forward
     assert bench.rl_module.separate_projections.__name__ == "separate_projections"  # put back after the run
+
+
+# -- rollouts in the training compute dtype (align.rollout_dtype) --------------------------------------------------
+
+def _bf16_policy(peft: str):
+    """The policy as align builds it: fp32 weights ("full", "lora": an fp32 base) or a bf16 frozen base under LoRA
+    ("lora_bf16", LoRA weights fp32 whatever the base's dtype)."""
+    model = _model()
+    if peft == "lora_bf16":
+        model = model.to(torch.bfloat16)
+    if peft != "full":
+        from lmforge.peft import apply_peft
+        from lmforge.peft.lora import LoRAConfig
+
+        model = apply_peft(model, "lora", LoRAConfig(r=4, target_modules=["all-linear"]))
+    return model
+
+
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_bf16_rollouts_of_an_fp32_policy_sample_from_a_copy_refreshed_in_place(peft):
+    """Under bf16-mixed the policy's weights are fp32 (master weights): the engine samples from a bf16 copy built
+    once (the policy itself stays fp32 and untouched) whose trained weights (every parameter; LoRA: the adapters')
+    are cast into it in place once per rollout. After optimizer steps the long-lived engine's rollout equals that
+    of a fresh engine built on a fresh bf16 cast of the updated policy (same seeds), every weight of the copy
+    equals that cast, and the engine's tensors are the same tensors as before (data_ptr): a compiled engine's
+    decode graphs, captured on them, stay valid."""
+    import copy
+
+    model = _bf16_policy(peft)
+    rl = RolloutLoss(model, "grpo", _rollout(model).s, None, _Ids(), None, 16, 7, 6, rollout_dtype=torch.bfloat16)
+    policy = rl._rollout_policy()
+    assert policy is not model and rl.rollout_dtype == torch.bfloat16
+    assert {t.dtype for t in (*policy.parameters(), *policy.buffers())} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy keeps its fp32 weights
+    assert torch.equal(policy.rope_cos, model.rope_cos.to(torch.bfloat16))  # rotary tables cast from the policy's
+    assert "sampling in bfloat16 from a copy of the policy (0.00 GiB" in rl.describe_rollouts()
+    want_trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert rl._trained_names == want_trained and (peft == "full") == (len(want_trained) == len(list(
+        model.parameters())))
+    before = rl.sample(PROMPTS, rollout=1)
+    engine = rl.engine()
+    assert engine.model is policy and engine.dtype == torch.bfloat16 and engine.cache.k[0].dtype == torch.bfloat16
+    pointers = {n: p.data_ptr() for n, p in policy.named_parameters()}
+    _train(model)
+    rl.refresh_copy()  # what collect() does before each rollout
+    after = rl.sample(PROMPTS, rollout=1)
+    cast = copy.deepcopy(model).to(torch.bfloat16)  # a fresh bf16 cast of the updated policy
+    for (name, mine), (_, theirs) in zip(policy.named_parameters(), cast.named_parameters()):
+        assert torch.equal(mine, theirs), name
+    fresh = RolloutLoss(cast, "grpo", rl.s, None, _Ids(), None, 16, 7, 6)
+    assert not fresh._copy  # already bf16: no copy
+    assert after == fresh.sample(PROMPTS, rollout=1)
+    assert after != before  # a copy left at the starting weights would draw `before` again
+    assert rl.engine() is engine and {n: p.data_ptr() for n, p in policy.named_parameters()} == pointers
+
+
+def test_a_bf16_lora_base_needs_no_copy():
+    """LoRA on a bf16 frozen base: the weights are bf16 already (the few fp32 LoRA weights are cast to the
+    input's dtype at use), so bf16 rollouts sample from the policy itself; float32 asked for explicitly, from an
+    fp32 copy."""
+    model = _bf16_policy("lora_bf16")
+    rl = RolloutLoss(model, "grpo", _rollout(model).s, None, _Ids(), None, 16, 7, 6, rollout_dtype=torch.bfloat16)
+    assert not rl._copy and rl._rollout_policy() is model
+    assert rl.describe_rollouts() == "sampling in bfloat16, the policy's own weights (no copy)"
+    assert rl.engine().dtype == torch.bfloat16
+    wide = RolloutLoss(model, "grpo", rl.s, None, _Ids(), None, 16, 7, 6, rollout_dtype=torch.float32)
+    assert {p.dtype for p in wide._rollout_policy().parameters()} == {torch.float32}
+
+
+def test_rollout_dtype_setting():
+    from lmforge.align.rl import rollout_dtype
+
+    assert rollout_dtype("auto", torch.bfloat16) == torch.bfloat16  # bf16-mixed's compute dtype
+    assert rollout_dtype("auto", None) is None  # precision 32: the weights' own
+    assert rollout_dtype("float16", None) == torch.float16 and rollout_dtype("float32", torch.bfloat16) == torch.float32
+    with pytest.raises(ConfigError, match="align.rollout_dtype='fp8'; use auto"):
+        rollout_dtype("fp8", None)

@@ -25,10 +25,13 @@ REWARD_METHODS = ("rm", "regression_rm")
 ONLINE_METHODS = ("grpo", "reinforce", "ppo")
 #: align.* keys of the online methods (with their defaults): refused for the offline ones
 ONLINE_KEYS = {"reward_fn": None, "reward_model": None, "num_generations": 4, "max_completion_length": 16,
-               "temperature": 1.0, "ppo_epochs": 1, "num_mini_batches": 1, "cliprange": 0.2, "rollout_compile": "auto"}
+               "temperature": 1.0, "ppo_epochs": 1, "num_mini_batches": 1, "cliprange": 0.2, "rollout_compile": "auto",
+               "rollout_dtype": "auto"}
 #: align.* keys of PPO alone (its critic, GAE and value loss), with their defaults
 PPO_KEYS = {"critic_model": None, "critic_lr": None, "vf_coef": 0.1, "cliprange_value": 0.2, "gamma": 1.0,
             "lam": 0.95, "normalize_advantages": True, "absolute_kl": False}
+#: align.rollout_dtype's explicit values (lmforge.align.rl.ROLLOUT_DTYPES), besides auto
+ROLLOUT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PEFT_METHODS = ("none", "lora", "ia3", "adapter", "ptuning")
 REFERENCES = ("auto", "precomputed", "adapters_off")
 #: the methods whose pairs can share their prompt in one row (align.shared_prompt)
@@ -61,6 +64,7 @@ class AlignSection:
     max_completion_length: int = 16  # online: most new tokens per completion
     temperature: float = 1.0  # online: sampling temperature of the rollouts
     rollout_compile: Any = "auto"  # online: auto | true | false: compiled decode graphs on the live policy (auto: CUDA)
+    rollout_dtype: str = "auto"  # online: auto | float32 | bfloat16 | float16: the dtype rollouts sample in (auto: amp's)
     ppo_epochs: int = 1  # online: passes of optimizer steps over each rollout (TRL's ppo_epochs)
     num_mini_batches: int = 1  # online: optimizer steps per pass over a rollout (TRL's num_mini_batches)
     cliprange: float = 0.2  # online: the policy ratio's clip range (NeMo-Aligner's ratio_eps)
@@ -291,6 +295,9 @@ def _validate_online(cfg: AlignConfig, problems: list) -> None:
     if not (isinstance(a.rollout_compile, bool) or a.rollout_compile == "auto"):
         problems.append(f"align.rollout_compile={a.rollout_compile!r}; use auto (compiled on a CUDA device), true or "
                         f"false")
+    if a.rollout_dtype != "auto" and a.rollout_dtype not in ROLLOUT_DTYPE_NAMES:
+        problems.append(f"align.rollout_dtype={a.rollout_dtype!r}; use auto (the trainer's compute dtype under mixed "
+                        f"precision), float32, bfloat16 or float16")
     if int(a.max_completion_length) < 1:
         problems.append(f"align.max_completion_length={a.max_completion_length} must be at least 1")
     if not 0 < float(a.temperature) <= 2:

@@ -9,7 +9,10 @@
    GPU (``align.rollout_compile``, :func:`rollout_compile`) its decode step is compiled and captured as CUDA graphs
    once, at the first rollout; the graphs read the policy's parameters (nothing is fused or frozen) and are
    replayed by every later rollout. Its prefix cache is off: keys computed with older weights would be stale
-   after the next step.
+   after the next step. Rollouts sample in ``align.rollout_dtype`` (:func:`rollout_dtype`; ``auto``: the
+   trainer's compute dtype under mixed precision): when the policy's weights are wider (fp32 master weights under
+   bf16-mixed) the engine is built on a copy of the policy in that dtype instead, whose trained weights are cast
+   into it in place once per rollout (:meth:`RolloutLoss.refresh_copy`; the decode graphs read them there).
 2. Rewards: the user's reward function (``align.reward_fn``, ``module:function``),
    ``fn(prompts, completions, **fields) -> list[float]`` (one value per completion; ``prompts`` repeats each prompt
    ``num_generations`` times and ``fields`` holds the records' other fields, repeated alike), or a reward model
@@ -34,8 +37,8 @@ Several processes (data parallel, DDP or FSDP): each rank runs the four steps on
 (every group whole on one rank), with seeds that depend on a prompt's place in the global batch, not on the rank
 (:func:`draw_seed`); the loss goes through the loop's wrapped objective (:meth:`RolloutLoss.forward`), so the
 policy's gradients are averaged as every method's are, and N ranks make one process's update on N times the
-prompts (:meth:`RolloutLoss.train_step`). Under FSDP the engine samples from a whole copy of the policy refreshed
-once per rollout, and the frozen reference is sharded as the policy is. Gradient checkpointing (the assembly's, on
+prompts (:meth:`RolloutLoss.train_step`). Under FSDP the engine samples from a whole copy of the policy (in the
+rollout dtype) refreshed once per rollout, and the frozen reference is sharded as the policy is. Gradient checkpointing (the assembly's, on
 the policy's blocks; the stage's, on the critic's) acts in the loss's forward only: without autograd (rollouts,
 reference, sampling log-probabilities, values) the blocks run plainly
 (:func:`lmforge.parallel.transforms.apply_activation_checkpointing`).
@@ -285,6 +288,57 @@ def _spelled(setting) -> str:
     return {True: "true", False: "false"}.get(setting, str(setting))
 
 
+#: ``align.rollout_dtype``'s explicit values (``auto`` besides)
+ROLLOUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rollout_dtype(setting, amp_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The dtype rollouts sample in, from ``align.rollout_dtype``: ``auto`` gives the trainer's compute dtype under
+    mixed precision (``amp_dtype``: bf16-mixed's bfloat16, 16-mixed's float16) and None (the weights' own dtype)
+    without; ``float32``, ``bfloat16`` or ``float16`` gives that dtype. Anything else is one ConfigError line.
+    The engine runs each of them on CPU too (slowly: CPU matmuls in half precision are not fast)."""
+    if setting == "auto":
+        return amp_dtype
+    if setting not in ROLLOUT_DTYPES:
+        raise ConfigError(f"align.rollout_dtype={setting!r}; use auto (the trainer's compute dtype under mixed "
+                          f"precision), float32, bfloat16 or float16")
+    return ROLLOUT_DTYPES[setting]
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most of ``model``'s floating-point parameter elements have: the weights' own dtype (a PEFT
+    model's frozen base, not its few adapter weights, which are fp32 whatever the base's dtype and cast to the
+    input's dtype at use)."""
+    counts: dict = defaultdict(int)
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode) with every floating-point parameter and buffer in ``dtype``, as
+    ``copy.deepcopy(model).to(dtype)`` makes it (rotary tables cast from the model's own, tied weights tied), but
+    without a whole copy in the model's own dtype first: each tensor is cast straight into the copy (deepcopy's
+    memo), so a bf16 copy of an fp32 policy costs 2 bytes per parameter and nothing more at its peak."""
+    import copy
+
+    memo = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            memo[id(p)] = nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+    for b in model.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.detach().to(dtype, copy=True)
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers (each tensor once)."""
+    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
 def _sharded(model: nn.Module) -> bool:
     """Whether the policy's parameters are sharded (FSDP, DTensors): the decode graphs need whole weights."""
     try:
@@ -380,23 +434,32 @@ class RolloutLoss(nn.Module):
         log: where the rollout engine's start-up lines go (default: standard error).
         rollout_copy: the policy is about to be sharded (FSDP on several ranks): the rollout engine samples from
             a whole copy of it (taken here, before sharding, not trained), whose trained weights are gathered
-            from the shards once per rollout (:meth:`_refresh_copy`). An engine on the sharded policy itself
+            from the shards once per rollout (:meth:`refresh_copy`). An engine on the sharded policy itself
             would all-gather every block at each of its forwards, and the ranks' rollouts take different
             numbers of forwards (their completions end at different steps): the collectives would not pair up.
+        rollout_dtype: the dtype rollouts sample in (:func:`rollout_dtype`; None: the weights' own,
+            :func:`weights_dtype`). When it is not the weights' dtype (an fp32 policy trained under bf16-mixed:
+            fp32 master weights, bf16 autocast) the engine samples from a copy of the policy in it
+            (:func:`cast_copy`, 2 bytes per parameter in bf16), built once, its trained weights cast into it in
+            place once per rollout (:meth:`refresh_copy`): the decode steps read half the bytes and run on bf16
+            tensor cores, and a compiled engine's decode graphs, captured on the copy's tensors, stay valid.
+            Under FSDP the one copy is both whole and in this dtype.
     """
 
     def __init__(self, model: nn.Module, method: str, settings, prompts: PromptSet, tokenizer, reference,
                  max_seq_len: int, seed: int, max_rows: int, reward_model: Optional[nn.Module] = None,
                  critic: Optional[nn.Module] = None, critic_optimizer=None, critic_lr_scale: float = 1.0,
-                 compile_decode: bool = False, log=None, rollout_copy: bool = False):
-        import copy
-
+                 compile_decode: bool = False, log=None, rollout_copy: bool = False,
+                 rollout_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.model, self.method, self.s, self.prompts, self.tok = model, method, settings, prompts, tokenizer
         self.reference = reference if isinstance(reference, str) else None
         # lists: not submodules (the optimizer and the checkpoints hold the policy alone)
         self._frozen = [ReferenceLogps(reference)] if isinstance(reference, nn.Module) else []
-        self._copy = [copy.deepcopy(model).eval().requires_grad_(False)] if rollout_copy else []
+        own = weights_dtype(model)
+        self.rollout_dtype = rollout_dtype or own
+        whole = rollout_copy or self.rollout_dtype != own  # else the engine samples from the policy itself
+        self._copy = [cast_copy(model, self.rollout_dtype)] if whole else []
         self._trained_names = [n for n, p in model.named_parameters() if p.requires_grad]  # refreshed in the copy
         self._net = None  # what runs the policy's forwards (train_step sets it: the loop's DDP/FSDP-wrapped self)
         self._exp: Optional[dict] = None  # the rollout train_step's forwards read (not an argument: see forward)
@@ -458,14 +521,27 @@ class RolloutLoss(nn.Module):
         return self._engine
 
     def _rollout_policy(self) -> nn.Module:
-        """What the rollout engine samples from: the policy itself, or its whole copy (``rollout_copy``)."""
+        """What the rollout engine samples from: the policy itself, or its copy (whole under FSDP, in
+        ``rollout_dtype``)."""
         return self._copy[0] if self._copy else self.model
 
+    def describe_rollouts(self) -> str:
+        """Which dtype rollouts sample in, and from what (for the run's ``rollouts:`` line)."""
+        what = str(self.rollout_dtype).removeprefix("torch.")
+        if not self._copy:
+            return f"sampling in {what}, the policy's own weights (no copy)"
+        gib = tensor_bytes(self._copy[0]) / 2 ** 30
+        return (f"sampling in {what} from a copy of the policy ({gib:.2f} GiB, its trained weights copied in "
+                f"place once per rollout)")
+
     @torch.no_grad()
-    def _refresh_copy(self) -> None:
-        """The trained weights of the sharded policy, gathered whole into the rollout engine's copy, in place (a
-        compiled engine's graphs read them where they are). Every rank gathers the same weights in the same
-        order: one all-gather per trained weight, once per rollout."""
+    def refresh_copy(self) -> None:
+        """The policy's trained weights into the rollout engine's copy, in place (a compiled engine's graphs read
+        them where they are), cast to the copy's dtype; under FSDP gathered whole from the shards: every rank
+        gathers the same weights in the same order, one all-gather per trained weight. Once per rollout
+        (:meth:`collect`), after the optimizer steps; nothing without a copy. Only the trained weights change
+        (LoRA: the adapters'; a full-weight run: every parameter); buffers (rotary tables) are constants, cast
+        once when the copy was made."""
         if not self._copy:
             return
         live, mine = dict(self.model.named_parameters()), dict(self._copy[0].named_parameters())
@@ -487,7 +563,7 @@ class RolloutLoss(nn.Module):
             # Joint projections (training's) off: the engine's forwards, and the decode graphs captured in
             # engine(), read each weight in place instead of concatenating them at every step.
             with separate_projections(policy):
-                with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
+                with torch.autocast(device_type, enabled=False):  # the engine runs in its model's dtype
                     engine = self.engine()
                     engine.sync_weights()  # compiled: captures again if a weight was replaced, not updated in place
                 eos = self.tok.eod_id
@@ -501,7 +577,7 @@ class RolloutLoss(nn.Module):
                         engine.add_request(rid, prompt, params)
                         ids.append(rid)
                         out[rid] = ([], None)
-                with torch.autocast(device_type, enabled=False):  # the engine runs in the weights' own dtype
+                with torch.autocast(device_type, enabled=False):  # the engine runs in its model's dtype
                     while engine.has_work():
                         for o in engine.step():
                             if o.finish_reason == "error":
@@ -595,7 +671,7 @@ class RolloutLoss(nn.Module):
         advantages are whitened over the tokens of every rank's rollout (:func:`_all_ranks_sum`)."""
         G = self.G
         device = micro[0]["tokens"].device
-        self._refresh_copy()
+        self.refresh_copy()
         prompts, completions, rewards = [], [], []
         start = 0
         for k, b in enumerate(micro):

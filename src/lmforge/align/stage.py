@@ -200,9 +200,10 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
     elif online:
         import copy
 
-        from lmforge.align.rl import RolloutLoss, rollout_compile
+        from lmforge.align.rl import RolloutLoss, rollout_compile, rollout_dtype
 
         compiled, line = rollout_compile(cfg.align.rollout_compile, rt.device)  # true off CUDA: refused here
+        sample_dtype = rollout_dtype(cfg.align.rollout_dtype, amp)  # None: the weights' own
         # The reward function tried on the first micro batch's rollouts before anything is written: one that
         # raises or returns the wrong values stops the run with its error line and no results folder.
         rows = mbs * int(cfg.align.num_generations)
@@ -211,8 +212,6 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         first = list(range(min(mbs, len(train_ds))))
         probe.rewards(first, probe.sample([train_ds.ids[i] for i in first]))
         del probe
-        if rt.is_main:
-            console_log(line)
         reference = cfg.reference
         if reference == "frozen_copy" and float(cfg.align.beta) > 0:  # before PEFT or wrapping: the start weights
             reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -235,7 +234,7 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
                                              critic_optimizer=critic_opt,
                                              critic_lr_scale=critic_lr / float(cfg.optim.lr),
                                              compile_decode=compiled, log=console_log,
-                                             rollout_copy=shards(job))
+                                             rollout_copy=shards(job), rollout_dtype=sample_dtype)
     else:
         reference, table = cfg.reference, None
         if reference == "precomputed":  # once, with the base model, before any wrapping
@@ -256,6 +255,9 @@ def _run(cfg: AlignConfig, rt: Runtime, console_log, t0: float) -> dict:
         training.extra_save = lambda folder: save_critic(folder, critic, critic_opt, rt)
         if training.resumed_from:
             resume_critic(training.resumed_from, critic, critic_opt)
+    if online and rt.is_main:  # the decode step, and the dtype and weights the rollouts sample from
+        console_log(f"{line}; {training.objective.describe_rollouts()} (align.rollout_dtype="
+                    f"{cfg.align.rollout_dtype})")
     if online and shards(job) and rt.is_main:
         console_log("rollouts: each rank samples its share of the prompts from a whole copy of the policy, its "
                     "trained weights gathered from the shards once per rollout")
