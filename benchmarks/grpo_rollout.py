@@ -9,6 +9,14 @@ CUDA graphs on the live weights, as ``align.rollout_compile=auto`` does; ``--eag
 Hugging Face: ``LlamaForCausalLM.generate`` on the whole batch (``num_return_sequences``), as TRL's GRPO trainer
 calls it without vLLM. Both in ``--dtype``.
 
+``--master-fp32`` builds the policy as ``lmforge align`` does under ``trainer.precision=bf16-mixed``: fp32 weights
+(the optimizer's master weights), the rollouts sampled in ``--dtype`` (``align.rollout_dtype=auto``) from a copy of
+the policy in that dtype, built once with the engine and refreshed in place (its weights cast from the policy's)
+before every rollout, as each training step does (:meth:`lmforge.align.rl.RolloutLoss.refresh_copy`; the refresh
+is inside the timed rollout). Without it the policy itself is in ``--dtype`` (no copy). The JSON says which ran:
+``path`` is ``master-fp32`` (with ``rollout_copy_gib`` and ``refresh_copy_seconds``, one refresh timed alone) or
+``plain``. Hugging Face's model is in ``--dtype`` either way.
+
 The policy is set up as ``lmforge align`` trains it: q/k/v and gate/up as joint projections
 (:func:`lmforge.models.transformer.set_joint_projections`, ``joint_projections: true`` in the JSON), which the
 rollout engine runs apart (:func:`~lmforge.models.transformer.separate_projections`): the decode steps read the
@@ -18,9 +26,10 @@ weights concatenated at every decode step (what ``lmforge align`` ran before iss
 ``joint_rollouts: true`` in the JSON).
 
     python benchmarks/grpo_rollout.py [--shape 1b|tiny] [--dtype bfloat16|float32] [--prompts 8] [--generations 8]
-                                      [--eager] [--check] [--skip-hf]
+                                      [--eager] [--check] [--skip-hf] [--repeats 3] [--master-fp32]
                                       [--no-joint-projections | --joint-rollouts]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
+    python benchmarks/grpo_rollout.py --master-fp32 --skip-hf --check   # align's bf16-mixed path (fp32 policy)
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
     python benchmarks/grpo_rollout.py --skip-hf --trace /tmp/rollout_trace.json   # the GPU timeline of a rollout
 
@@ -29,14 +38,19 @@ one more lmforge rollout after the timed one (``benchmarks/serve_load.py``'s ``s
 timing stays clean; the JSON line gives that traced rollout's seconds as ``traced_run_seconds``.
 
 The engine's start-up (building it; compiled: capturing the decode graphs, once per run) is timed apart from the
-rollouts: one warm-up rollout, then the timed one. ``--check`` then takes an AdamW step on the policy and
-compares the long-lived engine's next rollout with that of an engine built afresh on the updated weights (same
-seeds, same decode path): equal is expected (a compiled engine reading stale weights parts from it within a few
-tokens; it fails below 90% agreement); it also reports the agreement with a fresh eager engine's (floating-point
-differences of the compiled kernels may flip a sampled token, and the completion goes its own way after it).
+rollouts: one warm-up rollout, then ``--repeats`` timed ones (default 3) for each engine, lmforge's and Hugging
+Face's alike: ``seconds`` and ``tokens_per_s`` are the best run's, ``seconds_median`` and ``tokens_per_s_median``
+the median's (HF ``generate``'s speed is bound by its host work and varies from call to call), ``seconds_all``
+every run's. ``--check`` then takes an AdamW step on the policy and compares the long-lived engine's next rollout
+with that of an engine built afresh on the updated weights (same seeds, same decode path; ``--master-fp32``: on a
+fresh cast of the updated fp32 policy, while the long-lived engine reads its copy refreshed in place, and the
+check fails unless the copy's tensors are the ones the engine was built on, ``copy_updated_in_place``): equal is
+expected (a compiled engine reading stale weights parts from it within a few tokens; it fails below 90%
+agreement); it also reports the agreement with a fresh eager engine's (floating-point differences of the compiled
+kernels may flip a sampled token, and the completion goes its own way after it).
 
-Prints one JSON line per engine (generated tokens/s, seconds, start-up seconds) and the speed-up; writes them to
-$OUT/grpo_rollout.json when OUT is set.
+Prints one JSON line per engine (generated tokens/s, seconds, start-up seconds) and the speed-up (best over best,
+``speedup``, and median over median, ``speedup_median``); writes them to $OUT/grpo_rollout.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,6 +107,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--eager", action="store_true", help="the eager decode step (align.rollout_compile=false)")
     ap.add_argument("--check", action="store_true", help="after the timing: rollouts after an optimizer step equal "
                                                          "a fresh engine's")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each engine after its warm-up (best and median reported)")
+    ap.add_argument("--master-fp32", action="store_true",
+                    help="an fp32 policy (align under bf16-mixed): rollouts in --dtype from a copy refreshed in place")
     ap.add_argument("--no-joint-projections", dest="joint", action="store_false",
                     help="a plain policy, without training's joint q/k/v and gate/up projections")
     ap.add_argument("--joint-rollouts", action="store_true",
@@ -102,6 +121,10 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
     if a.joint_rollouts and not a.joint:
         ap.error("--joint-rollouts needs the joint projections (drop --no-joint-projections)")
+    if a.repeats < 1:
+        ap.error(f"--repeats {a.repeats}: give at least 1 timed run")
+    if a.master_fp32 and a.dtype == "float32":
+        ap.error("--master-fp32 samples from a copy in --dtype: give --dtype bfloat16 or float16, not float32")
     if a.joint_rollouts:  # the engine's forwards and graph captures keep the flags as training set them
         with mock.patch.object(rl_module, "separate_projections", lambda model: contextlib.nullcontext()):
             return _main(a)
@@ -117,7 +140,9 @@ def _main(a) -> list[dict]:
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights(seed=0)
-    model = model.to(device=device, dtype=dtype)
+    # --master-fp32: fp32 weights, as align trains under mixed precision; the rollouts sample in --dtype from a copy
+    model = model.to(device=device, dtype=torch.float32 if a.master_fp32 else dtype)
+    sample_dtype = dtype if a.master_fp32 else None
     if a.joint:  # as lmforge align's training assembly does (job.joint_projections, on by default)
         set_joint_projections(model)
     prompts = torch.randint(1, cfg.vocab_size, (a.prompts, a.prompt_len)).tolist()
@@ -126,9 +151,9 @@ def _main(a) -> list[dict]:
     seq = a.prompt_len + a.new_tokens
     compiled = device == "cuda" and not a.eager
 
-    def rollout_loss():
+    def rollout_loss(compile_decode: bool = compiled):
         return RolloutLoss(model, "grpo", settings, None, _Ids(), None, seq, 0, a.prompts * a.generations,
-                           compile_decode=compiled, log=lambda m: None)
+                           compile_decode=compile_decode, log=lambda m: None, rollout_dtype=sample_dtype)
 
     rollout = rollout_loss()
     results = []
@@ -143,16 +168,20 @@ def _main(a) -> list[dict]:
     startup = time.perf_counter() - t
 
     def timed(name, fn, stats=None, trace=None, **extra):
-        """``fn`` once to warm up, then timed; ``stats()``: counters whose change over the timed run is kept;
-        ``trace``: a path for a profiler trace of one more run after the timed one (the timing stays untraced)."""
+        """``fn`` once to warm up, then ``--repeats`` timed runs (best and median kept); ``stats()``: counters
+        whose change per timed run is kept; ``trace``: a path for a profiler trace of one more run after the timed
+        ones (the timing stays untraced)."""
         fn()  # warm-up (kernels, allocator)
         sync()
         pre = stats() if stats else {}
-        t = time.perf_counter()
-        n = fn()
-        sync()
-        s = time.perf_counter() - t
-        extra.update({k: v - pre[k] for k, v in (stats() if stats else {}).items()})
+        times = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            n = fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        s, median = min(times), statistics.median(times)
+        extra.update({k: (v - pre[k]) // a.repeats for k, v in (stats() if stats else {}).items()})
         if trace:
             profiler = start_trace(device)
             t = time.perf_counter()
@@ -161,15 +190,31 @@ def _main(a) -> list[dict]:
             extra["traced_run_seconds"] = round(time.perf_counter() - t, 3)
             stop_trace(profiler, trace)
         results.append({"engine": name, "generated_tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 1),
+                        "seconds_median": round(median, 3), "tokens_per_s_median": round(n / median, 1),
+                        "repeats": a.repeats, "seconds_all": [round(x, 3) for x in times],
                         **extra, "shape": a.shape, "dtype": a.dtype, "joint_projections": a.joint,
                         "joint_rollouts": a.joint_rollouts, "prompts": a.prompts,
                         "generations": a.generations, "new_tokens": a.new_tokens,
                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
         print(json.dumps(results[-1]), flush=True)
 
-    timed("lmforge RolloutLoss.sample", lambda: sum(len(c) for c in rollout.sample(prompts)),
+    def lmforge_rollout() -> int:
+        rollout.refresh_copy()  # --master-fp32: the copy refreshed from the policy, as each training step does
+        return sum(len(c) for c in rollout.sample(prompts))
+
+    if a.master_fp32:
+        copy_gib = sum(t.numel() * t.element_size() for t in rollout_copy_tensors(rollout)) / 2 ** 30
+        sync()
+        t = time.perf_counter()
+        rollout.refresh_copy()
+        sync()
+        path = {"path": "master-fp32", "rollout_dtype": a.dtype, "rollout_copy_gib": round(copy_gib, 2),
+                "refresh_copy_seconds": round(time.perf_counter() - t, 4)}
+    else:
+        path = {"path": "plain", "rollout_dtype": a.dtype}
+    timed("lmforge RolloutLoss.sample", lmforge_rollout,
           stats=lambda: {"decode_steps": engine.metrics.decode_steps, "chained_steps": engine.metrics.chained_steps},
-          trace=a.trace, compiled=engine.compiled, startup_seconds=round(startup, 2))
+          trace=a.trace, compiled=engine.compiled, startup_seconds=round(startup, 2), **path)
     if not a.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -190,7 +235,9 @@ def _main(a) -> list[dict]:
             return int((out.shape[1] - ids.shape[1]) * out.shape[0])
 
         timed("transformers generate", hf_generate)
-        results.append({"speedup": round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 2)})
+        results.append({"speedup": round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 2),
+                        "speedup_median": round(results[0]["tokens_per_s_median"]
+                                                / results[1]["tokens_per_s_median"], 2)})
         print(json.dumps(results[-1]))
     if a.check:
         results.append(check(model, prompts, rollout, rollout_loss, compiled))
@@ -201,18 +248,34 @@ def _main(a) -> list[dict]:
     return results
 
 
+def rollout_copy_tensors(rollout) -> list:
+    """The parameters and buffers the rollout engine samples from when it samples from a copy (none otherwise)."""
+    if rollout._rollout_policy() is rollout.model:
+        return []
+    policy = rollout._rollout_policy()
+    return list({id(t): t for t in (*policy.parameters(), *policy.buffers())}.values())
+
+
 def check(model, prompts, rollout, rollout_loss, compiled) -> dict:
     """An AdamW step on the policy (in place, as training does), then the long-lived engine's rollout against a
-    fresh engine's on the updated weights (same seeds): equal expected; stale weights part within a few tokens."""
+    fresh engine's on the updated weights (same seeds): equal expected; stale weights part within a few tokens.
+    With a copy (``--master-fp32``) the long-lived engine samples after the copy's in-place refresh, the fresh
+    one from a fresh cast of the updated policy; the copy's tensors must be those the engine was built on."""
     from lmforge.align.rl import token_logps
 
     before = rollout.sample(prompts, rollout=3)
+    copied = rollout_copy_tensors(rollout)
+    pointers = [t.data_ptr() for t in copied]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rows = torch.tensor(prompts[:2], device=next(model.parameters()).device)
     model.train()
-    (-token_logps(model, rows).sum()).backward()
+    amp = torch.autocast(rows.device.type, dtype=rollout.rollout_dtype) if copied else contextlib.nullcontext()
+    with amp:  # --master-fp32: as align trains under mixed precision
+        loss = -token_logps(model, rows).sum()
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    rollout.refresh_copy()  # as collect() does before each rollout (nothing without a copy)
     after = rollout.sample(prompts, rollout=3)
     fresh = rollout_loss().sample(prompts, rollout=3)
 
@@ -227,17 +290,16 @@ def check(model, prompts, rollout, rollout_loss, compiled) -> dict:
         return round(total / len(xs), 3)
 
     out = {"check": "rollout after an optimizer step vs a fresh engine's", "compiled": compiled,
-           "equal": after == fresh, "agreement_with_fresh": agreement(after, fresh),
+           "rollout_copy": bool(copied), "equal": after == fresh, "agreement_with_fresh": agreement(after, fresh),
            "agreement_with_before_the_step": agreement(after, before)}
+    if copied:
+        out["copy_updated_in_place"] = [t.data_ptr() for t in rollout_copy_tensors(rollout)] == pointers
     if compiled:
-        from lmforge.align.rl import RolloutLoss
-
-        r = rollout_loss()
-        eager = RolloutLoss(model, "grpo", r.s, None, r.tok, None, r.max_seq_len, 0, r.max_rows)
-        out["agreement_with_fresh_eager"] = agreement(after, eager.sample(prompts, rollout=3))
+        out["agreement_with_fresh_eager"] = agreement(after, rollout_loss(compile_decode=False).sample(prompts,
+                                                                                                    rollout=3))
     # Stale weights make the draws follow the old policy: they part from the fresh engine's within a few tokens.
     # Equal is expected; a late parting alone (agreement near 1) would be the kernels' floating-point differences.
-    if after == before or out["agreement_with_fresh"] < 0.9:
+    if after == before or out["agreement_with_fresh"] < 0.9 or out.get("copy_updated_in_place") is False:
         raise SystemExit(f"check failed: {out}")
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import re
 import shlex
 import sys
@@ -56,6 +57,9 @@ def runs(tmp_path_factory):
     ppo = ["align", "--out", "ppo_cut", *COMMON, *RUNS["ppo"][0], *TWO_RANKS, "fsdp=true"]  # sharded checkpoints
     cases += [{"name": "ppo_cut", "args": ppo + ["trainer.max_steps=1"], "cwd": str(folder)},
               {"name": "ppo_resumed", "args": ppo, "cwd": str(folder)}]
+    cases.append({"name": "fsdp_bf16", "args": ["align", "--out", "fsdp_bf16", *COMMON, "--method", "grpo",
+                                                 *TWO_RANKS, "fsdp=true", "trainer.precision=bf16-mixed"],
+                  "cwd": str(folder)})
     cases.append({"name": "docs", "args": shlex.split(docs[len(launcher):]), "cwd": str(folder)})
     two = run_cases(cases, 2, folder / "logs")
     with pytest.MonkeyPatch.context() as mp:
@@ -142,6 +146,18 @@ def test_lora_grpo_under_fsdp_matches_one_process(runs):
     assert "FSDP full" in two["lora"].ok()
     _assert_two_ranks_match_one(folder, "lora", ("reward", "kl", "entropy", "grad_norm"), clipped=False)
     assert (folder / "lora_two" / "adapter").is_dir()
+
+
+def test_fsdp_bf16_mixed_rollouts_sample_from_a_whole_bf16_copy(runs):
+    """FSDP under bf16-mixed: the one rollout copy is both whole and in bf16 (align.rollout_dtype=auto), its
+    trained weights gathered from the fp32 shards and cast into it once per rollout; both steps train."""
+    folder, two = runs
+    out = two["fsdp_bf16"].ok()
+    line = next(x for x in out.splitlines() if x.startswith("rollouts: eager decode step"))
+    assert "; sampling in bfloat16 from a copy of the policy (" in line, line
+    assert "rollouts: each rank samples its share of the prompts from a whole copy" in out
+    rows = _logged(folder, "fsdp_bf16")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 1 <= r["completion_length"] <= 7 for r in rows), rows
 
 
 def test_the_docs_torchrun_command_runs(runs):

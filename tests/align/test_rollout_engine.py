@@ -366,3 +366,24 @@ def test_rollout_dtype_setting():
     assert rollout_dtype("float16", None) == torch.float16 and rollout_dtype("float32", torch.bfloat16) == torch.float32
     with pytest.raises(ConfigError, match="align.rollout_dtype='fp8'; use auto"):
         rollout_dtype("fp8", None)
+
+
+def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypatch):
+    """benchmarks/grpo_rollout.py --repeats times each engine (lmforge's and HF's) that many times after its warm-up
+    and reports the best and the median, the speed-up of both; --master-fp32 builds an fp32 policy whose rollouts
+    sample in bf16 from a copy, refreshed before each rollout, and --check then holds the copy to a fresh cast of
+    the updated policy: a copy never refreshed fails it."""
+    monkeypatch.delenv("OUT", raising=False)
+    bench = load_benchmark("grpo_rollout")
+    args = ["--shape", "tiny", "--prompts", "2", "--generations", "2", "--prompt-len", "4", "--new-tokens", "8",
+            "--master-fp32", "--check", "--repeats", "2"]
+    lm, hf, speed, check = bench.main(args)
+    for row in (lm, hf):
+        assert row["repeats"] == 2 and len(row["seconds_all"]) == 2 and row["generated_tokens"] == 32
+        assert row["seconds"] == min(row["seconds_all"]) and row["tokens_per_s"] >= row["tokens_per_s_median"]
+    assert lm["path"] == "master-fp32" and lm["rollout_dtype"] == "bfloat16" and "refresh_copy_seconds" in lm
+    assert set(speed) == {"speedup", "speedup_median"}
+    assert check["rollout_copy"] and check["equal"] and check["copy_updated_in_place"], check
+    monkeypatch.setattr(RolloutLoss, "refresh_copy", lambda self: None)  # a copy left at the starting weights
+    with pytest.raises(SystemExit, match="check failed"):
+        bench.main(args[:-2] + ["--skip-hf", "--repeats", "1"])
