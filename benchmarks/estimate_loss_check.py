@@ -1,13 +1,16 @@
-"""Check ``lmforge config --estimate``'s activations, the loss whole or chunked, against the measured peak on one
-GPU (run by hand; never by the test suite).
+"""Check ``lmforge config --estimate``'s step peak, the loss whole or chunked, against the measured peak on one
+GPU (run by hand; never by the test suite; tests/config/test_estimate.py checks the estimate against the records
+kept in benchmarks/results).
 
 A few blocks of a recipe's shape (default: Llama-3-8B, 2 layers) with a given vocabulary are trained for one
 forward + backward under bf16 autocast, no FSDP, through lmforge's own ``CausalLMLoss`` with the chunk size the
-estimate resolved (``resolve_loss_chunk_size``, as training does). Measured: ``torch.cuda.max_memory_allocated``
-during the step, minus what was allocated before it (the fp32 weights and the tokens). Estimated: the same step's
-activations + autocast's compute copy + the fp32 gradients (the gradients are resident at the end of backward, so
-this sum is an upper bound where the peak is in the loss's forward, as it is with a chunked loss). Printed per
-case: both, in GiB, and the estimate's loss layout; records appended to ``$OUT/estimate_loss_check.json``.
+estimate resolved (``resolve_loss_chunk_size``, as training does), the backward outside autocast as in the training
+loop. Measured: ``torch.cuda.max_memory_allocated`` during the step, minus what was allocated before it (the fp32
+weights and the tokens; no gradients yet, as after ``zero_grad(set_to_none=True)``). Estimated: the same step's
+peak (``MemoryEstimate.step``) for a config of one micro batch a step (``model.global_batch_size`` = the micro
+batch): the gradients, compute copy and activations held at the moment the estimate finds largest (the loss's
+forward, its backward, the last or the first block's backward, the end of backward). Printed per case: both, in
+GiB, where the peak is and the estimate's loss layout; records appended to ``$OUT/estimate_loss_check.json``.
 
     python benchmarks/estimate_loss_check.py                              # 128k vocabulary: auto chunk vs 0
     python benchmarks/estimate_loss_check.py --vocab 32000 --checkpointing  # checkpointing chunks 32k
@@ -29,17 +32,26 @@ from lmforge.models.transformer import Transformer
 from lmforge.train.objectives import CausalLMLoss
 
 
-def one_case(args, chunk_setting, mbs: int) -> dict:
-    overrides = ["trainer.devices=1", f"model.num_layers={args.layers}", f"model.encoder_seq_length={args.seq}",
-                 f"model.max_position_embeddings={max(args.seq, 8192)}", f"model.micro_batch_size={mbs}"]
-    if args.hidden:
-        overrides += [f"model.hidden_size={args.hidden}", f"model.ffn_hidden_size={4 * args.hidden}",
+def case_config(recipe: str, layers: int, seq: int, mbs: int, chunk_setting, checkpointing: bool, hidden: int = 0):
+    """The config of one case: the recipe cut to ``layers`` blocks at sequence ``seq``, one GPU, one micro batch of
+    ``mbs`` a step (so no gradients before its backward), the loss chunked as ``chunk_setting`` says (None: the
+    automatic rule), full checkpointing one block a chunk when ``checkpointing``. The test suite rebuilds the
+    recorded cases with it."""
+    overrides = ["trainer.devices=1", f"model.num_layers={layers}", f"model.encoder_seq_length={seq}",
+                 f"model.max_position_embeddings={max(seq, 8192)}", f"model.micro_batch_size={mbs}",
+                 f"model.global_batch_size={mbs}"]
+    if hidden:
+        overrides += [f"model.hidden_size={hidden}", f"model.ffn_hidden_size={4 * hidden}",
                       "model.num_attention_heads=4", "model.num_query_groups=2"]
     if chunk_setting is not None:
         overrides.append(f"model.loss_chunk_size={chunk_setting}")
-    if args.checkpointing:
+    if checkpointing:
         overrides.append("model.activations_checkpoint_granularity=full")
-    cfg = load_config(args.recipe, overrides)
+    return load_config(recipe, overrides)
+
+
+def one_case(args, chunk_setting, mbs: int) -> dict:
+    cfg = case_config(args.recipe, args.layers, args.seq, mbs, chunk_setting, args.checkpointing, args.hidden)
     est = estimate_memory(cfg, vocab_size=args.vocab)
     device = torch.device(args.device)
     model = Transformer(model_config_from(cfg, args.vocab)).to(device)
@@ -58,11 +70,13 @@ def one_case(args, chunk_setting, mbs: int) -> dict:
         loss, n = objective(tokens)
     (loss / n).backward()
     measured = (torch.cuda.max_memory_allocated() - before) if cuda else None
-    estimated = est.activations(mbs) + est.compute_copy + est.gradients
-    rec = dict(recipe=args.recipe, layers=args.layers, seq=args.seq, vocab=args.vocab, micro_batch_size=mbs,
-               checkpointing=args.checkpointing, loss=est.layout.describe_loss(),
+    peak = est.peak(mbs)
+    rec = dict(recipe=args.recipe, layers=args.layers, seq=args.seq, hidden=args.hidden, vocab=args.vocab,
+               micro_batch_size=mbs, checkpointing=args.checkpointing, loss=est.layout.describe_loss(),
                loss_chunk_size=est.layout.loss_chunk_size, logits_gib=est.logits(mbs) / GiB,
-               estimated_gib=estimated / GiB, measured_gib=None if measured is None else measured / GiB,
+               estimated_gib=peak.total / GiB, estimated_at=peak.name, estimated_gradients_gib=peak.gradients / GiB,
+               estimated_compute_copy_gib=peak.compute_copy / GiB, estimated_activations_gib=peak.activations / GiB,
+               measured_gib=None if measured is None else measured / GiB,
                device=torch.cuda.get_device_name() if cuda else "cpu")
     del model, objective, loss
     if cuda:
@@ -89,8 +103,9 @@ def main() -> None:
             records.append(rec)
             measured = "n/a" if rec["measured_gib"] is None else f"{rec['measured_gib']:.2f}"
             print(f"mbs {mbs}  {rec['loss']}: logits {rec['logits_gib']:.2f} GiB; estimated "
-                  f"{rec['estimated_gib']:.2f} GiB (activations + compute copy + gradients), measured {measured} GiB",
-                  flush=True)
+                  f"{rec['estimated_gib']:.2f} GiB at {rec['estimated_at']} (gradients "
+                  f"{rec['estimated_gradients_gib']:.2f} + compute copy {rec['estimated_compute_copy_gib']:.2f} + "
+                  f"activations {rec['estimated_activations_gib']:.2f}), measured {measured} GiB", flush=True)
     out = Path(os.environ.get("OUT", ".")) / "estimate_loss_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else []

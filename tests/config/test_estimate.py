@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +15,7 @@ from lmforge.config import load_config, model_config_from
 from lmforge.config.estimate import GiB, estimate_memory, parse_memory_size
 from lmforge.errors import ConfigError
 from lmforge.models.transformer import Transformer
+from tests.conftest import load_benchmark
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -183,10 +185,11 @@ def test_large_vocabulary_counts_one_chunk_of_logits():
     est = estimate_memory(cfg, vocab_size=LLAMA3_VOCAB)
     V, C, seq = est.vocab_size, cfg.model.hidden_size, est.layout.seq_length
     assert est.layout.loss_chunk_size == 2048  # training's rule: fp32 logits of a chunk ~1 GiB at 128k
-    # one chunk: bf16 logits + fp32 copy + softmax gradient + its masked copy; the fp32 head-weight gradient and
-    # the head weight cast to bf16 by the loss
-    chunk = 2048 * V * (2 + 12) + 4 * V * C + 2 * V * C
+    # one chunk: bf16 logits + fp32 copy + z - lse + its exp (softmax gradient; then its masked copy), and the
+    # previous chunk's bf16 gradient, alive while this chunk's logits are made
+    chunk = 2048 * V * (2 + 4 + 8 + 2)
     assert est.logits_per_sample == est.logits(1) == est.logits(8) == chunk
+    assert est.terms.loss_forward == 4 * V * C  # the fp32 head-weight gradient accumulator: not logits
     longer = estimate_memory(load_config("llama2/7b", ["trainer.devices=1", "model.encoder_seq_length=8192",
                                                        "model.max_position_embeddings=8192"]),
                              vocab_size=LLAMA3_VOCAB)
@@ -197,9 +200,98 @@ def test_large_vocabulary_counts_one_chunk_of_logits():
                             vocab_size=LLAMA3_VOCAB)
     assert whole.layout.loss_chunk_size == 0
     assert whole.logits(1) == 12 * V * seq and whole.logits(4) == 4 * whole.logits(1)
-    assert whole.compute_copy == est.compute_copy + 2 * V * C  # autocast's head copy: the loss's when chunked
+    assert whole.compute_copy == est.compute_copy  # the head's bf16 copy: autocast's, or the chunked loss's own
     assert est.total(4) < whole.total(4)
     assert "loss         whole: the micro batch's logits at once (model.loss_chunk_size: 0)" in whole.render()
+
+
+def test_chunked_logits_scale_with_the_chunk_not_the_micro_batch():
+    """A chunked loss's logits are one chunk's: a quarter the chunk, a quarter the logits, at any micro batch; a
+    micro batch within one chunk has no previous chunk's gradient beside them and grows with its tokens."""
+    def est(*overrides):
+        return estimate_memory(load_config("llama2/7b", ["trainer.devices=1", *overrides]), vocab_size=LLAMA3_VOCAB)
+
+    big, small = est("model.loss_chunk_size=2048"), est("model.loss_chunk_size=512")
+    for mbs in (1, 2, 8):
+        assert small.logits(mbs) * 4 == big.logits(mbs) == big.logits(1)
+    V = big.vocab_size
+    short = est("model.loss_chunk_size=2048", "model.encoder_seq_length=1024")  # one chunk at micro batch 1 and 2
+    assert short.logits(1) == 1024 * V * 14 and short.logits(2) == 2 * short.logits(1)
+    assert short.logits(4) == big.logits(1)  # two chunks: the previous one's gradient counts from here
+    # the whole loss grows with every token instead
+    whole = est("model.loss_chunk_size=0")
+    assert whole.logits(8) == 8 * whole.logits(1) > big.logits(8)
+
+
+def _one_step(*overrides, vocab=LLAMA3_VOCAB):
+    """Llama-3-8B's shape cut to 2 blocks at sequence 4096 on one GPU."""
+    return estimate_memory(load_config("llama3/8b", ["trainer.devices=1", "model.num_layers=2",
+                                                     "model.encoder_seq_length=4096", *overrides]), vocab_size=vocab)
+
+
+def test_gradients_are_resident_at_the_peak_only_when_they_accumulate():
+    """One micro batch a step (zero_grad sets the gradients to None): a chunked 128k loss peaks in its forward,
+    before any gradient exists. Accumulating over micro batches, every gradient is resident from the second one."""
+    one = _one_step("model.micro_batch_size=1", "model.global_batch_size=1")
+    peak = one.peak(1)
+    assert peak.name == "the loss's forward" and peak.gradients == 0
+    assert peak.compute_copy == one.compute_copy  # autocast's cache holds every cast until the forward ends
+    assert one.total(1) == one.fixed + peak.total and one.fixed == one.weights + one.optimizer + one.cuda_context
+    acc = _one_step("model.micro_batch_size=1", "model.global_batch_size=4")
+    assert acc.peak(1).gradients == acc.gradients > 0
+    assert acc.total(1) == one.total(1) + acc.gradients
+    assert acc.terms.accumulating(2) and not acc.terms.accumulating(4)  # global batch 4 = 4 x 1 rank
+
+
+def test_checkpointing_peaks_in_the_first_blocks_backward():
+    """Full checkpointing with a 32k vocabulary: the peak is the first block's backward, the last to run, with
+    every later gradient made, the block recomputed (its compute copy cast again: autocast's cache of the forward
+    is gone) and its backward's gradients; the chunked and the whole loss peak there alike."""
+    chunked = _one_step("model.micro_batch_size=1", "model.global_batch_size=1",
+                        "model.activations_checkpoint_granularity=full", vocab=32000)
+    whole = _one_step("model.micro_batch_size=1", "model.global_batch_size=1", "model.loss_chunk_size=0",
+                      "model.activations_checkpoint_granularity=full", vocab=32000)
+    t = chunked.terms
+    peak = chunked.peak(1)
+    assert peak.name == "the first block's backward" and whole.peak(1).total == peak.total
+    block_copy = peak.compute_copy
+    assert 0 < 2 * block_copy < chunked.compute_copy  # one of two blocks' copies, beside the head's
+    assert t.copy_loss_backward == 0 and whole.terms.copy_loss_backward > 0  # only the whole head's linear saves it
+    assert 0 < peak.gradients < chunked.gradients  # the first block's and the embedding's come after
+    assert peak.activations == t.first_chunk + t.backward_temps
+    plain = _one_step("model.micro_batch_size=1", "model.global_batch_size=1", vocab=32000)
+    assert plain.terms.layers == 2 * (t.first_chunk - t.layers // 2)  # no checkpointing: every block's kept
+
+
+def _recorded_estimate_checks():
+    """The one-GPU measurements of benchmarks/estimate_loss_check.py kept in benchmarks/results."""
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    records = []
+    for path in sorted(results.glob("*estimate_loss_check*.json")):
+        records += [(path.name, r) for r in json.loads(path.read_text()) if r.get("measured_gib")]
+    return records
+
+
+RECORDED = _recorded_estimate_checks()
+
+
+def test_recorded_checks_are_there():
+    # the H100 session 11 run: 128k chunked at micro batch 1 and 2, 32k checkpointed chunked and whole at 1 and 2
+    assert len(RECORDED) >= 6
+
+
+@pytest.mark.parametrize("name,rec", RECORDED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(RECORDED)])
+def test_estimate_is_within_15_percent_of_the_measured_peak(name, rec):
+    """Each recorded GPU measurement's config, rebuilt as the benchmark builds it: the estimated step peak is
+    within 15% of torch.cuda.max_memory_allocated's."""
+    check = load_benchmark("estimate_loss_check")
+    mbs = rec["micro_batch_size"]
+    cfg = check.case_config(rec["recipe"], rec["layers"], rec["seq"], mbs, rec["loss_chunk_size"],
+                            rec["checkpointing"], rec.get("hidden", 0))
+    est = estimate_memory(cfg, vocab_size=rec["vocab"])
+    assert est.layout.loss_chunk_size == rec["loss_chunk_size"]
+    measured = rec["measured_gib"] * GiB
+    assert abs(est.step(mbs) - measured) <= 0.15 * measured, (name, est.peak(mbs), rec)
 
 
 def test_checkpointing_chunks_a_32k_vocabulary_by_default():

@@ -204,11 +204,11 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
-    compute_copy: int
-    activations_per_sample: int  # all layers and the head, one sequence, checkpointing applied: activations(1)
-    logits_per_sample: int  # part of activations_per_sample: the loss's logits and their gradients: logits(1)
+    compute_copy: int  # the most held at once (the forward pass's); at the peak: peak(mbs).compute_copy
+    activations_per_sample: int  # one sequence's tensors at the step's peak, checkpointing applied: activations(1)
+    logits_per_sample: int  # the loss's logits and their gradients at their own peak: logits(1)
     cuda_context: int
-    terms: "ActivationTerms"  # what activations(mbs) adds up
+    terms: "ActivationTerms"  # the step's parts and the moments its peak can be at
     micro_batch_size: Optional[int]  # the config's
     gpu_memory_bytes: Optional[int]
     table: list[MicroBatchRow] = field(default_factory=list)
@@ -225,18 +225,27 @@ class MemoryEstimate:
 
     @property
     def fixed(self) -> int:
-        """Everything that does not grow with the micro batch."""
-        return self.state + self.compute_copy + self.cuda_context
+        """What every moment of the step holds, whatever the micro batch: weights, optimizer state, context."""
+        return self.weights + self.optimizer + self.cuda_context
+
+    def peak(self, micro_batch_size: int) -> "Phase":
+        """The moment of one step that holds the most, with the gradients, compute copy and activations held then."""
+        return self.terms.peak(micro_batch_size)
+
+    def step(self, micro_batch_size: int) -> int:
+        """What one step adds to :attr:`fixed` at its peak (gradients and compute copy resident then included)."""
+        return self.peak(micro_batch_size).total
 
     def activations(self, micro_batch_size: int) -> int:
+        """The micro batch's own tensors at the step's peak."""
         return self.terms.activations(micro_batch_size)
 
     def logits(self, micro_batch_size: int) -> int:
-        """The loss's logits term of a micro batch (part of :meth:`activations`)."""
+        """The loss's logits and their gradients at their own peak (chunked: one chunk's)."""
         return self.terms.logits(micro_batch_size)
 
     def total(self, micro_batch_size: int) -> int:
-        return self.fixed + self.activations(micro_batch_size)
+        return self.fixed + self.step(micro_batch_size)
 
     def fraction(self, micro_batch_size: int) -> Optional[float]:
         return self.total(micro_batch_size) / self.gpu_memory_bytes if self.gpu_memory_bytes else None
@@ -276,12 +285,17 @@ class MemoryEstimate:
             ("optimizer state (Adam, fp32)", self.optimizer, _sharded(lay.optimizer_sharded, lay)),
             ("compute copy of the weights", self.compute_copy, _copy_note(lay)),
             ("activations per micro batch", self.activations_per_sample,
-             f"one sequence; of which logits {_gib(self.logits_per_sample)} GiB ({_logits_note(lay)})"),
+             f"one sequence at the step's peak; the logits at theirs {_gib(self.logits_per_sample)} GiB "
+             f"({_logits_note(lay)})"),
             ("CUDA context + workspace", self.cuda_context, "fixed allowance"),
         ]
         for label, value, note in rows:
             out.append(f"  {label:<{width}}{_gib(value):>9} GiB   {note}")
-        out.append(f"  {'fixed (all but activations)':<{width}}{_gib(self.fixed):>9} GiB")
+        out.append(f"  {'fixed (weights, optimizer, context)':<{width}}{_gib(self.fixed):>9} GiB")
+        peak = self.peak(1)
+        out.append(f"  {'peak of a step (micro batch 1)':<{width}}{_gib(peak.total):>9} GiB   at {peak.name}: "
+                   f"gradients {_gib(peak.gradients)}, compute copy {_gib(peak.compute_copy)}, activations "
+                   f"{_gib(peak.activations)} GiB{_accumulation_note(self.terms, 1)}")
         out.append("")
         if card is None:
             if self.micro_batch_size:
@@ -355,6 +369,12 @@ def _logits_note(lay: Layout) -> str:
     return "whole: every token's"
 
 
+def _accumulation_note(terms: "ActivationTerms", micro_batch_size: int) -> str:
+    if terms.accumulating(micro_batch_size):
+        return " (gradients accumulate over micro batches: all resident)"
+    return " (one micro batch a step)"
+
+
 def _copy_note(lay: Layout) -> str:
     if lay.fsdp == "grad":
         return "all gathered from forward to backward (grad strategy)"
@@ -363,8 +383,8 @@ def _copy_note(lay: Layout) -> str:
     if lay.precision == "32":
         return "none in float32"
     if lay.loss_chunk_size:
-        return "autocast's bf16/fp16 casts of the matmul weights (the head's: with the chunked loss)"
-    return "autocast's bf16/fp16 casts of the matmul weights"
+        return "autocast's bf16/fp16 casts of the matmul weights, held in forward (the head's: by the chunked loss)"
+    return "autocast's bf16/fp16 casts of the matmul weights, held in forward"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,28 +406,95 @@ class _Counts:
 
 
 @dataclass
+class Phase:
+    """One moment of a training step and what it holds beyond the weights, the optimizer state and the context
+    (bytes): the gradients and compute copy resident then, and the micro batch's own tensors."""
+
+    name: str
+    gradients: int
+    compute_copy: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.gradients + self.compute_copy + self.activations
+
+
+@dataclass
 class ActivationTerms:
-    """The activations of a micro batch, in parts (bytes): most grow with each sequence; a chunked loss's do not
-    grow past one chunk of tokens."""
+    """What one micro batch's forward + backward holds, in parts (bytes), and the moments where its peak can be.
+
+    A step (lmforge's loop: forward under autocast, backward outside it, ``zero_grad(set_to_none=True)`` after the
+    optimizer step) peaks at one of a few moments, each holding a different mix; :meth:`phases` lists them and
+    :meth:`peak` takes the largest. Per-sequence parts are multiplied by the micro batch size."""
 
     seq_length: int
-    layers: int  # per sequence: what the blocks keep for backward (checkpointing applied)
+    layers: int  # per sequence: what the blocks keep from forward for backward (checkpointing applied)
     head: int  # per sequence: final norm, the head's input (chunked: and its gradient), the embedding dropout mask
-    recompute: int  # per sequence: what a recomputed chunk of blocks holds in backward (full checkpointing)
-    logits_per_token: float  # bytes per token of the loss's logits at their peak
+    recompute: int  # per sequence: what a recomputed chunk of blocks holds again in backward (full checkpointing)
+    first_chunk: int  # per sequence: what the first chunk of blocks holds at its backward (the last one to run)
+    backward_temps: int  # per sequence: the gradients flowing through a block's backward (residual stream, MLP)
+    logits_per_token: float  # chunked: one chunk's logits and their gradients at their peak; whole: at backward
+    logits_forward_per_token: float  # whole: the fp32 logits and their log-softmax in the forward pass
+    overlap_per_token: float  # chunked: the previous chunk's logit gradient, alive while the next chunk's are made
     loss_chunk_size: int  # 0: every token's logits at once; N: N tokens' at most
-    loss_forward: int  # chunked, per micro batch: fp32 head-weight gradient (+ the head's compute-dtype copy)
-    loss_backward: int  # chunked, per micro batch: the head-weight gradient and its scaled copy at the backward
+    loss_forward: int  # chunked, per micro batch: the fp32 head-weight gradient accumulator
+    loss_backward: int  # chunked, per micro batch: that accumulator and its scaled copy (the head's gradient)
+    gradients: int  # all of them (fp32), as the gradients row
+    gradients_after_loss: int  # the head's (and final norm's), made by the loss's backward
+    gradients_before_first_chunk: int  # all but the first chunk of blocks' and the input tables'
+    copy_forward: int  # compute copy held in the forward pass
+    copy_loss_backward: int  # ... at the loss's backward
+    copy_last_chunk: int  # ... at the backward of the last chunk of blocks (the first to run)
+    copy_first_chunk: int  # ... at the backward of the first chunk of blocks
+    accumulate_below: Optional[int] = None  # micro batches smaller than this accumulate; None: always
+
+    def accumulating(self, micro_batch_size: int) -> bool:
+        """True when a step runs several micro batches, so the gradients are resident from the second one on."""
+        return self.accumulate_below is None or micro_batch_size < self.accumulate_below
 
     def logits(self, micro_batch_size: int) -> int:
+        """The loss's logits at their peak: chunked, one chunk's (logits, fp32 copy, softmax gradient and its
+        masked copy, and the previous chunk's gradient once there are two chunks); whole, every token's."""
         tokens = micro_batch_size * self.seq_length
         if self.loss_chunk_size:
-            tokens = min(tokens, self.loss_chunk_size)
-        return max(math.ceil(self.logits_per_token * tokens) + self.loss_forward, self.loss_backward)
+            overlap = self.overlap_per_token if tokens > self.loss_chunk_size else 0
+            return math.ceil((self.logits_per_token + overlap) * min(tokens, self.loss_chunk_size))
+        return math.ceil(self.logits_per_token * tokens)
+
+    def phases(self, micro_batch_size: int) -> list[Phase]:
+        """The moments where a step's peak can be, in the order they happen."""
+        b = micro_batch_size
+        tokens = b * self.seq_length
+        acc = self.accumulating(b)
+
+        def grads(made: int) -> int:  # gradients resident: those made so far, or all while accumulating
+            return self.gradients if acc else made
+
+        kept = b * (self.layers + self.head)
+        if self.loss_chunk_size:
+            loss_fwd = kept + self.loss_forward + self.logits(b)
+            loss_bwd = kept + self.loss_backward
+        else:
+            loss_fwd = kept + math.ceil(self.logits_forward_per_token * tokens)
+            loss_bwd = kept + self.logits(b)
+        return [
+            Phase("the loss's forward", grads(0), self.copy_forward, loss_fwd),
+            Phase("the loss's backward", grads(0), self.copy_loss_backward, loss_bwd),
+            Phase("the last block's backward", grads(self.gradients_after_loss), self.copy_last_chunk,
+                  b * (self.layers + self.recompute + self.backward_temps)),
+            Phase("the first block's backward", grads(self.gradients_before_first_chunk), self.copy_first_chunk,
+                  b * (self.first_chunk + self.backward_temps)),
+            Phase("the end of backward", self.gradients, 0, 0),
+        ]
+
+    def peak(self, micro_batch_size: int) -> Phase:
+        """The phase holding the most (the first of equals)."""
+        return max(self.phases(micro_batch_size), key=lambda p: p.total)
 
     def activations(self, micro_batch_size: int) -> int:
-        outside = self.head * micro_batch_size + self.logits(micro_batch_size)
-        return self.layers * micro_batch_size + max(outside, self.recompute * micro_batch_size)
+        """The micro batch's own tensors at the step's peak."""
+        return self.peak(micro_batch_size).activations
 
 
 def _count_params(model_cfg) -> _Counts:
@@ -520,10 +607,11 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
 
     weights, grads, opt = part(4, params_sharded), part(4, grads_sharded), part(8, opt_sharded)
 
-    # the parameters in the compute dtype
+    # the parameters in the compute dtype: the largest set held at once (the compute copy row)
     e = 2 if mixed else 4
+    block = max(layers) if layers else 0
+    block_copy = math.ceil(block * e / tp)  # one block's matmul weights (its norms' few are counted too)
     if fsdp and strategy != "grad":
-        block = max(layers) if layers else 0
         root = counts.first_extra + counts.last_extra
         compute_copy = math.ceil((2 * block + root) * e / tp)
     elif fsdp or mixed:  # grad strategy: everything gathered; DDP + autocast: every matmul weight cast once
@@ -542,43 +630,64 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     boundary = math.ceil(r * mc.hidden_size * seq / (tp if sp else 1))  # a chunk's input
     rms_keep, norm_out = _norm_bytes(mc.normalization == "rmsnorm", r)
     V, C = mc.vocab_size, mc.hidden_size
+    head_copy = math.ceil(e * V * C / tp) if mixed else 0  # the head weight (or tied table) in the compute dtype
+    # a block's backward: the residual stream's gradient in and out (float32 under autocast) and, in the MLP's
+    # backward (it runs first), the gradients of its hidden tensors (gated: product, activation, gate/up)
+    ffn = mc.ffn_hidden_size * (mc.moe_router_topk if mc.num_moe_experts else 1)
+    gated = mc.activation in ("swiglu", "geglu")
+    backward_temps = math.ceil(2 * r * C / (tp if sp else 1) + (3 if gated else 2) * e * ffn / tp) * seq
     # the loss: chunked as training resolves it (the causal LM loss of one process; TP and PP have their own)
     chunk_setting = _get(m, "loss_chunk_size", None)
     chunk = 0
     if tp == 1 and pp == 1:
         chunk = resolve_loss_chunk_size(chunk_setting, mc, checkpointing=bool(granularity))
+    cap = 1 if mc.final_logit_softcapping else 0
+    logits_forward_per_token = 0.0
+    overlap_per_token = 0.0
     loss_forward = loss_backward = 0
     if chunk:
-        # one chunk: logits in the compute dtype (the same tensor in float32), their fp32 copy, the softmax gradient
-        # and its masked copy; a soft-cap keeps tanh and its derivative besides
-        logits_per_token = ((e if mixed else 0) + 12 + (8 if mc.final_logit_softcapping else 0)) * V
+        # _ce_chunk on one chunk: the logits in the compute dtype (F.linear's output), their fp32 copy (the same
+        # tensor in float32 training), then z - lse and its exp (the softmax: the gradient), the gradient's masked
+        # copy replacing it; a soft-cap keeps tanh and its derivative besides. The previous chunk's gradient
+        # (compute dtype, the loop's ``g``) is alive while the next chunk's logits are made: one more e per entry.
+        logits_per_token = (e + (4 if mixed else 0) + 8 + 8 * cap) * V
+        overlap_per_token = e * V
         head = (rms_keep + 2 * norm_out) * C  # final norm, the head's input and its gradient (grad_h)
-        head_grad = 4 * V * C  # the head weight's gradient, accumulated in fp32 over the chunks
-        if mixed and not fsdp:  # the loss casts the head weight itself, autocast does not: moved from the copy
-            compute_copy -= e * V * C
-            loss_forward = head_grad + e * V * C
-        else:
-            loss_forward = head_grad
-        loss_backward = 2 * head_grad + (e * V * C if mixed and fsdp else 0)  # scaled, cast to the bf16 weight's
+        loss_forward = math.ceil(4 * V * C / tp)  # the head weight's gradient, accumulated in fp32 over the chunks
+        # the loss's backward scales that accumulator (a second 4*V*C; under FSDP cast to the bf16 weight's dtype)
+        loss_backward = 2 * loss_forward + (head_copy if fsdp else 0)
     else:
-        logits_per_token = 12 * V / tp  # fp32 log-softmax kept (4) + its gradient pair (8)
+        # whole: the forward makes the fp32 logits and their log-softmax (kept; the compute-dtype logits are freed
+        # by the fp32 copy, which the log-softmax frees); backward starts with the log-softmax, the gradient of it
+        # and the gradient of the logits, all fp32 (a soft-cap adds its tanh)
+        logits_forward_per_token = (8 + 4 * cap) * V / tp
+        logits_per_token = (12 + 4 * cap) * V / tp
         head = (rms_keep + e) * C  # final norm, head input
     if (mc.hidden_dropout or 0) > 0:
         head += C  # the embedding dropout's mask
-    recompute = 0  # activations a recomputed chunk holds in backward; the head's are freed by then
+    # kept activations (layer_bytes), what a recomputed chunk adds at the last chunk's backward (recompute) and
+    # what the first chunk holds at its own backward (first_chunk; later chunks' are freed by then)
+    recompute = 0
+    first_blocks = 1  # blocks in the first chunk (their gradients come last)
+    checkpointed_copy = False  # the blocks' compute copies are recast at recomputation, not kept from forward
     if granularity == "full":
         method = method or "uniform"
         n = max(1, min(n, L)) if L else 1
+        first_blocks = n if method != "block" else 1
+        checkpointed_copy = True
         if method == "block":
             layer_bytes = n * boundary + (L - n) * per_layer
-            recompute = per_layer if n else 0
+            recompute = per_layer if n >= L else 0  # the last block is recomputed only when all are checkpointed
+            first_chunk = boundary + per_layer
             checkpointing = f"full (block: the first {n} of {L} layers recomputed)"
         else:
             layer_bytes = math.ceil(L / n) * boundary
             recompute = n * per_layer
+            first_chunk = boundary + n * per_layer
             checkpointing = f"full (uniform, {n} layer(s) per chunk)"
     else:
         layer_bytes = L * per_layer
+        first_chunk = per_layer
         checkpointing = "selective (core attention recomputed)" if granularity == "selective" else "none"
         if granularity == "selective":
             notes.append("selective checkpointing recomputes the core attention, whose score matrix SDPA does not "
@@ -586,9 +695,48 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
     if pp > 1:
         notes.append(f"pipeline parallel: the first stage keeps {pp} micro batches in flight (1F1B), so all "
                      f"{L} layers' activations are counted")
+
+    # the compute copy at each moment. FSDP: the gathered blocks (or all, grad strategy) throughout. Autocast
+    # without FSDP: its cast cache holds every matmul weight's copy until the forward ends (checkpointed blocks'
+    # too; the chunked loss casts the head itself); after it, only the copies a linear saved for backward live:
+    # every block's and the head's without checkpointing, none of a checkpointed block's (recomputation casts
+    # them again, one chunk at a time), none of the head's with the chunked loss (it keeps only gradients)
+    blocks_copy = max(0, compute_copy - head_copy)
+    if fsdp or not mixed:
+        copy_loss_bwd = copy_last = copy_first = compute_copy
+    else:
+        whole_head = 0 if chunk else head_copy
+        if not checkpointed_copy:
+            copy_loss_bwd, copy_last, copy_first = blocks_copy + whole_head, blocks_copy, block_copy
+        elif method == "block":
+            kept_blocks = (L - n) * block_copy
+            copy_loss_bwd, copy_last, copy_first = kept_blocks + whole_head, max(kept_blocks, block_copy), block_copy
+        else:
+            copy_loss_bwd, copy_last, copy_first = whole_head, n * block_copy, n * block_copy
+
+    # the gradients made by each moment (backward runs from the head to the first block, the tables last)
+    def grad_bytes(params: int) -> int:
+        return 0 if cpu_offload else math.ceil(params * 4 / tp / (shard if grads_sharded else 1))
+
+    grads_after_loss = min(grads, grad_bytes(counts.last_extra))
+    grads_before_first = max(0, grads - grad_bytes(sum(layers[:first_blocks]) + counts.input_tables))
+    # gradient accumulation (several micro batches a step): the gradients are resident from the second micro batch's
+    # forward on; one micro batch a step: none before its backward (zero_grad sets them to None)
+    gbs = _get(m, "global_batch_size", None)
+    if pp > 1:
+        accumulate_below = None  # the pipeline schedule runs several micro batches a step
+    elif gbs:
+        accumulate_below = math.ceil(int(gbs) / dp)
+    else:
+        accumulate_below = None if int(_get(t, "accumulate_grad_batches", 1)) > 1 else 0
     terms = ActivationTerms(seq_length=seq, layers=layer_bytes, head=head * seq, recompute=recompute,
-                            logits_per_token=logits_per_token, loss_chunk_size=chunk, loss_forward=loss_forward,
-                            loss_backward=loss_backward)
+                            first_chunk=first_chunk, backward_temps=backward_temps,
+                            logits_per_token=logits_per_token, logits_forward_per_token=logits_forward_per_token,
+                            overlap_per_token=overlap_per_token, loss_chunk_size=chunk, loss_forward=loss_forward,
+                            loss_backward=loss_backward, gradients=grads, gradients_after_loss=grads_after_loss,
+                            gradients_before_first_chunk=grads_before_first, copy_forward=compute_copy,
+                            copy_loss_backward=copy_loss_bwd, copy_last_chunk=copy_last, copy_first_chunk=copy_first,
+                            accumulate_below=accumulate_below)
 
     layout = Layout(world_size=world, devices=devices, num_nodes=nodes, tp=tp, pp=pp, dp=dp, fsdp=strategy,
                     shard_group=shard, params_sharded=params_sharded, grads_sharded=grads_sharded,
@@ -633,15 +781,31 @@ def _fill_table(est: MemoryEstimate) -> None:
         if total > card or mbs >= MAX_TABLE_MBS:
             break
         mbs *= 2
-    room = BAND[1] * card - est.fixed
-    if est.activations(1) <= room:  # the largest micro batch whose activations fit the room (they only grow)
-        lo, hi = 1, 2
-        while est.activations(hi) <= room:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if est.activations(mid) <= room else (lo, mid)
-        est.max_micro_batch = lo
+    # the largest micro batch at <= 80%: the total grows with the micro batch, except where the step stops
+    # accumulating gradients (micro batch x data parallel = global batch), where it may drop: search each side
+    limit = BAND[1] * card
+    split = est.terms.accumulate_below
+    ranges = [(1, None)] if not split or split <= 1 else [(1, split - 1), (split, None)]
+    for first, last in ranges:
+        best = _largest_fitting(est.total, limit, first, last)
+        if best is not None:
+            est.max_micro_batch = best
+
+
+def _largest_fitting(total, limit: float, first: int, last: Optional[int]) -> Optional[int]:
+    """The largest ``m`` in ``[first, last]`` (``last`` None: unbounded) with ``total(m) <= limit``, for a ``total``
+    that grows with ``m``; None when ``first`` does not fit."""
+    if total(first) > limit:
+        return None
+    lo, hi = first, first + 1
+    while (last is None or hi <= last) and total(hi) <= limit:
+        lo, hi = hi, first + 2 * (hi - first)
+    if last is not None:
+        hi = min(hi, last + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= limit else (lo, mid)
+    return lo
 
 
 def _suggestions(cfg, vocab_size: Optional[int], card: int) -> list[Suggestion]:
