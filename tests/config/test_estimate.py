@@ -280,11 +280,16 @@ def test_recorded_checks_are_there():
     assert len(RECORDED) >= 6
 
 
+@pytest.fixture(scope="module")
+def loss_check():
+    return load_benchmark("estimate_loss_check")
+
+
 @pytest.mark.parametrize("name,rec", RECORDED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(RECORDED)])
-def test_estimate_is_within_15_percent_of_the_measured_peak(name, rec):
+def test_estimate_is_within_15_percent_of_the_measured_peak(loss_check, name, rec):
     """Each recorded GPU measurement's config, rebuilt as the benchmark builds it: the estimated step peak is
     within 15% of torch.cuda.max_memory_allocated's."""
-    check = load_benchmark("estimate_loss_check")
+    check = loss_check
     mbs = rec["micro_batch_size"]
     cfg = check.case_config(rec["recipe"], rec["layers"], rec["seq"], mbs, rec["loss_chunk_size"],
                             rec["checkpointing"], rec.get("hidden", 0))

@@ -8,17 +8,21 @@ Nothing is allocated: the parameters are counted exactly on a ``meta``-device :c
 rest is arithmetic. What is counted, per GPU (bytes):
 
 * **weights**: float32 (the master copy under mixed precision), 4 B/param.
-* **gradients**: float32, 4 B/param (mixed precision accumulates into the float32 parameters' grads). They
-  are resident at the peak when gradients accumulate over micro batches; with one micro batch per step the
-  peak (the start of backward) comes before most of them exist, so the estimate is high by up to this row.
+* **gradients**: float32, 4 B/param (mixed precision accumulates into the float32 parameters' grads). The row is
+  all of them; the step's peak (below) counts those resident at its moment: all of them while gradients accumulate
+  over micro batches (``model.global_batch_size`` > micro batch x data-parallel ranks), else only those backward
+  has made by then (the loop's ``zero_grad(set_to_none=True)`` frees them after each step).
 * **optimizer state**: Adam's two float32 moments, 8 B/param. Weights + gradients + optimizer = 16 B/param.
 * **compute copy** (mixed precision): the parameters in the compute dtype. Without FSDP, autocast casts every
-  matrix-multiply weight once per forward and the copies live until backward has used them: 2 B per such
-  weight (all parameters but the input embedding tables). Under FSDP (``MixedPrecisionPolicy``) a block's
-  bf16 parameters are gathered just before it runs: counted as two gathered blocks (the running one and the
-  prefetched next one) plus the root (embedding, final norm, head), which stays gathered; with
-  ``fsdp_sharding_strategy=grad`` gathered parameters stay from forward to backward, so all of them.
-  In float32 training the FSDP working set is the same, at 4 B/param.
+  matrix-multiply weight once per forward (all parameters but the input embedding tables; the chunked loss casts
+  the head itself) and its cast cache holds every copy until the forward ends, checkpointed blocks' too: the row is
+  that. After the forward only the copies a linear saved for backward live: every block's and the whole loss's
+  head's without checkpointing, none of a checkpointed block's (recomputation casts them again, one chunk at a
+  time) and none of the head's with the chunked loss (it keeps only gradients). Under FSDP
+  (``MixedPrecisionPolicy``) a block's bf16 parameters are gathered just before it runs: counted as two gathered
+  blocks (the running one and the prefetched next one) plus the root (embedding, final norm, head), which stays
+  gathered, throughout the step; with ``fsdp_sharding_strategy=grad`` gathered parameters stay from forward to
+  backward, so all of them. In float32 training the FSDP working set is the same, at 4 B/param.
 * **activations**, per micro batch: Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
   Transformer Models") count ``s*b*h*(34 + 5*a*s/h)`` bytes per layer in 16-bit without recomputation. lmforge
   runs attention through SDPA (flash / memory-efficient kernels), which keep no ``a*s*s`` score matrix, so the
@@ -28,32 +32,40 @@ rest is arithmetic. What is counted, per GPU (bytes):
   residual stream is float32, as it is under autocast without FSDP); SDPA keeps q, k, v and its output
   (grouped-query attention: smaller k and v); the MLP keeps ``2*f`` values per token (``4*f`` for gated
   MLPs such as SwiGLU: gate, up, activation and product); dropout keeps a 1-byte mask when
-  ``hidden_dropout > 0``. Outside the layers: the final norm, the head's input and the logits, which the loss
-  keeps as float32 log-softmax (``4*V`` bytes per token) plus the float32 gradient pair made at the start of
-  backward (another ``8*V``). Checked on an H100 against ``torch.cuda.max_memory_allocated`` (a 4-layer
-  Llama-2-7B shape at sequence 4096 and a 4-layer GPT-3 1.3B shape at 2048, bf16-mixed): the activations
-  per micro batch without recomputation matched within 1%.
+  ``hidden_dropout > 0``. Outside the layers: the final norm and the head's input. A block's backward adds the
+  gradients flowing through it: the residual stream's in and out (float32) and, in the MLP's backward, its hidden
+  tensors' (``3*f`` values per token gated, ``2*f`` plain).
+  (An earlier H100 check, a 4-layer Llama-2-7B shape at sequence 4096 and a 4-layer GPT-3 1.3B shape at 2048,
+  matched the kept activations without recomputation within 1%.)
 * **the loss, whole or chunked**: ``model.loss_chunk_size`` is resolved by training's own rule
   (:func:`lmforge.train.assembly.resolve_loss_chunk_size`: null = automatic, on for vocabularies of 64k and
   more and whenever activation checkpointing is on; 0 = off; N = N tokens; never under tensor or pipeline
-  parallelism, which compute the loss their own way). Chunked
-  (:func:`lmforge.train.objectives.chunked_linear_cross_entropy`), the head and the cross-entropy run in the
-  forward pass one chunk of tokens at a time and the whole batch's logits never exist: at the peak, one chunk's
-  logits in the compute dtype (none apart in float32), their float32 copy, its softmax-gradient and that
-  gradient's masked copy (``e + 12`` bytes per vocabulary entry and token, 8 more with a final logit soft-cap);
-  beside them, for the whole micro batch, the head's input and the gradient of it (in the final norm's output
-  dtype, kept for backward), the float32 ``(V, C)`` gradient of the head weight and, under autocast without
-  FSDP, the head weight cast to the compute dtype (by the loss, not by autocast: it moves from the compute copy
-  to this term). At the loss's backward the head-weight gradient is scaled (a second ``4*V*C``); the larger
-  moment is counted. So the logits term stops growing once the micro batch holds one chunk of tokens, where
-  the whole loss's grows by ``12*V`` bytes a token (``seq/chunk`` times a chunk's logits at micro batch 1).
+  parallelism, which compute the loss their own way). Whole: the forward makes every token's float32 logits and
+  their log-softmax (``8*V`` bytes a token); backward starts with the log-softmax kept, its gradient and the
+  logits' gradient (``12*V``). Chunked (:func:`lmforge.train.objectives.chunked_linear_cross_entropy`), the head
+  and the cross-entropy run in the forward pass one chunk of tokens at a time and the whole batch's logits never
+  exist: the logits term is one chunk's at its peak, the logits in the compute dtype, their float32 copy,
+  ``z - lse`` and its exp (the softmax gradient, then its masked copy): ``e + 12`` bytes per vocabulary entry and
+  token (8 more with a final logit soft-cap), plus ``e`` for the previous chunk's gradient, alive while the next
+  chunk's logits are made (from the second chunk on). So it stops growing once the micro batch holds one chunk
+  of tokens. Beside it, for the whole micro batch, the head's input and its gradient, and the float32 ``(V, C)``
+  gradient of the head weight accumulated over the chunks (scaled once more at the loss's backward).
 * **checkpointing** (``model.activations_checkpoint_*``): ``full`` keeps only the input of each chunk of
   ``activations_checkpoint_num_layers`` blocks (``uniform``; default 1) and recomputes one chunk at a time in
-  backward; the larger of one chunk's full activations and the head's (logits or the chunked loss) is added,
-  as the head's are freed before the first recomputation (on the H100 check, with the whole loss, this
-  overestimated by 0.1-0.7 GiB per sample);
-  ``block`` checkpoints the first N blocks and keeps the others whole; ``selective`` recomputes the core
-  attention only, which SDPA already keeps no scores for: the estimate equals no recomputation.
+  backward; ``block`` checkpoints the first N blocks and keeps the others whole; ``selective`` recomputes the
+  core attention only, which SDPA already keeps no scores for: the estimate equals no recomputation.
+* **the step's peak**: a step (forward under autocast, backward outside it, as lmforge's loop runs it) holds a
+  different mix at each moment; the estimate adds, at each, the gradients and compute copy resident then and the
+  micro batch's tensors, and takes the largest: the loss's forward (every kept activation, the whole compute copy,
+  the logits being made and, chunked, the head-weight accumulator), the loss's backward, the last block's
+  backward (the first to run: every kept activation, its recomputed chunk, the head's gradients), the first
+  block's backward (the last to run: the gradients of every later block and of the head, the first chunk's
+  activations and compute copy) and the end of backward (every gradient). Checked on an H100
+  (``benchmarks/estimate_loss_check.py``, records in ``benchmarks/results``, tested by
+  ``tests/config/test_estimate.py``) against ``torch.cuda.max_memory_allocated`` of one forward + backward,
+  2-block Llama-3-8B shape at sequence 4096: 128k vocabulary chunked, micro batch 1 and 2 (peak in the loss's
+  forward) within 1%; 32k vocabulary under full checkpointing, chunked and whole (peak in the first block's
+  backward) 2-8% high. ``activations per micro batch`` is the micro batch's tensors at that peak.
 * **parallel layouts**: world = ``trainer.devices x trainer.num_nodes``; tensor parallel (``tp``) divides
   parameters, state and most activations as Megatron does (norm inputs and dropout masks stay whole without
   ``model.sequence_parallel``); pipeline parallel (``pp``) divides the layers, the worst stage holding the
@@ -291,7 +303,7 @@ class MemoryEstimate:
         ]
         for label, value, note in rows:
             out.append(f"  {label:<{width}}{_gib(value):>9} GiB   {note}")
-        out.append(f"  {'fixed (weights, optimizer, context)':<{width}}{_gib(self.fixed):>9} GiB")
+        out.append(f"  {'fixed: weights, optimizer, context':<{width}}{_gib(self.fixed):>9} GiB")
         peak = self.peak(1)
         out.append(f"  {'peak of a step (micro batch 1)':<{width}}{_gib(peak.total):>9} GiB   at {peak.name}: "
                    f"gradients {_gib(peak.gradients)}, compute copy {_gib(peak.compute_copy)}, activations "
