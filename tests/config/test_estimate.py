@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -331,3 +332,21 @@ def test_max_micro_batch_with_a_chunked_loss():
     assert est.layout.loss_chunk_size == 2048 and est.max_micro_batch is not None
     m = est.max_micro_batch
     assert est.total(m) <= 0.8 * 80 * GiB < est.total(m + 1)
+
+
+@pytest.mark.parametrize("vocab,chunk,checkpointing,mbs,where", [
+    (512, None, True, 1, "the first block's backward"),  # the later gradients, one block recomputed
+    (512, 0, False, 1, "the last block's backward"),  # every kept activation and the head's gradients
+    (512, 0, False, 4, "the loss's backward"),  # every token's logits and their gradients
+    (65536, None, False, 1, "the loss's forward"),  # one chunk's logits and the head-weight accumulator
+])
+def test_estimate_follows_the_step_on_fake_tensors(loss_check, vocab, chunk, checkpointing, mbs, where):
+    """Between GPU runs: the step run on fake CPU tensors (no memory, no arithmetic) under torch's MemTracker, a
+    3-block Llama-3 shape at hidden 256 and sequence 256: each moment of the estimate's step, where it says the
+    peak is, within 15% of the tracked peak."""
+    cfg = loss_check.case_config("llama3/8b", 3, 256, mbs, chunk, checkpointing, 256)
+    est = estimate_memory(cfg, vocab_size=vocab)
+    args = argparse.Namespace(vocab=vocab, seq=256, checkpointing=checkpointing)
+    simulated = loss_check.simulated_peak(cfg, args, est.layout.loss_chunk_size, mbs)
+    assert est.peak(mbs).name == where
+    assert abs(est.step(mbs) - simulated) <= 0.15 * simulated, (est.peak(mbs), simulated)
