@@ -368,7 +368,7 @@ def test_rollout_dtype_setting():
         rollout_dtype("fp8", None)
 
 
-def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypatch):
+def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypatch, tmp_path, capsys):
     """benchmarks/grpo_rollout.py --repeats times each engine (lmforge's and HF's) that many times after its warm-up
     and reports the best and the median, the speed-up of both; --master-fp32 builds an fp32 policy whose rollouts
     sample in bf16 from a copy, refreshed before each rollout, and --check then holds the copy to a fresh cast of
@@ -377,7 +377,12 @@ def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypa
     bench = load_benchmark("grpo_rollout")
     args = ["--shape", "tiny", "--prompts", "2", "--generations", "2", "--prompt-len", "4", "--new-tokens", "8",
             "--master-fp32", "--check", "--repeats", "2"]
-    lm, hf, speed, check = bench.main(args)
+    lm, hf, speed, check = bench.main(args + ["--trace", str(tmp_path / "trace.json")])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    # the traced rollout comes after every timing, HF's included (a profiler slows the host-bound work after it)
+    assert [("engine" in r and r["engine"]) or next(iter(r)) for r in printed][:4] == [
+        "lmforge RolloutLoss.sample", "transformers generate", "speedup", "traced_run_seconds"]
+    assert lm["traced_run_seconds"] > 0
     for row in (lm, hf):
         assert row["repeats"] == 2 and len(row["seconds_all"]) == 2 and row["generated_tokens"] == 32
         assert row["seconds"] == min(row["seconds_all"]) and row["tokens_per_s"] >= row["tokens_per_s_median"]
