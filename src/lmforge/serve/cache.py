@@ -56,10 +56,12 @@ def prefill_mask(positions: torch.Tensor, valid: torch.Tensor, num_keys: int) ->
     return mask[:, None]
 
 
-def block_bytes(cfg, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes: keys and values of every layer for ``block_size`` positions."""
+def block_bytes(cfg, block_size: int, dtype: torch.dtype, kv_heads: Optional[int] = None) -> int:
+    """Bytes one block takes: keys and values of every layer for ``block_size`` positions (of ``kv_heads``
+    key/value heads; default the model's, a tensor-parallel rank holds its share)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_query_groups * cfg.head_dim * elem
+    kv_heads = cfg.num_query_groups if kv_heads is None else kv_heads
+    return 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim * elem
 
 
 def block_hash(parent: bytes, tokens: Sequence[int], extra: bytes = b"") -> bytes:
@@ -179,18 +181,20 @@ class PagedKVCache:
         max_seq_len: longest sequence (the width of a block table is ``ceil(max_seq_len / block_size)``).
         max_rows: rows of a decode step (the static block-table buffer ``tables`` the decode step reads).
         prefix_caching: keep full blocks findable by their tokens.
+        kv_heads: key/value heads stored per layer (default the model's ``num_query_groups``; a tensor-parallel
+            rank stores its own share, :mod:`lmforge.serve.tensor_parallel`).
     """
 
     def __init__(self, cfg, num_blocks: int, block_size: int, max_seq_len: int, max_rows: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, kv_heads: Optional[int] = None):
         if block_size < 1 or max_seq_len < 1 or max_rows < 1:
             raise ValueError(f"PagedKVCache needs block_size, max_seq_len and max_rows >= 1, got {block_size}, "
                              f"{max_seq_len}, {max_rows}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_blocks = math.ceil(max_seq_len / block_size)  # blocks of the longest sequence
-        shape = (num_blocks, block_size, cfg.num_query_groups, cfg.head_dim)
+        shape = (num_blocks, block_size, cfg.num_query_groups if kv_heads is None else kv_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.allocator = BlockAllocator(num_blocks, prefix_caching)

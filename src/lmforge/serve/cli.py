@@ -45,6 +45,12 @@ def _add_cache_flags(p) -> None:
                         "wait), so several prompts share one prefill; 1 admits into every row as it frees")
 
 
+def _add_tp_flag(p) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (its attention heads and MLP; one process each, started by this "
+                        "command); N must divide the attention heads, key/value heads and ffn size")
+
+
 def cache_kwargs(a) -> dict:
     """Engine keyword arguments of :func:`_add_cache_flags`' flags (checked: one ``error:`` line each)."""
     from lmforge.config.estimate import parse_memory_size
@@ -104,6 +110,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter that requests select by sending NAME as 'model' (repeat for more); "
                         "requests mix adapters in one batch")
+    _add_tp_flag(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -131,12 +138,54 @@ def _cmd_serve(a) -> int:
 
     if a.max_request_bytes is not None and a.max_request_bytes < 1:
         raise UserError(f"--max-request-bytes must be a positive number of bytes, got {a.max_request_bytes}")
+    if _tensor_parallel(a, {"--compile": a.compile, "--compile-prefill": a.compile_prefill, "--lora": bool(a.lora)}):
+        from lmforge.serve.tensor_parallel import launch
+
+        launch(a.tensor_parallel_size, a.device, _serve_rank, a)
+        return 0
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len, max_prompt_tokens=a.max_prompt_tokens,
                max_tokens_limit=a.max_tokens_limit, max_pending=a.max_pending, device=a.device, dtype=a.dtype,
                compile_decode=a.compile, compile_prefill=a.compile_prefill, adapter=a.adapter,
                loras=parse_loras(a.lora), max_request_bytes=a.max_request_bytes, **cache_kwargs(a))
     return 0
+
+
+def _tensor_parallel(a, refused: dict[str, bool]) -> bool:
+    """Whether ``a`` asks for tensor parallelism (``--tensor-parallel-size`` above 1), checked before any rank
+    starts: the flags (``refused``: those not supported with it), the GPUs and the model's sizes."""
+    from lmforge.serve.tensor_parallel import check_flags, check_model, model_config
+
+    check_flags(a.tensor_parallel_size, a.device, refused)
+    if a.tensor_parallel_size == 1:
+        return False
+    cache_kwargs(a)  # the cache flags' errors, once, here
+    check_model(model_config(a.model), a.tensor_parallel_size)
+    return True
+
+
+def _serve_rank(ctx, a) -> None:
+    """One rank of ``serve --tensor-parallel-size``: rank 0 serves HTTP, the others follow its engine steps."""
+    from lmforge.serve.server import serve_engine
+    from lmforge.serve.tensor_parallel import load_engine
+
+    engine = load_engine(ctx, a.model, dtype=a.dtype, adapter=a.adapter, max_batch_size=a.max_batch_size,
+                         max_seq_len=a.max_seq_len, **cache_kwargs(a))
+    if ctx.rank > 0:
+        engine.follow()
+        return
+    import signal
+
+    # uvicorn stops on SIGINT/SIGTERM, then raises the signal again with the handlers it found: these, which let
+    # rank 0 tell the other ranks to stop and return (the default ones would end it at once).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        serve_engine(engine, a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
+                     max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
+                     max_pending=a.max_pending, max_request_bytes=a.max_request_bytes)
+    finally:
+        engine.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +220,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step and capture its CUDA graphs at start-up (GPU)")
     _add_cache_flags(p)
+    _add_tp_flag(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -215,9 +265,35 @@ def _cmd_generate(a) -> int:
     if loras and a.prompt is not None:
         raise UserError("--lora goes with --input (each line names its adapter); for one prompt use --adapter DIR")
     _params(a, a.seed, {"max_tokens": max(1, a.max_new_tokens)})  # the flags' values, checked before loading
+    if _tensor_parallel(a, {"--compile": a.compile, "--lora": bool(loras)}):
+        from lmforge.serve.tensor_parallel import launch
+
+        launch(a.tensor_parallel_size, a.device, _generate_rank, a)
+        return 0
     engine = engine_from_checkpoint(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, loras=loras,
                                     compile_decode=a.compile,
                                     max_batch_size=1 if a.prompt is not None else a.max_batch_size, **cache_kwargs(a))
+    return _generate_with(engine, a)
+
+
+def _generate_rank(ctx, a) -> None:
+    """One rank of ``generate --tensor-parallel-size``: rank 0 reads the prompts and writes the completions, the
+    others follow its engine steps."""
+    from lmforge.serve.tensor_parallel import load_engine
+
+    engine = load_engine(ctx, a.model, dtype=a.dtype, adapter=a.adapter,
+                         max_batch_size=1 if a.prompt is not None else a.max_batch_size, **cache_kwargs(a))
+    if ctx.rank > 0:
+        engine.follow()
+        return
+    try:
+        _generate_with(engine, a)
+    finally:
+        engine.close()
+
+
+def _generate_with(engine, a) -> int:
+    """The prompt's or the prompts file's completions with ``engine`` (an Engine, or rank 0's LockstepEngine)."""
     steer = steering(engine.tokenizer, a.model, a.attributes)
     if a.prompt is not None:
         text = a.prompt if steer.values is None else steer.format.prompt(a.prompt, steer.values)

@@ -117,6 +117,9 @@ class Engine:
             (rows beyond ``n`` are padding), and the largest (the batch rounded up to a power of two) is always
             captured. Fewer sizes start up faster (each is a capture); a batch known to shrink only at its end
             (online RL's rollouts) loses little by running its last rows padded.
+        agree_blocks: tensor-parallel serving (:mod:`lmforge.serve.tensor_parallel`): a function of this rank's
+            KV block count returning the count every rank uses (the minimum over the ranks), so their schedulers
+            see the same cache. The model is then a rank's shard: the cache holds its own key/value heads.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
@@ -126,7 +129,7 @@ class Engine:
                  compile_mode: Optional[str] = None, compile_options: Optional[dict] = None,
                  decode_kernels: bool = True, admission_batch: int = 1, live_weights: bool = False,
                  compile_prefill: bool = False, log=None, detokenize: bool = True, stream_outputs: bool = True,
-                 decode_batches: Optional[Seq[int]] = None):
+                 decode_batches: Optional[Seq[int]] = None, agree_blocks=None):
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("block_size", block_size, 1),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                  ("admission_batch", admission_batch, 1)):
@@ -182,7 +185,11 @@ class Engine:
         # temporary copies come and go before the cache takes the rest of the card.
         prepare_model(self.model, self.compiled, decode_kernels, live=self.live_weights)
         self.memory_profile: dict[str, float] = {}  # the numbers the cache was sized from (GPU), in bytes
+        # key/value heads the cache stores: the model's, or a tensor-parallel rank's share of them
+        self.kv_heads = self.model.layers[0].self_attn.n_kv_heads if len(self.model.layers) else None
         blocks = self._num_blocks(num_kv_blocks, kv_cache_memory, gpu_memory_utilization)
+        if agree_blocks is not None:
+            blocks = agree_blocks(blocks)
         per_seq = -(-self.max_seq_len // block_size)
         if blocks < per_seq:
             raise InvalidRequestError(
@@ -190,7 +197,7 @@ class Engine:
                 f"sequence of max_seq_len={self.max_seq_len} needs {per_seq}; give the cache more memory "
                 f"(gpu_memory_utilization, kv_cache_memory or num_kv_blocks) or lower max_seq_len")
         self.cache = PagedKVCache(self.cfg, blocks + 1, block_size, self.max_seq_len, max_rows, self.device,
-                                  self.dtype, prefix_caching=enable_prefix_caching)
+                                  self.dtype, prefix_caching=enable_prefix_caching, kv_heads=self.kv_heads)
         if self.device.type == "cuda":
             log(self._cache_line())
         self.scheduler = Scheduler(self.cache.allocator, block_size, max_batch_size, max_num_batched_tokens,
@@ -223,7 +230,7 @@ class Engine:
     def _num_blocks(self, num_kv_blocks: Optional[int], kv_cache_memory: Optional[int], utilization: float) -> int:
         """Usable KV blocks (the scratch block not counted): given, from a memory size, from the GPU's free memory
         after a profiled step, or (CPU) ``max_batch_size`` sequences of ``max_seq_len``."""
-        per_block = block_bytes(self.cfg, self.block_size, self.dtype)
+        per_block = block_bytes(self.cfg, self.block_size, self.dtype, self.kv_heads)
         if num_kv_blocks is not None:
             if not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
                 raise InvalidRequestError(f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}")
@@ -287,7 +294,7 @@ class Engine:
         R, T = self._profile_shape()
         nb = -(-self.max_seq_len // self.block_size)
         cache = PagedKVCache(self.cfg, R * nb + 1, self.block_size, self.max_seq_len, R, self.device, self.dtype,
-                             False)
+                             False, kv_heads=self.kv_heads)
         positions = torch.arange(self.max_seq_len - T, self.max_seq_len)[None].expand(R, T)
         cache.bind(torch.arange(1, R * nb + 1).view(R, nb), positions, torch.ones(R, T, dtype=torch.bool))
         if self.lora is not None:

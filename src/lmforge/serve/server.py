@@ -697,15 +697,28 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_k
                **engine_kwargs) -> None:
     """Load ``model_path`` and serve it until SIGINT/SIGTERM (running requests are finished first).
     ``engine_kwargs`` go to the :class:`~lmforge.serve.engine.Engine` (KV cache and scheduler settings)."""
-    import uvicorn
-    from pathlib import Path
-
-    from lmforge.serve.client import AsyncEngineClient
     from lmforge.serve.engine import engine_from_checkpoint
 
     engine = engine_from_checkpoint(model_path, device=device, dtype=dtype, adapter=adapter, loras=loras,
                                     max_batch_size=max_batch_size,
                                     max_seq_len=max_seq_len, compile_decode=compile_decode, **engine_kwargs)
+    serve_engine(engine, model_path, host=host, port=port, api_key=api_key, model_name=model_name,
+                 max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, max_pending=max_pending,
+                 graceful_timeout=graceful_timeout, log_level=log_level, max_request_bytes=max_request_bytes)
+
+
+def serve_engine(engine, model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+                 model_name: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
+                 max_tokens_limit: Optional[int] = None, max_pending: int = 256, graceful_timeout: int = 600,
+                 log_level: str = "info", max_request_bytes: Optional[int] = None) -> None:
+    """Serve ``engine`` (the model of ``model_path``: its folder names it unless ``model_name``) until
+    SIGINT/SIGTERM; running requests are finished first. (``run_server`` builds the engine; tensor-parallel
+    serving gives rank 0's :class:`~lmforge.serve.tensor_parallel.LockstepEngine`.)"""
+    import uvicorn
+    from pathlib import Path
+
+    from lmforge.serve.client import AsyncEngineClient
+
     name = model_name or Path(model_path).resolve().name
     client = AsyncEngineClient(engine, name, max_pending=max_pending)
     app = build_app(client, api_key=api_key, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,

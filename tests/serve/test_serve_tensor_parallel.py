@@ -1,0 +1,134 @@
+"""Tensor-parallel serving (lmforge.serve.tensor_parallel): `generate` and `serve` with --tensor-parallel-size 2 on
+two CPU gloo ranks that the command starts itself, against one process."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.serve.engine import SamplingParams, engine_from_checkpoint
+from tests.conftest import free_port
+from tests.serve.test_serve_server import make_checkpoint
+
+ROOT = Path(__file__).parents[2]
+# prompts of 1 to ~40 tokens: one block (of 4 positions) or several, prefilled in one chunk or in chunks of 16
+PROMPTS = ["x", "def wrap(text, width=70", "import re\nclass Sequence:\n    def __init__(self, a, b):\n        return",
+           "# comment", "    return self.value + other.value  # the sum of both values, as before"]
+FLAGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--max-num-batched-tokens", "16"]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT), OMP_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tp"), chat_template=False)
+
+
+def _lines(path: Path) -> dict:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_generate_tp2_equals_one_process_greedy_and_seeded(ckpt, tmp_path):
+    # greedy lines and seeded sampled lines in one batch; 12 new tokens cross block boundaries while decoding
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"g{i}", "prompt": p, "temperature": 0} for i, p in enumerate(PROMPTS)]
+    rows += [{"id": f"s{i}", "prompt": p, "temperature": 1.0, "top_k": 50, "seed": 7 + i}
+             for i, p in enumerate(PROMPTS[1:3])]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["generate", str(ckpt), "--input", str(prompts), "--max-new-tokens", "12", *FLAGS]
+    assert main(args + ["--output", str(tmp_path / "one.jsonl")]) == 0
+    # the command starts its two ranks itself (spawned processes, which import lmforge as this process does)
+    assert main(args + ["--output", str(tmp_path / "tp.jsonl"), "--tensor-parallel-size", "2"]) == 0
+    one, tp = _lines(tmp_path / "one.jsonl"), _lines(tmp_path / "tp.jsonl")
+    assert set(one) == set(tp) == {r["id"] for r in rows}
+    for rid in one:
+        assert tp[rid]["completion"] == one[rid]["completion"], rid
+        assert tp[rid]["completion_tokens"] == one[rid]["completion_tokens"] == 12, rid
+    assert one["s0"]["completion"] != one["g1"]["completion"]  # the sampled lines did sample
+
+
+def test_serve_tp2_answers_a_completion_like_one_process(ckpt):
+    engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=2)
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    expected = engine.tokenizer.decode(engine.generate([ids], SamplingParams(max_tokens=10, temperature=0))[0],
+                                       skip_special_tokens=True)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(ckpt), "-tp", "2", "--port",
+                               str(port), "--max-batch-size", "4", "--model-name", "tiny", *FLAGS],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None and time.time() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["choices"][0]["text"] == expected
+        assert answer["usage"]["completion_tokens"] == 10
+        server.send_signal(signal.SIGTERM)  # rank 0 shuts down and tells rank 1 to stop
+        code = server.wait(timeout=60)
+        assert code == 0, server.stdout.read()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-tp", "3"], "--tensor-parallel-size 3 does not divide the model's 4 attention heads; use a size that "
+                   "divides its 4 attention heads, 2 key/value heads and ffn_hidden_size 64: 1, 2"),
+    (["-tp", "2", "--compile"], "--compile is not supported with --tensor-parallel-size yet"),
+    (["-tp", "2", "--lora", "a=b"], "--lora is not supported with --tensor-parallel-size yet"),
+    (["-tp", "0"], "--tensor-parallel-size must be >= 1, got 0"),
+    (["-tp", "2", "--device", "cuda:1"], "--device cuda:1 with --tensor-parallel-size 2: rank r runs on cuda:r"),
+])
+def test_refusals_are_one_line(ckpt, tmp_path, capsys, extra, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    assert main(["generate", str(ckpt), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+                 "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_rank_that_disagrees_with_rank_0_stops_with_an_error(monkeypatch):
+    """The lockstep guard: a follower whose state after a step differs from rank 0's (the digest rank 0 sends
+    with the next step) raises instead of going on with other requests."""
+    import torch
+
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.serve import tensor_parallel as tp
+    from lmforge.serve.engine import Engine
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=2, ffn_hidden_size=64,
+                      max_position_embeddings=32, position_embedding_type="rope", normalization="rmsnorm",
+                      activation="swiglu", bias=False)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    follower = tp.LockstepEngine(Engine(model, max_batch_size=2, log=lambda m: None), control=None, rank=1)
+    params = dataclasses.asdict(SamplingParams(max_tokens=4, temperature=0))
+    messages = iter([{"ops": [["add", "a", [1, 2, 3], params, None]], "digest": None, "step": 0},
+                     {"ops": [], "digest": "not this rank's", "step": 1}])
+    monkeypatch.setattr(tp, "_receive", lambda group: next(messages))
+    with pytest.raises(RuntimeError, match="rank 1 disagrees with rank 0 after engine step 1"):
+        follower.follow()
+    assert follower.engine.running[0].num_generated == 1  # it had run the first step
