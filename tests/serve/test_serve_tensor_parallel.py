@@ -4,6 +4,8 @@ two CPU gloo ranks that the command starts itself, against one process."""
 import dataclasses
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,10 +21,9 @@ from tests.conftest import free_port
 from tests.serve.test_serve_server import make_checkpoint
 
 ROOT = Path(__file__).parents[2]
-# prompts of 1 to ~40 tokens: one block (of 4 positions) or several, prefilled in one chunk or in chunks of 16
+# prompts of 1 to ~40 tokens: within one KV block of 16 positions or over several; 64 new tokens cross more
 PROMPTS = ["x", "def wrap(text, width=70", "import re\nclass Sequence:\n    def __init__(self, a, b):\n        return",
            "# comment", "    return self.value + other.value  # the sum of both values, as before"]
-FLAGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--max-num-batched-tokens", "16"]
 
 
 def _env() -> dict:
@@ -30,43 +31,67 @@ def _env() -> dict:
                 PYTHONUNBUFFERED="1")
 
 
+def _doc_commands() -> tuple[str, str]:
+    """docs/serving.md, "Tensor parallelism": its generate and serve commands."""
+    doc = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
+    section = doc.split("## Tensor parallelism", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    generate_cmd, serve_cmd = block.strip().splitlines()
+    return generate_cmd, serve_cmd
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tp"), chat_template=False)
+
+
+@pytest.fixture
+def workdir(ckpt, tmp_path, monkeypatch):
+    """A working folder holding CKPT, as the docs' commands name it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "CKPT").symlink_to(ckpt)
+    return tmp_path
 
 
 def _lines(path: Path) -> dict:
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_generate_tp2_equals_one_process_greedy_and_seeded(ckpt, tmp_path):
-    # greedy lines and seeded sampled lines in one batch; 12 new tokens cross block boundaries while decoding
-    prompts = tmp_path / "prompts.jsonl"
+def test_generate_tp2_equals_one_process_greedy_and_seeded(workdir):
+    """The docs' generate command, run verbatim: the command starts its two ranks itself (spawned processes);
+    greedy lines and seeded sampled lines in one batch give one process's completions."""
     rows = [{"id": f"g{i}", "prompt": p, "temperature": 0} for i, p in enumerate(PROMPTS)]
     rows += [{"id": f"s{i}", "prompt": p, "temperature": 1.0, "top_k": 50, "seed": 7 + i}
              for i, p in enumerate(PROMPTS[1:3])]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["generate", str(ckpt), "--input", str(prompts), "--max-new-tokens", "12", *FLAGS]
-    assert main(args + ["--output", str(tmp_path / "one.jsonl")]) == 0
-    # the command starts its two ranks itself (spawned processes, which import lmforge as this process does)
-    assert main(args + ["--output", str(tmp_path / "tp.jsonl"), "--tensor-parallel-size", "2"]) == 0
-    one, tp = _lines(tmp_path / "one.jsonl"), _lines(tmp_path / "tp.jsonl")
+    rows.append({"id": "r", "prompt": PROMPTS[2], "temperature": 1.0})  # no seed: rank 0 draws one for every rank
+    (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    generate_cmd, _ = _doc_commands()
+    assert " --tensor-parallel-size 2" in generate_cmd
+    one_cmd = generate_cmd.replace(" --tensor-parallel-size 2", "").replace("out.jsonl", "one.jsonl")
+    assert main(shlex.split(one_cmd)[1:]) == 0
+    assert main(shlex.split(generate_cmd)[1:]) == 0
+    one, tp = _lines(workdir / "one.jsonl"), _lines(workdir / "out.jsonl")
     assert set(one) == set(tp) == {r["id"] for r in rows}
-    for rid in one:
+    for rid in set(one) - {"r"}:
         assert tp[rid]["completion"] == one[rid]["completion"], rid
-        assert tp[rid]["completion_tokens"] == one[rid]["completion_tokens"] == 12, rid
+        assert tp[rid]["completion_tokens"] == one[rid]["completion_tokens"], rid
+    assert max(r["completion_tokens"] for r in one.values()) > 16  # decoding went past a KV block
     assert one["s0"]["completion"] != one["g1"]["completion"]  # the sampled lines did sample
 
 
-def test_serve_tp2_answers_a_completion_like_one_process(ckpt):
+def test_serve_tp2_answers_a_completion_like_one_process(workdir, ckpt):
+    """The docs' serve command (on a free port) answers /v1/completions as one process would, and stops on
+    SIGTERM with exit code 0 (rank 0 finishes, then tells rank 1 to stop)."""
     engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=2)
     ids = engine.tokenizer.encode(PROMPTS[1])
     expected = engine.tokenizer.decode(engine.generate([ids], SamplingParams(max_tokens=10, temperature=0))[0],
                                        skip_special_tokens=True)
+    _, serve_cmd = _doc_commands()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(ckpt), "-tp", "2", "--port",
-                               str(port), "--max-batch-size", "4", "--model-name", "tiny", *FLAGS],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert "--port 8000" in serve_cmd
+    args = shlex.split(serve_cmd.replace("--port 8000", f"--port {port}"))[1:]
+    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -76,13 +101,13 @@ def test_serve_tp2_answers_a_completion_like_one_process(ckpt):
                 break
             except OSError:
                 time.sleep(0.2)
-        body = json.dumps({"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0}).encode()
+        body = json.dumps({"model": "ckpt", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                          {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert answer["choices"][0]["text"] == expected
         assert answer["usage"]["completion_tokens"] == 10
-        server.send_signal(signal.SIGTERM)  # rank 0 shuts down and tells rank 1 to stop
+        server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
         assert code == 0, server.stdout.read()[-3000:]
     finally:

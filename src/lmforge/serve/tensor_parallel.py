@@ -379,6 +379,9 @@ def _rank_entry(rank: int, tp: int, port: int, on_gpu: bool, errors: str, main, 
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
+        # the ranks share the machine's cores: more threads than that would have them wait for each other at
+        # every all-reduce
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     if rank > 0:
         import signal
 
