@@ -134,6 +134,30 @@ def test_refusals_are_one_line(ckpt, tmp_path, capsys, extra, message):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_rank_that_cannot_load_the_model_gives_one_error_line(ckpt, tmp_path, capfd):
+    """An error the ranks meet (a damaged weights file passes the checks before they start) is one `error:` line,
+    however many ranks met it, and exit code 2."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["generate", str(bad), "--prompt", "x", "--device", "cpu", "-tp", "2"]) == 2
+    out, err = capfd.readouterr()
+    assert err.startswith(f"error: checkpoint file {weights} is damaged") and len(err.strip().splitlines()) == 1, err
+
+
+def test_adapters_not_merged_into_the_weights_are_refused_before_the_ranks_start(ckpt, tmp_path, capsys):
+    adapter = tmp_path / "prompt_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LMFORGE_PTUNING"}))
+    assert main(["generate", str(ckpt), "--prompt", "x", "--device", "cpu", "-tp", "2", "--adapter", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {adapter}: p-tuning adapters are not supported with --tensor-parallel-size yet (LoRA/DoRA "
+                   f"and IA3 are: they are merged before the split); serve it on one GPU\n")
+
+
 def test_a_rank_that_disagrees_with_rank_0_stops_with_an_error(monkeypatch):
     """The lockstep guard: a follower whose state after a step differs from rank 0's (the digest rank 0 sends
     with the next step) raises instead of going on with other requests."""

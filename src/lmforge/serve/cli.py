@@ -154,12 +154,13 @@ def _cmd_serve(a) -> int:
 def _tensor_parallel(a, refused: dict[str, bool]) -> bool:
     """Whether ``a`` asks for tensor parallelism (``--tensor-parallel-size`` above 1), checked before any rank
     starts: the flags (``refused``: those not supported with it), the GPUs and the model's sizes."""
-    from lmforge.serve.tensor_parallel import check_flags, check_model, model_config
+    from lmforge.serve.tensor_parallel import check_adapters, check_flags, check_model, model_config
 
     check_flags(a.tensor_parallel_size, a.device, refused)
     if a.tensor_parallel_size == 1:
         return False
     cache_kwargs(a)  # the cache flags' errors, once, here
+    check_adapters(a.model, a.adapter)
     check_model(model_config(a.model), a.tensor_parallel_size)
     return True
 

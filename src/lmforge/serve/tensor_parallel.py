@@ -297,6 +297,26 @@ def check_flags(tp: int, device: str, refused: dict[str, bool]) -> None:
                         f"are visible; lower it, or serve on the CPU with --device cpu")
 
 
+def check_adapters(model_path: str, adapter: Optional[str]) -> None:
+    """Refuse, before the ranks start, an adapter that is not merged into the weights (p-tuning's virtual tokens,
+    bottleneck modules): ``--adapter`` or a model path that is an adapter folder. Reads their configs only."""
+    from lmforge.locate import find_adapter
+    from lmforge.peft import CONFIG_NAME, METHODS
+
+    kinds = {t: m for m, (_, t) in METHODS.items()}
+    for folder in (find_adapter(model_path), Path(adapter) if adapter is not None else None):
+        if folder is None or not (folder / CONFIG_NAME).is_file():
+            continue  # not an adapter: the ranks' loading says what is wrong with it
+        try:
+            method = kinds.get(str(json.loads((folder / CONFIG_NAME).read_text()).get("peft_type", "")).upper())
+        except ValueError:
+            continue
+        if method in ("ptuning", "adapter"):
+            what = "p-tuning adapters" if method == "ptuning" else "bottleneck adapters (peft_type LMFORGE_ADAPTER)"
+            raise ConfigError(f"{folder}: {what} are not supported with --tensor-parallel-size yet (LoRA/DoRA and "
+                              f"IA3 are: they are merged before the split); serve it on one GPU")
+
+
 def model_config(path: str):
     """The :class:`~lmforge.models.config.ModelConfig` of a model folder, from its config file alone (no
     weights: the checks before the ranks start)."""
@@ -328,10 +348,13 @@ def launch(tp: int, device: str, main: Callable[..., None], *args) -> None:
     Signals: SIGTERM is passed on to rank 0 (a server then finishes its running requests and tells the other
     ranks to stop); SIGINT is left to the processes themselves (Ctrl-C in a terminal reaches every one of them:
     rank 0 stops as for SIGTERM, the other ranks ignore it and wait for rank 0's word)."""
+    import logging
     import signal
 
     import torch.multiprocessing as mp
 
+    # when a rank fails, the others are ended: the error line says why, not a warning per process ended
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="lmforge-tp-") as errors:
