@@ -134,6 +134,13 @@ def test_refusals_are_one_line(ckpt, tmp_path, capsys, extra, message):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_under_torchrun_it_is_refused(ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
+    assert main(["serve", str(ckpt), "-tp", "2", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("error: --tensor-parallel-size 2 starts its own 2 processes; run the command "
+                                       "once, not under torchrun\n")
+
+
 def test_a_rank_that_cannot_load_the_model_gives_one_error_line(ckpt, tmp_path, capfd):
     """An error the ranks meet (a damaged weights file passes the checks before they start) is one `error:` line,
     however many ranks met it, and exit code 2."""

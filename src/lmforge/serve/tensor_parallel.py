@@ -285,6 +285,9 @@ def check_flags(tp: int, device: str, refused: dict[str, bool]) -> None:
         raise UserError(f"--tensor-parallel-size must be >= 1, got {tp}")
     if tp == 1:
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--tensor-parallel-size {tp} starts its own {tp} processes; run the command once, not under "
+                        f"torchrun")
     given = [flag for flag, on in refused.items() if on]
     if given:
         raise UserError(f"{given[0]} is not supported with --tensor-parallel-size yet; drop it, or serve on one GPU")
