@@ -188,3 +188,9 @@ def test_a_rank_that_disagrees_with_rank_0_stops_with_an_error(monkeypatch):
     with pytest.raises(RuntimeError, match="rank 1 disagrees with rank 0 after engine step 1"):
         follower.follow()
     assert follower.engine.running[0].num_generated == 1  # it had run the first step
+    # rank 0's last word checks the last step too, unless rank 0 stops after a failed step (no digest then)
+    monkeypatch.setattr(tp, "_receive", lambda group: {"stop": True, "step": 1, "digest": "not this rank's"})
+    with pytest.raises(RuntimeError, match="after engine step 1"):
+        follower.follow()
+    monkeypatch.setattr(tp, "_receive", lambda group: {"stop": True, "step": 1})
+    assert follower.follow() is None

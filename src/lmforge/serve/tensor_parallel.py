@@ -231,7 +231,7 @@ class LockstepEngine:
     def fail_running(self, error: BaseException):
         """A step that raised leaves the ranks at different points (some in a collective, maybe): the group cannot
         go on. The other ranks are told to stop, and the error is raised again."""
-        self.close()
+        self.close(check=False)
         raise RuntimeError(f"a tensor-parallel engine step failed on rank 0 ({type(error).__name__}: {error}); the "
                            f"ranks cannot go on together, so the engine stopped") from error
 
@@ -247,11 +247,11 @@ class LockstepEngine:
                 result[out.request_id].extend(out.token_ids)
         return [result[rid] for rid in ids]
 
-    def close(self) -> None:
-        """Tell the other ranks to stop (once)."""
+    def close(self, check: bool = True) -> None:
+        """Tell the other ranks to stop (once); with ``check`` they compare their state after the last step too."""
         if not self._closed:
             self._closed = True
-            _send({"stop": True}, self.control)
+            _send({"stop": True, "step": self._steps, **({"digest": self._digest} if check else {})}, self.control)
 
     def follow(self) -> None:
         """The loop of a rank other than 0: apply rank 0's requests and aborts, step, until told to stop."""
@@ -259,11 +259,11 @@ class LockstepEngine:
 
         while True:
             msg = _receive(self.control)
-            if msg.get("stop"):
-                return
-            if msg["digest"] != self._digest:
+            if "digest" in msg and msg["digest"] != self._digest:
                 raise RuntimeError(f"tensor-parallel rank {self.rank} disagrees with rank 0 after engine step "
                                    f"{msg['step']} (other requests or tokens): the ranks' results differ")
+            if msg.get("stop"):
+                return
             for op in msg["ops"]:
                 if op[0] == "add":
                     _, rid, prompt, fields, adapter = op
