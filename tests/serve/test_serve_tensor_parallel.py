@@ -79,19 +79,31 @@ def test_generate_tp2_equals_one_process_greedy_and_seeded(workdir):
     assert one["s0"]["completion"] != one["g1"]["completion"]  # the sampled lines did sample
 
 
-def test_serve_tp2_answers_a_completion_like_one_process(workdir, ckpt):
-    """The docs' serve command (on a free port) answers /v1/completions as one process would, and stops on
-    SIGTERM with exit code 0 (rank 0 finishes, then tells rank 1 to stop)."""
+def test_serve_tp2_answers_completions_like_one_process(workdir, ckpt):
+    """The docs' serve command (on a free port) answers /v1/completions as one process would: requests that
+    arrive while others run, one streamed request cut short (an abort the ranks must share), then one more; and it
+    stops on SIGTERM with exit code 0 (rank 0 finishes, then tells rank 1 to stop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     engine = engine_from_checkpoint(ckpt, device="cpu", dtype="float32", max_batch_size=2)
-    ids = engine.tokenizer.encode(PROMPTS[1])
-    expected = engine.tokenizer.decode(engine.generate([ids], SamplingParams(max_tokens=10, temperature=0))[0],
-                                       skip_special_tokens=True)
+    expected = {p: engine.tokenizer.decode(engine.generate([engine.tokenizer.encode(p)],
+                                                           SamplingParams(max_tokens=10, temperature=0))[0],
+                                           skip_special_tokens=True) for p in PROMPTS[:4]}
     _, serve_cmd = _doc_commands()
     port = free_port()
     assert "--port 8000" in serve_cmd
     args = shlex.split(serve_cmd.replace("--port 8000", f"--port {port}"))[1:]
     server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
+
+    def post(prompt: str, max_tokens: int = 10, stream: bool = False):
+        body = json.dumps({"model": "ckpt", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": stream}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        response = urllib.request.urlopen(request, timeout=60)
+        return response if stream else json.loads(response.read())
+
     try:
         deadline = time.time() + 120
         while True:
@@ -101,12 +113,16 @@ def test_serve_tp2_answers_a_completion_like_one_process(workdir, ckpt):
                 break
             except OSError:
                 time.sleep(0.2)
-        body = json.dumps({"model": "ckpt", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                         {"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
-        assert answer["choices"][0]["text"] == expected
-        assert answer["usage"]["completion_tokens"] == 10
+        with ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(post, p) for p in PROMPTS[:3]]
+            cut = post(PROMPTS[4], max_tokens=60, stream=True)
+            assert cut.readline().startswith(b"data: ")
+            cut.close()  # the client goes away: the request is aborted on every rank
+            answers = [a.result() for a in answers]
+        answers.append(post(PROMPTS[3]))
+        for prompt, answer in zip(PROMPTS[:4], answers):
+            assert answer["choices"][0]["text"] == expected[prompt], prompt
+            assert answer["usage"]["completion_tokens"] == 10
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
         assert code == 0, server.stdout.read()[-3000:]
