@@ -15,6 +15,7 @@ the workload after start-up), batch-1 decode tokens/s, and each rank's KV cache 
     python benchmarks/serve_tp_check.py --tp 2 --shape 8b --dtype bfloat16 --out benchmarks/results/serve_tp_8b.json
     python benchmarks/serve_tp_check.py --tp 2 --shape small --dtype float32        # the exact check
     python benchmarks/serve_tp_check.py --tp 2 --shape tiny --dtype float32 --device cpu   # CPU gloo smoke run
+    python benchmarks/serve_tp_check.py --tp 1 --shape small --dtype float32     # one GPU: the spawned NCCL path
 
 Both engines are eager (``--compile`` is not supported with tensor parallelism yet); the KV cache of each is
 sized from ``--gpu-memory-utilization`` of its card.
