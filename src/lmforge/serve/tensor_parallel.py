@@ -58,8 +58,8 @@ from torch import nn
 
 from lmforge.errors import ConfigError, UserError
 
-__all__ = ["RowParallelLinear", "shard_model", "tp_problems", "check_model", "LockstepEngine", "launch",
-           "check_flags", "model_config"]
+__all__ = ["RowParallelLinear", "shard_model", "tp_problems", "check_model", "LockstepEngine", "digest", "launch",
+           "RankContext", "load_engine", "check_flags", "check_adapters", "model_config"]
 
 #: How long a rank waits for rank 0's next message: a server may stay idle for days between requests.
 IDLE_TIMEOUT = timedelta(days=365)
