@@ -28,10 +28,17 @@ weights concatenated at every decode step (what ``lmforge align`` ran before iss
     python benchmarks/grpo_rollout.py [--shape 1b|tiny] [--dtype bfloat16|float32] [--prompts 8] [--generations 8]
                                       [--eager] [--check] [--skip-hf] [--repeats 3] [--master-fp32]
                                       [--no-joint-projections | --joint-rollouts]
+                                      [--compile-mode default|max-autotune-no-cudagraphs]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
     python benchmarks/grpo_rollout.py --master-fp32 --skip-hf --check   # align's bf16-mixed path (fp32 policy)
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
     python benchmarks/grpo_rollout.py --skip-hf --trace /tmp/rollout_trace.json   # the GPU timeline of a rollout
+
+``--compile-mode max-autotune-no-cudagraphs`` compiles the decode step with that ``torch.compile`` mode
+(:attr:`lmforge.align.rl.RolloutLoss.compile_mode`, the engine's ``compile_mode``): inductor autotunes each matrix
+product among cuBLAS and its Triton templates (start-up takes longer: ``startup_seconds``). ``default`` (or no flag)
+is what ``lmforge align`` runs; the JSON's ``compile_mode`` says which ran. Refused off CUDA and with ``--eager``
+(only the compiled step has a mode). benchmarks/decode_gemm.py times the same choice on the block's products alone.
 
 ``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA activity; chrome://tracing, ui.perfetto.dev) of
 one more lmforge rollout after every timed run, HF's included (``benchmarks/serve_load.py``'s
@@ -116,6 +123,9 @@ def main(argv=None) -> list[dict]:
                     help="a plain policy, without training's joint q/k/v and gate/up projections")
     ap.add_argument("--joint-rollouts", action="store_true",
                     help="the rollout engine runs the joint projections too (weights concatenated per decode step)")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the compiled decode step (RolloutLoss.compile_mode; default: "
+                         "inductor's default kernels); max-autotune-no-cudagraphs autotunes the matrix products")
     ap.add_argument("--trace", default=None, metavar="PATH",
                     help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
                          "after the timed one")
@@ -126,6 +136,9 @@ def main(argv=None) -> list[dict]:
         ap.error(f"--repeats {a.repeats}: give at least 1 timed run")
     if a.master_fp32 and a.dtype == "float32":
         ap.error("--master-fp32 samples from a copy in --dtype: give --dtype bfloat16 or float16, not float32")
+    if a.compile_mode and (a.eager or not torch.cuda.is_available()):
+        ap.error(f"--compile-mode {a.compile_mode}: the mode is the compiled decode step's, which runs on a CUDA "
+                 f"device without --eager; drop --compile-mode here")
     if a.joint_rollouts:  # the engine's forwards and graph captures keep the flags as training set them
         with mock.patch.object(rl_module, "separate_projections", lambda model: contextlib.nullcontext()):
             return _main(a)
@@ -153,8 +166,11 @@ def _main(a) -> list[dict]:
     compiled = device == "cuda" and not a.eager
 
     def rollout_loss(compile_decode: bool = compiled):
-        return RolloutLoss(model, "grpo", settings, None, _Ids(), None, seq, 0, a.prompts * a.generations,
+        loss = RolloutLoss(model, "grpo", settings, None, _Ids(), None, seq, 0, a.prompts * a.generations,
                            compile_decode=compile_decode, log=lambda m: None, rollout_dtype=sample_dtype)
+        # --compile-mode: the compiled decode step's torch.compile mode (a benchmark's knob, not a key of align)
+        loss.compile_mode = None if a.compile_mode in (None, "default") else a.compile_mode
+        return loss
 
     rollout = rollout_loss()
     results = []
@@ -207,7 +223,8 @@ def _main(a) -> list[dict]:
         path = {"path": "plain", "rollout_dtype": a.dtype}
     timed("lmforge RolloutLoss.sample", lmforge_rollout,
           stats=lambda: {"decode_steps": engine.metrics.decode_steps, "chained_steps": engine.metrics.chained_steps},
-          compiled=engine.compiled, startup_seconds=round(startup, 2), **path)
+          compiled=engine.compiled, compile_mode=rollout.compile_mode or "default",
+          startup_seconds=round(startup, 2), **path)
     if not a.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 

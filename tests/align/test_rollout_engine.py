@@ -392,3 +392,31 @@ def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypa
     monkeypatch.setattr(RolloutLoss, "refresh_copy", lambda self: None)  # a copy left at the starting weights
     with pytest.raises(SystemExit, match="check failed"):
         bench.main(args[:-2] + ["--skip-hf", "--repeats", "1"])
+
+
+def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
+    """RolloutLoss.compile_mode (benchmarks/grpo_rollout.py --compile-mode sets it) is the compiled rollout engine's
+    torch.compile mode, and no mode for an eager engine; the benchmark refuses the flag where no compiled step runs
+    (here: the CPU), in one line, exit code 2."""
+    import lmforge.serve.engine as engine_module
+
+    built = []
+
+    class Recorder:
+        def __init__(self, model, tokenizer=None, **kw):
+            built.append(kw)
+
+    monkeypatch.setattr(engine_module, "Engine", Recorder)
+    for compiled in (True, False):
+        rl = _rollout(_model())
+        rl.compile_decode = compiled
+        rl.compile_mode = "max-autotune-no-cudagraphs"
+        rl.engine()
+    assert [(kw["compile_decode"], kw["compile_mode"]) for kw in built] == [
+        (True, "max-autotune-no-cudagraphs"), (False, None)]
+    assert RolloutLoss.compile_mode is None  # align's rollouts: inductor's default kernels
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("grpo_rollout").main(["--shape", "tiny", "--skip-hf", "--compile-mode",
+                                             "max-autotune-no-cudagraphs"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "--compile-mode max-autotune-no-cudagraphs" in err[-1], err

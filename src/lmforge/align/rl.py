@@ -478,6 +478,12 @@ class RolloutLoss(nn.Module):
     def critic(self) -> Optional[nn.Module]:
         return self._critic[0] if self._critic else None
 
+    #: ``torch.compile`` mode of the compiled decode step (:class:`~lmforge.serve.engine.Engine`'s ``compile_mode``):
+    #: None, inductor's default kernels (cuBLAS for the matrix products). Not a config key: benchmarks set it
+    #: (benchmarks/grpo_rollout.py --compile-mode max-autotune-no-cudagraphs measures inductor's autotuned
+    #: products in a real rollout) before the first :meth:`engine` call; the eager decode step ignores it.
+    compile_mode: Optional[str] = None
+
     # -- what the loop asks ---------------------------------------------------------------------
     unit = "completions"  # what count() counts: the loop logs completions_per_s
     token_nll = False  # a policy-gradient loss: no perplexity, no val_ppl
@@ -516,6 +522,7 @@ class RolloutLoss(nn.Module):
                 self._engine = Engine(policy, self.tok, max_batch_size=self.max_rows, max_seq_len=self.max_seq_len,
                                       block_size=16, num_kv_blocks=self.max_rows * blocks,
                                       enable_prefix_caching=False, compile_decode=compiled, live_weights=True,
+                                      compile_mode=self.compile_mode if compiled else None,
                                       log=self.log, detokenize=False, stream_outputs=False,
                                       decode_batches=rollout_decode_batches(self.max_rows))
         return self._engine
