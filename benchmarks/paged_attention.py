@@ -10,7 +10,12 @@ cache, this times the whole op (the attention kernel and the combine of its spli
 - ``*_b128``: 128 rows of lengths uniform in [64, 1500] (the serving benchmark's batch),
 - ``*_b1_l4000``: one row of 4000, ``*_b8_l2000``, ``*_b16_l2000`` and ``*_b32_l2000``: mid batches of long rows
   (where the split heuristic, :func:`lmforge.serve.kernels.paged_splits`, shares each row over several programs;
-  the sweep's splits say whether it should share them more).
+  the sweep's splits say whether it should share them more),
+- ``1b_r64_l128``, ``1b_r64_l256``, ``1b_r64_l384`` and ``1b_r256_l256`` (``--cases rollout``): a GRPO rollout's
+  decode step (benchmarks/grpo_rollout.py: 8 prompts x 8 completions of 128 + 256 tokens; 256 rows: 32 prompts),
+  every row at the same length (the rollout's rows advance together, from 129 to 384 positions), each row's table
+  as wide as the engine makes it for ``max_seq_len`` 384 (24 blocks: the splits heuristic reads the width). At 64
+  rows x 8 key/value heads the heuristic picks one split (512 programs fill an H100's 132 multiprocessors twice).
 
 Each case is captured in a CUDA graph of 48 calls cycling through copies of the cache larger together than the
 L2 cache (each layer of a decode step reads its own cache from device memory). GB/s counts the key and value
@@ -19,9 +24,13 @@ bandwidth (a 1 GiB device-to-device copy, bytes read + written). Each variant's 
 float64 reference on the case's first rows (``max_err``, bf16: ``ok`` below 2e-2).
 
 With ``--sweep``, each tile is also timed over warps and pipeline stages (at the heuristic's splits), then over
-splits with its best warps and stages; ``best`` is the fastest launch found, ``sweep`` every timing.
+splits with its best warps and stages; ``best`` is the fastest launch found, ``sweep`` every timing. ``--splits
+1,2,4`` (cheaper than a sweep) times each tile at those splits too, with its default warps and stages
+(``by_splits``).
 
-    python benchmarks/paged_attention.py [--cases 8b_b128,1b_b128,...] [--tiles 16,64,128] [--sweep]
+    python benchmarks/paged_attention.py [--cases 8b_b128,1b_b128,...|rollout] [--tiles 16,64,128] [--sweep]
+                                         [--splits 1,2,4]
+    python benchmarks/paged_attention.py --cases rollout --tiles 16,32,64,128 --splits 1,2,3,4,8 --sweep
 
 Prints one JSON line per case and tile, and writes them all to $OUT/lmforge_paged_attention.json when OUT is set
 (rewritten after each case).
@@ -39,7 +48,7 @@ import torch
 from lmforge.serve import kernels as K
 
 BLOCK = 16
-CASES = {  # name -> (query heads, key/value heads, head dim, rows, shortest, longest)
+CASES = {  # name -> (query heads, key/value heads, head dim, rows, shortest, longest[, table positions])
     "8b_b128": (32, 8, 128, 128, 64, 1500),
     "1b_b128": (32, 8, 64, 128, 64, 1500),
     "8b_b1_l4000": (32, 8, 128, 1, 4000, 4000),
@@ -48,18 +57,24 @@ CASES = {  # name -> (query heads, key/value heads, head dim, rows, shortest, lo
     "1b_b16_l2000": (32, 8, 64, 16, 2000, 2000),
     "8b_b8_l2000": (32, 8, 128, 8, 2000, 2000),
     "8b_b32_l2000": (32, 8, 128, 32, 2000, 2000),
+    # a GRPO rollout's decode step: every row at one length, tables sized for max_seq_len 384 (128 + 256)
+    "1b_r64_l128": (32, 8, 64, 64, 128, 128, 384),
+    "1b_r64_l256": (32, 8, 64, 64, 256, 256, 384),
+    "1b_r64_l384": (32, 8, 64, 64, 384, 384, 384),
+    "1b_r256_l256": (32, 8, 64, 256, 256, 256, 384),
 }
+ALIASES = {"rollout": ["1b_r64_l128", "1b_r64_l256", "1b_r64_l384", "1b_r256_l256"]}
 CHECKED_ROWS = 8  # rows checked against the float64 reference
 
 
 def make_case(nh: int, nkv: int, hd: int, batch: int, shortest: int, longest: int, device: torch.device,
-              dtype: torch.dtype = torch.bfloat16, min_bytes: int = 256 << 20, seed: int = 0):
+              dtype: torch.dtype = torch.bfloat16, min_bytes: int = 256 << 20, seed: int = 0, table: int = 0):
     """Queries, lengths and enough copies of a paged cache (each (k_cache, v_cache, block_tables), its blocks in a
-    random order) to read ``min_bytes`` together (at most 16 copies). Returns (q, lengths, copies, bytes needed
-    per call)."""
+    random order) to read ``min_bytes`` together (at most 16 copies); each row's table has room for ``table``
+    positions (at least ``longest``). Returns (q, lengths, copies, bytes needed per call)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(shortest, longest + 1, (batch,), generator=g)
-    width = -(-longest // BLOCK)  # the table's columns, as the engine sizes them for its longest sequence
+    width = -(-max(longest, table) // BLOCK)  # the table's columns, as the engine sizes them for max_seq_len
     used = [-(-int(n) // BLOCK) for n in lengths]
     blocks = 1 + sum(used)  # block 0: the engine's scratch block
     itemsize = torch.tensor([], dtype=dtype).element_size()
@@ -132,10 +147,12 @@ def sweep_tile(measure_launch, tile: int, splits: int, most_splits: int) -> tupl
 
 
 def run_case(name: str, tiles: list, sweep: bool, time_us, copy_gbs: float, device: torch.device,
-             dtype: torch.dtype = torch.bfloat16) -> list:
-    """Every tile of case ``name`` (``time_us(fn, arg_tuples)``: the mean time of one call); one row a tile."""
-    nh, nkv, hd, batch, shortest, longest = CASES[name]
-    q, lengths, copies, needed = make_case(nh, nkv, hd, batch, shortest, longest, device, dtype)
+             dtype: torch.dtype = torch.bfloat16, splits_list: tuple = ()) -> list:
+    """Every tile of case ``name`` (``time_us(fn, arg_tuples)``: the mean time of one call); one row a tile.
+    ``splits_list``: splits each tile is also timed at, with its default warps and stages (``by_splits``)."""
+    nh, nkv, hd, batch, shortest, longest, *table = CASES[name]
+    q, lengths, copies, needed = make_case(nh, nkv, hd, batch, shortest, longest, device, dtype,
+                                           table=table[0] if table else 0)
     ref = reference(q, lengths, copies[0])
     width = copies[0][2].shape[1]
     rows = []
@@ -147,6 +164,7 @@ def run_case(name: str, tiles: list, sweep: bool, time_us, copy_gbs: float, devi
             return measure(time_us, q, lengths, copies, ref, needed, copy_gbs, c, n_splits)
         row = {"case": name, "heads": nh, "kv_heads": nkv, "head_dim": hd, "batch": batch,
                "lengths": [shortest, longest], "mean_length": round(float(lengths.float().mean()), 1),
+               "table_blocks": width,
                "copies": len(copies), "mbytes_per_call": round(needed / 1e6, 1), "tile": tile, "config": cfg,
                "splits": splits}
         try:
@@ -154,6 +172,15 @@ def run_case(name: str, tiles: list, sweep: bool, time_us, copy_gbs: float, devi
         except Exception as e:  # noqa: BLE001 - reported in the row; the other tiles and cases still run
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if splits_list:
+            row["by_splits"] = []
+            for n_splits in splits_list:
+                entry = {"splits": n_splits}
+                try:
+                    entry.update(measure_launch(cfg, n_splits))
+                except Exception as e:  # noqa: BLE001 - reported; the other splits still run
+                    entry["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                row["by_splits"].append(entry)
         if sweep:
             row["best"], row["sweep"] = sweep_tile(measure_launch, tile, splits, min(64, -(-width // (tile // BLOCK))))
         print(json.dumps(row), flush=True)
@@ -161,26 +188,42 @@ def run_case(name: str, tiles: list, sweep: bool, time_us, copy_gbs: float, devi
     return rows
 
 
-def main() -> None:
+def parse(argv=None) -> tuple:
+    """The command line: (case names, tiles, sweep, splits), or one error line (exit code 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES), help=f"any of {', '.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"any of {', '.join(CASES)}, or rollout (= {','.join(ALIASES['rollout'])})")
     ap.add_argument("--tiles", default="16,64,128", help="positions per loop iteration to time")
     ap.add_argument("--sweep", action="store_true", help="also sweep warps, stages and splits per tile")
-    a = ap.parse_args()
-    cases = a.cases.split(",")
+    ap.add_argument("--splits", default="", help="also time each tile at these splits (programs per row and head; "
+                                                 "1 to 64), e.g. 1,2,4")
+    a = ap.parse_args(argv)
+    cases = [c for name in a.cases.split(",") for c in ALIASES.get(name, [name])]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         ap.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
-    tiles = [int(t) for t in a.tiles.split(",")]
+    tiles = _ints(ap, "--tiles", a.tiles)
     for t in tiles:
         try:
             K.paged_config(BLOCK, 64, t)
         except ValueError as e:
             ap.error(f"--tiles {t}: {e}")
-    run(cases, tiles, a.sweep)
+    splits = _ints(ap, "--splits", a.splits) if a.splits else []
+    bad = [s for s in splits if not 1 <= s <= 64]
+    if bad:
+        ap.error(f"--splits {bad[0]}: give splits from 1 to 64 (the combine kernel's most)")
+    return cases, tiles, a.sweep, splits
 
 
-def run(cases: list, tiles: list, sweep: bool) -> list:
+def _ints(ap, flag: str, text: str) -> list:
+    """A comma-separated list of integers, or one error line naming the flag."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        ap.error(f"{flag} {text}: give integers separated by commas, e.g. 1,2,4")
+
+
+def run(cases: list, tiles: list, sweep: bool, splits: tuple = ()) -> list:
     from decode_kernels import graph_time_us
     from generate_throughput import copy_bandwidth
 
@@ -191,12 +234,16 @@ def run(cases: list, tiles: list, sweep: bool) -> list:
     print(json.dumps(header), flush=True)
     rows = [header]
     for name in cases:
-        rows += run_case(name, tiles, sweep, graph_time_us, copy_gbs, device)
+        rows += run_case(name, tiles, sweep, graph_time_us, copy_gbs, device, splits_list=splits)
         torch.cuda.empty_cache()
         if os.environ.get("OUT"):  # after every case: a run cut short keeps what it measured
             with open(os.path.join(os.environ["OUT"], "lmforge_paged_attention.json"), "w") as f:
                 json.dump(rows, f, indent=1)
     return rows
+
+
+def main(argv=None) -> list:
+    return run(*parse(argv))
 
 
 if __name__ == "__main__":

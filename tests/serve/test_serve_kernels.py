@@ -214,6 +214,12 @@ BENCH_CHECK = textwrap.dedent("""
     assert needed == int(lengths.sum()) * 2 * 16 * 2 * 2 and len(copies) == 16 == calls[0]  # 16 copies: the cap
     gbs = needed / 10.0 / 1e3  # bytes / us
     assert rows[0]["gbs"] == round(gbs) and rows[0]["frac_of_copy"] == round(gbs / 100, 3), rows[0]
+    # a rollout-shaped case: every row at one length, tables sized for more positions; --splits times each split
+    P.CASES["tiny_rollout"] = (4, 2, 16, 1, 20, 20, 64)
+    row, = P.run_case("tiny_rollout", [16], False, lambda fn, xs: 10.0, 100.0, torch.device("cpu"), torch.float16,
+                      splits_list=(3,))
+    assert row["table_blocks"] == 4 and row["lengths"] == [20, 20] and row["ok"], row
+    assert [(e["splits"], e["ok"]) for e in row["by_splits"]] == [(3, True)], row["by_splits"]
     print("bench ok")
 """)
 
@@ -363,6 +369,26 @@ def test_paged_attention_benchmark_sweep():
     assert len(timings) == 12 + 4 and sum("error" in t for t in timings) == 3
     assert [(t["num_warps"], t["num_stages"], t["splits"]) for t in timings[12:]] == [(2, 2, s) for s in (1, 2, 4, 8)]
     assert best == {"num_warps": 2, "num_stages": 2, "splits": 1, "us": 23.0, "ok": True}
+
+
+def test_paged_attention_benchmark_command_line(capsys):
+    """--cases rollout names the GRPO rollout's decode shapes (1B heads, tables for 384 positions); --splits is a
+    list of splits from 1 to 64, anything else one error line."""
+    import pytest
+
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("paged_attention")
+    cases, tiles, sweep, splits = bench.parse(["--cases", "rollout,8b_b128", "--tiles", "32,128", "--splits", "1,2,4"])
+    assert cases == ["1b_r64_l128", "1b_r64_l256", "1b_r64_l384", "1b_r256_l256", "8b_b128"]
+    assert tiles == [32, 128] and not sweep and splits == [1, 2, 4]
+    assert all(bench.CASES[c][:4] == (32, 8, 64, 64 if "r64" in c else 256) and bench.CASES[c][6] == 384
+               for c in cases[:4])
+    assert bench.parse([])[3] == []  # no --splits: the heuristic's alone
+    for bad, says in (("0", "--splits 0: give splits from 1 to 64"), ("1,x", "--splits 1,x: give integers")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse(["--splits", bad])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_paged_config_tile_choice():
