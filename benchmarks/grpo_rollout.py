@@ -28,7 +28,7 @@ weights concatenated at every decode step (what ``lmforge align`` ran before iss
     python benchmarks/grpo_rollout.py [--shape 1b|tiny] [--dtype bfloat16|float32] [--prompts 8] [--generations 8]
                                       [--eager] [--check] [--skip-hf] [--repeats 3] [--master-fp32]
                                       [--no-joint-projections | --joint-rollouts]
-                                      [--compile-mode default|max-autotune-no-cudagraphs]
+                                      [--compile-mode default|max-autotune-no-cudagraphs] [--decode-batches 64]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
     python benchmarks/grpo_rollout.py --master-fp32 --skip-hf --check   # align's bf16-mixed path (fp32 policy)
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
@@ -37,8 +37,12 @@ weights concatenated at every decode step (what ``lmforge align`` ran before iss
 ``--compile-mode max-autotune-no-cudagraphs`` compiles the decode step with that ``torch.compile`` mode
 (:attr:`lmforge.align.rl.RolloutLoss.compile_mode`, the engine's ``compile_mode``): inductor autotunes each matrix
 product among cuBLAS and its Triton templates (start-up takes longer: ``startup_seconds``). ``default`` (or no flag)
-is what ``lmforge align`` runs; the JSON's ``compile_mode`` says which ran. Refused off CUDA and with ``--eager``
-(only the compiled step has a mode). benchmarks/decode_gemm.py times the same choice on the block's products alone.
+is what ``lmforge align`` runs; the JSON's ``compile_mode`` says which ran. The decode pieces compile once for
+every batch size (dynamic rows), at the first batch size captured, and inductor tunes for that size: align's sizes
+are an eighth of the rows and all of them (8 and 64), so the products are tuned for 8 rows and run at 64 too;
+``--decode-batches 64`` captures 64 alone (a rollout here never ends a completion early, so every step runs 64
+rows either way) and tunes for 64 (``decode_batches`` in the JSON). Both are refused off CUDA and with ``--eager``
+(only the compiled step has them). benchmarks/decode_gemm.py times the same choice on the block's products alone.
 
 ``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA activity; chrome://tracing, ui.perfetto.dev) of
 one more lmforge rollout after every timed run, HF's included (``benchmarks/serve_load.py``'s
@@ -78,6 +82,7 @@ import torch
 
 import lmforge.align.rl as rl_module
 from lmforge.align.rl import RolloutLoss
+from lmforge.serve.cache import bucket
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer, set_joint_projections
 
@@ -126,6 +131,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the compiled decode step (RolloutLoss.compile_mode; default: "
                          "inductor's default kernels); max-autotune-no-cudagraphs autotunes the matrix products")
+    ap.add_argument("--decode-batches", default=None, metavar="LIST",
+                    help="the batch sizes whose decode graphs are captured (default: align's, rows and rows / 8); "
+                         "64 alone: the first compile, which autotuning tunes for, is at 64 rows")
     ap.add_argument("--trace", default=None, metavar="PATH",
                     help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
                          "after the timed one")
@@ -136,13 +144,37 @@ def main(argv=None) -> list[dict]:
         ap.error(f"--repeats {a.repeats}: give at least 1 timed run")
     if a.master_fp32 and a.dtype == "float32":
         ap.error("--master-fp32 samples from a copy in --dtype: give --dtype bfloat16 or float16, not float32")
-    if a.compile_mode and (a.eager or not torch.cuda.is_available()):
-        ap.error(f"--compile-mode {a.compile_mode}: the mode is the compiled decode step's, which runs on a CUDA "
-                 f"device without --eager; drop --compile-mode here")
-    if a.joint_rollouts:  # the engine's forwards and graph captures keep the flags as training set them
-        with mock.patch.object(rl_module, "separate_projections", lambda model: contextlib.nullcontext()):
-            return _main(a)
-    return _main(a)
+    if a.decode_batches:
+        top = bucket(a.prompts * a.generations, 0)
+        try:
+            a.decode_batches = sorted({int(b) for b in a.decode_batches.split(",")})
+        except ValueError:
+            ap.error(f"--decode-batches {a.decode_batches}: give batch sizes separated by commas, e.g. 64")
+        if not all(1 <= b <= top for b in a.decode_batches):
+            ap.error(f"--decode-batches {','.join(map(str, a.decode_batches))}: give batch sizes from 1 to {top} "
+                     f"(the rollout's {a.prompts * a.generations} rows rounded up to a power of two)")
+    batches = ",".join(map(str, a.decode_batches or []))
+    for flag, value in (("--compile-mode", a.compile_mode), ("--decode-batches", batches)):
+        if value and (a.eager or not torch.cuda.is_available()):
+            ap.error(f"{flag} {value}: it sets the compiled decode step, which runs on a CUDA device without "
+                     f"--eager; drop {flag} here")
+    with patches(a):
+        return _main(a)
+
+
+@contextlib.contextmanager
+def patches(a):
+    """What the benchmark changes in :mod:`lmforge.align.rl` for the run, put back after it: ``--joint-rollouts``
+    keeps the joint projections in the engine's forwards and graph captures (as training set them);
+    ``--decode-batches`` replaces :func:`~lmforge.align.rl.rollout_decode_batches`' sizes."""
+    with contextlib.ExitStack() as stack:
+        if a.joint_rollouts:
+            stack.enter_context(mock.patch.object(rl_module, "separate_projections",
+                                                  lambda model: contextlib.nullcontext()))
+        if a.decode_batches:
+            stack.enter_context(mock.patch.object(rl_module, "rollout_decode_batches",
+                                                  lambda max_rows: list(a.decode_batches)))
+        yield
 
 
 def _main(a) -> list[dict]:
@@ -224,6 +256,7 @@ def _main(a) -> list[dict]:
     timed("lmforge RolloutLoss.sample", lmforge_rollout,
           stats=lambda: {"decode_steps": engine.metrics.decode_steps, "chained_steps": engine.metrics.chained_steps},
           compiled=engine.compiled, compile_mode=rollout.compile_mode or "default",
+          decode_batches=rl_module.rollout_decode_batches(a.prompts * a.generations) if engine.compiled else None,
           startup_seconds=round(startup, 2), **path)
     if not a.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -396,8 +396,9 @@ def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypa
 
 def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
     """RolloutLoss.compile_mode (benchmarks/grpo_rollout.py --compile-mode sets it) is the compiled rollout engine's
-    torch.compile mode, and no mode for an eager engine; the benchmark refuses the flag where no compiled step runs
-    (here: the CPU), in one line, exit code 2."""
+    torch.compile mode, and no mode for an eager engine; the benchmark's --decode-batches patch gives the compiled
+    engine those batch sizes alone. Both flags are refused where no compiled step runs (here: the CPU), in one
+    line, exit code 2, as are batch sizes the rollout cannot have."""
     import lmforge.serve.engine as engine_module
 
     built = []
@@ -407,16 +408,22 @@ def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
             built.append(kw)
 
     monkeypatch.setattr(engine_module, "Engine", Recorder)
+    bench = load_benchmark("grpo_rollout")
     for compiled in (True, False):
         rl = _rollout(_model())
         rl.compile_decode = compiled
         rl.compile_mode = "max-autotune-no-cudagraphs"
-        rl.engine()
-    assert [(kw["compile_decode"], kw["compile_mode"]) for kw in built] == [
-        (True, "max-autotune-no-cudagraphs"), (False, None)]
+        with bench.patches(SimpleNamespace(joint_rollouts=False, decode_batches=[8])):
+            rl.engine()
+    assert [(kw["compile_decode"], kw["compile_mode"], kw["decode_batches"]) for kw in built] == [
+        (True, "max-autotune-no-cudagraphs", [8]), (False, None, [8])]
     assert RolloutLoss.compile_mode is None  # align's rollouts: inductor's default kernels
-    with pytest.raises(SystemExit) as exit_info:
-        load_benchmark("grpo_rollout").main(["--shape", "tiny", "--skip-hf", "--compile-mode",
-                                             "max-autotune-no-cudagraphs"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and "--compile-mode max-autotune-no-cudagraphs" in err[-1], err
+    assert bench.rl_module.rollout_decode_batches(64) == [8, 64]  # put back after the patch
+    base = ["--shape", "tiny", "--skip-hf", "--prompts", "2", "--generations", "4"]
+    for extra, says in ((["--compile-mode", "max-autotune-no-cudagraphs"], "--compile-mode max-autotune-no-cudagraphs"),
+                        (["--decode-batches", "8"], "--decode-batches 8: it sets the compiled decode step"),
+                        (["--decode-batches", "4,16"], "--decode-batches 4,16: give batch sizes from 1 to 8")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and says in err[-1], err
