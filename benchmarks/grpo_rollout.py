@@ -109,6 +109,13 @@ class _Ids:
 
 
 def main(argv=None) -> list[dict]:
+    a = parse(argv)
+    with patches(a):
+        return _main(a)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The command line's settings, or one error line (exit code 2)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
@@ -158,8 +165,7 @@ def main(argv=None) -> list[dict]:
         if value and (a.eager or not torch.cuda.is_available()):
             ap.error(f"{flag} {value}: it sets the compiled decode step, which runs on a CUDA device without "
                      f"--eager; drop {flag} here")
-    with patches(a):
-        return _main(a)
+    return a
 
 
 @contextlib.contextmanager
