@@ -427,3 +427,35 @@ def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
             bench.main(base + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and says in err[-1], err
+
+
+def test_next_gpu_call_for_rollouts_parses_and_fits_one_call(monkeypatch):
+    """docs/benchmarks.md's "Next GPU call for rollouts": every benchmark line parses as a CUDA machine would take it
+    (each benchmark's own parse), writes under a folder the first line makes, and the timeouts fit one 600 s call."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    section = doc.split("**Next GPU call for rollouts", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for line in section.splitlines() if line.startswith("    ")]
+    made = set(re.findall(r"\$OUT/(\w+)", lines[0])) if lines[0].startswith("mkdir -p ") else set()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seconds, parsed = 0, {}
+    for line in lines[1:]:
+        words = shlex.split(line)
+        script = next(i for i, w in enumerate(words) if w.startswith("benchmarks/") and w.endswith(".py"))
+        end = next((i for i, w in enumerate(words) if w.startswith(">") or w == "2>&1"), len(words))
+        assert words[script - 3] == "timeout" and words[script - 1] == "python", line
+        seconds += int(words[script - 2])
+        assert any(w.startswith("OUT=$OUT/") and w[len("OUT=$OUT/"):] in made for w in words[:script]), line
+        name = Path(words[script]).stem
+        parsed.setdefault(name, []).append(load_benchmark(name).parse(words[script + 1:end]))
+    assert seconds <= 570 and set(parsed) == {"decode_gemm", "paged_attention", "grpo_rollout"}, (seconds, parsed)
+    default, tuned = parsed["grpo_rollout"]
+    assert default.compile_mode is None and default.skip_hf
+    assert tuned.compile_mode == "max-autotune-no-cudagraphs" and tuned.decode_batches == [64] and tuned.skip_hf
+    gemm, = parsed["decode_gemm"]
+    assert gemm["models"] == ["1b"] and gemm["ms"] == [64, 8] and gemm["device"].type == "cuda"
+    cases, tiles, sweep, splits = parsed["paged_attention"][0]
+    assert cases[:3] == ["1b_r64_l128", "1b_r64_l256", "1b_r64_l384"] and splits == [1, 2, 3, 4]
