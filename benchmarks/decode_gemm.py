@@ -49,6 +49,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -194,14 +195,15 @@ def _run(models, ms, layouts, backends, device, compile_mode, matvec_max_m, dtyp
          "gemm_backends": inductor_config.max_autotune_gemm_backends,
          "timing": "CUDA graphs, median of 20 replays" if device.type == "cuda" else "cpu smoke: no claim"})
     impl = Backends(device, compile_mode)
-    g = torch.Generator().manual_seed(0)
+    g, gd = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0)
     for shape in models:
         shapes = {nk for layout in layouts for nk in matrices(shape, layout).values()}
         weights = {}  # (N, K) -> copies, shared by the layouts (o and down are the same in both)
         for N, K in sorted(shapes):
             nbytes = N * K * torch.tensor([], dtype=dtype).element_size()
             n = max(2, min(16, -(-COPY_BYTES // nbytes))) if device.type == "cuda" else 2
-            weights[(N, K)] = [(torch.randn(N, K, generator=g) * 0.02).to(device, dtype) for _ in range(n)]
+            weights[(N, K)] = [(torch.randn(N, K, device=device, generator=gd) * 0.02).to(dtype)  # made on the device
+                               for _ in range(n)]
         for M in ms:
             torch._dynamo.reset()  # each M compiles afresh (within dynamo's recompile limit: 6 shapes an M at most)
             xs = {K: (torch.randn(M, K, generator=g)).to(device, dtype) for K in {k for _, k in shapes}}
@@ -214,7 +216,7 @@ def _run(models, ms, layouts, backends, device, compile_mode, matvec_max_m, dtyp
                     base = {"shape": shape, "M": M, "layout": layout, "backend": backend}
                     if backend == "matvec" and M > matvec_max_m:
                         continue
-                    fns = {}
+                    fns, done = {}, []
                     for mat, (N, K) in mats.items():
                         fn = products[backend]
                         if fn is None:
@@ -223,31 +225,38 @@ def _run(models, ms, layouts, backends, device, compile_mode, matvec_max_m, dtyp
                         ws, x = weights[(N, K)], xs[K]
                         mbytes = round(N * K * ws[0].element_size() / 1e6, 2)
                         row = {**base, "matrix": mat, "N": N, "K": K, "mbytes": mbytes, "copies": len(ws)}
-                        if backend == "compiled":
-                            if (N, K) not in kinds:
-                                kinds[(N, K)] = kernel_kind(fn, x, ws[0])
-                            row["kernel"] = kinds[(N, K)]
-                        ref = F.linear(x.float(), ws[0].float())
-                        row["max_err"] = relative_error(fn(x, ws[0]), ref)
-                        row["ok"] = row["max_err"] < 2e-2
-                        us = time_us(fn, [(x, w) for w in ws], device)
-                        row.update(_speed(us, row["mbytes"], copy_gbs))
+                        try:
+                            if backend == "compiled":
+                                if (N, K) not in kinds:
+                                    kinds[(N, K)] = kernel_kind(fn, x, ws[0])
+                                row["kernel"] = kinds[(N, K)]
+                            ref = F.linear(x.float(), ws[0].float())
+                            row["max_err"] = relative_error(fn(x, ws[0]), ref)
+                            row["ok"] = row["max_err"] < 2e-2
+                            row.update(_speed(time_us(fn, [(x, w) for w in ws], device), mbytes, copy_gbs))
+                            fns[mat] = fn
+                            done.append(row)
+                        except Exception as e:  # noqa: BLE001 - reported in the row; the other products still run
+                            traceback.print_exc()
+                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                         out(row)
-                        fns[mat] = fn
                     if len(fns) < len(mats):
-                        continue
+                        continue  # no block without every product of it
                     order = list(mats.items())
                     calls = [tuple(weights[nk][i % len(weights[nk])] for _, nk in order) for i in range(16)]
 
                     def block(*ws, order=order, fns=fns):
                         for (mat, (N, K)), w in zip(order, ws):
                             fns[mat](xs[K], w)
-                    mbytes = sum(r["mbytes"] for r in rows[-len(mats):])
-                    us = time_us(block, calls, device)
-                    sum_us = round(sum(r["us"] for r in rows[-len(mats):]), 2)
-                    out({**base, "matrix": "block", "mbytes": round(mbytes, 2), "sum_us": sum_us,
-                         **_speed(us, mbytes, copy_gbs)})
-                    blocks[f"{layout}/{backend}"] = rows[-1]["us"]
+                    mbytes = round(sum(r["mbytes"] for r in done), 2)
+                    row = {**base, "matrix": "block", "mbytes": mbytes, "sum_us": round(sum(r["us"] for r in done), 2)}
+                    try:
+                        row.update(_speed(time_us(block, calls, device), mbytes, copy_gbs))
+                        blocks[f"{layout}/{backend}"] = row["us"]
+                    except Exception as e:  # noqa: BLE001 - as above
+                        traceback.print_exc()
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    out(row)
             if blocks:
                 best = min(blocks, key=blocks.get)
                 summary = {"summary": True, "shape": shape, "M": M, "block_us": blocks}

@@ -60,3 +60,24 @@ def test_decode_gemm_command_line_errors(bench, capsys, monkeypatch, args, says)
     with pytest.raises(SystemExit) as exit_info:
         bench.parse(["--device", "cpu", *args] if args[0] != "--device" else args)
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_decode_gemm_reports_a_failed_product_and_goes_on(bench, monkeypatch):
+    """A product that fails (on a GPU: an autotuning or capture error) gets an error in its row; the layout's block
+    is not timed without it, and every other product and layout still runs."""
+    monkeypatch.delenv("OUT", raising=False)
+    timed = bench.time_us
+
+    def failing(fn, args_list, device, **kw):
+        if len(args_list[0]) == 2 and tuple(args_list[0][1].shape) == (32, 64):  # tiny's k and v products
+            raise RuntimeError("out of resources")
+        return timed(fn, args_list, device, **kw)
+
+    monkeypatch.setattr(bench, "time_us", failing)
+    rows = bench.main(["--device", "cpu", "--m", "2", "--backends", "linear"])
+    errors = [r["matrix"] for r in rows if "error" in r]
+    assert errors == ["k", "v"] and all(r["error"] == "RuntimeError: out of resources" for r in rows if "error" in r)
+    assert [r["layout"] for r in rows if r.get("matrix") == "block"] == ["joint"]
+    assert [r["matrix"] for r in rows if r.get("layout") == "separate" and "us" in r] == ["q", "o", "gate", "up",
+                                                                                         "down"]
+    assert rows[-1]["block_us"].keys() == {"joint/linear"}
