@@ -35,16 +35,22 @@ def tensor_parallel_problems(cfg, tp: int) -> list[str]:
         if value % tp:
             problems.append(f"{key}={tp} does not divide model.{name}={value}; use a tensor-parallel size that "
                             f"divides it")
-    if cfg.position_embedding_type == "alibi":
-        problems.append(f"{key}={tp}: ALiBi models (Falcon-RW, Baichuan2-13B) are not supported under tensor "
-                        f"parallelism yet (their per-head slopes are not split); use FSDP (model.fsdp=true)")
-    if cfg.num_moe_experts is not None:
-        problems.append(f"{key}={tp}: mixture-of-experts models (Mixtral) are not supported under tensor "
-                        f"parallelism yet; use FSDP (model.fsdp=true)")
-    if cfg.parallel_attn_mlp:
-        problems.append(f"{key}={tp}: parallel attention + MLP blocks (Falcon) are not supported under tensor "
-                        f"parallelism yet; use FSDP (model.fsdp=true)")
+    problems += [f"{key}={tp}: {what} are not supported under tensor parallelism yet; use FSDP (model.fsdp=true)"
+                 for what in tensor_parallel_unsupported(cfg)]
     return problems
+
+
+def tensor_parallel_unsupported(cfg) -> list[str]:
+    """The kinds of model in ``cfg`` that lmforge's tensor parallelism (training's and serving's) does not split
+    yet, named for a message (empty: none)."""
+    kinds = []
+    if cfg.position_embedding_type == "alibi":
+        kinds.append("ALiBi models (Falcon-RW, Baichuan2-13B: their per-head slopes are not split)")
+    if cfg.num_moe_experts is not None:
+        kinds.append("mixture-of-experts models (Mixtral)")
+    if cfg.parallel_attn_mlp:
+        kinds.append("parallel attention + MLP blocks (Falcon)")
+    return kinds
 
 
 def check_tensor_parallel(cfg, tp: int, sequence_parallel: bool = False) -> None:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError, UserError
+from lmforge.parallel.tensor import tensor_parallel_unsupported
 
 __all__ = ["RowParallelLinear", "shard_model", "tp_problems", "check_model", "LockstepEngine", "digest", "launch",
            "RankContext", "load_engine", "check_flags", "check_adapters", "model_config"]
@@ -97,14 +98,8 @@ def tp_problems(cfg, tp: int, flag: str = "--tensor-parallel-size") -> list[str]
     problems = [f"{flag} {tp} does not divide the model's {v} {name}; use a size that divides its "
                 f"{cfg.num_attention_heads} attention heads, {nkv} key/value heads and ffn_hidden_size "
                 f"{cfg.ffn_hidden_size}: {', '.join(map(str, fits))}" for name, v in sizes.items() if v % tp][:1]
-    if cfg.position_embedding_type == "alibi":
-        problems.append(f"{flag}: ALiBi models are not supported under tensor parallelism yet; serve on one GPU")
-    if cfg.num_moe_experts is not None:
-        problems.append(f"{flag}: mixture-of-experts models are not supported under tensor parallelism yet; serve "
-                        f"on one GPU")
-    if cfg.parallel_attn_mlp:
-        problems.append(f"{flag}: parallel attention + MLP blocks (Falcon) are not supported under tensor "
-                        f"parallelism yet; serve on one GPU")
+    problems += [f"{flag}: {what} are not supported under tensor parallelism yet; serve on one GPU"
+                 for what in tensor_parallel_unsupported(cfg)]
     return problems
 
 
