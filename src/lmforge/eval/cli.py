@@ -32,6 +32,10 @@ def add_commands(sub) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a fine-tuned adapter folder (LoRA/IA3 merged, bottleneck adapters unmerged) to evaluate "
                         "on top of MODEL")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (its attention heads and MLP; one process each, started by this "
+                        "command, as `lmforge serve -tp N`); N must divide the attention heads, key/value heads "
+                        "and ffn size; not under torchrun, not with --batch-size auto")
     p.add_argument("--output", default=None, help="write results.json here (rank 0 under torchrun)")
     p.add_argument("--cache", default=None, help="the folder `lmforge prefetch` filled (default: $LMFORGE_CACHE)")
     p.add_argument("--bootstrap-iters", type=int, default=100000,
@@ -78,7 +82,7 @@ def _cmd_evaluate(a) -> int:
     from lmforge.eval.evaluate import results_table, run
 
     doc = run(a.model[0], tasks, task_data, a.limit, batch_size, a.device, a.dtype, a.output, a.bootstrap_iters,
-              cache, adapter=a.adapter, include_path=a.include_path)
+              cache, adapter=a.adapter, include_path=a.include_path, tensor_parallel_size=a.tensor_parallel_size)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     console.print(results_table(doc))

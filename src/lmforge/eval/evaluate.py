@@ -6,6 +6,12 @@ in memory (any causal LM returning logits, with its tokenizer).
 Under torchrun (``WORLD_SIZE > 1``) :func:`run` evaluates data parallel: every rank loads the model,
 scores its share of the batches (:class:`~lmforge.eval.scorer.Scorer`), the results are gathered and
 rank 0 writes results.json; the numbers equal those of one process.
+
+With ``tensor_parallel_size`` N > 1 :func:`run` starts N processes itself
+(:func:`lmforge.serve.tensor_parallel.launch`, as ``lmforge serve -tp N``), each holding its share of the
+model (:func:`~lmforge.serve.tensor_parallel.load_sharded`); every rank runs every request (the scorer's
+tensor-parallel mode), rank 0 hands the results document back and :func:`run` writes it. The two cannot be
+combined (``-tp`` under torchrun is refused).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -46,7 +53,8 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
                    task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
                    batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
                    cache_dir: Optional[str] = None, progress: bool = False, rank: int = 0,
-                   world_size: int = 1, include_path: Optional[str] = None, harness_tasks: Optional[list] = None) -> dict:
+                   world_size: int = 1, include_path: Optional[str] = None, harness_tasks: Optional[list] = None,
+                   tensor_parallel=None) -> dict:
     """Score ``tasks`` on an in-memory model; returns ``{"results": ..., "n_samples": ..., "truncated": ...}``.
 
     Built-in and user .yaml tasks run on lmforge's scorer; any other name lm-evaluation-harness knows
@@ -55,12 +63,14 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
     already built by :func:`~lmforge.eval.harness.load_harness_tasks`.
 
     ``rank``/``world_size``: data parallel (torch.distributed initialized); every rank returns the results.
+    ``tensor_parallel``: the :class:`~lmforge.serve.tensor_parallel.RankContext` of a rank whose ``model`` is its
+    share of a tensor-parallel model (every rank runs this with the same arguments; see :class:`Scorer`).
     """
     resolved, task_data, harness = resolve_tasks(tasks, task_data, include_path)  # unknown names fail first
     results, n_samples, truncated, versions = {}, {}, {}, {}
     # one scorer, so one serving engine for the generation tasks of the whole run (each task starts afresh)
     scorer = Scorer(model, tokenizer, max_length, batch_size=batch_size, progress=progress and rank == 0,
-                    rank=rank, world_size=world_size)
+                    rank=rank, world_size=world_size, tensor_parallel=tensor_parallel)
     for task in resolved:
         records = load_task_records(task, task_data.get(task.name), limit, cache_dir)
         docs = []
@@ -80,7 +90,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
 
         built = harness_tasks if harness_tasks is not None else load_harness_tasks(harness, include_path, cache_dir)
         theirs = evaluate_harness(model, tokenizer, built, max_length, limit, batch_size, bootstrap_iters,
-                                  engine_from=scorer)
+                                  engine_from=scorer, tensor_parallel=tensor_parallel)
         results.update(theirs["results"])
         n_samples.update(theirs["n_samples"])
         versions.update(theirs["versions"])
@@ -90,12 +100,14 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str], max_length: int,
 def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]] = None, limit: Optional[int] = None,
         batch_size: Union[int, str] = 16, device: str = "auto", dtype: str = "auto",
         output: Optional[str] = None, bootstrap_iters: int = 100000, cache_dir: Optional[str] = None,
-        progress: bool = True, adapter: Optional[str] = None, include_path: Optional[str] = None) -> dict:
+        progress: bool = True, adapter: Optional[str] = None, include_path: Optional[str] = None,
+        tensor_parallel_size: int = 1) -> dict:
     """Evaluate the model at ``model`` (a checkpoint folder or a run's results folder) on ``tasks``.
 
     ``adapter``: a fine-tuned adapter folder applied on top (see :func:`with_adapter`). ``include_path``: a
     folder of lm_eval task YAML files (tasks named in ``tasks``). Under torchrun the built-in tasks are
-    evaluated data parallel and only rank 0 writes ``output``.
+    evaluated data parallel and only rank 0 writes ``output``. ``tensor_parallel_size`` N > 1: the model is
+    split over N processes this call starts (see the module's docstring); the results equal one process's.
 
     Returns the results document ``{"results": {task: {metric: value, metric_stderr: value}}, "config",
     "versions", "model"}``, also written to ``output`` (atomically) when given.
@@ -108,6 +120,11 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
     if adapter is not None and not Path(adapter).is_dir():
         raise AdapterError(f"--adapter {adapter} is not a folder; give the folder holding adapter_config.json")
     check_hub_access(builtin, by_name, cache_dir, also=harness)
+    if tensor_parallel_size != 1:
+        return _run_tensor_parallel(tensor_parallel_size, device, output, dict(
+            model=str(model), tasks=list(tasks), task_data=dict(task_data or {}), limit=limit, batch_size=batch_size,
+            dtype=dtype, bootstrap_iters=bootstrap_iters, cache_dir=cache_dir, progress=progress,
+            adapter=None if adapter is None else str(adapter), include_path=include_path))
     built = None
     if harness:  # lm_eval's tasks read their datasets when built: before the model loads, offline-safe
         from lmforge.eval.harness import load_harness_tasks
@@ -132,23 +149,75 @@ def run(model: str, tasks: Sequence[str], task_data: Optional[Mapping[str, str]]
     finally:
         if runtime is not None:
             shutdown(runtime)
-    doc = {
-        "results": out["results"],
-        "config": {"model": str(model), "adapter": None if adapter is None else str(adapter), "tasks": list(tasks),
-                   "task_data": dict(task_data or {}), "include_path": include_path, "limit": limit,
-                   "batch_size": batch_size, "device": str(next(lm.parameters()).device),
-                   "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "max_length": max_length,
-                   "bootstrap_iters": bootstrap_iters, "world_size": world, "n_samples": out["n_samples"],
-                   "truncated_requests": out["truncated"],
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-        "versions": {**out["versions"], "lmforge": __version__},
-        "model": str(model),
-    }
+    doc = _document(out, lm, max_length, dict(
+        model=str(model), tasks=list(tasks), task_data=dict(task_data or {}), limit=limit, batch_size=batch_size,
+        bootstrap_iters=bootstrap_iters, adapter=None if adapter is None else str(adapter),
+        include_path=include_path), world_size=world, tensor_parallel_size=1)
     if output and rank == 0:
         from lmforge.io import write_json_atomic
 
         write_json_atomic(output, doc)
     return doc
+
+
+def _document(out: dict, lm, max_length: int, spec: dict, world_size: int, tensor_parallel_size: int) -> dict:
+    """The results document of :func:`run` (``out``: :func:`evaluate_model`'s; ``lm``: the model, or rank 0's
+    share of it)."""
+    return {
+        "results": out["results"],
+        "config": {"model": spec["model"], "adapter": spec["adapter"], "tasks": spec["tasks"],
+                   "task_data": spec["task_data"], "include_path": spec["include_path"], "limit": spec["limit"],
+                   "batch_size": spec["batch_size"], "device": str(next(lm.parameters()).device),
+                   "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "max_length": max_length,
+                   "bootstrap_iters": spec["bootstrap_iters"], "world_size": world_size,
+                   "tensor_parallel_size": tensor_parallel_size, "n_samples": out["n_samples"],
+                   "truncated_requests": out["truncated"],
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "versions": {**out["versions"], "lmforge": __version__},
+        "model": spec["model"],
+    }
+
+
+def _run_tensor_parallel(tp: int, device: str, output: Optional[str], spec: dict) -> dict:
+    """:func:`run` with the model split over ``tp`` processes: checked here first (one ``error:`` line: flags,
+    GPUs, adapters and model kinds the split does not support), then :func:`_evaluate_rank` on each; rank 0's
+    document comes back through a file in a temporary folder and is written to ``output`` here."""
+    from lmforge.serve.tensor_parallel import check_adapters, check_flags, check_model, launch, model_config
+
+    check_flags(tp, str(device), {"--batch-size auto": spec["batch_size"] == "auto"}, command="evaluate")
+    check_adapters(spec["model"], spec["adapter"], command="evaluate")
+    check_model(model_config(spec["model"]), tp, command="evaluate")
+    with tempfile.TemporaryDirectory(prefix="lmforge-eval-tp-") as folder:
+        result = Path(folder) / "results.json"
+        launch(tp, str(device), _evaluate_rank, spec, str(result))
+        doc = json.loads(result.read_text(encoding="utf-8"))
+    if output:
+        from lmforge.io import write_json_atomic
+
+        write_json_atomic(output, doc)
+    return doc
+
+
+def _evaluate_rank(ctx, spec: dict, result: str) -> None:
+    """One rank of ``evaluate --tensor-parallel-size``: its share of the model, every task (the same requests as
+    every other rank); rank 0 writes the results document to ``result``."""
+    from lmforge.io import write_json_atomic
+    from lmforge.serve.tensor_parallel import load_sharded
+
+    lm, tokenizer = load_sharded(ctx, spec["model"], spec["dtype"], spec["adapter"], command="evaluate")
+    max_length = context_length(lm)
+    _, _, harness = resolve_tasks(spec["tasks"], spec["task_data"], spec["include_path"])
+    built = None
+    if harness:  # every rank builds lm_eval's tasks itself (they are not sent between processes)
+        from lmforge.eval.harness import load_harness_tasks
+
+        built = load_harness_tasks(harness, spec["include_path"], spec["cache_dir"])
+    out = evaluate_model(lm, tokenizer, spec["tasks"], max_length, spec["task_data"], spec["limit"],
+                         spec["batch_size"], spec["bootstrap_iters"], spec["cache_dir"],
+                         spec["progress"] and ctx.rank == 0, include_path=spec["include_path"], harness_tasks=built,
+                         tensor_parallel=ctx)
+    if ctx.rank == 0:
+        write_json_atomic(result, _document(out, lm, max_length, spec, world_size=1, tensor_parallel_size=ctx.tp))
 
 
 def _fmt(value) -> str:

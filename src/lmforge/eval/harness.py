@@ -55,22 +55,24 @@ class LmforgeLM(TemplateLM):
             model = with_adapter(model, adapter)
         self._setup(model, tokenizer, max_length, batch_size)
 
-    def _setup(self, model, tokenizer, max_length: Optional[int], batch_size: Union[int, str]) -> None:
+    def _setup(self, model, tokenizer, max_length: Optional[int], batch_size: Union[int, str],
+               tensor_parallel=None) -> None:
         from lmforge.eval.evaluate import context_length
 
         self.model = model
         self.tokenizer = tokenizer
         batch_size = batch_size if str(batch_size) == "auto" else int(batch_size)
         self._max_length = int(max_length or context_length(model))
-        self.scorer = Scorer(model, tokenizer, self._max_length, batch_size=batch_size)
+        self.scorer = Scorer(model, tokenizer, self._max_length, batch_size=batch_size, tensor_parallel=tensor_parallel)
 
     @classmethod
     def from_model(cls, model, tokenizer, max_length: Optional[int] = None,
-                   batch_size: Union[int, str] = 16) -> "LmforgeLM":
-        """The adapter over a model already in memory (what ``lmforge evaluate`` scores harness tasks with)."""
+                   batch_size: Union[int, str] = 16, tensor_parallel=None) -> "LmforgeLM":
+        """The adapter over a model already in memory (what ``lmforge evaluate`` scores harness tasks with);
+        ``tensor_parallel``: a rank's context when ``model`` is its share (:class:`~lmforge.eval.scorer.Scorer`)."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm._setup(model, tokenizer, max_length, batch_size)
+        lm._setup(model, tokenizer, max_length, batch_size, tensor_parallel)
         return lm
 
     @property
@@ -246,16 +248,18 @@ def _our_metrics(theirs: dict) -> dict:
 
 def evaluate_harness(model, tokenizer, tasks: HarnessTasks, max_length: int, limit: Optional[int] = None,
                      batch_size: Union[int, str] = 16, bootstrap_iters: int = 100000,
-                     engine_from: Optional[Scorer] = None) -> dict:
+                     engine_from: Optional[Scorer] = None, tensor_parallel=None) -> dict:
     """Score lm_eval tasks (from :func:`load_harness_tasks`) on an in-memory model through :class:`LmforgeLM`.
     ``engine_from``: a scorer of the same model whose serving engine generation reuses (``lmforge evaluate``'s).
 
     Returns ``{"results": {task: {metric: value, metric_stderr: value}}, "n_samples", "versions"}`` for the tasks
-    and their groups. Every process scores every request (no data parallelism on this path).
+    and their groups. Every process scores every request (no data parallelism on this path); under tensor
+    parallelism (``tensor_parallel``: the rank's context) that is what keeps the ranks' forwards paired, and lm_eval
+    reports on the process with ``LOCAL_RANK`` 0 only (rank 0).
     """
     from lm_eval import simple_evaluate
 
-    lm = LmforgeLM.from_model(model, tokenizer, max_length, batch_size)
+    lm = LmforgeLM.from_model(model, tokenizer, max_length, batch_size, tensor_parallel)
     if engine_from is not None:
         lm.scorer.start_task(engine_from)
     out = simple_evaluate(model=lm, tasks=tasks.tasks, task_manager=tasks.manager, limit=limit,

@@ -26,6 +26,12 @@ counted in :attr:`Scorer.truncated`.
 Data parallel: with ``world_size > 1`` (torch.distributed initialized) every rank forms the same sorted
 batches, scores batches ``rank, rank + world_size, ...`` and the results are gathered, so every rank
 returns all results, bit for bit those of one process (each batch is the one a single process runs).
+
+Tensor parallel (``tensor_parallel``: the :class:`~lmforge.serve.tensor_parallel.RankContext` of a rank holding its
+share of the model, :func:`~lmforge.serve.tensor_parallel.shard_model`): every rank runs the same requests in
+the same batches, so their forwards (and the all-reduces inside them) pair up, and every rank gets the same
+log-probabilities. Generation runs on rank 0's engine in lockstep with the others'
+(:class:`~lmforge.serve.tensor_parallel.LockstepEngine`), and rank 0 sends the tokens to every rank after it.
 """
 
 from __future__ import annotations
@@ -94,11 +100,14 @@ class Scorer:
         progress: show a progress bar (rich).
         rank, world_size: this process's share under data parallelism (see the module's docstring).
         reuse_context: compute a context shared by several multi-token choices once (KV cache).
+        tensor_parallel: this rank's :class:`~lmforge.serve.tensor_parallel.RankContext` when ``model`` is its
+            share of a tensor-parallel model (see the module's docstring); needs an integer ``batch_size``.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int, batch_size: Union[int, str] = 16,
                  device: Optional[Union[str, torch.device]] = None, prefix_token_id: Optional[int] = None,
-                 progress: bool = False, rank: int = 0, world_size: int = 1, reuse_context: bool = True):
+                 progress: bool = False, rank: int = 0, world_size: int = 1, reuse_context: bool = True,
+                 tensor_parallel=None):
         self.model = model
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -109,6 +118,10 @@ class Scorer:
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
         self.batch_size = batch_size
+        if tensor_parallel is not None and batch_size == "auto":
+            raise ValueError("batch_size 'auto' cannot be used under tensor parallelism: the ranks would search "
+                             "their memory apart and their forwards would no longer pair up")
+        self.tensor_parallel = tensor_parallel
         if device is None:
             param = next(iter(model.parameters()), None)
             device = param.device if param is not None else torch.device("cpu")
@@ -325,11 +338,12 @@ class Scorer:
         members = [(f, inp) for f, (_, ms) in enumerate(families) for inp in ms]
         width = max(len(inp) for _, inp in members) - n_prefix
         dtype = next(model.parameters()).dtype
-        prefill = KVCache(model.cfg, len(families), n_prefix, self.device, dtype)
+        kv_heads = model.layers[0].self_attn.n_kv_heads  # a tensor-parallel rank's share of them
+        prefill = KVCache(model.cfg, len(families), n_prefix, self.device, dtype, kv_heads=kv_heads)
         prefix = torch.tensor([p for p, _ in families], dtype=torch.long, device=self.device)
         model.hidden_states(prefix, kv_cache=prefill, start_pos=0)
         rows = torch.tensor([f for f, _ in members], dtype=torch.long, device=self.device)
-        cache = KVCache(model.cfg, len(members), n_prefix + width, self.device, dtype)
+        cache = KVCache(model.cfg, len(members), n_prefix + width, self.device, dtype, kv_heads=kv_heads)
         for layer in range(len(cache.k)):
             cache.k[layer][:, :, :n_prefix] = prefill.k[layer].index_select(0, rows)
             cache.v[layer][:, :, :n_prefix] = prefill.v[layer].index_select(0, rows)
@@ -392,7 +406,8 @@ class Scorer:
             rows = min(self._auto_batch or self.detect_batch_size(longest), 256)
         block = 16
         blocks = rows * -(-needed // block)
-        quiet = (lambda msg: None) if self.rank != 0 else None  # its start-up lines from rank 0 only
+        first = self.rank == 0 and (self.tensor_parallel is None or self.tensor_parallel.rank == 0)
+        quiet = None if first else (lambda msg: None)  # its start-up lines from rank 0 only
         self._engine = Engine(model, self.tokenizer, max_batch_size=rows, max_seq_len=needed, block_size=block,
                               num_kv_blocks=blocks, enable_prefix_caching=True, log=quiet)
         return self._engine
@@ -460,7 +475,11 @@ class Scorer:
         in ``max_length``) go on in :meth:`_greedy_loop`.
 
         For the prefix cache to serve prompts that share their start, one prompt of every group sharing a first
-        KV block is prefilled first (requests admitted in one step cannot use each other's blocks)."""
+        KV block is prefilled first (requests admitted in one step cannot use each other's blocks).
+
+        Under tensor parallelism rank 0 runs this through a :class:`~lmforge.serve.tensor_parallel.LockstepEngine`
+        while the other ranks' engines follow its steps, then every rank gets rank 0's tokens and finished prompts
+        (the same as their own engines', which the lockstep checks)."""
         from lmforge.serve.engine import RequestFailedError, SamplingParams
 
         eos = self._eos()
@@ -469,6 +488,18 @@ class Scorer:
         if not fits:
             return set()
         engine = self._engine_for(max(len(t) for t in fits.values()) + max_new_tokens)
+        lockstep = None
+        if self.tensor_parallel is not None:
+            from lmforge.serve.tensor_parallel import LockstepEngine
+
+            lockstep = LockstepEngine(engine, self.tensor_parallel.control, self.tensor_parallel.rank)
+            if lockstep.rank > 0:
+                lockstep.follow()  # until rank 0's engine has no work left
+                shared = lockstep.share()
+                for p, tokens in shared["new"]:
+                    new[p].extend(tokens)
+                return set(shared["done"])
+            engine = lockstep
         room = engine.context_len
         todo = {p: t for p, t in fits.items() if len(t) < room}
         bs = engine.block_size
@@ -516,7 +547,12 @@ class Scorer:
             run()
         except BaseException:
             self._engine = None  # requests of this call may still be in it: the next call builds a fresh one
+            if lockstep is not None:
+                lockstep.close(check=False)  # the other ranks stop following; the launcher ends them
             raise
+        if lockstep is not None:
+            lockstep.close()
+            lockstep.share({"new": [[p, new[p]] for p in sorted(todo)], "done": sorted(done)})
         return done
 
 

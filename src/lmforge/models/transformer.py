@@ -824,15 +824,19 @@ class KVCache:
         batch_size: sequences decoded together.
         max_seq_len: positions to hold; at most ``cfg.max_position_embeddings`` is useful.
         device, dtype: of the buffers; use the model's compute dtype.
+        kv_heads: key/value heads stored per layer (default ``cfg.num_query_groups``; a tensor-parallel rank's
+            model computes its own share, :mod:`lmforge.serve.tensor_parallel`).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 kv_heads: Optional[int] = None):
         if batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"KVCache needs batch_size >= 1 and max_seq_len >= 1, got {batch_size}, {max_seq_len}")
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        shape = (batch_size, cfg.num_query_groups, max_seq_len, cfg.head_dim)  # (B, nkv, L, hd)
+        nkv = cfg.num_query_groups if kv_heads is None else kv_heads
+        shape = (batch_size, nkv, max_seq_len, cfg.head_dim)  # (B, nkv, L, hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
 

@@ -60,7 +60,7 @@ from lmforge.errors import ConfigError, UserError
 from lmforge.parallel.tensor import tensor_parallel_unsupported
 
 __all__ = ["RowParallelLinear", "shard_model", "tp_problems", "check_model", "LockstepEngine", "digest", "launch",
-           "RankContext", "load_engine", "check_flags", "check_adapters", "model_config"]
+           "RankContext", "load_engine", "load_sharded", "check_flags", "check_adapters", "model_config"]
 
 #: How long a rank waits for rank 0's next message: a server may stay idle for days between requests.
 IDLE_TIMEOUT = timedelta(days=365)
@@ -88,8 +88,9 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def tp_problems(cfg, tp: int, flag: str = "--tensor-parallel-size") -> list[str]:
-    """Why the model of ``cfg`` cannot be served over ``tp`` ranks (empty: it can)."""
+def tp_problems(cfg, tp: int, flag: str = "--tensor-parallel-size", command: str = "serve") -> list[str]:
+    """Why the model of ``cfg`` cannot be served over ``tp`` ranks (empty: it can); the advice names ``command``
+    (``serve``, ``evaluate``)."""
     if tp == 1:
         return []
     nkv = cfg.num_query_groups or cfg.num_attention_heads
@@ -98,14 +99,14 @@ def tp_problems(cfg, tp: int, flag: str = "--tensor-parallel-size") -> list[str]
     problems = [f"{flag} {tp} does not divide the model's {v} {name}; use a size that divides its "
                 f"{cfg.num_attention_heads} attention heads, {nkv} key/value heads and ffn_hidden_size "
                 f"{cfg.ffn_hidden_size}: {', '.join(map(str, fits))}" for name, v in sizes.items() if v % tp][:1]
-    problems += [f"{flag}: {what} are not supported under tensor parallelism yet; serve on one GPU"
+    problems += [f"{flag}: {what} are not supported under tensor parallelism yet; {command} on one GPU"
                  for what in tensor_parallel_unsupported(cfg)]
     return problems
 
 
-def check_model(cfg, tp: int) -> None:
+def check_model(cfg, tp: int, command: str = "serve") -> None:
     """Raise one ConfigError for a model that cannot be served over ``tp`` ranks."""
-    problems = tp_problems(cfg, tp)
+    problems = tp_problems(cfg, tp, command=command)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "tensor parallelism:\n  - " + "\n  - ".join(problems))
 
@@ -248,6 +249,14 @@ class LockstepEngine:
             self._closed = True
             _send({"stop": True, "step": self._steps, **({"digest": self._digest} if check else {})}, self.control)
 
+    def share(self, obj: Optional[dict] = None) -> dict:
+        """Rank 0's ``obj`` (JSON) on every rank: rank 0 broadcasts it, the others receive it. For what the ranks
+        need alike after the engines stopped (``lmforge evaluate``: the tokens rank 0's requests got)."""
+        if self.rank == 0:
+            _send(obj, self.control)
+            return obj
+        return _receive(self.control)
+
     def follow(self) -> None:
         """The loop of a rank other than 0: apply rank 0's requests and aborts, step, until told to stop."""
         from lmforge.serve.request import SamplingParams
@@ -273,9 +282,9 @@ class LockstepEngine:
 # Launch
 
 
-def check_flags(tp: int, device: str, refused: dict[str, bool]) -> None:
+def check_flags(tp: int, device: str, refused: dict[str, bool], command: str = "serve") -> None:
     """Refuse, with one line, a tensor-parallel size this machine cannot run and flags not supported with it
-    (``refused``: flag -> whether it was given)."""
+    (``refused``: flag -> whether it was given); the advice names ``command`` (``serve``, ``evaluate``)."""
     if tp < 1:
         raise UserError(f"--tensor-parallel-size must be >= 1, got {tp}")
     if tp == 1:
@@ -285,17 +294,17 @@ def check_flags(tp: int, device: str, refused: dict[str, bool]) -> None:
                         f"torchrun")
     given = [flag for flag, on in refused.items() if on]
     if given:
-        raise UserError(f"{given[0]} is not supported with --tensor-parallel-size yet; drop it, or serve on one GPU")
+        raise UserError(f"{given[0]} is not supported with --tensor-parallel-size yet; drop it, or {command} on one GPU")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device} with --tensor-parallel-size {tp}: rank r runs on cuda:r; give --device "
                         f"cuda (or auto) and pick the GPUs with CUDA_VISIBLE_DEVICES")
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if on_gpu and tp > torch.cuda.device_count():
         raise UserError(f"--tensor-parallel-size {tp} needs {tp} GPUs (one a rank) but {torch.cuda.device_count()} "
-                        f"are visible; lower it, or serve on the CPU with --device cpu")
+                        f"are visible; lower it, or {command} on the CPU with --device cpu")
 
 
-def check_adapters(model_path: str, adapter: Optional[str]) -> None:
+def check_adapters(model_path: str, adapter: Optional[str], command: str = "serve") -> None:
     """Refuse, before the ranks start, an adapter that is not merged into the weights (p-tuning's virtual tokens,
     bottleneck modules): ``--adapter`` or a model path that is an adapter folder. Reads their configs only."""
     from lmforge.locate import find_adapter
@@ -312,7 +321,7 @@ def check_adapters(model_path: str, adapter: Optional[str]) -> None:
         if method in ("ptuning", "adapter"):
             what = "p-tuning adapters" if method == "ptuning" else "bottleneck adapters (peft_type LMFORGE_ADAPTER)"
             raise ConfigError(f"{folder}: {what} are not supported with --tensor-parallel-size yet (LoRA/DoRA and "
-                              f"IA3 are: they are merged before the split); serve it on one GPU")
+                              f"IA3 are: they are merged before the split); {command} it on one GPU")
 
 
 def model_config(path: str):
@@ -420,13 +429,12 @@ def _rank_entry(rank: int, tp: int, port: int, on_gpu: bool, errors: str, main, 
             dist.destroy_process_group()
 
 
-def load_engine(ctx: RankContext, path: str, dtype: str = "auto", adapter: Optional[str] = None, **kwargs):
-    """Rank ``ctx.rank``'s engine of the model at ``path``: loaded whole on the CPU (``dtype`` as on the target
-    device), LoRA/DoRA/IA3 ``adapter`` folded in, sharded (:func:`shard_model`), moved to the rank's device, then
-    an :class:`~lmforge.serve.engine.Engine` whose KV block count is the ranks' minimum, wrapped in a
-    :class:`LockstepEngine`. ``kwargs`` go to the engine."""
+def load_sharded(ctx: RankContext, path: str, dtype: str = "auto", adapter: Optional[str] = None,
+                 command: str = "serve"):
+    """Rank ``ctx.rank``'s share of the model at ``path`` and its tokenizer: loaded whole on the CPU (``dtype`` as on
+    the target device), LoRA/DoRA/IA3 ``adapter`` folded in, sharded (:func:`shard_model`), moved to the rank's
+    device. What ``serve``/``generate`` (:func:`load_engine`) and ``evaluate`` load under tensor parallelism."""
     from lmforge.open import load_for_inference, pick_dtype
-    from lmforge.serve.engine import Engine
 
     torch_dtype = pick_dtype(dtype, ctx.device)
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
@@ -435,11 +443,20 @@ def load_engine(ctx: RankContext, path: str, dtype: str = "auto", adapter: Optio
         from lmforge.open import adapter_tokenizer
         from lmforge.peft import adapter_for_inference
 
-        model = adapter_for_inference(model, adapter, use="tensor-parallel serving")
+        model = adapter_for_inference(model, adapter, use="tensor-parallel " + ("evaluation" if command == "evaluate" else "serving"))
         tokenizer = adapter_tokenizer(adapter, tokenizer)
     if hasattr(model, "num_virtual_tokens"):
-        raise ConfigError("p-tuning adapters are not supported with --tensor-parallel-size yet; serve on one GPU")
-    model = shard_model(model, ctx.rank, ctx.tp, ctx.group).to(ctx.device)
+        raise ConfigError(f"p-tuning adapters are not supported with --tensor-parallel-size yet; {command} on one GPU")
+    return shard_model(model, ctx.rank, ctx.tp, ctx.group).to(ctx.device), tokenizer
+
+
+def load_engine(ctx: RankContext, path: str, dtype: str = "auto", adapter: Optional[str] = None, **kwargs):
+    """Rank ``ctx.rank``'s engine of the model at ``path`` (:func:`load_sharded`): an
+    :class:`~lmforge.serve.engine.Engine` whose KV block count is the ranks' minimum, wrapped in a
+    :class:`LockstepEngine`. ``kwargs`` go to the engine."""
+    from lmforge.serve.engine import Engine
+
+    model, tokenizer = load_sharded(ctx, path, dtype, adapter)
     log = None if ctx.rank == 0 else (lambda msg: None)  # start-up lines once
     engine = Engine(model, tokenizer, agree_blocks=ctx.agree_blocks, log=log, **kwargs)
     return LockstepEngine(engine, ctx.control, ctx.rank)
