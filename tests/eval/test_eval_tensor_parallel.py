@@ -123,3 +123,63 @@ def test_with_data_parallel_ranks_it_is_refused(setup, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ("error: --tensor-parallel-size 2 starts its own 2 processes; run the command "
                                        "once, not under torchrun\n")
     assert not (tmp_path / "out.json").exists()
+
+
+HARNESS_TASKS = """task: tp_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root}/qa.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+"""
+HARNESS_GEN = """task: tp_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root}/gen.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{ref}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+metadata:
+  version: 1.0
+"""
+
+
+def test_lm_eval_tasks_under_tp2_equal_one_process(setup, tmp_path, monkeypatch):
+    """lm-evaluation-harness tasks (a multiple-choice and a generate_until one, from --include-path) run on every
+    rank through lm_eval; rank 0's numbers equal one process's."""
+    root, _, _ = setup
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(5)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"q": sentence(rng, rng.randint(3, 9)), "choices": [
+        sentence(rng, rng.randint(1, 4)) for _ in range(3)], "label": i % 3}) + "\n" for i in range(6)))
+    (tmp_path / "gen.jsonl").write_text((root / "gen.jsonl").read_text())
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tp_qa.yaml").write_text(HARNESS_TASKS.format(root=tmp_path))
+    (tmp_path / "tasks" / "tp_gen.yaml").write_text(HARNESS_GEN.format(root=tmp_path))
+    docs = {}
+    for name, extra in (("one", []), ("tp", ["-tp", "2"])):
+        assert main(["evaluate", str(root / "CKPT"), "--tasks", "tp_qa,tp_gen", "--include-path",
+                     str(tmp_path / "tasks"), "--device", "cpu", "--batch-size", "4", "--output",
+                     str(tmp_path / f"{name}.json"), *extra]) == 0
+        docs[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+    assert set(docs["tp"]) == set(docs["one"]) == {"tp_qa", "tp_gen"}
+    assert 0 < docs["one"]["tp_gen"]["exact_match"] < 1  # its targets: the model's own output for most rows
+    assert docs["tp"]["tp_gen"] == docs["one"]["tp_gen"]
+    for metric, value in docs["one"]["tp_qa"].items():
+        assert docs["tp"]["tp_qa"][metric] == pytest.approx(value, rel=1e-5, abs=1e-5), metric
