@@ -127,3 +127,21 @@ def test_cli_prints_one_line(tmp_path, launch_helpers, tiny_corpus, capsys):
     assert main(["launch", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown stage 'nonsense'") and "\n" not in err
+
+
+def test_evaluation_options_tensor_parallel_size_is_one_process_with_its_gpus(monkeypatch, tmp_path):
+    """An lmforge-style evaluation stage given options.tensor_parallel_size runs one process (the command starts
+    its ranks) on that many GPUs; a run block asking for more processes per node is refused."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / EXAMPLE
+    monkeypatch.chdir(tmp_path)
+    base = ["cluster_type=bcm", "base_results_dir=/scratch/r", "+evaluation.options.tensor_parallel_size=2"]
+    (ev,) = [s for s in build_stages(load_launch_config(example, base)) if s.kind == "evaluation"]
+    assert ev.module_args[-2:] == ["--tensor-parallel-size", "2"]
+    assert (ev.nodes, ev.ntasks_per_node, ev.gpus_per_node) == (1, 1, 2) and not ev.distributed
+    with pytest.raises(ConfigError, match=r"^evaluation.run.ntasks_per_node=2: with tensor_parallel_size 2 the "
+                                          r"command starts its own 2 processes; set run.ntasks_per_node: 1$"):
+        build_stages(load_launch_config(example, [*base, "evaluation.run.ntasks_per_node=2"]))
+    with pytest.raises(ConfigError, match=r"^evaluation.run.gpus_per_node=1 is fewer than the tensor parallel size 2"):
+        build_stages(load_launch_config(example, [*base, "evaluation.run.gpus_per_node=1"]))

@@ -302,7 +302,8 @@ def test_users_conf_tree_dry_runs(tmp_path, tiny_corpus, monkeypatch, capsys):
                  "cluster.mem=50 is read as 50 GB (NeMo's unit): #SBATCH --mem=50G",
                  "evaluation.model.hparams_file is not needed", "conversion.model.hparams_file is not needed"]:
         assert note in out, note
-    assert "evaluation: lmforge evaluate does not split a model over GPUs; the 4 processes" in out
+    assert ("evaluation: model.tensor_model_parallel_size=4 splits the model over 4 GPUs as in NeMo: one `lmforge "
+            "evaluate --tensor-parallel-size 4` process starts the 4 ranks") in out
     assert out.count("[launch] note: ") == 8, out  # and model_type of conversion and evaluation
 
     train = base / "gpt3_126m" / "training.sbatch"
@@ -335,14 +336,17 @@ def test_users_conf_tree_dry_runs(tmp_path, tiny_corpus, monkeypatch, capsys):
     assert f"-m lmforge finetune {peft_dir}/peft_config.yaml" in ptext and "--nproc-per-node=2" in ptext
     assert "#SBATCH --job-name=nemo-megatron-squad_gpt3_126m" in ptext
 
-    # evaluation: TP 4 sizes 1 node x 4 tasks (divide_ceil), all_tasks -> lmforge's eight, bf16 -> --dtype
+    # evaluation: TP 4 (1 node by divide_ceil) is the model split over 4 GPUs: one process that starts the 4
+    # ranks (`evaluate --tensor-parallel-size 4`), not 4 torchrun processes; all_tasks -> lmforge's eight,
+    # bf16 -> --dtype
     ev = base / "gpt3_126m" / "eval_all" / "evaluation.sbatch"
     sb = _sbatch(ev)
-    assert "--nodes=1" in sb and "--ntasks-per-node=4" in sb and "--time=4-04:00:00" in sb and "--gpus-per-node=4" in sb
+    assert "--nodes=1" in sb and "--ntasks-per-node=1" in sb and "--time=4-04:00:00" in sb and "--gpus-per-node=4" in sb
     etext = ev.read_text()
     assert (f"-m lmforge evaluate {base}/gpt3_126m/results/checkpoints --dtype bfloat16 --batch-size 4 "
-            f"--output {base}/gpt3_126m/eval_all/results.json "
+            f"--output {base}/gpt3_126m/eval_all/results.json --tensor-parallel-size 4 "
             f"--tasks lambada,boolq,race,piqa,hellaswag,winogrande,wikitext2,wikitext103") in etext
+    assert "torch.distributed.run" not in etext
 
     # export: the new command behind the launcher's export stage
     ex = (base / "gpt3_126m" / "export" / "export.sbatch").read_text()
@@ -381,6 +385,20 @@ def test_nemo_keys_act_or_are_refused(tmp_path, tiny_corpus, monkeypatch):
         build_stages(load_launch_config(config, [*ok, "evaluation.run.eval_nmae=x"]), check_commands=False)
     with pytest.raises(ConfigError, match=r"evaluation.model.micro_batch_size: lmforge translates NeMo's evaluation"):
         build_stages(load_launch_config(config, [*ok, "evaluation.model.micro_batch_size=2"]), check_commands=False)
+    # NeMo's evaluation sizes: TP 1 stays one process per GPU (data parallel), TP 2 of PP 2 is refused (no
+    # pipeline split), TP 8 spans two 4-GPU nodes (divide_ceil) and is refused (the ranks start on one node)
+    (ev,) = [s for s in build_stages(load_launch_config(config, [*ok, "evaluation.model.tensor_model_parallel_size=1"]),
+                                     check_commands=False) if s.kind == "evaluation"]
+    assert "--tensor-parallel-size" not in ev.module_args and (ev.nodes, ev.ntasks_per_node) == (1, 1)
+    with pytest.raises(ConfigError, match=r"^evaluation.model.pipeline_model_parallel_size=2: lmforge evaluate splits "
+                                          r"a model by tensor parallelism only; set pipeline_model_parallel_size: 1 "
+                                          r"and tensor_model_parallel_size: 4"):
+        build_stages(load_launch_config(config, [*ok, "evaluation.model.tensor_model_parallel_size=2",
+                                                 "evaluation.model.pipeline_model_parallel_size=2"]), check_commands=False)
+    with pytest.raises(ConfigError, match=r"^evaluation: tensor parallel size 8 asks for 2 nodes, but lmforge's tensor "
+                                          r"parallelism runs on one node"):
+        build_stages(load_launch_config(config, [*ok, "evaluation.model.tensor_model_parallel_size=8"]),
+                     check_commands=False)
     with pytest.raises(ConfigError, match=r"peft.method='full': a peft stage trains lora \| ptuning"):
         build_stages(load_launch_config(config, [*ok, "peft.method=full"]), check_commands=False)
     with pytest.raises(ConfigError, match=r"cluster.gpus_per_nod is not a cluster setting"):

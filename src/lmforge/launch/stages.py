@@ -353,7 +353,10 @@ def _nemo_model_body(cfg: DictConfig, stage: str, run: dict, body: dict) -> None
     """Rewrite a NeMo Launcher evaluation/conversion body (``model.checkpoint_folder``, ...) into ``args`` and
     ``options`` in place: evaluation -> ``lmforge evaluate CHECKPOINT_FOLDER --tasks ... --batch-size ...``;
     conversion (NeMo's checkpoint -> .nemo) -> ``lmforge export CHECKPOINT_FOLDER RESULTS/NEMO_FILE_NAME --format
-    nemo``. Sizes (tensor/pipeline parallel) only size the job; a key with no translation is refused."""
+    nemo``. Conversion's sizes (tensor/pipeline parallel) only size the job; evaluation's
+    ``tensor_model_parallel_size`` N > 1 is NeMo's split of the model over N GPUs: ``--tensor-parallel-size N``
+    (one process that starts the N ranks: :func:`_tensor_parallel_job`), and a pipeline split is refused. A key
+    with no translation is refused."""
     kind = stage_kind(stage)
     table = NEMO_BODIES[kind]
     model = body.pop("model")
@@ -379,12 +382,22 @@ def _nemo_model_body(cfg: DictConfig, stage: str, run: dict, body: dict) -> None
         elif how == "note" and value is not None:
             notes.append(f"{stage}.model.{key} is not needed: {_NOTES[key]}")
     if kind == "evaluation":
-        sizes = int(model.get("tensor_model_parallel_size") or 1) * int(model.get("pipeline_model_parallel_size") or 1)
-        if sizes > 1:
-            notes.append(f"{stage}: lmforge evaluate does not split a model over GPUs; the {sizes} processes the "
-                         f"run block asks for score the tasks data-parallel, each holding the whole model")
+        tp = int(model.get("tensor_model_parallel_size") or 1)
+        pp = int(model.get("pipeline_model_parallel_size") or 1)
+        if pp > 1:
+            raise ConfigError(f"{stage}.model.pipeline_model_parallel_size={pp}: lmforge evaluate splits a model by "
+                              f"tensor parallelism only; set pipeline_model_parallel_size: 1 and "
+                              f"tensor_model_parallel_size: {tp * pp} (the same {tp * pp} GPUs of one node)")
         body["args"] = [str(model["checkpoint_folder"])]
         options.setdefault("output", str(Path(run["results_dir"]) / "results.json"))
+        if tp > 1:
+            if int(options.get("tensor_parallel_size") or tp) != tp:
+                raise ConfigError(f"{stage}.model.tensor_model_parallel_size={tp} and {stage}.options."
+                                  f"tensor_parallel_size={options['tensor_parallel_size']} disagree; keep one")
+            options["tensor_parallel_size"] = tp
+            notes.append(f"{stage}: model.tensor_model_parallel_size={tp} splits the model over {tp} GPUs as in "
+                         f"NeMo: one `lmforge evaluate --tensor-parallel-size {tp}` process starts the {tp} ranks "
+                         f"(run.ntasks_per_node 1, {tp} GPUs)")
     else:
         name = str(run.get("nemo_file_name") or "megatron_gpt.nemo")
         body["command"] = body.get("command") or "export"
@@ -441,12 +454,38 @@ def _build_args_stage(cfg: DictConfig, stage: str, commands) -> Stage:
     if not isinstance(args, list):
         args = [args]
     nodes, tasks, gpus = _resources(stage, run, None, None, None)
-    if nemo_body and stage_kind(stage) == "evaluation" and run["gpus_per_node"] is None:
+    try:
+        tp = int(options.get("tensor_parallel_size") or 1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{stage}.options.tensor_parallel_size={options['tensor_parallel_size']!r}: give a whole "
+                          f"number of GPUs") from None
+    if tp > 1:
+        nodes, tasks, gpus = _tensor_parallel_job(stage, run, tp, nodes, nemo_body)
+    elif nemo_body and stage_kind(stage) == "evaluation" and run["gpus_per_node"] is None:
         gpus = tasks  # NeMo's evaluation runs one process per GPU
     return Stage(kind=stage, name=run["name"], results_dir=Path(run["results_dir"]),
                  module_args=["-m", "lmforge", *command.split(), *map(str, args), *_option_args(stage, options)],
                  nodes=nodes, ntasks_per_node=tasks, gpus_per_node=gpus, time_seconds=run["time_seconds"],
                  dependency=run["dependency"])
+
+
+def _tensor_parallel_job(stage: str, run: dict, tp: int, nodes: int, nemo_body: bool) -> tuple[int, int, int]:
+    """Nodes, processes per node and GPUs per node of a command given ``--tensor-parallel-size tp`` (evaluate,
+    generate, serve): one process on one node, which starts the ``tp`` ranks itself, and ``tp`` GPUs. NeMo's run
+    block counts the ranks as its tasks (``ntasks_per_node: ${divide_ceil:...model_parallel_size...}``): that count
+    becomes the one process; a run block of lmforge's own asking for more processes is refused."""
+    if nodes > 1:
+        raise ConfigError(f"{stage}: tensor parallel size {tp} asks for {nodes} nodes, but lmforge's tensor "
+                          f"parallelism runs on one node (the command starts its ranks there); use a size of at most "
+                          f"the GPUs of one node")
+    if not nemo_body and run["ntasks_per_node"] not in (None, 1):
+        raise ConfigError(f"{stage}.run.ntasks_per_node={run['ntasks_per_node']}: with tensor_parallel_size {tp} the "
+                          f"command starts its own {tp} processes; set run.ntasks_per_node: 1")
+    gpus = run["gpus_per_node"] if run["gpus_per_node"] is not None else tp
+    if gpus < tp:
+        raise ConfigError(f"{stage}.run.gpus_per_node={gpus} is fewer than the tensor parallel size {tp} (one GPU a "
+                          f"rank); give it {tp} GPUs")
+    return 1, 1, gpus
 
 
 def _build_fine_tuning(cfg: DictConfig, stage: str, commands) -> Stage:
