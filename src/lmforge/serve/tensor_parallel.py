@@ -2,6 +2,7 @@
 
 ``lmforge serve MODEL --tensor-parallel-size N`` (``-tp N``; ``lmforge generate`` too) starts N ranks itself
 (:func:`launch`: ``torch.multiprocessing`` processes, NCCL between GPUs ``cuda:0 .. cuda:N-1``, gloo on a CPU).
+``lmforge evaluate -tp N`` runs on the same launch and split (:func:`load_sharded`; :mod:`lmforge.eval.evaluate`).
 
 The layout (Megatron's, on plain local tensors: :func:`shard_model`). Every rank holds
 
