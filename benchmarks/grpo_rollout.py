@@ -29,6 +29,7 @@ weights concatenated at every decode step (what ``lmforge align`` ran before iss
                                       [--eager] [--check] [--skip-hf] [--repeats 3] [--master-fp32]
                                       [--no-joint-projections | --joint-rollouts]
                                       [--compile-mode default|max-autotune-no-cudagraphs] [--decode-batches 64]
+                                      [--no-draw-kernel]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
     python benchmarks/grpo_rollout.py --master-fp32 --skip-hf --check   # align's bf16-mixed path (fp32 policy)
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
@@ -61,6 +62,10 @@ expected (a compiled engine reading stale weights parts from it within a few tok
 agreement); it also reports the agreement with a fresh eager engine's (floating-point differences of the compiled
 kernels may flip a sampled token, and the completion goes its own way after it).
 
+The sampled steps draw with lmforge's Triton draw kernels (:func:`lmforge.serve.kernels.sampled_draw`) where its
+decode kernels run (a CUDA device); ``--no-draw-kernel`` draws with the tensor operations instead (before/after;
+``draw_kernel`` in the JSON says which ran).
+
 Prints one JSON line per engine (generated tokens/s, seconds, start-up seconds) and the speed-up (best over best,
 ``speedup``, and median over median, ``speedup_median``); writes them to $OUT/grpo_rollout.json when OUT is set.
 """
@@ -82,6 +87,7 @@ import torch
 
 import lmforge.align.rl as rl_module
 from lmforge.align.rl import RolloutLoss
+from lmforge.serve import kernels as serve_kernels
 from lmforge.serve.cache import bucket
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer, set_joint_projections
@@ -141,6 +147,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-batches", default=None, metavar="LIST",
                     help="the batch sizes whose decode graphs are captured (default: align's, rows and rows / 8); "
                          "64 alone: the first compile, which autotuning tunes for, is at 64 rows")
+    ap.add_argument("--no-draw-kernel", dest="draw_kernel", action="store_false",
+                    help="sampled steps draw with the tensor operations, not the Triton draw kernels (before/after)")
     ap.add_argument("--trace", default=None, metavar="PATH",
                     help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
                          "after the timed one")
@@ -172,8 +180,11 @@ def parse(argv=None) -> argparse.Namespace:
 def patches(a):
     """What the benchmark changes in :mod:`lmforge.align.rl` for the run, put back after it: ``--joint-rollouts``
     keeps the joint projections in the engine's forwards and graph captures (as training set them);
-    ``--decode-batches`` replaces :func:`~lmforge.align.rl.rollout_decode_batches`' sizes."""
+    ``--decode-batches`` replaces :func:`~lmforge.align.rl.rollout_decode_batches`' sizes; ``--no-draw-kernel``
+    turns :data:`lmforge.serve.kernels.DRAW_KERNEL` off (the engines built meanwhile draw with tensor operations)."""
     with contextlib.ExitStack() as stack:
+        if not a.draw_kernel:
+            stack.enter_context(mock.patch.object(serve_kernels, "DRAW_KERNEL", False))
         if a.joint_rollouts:
             stack.enter_context(mock.patch.object(rl_module, "separate_projections",
                                                   lambda model: contextlib.nullcontext()))
@@ -262,6 +273,7 @@ def _main(a) -> list[dict]:
     timed("lmforge RolloutLoss.sample", lmforge_rollout,
           stats=lambda: {"decode_steps": engine.metrics.decode_steps, "chained_steps": engine.metrics.chained_steps},
           compiled=engine.compiled, compile_mode=rollout.compile_mode or "default",
+          draw_kernel=engine.runner.draw_kernel,
           decode_batches=rl_module.rollout_decode_batches(a.prompts * a.generations) if engine.compiled else None,
           startup_seconds=round(startup, 2), **path)
     if not a.skip_hf:

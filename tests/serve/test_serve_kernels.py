@@ -332,6 +332,130 @@ CAPTURE_CHECK = textwrap.dedent("""
 """)
 
 
+DRAW_CHECK = textwrap.dedent("""
+    import torch
+    from lmforge.models.generate import MIN_TEMPERATURE
+    from lmforge.serve import kernels as K
+    from lmforge.serve.request import LOGIT_LIMIT, SamplingParams, Sequence
+    from lmforge.serve.sampler import RowSampling, filter_rows, filter_settings, invert, next_tokens, row_keys, uniforms
+
+    LIMIT = LOGIT_LIMIT / MIN_TEMPERATURE
+    K.DRAW_BLOCK = 256  # several chunks at a small vocabulary, the last one shorter (3001 = 11 x 256 + 185)
+    g = torch.Generator().manual_seed(0)
+    tally = {"draws": 0, "kernel_vs_float64": 0, "torch_vs_float64": 0}
+
+    def torch_draw(rows, u):  # next_tokens' tensor operations on filtered rows: picks, -1 where not finite
+        pick, ok = invert(rows, u)
+        return pick.masked_fill_(~ok, -1)
+
+    def against_float64(picks, rows, u):
+        # the kernel's picks and the tensor operations' (on the same filtered rows) against the float64 inverse of
+        # each row's distribution function: a pick unlike float64's only where the target sits on a boundary
+        cdf = rows.double().softmax(-1).cumsum(-1)
+        want = torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:])[:, 0].clamp_(max=rows.shape[1] - 1)
+        assert bool((rows.gather(1, picks[:, None]) > float("-inf")).all())  # never a filtered token
+        for r in (picks != want).nonzero()[:, 0].tolist():
+            edge = cdf[r, min(int(picks[r]), int(want[r]))]
+            assert abs(float(u[r]) * float(cdf[r, -1]) - float(edge)) < 1e-5, (r, int(picks[r]), int(want[r]))
+        tally["draws"] += len(picks)
+        tally["kernel_vs_float64"] += int((picks != want).sum())
+        tally["torch_vs_float64"] += int((torch_draw(rows, u) != want).sum())
+
+    n, V = 64, 3001
+    for b in range(3):
+        x = torch.randn(n, V, generator=g) * 3
+        x[torch.rand(n, V, generator=g) < 0.3] = float("-inf")  # tokens filtered before the draw
+        u = uniforms(row_keys(torch.arange(n), torch.full((n,), b)))
+        temp = torch.rand(n, 1, generator=g) + 0.5
+        for t in (None, temp):  # the kernel applies the temperature and clamp as it reads (a plain row's filter)
+            picks = K.sampled_draw(x, u, t, True, LIMIT)
+            rows = filter_rows(x, t, None, None, None)
+            assert picks.dtype == torch.int64 and torch.equal(picks, torch_draw(rows, u)), b
+            against_float64(picks, rows, u)
+        # top-k, top-p and min-p rows: filtered by filter_rows first, the kernel draws from them as given
+        params = [SamplingParams(max_tokens=1, temperature=0.7 + 0.01 * i, top_k=[0, 5, 50][i % 3],
+                                 top_p=[1.0, 0.9, 0.5][i % 3 - 1], min_p=0.02 * (i % 2)) for i in range(n)]
+        rows = filter_rows(x.clone(), *filter_settings(params, V, "cpu"))
+        picks = K.sampled_draw(rows, u, None, False, LIMIT)
+        assert torch.equal(picks, torch_draw(rows, u)), b
+        against_float64(picks, rows, u)
+    assert tally["kernel_vs_float64"] <= tally["draws"] // 200, tally
+
+    # rows that are not finite: -1, as next_tokens marks them; the clamp (apply_filter) draws +inf and -inf rows
+    x = torch.randn(6, V, generator=g)
+    x[0] = float("-inf")  # every token filtered
+    x[1, 7] = float("nan")
+    x[2, 2999] = float("inf")
+    x[3, :2900] = float("-inf")  # the first chunks all filtered: the draw lands in the last, shorter one
+    x[4, 1000] = 80.0  # one token carries all the mass
+    x[5] = float("nan")
+    u = torch.tensor([0.5, 0.5, 0.5, 0.999, 1e-7, 0.5])
+    assert K.sampled_draw(x, u, None, False, LIMIT).tolist()[:3] == [-1, -1, -1]
+    given = K.sampled_draw(x, u, None, False, LIMIT)
+    assert given[5] == -1 and torch.equal(given[3:5], torch_draw(x[3:5], u[3:5])) and int(given[3]) >= 2900
+    clamped = K.sampled_draw(x, u, None, True, LIMIT)
+    want = torch_draw(filter_rows(x, None, None, None, None), u)
+    assert torch.equal(clamped, want) and clamped[1] == clamped[5] == -1 and clamped[2] == 2999, (clamped, want)
+    assert 0 <= int(clamped[0]) < V and int(clamped[4]) == 1000
+    # a vocabulary smaller than one block, and of one token
+    for V1 in (50, 1):
+        x = torch.randn(8, V1, generator=g)
+        u = uniforms(row_keys(torch.arange(8), torch.zeros(8, dtype=torch.long)))
+        assert torch.equal(K.sampled_draw(x, u, None, True, LIMIT), torch_draw(x, u))
+
+    # next_tokens through RowSampling(kernel=True): the same tokens as the tensor operations, dense (every row
+    # samples; padding rows after them keep their argmax) and not (greedy rows between), filters or none
+    V = 3001
+    for kinds in (["plain"] * 5, ["plain", "greedy", "topk", "plain", "greedy"]):
+        settings = {"plain": dict(temperature=1.0), "greedy": dict(temperature=0.0),
+                    "topk": dict(temperature=0.8, top_k=7)}
+        seqs = [Sequence(f"r{i}", [1], SamplingParams(max_tokens=4, seed=i, **settings[k]), torch.device("cpu"), 9)
+                for i, k in enumerate(kinds)]
+        logits = torch.randn(8, V, generator=g) * 2
+        drawn = {}
+        for kernel in (False, True):
+            sampling = RowSampling.build(seqs, V, "cpu", kernel=kernel)
+            assert sampling.kernel is kernel and sampling.advanced().kernel is kernel
+            out = []
+            for _ in range(3):  # chained steps: each row's next token index
+                out.append(next_tokens(logits, logits.argmax(-1), sampling).tolist())
+                sampling = sampling.advanced()
+            drawn[kernel] = out
+        assert drawn[True] == drawn[False], (kinds, drawn)
+        assert all(row[5:] == logits.argmax(-1)[5:].tolist() for row in drawn[True])
+    print("draw ok", tally)
+""")
+
+DRAW_ENGINE_CHECK = textwrap.dedent("""
+    import torch
+    from lmforge.serve import kernels as K
+    from lmforge.serve.engine import Engine, SamplingParams
+    from tests.serve.test_serve_engine import PROMPTS, make_model
+
+    calls = []
+    draw = K.sampled_draw
+    K.sampled_draw = lambda *args: calls.append(args[0].shape) or draw(*args)
+    model = make_model("llama")
+    params = [SamplingParams(max_tokens=9, temperature=0.8, top_k=20, seed=11),
+              SamplingParams(max_tokens=9, temperature=1.3, seed=-(2 ** 62) - 5),
+              SamplingParams(max_tokens=9, temperature=1.0, seed=3)]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
+    got = {}
+    for on in (True, False):
+        K.DRAW_KERNEL = on
+        del calls[:]
+        engine = Engine(model, max_batch_size=4)
+        assert engine.runner.draw_kernel is on
+        got[on] = engine.generate(prompts, params)
+        assert engine.metrics.chained_steps >= 5  # the drawn tokens fed the next steps on the device
+        assert bool(calls) is on, len(calls)
+    assert got[True] == got[False] and got[True][0] != got[True][1], got
+    engine = Engine(model, max_batch_size=4, decode_kernels=False)  # the switch: no decode kernels, no draw kernel
+    assert not engine.runner.draw_kernel
+    print("draw engine ok")
+""")
+
+
 def _interpret(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -474,3 +598,20 @@ def test_kernels_are_installed_only_where_they_apply():
 def test_start_up_capture_runs_in_inference_mode_through_the_custom_ops():
     r = _interpret(CAPTURE_CHECK)
     assert r.returncode == 0 and "capture ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_draw_kernel_matches_the_tensor_draw_and_float64():
+    """lmforge.serve.kernels.sampled_draw (two Triton kernels) draws next_tokens' distribution: on rows with
+    filtered (-inf) tokens, tempered or top-k/top-p/min-p-filtered rows, over chunks with a shorter last one, it
+    picks the tensor operations' tokens, unlike a float64 inverse only where the target sits on a boundary; rows
+    that are not finite give -1 (every token filtered, NaN, +inf as given), the clamp draws the +inf row; and
+    next_tokens through RowSampling(kernel=True) gives the same tokens, dense or not."""
+    r = _interpret(DRAW_CHECK)
+    assert r.returncode == 0 and "draw ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_engine_draws_sampled_steps_with_the_kernel_where_decode_kernels_run():
+    """The engine's chained sampled steps draw with the Triton kernels when its decode kernels run (here Triton's
+    interpreter) and DRAW_KERNEL is on, the same tokens as the tensor operations; decode_kernels=False turns it off."""
+    r = _interpret(DRAW_ENGINE_CHECK)
+    assert r.returncode == 0 and "draw engine ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -100,8 +100,10 @@ class Engine:
         compile_mode: ``torch.compile`` mode of the decode pieces (and of the prefill with ``compile_prefill``):
             None (default kernels) or one without CUDA graphs of its own, e.g. ``"max-autotune-no-cudagraphs"``.
         compile_options: inductor options instead of a mode (``torch.compile(options=...)``).
-        decode_kernels: run decode attention with lmforge's Triton paged kernel and, compiled, single-row matrix
-            products with its Triton kernels (:mod:`lmforge.serve.kernels`). Needs Triton (ignored without it).
+        decode_kernels: run decode attention with lmforge's Triton paged kernel, the on-device sampled steps' draw
+            with its two draw kernels (:func:`lmforge.serve.kernels.sampled_draw`) and, compiled, single-row matrix
+            products with its Triton kernels (:mod:`lmforge.serve.kernels`). Needs Triton on a CUDA device
+            (ignored without it).
         log: where start-up lines go (default: standard error): on a GPU, the KV cache's size and the memory it
             was sized from; compiled, the graph captures and the prefill's compilation (a line per shape, then the
             time it took).

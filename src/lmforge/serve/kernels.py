@@ -19,6 +19,7 @@ argument, or :data:`PAGED_TILE`; benchmarks/paged_attention.py times the choices
 :func:`paged_attention_reference` computes the same in plain PyTorch (any device; the tests and the CPU engine's
 reference). :func:`decode_attention` is the same over contiguous keys with a boolean mask
 (benchmarks/decode_kernels.py). With them, :class:`DecodeBlock` runs a Llama block's row in five kernels.
+:func:`sampled_draw` is a sampled decode step's draw (:func:`lmforge.serve.sampler.next_tokens`) in two kernels.
 
 All are custom ops (``torch.ops.lmforge.*``): ``torch.compile`` keeps each as one call inside the compiled
 step and CUDA graphs capture them. :func:`use_decode_kernels` installs the products in a model (public
@@ -43,11 +44,15 @@ try:
     import triton.language as tl
 except ImportError:  # the CPU wheels of torch come without Triton
     triton = None
+try:
+    from triton.language.extra import libdevice
+except ImportError:
+    libdevice = None
 
 __all__ = ["MatVecLinear", "DecodeGatedMLP", "DecodeBlock", "use_decode_kernels", "matvec",
            "swiglu_matvec", "rope_cache_write", "linear", "matvec_config", "decode_attention", "available",
            "paged_decode_attention", "paged_attention_reference", "paged_splits", "paged_config", "PAGED_TILE",
-           "PAGED_DEFAULT_TILE", "paged_kernel_applies"]
+           "PAGED_DEFAULT_TILE", "paged_kernel_applies", "sampled_draw", "DRAW_BLOCK", "DRAW_KERNEL"]
 
 
 def available(device: torch.device) -> bool:
@@ -232,6 +237,90 @@ if triton is not None:
         tl.store(m_ptr + out, m, mask=g_ok)
         tl.store(l_ptr + out, lsum, mask=g_ok)
         tl.store(acc_ptr + out[:, None] * HD + d[None, :], acc, mask=g_ok[:, None])
+
+    @triton.jit
+    def _draw_logit(x, t, limit, FILTER: tl.constexpr, TEMPER: tl.constexpr):
+        # One logit of the sampled draw as :func:`lmforge.serve.sampler.filter_rows` leaves it when no top-k,
+        # top-p or min-p applies (FILTER: divided by the row's temperature t when TEMPER, correctly rounded as
+        # torch divides, then clamped to +-limit), or as given (already filtered). Returns it and whether it makes
+        # the row's distribution not finite: NaN, or +inf as given (softmax gives NaN); clamped, +inf is limit.
+        bad = x != x
+        if FILTER:
+            if TEMPER:
+                x = tl.math.div_rn(x, t)
+            x = tl.minimum(tl.maximum(x, -limit), limit)
+        else:
+            bad = bad | (x == float("inf"))
+        return x, bad
+
+    @triton.jit
+    def _draw_exp(x, PRECISE: tl.constexpr):
+        # exp in fp32: libdevice's correctly rounded-ish expf on a GPU (tl.exp is ex2.approx there: its argument's
+        # rounding by log2(e) errs ~|x| * 6e-8, more than float32 rounding of the probabilities); the interpreter
+        # has no libdevice and computes tl.exp in full precision.
+        if PRECISE:
+            return libdevice.exp(x)
+        else:
+            return tl.exp(x)
+
+    @triton.jit
+    def _draw_chunks_kernel(x_ptr, t_ptr, m_ptr, s_ptr, V, stride_x, n_chunks, limit, FILTER: tl.constexpr,
+                            TEMPER: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (row, chunk of BLOCK tokens): the chunk's largest logit m and its mass relative to it,
+        # sum(exp(x - m)) (0 when every token is -inf; -1 when a logit makes the row not finite).
+        row, c = tl.program_id(0), tl.program_id(1)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < V
+        t = 1.0
+        if TEMPER:
+            t = tl.load(t_ptr + row)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        x, bad = _draw_logit(x, t, limit, FILTER, TEMPER)
+        x = tl.where(ok & ~bad, x, float("-inf"))
+        m = tl.max(x, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(_draw_exp(x - m_safe, PRECISE), axis=0)
+        s = tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, -1.0, s)
+        tl.store(m_ptr + row * n_chunks + c, m)
+        tl.store(s_ptr + row * n_chunks + c, s)
+
+    @triton.jit
+    def _draw_pick_kernel(x_ptr, t_ptr, m_ptr, s_ptr, u_ptr, out_ptr, V, stride_x, n_chunks, limit,
+                          FILTER: tl.constexpr, TEMPER: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr,
+                          CHUNKS: tl.constexpr):
+        # One program per row: the chunks' masses relative to the row's largest logit M, their running sum (the
+        # row's distribution function at chunk ends, unnormalised: the total last), the chunk j where the target
+        # u * total falls (before[j] < target <= before[j + 1]), then a scan of that chunk's exp(x - M) finds the
+        # first token whose running mass reaches target - before[j]. -1 for a row that is not finite (a flagged
+        # chunk, or every logit -inf).
+        row = tl.program_id(0)
+        j = tl.arange(0, CHUNKS)
+        j_ok = j < n_chunks
+        m = tl.load(m_ptr + row * n_chunks + j, mask=j_ok, other=float("-inf"))
+        s = tl.load(s_ptr + row * n_chunks + j, mask=j_ok, other=0.0)
+        top = tl.max(m, axis=0)
+        failed = (tl.max((s < 0).to(tl.int32), axis=0) > 0) | (top == float("-inf"))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.where(j_ok & (s > 0), s * _draw_exp(m - top, PRECISE), 0.0)
+        cum = tl.cumsum(w, axis=0)  # cum[j] = before[j + 1]
+        total = tl.max(cum, axis=0)  # the last (the masses are >= 0): the target below never passes it
+        target = tl.load(u_ptr + row) * total  # in (0, total]: u in (0, 1), total >= 1 (the top token's exp(0))
+        chunk = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), n_chunks - 1)
+        before = tl.max(tl.where(j < chunk, cum, 0.0), axis=0)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < V
+        t = 1.0
+        if TEMPER:
+            t = tl.load(t_ptr + row)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        x, bad = _draw_logit(x, t, limit, FILTER, TEMPER)
+        p = tl.where(ok & ~bad, _draw_exp(x - top, PRECISE), 0.0)
+        inner = tl.cumsum(p, axis=0)
+        # the target within the chunk: > 0 (before < target, exactly) and at most the chunk's scanned mass (its
+        # mass from the first pass may round above it), so the token found has a positive probability
+        rest = tl.minimum(target - before, tl.max(inner, axis=0))
+        pick = tl.minimum(chunk * BLOCK + tl.sum((inner < rest).to(tl.int32), axis=0), V - 1)
+        tl.store(out_ptr + row, tl.where(failed, -1, pick).to(tl.int64))
 
 
 MATVEC_ROWS = 2  # rows per program of the plain and RMS-prologue products (generate_throughput.py --matvec-rows)
@@ -486,6 +575,66 @@ def paged_kernel_applies(attn, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     bs = k_cache.shape[1]
     return (_on_device(q) and attn.alibi_slopes is None and attn.logit_cap is None and not attn.training
             and _pow2(attn.head_dim) and _pow2(bs) and k_cache.dtype == q.dtype)
+
+
+#: Tokens per program of :func:`sampled_draw`'s first kernel (a power of two; fewer for a smaller vocabulary): the
+#: second kernel scans one chunk of this many tokens per row. 126 chunks at Llama 3's 128,256.
+DRAW_BLOCK = 1024
+
+#: Whether the engine's on-device sampled steps draw with :func:`sampled_draw` where the decode kernels run (a CUDA
+#: device with Triton, ``decode_kernels`` on); False: the tensor operations of
+#: :func:`lmforge.serve.sampler._invert`. Read when a :class:`~lmforge.serve.runner.ModelRunner` is built
+#: (benchmarks/grpo_rollout.py --no-draw-kernel sets it, for before/after timings).
+DRAW_KERNEL = True
+
+
+@torch.library.custom_op("lmforge::sampled_draw", mutates_args=())
+def sampled_draw(logits: torch.Tensor, u: torch.Tensor, temperature: Optional[torch.Tensor], apply_filter: bool,
+                 limit: float) -> torch.Tensor:
+    """Each row's sampled token in two Triton kernels: the first token whose cumulative probability (softmax of
+    the row) reaches the row's uniform, as :func:`lmforge.serve.sampler.invert` draws it (the same distribution;
+    the sums are added in another order, so a uniform within float32 rounding of a boundary between two tokens
+    may pick the other one).
+
+    Args:
+        logits: (n, V) logits (any float dtype, read as fp32; contiguous last dimension).
+        u: (n,) fp32 uniforms in (0, 1) (:func:`lmforge.serve.sampler.uniforms`).
+        temperature: (n,) or (n, 1) fp32 temperatures, or None (every row's 1); only with ``apply_filter``.
+        apply_filter: apply :func:`~lmforge.serve.sampler.filter_rows`' temperature and clamp to +-``limit`` to the
+            logits as they are read (the whole filter when no row has top-k, top-p or min-p); False: the logits
+            are already filtered (filtered tokens -inf).
+        limit: the clamp's bound (``LOGIT_LIMIT / MIN_TEMPERATURE``).
+
+    Returns:
+        (n,) int64 picks; -1 for a row whose distribution is not finite (a NaN logit; as given, a +inf one or
+        every one -inf), as :func:`lmforge.serve.sampler.next_tokens` marks it.
+
+    Kernel 1, a program per (row, chunk of :data:`DRAW_BLOCK` tokens): the chunk's largest logit and its mass
+    relative to it. Kernel 2, a program per row: the chunk masses rescaled to the row's largest logit and scanned,
+    the chunk where ``u * total`` falls, a scan of that chunk alone. The logits are read once and one chunk of
+    them again: at 64 x 128,256 a draw of ~30 tensor operations (softmax, sums, scans, searches, gathers) becomes
+    two launches.
+    """
+    n, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    block = min(DRAW_BLOCK, max(16, triton.next_power_of_2(V)))
+    chunks = triton.cdiv(V, block)
+    m = torch.empty(n, chunks, device=logits.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    out = torch.empty(n, device=logits.device, dtype=torch.int64)
+    t = temperature.reshape(n) if temperature is not None else u  # not read without a temperature
+    flags = dict(FILTER=apply_filter, TEMPER=temperature is not None, PRECISE=libdevice is not None and not _INTERPRET,
+                 BLOCK=block)
+    _draw_chunks_kernel[(n, chunks)](logits, t, m, s, V, logits.stride(0), chunks, limit, **flags, num_warps=4)
+    _draw_pick_kernel[(n,)](logits, t, m, s, u, out, V, logits.stride(0), chunks, limit, **flags,
+                            CHUNKS=max(16, triton.next_power_of_2(chunks)), num_warps=4)
+    return out
+
+
+@sampled_draw.register_fake
+def _(logits, u, temperature, apply_filter, limit):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

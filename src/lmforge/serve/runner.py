@@ -17,7 +17,9 @@ Two kinds of forward:
 
 The inference-only transformations live here, not in the training model: fused q/k/v and gate/up projections
 (:func:`~lmforge.models.transformer.fuse_projections`) and the batch-1 single-row kernels
-(:func:`~lmforge.serve.kernels.use_decode_kernels`) are applied when ``compiled``.
+(:func:`~lmforge.serve.kernels.use_decode_kernels`) are applied when ``compiled``. With the decode kernels on (and
+:data:`lmforge.serve.kernels.DRAW_KERNEL`), an on-device sampled step draws its tokens with the Triton draw kernels
+(:func:`~lmforge.serve.kernels.sampled_draw`, through :class:`~lmforge.serve.sampler.RowSampling`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch.fx.experimental import _config as shape_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.models.transformer import fuse_projections
+from lmforge.serve import kernels
 from lmforge.serve.cache import PagedKVCache, bucket, prefill_mask
 from lmforge.serve.kernels import available as kernels_available, linear, paged_kernel_applies, use_decode_kernels
 from lmforge.serve.request import Sequence, TokenLogprob
@@ -406,6 +409,8 @@ class ModelRunner:
         self._linear = F.linear  # the head's product (the Triton single-row kernel with decode_kernels)
         cache.use_kernel = bool(decode_kernels) and kernels_available(self.device) or (
             bool(decode_kernels) and _interpreting())
+        # the on-device sampled steps draw with the Triton kernels where the decode kernels run (the same switch)
+        self.draw_kernel = cache.use_kernel and kernels.DRAW_KERNEL
         # With CUDA graphs every decode shape is a recorded graph: batch rounded up to powers of two, and the span
         # (keys the reference attention reads) to multiples of 256, or one span when the kernel serves every layer.
         self.batch_step = 0 if compiled else 1
@@ -682,7 +687,7 @@ class ModelRunner:
         choose every row's token on the device and copy them to the host asynchronously (:attr:`Decode.tokens`)."""
         seqs = self._place(seqs)
         # built before the step is launched: its host-to-device copies then wait for nothing
-        sampling = RowSampling.build(seqs, self.vocab, self.device) if on_device else None
+        sampling = RowSampling.build(seqs, self.vocab, self.device, self.draw_kernel) if on_device else None
         n = len(seqs)
         B = self.batch_bucket(n)
         ids, pos, advance = [0] * B, [0] * B, [0] * B

@@ -17,7 +17,10 @@ them first, as it does greedy steps. (Before, each request drew an exponential r
 ``torch.Generator``: same seed, same tokens still holds, but a seed gives other tokens than it did then. Since the
 two-level draw replaced one scan over the vocabulary, a seed's token may also differ from the one-scan draw's
 where its uniform lay within float32 rounding of a boundary between two tokens: a few draws in a thousand at a
-128k vocabulary.)
+128k vocabulary.) Where the engine's decode kernels run (a CUDA device with Triton), a device step's draw is two
+Triton kernels (:func:`lmforge.serve.kernels.sampled_draw`, :attr:`RowSampling.kernel`) instead of ~30 tensor
+operations: the same distribution at the same uniforms, its sums added in another order (a few draws in a
+thousand may pick the neighbouring token); the host-read sampler (:class:`Sampler`) keeps the tensor operations.
 
 Extreme values cannot overflow: penalised and tempered logits are clamped (``LOGIT_LIMIT``), temperatures below
 ``MIN_TEMPERATURE`` are greedy, and a row whose distribution is not finite (NaN logits from broken weights)
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.models.generate import MIN_TEMPERATURE
+from lmforge.serve import kernels
 from lmforge.serve.request import LOGIT_LIMIT, SamplingParams, Sequence, TokenLogprob
 
 __all__ = ["process_logits", "argmax_rows", "Sampler", "RowSampling", "next_tokens", "draw", "invert", "row_keys"]
@@ -240,26 +244,31 @@ class RowSampling:
     one step's :func:`row_keys` and :func:`uniforms`): the integer hashes are some sixty small kernels, which a
     chained step would otherwise launch every time (host time that held the device back). ``dense``: the sampled
     rows are the step's first rows in order (every sequence samples), so no gather or scatter of rows is needed.
+    ``kernel``: draw with the Triton kernels (:func:`lmforge.serve.kernels.sampled_draw`, two launches) instead of
+    :func:`_invert`'s tensor operations (the engine's decode-kernels switch sets it where they run).
     """
 
     #: chained steps whose uniforms are computed together
     WINDOW = 64
 
-    def __init__(self, idx, settings, seeds, counters, dense: bool = False, offset: int = 0, window=None):
+    def __init__(self, idx, settings, seeds, counters, dense: bool = False, offset: int = 0, window=None,
+                 kernel: bool = False):
         self.idx, self.settings, self.seeds, self.counters = idx, settings, seeds, counters
         self.dense = dense
+        self.kernel = kernel
         self.offset = offset  # steps since build: each row draws its token number counters + offset
         self._window = window  # (first offset, (WINDOW, s) uniforms) shared with the steps before
 
     @classmethod
-    def build(cls, seqs: list[Sequence], V: int, device) -> Optional["RowSampling"]:
+    def build(cls, seqs: list[Sequence], V: int, device, kernel: bool = False) -> Optional["RowSampling"]:
         rows = [b for b, s in enumerate(seqs) if not s.params.greedy]
         if not rows:
             return None
         params = [seqs[b].params for b in rows]
         return cls(torch.tensor(rows, device=device), filter_settings(params, V, device),
                    torch.tensor([seqs[b].seed for b in rows], device=device),
-                   torch.tensor([seqs[b].num_generated for b in rows], device=device), dense=len(rows) == len(seqs))
+                   torch.tensor([seqs[b].num_generated for b in rows], device=device), dense=len(rows) == len(seqs),
+                   kernel=kernel)
 
     def uniforms(self) -> torch.Tensor:
         """(s,) this step's uniforms: :func:`uniforms` of :func:`row_keys` (seed, counter + offset) of each row."""
@@ -273,7 +282,22 @@ class RowSampling:
     def advanced(self) -> "RowSampling":
         """The same rows one token further (the chained step after)."""
         return RowSampling(self.idx, self.settings, self.seeds, self.counters, self.dense, self.offset + 1,
-                           self._window)
+                           self._window, self.kernel)
+
+    def draw(self, rows: torch.Tensor) -> torch.Tensor:
+        """This step's picks (s,) int64 from the sampled rows' raw logits ``rows`` (s, V), -1 for a row whose
+        distribution is not finite: :func:`filter_rows` then :func:`_invert`, or with :attr:`kernel` the Triton
+        draw (:func:`lmforge.serve.kernels.sampled_draw`), which applies the temperature and clamp itself when
+        no row filters by top-k, top-p or min-p (a GRPO rollout's step: two kernel launches in all)."""
+        u = self.uniforms()
+        if self.kernel:
+            temp, top_k, top_p, min_p = self.settings
+            limit = LOGIT_LIMIT / MIN_TEMPERATURE
+            if top_k is None and top_p is None and min_p is None:
+                return kernels.sampled_draw(rows, u, temp, True, limit)
+            return kernels.sampled_draw(filter_rows(rows.float(), *self.settings), u, None, False, limit)
+        pick, total = _invert(filter_rows(rows.float(), *self.settings), u)
+        return pick.masked_fill_(total.isnan(), -1)
 
 
 def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[RowSampling]) -> torch.Tensor:
@@ -283,11 +307,9 @@ def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[R
         return greedy
     if sampling.dense:  # rows 0..s-1 sample; rows after them (the graph's padding) keep their argmax
         s = sampling.seeds.shape[0]
-        pick, total = _invert(filter_rows(logits[:s].float(), *sampling.settings), sampling.uniforms())
-        drawn = pick.masked_fill_(total.isnan(), -1)
+        drawn = sampling.draw(logits[:s])
         return drawn if s == greedy.shape[0] else torch.cat([drawn, greedy[s:]])
-    pick, total = _invert(filter_rows(logits[sampling.idx].float(), *sampling.settings), sampling.uniforms())
-    return greedy.clone().index_copy_(0, sampling.idx, pick.masked_fill_(total.isnan(), -1))
+    return greedy.clone().index_copy_(0, sampling.idx, sampling.draw(logits[sampling.idx]))
 
 
 
