@@ -340,7 +340,7 @@ DRAW_CHECK = textwrap.dedent("""
     from lmforge.serve.sampler import RowSampling, filter_rows, filter_settings, invert, next_tokens, row_keys, uniforms
 
     LIMIT = LOGIT_LIMIT / MIN_TEMPERATURE
-    K.DRAW_BLOCK = 256  # several chunks at a small vocabulary, the last one shorter (3001 = 11 x 256 + 185)
+    K.DRAW_BLOCK = 512  # several chunks at a small vocabulary, the last one shorter (3001 = 5 x 512 + 441)
     g = torch.Generator().manual_seed(0)
     tally = {"draws": 0, "kernel_vs_float64": 0, "torch_vs_float64": 0}
 
@@ -361,8 +361,8 @@ DRAW_CHECK = textwrap.dedent("""
         tally["kernel_vs_float64"] += int((picks != want).sum())
         tally["torch_vs_float64"] += int((torch_draw(rows, u) != want).sum())
 
-    n, V = 64, 3001
-    for b in range(3):
+    n, V = 32, 3001
+    for b in range(2):
         x = torch.randn(n, V, generator=g) * 3
         x[torch.rand(n, V, generator=g) < 0.3] = float("-inf")  # tokens filtered before the draw
         u = uniforms(row_keys(torch.arange(n), torch.full((n,), b)))
@@ -379,7 +379,8 @@ DRAW_CHECK = textwrap.dedent("""
         picks = K.sampled_draw(rows, u, None, False, LIMIT)
         assert torch.equal(picks, torch_draw(rows, u)), b
         against_float64(picks, rows, u)
-    assert tally["kernel_vs_float64"] <= tally["draws"] // 200, tally
+    # the kernel's sums are float64: no further from the float64 draw than the tensor operations' float32 sums
+    assert tally["kernel_vs_float64"] <= min(tally["torch_vs_float64"], tally["draws"] // 200), tally
 
     # rows that are not finite: -1, as next_tokens marks them; the clamp (apply_filter) draws +inf and -inf rows
     x = torch.randn(6, V, generator=g)

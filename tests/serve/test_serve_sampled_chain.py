@@ -353,10 +353,15 @@ def test_a_sampled_step_at_temperature_one_scans_no_vocabulary_wide_row():
     assert sorted(whole) == ["_softmax", "clamp"] and not any(name.startswith("div") for name, _ in rec.ops)
 
 
-def test_the_draw_benchmark_runs():
+def test_the_draw_benchmark_runs(capsys):
     """benchmarks/sampled_draw.py (run by hand at 64 x 128,256) on a small size: its time, operations and the
-    agreement counts with the one-scan and float64 draws."""
+    agreement counts with the one-scan and float64 draws; on the CPU the tensor operations draw (no Triton kernel:
+    ``kernel`` false) and --kernel is refused in one line."""
     module = load_benchmark("sampled_draw")
     out = module.main(["--rows", "4", "--vocab", "2003", "--repeats", "2", "--warmup", "1", "--agreement", "2"])
     assert out["ms_per_draw_min"] > 0 and out["ops_per_draw"] > 0 and out["agreement"]["draws"] == 8
     assert 0 <= out["agreement"]["two_level_vs_float64"] <= 8
+    assert out["kernel"] is False and "kernel_vs_float64" not in out["agreement"]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--kernel"])
+    assert exit_info.value.code == 2 and "--kernel: the Triton draw runs on a CUDA device" in capsys.readouterr().err

@@ -267,7 +267,7 @@ if triton is not None:
     def _draw_chunks_kernel(x_ptr, t_ptr, m_ptr, s_ptr, V, stride_x, n_chunks, limit, FILTER: tl.constexpr,
                             TEMPER: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
         # One program per (row, chunk of BLOCK tokens): the chunk's largest logit m and its mass relative to it,
-        # sum(exp(x - m)) (0 when every token is -inf; -1 when a logit makes the row not finite).
+        # sum(exp(x - m)) added in float64 (0 when every token is -inf; -1 when a logit makes the row not finite).
         row, c = tl.program_id(0), tl.program_id(1)
         cols = c * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
@@ -279,7 +279,7 @@ if triton is not None:
         x = tl.where(ok & ~bad, x, float("-inf"))
         m = tl.max(x, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(_draw_exp(x - m_safe, PRECISE), axis=0)
+        s = tl.sum(_draw_exp(x - m_safe, PRECISE).to(tl.float64), axis=0)
         s = tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, -1.0, s)
         tl.store(m_ptr + row * n_chunks + c, m)
         tl.store(s_ptr + row * n_chunks + c, s)
@@ -292,7 +292,9 @@ if triton is not None:
         # row's distribution function at chunk ends, unnormalised: the total last), the chunk j where the target
         # u * total falls (before[j] < target <= before[j + 1]), then a scan of that chunk's exp(x - M) finds the
         # first token whose running mass reaches target - before[j]. -1 for a row that is not finite (a flagged
-        # chunk, or every logit -inf).
+        # chunk, or every logit -inf). The probabilities are float32 (exp of the float32 logits less M, as
+        # softmax computes them); their sums, scans and the target are float64 (a few hundred values a row), so
+        # the only float32 roundings left are each probability's own.
         row = tl.program_id(0)
         j = tl.arange(0, CHUNKS)
         j_ok = j < n_chunks
@@ -301,10 +303,10 @@ if triton is not None:
         top = tl.max(m, axis=0)
         failed = (tl.max((s < 0).to(tl.int32), axis=0) > 0) | (top == float("-inf"))
         top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.where(j_ok & (s > 0), s * _draw_exp(m - top, PRECISE), 0.0)
+        w = tl.where(j_ok & (s > 0), s * _draw_exp(m - top, PRECISE).to(tl.float64), 0.0)
         cum = tl.cumsum(w, axis=0)  # cum[j] = before[j + 1]
         total = tl.max(cum, axis=0)  # the last (the masses are >= 0): the target below never passes it
-        target = tl.load(u_ptr + row) * total  # in (0, total]: u in (0, 1), total >= 1 (the top token's exp(0))
+        target = tl.load(u_ptr + row).to(tl.float64) * total  # in (0, total): u in (0, 1), total >= 1 (exp(0))
         chunk = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), n_chunks - 1)
         before = tl.max(tl.where(j < chunk, cum, 0.0), axis=0)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -315,7 +317,7 @@ if triton is not None:
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
         x, bad = _draw_logit(x, t, limit, FILTER, TEMPER)
         p = tl.where(ok & ~bad, _draw_exp(x - top, PRECISE), 0.0)
-        inner = tl.cumsum(p, axis=0)
+        inner = tl.cumsum(p.to(tl.float64), axis=0)
         # the target within the chunk: > 0 (before < target, exactly) and at most the chunk's scanned mass (its
         # mass from the first pass may round above it), so the token found has a positive probability
         rest = tl.minimum(target - before, tl.max(inner, axis=0))
@@ -593,8 +595,8 @@ def sampled_draw(logits: torch.Tensor, u: torch.Tensor, temperature: Optional[to
                  limit: float) -> torch.Tensor:
     """Each row's sampled token in two Triton kernels: the first token whose cumulative probability (softmax of
     the row) reaches the row's uniform, as :func:`lmforge.serve.sampler.invert` draws it (the same distribution;
-    the sums are added in another order, so a uniform within float32 rounding of a boundary between two tokens
-    may pick the other one).
+    the sums are added in another order and in float64, so a uniform within float32 rounding of a boundary
+    between two tokens may pick the other one).
 
     Args:
         logits: (n, V) logits (any float dtype, read as fp32; contiguous last dimension).
@@ -613,7 +615,9 @@ def sampled_draw(logits: torch.Tensor, u: torch.Tensor, temperature: Optional[to
     relative to it. Kernel 2, a program per row: the chunk masses rescaled to the row's largest logit and scanned,
     the chunk where ``u * total`` falls, a scan of that chunk alone. The logits are read once and one chunk of
     them again: at 64 x 128,256 a draw of ~30 tensor operations (softmax, sums, scans, searches, gathers) becomes
-    two launches.
+    two launches. The probabilities are float32 as softmax's; their sums and scans are float64, so the picks are
+    nearer a float64 draw's than the tensor operations' float32 sums are (``benchmarks/sampled_draw.py
+    --agreement``).
     """
     n, V = logits.shape
     if logits.stride(-1) != 1:
@@ -621,7 +625,7 @@ def sampled_draw(logits: torch.Tensor, u: torch.Tensor, temperature: Optional[to
     block = min(DRAW_BLOCK, max(16, triton.next_power_of_2(V)))
     chunks = triton.cdiv(V, block)
     m = torch.empty(n, chunks, device=logits.device, dtype=torch.float32)
-    s = torch.empty_like(m)
+    s = torch.empty(n, chunks, device=logits.device, dtype=torch.float64)
     out = torch.empty(n, device=logits.device, dtype=torch.int64)
     t = temperature.reshape(n) if temperature is not None else u  # not read without a temperature
     flags = dict(FILTER=apply_filter, TEMPER=temperature is not None, PRECISE=libdevice is not None and not _INTERPRET,
