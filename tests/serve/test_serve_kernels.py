@@ -297,6 +297,8 @@ CAPTURE_CHECK = textwrap.dedent("""
     calls = Counter()
     matvec = K._matvec_op
     K._matvec_op = lambda *a: calls.update(["matvec"]) or matvec(*a)
+    draw = K.sampled_draw
+    K.sampled_draw = lambda *a: calls.update([("draw", a[2] is not None, a[3])]) or draw(*a)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
                                     num_query_groups=2, ffn_hidden_size=96, max_position_embeddings=64,
@@ -326,6 +328,8 @@ CAPTURE_CHECK = textwrap.dedent("""
     runner.capture_all(lambda msg: None)
     assert modes == [(False, True)], modes  # the mode Engine.step replays in
     assert calls["matvec"] > 0, calls  # the custom op ran inside the compiled pieces
+    # the sampled steps' draw kernels compiled at start-up: plain, tempered and filtered rows
+    assert [calls[("draw", t, f)] for t, f in ((False, True), (True, True), (False, False))] == [1, 1, 1], calls
     logits, greedy = runner.graphs.graphs[(1, 16)][1]
     assert logits.shape == (1, model.cfg.vocab_size) and not logits.requires_grad
     print("capture ok")

@@ -41,7 +41,7 @@ from lmforge.serve import kernels
 from lmforge.serve.cache import PagedKVCache, bucket, prefill_mask
 from lmforge.serve.kernels import available as kernels_available, linear, paged_kernel_applies, use_decode_kernels
 from lmforge.serve.request import Sequence, TokenLogprob
-from lmforge.serve.sampler import RowSampling, argmax_rows, next_tokens
+from lmforge.serve.sampler import RowSampling, argmax_rows, next_tokens, warm_up_draw_kernel
 
 __all__ = ["ModelRunner", "DecodeGraphs", "CompiledPrefill", "Decode", "prepare_model", "EAGER_SDPA_BACKENDS",
            "PREFILL_TOKEN_STEP"]
@@ -505,6 +505,8 @@ class ModelRunner:
             self.graphs.capture(B, span)
             log(f"capturing decode graphs: {i + 1}/{len(shapes)} (batch {B}, span {span}) "
                 f"{time.perf_counter() - start:.1f}s")
+        if self.draw_kernel:  # the sampled steps' draw kernels compiled now too, not at the first sampled step
+            warm_up_draw_kernel(self.vocab, self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

@@ -39,7 +39,8 @@ from lmforge.models.generate import MIN_TEMPERATURE
 from lmforge.serve import kernels
 from lmforge.serve.request import LOGIT_LIMIT, SamplingParams, Sequence, TokenLogprob
 
-__all__ = ["process_logits", "argmax_rows", "Sampler", "RowSampling", "next_tokens", "draw", "invert", "row_keys"]
+__all__ = ["process_logits", "argmax_rows", "Sampler", "RowSampling", "next_tokens", "draw", "invert", "row_keys",
+           "warm_up_draw_kernel"]
 
 
 def process_logits(logits: torch.Tensor, params: Seq[SamplingParams], histories: Seq[tuple[list, list]]
@@ -298,6 +299,17 @@ class RowSampling:
             return kernels.sampled_draw(filter_rows(rows.float(), *self.settings), u, None, False, limit)
         pick, total = _invert(filter_rows(rows.float(), *self.settings), u)
         return pick.masked_fill_(total.isnan(), -1)
+
+
+def warm_up_draw_kernel(V: int, device) -> None:
+    """Compile :func:`lmforge.serve.kernels.sampled_draw`'s variants that :meth:`RowSampling.draw` launches (plain
+    rows, tempered rows, rows filtered first) for a vocabulary of ``V`` on ``device``, at start-up rather than at
+    the first sampled step (Triton compiles a kernel at its first launch: about a second each)."""
+    logits = torch.zeros(1, V, device=device)
+    u = torch.full((1,), 0.5, device=device)
+    limit = LOGIT_LIMIT / MIN_TEMPERATURE
+    for temp, apply_filter in ((None, True), (torch.ones(1, 1, device=device), True), (None, False)):
+        kernels.sampled_draw(logits, u, temp, apply_filter, limit)
 
 
 def next_tokens(logits: torch.Tensor, greedy: torch.Tensor, sampling: Optional[RowSampling]) -> torch.Tensor:
