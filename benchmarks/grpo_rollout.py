@@ -29,7 +29,7 @@ weights concatenated at every decode step (what ``lmforge align`` ran before iss
                                       [--eager] [--check] [--skip-hf] [--repeats 3] [--master-fp32]
                                       [--no-joint-projections | --joint-rollouts]
                                       [--compile-mode default|max-autotune-no-cudagraphs] [--decode-batches 64]
-                                      [--no-draw-kernel]
+                                      [--draw-kernel | --no-draw-kernel]
     python benchmarks/grpo_rollout.py --prompts 32 --generations 8      # a larger rollout: 256 completions
     python benchmarks/grpo_rollout.py --master-fp32 --skip-hf --check   # align's bf16-mixed path (fp32 policy)
     python benchmarks/grpo_rollout.py --eager --skip-hf                 # the eager engine alone (before/after)
@@ -62,9 +62,10 @@ expected (a compiled engine reading stale weights parts from it within a few tok
 agreement); it also reports the agreement with a fresh eager engine's (floating-point differences of the compiled
 kernels may flip a sampled token, and the completion goes its own way after it).
 
-The sampled steps draw with lmforge's Triton draw kernels (:func:`lmforge.serve.kernels.sampled_draw`) where its
-decode kernels run (a CUDA device); ``--no-draw-kernel`` draws with the tensor operations instead (before/after;
-``draw_kernel`` in the JSON says which ran).
+``--draw-kernel`` has the sampled steps draw with lmforge's Triton draw kernels
+(:func:`lmforge.serve.kernels.sampled_draw`) where its decode kernels run (a CUDA device), ``--no-draw-kernel`` with
+the tensor operations; default: :data:`lmforge.serve.kernels.DRAW_KERNEL` (off until the kernels are timed on a
+GPU). ``draw_kernel`` in the JSON says which ran.
 
 Prints one JSON line per engine (generated tokens/s, seconds, start-up seconds) and the speed-up (best over best,
 ``speedup``, and median over median, ``speedup_median``); writes them to $OUT/grpo_rollout.json when OUT is set.
@@ -147,8 +148,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-batches", default=None, metavar="LIST",
                     help="the batch sizes whose decode graphs are captured (default: align's, rows and rows / 8); "
                          "64 alone: the first compile, which autotuning tunes for, is at 64 rows")
-    ap.add_argument("--no-draw-kernel", dest="draw_kernel", action="store_false",
-                    help="sampled steps draw with the tensor operations, not the Triton draw kernels (before/after)")
+    ap.add_argument("--draw-kernel", action=argparse.BooleanOptionalAction, default=None,
+                    help="sampled steps draw with the Triton draw kernels (--draw-kernel) or the tensor operations "
+                         "(--no-draw-kernel); default: kernels.DRAW_KERNEL (off until timed on a GPU)")
     ap.add_argument("--trace", default=None, metavar="PATH",
                     help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
                          "after the timed one")
@@ -180,11 +182,12 @@ def parse(argv=None) -> argparse.Namespace:
 def patches(a):
     """What the benchmark changes in :mod:`lmforge.align.rl` for the run, put back after it: ``--joint-rollouts``
     keeps the joint projections in the engine's forwards and graph captures (as training set them);
-    ``--decode-batches`` replaces :func:`~lmforge.align.rl.rollout_decode_batches`' sizes; ``--no-draw-kernel``
-    turns :data:`lmforge.serve.kernels.DRAW_KERNEL` off (the engines built meanwhile draw with tensor operations)."""
+    ``--decode-batches`` replaces :func:`~lmforge.align.rl.rollout_decode_batches`' sizes; ``--draw-kernel`` /
+    ``--no-draw-kernel`` set :data:`lmforge.serve.kernels.DRAW_KERNEL` (the engines built meanwhile draw with the
+    Triton kernels or the tensor operations)."""
     with contextlib.ExitStack() as stack:
-        if not a.draw_kernel:
-            stack.enter_context(mock.patch.object(serve_kernels, "DRAW_KERNEL", False))
+        if a.draw_kernel is not None:
+            stack.enter_context(mock.patch.object(serve_kernels, "DRAW_KERNEL", a.draw_kernel))
         if a.joint_rollouts:
             stack.enter_context(mock.patch.object(rl_module, "separate_projections",
                                                   lambda model: contextlib.nullcontext()))

@@ -254,7 +254,7 @@ def test_rollout_benchmarks_run(tmp_path, monkeypatch):
                                             "--trace", str(tmp_path / "trace.json")])
     assert rows[0]["generated_tokens"] == 12 and rows[0]["traced_run_seconds"] > 0
     assert rows[0]["joint_projections"] is True and rows[0]["joint_rollouts"] is False  # the policy as align trains it
-    assert rows[0]["draw_kernel"] is False  # the CPU: no Triton draw (a CUDA device runs it unless --no-draw-kernel)
+    assert rows[0]["draw_kernel"] is False  # the CPU: no Triton draw (a CUDA device runs it with --draw-kernel)
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     step = Engine.step
     out = load_benchmark("rollout_host_overhead").main(["--tokenizer", "ids", "--repeats", "1", *small,
@@ -398,7 +398,7 @@ def test_rollout_benchmark_repeats_and_measures_aligns_master_fp32_path(monkeypa
 def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
     """RolloutLoss.compile_mode (benchmarks/grpo_rollout.py --compile-mode sets it) is the compiled rollout engine's
     torch.compile mode, and no mode for an eager engine; the benchmark's --decode-batches patch gives the compiled
-    engine those batch sizes alone, its --no-draw-kernel patch turns the Triton draw off while the engine is built. Both flags are refused where no compiled step runs (here: the CPU), in one
+    engine those batch sizes alone, its --draw-kernel / --no-draw-kernel patch sets the Triton draw while the engine is built. Both flags are refused where no compiled step runs (here: the CPU), in one
     line, exit code 2, as are batch sizes the rollout cannot have."""
     import lmforge.serve.engine as engine_module
 
@@ -420,7 +420,9 @@ def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
             rl.engine()
     assert [(kw["compile_decode"], kw["compile_mode"], kw["decode_batches"], kw["draw_kernel"]) for kw in built] == [
         (True, "max-autotune-no-cudagraphs", [8], True), (False, None, [8], False)]  # --no-draw-kernel: off
-    assert kernels.DRAW_KERNEL is True and bench.parse(["--no-draw-kernel"]).draw_kernel is False
+    assert kernels.DRAW_KERNEL is False  # off until the kernels are timed on a GPU; the patch put it back
+    assert bench.parse(["--no-draw-kernel"]).draw_kernel is False and bench.parse(["--draw-kernel"]).draw_kernel
+    assert bench.parse([]).draw_kernel is None  # the default: whatever kernels.DRAW_KERNEL says
     assert RolloutLoss.compile_mode is None  # align's rollouts: inductor's default kernels
     assert bench.rl_module.rollout_decode_batches(64) == [8, 64]  # put back after the patch
     base = ["--shape", "tiny", "--skip-hf", "--prompts", "2", "--generations", "4"]

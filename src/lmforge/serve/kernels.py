@@ -586,8 +586,10 @@ DRAW_BLOCK = 1024
 #: Whether the engine's on-device sampled steps draw with :func:`sampled_draw` where the decode kernels run (a CUDA
 #: device with Triton, ``decode_kernels`` on); False: the tensor operations of
 #: :func:`lmforge.serve.sampler._invert`. Read when a :class:`~lmforge.serve.runner.ModelRunner` is built
-#: (benchmarks/grpo_rollout.py --no-draw-kernel sets it, for before/after timings).
-DRAW_KERNEL = True
+#: (benchmarks/grpo_rollout.py --draw-kernel / --no-draw-kernel set it, for before/after timings). Off until the
+#: kernels have been compiled and timed on a GPU (so far only Triton's interpreter on the CPU has run them: a
+#: compile failure there would break every sampled GPU step); the next GPU call decides.
+DRAW_KERNEL = False
 
 
 @torch.library.custom_op("lmforge::sampled_draw", mutates_args=())
