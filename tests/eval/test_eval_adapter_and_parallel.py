@@ -140,7 +140,7 @@ def test_eval_two_process_data_parallel_equals_one_process(setup, tmp_path):
     rng = random.Random(7)
     prompts = [sentence(rng, rng.randint(2, 8)) for _ in range(7)]
     preds = Scorer(base, tok, 32).generate_until(prompts, ["\n\n"], 3)
-    rows = [{"q": q, "ref": p.strip() if i % 2 == 0 else "zzz"} for i, (q, p) in enumerate(zip(prompts, preds))]
+    rows = [{"q": q, "ref": p if i % 2 == 0 else "zzz"} for i, (q, p) in enumerate(zip(prompts, preds))]
     (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     gen = tmp_path / "gen.yaml"
     gen.write_text("name: my_gen\nkind: generation\ndata: gen.jsonl\ncontext: '{q}'\ntarget: ref\nmax_new_tokens: 3\n")

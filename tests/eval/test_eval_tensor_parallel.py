@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
                                               for i in range(7)))
     prompts = [sentence(rng, n) for n in (2, 5, 3, 8, 1, 27, 4, 6, 29)]
     preds = Scorer(model.eval(), tok, 32, batch_size=4).generate_until(prompts, ["\n\n"], 6)
-    rows = [{"q": q, "ref": p.strip() if i % 3 else "zzz"} for i, (q, p) in enumerate(zip(prompts, preds))]
+    rows = [{"q": q, "ref": p if i % 3 else "zzz"} for i, (q, p) in enumerate(zip(prompts, preds))]
     (root / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "gen.yaml").write_text("name: my_gen\nkind: generation\ndata: gen.jsonl\ncontext: '{q}'\ntarget: ref\n"
                                    "max_new_tokens: 6\n")

@@ -116,7 +116,7 @@ def test_eval_user_tasks_against_direct_computation(ckpt, tmp_path):
     expected = tok.decode(ids[len(tok.encode(rows[0]["q"])):])
     assert scorer.generate_until([rows[0]["q"]], ["\n\n"], 3) == [expected]
     preds = scorer.generate_until([r["q"] for r in rows], ["\n\n"], 3)
-    assert out["my_gen"]["exact_match"] == pytest.approx(sum(p.strip() == "alpha" for p in preds) / 5)
+    assert out["my_gen"]["exact_match"] == pytest.approx(sum(p == "alpha" for p in preds) / 5)
     assert out["my_gen"]["f1"] >= out["my_gen"]["exact_match"] and "f1_stderr" in out["my_gen"]
 
 

@@ -89,8 +89,13 @@ def _normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
-    """1.0 when the stripped prediction equals any stripped reference, else 0.0."""
-    return float(any(prediction.strip() == r.strip() for r in references))
+    """1.0 when the prediction equals any reference character for character, else 0.0.
+
+    lm-evaluation-harness's ``exact_match`` at its defaults (no ``ignore_case``, ``ignore_punctuation`` or
+    ``regexes_to_ignore``, the ``none`` filter): neither side is stripped, so a leading space the model writes
+    after "Answer:" counts, as in the harness (put it in the prompt or the target).
+    """
+    return float(any(prediction == r for r in references))
 
 
 def token_f1(prediction: str, references: Sequence[str]) -> float:
