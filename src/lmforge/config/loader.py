@@ -832,6 +832,10 @@ def _problems(cfg: PretrainConfig) -> list[str]:
             else:
                 p.append(text)
         _choice(p, "model.fp8_recipe", m.fp8_recipe, ("tensorwise", "rowwise", "rowwise_with_gw_hp"))
+        _choice(p, "model.fp8_fsdp_all_gather", str(m.fp8_fsdp_all_gather).lower(), ("auto", "true", "false"))
+        if str(m.fp8_fsdp_all_gather).lower() == "true" and not m.fp8:
+            p.append("model.fp8_fsdp_all_gather=true gathers the float8 projections' weights, but model.fp8 is off: set "
+                     "model.fp8=true (trainer.precision=fp8) or remove model.fp8_fsdp_all_gather")
         if m.loss_chunk_size is not None and (not _is_int(m.loss_chunk_size) or m.loss_chunk_size < 0):
             p.append(f"model.loss_chunk_size={_show(m.loss_chunk_size)} must be a number of tokens (e.g. 4096), 0 "
                      "(whole batch) or null (automatic)")

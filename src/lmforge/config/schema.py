@@ -240,6 +240,7 @@ class ModelSection:
     loss_chunk_size: Optional[int] = None  # tokens per chunk of the fused head + cross-entropy; None: auto, 0: off
     fp8: bool = False  # float8 block projections (torchao, H100-class GPU); trainer.precision=fp8 sets it
     fp8_recipe: str = "tensorwise"  # tensorwise | rowwise | rowwise_with_gw_hp: torchao's float8 scaling recipe
+    fp8_fsdp_all_gather: str = "auto"  # auto | true | false: FSDP gathers float8 weights (tensorwise, sharded FSDP)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -108,6 +108,7 @@ class TrainJob:
     joint_projections: bool = True  # q/k/v and gate/up as one matmul each (set_joint_projections; not under TP)
     loss_chunk_size: Optional[int] = None  # head + cross-entropy in token chunks; None: resolve_loss_chunk_size, 0: off
     fp8: Optional[str] = None  # torchao float8 block projections with this recipe (fp8.RECIPES); None: off
+    fp8_fsdp_all_gather: str = "auto"  # auto | true | false: FSDP gathers the float8 weights (fp8.fsdp_all_gather)
     sequence_parallel: bool = False  # with tensor parallelism: the residual stream split along the sequence
     virtual_pipeline: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B when above 1)
     fsdp_grad_reduce_dtype: Any = 32
@@ -331,12 +332,15 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         expert = apply_expert_parallel(base, dims)
         if on_meta and stages is None:  # allocate and initialise what this rank holds (the weights of the whole model)
             _materialize(model, base, rt.device, job.seed)
+    fp8_all_gather = False
     if job.fp8:  # 3. float8 block projections (torchao), before compile and FSDP as torchao asks
         from lmforge.train.fp8 import apply_fp8
 
-        converted = apply_fp8(base, job.fp8)
+        fp8_all_gather = fp8_all_gather_on(job)
+        converted = apply_fp8(base, job.fp8, fsdp_all_gather=fp8_all_gather)
         if rt.is_main:
-            console_log(f"fp8: {len(converted)} block projections in float8 ({job.fp8} scaling), the rest in bf16")
+            console_log(f"fp8: {len(converted)} block projections in float8 ({job.fp8} scaling), the rest in bf16"
+                        + ("; FSDP all-gathers their weights in float8" if fp8_all_gather else ""))
     if job.joint_projections and dims.tp == 1:  # 3. q/k/v and gate/up as one matmul each (float8 ones too)
         from lmforge.models.transformer import set_joint_projections
 
@@ -395,6 +399,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
                               float(o.min_lr))
     optimizer = build_optimizer(train_model, o.name, float(o.lr), float(o.weight_decay), list(o.betas), float(o.eps),
                                 rt.device)
+    if fp8_all_gather:  # the next all-gathers' float8 scales, from one all-reduce after each step (torchtitan's hook)
+        from lmforge.train.fp8 import precompute_scales_after_steps
+
+        precompute_scales_after_steps(optimizer, base)
     scaler = ParallelGradScaler(rt.device.type) if job.loop.precision == "16-mixed" else None
 
     logger = MetricsLogger(job.out, rt, total_steps=job.loop.max_steps, tensorboard=job.tensorboard, wandb=job.wandb,
@@ -485,6 +493,7 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
         if job.dims.tp > 1 or job.dims.pp > 1:
             raise ConfigError("model.fp8=true (trainer.precision=fp8) with tensor or pipeline parallelism is not "
                               "supported yet: use FSDP/DDP, or trainer.precision=bf16-mixed")
+        fp8_all_gather_on(job)  # model.fp8_fsdp_all_gather=true where it cannot apply: refused before any work
     if job.fsdp_cpu_offload and rt.device.type != "cuda":
         raise ConfigError("model.fsdp_cpu_offload=true moves FSDP shards from GPU memory to CPU memory, but this run "
                           "is on the CPU already: remove model.fsdp_cpu_offload (or train on GPUs)")
@@ -514,6 +523,15 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
             raise ConfigError(f"interleaved 1F1B needs the micro batches of a step (accumulate="
                               f"{job.loop.accumulate}) to be a multiple of model.pipeline_model_parallel_size="
                               f"{job.dims.pp}: change model.global_batch_size or model.micro_batch_size")
+
+
+def fp8_all_gather_on(job: TrainJob) -> bool:
+    """Whether FSDP gathers the float8 projections' weights in float8 (:func:`lmforge.train.fp8.fsdp_all_gather` for
+    this job's recipe, shard group and joint projections; ConfigError for ``true`` where it cannot apply)."""
+    from lmforge.train.fp8 import fsdp_all_gather
+
+    shard_ranks = job.dims.dp_shard * job.dims.cp if shards(job) else 1
+    return fsdp_all_gather(job.fp8_fsdp_all_gather, job.fp8, shard_ranks, job.joint_projections and job.dims.tp == 1)
 
 
 def shards(job: TrainJob) -> bool:

@@ -11,6 +11,17 @@ run as one float8 matmul each (one scaling of their shared input): four float8 G
 bf16 (the head's logits and the router's choices are where float8's 3-bit mantissa hurts). The swapped modules
 subclass ``nn.Linear`` and keep their names and Parameters, so checkpoints are unchanged.
 
+Float8 all-gather under FSDP (``model.fp8_fsdp_all_gather``, torchao's ``enable_fsdp_float8_all_gather``, as torchtitan
+wires it): with tensorwise scaling and FSDP sharding over more than one rank, each projection's weight shard is cast to
+float8 before FSDP gathers it (half the bytes of a bf16 all-gather), with the scale of the whole weight (its amax
+all-reduced over the shards, or precomputed for all weights at once by one all-reduce after each optimizer step:
+:func:`precompute_scales`, an optimizer step hook). The gathered float8 weight goes straight into the matmul. ``auto``
+turns it on where it applies only once :data:`FSDP_ALL_GATHER_AUTO` is True (it is not yet: the gloo test shows the
+same losses and weights as the bf16 all-gather in fp32 and float8-rounding differences in bf16, but no GPU has timed
+it); ``true`` where it cannot apply is refused. Joint projections (``model.fused_projections=true``) and float8
+all-gather weights do not mix (each gathered weight carries its own float8 scale): ``true`` with them is refused,
+``auto`` keeps the joint projections.
+
 Needs torchao (``pip install 'lmforge[fp8]'``) and an NVIDIA GPU with float8 tensor cores (compute capability
 8.9 or later: H100, H200, L4, L40S, RTX 4090); anything else is refused with one line before any work.
 """
@@ -27,6 +38,11 @@ from lmforge.errors import ConfigError
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao Float8LinearConfig recipe names
 KEY = "model.fp8=true (trainer.precision=fp8)"
 #: the block projections that go float8 (by their last name component, inside ``layers.``)
+#: ``model.fp8_fsdp_all_gather`` values
+ALL_GATHER_SETTINGS = ("auto", "true", "false")
+#: whether ``auto`` turns float8 all-gather on where it applies. False until a GPU run has timed it and checked its
+#: loss (docs/benchmarks.md); the CPU gloo test shows it correct (tests/train/test_fp8_fsdp.py)
+FSDP_ALL_GATHER_AUTO = False
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -59,16 +75,65 @@ def is_fp8_target(module: nn.Module, name: str) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False) -> list[str]:
+def fsdp_all_gather(setting, recipe: str, shard_ranks: int, joint_projections: bool) -> bool:
+    """Whether float8 all-gather is on: ``setting`` (``model.fp8_fsdp_all_gather``: auto | true | false) for a run
+    with ``recipe`` whose FSDP shards each weight over ``shard_ranks`` ranks (1: not sharded) and joint projections
+    on or off. It applies with tensorwise scaling, sharding over more than one rank and no joint projections.
+
+    Raises:
+        ConfigError: ``true`` where it does not apply, or a value not in :data:`ALL_GATHER_SETTINGS`.
+    """
+    setting = str(setting).lower()
+    if setting not in ALL_GATHER_SETTINGS:
+        raise ConfigError(f"model.fp8_fsdp_all_gather={setting!r} is not one of: {', '.join(ALL_GATHER_SETTINGS)}")
+    if setting == "false":
+        return False
+    why = None
+    if recipe != "tensorwise":
+        why = (f"needs model.fp8_recipe=tensorwise (one scale per weight), not {recipe}: use the tensorwise recipe or "
+               f"model.fp8_fsdp_all_gather=auto/false")
+    elif shard_ranks <= 1:
+        why = ("needs FSDP sharding over more than one rank (model.fsdp=true with several data-parallel ranks per "
+               "shard group); this run does not all-gather weights: set model.fp8_fsdp_all_gather=auto/false")
+    elif joint_projections:
+        why = ("does not mix with joint projections (model.fused_projections=true: one float8 matmul over q/k/v "
+               "needs one scale, each gathered weight has its own): drop one of the two")
+    if setting == "true" and why:
+        raise ConfigError(f"model.fp8_fsdp_all_gather=true {why}")
+    return why is None and (setting == "true" or FSDP_ALL_GATHER_AUTO)
+
+
+@torch.no_grad()
+def precompute_scales(model: nn.Module) -> None:
+    """After an optimizer step: the float8 scales of every all-gather weight of ``model`` from one all-reduce of
+    their amaxes (torchao's ``precompute_float8_dynamic_scale_for_fsdp``), instead of one all-reduce per weight at
+    its all-gather. Nothing to do for a model without float8 all-gather weights."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def precompute_scales_after_steps(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Run :func:`precompute_scales` on ``model`` after every step ``optimizer`` takes (a step a gradient scaler skips
+    changes no weight and runs no hook). Returns the hook's handle."""
+    return optimizer.register_step_post_hook(lambda *_: precompute_scales(model))
+
+
+def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False,
+              fsdp_all_gather: bool = False) -> list[str]:
     """Swap the block projections of ``model`` for torchao float8 linears (:class:`Float8Projection`, which
     :func:`~lmforge.models.transformer.set_joint_projections` joins), in place. Returns the converted names.
     ``emulate``: torchao's emulated float8 matmuls (any device, for tests; training uses the tensor cores).
+    ``fsdp_all_gather``: FSDP gathers the weights in float8 (see :func:`fsdp_all_gather`; the weights become torchao's
+    ``WeightWithDynamicFloat8CastTensor``, and :func:`precompute_scales` must run after each optimizer step).
 
     Raises:
         ConfigError: an unknown recipe, or no module to convert.
     """
     if recipe not in RECIPES:
         raise ConfigError(f"model.fp8_recipe={recipe!r} is not known; use one of {', '.join(RECIPES)}")
+    if fsdp_all_gather and recipe != "tensorwise":
+        raise ConfigError(f"model.fp8_fsdp_all_gather=true needs model.fp8_recipe=tensorwise, not {recipe}")
     import dataclasses
 
     from torchao.float8 import Float8LinearConfig
@@ -81,8 +146,8 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = Fals
         raise ConfigError(f"{KEY}: the model has no block projection to run in float8 (sizes must be multiples of "
                           f"16)")
     config = Float8LinearConfig.from_recipe_name(recipe)
-    if emulate:
-        config = dataclasses.replace(config, emulate=True)
+    if emulate or fsdp_all_gather:
+        config = dataclasses.replace(config, emulate=emulate, enable_fsdp_float8_all_gather=fsdp_all_gather)
     chosen = set(names)
     swap_linear_layers(model, lambda m: Float8Projection.from_float(m, config=config),
                        module_filter_fn=lambda m, fqn: fqn in chosen)

@@ -102,6 +102,7 @@ def job_from_config(cfg, dims: ParallelDims, max_steps: int) -> TrainJob:
         seed=int(m.seed), activations_checkpoint=ac, compile=bool(m.compile), sequence_parallel=bool(m.sequence_parallel),
         joint_projections=joint_projections(m), loss_chunk_size=m.loss_chunk_size,
         fp8=str(m.fp8_recipe) if m.fp8 else None,
+        fp8_fsdp_all_gather=str(m.fp8_fsdp_all_gather).lower(),
         virtual_pipeline=int(m.virtual_pipeline_model_parallel_size or 1),
         fsdp_grad_reduce_dtype=m.fsdp_grad_reduce_dtype, fsdp_cpu_offload=bool(m.fsdp_cpu_offload),
         tensorboard=bool(em.create_tensorboard_logger), wandb=_wandb_kwargs(cfg), run_config=config_to_dict(cfg))

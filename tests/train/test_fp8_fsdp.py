@@ -1,0 +1,129 @@
+"""Float8 all-gather under FSDP (``model.fp8_fsdp_all_gather``): on two gloo ranks with torchao's emulated float8,
+FSDP gathering the float8 weights trains exactly as gathering them in fp32 (same losses, same weights) and within
+float8 rounding of the bf16 all-gather; which runs it applies to, the refusals of ``true``, the scale hook after
+each optimizer step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from tests.conftest import run_torchrun
+
+WORKER = Path(__file__).with_name("fp8_fsdp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fp8_fsdp") / "out.json"
+    run_torchrun(WORKER, str(out), nproc=2, env={"PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    return json.loads(out.read_text())
+
+
+def test_float8_all_gather_trains_as_the_plain_all_gather(two_ranks):
+    for precision in ("32", "bf16-mixed"):
+        run = two_ranks[precision]
+        assert run["weight_types"] == ["Tensor", "WeightWithDynamicFloat8CastTensor"]
+        plain, ag = run["gathers"]
+        # 3 steps x (14 projections gathered for forward + the first block's 7 again for backward: the last block
+        # keeps its weights); the scales precomputed after steps 1 and 2 serve the later steps' gathers
+        assert plain["calls"] == 0 and ag == {"calls": 63, "precomputed": 42, "dtypes": ["torch.float8_e4m3fn"]}
+        assert run["max_weight_change"] > 1e-3  # the weights did train
+    fp32 = two_ranks["32"]
+    # fp32: the shards cast to float8 with the all-reduced amax are the gathered weight's float8 cast, bit for bit
+    assert fp32["all_gather"] == fp32["plain"] and fp32["max_weight_diff"] == 0.0
+    # bf16-mixed: the float8 weight comes from the fp32 shard (one rounding) instead of its bf16 copy (two)
+    bf16 = two_ranks["bf16-mixed"]
+    assert bf16["all_gather"] == pytest.approx(bf16["plain"], rel=1e-3) and bf16["all_gather"] != bf16["plain"]
+
+
+def test_fsdp_all_gather_applies_to_tensorwise_sharded_runs_without_joint_projections(monkeypatch):
+    from lmforge.train import fp8
+    from lmforge.train.fp8 import fsdp_all_gather
+
+    assert fsdp_all_gather("true", "tensorwise", 2, False) is True
+    assert fsdp_all_gather("True", "tensorwise", 8, False) is True  # YAML's true, as the config holds it
+    assert fsdp_all_gather("false", "tensorwise", 2, False) is False
+    assert fsdp_all_gather("auto", "tensorwise", 2, False) is fp8.FSDP_ALL_GATHER_AUTO
+    monkeypatch.setattr(fp8, "FSDP_ALL_GATHER_AUTO", True)
+    assert fsdp_all_gather("auto", "tensorwise", 2, False) is True
+    for where in (("rowwise", 2, False), ("tensorwise", 1, False), ("tensorwise", 2, True)):
+        assert fsdp_all_gather("auto", *where) is False
+        assert fsdp_all_gather("false", *where) is False
+    with pytest.raises(ConfigError, match=r"^model.fp8_fsdp_all_gather=true needs model.fp8_recipe=tensorwise"):
+        fsdp_all_gather("true", "rowwise_with_gw_hp", 2, False)
+    with pytest.raises(ConfigError, match=r"^model.fp8_fsdp_all_gather=true needs FSDP sharding over more than one"):
+        fsdp_all_gather("true", "tensorwise", 1, False)
+    with pytest.raises(ConfigError, match=r"^model.fp8_fsdp_all_gather=true does not mix with joint projections"):
+        fsdp_all_gather("true", "tensorwise", 4, True)
+    with pytest.raises(ConfigError, match="model.fp8_fsdp_all_gather='on' is not one of: auto, true, false"):
+        fsdp_all_gather("on", "tensorwise", 2, False)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.devices=2", "model.fsdp=true", "model.fp8_fsdp_all_gather=true"], True),
+    (["trainer.devices=2", "model.fsdp=true", "model.fp8_fsdp_all_gather=false"], False),
+    (["trainer.devices=2", "model.fsdp=true"], False),  # auto: off until a GPU has timed it (FSDP_ALL_GATHER_AUTO)
+    (["trainer.devices=2", "model.fp8_fsdp_all_gather=true"], "needs FSDP sharding"),  # DDP
+    (["trainer.devices=1", "model.fsdp=true", "model.fp8_fsdp_all_gather=true"], "needs FSDP sharding"),
+    (["trainer.devices=2", "trainer.num_nodes=2", "model.fsdp=true", "model.fsdp_sharding_strategy=hybrid",
+      "model.fp8_fsdp_all_gather=true"], True),
+    (["trainer.devices=2", "model.fsdp=true", "model.fp8_recipe=rowwise", "model.fp8_fsdp_all_gather=true"],
+     "needs model.fp8_recipe=tensorwise"),
+    (["trainer.devices=2", "model.fsdp=true", "model.fused_projections=true", "model.fp8_fsdp_all_gather=true"],
+     "does not mix with joint projections"),
+])
+def test_the_pretraining_job_gets_the_setting(overrides, expected):
+    from lmforge.config import load_config
+    from lmforge.config.loader import parallel_dims
+    from lmforge.train.assembly import fp8_all_gather_on
+    from lmforge.train.pretrain import job_from_config
+
+    cfg = load_config("tiny/llama", ["trainer.precision=fp8", "model.global_batch_size=32", *overrides])
+    job = job_from_config(cfg, parallel_dims(cfg), 10)
+    if isinstance(expected, bool):
+        assert fp8_all_gather_on(job) is expected
+    else:
+        with pytest.raises(ConfigError, match=f"^model.fp8_fsdp_all_gather=true {expected}"):
+            fp8_all_gather_on(job)
+
+
+def test_config_refuses_unknown_values_and_the_key_without_fp8():
+    from lmforge.config import load_config
+
+    with pytest.raises(ConfigError, match="model.fp8_fsdp_all_gather='sometimes' is not one of: auto, true, false"):
+        load_config("tiny/llama", ["trainer.precision=fp8", "model.fp8_fsdp_all_gather=sometimes"])
+    with pytest.raises(ConfigError, match="model.fp8_fsdp_all_gather=true gathers the float8 projections' weights, "
+                                          "but model.fp8 is off"):
+        load_config("tiny/llama", ["model.fp8_fsdp_all_gather=true"])
+
+
+def test_all_gather_weights_stay_apart_and_the_scales_follow_each_step(monkeypatch):
+    import torchao.float8
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    from lmforge.models.transformer import set_joint_projections
+    from lmforge.train.fp8 import apply_fp8, precompute_scales_after_steps
+    from tests.train.test_speed_paths import tiny
+
+    model = tiny(hidden_size=64, ffn_hidden_size=128, share_embeddings_and_output_weights=False)
+    apply_fp8(model, "tensorwise", emulate=True, fsdp_all_gather=True)
+    q = model.layers[0].self_attn.q_proj
+    assert q.config.enable_fsdp_float8_all_gather and q.config.emulate
+    assert isinstance(q.weight.data, WeightWithDynamicFloat8CastTensor) and q.weight.requires_grad
+    assert set_joint_projections(model) == 0  # each gathered weight has its own scale: no joint float8 matmul
+    with pytest.raises(ConfigError, match="needs model.fp8_recipe=tensorwise"):
+        apply_fp8(tiny(hidden_size=64, ffn_hidden_size=128), "rowwise", emulate=True, fsdp_all_gather=True)
+
+    seen = []
+    monkeypatch.setattr(torchao.float8, "precompute_float8_dynamic_scale_for_fsdp", seen.append)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precompute_scales_after_steps(optimizer, model)
+    assert seen == []
+    for step in (1, 2):
+        optimizer.step()
+        assert seen == [model] * step
