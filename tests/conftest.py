@@ -212,17 +212,20 @@ class CaseRun:
         return self.output
 
 
-def run_cases(cases: list[dict], nproc: int, folder: Path, timeout: int = 600) -> dict[str, CaseRun]:
+def run_cases(cases: list[dict], nproc: int, folder: Path, timeout: int = 600, script: Path | None = None,
+              script_args: tuple = ()) -> dict[str, CaseRun]:
     """Run several ``lmforge`` commands one after the other in ONE torchrun launch of ``nproc`` gloo ranks
     (tests/run_cases.py): ``cases`` are ``{"name", "args"[, "env", "cwd"]}``, an ``env`` with
     LMFORGE_TEST_KILL_AT_STEP only in the last case. Returns each case's :class:`CaseRun` by name; the launch's
     failure is not raised here (a killed last case fails it on purpose): each test asserts on its own case
-    (``.ok()``)."""
+    (``.ok()``). ``script``: a worker that runs the cases itself (``script *script_args CASES.json``, e.g. after
+    checks of its own in the same process group; tests/train/fp8_fsdp_worker.py)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "cases.json"
     spec.write_text(json.dumps({"cases": cases, "folder": str(folder)}))
-    p = run_torchrun(Path(__file__).with_name("run_cases.py"), str(spec), nproc=nproc, timeout=timeout, check=False)
+    p = run_torchrun(script or Path(__file__).with_name("run_cases.py"), *script_args, str(spec), nproc=nproc,
+                     timeout=timeout, check=False)
     launch = f"launch exit code {p.returncode}; its output:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     runs = {}
     for case in cases:

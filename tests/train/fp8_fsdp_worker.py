@@ -1,17 +1,23 @@
-"""Run under ``torchrun --nproc-per-node 2`` by tests/train/test_fp8_fsdp.py (gloo, CPU, torchao's emulated float8).
+"""Run under ``torchrun --nproc-per-node 2`` by tests/train/test_fp8_fsdp.py (gloo, CPU, torchao's emulated float8):
+``fp8_fsdp_worker.py OUT.json|- [CASES.json]`` (``-``: the cases alone).
 
-Trains the tiny model's float8 projections (tensorwise) sharded with lmforge's FSDP (``apply_fsdp``) for a few AdamW
+First it trains the tiny model's float8 projections (tensorwise) sharded with lmforge's FSDP (``apply_fsdp``) for a few AdamW
 steps twice from the same weights and batches: once with FSDP gathering the weights in the compute dtype, once in
 float8 (``apply_fp8(..., fsdp_all_gather=True)`` and the scales precomputed after each step,
 ``precompute_scales_after_steps``), in fp32 and in bf16-mixed. Rank 0 writes OUT.json: per precision, both runs'
 losses, the largest difference of any weight after the steps, and how the float8 all-gathers ran (torchao's
 ``fsdp_pre_all_gather`` calls, those with a precomputed scale, the gathered dtype).
+
+Then, with CASES.json, the ``lmforge`` commands of tests/run_cases.py in the same process group, with float8 allowed
+on the CPU (``fp8_problem`` answers None) and emulated (``apply_fp8(..., emulate=True)``): the whole pretraining
+path, its checkpoints and resumption included.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,10 +82,8 @@ def counted(precision: str, all_gather: bool, rt: Runtime, dims: ParallelDims) -
     return losses, weights, kind, dict(gathers, dtypes=sorted(gathers["dtypes"]))
 
 
-def main(out: str) -> None:
-    dist.init_process_group("gloo")
-    rt = Runtime(device=torch.device("cpu"), rank=dist.get_rank(), world_size=2, local_rank=dist.get_rank())
-    dims = ParallelDims(2, rt.rank, fsdp="full", devices_per_node=2)
+def compare(out: str, rt: Runtime, dims: ParallelDims) -> None:
+    """Both all-gathers in fp32 and in bf16-mixed from the same weights and batches; rank 0 writes ``out``."""
     start = Transformer(ModelConfig(**CONFIG))
     start.init_weights(seed=0)
     result = {}
@@ -94,8 +98,28 @@ def main(out: str) -> None:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+
+
+def main(out: str, cases: str | None = None) -> int:
+    dist.init_process_group("gloo")
+    rt = Runtime(device=torch.device("cpu"), rank=dist.get_rank(), world_size=2, local_rank=dist.get_rank())
+    if out != "-":
+        compare(out, rt, ParallelDims(2, rt.rank, fsdp="full", devices_per_node=2))
+    if cases is None:
+        dist.destroy_process_group()
+        return 0
+    import functools
+
+    from lmforge.train import fp8
+
+    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+    from tests import run_cases
+
+    fp8.fp8_problem = lambda device: None  # float8 on the CPU ranks, emulated
+    fp8.apply_fp8 = functools.partial(fp8.apply_fp8, emulate=True)
+    dist.init_process_group = lambda *args, **kwargs: None  # run_cases' group: the one started above
+    return run_cases.run(cases)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(*sys.argv[1:]))

@@ -207,8 +207,11 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to save: a tied head is stored once (as the embedding)."""
-    state = model.state_dict()
+    """The weights to save: a tied head is stored once (as the embedding); float8 all-gather weights as the tensors
+    they wrap (:func:`lmforge.train.fp8.unwrap_all_gather_weight`)."""
+    from lmforge.train.fp8 import unwrap_all_gather_weight
+
+    state = {k: unwrap_all_gather_weight(v) for k, v in model.state_dict().items()}
     if getattr(model.cfg, "share_embeddings_and_output_weights", False):
         state.pop("lm_head.weight", None)
     return state

@@ -119,6 +119,21 @@ def precompute_scales_after_steps(optimizer: torch.optim.Optimizer, model: nn.Mo
     return optimizer.register_step_post_hook(lambda *_: precompute_scales(model))
 
 
+def unwrap_all_gather_weight(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a float8 all-gather weight (torchao's ``WeightWithDynamicFloat8CastTensor``, also as a DTensor's
+    local shard) replaced by the high-precision tensor it wraps: the same storage, so a checkpoint writes it and
+    loading fills it in place (safetensors and DCP cannot read the wrapper's storage). Other tensors unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        local = t.to_local()
+        if type(local).__name__ != "WeightWithDynamicFloat8CastTensor":
+            return t
+        return DTensor.from_local(local._tensor, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(),
+                                  run_check=False)
+    return t._tensor if type(t).__name__ == "WeightWithDynamicFloat8CastTensor" else t
+
+
 def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False,
               fsdp_all_gather: bool = False) -> list[str]:
     """Swap the block projections of ``model`` for torchao float8 linears (:class:`Float8Projection`, which
