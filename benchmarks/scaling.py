@@ -19,6 +19,9 @@ Runs:
               fsdp_compile  model.fsdp=true model.compile=true
               tp2_fsdp2     model.tensor_model_parallel_size=2 model.fsdp=true (FSDP over the rest)
               pp2_fsdp2     model.pipeline_model_parallel_size=2 model.fsdp=true (1F1B, --pp-microbatches per step)
+              fsdp_compile_fp8     fsdp_compile with trainer.precision=fp8, FSDP gathering bf16 weights (GPU only)
+              fsdp_compile_fp8_ag  the same with model.fp8_fsdp_all_gather=true: FSDP gathers float8 weights
+            (the float8 two only when named in --layouts)
             tokens/s per GPU and peak memory per layout. --peer torchtitan runs torchtitan's llama3 8B trainer with
             the same layouts, batch, sequence and activation checkpointing in the same call (GPU only; see below),
             and a summary line: lmforge over torchtitan per layout (target >= 1).
@@ -96,7 +99,13 @@ LAYOUTS = {  # name: (lmforge config keys, tensor-parallel size, pipeline-parall
     "fsdp_compile": (["model.fsdp=true", "model.compile=true"], 1, 1),
     "tp2_fsdp2": (["model.tensor_model_parallel_size=2", "model.fsdp=true"], 2, 1),
     "pp2_fsdp2": (["model.pipeline_model_parallel_size=2", "model.fsdp=true"], 1, 2),
+    # float8 projections (tensorwise, GPU only), FSDP gathering the weights in bf16 or in float8
+    "fsdp_compile_fp8": (["model.fsdp=true", "model.compile=true", "trainer.precision=fp8",
+                          "model.fp8_fsdp_all_gather=false"], 1, 1),
+    "fsdp_compile_fp8_ag": (["model.fsdp=true", "model.compile=true", "trainer.precision=fp8",
+                             "model.fp8_fsdp_all_gather=true"], 1, 1),
 }
+DEFAULT_LAYOUTS = ("fsdp", "fsdp_compile", "tp2_fsdp2", "pp2_fsdp2")  # the float8 ones when asked (--layouts)
 AC_KEYS = {"none": [], "full": ["model.activations_checkpoint_granularity=full"],
            "selective": ["model.activations_checkpoint_granularity=selective"]}
 
@@ -557,6 +566,13 @@ TITAN_LAYOUTS = {
     "fsdp_compile": ["--compile.enable"],
     "tp2_fsdp2": ["--parallelism.tensor_parallel_degree", "2"],
     "pp2_fsdp2": ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "1F1B"],
+    # torchtitan 0.2.1's float8 converter (tensorwise), the output head left in bf16 as lmforge's
+    "fsdp_compile_fp8": ["--compile.enable", "--model.converters", "quantize.linear.float8",
+                         "--quantize.linear.float8.filter_fqns", "output"],
+    "fsdp_compile_fp8_ag": ["--compile.enable", "--model.converters", "quantize.linear.float8",
+                            "--quantize.linear.float8.filter_fqns", "output",
+                            "--quantize.linear.float8.enable_fsdp_float8_all_gather",
+                            "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp"],
 }
 TITAN_LINE = re.compile(r"step:\s*(\d+).*?loss:\s*([-\d.naif]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)")
 
@@ -643,7 +659,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--shape", choices=["full", "tiny"], default="full")
     p.add_argument("--nproc", default=None, help="process counts (weak: default 1,2,4; 8b, sft7b: one, default 4)")
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="8b: comma-separated, of " + ", ".join(LAYOUTS))
+    p.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS),
+                   help="8b: comma-separated, of " + ", ".join(LAYOUTS) + " (default: " + ",".join(DEFAULT_LAYOUTS) + ")")
     p.add_argument("--cases", default=",".join(USERS_VARIANTS), help="users: of " + ", ".join(USERS_VARIANTS))
     p.add_argument("--peer", choices=["none", "torchtitan"], default="none")
     p.add_argument("--mbs", type=int, default=None, help="micro batch (weak: 4, 8b: 1, sft7b: 1)")

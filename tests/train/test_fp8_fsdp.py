@@ -162,3 +162,25 @@ def test_all_gather_weights_stay_apart_and_the_scales_follow_each_step(monkeypat
     for step in (1, 2):
         optimizer.step()
         assert seen == [model] * step
+
+
+def test_scaling_benchmarks_float8_layouts_turn_the_all_gather_off_and_on():
+    """benchmarks/scaling.py's GPU-only float8 layouts (the lead's 2-GPU command): their config keys reach the job."""
+    from lmforge.config import load_config
+    from lmforge.config.loader import parallel_dims
+    from lmforge.train.assembly import fp8_all_gather_on
+    from lmforge.train.pretrain import job_from_config
+    from tests.conftest import load_benchmark
+
+    scaling = load_benchmark("scaling")
+    # docs/benchmarks.md's command for 2 GPUs
+    a = scaling.parse_args("8b --nproc 2 --layers 16 --layouts fsdp_compile,fsdp_compile_fp8,fsdp_compile_fp8_ag".split())
+    assert "fsdp_compile_fp8" not in scaling.parse_args(["8b"]).layouts  # not in the CPU test's default run
+    found = []
+    for case in scaling.plan_8b(a):
+        cfg = load_config(case["recipe"], case["overrides"])
+        job = job_from_config(cfg, parallel_dims(cfg), 10)
+        found.append((case["name"], job.fp8, job.compile, bool(job.fp8) and fp8_all_gather_on(job)))
+    assert found == [("fsdp_compile", None, True, False), ("fsdp_compile_fp8", "tensorwise", True, False),
+                     ("fsdp_compile_fp8_ag", "tensorwise", True, True)]
+    assert set(scaling.TITAN_LAYOUTS) == set(scaling.LAYOUTS)
