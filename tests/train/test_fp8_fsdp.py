@@ -31,7 +31,7 @@ def _pretrain_args(corpus, out, all_gather: str) -> list[str]:
 def two_ranks(tiny_corpus, tmp_path_factory) -> dict:
     """The worker's own comparison (OUT.json) and, in the same launch, three ``lmforge pretrain`` runs with emulated
     float8 (plain all-gather, float8 all-gather, float8 all-gather killed after step 4); then, in a second launch, the
-    killed run resumed from its step-3 checkpoint."""
+    killed run resumed from its step-3 checkpoint, and a run that asks for float8 all-gather with rowwise scaling."""
     root = tmp_path_factory.mktemp("fp8_fsdp")
     out = root / "out.json"
     cases = [{"name": "plain", "args": _pretrain_args(tiny_corpus, root / "plain", "false")},
@@ -39,8 +39,9 @@ def two_ranks(tiny_corpus, tmp_path_factory) -> dict:
              {"name": "killed", "args": _pretrain_args(tiny_corpus, root / "resumed", "true"),
               "env": {"LMFORGE_TEST_KILL_AT_STEP": "4"}}]
     runs = run_cases(cases, 2, root / "launch", script=WORKER, script_args=(str(out),))
-    resumed = run_cases([{"name": "resumed", "args": _pretrain_args(tiny_corpus, root / "resumed", "true")}], 2,
-                        root / "resume", script=WORKER, script_args=("-",))
+    refused = [*_pretrain_args(tiny_corpus, root / "refused", "true"), "model.fp8_recipe=rowwise"]
+    resumed = run_cases([{"name": "resumed", "args": _pretrain_args(tiny_corpus, root / "resumed", "true")},
+                         {"name": "refused", "args": refused}], 2, root / "resume", script=WORKER, script_args=("-",))
     return dict(json.loads(out.read_text()), runs={**runs, **resumed}, root=root)
 
 
@@ -184,3 +185,11 @@ def test_scaling_benchmarks_float8_layouts_turn_the_all_gather_off_and_on():
     assert found == [("fsdp_compile", None, True, False), ("fsdp_compile_fp8", "tensorwise", True, False),
                      ("fsdp_compile_fp8_ag", "tensorwise", True, True)]
     assert set(scaling.TITAN_LAYOUTS) == set(scaling.LAYOUTS)
+
+
+def test_true_where_it_cannot_apply_is_refused_before_any_work(two_ranks):
+    refused = two_ranks["runs"]["refused"]
+    assert refused.codes == {0: 2, 1: 2}
+    assert "error: model.fp8_fsdp_all_gather=true needs model.fp8_recipe=tensorwise (one scale per weight), not " \
+           "rowwise" in refused.output and "Traceback" not in refused.output
+    assert not (two_ranks["root"] / "refused").exists()

@@ -123,6 +123,9 @@ def _run(cfg, rt: Runtime, console_log, t0: float) -> dict:
         problem = fp8_problem(rt.device)
         if problem:
             raise ConfigError(problem)
+        from lmforge.train.assembly import fp8_all_gather_on
+
+        fp8_all_gather_on(job_from_config(cfg, dims, 1))  # model.fp8_fsdp_all_gather=true where it cannot apply
     if not m.data.data_prefix:
         raise ConfigError("model.data.data_prefix is not set: give the prefix of a preprocessed dataset, e.g. "
                           "model.data.data_prefix=[1.0,data/corpus_text_document] (make one with `lmforge preprocess`)")
