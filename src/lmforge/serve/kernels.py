@@ -264,6 +264,16 @@ if triton is not None:
             return tl.exp(x)
 
     @triton.jit
+    def _draw_row_logits(x_ptr, t_ptr, row, cols, ok, stride_x, limit, FILTER: tl.constexpr, TEMPER: tl.constexpr):
+        # Row ``row``'s logits at ``cols`` (-inf past the vocabulary), in float32, as _draw_logit leaves them (the
+        # row's temperature read when TEMPER), and which of them make the row not finite: both draw kernels read so.
+        t = 1.0
+        if TEMPER:
+            t = tl.load(t_ptr + row)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        return _draw_logit(x, t, limit, FILTER, TEMPER)
+
+    @triton.jit
     def _draw_chunks_kernel(x_ptr, t_ptr, m_ptr, s_ptr, V, stride_x, n_chunks, limit, FILTER: tl.constexpr,
                             TEMPER: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
         # One program per (row, chunk of BLOCK tokens): the chunk's largest logit m and its mass relative to it,
@@ -271,11 +281,7 @@ if triton is not None:
         row, c = tl.program_id(0), tl.program_id(1)
         cols = c * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
-        t = 1.0
-        if TEMPER:
-            t = tl.load(t_ptr + row)
-        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        x, bad = _draw_logit(x, t, limit, FILTER, TEMPER)
+        x, bad = _draw_row_logits(x_ptr, t_ptr, row, cols, ok, stride_x, limit, FILTER, TEMPER)
         x = tl.where(ok & ~bad, x, float("-inf"))
         m = tl.max(x, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -311,11 +317,7 @@ if triton is not None:
         before = tl.max(tl.where(j < chunk, cum, 0.0), axis=0)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
         ok = cols < V
-        t = 1.0
-        if TEMPER:
-            t = tl.load(t_ptr + row)
-        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        x, bad = _draw_logit(x, t, limit, FILTER, TEMPER)
+        x, bad = _draw_row_logits(x_ptr, t_ptr, row, cols, ok, stride_x, limit, FILTER, TEMPER)
         p = tl.where(ok & ~bad, _draw_exp(x - top, PRECISE), 0.0)
         inner = tl.cumsum(p.to(tl.float64), axis=0)
         # the target within the chunk: > 0 (before < target, exactly) and at most the chunk's scanned mass (its
