@@ -32,3 +32,25 @@ def tiny_checkpoint(root, name: str):
     model.init_weights(seed=0)
     save_model(root / name, model.state_dict(), cfg.to_dict(), tokenizer=tok)
     return root / name, model.eval(), tok, cfg
+
+
+def harness_generation_task(name: str, data, max_gen_toks: int) -> str:
+    """An lm-evaluation-harness ``generate_until`` task file (YAML) over the JSON lines ``data`` ({"q", "ref"}
+    records), cut at a blank line, scored by exact_match: what the tests run through the ``lmforge`` adapter."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{ref}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: {max_gen_toks}
+metric_list:
+  - metric: exact_match
+metadata:
+  version: 1.0
+"""

@@ -14,26 +14,9 @@ import torch
 
 from lmforge.eval import Scorer
 from lmforge.eval.tasks import load_user_task, score_task
-from tests.eval.conftest import sentence, tiny_checkpoint
+from tests.eval.conftest import harness_generation_task, sentence, tiny_checkpoint
 
 MAX_NEW = 5
-HARNESS_GEN = """task: parity_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{q}}}}"
-doc_to_target: "{{{{ref}}}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: {max_new}
-metric_list:
-  - metric: exact_match
-metadata:
-  version: 1.0
-"""
 
 
 def _variants(pred: str) -> list[str]:
@@ -73,7 +56,7 @@ def test_generation_task_scores_as_the_harness_record_by_record(tmp_path, monkey
 
     # lm_eval's generate_until on the same records, through the adapter
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "parity_gen.yaml").write_text(HARNESS_GEN.format(data=data, max_new=MAX_NEW))
+    (tmp_path / "tasks" / "parity_gen.yaml").write_text(harness_generation_task("parity_gen", data, MAX_NEW))
     harness = load_harness_tasks(["parity_gen"], str(tmp_path / "tasks"))
     lm = LmforgeLM.from_model(model, tok, 32, 4)
     lm.scorer.start_task(scorer)  # the serving engine already built (as `lmforge evaluate` shares it)

@@ -15,7 +15,7 @@ from lmforge.cli import main
 from lmforge.eval import Scorer
 from lmforge.peft import PTuningConfig, apply_peft, save_adapter
 from lmforge.train.checkpoint import save_model
-from tests.eval.conftest import sentence, tiny_checkpoint
+from tests.eval.conftest import harness_generation_task, sentence, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GEN = 9  # generation rows; every third one's target is not the model's output
@@ -140,23 +140,6 @@ metric_list:
 metadata:
   version: 1.0
 """
-HARNESS_GEN = """task: tp_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root}/gen.jsonl
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{q}}}}"
-doc_to_target: "{{{{ref}}}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 6
-metric_list:
-  - metric: exact_match
-metadata:
-  version: 1.0
-"""
 
 
 def test_lm_eval_tasks_under_tp2_equal_one_process(setup, tmp_path, monkeypatch):
@@ -171,7 +154,7 @@ def test_lm_eval_tasks_under_tp2_equal_one_process(setup, tmp_path, monkeypatch)
     (tmp_path / "gen.jsonl").write_text((root / "gen.jsonl").read_text())
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tp_qa.yaml").write_text(HARNESS_TASKS.format(root=tmp_path))
-    (tmp_path / "tasks" / "tp_gen.yaml").write_text(HARNESS_GEN.format(root=tmp_path))
+    (tmp_path / "tasks" / "tp_gen.yaml").write_text(harness_generation_task("tp_gen", f"{tmp_path}/gen.jsonl", 6))
     docs = {}
     for name, extra in (("one", []), ("tp", ["-tp", "2"])):
         assert main(["evaluate", str(root / "CKPT"), "--tasks", "tp_qa,tp_gen", "--include-path",
