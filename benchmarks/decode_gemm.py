@@ -54,6 +54,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # generate_throughput beside this file
@@ -181,7 +182,8 @@ def _run(models, ms, layouts, backends, device, compile_mode, matvec_max_m, dtyp
         name = torch.cuda.get_device_name(device)
     else:
         copy_gbs, name = None, "cpu"
-    import torch._dynamo
+    # torch._dynamo is imported at the top: `import torch._dynamo` in here would bind torch as this function's
+    # local name and break the torch.cuda line above on a GPU (session 12's call)
     import torch._inductor.config as inductor_config
 
     rows = []

@@ -64,8 +64,8 @@ kernels may flip a sampled token, and the completion goes its own way after it).
 
 ``--draw-kernel`` has the sampled steps draw with lmforge's Triton draw kernels
 (:func:`lmforge.serve.kernels.sampled_draw`) where its decode kernels run (a CUDA device), ``--no-draw-kernel`` with
-the tensor operations; default: :data:`lmforge.serve.kernels.DRAW_KERNEL` (off until the kernels are timed on a
-GPU). ``draw_kernel`` in the JSON says which ran.
+the tensor operations; default: :data:`lmforge.serve.kernels.DRAW_KERNEL` (on since session 12's H100
+timing). ``draw_kernel`` in the JSON says which ran.
 
 Prints one JSON line per engine (generated tokens/s, seconds, start-up seconds) and the speed-up (best over best,
 ``speedup``, and median over median, ``speedup_median``); writes them to $OUT/grpo_rollout.json when OUT is set.
@@ -150,7 +150,7 @@ def parse(argv=None) -> argparse.Namespace:
                          "64 alone: the first compile, which autotuning tunes for, is at 64 rows")
     ap.add_argument("--draw-kernel", action=argparse.BooleanOptionalAction, default=None,
                     help="sampled steps draw with the Triton draw kernels (--draw-kernel) or the tensor operations "
-                         "(--no-draw-kernel); default: kernels.DRAW_KERNEL (off until timed on a GPU)")
+                         "(--no-draw-kernel); default: kernels.DRAW_KERNEL (on)")
     ap.add_argument("--trace", default=None, metavar="PATH",
                     help="write a torch.profiler Chrome trace (CPU and CUDA activity) of one more lmforge rollout "
                          "after the timed one")

@@ -420,7 +420,7 @@ def test_rollout_compile_mode_reaches_the_compiled_engine(monkeypatch, capsys):
             rl.engine()
     assert [(kw["compile_decode"], kw["compile_mode"], kw["decode_batches"], kw["draw_kernel"]) for kw in built] == [
         (True, "max-autotune-no-cudagraphs", [8], True), (False, None, [8], False)]  # --no-draw-kernel: off
-    assert kernels.DRAW_KERNEL is False  # off until the kernels are timed on a GPU; the patch put it back
+    assert kernels.DRAW_KERNEL is True  # on since session 12's GPU timing; the patch put it back
     assert bench.parse(["--no-draw-kernel"]).draw_kernel is False and bench.parse(["--draw-kernel"]).draw_kernel
     assert bench.parse([]).draw_kernel is None  # the default: whatever kernels.DRAW_KERNEL says
     assert RolloutLoss.compile_mode is None  # align's rollouts: inductor's default kernels

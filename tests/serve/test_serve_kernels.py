@@ -299,7 +299,7 @@ CAPTURE_CHECK = textwrap.dedent("""
     K._matvec_op = lambda *a: calls.update(["matvec"]) or matvec(*a)
     draw = K.sampled_draw
     K.sampled_draw = lambda *a: calls.update([("draw", a[2] is not None, a[3])]) or draw(*a)
-    K.DRAW_KERNEL = True  # off by default until timed on a GPU; its start-up compile is checked here
+    assert K.DRAW_KERNEL is True  # the default; its start-up compile is checked here
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
                                     num_query_groups=2, ffn_hidden_size=96, max_position_embeddings=64,
