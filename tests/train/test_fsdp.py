@@ -78,6 +78,7 @@ def _in_process(capsys, corpus, out, *extra, **overrides) -> str:
 # The 2-rank pretraining runs of this file that no kill ends, by name: (extra arguments, overrides). They run one
 # after the other in ONE torchrun launch (``two_rank_runs``), each in its own process group.
 FSDP2 = ["trainer.devices=2", "model.fsdp=true"]
+FUSED_CLIP = ["model.optim.name=fused_adam", "trainer.gradient_clip_val=0.5"]  # clipping inside the fused step
 TWO_RANK_RUNS = {
     "full": ([*FSDP2, "model.fsdp_sharding_strategy=full"], {}),
     "grad": ([*FSDP2, "model.fsdp_sharding_strategy=grad"], {}),
@@ -87,6 +88,7 @@ TWO_RANK_RUNS = {
     "dropout": ([*FSDP2, "model.hidden_dropout=0.1"], {}),  # uninterrupted, for the exact-resume test
     "async": ([*FSDP2, "exp_manager.checkpoint_callback_params.async_save=true"], {}),  # likewise
     "grow": (FSDP2, {}),  # resumes the one-process run killed after step 6 (copied in first)
+    "fused_clip": ([*FSDP2, *FUSED_CLIP], {"trainer.max_steps": 4, "trainer.val_check_interval": 4}),
 }
 
 
@@ -130,6 +132,24 @@ def test_pretraining_mixtral_fsdp_matches_one_process(plain_moe_run, two_rank_ru
     run, out = two_rank_runs["mixtral"]  # trainer.devices=2 model.fsdp=true + MOE
     run.ok()
     _same_curve(_losses(plain_moe_run), _losses(out))
+
+
+def test_fsdp_clipping_inside_the_fused_adamw_step_matches_clipping_in_place(tiny_corpus, tmp_path, two_rank_runs):
+    """FSDP2 with fused AdamW clips inside the optimizer's step (``optimizer.grad_scale`` beside DTensor shards,
+    :func:`lmforge.train.optim.clips_in_step`); the curve and the norms equal one process clipping in place before
+    a multi-tensor AdamW step, with the clip acting at every step."""
+    from lmforge.train.optim import build_optimizer, clips_in_step
+
+    assert clips_in_step(build_optimizer(torch.nn.Linear(2, 2), "fused_adam", 1e-3, 0.0, [0.9, 0.95], 1e-8,
+                                         torch.device("cpu")))
+    run, out = two_rank_runs["fused_clip"]
+    run.ok()
+    ref = _pretrain_here(tiny_corpus, tmp_path / "ref", "trainer.devices=1", "trainer.gradient_clip_val=0.5",
+                         **{"trainer.max_steps": 4, "trainer.val_check_interval": 4})
+    steps = range(1, 5)
+    _same_curve(_losses(ref), _losses(out), steps=steps)
+    _same_curve(_losses(ref, "grad_norm"), _losses(out, "grad_norm"), steps=steps)
+    assert min(_losses(out, "grad_norm").values()) > 0.5  # the clip acted at every step
 
 
 def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, capsys, plain_run, killed_run):

@@ -429,14 +429,14 @@ class Rows:
         return self.data[i]
 
 
-def _trainer(model, steps, log_every, lr=1e-2):
+def _trainer(model, steps, log_every, lr=1e-2, clip=1.0, fused=None, scaler=None, precision="32"):
     from lmforge.parallel.runtime import Runtime
     from lmforge.train.loop import LoopSettings, Trainer
     from lmforge.train.optim import build_schedule
 
     settings = LoopSettings(max_steps=steps, micro_batch_size=2, global_batch_size=4, accumulate=2,
-                            log_every_n_steps=log_every, gradient_clip_val=1.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+                            log_every_n_steps=log_every, gradient_clip_val=clip, precision=precision)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
 
     class Log:
         def __init__(self):
@@ -450,7 +450,7 @@ def _trainer(model, steps, log_every, lr=1e-2):
 
     log = Log()
     trainer = Trainer(CausalLMLoss(model), model, opt, build_schedule("constant", lr, steps), Runtime(), settings,
-                      log=log)
+                      log=log, scaler=scaler)
     return trainer, log
 
 
@@ -474,6 +474,70 @@ def test_loop_logs_the_losses_of_each_step():
         assert isinstance(loss, torch.Tensor) and isinstance(norm, torch.Tensor)
         if step + 1 in logged:
             assert abs(float(loss) - logged[step + 1]) <= 1e-6
+
+
+def _steps_seen(trainer, steps: int, data) -> list:
+    """Run ``steps`` train steps; per step: (grad norm, the ``grad_scale`` the optimizer's step saw or None, the
+    gradients' 2-norm as the step read them, whether the attribute was gone after the step)."""
+    from lmforge.train.loop import MicroBatches
+
+    seen = []
+    opt = trainer.opt
+    hook = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+        (getattr(o, "grad_scale", None), float(torch.nn.utils.get_total_norm([p.grad for p in o.param_groups[0]["params"]])))))
+    batches = MicroBatches(data, trainer.s, trainer.rt)
+    out = []
+    for step in range(steps):
+        _, norm = trainer.train_step(batches, step)
+        scale, grads_norm = seen[-1]
+        out.append((norm, scale, grads_norm, not hasattr(opt, "grad_scale")))
+    hook.remove()
+    return out
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6])  # acts at every step / never
+def test_clipping_folded_into_the_fused_adamw_step_equals_clip_then_step(monkeypatch, clip):
+    """With fused AdamW and no loss scaler the gradients are not scaled before the step: the kernel divides them by
+    max(1, (norm + 1e-6) / clip) (``optimizer.grad_scale``, removed after the step). Weights, optimizer state and
+    the logged norm equal clipping in place then stepping (the old path, forced here) to 1e-6."""
+    import lmforge.train.loop as loop
+
+    data = Rows(24, 8, 97)
+    model, ref = tiny(), tiny()
+    trainer, _ = _trainer(model, steps=3, log_every=1, clip=clip, fused=True)
+    assert loop.clips_in_step(trainer.opt, None)
+    folded = _steps_seen(trainer, 3, data)
+    monkeypatch.setattr(loop, "clips_in_step", lambda opt, scaler: False)
+    ref_trainer, _ = _trainer(ref, steps=3, log_every=1, clip=clip, fused=True)
+    plain = _steps_seen(ref_trainer, 3, data)
+    for (norm, scale, grads_norm, gone), (ref_norm, ref_scale, ref_grads_norm, _) in zip(folded, plain):
+        assert gone and ref_scale is None
+        assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+        assert float(scale) == pytest.approx(max(1.0, (float(norm) + 1e-6) / clip), rel=1e-6)
+        assert grads_norm == pytest.approx(float(norm), rel=1e-6)  # the kernel, not the loop, scales them
+        assert ref_grads_norm == pytest.approx(min(float(ref_norm), clip), rel=1e-5)
+        assert (float(scale) > 1.0) == (clip < 1.0)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+        for key in ("exp_avg", "exp_avg_sq"):  # relative: Adam's state scales with the clip (its update barely)
+            torch.testing.assert_close(trainer.opt.state[p][key], ref_trainer.opt.state[q][key], rtol=1e-6,
+                                       atol=1e-6 * float(ref_trainer.opt.state[q][key].abs().max()), msg=name)
+
+
+def test_clipping_stays_in_place_with_a_loss_scaler_or_the_multi_tensor_adamw():
+    """The fp16 path (GradScaler) and non-fused AdamW clip the gradients in place before the step, as before:
+    the step sees clipped gradients and no ``grad_scale`` of the loop's."""
+    from lmforge.train.optim import clips_in_step
+    from lmforge.train.scaler import ParallelGradScaler
+
+    data = Rows(8, 8, 97)
+    for fused, scaler in ((True, ParallelGradScaler("cpu", init_scale=8.0)), (False, None)):
+        trainer, _ = _trainer(tiny(), steps=1, log_every=1, clip=0.05, fused=fused, scaler=scaler,
+                              precision="16-mixed" if scaler else "32")
+        assert not clips_in_step(trainer.opt, trainer.scaler)
+        [(norm, scale, grads_norm, gone)] = _steps_seen(trainer, 1, data)
+        assert scale is None and gone and float(norm) > 0.05
+        assert grads_norm == pytest.approx(0.05, rel=1e-4)
 
 
 def test_loop_logs_the_peak_gpu_memory_on_cuda(monkeypatch):

@@ -23,7 +23,7 @@ non-expert parameters are averaged over all data-parallel ranks by DDP, which is
 parameters; an expert's gradient already sums the tokens of its whole expert-parallel group, and is summed
 over the *expert-data-parallel group* (the ``dp / ep`` ranks holding the same experts; nothing to do when
 ``ep == dp``) and divided by ``dp``, which gives exactly the gradient of one process seeing the global batch.
-Clipping (:meth:`ExpertParallel.clip_grad_norm`) uses the global norm: the squared norms of the expert
+Clipping uses the global norm (:meth:`ExpertParallel.grad_norm`, the Trainer's ``grad_norm_fn``): the squared norms of the expert
 gradients are summed over the expert-parallel group (each expert counted once), the replicated ones added once.
 
 Router load balancing is unchanged: its statistics (:attr:`MoE.aux_stats`) are this rank's own tokens, routed
@@ -127,9 +127,9 @@ class ExpertParallel:
                 fully_shard(expert, mesh=mesh, **fsdp_kwargs)
         self.sharded = True
 
-    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
-        """Clip by the global 2-norm: replicated gradients once, expert gradients summed over the expert-parallel
-        group (FSDP shards of either kind gathered per mesh). Returns the norm before clipping."""
+    def grad_norm(self, parameters) -> torch.Tensor:
+        """The global 2-norm of the gradients: replicated gradients once, expert gradients summed over the
+        expert-parallel group (FSDP shards of either kind gathered per mesh)."""
         from lmforge.parallel.tensor import squared_norm
 
         parameters = [p for p in parameters if p.grad is not None]
@@ -140,10 +140,15 @@ class ExpertParallel:
         device = expert_params[0].device if expert_params else torch.device("cpu")
         expert_square = squared_norm(experts, device)
         dist.all_reduce(expert_square, group=self.ep_group)
-        total = (squared_norm(others, device) + expert_square).sqrt()
-        if parameters:
-            from lmforge.parallel.tensor import clip_with_norm
+        return (squared_norm(others, device) + expert_square).sqrt()
 
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        """Clip by the global 2-norm (:meth:`grad_norm`) in place. Returns the norm before clipping."""
+        from lmforge.parallel.tensor import clip_with_norm
+
+        parameters = [p for p in parameters if p.grad is not None]
+        total = self.grad_norm(parameters)
+        if parameters:
             clip_with_norm(parameters, max_norm, total)
         return total
 

@@ -196,19 +196,25 @@ def clip_with_norm(parameters, max_norm: float, total: torch.Tensor) -> None:
                                             if not isinstance(params[0].grad, DTensor) else total)
 
 
-def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> torch.Tensor:
-    """Clip gradients by their global 2-norm, for any mix of plain tensors and DTensors on different meshes
-    (tensor-parallel weights, FSDP shards, replicated norms). Returns the norm before clipping, a 0-dim device
-    tensor (not read back: the training loop reads it at logging steps).
+def grad_norm(parameters, sum_group=None) -> torch.Tensor:
+    """The global 2-norm of the gradients of ``parameters``, any mix of plain tensors and DTensors on different meshes
+    (tensor-parallel weights, FSDP shards, replicated norms): a 0-dim plain device tensor (not read back: the
+    training loop reads it at logging steps). The training loop clips with it (:func:`clip_with_norm`, or inside
+    the fused optimizer's step: :func:`lmforge.train.optim.clips_in_step`).
 
     ``sum_group``: a process group whose ranks hold different parameters (pipeline stages): their squared norms
     are summed across it."""
-    parameters = list(parameters)
     square = squared_norm(parameters)
     if sum_group is not None:  # a rank with no gradients still takes part in the sum
         import torch.distributed as dist
 
         dist.all_reduce(square, group=sum_group)
-    total = square.sqrt()
+    return square.sqrt()
+
+
+def clip_grad_norm(parameters, max_norm: float, sum_group=None) -> torch.Tensor:
+    """Clip gradients by their global 2-norm (:func:`grad_norm`) in place. Returns the norm before clipping."""
+    parameters = list(parameters)
+    total = grad_norm(parameters, sum_group)
     clip_with_norm(parameters, max_norm, total)
     return total

@@ -418,13 +418,13 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
     if mesh is not None:  # gradients on several meshes; a pipeline's stages hold different parameters
         import functools
 
-        from lmforge.parallel.tensor import clip_grad_norm
+        from lmforge.parallel.tensor import grad_norm
 
-        extras.update(clip_fn=functools.partial(clip_grad_norm, sum_group=runner.group if runner else None))
+        extras.update(grad_norm_fn=functools.partial(grad_norm, sum_group=runner.group if runner else None))
     if runner is not None:
         extras.update(pipeline=runner)
     if expert is not None:  # expert parallelism: expert gradients summed over their group, the norm over all
-        extras.update(grad_sync=expert.reduce_gradients, clip_fn=expert.clip_grad_norm)
+        extras.update(grad_sync=expert.reduce_gradients, grad_norm_fn=expert.grad_norm)
     trainer = Trainer(forward_model, train_model, optimizer, schedule, rt, job.loop, log=logger, scaler=scaler,
                       dims=dims, **extras)
     training = Training(job=job, runtime=rt, model=train_model, base=base, objective=objective, optimizer=optimizer,

@@ -33,7 +33,7 @@ from torch import nn
 
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime
-from lmforge.train.optim import set_lr
+from lmforge.train.optim import clip_scale, clips_in_step, set_lr, step_with_clip
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -241,7 +241,8 @@ class Trainer:
         dims: the run's layout (data-parallel size and rank); default: every process is a data-parallel rank.
         loss_context: a context-manager factory around each forward and backward (``loss_parallel`` for a
             tensor-parallel model's sharded logits).
-        clip_fn: ``clip_fn(parameters, max_norm) -> norm`` (gradients on several meshes); default torch's.
+        grad_norm_fn: ``grad_norm_fn(parameters) -> norm``, the gradients' global 2-norm as a 0-dim plain tensor
+            (gradients on several meshes, pipeline stages, expert groups); default torch's ``get_total_norm``.
         pipeline: a :class:`~lmforge.parallel.pipeline.PipelineRunner` (pipeline parallelism): it runs each step's
             micro batches through the pipeline schedule instead of the forward/backward loop.
         grad_sync: ``grad_sync()`` averages the gradients over the data-parallel ranks after a step's backward
@@ -252,7 +253,7 @@ class Trainer:
                  runtime: Runtime, settings: LoopSettings, save_fn: Optional[Callable] = None, log=None,
                  scaler: Optional[torch.amp.GradScaler] = None,
                  extra_val_fn: Optional[Callable[[int], dict]] = None, dims: Optional[ParallelDims] = None,
-                 loss_context: Optional[Callable] = None, clip_fn: Optional[Callable] = None, pipeline=None,
+                 loss_context: Optional[Callable] = None, grad_norm_fn: Optional[Callable] = None, pipeline=None,
                  grad_sync: Optional[Callable] = None):
         self.model, self.raw_model, self.opt, self.schedule = model, raw_model, optimizer, schedule
         self.dims = dims or ParallelDims(runtime.world_size, runtime.rank)
@@ -261,7 +262,7 @@ class Trainer:
                              f"{'given' if pipeline is not None else 'missing'}")
         self.pipeline = pipeline  # lmforge.parallel.pipeline.PipelineRunner when the model is split into stages
         self.loss_context = loss_context or contextlib.nullcontext  # tensor parallel: loss on sharded logits
-        self.clip_fn = clip_fn  # (parameters, max_norm) -> norm; default torch's clip_grad_norm_
+        self.grad_norm_fn = grad_norm_fn  # parameters -> global norm; default torch's (see _clip)
         self.grad_sync = grad_sync  # () -> None: explicit gradient averaging over data-parallel replicas
         self.extra_val_fn = extra_val_fn  # step -> more validation metrics (generation scores); all ranks call it
         self.last_step_tokens = 0  # counted tokens of the latest global batch
@@ -437,25 +438,44 @@ class Trainer:
             self.grad_sync()
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
-        grad_norm = None
-        if self.s.gradient_clip_val and self.s.gradient_clip_val > 0:
-            params = [p for p in self.raw_model.parameters() if p.requires_grad]
-            if self.clip_fn is not None:
-                grad_norm = self.clip_fn(params, self.s.gradient_clip_val)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.s.gradient_clip_val)
-                grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        grad_norm, clip = self._clip()
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
-            self.opt.step()
+            step_with_clip(self.opt, clip)
         self.opt.zero_grad(set_to_none=True)
         loss_total *= self.dims.cp  # context parallel: each rank holds its part's loss; the sum below divides by cp
         if self.rt.distributed:  # on the device: no wait here (see _all_reduce for the division)
             dist.all_reduce(loss_total)
             loss_total /= self.dims.world_size // self.dims.dp
         return loss_total / global_tokens, grad_norm
+
+    def _clip(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Gradient clipping by the global 2-norm (``gradient_clip_val``): returns (the norm before clipping, a 0-dim
+        device tensor; the factor the optimizer's step divides the gradients by, or None). Both None without clipping.
+
+        With torch's fused AdamW and no fp16 scaler (:func:`~lmforge.train.optim.clips_in_step` decides) the
+        gradients are not scaled here: the fused kernel divides them by ``max(1, (norm + eps) / max_norm)`` as it
+        reads them (:func:`~lmforge.train.optim.step_with_clip`), the same update without a pass over every gradient.
+        Otherwise they are scaled in place, as torch's ``clip_grad_norm_`` does."""
+        max_norm = self.s.gradient_clip_val
+        if not max_norm or max_norm <= 0:
+            return None, None
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        in_step = clips_in_step(self.opt, self.scaler)
+        if self.grad_norm_fn is not None:  # gradients on several meshes, stages or expert groups
+            norm = self.grad_norm_fn(params)
+            if not in_step:
+                from lmforge.parallel.tensor import clip_with_norm
+
+                clip_with_norm(params, max_norm, norm)
+        elif in_step:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        return norm, clip_scale(norm, max_norm) if in_step else None
 
     def check_samples(self, step: int, samples: int) -> None:
         """The samples a step read over all data-parallel ranks must be the global batch."""

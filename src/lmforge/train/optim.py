@@ -4,6 +4,9 @@ The optimizer follows NeMo's defaults: AdamW with decoupled weight decay on matr
 embeddings, none on biases and norm weights. ``fused_adam`` uses PyTorch's fused AdamW kernel
 (CUDA, and CPU on recent torch); ``adamw`` the multi-tensor (foreach) one.
 
+Gradient clipping with the fused kernel costs no pass of its own (:func:`clips_in_step`): the training loop computes
+the global norm and hands the clip factor to the kernel, which divides each gradient by it as it reads it.
+
 The schedule is a pure function of the step, so a resumed run needs nothing but the step.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -87,6 +91,49 @@ def _fused_supported(device: torch.device) -> bool:
         return True
     except (RuntimeError, TypeError):
         return False
+
+
+# torch.nn.utils.clip_grads_with_norm_ scales by max_norm / (norm + 1e-6) where that is below 1
+CLIP_EPS = 1e-6
+
+
+def clips_in_step(optimizer: torch.optim.Optimizer, scaler=None) -> bool:
+    """Whether gradient clipping is folded into ``optimizer``'s step (:func:`step_with_clip`) instead of scaling the
+    gradients first: the one place that decides.
+
+    True for torch's fused Adam / AdamW (every group ``fused=True``) without an fp16 loss scaler. That kernel divides
+    each gradient by ``optimizer.grad_scale`` as it reads it (AMP's unscale, ``_step_supports_amp_scaling``), so
+    clipping needs only the norm's read of the gradients, not a second read and write (``_foreach_mul_``). The
+    gradients hold the clipped values after the step, as before. It holds for DTensor parameters too (FSDP2 shards,
+    tensor-parallel weights; checked on gloo CPU ranks): a 0-dim plain tensor beside DTensors is replicated implicitly.
+    With a loss scaler the attribute is the scaler's (the fp16 path scales the gradients as before)."""
+    if scaler is not None and scaler.is_enabled():
+        return False
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or not optimizer.param_groups:
+        return False
+    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+        return False  # someone else's (a scaler's) factor: leave it alone
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor the fused kernel divides the gradients by to clip them to ``max_norm``: ``max(1, (norm + eps) /
+    max_norm)`` (the inverse of torch's clip coefficient, same eps), a float32 tensor on ``norm``'s device (no
+    host sync). A non-finite norm gives what clipping gives: inf zeroes finite gradients, NaN makes them NaN."""
+    return ((norm.detach().float() + CLIP_EPS) / float(max_norm)).clamp(min=1.0)
+
+
+def step_with_clip(optimizer: torch.optim.Optimizer, scale: Optional[torch.Tensor]) -> None:
+    """``optimizer.step()`` with the gradients divided by ``scale`` inside the fused kernel (``scale`` None: a plain
+    step). The attribute is removed afterwards, even when the step raises, so no later step reads a stale one."""
+    if scale is None:
+        optimizer.step()
+        return
+    optimizer.grad_scale = scale
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
 
 
 @dataclass(frozen=True)
