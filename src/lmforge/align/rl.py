@@ -845,7 +845,7 @@ class RolloutLoss(nn.Module):
                 total = torch.zeros((), dtype=torch.float64, device=exp["rows"].device)
                 starts = list(range(0, size, self.max_rows))
                 for start in starts:
-                    with trainer._gradient_sync(start == starts[-1]):  # DDP/FSDP reduce after the last chunk
+                    with trainer._gradient_sync(start == starts[-1]):  # DDP reduces after the last chunk (FSDP: every chunk)
                         with trainer.autocast():
                             loss_sum = trainer.model(mini[start:start + self.max_rows])
                         loss = loss_sum / size

@@ -194,16 +194,6 @@ def _collate(items: list, own=None, tp: int = 1):
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
-@contextlib.contextmanager
-def _fsdp_no_sync(model):
-    """FSDP2: accumulate gradients locally (no reduce-scatter) inside the block."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 class StopRequested:
     """Set by SIGUSR1/SIGTERM (Slurm's walltime warning, preemption): save at the next step boundary, then stop."""
 
@@ -484,13 +474,12 @@ class Trainer:
                                f"{self.s.global_batch_size}: the batch plan and the data-parallel layout disagree")
 
     def _gradient_sync(self, last: bool):
-        """Reduce gradients only after the last micro-batch of a step (DDP ``no_sync``, FSDP's switch)."""
-        if last:
-            return contextlib.nullcontext()
-        if hasattr(self.model, "no_sync"):
+        """DDP: reduce gradients only after the last micro-batch of a step (``no_sync`` before it). FSDP
+        reduce-scatters after every micro-batch: skipping it (``set_requires_gradient_sync(False)``) would keep
+        each rank's whole unsharded fp32 gradients between micro-batches (28 GB for a 7B model), the memory
+        sharding exists to save and that ``lmforge config --estimate`` does not count."""
+        if not last and hasattr(self.model, "no_sync"):
             return self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            return _fsdp_no_sync(self.model)
         return contextlib.nullcontext()
 
     @torch.no_grad()
