@@ -120,6 +120,30 @@ def test_chunked_cross_entropy_ignore_index_and_scaled_grad():
     for got, want in ((gh, h.grad), (gw, w.grad)):
         assert (got - want).abs().max() <= TOL * want.abs().max()
     assert gh[[0, 4, 5]].abs().max() == 0  # ignored rows: no gradient
+    # the head's gradient accumulates in the GEMM only on CUDA (out_dtype=float32 is CUDA-only): here the old path
+    from lmforge.train.objectives import _gemm_accumulates
+    assert not _gemm_accumulates(torch.zeros(13, 8), torch.zeros(4, 13, dtype=torch.bfloat16))
+    # a bf16 weight (FSDP's compute copy): its gradient is the fp32 one scaled, then rounded once to bf16
+    wb = w.detach().bfloat16().requires_grad_()
+    wf = wb.detach().float().requires_grad_()
+    for weight in (wb, wf):
+        (3.5 * chunked_linear_cross_entropy(h, weight, labels, chunk=4)).backward()
+    assert wb.grad.dtype == torch.bfloat16 and torch.equal(wb.grad, wf.grad.bfloat16())
+
+
+def test_head_grad_check_benchmark_runs_on_cpu():
+    """benchmarks/head_grad_check.py (the GPU check of the head-gradient GEMM accumulation and of clipping inside
+    the fused AdamW step) at small shapes on the CPU: there the head takes the add path (exactly the old one), and
+    clipping inside the step equals clipping in place with the clip acting."""
+    from tests.conftest import load_benchmark
+
+    rec = load_benchmark("head_grad_check").main(["--device", "cpu", "--small"])
+    head, clip = rec["head"], rec["clip"]
+    assert head["gemm_accumulate"] is False
+    assert head["loss"]["max_abs"] == head["grad_hidden"]["max_abs"] == head["grad_weight"]["max_abs"] == 0.0
+    assert clip["grad_norm"] > 10 * clip["max_norm"] and clip["grad_scale_left"] is False
+    assert clip["max_weight_diff_after_3_steps"] <= 1e-6 and clip["max_state_diff_after_3_steps"] <= 1e-6
+    assert min(head["ms_gemm"], head["ms_add"], clip["ms_folded"], clip["ms_in_place"]) > 0
 
 
 def test_loss_chunk_size_auto():

@@ -7,6 +7,7 @@ the loss, head included, can be compiled as one fused graph without touching the
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -43,11 +44,37 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, logit_softcap: Optiona
     return loss, grad.to(logits.dtype)
 
 
+def _gemm_accumulates(grad_w: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the head's fp32 gradient accumulator ``grad_w`` takes each chunk's ``g.t() @ h`` inside the GEMM
+    (cuBLAS with fp32 output and beta 1, ``torch.addmm(..., out_dtype=torch.float32, out=grad_w)``) instead of a
+    (V, C) product in ``g``'s dtype added afterwards (``grad_w.add_(g.t() @ h)``: that product written and read back,
+    and one more kernel, per chunk). Only on CUDA, for an fp32 accumulator and bf16/fp16 matmuls: the ``out_dtype`` overloads are CUDA-only,
+    and need torch 2.8+ (an fp32 ``self`` a later fix, :func:`_fp32_gemm_accumulate_works` checks)."""
+    return (grad_w.device.type == "cuda" and grad_w.dtype == torch.float32
+            and g.dtype in (torch.bfloat16, torch.float16) and _fp32_gemm_accumulate_works(grad_w.device, g.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_gemm_accumulate_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """``torch.addmm`` with ``out_dtype=torch.float32`` into an fp32 accumulator runs on ``device`` for ``dtype``
+    inputs (older torch lacks the overload or refuses an fp32 ``self``): tried once per device and dtype on 2 x 2."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        torch.mm(a, a, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` without the (N, V) logits: ``chunk`` rows of tokens at a time,
     the gradients of ``hidden`` and ``weight`` computed in the forward pass chunk by chunk (the loss is a sum, so the
     backward pass only scales them by the incoming scalar). Peak extra memory: one chunk's logits and their gradient,
-    plus an fp32 (V, C) gradient accumulator, instead of the whole batch's logits in fp32 and their gradient."""
+    plus an fp32 (V, C) gradient accumulator, instead of the whole batch's logits in fp32 and their gradient.
+    On CUDA with bf16/fp16 matmuls the accumulator is the GEMM's own fp32 output (:func:`_gemm_accumulates`): the
+    first chunk's product is written into it (no zero fill), the next ones added by cuBLAS."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, logit_softcap, chunk, dtype, chunk_fn):
@@ -56,16 +83,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-                if ctx.needs_input_grad[1] else None
+            grad_w = None
+            if ctx.needs_input_grad[1]:  # the first chunk's product is written into it: no fill (none: zeros)
+                grad_w = (torch.empty if hidden.shape[0] else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                           device=weight.device)
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(dtype)  # (n, C)
                 loss, g = chunk_fn(F.linear(h, w), labels[start:start + chunk], logit_softcap, with_grad)
                 total = total + loss
                 if grad_h is not None:
                     grad_h[start:start + chunk] = (g @ w).to(hidden.dtype)  # (n, C)
-                if grad_w is not None:
-                    grad_w.add_(g.t() @ h)  # (V, C), accumulated in fp32
+                if grad_w is None:
+                    continue
+                # (V, C), accumulated in fp32: inside the GEMM where it can, else a product added
+                if _gemm_accumulates(grad_w, g):
+                    if start == 0:
+                        torch.mm(g.t(), h, out_dtype=torch.float32, out=grad_w)
+                    else:
+                        torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
+                elif start == 0:
+                    grad_w.copy_(g.t() @ h)  # the first product (what a zero fill plus it gave)
+                else:
+                    grad_w.add_(g.t() @ h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -74,7 +113,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        if grad_w is None or ctx.weight_dtype == torch.float32:
+            gw = None if grad_w is None else grad_w * grad_out
+        else:  # a bf16 weight (FSDP's compute copy): cast as it is written, one pass (the same rounding)
+            gw = torch.mul(grad_w, grad_out, out=torch.empty(grad_w.shape, dtype=ctx.weight_dtype,
+                                                            device=grad_w.device))
         return gh, gw, None, None, None, None, None
 
 
