@@ -149,8 +149,9 @@ def llama_1b_shapes(s: dict) -> list[tuple]:
 class Params(nn.Module):
     def __init__(self, shapes, device, seed: int = 1):
         super().__init__()
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self.params = nn.ParameterList(nn.Parameter((0.02 * torch.randn(sh, generator=g)).to(device)) for sh in shapes)
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.params = nn.ParameterList(nn.Parameter(0.02 * torch.randn(sh, generator=g, device=device))
+                                       for sh in shapes)
 
 
 def clip_check(s: dict, device: torch.device, timer: Timer) -> dict:
@@ -158,10 +159,9 @@ def clip_check(s: dict, device: torch.device, timer: Timer) -> dict:
     shapes = llama_1b_shapes(s)
     models = {name: Params(shapes, device) for name in ("folded", "in_place")}
     opts = {name: build_optimizer(m, "fused_adam", 1e-4, 0.01, [0.9, 0.95], 1e-8, device) for name, m in models.items()}
-    g = torch.Generator(device="cpu").manual_seed(2)
-    source = [torch.randn(sh, generator=g) for sh in shapes]
-    factor = 30 * MAX_NORM / torch.nn.utils.get_total_norm(source).item()  # a norm of 30: the clip acts
-    source = [(factor * t).to(device) for t in source]
+    g = torch.Generator(device=device).manual_seed(2)
+    source = [torch.randn(sh, generator=g, device=device) for sh in shapes]
+    torch._foreach_mul_(source, 30 * MAX_NORM / torch.nn.utils.get_total_norm(source).item())  # norm 30: clip acts
     norm_of_source = torch.nn.utils.get_total_norm(source).item()
 
     def fill(name):

@@ -507,8 +507,11 @@ def _steps_seen(trainer, steps: int, data) -> list:
 
     seen = []
     opt = trainer.opt
-    hook = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
-        (getattr(o, "grad_scale", None), float(torch.nn.utils.get_total_norm([p.grad for p in o.param_groups[0]["params"]])))))
+    def before_step(o, args, kwargs):
+        grads = [p.grad for p in o.param_groups[0]["params"]]
+        seen.append((getattr(o, "grad_scale", None), float(torch.nn.utils.get_total_norm(grads))))
+
+    hook = opt.register_step_pre_hook(before_step)
     batches = MicroBatches(data, trainer.s, trainer.rt)
     out = []
     for step in range(steps):

@@ -23,8 +23,9 @@ non-expert parameters are averaged over all data-parallel ranks by DDP, which is
 parameters; an expert's gradient already sums the tokens of its whole expert-parallel group, and is summed
 over the *expert-data-parallel group* (the ``dp / ep`` ranks holding the same experts; nothing to do when
 ``ep == dp``) and divided by ``dp``, which gives exactly the gradient of one process seeing the global batch.
-Clipping uses the global norm (:meth:`ExpertParallel.grad_norm`, the Trainer's ``grad_norm_fn``): the squared norms of the expert
-gradients are summed over the expert-parallel group (each expert counted once), the replicated ones added once.
+Clipping uses the global norm (:meth:`ExpertParallel.grad_norm`, the Trainer's ``grad_norm_fn``): the squared norms
+of the expert gradients are summed over the expert-parallel group (each expert counted once), the replicated ones
+added once.
 
 Router load balancing is unchanged: its statistics (:attr:`MoE.aux_stats`) are this rank's own tokens, routed
 before any dispatch, exactly as under data parallelism (each rank's micro batch adds its own term; the counts

@@ -48,8 +48,9 @@ def _gemm_accumulates(grad_w: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the head's fp32 gradient accumulator ``grad_w`` takes each chunk's ``g.t() @ h`` inside the GEMM
     (cuBLAS with fp32 output and beta 1, ``torch.addmm(..., out_dtype=torch.float32, out=grad_w)``) instead of a
     (V, C) product in ``g``'s dtype added afterwards (``grad_w.add_(g.t() @ h)``: that product written and read back,
-    and one more kernel, per chunk). Only on CUDA, for an fp32 accumulator and bf16/fp16 matmuls: the ``out_dtype`` overloads are CUDA-only,
-    and need torch 2.8+ (an fp32 ``self`` a later fix, :func:`_fp32_gemm_accumulate_works` checks)."""
+    and one more kernel, per chunk). Only on CUDA, for an fp32 accumulator and bf16/fp16 matmuls: the ``out_dtype``
+    overloads are CUDA-only and need torch 2.8+ (an fp32 ``self`` a later fix; :func:`_fp32_gemm_accumulate_works`
+    checks)."""
     return (grad_w.device.type == "cuda" and grad_w.dtype == torch.float32
             and g.dtype in (torch.bfloat16, torch.float16) and _fp32_gemm_accumulate_works(grad_w.device, g.dtype))
 
