@@ -102,9 +102,10 @@ def clips_in_step(optimizer: torch.optim.Optimizer, scaler=None) -> bool:
     gradients first: the one place that decides.
 
     True for torch's fused Adam / AdamW (every group ``fused=True``) without an fp16 loss scaler. That kernel divides
-    each gradient by ``optimizer.grad_scale`` as it reads it (AMP's unscale, ``_step_supports_amp_scaling``), so
-    clipping needs only the norm's read of the gradients, not a second read and write (``_foreach_mul_``). The
-    gradients hold the clipped values after the step, as before. It holds for DTensor parameters too (FSDP2 shards,
+    each gradient by ``optimizer.grad_scale`` as it reads it (AMP's unscale, ``_step_supports_amp_scaling``) and,
+    with the factor set, writes the clipped gradient back (so they hold the clipped values after the step, as
+    before): clipping costs the kernel that extra write instead of ``_foreach_mul_``'s read and write of every
+    gradient, one pass over the fp32 gradients fewer. It holds for DTensor parameters too (FSDP2 shards,
     tensor-parallel weights; checked on gloo CPU ranks): a 0-dim plain tensor beside DTensors is replicated implicitly.
     With a loss scaler the attribute is the scaler's (the fp16 path scales the gradients as before)."""
     if scaler is not None and scaler.is_enabled():
