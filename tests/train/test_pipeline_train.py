@@ -7,32 +7,48 @@ import json
 
 import pytest
 
-from tests.train.test_fsdp import _pretrain, _pretrain_here, _refused, _same_curve
-from tests.train.test_pretrain import _env, _losses
+from tests.conftest import run_cases
+from tests.train.test_fsdp import _in_process, _pretrain_args, _pretrain_here, _refused, _same_curve
+from tests.train.test_pretrain import _losses
+
+PP2 = ["trainer.devices=2", "model.pipeline_model_parallel_size=2"]
+FOUR_LAYERS = ["model.num_layers=4"]
+RUNS = {  # name: (arguments, environment): the file's 2-rank runs, in ONE torchrun launch (``pp_runs``)
+    "pp": (PP2, {}),
+    "vpp": ([*PP2, "model.virtual_pipeline_model_parallel_size=2", "model.micro_batch_size=2", *FOUR_LAYERS], {}),
+    "pp_then_plain": (PP2, {"LMFORGE_TEST_KILL_AT_STEP": "6"}),  # killed after step 6: the launch's last case
+}
 
 
-def test_pipeline_1f1b_matches_one_process_and_resumes_unsharded(tiny_corpus, tmp_path, plain_run):
-    out = tmp_path / "pp"
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.pipeline_model_parallel_size=2")
-    assert "pipeline parallel 2" in p.stdout + p.stderr
+@pytest.fixture(scope="module")
+def pp_runs(tiny_corpus, tmp_path_factory) -> dict:
+    """``name -> (CaseRun, results folder)`` of ``RUNS``, one after the other in one launch (tests/run_cases.py)."""
+    root = tmp_path_factory.mktemp("pp")
+    cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args), "env": env}
+             for name, (args, env) in RUNS.items()]
+    runs = run_cases(cases, 2, root / "launch")
+    return {name: (runs[name], root / name) for name in RUNS}
+
+
+def test_pipeline_1f1b_matches_one_process_and_resumes_unsharded(tiny_corpus, capsys, plain_run, pp_runs):
+    run, out = pp_runs["pp"]
+    assert "pipeline parallel 2" in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
     assert json.loads((out / "checkpoints" / "step_0000010" / "config.json").read_text())["sharded"]["world_size"] == 2
-    moved = tmp_path / "pp_then_plain"
-    p = _pretrain(tiny_corpus, moved, 2, "trainer.devices=2", "model.pipeline_model_parallel_size=2",
-                  env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0
-    p = _pretrain(tiny_corpus, moved, 1, "trainer.devices=1")
-    assert "resuming from" in p.stdout + p.stderr
+    run, moved = pp_runs["pp_then_plain"]
+    assert run.ran and not run.codes  # killed: no rank returned
+    assert (moved / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    output = _in_process(capsys, tiny_corpus, moved, "trainer.devices=1")  # one process, in this one
+    assert "resuming from" in output
     _same_curve(_losses(plain_run), _losses(moved))
 
 
-def test_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_path):
-    four = ["model.num_layers=4"]
-    _pretrain_here(tiny_corpus, tmp_path / "one", "trainer.devices=1", *four)
-    p = _pretrain(tiny_corpus, tmp_path / "vpp", 2, "trainer.devices=2", "model.pipeline_model_parallel_size=2",
-                  "model.virtual_pipeline_model_parallel_size=2", "model.micro_batch_size=2", *four)
-    _same_curve(_losses(tmp_path / "one"), _losses(tmp_path / "vpp"))
+def test_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_path, pp_runs):
+    _pretrain_here(tiny_corpus, tmp_path / "one", "trainer.devices=1", *FOUR_LAYERS)
+    run, out = pp_runs["vpp"]
+    run.ok()
+    _same_curve(_losses(tmp_path / "one"), _losses(out))
 
 
 @pytest.mark.parametrize("nproc,overrides,message", [
