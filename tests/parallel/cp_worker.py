@@ -1,10 +1,14 @@
 """Run by tests/parallel/test_context_parallel.py under torchrun (gloo): one model's sequences split over all ranks
 (context parallel) against the unsharded copy in the same process: losses and every parameter's gradient, for
 RoPE + grouped-query attention (Llama), learned positions (GPT) and soft-capped attention (Gemma-2 style, without
-its sliding window), with and without selective activation checkpointing."""
+its sliding window), with and without selective activation checkpointing.
+
+``cp_worker.py OUT.json CASES [CASES.json]``: with CASES.json, then the ``lmforge`` commands of tests/run_cases.py in
+the same launch (the pretraining runs of the test file)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -60,12 +64,25 @@ def run(case: str) -> dict:
             "ref_tokens": ref_n, "grad_rel_diff": diff, "block_len": seen[0]}
 
 
-if __name__ == "__main__":
+def main(out: str, cases: str, spec: str | None = None) -> int:
+    """Rank 0 writes every rank's results of ``cases`` to ``out``; then, with ``spec``, the ``lmforge`` commands of
+    tests/run_cases.py in the same process group (one launch for the checks here and the pretraining runs)."""
     dist.init_process_group("gloo")
-    results = {case: run(case) for case in sys.argv[2].split(",")}
+    results = {case: run(case) for case in cases.split(",")}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
+        with open(out, "w") as f:
             json.dump(gathered, f)
-    dist.destroy_process_group()
+    if spec is None:
+        dist.destroy_process_group()
+        return 0
+    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+    from tests import run_cases
+
+    dist.init_process_group = lambda *args, **kwargs: None  # run_cases' group: the one started above
+    return run_cases.run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

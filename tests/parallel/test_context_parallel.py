@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
-from tests.train.test_fsdp import _pretrain, _refused, _same_curve
-from tests.train.test_pretrain import _env, _losses
+from tests.conftest import run_cases
+from tests.train.test_fsdp import _in_process, _pretrain_args, _refused, _same_curve
+from tests.train.test_pretrain import _losses
 from lmforge.models.config import ModelConfig
 from lmforge.parallel.context import context_parallel_problems, sequence_positions, shard_sequence
 
@@ -23,11 +23,44 @@ WORKER = Path(__file__).with_name("cp_worker.py")
 CASES = ("llama", "gpt", "softcapped", "llama+selective", "llama+full")  # +: activation checkpointing granularity
 
 
+CP2 = ["trainer.devices=2", "model.context_parallel_size=2"]
+KILL = {"LMFORGE_TEST_KILL_AT_STEP": "6"}  # killed after step 6: the newest checkpoint is step 5
+# the file's pretraining runs: name -> (ranks, arguments, environment); the 2-rank runs of each launch (a kill ends
+# one) in ``cp_runs``
+RUNS = {
+    "cp": (2, CP2, {}),
+    "cp_fsdp": (2, [*CP2, "model.fsdp=true"], KILL),
+    "cp_then_plain": (2, CP2, KILL),
+    "cp_dp": (4, ["trainer.devices=4", "model.context_parallel_size=2", "model.micro_batch_size=2"], {}),
+}
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list:
-    out = tmp_path_factory.mktemp("cp") / "results.json"
-    run_torchrun(WORKER, str(out), ",".join(CASES))
-    return json.loads(out.read_text())
+def cp_runs(tiny_corpus, tmp_path_factory) -> dict:
+    """``"results"``: every rank's results of the worker's ``CASES`` (tests/parallel/cp_worker.py), and ``name ->
+    (CaseRun, results folder)`` of ``RUNS``, in three launches (tests/run_cases.py): the worker's checks, "cp" and
+    the killed "cp_fsdp"; the killed "cp_then_plain"; "cp_dp" on 4 ranks."""
+    root = tmp_path_factory.mktemp("cp")
+
+    def cases(*names):
+        return [{"name": n, "args": _pretrain_args(tiny_corpus, root / n, *RUNS[n][1]), "env": RUNS[n][2]}
+                for n in names]
+
+    out = root / "results.json"
+    runs = run_cases(cases("cp", "cp_fsdp"), 2, root / "launch1", script=WORKER, script_args=(str(out), ",".join(CASES)))
+    runs.update(run_cases(cases("cp_then_plain"), 2, root / "launch2"))
+    runs.update(run_cases(cases("cp_dp"), 4, root / "launch4"))
+    return {"results": json.loads(out.read_text()), **{n: (runs[n], root / n) for n in RUNS}}
+
+
+@pytest.fixture(scope="module")
+def results(cp_runs) -> list:
+    return cp_runs["results"]
+
+
+def _killed_at_step_6(run, out: Path) -> None:
+    assert run.ran and not run.codes  # killed: no rank returned
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -70,40 +103,35 @@ def test_unsupported_models_and_layouts_are_named():
 
 
 # -- through the pretraining stage -----------------------------------------------------------------
-def test_context_parallel_pretraining_matches_one_process_and_resumes_unsharded(tiny_corpus, tmp_path, plain_run):
-    out = tmp_path / "cp"
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.context_parallel_size=2")
-    assert "data parallel 1, tensor parallel 1, pipeline parallel 1, context parallel 2" in p.stdout + p.stderr
+def test_context_parallel_pretraining_matches_one_process_and_resumes_unsharded(tiny_corpus, capsys, plain_run,
+                                                                                cp_runs):
+    run, out = cp_runs["cp"]
+    assert "data parallel 1, tensor parallel 1, pipeline parallel 1, context parallel 2" in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "grad_norm"), _losses(out, "grad_norm"))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
-    moved = tmp_path / "cp_then_plain"
-    p = _pretrain(tiny_corpus, moved, 2, "trainer.devices=2", "model.context_parallel_size=2",
-                  env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0 and (moved / "checkpoints" / "latest").read_text().strip() == "step_0000005"
-    p = _pretrain(tiny_corpus, moved, 1, "trainer.devices=1")
-    assert "resuming from" in p.stdout + p.stderr
+    run, moved = cp_runs["cp_then_plain"]
+    _killed_at_step_6(run, moved)
+    assert "resuming from" in _in_process(capsys, tiny_corpus, moved, "trainer.devices=1")  # one process: this one
     _same_curve(_losses(plain_run), _losses(moved))
 
 
-def test_context_parallel_beside_data_parallel_matches_one_process(tiny_corpus, tmp_path, plain_run):
-    out = tmp_path / "cp_dp"
-    p = _pretrain(tiny_corpus, out, 4, "trainer.devices=4", "model.context_parallel_size=2", "model.micro_batch_size=2")
-    assert "data parallel 2, tensor parallel 1, pipeline parallel 1, context parallel 2" in p.stdout + p.stderr
+def test_context_parallel_beside_data_parallel_matches_one_process(plain_run, cp_runs):
+    run, out = cp_runs["cp_dp"]
+    assert "data parallel 2, tensor parallel 1, pipeline parallel 1, context parallel 2" in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "grad_norm"), _losses(out, "grad_norm"))
 
 
-def test_context_parallel_with_fsdp_shards_over_the_group_and_resumes_unsharded(tiny_corpus, tmp_path, plain_run):
-    out = tmp_path / "cp_fsdp"
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", "model.context_parallel_size=2", "model.fsdp=true",
-                  env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0 and "context parallel 2 (FSDP full" in p.stdout + p.stderr
+def test_context_parallel_with_fsdp_shards_over_the_group_and_resumes_unsharded(tiny_corpus, capsys, plain_run,
+                                                                                 cp_runs):
+    run, out = cp_runs["cp_fsdp"]
+    _killed_at_step_6(run, out)
+    assert "context parallel 2 (FSDP full" in run.output
     step = out / "checkpoints" / "step_0000005"
     # data parallel 1, yet two shards: FSDP shards over data x context parallel ranks (dp_shard_cp)
     assert len([f for f in (step / "model").iterdir() if f.suffix == ".safetensors"]) == 2
-    p = _pretrain(tiny_corpus, out, 1, "trainer.devices=1")
-    assert "resuming from" in p.stdout + p.stderr
+    assert "resuming from" in _in_process(capsys, tiny_corpus, out, "trainer.devices=1")  # one process: this one
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "grad_norm"), _losses(out, "grad_norm"))
 
