@@ -1,9 +1,13 @@
 """Run by tests/parallel/test_expert_parallel.py under torchrun (gloo): a tiny Mixtral with its experts spread over
 expert-parallel groups of 2 ranks (2 or 4 data-parallel ranks), trained under DDP with gradient accumulation, against
-the plain model in the same process seeing the whole global batch micro batch by micro batch."""
+the plain model in the same process seeing the whole global batch micro batch by micro batch.
+
+``ep_worker.py OUT.json|- NAMES [CASES.json]`` (``-``: the cases alone): with CASES.json, then the ``lmforge``
+commands of tests/run_cases.py in the same launch (the pretraining runs of the test file)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -91,12 +95,27 @@ def built_on_meta() -> dict:
             "rope_diff": float((model.rope_cos - ref.rope_cos).abs().max())}
 
 
-if __name__ == "__main__":
+def main(out: str, names: str, spec: str | None = None) -> int:
+    """Rank 0 writes every rank's results of ``names`` to ``out`` (``-``: no checks); then, with ``spec``, the
+    ``lmforge`` commands of tests/run_cases.py in the same process group (one launch for the checks here and the
+    pretraining runs)."""
     dist.init_process_group("gloo")
-    results = {name: (built_on_meta() if name == "meta" else run(name)) for name in sys.argv[2].split(",")}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(gathered, f)
-    dist.destroy_process_group()
+    if out != "-":
+        results = {name: (built_on_meta() if name == "meta" else run(name)) for name in names.split(",")}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        if dist.get_rank() == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    if spec is None:
+        dist.destroy_process_group()
+        return 0
+    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+    from tests import run_cases
+
+    dist.init_process_group = lambda *args, **kwargs: None  # run_cases' group: the one started above
+    return run_cases.run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MOE, convert_to_hf, run_cases, run_torchrun
+from tests.conftest import MOE, convert_to_hf, run_cases
 from tests.train.test_fsdp import (_in_process, _pretrain, _pretrain_args, _pretrain_here, _refused,
                                      _same_curve)
 from tests.train.test_pretrain import _env, _losses
@@ -19,12 +19,60 @@ from tests.train.test_pretrain import _env, _losses
 WORKER = Path(__file__).with_name("ep_worker.py")
 
 
+LAYOUT = {1: ["trainer.devices=1"], 2: ["trainer.devices=2", "model.expert_model_parallel_size=2"]}
+KILL = {"LMFORGE_TEST_KILL_AT_STEP": "6"}  # killed after step 6: the newest checkpoint is step 5
+VARIANTS = {2: ["plain", "checkpointing"], 4: ["plain"]}  # the worker's runs on 2 and 4 ranks (and "meta" on each)
+EP_FSDP = {  # EP 2 x FSDP on 4 ranks: name -> layout
+    "ep_fsdp_full": ["model.fsdp=true"],  # experts sharded over the 2 ranks holding the same experts
+    "ep_fsdp_grad": ["model.fsdp=true", "model.fsdp_sharding_strategy=grad"],
+}
+
+
+def _ep_fsdp_args(layout: list[str]) -> list[str]:
+    return ["trainer.devices=4", "model.micro_batch_size=2", *layout, "model.expert_model_parallel_size=2", *MOE]
+
+
+@pytest.fixture(scope="module")
+def ep_launches(tiny_corpus, tmp_path_factory) -> dict:
+    """Every multi-process run of this file in three torchrun launches (tests/run_cases.py; a kill ends a launch),
+    each starting with the worker's checks (tests/parallel/ep_worker.py, ``VARIANTS``):
+
+    - ``"killed"``: the one-process run killed after step 6 (its CompletedProcess; a process of its own, before);
+    - 2 ranks: ``"ep2"`` from step 0, ``"one_then_ep2"`` (the killed one-process run resumed on EP 2) and
+      ``"ep2_killed"`` (EP 2 killed after step 6);
+    - 4 ranks, one launch each: ``EP_FSDP``, killed after step 6.
+
+    ``name -> (CaseRun, results folder)``, and ``nproc -> every rank's worker results``."""
+    root = tmp_path_factory.mktemp("ep")
+    killed = _pretrain(tiny_corpus, root / "one_then_ep2", 1, *LAYOUT[1], *MOE, env=_env(**KILL), check=False)
+    ep2 = [*LAYOUT[2], *MOE]
+    launches = {  # launch name: (ranks, [(case name, arguments, environment)])
+        "launch2": (2, [("ep2", ep2, {}), ("one_then_ep2", ep2, {}), ("ep2_killed", ep2, KILL)]),
+        "launch4_full": (4, [("ep_fsdp_full", _ep_fsdp_args(EP_FSDP["ep_fsdp_full"]), KILL)]),
+        "launch4_grad": (4, [("ep_fsdp_grad", _ep_fsdp_args(EP_FSDP["ep_fsdp_grad"]), KILL)]),
+    }
+    result = {"killed": killed}
+    for launch, (nproc, cases) in launches.items():
+        checks = launch in ("launch2", "launch4_full")  # the worker's checks on 2 and on 4 ranks, once each
+        out = root / f"{launch}.json"
+        runs = run_cases([{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args), "env": env}
+                          for name, args, env in cases], nproc, root / launch, script=WORKER,
+                         script_args=(str(out) if checks else "-", ",".join(VARIANTS[nproc] + ["meta"])))
+        if checks:
+            result[nproc] = json.loads(out.read_text())
+        result.update({name: (runs[name], root / name) for name, _, _ in cases})
+    return result
+
+
+def _killed_at_step_6(run, out: Path) -> None:
+    assert run.ran and not run.codes  # killed: no rank returned
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005", run.output[-2000:]
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_expert_parallel_trains_like_the_plain_model(tmp_path, nproc):
-    out = tmp_path / "results.json"
-    variants = ["plain", "checkpointing"] if nproc == 2 else ["plain"]
-    run_torchrun(WORKER, str(out), ",".join(variants + ["meta"]), nproc=nproc)
-    results = json.loads(out.read_text())
+def test_expert_parallel_trains_like_the_plain_model(ep_launches, nproc):
+    variants = VARIANTS[nproc]
+    results = ep_launches[nproc]
     for rank_results in results:  # built on meta, split, allocated: its share only, the whole model's values
         r = rank_results["meta"]
         assert r["names"] == rank_results["plain"]["names"] and not r["on_meta"]
@@ -56,25 +104,8 @@ def one_process_mbs2(tiny_corpus, tmp_path_factory):
     return _pretrain_here(tiny_corpus, out, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
 
 
-LAYOUT = {1: ["trainer.devices=1"], 2: ["trainer.devices=2", "model.expert_model_parallel_size=2"]}
-
-
-@pytest.fixture(scope="module")
-def ep2_runs(tiny_corpus, tmp_path_factory) -> dict:
-    """The 2-rank EP runs no kill ends, in ONE torchrun launch (tests/run_cases.py): ``"ep2"`` from step 0 and
-    ``"one_then_ep2"``, the one-process run killed after step 6 (``"killed"``: its CompletedProcess) resumed on
-    EP 2. ``name -> (CaseRun, results folder)``."""
-    root = tmp_path_factory.mktemp("ep2")
-    killed = _pretrain(tiny_corpus, root / "one_then_ep2", 1, *LAYOUT[1], *MOE,
-                       env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *LAYOUT[2], *MOE)}
-             for name in ("ep2", "one_then_ep2")]
-    runs = run_cases(cases, 2, root / "launch")
-    return {"killed": killed, **{name: (runs[name], root / name) for name in ("ep2", "one_then_ep2")}}
-
-
-def test_pretraining_ep2_matches_one_process_resumes_and_converts(tmp_path, plain_moe_run, ep2_runs):
-    run, out = ep2_runs["ep2"]  # trainer.devices=2 model.expert_model_parallel_size=2 + MOE
+def test_pretraining_ep2_matches_one_process_resumes_and_converts(tmp_path, plain_moe_run, ep_launches):
+    run, out = ep_launches["ep2"]  # trainer.devices=2 model.expert_model_parallel_size=2 + MOE
     assert "expert parallel 2" in run.ok()
     _same_curve(_losses(plain_moe_run), _losses(out))
     _same_curve(_losses(plain_moe_run, "grad_norm"), _losses(out, "grad_norm"))
@@ -90,18 +121,14 @@ def test_pretraining_ep2_matches_one_process_resumes_and_converts(tmp_path, plai
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resume_between_ep2_and_one_process(tiny_corpus, tmp_path, capsys, plain_moe_run, ep2_runs, first, then):
-    if first == 2:  # killed on 2 EP ranks, resumed in this process
-        out = tmp_path / "moving"
-        p = _pretrain(tiny_corpus, out, first, *LAYOUT[first], *MOE, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"),
-                      check=False)
-    else:  # killed in a process of its own, resumed on 2 EP ranks in the file's 2-rank launch
-        p, (run, out) = ep2_runs["killed"], ep2_runs["one_then_ep2"]
-    assert p.returncode != 0
-    if first == 2:
-        assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+def test_resume_between_ep2_and_one_process(tiny_corpus, capsys, plain_moe_run, ep_launches, first, then):
+    if first == 2:  # killed on 2 EP ranks (the last case of the file's 2-rank launch), resumed in this process
+        killed, out = ep_launches["ep2_killed"]
+        _killed_at_step_6(killed, out)
         output = _in_process(capsys, tiny_corpus, out, *LAYOUT[then], *MOE)
-    else:
+    else:  # killed in a process of its own, resumed on 2 EP ranks in the file's 2-rank launch
+        p, (run, out) = ep_launches["killed"], ep_launches["one_then_ep2"]
+        assert p.returncode != 0
         output = run.ok()
     assert "resuming from" in output
     if first == 1:  # the killed run's latest checkpoint was step 5
@@ -165,20 +192,15 @@ def test_the_assembly_refuses_what_expert_parallelism_does_not_run(tmp_path, cha
         _check_job(job, Runtime())
 
 
-@pytest.mark.parametrize("layout", [
-    ["model.fsdp=true"],  # experts sharded over the 2 ranks holding the same experts
-    ["model.fsdp=true", "model.fsdp_sharding_strategy=grad"],
-])
-def test_expert_parallel_beside_fsdp_matches_one_process(tiny_corpus, tmp_path, capsys, one_process_mbs2, layout):
+@pytest.mark.parametrize("name", list(EP_FSDP))
+def test_expert_parallel_beside_fsdp_matches_one_process(tiny_corpus, capsys, one_process_mbs2, ep_launches, name):
     """EP 2 x FSDP on 4 ranks: experts sharded over the ranks holding the same experts, the rest over all
     data-parallel ranks (torchtitan's layout). The run, killed after step 6 and resumed on one process, gives the
     one-process curve and grad norms (steps 1-5 from the EP x FSDP ranks, 6-10 from one process), and its val loss
     at step 5. (The router's load-balancing loss pools a micro batch: the reference reads the same micro batches.)"""
-    out = tmp_path / "ep_fsdp"
-    args = ["trainer.devices=4", "model.micro_batch_size=2", *layout, "model.expert_model_parallel_size=2", *MOE]
-    p = _pretrain(tiny_corpus, out, 4, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert "expert parallel 2" in p.stdout + p.stderr and "FSDP" in p.stdout + p.stderr
-    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000005", p.stderr[-2000:]
+    run, out = ep_launches[name]
+    assert "expert parallel 2" in run.output and "FSDP" in run.output
+    _killed_at_step_6(run, out)
     sharded = (_losses(out), _losses(out, "grad_norm"), _losses(out, "val_loss"))
     output = _in_process(capsys, tiny_corpus, out, "trainer.devices=1", "model.micro_batch_size=2", *MOE)
     assert "resuming from" in output  # resumed on one process (in this one)
