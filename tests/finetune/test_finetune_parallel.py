@@ -4,19 +4,12 @@ process with the same global batch; bf16-mixed, 16-mixed and gradient checkpoint
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from lmforge.finetune import run
 from tests.conftest import assert_run_plots, run_cases
 from tests.finetune.test_finetune_stage import config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finetune_here(args) -> None:

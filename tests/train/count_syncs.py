@@ -6,6 +6,9 @@ Counted: ``Tensor.item``, ``tolist``, ``cpu``, ``__float__``, ``__int__``, ``__b
 business). A read inside ``Trainer.train_step`` or in the loop's per-step flag check (``Trainer._any_rank``) counts
 as "in the step" of the step that runs; any other read (logging, validation, saving) as "around" it. Each rank writes
 ``{"in_step": {step: n}, "around": {step: n}}`` to ``$LMFORGE_SYNC_COUNTS/rank{R}.json`` when the run ends.
+
+``count_syncs.py --cases CASES.json``: the commands of tests/run_cases.py in one launch instead, those whose ``env``
+sets LMFORGE_SYNC_COUNTS counted.
 """
 
 from __future__ import annotations
@@ -60,9 +63,33 @@ def inside(real, marks_step: bool):
 Trainer.train_step = inside(Trainer.train_step, True)
 Trainer._any_rank = inside(Trainer._any_rank, False)
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    out = Path(os.environ["LMFORGE_SYNC_COUNTS"])
+def write_counts(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(counts))
+
+
+def counted_cases(spec: str) -> int:
+    """The commands of tests/run_cases.py (CASES.json ``spec``), counted: a case whose ``env`` sets
+    LMFORGE_SYNC_COUNTS gets its own counts (from zero) written there when it returns."""
+    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+    from tests import run_cases
+
+    def counted_main(args):
+        for kind in counts.values():
+            kind.clear()
+        where.update(step=0, inside=0)
+        code = main(args)
+        if os.environ.get("LMFORGE_SYNC_COUNTS"):
+            write_counts(Path(os.environ["LMFORGE_SYNC_COUNTS"]))
+        return code
+
+    run_cases.main = counted_main
+    return run_cases.run(spec)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--cases":  # count_syncs.py --cases CASES.json
+        sys.exit(counted_cases(sys.argv[2]))
+    code = main(sys.argv[1:])
+    write_counts(Path(os.environ["LMFORGE_SYNC_COUNTS"]))
     sys.exit(code)

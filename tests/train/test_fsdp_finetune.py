@@ -5,9 +5,6 @@ training step reads a tensor to the host (pretraining under FSDP: test_fsdp.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,6 @@ import torch
 
 from tests.conftest import run_cases
 from tests.finetune.conftest import base_model_dir, sft_tokenizer, task_files  # noqa: F401 (fixtures)
-from tests.finetune.test_finetune_parallel import _free_port
 from tests.train.test_fsdp import STEPS, _same_curve
 
 
@@ -25,22 +21,6 @@ def mixtral_dir(tmp_path_factory, sft_tokenizer):
 
     return save_tiny_model(tmp_path_factory.mktemp("mixtral") / "base", sft_tokenizer, hidden_size=32,
                            ffn_hidden_size=48, num_moe_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)
-
-
-def _finetune(args, nproc, sync_counts=None):
-    """``lmforge finetune ARGS`` on ``nproc`` processes; with ``sync_counts`` (a folder) through
-    tests/train/count_syncs.py, which writes each rank's host reads of tensors per step there."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = ["-m", "lmforge"]
-    if sync_counts is not None:
-        run = [str(Path(__file__).with_name("count_syncs.py"))]
-        env["LMFORGE_SYNC_COUNTS"] = str(sync_counts)
-    cmd = [sys.executable, *run, "finetune", *args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "--master-addr=127.0.0.1", *run, "finetune", *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
 
 def _finetune_common(base, task_files, method) -> list[str]:
@@ -76,7 +56,8 @@ FINETUNE_LAYOUTS = [
     ("llama", "full", "full"), ("mixtral", "full", "full"), ("llama", "lora", "full"), ("llama", "ia3", "full"),
     ("llama", "adapter", "full"), ("llama", "ptuning", "full"), ("mixtral", "lora", "full"), ("llama", "full", "hybrid"),
     ("llama", "lora", "grad")]
-COUNTED = ("llama", "lora", "full")  # run through tests/train/count_syncs.py, in a launch of its own
+COUNTED = ("llama", "lora", "full")  # its host reads of tensors counted (tests/train/count_syncs.py)
+COUNTER = Path(__file__).with_name("count_syncs.py")
 
 
 def _finetune_layout(strategy: str) -> tuple[int, list[str]]:
@@ -88,45 +69,40 @@ def _finetune_layout(strategy: str) -> tuple[int, list[str]]:
 
 @pytest.fixture(scope="module")
 def finetune_sharded(tmp_path_factory, base_model_dir, mixtral_dir, task_files) -> dict:
-    """``(model, method, strategy) -> (CaseRun, out folder)`` of every sharded fine-tuning layout but ``COUNTED``:
-    the 2-rank layouts one after the other in ONE torchrun launch (tests/run_cases.py: one interpreter start and
+    """``(model, method, strategy) -> (CaseRun, out folder)`` of every sharded fine-tuning layout, and ``"syncs"``:
+    the folder of ``COUNTED``'s host-read counts: the 2-rank layouts one after the other in ONE torchrun launch
+    through tests/train/count_syncs.py (tests/run_cases.py' commands, ``COUNTED`` counted: one interpreter start and
     rendezvous for all), the 4-rank one in another."""
     root = tmp_path_factory.mktemp("ft_sharded")
     by_nproc, outs = {}, {}
     for model, method, strategy in FINETUNE_LAYOUTS:
-        if (model, method, strategy) == COUNTED:
-            continue
         nproc, layout = _finetune_layout(strategy)
         name = f"{model}-{method}-{strategy}"
         outs[model, method, strategy] = root / name
         base = base_model_dir if model == "llama" else mixtral_dir
-        by_nproc.setdefault(nproc, []).append({"name": name, "args": [
+        env = {"LMFORGE_SYNC_COUNTS": str(root / "syncs")} if (model, method, strategy) == COUNTED else {}
+        by_nproc.setdefault(nproc, []).append({"name": name, "env": env, "args": [
             "finetune", "--out", str(root / name), *_finetune_common(base, task_files, method), *layout]})
     runs = {}
     for nproc, cases in by_nproc.items():
-        runs.update(run_cases(cases, nproc, root / f"launch{nproc}"))
-    return {key: (runs["-".join(key)], out) for key, out in outs.items()}
+        counted = any(c["env"] for c in cases)
+        runs.update(run_cases(cases, nproc, root / f"launch{nproc}", script=COUNTER if counted else None,
+                              script_args=("--cases",) if counted else ()))
+    return {"syncs": root / "syncs", **{key: (runs["-".join(key)], out) for key, out in outs.items()}}
 
 
 @pytest.mark.parametrize("model,method,strategy", FINETUNE_LAYOUTS)
-def test_finetuning_fsdp_matches_one_process(tmp_path, base_model_dir, mixtral_dir, task_files, finetune_one_process,
-                                             finetune_sharded, model, method, strategy):
+def test_finetuning_fsdp_matches_one_process(finetune_one_process, finetune_sharded, model, method, strategy):
     one = finetune_one_process(model, method)
-    nproc, layout = _finetune_layout(strategy)
+    nproc, _ = _finetune_layout(strategy)
     counted = (model, method, strategy) == COUNTED
-    if counted:
-        base = base_model_dir if model == "llama" else mixtral_dir
-        out = tmp_path / "two"
-        _finetune(["--out", str(out)] + _finetune_common(base, task_files, method) + layout, nproc,
-                  sync_counts=tmp_path / "syncs")
-    else:
-        case, out = finetune_sharded[model, method, strategy]
-        case.ok()
+    case, out = finetune_sharded[model, method, strategy]
+    case.ok()
     two = json.loads((out / "summary.json").read_text())
     _same_curve(dict(one["losses"]), dict(two["losses"]))
     if counted:  # no step waits for the device: the loss and token counts are read at logging steps only
         for rank in range(nproc):
-            syncs = json.loads((tmp_path / "syncs" / f"rank{rank}.json").read_text())
+            syncs = json.loads((finetune_sharded["syncs"] / f"rank{rank}.json").read_text())
             assert sorted(int(k) for k in syncs["around"]) == list(range(0, STEPS + 1))  # the counter counts
             assert syncs["in_step"] == {}, syncs["sites"]  # was 2 a step: the global token count, the stop flag
         # the counts read later still add up: the same tokens and samples in the last checkpoint as one process
