@@ -90,33 +90,58 @@ TWO_RANK_RUNS = {
     "grow": (FSDP2, {}),  # resumes the one-process run killed after step 6 (copied in first)
     "fused_clip": ([*FSDP2, *FUSED_CLIP], {"trainer.max_steps": 4, "trainer.val_check_interval": 4}),
 }
+HYBRID = ["trainer.devices=2", "trainer.num_nodes=2", "model.micro_batch_size=2", "model.fsdp=true",
+          "model.fsdp_sharding_strategy=hybrid"]
+FSDP4 = ["trainer.devices=4", "model.micro_batch_size=2", "model.fsdp=true"]
+DROPOUT = [*FSDP2, "model.hidden_dropout=0.1"]
+ASYNC2 = ["trainer.devices=2", "exp_manager.checkpoint_callback_params.async_save=true", "model.fsdp=true"]
 
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
-    """``name -> (CaseRun, results folder)`` of ``TWO_RANK_RUNS``, run in one launch (tests/run_cases.py)."""
-    root = tmp_path_factory.mktemp("fsdp_two_rank")
+    """Every multi-process run of this file (but the one-process run killed for "grow", ``killed_run``), in four
+    torchrun launches (tests/run_cases.py); a kill ends a launch, so a killed run is its launch's last case and its
+    resumption opens the next launch:
+
+    1. 4 ranks: "hybrid" (FSDP hybrid, 2 "nodes" of 2), "moving_4" (FSDP 4 killed after step 6, in moving/);
+    2. 2 ranks: ``TWO_RANK_RUNS``, "dropout_killed" (killed after step 7);
+    3. 2 ranks: "dropout_resumed" (in dropout_killed/), "async_killed" (async saves, killed after step 6);
+    4. 2 ranks: "async_resumed" (in async_killed/), "moving_2" (moving/ resumed on 2 FSDP ranks, killed after 9).
+
+    ``name -> (CaseRun, results folder)``, and ``"latest"``: each killed run's newest checkpoint when it died."""
+    root = tmp_path_factory.mktemp("fsdp_runs")
     killed_run(1, "trainer.devices=1", into=root / "grow")
-    cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *extra, **overrides)}
-             for name, (extra, overrides) in TWO_RANK_RUNS.items()]
-    runs = run_cases(cases, 2, root / "launch")
-    return {name: (runs[name], root / name) for name in TWO_RANK_RUNS}
+    result, latest = {}, {}
+
+    def case(name, folder, *args, kill=None, **overrides):
+        result[name] = root / folder
+        env = {"LMFORGE_TEST_KILL_AT_STEP": str(kill)} if kill else {}
+        return {"name": name, "args": _pretrain_args(tiny_corpus, root / folder, *args, **overrides), "env": env}
+
+    def launch(nproc, *cases):
+        runs = run_cases(list(cases), nproc, root / f"launch_{cases[0]['name']}")
+        result.update({c["name"]: (runs[c["name"]], result[c["name"]]) for c in cases})
+        killed = result[cases[-1]["name"]][1] / "checkpoints" / "latest"
+        latest[cases[-1]["name"]] = killed.read_text().strip() if killed.is_file() else None
+
+    launch(4, case("hybrid", "hybrid", *HYBRID), case("moving_4", "moving", *FSDP4, kill=6))
+    launch(2, *[case(name, name, *extra, **overrides) for name, (extra, overrides) in TWO_RANK_RUNS.items()],
+           case("dropout_killed", "dropout_killed", *DROPOUT, kill=7))
+    launch(2, case("dropout_resumed", "dropout_killed", *DROPOUT),
+           case("async_killed", "async_killed", *ASYNC2, kill=6))
+    launch(2, case("async_resumed", "async_killed", *ASYNC2), case("moving_2", "moving", *FSDP2, kill=9))
+    return {**result, "latest": latest}
 
 
-@pytest.mark.parametrize("layout", [
-    ("full", 2, ["trainer.devices=2"]),
-    ("grad", 2, ["trainer.devices=2"]),
-    ("hybrid", 4, ["trainer.devices=2", "trainer.num_nodes=2", "model.micro_batch_size=2"]),
-])
-def test_pretraining_fsdp_matches_one_process(tiny_corpus, tmp_path, plain_run, two_rank_runs, layout):
-    strategy, nproc, devices = layout
-    if nproc == 2:  # run in the file's 2-rank launch
-        run, out = two_rank_runs[strategy]
-        output = run.ok()
-    else:
-        out = tmp_path / strategy
-        p = _pretrain(tiny_corpus, out, nproc, *devices, "model.fsdp=true", f"model.fsdp_sharding_strategy={strategy}")
-        output = p.stdout + p.stderr
+def _killed(run) -> None:
+    assert run.ran and not run.codes, run.launch  # killed: no rank returned
+
+
+@pytest.mark.parametrize("layout", [("full", 2), ("grad", 2), ("hybrid", 4)])
+def test_pretraining_fsdp_matches_one_process(plain_run, two_rank_runs, layout):
+    strategy, nproc = layout
+    run, out = two_rank_runs[strategy]  # "hybrid": 2 "nodes" of 2 ranks, micro batch 2
+    output = run.ok()
     assert f"FSDP {strategy}" in output
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
@@ -152,21 +177,23 @@ def test_fsdp_clipping_inside_the_fused_adamw_step_matches_clipping_in_place(tin
     assert min(_losses(out, "grad_norm").values()) > 0.5  # the clip acted at every step
 
 
-def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, tmp_path, capsys, plain_run, killed_run):
-    fsdp = ["model.fsdp=true"]
+def test_resume_on_other_layouts_continues_the_curve(tiny_corpus, capsys, plain_run, two_rank_runs):
     # 4 FSDP ranks killed after step 6 (latest: step 5), then 2 ranks, then one process
-    out, _ = killed_run(4, "trainer.devices=4", "model.micro_batch_size=2", *fsdp, into=tmp_path / "moving")
-    p = _pretrain(tiny_corpus, out, 2, "trainer.devices=2", *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="9"),
-                  check=False)
-    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_0000008"
-    assert "resuming from" in p.stdout + p.stderr
+    latest = two_rank_runs["latest"]
+    run, out = two_rank_runs["moving_4"]
+    _killed(run)
+    assert latest["moving_4"] == "step_0000005"
+    run, _ = two_rank_runs["moving_2"]  # resumed on 2 FSDP ranks, killed after step 9
+    _killed(run)
+    assert latest["moving_2"] == "step_0000008" and "resuming from" in run.output
     output = _in_process(capsys, tiny_corpus, out, "trainer.devices=1")  # no FSDP: reads the 2-rank shards
     assert "resuming from" in output
     _same_curve(_losses(plain_run), _losses(out))
 
 
-def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tiny_corpus, tmp_path, plain_hf, killed_run):
-    out, _ = killed_run(2, "trainer.devices=2", "model.fsdp=true")  # stopped after the step-5 checkpoint
+def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tmp_path, plain_hf, two_rank_runs):
+    run, out = two_rank_runs["full"]  # its step-5 checkpoint, written by 2 FSDP ranks mid-run
+    run.ok()
     hf_sharded, (hf_plain, b) = tmp_path / "hf_sharded", plain_hf
     a = convert_to_hf(out / "checkpoints" / "step_0000005", hf_sharded)
     assert a.keys() == b.keys()
@@ -175,20 +202,17 @@ def test_sharded_checkpoint_converts_to_the_hf_folder_of_its_weights(tiny_corpus
     assert json.loads((hf_sharded / "config.json").read_text()) == json.loads((hf_plain / "config.json").read_text())
 
 
-def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(tiny_corpus, tmp_path, plain_run,
-                                                                         two_rank_runs):
+def test_unsharded_checkpoint_resumes_under_fsdp_and_fsdp_resume_is_exact(plain_run, two_rank_runs):
     # 1 unsharded process -> 2 FSDP ranks: the optimizer state by parameter index is sliced onto the shards.
     run, out = two_rank_runs["grow"]  # the one-process run killed after step 6, resumed on 2 FSDP ranks
     assert "resuming from" in run.ok()
     _same_curve(_losses(plain_run), _losses(out))
-    # The same FSDP layout killed and resumed: bit-exact against an uninterrupted FSDP run.
+    # The same FSDP layout killed (after step 7) and resumed: bit-exact against an uninterrupted FSDP run.
     run, whole = two_rank_runs["dropout"]
     run.ok()
-    killed = tmp_path / "killed"
-    fsdp = ["trainer.devices=2", "model.fsdp=true", "model.hidden_dropout=0.1"]
-    p = _pretrain(tiny_corpus, killed, 2, *fsdp, env=_env(LMFORGE_TEST_KILL_AT_STEP="7"), check=False)
-    assert p.returncode != 0
-    _pretrain(tiny_corpus, killed, 2, *fsdp)
+    _killed(two_rank_runs["dropout_killed"][0])
+    run, killed = two_rank_runs["dropout_resumed"]
+    assert "resuming from" in run.ok()
     assert _losses(whole) == _losses(killed)
 
 
@@ -236,23 +260,26 @@ def test_checkpoint_of_another_model_is_refused(tiny_corpus, tmp_path, capsys, p
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["model.fsdp=true"])])
 def test_async_save_resumes_exactly(tiny_corpus, tmp_path, capsys, two_rank_runs, nproc, extra):
     args = [f"trainer.devices={nproc}", "exp_manager.checkpoint_callback_params.async_save=true", *extra]
-    killed = tmp_path / "killed"
     if nproc == 1:  # the uninterrupted run and the resume in this process, the killed run in its own
-        whole = tmp_path / "whole"
+        whole, killed = tmp_path / "whole", tmp_path / "killed"
         _in_process(capsys, tiny_corpus, whole, *args)
-    else:
+        p = _pretrain(tiny_corpus, killed, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
+        assert p.returncode != 0
+        latest = (killed / "checkpoints" / "latest").read_text().strip()
+    else:  # ASYNC2 in the file's launches: killed after step 6, resumed in the next launch
         run, whole = two_rank_runs["async"]
         run.ok()
+        _killed(two_rank_runs["async_killed"][0])
+        latest = two_rank_runs["latest"]["async_killed"]
     assert (whole / "checkpoints" / "latest").read_text().strip() == "step_0000010"  # published at the end
     assert not list((whole / "checkpoints").glob(".step_*"))
-    p = _pretrain(tiny_corpus, killed, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-    assert p.returncode != 0
     # step 5 was still being written in the background when the run died: step 4 is the newest whole one
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    assert latest == "step_0000004"
     if nproc == 1:
         _in_process(capsys, tiny_corpus, killed, *args)
     else:
-        _pretrain(tiny_corpus, killed, nproc, *args)
+        run, killed = two_rank_runs["async_resumed"]
+        assert "resuming from" in run.ok()
     assert _losses(whole) == _losses(killed)
     from lmforge.train.checkpoint import load_model
 
