@@ -1,19 +1,19 @@
 """The decode step's Triton kernels (lmforge.serve.kernels), run by Triton's interpreter on the CPU.
 
 The interpreter must be chosen before Triton is imported, so the checks run in another Python process: one
-per module (the ``interpret`` fixture), which imports torch, Triton and lmforge's serving modules once and runs
-each check in a forked child of itself, a fresh copy of the imported modules (a check's patches of module
-globals end with the child), without paying the imports again for each check. (Its bfloat16 matrix products are wrong, a limitation of the interpreter: the attention is
-checked in float16 and float32 here, bfloat16 on a GPU by benchmarks/engine_gpu_check.py.)
+per module (the ``interpret`` fixture, tests/forked.py), which imports torch, Triton and lmforge's serving modules
+once and runs each check in a forked child of itself (a fresh copy of the imported modules). (Its bfloat16
+matrix products are wrong, a limitation of the interpreter: the attention is checked in float16 and float32 here,
+bfloat16 on a GPU by benchmarks/engine_gpu_check.py.)
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.forked import ForkedPython
 
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -474,63 +474,15 @@ DRAW_ENGINE_CHECK = textwrap.dedent("""
 """)
 
 
-# The checks' process: reads one path a line, runs that file's code in a forked child (its output written next to
-# it, as PATH.out) and answers the child's exit status. The child execs in __main__'s namespace, as `python -c`
-# would (torch.compile looks names up there).
-SERVER = textwrap.dedent("""
-    import os, sys, traceback
-    import torch, triton
-    import lmforge.serve.engine, lmforge.serve.kernels, lmforge.serve.runner, lmforge.serve.sampler
-
-    for line in sys.stdin:
-        path = line.strip()
-        pid = os.fork()
-        if pid == 0:
-            fd = os.open(path + ".out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            status = 0
-            try:
-                exec(compile(open(path).read(), path, "exec"), sys.modules["__main__"].__dict__)
-            except BaseException:
-                traceback.print_exc()
-                status = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-""")
-
-
 @pytest.fixture(scope="module")
 def interpret(tmp_path_factory):
     """``interpret(code) -> (exit status, output)``: the code run by Triton's interpreter (see the module's
     docstring), in the current directory with the checkout's src first on the path."""
-    folder = tmp_path_factory.mktemp("interpret")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    server = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    count = 0
-
-    def run(code: str) -> tuple[int, str]:
-        nonlocal count
-        count += 1
-        path = folder / f"check{count}.py"
-        path.write_text(code)
-        server.stdin.write(f"{path}\n")
-        server.stdin.flush()
-        answer = server.stdout.readline()
-        out = (folder / f"check{count}.py.out").read_text() if (folder / f"check{count}.py.out").exists() else ""
-        assert answer.strip(), f"the interpreter's process ended (exit {server.poll()}): {out[-3000:]}"
-        return int(answer), out
-
-    yield run
-    server.stdin.close()
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, 9)
-        server.wait()
+    python = ForkedPython(tmp_path_factory.mktemp("interpret"), ["torch", "triton", "lmforge.serve.engine",
+                          "lmforge.serve.kernels", "lmforge.serve.runner", "lmforge.serve.sampler"], env)
+    yield python.run
+    python.close()
 
 
 def test_kernels_match_reference_ops_in_the_triton_interpreter(interpret):
