@@ -89,6 +89,8 @@ TWO_RANK_RUNS = {
     "async": ([*FSDP2, "exp_manager.checkpoint_callback_params.async_save=true"], {}),  # likewise
     "grow": (FSDP2, {}),  # resumes the one-process run killed after step 6 (copied in first)
     "fused_clip": ([*FSDP2, *FUSED_CLIP], {"trainer.max_steps": 4, "trainer.val_check_interval": 4}),
+    # micro batch 2 x 2 ranks of a global batch of 8: two micro batches a step, reduce-scattered after each
+    "accumulate": ([*FSDP2, "model.micro_batch_size=2"], {}),
 }
 HYBRID = ["trainer.devices=2", "trainer.num_nodes=2", "model.micro_batch_size=2", "model.fsdp=true",
           "model.fsdp_sharding_strategy=hybrid"]
@@ -151,6 +153,38 @@ def test_pretraining_fsdp_matches_one_process(plain_run, two_rank_runs, layout):
     assert len(shards) == nproc
     assert (step / "training_state" / "optimizer").is_dir()
     assert json.loads((step / "config.json").read_text())["sharded"]["world_size"] == nproc
+
+
+def test_fsdp_with_gradient_accumulation_matches_one_process(plain_run, two_rank_runs):
+    """Two micro batches a step on 2 FSDP ranks: the gradients are reduce-scattered after each micro batch (no rank
+    keeps whole unsharded gradients between them) and add up to one process's step on micro batches of 4."""
+    run, out = two_rank_runs["accumulate"]
+    output = run.ok()
+    assert "FSDP full" in output
+    _same_curve(_losses(plain_run), _losses(out))
+
+
+def test_fsdp_reduce_scatters_every_micro_batch(tmp_path):
+    """The loop's gradient sync for a micro batch before the last: an FSDP2 module still reduce-scatters into its
+    sharded gradients (``p.grad`` a DTensor after the backward). With FSDP's sync switched off (the loop before) they
+    stayed None, each rank holding the whole unsharded gradients inside FSDP until the last micro batch."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from lmforge.train.loop import Trainer
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        fully_shard(model)
+        trainer = Trainer.__new__(Trainer)  # _gradient_sync reads only the model
+        trainer.model = model
+        with trainer._gradient_sync(last=False):
+            model(torch.randn(2, 4)).sum().backward()
+        assert all(type(p.grad).__name__ == "DTensor" for p in model.parameters()), [p.grad for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_pretraining_mixtral_fsdp_matches_one_process(plain_moe_run, two_rank_runs):
