@@ -149,10 +149,11 @@ def plain_moe_run(tiny_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def killed_run(tiny_corpus, tmp_path_factory):
-    """``killed_run(nproc, *args, into=None) -> (folder, output)``: the parallel tests' tiny run on that layout
-    (tests/train/test_fsdp.py's ``_pretrain``), killed after step 6, so its newest checkpoint is step 5. Several
-    tests resume the same killed run on other layouts: it runs once per layout for the session; ``into`` gives a
-    test its own copy to resume in (the shared folder is only read)."""
+    """``killed_run(nproc, *args, into=None, at=6) -> (folder, output)``: the parallel tests' tiny run on that layout
+    (tests/train/test_fsdp.py's ``_pretrain``: checkpoints at 4, 5, 8 and 10), killed after step ``at`` (6: its
+    newest checkpoint is step 5; 9: step 8, so a resumption on a slow layout runs two steps). Several tests resume
+    the same killed run on other layouts: it runs once per layout for the session; ``into`` gives a test its own
+    copy to resume in (the shared folder is only read)."""
     import shutil
 
     from tests.train.test_fsdp import _pretrain
@@ -160,13 +161,14 @@ def killed_run(tiny_corpus, tmp_path_factory):
 
     runs = {}
 
-    def get(nproc: int, *args: str, into: Path | None = None) -> tuple[Path, str]:
-        key = (nproc, *args)
+    def get(nproc: int, *args: str, into: Path | None = None, at: int = 6) -> tuple[Path, str]:
+        key = (nproc, *args, at)
         if key not in runs:
             out = tmp_path_factory.mktemp("killed") / "run"
-            p = _pretrain(tiny_corpus, out, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP="6"), check=False)
-            assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]  # killed after step 6
-            assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+            p = _pretrain(tiny_corpus, out, nproc, *args, env=_env(LMFORGE_TEST_KILL_AT_STEP=str(at)), check=False)
+            assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]  # killed after step `at`
+            newest = max(step for step in (4, 5, 8) if step < at)
+            assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{newest:07d}"
             runs[key] = out, p.stdout + p.stderr
         out, output = runs[key]
         if into is None:

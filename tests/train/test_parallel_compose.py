@@ -1,5 +1,5 @@
-"""Pipeline, tensor and data parallelism composed on one mesh (4 gloo ranks): TP 2 x PP 2, PP 2 x DP 2, PP 2 x FSDP 2
-and TP 2 x DP 2 (replicas averaging gradients explicitly) each give the loss curve of one process; a TP 2 x PP 2
+"""Pipeline, tensor and data parallelism composed on one mesh (4 gloo ranks): TP 2 x PP 2, PP 2 x DP 2, PP 2 x FSDP 2,
+TP 2 x DP 2 (replicas averaging gradients explicitly) and TP 2 x FSDP 2 each give the loss curve of one process; a TP 2 x PP 2
 checkpoint resumes on FSDP 4 and the reverse, a one-process checkpoint resumes on TP 2 x PP 2, and a TP 2 x PP 2
 checkpoint converts to the one-process model's HF folder."""
 
@@ -19,18 +19,24 @@ TP2xPP2 = [*FOUR, "model.tensor_model_parallel_size=2", "model.pipeline_model_pa
 
 
 LAYOUTS = {  # name: (arguments, what the run prints about its layout)
-    # TP 2 x PP 2 alone runs in the resume test below (its first five steps, then five resumed ones)
+    # TP 2 x PP 2 alone runs in the resume tests below (its first six steps, killed; two resumed ones)
     "tp2xpp2_sp": ([*TP2xPP2, "model.sequence_parallel=true", "model.activations_checkpoint_granularity=full"],
                    "tensor parallel 2, pipeline parallel 2"),
     "pp2xdp2": ([*FOUR, "model.pipeline_model_parallel_size=2"], "data parallel 2, tensor parallel 1, pipeline parallel 2"),
     "pp2xfsdp2": ([*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true"], "pipeline parallel 2 (FSDP full"),
     "tp2xdp2": ([*FOUR, "model.tensor_model_parallel_size=2"], "data parallel 2, tensor parallel 2"),
+    "tp2xfsdp2": ([*FOUR, "model.tensor_model_parallel_size=2", "model.fsdp=true"],
+                  "data parallel 2, tensor parallel 2, pipeline parallel 1 (FSDP full"),
 }
 FSDP4, ONE = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
-RESUMES = {  # name: (the layout killed after step 6 (latest: step 5), the layout that resumes it on 4 ranks)
-    "tppp_then_fsdp": ((4, TP2xPP2), FSDP4[1]),
-    "fsdp_then_tppp": (FSDP4, TP2xPP2),
-    "one_then_tppp": (ONE, TP2xPP2),  # an optimizer saved by parameter index
+# name: (the layout killed after step 6 (latest: step 5) or 9 (latest: step 8), the layout that resumes it on 4
+# ranks, the kill step): TP 2 x PP 2 is the slowest layout here (a step: ~6x PP 2 x DP 2's), so it resumes at step 8
+# (steps 9 and 10: the restored weights, then one step of the restored optimizer and schedule); its own killed run
+# stops at 6 (its step-5 checkpoint converts below)
+RESUMES = {
+    "tppp_then_fsdp": ((4, TP2xPP2), FSDP4[1], 6),
+    "fsdp_then_tppp": (FSDP4, TP2xPP2, 9),
+    "one_then_tppp": (ONE, TP2xPP2, 9),  # an optimizer saved by parameter index
 }
 
 
@@ -41,8 +47,8 @@ def four_rank_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
     root = tmp_path_factory.mktemp("compose")
     cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args)}
              for name, (args, _) in LAYOUTS.items()]
-    for name, ((nproc, first), then) in RESUMES.items():
-        killed_run(nproc, *first, into=root / name)
+    for name, ((nproc, first), then, at) in RESUMES.items():
+        killed_run(nproc, *first, into=root / name, at=at)
         cases.append({"name": name, "args": _pretrain_args(tiny_corpus, root / name, *then)})
     runs = run_cases(cases, 4, root / "launch")
     return {name: (runs[name], root / name) for name in [*LAYOUTS, *RESUMES]}
@@ -59,8 +65,9 @@ def test_composed_layouts_match_one_process(plain_run, four_rank_runs, name):
 
 @pytest.mark.parametrize("name", list(RESUMES))
 def test_tp_pp_checkpoint_resumes_on_fsdp_and_back(plain_run, four_rank_runs, name):
-    run, out = four_rank_runs[name]  # killed after step 6 on its first layout, resumed on the other
-    assert "resuming from" in run.ok()
+    run, out = four_rank_runs[name]  # killed after step 6 or 9 on its first layout, resumed on the other
+    newest = 5 if RESUMES[name][2] == 6 else 8
+    assert "resuming from" in run.ok() and f"step_{newest:07d} at step {newest}" in run.output
     _same_curve(_losses(plain_run), _losses(out))
 
 

@@ -1,5 +1,7 @@
-"""Tensor parallelism through the pretraining stage (gloo ranks): TP 2 and TP 2 x FSDP 2 give the loss curve of
-one process; a TP checkpoint resumes on one unsharded process and converts to the HF folder of its weights."""
+"""Tensor parallelism through the pretraining stage (gloo ranks): TP 2 (with and without sequence parallelism)
+gives the loss curve of one process (TP 2 x FSDP 2 on 4 ranks: test_parallel_compose.py, in its 4-rank launch); a TP
+checkpoint resumes on one unsharded process, on FSDP and the reverse, and converts to the HF folder of its
+weights."""
 
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ TP2 = ["trainer.devices=2", "model.tensor_model_parallel_size=2"]
 
 LAYOUTS = {  # name: (ranks, arguments)
     "tp2": (2, TP2),
-    "tp2xfsdp2": (4, ["trainer.devices=4", "model.tensor_model_parallel_size=2", "model.fsdp=true",
-                      "model.micro_batch_size=2"]),
     "tp2_sp": (2, [*TP2, "model.sequence_parallel=true", "model.activations_checkpoint_granularity=full"]),
 }
 FSDP2 = ["trainer.devices=2", "model.fsdp=true"]
@@ -27,9 +27,8 @@ RESUMES = {"tp_then_fsdp": (TP2, FSDP2), "fsdp_then_tp": (FSDP2, TP2)}  # killed
 
 @pytest.fixture(scope="module")
 def tp_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
-    """``name -> (CaseRun, results folder)`` of this file's runs on gloo ranks: the 2-rank ones (``LAYOUTS`` from
-    step 0, ``RESUMES`` from a copy of the killed run) one after the other in ONE torchrun launch
-    (tests/run_cases.py), the 4-rank layout in another."""
+    """``name -> (CaseRun, results folder)`` of this file's runs on 2 gloo ranks (``LAYOUTS`` from step 0,
+    ``RESUMES`` from a copy of the killed run) one after the other in ONE torchrun launch (tests/run_cases.py)."""
     root = tmp_path_factory.mktemp("tp")
     by_nproc = {}
     for name, (nproc, args) in LAYOUTS.items():
