@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import yaml
+
 from lmforge.cli import main
 from lmforge.launch.record import stage_states
 
@@ -138,8 +140,9 @@ def test_array_over_input_shards(tmp_path, slurm_env, launch_helpers, tiny_corpu
 def test_usr1_saves_requeues_and_resumes_two_processes(tmp_path, slurm_env, launch_helpers, tiny_corpus, capsys, monkeypatch):
     h = launch_helpers
     monkeypatch.chdir(tmp_path)
-    steps = 150
-    body = h.training_body(tiny_corpus, max_steps=steps, val_check_interval=1000, devices=2)
+    # the first run never ends on its own: the signal always finds it training; once it has stopped and requeued,
+    # its config asks for two steps past the saved one, so the resumed run completes in seconds
+    body = h.training_body(tiny_corpus, max_steps=100_000, val_check_interval=1_000_000, devices=2)
     body["model"]["micro_batch_size"] = 2  # 2 per rank x 2 ranks = the global batch of 4
     with socket.socket() as s:  # test sessions running side by side each have a job 1: give a port of our own
         s.bind(("127.0.0.1", 0))
@@ -156,6 +159,12 @@ def test_usr1_saves_requeues_and_resumes_two_processes(tmp_path, slurm_env, laun
     # the job saves, requeues itself; Slurm holds a requeued job a while (BeginTime): release it now
     h.wait_for(lambda: h.job_info(job).get("Restarts") == "1" and h.job_info(job).get("JobState") == "PENDING",
                TIMEOUT, "the job to requeue")
+    stopped_at = json.loads((results / "summary.json").read_text())["steps"]
+    config = results / "training_config.yaml"  # what the requeued batch script trains from
+    written = yaml.safe_load(config.read_text())
+    assert written["trainer"]["max_steps"] == 100_000
+    written["trainer"]["max_steps"] = steps = stopped_at + 2
+    config.write_text(yaml.safe_dump(written))
     # slurmd revokes the old run's credential with one-second resolution: a restart within the same
     # second is refused ("Job credential revoked"). Slurm's own BeginTime hold avoids that; we shorten it.
     time.sleep(2.0)
@@ -169,7 +178,7 @@ def test_usr1_saves_requeues_and_resumes_two_processes(tmp_path, slurm_env, laun
     assert "SIGUSR1: asking the stage to save a checkpoint and stop" in log
     assert "requeueing job" in log and "restart 1" in log
     m = re.search(r"resuming from \S+step_(\d+) at step (\d+)", log)
-    assert m and 0 < int(m.group(2)) < steps
+    assert m and int(m.group(2)) == stopped_at > 0
     summary = json.loads((results / "summary.json").read_text())
     assert summary["steps"] == steps and summary["resumed_from"].endswith(f"step_{int(m.group(2)):07d}")
     assert (results / "COMPLETED").is_file()
