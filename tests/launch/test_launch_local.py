@@ -22,8 +22,37 @@ def _pipeline(tmp_path, h, tiny, **prep):
 
 
 def test_local_pipeline_end_to_end(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
+    """data preparation -> training -> fine_tuning -> generation in one local launch: `lmforge finetune FILE`
+    LoRA-tunes the model the pipeline just trained (its results folder) on a JSONL of input/output records and
+    writes the adapter; `lmforge generate` then completes a prompts file with the fine-tuning run (base + adapter).
+    Then `launch status`, a second launch that skips every completed stage, and --force, which reruns training
+    (resuming at its last checkpoint) without touching the prepared data.
+
+    (One launch for both what was two tests, the plain pipeline and the one with the LoRA stage: the data
+    preparation and training ran twice.)"""
+    from omegaconf import OmegaConf
+
     monkeypatch.chdir(tmp_path)
+    records = [{"input": f"def f{i}(x):", "output": f" return x + {i}"} for i in range(12)]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in records))
     path = _pipeline(tmp_path, launch_helpers, tiny_corpus)
+    conf = OmegaConf.load(path)
+    conf.stages = ["data_preparation", "training", "fine_tuning", "generation"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(3)))
+    conf.generation = {"run": {"name": "gen", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
+                       "args": ["${fine_tuning.run.results_dir}"],
+                       "options": {"input": str(prompts), "output": "${generation.run.results_dir}/completions.jsonl",
+                                   "greedy": True, "max_new_tokens": 4, "device": "cpu", "dtype": "float32"}}
+    conf.fine_tuning = {"run": {"name": "lora", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
+                        "model": "${training.run.results_dir}", "data": str(sft), "val_data": str(sft),
+                        "method": "lora", "seq_length": 24, "micro_batch_size": 4, "global_batch_size": 4,
+                        "peft": {"lora": {"r": 4}},
+                        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 3,
+                                    "limit_val_batches": 1, "log_every_n_steps": 1},
+                        "generation": {"num_samples": 0}}
+    OmegaConf.save(conf, path)
     assert main(["launch", str(path), "cluster_type=local", "training.trainer.max_steps=6"]) == 0
     r = tmp_path / "r"
     assert (r / "data" / "stdlib_text_document.bin").stat().st_size > 0
@@ -32,17 +61,35 @@ def test_local_pipeline_end_to_end(tmp_path, launch_helpers, tiny_corpus, capsys
     assert summary["steps"] == 6 and summary["checkpoint"]
     assert (r / "data_preparation" / "COMPLETED").is_file() and (r / "tiny" / "COMPLETED").is_file()
     assert "step 6/6" in (r / "tiny" / "launch.log").read_text()
+    # the fine-tuning stage
+    lora = r / "lora"
+    assert (lora / "COMPLETED").is_file()
+    written = OmegaConf.load(lora / "fine_tuning_config.yaml")
+    assert written.out == str(lora) and written.model == str(r / "tiny") and "run" not in written
+    summary = json.loads((lora / "summary.json").read_text())
+    assert summary["adapter"] == str(lora / "adapter") and not summary["stopped_early"]
+    assert json.loads((lora / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert (lora / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    # the generation stage: the same completions as the base model with the adapter
+    lines = [json.loads(x) for x in (r / "gen" / "completions.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["p0", "p1", "p2"] and all(x["completion_tokens"] >= 1 for x in lines)
+    from lmforge.serve.engine import SamplingParams, engine_from_checkpoint
+
+    engine = engine_from_checkpoint(r / "tiny", device="cpu", dtype="float32", adapter=lora / "adapter")
+    for x in lines:
+        ids = engine.generate([engine.tokenizer.encode(x["prompt"])], SamplingParams(max_tokens=4, temperature=0.0))[0]
+        assert x["completion"] == engine.tokenizer.decode(ids, skip_special_tokens=True)
     capsys.readouterr()
 
     assert main(["launch", "status", str(r)]) == 0
     out = capsys.readouterr().out
-    assert out.count("COMPLETED") == 2
+    assert out.count("COMPLETED") == 4
     record = json.loads((r / "launch.json").read_text())
-    assert [s["state"] for s in record["stages"]] == ["completed", "completed"]
+    assert [s["state"] for s in record["stages"]] == ["completed"] * 4
 
-    # a second launch skips both stages; --force reruns them (training resumes at its last checkpoint)
+    # a second launch skips every stage; --force reruns them (training resumes at its last checkpoint)
     assert main(["launch", str(path), "training.trainer.max_steps=6"]) == 0
-    assert capsys.readouterr().out.count("already completed; skipped") == 2
+    assert capsys.readouterr().out.count("already completed; skipped") == 4
     mtime = (r / "data" / "stdlib_text_document.bin").stat().st_mtime_ns
     assert main(["launch", str(path), "stages=[training]", "training.trainer.max_steps=8", "--force"]) == 0
     assert json.loads((r / "tiny" / "summary.json").read_text())["resumed_from"].endswith("step_0000006")
@@ -90,56 +137,6 @@ def test_the_shipped_example_pipeline_runs_locally(tmp_path, monkeypatch):
     for metric in ("word_perplexity", "byte_perplexity"):
         assert math.isfinite(scores[metric]) and scores[metric] > 1.0, (metric, scores)
     assert results["model"] == str(r / "convert_hf" / "hf")
-
-
-def test_local_pipeline_with_a_lora_fine_tuning_stage(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
-    """data preparation -> training -> fine_tuning -> generation: `lmforge finetune FILE` LoRA-tunes the model
-    the pipeline just trained (its results folder) on a JSONL of input/output records and writes the adapter;
-    `lmforge generate` then completes a prompts file with the fine-tuning run (base + adapter)."""
-    from omegaconf import OmegaConf
-
-    monkeypatch.chdir(tmp_path)
-    records = [{"input": f"def f{i}(x):", "output": f" return x + {i}"} for i in range(12)]
-    sft = tmp_path / "sft.jsonl"
-    sft.write_text("".join(json.dumps(r) + "\n" for r in records))
-    path = _pipeline(tmp_path, launch_helpers, tiny_corpus)
-    conf = OmegaConf.load(path)
-    conf.stages = ["data_preparation", "training", "fine_tuning", "generation"]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(3)))
-    conf.generation = {"run": {"name": "gen", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
-                       "args": ["${fine_tuning.run.results_dir}"],
-                       "options": {"input": str(prompts), "output": "${generation.run.results_dir}/completions.jsonl",
-                                   "greedy": True, "max_new_tokens": 4, "device": "cpu", "dtype": "float32"}}
-    conf.fine_tuning = {"run": {"name": "lora", "results_dir": "${base_results_dir}/${.name}", "time_limit": "00:10:00"},
-                        "model": "${training.run.results_dir}", "data": str(sft), "val_data": str(sft),
-                        "method": "lora", "seq_length": 24, "micro_batch_size": 4, "global_batch_size": 4,
-                        "peft": {"lora": {"r": 4}},
-                        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 3,
-                                    "limit_val_batches": 1, "log_every_n_steps": 1},
-                        "generation": {"num_samples": 0}}
-    OmegaConf.save(conf, path)
-    assert main(["launch", str(path), "training.trainer.max_steps=4"]) == 0
-    r = tmp_path / "r"
-    lora = r / "lora"
-    assert (lora / "COMPLETED").is_file()
-    written = OmegaConf.load(lora / "fine_tuning_config.yaml")
-    assert written.out == str(lora) and written.model == str(r / "tiny") and "run" not in written
-    summary = json.loads((lora / "summary.json").read_text())
-    assert summary["adapter"] == str(lora / "adapter") and not summary["stopped_early"]
-    assert json.loads((lora / "adapter" / "adapter_config.json").read_text())["r"] == 4
-    assert (lora / "adapter" / "adapter_model.safetensors").stat().st_size > 0
-    lines = [json.loads(x) for x in (r / "gen" / "completions.jsonl").read_text().splitlines()]
-    assert [x["id"] for x in lines] == ["p0", "p1", "p2"] and all(x["completion_tokens"] >= 1 for x in lines)
-    # the same completions as the base model with the adapter
-    from lmforge.serve.engine import SamplingParams, engine_from_checkpoint
-
-    engine = engine_from_checkpoint(r / "tiny", device="cpu", dtype="float32", adapter=lora / "adapter")
-    for x in lines:
-        ids = engine.generate([engine.tokenizer.encode(x["prompt"])], SamplingParams(max_tokens=4, temperature=0.0))[0]
-        assert x["completion"] == engine.tokenizer.decode(ids, skip_special_tokens=True)
-    record = json.loads((r / "launch.json").read_text())
-    assert [s["state"] for s in record["stages"]] == ["completed"] * 4
 
 
 def test_fine_tuning_settings_are_checked_at_launch(tmp_path, launch_helpers, tiny_corpus, capsys, monkeypatch):
