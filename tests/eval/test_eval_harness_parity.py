@@ -166,14 +166,31 @@ def harness_results(model: str, path: Path, yaml_dir: Path, tasks: list[str], bo
     return out["results"]
 
 
-def test_eval_matches_lm_evaluation_harness(setup, monkeypatch, tmp_path):
-    hf_dir, ckpt, data, yaml_dir = setup
+ITERS = 2000  # bootstrap resamples: two of lm_eval's chunks of 1000
+
+
+def offline(monkeypatch, tmp_path: Path) -> None:
+    """lm_eval and datasets without the network, their cache in ``tmp_path``, bootstraps in this process."""
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DISABLE_MULTIPROC"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+@pytest.fixture(scope="module")
+def hf_results(setup, tmp_path_factory):
+    """lm_eval's results for every task on the transformers model (both tests below compare with them)."""
+    hf_dir, _, _, yaml_dir = setup
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        offline(monkeypatch, tmp_path_factory.mktemp("hf_results"))
+        return harness_results("hf", hf_dir, yaml_dir, list(HARNESS), ITERS)
+
+
+def test_eval_matches_lm_evaluation_harness(setup, hf_results, monkeypatch, tmp_path):
+    hf_dir, ckpt, data, yaml_dir = setup
+    offline(monkeypatch, tmp_path)
     tasks = list(HARNESS)
-    iters = 2000
-    theirs = harness_results("hf", hf_dir, yaml_dir, tasks, iters)
+    iters = ITERS
+    theirs = hf_results
     ours = run(str(ckpt), tasks, {t: str(data[t]) for t in tasks}, batch_size=5, device="cpu", dtype="float32",
                output=str(tmp_path / "results.json"), bootstrap_iters=iters, progress=False)
     assert json.loads((tmp_path / "results.json").read_text())["results"] == ours["results"]
@@ -200,18 +217,16 @@ def assert_same(theirs: dict, ours: dict, tasks: list[str]) -> None:
     assert compared == 15
 
 
-def test_eval_lm_eval_runs_lmforge_models_through_the_adapter(setup, monkeypatch, tmp_path):
+def test_eval_lm_eval_runs_lmforge_models_through_the_adapter(setup, hf_results, monkeypatch, tmp_path):
     """``lm_eval --model lmforge``: the harness's own request building over lmforge's scorer gives the
     numbers the harness gives on the same model loaded with transformers."""
     import lmforge.eval.harness  # noqa: F401  (registers the "lmforge" model)
 
     hf_dir, ckpt, data, yaml_dir = setup
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DISABLE_MULTIPROC"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    offline(monkeypatch, tmp_path)
     tasks = list(HARNESS)
-    theirs = harness_results("hf", hf_dir, yaml_dir, tasks, 1000)
-    via_adapter = harness_results("lmforge", ckpt, yaml_dir, tasks, 1000)
+    theirs = hf_results
+    via_adapter = harness_results("lmforge", ckpt, yaml_dir, tasks, ITERS)
     ours = {t: {k.split(",")[0]: (None if v == "N/A" else v) for k, v in via_adapter[f"lmf_{t}"].items()
                 if k.endswith(",none")} for t in tasks}
     assert_same(theirs, ours, tasks)
