@@ -52,15 +52,15 @@ def test_each_method_learns_the_task(tmp_path, base_model_dir, task_files, metho
 
 def test_resume_reproduces_losses(tmp_path, base_model_dir, task_files):
     common = {"optim.lr": 1e-2, "optim.min_lr": 1e-2, "peft.lora.lora_dropout": 0.1, "sft.pack": "true"}
-    full = run(config(base_model_dir, *task_files, tmp_path / "a", "lora", steps=8, **common), console_log=lambda *a: None)
-    run(config(base_model_dir, *task_files, tmp_path / "b", "lora", steps=4, **common), console_log=lambda *a: None)
-    resumed = run(config(base_model_dir, *task_files, tmp_path / "b", "lora", steps=8, **common),
+    full = run(config(base_model_dir, *task_files, tmp_path / "a", "lora", steps=4, **common), console_log=lambda *a: None)
+    run(config(base_model_dir, *task_files, tmp_path / "b", "lora", steps=2, **common), console_log=lambda *a: None)
+    resumed = run(config(base_model_dir, *task_files, tmp_path / "b", "lora", steps=4, **common),
                   console_log=lambda *a: None)
-    assert resumed["resumed_from"] and resumed["resumed_from"].endswith("step_0000004")
+    assert resumed["resumed_from"] and resumed["resumed_from"].endswith("step_0000002")
     expected = dict((s, l) for s, l in full["losses"])
     for step, loss in resumed["losses"]:
-        assert step > 4 and loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
-    assert len(resumed["losses"]) == 4
+        assert step > 2 and loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    assert len(resumed["losses"]) == 2
 
 
 def test_cli_finetune_merge_and_preview(tmp_path, base_model_dir, task_files, capsys):
