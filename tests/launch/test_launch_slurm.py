@@ -1,7 +1,7 @@
 """The Slurm executor against a real one-node Slurm (started by the slurm_cluster fixture through .ci/slurm.sh).
 
-Two-stage pipeline, a failed first stage cancelling the second, a singleton pair, a job array, and a
-SIGUSR1 that makes training save, requeue itself and resume from the checkpoint.
+A two-stage pipeline whose training gets SIGUSR1 and saves, requeues itself and resumes from the checkpoint, a
+failed first stage cancelling the second, a singleton pair, and a job array.
 """
 
 from __future__ import annotations
@@ -40,30 +40,6 @@ def _shards(tmp_path, tiny, n):
         p.write_text("\n".join(lines[i::n][:40]) + "\n")
         paths.append(p)
     return paths
-
-
-def test_two_stage_pipeline(tmp_path, slurm_env, launch_helpers, tiny_corpus, capsys, monkeypatch):
-    h = launch_helpers
-    monkeypatch.chdir(tmp_path)
-    data = tmp_path / "r" / "data"
-    train = h.training_body(tiny_corpus, max_steps=6)
-    train["model"]["data"]["data_prefix"] = [1.0, f"{data}/shard0_text_document"]
-    path = h.write_conf(tmp_path, {"stages": ["data_preparation", "training"], "cluster_type": "slurm",
-                                   "base_results_dir": str(tmp_path / "r"), "data_dir": str(data)},
-                        {"data_preparation": _prep_body(tiny_corpus, _shards(tmp_path, tiny_corpus, 1)),
-                         "training": train})
-    assert main(["launch", str(path)]) == 0
-    out = capsys.readouterr().out
-    prep, training = _submitted(out)
-    assert f"submitted job {training} after afterok:{prep}" in out
-    h.wait_for(lambda: h.job_done(training), TIMEOUT, "the training job")
-    assert h.job_info(prep)["JobState"] == "COMPLETED" and h.job_info(training)["JobState"] == "COMPLETED"
-    assert (data / "shard0_text_document.idx").is_file()
-    summary = json.loads((tmp_path / "r" / "tiny" / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["checkpoint"]
-    assert [s["state"] for s in stage_states(tmp_path / "r")] == ["COMPLETED", "COMPLETED"]
-    assert [s["job_id"] for s in stage_states(tmp_path / "r")] == [prep, training]
-    assert f"job {training} on" in (tmp_path / "r" / "tiny" / f"slurm-{training}.out").read_text()
 
 
 def test_failed_first_stage_cancels_the_second(tmp_path, slurm_env, launch_helpers, tiny_corpus, capsys, monkeypatch):
@@ -137,24 +113,37 @@ def test_array_over_input_shards(tmp_path, slurm_env, launch_helpers, tiny_corpu
     assert [s["state"] for s in stage_states(tmp_path / "r")] == ["COMPLETED"]
 
 
-def test_usr1_saves_requeues_and_resumes_two_processes(tmp_path, slurm_env, launch_helpers, tiny_corpus, capsys, monkeypatch):
+def test_two_stage_pipeline_whose_training_is_signalled_requeued_and_resumed(tmp_path, slurm_env, launch_helpers,
+                                                                             tiny_corpus, capsys, monkeypatch):
+    """Data preparation, then training on two processes after it (afterok); SIGUSR1 to the training job makes it
+    save, requeue itself and resume from the checkpoint, and the pipeline completes.
+
+    (One pipeline for what was two tests, a two-stage pipeline and a signalled one-stage training: a training job
+    start less.)"""
     h = launch_helpers
     monkeypatch.chdir(tmp_path)
+    data = tmp_path / "r" / "data"
     # the first run never ends on its own: the signal always finds it training; once it has stopped and requeued,
     # its config asks for two steps past the saved one, so the resumed run completes in seconds
     body = h.training_body(tiny_corpus, max_steps=100_000, val_check_interval=1_000_000, devices=2)
     body["model"]["micro_batch_size"] = 2  # 2 per rank x 2 ranks = the global batch of 4
+    body["model"]["data"]["data_prefix"] = [1.0, f"{data}/shard0_text_document"]
     with socket.socket() as s:  # test sessions running side by side each have a job 1: give a port of our own
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = h.write_conf(tmp_path, {"stages": ["training"], "cluster_type": "slurm", "cluster": {"rdzv_port": port},
-                                   "base_results_dir": str(tmp_path / "r")},
-                        {"training": body})
+    path = h.write_conf(tmp_path, {"stages": ["data_preparation", "training"], "cluster_type": "slurm",
+                                   "cluster": {"rdzv_port": port}, "base_results_dir": str(tmp_path / "r"),
+                                   "data_dir": str(data)},
+                        {"data_preparation": _prep_body(tiny_corpus, _shards(tmp_path, tiny_corpus, 1)),
+                         "training": body})
     assert main(["launch", str(path)]) == 0
-    (job,) = _submitted(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    prep, job = _submitted(out)
+    assert f"submitted job {job} after afterok:{prep}" in out
     results = tmp_path / "r" / "tiny"
     metrics = results / "metrics.jsonl"
     h.wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), TIMEOUT, "the first training step")
+    assert h.job_info(prep)["JobState"] == "COMPLETED" and (data / "shard0_text_document.idx").is_file()
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     # the job saves, requeues itself; Slurm holds a requeued job a while (BeginTime): release it now
     h.wait_for(lambda: h.job_info(job).get("Restarts") == "1" and h.job_info(job).get("JobState") == "PENDING",
@@ -181,4 +170,8 @@ def test_usr1_saves_requeues_and_resumes_two_processes(tmp_path, slurm_env, laun
     assert m and int(m.group(2)) == stopped_at > 0
     summary = json.loads((results / "summary.json").read_text())
     assert summary["steps"] == steps and summary["resumed_from"].endswith(f"step_{int(m.group(2)):07d}")
+    assert summary["checkpoint"].endswith(f"step_{steps:07d}")
     assert (results / "COMPLETED").is_file()
+    assert [s["state"] for s in stage_states(tmp_path / "r")] == ["COMPLETED", "COMPLETED"]
+    assert [s["job_id"] for s in stage_states(tmp_path / "r")] == [prep, job]
+    assert f"job {job} on" in log
