@@ -78,5 +78,25 @@ def run(spec_path: str) -> int:
     return 0
 
 
+def write_gathered(out: str, results: dict) -> None:
+    """A check worker's results (tests/parallel/*_worker.py): every rank's ``results`` gathered, written by rank 0
+    to ``out`` as a JSON list by rank. The worker has started the default process group."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+
+
+def run_in_group(spec_path: str | None) -> int:
+    """A check worker's end: with ``spec_path`` (CASES.json), its ``lmforge`` commands in the process group the
+    worker started (one launch for the checks and the runs), else the group is destroyed. Returns the exit code."""
+    if spec_path is None:
+        dist.destroy_process_group()
+        return 0
+    dist.init_process_group = lambda *args, **kwargs: None  # run()'s group: the one the worker started
+    return run(spec_path)
+
+
 if __name__ == "__main__":
     sys.exit(run(sys.argv[1]))

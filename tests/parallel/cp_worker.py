@@ -6,7 +6,6 @@ its sliding window), with and without selective activation checkpointing.
 ``cp_worker.py OUT.json CASES [CASES.json]``: with CASES.json, then the ``lmforge`` commands of tests/run_cases.py in
 the same launch (the pretraining runs of the test file)."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from lmforge.models.transformer import Transformer
 from lmforge.parallel.context import apply_context_parallel
 from lmforge.parallel.transforms import apply_activation_checkpointing
 from lmforge.train.objectives import CausalLMLoss
+
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+from tests.run_cases import write_gathered, run_in_group  # noqa: E402
 
 FAMILIES = {
     "llama": dict(normalization="rmsnorm", activation="swiglu", bias=False, position_embedding_type="rope",
@@ -68,21 +70,8 @@ def main(out: str, cases: str, spec: str | None = None) -> int:
     """Rank 0 writes every rank's results of ``cases`` to ``out``; then, with ``spec``, the ``lmforge`` commands of
     tests/run_cases.py in the same process group (one launch for the checks here and the pretraining runs)."""
     dist.init_process_group("gloo")
-    results = {case: run(case) for case in cases.split(",")}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(gathered, f)
-    if spec is None:
-        dist.destroy_process_group()
-        return 0
-    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
-    from tests import run_cases
-
-    dist.init_process_group = lambda *args, **kwargs: None  # run_cases' group: the one started above
-    return run_cases.run(spec)
-
+    write_gathered(out, {case: run(case) for case in cases.split(",")})
+    return run_in_group(spec)
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))

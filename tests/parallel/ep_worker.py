@@ -5,7 +5,6 @@ the plain model in the same process seeing the whole global batch micro batch by
 ``ep_worker.py OUT.json|- NAMES [CASES.json]`` (``-``: the cases alone): with CASES.json, then the ``lmforge``
 commands of tests/run_cases.py in the same launch (the pretraining runs of the test file)."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.expert import apply_expert_parallel
 from lmforge.parallel.transforms import apply_activation_checkpointing
 from lmforge.train.objectives import CausalLMLoss
+
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+from tests.run_cases import write_gathered, run_in_group  # noqa: E402
 
 CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
            max_position_embeddings=32, normalization="rmsnorm", activation="swiglu", bias=False,
@@ -101,21 +103,8 @@ def main(out: str, names: str, spec: str | None = None) -> int:
     pretraining runs)."""
     dist.init_process_group("gloo")
     if out != "-":
-        results = {name: (built_on_meta() if name == "meta" else run(name)) for name in names.split(",")}
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, results)
-        if dist.get_rank() == 0:
-            with open(out, "w") as f:
-                json.dump(gathered, f)
-    if spec is None:
-        dist.destroy_process_group()
-        return 0
-    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
-    from tests import run_cases
-
-    dist.init_process_group = lambda *args, **kwargs: None  # run_cases' group: the one started above
-    return run_cases.run(spec)
-
+        write_gathered(out, {name: (built_on_meta() if name == "meta" else run(name)) for name in names.split(",")})
+    return run_in_group(spec)
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))

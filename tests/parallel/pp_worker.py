@@ -1,8 +1,8 @@
 """Run by tests/parallel/test_pipeline_parallel.py under torchrun (gloo): a tiny Llama split into pipeline stages
 (1F1B over 2 ranks; interleaved 1F1B with 2 stages a rank), against the unsharded model in the same process."""
 
-import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,9 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
 from lmforge.parallel.pipeline import PipelineStageModule, stage_indices
 from lmforge.train.objectives import CausalLMLoss
+
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+from tests.run_cases import write_gathered  # noqa: E402
 
 
 def run(schedule_name: str, steps: int = 4) -> dict:
@@ -65,10 +68,5 @@ def run(schedule_name: str, steps: int = 4) -> dict:
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    results = {name: run(name) for name in sys.argv[2].split(",")}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(gathered, f)
+    write_gathered(sys.argv[1], {name: run(name) for name in sys.argv[2].split(",")})
     dist.destroy_process_group()

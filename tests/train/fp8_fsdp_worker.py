@@ -30,6 +30,9 @@ from lmforge.parallel.runtime import Runtime
 from lmforge.train.fp8 import apply_fp8, precompute_scales_after_steps
 from lmforge.train.objectives import CausalLMLoss
 
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
+from tests.run_cases import run_in_group  # noqa: E402
+
 STEPS = 3
 CONFIG = dict(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
               ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm", activation="swiglu", bias=False,
@@ -105,20 +108,14 @@ def main(out: str, cases: str | None = None) -> int:
     rt = Runtime(device=torch.device("cpu"), rank=dist.get_rank(), world_size=2, local_rank=dist.get_rank())
     if out != "-":
         compare(out, rt, ParallelDims(2, rt.rank, fsdp="full", devices_per_node=2))
-    if cases is None:
-        dist.destroy_process_group()
-        return 0
-    import functools
+    if cases is not None:
+        import functools
 
-    from lmforge.train import fp8
+        from lmforge.train import fp8
 
-    sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
-    from tests import run_cases
-
-    fp8.fp8_problem = lambda device: None  # float8 on the CPU ranks, emulated
-    fp8.apply_fp8 = functools.partial(fp8.apply_fp8, emulate=True)
-    dist.init_process_group = lambda *args, **kwargs: None  # run_cases' group: the one started above
-    return run_cases.run(cases)
+        fp8.fp8_problem = lambda device: None  # float8 on the CPU ranks, emulated
+        fp8.apply_fp8 = functools.partial(fp8.apply_fp8, emulate=True)
+    return run_in_group(cases)
 
 
 if __name__ == "__main__":
