@@ -21,6 +21,7 @@ Switches (each one a training config key; every case of a call runs with them):
 
     python benchmarks/train_throughput.py [--shape 1b|8b] [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4]
         [--steps 20] [--no-fused] [--chunked-loss 0] [--fp8 tensorwise] [--tag before] [--trace PATH]
+        [--compile-mode max-autotune-no-cudagraphs]
 
 ``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA) of two more steps after the timed ones (the
 timing stays clean), for the profile of the step (``.bench``-style summaries: kernel time by name).
@@ -74,8 +75,21 @@ class RandomTokens:
         return self.data[i]
 
 
+def compile_blocks(model, mode=None) -> None:
+    """Each block compiled as training compiles it (``apply_compile``), or with inductor's ``mode`` (--compile-mode:
+    e.g. max-autotune-no-cudagraphs, whose Triton GEMM templates can take the norms and casts around a product into
+    its prologue/epilogue; not a training key yet, measured here first)."""
+    if mode is None:
+        apply_compile(model)
+        return
+    from lmforge.parallel.tensor import blocks_of
+
+    for block in blocks_of(model):
+        block.compile(mode=mode)
+
+
 def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b", layers=None, fused: bool = True,
-          chunk=None, fp8=None, sync_every_step: bool = False, trace=None) -> dict:
+          chunk=None, fp8=None, sync_every_step: bool = False, trace=None, compile_mode=None) -> dict:
     device = torch.device("cuda")
     arch, default_layers = SHAPES[shape]
     cfg = ModelConfig(**{**arch, "num_layers": layers or default_layers or arch["num_layers"]})
@@ -96,7 +110,7 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
     chunk = resolve_loss_chunk_size(chunk, cfg)
     objective = CausalLMLoss(model, loss_chunk_size=chunk)
     if "compiled" in case and "fsdpfirst" not in case and "fsdpfwd" not in case:
-        apply_compile(model)
+        compile_blocks(model, compile_mode)
         objective.compile_loss()
     forward = objective
     if "fsdp" in case:
@@ -140,8 +154,8 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
         torch.cuda.synchronize()
         stop_trace(profiler, trace)
     rec = dict(case=f"lmforge_train_{shape.upper()}_{case}", layers=cfg.num_layers, fused=fused, joined=joined,
-               loss_chunk_size=chunk, fp8=fp8, sync_every_step=sync_every_step, mbs=mbs, seq=seq,
-               tokens_per_s=round(tps),
+               loss_chunk_size=chunk, fp8=fp8, sync_every_step=sync_every_step, compile_mode=compile_mode, mbs=mbs,
+               seq=seq, tokens_per_s=round(tps),
                model_tflops=round(tps * model.flops_per_token(seq) / 1e12, 1),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=float(loss),
                gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
@@ -151,7 +165,7 @@ def bench(case: str, mbs: int, seq: int, steps: int, warm: int, shape: str = "1b
     return rec
 
 
-def main():
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default="eager,compiled")
     p.add_argument("--mbs", type=int, default=4)
@@ -171,7 +185,14 @@ def main():
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="a torch.profiler Chrome trace of 2 more steps after the timed ones (one case per call)")
     p.add_argument("--tag", default="", help="a label copied into every record (e.g. before / after)")
-    a = p.parse_args()
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled cases' blocks (default: training's own compile)")
+    return p.parse_args(argv)
+
+
+def main():
+    a = parse()
     torch.backends.cuda.matmul.allow_tf32 = True
     fp8 = None if a.fp8 == "none" else a.fp8
     if a.fused is None:  # model.fused_projections left unset: training's rule, from its one source
@@ -189,7 +210,7 @@ def main():
             name = case.split(":")[0]
             try:
                 rec = bench(name, mbs, a.seq, a.steps, a.warm, a.shape, a.layers, a.fused, a.chunked_loss, fp8,
-                            a.sync_every_step, a.trace)
+                            a.sync_every_step, a.trace, a.compile_mode)
             except Exception as e:  # one OOM must not lose the other figures
                 rec = dict(case=f"lmforge_train_{a.shape.upper()}_{name}", mbs=mbs, fused=a.fused,
                            loss_chunk_size=a.chunked_loss, fp8=fp8, error=repr(e)[:300])

@@ -643,3 +643,23 @@ def test_loss_chunk_size_under_tensor_or_pipeline_parallelism_is_refused_not_ign
             load_config("tiny/llama", ["trainer.devices=2", "model.loss_chunk_size=1024", *layout])
     assert load_config("tiny/llama", ["trainer.devices=2", "model.tensor_model_parallel_size=2",
                                       "model.loss_chunk_size=0"]).model.loss_chunk_size == 0
+
+
+def test_train_throughput_compile_mode_reaches_every_block(monkeypatch):
+    """benchmarks/train_throughput.py --compile-mode: each block compiled with that inductor mode (the next GPU call
+    times max-autotune's GEMM templates against training's own compile); without it, training's apply_compile."""
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("train_throughput")
+    assert bench.parse([]).compile_mode is None
+    assert bench.parse(["--compile-mode", "max-autotune-no-cudagraphs", "--cases", "compiled"]).compile_mode == \
+        "max-autotune-no-cudagraphs"
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
+                                    ffn_hidden_size=64, max_position_embeddings=32))
+    modes = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: modes.append((type(self).__name__, kw.get("mode"))))
+    bench.compile_blocks(model, "max-autotune-no-cudagraphs")
+    assert [m for _, m in modes] == ["max-autotune-no-cudagraphs"] * 2 and len({n for n, _ in modes}) == 1
+    modes.clear()
+    bench.compile_blocks(model)
+    assert [m for _, m in modes] == [None, None]
