@@ -40,8 +40,9 @@ SHAPES = {  # name -> (N, K) of each decode matrix
 }
 
 
-def graph_time_us(fn, xs: list, reps: int = 48) -> float:
-    """Mean time of one call, from a CUDA graph of ``reps`` calls ``fn(*xs[i % len(xs)])``."""
+def capture(fn, xs: list, reps: int = 48) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``reps`` calls ``fn(*xs[i % len(xs)])``, after two warm-up calls on a side stream (also
+    benchmarks/decode_gemm.py's)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -52,6 +53,12 @@ def graph_time_us(fn, xs: list, reps: int = 48) -> float:
     with torch.cuda.graph(graph):
         for i in range(reps):
             fn(*xs[i % len(xs)])
+    return graph
+
+
+def graph_time_us(fn, xs: list, reps: int = 48) -> float:
+    """Mean time of one call, from a CUDA graph of ``reps`` calls ``fn(*xs[i % len(xs)])``."""
+    graph = capture(fn, xs, reps)
     for _ in range(2):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -16,6 +16,17 @@ def sentence(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
+def write_lambada(path, rng, n: int) -> None:
+    """``n`` lambada records (word salad of 3-30 words) as JSON lines at ``path``."""
+    path.write_text("".join(json.dumps({"text": sentence(rng, rng.randint(3, 30))}) + "\n" for _ in range(n)))
+
+
+def write_piqa(path, rng, n: int) -> None:
+    """``n`` piqa records (a goal, two multi-token solutions, alternating labels) as JSON lines at ``path``."""
+    path.write_text("".join(json.dumps({"goal": sentence(rng, 6), "sol1": sentence(rng, 3), "sol2": sentence(rng, 4),
+                                        "label": i % 2}) + "\n" for i in range(n)))
+
+
 def tiny_checkpoint(root, name: str):
     """A tokenizer trained on word salad and a random 2-layer Llama-style model saved at ``root/name``.
 

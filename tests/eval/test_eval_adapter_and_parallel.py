@@ -20,7 +20,7 @@ from lmforge.models import ModelConfig, Transformer
 from lmforge.peft import (AdapterConfig, LoRAConfig, PTuningConfig, apply_peft, merge_adapter, peft_state_dict,
                           save_adapter)
 from lmforge.train.checkpoint import save_model
-from tests.eval.conftest import sentence, tiny_checkpoint
+from tests.eval.conftest import sentence, tiny_checkpoint, write_lambada, write_piqa
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -28,11 +28,8 @@ def setup(tmp_path_factory):
     _, model, tok, cfg = tiny_checkpoint(root, "base")
     # task data: lambada (loglikelihood + greedy), piqa (two multi-token choices)
     rng = random.Random(1)
-    (root / "lambada.jsonl").write_text("".join(json.dumps({"text": sentence(rng, rng.randint(3, 30))}) + "\n"
-                                                for _ in range(13)))
-    (root / "piqa.jsonl").write_text("".join(json.dumps({"goal": sentence(rng, 6), "sol1": sentence(rng, 3),
-                                                         "sol2": sentence(rng, 4), "label": i % 2}) + "\n"
-                                              for i in range(11)))
+    write_lambada(root / "lambada.jsonl", rng, 13)
+    write_piqa(root / "piqa.jsonl", rng, 11)
     return root, model, tok, cfg
 
 

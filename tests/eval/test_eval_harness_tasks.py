@@ -19,7 +19,7 @@ from lmforge.eval import harness, run
 from lmforge.eval.data import HubUnreachableError, prefetch, resolve_tasks
 from lmforge.errors import UserError
 from lmforge.eval.tasks import UnknownTaskError
-from tests.eval.conftest import sentence, tiny_checkpoint
+from tests.eval.conftest import sentence, tiny_checkpoint, write_piqa
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "evaluation.md"
 HARNESS_YAML = """task: {name}
@@ -93,9 +93,7 @@ def test_the_docs_example_runs_a_harness_task_beside_a_built_in_one(setup, offli
     (tmp_path / "my_tasks" / "my_qa.yaml").write_text(yaml_text)
     shutil.copy(tasks / "qa.jsonl", tmp_path / "my_tasks" / "qa.jsonl")
     rng = random.Random(5)
-    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps({"goal": sentence(rng, 6), "sol1": sentence(rng, 3),
-                                                             "sol2": sentence(rng, 4), "label": i % 2}) + "\n"
-                                                 for i in range(4)))
+    write_piqa(tmp_path / "piqa.jsonl", rng, 4)
     assert main(shlex.split(command)[1:]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert list(doc["results"]) == ["piqa", "my_qa"] and doc["config"]["include_path"] == "my_tasks"

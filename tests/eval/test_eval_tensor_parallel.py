@@ -15,7 +15,7 @@ from lmforge.cli import main
 from lmforge.eval import Scorer
 from lmforge.peft import PTuningConfig, apply_peft, save_adapter
 from lmforge.train.checkpoint import save_model
-from tests.eval.conftest import harness_generation_task, sentence, tiny_checkpoint
+from tests.eval.conftest import harness_generation_task, sentence, tiny_checkpoint, write_lambada, write_piqa
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GEN = 9  # generation rows; every third one's target is not the model's output
@@ -37,11 +37,8 @@ def setup(tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     save_model(root / "CKPT", model.state_dict(), cfg.to_dict(), tokenizer=tok)
     rng = random.Random(3)
-    (root / "lambada.jsonl").write_text("".join(json.dumps({"text": sentence(rng, rng.randint(3, 30))}) + "\n"
-                                                for _ in range(9)))
-    (root / "piqa.jsonl").write_text("".join(json.dumps({"goal": sentence(rng, 6), "sol1": sentence(rng, 3),
-                                                         "sol2": sentence(rng, 4), "label": i % 2}) + "\n"
-                                              for i in range(7)))
+    write_lambada(root / "lambada.jsonl", rng, 9)
+    write_piqa(root / "piqa.jsonl", rng, 7)
     prompts = [sentence(rng, n) for n in (2, 5, 3, 8, 1, 27, 4, 6, 29)]
     preds = Scorer(model.eval(), tok, 32, batch_size=4).generate_until(prompts, ["\n\n"], 6)
     rows = [{"q": q, "ref": p if i % 3 else "zzz"} for i, (q, p) in enumerate(zip(prompts, preds))]
