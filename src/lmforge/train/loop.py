@@ -453,17 +453,16 @@ class Trainer:
         if not max_norm or max_norm <= 0:
             return None, None
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        in_step = clips_in_step(self.opt, self.scaler)
         if self.grad_norm_fn is not None:  # gradients on several meshes, stages or expert groups
-            norm = self.grad_norm_fn(params)
-            if not in_step:
-                from lmforge.parallel.tensor import clip_with_norm
+            from lmforge.parallel.tensor import clip_with_norm as clip_in_place
 
-                clip_with_norm(params, max_norm, norm)
-        elif in_step:
+            norm = self.grad_norm_fn(params)
+        else:  # torch's clip_grad_norm_, in its two halves
+            clip_in_place = torch.nn.utils.clip_grads_with_norm_
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        in_step = clips_in_step(self.opt, self.scaler)
+        if not in_step:
+            clip_in_place(params, max_norm, norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         return norm, clip_scale(norm, max_norm) if in_step else None
 
