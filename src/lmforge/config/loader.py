@@ -831,8 +831,10 @@ def _problems(cfg: PretrainConfig) -> list[str]:
                 p.extend(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
             else:
                 p.append(text)
-        _choice(p, "model.fp8_recipe", m.fp8_recipe, ("tensorwise", "rowwise", "rowwise_with_gw_hp"))
-        _choice(p, "model.fp8_fsdp_all_gather", str(m.fp8_fsdp_all_gather).lower(), ("auto", "true", "false"))
+        from lmforge.train.fp8 import ALL_GATHER_SETTINGS, RECIPES  # the values the float8 code takes
+
+        _choice(p, "model.fp8_recipe", m.fp8_recipe, RECIPES)
+        _choice(p, "model.fp8_fsdp_all_gather", str(m.fp8_fsdp_all_gather).lower(), ALL_GATHER_SETTINGS)
         if str(m.fp8_fsdp_all_gather).lower() == "true" and not m.fp8:
             p.append("model.fp8_fsdp_all_gather=true gathers the float8 projections' weights, but model.fp8 is off: set "
                      "model.fp8=true (trainer.precision=fp8) or remove model.fp8_fsdp_all_gather")

@@ -37,12 +37,12 @@ from lmforge.errors import ConfigError
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao Float8LinearConfig recipe names
 KEY = "model.fp8=true (trainer.precision=fp8)"
-#: the block projections that go float8 (by their last name component, inside ``layers.``)
 #: ``model.fp8_fsdp_all_gather`` values
 ALL_GATHER_SETTINGS = ("auto", "true", "false")
 #: whether ``auto`` turns float8 all-gather on where it applies. False until a GPU run has timed it and checked its
 #: loss (docs/benchmarks.md); the CPU gloo test shows it correct (tests/train/test_fp8_fsdp.py)
 FSDP_ALL_GATHER_AUTO = False
+#: the block projections that go float8 (by their last name component, inside ``layers.``)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
