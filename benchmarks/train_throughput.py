@@ -21,7 +21,7 @@ Switches (each one a training config key; every case of a call runs with them):
 
     python benchmarks/train_throughput.py [--shape 1b|8b] [--cases eager,compiled,fsdp,fsdp_compiled] [--mbs 4]
         [--steps 20] [--no-fused] [--chunked-loss 0] [--fp8 tensorwise] [--tag before] [--trace PATH]
-        [--compile-mode max-autotune-no-cudagraphs]
+        [--compile-mode max-autotune-no-cudagraphs] [--inductor coordinate_descent_tuning=True ...]
 
 ``--trace PATH`` writes a torch.profiler Chrome trace (CPU and CUDA) of two more steps after the timed ones (the
 timing stays clean), for the profile of the step (``.bench``-style summaries: kernel time by name).
@@ -32,6 +32,7 @@ Prints one JSON line per case and appends them to $OUT/lmforge_train.json when O
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -188,12 +189,31 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
                                                             "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compiled cases' blocks (default: training's own compile)")
-    return p.parse_args(argv)
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY to the Python literal VALUE before compiling (repeatable; "
+                        "e.g. coordinate_descent_tuning=True); copied into every record")
+    a = p.parse_args(argv)
+    a.inductor_config = {}
+    for item in a.inductor:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--inductor {item!r}: expected KEY=VALUE, e.g. coordinate_descent_tuning=True")
+        try:
+            a.inductor_config[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            p.error(f"--inductor {item!r}: VALUE must be a Python literal (True, 4, 'name')")
+    return a
 
 
 def main():
     a = parse()
     torch.backends.cuda.matmul.allow_tf32 = True
+    import torch._inductor.config as inductor_config
+
+    for key, value in a.inductor_config.items():
+        if not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor {key}=...: torch._inductor.config has no {key!r}")
+        setattr(inductor_config, key, value)
     fp8 = None if a.fp8 == "none" else a.fp8
     if a.fused is None:  # model.fused_projections left unset: training's rule, from its one source
         from types import SimpleNamespace
@@ -216,6 +236,8 @@ def main():
                            loss_chunk_size=a.chunked_loss, fp8=fp8, error=repr(e)[:300])
                 torch.cuda.empty_cache()
             rec["tag"] = a.tag
+            if a.inductor_config:
+                rec["inductor"] = a.inductor_config
             print(json.dumps(rec), flush=True)
             results.append(rec)
             if out:

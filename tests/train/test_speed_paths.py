@@ -663,3 +663,15 @@ def test_train_throughput_compile_mode_reaches_every_block(monkeypatch):
     modes.clear()
     bench.compile_blocks(model)
     assert [m for _, m in modes] == [None, None]
+
+
+def test_train_throughput_inductor_settings_are_literals_of_real_keys():
+    """benchmarks/train_throughput.py --inductor KEY=VALUE: parsed as Python literals (one message for a bad one)."""
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("train_throughput")
+    a = bench.parse(["--inductor", "coordinate_descent_tuning=True", "--inductor", "max_autotune_gemm_backends='ATEN'"])
+    assert a.inductor_config == {"coordinate_descent_tuning": True, "max_autotune_gemm_backends": "ATEN"}
+    for bad in ("coordinate_descent_tuning", "coordinate_descent_tuning=yes please"):
+        with pytest.raises(SystemExit):
+            bench.parse(["--inductor", bad])
