@@ -36,11 +36,16 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, logit_softcap: Optiona
     loss = torch.where(counted, lse - target, 0.0).sum()
     if not with_grad:
         return loss, None
-    # softmax minus the label's one-hot, as one elementwise expression of z (the one-hot from a column index
-    # compared with the label, not a scatter into the softmax): compiled, it fuses with the reduction above instead
-    # of writing the (n, V) softmax in fp32 and passing over it again to scatter, mask and cast
-    hit = torch.arange(z.shape[-1], device=z.device) == safe[:, None]
-    grad = torch.where(counted[:, None], torch.exp(z - lse[:, None]) - hit.to(z.dtype), 0.0)
+    if torch.compiler.is_compiling():
+        # softmax minus the label's one-hot as one elementwise expression of z (the one-hot from a column index
+        # compared with the label): inductor computes it in the logsumexp's kernel, where a scatter into the
+        # softmax wrote the (n, V) softmax in fp32 and passed over it twice more to scatter, mask and cast
+        hit = torch.arange(z.shape[-1], device=z.device) == safe[:, None]
+        grad = torch.where(counted[:, None], torch.exp(z - lse[:, None]) - hit.to(z.dtype), 0.0)
+    else:  # eagerly the same values in place in one (n, V) fp32 buffer (the expression above holds several)
+        grad = torch.exp(z - lse[:, None])  # softmax
+        grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+        grad.mul_(counted[:, None])
     if logit_softcap is not None:
         grad = grad * (1 - t * t)
     return loss, grad.to(logits.dtype)
