@@ -61,3 +61,52 @@ def test_lazy_package_names_still_resolve():
     assert callable(lmforge.convert.convert) and "convert" in dir(lmforge.convert)
     with pytest.raises(AttributeError):
         lmforge.finetune.no_such_name  # noqa: B018
+
+
+META_PROBE = r"""
+import json, sys
+import torch
+from lmforge.convert.plan import expected_shapes
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer, fuse_projections
+
+cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm", activation="swiglu")
+shapes = expected_shapes(cfg)
+fused = fuse_projections(Transformer(cfg).eval())  # its joint linears are built on meta, then filled
+print(json.dumps({"tensors": len(shapes), "fused": fused, "dynamo": "torch._dynamo" in sys.modules}))
+"""
+
+
+def test_planning_a_model_on_meta_imports_no_dynamo():
+    """convert/evaluate/generate/serve plan their model on the meta device; the initializers that build would run
+    there (``nn.init.normal_`` ... : torch's Python references on meta) imported torch._dynamo, ~1.5 s at every
+    start. ``lmforge.models.meta.meta_device`` skips them on meta tensors."""
+    p = subprocess.run([sys.executable, "-c", META_PROBE], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["tensors"] > 10 and report["fused"] == 4
+    assert report["dynamo"] is False
+
+
+def test_meta_device_builds_what_torch_device_meta_builds():
+    """Same parameter names, shapes, dtypes and meta placement; tensors that are not meta are still initialised."""
+    import torch
+    from torch import nn
+
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.meta import meta_device
+    from lmforge.models.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                      max_position_embeddings=32, position_embedding_type="learned_absolute")
+    with torch.device("meta"):
+        plain = Transformer(cfg)
+    with meta_device():
+        skipped = Transformer(cfg)
+        real = torch.empty(3, device="cpu")
+        nn.init.ones_(real)
+        real.normal_(mean=5.0, std=0.0)
+    describe = lambda m: [(n, t.shape, t.dtype, t.device.type) for n, t in m.state_dict().items()]  # noqa: E731
+    assert describe(plain) == describe(skipped) and {d for *_, d in describe(skipped)} == {"meta"}
+    assert torch.equal(real, torch.full((3,), 5.0))

@@ -102,6 +102,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
     """
     from lmforge.data.tokenizers import load_tokenizer
     from lmforge.models.config import ModelConfig
+    from lmforge.models.meta import meta_device
     from lmforge.models.transformer import Transformer
     from lmforge.parallel.runtime import pick_device
     from lmforge.train.checkpoint import load_model
@@ -122,7 +123,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
         folder = resolve_checkpoint(path)
         weights, config = load_model(folder, device="cpu")
         cfg = ModelConfig.from_dict(config["model"], source=str(folder / "config.json"))
-        with torch.device("meta"):
+        with meta_device():
             model = Transformer(cfg)
         model = model.to(pick_dtype(dtype, device)).to_empty(device=device)
         model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below

@@ -138,6 +138,7 @@ def load_reward_model(path, device="cpu", dtype=torch.float32):
     attribute), in eval mode."""
     from lmforge.convert.hf import SafetensorsFolder, iter_hf_tensors, read_hf_config
     from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.models.meta import meta_device
     from lmforge.models.transformer import Transformer
 
     folder = reward_folder(path)
@@ -148,7 +149,7 @@ def load_reward_model(path, device="cpu", dtype=torch.float32):
 
     fam, cfg, _ = read_hf_config(folder)
     reader = WithoutHead(folder)
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
     model.init_weights()

@@ -512,9 +512,10 @@ class ActivationTerms:
 def _count_params(model_cfg) -> _Counts:
     import torch
 
+    from lmforge.models.meta import meta_device
     from lmforge.models.transformer import Transformer
 
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(model_cfg)
     total = sum(p.numel() for p in model.parameters())
     layer = [sum(p.numel() for p in block.parameters()) for block in model.layers]

@@ -31,9 +31,10 @@ class Step:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """lmforge tensor name -> shape, from a model built on the meta device (no memory)."""
+    from lmforge.models.meta import meta_device
     from lmforge.models.transformer import Transformer
 
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
 

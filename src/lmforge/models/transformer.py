@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.config import ModelConfig
+from lmforge.models.meta import meta_device
 
 __all__ = ["Transformer", "AttentionRows", "Block", "ParallelBlock", "Attention", "KVCache", "RMSNorm", "LayerNorm",
            "MLP", "GatedMLP", "MoE", "GeluMLP", "SwiGLUMLP", "build_norm", "build_mlp", "ACTIVATION_FNS", "MLP_CLASSES", "apply_rotary",
@@ -517,7 +518,8 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
     """One frozen ``nn.Linear`` whose output is the outputs of ``parts`` side by side."""
     weight = torch.cat([p.weight for p in parts])  # (sum out, in)
     bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    with meta_device():  # shapes only: both tensors are replaced below
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)

@@ -759,7 +759,8 @@ def _whole_model_on_meta(training: Training) -> nn.Module:
     """The whole model of this run on the meta device (no memory): its parameter names in the order an unsharded
     run's optimizer numbers them (expert parallelism holds only a rank's share of the experts)."""
     from lmforge.models.config import ModelConfig
+    from lmforge.models.meta import meta_device
     from lmforge.models.transformer import Transformer
 
-    with torch.device("meta"):
+    with meta_device():
         return Transformer(ModelConfig.from_dict(training.model_config))

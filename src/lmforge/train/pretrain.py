@@ -20,6 +20,7 @@ from lmforge.data.tokenizers import tokenizer_from_config
 from lmforge.errors import ConfigError
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.models.config import ModelConfig
+from lmforge.models.meta import meta_device
 from lmforge.models.transformer import Transformer
 from lmforge.parallel.dims import ParallelDims
 from lmforge.parallel.runtime import Runtime, run_on_runtime
@@ -41,7 +42,7 @@ def build_model(model_cfg: ModelConfig, device: torch.device, seed: int, materia
 
     ``materialize=False`` leaves the model on the meta device: a pipeline-parallel run allocates and
     initialises only its own stages, an expert-parallel run only its own experts (``build_training``)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(model_cfg)
     if not materialize:
         return model
