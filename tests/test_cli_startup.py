@@ -71,7 +71,8 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer, fuse_projections
 
 cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
-                  ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm", activation="swiglu")
+                  ffn_hidden_size=64, max_position_embeddings=32, normalization="rmsnorm", activation="swiglu",
+                  position_embedding_type="rope")
 shapes = expected_shapes(cfg)
 fused = fuse_projections(Transformer(cfg).eval())  # its joint linears are built on meta, then filled
 print(json.dumps({"tensors": len(shapes), "fused": fused, "dynamo": "torch._dynamo" in sys.modules}))
@@ -98,15 +99,24 @@ def test_meta_device_builds_what_torch_device_meta_builds():
     from lmforge.models.meta import meta_device
     from lmforge.models.transformer import Transformer
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
-                      max_position_embeddings=32, position_embedding_type="learned_absolute")
-    with torch.device("meta"):
-        plain = Transformer(cfg)
-    with meta_device():
-        skipped = Transformer(cfg)
-        real = torch.empty(3, device="cpu")
-        nn.init.ones_(real)
-        real.normal_(mean=5.0, std=0.0)
-    describe = lambda m: [(n, t.shape, t.dtype, t.device.type) for n, t in m.state_dict().items()]  # noqa: E731
-    assert describe(plain) == describe(skipped) and {d for *_, d in describe(skipped)} == {"meta"}
-    assert torch.equal(real, torch.full((3,), 5.0))
+    for position in ("learned_absolute", "rope"):  # rope: the rotary tables are meta placeholders too
+        cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                          max_position_embeddings=32, position_embedding_type=position)
+        with torch.device("meta"):
+            plain = Transformer(cfg)
+        with meta_device():
+            skipped = Transformer(cfg)
+            real = torch.empty(3, device="cpu")
+            nn.init.ones_(real)
+            real.normal_(mean=5.0, std=0.0)
+
+        def describe(m):
+            return [(n, t.shape, t.dtype, t.device.type) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+
+        assert describe(plain) == describe(skipped) and {d for *_, d in describe(skipped)} == {"meta"}
+        assert len(describe(skipped)) == len(describe(plain)) > 10
+        assert torch.equal(real, torch.full((3,), 5.0))
+    # materialised from the placeholders, the rotary tables are the computed ones
+    built = skipped.to_empty(device="cpu")
+    built.init_weights()
+    assert torch.equal(built.rope_cos, Transformer(cfg).rope_cos)

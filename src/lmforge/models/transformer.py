@@ -911,8 +911,13 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.position_embedding_type == "rope":
             # Non-persistent: rebuilt from the config, never saved. Recomputed by init_weights after to_empty.
-            cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rotary_base,
-                                    device=self.embed_tokens.weight.device, scaling=cfg.rope_scaling)
+            device = self.embed_tokens.weight.device
+            if device.type == "meta":  # shapes only (torch's meta division runs Python references: slow to load)
+                shape = (cfg.max_position_embeddings, cfg.rotary_dim)
+                cos, sin = torch.empty(shape, device=device), torch.empty(shape, device=device)
+            else:
+                cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rotary_base,
+                                        device=device, scaling=cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)  # (P, rd)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
