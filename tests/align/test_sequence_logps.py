@@ -79,3 +79,23 @@ def test_token_logps_equal_the_plain_log_softmax(cap, head_trains):
         torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-6)
     else:
         assert w1 is None
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_logp_chunk_compiled_form_equals_the_eager_one(cap, entropy):
+    """The chunk's ``onehot(id) - softmax`` has two forms of the same values: under compile one elementwise expression
+    (a column-index one-hot, fused by inductor with the logsumexp), eagerly in place with a scatter. Traced by
+    aot_eager (the compiled branch, no C++ compiler needed) they agree exactly, entropy included."""
+    from lmforge.align.objective import _logp_entropy_chunk
+
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(9, 50, generator=g) * 4).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (9,), generator=g)
+    eager = _logp_entropy_chunk(logits.clone(), ids, cap, True, entropy)
+    compiled = torch.compile(_logp_entropy_chunk, backend="aot_eager", fullgraph=True)(logits.clone(), ids, cap, True,
+                                                                                     entropy)
+    assert eager[1].dtype == compiled[1].dtype == torch.bfloat16
+    for a, b in zip(eager, compiled):
+        assert (a is None and b is None) or torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7)
+    assert eager[1].float().max() > 0.3  # the +1 at each id is there (the softmax part alone stays below it)

@@ -99,19 +99,22 @@ def _logp_entropy_chunk(logits: torch.Tensor, ids: torch.Tensor, cap: Optional[f
         z = t * cap
     lse = torch.logsumexp(z, dim=-1)  # (n,)
     logp = z.gather(1, ids[:, None])[:, 0] - lse
-    ent = None
+    ent = p = None
     if entropy:
         lp = z - lse[:, None]  # the log-softmax
         p = lp.exp()
         ent = -(p * lp).sum(-1)
-        grad = p.neg_() if with_grad else None
-    elif with_grad:
-        grad = z.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the fp32 logits (a temporary)
-    else:
-        grad = None
-    if grad is None:
+    if not with_grad:
         return logp, None, ent
-    grad.scatter_add_(1, ids[:, None], torch.ones_like(lse)[:, None])
+    if torch.compiler.is_compiling():
+        # onehot(id) - softmax as one elementwise expression (the one-hot from a column index compared with the id):
+        # inductor computes it in the logsumexp's kernel, where a scatter into the softmax wrote it in fp32 and
+        # passed over it again (the train loss's _ce_chunk does the same)
+        hit = torch.arange(z.shape[-1], device=z.device) == ids[:, None]
+        grad = hit.to(z.dtype) - (p if p is not None else torch.exp(z - lse[:, None]))
+    else:  # eagerly in place: -softmax over the fp32 logits (a temporary), then +1 at each id
+        grad = p.neg_() if p is not None else z.sub_(lse[:, None]).exp_().neg_()
+        grad.scatter_add_(1, ids[:, None], torch.ones_like(lse)[:, None])
     if t is not None:
         grad = grad * (1 - t * t)
     return logp, grad.to(logits.dtype), ent
