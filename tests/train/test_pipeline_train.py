@@ -16,6 +16,7 @@ FOUR_LAYERS = ["model.num_layers=4"]
 RUNS = {  # name: (arguments, environment): the file's 2-rank runs, in ONE torchrun launch (``pp_runs``)
     "pp": (PP2, {}),
     "vpp": ([*PP2, "model.virtual_pipeline_model_parallel_size=2", "model.micro_batch_size=2", *FOUR_LAYERS], {}),
+    "pp_fp16": ([*PP2, "trainer.precision=16-mixed"], {}),  # the users' V100 precision: dynamic loss scaling
     "pp_then_plain": (PP2, {"LMFORGE_TEST_KILL_AT_STEP": "6"}),  # killed after step 6: the launch's last case
 }
 
@@ -51,9 +52,16 @@ def test_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_path, pp_runs
     _same_curve(_losses(tmp_path / "one"), _losses(out))
 
 
+def test_pipeline_trains_fp16_with_the_loss_scaler_as_one_process(tiny_corpus, tmp_path, pp_runs):
+    """trainer.precision=16-mixed (V100s): each micro batch's loss is multiplied by the loss scale inside the
+    schedule, the gradients unscaled and checked for inf/NaN over every rank, as one process does."""
+    _pretrain_here(tiny_corpus, tmp_path / "one", "trainer.devices=1", "trainer.precision=16-mixed")
+    run, out = pp_runs["pp_fp16"]
+    assert "precision 16-mixed" in run.ok()
+    _same_curve(_losses(tmp_path / "one"), _losses(out))
+
+
 @pytest.mark.parametrize("nproc,overrides,message", [
-    (1, ["trainer.devices=2", "model.pipeline_model_parallel_size=2", "trainer.precision=16-mixed"],
-     "trainer.precision=16-mixed with model.pipeline_model_parallel_size=2 is not supported yet"),
     (1, ["trainer.devices=2", "model.pipeline_model_parallel_size=2", "model.num_layers=3"], "not divisible by"),
     (1, ["trainer.devices=2", "model.pipeline_model_parallel_size=2", "model.share_embeddings_and_output_weights=true"],
      "tied output head"),

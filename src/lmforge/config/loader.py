@@ -859,10 +859,6 @@ def _problems(cfg: PretrainConfig) -> list[str]:
             if pp > 1 and m.compile:
                 p.append(f"model.compile=true with model.pipeline_model_parallel_size={pp} is not supported yet: "
                          "drop one of them")
-            if pp > 1 and str(t.precision) in ("16", "16-mixed"):
-                p.append(f"trainer.precision={t.precision} with model.pipeline_model_parallel_size={pp} is not "
-                         "supported yet (the pipeline schedule runs backward without the fp16 loss scaler): use "
-                         "trainer.precision=bf16-mixed")
         if arch is not None and parallel_ok and m.tensor_model_parallel_size > 1:
             from lmforge.parallel.tensor import tensor_parallel_problems
 

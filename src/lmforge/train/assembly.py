@@ -518,8 +518,7 @@ def _check_job(job: TrainJob, rt: Runtime) -> None:
         if what:
             raise ConfigError(f"{KEY}={job.dims.cp} with {', '.join(what)} is not supported yet")
     if job.dims.pp > 1:
-        what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile),
-                                ("trainer.precision=16-mixed", job.loop.precision == "16-mixed")) if on]
+        what = [w for w, on in (("PEFT", job.peft_method is not None), ("model.compile=true", job.compile)) if on]
         if what:
             raise ConfigError(f"pipeline parallelism with {', '.join(what)} is not supported yet")
         if job.virtual_pipeline > 1 and job.loop.accumulate % job.dims.pp:

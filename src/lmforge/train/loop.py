@@ -405,8 +405,11 @@ class Trainer:
         if self.pipeline is not None:
             if isinstance(micro[0], dict):
                 raise ValueError("pipeline parallelism trains on token batches (pretraining) only")
+            scale = per_token(self.dims.dp)
+            if self.scaler is not None:  # fp16: each micro batch's loss also times the loss scale (unscaled below)
+                scale = self.scaler.scale(torch.tensor(scale, dtype=torch.float32, device=self.rt.device))
             with self.loss_context(), self.autocast():
-                loss_total += self.pipeline.train(micro, scale=per_token(self.dims.dp))
+                loss_total += self.pipeline.train(micro, scale=scale)
             loss_total *= self.dims.pp  # only the last stage holds the loss; the sum below divides by tp x pp
             micro = []  # the schedule ran forward and backward
         scale = per_token(self.dims.dp * self.dims.cp) if micro else None
