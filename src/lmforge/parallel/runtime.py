@@ -117,7 +117,7 @@ def training_precision(precision: str, device: torch.device, fp16_supported: boo
 
     ``bf16-mixed`` (the recipes' default) on a GPU without native bf16 becomes ``16-mixed``: fp16 autocast with
     dynamic loss scaling (the GradScaler), as NeMo users on V100 run. Where fp16 is not supported by the run's
-    layout (``fp16_supported=False``: pipeline or expert parallelism), bf16 stays, emulated, and the note says so.
+    layout (``fp16_supported=False``: expert parallelism), bf16 stays, emulated, and the note says so.
     """
     if precision != "bf16-mixed" or has_native_bf16(device):
         return precision, None

@@ -253,7 +253,7 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
     dims, rt = job.dims, runtime
     # bf16 on a GPU without native bf16 (V100, T4): fp16 with loss scaling instead, said in one line
-    precision, note = training_precision(job.loop.precision, rt.device, fp16_supported=dims.pp == 1 and dims.ep == 1)
+    precision, note = training_precision(job.loop.precision, rt.device, fp16_supported=dims.ep == 1)
     job.loop.precision = precision
     if note and rt.is_main:
         console_log(note)
