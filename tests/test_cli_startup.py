@@ -75,18 +75,24 @@ cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_hea
                   position_embedding_type="rope")
 shapes = expected_shapes(cfg)
 fused = fuse_projections(Transformer(cfg).eval())  # its joint linears are built on meta, then filled
-print(json.dumps({"tensors": len(shapes), "fused": fused, "dynamo": "torch._dynamo" in sys.modules}))
+from lmforge.serve.engine import Engine, SamplingParams  # generate / serve / evaluate's engine, eager
+
+engine = Engine(Transformer(cfg).eval(), max_batch_size=2, max_seq_len=16, block_size=4, num_kv_blocks=8)
+out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0))
+print(json.dumps({"tensors": len(shapes), "fused": fused, "generated": len(out[0]),
+                  "dynamo": "torch._dynamo" in sys.modules}))
 """
 
 
 def test_planning_a_model_on_meta_imports_no_dynamo():
     """convert/evaluate/generate/serve plan their model on the meta device; the initializers that build would run
     there (``nn.init.normal_`` ... : torch's Python references on meta) imported torch._dynamo, ~1.5 s at every
-    start. ``lmforge.models.meta.meta_device`` skips them on meta tensors."""
+    start. ``lmforge.models.meta.meta_device`` skips them on meta tensors; the eager serving engine imports no
+    dynamo either (only its compiled paths need it)."""
     p = subprocess.run([sys.executable, "-c", META_PROBE], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout.strip().splitlines()[-1])
-    assert report["tensors"] > 10 and report["fused"] == 4
+    assert report["tensors"] > 10 and report["fused"] == 4 and report["generated"] == 2
     assert report["dynamo"] is False
 
 

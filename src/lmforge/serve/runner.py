@@ -32,7 +32,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 from torch.fx.experimental import _config as shape_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -271,6 +270,8 @@ class CompiledPrefill:
         graphs went up) or ran one compiled before, and for a graph compiled again why (the guard of the earlier
         graph that the shape failed, as dynamo records it: :func:`_recompile_reasons`). :attr:`graphs` then holds
         each path's count of graphs (1 each with :data:`SIZE_OBLIVIOUS`)."""
+        from torch._dynamo.utils import counters  # here: importing dynamo takes ~1.5 s an eager engine never needs
+
         start = time.perf_counter()
         shapes = self.shapes()
         self.graphs = {}
