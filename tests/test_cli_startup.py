@@ -75,25 +75,33 @@ cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_hea
                   position_embedding_type="rope")
 shapes = expected_shapes(cfg)
 fused = fuse_projections(Transformer(cfg).eval())  # its joint linears are built on meta, then filled
+from lmforge.models.meta import meta_device, to_empty
 from lmforge.serve.engine import Engine, SamplingParams  # generate / serve / evaluate's engine, eager
 
-engine = Engine(Transformer(cfg).eval(), max_batch_size=2, max_seq_len=16, block_size=4, num_kv_blocks=8)
+with meta_device():  # as lmforge.open.load_for_inference builds the model it reads a checkpoint into
+    model = Transformer(cfg)
+model = to_empty(model.to(torch.bfloat16), "cpu")
+model.init_weights()
+engine = Engine(model.eval(), max_batch_size=2, max_seq_len=16, block_size=4, num_kv_blocks=8)
 out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0))
 print(json.dumps({"tensors": len(shapes), "fused": fused, "generated": len(out[0]),
-                  "dynamo": "torch._dynamo" in sys.modules}))
+                  "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                  "dynamo": "torch._dynamo" in sys.modules, "sympy": "sympy" in sys.modules}))
 """
 
 
 def test_planning_a_model_on_meta_imports_no_dynamo():
     """convert/evaluate/generate/serve plan their model on the meta device; the initializers that build would run
     there (``nn.init.normal_`` ... : torch's Python references on meta) imported torch._dynamo, ~1.5 s at every
-    start. ``lmforge.models.meta.meta_device`` skips them on meta tensors; the eager serving engine imports no
-    dynamo either (only its compiled paths need it)."""
+    start. ``lmforge.models.meta.meta_device`` skips them on meta tensors, ``meta.to_empty`` allocates without
+    ``empty_like`` of meta tensors (another reference: sympy's shape machinery), and the eager serving engine imports
+    no dynamo either (only its compiled paths need it)."""
     p = subprocess.run([sys.executable, "-c", META_PROBE], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report["tensors"] > 10 and report["fused"] == 4 and report["generated"] == 2
-    assert report["dynamo"] is False
+    assert report["dtypes"] == ["torch.bfloat16"]
+    assert report["dynamo"] is False and report["sympy"] is False  # to_empty: torch.empty, not empty_like on meta
 
 
 def test_meta_device_builds_what_torch_device_meta_builds():

@@ -102,7 +102,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
     """
     from lmforge.data.tokenizers import load_tokenizer
     from lmforge.models.config import ModelConfig
-    from lmforge.models.meta import meta_device
+    from lmforge.models.meta import meta_device, to_empty
     from lmforge.models.transformer import Transformer
     from lmforge.parallel.runtime import pick_device
     from lmforge.train.checkpoint import load_model
@@ -125,7 +125,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "auto", dt
         cfg = ModelConfig.from_dict(config["model"], source=str(folder / "config.json"))
         with meta_device():
             model = Transformer(cfg)
-        model = model.to(pick_dtype(dtype, device)).to_empty(device=device)
+        model = to_empty(model.to(pick_dtype(dtype, device)), device)
         model.init_weights()  # non-persistent buffers (rotary tables); weights are overwritten below
         load_weights(model, weights, folder)
         model = model.eval()

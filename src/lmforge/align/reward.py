@@ -138,7 +138,7 @@ def load_reward_model(path, device="cpu", dtype=torch.float32):
     attribute), in eval mode."""
     from lmforge.convert.hf import SafetensorsFolder, iter_hf_tensors, read_hf_config
     from lmforge.data.tokenizers import load_tokenizer
-    from lmforge.models.meta import meta_device
+    from lmforge.models.meta import meta_device, to_empty
     from lmforge.models.transformer import Transformer
 
     folder = reward_folder(path)
@@ -151,7 +151,7 @@ def load_reward_model(path, device="cpu", dtype=torch.float32):
     reader = WithoutHead(folder)
     with meta_device():
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = to_empty(model.to(dtype), device)
     model.init_weights()
     state = model.state_dict()
     with torch.no_grad():

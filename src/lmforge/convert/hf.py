@@ -489,14 +489,14 @@ def load_hf_model(folder: str | os.PathLike, device: torch.device, dtype: torch.
     Returns:
         ``(model, family)``; the model is in eval mode.
     """
-    from lmforge.models.meta import meta_device
+    from lmforge.models.meta import meta_device, to_empty
     from lmforge.models.transformer import Transformer
 
     fam, cfg, _ = read_hf_config(folder)
     reader = SafetensorsFolder(folder)
     with meta_device():
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = to_empty(model.to(dtype), device)
     model.init_weights()  # rotary tables; every weight is overwritten below
     state = model.state_dict()
     with torch.no_grad():

@@ -37,3 +37,11 @@ def meta_device():
     (as under ``torch.device("meta")``) and their initializers are not run on them."""
     with torch.device("meta"), _SkipInitOnMeta():
         yield
+
+
+def to_empty(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model.to_empty(device=device)``: every parameter and buffer as an uninitialised tensor of its shape and dtype
+    on ``device``. torch's ``to_empty`` makes them with ``empty_like`` of the meta tensors, whose meta implementation
+    is again a Python reference (it imports sympy's shape machinery, ~0.3 s); ``torch.empty`` from the shape does
+    not. Same mechanism otherwise (``Module._apply``, what ``to_empty`` itself calls)."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
