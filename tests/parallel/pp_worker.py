@@ -1,5 +1,6 @@
 """Run by tests/parallel/test_pipeline_parallel.py under torchrun (gloo): a tiny Llama split into pipeline stages
-(1F1B over 2 ranks; interleaved 1F1B with 2 stages a rank), against the unsharded model in the same process."""
+(1F1B over 2 ranks; interleaved 1F1B with 2 stages a rank; 1F1B of a tied-head model, its head's copy on the last
+stage summing gradients with the first stage's embedding), against the unsharded model in the same process."""
 
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
-from lmforge.parallel.pipeline import PipelineStageModule, stage_indices
+from lmforge.parallel.pipeline import PipelineStageModule, StagesView, TiedHeadSync, stage_indices
 from lmforge.train.objectives import CausalLMLoss
 
 sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.run_cases
@@ -21,9 +22,10 @@ from tests.run_cases import write_gathered  # noqa: E402
 def run(schedule_name: str, steps: int = 4) -> dict:
     pp, rank = dist.get_world_size(), dist.get_rank()
     virtual = 2 if schedule_name == "interleaved" else 1
+    tied = schedule_name == "tied"
     cfg = ModelConfig(vocab_size=96, hidden_size=32, num_layers=4, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=64, max_position_embeddings=64, normalization="rmsnorm", activation="swiglu",
-                      bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=False)
+                      bias=False, position_embedding_type="rope", share_embeddings_and_output_weights=tied)
     ref, model = Transformer(cfg), Transformer(cfg)
     ref.init_weights(seed=0)
     model.load_state_dict(ref.state_dict())
@@ -39,6 +41,12 @@ def run(schedule_name: str, steps: int = 4) -> dict:
         schedule = Schedule1F1B(stages[0], n_microbatches=4, loss_fn=loss_fn, scale_grads=False)
     else:
         schedule = ScheduleInterleaved1F1B(stages, n_microbatches=4, loss_fn=loss_fn, scale_grads=False)
+    sync = None
+    if tied:  # the first and the last stage's copies of the embedding: gradients summed after backward
+        from torch.distributed.device_mesh import init_device_mesh
+
+        sync = TiedHeadSync(init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",)), StagesView(modules),
+                            modules[0].first, any(m.last for m in modules))
     params = [p for m in modules for p in m.parameters()]
     opt, ref_opt = torch.optim.AdamW(params, lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
@@ -52,6 +60,8 @@ def run(schedule_name: str, steps: int = 4) -> dict:
         losses = []
         owns_first, owns_last = modules[0].first, any(m.last for m in modules)
         schedule.step(*((inputs,) if owns_first else ()), target=labels if owns_last else None, losses=losses)
+        if sync is not None:
+            sync.sync()
         pp_loss = torch.tensor([float(sum(l.detach() for l in losses)) if owns_last else 0.0])
         dist.all_reduce(pp_loss)  # the last stage's loss, known everywhere
         ref_grads = dict(ref.named_parameters())
@@ -63,6 +73,8 @@ def run(schedule_name: str, steps: int = 4) -> dict:
         opt.step(), ref_opt.step()
         opt.zero_grad(set_to_none=True), ref_opt.zero_grad(set_to_none=True)
     out["names"] = sorted(name for m in modules for name, _ in m.named_parameters())
+    if tied:  # each copy after the steps, to be compared bit for bit
+        out["embedding"] = model.embed_tokens.weight.detach().flatten().tolist()
     return out
 
 

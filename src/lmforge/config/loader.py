@@ -948,9 +948,6 @@ def _pipeline_problems(arch: ModelConfig, pp: int, virtual: Optional[int], accum
         out.append(f"model.num_layers={arch.num_layers} is not divisible by model.pipeline_model_parallel_size x "
                    f"virtual_pipeline_model_parallel_size = {pp} x {v} = {pp * v} stages")
     if pp > 1:
-        if arch.share_embeddings_and_output_weights:
-            out.append("pipeline parallelism with a tied output head (model.share_embeddings_and_output_weights=true) "
-                       "is not supported yet: the embedding and the head live on different stages")
         for what, on in (("ALiBi", arch.position_embedding_type == "alibi"),
                          ("mixture-of-experts", arch.num_moe_experts is not None)):
             if on:

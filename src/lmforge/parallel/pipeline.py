@@ -9,10 +9,17 @@ sharded (FSDP) or replicated (gradients all-reduced) over the data-parallel rank
 A stage keeps the modules it owns under the model's own names (``embed_tokens`` on the first stage,
 ``layers.{i}`` for its layers, ``norm`` and ``lm_head`` on the last), so a stage's state dict is a slice of the
 model's and checkpoints stay name-keyed. The last stage returns the logits (vocabulary-sharded under tensor
-parallelism: the loss is computed on the shards, PyTorch's ``loss_parallel``).
+parallelism: the loss is computed on the shards, PyTorch's ``loss_parallel``). With the model built on the meta
+device each rank allocates and initialises only its own stages (``_materialize`` in the training assembly).
 
-Still to build: stages made on the meta device (today each rank builds the whole model and keeps only its
-part's gradients and optimizer state), tied embeddings across the first and last stage, packed (SFT) batches.
+A tied output head (``share_embeddings_and_output_weights``) is built as Megatron builds it: the last stage owns
+a copy of ``embed_tokens`` too (under the same name, used only as the head's weight), initialised to the same
+values from the same per-name seed; after each step's backward :class:`TiedHeadSync` sums the two copies'
+gradients between the rank of the first stage and the rank of the last, so both take the same update and stay
+equal. The gradient norm counts the weight once (:meth:`TiedHeadSync.norm_parameters`) and a checkpoint holds
+it once (DCP writes a tensor two ranks save under one name and offset once).
+
+Still to build: packed (SFT) batches.
 """
 
 from __future__ import annotations
@@ -53,18 +60,13 @@ class PipelineStageModule(nn.Module):
         super().__init__()
         cfg = model.cfg
         first, last = index == 0, index == num_stages - 1
-        problems = []
-        if cfg.share_embeddings_and_output_weights and num_stages > 1:
-            problems.append("a tied output head (share_embeddings_and_output_weights) across the first and last "
-                            "pipeline stage")
         if cfg.position_embedding_type == "alibi":
-            problems.append("ALiBi models")
-        if problems:
-            raise ConfigError(f"pipeline parallelism does not support {' or '.join(problems)} yet")
+            raise ConfigError("pipeline parallelism does not support ALiBi models yet")
         object.__setattr__(self, "_model", model)  # rope tables and embed(); not a submodule of the stage
         self.cfg = cfg
         self.first, self.last = first, last
-        self.embed_tokens = model.embed_tokens if first else None
+        # a tied head: the last stage owns its own copy of the embedding (the head's weight, no lookup there)
+        self.embed_tokens = model.embed_tokens if first or (last and cfg.share_embeddings_and_output_weights) else None
         self.embed_positions = model.embed_positions if first else None
         layer_range = split_layers(cfg.num_layers, num_stages)[index]
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_range})
@@ -87,7 +89,7 @@ class PipelineStageModule(nn.Module):
         x = self.norm(x)
         if hasattr(x, "full_tensor"):  # sequence parallel: the final norm's output is split by position
             x = x.full_tensor()
-        weight = model.output_weight()
+        weight = model.output_weight()  # lm_head's, or tied: embed_tokens' (this stage's modules, under FSDP gathered)
         if self.tp_mesh is None:
             return F.linear(x, weight)  # (B, T, V)
         from torch.distributed.tensor import DTensor, Replicate
@@ -119,7 +121,8 @@ def stage_indices(pp_rank: int, pp: int, virtual: int = 1) -> list[int]:
 
 class StagesView(nn.Module):
     """The modules of a rank's stages under the model's names (``embed_tokens``, ``layers.{i}``, ``norm``,
-    ``lm_head``): what this rank trains, saves and restores. ``cfg`` is the model's."""
+    ``lm_head``): what this rank trains, saves and restores. ``cfg`` is the model's. Under a tied head the rank of
+    the last stage holds its copy of ``embed_tokens`` too, saved and restored under that same name."""
 
     def __init__(self, modules: list[PipelineStageModule]):
         super().__init__()
@@ -187,3 +190,54 @@ class PipelineRunner:
         """Forward only; the summed loss on the last stage, else 0."""
         with torch.no_grad():
             return float(self._run(micro, 1.0, train=False))
+
+
+class TiedHeadSync:
+    """A tied head across pipeline stages: the first stage's ``embed_tokens.weight`` and the last stage's copy take
+    the same update, as Megatron keeps them.
+
+    ``sync()`` (after a step's backward and the data-parallel average, before clipping) sums the weight's gradient
+    between each pair of ranks holding the first and the last stage at the same data/tensor/context-parallel
+    coordinates: both copies then hold the gradient of the one shared weight. Under FSDP or tensor parallelism the
+    two stages shard the weight alike, so the local shards are summed. :meth:`norm_parameters` leaves the last
+    stage's copy out of the gradient norm, so the weight counts once.
+
+    Args:
+        mesh: the run's mesh (``pp`` its first dimension).
+        view: this rank's :class:`StagesView`.
+        first, last: whether this rank runs the first / the last stage (never both: the last stage is on the last
+            pipeline rank, the first on pipeline rank 0).
+    """
+
+    def __init__(self, mesh, view: nn.Module, first: bool, last: bool):
+        import torch.distributed as dist
+
+        self.weight = view.embed_tokens.weight if (first or last) else None
+        self.copy = self.weight if last else None  # left out of the norm
+        ranks = mesh.mesh.reshape(mesh.mesh.shape[0], -1)  # (pp, the other coordinates)
+        if ranks.shape[0] == 2:  # each pair is a pipeline group
+            self.group = mesh["pp"].get_group() if self.weight is not None else None
+            return
+        self.group = None
+        me = dist.get_rank()
+        for column in range(ranks.shape[1]):  # every pair's group, made on every rank in the same order
+            pair = [int(ranks[0, column]), int(ranks[-1, column])]
+            group = dist.new_group(pair)
+            if me in pair:
+                self.group = group
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Sum the tied weight's gradient over this rank's (first, last) pair; nothing on the middle stages."""
+        if self.group is None:
+            return
+        import torch.distributed as dist
+
+        if self.weight.grad is None:  # both copies must take part (a stage whose head saw no gradient: zeros)
+            self.weight.grad = torch.zeros_like(self.weight)
+        grad = self.weight.grad
+        dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.group)
+
+    def norm_parameters(self, parameters) -> list:
+        """``parameters`` without the last stage's copy of the tied weight (the gradient norm counts it once)."""
+        return [p for p in parameters if p is not self.copy]

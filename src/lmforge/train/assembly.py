@@ -389,13 +389,16 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         if expert is not None:  # expert gradients are reduced by the expert-parallel plan, not by DDP
             expert.ignore_in_ddp(objective)
         forward_model = apply_data_parallel(objective, rt)
-    runner = None
+    runner = tied = None
     if stages is not None:
-        from lmforge.parallel.pipeline import PipelineRunner, stage_indices
+        from lmforge.parallel.pipeline import PipelineRunner, TiedHeadSync, stage_indices
 
         runner = PipelineRunner(stages, stage_indices(dims.pp_rank, dims.pp, job.virtual_pipeline),
                                 dims.pp * job.virtual_pipeline, rt.device, mesh["pp"].get_group(),
                                 n_microbatches=job.loop.accumulate)
+        if base.cfg.share_embeddings_and_output_weights:  # the head's copy on the last stage: summed gradients
+            tied = TiedHeadSync(mesh, base, runner.first, runner.last)
+            grad_sync = _chained(grad_sync, tied.sync)
 
     o = job.optim  # 7.
     schedule = build_schedule(o.sched, float(o.lr), job.loop.max_steps, int(o.warmup_steps), int(o.constant_steps),
@@ -420,7 +423,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
         from lmforge.parallel.tensor import grad_norm
 
-        extras.update(grad_norm_fn=functools.partial(grad_norm, sum_group=runner.group if runner else None))
+        norm_fn = functools.partial(grad_norm, sum_group=runner.group if runner else None)
+        if tied is not None:  # the tied weight counted once: not the last stage's copy
+            norm_fn = functools.partial(_norm_of, norm_fn, tied.norm_parameters)
+        extras.update(grad_norm_fn=norm_fn)
     if runner is not None:
         extras.update(pipeline=runner)
     if expert is not None:  # expert parallelism: expert gradients summed over their group, the norm over all
@@ -442,6 +448,23 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
         if rt.is_main:
             console_log(f"resuming from {latest} at step {training.state.step}")
     return training
+
+
+def _chained(first: Optional[Callable], then: Callable) -> Callable:
+    """``first()`` (when there is one), then ``then()``: gradient syncs run one after the other."""
+    if first is None:
+        return then
+
+    def both() -> None:
+        first()
+        then()
+
+    return both
+
+
+def _norm_of(norm_fn: Callable, select: Callable, parameters) -> torch.Tensor:
+    """``norm_fn`` of the parameters ``select`` keeps (the gradient norm's parameters)."""
+    return norm_fn(select(parameters))
 
 
 def _pipeline_stages(job: TrainJob, model: nn.Module) -> list:
