@@ -24,8 +24,15 @@ RUNS = {  # name: (arguments, environment): the file's 2-rank runs, in ONE torch
     "pp_fp16": ([*PP2, "trainer.precision=16-mixed"], {}),  # the users' V100 precision: dynamic loss scaling
     "pp_tied": ([*PP2, *TIED], {}),
     "vpp_tied": ([*PP2, *VPP, *TIED], {}),
+    "pp_tied_gathered": ([*PP2, *TIED, "model.fsdp_sharded_checkpoint=false"], {}),  # full weights on rank 0
     "pp_then_plain": (PP2, {"LMFORGE_TEST_KILL_AT_STEP": "6"}),  # killed after step 6: the launch's last case
 }
+
+
+@pytest.fixture(scope="module")
+def tied_one(tiny_corpus, tmp_path_factory):
+    """The one-process run of the tied-head model (the reference of the tied pipeline runs), in this process."""
+    return _pretrain_here(tiny_corpus, tmp_path_factory.mktemp("tied") / "one", "trainer.devices=1", *TIED)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +82,11 @@ def _tensor_count(folder, name: str) -> int:
     return sum(name in safe_open(str(f), "pt").keys() for f in folder.glob("*.safetensors"))
 
 
-def test_tied_head_pipeline_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, capsys, pp_runs):
+def test_tied_head_pipeline_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, capsys, pp_runs,
+                                                                     tied_one):
     from safetensors.torch import load_file
 
-    one = _pretrain_here(tiny_corpus, tmp_path / "one", "trainer.devices=1", *TIED)
+    one = tied_one
     run, out = pp_runs["pp_tied"]
     assert "pipeline parallel 2" in run.ok()
     _same_curve(_losses(one), _losses(out))
@@ -110,6 +118,20 @@ def test_tied_head_pipeline_matches_one_process_resumes_and_converts(tiny_corpus
     assert "lm_head.weight" not in hf
     reference = load_file(str(one / "checkpoints" / "step_0000010" / "model.safetensors"))["embed_tokens.weight"]
     torch.testing.assert_close(hf["model.embed_tokens.weight"].float(), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_full_weights_checkpoint_holds_every_stage(pp_runs, tied_one):
+    # fsdp_sharded_checkpoint=false (NeMo's default): rank 0 writes one model.safetensors, every stage's weights in it
+    from safetensors.torch import load_file
+
+    one = tied_one
+    run, out = pp_runs["pp_tied_gathered"]
+    run.ok()
+    step = "checkpoints/step_0000010/model.safetensors"
+    gathered, reference = load_file(str(out / step)), load_file(str(one / step))
+    assert sorted(gathered) == sorted(reference)  # the tied weight once, as one process writes it
+    for name, tensor in reference.items():
+        torch.testing.assert_close(gathered[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_tied_head_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_path, pp_runs):

@@ -69,8 +69,8 @@ rest is arithmetic. What is counted, per GPU (bytes):
 * **parallel layouts**: world = ``trainer.devices x trainer.num_nodes``; tensor parallel (``tp``) divides
   parameters, state and most activations as Megatron does (norm inputs and dropout masks stay whole without
   ``model.sequence_parallel``); pipeline parallel (``pp``) divides the layers, the worst stage holding the
-  embedding or the head, and its first stage keeps ``pp`` micro batches in flight (1F1B), so all ``L`` layers'
-  activations. lmforge refuses tp or pp above 1 today; the estimate still shows them. FSDP (``model.fsdp``,
+  embedding or the head (a tied head: the last stage's copy of the embedding), and its first stage keeps ``pp``
+  micro batches in flight (1F1B), so all ``L`` layers' activations. FSDP (``model.fsdp``,
   :mod:`lmforge.parallel.fsdp`) keeps float32 weights, gradients and optimizer state sharded over the
   data-parallel ranks under every strategy; ``full`` frees a block's gathered parameters after its forward,
   ``grad`` (ZeRO-2) keeps them gathered until backward (the compute copy above), ``hybrid`` shards inside a
@@ -759,9 +759,6 @@ def estimate_memory(cfg, vocab_size: Optional[int] = None, gpu_memory_bytes: Opt
 
     notes.append("attention runs through SDPA (flash / memory-efficient kernels): the 5*a*s/h score term of "
                  "Korthikanti et al. is not stored")
-    if pp > 1 and (tp > 1 or dp > 1 or strategy is not None):
-        notes.append(f"lmforge refuses pipeline parallelism beside tensor or data parallelism today (pp={pp}, "
-                     f"tp={tp}, dp={dp}); the estimate splits the model as Megatron would")
     if dist_opt and not fsdp:
         notes.append("model.optim.name=distributed_fused_adam: optimizer state sharded over the data-parallel ranks")
     if cpu_offload:

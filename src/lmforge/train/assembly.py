@@ -23,7 +23,8 @@ because it swaps modules):
 4. Activation checkpointing (``job.activations_checkpoint``), per block (per pipeline stage).
 5. torch.compile (``job.compile``), per block, and the loss head (not under tensor parallelism).
 6. Data parallelism: FSDP2 (``job.dims.fsdp``: blocks, then the objective or each stage as root), DDP, or, for
-   tensor- or pipeline-parallel replicas, an explicit gradient average after backward.
+   tensor- or pipeline-parallel replicas, an explicit gradient average after backward. A tied head across pipeline
+   stages then sums its two copies' gradients (:class:`lmforge.parallel.pipeline.TiedHeadSync`).
 7. Optimizer over the (now possibly sharded) trainable parameters.
 8. Resume from a sharded checkpoint (weights) and the optimizer state (any layout).
 
@@ -684,6 +685,8 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
             from lmforge.parallel.fsdp import whole_tensor
 
             full = {k: whole_tensor(v) for k, v in weights.items()}  # a collective (FSDP, CPU offload too)
+            if training.trainer.pipeline is not None:  # rank 0 holds the first stage: the others' weights to it
+                full = _stages_gathered(training.trainer.pipeline.group, full)
             if rt.is_main:
                 from lmforge.train.checkpoint import save_model
 
@@ -706,6 +709,23 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
 
     training.manager.save(st.step, None, training.model_config, None, state, metrics=metrics,
                           tokenizer=None, scaler=training.scaler, write_fn=write, async_save=async_save)
+
+
+def _stages_gathered(group, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pipeline parallel, full weights on rank 0: every stage's whole weights (``weights`` on each rank of rank 0's
+    pipeline ``group``) gathered to rank 0, in CPU memory; a tied head's two copies (equal) once. Other ranks get
+    theirs back (nothing to write); ranks of other pipelines (other data/tensor coordinates) take no part."""
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group)
+    if 0 not in ranks:
+        return weights
+    mine = {k: v.detach().cpu() for k, v in weights.items()}
+    parts = [None] * len(ranks) if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0, group=group)  # between this run's own ranks, in memory
+    if parts is None:
+        return weights
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _resume(training: Training, folder: Path, sharded_weights: bool) -> TrainState:
