@@ -135,6 +135,18 @@ def plain_run(tiny_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tied_plain_run(tiny_corpus, tmp_path_factory) -> Path:
+    """``plain_run`` of the tied-head model (``model.share_embeddings_and_output_weights=true``): the reference of the
+    tied pipeline-parallel runs."""
+    from lmforge.cli import main
+    from tests.train.test_fsdp import _pretrain_args
+
+    out = tmp_path_factory.mktemp("tied_plain") / "plain"
+    assert main(_pretrain_args(tiny_corpus, out, "trainer.devices=1", "model.share_embeddings_and_output_weights=true")) == 0
+    return out
+
+
 # a tiny Mixtral: the parallel tests' MoE overrides
 MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.02"]
 

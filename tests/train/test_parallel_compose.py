@@ -1,5 +1,6 @@
 """Pipeline, tensor and data parallelism composed on one mesh (4 gloo ranks): TP 2 x PP 2, PP 2 x DP 2, PP 2 x FSDP 2,
-TP 2 x DP 2 (replicas averaging gradients explicitly) and TP 2 x FSDP 2 each give the loss curve of one process; a TP 2 x PP 2
+TP 2 x DP 2 (replicas averaging gradients explicitly) and TP 2 x FSDP 2 each give the loss curve of one process, as
+TP 2 x PP 2 and PP 2 x FSDP 2 of a tied-head model give the tied model's; a TP 2 x PP 2
 checkpoint resumes on FSDP 4 and the reverse, a one-process checkpoint resumes on TP 2 x PP 2, and a TP 2 x PP 2
 checkpoint converts to the one-process model's HF folder."""
 
@@ -28,6 +29,12 @@ LAYOUTS = {  # name: (arguments, what the run prints about its layout)
     "tp2xfsdp2": ([*FOUR, "model.tensor_model_parallel_size=2", "model.fsdp=true"],
                   "data parallel 2, tensor parallel 2, pipeline parallel 1 (FSDP full"),
 }
+TIED = ["model.share_embeddings_and_output_weights=true"]
+TIED_LAYOUTS = {  # a tied head: the last stage's copy of the embedding, sharded by vocabulary (TP) or by FSDP
+    "tp2xpp2_tied": ([*TP2xPP2, *TIED], "tensor parallel 2, pipeline parallel 2"),
+    "pp2xfsdp2_tied": ([*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true", *TIED],
+                       "pipeline parallel 2 (FSDP full"),
+}
 FSDP4, ONE = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
 # name: (the layout killed after step 6 (latest: step 5) or 9 (latest: step 8), the layout that resumes it on 4
 # ranks, the kill step): TP 2 x PP 2 is the slowest layout here (a step: ~6x PP 2 x DP 2's), so it resumes at step 8
@@ -46,12 +53,12 @@ def four_rank_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
     from a copy of the killed run), one after the other in ONE torchrun launch (tests/run_cases.py)."""
     root = tmp_path_factory.mktemp("compose")
     cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args)}
-             for name, (args, _) in LAYOUTS.items()]
+             for name, (args, _) in {**LAYOUTS, **TIED_LAYOUTS}.items()]
     for name, ((nproc, first), then, at) in RESUMES.items():
         killed_run(nproc, *first, into=root / name, at=at)
         cases.append({"name": name, "args": _pretrain_args(tiny_corpus, root / name, *then)})
     runs = run_cases(cases, 4, root / "launch")
-    return {name: (runs[name], root / name) for name in [*LAYOUTS, *RESUMES]}
+    return {name: (runs[name], root / name) for name in [*LAYOUTS, *TIED_LAYOUTS, *RESUMES]}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -61,6 +68,14 @@ def test_composed_layouts_match_one_process(plain_run, four_rank_runs, name):
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
     assert json.loads((out / "checkpoints" / "step_0000010" / "config.json").read_text())["sharded"]["world_size"] == 4
+
+
+@pytest.mark.parametrize("name", list(TIED_LAYOUTS))
+def test_tied_head_pipeline_layouts_match_one_process(tied_plain_run, four_rank_runs, name):
+    run, out = four_rank_runs[name]
+    assert TIED_LAYOUTS[name][1] in run.ok()
+    _same_curve(_losses(tied_plain_run), _losses(out))
+    _same_curve(_losses(tied_plain_run, "grad_norm"), _losses(out, "grad_norm"))  # the tied weight counted once
 
 
 @pytest.mark.parametrize("name", list(RESUMES))

@@ -30,12 +30,6 @@ RUNS = {  # name: (arguments, environment): the file's 2-rank runs, in ONE torch
 
 
 @pytest.fixture(scope="module")
-def tied_one(tiny_corpus, tmp_path_factory):
-    """The one-process run of the tied-head model (the reference of the tied pipeline runs), in this process."""
-    return _pretrain_here(tiny_corpus, tmp_path_factory.mktemp("tied") / "one", "trainer.devices=1", *TIED)
-
-
-@pytest.fixture(scope="module")
 def pp_runs(tiny_corpus, tmp_path_factory) -> dict:
     """``name -> (CaseRun, results folder)`` of ``RUNS``, one after the other in one launch (tests/run_cases.py)."""
     root = tmp_path_factory.mktemp("pp")
@@ -83,10 +77,10 @@ def _tensor_count(folder, name: str) -> int:
 
 
 def test_tied_head_pipeline_matches_one_process_resumes_and_converts(tiny_corpus, tmp_path, capsys, pp_runs,
-                                                                     tied_one):
+                                                                     tied_plain_run):
     from safetensors.torch import load_file
 
-    one = tied_one
+    one = tied_plain_run
     run, out = pp_runs["pp_tied"]
     assert "pipeline parallel 2" in run.ok()
     _same_curve(_losses(one), _losses(out))
@@ -120,11 +114,11 @@ def test_tied_head_pipeline_matches_one_process_resumes_and_converts(tiny_corpus
     torch.testing.assert_close(hf["model.embed_tokens.weight"].float(), reference, rtol=1e-4, atol=1e-5)
 
 
-def test_pipeline_full_weights_checkpoint_holds_every_stage(pp_runs, tied_one):
+def test_pipeline_full_weights_checkpoint_holds_every_stage(pp_runs, tied_plain_run):
     # fsdp_sharded_checkpoint=false (NeMo's default): rank 0 writes one model.safetensors, every stage's weights in it
     from safetensors.torch import load_file
 
-    one = tied_one
+    one = tied_plain_run
     run, out = pp_runs["pp_tied_gathered"]
     run.ok()
     step = "checkpoints/step_0000010/model.safetensors"

@@ -233,9 +233,14 @@ class TiedHeadSync:
             return
         import torch.distributed as dist
 
-        if self.weight.grad is None:  # both copies must take part (a stage whose head saw no gradient: zeros)
-            self.weight.grad = torch.zeros_like(self.weight)
-        grad = self.weight.grad
+        weight = self.weight
+        if weight.grad is None:  # both copies must take part (a stage whose head saw no gradient: zeros)
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+        if hasattr(grad, "placements") and tuple(grad.placements) != tuple(weight.placements):
+            # tensor parallel: the embedding's backward leaves its gradient replicated, the head's is vocabulary-
+            # sharded as the weight; both as the weight (a local slice, no communication), so the shards match
+            grad = weight.grad = grad.redistribute(weight.device_mesh, weight.placements)
         dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.group)
 
     def norm_parameters(self, parameters) -> list:
