@@ -138,6 +138,8 @@ def test_tied_head_interleaved_pipeline_matches_one_process(tiny_corpus, tmp_pat
 
 @pytest.mark.parametrize("nproc,overrides,message", [
     (1, ["trainer.devices=2", "model.pipeline_model_parallel_size=2", "model.num_layers=3"], "not divisible by"),
+    (1, ["trainer.devices=2", "model.pipeline_model_parallel_size=2", "model.micro_batch_size=8"],
+     "model.pipeline_model_parallel_size=2 needs at least 2 micro batches a step"),  # one: torch's traceback before
 ])
 def test_bad_pipeline_layouts_are_refused(tiny_corpus, tmp_path, capsys, nproc, overrides, message):
     assert nproc == 1  # refused before any process group: checked in this process

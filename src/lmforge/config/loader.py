@@ -537,6 +537,13 @@ def load_config(source: Union[str, os.PathLike, Mapping], overrides: Sequence[st
     if problems:
         raise ConfigError(_join_problems(problems))
     plan = batch_plan(cfg)
+    pp = cfg.model.pipeline_model_parallel_size
+    if pp > plan.accumulate_grad_batches:  # the 1F1B schedules run a step's micro batches through the stages
+        raise ConfigError(f"model.pipeline_model_parallel_size={pp} needs at least {pp} micro batches a step to fill "
+                          f"its stages, but model.global_batch_size={plan.global_batch_size} / (model.micro_batch_size="
+                          f"{plan.micro_batch_size} x data parallel {plan.data_parallel_size}) = "
+                          f"{plan.accumulate_grad_batches}: raise model.global_batch_size or lower "
+                          f"model.micro_batch_size")
     cfg.model.global_batch_size = plan.global_batch_size
     cfg.model.micro_batch_size = plan.micro_batch_size
     cfg.trainer.accumulate_grad_batches = plan.accumulate_grad_batches
