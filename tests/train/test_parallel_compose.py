@@ -1,6 +1,6 @@
 """Pipeline, tensor and data parallelism composed on one mesh (4 gloo ranks): TP 2 x PP 2, PP 2 x DP 2, PP 2 x FSDP 2,
 TP 2 x DP 2 (replicas averaging gradients explicitly) and TP 2 x FSDP 2 each give the loss curve of one process, as
-TP 2 x PP 2 and PP 2 x FSDP 2 of a tied-head model give the tied model's; a TP 2 x PP 2
+TP 2 x PP 2, PP 2 x FSDP 2 and PP 4 of a tied-head model give the tied model's; a TP 2 x PP 2
 checkpoint resumes on FSDP 4 and the reverse, a one-process checkpoint resumes on TP 2 x PP 2, and a TP 2 x PP 2
 checkpoint converts to the one-process model's HF folder."""
 
@@ -35,6 +35,8 @@ TIED_LAYOUTS = {  # a tied head: the last stage's copy of the embedding, sharded
     "pp2xfsdp2_tied": ([*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true", *TIED],
                        "pipeline parallel 2 (FSDP full"),
 }
+# 4 stages, 1 layer each: the first and the last stage sum over a group of their own, the middle ones hold no copy
+PP4_TIED = [*FOUR, "model.pipeline_model_parallel_size=4", "model.num_layers=4", *TIED]
 FSDP4, ONE = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
 # name: (the layout killed after step 6 (latest: step 5) or 9 (latest: step 8), the layout that resumes it on 4
 # ranks, the kill step): TP 2 x PP 2 is the slowest layout here (a step: ~6x PP 2 x DP 2's), so it resumes at step 8
@@ -53,12 +55,12 @@ def four_rank_runs(tiny_corpus, tmp_path_factory, killed_run) -> dict:
     from a copy of the killed run), one after the other in ONE torchrun launch (tests/run_cases.py)."""
     root = tmp_path_factory.mktemp("compose")
     cases = [{"name": name, "args": _pretrain_args(tiny_corpus, root / name, *args)}
-             for name, (args, _) in {**LAYOUTS, **TIED_LAYOUTS}.items()]
+             for name, (args, _) in {**LAYOUTS, **TIED_LAYOUTS, "pp4_tied": (PP4_TIED, None)}.items()]
     for name, ((nproc, first), then, at) in RESUMES.items():
         killed_run(nproc, *first, into=root / name, at=at)
         cases.append({"name": name, "args": _pretrain_args(tiny_corpus, root / name, *then)})
     runs = run_cases(cases, 4, root / "launch")
-    return {name: (runs[name], root / name) for name in [*LAYOUTS, *TIED_LAYOUTS, *RESUMES]}
+    return {name: (runs[name], root / name) for name in [*LAYOUTS, *TIED_LAYOUTS, "pp4_tied", *RESUMES]}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -76,6 +78,16 @@ def test_tied_head_pipeline_layouts_match_one_process(tied_plain_run, four_rank_
     assert TIED_LAYOUTS[name][1] in run.ok()
     _same_curve(_losses(tied_plain_run), _losses(out))
     _same_curve(_losses(tied_plain_run, "grad_norm"), _losses(out, "grad_norm"))  # the tied weight counted once
+
+
+def test_tied_head_over_four_stages_matches_one_process(tiny_corpus, tmp_path, four_rank_runs):
+    from tests.train.test_fsdp import _pretrain_here
+
+    one = _pretrain_here(tiny_corpus, tmp_path / "one", "trainer.devices=1", "model.num_layers=4", *TIED)
+    run, out = four_rank_runs["pp4_tied"]
+    assert "pipeline parallel 4" in run.ok()
+    _same_curve(_losses(one), _losses(out))
+    _same_curve(_losses(one, "grad_norm"), _losses(out, "grad_norm"))
 
 
 @pytest.mark.parametrize("name", list(RESUMES))
