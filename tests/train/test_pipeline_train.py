@@ -5,6 +5,7 @@ on one process (and a tied one converts to Hugging Face)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -39,9 +40,15 @@ def pp_runs(tiny_corpus, tmp_path_factory) -> dict:
     return {name: (runs[name], root / name) for name in RUNS}
 
 
+def _parameters_line(output: str) -> str:
+    """The "model: N M parameters" figure a run prints."""
+    return re.search(r"model: ([\d.]+M) parameters", output).group(1)
+
+
 def test_pipeline_1f1b_matches_one_process_and_resumes_unsharded(tiny_corpus, capsys, plain_run, pp_runs):
     run, out = pp_runs["pp"]
-    assert "pipeline parallel 2" in run.ok()
+    pp_output = run.ok()
+    assert "pipeline parallel 2" in pp_output
     _same_curve(_losses(plain_run), _losses(out))
     _same_curve(_losses(plain_run, "val_loss"), _losses(out, "val_loss"), steps=[0, 5, 10])
     assert json.loads((out / "checkpoints" / "step_0000010" / "config.json").read_text())["sharded"]["world_size"] == 2
@@ -50,6 +57,7 @@ def test_pipeline_1f1b_matches_one_process_and_resumes_unsharded(tiny_corpus, ca
     assert (moved / "checkpoints" / "latest").read_text().strip() == "step_0000005"
     output = _in_process(capsys, tiny_corpus, moved, "trainer.devices=1")  # one process, in this one
     assert "resuming from" in output
+    assert _parameters_line(pp_output) == _parameters_line(output)  # the whole model's count, not rank 0's stage
     _same_curve(_losses(plain_run), _losses(moved))
 
 

@@ -157,9 +157,11 @@ class Training:
         return shards(self.job)
 
     def num_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts of the whole model (not of one shard)."""
+        """(trainable, total) parameter counts of the whole model (not of one shard, nor of one pipeline stage)."""
         trainable = total = 0
-        for p in self.model.parameters():
+        # pipeline parallel: this rank's stages are part of the whole model, whose other stages stay on the meta
+        # device here (their shapes are all a count needs)
+        for p in (self.whole if self.whole is not None else self.model).parameters():
             n = p.numel()  # a DTensor reports its global size
             total += n
             trainable += n if p.requires_grad else 0
