@@ -715,19 +715,34 @@ def _save(training: Training, st: TrainState, metrics: dict) -> None:
 
 def _stages_gathered(group, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Pipeline parallel, full weights on rank 0: every stage's whole weights (``weights`` on each rank of rank 0's
-    pipeline ``group``) gathered to rank 0, in CPU memory; a tied head's two copies (equal) once. Other ranks get
-    theirs back (nothing to write); ranks of other pipelines (other data/tensor coordinates) take no part."""
+    pipeline ``group``) sent to rank 0 one tensor at a time (device tensors under NCCL; rank 0 keeps each in CPU
+    memory as it arrives, so no more than one extra tensor is ever on its GPU), after a table of names, shapes and
+    dtypes. A tied head's two copies (equal) are kept once. Other ranks get theirs back (nothing to write); ranks of
+    other pipelines (other data/tensor coordinates) take no part."""
     import torch.distributed as dist
 
     ranks = dist.get_process_group_ranks(group)
     if 0 not in ranks:
         return weights
-    mine = {k: v.detach().cpu() for k, v in weights.items()}
-    parts = [None] * len(ranks) if dist.get_rank() == 0 else None
-    dist.gather_object(mine, parts, dst=0, group=group)  # between this run's own ranks, in memory
-    if parts is None:
-        return weights
-    return {k: v for part in parts for k, v in part.items()}
+    me = dist.get_rank()
+    table = [(name, tuple(t.shape), t.dtype) for name, t in weights.items()]
+    tables = [None] * len(ranks) if me == 0 else None
+    dist.gather_object(table, tables, dst=0, group=group)  # names, shapes and dtypes only
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
+    gathered = dict(weights) if me == 0 else weights
+    for src in ranks:
+        if src == 0:
+            continue
+        if me == src:
+            for t in weights.values():
+                dist.send(t.detach().to(device).contiguous(), dst=0, group=group)
+        elif me == 0:
+            for name, shape, dtype in tables[ranks.index(src)]:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(buffer, src=src, group=group)
+                gathered.setdefault(name, buffer.cpu())
+    return gathered
 
 
 def _resume(training: Training, folder: Path, sharded_weights: bool) -> TrainState:
