@@ -35,8 +35,10 @@ TIED_LAYOUTS = {  # a tied head: the last stage's copy of the embedding, sharded
     "pp2xfsdp2_tied": ([*FOUR, "model.pipeline_model_parallel_size=2", "model.fsdp=true", *TIED],
                        "pipeline parallel 2 (FSDP full"),
 }
-# 4 stages, 1 layer each: the first and the last stage sum over a group of their own, the middle ones hold no copy
-PP4_TIED = [*FOUR, "model.pipeline_model_parallel_size=4", "model.num_layers=4", *TIED]
+# 4 stages, 1 layer each: the first and the last stage sum over a group of their own, the middle ones hold no copy;
+# full-weight checkpoints (rank 0 receives the three other stages' weights, one tensor at a time)
+PP4_TIED = [*FOUR, "model.pipeline_model_parallel_size=4", "model.num_layers=4", *TIED,
+            "model.fsdp_sharded_checkpoint=false"]
 FSDP4, ONE = (4, [*FOUR, "model.fsdp=true"]), (1, ["trainer.devices=1"])
 # name: (the layout killed after step 6 (latest: step 5) or 9 (latest: step 8), the layout that resumes it on 4
 # ranks, the kill step): TP 2 x PP 2 is the slowest layout here (a step: ~6x PP 2 x DP 2's), so it resumes at step 8
@@ -88,6 +90,13 @@ def test_tied_head_over_four_stages_matches_one_process(tiny_corpus, tmp_path, f
     assert "pipeline parallel 4" in run.ok()
     _same_curve(_losses(one), _losses(out))
     _same_curve(_losses(one, "grad_norm"), _losses(out, "grad_norm"))
+    from safetensors.torch import load_file  # rank 0's full weights: every stage's, the tied weight once
+
+    step = "checkpoints/step_0000010/model.safetensors"
+    gathered, reference = load_file(str(out / step)), load_file(str(one / step))
+    assert sorted(gathered) == sorted(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(gathered[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(RESUMES))
