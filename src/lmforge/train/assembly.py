@@ -426,11 +426,10 @@ def build_training(job: TrainJob, model: nn.Module, runtime: Runtime, tokenizer=
 
         from lmforge.parallel.tensor import grad_norm
 
-        summed = functools.partial(grad_norm, sum_group=runner.group if runner else None)
+        norm_fn = functools.partial(grad_norm, sum_group=runner.group if runner else None)
         if tied is not None:  # the tied weight counted once: not the last stage's copy
-            extras.update(grad_norm_fn=lambda params: summed(tied.norm_parameters(params)))
-        else:
-            extras.update(grad_norm_fn=summed)
+            norm_fn = functools.partial(_norm_of, norm_fn, tied.norm_parameters)
+        extras.update(grad_norm_fn=norm_fn)
     if runner is not None:
         extras.update(pipeline=runner)
     if expert is not None:  # expert parallelism: expert gradients summed over their group, the norm over all
@@ -464,6 +463,11 @@ def _chained(first: Optional[Callable], then: Callable) -> Callable:
         then()
 
     return both
+
+
+def _norm_of(norm_fn: Callable, select: Callable, parameters) -> torch.Tensor:
+    """``norm_fn`` of the parameters ``select`` keeps (the gradient norm's parameters)."""
+    return norm_fn(select(parameters))
 
 
 def _pipeline_stages(job: TrainJob, model: nn.Module) -> list:
